@@ -1,0 +1,1 @@
+//! Derivations: the ATerm `.drv` format, output paths and attributes.

@@ -1,0 +1,16 @@
+//! sandoff builds Nix- and Guix-style derivations, locally in a chroot sandbox
+//! or offloaded over SSH.
+//!
+//! # Architecture
+//!
+//! - [`store`]: the store model, byte-compatible with Nix 2.8: store paths and
+//!   hashes, NAR, the SQLite registry of valid paths (Nix's schema),
+//!   signatures, export archives and reference scanning. It knows nothing of
+//!   derivations or builds.
+//! - [`derivation`]: the ATerm `.drv` format, `hashDerivationModulo`, output
+//!   paths and the JSON form of `nix show-derivation`.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over these modules.
+
+pub mod derivation;
+pub mod store;

@@ -1,0 +1,111 @@
+//! The `sandoff` command line: parses arguments into checked options, runs
+//! one command, and maps the outcome to an exit code (0 success, 1 failure,
+//! 2 usage; a closed stdout is not a failure).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sandoff::store::{StoreDir, StoreLocation};
+
+mod cli;
+
+/// Build Nix- and Guix-style derivations in a local sandbox or over SSH.
+#[derive(Parser, Debug)]
+#[command(name = "sandoff", version, about, propagate_version = true)]
+struct Cli {
+    /// Physical root under which the store's files live (as in Nix's chroot stores).
+    #[arg(long, global = true, env = "SANDOFF_STORE_ROOT", value_name = "DIR")]
+    store_root: Option<PathBuf>,
+    /// Logical store directory that store paths are named in.
+    #[arg(long, global = true, env = "SANDOFF_STORE_DIR", value_name = "DIR")]
+    store_dir: Option<String>,
+    /// State directory (database, logs, keys, locks); default <root>/nix/var/sandoff.
+    #[arg(long, global = true, env = "SANDOFF_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write and read NAR archives.
+    #[command(subcommand)]
+    Nar(cli::nar::NarCommand),
+    /// Compute hashes as nix-hash does.
+    #[command(subcommand)]
+    Hash(cli::nar::HashCommand),
+    /// Add, inspect, sign, verify, export and import store paths.
+    #[command(subcommand)]
+    Store(cli::store::StoreCommand),
+    /// Manage signing keys.
+    #[command(subcommand)]
+    Key(cli::key::KeyCommand),
+    /// Show and add derivations.
+    #[command(subcommand)]
+    Derivation(cli::derivation::DerivationCommand),
+}
+
+impl Cli {
+    fn location(&self) -> anyhow::Result<StoreLocation> {
+        let dir = match &self.store_dir {
+            Some(d) => StoreDir::new(d)?,
+            None => StoreDir::default(),
+        };
+        let root = self.store_root.clone().unwrap_or_else(|| PathBuf::from("/"));
+        let mut loc = StoreLocation::new(dir, root);
+        if let Some(state) = &self.state_dir {
+            loc.state = state.clone();
+        }
+        Ok(loc)
+    }
+}
+
+fn main() -> ExitCode {
+    // Rust ignores SIGPIPE; a closed stdout then shows up as EPIPE, handled below.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("sandoff: {}", error_chain(&err));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let loc = cli.location()?;
+    match cli.command {
+        Command::Nar(c) => cli::nar::run_nar(c, &loc),
+        Command::Hash(c) => cli::nar::run_hash(c),
+        Command::Store(c) => cli::store::run(c, &loc),
+        Command::Key(c) => cli::key::run(c, &loc),
+        Command::Derivation(c) => cli::derivation::run(c, &loc),
+    }
+}
+
+/// One line: the error and its causes, joined by ": ".
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let s = cause.to_string();
+        if !parts.last().is_some_and(|last| last.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

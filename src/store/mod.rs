@@ -1,0 +1,67 @@
+//! The Nix store model: store directories and paths, hashes, NAR, the
+//! registry of valid paths, signatures, export archives and reference scanning.
+//!
+//! Nothing here knows about derivations, sandboxes or machines.
+
+pub mod export;
+pub mod hash;
+pub mod nar;
+pub mod nixbase32;
+pub mod path;
+pub mod path_info;
+pub mod refscan;
+pub mod registry;
+pub mod signature;
+
+use std::path::{Path, PathBuf};
+
+pub use hash::{Hash, HashAlgo, HashError};
+pub use path::{ContentAddress, FileIngestionMethod, PathError, StoreDir, StorePath};
+pub use path_info::ValidPathInfo;
+
+/// Where a store lives: its logical directory, the physical root its files
+/// are under (as in Nix's chroot stores), and its state directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreLocation {
+    /// The logical store directory, as it appears in store paths.
+    pub dir: StoreDir,
+    /// The physical root: `<root>/<dir>` holds the files.
+    pub root: PathBuf,
+    /// Database, logs, keys and locks.
+    pub state: PathBuf,
+}
+
+impl StoreLocation {
+    /// A location with the default state directory `<root>/nix/var/sandoff`.
+    pub fn new(dir: StoreDir, root: PathBuf) -> StoreLocation {
+        let state = root.join("nix/var/sandoff");
+        StoreLocation { dir, root, state }
+    }
+
+    /// Where the files of the store directory are on this machine.
+    pub fn real_store_dir(&self) -> PathBuf {
+        self.root.join(self.dir.as_str().trim_start_matches('/'))
+    }
+
+    /// Where the files of `path` are on this machine.
+    pub fn real_path(&self, path: &StorePath) -> PathBuf {
+        self.real_store_dir().join(path.base_name())
+    }
+
+    /// The full logical path of `path`.
+    pub fn logical(&self, path: &StorePath) -> String {
+        self.dir.display(path)
+    }
+
+    /// Maps a physical path inside the store back to a logical one, if it is there.
+    pub fn to_logical(&self, physical: &Path) -> Option<String> {
+        let rel = physical.strip_prefix(self.real_store_dir()).ok()?;
+        Some(format!("{}/{}", self.dir, rel.to_str()?))
+    }
+}
+
+impl Default for StoreLocation {
+    fn default() -> Self {
+        StoreLocation::new(StoreDir::default(), PathBuf::from("/"))
+    }
+}

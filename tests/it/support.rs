@@ -1,0 +1,86 @@
+//! Shared helpers for integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Something a test needs from the machine.
+#[derive(Clone, Copy, Debug)]
+pub enum Need {
+    /// Running as uid 0.
+    Root,
+    /// A program on PATH.
+    Program(&'static str),
+}
+
+impl Need {
+    fn present(self) -> bool {
+        match self {
+            Need::Root => nix::unistd::geteuid().is_root(),
+            Need::Program(p) => which(p).is_some(),
+        }
+    }
+    fn describe(self) -> String {
+        match self {
+            Need::Root => "root".to_owned(),
+            Need::Program(p) => p.to_owned(),
+        }
+    }
+}
+
+/// Probes for what a test needs. Returns `false` (after printing
+/// `SKIP <test>: needs <x>` on stderr) when something is missing, so the test
+/// can return early; under `CI=true` a missing requirement panics instead, so
+/// nothing is skipped silently in CI.
+#[must_use]
+pub fn require(test: &str, needs: &[Need]) -> bool {
+    let missing: Vec<String> = needs.iter().filter(|n| !n.present()).map(|n| n.describe()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("SKIP {test}: needs {}", missing.join(", "));
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg} (a missing requirement is a failure under CI=true)");
+    }
+    eprintln!("{msg}");
+    false
+}
+
+/// Finds a program on PATH.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
+}
+
+/// The sandoff binary built for this test run.
+pub fn sandoff() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sandoff"))
+}
+
+/// The repository's `fixtures/` directory.
+pub fn fixtures() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures"))
+}
+
+/// A `Command` for a Nix 2.8 tool, configured offline and without sandbox,
+/// with its own chroot store under `store_root` and config under `conf_dir`.
+pub fn nix_cmd(program: &str, conf_dir: &Path) -> Command {
+    std::fs::create_dir_all(conf_dir).expect("create nix conf dir");
+    std::fs::write(
+        conf_dir.join("nix.conf"),
+        "sandbox = false\nsubstituters =\nexperimental-features = nix-command\nbuild-users-group =\n",
+    )
+    .expect("write nix.conf");
+    let mut c = Command::new(program);
+    c.env("NIX_CONF_DIR", conf_dir).env_remove("NIX_REMOTE");
+    c
+}
+
+/// Runs a command, panicking with its stderr if it fails; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    out.stdout
+}
