@@ -4,3 +4,4 @@ pub mod derivation;
 pub mod key;
 pub mod nar;
 pub mod store;
+pub mod transfer;

@@ -5,6 +5,7 @@
 
 pub mod export;
 pub mod hash;
+pub mod local;
 pub mod nar;
 pub mod nixbase32;
 pub mod path;
