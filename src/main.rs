@@ -18,8 +18,8 @@ struct Cli {
     #[arg(long, global = true, env = "SANDOFF_STORE_ROOT", value_name = "DIR")]
     store_root: Option<PathBuf>,
     /// Logical store directory that store paths are named in.
-    #[arg(long, global = true, env = "SANDOFF_STORE_DIR", value_name = "DIR")]
-    store_dir: Option<String>,
+    #[arg(long, global = true, env = "SANDOFF_STORE_DIR", value_name = "DIR", value_parser = parse_store_dir)]
+    store_dir: Option<StoreDir>,
     /// State directory (database, logs, keys, locks); default <root>/nix/var/sandoff.
     #[arg(long, global = true, env = "SANDOFF_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -47,18 +47,20 @@ enum Command {
 }
 
 impl Cli {
-    fn location(&self) -> anyhow::Result<StoreLocation> {
-        let dir = match &self.store_dir {
-            Some(d) => StoreDir::new(d)?,
-            None => StoreDir::default(),
-        };
+    fn location(&self) -> StoreLocation {
+        let dir = self.store_dir.clone().unwrap_or_default();
         let root = self.store_root.clone().unwrap_or_else(|| PathBuf::from("/"));
         let mut loc = StoreLocation::new(dir, root);
         if let Some(state) = &self.state_dir {
             loc.state = state.clone();
         }
-        Ok(loc)
+        loc
     }
+}
+
+/// Checked at parse time so that a bad store directory is a usage error (exit 2).
+fn parse_store_dir(s: &str) -> Result<StoreDir, String> {
+    StoreDir::new(s).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -81,7 +83,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let loc = cli.location()?;
+    let loc = cli.location();
     match cli.command {
         Command::Nar(c) => cli::nar::run_nar(c, &loc),
         Command::Hash(c) => cli::nar::run_hash(c),

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs sandoff's whole test suite. On a fresh Debian 12 machine as root it
+# first installs what the tests need: Nix 2.8 (the oracle), busybox, sqlite3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(nix-bin busybox-static sqlite3 pkg-config)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    missing=()
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+else
+    echo "not root or no apt-get: not installing ${packages[*]}; tests needing them print SKIP" >&2
+fi
+
+cargo build --locked --all-targets
+cargo test --locked --no-fail-fast
