@@ -25,6 +25,10 @@ use crate::store::StoreDir;
 pub enum AtermError {
     #[error("derivation: expected '{expected}' at byte {pos}")]
     Expected { expected: &'static str, pos: usize },
+    #[error("derivation: escape '\\{byte}' is not one Nix writes (only \\\" \\\\ \\n \\r \\t) at byte {pos}")]
+    BadEscape { byte: char, pos: usize },
+    #[error("derivation: raw {what} in an escaped string (Nix writes it escaped) at byte {pos}")]
+    Unescaped { what: &'static str, pos: usize },
     #[error("derivation: expected ',' or ']' at byte {pos}")]
     ExpectedSeparator { pos: usize },
     #[error("derivation: unexpected end of input at byte {pos}")]
@@ -97,6 +101,19 @@ impl<'a> Reader<'a> {
                     .ok_or(AtermError::Eof {
                         pos: self.input.len(),
                     })?;
+            if quoting == Quoting::Escaped {
+                if let Some(i) = rest[..stop].iter().position(|b| b"\n\r\t".contains(b)) {
+                    let what = match rest[i] {
+                        b'\n' => "newline",
+                        b'\r' => "carriage return",
+                        _ => "tab",
+                    };
+                    return Err(AtermError::Unescaped {
+                        what,
+                        pos: self.pos + i,
+                    });
+                }
+            }
             out.extend_from_slice(&rest[..stop]);
             self.pos += stop;
             if self.input[self.pos] == b'"' {
@@ -112,11 +129,18 @@ impl<'a> Reader<'a> {
             let c = *self.input.get(self.pos + 1).ok_or(AtermError::Eof {
                 pos: self.input.len(),
             })?;
+            // Nix reads `\X` as X for any X, but writes only these five.
             out.push(match c {
                 b'n' => b'\n',
                 b'r' => b'\r',
                 b't' => b'\t',
-                other => other,
+                b'"' | b'\\' => c,
+                _ => {
+                    return Err(AtermError::BadEscape {
+                        byte: c as char,
+                        pos: self.pos,
+                    })
+                }
             });
             self.pos += 2;
         }
@@ -427,6 +451,36 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "derivation: environment variables not sorted or duplicated: 'a' after 'a' at byte 54"
+        );
+    }
+
+    /// Found by `aterm_parser_survives_mutations`: `\<NUL>` read as NUL
+    /// printed back without the backslash.
+    #[test]
+    fn rejects_escapes_nix_never_writes() {
+        let input = b"Derive([(\"out\",\"\",\"\",\"\")],[],[],\"x\",\"a\\\x00b\",[],[])";
+        assert!(
+            matches!(
+                parse(input),
+                Err(AtermError::BadEscape {
+                    byte: '\0',
+                    pos: 38
+                })
+            ),
+            "{:?}",
+            parse(input)
+        );
+        let input = b"Derive([(\"out\",\"\",\"\",\"\")],[],[],\"x\",\"a\nb\",[],[])";
+        assert!(
+            matches!(
+                parse(input),
+                Err(AtermError::Unescaped {
+                    what: "newline",
+                    pos: 38
+                })
+            ),
+            "{:?}",
+            parse(input)
         );
     }
 

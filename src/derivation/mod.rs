@@ -621,3 +621,6 @@ mod tests {
         assert_eq!(d.name().unwrap(), "hello");
     }
 }
+
+#[cfg(test)]
+mod proptests;
