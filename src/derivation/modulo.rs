@@ -269,31 +269,19 @@ impl Derivation {
         }
         for (o, path) in expected {
             let full = dir.display(&path);
-            match done.outputs.get_mut(&o) {
-                Some(DerivationOutput::CAFixed { path: given, .. }) => {
-                    if *given != path {
-                        return Err(DerivationError::WrongOutputPath {
-                            output: o.to_string(),
-                            expected: full,
-                            given: dir.display(given),
-                        });
-                    }
+            if let Some(given) = self.outputs.get(&o).and_then(DerivationOutput::path) {
+                if *given != path {
+                    return Err(DerivationError::WrongOutputPath {
+                        output: o.to_string(),
+                        expected: full,
+                        given: dir.display(given),
+                    });
                 }
-                Some(slot) => {
-                    if let Some(DerivationOutput::InputAddressed { path: given }) =
-                        self.outputs.get(&o)
-                    {
-                        if *given != path {
-                            return Err(DerivationError::WrongOutputPath {
-                                output: o.to_string(),
-                                expected: full,
-                                given: dir.display(given),
-                            });
-                        }
-                    }
+            }
+            if let Some(slot) = done.outputs.get_mut(&o) {
+                if !matches!(slot, DerivationOutput::CAFixed { .. }) {
                     *slot = DerivationOutput::InputAddressed { path: path.clone() };
                 }
-                None => {}
             }
             let key = o.as_str().as_bytes().to_vec();
             if let Some(given) = self.env.get(&key) {
@@ -386,6 +374,24 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "environment variable 'out': expected the output path /nix/store/2qgfy89v28340cr9d9z471zfi5iczv5l-hello, given '/nix/store/x'"
+        );
+    }
+
+    #[test]
+    fn refuses_a_wrong_input_addressed_path() {
+        let mut drv = Derivation::from_aterm(HELLO, &nix()).unwrap();
+        let wrong = StorePath::from_base_name("2qgfy89v28340cr9d9z471zfi5iczv5m-hello").unwrap();
+        drv.outputs.insert(
+            OutputName::out(),
+            DerivationOutput::InputAddressed { path: wrong },
+        );
+        drv.env.insert(b"out".to_vec(), Vec::new());
+        let err = drv
+            .fill_output_paths(&mut DrvHasher::new(nix(), no_lookup as NoLookup))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "output 'out': expected path /nix/store/2qgfy89v28340cr9d9z471zfi5iczv5l-hello, given /nix/store/2qgfy89v28340cr9d9z471zfi5iczv5m-hello"
         );
     }
 
