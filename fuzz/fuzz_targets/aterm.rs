@@ -9,7 +9,11 @@ use sandoff::store::StoreDir;
 fuzz_target!(|data: &[u8]| {
     let dir = StoreDir::default();
     if let Ok(drv) = Derivation::from_aterm(data, &dir) {
-        assert_eq!(drv.to_aterm(&dir), data, "accepted input must print back identically");
+        assert_eq!(
+            drv.to_aterm(&dir),
+            data,
+            "accepted input must print back identically"
+        );
         let _ = drv.drv_path(&dir);
     }
 });

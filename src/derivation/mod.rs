@@ -5,7 +5,7 @@
 //!
 //! Parsing goes in two steps, as in harmonia and tvix: the syntax is read
 //! into a permissive [`RawDerivation`] (every field a byte string, lists in
-//! file order), which [`Derivation::from_raw`] then checks into the strict
+//! file order), which `Derivation::from_raw` then checks into the strict
 //! [`Derivation`] (store paths parsed in a given [`StoreDir`], output kinds
 //! told apart, hashes decoded). The ATerm reader ([`aterm`]) and the JSON
 //! reader ([`json`]) share that second step.
@@ -34,7 +34,7 @@ use crate::store::{FileIngestionMethod, Hash, HashAlgo, PathError, StoreDir, Sto
 
 pub use aterm::AtermError;
 pub use json::JsonError;
-pub use modulo::{DrvHash, DrvHashKind, DrvHasher};
+pub use modulo::{hash_derivation_modulo, DrvHash, DrvHashKind, DrvHasher};
 
 /// Why a derivation was refused or could not be completed.
 #[derive(Debug, Error)]
@@ -135,6 +135,7 @@ impl OutputName {
         OutputName("out".to_owned())
     }
 
+    /// The name as a string.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -246,17 +247,24 @@ pub struct Derivation {
     /// The platform, e.g. `x86_64-linux`. Written unescaped, so it must not
     /// contain `"` or `\`.
     pub system: Vec<u8>,
+    /// The program to run (a path, or `builtin:…`).
     pub builder: Vec<u8>,
+    /// Its arguments, in order.
     pub args: Vec<Vec<u8>>,
+    /// Its environment, sorted bytewise by name.
     pub env: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 /// One output as written: name, path, `hashAlgo`, `hash`, all unchecked.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RawOutput {
+    /// The output name.
     pub name: Vec<u8>,
+    /// The full output path, or empty.
     pub path: Vec<u8>,
+    /// `[r:]<algo>` for content-addressed outputs, else empty.
     pub hash_algo: Vec<u8>,
+    /// Hex hash (fixed), `impure`, or empty.
     pub hash: Vec<u8>,
 }
 
@@ -264,9 +272,13 @@ pub struct RawOutput {
 /// file order. Full store paths are still strings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RawDerivation {
+    /// Output tuples.
     pub outputs: Vec<RawOutput>,
+    /// Full `.drv` paths with the output names used from each.
     pub input_derivations: Vec<(Vec<u8>, Vec<Vec<u8>>)>,
+    /// Full store paths.
     pub input_sources: Vec<Vec<u8>>,
+    /// See [`Derivation`] for these.
     pub system: Vec<u8>,
     pub builder: Vec<u8>,
     pub args: Vec<Vec<u8>>,

@@ -21,7 +21,9 @@ use crate::store::{Hash, HashAlgo, StoreDir, StorePath};
 /// (floating content-addressed or impure derivations upstream).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DrvHashKind {
+    /// The hash is final.
     Regular,
+    /// Depends on content-addressed or impure outputs not known yet.
     Deferred,
 }
 
@@ -30,7 +32,9 @@ pub enum DrvHashKind {
 /// otherwise every output maps to the same hash of the rewritten `.drv`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DrvHash {
+    /// SHA-256 per output name.
     pub hashes: BTreeMap<OutputName, Hash>,
+    /// Whether the hashes are final.
     pub kind: DrvHashKind,
 }
 
@@ -57,6 +61,7 @@ where
         }
     }
 
+    /// The store directory the derivations' paths are in.
     pub fn store_dir(&self) -> &StoreDir {
         &self.dir
     }
