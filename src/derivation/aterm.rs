@@ -391,12 +391,7 @@ pub(crate) fn print(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const HELLO: &[u8] = br#"Derive([("out","/nix/store/2qgfy89v28340cr9d9z471zfi5iczv5l-hello","","")],[],["/nix/store/d0x4sjwksanirbaxlb05009gy5lvia3q-bb"],"x86_64-linux","/nix/store/d0x4sjwksanirbaxlb05009gy5lvia3q-bb/bin/busybox",["sh","-c","echo hi > $out"],[("builder","/nix/store/d0x4sjwksanirbaxlb05009gy5lvia3q-bb/bin/busybox"),("name","hello"),("out","/nix/store/2qgfy89v28340cr9d9z471zfi5iczv5l-hello"),("system","x86_64-linux")])"#;
-
-    fn nix() -> StoreDir {
-        StoreDir::default()
-    }
+    use crate::derivation::testdata::{nix, HELLO};
 
     #[test]
     fn round_trips_the_reference_vector() {

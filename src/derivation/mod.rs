@@ -636,3 +636,16 @@ mod tests {
 
 #[cfg(test)]
 mod proptests;
+
+/// Shared test vectors.
+#[cfg(test)]
+pub(crate) mod testdata {
+    use crate::store::StoreDir;
+
+    /// formats.md §5: the `hello` derivation, `/nix/store/4l9f4nj9kcc5vs3rd6n6dpavm0faid7m-hello.drv`.
+    pub const HELLO: &[u8] = br#"Derive([("out","/nix/store/2qgfy89v28340cr9d9z471zfi5iczv5l-hello","","")],[],["/nix/store/d0x4sjwksanirbaxlb05009gy5lvia3q-bb"],"x86_64-linux","/nix/store/d0x4sjwksanirbaxlb05009gy5lvia3q-bb/bin/busybox",["sh","-c","echo hi > $out"],[("builder","/nix/store/d0x4sjwksanirbaxlb05009gy5lvia3q-bb/bin/busybox"),("name","hello"),("out","/nix/store/2qgfy89v28340cr9d9z471zfi5iczv5l-hello"),("system","x86_64-linux")])"#;
+
+    pub fn nix() -> StoreDir {
+        StoreDir::default()
+    }
+}

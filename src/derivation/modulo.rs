@@ -322,6 +322,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::derivation::testdata::{nix, HELLO};
     use crate::store::FileIngestionMethod;
 
     type NoLookup = fn(&StorePath) -> Result<Derivation, std::io::Error>;
@@ -332,12 +333,6 @@ mod tests {
             format!("unexpected lookup of {p}"),
         ))
     }
-
-    fn nix() -> StoreDir {
-        StoreDir::default()
-    }
-
-    const HELLO: &[u8] = br#"Derive([("out","/nix/store/2qgfy89v28340cr9d9z471zfi5iczv5l-hello","","")],[],["/nix/store/d0x4sjwksanirbaxlb05009gy5lvia3q-bb"],"x86_64-linux","/nix/store/d0x4sjwksanirbaxlb05009gy5lvia3q-bb/bin/busybox",["sh","-c","echo hi > $out"],[("builder","/nix/store/d0x4sjwksanirbaxlb05009gy5lvia3q-bb/bin/busybox"),("name","hello"),("out","/nix/store/2qgfy89v28340cr9d9z471zfi5iczv5l-hello"),("system","x86_64-linux")])"#;
 
     #[test]
     fn masked_hash_of_the_reference_vector() {

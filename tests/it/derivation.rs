@@ -226,6 +226,21 @@ fn sandoff_in(root: &Path, dir: &StoreDir) -> Command {
     c
 }
 
+/// Runs `sandoff derivation add` with `json` on stdin.
+fn add_via_cli(root: &Path, dir: &StoreDir, json: &[u8]) -> std::process::Output {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = sandoff_in(root, dir)
+        .args(["derivation", "add"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(json).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn cli_show_prints_what_nix_printed() {
     for f in [
@@ -278,21 +293,7 @@ fn cli_add_says_which_output_path_was_expected() {
     let json = r#"{"outputs":{"out":{"path":"/nix/store/4q0pg5zpfmznxscq3avycvf9xdvx50n2-bar","hashAlgo":"r:sha256",
         "hash":"08813cbee9903c62be4c5027726a418a300da4500b2d369d3af9286f4815ceba"}},"inputSrcs":[],"inputDrvs":{},
         "system":":","builder":":","args":[],"env":{"builder":":","name":"bar","out":"","outputHash":"x","system":":"}}"#;
-    let mut child = sandoff_in(tmp.path(), &StoreDir::default())
-        .args(["derivation", "add"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(json.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = add_via_cli(tmp.path(), &StoreDir::default(), json.as_bytes());
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -410,21 +411,7 @@ fn cli_add_writes_what_nix_instantiate_wrote() {
             }
             inner["env"][o] = "".into();
         }
-        let mut child = sandoff_in(tmp.path(), &nix)
-            .args(["derivation", "add"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(&serde_json::to_vec(&inner).unwrap())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = add_via_cli(tmp.path(), &nix, &serde_json::to_vec(&inner).unwrap());
         assert!(
             out.status.success(),
             "{name}: {}",

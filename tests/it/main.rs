@@ -1,4 +1,4 @@
 //! Integration tests: one binary, one module per area.
 
-mod support;
 mod derivation;
+mod support;
