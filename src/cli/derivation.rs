@@ -1,9 +1,14 @@
 //! `sandoff derivation ...`.
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Subcommand;
-use sandoff::store::StoreLocation;
+use sandoff::derivation::{json, Derivation, DrvHasher};
+use sandoff::store::local::LocalStore;
+use sandoff::store::{StoreLocation, StorePath};
 
 #[derive(Subcommand, Debug)]
 pub enum DerivationCommand {
@@ -16,6 +21,84 @@ pub enum DerivationCommand {
     Add,
 }
 
-pub fn run(cmd: DerivationCommand, _loc: &StoreLocation) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("{cmd:?}: not implemented yet")
+pub fn run(cmd: DerivationCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DerivationCommand::Show { drvs } => show(loc, &drvs),
+        DerivationCommand::Add => add(loc),
+    }
+}
+
+/// Reads and parses the `.drv` file of `path` from the physical store.
+fn read_drv(loc: &StoreLocation, path: &StorePath) -> anyhow::Result<Derivation> {
+    let file = loc.real_path(path);
+    let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    Derivation::from_aterm(&bytes, &loc.dir)
+        .with_context(|| format!("cannot parse {}", loc.logical(path)))
+}
+
+fn show(loc: &StoreLocation, args: &[String]) -> anyhow::Result<ExitCode> {
+    let mut drvs = BTreeMap::new();
+    for arg in args {
+        let path = loc.dir.parse_path(arg)?;
+        anyhow::ensure!(
+            path.is_derivation(),
+            "'{arg}' is not a derivation (a .drv store path)"
+        );
+        let drv = read_drv(loc, &path)?;
+        drvs.insert(path, drv);
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(&json::show(&drvs, &loc.dir))?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn add(loc: &StoreLocation) -> anyhow::Result<ExitCode> {
+    let mut input = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut input)
+        .context("cannot read stdin")?;
+    let (given_path, mut drv) = json::from_json(&input, &loc.dir)?;
+    let store = LocalStore::open(loc.clone())?;
+    for src in &drv.input_sources {
+        anyhow::ensure!(
+            store.is_valid(src)?,
+            "input source {} is not valid in the store",
+            loc.logical(src)
+        );
+    }
+    for input in drv.input_derivations.keys() {
+        anyhow::ensure!(
+            store.is_valid(input)?,
+            "input derivation {} is not valid in the store",
+            loc.logical(input)
+        );
+    }
+    let mut hasher = DrvHasher::new(loc.dir.clone(), |p: &StorePath| read_drv(loc, p));
+    drv.fill_output_paths(&mut hasher)?;
+    let drv_path = drv.drv_path(&loc.dir)?;
+    if let Some(given) = given_path {
+        let expected = loc.logical(&drv_path);
+        anyhow::ensure!(
+            given == expected,
+            "derivation path: expected {expected}, given {given}"
+        );
+    }
+    let name = format!("{}.drv", drv.name()?);
+    let added = store.add_text(
+        &name,
+        &drv.to_aterm(&loc.dir),
+        &drv.references(),
+        &drv.output_paths(),
+    )?;
+    anyhow::ensure!(
+        added == drv_path,
+        "the store added the derivation as {}, expected {}",
+        loc.logical(&added),
+        loc.logical(&drv_path)
+    );
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", loc.logical(&added))?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
 }
