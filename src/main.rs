@@ -49,7 +49,10 @@ enum Command {
 impl Cli {
     fn location(&self) -> StoreLocation {
         let dir = self.store_dir.clone().unwrap_or_default();
-        let root = self.store_root.clone().unwrap_or_else(|| PathBuf::from("/"));
+        let root = self
+            .store_root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/"));
         let mut loc = StoreLocation::new(dir, root);
         if let Some(state) = &self.state_dir {
             loc.state = state.clone();
