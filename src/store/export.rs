@@ -54,7 +54,7 @@ use std::path::Path;
 use thiserror::Error;
 
 use super::hash::{HashAlgo, HashSink, HashingReader};
-use super::local::{LocalStore, StoreError};
+use super::local::{LocalStore, StagedPath, StoreError};
 use super::nar::{self, NarError};
 use super::signature::{Signature, SignatureError, TrustedKeys};
 use super::{Hash, PathError, StoreDir, StorePath, ValidPathInfo};
@@ -149,6 +149,12 @@ pub enum ExportError {
         "path '{path}' references '{reference}', which is neither valid nor earlier in the archive"
     )]
     MissingReference { path: String, reference: String },
+    #[error("cannot check whether '{path}' is valid")]
+    Query {
+        path: String,
+        #[source]
+        source: StoreError,
+    },
     #[error("cannot import path '{path}'")]
     Commit {
         path: String,
@@ -659,29 +665,81 @@ pub enum SignaturePolicy<'a> {
     AcceptUnchecked,
 }
 
+/// What an import needs from a store: [`LocalStore`] in production, an
+/// in-memory fake in tests (passed in explicitly, never chosen by `cfg`).
+pub trait ImportTarget {
+    /// A NAR unpacked but not yet valid; dropping it must discard it.
+    type Staged;
+    /// The store directory paths are named in.
+    fn store_dir(&self) -> &StoreDir;
+    /// Reads exactly one NAR from `nar` (entry `entry` of the archive) and
+    /// stages it, returning it with its NAR hash and size.
+    fn stage(
+        &self,
+        nar: &mut dyn Read,
+        entry: usize,
+    ) -> Result<(Self::Staged, Hash, u64), ExportError>;
+    /// Whether `path` is valid.
+    fn is_valid(&self, path: &StorePath) -> Result<bool, ExportError>;
+    /// Makes a staged NAR valid as `info`, atomically.
+    fn commit(&self, staged: Self::Staged, info: &ValidPathInfo) -> Result<(), ExportError>;
+}
+
+impl ImportTarget for LocalStore {
+    type Staged = StagedPath;
+
+    fn store_dir(&self) -> &StoreDir {
+        &self.location().dir
+    }
+
+    fn stage(
+        &self,
+        nar: &mut dyn Read,
+        entry: usize,
+    ) -> Result<(StagedPath, Hash, u64), ExportError> {
+        let staged = self
+            .stage_nar(nar)
+            .map_err(|source| ExportError::Stage { entry, source })?;
+        let (hash, size) = (staged.nar_hash.clone(), staged.nar_size);
+        Ok((staged, hash, size))
+    }
+
+    fn is_valid(&self, path: &StorePath) -> Result<bool, ExportError> {
+        LocalStore::is_valid(self, path).map_err(|source| ExportError::Query {
+            path: self.location().logical(path),
+            source,
+        })
+    }
+
+    fn commit(&self, staged: StagedPath, info: &ValidPathInfo) -> Result<(), ExportError> {
+        self.commit_staged(staged, info)
+            .map_err(|source| ExportError::Commit {
+                path: self.location().logical(&info.path),
+                source,
+            })
+    }
+}
+
 /// Imports an archive into `store`, in stream order, each path atomically;
 /// `on_imported` is told of each path as it becomes valid. On error, the
 /// paths already imported stay valid and nothing of the failing one remains.
-pub fn import_paths(
-    store: &LocalStore,
+pub fn import_paths<S: ImportTarget>(
+    store: &S,
     src: &mut dyn Read,
     policy: SignaturePolicy<'_>,
     on_imported: &mut dyn FnMut(&StorePath),
 ) -> Result<Vec<StorePath>, ExportError> {
-    let dir = store.location().dir.clone();
+    let dir = store.store_dir().clone();
     let mut reader = ExportReader::new(src, dir.clone());
     let mut imported = Vec::new();
-    let stage = |nar: &mut dyn Read, entry| {
-        store
-            .stage_nar(nar)
-            .map_err(|source| ExportError::Stage { entry, source })
-    };
-    while let Some((staged, meta)) = reader.next_entry(stage)? {
+    while let Some(((staged, nar_hash, nar_size), meta)) =
+        reader.next_entry(|nar, entry| store.stage(nar, entry))?
+    {
         let info = ValidPathInfo {
             path: meta.path,
             deriver: meta.deriver,
-            nar_hash: staged.nar_hash.clone(),
-            nar_size: staged.nar_size,
+            nar_hash,
+            nar_size,
             references: meta.references,
             registration_time: now(),
             ultimate: false,
@@ -698,12 +756,8 @@ pub fn import_paths(
             }
         }
         for r in &info.references {
-            let valid = *r == info.path
-                || store.is_valid(r).map_err(|source| ExportError::Commit {
-                    path: full.clone(),
-                    source,
-                })?;
-            if !valid {
+            // Earlier entries are valid by now, so this covers them too.
+            if *r != info.path && !store.is_valid(r)? {
                 return Err(ExportError::MissingReference {
                     path: full,
                     reference: dir.display(r),
@@ -711,13 +765,8 @@ pub fn import_paths(
             }
         }
         // `staged` is consumed here; on an earlier return it is dropped,
-        // which removes its files.
-        store
-            .commit_staged(staged, &info)
-            .map_err(|source| ExportError::Commit {
-                path: full.clone(),
-                source,
-            })?;
+        // which discards it.
+        store.commit(staged, &info)?;
         tracing::info!(path = %full, "imported");
         on_imported(&info.path);
         imported.push(info.path);
@@ -1148,5 +1197,231 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("nested too deeply"));
+    }
+
+    // -- Importing, against an in-memory store ------------------------------
+
+    use std::cell::{Cell, RefCell};
+    use std::collections::BTreeMap;
+    use std::rc::Rc;
+
+    /// Valid paths in memory; counts staged NARs not yet committed or dropped.
+    #[derive(Default)]
+    struct FakeStore {
+        dir: StoreDir,
+        valid: RefCell<BTreeMap<StorePath, ValidPathInfo>>,
+        live_staged: Rc<Cell<usize>>,
+    }
+
+    struct FakeStaged {
+        live: Rc<Cell<usize>>,
+    }
+
+    impl Drop for FakeStaged {
+        fn drop(&mut self) {
+            self.live.set(self.live.get() - 1);
+        }
+    }
+
+    impl ImportTarget for FakeStore {
+        type Staged = FakeStaged;
+        fn store_dir(&self) -> &StoreDir {
+            &self.dir
+        }
+        fn stage(
+            &self,
+            nar: &mut dyn Read,
+            _entry: usize,
+        ) -> Result<(FakeStaged, Hash, u64), ExportError> {
+            let mut hashing = HashingReader::new(nar, HashAlgo::Sha256);
+            skip_nar(&mut hashing)?;
+            let (hash, size, _) = hashing.finish();
+            self.live_staged.set(self.live_staged.get() + 1);
+            Ok((
+                FakeStaged {
+                    live: self.live_staged.clone(),
+                },
+                hash,
+                size,
+            ))
+        }
+        fn is_valid(&self, path: &StorePath) -> Result<bool, ExportError> {
+            Ok(self.valid.borrow().contains_key(path))
+        }
+        fn commit(&self, staged: FakeStaged, info: &ValidPathInfo) -> Result<(), ExportError> {
+            drop(staged);
+            self.valid
+                .borrow_mut()
+                .insert(info.path.clone(), info.clone());
+            Ok(())
+        }
+    }
+
+    fn import(
+        store: &FakeStore,
+        archive: &[u8],
+        policy: SignaturePolicy<'_>,
+    ) -> (Vec<String>, Result<(), String>) {
+        let mut seen = Vec::new();
+        let res = import_paths(store, &mut &archive[..], policy, &mut |p| {
+            seen.push(p.base_name().to_owned())
+        });
+        assert_eq!(store.live_staged.get(), 0, "a staged NAR was left behind");
+        let res = res.map(|paths| {
+            assert_eq!(
+                paths.iter().map(StorePath::base_name).collect::<Vec<_>>(),
+                seen
+            )
+        });
+        (seen, res.map_err(|e| e.to_string()))
+    }
+
+    /// foo and baz signed by a fresh key, the archive, and that key trusted.
+    fn signed_sample() -> (Vec<u8>, TrustedKeys) {
+        let dir = StoreDir::default();
+        let (nar_foo, nar_baz, mut foo, mut baz) = sample();
+        let key = SecretKey::generate("k").unwrap();
+        foo.signatures.insert(key.sign_path(&foo, &dir).unwrap());
+        baz.signatures.insert(key.sign_path(&baz, &dir).unwrap());
+        let mut keys = TrustedKeys::new();
+        keys.insert(key.to_public(), "test").unwrap();
+        (encode(&[(&foo, &nar_foo), (&baz, &nar_baz)]), keys)
+    }
+
+    #[test]
+    fn imports_signed_archive_dependencies_first() {
+        let (archive, keys) = signed_sample();
+        let store = FakeStore::default();
+        let (seen, res) = import(&store, &archive, SignaturePolicy::RequireTrusted(&keys));
+        res.unwrap();
+        assert_eq!(seen, [FOO, BAZ]);
+        let valid = store.valid.borrow();
+        let baz = &valid[&StorePath::from_base_name(BAZ).unwrap()];
+        assert_eq!(baz.signatures.len(), 1, "signatures are kept");
+        assert_eq!(keys.count_valid(baz, &store.dir), 1);
+        assert_eq!(baz.deriver.as_ref().map(StorePath::name), Some("hello.drv"));
+        assert!(!baz.ultimate && baz.ca.is_none());
+    }
+
+    #[test]
+    fn imports_nix_archive_only_without_signature_checks() {
+        let archive = fixture("export-foo-baz.nixexport");
+        let store = FakeStore::default();
+        let keys = TrustedKeys::new();
+        let (seen, res) = import(&store, &archive, SignaturePolicy::RequireTrusted(&keys));
+        assert_eq!(
+            res.unwrap_err(),
+            format!(
+                "path '/nix/store/{FOO}' lacks a signature by a trusted key (it has no signatures)"
+            )
+        );
+        assert!(seen.is_empty() && store.valid.borrow().is_empty());
+        let (seen, res) = import(&store, &archive, SignaturePolicy::AcceptUnchecked);
+        res.unwrap();
+        assert_eq!(seen, [FOO, BAZ]);
+    }
+
+    #[test]
+    fn refuses_signatures_by_untrusted_keys() {
+        let (archive, _) = signed_sample();
+        let mut others = TrustedKeys::new();
+        others
+            .insert(SecretKey::generate("other").unwrap().to_public(), "test")
+            .unwrap();
+        let store = FakeStore::default();
+        let (_, res) = import(&store, &archive, SignaturePolicy::RequireTrusted(&others));
+        assert_eq!(
+            res.unwrap_err(),
+            format!(
+                "path '/nix/store/{FOO}' lacks a signature by a trusted key (signature by unknown key 'k')"
+            )
+        );
+        assert!(store.valid.borrow().is_empty());
+    }
+
+    #[test]
+    fn tampered_nar_keeps_earlier_paths_and_nothing_of_the_bad_one() {
+        let (archive, keys) = signed_sample();
+        // baz's NAR holds foo's path: its second occurrence in the archive.
+        let needle = format!("/nix/store/{FOO}");
+        let at = archive
+            .windows(needle.len())
+            .enumerate()
+            .filter(|(_, w)| *w == needle.as_bytes())
+            .nth(1)
+            .unwrap()
+            .0;
+        let mut tampered = archive;
+        tampered[at + needle.len() - 1] ^= 1;
+        let store = FakeStore::default();
+        let (seen, res) = import(&store, &tampered, SignaturePolicy::RequireTrusted(&keys));
+        assert_eq!(
+            res.unwrap_err(),
+            format!(
+                "path '/nix/store/{BAZ}' lacks a signature by a trusted key \
+                 (signature by key 'k' does not match the fingerprint)"
+            )
+        );
+        assert_eq!(seen, [FOO]);
+        assert_eq!(store.valid.borrow().len(), 1);
+    }
+
+    #[test]
+    fn truncated_archive_keeps_earlier_paths() {
+        let (archive, keys) = signed_sample();
+        let magic = b"nix-archive-1";
+        let second_nar = archive
+            .windows(magic.len())
+            .enumerate()
+            .filter(|(_, w)| w == magic)
+            .nth(1)
+            .unwrap()
+            .0;
+        // Cut inside baz's NAR: foo stays, nothing of baz.
+        let store = FakeStore::default();
+        let (seen, res) = import(
+            &store,
+            &archive[..second_nar + 40],
+            SignaturePolicy::RequireTrusted(&keys),
+        );
+        assert!(res.unwrap_err().contains("truncated"));
+        assert_eq!(seen, [FOO]);
+        assert_eq!(store.valid.borrow().len(), 1);
+        // Cut in the end marker: both entries were complete and stay.
+        let store = FakeStore::default();
+        let (seen, res) = import(
+            &store,
+            &archive[..archive.len() - 1],
+            SignaturePolicy::RequireTrusted(&keys),
+        );
+        assert!(res.unwrap_err().contains("truncated"));
+        assert_eq!(seen, [FOO, BAZ]);
+    }
+
+    #[test]
+    fn refuses_reference_to_a_path_neither_valid_nor_earlier() {
+        let (_, nar_baz, _, baz) = sample();
+        let archive = encode(&[(&baz, &nar_baz)]);
+        let store = FakeStore::default();
+        let (_, res) = import(&store, &archive, SignaturePolicy::AcceptUnchecked);
+        assert_eq!(
+            res.unwrap_err(),
+            format!(
+                "path '/nix/store/{BAZ}' references '/nix/store/{FOO}', which is neither valid nor earlier in the archive"
+            )
+        );
+        assert!(store.valid.borrow().is_empty());
+        // Once foo is valid, the same archive imports (baz's self-reference is fine).
+        let (nar_foo, _, foo, _) = sample();
+        import(
+            &store,
+            &encode(&[(&foo, &nar_foo)]),
+            SignaturePolicy::AcceptUnchecked,
+        )
+        .1
+        .unwrap();
+        import(&store, &archive, SignaturePolicy::AcceptUnchecked)
+            .1
+            .unwrap();
     }
 }
