@@ -283,6 +283,38 @@ mod tests {
         assert_eq!(s.found_paths(&candidates), BTreeSet::from([pa]));
     }
 
+    #[test]
+    #[ignore = "needs LocalStore+NAR (merged later)"]
+    fn scan_path_finds_references_in_names_targets_and_contents() {
+        let path = |h: &[u8; 32], name: &str| {
+            StorePath::from_base_name(&format!("{}-{name}", std::str::from_utf8(h).unwrap()))
+                .unwrap()
+        };
+        let (pa, pb, pc) = (path(A, "a"), path(B, "b"), path(C, "c"));
+        let unused = StorePath::from_base_name("00bgd045z0d4icpbc2yyz4gx48ak44la-unused").unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        std::fs::create_dir_all(out.join(format!("share/{}", pa.base_name()))).unwrap();
+        std::os::unix::fs::symlink(
+            format!("/nix/store/{}/bin/x", pb.base_name()),
+            out.join("link"),
+        )
+        .unwrap();
+        std::fs::write(
+            out.join("file"),
+            format!("prefix /nix/store/{}/lib suffix", pc.base_name()),
+        )
+        .unwrap();
+        let candidates = BTreeSet::from([pa.clone(), pb.clone(), pc.clone(), unused]);
+        assert_eq!(
+            scan_path(&out, &candidates).unwrap(),
+            BTreeSet::from([pa.clone(), pb.clone(), pc.clone()])
+        );
+        let (refs, hash, size) = scan_and_hash_path(&out, &candidates).unwrap();
+        assert_eq!(refs, BTreeSet::from([pa, pb, pc]));
+        assert_eq!((hash, size), nar::hash_path(&out).unwrap());
+    }
+
     /// Bytes biased towards the nix32 alphabet so that long valid runs and
     /// skips both happen.
     fn byte() -> impl Strategy<Value = u8> {
