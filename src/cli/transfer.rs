@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context as _};
-use sandoff::store::export::{import_paths, ExportWriter, SignaturePolicy};
+use sandoff::store::export::{import_paths, write_export, SignaturePolicy};
 use sandoff::store::local::LocalStore;
 use sandoff::store::nar;
 use sandoff::store::signature::{SecretKey, TrustedKeys};
@@ -138,16 +138,19 @@ pub fn export(loc: &StoreLocation, paths: &[String]) -> anyhow::Result<ExitCode>
         .collect::<anyhow::Result<BTreeSet<_>>>()?;
     let store = LocalStore::open(loc.clone())?;
     // Every path is checked before the first byte goes out.
-    let infos = store
+    let entries = store
         .topo_sort(&paths)?
         .iter()
-        .map(|p| valid_info(&store, loc, p))
+        .map(|p| Ok((valid_info(&store, loc, p)?, loc.real_path(p))))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut writer = ExportWriter::new(BufWriter::new(io::stdout().lock()), loc.dir.clone());
-    for info in &infos {
-        writer.write_path(info, &loc.real_path(&info.path))?;
-    }
-    writer.finish()?;
+    let mut out = BufWriter::new(io::stdout().lock());
+    write_export(
+        &mut out,
+        &loc.dir,
+        entries
+            .iter()
+            .map(|(info, physical)| (info, physical.as_path())),
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

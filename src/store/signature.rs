@@ -242,6 +242,13 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), Signatu
         .map_err(write_err)
 }
 
+// The key bytes are wiped by `SigningKey`'s own `Drop` (ed25519-dalek's
+// `zeroize` feature); this fails to compile if that ever goes away.
+const _: fn() = || {
+    fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+    wiped_on_drop::<SigningKey>();
+};
+
 /// An ed25519 secret key with its name. `Debug` never shows the key, and the
 /// key bytes are wiped when it is dropped.
 pub struct SecretKey {
@@ -299,7 +306,12 @@ impl SecretKey {
     /// refuses to replace an existing file.
     pub fn write_file(&self, path: &Path) -> Result<(), SignatureError> {
         let bytes = Zeroizing::new(self.key.to_keypair_bytes());
-        let text = Zeroizing::new(format!("{}:{}", self.name, BASE64.encode(&bytes[..])));
+        // Reserved up front so that encoding never reallocates, which would
+        // leave an unwiped copy of the key behind.
+        let mut text = Zeroizing::new(String::with_capacity(self.name.len() + 1 + 88));
+        text.push_str(&self.name);
+        text.push(':');
+        BASE64.encode_string(&bytes[..], &mut text);
         write_new_file(path, text.as_bytes(), 0o600)
     }
 
