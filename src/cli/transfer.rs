@@ -18,13 +18,20 @@ use sandoff::store::nar;
 use sandoff::store::signature::{SecretKey, TrustedKeys};
 use sandoff::store::{StoreLocation, StorePath, ValidPathInfo};
 
-/// A command-line store path; a path inside one (`…/bin/sh`) names it too.
-fn parse_path(loc: &StoreLocation, arg: &str) -> anyhow::Result<StorePath> {
-    let (path, _) = loc
-        .dir
-        .split_path(arg)
-        .with_context(|| format!("'{arg}' is not a store path"))?;
-    Ok(path)
+/// Command-line store paths; a path inside one (`…/bin/sh`) names it too.
+fn parse_paths<C: FromIterator<StorePath>>(
+    loc: &StoreLocation,
+    args: &[String],
+) -> anyhow::Result<C> {
+    args.iter()
+        .map(|arg| {
+            let (path, _) = loc
+                .dir
+                .split_path(arg)
+                .with_context(|| format!("'{arg}' is not a store path"))?;
+            Ok(path)
+        })
+        .collect()
 }
 
 fn valid_info(
@@ -48,10 +55,7 @@ fn trusted_keys(loc: &StoreLocation, file: Option<&Path>) -> anyhow::Result<Trus
 
 pub fn sign(loc: &StoreLocation, key_file: &Path, paths: &[String]) -> anyhow::Result<ExitCode> {
     let key = SecretKey::read_file(key_file)?;
-    let paths = paths
-        .iter()
-        .map(|p| parse_path(loc, p))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let paths = parse_paths::<Vec<_>>(loc, paths)?;
     let store = LocalStore::open(loc.clone())?;
     let mut added = 0;
     for path in &paths {
@@ -73,10 +77,7 @@ pub fn verify(
     paths: &[String],
 ) -> anyhow::Result<ExitCode> {
     let keys = trusted_keys(loc, trusted)?;
-    let paths = paths
-        .iter()
-        .map(|p| parse_path(loc, p))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let paths = parse_paths::<Vec<_>>(loc, paths)?;
     let store = LocalStore::open(loc.clone())?;
     let mut failed = 0;
     for path in &paths {
@@ -132,10 +133,7 @@ fn check_path(
 }
 
 pub fn export(loc: &StoreLocation, paths: &[String]) -> anyhow::Result<ExitCode> {
-    let paths = paths
-        .iter()
-        .map(|p| parse_path(loc, p))
-        .collect::<anyhow::Result<BTreeSet<_>>>()?;
+    let paths = parse_paths::<BTreeSet<_>>(loc, paths)?;
     let store = LocalStore::open(loc.clone())?;
     // Every path is checked before the first byte goes out.
     let entries = store

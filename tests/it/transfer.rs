@@ -136,13 +136,7 @@ fn sandoff_key_signs_like_nix_and_nix_trusts_it() {
         return;
     }
     let s = Scratch::new();
-    let (sk, pk) = (s.path("sk"), s.path("pk"));
-    support::run_ok(
-        support::sandoff()
-            .args(["key", "generate", "sandoff-test-1"])
-            .arg(&sk)
-            .arg(&pk),
-    );
+    let (sk, pk) = generate_key(&s, "");
     s.nix_foo_baz("nix");
     support::run_ok(
         s.nix_store_cmd("nix", "nix")
@@ -293,25 +287,10 @@ fn sandoff_export_is_imported_and_verified_by_nix() {
         return;
     }
     let s = Scratch::new();
-    let archive = nix_export(&s);
-    assert!(sandoff_import(&s, "a", &["--no-check-sigs"], &archive)
-        .status
-        .success());
-    let (sk, pk) = (s.path("sk"), s.path("pk"));
-    support::run_ok(
-        support::sandoff()
-            .args(["key", "generate", "sandoff-test-1"])
-            .arg(&sk)
-            .arg(&pk),
-    );
-    support::run_ok(
-        s.sandoff("a")
-            .args(["store", "sign", "--key-file"])
-            .arg(&sk)
-            .args([BAZ, FOO]),
-    );
+    let (archive, _, _) = signed_archive(&s);
     // Named in reverse: the archive still comes dependencies first.
     let ours = support::run_ok(s.sandoff("a").args(["store", "export", BAZ, FOO]));
+    assert_eq!(ours, archive);
     let out = run_stdin(s.nix_store_cmd("nix-store", "dst").arg("--import"), &ours);
     assert!(out.status.success(), "nix-store --import: {}", stderr(&out));
     assert_eq!(
@@ -324,19 +303,28 @@ fn sandoff_export_is_imported_and_verified_by_nix() {
     );
 }
 
-/// A store `a` holding foo and baz signed by a fresh key; returns its
-/// signed archive and the key files.
-fn signed_archive(s: &Scratch) -> (Vec<u8>, PathBuf, PathBuf) {
-    let archive = nix_export(s);
-    let out = sandoff_import(s, "a", &["--no-check-sigs"], &archive);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let (sk, pk) = (s.path("sk"), s.path("pk"));
+/// `sandoff key generate sandoff-test-1 <prefix>sk <prefix>pk` in the scratch dir.
+fn generate_key(s: &Scratch, prefix: &str) -> (PathBuf, PathBuf) {
+    let (sk, pk) = (
+        s.path(&format!("{prefix}sk")),
+        s.path(&format!("{prefix}pk")),
+    );
     support::run_ok(
         support::sandoff()
             .args(["key", "generate", "sandoff-test-1"])
             .arg(&sk)
             .arg(&pk),
     );
+    (sk, pk)
+}
+
+/// A store `a` holding foo and baz signed by a fresh key; returns its
+/// signed archive and the key files.
+fn signed_archive(s: &Scratch) -> (Vec<u8>, PathBuf, PathBuf) {
+    let archive = nix_export(s);
+    let out = sandoff_import(s, "a", &["--no-check-sigs"], &archive);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (sk, pk) = generate_key(s, "");
     support::run_ok(
         s.sandoff("a")
             .args(["store", "sign", "--key-file"])
@@ -367,13 +355,7 @@ fn signed_archive_imports_with_trusted_key_only() {
         stderr(&out)
     );
     // Another key of the same name is not trusted either.
-    let other = s.path("other.pk");
-    support::run_ok(
-        support::sandoff()
-            .args(["key", "generate", "sandoff-test-1"])
-            .arg(s.path("other.sk"))
-            .arg(&other),
-    );
+    let (_, other) = generate_key(&s, "other.");
     let out = sandoff_import(
         &s,
         "b",
