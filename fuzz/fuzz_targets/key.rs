@@ -6,7 +6,9 @@ use libfuzzer_sys::fuzz_target;
 use sandoff::store::signature::{PublicKey, SecretKey, Signature, TrustedKeys};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(pk) = PublicKey::parse(text, "fuzz") {
         assert_eq!(PublicKey::parse(&pk.to_string(), "fuzz").ok(), Some(pk));
     }
