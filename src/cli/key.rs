@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Subcommand;
+use sandoff::store::signature::{SecretKey, SignatureError};
 use sandoff::store::StoreLocation;
 
 #[derive(Subcommand, Debug)]
@@ -18,5 +20,25 @@ pub enum KeyCommand {
 }
 
 pub fn run(cmd: KeyCommand, _loc: &StoreLocation) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("{cmd:?}: not implemented yet")
+    match cmd {
+        KeyCommand::Generate {
+            name,
+            secret_file,
+            public_file,
+        } => {
+            // Checked up front so that a clash never leaves half a key pair behind.
+            if public_file.symlink_metadata().is_ok() {
+                return Err(SignatureError::Exists { path: public_file }.into());
+            }
+            let key = SecretKey::generate(&name)?;
+            key.write_file(&secret_file)?;
+            if let Err(e) = key.to_public().write_file(&public_file) {
+                std::fs::remove_file(&secret_file).with_context(|| {
+                    format!("removing '{}' after a failure", secret_file.display())
+                })?;
+                return Err(e.into());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
