@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -616,6 +617,8 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), RegistryError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     fs::write(tmp.path(), contents).map_err(io)?;
+    // Nix writes it 0666 minus the umask; a temporary file starts at 0600.
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644)).map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
 }
