@@ -1,6 +1,6 @@
 //! `sandoff store ...`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -113,8 +113,8 @@ fn add(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `nix path-info --sigs` (text) or `nix path-info --json --sigs`: paths
-/// sorted and deduplicated as Nix does; an invalid path is an error.
+/// `nix path-info --sigs` (text) or `nix path-info --json --sigs`, in
+/// Nix's order; an invalid path is an error.
 fn info(loc: &StoreLocation, json: bool, paths: &[String]) -> anyhow::Result<ExitCode> {
     let store = LocalStore::open(loc.clone())?;
     let mut wanted = BTreeSet::new();
@@ -139,7 +139,11 @@ fn info(loc: &StoreLocation, json: bool, paths: &[String]) -> anyhow::Result<Exi
             .map(|p| loc.logical(p).len())
             .max()
             .unwrap_or(0);
-        for i in &infos {
+        // Nix prints the text form dependencies first (and JSON sorted).
+        let by_path: BTreeMap<&StorePath, &ValidPathInfo> =
+            infos.iter().map(|i| (&i.path, i)).collect();
+        for p in store.topo_sort(&wanted)? {
+            let Some(i) = by_path.get(&p) else { continue };
             writeln!(
                 out,
                 "{:<width$}\t{}",

@@ -324,8 +324,8 @@ impl LocalStore {
 
     /// Adds a file or tree as a content-addressed path named after its file
     /// name (`nix-store --add` is `Recursive` + `Sha256`; `--add-fixed` the rest).
-    /// Like Nix, `Flat` follows a symlink at `src` and stores a
-    /// non-executable file; `Recursive` stores the tree as it is.
+    /// As `nix-store --add-fixed` does, `Flat` needs a regular file (not a
+    /// symlink) and stores it as it is, executable bit included.
     pub fn add_path(
         &self,
         src: &Path,
@@ -340,7 +340,11 @@ impl LocalStore {
             })?;
         super::path::check_name(name)?;
         let (staged, ca_hash) = match method {
-            FileIngestionMethod::Flat => self.stage_flat(src, algo)?,
+            FileIngestionMethod::Flat => {
+                let staged = self.stage_tree(src)?;
+                let ca_hash = flat_hash(&staged.tmp, algo)?;
+                (staged, ca_hash)
+            }
             FileIngestionMethod::Recursive => {
                 let staged = self.stage_tree(src)?;
                 let ca_hash = if algo == HashAlgo::Sha256 {
@@ -468,31 +472,6 @@ impl LocalStore {
             dumped?;
             staged
         })
-    }
-
-    /// Stages the contents of the file `src` as a non-executable regular
-    /// file, hashing them with `algo`.
-    fn stage_flat(&self, src: &Path, algo: HashAlgo) -> Result<(StagedPath, Hash), StoreError> {
-        let input = File::open(src).map_err(io_err("opening", src))?;
-        if !input.metadata().map_err(io_err("reading", src))?.is_file() {
-            return Err(StoreError::NotRegularFile {
-                path: src.to_owned(),
-            });
-        }
-        let mut staged = self.new_staged();
-        let mut out = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&staged.tmp)
-            .map_err(io_err("creating", &staged.tmp))?;
-        let mut reader = HashingReader::new(input, algo);
-        io::copy(&mut reader, &mut out).map_err(io_err("copying", src))?;
-        drop(out);
-        let (ca_hash, _, _) = reader.finish();
-        (staged.nar_hash, staged.nar_size) =
-            nar::hash_path(&staged.tmp).map_err(nar_err(&staged.tmp))?;
-        Ok((staged, ca_hash))
     }
 
     /// Makes a staged path valid as `info.path`: checks the NAR hash and size
@@ -642,19 +621,7 @@ impl LocalStore {
                 nar::dump(&staged.tmp, &mut h).map_err(nar_err(&staged.tmp))?;
                 h.finish()
             }
-            FileIngestionMethod::Flat => {
-                let meta =
-                    fs::symlink_metadata(&staged.tmp).map_err(io_err("reading", &staged.tmp))?;
-                if !meta.is_file() {
-                    return Err(StoreError::NotRegularFile {
-                        path: staged.tmp.clone(),
-                    });
-                }
-                let mut h = Hasher::new(expected.algo());
-                let mut f = File::open(&staged.tmp).map_err(io_err("opening", &staged.tmp))?;
-                io::copy(&mut f, &mut h).map_err(io_err("reading", &staged.tmp))?;
-                h.finish()
-            }
+            FileIngestionMethod::Flat => flat_hash(&staged.tmp, expected.algo())?,
         };
         if &got != expected {
             return Err(StoreError::CaMismatch {
@@ -733,6 +700,20 @@ impl LocalStore {
             e => e.into(),
         })
     }
+}
+
+/// The `algo` hash of the contents of the regular file at `path`.
+fn flat_hash(path: &Path, algo: HashAlgo) -> Result<Hash, StoreError> {
+    let meta = fs::symlink_metadata(path).map_err(io_err("reading", path))?;
+    if !meta.is_file() {
+        return Err(StoreError::NotRegularFile {
+            path: path.to_owned(),
+        });
+    }
+    let mut h = Hasher::new(algo);
+    let mut f = File::open(path).map_err(io_err("opening", path))?;
+    io::copy(&mut f, &mut h).map_err(io_err("reading", path))?;
+    Ok(h.finish())
 }
 
 fn now() -> i64 {
