@@ -49,6 +49,10 @@ use super::{
     ValidPathInfo,
 };
 
+/// Staged copies are `<store>/.sandoff-stage-<random>`; the dot keeps the
+/// name from ever being a store path.
+const STAGE_PREFIX: &str = ".sandoff-stage-";
+
 /// The modification time Nix gives every file in the store.
 const STORE_MTIME: i64 = 1;
 
@@ -158,6 +162,9 @@ pub struct StagedPath {
     /// SHA-256 of the NAR that was read, and its size.
     pub nar_hash: Hash,
     pub nar_size: u64,
+    /// Held while the staged copy exists, so that
+    /// [`LocalStore::remove_stale_stages`] can tell it from a dead one.
+    _lock: Option<PathLock>,
 }
 
 impl Drop for StagedPath {
@@ -393,7 +400,7 @@ impl LocalStore {
         if self.is_valid(&path)? {
             return Ok(path);
         }
-        let mut staged = self.new_staged();
+        let mut staged = self.new_staged()?;
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -421,24 +428,52 @@ impl LocalStore {
     }
 
     /// A staging path that does not exist yet, in the store directory.
-    fn new_staged(&self) -> StagedPath {
+    fn new_staged(&self) -> Result<StagedPath, StoreError> {
         let mut rnd = [0u8; 12];
         OsRng.fill_bytes(&mut rnd);
         let suffix: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
-        StagedPath {
-            tmp: self
-                .loc
-                .real_store_dir()
-                .join(format!(".sandoff-stage-{suffix}")),
+        let tmp = self
+            .loc
+            .real_store_dir()
+            .join(format!("{STAGE_PREFIX}{suffix}"));
+        let lock = PathLock::acquire(&tmp)?;
+        Ok(StagedPath {
+            tmp,
             nar_hash: HashAlgo::Sha256.digest(b""),
             nar_size: 0,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Removes staged copies left behind by processes that died (their
+    /// lock is free); returns how many. Staged copies in use are kept. The
+    /// store directory is scanned, so this belongs with garbage collection
+    /// rather than with every `open`.
+    pub fn remove_stale_stages(&self) -> Result<usize, StoreError> {
+        let dir = self.loc.real_store_dir();
+        let mut removed = 0;
+        for entry in fs::read_dir(&dir).map_err(io_err("reading directory", &dir))? {
+            let entry = entry.map_err(io_err("reading directory", &dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let stage = name.strip_suffix(".lock").unwrap_or(name);
+            if !stage.starts_with(STAGE_PREFIX) || (stage != name && dir.join(stage).exists()) {
+                // A lock file whose stage exists is handled with the stage.
+                continue;
+            }
+            let path = dir.join(stage);
+            if let Some(_lock) = PathLock::try_acquire(&path)? {
+                remove_tree(&path).map_err(io_err("removing stale", &path))?;
+                removed += 1;
+            }
         }
+        Ok(removed)
     }
 
     /// Restores one NAR from `nar` (reading exactly its bytes) into a
     /// temporary directory in the store, hashing it on the way.
     pub fn stage_nar(&self, nar: &mut dyn Read) -> Result<StagedPath, StoreError> {
-        let mut staged = self.new_staged();
+        let mut staged = self.new_staged()?;
         let mut reader = HashingReader::new(nar, HashAlgo::Sha256);
         nar::restore(&mut reader, &staged.tmp).map_err(nar_err(&staged.tmp))?;
         let (hash, size, _) = reader.finish();
@@ -451,7 +486,8 @@ impl LocalStore {
     /// the staged copy is exactly what was hashed.
     fn stage_tree(&self, src: &Path) -> Result<StagedPath, StoreError> {
         let (r, w) = nix::unistd::pipe().map_err(sys_err("creating pipe for", src))?;
-        let mut reader = File::from(r);
+        // Buffering is safe here: the pipe carries exactly one NAR.
+        let mut reader = io::BufReader::with_capacity(1 << 16, File::from(r));
         std::thread::scope(|scope| {
             let dumper = scope.spawn(move || {
                 let mut sink = io::BufWriter::with_capacity(1 << 16, File::from(w));
@@ -734,6 +770,16 @@ struct PathLock {
 
 impl PathLock {
     fn acquire(path: &Path) -> Result<PathLock, StoreError> {
+        PathLock::lock(path, FlockArg::LockExclusive)?
+            .ok_or_else(|| sys_err("locking", path)(Errno::EWOULDBLOCK))
+    }
+
+    /// `None` when someone else holds the lock.
+    fn try_acquire(path: &Path) -> Result<Option<PathLock>, StoreError> {
+        PathLock::lock(path, FlockArg::LockExclusiveNonblock)
+    }
+
+    fn lock(path: &Path, how: FlockArg) -> Result<Option<PathLock>, StoreError> {
         let mut lock_path = path.as_os_str().to_owned();
         lock_path.push(".lock");
         let lock_path = PathBuf::from(lock_path);
@@ -746,18 +792,23 @@ impl PathLock {
                 .mode(0o600)
                 .open(&lock_path)
                 .map_err(io_err("opening lock", &lock_path))?;
-            let file = Flock::lock(file, FlockArg::LockExclusive)
-                .map_err(|(_, e)| sys_err("locking", &lock_path)(e))?;
+            let file = match Flock::lock(file, how) {
+                Ok(f) => f,
+                Err((_, Errno::EWOULDBLOCK)) if how == FlockArg::LockExclusiveNonblock => {
+                    return Ok(None)
+                }
+                Err((_, e)) => return Err(sys_err("locking", &lock_path)(e)),
+            };
             if file
                 .metadata()
                 .map_err(io_err("reading lock", &lock_path))?
                 .len()
                 == 0
             {
-                return Ok(PathLock {
+                return Ok(Some(PathLock {
                     path: lock_path,
                     file,
-                });
+                }));
             }
             tracing::debug!(path = %lock_path.display(), "lock file was deleted by its holder; retrying");
         }
@@ -892,11 +943,8 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path())
             .filter(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .starts_with(".sandoff-stage")
+                let name = p.file_name().unwrap().to_str().unwrap();
+                name.starts_with(".sandoff-stage") && !name.ends_with(".lock")
             })
             .collect()
     }
@@ -1121,6 +1169,30 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(s.topo_sort(&both), Err(StoreError::Cycle { .. })));
+    }
+
+    #[test]
+    fn removes_stale_stages_but_not_live_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let src = tree(tmp.path());
+        let live = s.stage_nar(&mut nar_of(&src).as_slice()).unwrap();
+        let dir = s.location().real_store_dir();
+        fs::create_dir_all(dir.join(".sandoff-stage-dead/x")).unwrap();
+        fs::set_permissions(
+            dir.join(".sandoff-stage-dead"),
+            fs::Permissions::from_mode(0o555),
+        )
+        .unwrap();
+        fs::write(dir.join(".sandoff-stage-orphan.lock"), "").unwrap();
+        assert_eq!(s.remove_stale_stages().unwrap(), 2);
+        assert!(live.tmp.join("sub/empty").is_file());
+        assert_eq!(stage_dirs(&s), vec![live.tmp.clone()]);
+        let lock = PathBuf::from(format!("{}.lock", live.tmp.display()));
+        assert!(lock.exists());
+        drop(live);
+        assert!(stage_dirs(&s).is_empty());
+        assert!(!lock.exists());
     }
 
     #[test]

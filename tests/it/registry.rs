@@ -700,6 +700,9 @@ fn interrupted_adds_leave_nothing_valid_and_are_redone() {
         (info.nar_hash, info.nar_size)
     );
     assert_eq!(fs::read(real.join("a.txt")).unwrap(), b"hello\n");
+    // The dead stage is garbage; nothing else is.
+    assert_eq!(store.remove_stale_stages().unwrap(), 1);
+    assert!(!stale.exists());
 
     // A crash after the move but before registration: complete files, no row.
     let db = store.registry().db_path().to_owned();
@@ -755,6 +758,12 @@ fn killed_add_is_never_half_valid() {
         }
     }
     let store = LocalStore::open(loc.clone()).unwrap();
+    store.remove_stale_stages().unwrap();
+    let stages: Vec<String> = leftovers(&loc.real_store_dir())
+        .into_iter()
+        .filter(|n| n.starts_with(".sandoff-stage"))
+        .collect();
+    assert_eq!(stages, Vec::<String>::new());
     assert_eq!(
         store
             .add_path(&big, FileIngestionMethod::Recursive, HashAlgo::Sha256)
