@@ -18,10 +18,14 @@
 //! 0444 or 0555, mtime 1, only regular files, directories and symlinks),
 //! renamed into place under the path's lock, flushed to disk (`syncfs`), and
 //! only then registered, in one transaction together with their references
-//! and derivation outputs. A crash at any point leaves at worst a staging
-//! directory or an unregistered directory at the target, which the next add
-//! of that path removes. A path is registered only once all its references
-//! (other than itself) are valid.
+//! and derivation outputs. A crash at any point leaves at worst an
+//! unregistered directory at the target, which the next add of that path
+//! removes, or a staging directory, which
+//! [`LocalStore::remove_stale_stages`] removes. A path is registered only
+//! once all its references (other than itself) are valid.
+//!
+//! Adds are not (yet) as careful as Nix about extended attributes and ACLs:
+//! canonicalisation does not strip them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -348,6 +352,13 @@ impl LocalStore {
         super::path::check_name(name)?;
         let (staged, ca_hash) = match method {
             FileIngestionMethod::Flat => {
+                let meta = fs::symlink_metadata(src).map_err(io_err("reading", src))?;
+                if !meta.is_file() {
+                    return Err(StoreError::NotRegularFile {
+                        path: src.to_owned(),
+                    });
+                }
+                // Re-checked on the staged copy, in case `src` changed.
                 let staged = self.stage_tree(src)?;
                 let ca_hash = flat_hash(&staged.tmp, algo)?;
                 (staged, ca_hash)
@@ -490,23 +501,30 @@ impl LocalStore {
         let mut reader = io::BufReader::with_capacity(1 << 16, File::from(r));
         std::thread::scope(|scope| {
             let dumper = scope.spawn(move || {
-                let mut sink = io::BufWriter::with_capacity(1 << 16, File::from(w));
-                nar::dump(src, &mut sink).map_err(nar_err(src))?;
-                sink.flush().map_err(io_err("writing NAR of", src))
+                let mut sink = PipeSink {
+                    inner: io::BufWriter::with_capacity(1 << 16, File::from(w)),
+                    reader_gone: false,
+                };
+                let dumped = nar::dump(src, &mut sink)
+                    .map_err(nar_err(src))
+                    .and_then(|()| sink.flush().map_err(io_err("writing NAR of", src)));
+                (dumped, sink.reader_gone)
             });
             let staged = self.stage_nar(&mut reader);
             // Unblocks the dumper if staging stopped early.
             drop(reader);
-            let dumped = dumper.join().unwrap_or_else(|_| {
-                Err(StoreError::Io {
-                    action: "dumping",
-                    path: src.to_owned(),
-                    source: io::Error::other("panicked"),
-                })
+            let (dumped, reader_gone) = dumper.join().unwrap_or_else(|_| {
+                let panicked = io::Error::other("NAR writer panicked");
+                (Err(io_err("dumping", src)(panicked)), false)
             });
-            // The dumper's error explains a truncated NAR better than the reader's.
-            dumped?;
-            staged
+            match (staged, dumped) {
+                (Ok(staged), Ok(())) => Ok(staged),
+                // The reader stopped first: its error is the cause.
+                (Err(e), Err(_)) if reader_gone => Err(e),
+                // Otherwise a failed dump explains a truncated NAR best.
+                (_, Err(e)) => Err(e),
+                (Err(e), Ok(())) => Err(e),
+            }
         })
     }
 
@@ -563,7 +581,9 @@ impl LocalStore {
         let real = self.loc.real_path(&info.path);
         let _lock = PathLock::acquire(&real)?;
         if self.registry.is_valid(&info.path)? {
-            self.registry.add_signatures(&info.path, &info.signatures)?;
+            if !info.signatures.is_empty() {
+                self.registry.add_signatures(&info.path, &info.signatures)?;
+            }
             return Ok(());
         }
         canonicalise_path(&staged.tmp)?;
@@ -572,16 +592,18 @@ impl LocalStore {
         remove_tree(&real).map_err(io_err("removing stale", &real))?;
         fs::rename(&staged.tmp, &real).map_err(io_err("moving staged path to", &real))?;
         staged.tmp = PathBuf::new();
-        self.register_in_place(info, derivation_outputs, &real)
+        self.register_in_place(info, derivation_outputs, &real, true)
     }
 
-    /// Flushes the files at `real` and registers them; removes them again
-    /// when registration fails so that no unregistered copy lingers.
+    /// Flushes the files at `real` and registers them; with
+    /// `remove_on_failure`, removes them again when registration fails so
+    /// that no unregistered copy of ours lingers.
     fn register_in_place(
         &self,
         info: &ValidPathInfo,
         derivation_outputs: &BTreeMap<String, StorePath>,
         real: &Path,
+        remove_on_failure: bool,
     ) -> Result<(), StoreError> {
         let result = sync_filesystem(real).and_then(|()| {
             let mut info = info.clone();
@@ -598,6 +620,9 @@ impl LocalStore {
                 })
         });
         if let Err(e) = result {
+            if !remove_on_failure {
+                return Err(e);
+            }
             if let Err(rm) = remove_tree(real) {
                 tracing::warn!(path = %real.display(), "cannot remove unregistered path: {rm}");
             }
@@ -679,7 +704,7 @@ impl LocalStore {
     /// (a build's output): under the path's lock, canonicalises them, checks
     /// their NAR hash and size against `info` and registers them with
     /// `derivation_outputs` (for a `.drv`). Already valid: merges signatures.
-    /// On a mismatch the files are left in place, unregistered.
+    /// On any failure the files are left in place, unregistered.
     pub fn register_valid_path(
         &self,
         info: &ValidPathInfo,
@@ -689,7 +714,9 @@ impl LocalStore {
         let real = self.loc.real_path(&info.path);
         let _lock = PathLock::acquire(&real)?;
         if self.registry.is_valid(&info.path)? {
-            self.registry.add_signatures(&info.path, &info.signatures)?;
+            if !info.signatures.is_empty() {
+                self.registry.add_signatures(&info.path, &info.signatures)?;
+            }
             return Ok(());
         }
         canonicalise_path(&real)?;
@@ -709,7 +736,7 @@ impl LocalStore {
                 got: size,
             });
         }
-        self.register_in_place(info, derivation_outputs, &real)
+        self.register_in_place(info, derivation_outputs, &real, false)
     }
 
     /// Adds signatures to a valid path.
@@ -750,6 +777,25 @@ fn flat_hash(path: &Path, algo: HashAlgo) -> Result<Hash, StoreError> {
     let mut f = File::open(path).map_err(io_err("opening", path))?;
     io::copy(&mut f, &mut h).map_err(io_err("reading", path))?;
     Ok(h.finish())
+}
+
+/// The writing end of the NAR pipe; remembers whether the reader hung up.
+struct PipeSink {
+    inner: io::BufWriter<File>,
+    reader_gone: bool,
+}
+
+impl Write for PipeSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let r = self.inner.write(buf);
+        self.reader_gone |= matches!(&r, Err(e) if e.kind() == io::ErrorKind::BrokenPipe);
+        r
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let r = self.inner.flush();
+        self.reader_gone |= matches!(&r, Err(e) if e.kind() == io::ErrorKind::BrokenPipe);
+        r
+    }
 }
 
 fn now() -> i64 {
@@ -1193,6 +1239,42 @@ mod tests {
         drop(live);
         assert!(stage_dirs(&s).is_empty());
         assert!(!lock.exists());
+    }
+
+    #[test]
+    fn registers_files_already_in_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let foo = s
+            .add_text("foo", b"bar", &BTreeSet::new(), &BTreeMap::new())
+            .unwrap();
+        let out = StorePath::from_base_name("2qgfy89v28340cr9d9z471zfi5iczv5l-hello").unwrap();
+        let real = s.location().real_path(&out);
+        fs::create_dir(&real).unwrap();
+        fs::write(real.join("bin"), s.location().logical(&foo)).unwrap();
+        let (nar_hash, nar_size) = nar::hash_path(&real).unwrap();
+        let mut info = ValidPathInfo {
+            path: out.clone(),
+            deriver: None,
+            nar_hash: HashAlgo::Sha256.digest(b"wrong"),
+            nar_size,
+            references: [foo.clone()].into(),
+            registration_time: 0,
+            ultimate: true,
+            signatures: BTreeSet::new(),
+            ca: None,
+        };
+        let err = s.register_valid_path(&info, &BTreeMap::new()).unwrap_err();
+        assert!(matches!(err, StoreError::NarHashMismatch { .. }), "{err}");
+        assert!(real.join("bin").is_file());
+        assert!(!s.is_valid(&out).unwrap());
+        info.nar_hash = nar_hash;
+        s.register_valid_path(&info, &BTreeMap::new()).unwrap();
+        let got = s.query_path_info(&out).unwrap().unwrap();
+        assert!(got.ultimate && got.registration_time > 0);
+        assert_eq!(got.references, [foo].into());
+        let mode = fs::metadata(real.join("bin")).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o444);
     }
 
     #[test]
