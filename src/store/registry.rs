@@ -754,6 +754,12 @@ mod tests {
             reg.query_path_info(&sp(DRV)).unwrap().unwrap().signatures,
             [s1, s2].into()
         );
+        // The closure invariant holds on deletion too.
+        reg.register(&info(A, &[]), &BTreeMap::new()).unwrap();
+        reg.register(&info(B, &[A]), &BTreeMap::new()).unwrap();
+        assert!(reg.invalidate(&sp(A)).is_err());
+        reg.invalidate(&sp(B)).unwrap();
+        reg.invalidate(&sp(A)).unwrap();
         assert!(matches!(
             reg.add_signatures(&sp(A), &BTreeSet::new()),
             Err(RegistryError::NotValid { .. })

@@ -772,3 +772,21 @@ fn killed_add_is_never_half_valid() {
     );
     assert_eq!(nar::hash_path(&loc.real_path(&path)).unwrap(), (h, size));
 }
+
+#[test]
+fn info_of_an_invalid_path_fails_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let missing = "/nix/store/q6dq4cjk6aw4cz1whdksas0153xcyk1b-d";
+    let out = sandoff_on(&root)
+        .args(["store", "info", "--json", missing])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("path '{missing}' is not valid")),
+        "{stderr}"
+    );
+}
