@@ -25,7 +25,7 @@ pub enum StoreCommand {
     },
     /// Print what the store knows about store paths (as `nix path-info --sigs`).
     Info {
-        /// The same JSON as `nix path-info --json --sigs`.
+        /// The same JSON as `nix path-info --json --sigs` (plus a final newline).
         #[arg(long)]
         json: bool,
         #[arg(required = true)]
