@@ -1,27 +1,161 @@
 //! A local store: files under the physical root, the registry in SQLite.
 //!
-//! CONTRACT (stub): signatures fixed so that other modules can code against
-//! them; bodies are filled in by the registry change.
+//! # Layout
+//! - `<root>/<store dir>`: the files (created with the default mode, 0755
+//!   under the usual umask, as Nix does without a build-users group; a
+//!   multi-user `1775 root:nixbld` store is set up by whoever sets up build
+//!   users, and an existing directory's mode is never changed).
+//! - `<state>/db/{db.sqlite,schema,big-lock}`: the registry ([`Registry`]).
+//! - `<store>/<hash>-<name>.lock`: per-path locks, the same files and the
+//!   same `flock` protocol as Nix's `PathLocks`, so sandoff and Nix adding
+//!   the same path at once exclude each other.
+//! - `<store>/.sandoff-stage-<random>`: NARs being restored. They live in the
+//!   store directory so that moving them into place is one `rename(2)`.
+//!
+//! # How a path becomes valid
+//! Files are restored into a staging path, checked against the expected NAR
+//! hash, size and content address, canonicalised (owner = this process, mode
+//! 0444 or 0555, mtime 1, only regular files, directories and symlinks),
+//! renamed into place under the path's lock, flushed to disk (`syncfs`), and
+//! only then registered, in one transaction together with their references
+//! and derivation outputs. A crash at any point leaves at worst an
+//! unregistered directory at the target, which the next add of that path
+//! removes, or a staging directory, which
+//! [`LocalStore::remove_stale_stages`] removes. A path is registered only
+//! once all its references (other than itself) are valid.
+//!
+//! Adds are not (yet) as careful as Nix about extended attributes and ACLs:
+//! canonicalisation does not strip them.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use nix::errno::Errno;
+use nix::fcntl::AtFlags;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::stat::{utimensat, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{fchownat, Gid, Uid};
+use rand_core::{OsRng, RngCore};
 use thiserror::Error;
 
+use super::hash::{Hasher, HashingReader};
+use super::nar::{self, NarError};
+use super::registry::{Registry, RegistryError};
 use super::signature::Signature;
-use super::{FileIngestionMethod, Hash, HashAlgo, StoreLocation, StorePath, ValidPathInfo};
+use super::{
+    ContentAddress, FileIngestionMethod, Hash, HashAlgo, PathError, StoreLocation, StorePath,
+    ValidPathInfo,
+};
+
+/// Staged copies are `<store>/.sandoff-stage-<random>`; the dot keeps the
+/// name from ever being a store path.
+const STAGE_PREFIX: &str = ".sandoff-stage-";
+
+/// The modification time Nix gives every file in the store.
+const STORE_MTIME: i64 = 1;
 
 /// Why a store operation failed.
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("not implemented yet: {0}")]
-    Unimplemented(&'static str),
+    #[error("{action} '{path}': {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{action} '{path}': {source}")]
+    Sys {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("NAR of '{path}': {source}")]
+    Nar {
+        path: PathBuf,
+        #[source]
+        source: NarError,
+    },
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("cannot add '{path}': it has no file name to name the store path after")]
+    NoName { path: PathBuf },
+    #[error("cannot add '{path}' flat: it is not a regular file (use --recursive)")]
+    NotRegularFile { path: PathBuf },
+    #[error("'{path}' has unsupported file type (only regular files, directories and symlinks)")]
+    UnsupportedFileType { path: PathBuf },
+    #[error("hash mismatch importing path '{path}': specified {expected}, got {got}")]
+    NarHashMismatch {
+        path: String,
+        expected: String,
+        got: String,
+    },
+    #[error("size mismatch importing path '{path}': specified {expected}, got {got}")]
+    NarSizeMismatch {
+        path: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error("content address mismatch importing path '{path}': specified {expected}, got {got}")]
+    CaMismatch {
+        path: String,
+        expected: String,
+        got: String,
+    },
+    #[error("content address '{ca}' does not match path '{path}' (it gives '{computed}')")]
+    CaPathMismatch {
+        path: String,
+        ca: String,
+        computed: String,
+    },
+    #[error("cannot add '{path}': its reference '{reference}' is not valid")]
+    InvalidReference { path: String, reference: String },
+    #[error("path '{path}' is not valid")]
+    NotValid { path: String },
+    #[error("cycle detected in the references of '{path}' from '{from}'")]
+    Cycle { path: String, from: String },
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn sys_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(Errno) -> StoreError + 'a {
+    move |source| StoreError::Sys {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn nar_err(path: &Path) -> impl FnOnce(NarError) -> StoreError + '_ {
+    move |source| StoreError::Nar {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// An open local store.
 pub struct LocalStore {
     loc: StoreLocation,
+    registry: Registry,
+    /// Held shared for the store's lifetime, as Nix holds `db/big-lock`, so
+    /// that a Nix schema migration (which takes it exclusively) never runs
+    /// under us.
+    _big_lock: Flock<File>,
 }
 
 /// A NAR restored into a temporary directory inside the store, not yet
@@ -32,64 +166,366 @@ pub struct StagedPath {
     /// SHA-256 of the NAR that was read, and its size.
     pub nar_hash: Hash,
     pub nar_size: u64,
+    /// Held while the staged copy exists, so that
+    /// [`LocalStore::remove_stale_stages`] can tell it from a dead one.
+    _lock: Option<PathLock>,
+}
+
+impl Drop for StagedPath {
+    fn drop(&mut self) {
+        // An empty path marks a staged copy that was moved into place.
+        if !self.tmp.as_os_str().is_empty() {
+            if let Err(e) = remove_tree(&self.tmp) {
+                tracing::warn!(path = %self.tmp.display(), "cannot remove staged files: {e}");
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for StagedPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedPath")
+            .field("tmp", &self.tmp)
+            .field("nar_hash", &self.nar_hash)
+            .field("nar_size", &self.nar_size)
+            .finish()
+    }
 }
 
 impl LocalStore {
     /// Opens (creating if needed) the store at `loc`: directories and database.
     pub fn open(loc: StoreLocation) -> Result<LocalStore, StoreError> {
-        Ok(LocalStore { loc })
+        let store_dir = loc.real_store_dir();
+        fs::create_dir_all(&store_dir).map_err(io_err("creating store directory", &store_dir))?;
+        let db_dir = loc.state.join("db");
+        fs::create_dir_all(&db_dir).map_err(io_err("creating database directory", &db_dir))?;
+        let lock_path = db_dir.join("big-lock");
+        let lock_file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err("opening", &lock_path))?;
+        let big_lock = Flock::lock(lock_file, FlockArg::LockShared)
+            .map_err(|(_, e)| sys_err("locking", &lock_path)(e))?;
+        let registry = Registry::open(&db_dir, loc.dir.clone())?;
+        Ok(LocalStore {
+            loc,
+            registry,
+            _big_lock: big_lock,
+        })
     }
 
+    /// Where the store is.
     pub fn location(&self) -> &StoreLocation {
         &self.loc
     }
 
+    /// The registry, for queries this type does not wrap.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The registry's record of `path`, or `None` when it is not valid.
-    pub fn query_path_info(&self, _path: &StorePath) -> Result<Option<ValidPathInfo>, StoreError> {
-        Err(StoreError::Unimplemented("query_path_info"))
+    pub fn query_path_info(&self, path: &StorePath) -> Result<Option<ValidPathInfo>, StoreError> {
+        Ok(self.registry.query_path_info(path)?)
     }
 
-    pub fn is_valid(&self, _path: &StorePath) -> Result<bool, StoreError> {
-        Err(StoreError::Unimplemented("is_valid"))
+    /// Whether `path` is registered as valid.
+    pub fn is_valid(&self, path: &StorePath) -> Result<bool, StoreError> {
+        Ok(self.registry.is_valid(path)?)
     }
 
-    /// `paths` and everything they reference, transitively.
-    pub fn closure(&self, _paths: &BTreeSet<StorePath>) -> Result<BTreeSet<StorePath>, StoreError> {
-        Err(StoreError::Unimplemented("closure"))
+    /// Every valid path.
+    pub fn query_valid_paths(&self) -> Result<BTreeSet<StorePath>, StoreError> {
+        Ok(self.registry.query_valid_paths()?)
     }
 
-    /// `paths` ordered so that every path comes after its references (among `paths`).
-    pub fn topo_sort(&self, _paths: &BTreeSet<StorePath>) -> Result<Vec<StorePath>, StoreError> {
-        Err(StoreError::Unimplemented("topo_sort"))
+    /// The valid paths that reference `path`.
+    pub fn query_referrers(&self, path: &StorePath) -> Result<BTreeSet<StorePath>, StoreError> {
+        Ok(self.registry.query_referrers(path)?)
+    }
+
+    fn references(&self, path: &StorePath) -> Result<BTreeSet<StorePath>, StoreError> {
+        self.registry.query_references(path).map_err(|e| match e {
+            RegistryError::NotValid { path } => StoreError::NotValid { path },
+            e => e.into(),
+        })
+    }
+
+    /// `paths` and everything they reference, transitively. Every path
+    /// must be valid.
+    pub fn closure(&self, paths: &BTreeSet<StorePath>) -> Result<BTreeSet<StorePath>, StoreError> {
+        let mut seen = BTreeSet::new();
+        let mut todo: Vec<StorePath> = paths.iter().cloned().collect();
+        while let Some(p) = todo.pop() {
+            if seen.contains(&p) {
+                continue;
+            }
+            let refs = self.references(&p)?;
+            seen.insert(p);
+            todo.extend(refs.into_iter().filter(|r| !seen.contains(r)));
+        }
+        Ok(seen)
+    }
+
+    /// `paths` ordered so that every path comes after its references (among
+    /// `paths`). Self-references are fine; any other cycle is an error.
+    pub fn topo_sort(&self, paths: &BTreeSet<StorePath>) -> Result<Vec<StorePath>, StoreError> {
+        #[derive(PartialEq)]
+        enum Mark {
+            Visiting,
+            Done,
+        }
+        let mut marks: BTreeMap<StorePath, Mark> = BTreeMap::new();
+        let mut sorted = Vec::with_capacity(paths.len());
+        for start in paths {
+            if marks.contains_key(start) {
+                continue;
+            }
+            // Iterative DFS: (path, its remaining references).
+            let mut stack: Vec<(StorePath, Vec<StorePath>)> = Vec::new();
+            marks.insert(start.clone(), Mark::Visiting);
+            stack.push((start.clone(), self.sort_refs(start, paths)?));
+            while let Some((node, pending)) = stack.last_mut() {
+                match pending.pop() {
+                    Some(next) => match marks.get(&next) {
+                        Some(Mark::Done) => {}
+                        Some(Mark::Visiting) => {
+                            return Err(StoreError::Cycle {
+                                path: self.loc.logical(&next),
+                                from: self.loc.logical(node),
+                            })
+                        }
+                        None => {
+                            let refs = self.sort_refs(&next, paths)?;
+                            marks.insert(next.clone(), Mark::Visiting);
+                            stack.push((next, refs));
+                        }
+                    },
+                    None => {
+                        let node = node.clone();
+                        stack.pop();
+                        marks.insert(node.clone(), Mark::Done);
+                        sorted.push(node);
+                    }
+                }
+            }
+        }
+        Ok(sorted)
+    }
+
+    /// The references of `path` within `among`, without itself, in reverse
+    /// order (they are popped, so the smallest is visited first).
+    fn sort_refs(
+        &self,
+        path: &StorePath,
+        among: &BTreeSet<StorePath>,
+    ) -> Result<Vec<StorePath>, StoreError> {
+        let mut refs: Vec<StorePath> = self
+            .references(path)?
+            .into_iter()
+            .filter(|r| r != path && among.contains(r))
+            .collect();
+        refs.reverse();
+        Ok(refs)
     }
 
     /// Adds a file or tree as a content-addressed path named after its file
     /// name (`nix-store --add` is `Recursive` + `Sha256`; `--add-fixed` the rest).
+    /// As `nix-store --add-fixed` does, `Flat` needs a regular file (not a
+    /// symlink) and stores it as it is, executable bit included.
     pub fn add_path(
         &self,
-        _src: &Path,
-        _method: FileIngestionMethod,
-        _algo: HashAlgo,
+        src: &Path,
+        method: FileIngestionMethod,
+        algo: HashAlgo,
     ) -> Result<StorePath, StoreError> {
-        Err(StoreError::Unimplemented("add_path"))
+        let name = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| StoreError::NoName {
+                path: src.to_owned(),
+            })?;
+        super::path::check_name(name)?;
+        let (staged, ca_hash) = match method {
+            FileIngestionMethod::Flat => {
+                let meta = fs::symlink_metadata(src).map_err(io_err("reading", src))?;
+                if !meta.is_file() {
+                    return Err(StoreError::NotRegularFile {
+                        path: src.to_owned(),
+                    });
+                }
+                // Re-checked on the staged copy, in case `src` changed.
+                let staged = self.stage_tree(src)?;
+                let ca_hash = flat_hash(&staged.tmp, algo)?;
+                (staged, ca_hash)
+            }
+            FileIngestionMethod::Recursive => {
+                let staged = self.stage_tree(src)?;
+                let ca_hash = if algo == HashAlgo::Sha256 {
+                    staged.nar_hash.clone()
+                } else {
+                    let mut hasher = Hasher::new(algo);
+                    nar::dump(&staged.tmp, &mut hasher).map_err(nar_err(&staged.tmp))?;
+                    hasher.finish()
+                };
+                (staged, ca_hash)
+            }
+        };
+        let path = self
+            .loc
+            .dir
+            .make_fixed_output_path(method, &ca_hash, name, [], false)?;
+        let info = ValidPathInfo {
+            path: path.clone(),
+            deriver: None,
+            nar_hash: staged.nar_hash.clone(),
+            nar_size: staged.nar_size,
+            references: BTreeSet::new(),
+            registration_time: 0,
+            ultimate: false,
+            signatures: BTreeSet::new(),
+            ca: Some(ContentAddress::Fixed {
+                method,
+                hash: ca_hash,
+            }),
+        };
+        self.commit(staged, &info, &BTreeMap::new(), false)?;
+        Ok(path)
     }
 
     /// Adds a text file (e.g. a `.drv`) as a `text` path. For a derivation,
     /// `derivation_outputs` fills the `DerivationOutputs` table.
     pub fn add_text(
         &self,
-        _name: &str,
-        _contents: &[u8],
-        _references: &BTreeSet<StorePath>,
-        _derivation_outputs: &BTreeMap<String, StorePath>,
+        name: &str,
+        contents: &[u8],
+        references: &BTreeSet<StorePath>,
+        derivation_outputs: &BTreeMap<String, StorePath>,
     ) -> Result<StorePath, StoreError> {
-        Err(StoreError::Unimplemented("add_text"))
+        let hash = HashAlgo::Sha256.digest(contents);
+        let path = self.loc.dir.make_text_path(name, &hash, references)?;
+        if self.is_valid(&path)? {
+            return Ok(path);
+        }
+        let mut staged = self.new_staged()?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&staged.tmp)
+            .map_err(io_err("creating", &staged.tmp))?;
+        file.write_all(contents)
+            .map_err(io_err("writing", &staged.tmp))?;
+        drop(file);
+        (staged.nar_hash, staged.nar_size) =
+            nar::hash_path(&staged.tmp).map_err(nar_err(&staged.tmp))?;
+        let info = ValidPathInfo {
+            path: path.clone(),
+            deriver: None,
+            nar_hash: staged.nar_hash.clone(),
+            nar_size: staged.nar_size,
+            references: references.clone(),
+            registration_time: 0,
+            ultimate: false,
+            signatures: BTreeSet::new(),
+            ca: Some(ContentAddress::Text(hash)),
+        };
+        self.commit(staged, &info, derivation_outputs, false)?;
+        Ok(path)
+    }
+
+    /// A staging path that does not exist yet, in the store directory.
+    fn new_staged(&self) -> Result<StagedPath, StoreError> {
+        let mut rnd = [0u8; 12];
+        OsRng.fill_bytes(&mut rnd);
+        let suffix: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+        let tmp = self
+            .loc
+            .real_store_dir()
+            .join(format!("{STAGE_PREFIX}{suffix}"));
+        let lock = PathLock::acquire(&tmp)?;
+        Ok(StagedPath {
+            tmp,
+            nar_hash: HashAlgo::Sha256.digest(b""),
+            nar_size: 0,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Removes staged copies left behind by processes that died (their
+    /// lock is free); returns how many. Staged copies in use are kept. The
+    /// store directory is scanned, so this belongs with garbage collection
+    /// rather than with every `open`.
+    pub fn remove_stale_stages(&self) -> Result<usize, StoreError> {
+        let dir = self.loc.real_store_dir();
+        let mut removed = 0;
+        for entry in fs::read_dir(&dir).map_err(io_err("reading directory", &dir))? {
+            let entry = entry.map_err(io_err("reading directory", &dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let stage = name.strip_suffix(".lock").unwrap_or(name);
+            if !stage.starts_with(STAGE_PREFIX) || (stage != name && dir.join(stage).exists()) {
+                // A lock file whose stage exists is handled with the stage.
+                continue;
+            }
+            let path = dir.join(stage);
+            if let Some(_lock) = PathLock::try_acquire(&path)? {
+                remove_tree(&path).map_err(io_err("removing stale", &path))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Restores one NAR from `nar` (reading exactly its bytes) into a
     /// temporary directory in the store, hashing it on the way.
-    pub fn stage_nar(&self, _nar: &mut dyn Read) -> Result<StagedPath, StoreError> {
-        Err(StoreError::Unimplemented("stage_nar"))
+    pub fn stage_nar(&self, nar: &mut dyn Read) -> Result<StagedPath, StoreError> {
+        let mut staged = self.new_staged()?;
+        let mut reader = HashingReader::new(nar, HashAlgo::Sha256);
+        nar::restore(&mut reader, &staged.tmp).map_err(nar_err(&staged.tmp))?;
+        let (hash, size, _) = reader.finish();
+        staged.nar_hash = hash;
+        staged.nar_size = size;
+        Ok(staged)
+    }
+
+    /// Stages `src` by streaming its NAR through a pipe into `stage_nar`, so
+    /// the staged copy is exactly what was hashed.
+    fn stage_tree(&self, src: &Path) -> Result<StagedPath, StoreError> {
+        let (r, w) = nix::unistd::pipe().map_err(sys_err("creating pipe for", src))?;
+        // Buffering is safe here: the pipe carries exactly one NAR.
+        let mut reader = io::BufReader::with_capacity(1 << 16, File::from(r));
+        std::thread::scope(|scope| {
+            let dumper = scope.spawn(move || {
+                let mut sink = PipeSink {
+                    inner: io::BufWriter::with_capacity(1 << 16, File::from(w)),
+                    reader_gone: false,
+                };
+                let dumped = nar::dump(src, &mut sink)
+                    .map_err(nar_err(src))
+                    .and_then(|()| sink.flush().map_err(io_err("writing NAR of", src)));
+                (dumped, sink.reader_gone)
+            });
+            let staged = self.stage_nar(&mut reader);
+            // Unblocks the dumper if staging stopped early.
+            drop(reader);
+            let (dumped, reader_gone) = dumper.join().unwrap_or_else(|_| {
+                let panicked = io::Error::other("NAR writer panicked");
+                (Err(io_err("dumping", src)(panicked)), false)
+            });
+            match (staged, dumped) {
+                (Ok(staged), Ok(())) => Ok(staged),
+                // The reader stopped first: its error is the cause.
+                (Err(e), Err(_)) if reader_gone => Err(e),
+                // Otherwise a failed dump explains a truncated NAR best.
+                (_, Err(e)) => Err(e),
+                (Err(e), Ok(())) => Err(e),
+            }
+        })
     }
 
     /// Makes a staged path valid as `info.path`: checks the NAR hash and size
@@ -98,10 +534,164 @@ impl LocalStore {
     /// Already valid: the staged copy is dropped and new signatures are merged.
     pub fn commit_staged(
         &self,
-        _staged: StagedPath,
-        _info: &ValidPathInfo,
+        staged: StagedPath,
+        info: &ValidPathInfo,
     ) -> Result<(), StoreError> {
-        Err(StoreError::Unimplemented("commit_staged"))
+        self.commit(staged, info, &BTreeMap::new(), true)
+    }
+
+    /// `commit_staged`, also recording a derivation's outputs.
+    pub fn commit_staged_derivation(
+        &self,
+        staged: StagedPath,
+        info: &ValidPathInfo,
+        derivation_outputs: &BTreeMap<String, StorePath>,
+    ) -> Result<(), StoreError> {
+        self.commit(staged, info, derivation_outputs, true)
+    }
+
+    fn commit(
+        &self,
+        mut staged: StagedPath,
+        info: &ValidPathInfo,
+        derivation_outputs: &BTreeMap<String, StorePath>,
+        check_ca: bool,
+    ) -> Result<(), StoreError> {
+        let logical = self.loc.logical(&info.path);
+        if staged.nar_hash != info.nar_hash {
+            return Err(StoreError::NarHashMismatch {
+                path: logical,
+                expected: info.nar_hash.to_nix32_prefixed(),
+                got: staged.nar_hash.to_nix32_prefixed(),
+            });
+        }
+        if staged.nar_size != info.nar_size {
+            return Err(StoreError::NarSizeMismatch {
+                path: logical,
+                expected: info.nar_size,
+                got: staged.nar_size,
+            });
+        }
+        if check_ca {
+            if let Some(ca) = &info.ca {
+                self.check_content_address(&staged, info, ca)?;
+            }
+        }
+        self.check_references(info)?;
+        let real = self.loc.real_path(&info.path);
+        let _lock = PathLock::acquire(&real)?;
+        if self.registry.is_valid(&info.path)? {
+            if !info.signatures.is_empty() {
+                self.registry.add_signatures(&info.path, &info.signatures)?;
+            }
+            return Ok(());
+        }
+        canonicalise_path(&staged.tmp)?;
+        // Under the lock, anything at the target is a leftover of an
+        // interrupted add (or of garbage): it was never valid.
+        remove_tree(&real).map_err(io_err("removing stale", &real))?;
+        fs::rename(&staged.tmp, &real).map_err(io_err("moving staged path to", &real))?;
+        staged.tmp = PathBuf::new();
+        self.register_in_place(info, derivation_outputs, &real, true)
+    }
+
+    /// Flushes the files at `real` and registers them; with
+    /// `remove_on_failure`, removes them again when registration fails so
+    /// that no unregistered copy of ours lingers.
+    fn register_in_place(
+        &self,
+        info: &ValidPathInfo,
+        derivation_outputs: &BTreeMap<String, StorePath>,
+        real: &Path,
+        remove_on_failure: bool,
+    ) -> Result<(), StoreError> {
+        let result = sync_filesystem(real).and_then(|()| {
+            let mut info = info.clone();
+            if info.registration_time == 0 {
+                info.registration_time = now();
+            }
+            self.registry
+                .register(&info, derivation_outputs)
+                .map_err(|e| match e {
+                    RegistryError::InvalidReference { path, reference } => {
+                        StoreError::InvalidReference { path, reference }
+                    }
+                    e => e.into(),
+                })
+        });
+        if let Err(e) = result {
+            if !remove_on_failure {
+                return Err(e);
+            }
+            if let Err(rm) = remove_tree(real) {
+                tracing::warn!(path = %real.display(), "cannot remove unregistered path: {rm}");
+            }
+            return Err(e);
+        }
+        tracing::debug!(path = %self.loc.logical(&info.path), "registered");
+        Ok(())
+    }
+
+    fn check_references(&self, info: &ValidPathInfo) -> Result<(), StoreError> {
+        for r in info.references.iter().filter(|r| **r != info.path) {
+            if !self.registry.is_valid(r)? {
+                return Err(StoreError::InvalidReference {
+                    path: self.loc.logical(&info.path),
+                    reference: self.loc.logical(r),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `ca` gives `info.path` and, unless the path refers to
+    /// itself (then the hash is taken modulo its own hash part), that it
+    /// matches the staged contents.
+    fn check_content_address(
+        &self,
+        staged: &StagedPath,
+        info: &ValidPathInfo,
+        ca: &ContentAddress,
+    ) -> Result<(), StoreError> {
+        let self_ref = info.references.contains(&info.path);
+        let others = info.references.iter().filter(|r| **r != info.path);
+        let computed =
+            self.loc
+                .dir
+                .make_content_addressed_path(ca, info.path.name(), others, self_ref)?;
+        if computed != info.path {
+            return Err(StoreError::CaPathMismatch {
+                path: self.loc.logical(&info.path),
+                ca: ca.to_string(),
+                computed: self.loc.logical(&computed),
+            });
+        }
+        if self_ref {
+            return Ok(());
+        }
+        let (method, expected) = match ca {
+            ContentAddress::Text(h) => (FileIngestionMethod::Flat, h),
+            ContentAddress::Fixed { method, hash } => (*method, hash),
+        };
+        let got = match method {
+            FileIngestionMethod::Recursive if expected.algo() == HashAlgo::Sha256 => {
+                staged.nar_hash.clone()
+            }
+            FileIngestionMethod::Recursive => {
+                let mut h = Hasher::new(expected.algo());
+                nar::dump(&staged.tmp, &mut h).map_err(nar_err(&staged.tmp))?;
+                h.finish()
+            }
+            FileIngestionMethod::Flat => flat_hash(&staged.tmp, expected.algo())?,
+        };
+        if &got != expected {
+            return Err(StoreError::CaMismatch {
+                path: self.loc.logical(&info.path),
+                expected: expected.to_nix32_prefixed(),
+                got: got.to_nix32_prefixed(),
+            });
+        }
+        Ok(())
     }
 
     /// `stage_nar` then `commit_staged`.
@@ -110,20 +700,591 @@ impl LocalStore {
         self.commit_staged(staged, info)
     }
 
+    /// Registers files that are already at `info.path`'s place in the store
+    /// (a build's output): under the path's lock, canonicalises them, checks
+    /// their NAR hash and size against `info` and registers them with
+    /// `derivation_outputs` (for a `.drv`). Already valid: merges signatures.
+    /// On any failure the files are left in place, unregistered.
+    pub fn register_valid_path(
+        &self,
+        info: &ValidPathInfo,
+        derivation_outputs: &BTreeMap<String, StorePath>,
+    ) -> Result<(), StoreError> {
+        self.check_references(info)?;
+        let real = self.loc.real_path(&info.path);
+        let _lock = PathLock::acquire(&real)?;
+        if self.registry.is_valid(&info.path)? {
+            if !info.signatures.is_empty() {
+                self.registry.add_signatures(&info.path, &info.signatures)?;
+            }
+            return Ok(());
+        }
+        canonicalise_path(&real)?;
+        let (hash, size) = nar::hash_path(&real).map_err(nar_err(&real))?;
+        let logical = self.loc.logical(&info.path);
+        if hash != info.nar_hash {
+            return Err(StoreError::NarHashMismatch {
+                path: logical,
+                expected: info.nar_hash.to_nix32_prefixed(),
+                got: hash.to_nix32_prefixed(),
+            });
+        }
+        if size != info.nar_size {
+            return Err(StoreError::NarSizeMismatch {
+                path: logical,
+                expected: info.nar_size,
+                got: size,
+            });
+        }
+        self.register_in_place(info, derivation_outputs, &real, false)
+    }
+
     /// Adds signatures to a valid path.
     pub fn add_signatures(
         &self,
-        _path: &StorePath,
-        _sigs: &BTreeSet<Signature>,
+        path: &StorePath,
+        sigs: &BTreeSet<Signature>,
     ) -> Result<(), StoreError> {
-        Err(StoreError::Unimplemented("add_signatures"))
+        self.registry
+            .add_signatures(path, sigs)
+            .map_err(|e| match e {
+                RegistryError::NotValid { path } => StoreError::NotValid { path },
+                e => e.into(),
+            })
     }
 
     /// The outputs a valid derivation file declares (`DerivationOutputs`).
     pub fn derivation_outputs(
         &self,
-        _drv: &StorePath,
+        drv: &StorePath,
     ) -> Result<BTreeMap<String, StorePath>, StoreError> {
-        Err(StoreError::Unimplemented("derivation_outputs"))
+        self.registry.derivation_outputs(drv).map_err(|e| match e {
+            RegistryError::NotValid { path } => StoreError::NotValid { path },
+            e => e.into(),
+        })
+    }
+}
+
+/// The `algo` hash of the contents of the regular file at `path`.
+fn flat_hash(path: &Path, algo: HashAlgo) -> Result<Hash, StoreError> {
+    let meta = fs::symlink_metadata(path).map_err(io_err("reading", path))?;
+    if !meta.is_file() {
+        return Err(StoreError::NotRegularFile {
+            path: path.to_owned(),
+        });
+    }
+    let mut h = Hasher::new(algo);
+    let mut f = File::open(path).map_err(io_err("opening", path))?;
+    io::copy(&mut f, &mut h).map_err(io_err("reading", path))?;
+    Ok(h.finish())
+}
+
+/// The writing end of the NAR pipe; remembers whether the reader hung up.
+struct PipeSink {
+    inner: io::BufWriter<File>,
+    reader_gone: bool,
+}
+
+impl Write for PipeSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let r = self.inner.write(buf);
+        self.reader_gone |= matches!(&r, Err(e) if e.kind() == io::ErrorKind::BrokenPipe);
+        r
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let r = self.inner.flush();
+        self.reader_gone |= matches!(&r, Err(e) if e.kind() == io::ErrorKind::BrokenPipe);
+        r
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// An exclusive lock on `<path>.lock`, with Nix's protocol for lock files
+/// that a previous holder deleted: the holder unlinks the file and writes one
+/// byte to it before unlocking, so a waiter that wakes up on a non-empty file
+/// knows it locked a dead inode and retries.
+struct PathLock {
+    path: PathBuf,
+    file: Flock<File>,
+}
+
+impl PathLock {
+    fn acquire(path: &Path) -> Result<PathLock, StoreError> {
+        PathLock::lock(path, FlockArg::LockExclusive)?
+            .ok_or_else(|| sys_err("locking", path)(Errno::EWOULDBLOCK))
+    }
+
+    /// `None` when someone else holds the lock.
+    fn try_acquire(path: &Path) -> Result<Option<PathLock>, StoreError> {
+        PathLock::lock(path, FlockArg::LockExclusiveNonblock)
+    }
+
+    fn lock(path: &Path, how: FlockArg) -> Result<Option<PathLock>, StoreError> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        loop {
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&lock_path)
+                .map_err(io_err("opening lock", &lock_path))?;
+            let file = match Flock::lock(file, how) {
+                Ok(f) => f,
+                Err((_, Errno::EWOULDBLOCK)) if how == FlockArg::LockExclusiveNonblock => {
+                    return Ok(None)
+                }
+                Err((_, e)) => return Err(sys_err("locking", &lock_path)(e)),
+            };
+            if file
+                .metadata()
+                .map_err(io_err("reading lock", &lock_path))?
+                .len()
+                == 0
+            {
+                return Ok(Some(PathLock {
+                    path: lock_path,
+                    file,
+                }));
+            }
+            tracing::debug!(path = %lock_path.display(), "lock file was deleted by its holder; retrying");
+        }
+    }
+}
+
+impl Drop for PathLock {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), "cannot remove lock file: {e}");
+        }
+        if let Err(e) = (&*self.file).write_all(b"d") {
+            tracing::warn!(path = %self.path.display(), "cannot mark lock file stale: {e}");
+        }
+    }
+}
+
+/// Gives a tree the metadata of a store path, as Nix's
+/// `canonicalisePathMetaData`: owned by this process's uid and gid, mode
+/// 0444 (0555 if the owner could execute it; directories 0555, which also
+/// clears setuid, setgid and sticky bits), mtime 1. Anything other than a
+/// regular file, directory or symlink is refused.
+pub fn canonicalise_path(path: &Path) -> Result<(), StoreError> {
+    let uid = Uid::effective();
+    let gid = Gid::effective();
+    canonicalise_entry(path, uid, gid)
+}
+
+fn canonicalise_entry(path: &Path, uid: Uid, gid: Gid) -> Result<(), StoreError> {
+    let meta = fs::symlink_metadata(path).map_err(io_err("reading", path))?;
+    let ft = meta.file_type();
+    if !(ft.is_file() || ft.is_dir() || ft.is_symlink()) {
+        return Err(StoreError::UnsupportedFileType {
+            path: path.to_owned(),
+        });
+    }
+    if ft.is_dir() {
+        for entry in fs::read_dir(path).map_err(io_err("reading directory", path))? {
+            let entry = entry.map_err(io_err("reading directory", path))?;
+            canonicalise_entry(&entry.path(), uid, gid)?;
+        }
+    }
+    if meta.uid() != uid.as_raw() || meta.gid() != gid.as_raw() {
+        fchownat(
+            None,
+            path,
+            Some(uid),
+            Some(gid),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(sys_err("changing owner of", path))?;
+    }
+    if !ft.is_symlink() {
+        let mode = meta.permissions().mode() & 0o7777;
+        let want = 0o444 | if mode & 0o100 != 0 { 0o111 } else { 0 };
+        if mode != want {
+            fs::set_permissions(path, fs::Permissions::from_mode(want))
+                .map_err(io_err("changing mode of", path))?;
+        }
+    }
+    if meta.mtime() != STORE_MTIME {
+        utimensat(
+            None,
+            path,
+            &TimeSpec::UTIME_OMIT,
+            &TimeSpec::new(STORE_MTIME, 0),
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(sys_err("changing modification time of", path))?;
+    }
+    Ok(())
+}
+
+/// Flushes the filesystem holding `path`, so that its files and the rename
+/// that put them there are on disk before the registry says they are valid.
+fn sync_filesystem(path: &Path) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(path);
+    let f = File::open(dir).map_err(io_err("opening", dir))?;
+    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f.as_fd()))
+        .map_err(sys_err("syncing", dir))
+}
+
+/// Removes a file or tree, making read-only directories writable first;
+/// a missing path is fine.
+fn remove_tree(path: &Path) -> io::Result<()> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if meta.is_dir() {
+        if meta.permissions().mode() & 0o700 != 0o700 {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
+        }
+        for entry in fs::read_dir(path)? {
+            remove_tree(&entry?.path())?;
+        }
+        fs::remove_dir(path)
+    } else {
+        fs::remove_file(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreDir;
+
+    fn store(tmp: &Path) -> LocalStore {
+        LocalStore::open(StoreLocation::new(StoreDir::default(), tmp.join("root"))).unwrap()
+    }
+
+    fn tree(dir: &Path) -> PathBuf {
+        let d = dir.join("d");
+        fs::create_dir_all(d.join("sub")).unwrap();
+        fs::write(d.join("a.txt"), "hello\n").unwrap();
+        fs::write(d.join("run.sh"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(d.join("run.sh"), fs::Permissions::from_mode(0o4755)).unwrap();
+        std::os::unix::fs::symlink("a.txt", d.join("link")).unwrap();
+        fs::write(d.join("sub/empty"), "").unwrap();
+        d
+    }
+
+    fn nar_of(path: &Path) -> Vec<u8> {
+        let mut v = Vec::new();
+        nar::dump(path, &mut v).unwrap();
+        v
+    }
+
+    fn stage_dirs(s: &LocalStore) -> Vec<PathBuf> {
+        fs::read_dir(s.location().real_store_dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_str().unwrap();
+                name.starts_with(".sandoff-stage") && !name.ends_with(".lock")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn add_path_registers_a_canonical_read_only_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let src = tree(tmp.path());
+        let p = s
+            .add_path(&src, FileIngestionMethod::Recursive, HashAlgo::Sha256)
+            .unwrap();
+        let info = s.query_path_info(&p).unwrap().unwrap();
+        let (h, n) = nar::hash_path(&src).unwrap();
+        assert_eq!((info.nar_hash.clone(), info.nar_size), (h.clone(), n));
+        assert_eq!(
+            info.ca,
+            Some(ContentAddress::Fixed {
+                method: FileIngestionMethod::Recursive,
+                hash: h
+            })
+        );
+        let real = s.location().real_path(&p);
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&real), 0o555);
+        assert_eq!(mode(&real.join("a.txt")), 0o444);
+        assert_eq!(mode(&real.join("run.sh")), 0o555);
+        assert_eq!(
+            fs::symlink_metadata(real.join("sub/empty"))
+                .unwrap()
+                .mtime(),
+            1
+        );
+        assert_eq!(fs::symlink_metadata(real.join("link")).unwrap().mtime(), 1);
+        assert!(stage_dirs(&s).is_empty());
+        // Adding again is a no-op that returns the same path.
+        assert_eq!(
+            s.add_path(&src, FileIngestionMethod::Recursive, HashAlgo::Sha256)
+                .unwrap(),
+            p
+        );
+        assert!(stage_dirs(&s).is_empty());
+    }
+
+    #[test]
+    fn add_fixed_flat_and_recursive_match_nix_paths() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let src = tree(tmp.path());
+        let p = s
+            .add_path(
+                &src.join("a.txt"),
+                FileIngestionMethod::Flat,
+                HashAlgo::Sha256,
+            )
+            .unwrap();
+        assert_eq!(p.base_name(), "fdwm55r4skpypx1gwzb7x69ckav1rv09-a.txt");
+        let info = s.query_path_info(&p).unwrap().unwrap();
+        assert_eq!(
+            info.ca.unwrap().to_string(),
+            "fixed:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"
+        );
+        assert!(matches!(
+            s.add_path(&src, FileIngestionMethod::Flat, HashAlgo::Sha256),
+            Err(StoreError::NotRegularFile { .. })
+        ));
+        let r = s
+            .add_path(&src, FileIngestionMethod::Recursive, HashAlgo::Sha1)
+            .unwrap();
+        assert!(matches!(
+            s.query_path_info(&r).unwrap().unwrap().ca,
+            Some(ContentAddress::Fixed { .. })
+        ));
+    }
+
+    #[test]
+    fn add_text_records_references_and_outputs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let foo = s
+            .add_text("foo", b"bar", &BTreeSet::new(), &BTreeMap::new())
+            .unwrap();
+        assert_eq!(foo.base_name(), "vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo");
+        let out = StorePath::from_base_name("2qgfy89v28340cr9d9z471zfi5iczv5l-hello").unwrap();
+        let outputs: BTreeMap<String, StorePath> = [("out".to_owned(), out)].into();
+        let drv = s
+            .add_text("x.drv", b"Derive()", &[foo.clone()].into(), &outputs)
+            .unwrap();
+        assert_eq!(s.derivation_outputs(&drv).unwrap(), outputs);
+        assert_eq!(
+            s.query_path_info(&drv).unwrap().unwrap().references,
+            [foo.clone()].into()
+        );
+        assert_eq!(
+            s.closure(&[drv.clone()].into()).unwrap(),
+            [drv.clone(), foo.clone()].into()
+        );
+        assert_eq!(
+            s.topo_sort(&[drv.clone(), foo.clone()].into()).unwrap(),
+            vec![foo, drv]
+        );
+    }
+
+    #[test]
+    fn refuses_invalid_reference_and_registers_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let missing = StorePath::from_base_name("00bgd045z0d4icpbc2yyz4gx48ak44la-gone").unwrap();
+        let err = s
+            .add_text("t", b"x", &[missing].into(), &BTreeMap::new())
+            .unwrap_err();
+        assert!(matches!(err, StoreError::InvalidReference { .. }), "{err}");
+        assert!(s.query_valid_paths().unwrap().is_empty());
+        assert!(stage_dirs(&s).is_empty());
+        assert_eq!(
+            fs::read_dir(s.location().real_store_dir()).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn hash_mismatch_removes_staged_files_and_leaves_no_target() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let src = tree(tmp.path());
+        let nar = nar_of(&src);
+        let (h, n) = nar::hash_path(&src).unwrap();
+        let path = s
+            .location()
+            .dir
+            .make_fixed_output_path(FileIngestionMethod::Recursive, &h, "d", [], false)
+            .unwrap();
+        let mut info = ValidPathInfo {
+            path: path.clone(),
+            deriver: None,
+            nar_hash: HashAlgo::Sha256.digest(b"wrong"),
+            nar_size: n,
+            references: BTreeSet::new(),
+            registration_time: 0,
+            ultimate: false,
+            signatures: BTreeSet::new(),
+            ca: None,
+        };
+        let err = s.add_nar(&info, &mut nar.as_slice()).unwrap_err();
+        assert!(matches!(err, StoreError::NarHashMismatch { .. }), "{err}");
+        info.nar_hash = h;
+        info.nar_size = n + 8;
+        assert!(matches!(
+            s.add_nar(&info, &mut nar.as_slice()),
+            Err(StoreError::NarSizeMismatch { .. })
+        ));
+        assert!(!s.location().real_path(&path).exists());
+        assert!(stage_dirs(&s).is_empty());
+        assert!(!s.is_valid(&path).unwrap());
+        info.nar_size = n;
+        s.add_nar(&info, &mut nar.as_slice()).unwrap();
+        assert!(s.is_valid(&path).unwrap());
+    }
+
+    #[test]
+    fn refuses_content_address_that_does_not_match() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let src = tree(tmp.path());
+        let (h, n) = nar::hash_path(&src).unwrap();
+        let wrong = HashAlgo::Sha256.digest(b"other");
+        let path = s
+            .location()
+            .dir
+            .make_fixed_output_path(FileIngestionMethod::Recursive, &wrong, "d", [], false)
+            .unwrap();
+        let info = ValidPathInfo {
+            path,
+            deriver: None,
+            nar_hash: h,
+            nar_size: n,
+            references: BTreeSet::new(),
+            registration_time: 0,
+            ultimate: false,
+            signatures: BTreeSet::new(),
+            ca: Some(ContentAddress::Fixed {
+                method: FileIngestionMethod::Recursive,
+                hash: wrong,
+            }),
+        };
+        let err = s.add_nar(&info, &mut nar_of(&src).as_slice()).unwrap_err();
+        assert!(matches!(err, StoreError::CaMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn topo_sort_refuses_cycles_but_allows_self_references() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let reg = s.registry();
+        let mk = |name: &str, refs: &[&StorePath]| ValidPathInfo {
+            path: StorePath::from_base_name(name).unwrap(),
+            deriver: None,
+            nar_hash: HashAlgo::Sha256.digest(name.as_bytes()),
+            nar_size: 8,
+            references: refs.iter().map(|r| (*r).clone()).collect(),
+            registration_time: 1,
+            ultimate: false,
+            signatures: BTreeSet::new(),
+            ca: None,
+        };
+        let a = mk("00bgd045z0d4icpbc2yyz4gx48ak44la-a", &[]);
+        let a_path = a.path.clone();
+        let mut b = mk("q6dq4cjk6aw4cz1whdksas0153xcyk1b-b", &[&a_path]);
+        b.references.insert(b.path.clone());
+        reg.register(&a, &BTreeMap::new()).unwrap();
+        reg.register(&b, &BTreeMap::new()).unwrap();
+        let both: BTreeSet<StorePath> = [a.path.clone(), b.path.clone()].into();
+        assert_eq!(
+            s.topo_sort(&both).unwrap(),
+            vec![a.path.clone(), b.path.clone()]
+        );
+        // A cycle can only be made behind the registry's back (Nix forbids it too).
+        let conn = rusqlite::Connection::open(reg.db_path()).unwrap();
+        conn.execute(
+            "insert into Refs (referrer, reference) values ((select id from ValidPaths where path like '%-a'), (select id from ValidPaths where path like '%-b'))",
+            [],
+        )
+        .unwrap();
+        assert!(matches!(s.topo_sort(&both), Err(StoreError::Cycle { .. })));
+    }
+
+    #[test]
+    fn removes_stale_stages_but_not_live_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let src = tree(tmp.path());
+        let live = s.stage_nar(&mut nar_of(&src).as_slice()).unwrap();
+        let dir = s.location().real_store_dir();
+        fs::create_dir_all(dir.join(".sandoff-stage-dead/x")).unwrap();
+        fs::set_permissions(
+            dir.join(".sandoff-stage-dead"),
+            fs::Permissions::from_mode(0o555),
+        )
+        .unwrap();
+        fs::write(dir.join(".sandoff-stage-orphan.lock"), "").unwrap();
+        assert_eq!(s.remove_stale_stages().unwrap(), 2);
+        assert!(live.tmp.join("sub/empty").is_file());
+        assert_eq!(stage_dirs(&s), vec![live.tmp.clone()]);
+        let lock = PathBuf::from(format!("{}.lock", live.tmp.display()));
+        assert!(lock.exists());
+        drop(live);
+        assert!(stage_dirs(&s).is_empty());
+        assert!(!lock.exists());
+    }
+
+    #[test]
+    fn registers_files_already_in_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let foo = s
+            .add_text("foo", b"bar", &BTreeSet::new(), &BTreeMap::new())
+            .unwrap();
+        let out = StorePath::from_base_name("2qgfy89v28340cr9d9z471zfi5iczv5l-hello").unwrap();
+        let real = s.location().real_path(&out);
+        fs::create_dir(&real).unwrap();
+        fs::write(real.join("bin"), s.location().logical(&foo)).unwrap();
+        let (nar_hash, nar_size) = nar::hash_path(&real).unwrap();
+        let mut info = ValidPathInfo {
+            path: out.clone(),
+            deriver: None,
+            nar_hash: HashAlgo::Sha256.digest(b"wrong"),
+            nar_size,
+            references: [foo.clone()].into(),
+            registration_time: 0,
+            ultimate: true,
+            signatures: BTreeSet::new(),
+            ca: None,
+        };
+        let err = s.register_valid_path(&info, &BTreeMap::new()).unwrap_err();
+        assert!(matches!(err, StoreError::NarHashMismatch { .. }), "{err}");
+        assert!(real.join("bin").is_file());
+        assert!(!s.is_valid(&out).unwrap());
+        info.nar_hash = nar_hash;
+        s.register_valid_path(&info, &BTreeMap::new()).unwrap();
+        let got = s.query_path_info(&out).unwrap().unwrap();
+        assert!(got.ultimate && got.registration_time > 0);
+        assert_eq!(got.references, [foo].into());
+        let mode = fs::metadata(real.join("bin")).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o444);
+    }
+
+    #[test]
+    fn canonicalise_refuses_fifos() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("f");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert!(matches!(
+            canonicalise_path(tmp.path()),
+            Err(StoreError::UnsupportedFileType { .. })
+        ));
     }
 }

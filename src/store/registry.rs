@@ -1,1 +1,768 @@
-//! (filled in by its own change)
+//! The registry of valid paths: a SQLite database in Nix's own schema.
+//!
+//! The database is `<state>/db/db.sqlite`, next to a `schema` file holding
+//! `10`, exactly as Nix 2.8 keeps `/nix/var/nix/db` (Guix's daemon uses the same
+//! schema). A store whose state directory is `<root>/nix/var/nix` can
+//! therefore be read and written by both sandoff and Nix.
+//!
+//! How values are stored (as Nix 2.8's `local-store.cc` does):
+//! - `path`, `deriver`, `DerivationOutputs.path`: full logical paths.
+//! - `hash`: `sha256:<base16>`; other encodings are accepted when reading.
+//! - `narSize`, `deriver`, `ultimate`, `sigs`, `ca`: NULL when zero, absent,
+//!   false or empty; `sigs` is the space-separated, sorted signature strings.
+//! - `Refs` and `DerivationOutputs.drv` point at `ValidPaths.id`.
+//!
+//! Like Nix, a fresh database gets no `Realisations` table: Nix 2.8 adds it
+//! only when the `ca-derivations` feature is enabled.
+//!
+//! Concurrency: writes run in `BEGIN IMMEDIATE` transactions, so two
+//! processes never interleave a read-check-write; every connection waits for
+//! the lock (busy timeout) instead of failing, and WAL mode lets readers
+//! proceed during a write.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
+use thiserror::Error;
+
+use super::path_info::ValidPathInfo;
+use super::signature::Signature;
+use super::{ContentAddress, Hash, HashAlgo, StoreDir, StorePath};
+
+/// The schema version Nix 2.8 writes to `<db dir>/schema`.
+pub const SCHEMA_VERSION: u32 = 10;
+
+/// Nix 2.8's `src/libstore/schema.sql`, byte for byte, so that
+/// `sqlite_master` of a database sandoff creates equals one Nix creates.
+pub const SCHEMA_SQL: &str = r#"create table if not exists ValidPaths (
+    id               integer primary key autoincrement not null,
+    path             text unique not null,
+    hash             text not null,
+    registrationTime integer not null,
+    deriver          text,
+    narSize          integer,
+    ultimate         integer, -- null implies "false"
+    sigs             text, -- space-separated
+    ca               text -- if not null, an assertion that the path is content-addressed; see ValidPathInfo
+);
+
+create table if not exists Refs (
+    referrer  integer not null,
+    reference integer not null,
+    primary key (referrer, reference),
+    foreign key (referrer) references ValidPaths(id) on delete cascade,
+    foreign key (reference) references ValidPaths(id) on delete restrict
+);
+
+create index if not exists IndexReferrer on Refs(referrer);
+create index if not exists IndexReference on Refs(reference);
+
+-- Paths can refer to themselves, causing a tuple (N, N) in the Refs
+-- table.  This causes a deletion of the corresponding row in
+-- ValidPaths to cause a foreign key constraint violation (due to `on
+-- delete restrict' on the `reference' column).  Therefore, explicitly
+-- get rid of self-references.
+create trigger if not exists DeleteSelfRefs before delete on ValidPaths
+  begin
+    delete from Refs where referrer = old.id and reference = old.id;
+  end;
+
+create table if not exists DerivationOutputs (
+    drv  integer not null,
+    id   text not null, -- symbolic output id, usually "out"
+    path text not null,
+    primary key (drv, id),
+    foreign key (drv) references ValidPaths(id) on delete cascade
+);
+
+create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
+"#;
+
+/// How long a connection waits for another process's write lock (Nix: one hour).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+
+/// Why the registry could not be opened, read or written.
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("database {db}: {what}: {source}")]
+    Sqlite {
+        db: PathBuf,
+        what: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{path}: invalid schema version '{content}' (expected a number)")]
+    CorruptSchemaFile { path: PathBuf, content: String },
+    #[error("{path}: schema version {found} is not supported (sandoff reads and writes version {SCHEMA_VERSION}, as Nix 2.8)")]
+    UnsupportedSchema { path: PathBuf, found: u32 },
+    #[error("database {db}: corrupt {field} '{value}' in the entry of '{path}'")]
+    Corrupt {
+        db: PathBuf,
+        path: String,
+        field: &'static str,
+        value: String,
+    },
+    #[error("cannot register '{path}' as valid, because its reference '{reference}' isn't valid")]
+    InvalidReference { path: String, reference: String },
+    #[error("path '{path}' is not valid")]
+    NotValid { path: String },
+}
+
+/// An open registry. One connection, shared by the threads of a process
+/// behind a mutex; other processes synchronise through SQLite's locks.
+pub struct Registry {
+    conn: Mutex<Connection>,
+    db: PathBuf,
+    dir: StoreDir,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("db", &self.db)
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl Registry {
+    /// Opens `<db_dir>/db.sqlite`, creating the directory, the database and
+    /// the `schema` file when the store is new, as Nix does.
+    pub fn open(db_dir: &Path, dir: StoreDir) -> Result<Registry, RegistryError> {
+        fs::create_dir_all(db_dir).map_err(|source| RegistryError::Io {
+            path: db_dir.to_owned(),
+            source,
+        })?;
+        let schema_path = db_dir.join("schema");
+        let db = db_dir.join("db.sqlite");
+        let current = read_schema_version(&schema_path)?;
+        if let Some(found) = current {
+            if found != SCHEMA_VERSION {
+                return Err(RegistryError::UnsupportedSchema {
+                    path: schema_path,
+                    found,
+                });
+            }
+        }
+        let db_ref = &db;
+        let sql = |what| {
+            move |source| RegistryError::Sqlite {
+                db: db_ref.clone(),
+                what,
+                source,
+            }
+        };
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(&db, flags).map_err(sql("opening"))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(sql("setting busy timeout"))?;
+        // The same pragmas as Nix 2.8's openDB (fsync-metadata and
+        // use-sqlite-wal at their defaults).
+        conn.execute_batch("pragma foreign_keys = 1; pragma synchronous = normal;")
+            .map_err(sql("setting pragmas"))?;
+        let mode: String = conn
+            .query_row("pragma main.journal_mode", [], |r| r.get(0))
+            .map_err(sql("querying journal mode"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            let _: String = conn
+                .query_row("pragma main.journal_mode = wal", [], |r| r.get(0))
+                .map_err(sql("setting journal mode"))?;
+        }
+        conn.execute_batch("pragma wal_autocheckpoint = 40000;")
+            .map_err(sql("setting autocheckpoint interval"))?;
+        if current.is_none() {
+            // `if not exists` makes concurrent creators harmless; the schema
+            // file is written last, so a crash before it just repeats this.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql("starting transaction"))?;
+            tx.execute_batch(SCHEMA_SQL)
+                .map_err(sql("initialising database schema"))?;
+            tx.commit().map_err(sql("committing schema"))?;
+            write_atomically(&schema_path, SCHEMA_VERSION.to_string().as_bytes())?;
+        }
+        Ok(Registry {
+            conn: Mutex::new(conn),
+            db,
+            dir,
+        })
+    }
+
+    /// The database file.
+    pub fn db_path(&self) -> &Path {
+        &self.db
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves no half-done transaction
+        // behind (rusqlite rolls back on drop), so the connection is usable.
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn sql(&self, what: &'static str) -> impl FnOnce(rusqlite::Error) -> RegistryError + '_ {
+        move |source| RegistryError::Sqlite {
+            db: self.db.clone(),
+            what,
+            source,
+        }
+    }
+
+    fn corrupt(&self, path: &str, field: &'static str, value: &str) -> RegistryError {
+        RegistryError::Corrupt {
+            db: self.db.clone(),
+            path: path.to_owned(),
+            field,
+            value: value.to_owned(),
+        }
+    }
+
+    fn parse(
+        &self,
+        owner: &str,
+        field: &'static str,
+        full: &str,
+    ) -> Result<StorePath, RegistryError> {
+        self.dir
+            .parse_path(full)
+            .map_err(|_| self.corrupt(owner, field, full))
+    }
+
+    /// Whether `path` is registered.
+    pub fn is_valid(&self, path: &StorePath) -> Result<bool, RegistryError> {
+        let conn = self.lock();
+        Ok(path_id(&conn, &self.dir.display(path))
+            .map_err(self.sql("querying path"))?
+            .is_some())
+    }
+
+    /// The record of `path`, or `None` when it is not valid.
+    pub fn query_path_info(
+        &self,
+        path: &StorePath,
+    ) -> Result<Option<ValidPathInfo>, RegistryError> {
+        let full = self.dir.display(path);
+        let conn = self.lock();
+        type Row = (
+            i64,
+            String,
+            i64,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
+        let row: Option<Row> = conn
+            .prepare_cached(
+                "select id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca from ValidPaths where path = ?",
+            )
+            .and_then(|mut s| {
+                s.query_row([&full], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+                })
+                .optional()
+            })
+            .map_err(self.sql("querying path info"))?;
+        let Some((id, hash, registration_time, deriver, nar_size, ultimate, sigs, ca)) = row else {
+            return Ok(None);
+        };
+        let nar_hash = Hash::parse_any_prefixed(&hash)
+            .ok()
+            .filter(|h| h.algo() == HashAlgo::Sha256)
+            .ok_or_else(|| self.corrupt(&full, "hash", &hash))?;
+        let deriver = match deriver.as_deref() {
+            None | Some("") => None,
+            Some(d) => Some(self.parse(&full, "deriver", d)?),
+        };
+        let nar_size = match nar_size {
+            None => 0,
+            Some(n) => {
+                u64::try_from(n).map_err(|_| self.corrupt(&full, "narSize", &n.to_string()))?
+            }
+        };
+        let mut signatures = BTreeSet::new();
+        for s in sigs
+            .as_deref()
+            .unwrap_or("")
+            .split(' ')
+            .filter(|s| !s.is_empty())
+        {
+            // Nix keeps signatures as opaque strings; one we cannot parse
+            // must not make the whole path unreadable.
+            match s.parse::<Signature>() {
+                Ok(sig) => {
+                    signatures.insert(sig);
+                }
+                Err(e) => tracing::warn!(path = %full, "ignoring signature: {e}"),
+            }
+        }
+        let ca = match ca.as_deref() {
+            None | Some("") => None,
+            Some(c) => Some(
+                c.parse::<ContentAddress>()
+                    .map_err(|_| self.corrupt(&full, "ca", c))?,
+            ),
+        };
+        let references = query_references_by_id(&conn, id)
+            .map_err(self.sql("querying references"))?
+            .iter()
+            .map(|r| self.parse(&full, "reference", r))
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        Ok(Some(ValidPathInfo {
+            path: path.clone(),
+            deriver,
+            nar_hash,
+            nar_size,
+            references,
+            registration_time,
+            ultimate: ultimate.unwrap_or(0) != 0,
+            signatures,
+            ca,
+        }))
+    }
+
+    /// The paths `path` references (empty when it is not valid).
+    pub fn query_references(&self, path: &StorePath) -> Result<BTreeSet<StorePath>, RegistryError> {
+        let full = self.dir.display(path);
+        let conn = self.lock();
+        let Some(id) = path_id(&conn, &full).map_err(self.sql("querying path"))? else {
+            return Err(RegistryError::NotValid { path: full });
+        };
+        let refs = query_references_by_id(&conn, id).map_err(self.sql("querying references"))?;
+        refs.iter()
+            .map(|r| self.parse(&full, "reference", r))
+            .collect()
+    }
+
+    /// The valid paths that reference `path`.
+    pub fn query_referrers(&self, path: &StorePath) -> Result<BTreeSet<StorePath>, RegistryError> {
+        let full = self.dir.display(path);
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "select path from Refs join ValidPaths on referrer = id \
+                 where reference = (select id from ValidPaths where path = ?)",
+            )
+            .map_err(self.sql("querying referrers"))?;
+        let rows = stmt
+            .query_map([&full], |r| r.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(self.sql("querying referrers"))?;
+        rows.iter()
+            .map(|r| self.parse(&full, "referrer", r))
+            .collect()
+    }
+
+    /// Every valid path.
+    pub fn query_valid_paths(&self) -> Result<BTreeSet<StorePath>, RegistryError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached("select path from ValidPaths")
+            .map_err(self.sql("listing paths"))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(self.sql("listing paths"))?;
+        rows.iter().map(|p| self.parse(p, "path", p)).collect()
+    }
+
+    /// Registers `info` (and, for a derivation, its outputs) in one
+    /// transaction. Every reference other than the path itself must already
+    /// be valid; otherwise nothing is written. When the path is already valid
+    /// only the new signatures are merged in, and `false` is returned.
+    pub fn register(
+        &self,
+        info: &ValidPathInfo,
+        derivation_outputs: &BTreeMap<String, StorePath>,
+    ) -> Result<bool, RegistryError> {
+        let full = self.dir.display(&info.path);
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql("starting transaction"))?;
+        if let Some(id) = path_id(&tx, &full).map_err(self.sql("querying path"))? {
+            self.merge_signatures(&tx, id, &full, &info.signatures)?;
+            tx.commit().map_err(self.sql("committing transaction"))?;
+            return Ok(false);
+        }
+        let mut ref_ids = Vec::new();
+        for r in info.references.iter().filter(|r| **r != info.path) {
+            let rfull = self.dir.display(r);
+            match path_id(&tx, &rfull).map_err(self.sql("querying reference"))? {
+                Some(id) => ref_ids.push(id),
+                None => {
+                    return Err(RegistryError::InvalidReference {
+                        path: full,
+                        reference: rfull,
+                    })
+                }
+            }
+        }
+        tx.prepare_cached(
+            "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) \
+             values (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                full,
+                info.nar_hash.to_base16_prefixed(),
+                info.registration_time,
+                info.deriver.as_ref().map(|d| self.dir.display(d)),
+                i64::try_from(info.nar_size).ok().filter(|&n| n != 0),
+                info.ultimate.then_some(1i64),
+                sigs_column(&info.signatures),
+                info.ca.as_ref().map(|c| c.to_string()),
+            ])
+        })
+        .map_err(self.sql("registering path"))?;
+        let id = tx.last_insert_rowid();
+        if info.references.contains(&info.path) {
+            ref_ids.push(id);
+        }
+        for r in ref_ids {
+            tx.prepare_cached("insert or replace into Refs (referrer, reference) values (?, ?)")
+                .and_then(|mut s| s.execute(params![id, r]))
+                .map_err(self.sql("adding reference"))?;
+        }
+        insert_outputs(&tx, id, &self.dir, derivation_outputs)
+            .map_err(self.sql("adding derivation output"))?;
+        tx.commit().map_err(self.sql("committing transaction"))?;
+        Ok(true)
+    }
+
+    /// Adds signatures to a valid path.
+    pub fn add_signatures(
+        &self,
+        path: &StorePath,
+        sigs: &BTreeSet<Signature>,
+    ) -> Result<(), RegistryError> {
+        let full = self.dir.display(path);
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql("starting transaction"))?;
+        let Some(id) = path_id(&tx, &full).map_err(self.sql("querying path"))? else {
+            return Err(RegistryError::NotValid { path: full });
+        };
+        self.merge_signatures(&tx, id, &full, sigs)?;
+        tx.commit().map_err(self.sql("committing transaction"))
+    }
+
+    fn merge_signatures(
+        &self,
+        tx: &Transaction<'_>,
+        id: i64,
+        full: &str,
+        sigs: &BTreeSet<Signature>,
+    ) -> Result<(), RegistryError> {
+        if sigs.is_empty() {
+            return Ok(());
+        }
+        let old: Option<String> = tx
+            .query_row("select sigs from ValidPaths where id = ?", [id], |r| {
+                r.get(0)
+            })
+            .map_err(self.sql("querying signatures"))?;
+        // Keep the stored strings as they are (even ones we cannot parse).
+        let mut all: BTreeSet<String> = old
+            .as_deref()
+            .unwrap_or("")
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        all.extend(sigs.iter().map(|s| s.to_string()));
+        let joined = all.into_iter().collect::<Vec<_>>().join(" ");
+        tx.execute(
+            "update ValidPaths set sigs = ? where id = ?",
+            params![joined, id],
+        )
+        .map_err(self.sql("updating signatures"))?;
+        tracing::debug!(path = full, "merged signatures");
+        Ok(())
+    }
+
+    /// The outputs recorded for the derivation `drv` (`DerivationOutputs`).
+    pub fn derivation_outputs(
+        &self,
+        drv: &StorePath,
+    ) -> Result<BTreeMap<String, StorePath>, RegistryError> {
+        let full = self.dir.display(drv);
+        let conn = self.lock();
+        let Some(id) = path_id(&conn, &full).map_err(self.sql("querying path"))? else {
+            return Err(RegistryError::NotValid { path: full });
+        };
+        let mut stmt = conn
+            .prepare_cached("select id, path from DerivationOutputs where drv = ?")
+            .map_err(self.sql("querying derivation outputs"))?;
+        let rows = stmt
+            .query_map([id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(self.sql("querying derivation outputs"))?;
+        rows.into_iter()
+            .map(|(name, p)| Ok((name, self.parse(&full, "derivation output", &p)?)))
+            .collect()
+    }
+
+    /// Records the outputs of a valid derivation (as Nix does when it
+    /// registers a `.drv`); existing entries for the same output are replaced.
+    pub fn set_derivation_outputs(
+        &self,
+        drv: &StorePath,
+        outputs: &BTreeMap<String, StorePath>,
+    ) -> Result<(), RegistryError> {
+        let full = self.dir.display(drv);
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql("starting transaction"))?;
+        let Some(id) = path_id(&tx, &full).map_err(self.sql("querying path"))? else {
+            return Err(RegistryError::NotValid { path: full });
+        };
+        insert_outputs(&tx, id, &self.dir, outputs)
+            .map_err(self.sql("adding derivation output"))?;
+        tx.commit().map_err(self.sql("committing transaction"))
+    }
+
+    /// Removes `path` from the registry (its files are left alone). Fails
+    /// while a valid path still references it.
+    pub fn invalidate(&self, path: &StorePath) -> Result<(), RegistryError> {
+        let full = self.dir.display(path);
+        let conn = self.lock();
+        conn.execute("delete from ValidPaths where path = ?", [&full])
+            .map_err(self.sql("invalidating path"))?;
+        Ok(())
+    }
+}
+
+fn path_id(conn: &Connection, full: &str) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached("select id from ValidPaths where path = ?")?
+        .query_row([full], |r| r.get(0))
+        .optional()
+}
+
+fn query_references_by_id(conn: &Connection, id: i64) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "select path from Refs join ValidPaths on reference = id where referrer = ?",
+    )?;
+    let rows = stmt.query_map([id], |r| r.get::<_, String>(0))?;
+    rows.collect()
+}
+
+fn insert_outputs(
+    tx: &Transaction<'_>,
+    drv_id: i64,
+    dir: &StoreDir,
+    outputs: &BTreeMap<String, StorePath>,
+) -> rusqlite::Result<()> {
+    for (name, out) in outputs {
+        tx.prepare_cached(
+            "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)",
+        )?
+        .execute(params![drv_id, name, dir.display(out)])?;
+    }
+    Ok(())
+}
+
+/// `sigs` as Nix writes it: the signature strings, sorted, space-separated;
+/// NULL when there are none.
+fn sigs_column(sigs: &BTreeSet<Signature>) -> Option<String> {
+    let strings: BTreeSet<String> = sigs.iter().map(|s| s.to_string()).collect();
+    (!strings.is_empty()).then(|| strings.into_iter().collect::<Vec<_>>().join(" "))
+}
+
+fn read_schema_version(path: &Path) -> Result<Option<u32>, RegistryError> {
+    match fs::read_to_string(path) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| RegistryError::CorruptSchemaFile {
+                path: path.to_owned(),
+                content: s,
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(RegistryError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), RegistryError> {
+    let io = |source| RegistryError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    fs::write(tmp.path(), contents).map_err(io)?;
+    // Nix writes it 0666 minus the umask; a temporary file starts at 0600.
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644)).map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sp(s: &str) -> StorePath {
+        StorePath::from_base_name(s).unwrap()
+    }
+
+    fn info(path: &str, refs: &[&str]) -> ValidPathInfo {
+        ValidPathInfo {
+            path: sp(path),
+            deriver: None,
+            nar_hash: HashAlgo::Sha256.digest(path.as_bytes()),
+            nar_size: 120,
+            references: refs.iter().map(|r| sp(r)).collect(),
+            registration_time: 1_700_000_000,
+            ultimate: false,
+            signatures: BTreeSet::new(),
+            ca: None,
+        }
+    }
+
+    const A: &str = "00bgd045z0d4icpbc2yyz4gx48ak44la-a";
+    const B: &str = "q6dq4cjk6aw4cz1whdksas0153xcyk1b-b";
+    const DRV: &str = "4l9f4nj9kcc5vs3rd6n6dpavm0faid7m-hello.drv";
+    const OUT: &str = "2qgfy89v28340cr9d9z471zfi5iczv5l-hello";
+
+    #[test]
+    fn creates_nix_schema_and_version_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&tmp.path().join("db"), StoreDir::default()).unwrap();
+        assert_eq!(fs::read(tmp.path().join("db/schema")).unwrap(), b"10");
+        let conn = reg.lock();
+        let mode: String = conn
+            .query_row("pragma journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let mut names: Vec<String> = conn
+            .prepare("select name from sqlite_master where type = 'table' order by name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        names.sort();
+        assert_eq!(
+            names,
+            ["DerivationOutputs", "Refs", "ValidPaths", "sqlite_sequence"]
+        );
+        drop(conn);
+        drop(reg);
+        // Reopening an existing store does not recreate anything.
+        Registry::open(&tmp.path().join("db"), StoreDir::default()).unwrap();
+    }
+
+    #[test]
+    fn refuses_other_schema_versions() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("schema"), "11").unwrap();
+        let err = Registry::open(tmp.path(), StoreDir::default()).unwrap_err();
+        assert!(
+            matches!(err, RegistryError::UnsupportedSchema { found: 11, .. }),
+            "{err}"
+        );
+        fs::write(tmp.path().join("schema"), "x").unwrap();
+        assert!(matches!(
+            Registry::open(tmp.path(), StoreDir::default()),
+            Err(RegistryError::CorruptSchemaFile { .. })
+        ));
+    }
+
+    #[test]
+    fn register_and_query_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::open(tmp.path(), StoreDir::default()).unwrap();
+        let a = info(A, &[]);
+        assert!(reg.register(&a, &BTreeMap::new()).unwrap());
+        let sig: Signature = format!("k:{}", "A".repeat(86) + "==").parse().unwrap();
+        let mut b = info(B, &[A, B]);
+        b.deriver = Some(sp(DRV));
+        b.ultimate = true;
+        b.signatures.insert(sig.clone());
+        b.ca = Some(ContentAddress::Text(HashAlgo::Sha256.digest(b"x")));
+        assert!(reg.register(&b, &BTreeMap::new()).unwrap());
+        assert_eq!(reg.query_path_info(&sp(A)).unwrap().unwrap(), a);
+        assert_eq!(reg.query_path_info(&sp(B)).unwrap().unwrap(), b);
+        assert_eq!(reg.query_referrers(&sp(A)).unwrap(), [sp(B)].into());
+        assert_eq!(reg.query_valid_paths().unwrap(), [sp(A), sp(B)].into());
+        assert!(reg.query_path_info(&sp(OUT)).unwrap().is_none());
+        // Stored exactly as Nix stores it.
+        let conn = reg.lock();
+        let row: (String, Option<i64>, Option<String>, Option<String>) = conn
+            .query_row(
+                "select hash, ultimate, sigs, deriver from ValidPaths where path = ?",
+                [format!("/nix/store/{A}")],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(row, (a.nar_hash.to_base16_prefixed(), None, None, None));
+    }
+
+    #[test]
+    fn refuses_invalid_reference_and_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::open(tmp.path(), StoreDir::default()).unwrap();
+        let err = reg.register(&info(B, &[A]), &BTreeMap::new()).unwrap_err();
+        assert!(
+            matches!(err, RegistryError::InvalidReference { .. }),
+            "{err}"
+        );
+        assert!(!reg.is_valid(&sp(B)).unwrap());
+        assert!(reg.query_valid_paths().unwrap().is_empty());
+    }
+
+    #[test]
+    fn merges_signatures_and_records_outputs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::open(tmp.path(), StoreDir::default()).unwrap();
+        let outputs: BTreeMap<String, StorePath> = [("out".to_owned(), sp(OUT))].into();
+        assert!(reg.register(&info(DRV, &[]), &outputs).unwrap());
+        assert_eq!(reg.derivation_outputs(&sp(DRV)).unwrap(), outputs);
+        let s1 = Signature::new("k1".to_owned(), [1; 64]);
+        let s2 = Signature::new("k2".to_owned(), [2; 64]);
+        reg.add_signatures(&sp(DRV), &[s2.clone()].into()).unwrap();
+        let mut again = info(DRV, &[]);
+        again.signatures.insert(s1.clone());
+        assert!(!reg.register(&again, &BTreeMap::new()).unwrap());
+        assert_eq!(
+            reg.query_path_info(&sp(DRV)).unwrap().unwrap().signatures,
+            [s1, s2].into()
+        );
+        // The closure invariant holds on deletion too.
+        reg.register(&info(A, &[]), &BTreeMap::new()).unwrap();
+        reg.register(&info(B, &[A]), &BTreeMap::new()).unwrap();
+        assert!(reg.invalidate(&sp(A)).is_err());
+        reg.invalidate(&sp(B)).unwrap();
+        reg.invalidate(&sp(A)).unwrap();
+        assert!(matches!(
+            reg.add_signatures(&sp(A), &BTreeSet::new()),
+            Err(RegistryError::NotValid { .. })
+        ));
+    }
+}

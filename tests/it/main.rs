@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per area.
 
 mod derivation;
+mod registry;
 mod support;
 mod transfer;
