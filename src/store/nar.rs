@@ -1,33 +1,1069 @@
 //! NAR (Nix ARchive): writer from a filesystem tree, strict reader.
 //!
-//! CONTRACT (stub): signatures fixed for other modules; filled in by the NAR change.
+//! A NAR is a canonical serialisation of a file, symlink or directory tree:
+//! only the file type, the executable bit, contents and symlink targets are
+//! kept, and directory entries are sorted bytewise, so equal trees give equal
+//! bytes (and equal hashes). See `formats.md` §3 for the grammar.
+//!
+//! * [`dump`] writes the NAR of a path, byte-identical to `nix-store --dump`.
+//!   It walks the tree with `openat`-relative calls on directory descriptors
+//!   (no path re-resolution per entry, no symlink ever followed), batches the
+//!   fixed tokens and small files into one large buffer, and reads file
+//!   contents straight into that buffer, so hashing a tree costs little more
+//!   than the system calls and the hash itself.
+//! * [`parse`] reads exactly one NAR from a stream, never a byte past its end
+//!   (a NAR is embedded in export streams and protocol messages), checks it
+//!   with the limits of current Nix (sorted names, name and target bounds,
+//!   nesting depth, zero padding) and reports what it finds to a
+//!   [`NarVisitor`]. Lengths are checked before anything is allocated and
+//!   file contents are streamed in chunks, so no input can make it allocate
+//!   much or panic.
+//! * [`restore`] is [`parse`] with a visitor that creates the tree. Every
+//!   entry is created relative to a descriptor of the directory it created
+//!   just before, with `O_EXCL`/`O_NOFOLLOW`, so a symlink in the archive can
+//!   never redirect a write outside the destination. On failure the partial
+//!   tree is removed.
+//!
+//! Trees nested deeper than [`MAX_DEPTH`] are refused by both sides, as
+//! current Nix does (`narMaxDepth`): sandoff never writes a NAR it would not
+//! read back.
 
-use std::io::{Read, Write};
-use std::path::Path;
+use std::ffi::{CStr, CString, OsStr};
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RawDir, CWD};
 use thiserror::Error;
 
-use super::Hash;
+use super::hash::HashSink;
+use super::{Hash, HashAlgo};
+
+/// Deepest nesting allowed: a node at depth `MAX_DEPTH` (the root is at 0)
+/// is refused when writing and when reading, as Nix's `narMaxDepth`.
+pub const MAX_DEPTH: usize = 64;
+/// Longest directory entry name accepted (`NAME_MAX` on Linux).
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest symlink target accepted (`PATH_MAX` minus the NUL).
+pub const MAX_TARGET_LEN: usize = 4095;
+/// Keywords are at most 13 bytes; anything much longer is refused without
+/// being read, which keeps error messages short and allocations bounded.
+const MAX_TAG_LEN: usize = 32;
+/// The writer's buffer: tokens and file contents are gathered here, so the
+/// sink sees few, large writes and big files are read in large chunks.
+const WRITE_BUF_SIZE: usize = 1 << 20;
+/// File contents are handed to a [`NarVisitor`] in chunks of at most this.
+const READ_CHUNK_SIZE: usize = 256 << 10;
+/// `getdents64` buffer; entries are copied out before recursing.
+const DIRENT_BUF_SIZE: usize = 32 << 10;
 
 /// Why a NAR could not be written or read.
 #[derive(Debug, Error)]
 pub enum NarError {
-    #[error("not implemented yet")]
-    Unimplemented,
+    // Reading.
+    /// The input ended inside the NAR.
+    #[error("unexpected end of NAR at byte {pos}")]
+    UnexpectedEof { pos: u64 },
+    /// Reading the input failed.
+    #[error("reading NAR at byte {pos}")]
+    Read {
+        pos: u64,
+        #[source]
+        source: io::Error,
+    },
+    /// The input does not start with `nix-archive-1`.
+    #[error("input doesn't look like a Nix archive (bad magic at byte 0)")]
+    BadMagic,
+    /// A keyword other than the ones the grammar allows here.
+    #[error("unexpected NAR token '{found}' at byte {pos} (expected {expected})")]
+    UnexpectedToken {
+        pos: u64,
+        expected: &'static str,
+        found: String,
+    },
+    /// A padding byte after a string is not zero.
+    #[error("non-zero padding in NAR at byte {pos}")]
+    NonZeroPadding { pos: u64 },
+    /// The `executable` marker is followed by something other than `""`.
+    #[error("NAR executable marker has a non-empty value at byte {pos}")]
+    NonEmptyExecutable { pos: u64 },
+    /// A directory entry name that could escape the directory or is not a name.
+    #[error("invalid NAR entry name '{name}' at byte {pos}: {reason}")]
+    InvalidName {
+        pos: u64,
+        name: String,
+        reason: &'static str,
+    },
+    /// Directory entries out of order.
+    #[error("NAR entry names not sorted: '{name}' after '{prev}' at byte {pos}")]
+    NotSorted {
+        pos: u64,
+        prev: String,
+        name: String,
+    },
+    /// The same name twice in one directory.
+    #[error("duplicate NAR entry name '{name}' at byte {pos}")]
+    DuplicateName { pos: u64, name: String },
+    /// A symlink target that no symlink can have.
+    #[error("invalid NAR symlink target at byte {pos}: {reason}")]
+    InvalidSymlinkTarget { pos: u64, reason: &'static str },
+    /// Directories nested [`MAX_DEPTH`] deep.
+    #[error("NAR directory nesting exceeds the maximum depth of {MAX_DEPTH} at byte {pos}")]
+    TooDeep { pos: u64 },
+    /// Bytes after the NAR where the NAR should be the whole input.
+    #[error("trailing data after NAR at byte {pos}")]
+    TrailingData { pos: u64 },
+
+    // Restoring.
+    /// The restore destination is already there.
+    #[error("cannot restore NAR to '{}': it already exists", path.display())]
+    DestExists { path: PathBuf },
+    /// Creating or writing a file, directory or symlink failed.
+    #[error("restoring '{}'", path.display())]
+    Restore {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    // Writing.
+    /// Reading the tree to archive failed.
+    #[error("{op} '{}'", path.display())]
+    Dump {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A fifo, socket or device: a NAR can hold none of these.
+    #[error("'{}' is a {kind}; a NAR can only hold regular files, directories and symlinks", path.display())]
+    UnsupportedType { path: PathBuf, kind: &'static str },
+    /// A file got shorter while it was being archived.
+    #[error("'{}' changed while being archived (expected {expected} bytes, got {got})", path.display())]
+    FileChanged {
+        path: PathBuf,
+        expected: u64,
+        got: u64,
+    },
+    /// A tree nested too deep to be a NAR.
+    #[error("'{}' is nested {MAX_DEPTH} or more directories deep, more than a NAR may be", path.display())]
+    DumpTooDeep { path: PathBuf },
+    /// The path to archive cannot be passed to the system (it contains NUL).
+    #[error("path '{}' contains a NUL byte", path.display())]
+    BadPath { path: PathBuf },
+    /// Writing the NAR to its sink failed.
+    #[error("writing NAR")]
+    Write(#[source] io::Error),
 }
 
+// ---------------------------------------------------------------------------
+// Wire tokens.
+
+const fn padded(n: usize) -> usize {
+    (n + 7) & !7
+}
+
+/// Concatenates the wire form (`u64le len`, bytes, zero padding) of `toks`
+/// at compile time; the length check makes a wrong `N` a build error.
+const fn tokens<const N: usize>(toks: &[&[u8]]) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut at = 0;
+    let mut t = 0;
+    while t < toks.len() {
+        let s = toks[t];
+        let len = (s.len() as u64).to_le_bytes();
+        let mut i = 0;
+        while i < 8 {
+            out[at + i] = len[i];
+            i += 1;
+        }
+        let mut j = 0;
+        while j < s.len() {
+            out[at + 8 + j] = s[j];
+            j += 1;
+        }
+        at += 8 + padded(s.len());
+        t += 1;
+    }
+    assert!(at == N, "token array has the wrong length");
+    out
+}
+
+const MAGIC: &[u8] = b"nix-archive-1";
+/// `nix-archive-1 ( type`: the start of every NAR.
+const TOK_NAR: [u8; 56] = tokens(&[MAGIC, b"(", b"type"]);
+/// `regular contents`, then the size.
+const TOK_REG: [u8; 32] = tokens(&[b"regular", b"contents"]);
+/// `regular executable "" contents`, then the size.
+const TOK_EXE: [u8; 64] = tokens(&[b"regular", b"executable", b"", b"contents"]);
+/// `symlink target`, then the target.
+const TOK_SYM: [u8; 32] = tokens(&[b"symlink", b"target"]);
+/// `directory`, then the entries.
+const TOK_DIR: [u8; 24] = tokens(&[b"directory"]);
+/// `entry ( name`, then the name.
+const TOK_ENTRY: [u8; 48] = tokens(&[b"entry", b"(", b"name"]);
+/// `node ( type`, after an entry's name.
+const TOK_NODE: [u8; 48] = tokens(&[b"node", b"(", b"type"]);
+/// `)`: closes a node or an entry.
+const TOK_CLOSE: [u8; 16] = tokens(&[b")"]);
+
+// ---------------------------------------------------------------------------
+// Writer.
+
 /// Writes the NAR serialisation of the file, symlink or directory at `path`.
-pub fn dump(_path: &Path, _sink: &mut dyn Write) -> Result<(), NarError> {
-    Err(NarError::Unimplemented)
+///
+/// The path itself is not followed if it is a symlink (as `nix-store --dump`).
+/// Output goes to `sink` in large writes; no extra buffering is needed.
+pub fn dump(path: &Path, sink: &mut dyn Write) -> Result<(), NarError> {
+    let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|_| NarError::BadPath {
+        path: path.to_owned(),
+    })?;
+    let mut d = Dumper {
+        sink,
+        buf: vec![0u8; WRITE_BUF_SIZE].into_boxed_slice(),
+        len: 0,
+        dirents: Vec::with_capacity(DIRENT_BUF_SIZE),
+        levels: Vec::new(),
+        link: Vec::new(),
+        path: path.to_owned(),
+    };
+    d.put(&TOK_NAR)?;
+    d.node(CWD, &cpath, FileType::Unknown, 0)?;
+    d.flush()?;
+    d.sink.flush().map_err(NarError::Write)
 }
 
 /// SHA-256 of the NAR of `path`, and the NAR's size.
-pub fn hash_path(_path: &Path) -> Result<(Hash, u64), NarError> {
-    Err(NarError::Unimplemented)
+pub fn hash_path(path: &Path) -> Result<(Hash, u64), NarError> {
+    let mut sink = HashSink::new(HashAlgo::Sha256);
+    dump(path, &mut sink)?;
+    Ok(sink.finish())
 }
+
+/// One directory's entries, kept between reading it and finishing it.
+/// Levels are reused across siblings so a walk allocates per depth, not per
+/// directory or per entry.
+#[derive(Default)]
+struct Level {
+    /// Entry names, each followed by a NUL so it can be passed as a C string.
+    names: Vec<u8>,
+    entries: Vec<DirEntry>,
+}
+
+struct DirEntry {
+    start: usize,
+    /// Index of the terminating NUL.
+    end: usize,
+    kind: FileType,
+}
+
+struct Dumper<'s> {
+    sink: &'s mut dyn Write,
+    buf: Box<[u8]>,
+    len: usize,
+    dirents: Vec<u8>,
+    levels: Vec<Level>,
+    link: Vec<u8>,
+    /// The path of the node being written, for error messages only.
+    path: PathBuf,
+}
+
+impl Dumper<'_> {
+    fn flush(&mut self) -> Result<(), NarError> {
+        if self.len > 0 {
+            self.sink
+                .write_all(&self.buf[..self.len])
+                .map_err(NarError::Write)?;
+            self.len = 0;
+        }
+        Ok(())
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<(), NarError> {
+        if bytes.len() > self.buf.len() - self.len {
+            self.flush()?;
+        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+        Ok(())
+    }
+
+    fn put_padding(&mut self, len: u64) -> Result<(), NarError> {
+        let pad = (8 - (len % 8) as usize) % 8;
+        self.put(&[0u8; 8][..pad])
+    }
+
+    /// A wire string whose bytes are at most a few KiB (names, targets).
+    fn put_str(&mut self, s: &[u8]) -> Result<(), NarError> {
+        self.put(&(s.len() as u64).to_le_bytes())?;
+        self.put(s)?;
+        self.put_padding(s.len() as u64)
+    }
+
+    fn err(&self, op: &'static str, e: impl Into<io::Error>) -> NarError {
+        NarError::Dump {
+            op,
+            path: self.path.clone(),
+            source: e.into(),
+        }
+    }
+
+    /// Writes a node from its type keyword to its closing `)`.
+    fn node(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        hint: FileType,
+        depth: usize,
+    ) -> Result<(), NarError> {
+        let kind = match hint {
+            FileType::RegularFile | FileType::Directory | FileType::Symlink => hint,
+            // d_type may be DT_UNKNOWN on some filesystems; the root has no d_type.
+            _ => {
+                let st = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| self.err("reading file type of", e))?;
+                FileType::from_raw_mode(st.st_mode)
+            }
+        };
+        match kind {
+            FileType::RegularFile => self.regular(dir, name),
+            FileType::Directory => self.directory(dir, name, depth),
+            FileType::Symlink => self.symlink(dir, name),
+            other => Err(NarError::UnsupportedType {
+                path: self.path.clone(),
+                kind: type_name(other),
+            }),
+        }
+    }
+
+    fn regular(&mut self, dir: BorrowedFd<'_>, name: &CStr) -> Result<(), NarError> {
+        // O_NONBLOCK: if the entry was swapped for a fifo since readdir, the
+        // open must not hang; fstat below then refuses it.
+        let flags =
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+        let fd =
+            rfs::openat(dir, name, flags, Mode::empty()).map_err(|e| self.err("opening", e))?;
+        let st = rfs::fstat(&fd).map_err(|e| self.err("reading metadata of", e))?;
+        let kind = FileType::from_raw_mode(st.st_mode);
+        if kind != FileType::RegularFile {
+            return Err(NarError::UnsupportedType {
+                path: self.path.clone(),
+                kind: type_name(kind),
+            });
+        }
+        let size = u64::try_from(st.st_size).unwrap_or(0);
+        let executable = st.st_mode & 0o100 != 0;
+        self.put(if executable { &TOK_EXE } else { &TOK_REG })?;
+        self.put(&size.to_le_bytes())?;
+        self.copy_contents(&fd, size)?;
+        self.put_padding(size)?;
+        self.put(&TOK_CLOSE)
+    }
+
+    /// Reads exactly `size` bytes of `fd` straight into the output buffer.
+    fn copy_contents(&mut self, fd: &OwnedFd, size: u64) -> Result<(), NarError> {
+        let mut left = size;
+        while left > 0 {
+            if self.len == self.buf.len() {
+                self.flush()?;
+            }
+            let room = (self.buf.len() - self.len).min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = match rustix::io::read(fd, &mut self.buf[self.len..self.len + room]) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(self.err("reading", e)),
+            };
+            if n == 0 {
+                return Err(NarError::FileChanged {
+                    path: self.path.clone(),
+                    expected: size,
+                    got: size - left,
+                });
+            }
+            self.len += n;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    fn symlink(&mut self, dir: BorrowedFd<'_>, name: &CStr) -> Result<(), NarError> {
+        let target = rfs::readlinkat(dir, name, std::mem::take(&mut self.link))
+            .map_err(|e| self.err("reading symlink", e))?;
+        self.put(&TOK_SYM)?;
+        self.put_str(target.as_bytes())?;
+        self.link = target.into_bytes();
+        self.put(&TOK_CLOSE)
+    }
+
+    fn directory(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        name: &CStr,
+        depth: usize,
+    ) -> Result<(), NarError> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rfs::openat(parent, name, flags, Mode::empty())
+            .map_err(|e| self.err("opening directory", e))?;
+        if self.levels.len() <= depth {
+            self.levels.resize_with(depth + 1, Level::default);
+        }
+        // Taken out while the children (one level deeper) use `self`.
+        let mut level = std::mem::take(&mut self.levels[depth]);
+        let res = self
+            .read_entries(&fd, &mut level)
+            .and_then(|()| self.entries(&fd, &level, depth));
+        self.levels[depth] = level;
+        res
+    }
+
+    fn read_entries(&mut self, fd: &OwnedFd, level: &mut Level) -> Result<(), NarError> {
+        level.names.clear();
+        level.entries.clear();
+        let mut dir = RawDir::new(fd, self.dirents.spare_capacity_mut());
+        while let Some(entry) = dir.next() {
+            let entry = entry.map_err(|e| NarError::Dump {
+                op: "reading directory",
+                path: self.path.clone(),
+                source: e.into(),
+            })?;
+            let name = entry.file_name().to_bytes_with_nul();
+            if name == b".\0" || name == b"..\0" {
+                continue;
+            }
+            let start = level.names.len();
+            level.names.extend_from_slice(name);
+            level.entries.push(DirEntry {
+                start,
+                end: level.names.len() - 1,
+                kind: entry.file_type(),
+            });
+        }
+        let names = &level.names;
+        // Bytewise order of the raw names, as Nix's std::map<std::string>.
+        level
+            .entries
+            .sort_unstable_by(|a, b| names[a.start..a.end].cmp(&names[b.start..b.end]));
+        Ok(())
+    }
+
+    fn entries(&mut self, fd: &OwnedFd, level: &Level, depth: usize) -> Result<(), NarError> {
+        self.put(&TOK_DIR)?;
+        for e in &level.entries {
+            let name = &level.names[e.start..e.end];
+            self.path.push(OsStr::from_bytes(name));
+            if depth + 1 >= MAX_DEPTH {
+                return Err(NarError::DumpTooDeep {
+                    path: self.path.clone(),
+                });
+            }
+            self.put(&TOK_ENTRY)?;
+            self.put_str(name)?;
+            self.put(&TOK_NODE)?;
+            let cname = CStr::from_bytes_with_nul(&level.names[e.start..=e.end])
+                .expect("names from getdents hold one NUL, at their end");
+            self.node(fd.as_fd(), cname, e.kind, depth + 1)?;
+            self.put(&TOK_CLOSE)?;
+            self.path.pop();
+        }
+        self.put(&TOK_CLOSE)
+    }
+}
+
+fn type_name(kind: FileType) -> &'static str {
+    match kind {
+        FileType::RegularFile => "regular file",
+        FileType::Directory => "directory",
+        FileType::Symlink => "symlink",
+        FileType::Fifo => "fifo",
+        FileType::Socket => "socket",
+        FileType::CharacterDevice => "character device",
+        FileType::BlockDevice => "block device",
+        _ => "file of unknown type",
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reader.
+
+/// Receives what [`parse`] finds, in order. A node's `name` is `None` for
+/// the root and the entry name otherwise. Every method may stop the parse by
+/// returning an error. The defaults do nothing, so parsing with a visitor
+/// that overrides nothing only validates.
+pub trait NarVisitor {
+    /// A directory starts; its entries follow, then [`NarVisitor::directory_end`].
+    fn directory(&mut self, _name: Option<&[u8]>) -> Result<(), NarError> {
+        Ok(())
+    }
+    /// The innermost open directory is complete.
+    fn directory_end(&mut self) -> Result<(), NarError> {
+        Ok(())
+    }
+    /// A regular file of `size` bytes starts; its contents follow in chunks,
+    /// then [`NarVisitor::regular_end`].
+    fn regular(
+        &mut self,
+        _name: Option<&[u8]>,
+        _executable: bool,
+        _size: u64,
+    ) -> Result<(), NarError> {
+        Ok(())
+    }
+    /// The next chunk of the current file's contents.
+    fn contents(&mut self, _chunk: &[u8]) -> Result<(), NarError> {
+        Ok(())
+    }
+    /// The current file is complete.
+    fn regular_end(&mut self) -> Result<(), NarError> {
+        Ok(())
+    }
+    /// A symlink (target checked: 1 to 4095 bytes, no NUL).
+    fn symlink(&mut self, _name: Option<&[u8]>, _target: &[u8]) -> Result<(), NarError> {
+        Ok(())
+    }
+}
+
+/// A visitor that ignores everything: `parse(src, &mut NullVisitor)` checks
+/// a NAR and skips over it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullVisitor;
+
+impl NarVisitor for NullVisitor {}
+
+/// Reads exactly one NAR from `source`, never a byte past its end, checking
+/// it strictly and reporting its contents to `visitor`. Returns the NAR's size.
+pub fn parse(source: &mut dyn Read, visitor: &mut dyn NarVisitor) -> Result<u64, NarError> {
+    let mut p = Parser {
+        src: source,
+        pos: 0,
+        tok: Vec::with_capacity(64),
+        chunk: Vec::new(),
+        prev: Vec::new(),
+    };
+    p.magic()?;
+    p.node(0, None, visitor)?;
+    Ok(p.pos)
+}
+
+struct Parser<'r> {
+    src: &'r mut dyn Read,
+    pos: u64,
+    /// The last string read (keyword, name or target), without padding.
+    tok: Vec<u8>,
+    chunk: Vec<u8>,
+    /// Per depth, a buffer for the previous entry name (for the order check).
+    prev: Vec<Vec<u8>>,
+}
+
+/// `read_exact` that counts bytes and turns a short input into a NAR error
+/// carrying the exact offset.
+fn fill(src: &mut dyn Read, pos: &mut u64, mut buf: &mut [u8]) -> Result<(), NarError> {
+    while !buf.is_empty() {
+        match src.read(buf) {
+            Ok(0) => return Err(NarError::UnexpectedEof { pos: *pos }),
+            Ok(n) => {
+                *pos += n as u64;
+                buf = &mut buf[n..];
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(NarError::Read {
+                    pos: *pos,
+                    source: e,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Parser<'_> {
+    fn read_u64(&mut self) -> Result<u64, NarError> {
+        let mut b = [0u8; 8];
+        fill(self.src, &mut self.pos, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Reads the rest of a string whose length `len` (≤ a small bound) was
+    /// read already, into `self.tok`, checking its padding.
+    fn read_body(&mut self, len: usize) -> Result<(), NarError> {
+        let total = padded(len);
+        self.tok.clear();
+        self.tok.resize(total, 0);
+        fill(self.src, &mut self.pos, &mut self.tok)?;
+        if let Some(i) = self.tok[len..].iter().position(|&b| b != 0) {
+            return Err(NarError::NonZeroPadding {
+                pos: self.pos - (total - len - i) as u64,
+            });
+        }
+        self.tok.truncate(len);
+        Ok(())
+    }
+
+    /// Reads a keyword into `self.tok`; returns its offset. Longer strings
+    /// are refused unread.
+    fn tag(&mut self, expected: &'static str) -> Result<u64, NarError> {
+        let start = self.pos;
+        let len = self.read_u64()?;
+        if len > MAX_TAG_LEN as u64 {
+            return Err(NarError::UnexpectedToken {
+                pos: start,
+                expected,
+                found: format!("<{len}-byte string>"),
+            });
+        }
+        self.read_body(len as usize)?;
+        Ok(start)
+    }
+
+    fn expect(&mut self, want: &'static [u8], expected: &'static str) -> Result<(), NarError> {
+        let start = self.tag(expected)?;
+        if self.tok != want {
+            return Err(self.unexpected(start, expected));
+        }
+        Ok(())
+    }
+
+    fn unexpected(&self, pos: u64, expected: &'static str) -> NarError {
+        NarError::UnexpectedToken {
+            pos,
+            expected,
+            found: show(&self.tok),
+        }
+    }
+
+    fn magic(&mut self) -> Result<(), NarError> {
+        let mut b = [0u8; 24];
+        fill(self.src, &mut self.pos, &mut b)?;
+        if b != TOK_NAR[..24] {
+            return Err(NarError::BadMagic);
+        }
+        Ok(())
+    }
+
+    fn node(
+        &mut self,
+        depth: usize,
+        name: Option<&[u8]>,
+        v: &mut dyn NarVisitor,
+    ) -> Result<(), NarError> {
+        let start = self.pos;
+        if depth >= MAX_DEPTH {
+            return Err(NarError::TooDeep { pos: start });
+        }
+        self.expect(b"(", "'('")?;
+        self.expect(b"type", "'type'")?;
+        const TYPES: &str = "'regular', 'symlink' or 'directory'";
+        let at = self.tag(TYPES)?;
+        match self.tok.as_slice() {
+            b"regular" => self.regular(name, v),
+            b"symlink" => self.symlink(name, v),
+            b"directory" => self.directory(depth, name, v),
+            _ => Err(self.unexpected(at, TYPES)),
+        }
+    }
+
+    fn regular(&mut self, name: Option<&[u8]>, v: &mut dyn NarVisitor) -> Result<(), NarError> {
+        let mut at = self.tag("'executable' or 'contents'")?;
+        let mut executable = false;
+        if self.tok == b"executable" {
+            let marker = self.pos;
+            let len = self.read_u64()?;
+            if len != 0 {
+                return Err(NarError::NonEmptyExecutable { pos: marker });
+            }
+            executable = true;
+            at = self.tag("'contents'")?;
+        }
+        if self.tok != b"contents" {
+            return Err(self.unexpected(
+                at,
+                if executable {
+                    "'contents'"
+                } else {
+                    "'executable' or 'contents'"
+                },
+            ));
+        }
+        let size = self.read_u64()?;
+        v.regular(name, executable, size)?;
+        let mut left = size;
+        while left > 0 {
+            let n = usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(READ_CHUNK_SIZE);
+            if self.chunk.len() < n {
+                self.chunk.resize(n, 0);
+            }
+            fill(self.src, &mut self.pos, &mut self.chunk[..n])?;
+            v.contents(&self.chunk[..n])?;
+            left -= n as u64;
+        }
+        let pad = (8 - (size % 8) as usize) % 8;
+        let mut b = [0u8; 8];
+        fill(self.src, &mut self.pos, &mut b[..pad])?;
+        if let Some(i) = b[..pad].iter().position(|&x| x != 0) {
+            return Err(NarError::NonZeroPadding {
+                pos: self.pos - (pad - i) as u64,
+            });
+        }
+        v.regular_end()?;
+        self.expect(b")", "')'")
+    }
+
+    fn symlink(&mut self, name: Option<&[u8]>, v: &mut dyn NarVisitor) -> Result<(), NarError> {
+        self.expect(b"target", "'target'")?;
+        let at = self.pos;
+        let len = self.read_u64()?;
+        if len > MAX_TARGET_LEN as u64 {
+            return Err(NarError::InvalidSymlinkTarget {
+                pos: at,
+                reason: "longer than 4095 bytes",
+            });
+        }
+        self.read_body(len as usize)?;
+        if self.tok.is_empty() {
+            return Err(NarError::InvalidSymlinkTarget {
+                pos: at,
+                reason: "empty",
+            });
+        }
+        if self.tok.contains(&0) {
+            return Err(NarError::InvalidSymlinkTarget {
+                pos: at,
+                reason: "contains a NUL byte",
+            });
+        }
+        v.symlink(name, &self.tok)?;
+        self.expect(b")", "')'")
+    }
+
+    fn directory(
+        &mut self,
+        depth: usize,
+        name: Option<&[u8]>,
+        v: &mut dyn NarVisitor,
+    ) -> Result<(), NarError> {
+        v.directory(name)?;
+        if self.prev.len() <= depth {
+            self.prev.resize_with(depth + 1, Vec::new);
+        }
+        // Taken out while the children (one level deeper) use `self`.
+        let mut prev = std::mem::take(&mut self.prev[depth]);
+        prev.clear();
+        let res = self.entries(depth, &mut prev, v);
+        self.prev[depth] = prev;
+        res?;
+        v.directory_end()
+    }
+
+    fn entries(
+        &mut self,
+        depth: usize,
+        prev: &mut Vec<u8>,
+        v: &mut dyn NarVisitor,
+    ) -> Result<(), NarError> {
+        loop {
+            let at = self.tag("'entry' or ')'")?;
+            match self.tok.as_slice() {
+                b")" => return Ok(()),
+                b"entry" => {}
+                _ => return Err(self.unexpected(at, "'entry' or ')'")),
+            }
+            self.expect(b"(", "'('")?;
+            self.expect(b"name", "'name'")?;
+            let at = self.pos;
+            let len = self.read_u64()?;
+            if len > MAX_NAME_LEN as u64 {
+                return Err(NarError::InvalidName {
+                    pos: at,
+                    name: format!("<{len}-byte name>"),
+                    reason: "longer than 255 bytes",
+                });
+            }
+            self.read_body(len as usize)?;
+            let name = self.tok.as_slice();
+            let bad = |reason| NarError::InvalidName {
+                pos: at,
+                name: show(name),
+                reason,
+            };
+            if name.is_empty() {
+                return Err(bad("empty"));
+            }
+            if name == b"." || name == b".." {
+                return Err(bad("'.' and '..' are not entry names"));
+            }
+            if name.contains(&b'/') {
+                return Err(bad("contains '/'"));
+            }
+            if name.contains(&0) {
+                return Err(bad("contains a NUL byte"));
+            }
+            // Names are never empty, so an empty `prev` means "first entry".
+            if !prev.is_empty() {
+                match name.cmp(prev.as_slice()) {
+                    std::cmp::Ordering::Greater => {}
+                    std::cmp::Ordering::Equal => {
+                        return Err(NarError::DuplicateName {
+                            pos: at,
+                            name: show(name),
+                        })
+                    }
+                    std::cmp::Ordering::Less => {
+                        return Err(NarError::NotSorted {
+                            pos: at,
+                            prev: show(prev),
+                            name: show(name),
+                        })
+                    }
+                }
+            }
+            prev.clear();
+            prev.extend_from_slice(name);
+            self.expect(b"node", "'node'")?;
+            self.node(depth + 1, Some(prev), v)?;
+            self.expect(b")", "')'")?;
+        }
+    }
+}
+
+/// Renders raw bytes for a one-line message: UTF-8 as is, control
+/// characters and invalid bytes escaped, long strings cut.
+fn show(bytes: &[u8]) -> String {
+    const MAX: usize = 64;
+    let mut out = String::new();
+    for chunk in bytes[..bytes.len().min(MAX)].utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    if bytes.len() > MAX {
+        out.push_str("...");
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Restorer.
 
 /// Reads exactly one NAR from `source` (never a byte past its end) and
 /// restores it at `dest`, which must not exist.
-pub fn restore(_source: &mut dyn Read, _dest: &Path) -> Result<(), NarError> {
-    Err(NarError::Unimplemented)
+///
+/// Files are created with `O_EXCL`, executables get `mode | 0111` as Nix
+/// does; timestamps and write permissions are left for the store to
+/// canonicalise. On error, whatever was created at `dest` is removed.
+pub fn restore(source: &mut dyn Read, dest: &Path) -> Result<(), NarError> {
+    restore_counted(source, dest).map(|_| ())
+}
+
+/// [`restore`] for a NAR that must be the whole of `source`: a byte after the
+/// NAR is an error ([`NarError::TrailingData`]), and the tree is removed.
+pub fn restore_whole(source: &mut dyn Read, dest: &Path) -> Result<(), NarError> {
+    let size = restore_counted(source, dest)?;
+    let mut byte = [0u8; 1];
+    let trailing = loop {
+        match source.read(&mut byte) {
+            Ok(n) => break Ok(n > 0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                break Err(NarError::Read {
+                    pos: size,
+                    source: e,
+                })
+            }
+        }
+    };
+    match trailing {
+        Ok(false) => Ok(()),
+        Ok(true) => {
+            remove_partial(dest);
+            Err(NarError::TrailingData { pos: size })
+        }
+        Err(e) => {
+            remove_partial(dest);
+            Err(e)
+        }
+    }
+}
+
+fn restore_counted(source: &mut dyn Read, dest: &Path) -> Result<u64, NarError> {
+    if dest.symlink_metadata().is_ok() {
+        return Err(NarError::DestExists {
+            path: dest.to_owned(),
+        });
+    }
+    let mut r = Restorer::new(dest);
+    let res = parse(source, &mut r);
+    let created = r.created;
+    drop(r);
+    if res.is_err() && created {
+        remove_partial(dest);
+    }
+    res
+}
+
+/// Best-effort removal of a partly restored tree; `remove_dir_all` does not
+/// follow symlinks inside it.
+fn remove_partial(dest: &Path) {
+    let res = match dest.symlink_metadata() {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(dest),
+        Ok(_) => std::fs::remove_file(dest),
+        Err(_) => return,
+    };
+    if let Err(e) = res {
+        tracing::warn!("could not remove partly restored '{}': {e}", dest.display());
+    }
+}
+
+/// The filesystem side of [`restore`]. It holds a descriptor for each open
+/// directory it created and creates children relative to it, so no path is
+/// resolved through anything but directories it made itself.
+struct Restorer<'d> {
+    dest: &'d Path,
+    dirs: Vec<OwnedFd>,
+    file: Option<File>,
+    /// The path of the entry being created, for messages.
+    path: PathBuf,
+    /// Whether `dest` itself was created (and so must be removed on failure).
+    created: bool,
+}
+
+impl<'d> Restorer<'d> {
+    fn new(dest: &'d Path) -> Restorer<'d> {
+        Restorer {
+            dest,
+            dirs: Vec::new(),
+            file: None,
+            path: dest.to_owned(),
+            created: false,
+        }
+    }
+
+    fn err(&self, e: impl Into<io::Error>) -> NarError {
+        NarError::Restore {
+            path: self.path.clone(),
+            source: e.into(),
+        }
+    }
+
+    /// Where a node goes: (its parent directory, its name), or (cwd, dest)
+    /// for the root.
+    fn base<'a>(&'a self, name: Option<&'a [u8]>) -> Option<(BorrowedFd<'a>, &'a Path)> {
+        match name {
+            Some(name) => Some((
+                self.dirs.last()?.as_fd(),
+                Path::new(OsStr::from_bytes(name)),
+            )),
+            None if self.dirs.is_empty() => Some((CWD, self.dest)),
+            // The parser names every node inside a directory.
+            None => None,
+        }
+    }
+
+    /// Creates a node with `op` and records it for messages and cleanup.
+    fn make<T>(
+        &mut self,
+        name: Option<&[u8]>,
+        op: impl FnOnce(BorrowedFd<'_>, &Path) -> rustix::io::Result<T>,
+    ) -> Result<T, NarError> {
+        if let Some(name) = name {
+            self.path.push(OsStr::from_bytes(name));
+        }
+        let res = match self.base(name) {
+            // The root comes only once.
+            Some(_) if name.is_none() && self.created => Err(rustix::io::Errno::INVAL),
+            Some((dir, path)) => op(dir, path),
+            None => Err(rustix::io::Errno::INVAL),
+        };
+        match res {
+            Ok(v) => {
+                self.created |= name.is_none();
+                Ok(v)
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Done with the current non-directory node.
+    fn leave(&mut self) {
+        if !self.dirs.is_empty() {
+            self.path.pop();
+        }
+    }
+}
+
+impl NarVisitor for Restorer<'_> {
+    fn directory(&mut self, name: Option<&[u8]>) -> Result<(), NarError> {
+        self.make(name, |dir, path| {
+            rfs::mkdirat(dir, path, Mode::from_raw_mode(0o777))
+        })?;
+        // Opened right after creation, without following a symlink, so the
+        // descriptor is the directory just made.
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = match self.base(name) {
+            Some((dir, path)) => rfs::openat(dir, path, flags, Mode::empty()),
+            None => Err(rustix::io::Errno::INVAL),
+        }
+        .map_err(|e| self.err(e))?;
+        self.dirs.push(fd);
+        Ok(())
+    }
+
+    fn directory_end(&mut self) -> Result<(), NarError> {
+        self.dirs.pop();
+        self.leave();
+        Ok(())
+    }
+
+    fn regular(
+        &mut self,
+        name: Option<&[u8]>,
+        executable: bool,
+        _size: u64,
+    ) -> Result<(), NarError> {
+        let flags =
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = self.make(name, |dir, path| {
+            rfs::openat(dir, path, flags, Mode::from_raw_mode(0o666))
+        })?;
+        if executable {
+            // As Nix: the umask-filtered default plus every execute bit.
+            let mode = rfs::fstat(&fd)
+                .map(|st| st.st_mode)
+                .map_err(|e| self.err(e))?;
+            rfs::fchmod(&fd, Mode::from_raw_mode((mode | 0o111) & 0o7777))
+                .map_err(|e| self.err(e))?;
+        }
+        self.file = Some(File::from(fd));
+        Ok(())
+    }
+
+    fn contents(&mut self, chunk: &[u8]) -> Result<(), NarError> {
+        match self.file.as_mut() {
+            Some(f) => f.write_all(chunk).map_err(|e| self.err(e)),
+            None => Err(self.err(io::Error::from(io::ErrorKind::InvalidInput))),
+        }
+    }
+
+    fn regular_end(&mut self) -> Result<(), NarError> {
+        self.file = None;
+        self.leave();
+        Ok(())
+    }
+
+    fn symlink(&mut self, name: Option<&[u8]>, target: &[u8]) -> Result<(), NarError> {
+        self.make(name, |dir, path| rfs::symlinkat(target, dir, path))?;
+        self.leave();
+        Ok(())
+    }
 }
