@@ -35,6 +35,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RawDir, CWD};
 use thiserror::Error;
@@ -57,6 +58,12 @@ const MAX_TAG_LEN: usize = 32;
 const WRITE_BUF_SIZE: usize = 1 << 20;
 /// File contents are handed to a [`NarVisitor`] in chunks of at most this.
 const READ_CHUNK_SIZE: usize = 256 << 10;
+/// Files at least this large are read by a helper thread while the sink
+/// consumes the previous chunk.
+const PIPELINE_MIN: u64 = 8 << 20;
+/// Chunk size and number of buffers of that pipeline.
+const PIPELINE_CHUNK: usize = 1 << 20;
+const PIPELINE_BUFS: usize = 3;
 /// `getdents64` buffer; entries are copied out before recursing.
 const DIRENT_BUF_SIZE: usize = 32 << 10;
 
@@ -229,6 +236,7 @@ pub fn dump(path: &Path, sink: &mut dyn Write) -> Result<(), NarError> {
         levels: Vec::new(),
         link: Vec::new(),
         path: path.to_owned(),
+        parallel: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
     };
     d.put(&TOK_NAR)?;
     d.node(CWD, &cpath, FileType::Unknown, 0)?;
@@ -269,6 +277,8 @@ struct Dumper<'s> {
     link: Vec<u8>,
     /// The path of the node being written, for error messages only.
     path: PathBuf,
+    /// Whether a second core can read large files ahead.
+    parallel: bool,
 }
 
 impl Dumper<'_> {
@@ -358,9 +368,97 @@ impl Dumper<'_> {
         let executable = st.st_mode & 0o100 != 0;
         self.put(if executable { &TOK_EXE } else { &TOK_REG })?;
         self.put(&size.to_le_bytes())?;
-        self.copy_contents(&fd, size)?;
+        if self.parallel && size >= PIPELINE_MIN {
+            self.flush()?;
+            self.copy_pipelined(&fd, size)?;
+        } else {
+            self.copy_contents(&fd, size)?;
+        }
         self.put_padding(size)?;
         self.put(&TOK_CLOSE)
+    }
+
+    /// Copies a large file with reading and writing overlapped: a helper
+    /// thread reads ahead into a few buffers while this thread feeds the sink
+    /// (usually a hash, whose cost then hides the copy out of the page cache).
+    fn copy_pipelined(&mut self, fd: &OwnedFd, size: u64) -> Result<(), NarError> {
+        type Filled = io::Result<(Vec<u8>, usize)>;
+        let (full_tx, full_rx) = mpsc::sync_channel::<Filled>(PIPELINE_BUFS);
+        let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(PIPELINE_BUFS);
+        for _ in 0..PIPELINE_BUFS {
+            empty_tx
+                .send(vec![0u8; PIPELINE_CHUNK])
+                .expect("the receiver is alive");
+        }
+        let reader = move || {
+            let mut left = size;
+            while left > 0 {
+                // Err: the consumer stopped (and dropped its ends); so do we.
+                let Ok(mut buf) = empty_rx.recv() else { return };
+                let want = usize::try_from(left)
+                    .unwrap_or(usize::MAX)
+                    .min(PIPELINE_CHUNK);
+                let mut got = 0;
+                while got < want {
+                    match rustix::io::read(fd, &mut buf[got..want]) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => {
+                            let _ = full_tx.send(Err(e.into()));
+                            return;
+                        }
+                    }
+                }
+                left -= got as u64;
+                if full_tx.send(Ok((buf, got))).is_err() || got < want {
+                    return;
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            if std::thread::Builder::new()
+                .name("nar-read".into())
+                .spawn_scoped(scope, reader)
+                .is_err()
+            {
+                // No thread to be had: the reader (and its channel ends) is
+                // dropped, and the plain copy does the work.
+                return self.copy_contents(fd, size);
+            }
+            // Takes the consumer's channel ends by value so that they are
+            // dropped before the scope joins the reader, which then cannot
+            // wait on them forever.
+            self.consume_pipelined(full_rx, empty_tx, size)
+        })
+    }
+
+    fn consume_pipelined(
+        &mut self,
+        full_rx: mpsc::Receiver<io::Result<(Vec<u8>, usize)>>,
+        empty_tx: mpsc::SyncSender<Vec<u8>>,
+        size: u64,
+    ) -> Result<(), NarError> {
+        let mut left = size;
+        while left > 0 {
+            let (buf, n) = match full_rx.recv() {
+                Ok(Ok((buf, n))) if n > 0 => (buf, n),
+                Ok(Err(e)) => return Err(self.err("reading", e)),
+                // The file ended early (the reader stops after a short chunk).
+                Ok(Ok(_)) | Err(_) => {
+                    return Err(NarError::FileChanged {
+                        path: self.path.clone(),
+                        expected: size,
+                        got: size - left,
+                    })
+                }
+            };
+            self.sink.write_all(&buf[..n]).map_err(NarError::Write)?;
+            left -= n as u64;
+            // Err: the reader is done and needs no more buffers.
+            let _ = empty_tx.send(buf);
+        }
+        Ok(())
     }
 
     /// Reads exactly `size` bytes of `fd` straight into the output buffer.
@@ -1276,6 +1374,16 @@ mod tests {
         let (hash, size) = hash_path(&tmp.path().join("t")).unwrap();
         assert_eq!(size, got.len() as u64);
         assert_eq!(hash, HashAlgo::Sha256.digest(&got));
+    }
+
+    #[test]
+    fn dumps_file_through_the_read_ahead_pipeline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let len = PIPELINE_MIN as usize + 3 * PIPELINE_CHUNK + 5;
+        let data: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+        let t = dir(&[("big", T::File { exec: true, data }), ("z", file(b"after"))]);
+        materialise(&tmp.path().join("t"), &t);
+        assert_eq!(dump_to_vec(&tmp.path().join("t")).unwrap(), nar(&t));
     }
 
     #[test]
