@@ -2086,7 +2086,7 @@ mod tests {
     }
 
     #[test]
-    fn restore_into_symlinked_parent_is_only_through_dest_itself() {
+    fn refuses_to_restore_over_a_symlink_restored_before() {
         // A NAR whose root is a symlink to a directory, followed (in another
         // restore) by a NAR aimed at that path, must not land outside.
         let tmp = tempfile::tempdir().unwrap();
