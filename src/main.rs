@@ -52,10 +52,7 @@ impl Cli {
             Some(d) => StoreDir::new(d)?,
             None => StoreDir::default(),
         };
-        let root = self
-            .store_root
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/"));
+        let root = self.store_root.clone().unwrap_or_else(|| PathBuf::from("/"));
         let mut loc = StoreLocation::new(dir, root);
         if let Some(state) = &self.state_dir {
             loc.state = state.clone();

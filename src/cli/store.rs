@@ -64,16 +64,13 @@ pub enum StoreCommand {
 pub fn run(cmd: StoreCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     match cmd {
         StoreCommand::Sign { key_file, paths } => super::transfer::sign(loc, &key_file, &paths),
-        StoreCommand::Verify {
-            sigs_needed,
-            trusted_keys,
-            paths,
-        } => super::transfer::verify(loc, sigs_needed, trusted_keys.as_deref(), &paths),
+        StoreCommand::Verify { sigs_needed, trusted_keys, paths } => {
+            super::transfer::verify(loc, sigs_needed, trusted_keys.as_deref(), &paths)
+        }
         StoreCommand::Export { paths } => super::transfer::export(loc, &paths),
-        StoreCommand::Import {
-            trusted_keys,
-            no_check_sigs,
-        } => super::transfer::import(loc, trusted_keys.as_deref(), no_check_sigs),
+        StoreCommand::Import { trusted_keys, no_check_sigs } => {
+            super::transfer::import(loc, trusted_keys.as_deref(), no_check_sigs)
+        }
         other => anyhow::bail!("{other:?}: not implemented yet"),
     }
 }

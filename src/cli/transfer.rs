@@ -9,12 +9,7 @@ pub fn sign(_loc: &StoreLocation, _key_file: &Path, _paths: &[String]) -> anyhow
     anyhow::bail!("store sign: not implemented yet")
 }
 
-pub fn verify(
-    _loc: &StoreLocation,
-    _sigs_needed: usize,
-    _trusted: Option<&Path>,
-    _paths: &[String],
-) -> anyhow::Result<ExitCode> {
+pub fn verify(_loc: &StoreLocation, _sigs_needed: usize, _trusted: Option<&Path>, _paths: &[String]) -> anyhow::Result<ExitCode> {
     anyhow::bail!("store verify: not implemented yet")
 }
 
@@ -22,11 +17,7 @@ pub fn export(_loc: &StoreLocation, _paths: &[String]) -> anyhow::Result<ExitCod
     anyhow::bail!("store export: not implemented yet")
 }
 
-pub fn import(
-    _loc: &StoreLocation,
-    _trusted: Option<&Path>,
-    _no_check_sigs: bool,
-) -> anyhow::Result<ExitCode> {
+pub fn import(_loc: &StoreLocation, _trusted: Option<&Path>, _no_check_sigs: bool) -> anyhow::Result<ExitCode> {
     let _: Option<PathBuf> = None;
     anyhow::bail!("store import: not implemented yet")
 }

@@ -78,10 +78,7 @@ pub enum HashError {
     #[error("hash '{hash}' has the wrong length for {algo}")]
     BadLength { hash: String, algo: HashAlgo },
     #[error("hash '{hash}' is not valid {encoding}")]
-    BadEncoding {
-        hash: String,
-        encoding: &'static str,
-    },
+    BadEncoding { hash: String, encoding: &'static str },
 }
 
 /// A digest together with its algorithm.
@@ -150,10 +147,7 @@ impl Hash {
     /// base64, told apart by length, as Nix does.
     pub fn parse_bare(s: &str, algo: HashAlgo) -> Result<Hash, HashError> {
         let n = algo.size();
-        let bad = |encoding| HashError::BadEncoding {
-            hash: s.to_owned(),
-            encoding,
-        };
+        let bad = |encoding| HashError::BadEncoding { hash: s.to_owned(), encoding };
         let bytes = if s.len() == n * 2 {
             decode_hex(s).ok_or_else(|| bad("base16"))?
         } else if s.len() == nixbase32::encoded_len(n) {
@@ -161,15 +155,9 @@ impl Hash {
         } else if s.len() == ((4 * n / 3) + 3) & !3 {
             BASE64.decode(s).map_err(|_| bad("base64"))?
         } else {
-            return Err(HashError::BadLength {
-                hash: s.to_owned(),
-                algo,
-            });
+            return Err(HashError::BadLength { hash: s.to_owned(), algo });
         };
-        Hash::from_bytes(algo, &bytes).ok_or(HashError::BadLength {
-            hash: s.to_owned(),
-            algo,
-        })
+        Hash::from_bytes(algo, &bytes).ok_or(HashError::BadLength { hash: s.to_owned(), algo })
     }
 
     /// Parses `algo:<any encoding>` or SRI `algo-<base64>`.
@@ -179,14 +167,11 @@ impl Hash {
         }
         if let Some((algo, rest)) = s.split_once('-') {
             let algo: HashAlgo = algo.parse()?;
-            let bytes = BASE64.decode(rest).map_err(|_| HashError::BadEncoding {
-                hash: s.to_owned(),
-                encoding: "base64",
-            })?;
-            return Hash::from_bytes(algo, &bytes).ok_or(HashError::BadLength {
-                hash: s.to_owned(),
-                algo,
-            });
+            let bytes = BASE64
+                .decode(rest)
+                .map_err(|_| HashError::BadEncoding { hash: s.to_owned(), encoding: "base64" })?;
+            return Hash::from_bytes(algo, &bytes)
+                .ok_or(HashError::BadLength { hash: s.to_owned(), algo });
         }
         Err(HashError::MissingAlgo(s.to_owned()))
     }
@@ -269,10 +254,7 @@ pub struct HashSink {
 
 impl HashSink {
     pub fn new(algo: HashAlgo) -> HashSink {
-        HashSink {
-            hasher: Hasher::new(algo),
-            len: 0,
-        }
+        HashSink { hasher: Hasher::new(algo), len: 0 }
     }
     /// The hash and the number of bytes written.
     pub fn finish(self) -> (Hash, u64) {
@@ -298,47 +280,24 @@ mod tests {
     #[test]
     fn formats_sha256_of_hello() {
         let h = HashAlgo::Sha256.digest(b"hello\n");
-        assert_eq!(
-            h.to_base16(),
-            "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
-        );
-        assert_eq!(
-            h.to_nix32(),
-            "00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"
-        );
-        assert_eq!(
-            h.to_sri(),
-            "sha256-WJG1tSLV3whtD/CxEPvZ0hu0/HFjrzTQgoai6Eb2vgM="
-        );
+        assert_eq!(h.to_base16(), "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03");
+        assert_eq!(h.to_nix32(), "00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq");
+        assert_eq!(h.to_sri(), "sha256-WJG1tSLV3whtD/CxEPvZ0hu0/HFjrzTQgoai6Eb2vgM=");
     }
 
     #[test]
     fn parses_every_encoding() {
         let h = HashAlgo::Sha256.digest(b"hello\n");
-        for s in [
-            h.to_base16_prefixed(),
-            h.to_nix32_prefixed(),
-            h.to_sri(),
-            format!("sha256:{}", h.to_base64()),
-        ] {
+        for s in [h.to_base16_prefixed(), h.to_nix32_prefixed(), h.to_sri(), format!("sha256:{}", h.to_base64())] {
             assert_eq!(Hash::parse_any_prefixed(&s).unwrap(), h, "{s}");
         }
     }
 
     #[test]
     fn rejects_unknown_algo_and_length() {
-        assert!(matches!(
-            Hash::parse_any_prefixed("sha3:00"),
-            Err(HashError::UnknownAlgo(_))
-        ));
-        assert!(matches!(
-            Hash::parse_any_prefixed("sha256:abc"),
-            Err(HashError::BadLength { .. })
-        ));
-        assert!(matches!(
-            Hash::parse_any_prefixed("abc"),
-            Err(HashError::MissingAlgo(_))
-        ));
+        assert!(matches!(Hash::parse_any_prefixed("sha3:00"), Err(HashError::UnknownAlgo(_))));
+        assert!(matches!(Hash::parse_any_prefixed("sha256:abc"), Err(HashError::BadLength { .. })));
+        assert!(matches!(Hash::parse_any_prefixed("abc"), Err(HashError::MissingAlgo(_))));
     }
 }
 
@@ -350,10 +309,7 @@ pub struct HashingReader<R> {
 
 impl<R: io::Read> HashingReader<R> {
     pub fn new(inner: R, algo: HashAlgo) -> HashingReader<R> {
-        HashingReader {
-            inner,
-            sink: HashSink::new(algo),
-        }
+        HashingReader { inner, sink: HashSink::new(algo) }
     }
     /// The hash and count of what was read so far, and the inner reader.
     pub fn finish(self) -> (Hash, u64, R) {

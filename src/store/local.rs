@@ -65,12 +65,7 @@ impl LocalStore {
 
     /// Adds a file or tree as a content-addressed path named after its file
     /// name (`nix-store --add` is `Recursive` + `Sha256`; `--add-fixed` the rest).
-    pub fn add_path(
-        &self,
-        _src: &Path,
-        _method: FileIngestionMethod,
-        _algo: HashAlgo,
-    ) -> Result<StorePath, StoreError> {
+    pub fn add_path(&self, _src: &Path, _method: FileIngestionMethod, _algo: HashAlgo) -> Result<StorePath, StoreError> {
         Err(StoreError::Unimplemented("add_path"))
     }
 
@@ -96,11 +91,7 @@ impl LocalStore {
     /// against `info`, that every reference is valid (or is the path itself),
     /// canonicalises, moves it into place and registers it in one transaction.
     /// Already valid: the staged copy is dropped and new signatures are merged.
-    pub fn commit_staged(
-        &self,
-        _staged: StagedPath,
-        _info: &ValidPathInfo,
-    ) -> Result<(), StoreError> {
+    pub fn commit_staged(&self, _staged: StagedPath, _info: &ValidPathInfo) -> Result<(), StoreError> {
         Err(StoreError::Unimplemented("commit_staged"))
     }
 
@@ -111,19 +102,12 @@ impl LocalStore {
     }
 
     /// Adds signatures to a valid path.
-    pub fn add_signatures(
-        &self,
-        _path: &StorePath,
-        _sigs: &BTreeSet<Signature>,
-    ) -> Result<(), StoreError> {
+    pub fn add_signatures(&self, _path: &StorePath, _sigs: &BTreeSet<Signature>) -> Result<(), StoreError> {
         Err(StoreError::Unimplemented("add_signatures"))
     }
 
     /// The outputs a valid derivation file declares (`DerivationOutputs`).
-    pub fn derivation_outputs(
-        &self,
-        _drv: &StorePath,
-    ) -> Result<BTreeMap<String, StorePath>, StoreError> {
+    pub fn derivation_outputs(&self, _drv: &StorePath) -> Result<BTreeMap<String, StorePath>, StoreError> {
         Err(StoreError::Unimplemented("derivation_outputs"))
     }
 }

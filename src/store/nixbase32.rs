@@ -69,19 +69,13 @@ pub fn encode(bytes: &[u8]) -> String {
 pub fn decode_exact(s: &[u8], n: usize) -> Result<Vec<u8>, Nix32Error> {
     let expected = encoded_len(n);
     if s.len() != expected {
-        return Err(Nix32Error::BadLength {
-            len: s.len(),
-            expected,
-        });
+        return Err(Nix32Error::BadLength { len: s.len(), expected });
     }
     let mut out = vec![0u8; n];
     for (pos, &c) in s.iter().enumerate() {
         let digit = REVERSE[c as usize];
         if digit == 0xff {
-            return Err(Nix32Error::InvalidChar {
-                byte: c as char,
-                pos,
-            });
+            return Err(Nix32Error::InvalidChar { byte: c as char, pos });
         }
         let nth = s.len() - pos - 1;
         let b = nth * 5;
@@ -108,14 +102,8 @@ mod tests {
         let sha1 = hex("8a12321522fd91efbd60ebb2481af88580f61600");
         assert_eq!(encode(&sha1), "00bgd045z0d4icpbc2yyz4gx48ak44la");
         let hello = hex("5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03");
-        assert_eq!(
-            encode(&hello),
-            "00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"
-        );
-        assert_eq!(
-            decode_exact(b"00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq", 32).unwrap(),
-            hello
-        );
+        assert_eq!(encode(&hello), "00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq");
+        assert_eq!(decode_exact(b"00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq", 32).unwrap(), hello);
     }
 
     #[test]
@@ -129,8 +117,7 @@ mod tests {
     #[test]
     fn rejects_overflowing_first_digit() {
         // Nix refuses `20xyy…` for sha256: the leading digit would set bit 256.
-        let err =
-            decode_exact(b"20xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq", 32).unwrap_err();
+        let err = decode_exact(b"20xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq", 32).unwrap_err();
         assert_eq!(err, Nix32Error::Overflow { bytes: 32 });
     }
 
@@ -139,18 +126,12 @@ mod tests {
         for bad in [b'e', b'o', b'u', b't', b'A', b'-'] {
             let mut s = b"00bgd045z0d4icpbc2yyz4gx48ak44la".to_vec();
             s[5] = bad;
-            assert!(matches!(
-                decode_exact(&s, 20),
-                Err(Nix32Error::InvalidChar { pos: 5, .. })
-            ));
+            assert!(matches!(decode_exact(&s, 20), Err(Nix32Error::InvalidChar { pos: 5, .. })));
         }
     }
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     proptest! {

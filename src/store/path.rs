@@ -49,10 +49,7 @@ impl StoreDir {
         if !dir.starts_with('/') || dir.len() < 2 || dir.ends_with('/') {
             return Err(bad());
         }
-        if dir[1..]
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == "..")
-        {
+        if dir[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..") {
             return Err(bad());
         }
         if dir.bytes().any(|b| b == 0 || b == b'\n') {
@@ -85,10 +82,7 @@ impl StoreDir {
     /// Like [`StoreDir::parse_path`] but accepts a path inside a store path
     /// (`/nix/store/<hash>-<name>/bin/sh`), returning the store path and the rest.
     pub fn split_path<'a>(&self, full: &'a str) -> Result<(StorePath, &'a str), PathError> {
-        let not_in_store = || PathError::NotInStore {
-            path: full.to_owned(),
-            store_dir: self.0.clone(),
-        };
+        let not_in_store = || PathError::NotInStore { path: full.to_owned(), store_dir: self.0.clone() };
         let rest = full
             .strip_prefix(self.0.as_str())
             .and_then(|r| r.strip_prefix('/'))
@@ -101,21 +95,12 @@ impl StoreDir {
     }
 
     /// `makeStorePath`: the path for `type:sha256:<hex>:<store dir>:<name>`.
-    pub fn make_store_path(
-        &self,
-        ty: &str,
-        inner: &Hash,
-        name: &str,
-    ) -> Result<StorePath, PathError> {
+    pub fn make_store_path(&self, ty: &str, inner: &Hash, name: &str) -> Result<StorePath, PathError> {
         check_name(name)?;
         let fingerprint = format!("{}:{}:{}:{}", ty, inner.to_base16_prefixed(), self.0, name);
         let digest = HashAlgo::Sha256.digest(fingerprint.as_bytes());
         let compressed = compress_hash(digest.as_bytes(), 20);
-        Ok(StorePath(format!(
-            "{}-{}",
-            nixbase32::encode(&compressed),
-            name
-        )))
+        Ok(StorePath(format!("{}-{}", nixbase32::encode(&compressed), name)))
     }
 
     /// `makeTextPath`: text files and `.drv` files, with their references.
@@ -143,11 +128,7 @@ impl StoreDir {
             let ty = self.type_with_refs("source", references, self_reference);
             self.make_store_path(&ty, hash, name)
         } else {
-            let prefix = if method == FileIngestionMethod::Recursive {
-                "r:"
-            } else {
-                ""
-            };
+            let prefix = if method == FileIngestionMethod::Recursive { "r:" } else { "" };
             let inner = format!("fixed:out:{}{}:{}:", prefix, hash.algo(), hash.to_base16());
             let inner = HashAlgo::Sha256.digest(inner.as_bytes());
             self.make_store_path("output:out", &inner, name)
@@ -172,22 +153,12 @@ impl StoreDir {
 
     /// The path of an input-addressed derivation output, from the derivation's
     /// (masked) hashDerivationModulo.
-    pub fn make_output_path(
-        &self,
-        output: &str,
-        drv_hash: &Hash,
-        drv_name: &str,
-    ) -> Result<StorePath, PathError> {
+    pub fn make_output_path(&self, output: &str, drv_hash: &Hash, drv_name: &str) -> Result<StorePath, PathError> {
         let name = output_path_name(drv_name, output);
         self.make_store_path(&format!("output:{output}"), drv_hash, &name)
     }
 
-    fn type_with_refs<'a>(
-        &self,
-        ty: &str,
-        refs: impl IntoIterator<Item = &'a StorePath>,
-        self_ref: bool,
-    ) -> String {
+    fn type_with_refs<'a>(&self, ty: &str, refs: impl IntoIterator<Item = &'a StorePath>, self_ref: bool) -> String {
         let mut refs: Vec<String> = refs.into_iter().map(|r| self.display(r)).collect();
         refs.sort();
         let mut s = ty.to_owned();
@@ -236,22 +207,14 @@ pub fn compress_hash(digest: &[u8], size: usize) -> Vec<u8> {
 /// Checks a store path name: 1..=211 bytes of `[0-9a-zA-Z+-._?=]`, and not
 /// `.`, `..`, nor starting with `.-` or `..-` (which newer Nix refuses too).
 pub fn check_name(name: &str) -> Result<(), PathError> {
-    let bad = |why| {
-        Err(PathError::BadName {
-            name: name.to_owned(),
-            why,
-        })
-    };
+    let bad = |why| Err(PathError::BadName { name: name.to_owned(), why });
     if name.is_empty() {
         return bad("empty");
     }
     if name.len() > MAX_NAME_LEN {
         return bad("longer than 211 characters");
     }
-    if let Some(c) = name
-        .bytes()
-        .find(|&c| !(c.is_ascii_alphanumeric() || b"+-._?=".contains(&c)))
-    {
+    if let Some(c) = name.bytes().find(|&c| !(c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))) {
         let _ = c;
         return bad("only letters, digits and '+-._?=' are allowed");
     }
@@ -274,15 +237,9 @@ impl StorePath {
         }
         let (hash, rest) = base.split_at(HASH_PART_LEN);
         if !hash.bytes().all(nixbase32::is_digit) {
-            return Err(PathError::BadHashPart {
-                path: base.to_owned(),
-            });
+            return Err(PathError::BadHashPart { path: base.to_owned() });
         }
-        let name = rest
-            .strip_prefix('-')
-            .ok_or_else(|| PathError::BadHashPart {
-                path: base.to_owned(),
-            })?;
+        let name = rest.strip_prefix('-').ok_or_else(|| PathError::BadHashPart { path: base.to_owned() })?;
         check_name(name)?;
         Ok(StorePath(base.to_owned()))
     }
@@ -336,18 +293,13 @@ pub enum ContentAddress {
     /// `text:sha256:<nix32>`: text files and derivations.
     Text(Hash),
     /// `fixed:[r:]<algo>:<nix32>`: fixed-output paths.
-    Fixed {
-        method: FileIngestionMethod,
-        hash: Hash,
-    },
+    Fixed { method: FileIngestionMethod, hash: Hash },
 }
 
 /// Why a content address string was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ContentAddressError {
-    #[error(
-        "invalid content address '{0}' (expected 'text:sha256:...' or 'fixed:[r:]<algo>:...')"
-    )]
+    #[error("invalid content address '{0}' (expected 'text:sha256:...' or 'fixed:[r:]<algo>:...')")]
     Malformed(String),
     #[error("invalid hash in content address: {0}")]
     Hash(#[from] super::hash::HashError),
@@ -358,11 +310,7 @@ impl fmt::Display for ContentAddress {
         match self {
             ContentAddress::Text(h) => write!(f, "text:{}", h.to_nix32_prefixed()),
             ContentAddress::Fixed { method, hash } => {
-                let r = if *method == FileIngestionMethod::Recursive {
-                    "r:"
-                } else {
-                    ""
-                };
+                let r = if *method == FileIngestionMethod::Recursive { "r:" } else { "" };
                 write!(f, "fixed:{}{}", r, hash.to_nix32_prefixed())
             }
         }
@@ -384,10 +332,7 @@ impl FromStr for ContentAddress {
                 Some(r) => (FileIngestionMethod::Recursive, r),
                 None => (FileIngestionMethod::Flat, rest),
             };
-            return Ok(ContentAddress::Fixed {
-                method,
-                hash: Hash::parse_any_prefixed(rest)?,
-            });
+            return Ok(ContentAddress::Fixed { method, hash: Hash::parse_any_prefixed(rest)? });
         }
         Err(ContentAddressError::Malformed(s.to_owned()))
     }
@@ -403,35 +348,17 @@ mod tests {
 
     #[test]
     fn parses_and_prints_full_paths() {
-        let p = nix()
-            .parse_path("/nix/store/q6dq4cjk6aw4cz1whdksas0153xcyk1b-d")
-            .unwrap();
+        let p = nix().parse_path("/nix/store/q6dq4cjk6aw4cz1whdksas0153xcyk1b-d").unwrap();
         assert_eq!(p.hash_part(), "q6dq4cjk6aw4cz1whdksas0153xcyk1b");
         assert_eq!(p.name(), "d");
-        assert_eq!(
-            nix().display(&p),
-            "/nix/store/q6dq4cjk6aw4cz1whdksas0153xcyk1b-d"
-        );
+        assert_eq!(nix().display(&p), "/nix/store/q6dq4cjk6aw4cz1whdksas0153xcyk1b-d");
         let gnu = StoreDir::new("/gnu/store").unwrap();
-        assert!(matches!(
-            gnu.parse_path("/nix/store/q6dq4cjk6aw4cz1whdksas0153xcyk1b-d"),
-            Err(PathError::NotInStore { .. })
-        ));
+        assert!(matches!(gnu.parse_path("/nix/store/q6dq4cjk6aw4cz1whdksas0153xcyk1b-d"), Err(PathError::NotInStore { .. })));
     }
 
     #[test]
     fn rejects_bad_names() {
-        for name in [
-            "",
-            ".",
-            "..",
-            ".-x",
-            "..-x",
-            "a/b",
-            "a b",
-            "é",
-            &"x".repeat(212),
-        ] {
+        for name in ["", ".", "..", ".-x", "..-x", "a/b", "a b", "é", &"x".repeat(212)] {
             assert!(check_name(name).is_err(), "{name:?}");
         }
         for name in ["a", ".x", "..x", "a+b-c.d_e?f=g", &"x".repeat(211)] {
@@ -450,15 +377,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_store_dirs() {
-        for d in [
-            "",
-            "/",
-            "nix/store",
-            "/nix/store/",
-            "/nix//store",
-            "/nix/./store",
-            "/nix/../store",
-        ] {
+        for d in ["", "/", "nix/store", "/nix/store/", "/nix//store", "/nix/./store", "/nix/../store"] {
             assert!(StoreDir::new(d).is_err(), "{d:?}");
         }
     }
@@ -466,36 +385,24 @@ mod tests {
     // Vectors from Nix 2.8.0 (see ../shared/reference/formats.md §4).
     #[test]
     fn source_path_of_test_tree() {
-        let nar = Hash::parse_bare(
-            "6c01ab4fdd85148deb9764095d88cda92c8d190101b28046748bf5c6ffbd231c",
-            HashAlgo::Sha256,
-        )
-        .unwrap();
-        let p = nix()
-            .make_fixed_output_path(FileIngestionMethod::Recursive, &nar, "d", [], false)
-            .unwrap();
+        let nar = Hash::parse_bare("6c01ab4fdd85148deb9764095d88cda92c8d190101b28046748bf5c6ffbd231c", HashAlgo::Sha256).unwrap();
+        let p = nix().make_fixed_output_path(FileIngestionMethod::Recursive, &nar, "d", [], false).unwrap();
         assert_eq!(p.base_name(), "q6dq4cjk6aw4cz1whdksas0153xcyk1b-d");
     }
 
     #[test]
     fn flat_fixed_path() {
         let h = HashAlgo::Sha256.digest(b"hello\n");
-        let p = nix()
-            .make_fixed_output_path(FileIngestionMethod::Flat, &h, "a.txt", [], false)
-            .unwrap();
+        let p = nix().make_fixed_output_path(FileIngestionMethod::Flat, &h, "a.txt", [], false).unwrap();
         assert_eq!(p.base_name(), "fdwm55r4skpypx1gwzb7x69ckav1rv09-a.txt");
     }
 
     #[test]
     fn text_paths() {
-        let foo = nix()
-            .make_text_path("foo", &HashAlgo::Sha256.digest(b"bar"), [])
-            .unwrap();
+        let foo = nix().make_text_path("foo", &HashAlgo::Sha256.digest(b"bar"), []).unwrap();
         assert_eq!(foo.base_name(), "vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo");
         let content = nix().display(&foo);
-        let baz = nix()
-            .make_text_path("baz", &HashAlgo::Sha256.digest(content.as_bytes()), [&foo])
-            .unwrap();
+        let baz = nix().make_text_path("baz", &HashAlgo::Sha256.digest(content.as_bytes()), [&foo]).unwrap();
         assert_eq!(baz.base_name(), "5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz");
     }
 

@@ -55,9 +55,6 @@ impl FromStr for Signature {
         }
         let bytes = BASE64.decode(b64).map_err(|_| bad())?;
         let bytes: [u8; 64] = bytes.try_into().map_err(|_| bad())?;
-        Ok(Signature {
-            key_name: name.to_owned(),
-            bytes,
-        })
+        Ok(Signature { key_name: name.to_owned(), bytes })
     }
 }

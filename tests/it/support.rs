@@ -34,11 +34,7 @@ impl Need {
 /// nothing is skipped silently in CI.
 #[must_use]
 pub fn require(test: &str, needs: &[Need]) -> bool {
-    let missing: Vec<String> = needs
-        .iter()
-        .filter(|n| !n.present())
-        .map(|n| n.describe())
-        .collect();
+    let missing: Vec<String> = needs.iter().filter(|n| !n.present()).map(|n| n.describe()).collect();
     if missing.is_empty() {
         return true;
     }
@@ -53,9 +49,7 @@ pub fn require(test: &str, needs: &[Need]) -> bool {
 /// Finds a program on PATH.
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
 }
 
 /// The sandoff binary built for this test run.
@@ -84,15 +78,9 @@ pub fn nix_cmd(program: &str, conf_dir: &Path) -> Command {
 
 /// Runs a command, panicking with its stderr if it fails; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     if !out.status.success() {
-        panic!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        panic!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     }
     out.stdout
 }
