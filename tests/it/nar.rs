@@ -253,8 +253,9 @@ fn dump_agrees_with_nix_on_a_generated_tree() {
     if !needs_nix("dump_agrees_with_nix_on_a_generated_tree") {
         return;
     }
-    // Many entries, sizes around the padding boundaries and a file larger than
-    // the writer's 1 MiB buffer.
+    // Many entries (directories with enough files to be read by two threads),
+    // sizes around the padding boundaries and a file large enough to be read
+    // ahead on a helper thread.
     let env = NixEnv::new();
     let root = env.work.join("gen");
     std::fs::create_dir(&root).unwrap();
@@ -263,7 +264,7 @@ fn dump_agrees_with_nix_on_a_generated_tree() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(format!("f{i}")), vec![i as u8; i % 23]).unwrap();
     }
-    let big: Vec<u8> = (0..(3 << 20) + 5).map(|i: usize| (i % 251) as u8).collect();
+    let big: Vec<u8> = (0..(9 << 20) + 5).map(|i: usize| (i % 251) as u8).collect();
     std::fs::write(root.join("big"), big).unwrap();
     let ours = dump_vec(&root);
     assert!(
@@ -413,4 +414,29 @@ fn cli_refuses_unsupported_file_types() {
         .output()
         .unwrap();
     assert_one_line_failure(&out, "missing");
+}
+
+#[test]
+fn cli_dump_into_a_closed_pipe_is_not_an_error() {
+    // The reader of a pipe may stop early (`sandoff nar dump x | head -c 10`).
+    let tmp = tempfile::tempdir().unwrap();
+    let big = tmp.path().join("big");
+    std::fs::write(&big, vec![7u8; 4 << 20]).unwrap();
+    let mut child = support::sandoff()
+        .args(["nar", "dump"])
+        .arg(&big)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 10];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut head).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(&head, b"\x0d\0\0\0\0\0\0\0ni");
 }
