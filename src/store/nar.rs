@@ -1332,6 +1332,15 @@ mod tests {
         out.resize(padded(out.len()), 0);
     }
 
+    /// The wire strings `toks`, one after the other.
+    fn wire(toks: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for t in toks {
+            s(&mut out, t);
+        }
+        out
+    }
+
     fn node(out: &mut Vec<u8>, t: &T) {
         s(out, b"(");
         s(out, b"type");
@@ -1419,16 +1428,15 @@ mod tests {
 
     #[test]
     fn fixed_tokens_match_the_grammar() {
-        let mut want = Vec::new();
-        for t in [&b"nix-archive-1"[..], b"(", b"type"] {
-            s(&mut want, t);
-        }
-        assert_eq!(TOK_NAR.as_slice(), want.as_slice());
-        want.clear();
-        for t in [&b"regular"[..], b"executable", b"", b"contents"] {
-            s(&mut want, t);
-        }
-        assert_eq!(TOK_EXE.as_slice(), want.as_slice());
+        assert_eq!(TOK_NAR.as_slice(), wire(&[b"nix-archive-1", b"(", b"type"]));
+        assert_eq!(TOK_REG.as_slice(), wire(&[b"regular", b"contents"]));
+        assert_eq!(
+            TOK_EXE.as_slice(),
+            wire(&[b"regular", b"executable", b"", b"contents"])
+        );
+        assert_eq!(TOK_SYM.as_slice(), wire(&[b"symlink", b"target"]));
+        assert_eq!(TOK_ENTRY.as_slice(), wire(&[b"entry", b"(", b"name"]));
+        assert_eq!(TOK_NODE.as_slice(), wire(&[b"node", b"(", b"type"]));
         assert_eq!(&TOK_CLOSE[..9], b"\x01\0\0\0\0\0\0\0)");
         assert_eq!(TOK_DIR.len(), 24);
     }
@@ -1830,9 +1838,8 @@ mod tests {
 
     #[test]
     fn rejects_executable_marker_with_value_or_after_contents() {
-        let mut bad = Vec::new();
-        for t in [
-            &b"nix-archive-1"[..],
+        let bad = wire(&[
+            b"nix-archive-1",
             b"(",
             b"type",
             b"regular",
@@ -1841,14 +1848,11 @@ mod tests {
             b"contents",
             b"x",
             b")",
-        ] {
-            s(&mut bad, t);
-        }
+        ]);
         rejects(&bad, "executable marker has a non-empty value at byte 96");
         // regular contents "x" executable "" ) : executable after contents.
-        let mut after = Vec::new();
-        for t in [
-            &b"nix-archive-1"[..],
+        let after = wire(&[
+            b"nix-archive-1",
             b"(",
             b"type",
             b"regular",
@@ -1857,14 +1861,11 @@ mod tests {
             b"executable",
             b"",
             b")",
-        ] {
-            s(&mut after, t);
-        }
+        ]);
         rejects(&after, "unexpected NAR token 'executable'");
         // Two executable markers.
-        let mut twice = Vec::new();
-        for t in [
-            &b"nix-archive-1"[..],
+        let twice = wire(&[
+            b"nix-archive-1",
             b"(",
             b"type",
             b"regular",
@@ -1875,9 +1876,7 @@ mod tests {
             b"contents",
             b"x",
             b")",
-        ] {
-            s(&mut twice, t);
-        }
+        ]);
         rejects(&twice, "expected 'contents'");
     }
 
