@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area.
 
 mod derivation;
+mod nar;
 mod registry;
 mod support;
 mod transfer;
