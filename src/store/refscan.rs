@@ -324,7 +324,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs LocalStore+NAR (merged later)"]
     fn scan_path_finds_references_in_names_targets_and_contents() {
         let path = |h: &[u8; 32], name: &str| {
             StorePath::from_base_name(&format!("{}-{name}", std::str::from_utf8(h).unwrap()))

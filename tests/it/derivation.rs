@@ -368,7 +368,6 @@ fn show_matches_live_nix() {
 /// `derivation add` of the chain, from JSON with output paths left empty,
 /// writes the same `.drv` files Nix wrote.
 #[test]
-#[ignore = "needs LocalStore (merged later)"]
 fn cli_add_writes_what_nix_instantiate_wrote() {
     use sandoff::store::local::LocalStore;
     use sandoff::store::{FileIngestionMethod, HashAlgo, StoreLocation};

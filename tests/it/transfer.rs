@@ -240,7 +240,6 @@ fn needs_nix(test: &str) -> bool {
 }
 
 #[test]
-#[ignore = "needs LocalStore+NAR (merged later)"]
 fn nix_archive_imports_only_without_signature_checks() {
     if !needs_nix("nix_archive_imports_only_without_signature_checks") {
         return;
@@ -281,7 +280,6 @@ fn nix_archive_imports_only_without_signature_checks() {
 }
 
 #[test]
-#[ignore = "needs LocalStore+NAR (merged later)"]
 fn sandoff_export_is_imported_and_verified_by_nix() {
     if !needs_nix("sandoff_export_is_imported_and_verified_by_nix") {
         return;
@@ -339,7 +337,6 @@ fn signed_archive(s: &Scratch) -> (Vec<u8>, PathBuf, PathBuf) {
 }
 
 #[test]
-#[ignore = "needs LocalStore+NAR (merged later)"]
 fn signed_archive_imports_with_trusted_key_only() {
     if !needs_nix("signed_archive_imports_with_trusted_key_only") {
         return;
@@ -391,7 +388,6 @@ fn signed_archive_imports_with_trusted_key_only() {
 }
 
 #[test]
-#[ignore = "needs LocalStore+NAR (merged later)"]
 fn tampered_archive_keeps_earlier_paths_and_nothing_of_the_bad_one() {
     if !needs_nix("tampered_archive_keeps_earlier_paths_and_nothing_of_the_bad_one") {
         return;
@@ -441,7 +437,6 @@ fn tampered_archive_keeps_earlier_paths_and_nothing_of_the_bad_one() {
 }
 
 #[test]
-#[ignore = "needs LocalStore+NAR (merged later)"]
 fn truncated_archives_are_refused() {
     if !needs_nix("truncated_archives_are_refused") {
         return;
@@ -500,7 +495,6 @@ fn truncated_archives_are_refused() {
 }
 
 #[test]
-#[ignore = "needs LocalStore+NAR (merged later)"]
 fn verify_reports_corrupted_and_untrusted_paths() {
     if !needs_nix("verify_reports_corrupted_and_untrusted_paths") {
         return;
