@@ -19,4 +19,6 @@ else
 fi
 
 cargo build --locked --all-targets
+# The fuzz targets (cargo-fuzz crate) must keep compiling against the library.
+cargo check --quiet --manifest-path fuzz/Cargo.toml
 cargo test --locked --no-fail-fast
