@@ -21,4 +21,13 @@ fi
 cargo build --locked --all-targets
 # The fuzz targets (cargo-fuzz crate) must keep compiling against the library.
 cargo check --quiet --manifest-path fuzz/Cargo.toml
-cargo test --locked --no-fail-fast
+# --all-targets: unit, integration and bin tests (there are no doc-tests), so
+# the last result line is a real suite, not an empty doc-test run.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --locked --no-fail-fast --all-targets 2>&1 | tee "$log" || status=$?
+# One plain closing line over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1); if ($i ~ /^ignored;?$/) s += $(i-1) } }
+     END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"
