@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Subcommand;
-use sandoff::store::signature::{SecretKey, SignatureError};
+use sandoff::store::keyring::Keyring;
+use sandoff::store::signature::{SecretKey, SignatureError, TrustedKeys};
 use sandoff::store::StoreLocation;
 
 #[derive(Subcommand, Debug)]
@@ -17,10 +18,40 @@ pub enum KeyCommand {
         secret_file: PathBuf,
         public_file: PathBuf,
     },
+    /// Print this machine's public signing key (made by `sandoff setup`).
+    Show,
+    /// Trust the public keys in FILE (`-` for stdin) for import and verify,
+    /// by adding them to <state>/trusted-keys.
+    Authorize {
+        /// A file of public keys in Nix's `name:base64` format, one per line.
+        file: PathBuf,
+    },
 }
 
-pub fn run(cmd: KeyCommand, _loc: &StoreLocation) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: KeyCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
+    let ring = Keyring::new(&loc.state);
     match cmd {
+        KeyCommand::Show => {
+            println!("{}", ring.public_key()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        KeyCommand::Authorize { file } => {
+            let keys = if file.as_os_str() == "-" {
+                let text = std::io::read_to_string(std::io::stdin()).context("reading stdin")?;
+                TrustedKeys::parse(&text, "stdin")?
+            } else {
+                TrustedKeys::read_file(&file)?
+            };
+            if keys.is_empty() {
+                anyhow::bail!("no public key in '{}'", file.display());
+            }
+            let added = ring.authorize(&keys)?;
+            eprintln!(
+                "{added} new key(s) trusted in '{}'",
+                ring.trusted_keys_path().display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         KeyCommand::Generate {
             name,
             secret_file,

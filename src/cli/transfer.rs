@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context as _};
 use sandoff::store::export::{import_paths, write_export, SignaturePolicy};
+use sandoff::store::keyring::Keyring;
 use sandoff::store::local::LocalStore;
 use sandoff::store::nar;
 use sandoff::store::signature::{SecretKey, TrustedKeys};
@@ -49,7 +50,7 @@ fn valid_info(
 fn trusted_keys(loc: &StoreLocation, file: Option<&Path>) -> anyhow::Result<TrustedKeys> {
     Ok(match file {
         Some(f) => TrustedKeys::read_file(f)?,
-        None => TrustedKeys::read_file_or_empty(&loc.state.join("trusted-keys"))?,
+        None => Keyring::new(&loc.state).trusted_keys()?,
     })
 }
 

@@ -5,6 +5,7 @@
 
 pub mod export;
 pub mod hash;
+pub mod keyring;
 pub mod local;
 pub mod nar;
 pub mod nixbase32;

@@ -533,3 +533,46 @@ fn verify_reports_corrupted_and_untrusted_paths() {
     assert!(!err.contains(&format!("path '{BAZ}'")), "{err}");
     assert!(err.contains("1 of 2 paths failed verification"), "{err}");
 }
+
+#[test]
+fn key_authorize_makes_import_trust_the_key_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
+    support::run_ok(
+        support::sandoff()
+            .args(["key", "generate", "demo-1"])
+            .arg(&sk)
+            .arg(&pk),
+    );
+    // No machine key yet: a clear error that says what to do.
+    let out = support::sandoff()
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["key", "show"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sandoff setup"));
+    support::run_ok(
+        support::sandoff()
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["key", "authorize"])
+            .arg(&pk),
+    );
+    let trusted = std::fs::read_to_string(state.join("trusted-keys")).unwrap();
+    assert_eq!(trusted.trim_end(), std::fs::read_to_string(&pk).unwrap());
+    // Authorizing again adds nothing.
+    support::run_ok(
+        support::sandoff()
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["key", "authorize"])
+            .arg(&pk),
+    );
+    assert_eq!(
+        std::fs::read_to_string(state.join("trusted-keys")).unwrap(),
+        trusted
+    );
+}
