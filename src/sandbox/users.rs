@@ -222,8 +222,8 @@ impl UserLease {
     }
 
     /// Kills every process running as this uid (Nix's `killUser`): a child
-    /// switches to the uid and repeats `kill(-1, SIGKILL)`, which reaches
-    /// every process of the uid in every PID namespace, until none is left.
+    /// switches to the uid and calls `kill(-1, SIGKILL)`, which reaches every
+    /// process of the uid, in every PID namespace.
     pub fn kill_processes(&self) -> Result<(), UserError> {
         kill_user(self.user.uid())
     }
@@ -247,11 +247,14 @@ fn kill_user(uid: u32) -> Result<(), UserError> {
         if sys.setresuid(uid).is_err() {
             return 2;
         }
-        // kill(-1) spares the caller; it succeeds while anything was signalled.
+        // kill(-1) signals every process we may signal (all of the uid)
+        // but the caller, under the tasklist lock, so a fork bomb cannot slip
+        // through; it succeeds if there was any other process at all (even
+        // ones we may not signal), and fails with ESRCH if there was none.
+        // One successful call is enough (as Nix's killUser); retry on EINTR.
         loop {
             match sys.kill_all() {
-                Ok(()) => continue,
-                Err(Errno(libc::ESRCH)) => return 0,
+                Ok(()) | Err(Errno(libc::ESRCH)) => return 0,
                 Err(Errno(libc::EINTR)) => continue,
                 Err(_) => return 3,
             }
