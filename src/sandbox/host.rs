@@ -89,7 +89,7 @@ impl HostDirs {
     /// nothing can reach the tree while it is being deleted (Nix's
     /// CVE-2025-52991 hardening); root is unaffected by the mode.
     pub fn remove(self) -> Result<(), SandboxError> {
-        std::fs::set_permissions(&self.top, std::fs::Permissions::from_mode(0))
+        std::fs::set_permissions(&self.top, std::fs::Permissions::from_mode(0o000))
             .map_err(host_err("chmod", &self.top))?;
         std::fs::remove_dir_all(&self.top).map_err(host_err("remove", &self.top))
     }
