@@ -20,6 +20,8 @@ use crate::support::{self, Need};
 
 const BUSYBOX: &str = "7c0v0kbrrdc2cqgisi78jdqxn73n3401-busybox";
 const OUT: &str = "1f2dhqa4ycv31xpsaw4bavv0ks2ir2fc-probe";
+const TEXT: &str = "2g3ajb6zcsw4nh9z5c1xpwm0dl7q8rfk-hello.txt";
+const LINK: &str = "3h4bkc7advx5pi0a6d2yqxn1fm8r9sgl-busybox-link";
 
 /// Root, busybox, and namespaces that work (a container may forbid them).
 fn ready(test: &str) -> bool {
@@ -80,6 +82,10 @@ impl Fixture {
         let busybox_dir = tmp.path().join("root/nix/store").join(BUSYBOX);
         std::fs::create_dir_all(busybox_dir.join("bin")).expect("mkdir");
         std::fs::copy("/bin/busybox", busybox_dir.join("bin/busybox")).expect("copy busybox");
+        let store = tmp.path().join("root/nix/store");
+        std::fs::write(store.join(TEXT), "hello from a file input\n").expect("write text input");
+        std::os::unix::fs::symlink(format!("/nix/store/{BUSYBOX}"), store.join(LINK))
+            .expect("symlink input");
         let lease = pool().acquire(Duration::from_millis(50)).expect("lease");
         let dirs = HostDirs::create(tmp.path(), lease.user()).expect("host dirs");
         Fixture {
@@ -108,10 +114,20 @@ impl Fixture {
                 (b"passAsFile".to_vec(), b"text".to_vec()),
                 (b"text".to_vec(), b"passed as a file\n".to_vec()),
             ]),
-            inputs: vec![InputPath {
-                source: self.busybox_dir.clone(),
-                path: sp(BUSYBOX),
-            }],
+            inputs: vec![
+                InputPath {
+                    source: self.busybox_dir.clone(),
+                    path: sp(BUSYBOX),
+                },
+                InputPath {
+                    source: self.store().join(TEXT),
+                    path: sp(TEXT),
+                },
+                InputPath {
+                    source: self.store().join(LINK),
+                    path: sp(LINK),
+                },
+            ],
             outputs: vec![sp(OUT)],
             dirs: self.dirs.dirs().clone(),
             build_dir_name: plan::DEFAULT_BUILD_DIR_NAME.to_owned(),
@@ -121,6 +137,10 @@ impl Fixture {
             cores: 2,
             timeouts: Timeouts::default(),
         }
+    }
+
+    fn store(&self) -> PathBuf {
+        self._tmp.path().join("root/nix/store")
     }
 
     fn run(&self, spec: &SandboxSpec) -> (Result<BuildOutcome, SandboxError>, String) {
@@ -161,9 +181,14 @@ pwd > "$out/pwd"
 env | sort > "$out/env"
 cat "$textPath" > "$out/text"
 umask > "$out/umask"
-try() { d="$1"; shift; if "$@" >/dev/null 2>&1; then echo "ESCAPED: $d"; else echo "refused: $d"; fi; }
+cat "$NIX_STORE/TEXT" > "$out/textinput"
+readlink "$NIX_STORE/LINK" > "$out/link"
+"$NIX_STORE/LINK/bin/busybox" echo via-link > "$out/vialink"
+try() { d="$1"; shift; if e=$("$@" 2>&1 >/dev/null); then echo "ESCAPED: $d"; else echo "refused: $d: $e" | head -1; fi; }
 {
 try "write into an input" touch "$BBDIR/x"
+try "append to a file input" sh -c 'echo x >> "$NIX_STORE/TEXT"'
+try "replace a symlink input" ln -sfn /etc "$NIX_STORE/LINK"
 try "overwrite an input file" sh -c 'echo x > "$BB"'
 try "delete an input" rm -rf "$BBDIR"
 try "rename an input" mv "$BBDIR" "$NIX_STORE/moved"
@@ -185,7 +210,7 @@ try "see host /home" ls /home
 try "reach the internet" nc -w 2 1.1.1.1 80
 try "setuid to root" su -c true root
 try "chown to root" chown 0:0 "$TMPDIR"
-try "kill host init" kill -0 1000000
+try "open a raw socket" ping -c 1 -W 1 127.0.0.1
 } > "$out/attempts"
 touch /tmp/writable && echo ok > "$out/tmp"
 echo x > "$TMPDIR/f" && echo ok > "$out/builddir"
@@ -204,7 +229,8 @@ fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
     }
     let f = Fixture::new();
     let user = f.lease.user().clone();
-    let spec = f.spec(&format!("{PRELUDE}{PROBE}"));
+    let probe = PROBE.replace("TEXT", TEXT).replace("LINK", LINK);
+    let spec = f.spec(&format!("{PRELUDE}{probe}"));
     let (r, log) = f.run(&spec);
     assert_eq!(
         r.expect("build runs"),
@@ -237,7 +263,14 @@ fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
     );
     assert_eq!(lines(&f.out("pts")), [".", "..", "ptmx"]);
     // The store: the input (and the output being built), nothing of the host's.
-    assert_eq!(lines(&f.out("store")), [".", "..", OUT, BUSYBOX]);
+    assert_eq!(
+        lines(&f.out("store")),
+        [".", "..", OUT, TEXT, LINK, BUSYBOX]
+    );
+    // File inputs are bound, symlink inputs copied as links.
+    assert_eq!(f.out("textinput"), "hello from a file input\n");
+    assert_eq!(f.out("link").trim(), format!("/nix/store/{BUSYBOX}"));
+    assert_eq!(f.out("vialink").trim(), "via-link");
 
     // /etc exactly as the golden files (which are for uid 30001, gid 30000).
     let fixture = |n: &str| {
@@ -317,8 +350,13 @@ fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
 
     // Every escape refused.
     let attempts = f.out("attempts");
+    eprintln!("probe attempts:\n{attempts}");
     assert!(!attempts.contains("ESCAPED"), "escapes:\n{attempts}");
-    assert_eq!(attempts.lines().count(), 23, "{attempts}");
+    assert_eq!(attempts.lines().count(), 25, "{attempts}");
+    assert_eq!(
+        std::fs::read_to_string(f.store().join(TEXT)).expect("text"),
+        "hello from a file input\n"
+    );
     // The input on the host is intact.
     assert!(f.busybox_dir.join("bin/busybox").is_file());
     assert!(!f.busybox_dir.join("x").exists());
@@ -530,4 +568,61 @@ fn setup_is_idempotent() {
     })
     .expect("existing");
     assert_eq!(existing.gid, again.gid);
+}
+
+#[test]
+fn fixed_output_builds_share_the_host_network_and_resolver() {
+    if !ready("fixed_output_builds_share_the_host_network_and_resolver") {
+        return;
+    }
+    let f = Fixture::new();
+    let mut spec = f.spec(
+        "$BB cut -d: -f1 /proc/net/dev | $BB tail -n +3 | $BB tr -d ' ' | $BB sort; \
+         $BB ls /etc; echo NIX_OUTPUT_CHECKED=$NIX_OUTPUT_CHECKED",
+    );
+    spec.fixed_output = true;
+    let (r, log) = f.run(&spec);
+    assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+    let host_ifaces = std::fs::read_to_string("/proc/net/dev")
+        .expect("host net")
+        .lines()
+        .count()
+        - 2;
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= host_ifaces, "{log}");
+    assert!(lines.contains(&"nsswitch.conf"), "{log}");
+    if Path::new("/etc/resolv.conf").exists() {
+        assert!(lines.contains(&"resolv.conf"), "{log}");
+    }
+    assert!(lines.contains(&"NIX_OUTPUT_CHECKED=1"), "{log}");
+}
+
+#[test]
+fn cli_setup_creates_users_and_state_dirs_idempotently() {
+    if !ready("cli_setup_creates_users_and_state_dirs_idempotently") {
+        return;
+    }
+    let _ = pool();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for _ in 0..2 {
+        let out = support::run_ok(support::sandoff().arg("--state-dir").arg(tmp.path()).args([
+            "setup",
+            "--build-users",
+            "10",
+        ]));
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.contains("build users: group sandoffbld"), "{out}");
+        assert!(!out.contains("created"), "{out}");
+    }
+    for d in ["db", "keys", "log", "userpool", "locks"] {
+        assert!(tmp.path().join(d).is_dir(), "{d}");
+    }
+    let bad = support::sandoff()
+        .arg("--state-dir")
+        .arg(tmp.path())
+        .args(["setup", "--build-users-group", "sandoff-no-such-group"])
+        .output()
+        .expect("run");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("'sandoff-no-such-group' does not exist"));
 }
