@@ -65,6 +65,16 @@ struct CapData {
     inheritable: u32,
 }
 
+/// The kernel's `struct sigaction` (x86-64, aarch64 and most others), for
+/// `rt_sigaction` without glibc's filtering.
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
 /// The real system calls.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LinuxSyscalls;
@@ -383,19 +393,30 @@ impl Syscall for LinuxSyscalls {
         check(unsafe { libc::sigemptyset(set.as_mut_ptr()) })?;
         // SAFETY: `set` was initialised by sigemptyset.
         check(unsafe { libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), ptr::null_mut()) })?;
-        for sig in 1..libc::SIGRTMAX() {
+        // The raw syscall, because glibc refuses to touch the signals it
+        // reserves (32 and 33), and an ignored one would survive exec.
+        let act = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        for sig in 1..=64 {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
-            // SAFETY: sigaction is plain data; all-zero with SIG_DFL is valid.
-            let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-            act.sa_sigaction = libc::SIG_DFL;
-            // SAFETY: `act` is a valid sigaction. Signals glibc reserves
-            // (32, 33) fail with EINVAL and keep their defaults anyway.
-            let r = unsafe { libc::sigaction(sig, &act, ptr::null_mut()) };
-            if r == -1 && sig == libc::SIGPIPE {
-                return Err(errno());
-            }
+            // SAFETY: `act` is a valid kernel sigaction (SIG_DFL needs no
+            // restorer); the old action is not requested; 8 is the kernel's
+            // sigset size.
+            check_long(unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &act as *const KernelSigaction,
+                    ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                )
+            })?;
         }
         Ok(())
     }

@@ -201,7 +201,7 @@ pub struct SandboxSpec {
     /// Values of the derivation's `impureEnvVars` as resolved by the caller;
     /// passed only to fixed-output derivations (as Nix).
     pub impure_env: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// `NIX_BUILD_CORES`.
+    /// `NIX_BUILD_CORES` (0 is passed through: stdenv reads it as "all cores").
     pub cores: u32,
     /// Silence and total time limits.
     pub timeouts: Timeouts,
@@ -458,6 +458,9 @@ pub struct SandboxPlan {
     pub env: BTreeMap<Vec<u8>, Vec<u8>>,
     /// The build directory's logical path (`/tmp/<name>`).
     pub build_dir: String,
+    /// Each output's logical path and where the builder leaves it on the host
+    /// (in the scratch store), for the checks and registration after the build.
+    pub outputs: Vec<(String, PathBuf)>,
     /// Time limits, carried through for the runner.
     pub timeouts: Timeouts,
 }
@@ -665,9 +668,6 @@ fn check_spec(spec: &SandboxSpec) -> Result<(), SandboxError> {
             ));
         }
     }
-    if spec.cores == 0 {
-        return Err(invalid("cores", "must be at least 1".to_owned()));
-    }
     Ok(())
 }
 
@@ -686,7 +686,6 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
     // Process state first: nothing below may outlive sandoff or own a terminal.
     o.push(SetupOp::DieWithParent);
     o.push(SetupOp::NewSession);
-    o.push(SetupOp::Stdio);
     if !spec.fixed_output {
         o.push(SetupOp::LoopbackUp);
     }
@@ -867,6 +866,9 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
         new_root: cpath("dirs.root", root)?,
     });
     o.push(SetupOp::RemountRootReadOnly);
+    // After the pivot, so stdin is the sandbox's /dev/null, not an fd on a
+    // host mount outside the new root.
+    o.push(SetupOp::Stdio);
     o.push(SetupOp::Chdir(cstring("build dir", build_dir.as_str())?));
     o.push(SetupOp::CloseFds);
     o.push(SetupOp::NoCoreDumps);
@@ -913,6 +915,16 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
         },
         env,
         build_dir,
+        outputs: spec
+            .outputs
+            .iter()
+            .map(|o| {
+                (
+                    spec.store_dir.display(o),
+                    spec.dirs.store.join(o.base_name()),
+                )
+            })
+            .collect(),
         timeouts: spec.timeouts,
     })
 }
@@ -1089,6 +1101,18 @@ mod tests {
         assert!(sandboxed.new_network);
         assert!(!sandboxed.env.contains_key(b"NIX_OUTPUT_CHECKED".as_slice()));
         assert!(sandboxed.ops.contains(&SetupOp::LoopbackUp));
+    }
+
+    #[test]
+    fn outputs_map_to_the_scratch_store() {
+        let p = plan(&spec()).expect("plan");
+        assert_eq!(
+            p.outputs,
+            vec![(
+                format!("/nix/store/{OUT}"),
+                PathBuf::from(format!("/w/store/{OUT}"))
+            )]
+        );
     }
 
     #[test]

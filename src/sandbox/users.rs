@@ -295,6 +295,23 @@ mod tests {
     }
 
     #[test]
+    fn acquire_waits_for_a_user_to_be_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = BuildUser::new(40001, 40000, "u1", "g").expect("valid");
+        let pool = UserPool::new(vec![one], dir.path()).expect("pool");
+        let held = pool.try_acquire().expect("lock").expect("free");
+        let t = std::time::Instant::now();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        let lease = pool.acquire(Duration::from_millis(20)).expect("lock");
+        assert!(t.elapsed() >= Duration::from_millis(150));
+        assert_eq!(lease.user().uid(), 40001);
+        releaser.join().expect("thread");
+    }
+
+    #[test]
     fn two_pools_over_one_lock_dir_exclude_each_other() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (p1, p2) = (pool(dir.path()), pool(dir.path()));

@@ -76,13 +76,37 @@ struct Fixture {
     lease: UserLease,
 }
 
+/// busybox in a fake store shared by all tests, written once per process
+/// before any sandbox of this process runs: a sandboxed child cloned while
+/// another thread writes the file would inherit the open file and make
+/// exec'ing it fail with ETXTBSY until the child execs.
+fn busybox_store() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // Kept across runs (a copy per run would litter /tmp); replaced by
+        // an atomic rename, so no process ever execs a half-written file.
+        let dir = std::env::temp_dir().join("sandoff-it-busybox");
+        let bin = dir.join(BUSYBOX).join("bin");
+        let target = bin.join("busybox");
+        let fresh = std::fs::read("/bin/busybox").expect("read /bin/busybox");
+        if std::fs::read(&target).ok().as_deref() != Some(fresh.as_slice()) {
+            std::fs::create_dir_all(&bin).expect("mkdir");
+            let tmp = bin.join(format!(".busybox-{}", std::process::id()));
+            std::fs::write(&tmp, &fresh).expect("write busybox");
+            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o555))
+                .expect("chmod");
+            std::fs::rename(&tmp, &target).expect("rename busybox");
+        }
+        dir
+    })
+}
+
 impl Fixture {
     fn new() -> Fixture {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let busybox_dir = tmp.path().join("root/nix/store").join(BUSYBOX);
-        std::fs::create_dir_all(busybox_dir.join("bin")).expect("mkdir");
-        std::fs::copy("/bin/busybox", busybox_dir.join("bin/busybox")).expect("copy busybox");
+        let busybox_dir = busybox_store().join(BUSYBOX);
         let store = tmp.path().join("root/nix/store");
+        std::fs::create_dir_all(&store).expect("mkdir store");
         std::fs::write(store.join(TEXT), "hello from a file input\n").expect("write text input");
         std::os::unix::fs::symlink(format!("/nix/store/{BUSYBOX}"), store.join(LINK))
             .expect("symlink input");
@@ -174,7 +198,9 @@ cat /etc/passwd > "$out/passwd"; cat /etc/group > "$out/group"; cat /etc/hosts >
 hostname > "$out/hostname"
 echo $$ > "$out/pid"
 ls /proc | grep '^[0-9]*$' | sort -n > "$out/pids"
-grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status > "$out/status"
+grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|SigBlk|SigIgn):' /proc/self/status > "$out/status"
+cat /proc/sys/kernel/domainname > "$out/domainname"
+readlink /proc/self/fd/0 > "$out/stdin"
 cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' | sort > "$out/ifaces"
 cat /proc/self/mountinfo > "$out/mountinfo"
 pwd > "$out/pwd"
@@ -302,6 +328,11 @@ fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
         );
     }
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    // Signals reset (Rust's ignored SIGPIPE does not leak into the build).
+    assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
+    assert!(status.contains("SigIgn:\t0000000000000000"), "{status}");
+    assert_eq!(f.out("domainname").trim(), "(none)");
+    assert_eq!(f.out("stdin").trim(), "/dev/null");
 
     // Only loopback.
     assert_eq!(lines(&f.out("ifaces")), ["lo"]);
