@@ -241,6 +241,7 @@ pub fn apply(
         SetupOp::SetUid(u) => sys.setresuid(*u),
         SetupOp::ClearCaps => sys.clear_caps(),
         SetupOp::NoNewPrivs => sys.no_new_privs(),
+        SetupOp::Seccomp(program) => sys.seccomp_filter(program),
         SetupOp::ResetSignals => sys.reset_signals(),
         SetupOp::Exec => match sys.execve(exec.path, &exec.argv, &exec.envp) {
             Errno(0) => Ok(()),

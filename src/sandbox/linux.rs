@@ -9,6 +9,7 @@
 use std::ffi::CStr;
 use std::ptr;
 
+use super::seccomp::SockFilter;
 use super::syscall::{Errno, FileKind, Syscall};
 
 fn errno() -> Errno {
@@ -385,6 +386,24 @@ impl Syscall for LinuxSyscalls {
     fn no_new_privs(&mut self) -> Result<(), Errno> {
         // SAFETY: integer arguments.
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })
+    }
+
+    fn seccomp_filter(&mut self, program: &[SockFilter]) -> Result<(), Errno> {
+        let len = u16::try_from(program.len()).map_err(|_| Errno(libc::EINVAL))?;
+        let prog = libc::sock_fprog {
+            len,
+            filter: program.as_ptr().cast_mut().cast::<libc::sock_filter>(),
+        };
+        // SAFETY: SockFilter is #[repr(C)] with sock_filter's layout (u16,
+        // u8, u8, u32); the kernel copies the program during the call and
+        // never writes through the pointer.
+        check(unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                &prog as *const libc::sock_fprog,
+            )
+        })
     }
 
     fn reset_signals(&mut self) -> Result<(), Errno> {

@@ -10,6 +10,8 @@
 //!   fixed-output), IPC and UTS namespaces; the child runs the steps and
 //!   execs, or reports the failing step and exits (fail closed); the parent
 //!   streams the log and enforces `--max-silent-time` and `--timeout`.
+//! - [`seccomp`]: the builder's seccomp filter (Nix's: no setuid/setgid
+//!   `chmod`, no xattrs), a hand-written BPF program checked by an interpreter.
 //! - [`users`]: the build-user pool (flock per uid) and killing a uid's
 //!   processes; [`host`]: the per-build host directories; [`setup`]:
 //!   `sandoff setup`.
@@ -26,6 +28,7 @@ pub mod exec;
 pub mod host;
 mod linux;
 pub mod plan;
+pub mod seccomp;
 pub mod setup;
 pub mod syscall;
 pub mod users;

@@ -49,6 +49,7 @@ use std::time::Duration;
 
 use crate::store::{HashAlgo, StoreDir, StorePath};
 
+use super::seccomp::{build_filter, SockFilter};
 use super::SandboxError;
 
 /// The default name of the build directory under `/tmp` in the sandbox.
@@ -369,6 +370,8 @@ pub enum SetupOp {
     ClearCaps,
     /// `PR_SET_NO_NEW_PRIVS`: no setuid or file capabilities can raise privileges.
     NoNewPrivs,
+    /// Install the seccomp filter (see [`super::seccomp`]); needs no_new_privs.
+    Seccomp(Vec<SockFilter>),
     /// Empty signal mask and default dispositions (Rust ignores SIGPIPE).
     ResetSignals,
     /// `execve` the builder; the last step.
@@ -428,6 +431,7 @@ impl fmt::Display for SetupOp {
             SetupOp::SetUid(u) => write!(f, "setuid {u}"),
             SetupOp::ClearCaps => write!(f, "clear capabilities"),
             SetupOp::NoNewPrivs => write!(f, "set no_new_privs"),
+            SetupOp::Seccomp(p) => write!(f, "install seccomp filter ({} instructions)", p.len()),
             SetupOp::ResetSignals => write!(f, "reset signals"),
             SetupOp::Exec => write!(f, "exec builder"),
         }
@@ -885,6 +889,7 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
     o.push(SetupOp::DieWithParent);
     o.push(SetupOp::ClearCaps);
     o.push(SetupOp::NoNewPrivs);
+    o.push(SetupOp::Seccomp(build_filter()));
     o.push(SetupOp::ResetSignals);
     o.push(SetupOp::Exec);
 
@@ -1178,10 +1183,11 @@ mod tests {
         let groups = index(&p, |o| *o == SetupOp::SetGroups(vec![]));
         let clear = index(&p, |o| *o == SetupOp::ClearCaps);
         let nnp = index(&p, |o| *o == SetupOp::NoNewPrivs);
+        let seccomp = index(&p, |o| matches!(o, SetupOp::Seccomp(_)));
         assert!(private < first_mount);
         assert!(last_mount < pivot && pivot < ro);
         assert!(ro < bounding && bounding < groups && groups < setgid && setgid < setuid);
-        assert!(setuid < clear && clear < nnp);
+        assert!(setuid < clear && clear < nnp && nnp < seccomp);
         assert_eq!(p.ops.last(), Some(&SetupOp::Exec));
         assert_eq!(p.ops.iter().filter(|o| **o == SetupOp::Exec).count(), 1);
         // The death signal is re-armed after the uid change, which clears it.

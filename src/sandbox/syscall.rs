@@ -12,6 +12,8 @@
 use std::ffi::{CStr, CString};
 use std::fmt;
 
+use super::seccomp::SockFilter;
+
 /// An `errno` value, the only error the child can report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Errno(pub i32);
@@ -111,6 +113,8 @@ pub trait Syscall {
     fn die_with_parent(&mut self) -> Result<(), Errno>;
     /// `PR_SET_NO_NEW_PRIVS`.
     fn no_new_privs(&mut self) -> Result<(), Errno>;
+    /// Installs a seccomp BPF filter (`PR_SET_SECCOMP`).
+    fn seccomp_filter(&mut self, program: &[SockFilter]) -> Result<(), Errno>;
     /// Empty signal mask, every handler back to `SIG_DFL`.
     fn reset_signals(&mut self) -> Result<(), Errno>;
     /// `execve(2)`; returns only on failure.
@@ -196,6 +200,8 @@ pub enum Call {
     DieWithParent,
     /// `PR_SET_NO_NEW_PRIVS`.
     NoNewPrivs,
+    /// seccomp filter installed (by length).
+    Seccomp(usize),
     /// signals reset.
     ResetSignals,
     /// `execve(path, argv, envp)` (argv and env recorded by count).
@@ -367,6 +373,9 @@ impl Syscall for RecordingSyscalls {
     }
     fn no_new_privs(&mut self) -> Result<(), Errno> {
         self.record(Call::NoNewPrivs)
+    }
+    fn seccomp_filter(&mut self, program: &[SockFilter]) -> Result<(), Errno> {
+        self.record(Call::Seccomp(program.len()))
     }
     fn reset_signals(&mut self) -> Result<(), Errno> {
         self.record(Call::ResetSignals)

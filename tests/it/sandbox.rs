@@ -198,7 +198,7 @@ cat /etc/passwd > "$out/passwd"; cat /etc/group > "$out/group"; cat /etc/hosts >
 hostname > "$out/hostname"
 echo $$ > "$out/pid"
 ls /proc | grep '^[0-9]*$' | sort -n > "$out/pids"
-grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|SigBlk|SigIgn):' /proc/self/status > "$out/status"
+grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp|SigBlk|SigIgn):' /proc/self/status > "$out/status"
 cat /proc/sys/kernel/domainname > "$out/domainname"
 readlink /proc/self/fd/0 > "$out/stdin"
 cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' | sort > "$out/ifaces"
@@ -237,9 +237,12 @@ try "reach the internet" nc -w 2 1.1.1.1 80
 try "setuid to root" su -c true root
 try "chown to root" chown 0:0 "$TMPDIR"
 try "open a raw socket" ping -c 1 -W 1 127.0.0.1
+try "make a setuid file" sh -c 'echo > "$TMPDIR/s" && chmod 4755 "$TMPDIR/s"'
+try "make a setgid directory" sh -c 'mkdir "$TMPDIR/g" && chmod 2755 "$TMPDIR/g"'
 } > "$out/attempts"
 touch /tmp/writable && echo ok > "$out/tmp"
 echo x > "$TMPDIR/f" && echo ok > "$out/builddir"
+chmod 0700 "$TMPDIR/f" && echo ok > "$out/chmod"
 touch /dev/shm/x && echo ok > "$out/shm"
 echo probe done
 "#;
@@ -328,6 +331,10 @@ fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
         );
     }
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(
+        status.contains("Seccomp:\t2"),
+        "seccomp filter mode: {status}"
+    );
     // Signals reset (Rust's ignored SIGPIPE does not leak into the build).
     assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
     assert!(status.contains("SigIgn:\t0000000000000000"), "{status}");
@@ -383,7 +390,7 @@ fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
     let attempts = f.out("attempts");
     eprintln!("probe attempts:\n{attempts}");
     assert!(!attempts.contains("ESCAPED"), "escapes:\n{attempts}");
-    assert_eq!(attempts.lines().count(), 25, "{attempts}");
+    assert_eq!(attempts.lines().count(), 27, "{attempts}");
     assert_eq!(
         std::fs::read_to_string(f.store().join(TEXT)).expect("text"),
         "hello from a file input\n"
@@ -395,6 +402,7 @@ fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
     // What should work, works.
     assert_eq!(f.out("tmp").trim(), "ok");
     assert_eq!(f.out("builddir").trim(), "ok");
+    assert_eq!(f.out("chmod").trim(), "ok", "plain chmod passes the seccomp filter");
     assert_eq!(f.out("shm").trim(), "ok");
     // The build directory is on the host, owned by the build user.
     assert!(f.dirs.dirs().build.join("f").is_file());
