@@ -30,7 +30,7 @@ pub struct SockFilter {
     pub k: u32,
 }
 
-const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20; // BPF_LD | BPF_W | BPF_ABS
+const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS (0x20)
 const BPF_ALU_AND_K: u16 = 0x04 | 0x50; // BPF_ALU | BPF_AND | BPF_K
 const BPF_JEQ_K: u16 = 0x05 | 0x10; // BPF_JMP | BPF_JEQ | BPF_K
 const BPF_JGT_K: u16 = 0x05 | 0x20; // BPF_JMP | BPF_JGT | BPF_K
@@ -188,7 +188,7 @@ pub fn build_filter() -> Vec<SockFilter> {
         a.op(BPF_LD_W_ABS, off_arg(arg));
         a.jump(
             BPF_JSET_K,
-            (libc::S_ISUID | libc::S_ISGID) as u32,
+            libc::S_ISUID | libc::S_ISGID,
             Some(Label::Eperm),
             Some(Label::Allow),
         );
