@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::linux::{clone_child, LinuxSyscalls};
@@ -394,25 +394,10 @@ fn stream(
     let mut file = std::fs::File::from(log_r);
     loop {
         let now = Instant::now();
-        let mut deadline: Option<(Instant, TimeoutKind, Duration)> = None;
-        if let Some(d) = limits.total {
-            deadline = Some((started + d, TimeoutKind::Total, d));
-        }
-        if let Some(d) = limits.max_silent {
-            let t = last_output + d;
-            if deadline.map_or(true, |(dl, _, _)| t < dl) {
-                deadline = Some((t, TimeoutKind::Silent, d));
-            }
-        }
+        let deadline = next_deadline(limits, started, last_output);
         if let Some((at, kind, after)) = deadline {
             if at <= now {
-                tracing::info!(
-                    pid = pid.as_raw(),
-                    limit = kind_name(kind),
-                    "killing the build: time limit hit"
-                );
-                reap(pid);
-                return Ok(BuildOutcome::TimedOut { kind, after });
+                return Ok(time_out(pid, kind, after));
             }
         }
         let timeout = match deadline {
@@ -454,17 +439,58 @@ fn stream(
             }
         }
     }
-    // EOF: every writer is gone; the builder (PID 1) has exited or is about to.
+    // EOF: every writer is gone. Normally the builder (PID 1) has exited or
+    // is about to; but a builder may close its output and keep running, so
+    // the limits still apply while waiting (polling with backoff: the
+    // common case finishes within the first few milliseconds).
     let _ = log.flush();
+    let deadline = next_deadline(limits, started, last_output);
+    let mut nap = Duration::from_micros(200);
     loop {
-        match waitpid(pid, None) {
+        let flags = deadline.map(|_| WaitPidFlag::WNOHANG);
+        match waitpid(pid, flags) {
             Ok(WaitStatus::Exited(_, code)) => return Ok(BuildOutcome::Exited(code)),
             Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(BuildOutcome::Signaled(sig as i32)),
-            Ok(_) => continue,
-            Err(nix::Error::EINTR) => continue,
+            Ok(_) | Err(nix::Error::EINTR) => {}
             Err(e) => return Err(spawn_error("wait for the builder")(e)),
         }
+        if let Some((at, kind, after)) = deadline {
+            let now = Instant::now();
+            if at <= now {
+                return Ok(time_out(pid, kind, after));
+            }
+            std::thread::sleep(nap.min(at - now));
+            nap = (nap * 2).min(Duration::from_millis(50));
+        }
     }
+}
+
+/// The earliest limit still to come: the total timeout, or silence since
+/// the last output.
+fn next_deadline(
+    limits: super::plan::Timeouts,
+    started: Instant,
+    last_output: Instant,
+) -> Option<(Instant, TimeoutKind, Duration)> {
+    let total = limits.total.map(|d| (started + d, TimeoutKind::Total, d));
+    let silent = limits
+        .max_silent
+        .map(|d| (last_output + d, TimeoutKind::Silent, d));
+    match (total, silent) {
+        (Some(t), Some(s)) => Some(if s.0 < t.0 { s } else { t }),
+        (t, s) => t.or(s),
+    }
+}
+
+/// Kills the whole build (its PID namespace) for a time limit.
+fn time_out(pid: Pid, kind: TimeoutKind, after: Duration) -> BuildOutcome {
+    tracing::info!(
+        pid = pid.as_raw(),
+        limit = kind_name(kind),
+        "killing the build: time limit hit"
+    );
+    reap(pid);
+    BuildOutcome::TimedOut { kind, after }
 }
 
 fn kind_name(kind: TimeoutKind) -> &'static str {

@@ -402,7 +402,11 @@ fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
     // What should work, works.
     assert_eq!(f.out("tmp").trim(), "ok");
     assert_eq!(f.out("builddir").trim(), "ok");
-    assert_eq!(f.out("chmod").trim(), "ok", "plain chmod passes the seccomp filter");
+    assert_eq!(
+        f.out("chmod").trim(),
+        "ok",
+        "plain chmod passes the seccomp filter"
+    );
     assert_eq!(f.out("shm").trim(), "ok");
     // The build directory is on the host, owned by the build user.
     assert!(f.dirs.dirs().build.join("f").is_file());
@@ -520,6 +524,31 @@ fn timeout_kills_a_chatty_build() {
     );
     assert!(t.elapsed() < Duration::from_secs(10));
     assert!(log.starts_with("tick\n"));
+    assert_no_process_of(f.lease.user().uid());
+}
+
+#[test]
+fn a_build_that_closes_its_output_and_hangs_is_still_killed() {
+    if !ready("a_build_that_closes_its_output_and_hangs_is_still_killed") {
+        return;
+    }
+    let f = Fixture::new();
+    let mut spec = f.spec("echo bye; exec >&- 2>&-; $BB sleep 60");
+    spec.timeouts = Timeouts {
+        max_silent: Some(Duration::from_secs(1)),
+        total: None,
+    };
+    let t = Instant::now();
+    let (r, log) = f.run(&spec);
+    assert_eq!(
+        r.expect("runs"),
+        BuildOutcome::TimedOut {
+            kind: TimeoutKind::Silent,
+            after: Duration::from_secs(1)
+        }
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(log, "bye\n");
     assert_no_process_of(f.lease.user().uid());
 }
 
