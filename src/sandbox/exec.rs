@@ -87,7 +87,8 @@ pub struct ChildFds {
 }
 
 /// `execve` arguments as NULL-terminated pointer arrays into the plan's
-/// `CString`s; built before `clone` so the child allocates nothing.
+/// `CString`s; built before `clone` so the child allocates nothing. The
+/// fields are private, so the pointers always point into a live plan.
 pub struct PreparedExec<'a> {
     path: &'a CStr,
     argv: Vec<*const libc::c_char>,
@@ -107,6 +108,31 @@ impl<'a> PreparedExec<'a> {
             argv: ptrs(&plan.exec.argv),
             envp: ptrs(&plan.exec.env),
         }
+    }
+
+    /// The builder's path.
+    pub fn path(&self) -> &CStr {
+        self.path
+    }
+
+    /// The number of arguments (`argv[0]` included).
+    pub fn argc(&self) -> usize {
+        self.argv.len() - 1
+    }
+
+    /// The number of environment entries.
+    pub fn envc(&self) -> usize {
+        self.envp.len() - 1
+    }
+
+    /// The NULL-terminated argv array.
+    pub(crate) fn argv_ptr(&self) -> *const *const libc::c_char {
+        self.argv.as_ptr()
+    }
+
+    /// The NULL-terminated envp array.
+    pub(crate) fn envp_ptr(&self) -> *const *const libc::c_char {
+        self.envp.as_ptr()
     }
 }
 
@@ -243,7 +269,7 @@ pub fn apply(
         SetupOp::NoNewPrivs => sys.no_new_privs(),
         SetupOp::Seccomp(program) => sys.seccomp_filter(program),
         SetupOp::ResetSignals => sys.reset_signals(),
-        SetupOp::Exec => match sys.execve(exec.path, &exec.argv, &exec.envp) {
+        SetupOp::Exec => match sys.execve(exec) {
             Errno(0) => Ok(()),
             e => Err(e),
         },

@@ -9,6 +9,7 @@
 use std::ffi::CStr;
 use std::ptr;
 
+use super::exec::PreparedExec;
 use super::seccomp::SockFilter;
 use super::syscall::{Errno, FileKind, Syscall};
 
@@ -440,18 +441,11 @@ impl Syscall for LinuxSyscalls {
         Ok(())
     }
 
-    fn execve(
-        &mut self,
-        path: &CStr,
-        argv: &[*const libc::c_char],
-        envp: &[*const libc::c_char],
-    ) -> Errno {
-        if argv.last() != Some(&ptr::null()) || envp.last() != Some(&ptr::null()) {
-            return Errno(libc::EINVAL);
-        }
-        // SAFETY: argv and envp are NULL-terminated arrays of pointers to C
-        // strings that outlive the call (checked above for the terminator).
-        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    fn execve(&mut self, exec: &PreparedExec<'_>) -> Errno {
+        // SAFETY: a PreparedExec can only be built from a SandboxPlan that it
+        // borrows: its arrays are NULL-terminated and point to the plan's C
+        // strings, which outlive `exec`.
+        unsafe { libc::execve(exec.path().as_ptr(), exec.argv_ptr(), exec.envp_ptr()) };
         errno()
     }
 

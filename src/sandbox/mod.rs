@@ -5,7 +5,7 @@
 //!   setup steps, the argv and the environment exactly as Nix sets them.
 //! - [`syscall`]: the [`Syscall`] trait every setup step goes through, and a
 //!   recording fake for unit tests; `linux` holds the real calls and the
-//!   only fork (the only `unsafe` in the crate).
+//!   only fork (the only `unsafe` of the sandbox).
 //! - [`exec`]: clones the child into new mount, PID, network (unless
 //!   fixed-output), IPC and UTS namespaces; the child runs the steps and
 //!   execs, or reports the failing step and exits (fail closed); the parent
@@ -16,13 +16,33 @@
 //!   processes; [`host`]: the per-build host directories; [`setup`]:
 //!   `sandoff setup`.
 //!
-//! A build, in order (what [`run_build`] does):
-//! 1. lease a user ([`UserPool::acquire`]), kill its processes;
+//! A build, in order:
+//! 1. lease a user ([`UserPool::acquire`]);
 //! 2. create [`HostDirs`], fill a [`SandboxSpec`];
-//! 3. [`plan::plan`] and [`exec::run`];
-//! 4. kill the user's processes again; then (not here) check, canonicalise,
-//!    scan and register the outputs at [`HostDirs::output`] and delete the
-//!    directories.
+//! 3. [`run_build`]: plan, kill the user's processes, [`exec::run`], kill
+//!    them again;
+//! 4. (not here) check, canonicalise, scan and register the outputs found
+//!    at [`SandboxPlan::outputs`], then delete the directories.
+//!
+//! # Choices, against Nix 2.8 and Guix
+//!
+//! - No user namespace: the builder runs as the real build uid (as Nix
+//!   without user namespaces, and Guix); `/etc/passwd` names it `nixbld`.
+//! - Stricter than Nix: inputs are bound read-only, `nosuid`, `nodev` (Nix
+//!   relies on file modes); the root is a tmpfs remounted read-only; `/proc`
+//!   is `nosuid,nodev,noexec` with `sys`, `sysrq-trigger`, `irq`, `bus`
+//!   read-only (as bubblewrap); the bounding, ambient and inheritable
+//!   capability sets are cleared explicitly.
+//! - The log is a pipe (as Guix), not a pty (as Nix).
+//! - Fixed-output builds share the host network namespace, as Nix: their
+//!   outputs must be copied before registration (CVE-2024-27297), which is
+//!   the registration step's job.
+//! - The parent-death signal is armed first thing in the child; if sandoff
+//!   dies in the instants before that, the build runs unsupervised until the
+//!   next build of that user kills it.
+//! - The child holds every fd of the parent until `execve` (close-on-exec):
+//!   a file being written by another thread while a sandbox is being set up
+//!   cannot be executed (`ETXTBSY`) until that sandbox has exec'd.
 
 pub mod exec;
 pub mod host;

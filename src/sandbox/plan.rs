@@ -159,7 +159,7 @@ pub struct SandboxDirs {
     /// The build directory (owned by the build user, mode 0700), bound at
     /// `/tmp/<build dir name>`.
     pub build: PathBuf,
-    /// The scratch store (root:<build gid>, 01775), bound at the store dir;
+    /// The scratch store (`root:<build gid>`, 01775), bound at the store dir;
     /// outputs appear here.
     pub store: PathBuf,
 }

@@ -1,7 +1,7 @@
 //! The system calls sandbox setup needs, behind one trait (youki's design), so
 //! the sequence the child performs can be recorded and checked in unit tests.
 //!
-//! The real implementation is [`super::linux::LinuxSyscalls`]; the fake is
+//! The real implementation is `linux::LinuxSyscalls` (private); the fake is
 //! [`RecordingSyscalls`]. Callers pass one explicitly; nothing picks the fake
 //! by `cfg!(test)`.
 //!
@@ -12,6 +12,7 @@
 use std::ffi::{CStr, CString};
 use std::fmt;
 
+use super::exec::PreparedExec;
 use super::seccomp::SockFilter;
 
 /// An `errno` value, the only error the child can report.
@@ -117,13 +118,8 @@ pub trait Syscall {
     fn seccomp_filter(&mut self, program: &[SockFilter]) -> Result<(), Errno>;
     /// Empty signal mask, every handler back to `SIG_DFL`.
     fn reset_signals(&mut self) -> Result<(), Errno>;
-    /// `execve(2)`; returns only on failure.
-    fn execve(
-        &mut self,
-        path: &CStr,
-        argv: &[*const libc::c_char],
-        envp: &[*const libc::c_char],
-    ) -> Errno;
+    /// `execve(2)` of a prepared exec; returns only on failure.
+    fn execve(&mut self, exec: &PreparedExec<'_>) -> Errno;
     /// `kill(-1, SIGKILL)`: every process the caller may signal.
     fn kill_all(&mut self) -> Result<(), Errno>;
     /// Writes all of `buf` to `fd` (the error report).
@@ -380,21 +376,15 @@ impl Syscall for RecordingSyscalls {
     fn reset_signals(&mut self) -> Result<(), Errno> {
         self.record(Call::ResetSignals)
     }
-    fn execve(
-        &mut self,
-        path: &CStr,
-        argv: &[*const libc::c_char],
-        envp: &[*const libc::c_char],
-    ) -> Errno {
-        // The pointer arrays end with a NULL that is not an argument.
+    fn execve(&mut self, exec: &PreparedExec<'_>) -> Errno {
         let call = Call::Execve {
-            path: path.to_owned(),
-            argc: argv.len().saturating_sub(1),
-            envc: envp.len().saturating_sub(1),
+            path: exec.path().to_owned(),
+            argc: exec.argc(),
+            envc: exec.envc(),
         };
         match self.record(call) {
             Err(e) => e,
-            // A real execve that succeeds does not return; the fake reports ENOEXEC-free success as 0.
+            // A real execve that succeeds does not return; the fake reports success as 0.
             Ok(()) => Errno(0),
         }
     }
