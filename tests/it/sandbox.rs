@@ -552,6 +552,31 @@ fn a_build_that_closes_its_output_and_hangs_is_still_killed() {
     assert_no_process_of(f.lease.user().uid());
 }
 
+#[test]
+fn leftover_processes_of_the_build_user_are_killed_before_the_build() {
+    if !ready("leftover_processes_of_the_build_user_are_killed_before_the_build") {
+        return;
+    }
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let f = Fixture::new();
+    let user = f.lease.user().clone();
+    // A process a previous build of this user might have left behind.
+    let mut stray = std::process::Command::new("/bin/busybox")
+        .args(["sleep", "60"])
+        .uid(user.uid())
+        .gid(user.gid())
+        .spawn()
+        .expect("spawn stray process");
+    let (r, log) = f.run(&f.spec("echo built"));
+    assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+    let status = stray.wait().expect("wait");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "stray process: {status:?}"
+    );
+}
+
 /// No process of `uid` is left on the host.
 fn assert_no_process_of(uid: u32) {
     for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
