@@ -44,21 +44,33 @@ fn time(n: usize, mut f: impl FnMut()) -> Vec<Duration> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let n: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(200);
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(200);
     let tmp = tempfile::tempdir()?;
     let bb_dir = tmp.path().join("root/nix/store").join(BUSYBOX);
     std::fs::create_dir_all(bb_dir.join("bin"))?;
     std::fs::copy("/bin/busybox", bb_dir.join("bin/busybox"))?;
-    ensure_build_users(&BuildUsers::Create { group: "sandoffbld".to_owned(), count: 10 })?;
+    ensure_build_users(&BuildUsers::Create {
+        group: "sandoffbld".to_owned(),
+        count: 10,
+    })?;
     let pool = UserPool::from_group("sandoffbld", &tmp.path().join("userpool"))?;
-    let lease = pool.try_acquire()?.ok_or_else(|| anyhow::anyhow!("no free build user"))?;
+    let lease = pool
+        .try_acquire()?
+        .ok_or_else(|| anyhow::anyhow!("no free build user"))?;
 
     let spec_for = |dirs: &HostDirs| SandboxSpec {
         store_dir: StoreDir::default(),
         builder: format!("/nix/store/{BUSYBOX}/bin/busybox").into_bytes(),
         args: vec![b"true".to_vec()],
         env: BTreeMap::new(),
-        inputs: vec![InputPath { source: bb_dir.clone(), path: StorePath::from_base_name(BUSYBOX).expect("valid") }],
+        inputs: vec![InputPath {
+            source: bb_dir.clone(),
+            path: StorePath::from_base_name(BUSYBOX).expect("valid"),
+        }],
         outputs: vec![],
         dirs: dirs.dirs().clone(),
         build_dir_name: plan::DEFAULT_BUILD_DIR_NAME.to_owned(),
@@ -74,24 +86,41 @@ fn main() -> anyhow::Result<()> {
     let spec = spec_for(&dirs);
     let core = time(n, || {
         let p = plan::plan(&spec).expect("plan");
-        assert_eq!(exec::run(&p, &mut sink).expect("run"), BuildOutcome::Exited(0));
+        assert_eq!(
+            exec::run(&p, &mut sink).expect("run"),
+            BuildOutcome::Exited(0)
+        );
     });
     let full = time(n, || {
         let d = HostDirs::create(tmp.path(), lease.user()).expect("dirs");
         let s = spec_for(&d);
-        assert_eq!(run_build(&lease, &s, &mut sink).expect("run"), BuildOutcome::Exited(0));
+        assert_eq!(
+            run_build(&lease, &s, &mut sink).expect("run"),
+            BuildOutcome::Exited(0)
+        );
         d.remove().expect("remove");
     });
     let bwrap = time(n, || {
         let st = Command::new("bwrap")
-            .args(["--unshare-all", "--ro-bind", "/bin/busybox", "/bin/busybox", "--proc", "/proc"])
+            .args([
+                "--unshare-all",
+                "--ro-bind",
+                "/bin/busybox",
+                "/bin/busybox",
+                "--proc",
+                "/proc",
+            ])
             .args(["--dev", "/dev", "--tmpfs", "/tmp", "/bin/busybox", "true"])
             .status()
             .expect("bwrap");
         assert!(st.success());
     });
     let bare = time(n, || {
-        assert!(Command::new("/bin/busybox").arg("true").status().expect("busybox").success());
+        assert!(Command::new("/bin/busybox")
+            .arg("true")
+            .status()
+            .expect("busybox")
+            .success());
     });
 
     println!("sandbox setup + busybox true, {n} runs each, after 5 warm-ups:");
@@ -100,7 +129,12 @@ fn main() -> anyhow::Result<()> {
     let f = stats("sandoff: + dirs, user kill before/after", full);
     let w = stats("bwrap --unshare-all ... true", bwrap);
     let r = |x: Duration| x.as_secs_f64() / w.as_secs_f64();
-    println!("ratio sandoff/bwrap (median): core {:.2}x, full {:.2}x (target <= 2x); bare exec {:.2}x", r(c), r(f), r(b));
+    println!(
+        "ratio sandoff/bwrap (median): core {:.2}x, full {:.2}x (target <= 2x); bare exec {:.2}x",
+        r(c),
+        r(f),
+        r(b)
+    );
     dirs.remove()?;
     Ok(())
 }
