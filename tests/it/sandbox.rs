@@ -577,6 +577,30 @@ fn leftover_processes_of_the_build_user_are_killed_before_the_build() {
     );
 }
 
+#[test]
+fn host_dirs_are_removed_whatever_the_build_left() {
+    if !ready("host_dirs_are_removed_whatever_the_build_left") {
+        return;
+    }
+    let f = Fixture::new();
+    let dirs = HostDirs::create(f._tmp.path(), f.lease.user()).expect("dirs");
+    let mut spec = f.spec(
+        "$BB mkdir -p \"$TMPDIR/a/b\" \"$out/c\"; $BB chmod 0 \"$TMPDIR/a\" \"$out/c\" \"$out\"; \
+         $BB ln -s / \"$TMPDIR/root-link\"",
+    );
+    spec.dirs = dirs.dirs().clone();
+    let (r, log) = f.run(&spec);
+    assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+    assert!(dirs.output(OUT).is_dir());
+    let top = dirs.top().to_path_buf();
+    dirs.remove().expect("remove");
+    assert!(!top.exists());
+    assert!(
+        Path::new("/etc/passwd").exists(),
+        "followed a symlink out of the build dir"
+    );
+}
+
 /// No process of `uid` is left on the host.
 fn assert_no_process_of(uid: u32) {
     for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
