@@ -350,54 +350,82 @@ pub fn run(plan: &SandboxPlan, log: &mut dyn Write) -> Result<BuildOutcome, Sand
     drop(err_w);
     tracing::debug!(pid = pid.as_raw(), "sandboxed child started");
 
-    if let Some((step, errno)) = read_setup_result(err_r).inspect_err(|_| reap(pid))? {
-        reap(pid);
-        let op = plan
-            .ops
-            .get(step)
-            .map_or_else(|| "exec".to_owned(), |op| op.to_string());
-        return Err(SandboxError::SetupFailed {
-            step,
-            op,
-            source: errno.to_io(),
-        });
+    let setup = read_setup_result(err_r, plan.timeouts.total.map(|d| (started + d, d)))
+        .inspect_err(|_| reap(pid))?;
+    match setup {
+        Setup::Execd => {}
+        Setup::Failed(step, errno) => {
+            reap(pid);
+            let op = plan
+                .ops
+                .get(step)
+                .map_or_else(|| "exec".to_owned(), |op| op.to_string());
+            return Err(SandboxError::SetupFailed {
+                step,
+                op,
+                source: errno.to_io(),
+            });
+        }
+        Setup::TimedOut(after) => return Ok(time_out(pid, TimeoutKind::Total, after)),
     }
     tracing::debug!(elapsed = ?started.elapsed(), "builder exec'd");
     stream(pid, log_r, plan, started, log)
 }
 
-/// `None` when the builder was exec'd, else the failing step.
-fn read_setup_result(err_r: OwnedFd) -> Result<Option<(usize, Errno)>, SandboxError> {
+/// How the child's setup ended.
+enum Setup {
+    /// The builder was exec'd (the error pipe closed without a message).
+    Execd,
+    /// A step failed: its index and errno.
+    Failed(usize, Errno),
+    /// The total time limit passed during setup (e.g. a hung mount source).
+    TimedOut(Duration),
+}
+
+/// Reads the error pipe until EOF or a message, within the total time limit.
+fn read_setup_result(
+    err_r: OwnedFd,
+    deadline: Option<(Instant, Duration)>,
+) -> Result<Setup, SandboxError> {
+    let read_err = |source| SandboxError::Spawn {
+        action: "read the setup result",
+        source,
+    };
     let mut file = std::fs::File::from(err_r);
     let mut msg = [0u8; 8];
     let mut got = 0;
     while got < msg.len() {
+        if let Some((at, after)) = deadline {
+            let now = Instant::now();
+            if at <= now {
+                return Ok(Setup::TimedOut(after));
+            }
+            let ms = (at - now).as_millis().clamp(1, i32::MAX as u128) as i32;
+            let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+            match nix::poll::poll(&mut [PollFd::new(file.as_fd(), PollFlags::POLLIN)], timeout) {
+                Ok(0) | Err(nix::Error::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => return Err(read_err(e.into())),
+            }
+        }
         match file.read(&mut msg[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(SandboxError::Spawn {
-                    action: "read the setup result",
-                    source: e,
-                })
-            }
+            Err(e) => return Err(read_err(e)),
         }
     }
     match got {
-        0 => Ok(None),
+        0 => Ok(Setup::Execd),
         8 => {
             let step = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize;
             let errno = i32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]);
-            Ok(Some((step, Errno(errno))))
+            Ok(Setup::Failed(step, Errno(errno)))
         }
-        n => Err(SandboxError::Spawn {
-            action: "read the setup result",
-            source: std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("{n} of 8 bytes"),
-            ),
-        }),
+        n => Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("{n} of 8 bytes"),
+        ))),
     }
 }
 
@@ -742,6 +770,35 @@ mod tests {
                 "exec after failing call {at}"
             );
         }
+    }
+
+    #[test]
+    fn setup_result_protocol() {
+        let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).expect("pipe");
+        // EOF without a message: exec'd.
+        let (r, w) = pipe();
+        drop(w);
+        assert!(matches!(read_setup_result(r, None), Ok(Setup::Execd)));
+        // A message: the step and errno.
+        let (r, w) = pipe();
+        let mut msg = 7u32.to_le_bytes().to_vec();
+        msg.extend_from_slice(&libc::ENOENT.to_le_bytes());
+        nix::unistd::write(&w, &msg).expect("write");
+        drop(w);
+        assert!(matches!(
+            read_setup_result(r, None),
+            Ok(Setup::Failed(7, Errno(libc::ENOENT)))
+        ));
+        // A torn message is an error, not a success.
+        let (r, w) = pipe();
+        nix::unistd::write(&w, &msg[..3]).expect("write");
+        drop(w);
+        assert!(read_setup_result(r, None).is_err());
+        // A setup that hangs past the total limit times out.
+        let (r, _w) = pipe();
+        let after = Duration::from_millis(50);
+        let got = read_setup_result(r, Some((Instant::now() + after, after)));
+        assert!(matches!(got, Ok(Setup::TimedOut(d)) if d == after));
     }
 
     #[test]
