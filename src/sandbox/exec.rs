@@ -260,6 +260,7 @@ pub fn apply(
             Ok(())
         }
         SetupOp::NoAddressRandomization => sys.no_address_randomization(),
+        SetupOp::OomSacrifice => sys.oom_sacrifice(),
         SetupOp::DropBoundingSet => sys.drop_bounding_set(),
         SetupOp::ClearAmbientCaps => sys.clear_ambient_caps(),
         SetupOp::SetGroups(g) => sys.setgroups(g),

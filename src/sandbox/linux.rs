@@ -296,6 +296,22 @@ impl Syscall for LinuxSyscalls {
         check(unsafe { libc::personality((cur | libc::ADDR_NO_RANDOMIZE) as libc::c_ulong) })
     }
 
+    fn oom_sacrifice(&mut self) -> Result<(), Errno> {
+        // SAFETY: a literal C string.
+        let fd = unsafe {
+            libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd == -1 {
+            return Err(errno());
+        }
+        let r = self.write_all(fd, b"1000");
+        close(fd);
+        r
+    }
+
     fn drop_bounding_set(&mut self) -> Result<(), Errno> {
         for cap in 0..64 {
             // SAFETY: PR_CAPBSET_DROP takes a capability number.

@@ -355,6 +355,9 @@ pub enum SetupOp {
     Umask(u32),
     /// `personality(ADDR_NO_RANDOMIZE)`, as Nix, for reproducibility.
     NoAddressRandomization,
+    /// `oom_score_adj` = 1000: under memory pressure the kernel kills a
+    /// build before sandoff (as Guix's `oomSacrifice`).
+    OomSacrifice,
     /// Drop every capability from the bounding set (needs CAP_SETPCAP, so
     /// before the uid change).
     DropBoundingSet,
@@ -424,6 +427,7 @@ impl fmt::Display for SetupOp {
             SetupOp::NoCoreDumps => write!(f, "set RLIMIT_CORE 0"),
             SetupOp::Umask(m) => write!(f, "umask {:03o}", m),
             SetupOp::NoAddressRandomization => write!(f, "personality ADDR_NO_RANDOMIZE"),
+            SetupOp::OomSacrifice => write!(f, "set oom_score_adj 1000"),
             SetupOp::DropBoundingSet => write!(f, "drop the capability bounding set"),
             SetupOp::ClearAmbientCaps => write!(f, "clear ambient capabilities"),
             SetupOp::SetGroups(g) => write!(f, "setgroups {g:?}"),
@@ -878,6 +882,7 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
     o.push(SetupOp::NoCoreDumps);
     o.push(SetupOp::Umask(0o022));
     o.push(SetupOp::NoAddressRandomization);
+    o.push(SetupOp::OomSacrifice);
 
     // Privileges: bounding set while we still have CAP_SETPCAP, then the ids,
     // then whatever the uid change left, then lock it with no_new_privs.

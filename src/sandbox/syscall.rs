@@ -98,6 +98,8 @@ pub trait Syscall {
     fn umask(&mut self, mask: u32);
     /// `personality(ADDR_NO_RANDOMIZE)`.
     fn no_address_randomization(&mut self) -> Result<(), Errno>;
+    /// Writes 1000 to `/proc/self/oom_score_adj`.
+    fn oom_sacrifice(&mut self) -> Result<(), Errno>;
     /// `PR_CAPBSET_DROP` of every capability the kernel knows.
     fn drop_bounding_set(&mut self) -> Result<(), Errno>;
     /// `PR_CAP_AMBIENT_CLEAR_ALL`.
@@ -180,6 +182,8 @@ pub enum Call {
     Umask(u32),
     /// `personality`.
     NoAddressRandomization,
+    /// `oom_score_adj` raised.
+    OomSacrifice,
     /// bounding set dropped.
     DropBoundingSet,
     /// ambient set cleared.
@@ -345,6 +349,9 @@ impl Syscall for RecordingSyscalls {
     }
     fn no_address_randomization(&mut self) -> Result<(), Errno> {
         self.record(Call::NoAddressRandomization)
+    }
+    fn oom_sacrifice(&mut self) -> Result<(), Errno> {
+        self.record(Call::OomSacrifice)
     }
     fn drop_bounding_set(&mut self) -> Result<(), Errno> {
         self.record(Call::DropBoundingSet)

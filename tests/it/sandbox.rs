@@ -201,6 +201,7 @@ ls /proc | grep '^[0-9]*$' | sort -n > "$out/pids"
 grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp|SigBlk|SigIgn):' /proc/self/status > "$out/status"
 cat /proc/sys/kernel/domainname > "$out/domainname"
 readlink /proc/self/fd/0 > "$out/stdin"
+cat /proc/self/oom_score_adj > "$out/oom"
 cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' | sort > "$out/ifaces"
 cat /proc/self/mountinfo > "$out/mountinfo"
 pwd > "$out/pwd"
@@ -340,6 +341,7 @@ fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
     assert!(status.contains("SigIgn:\t0000000000000000"), "{status}");
     assert_eq!(f.out("domainname").trim(), "(none)");
     assert_eq!(f.out("stdin").trim(), "/dev/null");
+    assert_eq!(f.out("oom").trim(), "1000");
 
     // Only loopback.
     assert_eq!(lines(&f.out("ifaces")), ["lo"]);
