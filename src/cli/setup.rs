@@ -2,10 +2,12 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Args;
 use sandoff::sandbox::setup::{
     ensure_build_users, ensure_state_dirs, BuildUsers, DEFAULT_GROUP, DEFAULT_USER_COUNT,
 };
+use sandoff::store::keyring::{default_key_name, Keyring};
 use sandoff::store::StoreLocation;
 
 /// Options of `sandoff setup`.
@@ -30,9 +32,18 @@ pub fn run(args: SetupArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     };
     let report = ensure_build_users(&which)?;
     ensure_state_dirs(&loc.state)?;
+    // Builds read the group from here, so `--build-users-group nixbld` sticks.
+    let group_file = loc.state.join("build-users-group");
+    std::fs::write(&group_file, format!("{}\n", report.group))
+        .with_context(|| format!("writing '{}'", group_file.display()))?;
     for name in &report.created {
         println!("created {name}");
     }
+    let (key, created) = Keyring::new(&loc.state).ensure_key_pair(&default_key_name())?;
+    if created {
+        println!("created signing key {}", key.name());
+    }
+    println!("public key: {key}");
     println!(
         "build users: group {} (gid {}), {} members; state in {}",
         report.group,

@@ -213,7 +213,7 @@ pub fn ensure_state_dirs(state: &Path) -> Result<(), SetupError> {
             .map_err(err)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
     }
-    // TODO(keys): generate this machine's signing key pair in <state>/keys
+    // The key pair itself is made by `store::keyring` (called by `sandoff setup`).
     // (Nix format) if absent, once the key module lands.
     Ok(())
 }

@@ -723,7 +723,8 @@ fn cli_setup_creates_users_and_state_dirs_idempotently() {
     }
     let _ = pool();
     let tmp = tempfile::tempdir().expect("tempdir");
-    for _ in 0..2 {
+    let mut keys = Vec::new();
+    for run in 0..2 {
         let out = support::run_ok(support::sandoff().arg("--state-dir").arg(tmp.path()).args([
             "setup",
             "--build-users",
@@ -731,11 +732,26 @@ fn cli_setup_creates_users_and_state_dirs_idempotently() {
         ]));
         let out = String::from_utf8_lossy(&out);
         assert!(out.contains("build users: group sandoffbld"), "{out}");
-        assert!(!out.contains("created"), "{out}");
+        // The users exist already (pool()); only the first run makes the key.
+        assert!(!out.contains("created sandoffbld"), "{out}");
+        assert_eq!(out.contains("created signing key"), run == 0, "{out}");
+        let shown = support::run_ok(
+            support::sandoff()
+                .arg("--state-dir")
+                .arg(tmp.path())
+                .args(["key", "show"]),
+        );
+        keys.push(String::from_utf8(shown).expect("utf-8"));
     }
+    assert_eq!(keys[0], keys[1], "setup must keep the existing key");
     for d in ["db", "keys", "log", "userpool", "locks"] {
         assert!(tmp.path().join(d).is_dir(), "{d}");
     }
+    assert!(tmp.path().join("keys/signing-key.sec").is_file());
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("build-users-group")).expect("group file"),
+        "sandoffbld\n"
+    );
     let bad = support::sandoff()
         .arg("--state-dir")
         .arg(tmp.path())
