@@ -9,8 +9,11 @@
 //!   derivations or builds.
 //! - [`derivation`]: the ATerm `.drv` format, `hashDerivationModulo`, output
 //!   paths and the JSON form of `nix show-derivation`.
+//! - [`decide`]: where a derivation is built; Nix and Guix machines files
+//!   read into one machine model, and one pure `decide()` for every caller.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over these modules.
 
+pub mod decide;
 pub mod derivation;
 pub mod store;
