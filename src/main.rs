@@ -44,6 +44,11 @@ enum Command {
     /// Show and add derivations.
     #[command(subcommand)]
     Derivation(cli::derivation::DerivationCommand),
+    /// Show where a derivation would be built, and why.
+    Decide(cli::decide::DecideArgs),
+    /// Inspect the build machines file.
+    #[command(subcommand)]
+    Machines(cli::machines::MachinesCommand),
 }
 
 impl Cli {
@@ -93,6 +98,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Store(c) => cli::store::run(c, &loc),
         Command::Key(c) => cli::key::run(c, &loc),
         Command::Derivation(c) => cli::derivation::run(c, &loc),
+        Command::Decide(c) => cli::decide::run(c, &loc),
+        Command::Machines(c) => cli::machines::run(c),
     }
 }
 
