@@ -323,6 +323,35 @@ pub fn assess(drv: &DrvFacts, state: &MachineState<'_>) -> Standing {
     Standing::Available
 }
 
+/// [`assess`] without the details, so that the hot loop of [`decide`]
+/// never allocates.
+enum Quick {
+    Ineligible,
+    Busy,
+    Available,
+}
+
+fn quick_standing(drv: &DrvFacts, state: &MachineState<'_>) -> Quick {
+    let m = state.machine;
+    let eligible = (drv.system == "builtin" || m.systems.contains(&drv.system))
+        && drv
+            .required_features
+            .iter()
+            .all(|f| m.supported_features.contains(f) || m.mandatory_features.contains(f))
+        && m.mandatory_features.is_subset(&drv.required_features)
+        && !state.in_backoff;
+    if !eligible {
+        return Quick::Ineligible;
+    }
+    if state.slots_in_use >= m.max_jobs {
+        return Quick::Busy;
+    }
+    match (state.load, m.overload_threshold()) {
+        (Some(load), Some(threshold)) if load >= threshold => Quick::Busy,
+        _ => Quick::Available,
+    }
+}
+
 /// One line on a machine's standing, for `sandoff decide`.
 pub fn describe(drv: &DrvFacts, state: &MachineState<'_>, standing: &Standing) -> String {
     let m = state.machine;
@@ -417,10 +446,10 @@ pub fn decide(
     let mut eligible = 0usize;
     let mut best: Option<&MachineState<'_>> = None;
     for state in machines {
-        match assess(drv, state) {
-            Standing::Ineligible(_) => {}
-            Standing::Full | Standing::Overloaded { .. } => eligible += 1,
-            Standing::Available => {
+        match quick_standing(drv, state) {
+            Quick::Ineligible => {}
+            Quick::Busy => eligible += 1,
+            Quick::Available => {
                 eligible += 1;
                 if best.map_or(true, |b| better(state, b)) {
                     best = Some(state);

@@ -498,3 +498,24 @@ proptest! {
         prop_assert!(kind == "local" || kind == "fail");
     }
 }
+
+proptest! {
+    #[test]
+    fn fast_path_agrees_with_assess(
+        (m, used, load, backoff) in arb_machine(),
+        d in arb_drv(),
+    ) {
+        let st = MachineState { machine: &m, slots_in_use: used, load, in_backoff: backoff };
+        let slow = match assess(&d, &st) {
+            Standing::Ineligible(_) => "ineligible",
+            Standing::Full | Standing::Overloaded { .. } => "busy",
+            Standing::Available => "available",
+        };
+        let fast = match quick_standing(&d, &st) {
+            Quick::Ineligible => "ineligible",
+            Quick::Busy => "busy",
+            Quick::Available => "available",
+        };
+        prop_assert_eq!(slow, fast);
+    }
+}
