@@ -959,3 +959,27 @@ mod tests {
         assert!(p(&text).is_err());
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn never_panics(text in "[()\"'#|;\\\\a-z0-9. \n-]{0,160}") {
+            let _ = parse(&text, "machines.scm", &|_: &str| None);
+        }
+
+        #[test]
+        fn strings_round_trip_through_the_reader(s in "[ -~]{0,40}") {
+            // Written as Guile's `write` would, read back unchanged.
+            let escaped = s.replace('\\', "\\\\").replace('"', "\\\"");
+            let text = format!(
+                r#"(list (build-machine (name "a") (systems '("s")) (user "u") (host-key "{escaped}")))"#
+            );
+            let m = parse(&text, "machines.scm", &|_: &str| None).unwrap();
+            prop_assert_eq!(m[0].host_key.as_deref(), Some(s.as_str()));
+        }
+    }
+}

@@ -606,3 +606,26 @@ mod tests {
         assert!(e.starts_with("/a:2: field maxJobs"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn never_panics(text in "[a-z@:/?=;#\\- \t\n,.0-9+]{0,120}") {
+            let _ = parse(&text, "machines", "x86_64-linux", &NoIncludes);
+        }
+
+        #[test]
+        fn accepted_machines_keep_invariants(
+            host in "[a-z]{1,8}",
+            jobs in "[0-9]{1,3}|-",
+            speed in "[0-9]{1,2}(\\.[0-9])?|-",
+        ) {
+            let m = parse(&format!("{host} x86_64-linux - {jobs} {speed}"), "m", "s", &NoIncludes).unwrap();
+            prop_assert!(m[0].check().is_ok());
+        }
+    }
+}
