@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs sandoff's whole test suite. On a fresh Debian 12 machine as root it
-# first installs what the tests need: Nix 2.8 (the oracle), busybox, sqlite3.
+# first installs what the tests need: Nix 2.8 (the oracle), busybox, sqlite3,
+# Guile (the oracle for machines.scm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nix-bin busybox-static sqlite3 pkg-config)
+packages=(nix-bin busybox-static sqlite3 pkg-config guile-3.0)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${packages[@]}"; do

@@ -11,9 +11,12 @@
 //!   paths and the JSON form of `nix show-derivation`.
 //! - [`sandbox`]: the local build sandbox: a pure plan of setup steps, run
 //!   by one forked child in fresh namespaces as a pooled build user.
+//! - [`decide`]: where a derivation is built; Nix and Guix machines files
+//!   read into one machine model, and one pure `decide()` for every caller.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over these modules.
 
+pub mod decide;
 pub mod derivation;
 pub mod sandbox;
 pub mod store;

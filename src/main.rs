@@ -46,6 +46,11 @@ enum Command {
     Derivation(cli::derivation::DerivationCommand),
     /// Prepare this machine for local builds: build users, state directories (as root).
     Setup(cli::setup::SetupArgs),
+    /// Show where a derivation would be built, and why.
+    Decide(cli::decide::DecideArgs),
+    /// Inspect the build machines file.
+    #[command(subcommand)]
+    Machines(cli::machines::MachinesCommand),
 }
 
 impl Cli {
@@ -96,6 +101,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Key(c) => cli::key::run(c, &loc),
         Command::Derivation(c) => cli::derivation::run(c, &loc),
         Command::Setup(c) => cli::setup::run(c, &loc),
+        Command::Decide(c) => cli::decide::run(c, &loc),
+        Command::Machines(c) => cli::machines::run(c),
     }
 }
 

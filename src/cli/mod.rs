@@ -1,7 +1,9 @@
 //! One file per command group; each turns its arguments into library calls.
 
+pub mod decide;
 pub mod derivation;
 pub mod key;
+pub mod machines;
 pub mod nar;
 pub mod setup;
 pub mod store;

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per area.
 
+mod decide;
 mod derivation;
 mod nar;
 mod registry;

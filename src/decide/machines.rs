@@ -1,0 +1,209 @@
+//! The one machine model that both machines-file formats parse into.
+//!
+//! Nix and Guix describe a build machine with different fields; sandoff keeps
+//! the union, with the Guix-only ones in [`GuixExtras`], so that the decision
+//! and the offloader see one type whatever file the machine came from.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::Serialize;
+use thiserror::Error;
+
+/// Why a machine description was refused.
+#[derive(Debug, Error, PartialEq)]
+pub enum MachineError {
+    #[error("machine name is empty")]
+    EmptyName,
+    #[error("machine name {name:?} contains whitespace or a control character")]
+    BadNameChar { name: String },
+    #[error("machine {machine}: speed factor {speed} is not a positive finite number")]
+    BadSpeed { machine: String, speed: f64 },
+}
+
+/// A machine's identity: the Nix store URI as written (`ssh://nix@host`), or
+/// the Guix `name` (a host name). It names the machine in decisions, logs and
+/// slot-lock files, so it must be one printable word.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct MachineName(String);
+
+impl MachineName {
+    /// Checks that `name` is non-empty and holds no whitespace or control
+    /// character (it becomes part of file names and one-line messages).
+    pub fn new(name: &str) -> Result<MachineName, MachineError> {
+        if name.is_empty() {
+            return Err(MachineError::EmptyName);
+        }
+        if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(MachineError::BadNameChar {
+                name: name.to_owned(),
+            });
+        }
+        Ok(MachineName(name.to_owned()))
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for MachineName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which file format a machine was read from; the offloader speaks the
+/// matching protocol dialect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineFormat {
+    /// A line of Nix's `machines` file (or `builders` setting).
+    Nix,
+    /// A `build-machine` record of Guix's `machines.scm`.
+    Guix,
+}
+
+/// Fields only Guix's `build-machine` record has, with Guix's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GuixExtras {
+    /// Normalized remote load (0.0 to 1.0) at or above which the machine is
+    /// skipped; `None` (`#f`) disables the check. Guix's default is 0.8.
+    pub overload_threshold: Option<f64>,
+    /// libssh compression methods, default `"zlib@openssh.com,zlib"`.
+    pub compression: String,
+    /// libssh compression level, default 3.
+    pub compression_level: i64,
+    /// The remote guix-daemon socket, default `/var/guix/daemon-socket/socket`.
+    pub daemon_socket: String,
+}
+
+impl Default for GuixExtras {
+    fn default() -> GuixExtras {
+        GuixExtras {
+            overload_threshold: Some(0.8),
+            compression: "zlib@openssh.com,zlib".to_owned(),
+            compression_level: 3,
+            daemon_socket: "/var/guix/daemon-socket/socket".to_owned(),
+        }
+    }
+}
+
+/// A build machine, as a machines file describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Machine {
+    /// Identity in decisions and lock files (see [`MachineName`]).
+    pub name: MachineName,
+    /// The format it came from.
+    pub format: MachineFormat,
+    /// The store URI to connect to, with its query parameters
+    /// (`ssh://nix@host:2222?remote-program=/bin/nix-store`). For Guix
+    /// machines it is made up from user, name and port.
+    pub store_uri: String,
+    /// The host to connect to (no user, port or brackets), if the URI has one.
+    pub host: Option<String>,
+    /// System types it builds, such as `x86_64-linux`.
+    pub systems: BTreeSet<String>,
+    /// SSH user; `None` leaves it to ssh.
+    pub user: Option<String>,
+    /// SSH port; `None` leaves it to ssh (22 or `~/.ssh/config`).
+    pub port: Option<u16>,
+    /// SSH identity file.
+    pub private_key: Option<String>,
+    /// Concurrent builds it takes (Nix `maxJobs`, Guix `parallel-builds`).
+    /// Zero means it never has a free slot.
+    pub max_jobs: u32,
+    /// Relative speed, finite and > 0; higher is preferred.
+    pub speed_factor: f64,
+    /// Features it offers to derivations that require them.
+    pub supported_features: BTreeSet<String>,
+    /// Features a derivation must require to be built here (Nix only).
+    pub mandatory_features: BTreeSet<String>,
+    /// The expected SSH host key as an OpenSSH public-key line
+    /// (`ssh-ed25519 AAAA... comment`); `None` trusts `known_hosts`.
+    pub host_key: Option<String>,
+    /// Guix-only fields; `None` for Nix machines.
+    pub guix: Option<GuixExtras>,
+}
+
+impl Machine {
+    /// Checks the invariants that the decision relies on (a positive, finite
+    /// speed factor, so that `load / speed` is always a number).
+    pub fn check(&self) -> Result<(), MachineError> {
+        if !(self.speed_factor.is_finite() && self.speed_factor > 0.0) {
+            return Err(MachineError::BadSpeed {
+                machine: self.name.to_string(),
+                speed: self.speed_factor,
+            });
+        }
+        Ok(())
+    }
+
+    /// `supported ∪ mandatory`: every feature a derivation may require here.
+    pub fn all_features(&self) -> impl Iterator<Item = &String> {
+        self.supported_features
+            .iter()
+            .chain(self.mandatory_features.iter())
+    }
+
+    /// The overload threshold, if the machine's format has one.
+    pub fn overload_threshold(&self) -> Option<f64> {
+        self.guix.as_ref().and_then(|g| g.overload_threshold)
+    }
+}
+
+/// The JSON form of `sandoff machines list --json`, one object per machine.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MachineJson<'a> {
+    name: &'a MachineName,
+    systems: &'a BTreeSet<String>,
+    user: &'a Option<String>,
+    port: Option<u16>,
+    private_key: &'a Option<String>,
+    max_jobs: u32,
+    speed_factor: f64,
+    supported_features: &'a BTreeSet<String>,
+    mandatory_features: &'a BTreeSet<String>,
+    host_key: &'a Option<String>,
+}
+
+/// The machines as the JSON array of `sandoff machines list --json`, with the
+/// keys `name`, `systems`, `user`, `port`, `privateKey`, `maxJobs`,
+/// `speedFactor`, `supportedFeatures`, `mandatoryFeatures`, `hostKey`.
+pub fn to_json(machines: &[Machine]) -> serde_json::Value {
+    let list: Vec<MachineJson<'_>> = machines
+        .iter()
+        .map(|m| MachineJson {
+            name: &m.name,
+            systems: &m.systems,
+            user: &m.user,
+            port: m.port,
+            private_key: &m.private_key,
+            max_jobs: m.max_jobs,
+            speed_factor: m.speed_factor,
+            supported_features: &m.supported_features,
+            mandatory_features: &m.mandatory_features,
+            host_key: &m.host_key,
+        })
+        .collect();
+    serde_json::to_value(list).expect("machine JSON has only string keys and finite numbers")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_empty_and_spaced_names() {
+        assert_eq!(MachineName::new(""), Err(MachineError::EmptyName));
+        assert!(MachineName::new("a b").is_err());
+        assert!(MachineName::new("a\nb").is_err());
+        assert_eq!(
+            MachineName::new("ssh://nix@host").map(|n| n.to_string()),
+            Ok("ssh://nix@host".to_owned())
+        );
+    }
+}

@@ -1,0 +1,631 @@
+//! Nix's machines format (`/etc/nix/machines`, the `builders` setting), read
+//! as Nix (HEAD, `machines.cc`) reads it.
+//!
+//! Each line loses everything from its first `#`, then splits on `;` into
+//! entries; entries are trimmed and blank ones skipped. An entry `@FILE`
+//! splices in FILE's entries (a missing FILE is skipped, as in Nix; a
+//! relative FILE is opened relative to the working directory, as Nix's
+//! `readFile` does). Other entries are up to eight fields separated by spaces
+//! or tabs; `-` or a missing field takes the default. Nix ignores fields past
+//! the eighth, and so does this reader (with a warning).
+//!
+//! Nix itself has no guard against `@a` including itself; this reader refuses
+//! include cycles and nesting deeper than [`MAX_INCLUDE_DEPTH`].
+
+use std::collections::BTreeSet;
+use std::io;
+
+use base64::Engine as _;
+use thiserror::Error;
+
+use super::machines::{Machine, MachineError, MachineFormat, MachineName};
+
+/// How deep `@file` includes may nest before the reader gives up.
+pub const MAX_INCLUDE_DEPTH: usize = 16;
+
+/// The eight fields, named as in Nix's documentation (used in errors).
+const FIELD_NAMES: [&str; 8] = [
+    "store URI",
+    "systems",
+    "SSH key",
+    "maxJobs",
+    "speedFactor",
+    "supportedFeatures",
+    "mandatoryFeatures",
+    "public host key",
+];
+
+/// Why a Nix machines file was refused. Every variant names the file and
+/// line (1-based) it is about.
+#[derive(Debug, Error)]
+pub enum NixMachinesError {
+    #[error("{file}:{line}: field {field} (#{column}) '{value}' {why}")]
+    BadField {
+        file: String,
+        line: usize,
+        field: &'static str,
+        column: usize,
+        value: String,
+        why: &'static str,
+    },
+    #[error("{file}:{line}: the store URI (first field) is missing")]
+    MissingUri { file: String, line: usize },
+    #[error("{file}:{line}: store URI '{uri}': {why}")]
+    BadUri {
+        file: String,
+        line: usize,
+        uri: String,
+        why: &'static str,
+    },
+    #[error("{file}:{line}: {source}")]
+    Machine {
+        file: String,
+        line: usize,
+        #[source]
+        source: MachineError,
+    },
+    #[error("{file}:{line}: cannot read included machines file '{path}': {source}")]
+    Include {
+        file: String,
+        line: usize,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{file}:{line}: machines file '{path}' includes itself (cycle: {chain})")]
+    IncludeCycle {
+        file: String,
+        line: usize,
+        path: String,
+        chain: String,
+    },
+    #[error("{file}:{line}: '@' includes nested deeper than {max}")]
+    IncludeTooDeep {
+        file: String,
+        line: usize,
+        max: usize,
+    },
+}
+
+/// Reads the files named by `@file` entries. Passed in so that parsing stays
+/// testable without touching the file system.
+pub trait IncludeReader {
+    /// The text of `path`, `Ok(None)` if it does not exist (Nix skips it).
+    fn read(&self, path: &str) -> io::Result<Option<String>>;
+}
+
+/// Reads includes from the file system, relative paths from the working
+/// directory, as Nix does.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FsIncludes;
+
+impl IncludeReader for FsIncludes {
+    fn read(&self, path: &str) -> io::Result<Option<String>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A reader for text that must not include anything: every include is
+/// reported missing and skipped (used by fuzzing and tests).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoIncludes;
+
+impl IncludeReader for NoIncludes {
+    fn read(&self, _path: &str) -> io::Result<Option<String>> {
+        Ok(None)
+    }
+}
+
+/// Parses a machines file. `file` names it in errors; `default_system` is the
+/// `systems` of entries that leave that field out (Nix uses its own `system`,
+/// not the extra platforms).
+pub fn parse(
+    text: &str,
+    file: &str,
+    default_system: &str,
+    includes: &dyn IncludeReader,
+) -> Result<Vec<Machine>, NixMachinesError> {
+    let mut machines = Vec::new();
+    let mut chain = vec![file.to_owned()];
+    parse_into(
+        text,
+        file,
+        default_system,
+        includes,
+        &mut chain,
+        &mut machines,
+    )?;
+    Ok(machines)
+}
+
+fn parse_into(
+    text: &str,
+    file: &str,
+    default_system: &str,
+    includes: &dyn IncludeReader,
+    chain: &mut Vec<String>,
+    out: &mut Vec<Machine>,
+) -> Result<(), NixMachinesError> {
+    for (index, raw_line) in text.split('\n').enumerate() {
+        let line = index + 1;
+        let uncommented = raw_line.split('#').next().unwrap_or("");
+        for entry in uncommented.split(';') {
+            let entry = entry.trim_matches(|c| " \t\r\n".contains(c));
+            if entry.is_empty() {
+                continue;
+            }
+            if let Some(path) = entry.strip_prefix('@') {
+                let path = path.trim_matches(|c| " \t\r\n".contains(c));
+                include(path, file, line, default_system, includes, chain, out)?;
+                continue;
+            }
+            out.push(parse_entry(entry, file, line, default_system)?);
+        }
+    }
+    Ok(())
+}
+
+fn include(
+    path: &str,
+    file: &str,
+    line: usize,
+    default_system: &str,
+    includes: &dyn IncludeReader,
+    chain: &mut Vec<String>,
+    out: &mut Vec<Machine>,
+) -> Result<(), NixMachinesError> {
+    if chain.iter().any(|p| p == path) {
+        let mut names = chain.clone();
+        names.push(path.to_owned());
+        return Err(NixMachinesError::IncludeCycle {
+            file: file.to_owned(),
+            line,
+            path: path.to_owned(),
+            chain: names.join(" -> "),
+        });
+    }
+    if chain.len() > MAX_INCLUDE_DEPTH {
+        return Err(NixMachinesError::IncludeTooDeep {
+            file: file.to_owned(),
+            line,
+            max: MAX_INCLUDE_DEPTH,
+        });
+    }
+    let text = includes
+        .read(path)
+        .map_err(|source| NixMachinesError::Include {
+            file: file.to_owned(),
+            line,
+            path: path.to_owned(),
+            source,
+        })?;
+    let Some(text) = text else {
+        tracing::debug!("cannot find machines file '{path}' (included from {file}:{line})");
+        return Ok(());
+    };
+    chain.push(path.to_owned());
+    let result = parse_into(&text, path, default_system, includes, chain, out);
+    chain.pop();
+    result
+}
+
+/// Parses one entry (one machine) of `file` at `line`.
+fn parse_entry(
+    entry: &str,
+    file: &str,
+    line: usize,
+    default_system: &str,
+) -> Result<Machine, NixMachinesError> {
+    let tokens: Vec<&str> = entry.split([' ', '\t']).filter(|t| !t.is_empty()).collect();
+    if tokens.len() > FIELD_NAMES.len() {
+        tracing::warn!(
+            "{file}:{line}: ignoring {} field(s) past the eighth, as Nix does",
+            tokens.len() - FIELD_NAMES.len()
+        );
+    }
+    let field = |i: usize| -> Option<&str> {
+        tokens
+            .get(i)
+            .copied()
+            .filter(|t| !t.is_empty() && *t != "-")
+    };
+    let bad = |i: usize, value: &str, why: &'static str| NixMachinesError::BadField {
+        file: file.to_owned(),
+        line,
+        field: FIELD_NAMES[i],
+        column: i + 1,
+        value: value.to_owned(),
+        why,
+    };
+    let Some(uri) = field(0) else {
+        return Err(NixMachinesError::MissingUri {
+            file: file.to_owned(),
+            line,
+        });
+    };
+    let store = StoreUri::parse(uri).map_err(|why| NixMachinesError::BadUri {
+        file: file.to_owned(),
+        line,
+        uri: uri.to_owned(),
+        why,
+    })?;
+    let systems = match field(1) {
+        Some(s) => comma_set(s),
+        None => BTreeSet::from([default_system.to_owned()]),
+    };
+    let max_jobs = match field(3) {
+        Some(s) => parse_unsigned(s).ok_or_else(|| bad(3, s, "is not an unsigned integer"))?,
+        None => 1,
+    };
+    let speed_factor = match field(4) {
+        Some(s) => {
+            let v = parse_float(s).ok_or_else(|| bad(4, s, "is not a number"))?;
+            if v < 0.0 {
+                return Err(bad(4, s, "is negative (speed factor must be >= 0)"));
+            }
+            // Nix reads 0 as "unset" and uses 1.
+            if v == 0.0 {
+                1.0
+            } else {
+                v
+            }
+        }
+        None => 1.0,
+    };
+    let host_key = match field(7) {
+        Some(s) => Some(decode_host_key(s).map_err(|why| bad(7, s, why))?),
+        None => None,
+    };
+    let name = MachineName::new(&store.uri).map_err(|source| NixMachinesError::Machine {
+        file: file.to_owned(),
+        line,
+        source,
+    })?;
+    let machine = Machine {
+        name,
+        format: MachineFormat::Nix,
+        store_uri: store.uri,
+        host: store.host,
+        systems,
+        user: store.user,
+        port: store.port,
+        private_key: field(2).map(str::to_owned),
+        max_jobs,
+        speed_factor,
+        supported_features: field(5).map(comma_set).unwrap_or_default(),
+        mandatory_features: field(6).map(comma_set).unwrap_or_default(),
+        host_key,
+        guix: None,
+    };
+    machine
+        .check()
+        .map_err(|source| NixMachinesError::Machine {
+            file: file.to_owned(),
+            line,
+            source,
+        })?;
+    Ok(machine)
+}
+
+/// Nix's `tokenizeString(s, ",")`: empty items dropped, as a set.
+fn comma_set(s: &str) -> BTreeSet<String> {
+    s.split(',')
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Nix's `string2Int<unsigned int>`: decimal digits only (an optional `+`
+/// is not accepted by Nix's `from_chars` either), within 32 bits.
+fn parse_unsigned(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Nix's `string2Float<float>`: a decimal number; `inf`/`nan` refused here
+/// since a speed factor must be a finite number.
+fn parse_float(s: &str) -> Option<f64> {
+    let ok_chars = s
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
+    if !ok_chars || !s.bytes().any(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<f64>().ok().filter(|v| v.is_finite())
+}
+
+/// The host key field is the base64 of an OpenSSH public-key line; the model
+/// keeps the decoded line.
+fn decode_host_key(s: &str) -> Result<String, &'static str> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(s))
+        .map_err(|_| "is not valid base64")?;
+    let text = String::from_utf8(bytes).map_err(|_| "does not decode to text")?;
+    let line = text.trim_end_matches(['\n', '\r']).trim();
+    if line.is_empty() || line.contains('\n') {
+        return Err("does not decode to one OpenSSH public-key line");
+    }
+    Ok(line.to_owned())
+}
+
+/// The parts of a store URI that sandoff uses.
+#[derive(Debug, PartialEq)]
+pub struct StoreUri {
+    /// The URI as Nix completes it: schemeless hosts get `ssh://`.
+    pub uri: String,
+    /// `ssh`, `ssh-ng`, or another store scheme (`""` for paths and the
+    /// special words `auto`, `daemon`, `local`).
+    pub scheme: String,
+    /// The user before `@`, for `ssh`/`ssh-ng`.
+    pub user: Option<String>,
+    /// The host, without brackets, for `ssh`/`ssh-ng`.
+    pub host: Option<String>,
+    /// The port after the host, for `ssh`/`ssh-ng`.
+    pub port: Option<u16>,
+    /// The query parameters (`?remote-program=...&compress=true`), in order.
+    pub params: Vec<(String, String)>,
+}
+
+impl StoreUri {
+    /// Parses a store URI as the first field of a machines line.
+    pub fn parse(written: &str) -> Result<StoreUri, &'static str> {
+        // Nix's backwards compatibility rule: only a bare host gets `ssh://`.
+        let special = ["auto", "daemon", "local"];
+        let keep = written.contains("://")
+            || written.contains('/')
+            || special.contains(&written)
+            || special
+                .iter()
+                .any(|w| written.starts_with(&format!("{w}?")))
+            || written.starts_with('?');
+        let uri = if keep {
+            written.to_owned()
+        } else {
+            format!("ssh://{written}")
+        };
+        let (before_query, query) = match uri.split_once('?') {
+            Some((b, q)) => (b, Some(q)),
+            None => (uri.as_str(), None),
+        };
+        let params = query.map(parse_query).unwrap_or_default();
+        let Some((scheme, authority)) = before_query.split_once("://") else {
+            return Ok(StoreUri {
+                scheme: String::new(),
+                uri,
+                user: None,
+                host: None,
+                port: None,
+                params,
+            });
+        };
+        if scheme != "ssh" && scheme != "ssh-ng" {
+            return Ok(StoreUri {
+                scheme: scheme.to_owned(),
+                uri,
+                user: None,
+                host: None,
+                port: None,
+                params,
+            });
+        }
+        if authority.contains('/') {
+            return Err("an ssh store URI has no path");
+        }
+        let (user, host_port) = match authority.rsplit_once('@') {
+            Some((u, h)) if !u.is_empty() => (Some(u.to_owned()), h),
+            Some(_) => return Err("the user before '@' is empty"),
+            None => (None, authority),
+        };
+        let (host, port) = if let Some(rest) = host_port.strip_prefix('[') {
+            let (h, after) = rest.split_once(']').ok_or("'[' without ']'")?;
+            match after {
+                "" => (h, None),
+                p => (h, Some(p.strip_prefix(':').ok_or("junk after ']'")?)),
+            }
+        } else {
+            match host_port.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h, Some(p)),
+                // Several colons without brackets: a bare IPv6 address.
+                Some(_) => (host_port, None),
+                None => (host_port, None),
+            }
+        };
+        if host.is_empty() {
+            return Err("the host is empty");
+        }
+        let port = match port {
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or("the port is not a number from 1 to 65535")?,
+            ),
+            None => None,
+        };
+        Ok(StoreUri {
+            scheme: scheme.to_owned(),
+            uri: uri.clone(),
+            user,
+            host: Some(host.to_owned()),
+            port,
+            params,
+        })
+    }
+}
+
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (kv.to_owned(), String::new()),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn p(text: &str) -> Result<Vec<Machine>, NixMachinesError> {
+        parse(text, "machines", "x86_64-linux", &NoIncludes)
+    }
+
+    struct MapIncludes(BTreeMap<&'static str, &'static str>);
+    impl IncludeReader for MapIncludes {
+        fn read(&self, path: &str) -> io::Result<Option<String>> {
+            Ok(self.0.get(path).map(|s| (*s).to_owned()))
+        }
+    }
+
+    #[test]
+    fn reads_all_eight_fields() {
+        let key = base64::engine::general_purpose::STANDARD.encode("ssh-ed25519 AAAAC3 root@b\n");
+        let m = p(&format!(
+            "ssh://nix@b.example:2222 x86_64-linux,i686-linux /k 8 2.5 kvm,big-parallel benchmark {key}"
+        ))
+        .unwrap();
+        assert_eq!(m.len(), 1);
+        let m = &m[0];
+        assert_eq!(m.name.as_str(), "ssh://nix@b.example:2222");
+        assert_eq!(m.user.as_deref(), Some("nix"));
+        assert_eq!(m.host.as_deref(), Some("b.example"));
+        assert_eq!(m.port, Some(2222));
+        assert_eq!(m.systems.len(), 2);
+        assert_eq!(m.private_key.as_deref(), Some("/k"));
+        assert_eq!(m.max_jobs, 8);
+        assert_eq!(m.speed_factor, 2.5);
+        assert!(m.supported_features.contains("kvm"));
+        assert!(m.mandatory_features.contains("benchmark"));
+        assert_eq!(m.host_key.as_deref(), Some("ssh-ed25519 AAAAC3 root@b"));
+    }
+
+    #[test]
+    fn dashes_and_missing_fields_take_defaults() {
+        let m = &p("host - - - -").unwrap()[0];
+        assert_eq!(m.name.as_str(), "ssh://host");
+        assert_eq!(
+            m.systems,
+            BTreeSet::from(["x86_64-linux".to_owned()]),
+            "default system is the local one"
+        );
+        assert_eq!((m.max_jobs, m.speed_factor), (1, 1.0));
+        assert_eq!((m.user.as_ref(), m.port), (None, None));
+    }
+
+    #[test]
+    fn splits_on_semicolons_and_strips_comments() {
+        let m = p("a x86_64-linux ; b aarch64-linux # c i686-linux ; d\n# e\n\n  f\t;;").unwrap();
+        let names: Vec<_> = m.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["ssh://a", "ssh://b", "ssh://f"]);
+    }
+
+    #[test]
+    fn zero_speed_means_one_and_negative_is_refused() {
+        assert_eq!(p("a - - 1 0").unwrap()[0].speed_factor, 1.0);
+        let e = p("\na - - 1 -2").unwrap_err().to_string();
+        assert!(
+            e.starts_with("machines:2: field speedFactor (#5) '-2'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_max_jobs_with_line_and_field() {
+        let e = p("a x86_64-linux\nb x86_64-linux - eight").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "machines:2: field maxJobs (#4) 'eight' is not an unsigned integer"
+        );
+        assert!(p("a - - -1").is_err());
+    }
+
+    #[test]
+    fn rejects_bad_host_key() {
+        let e = p("a - - - - - - !!!").unwrap_err().to_string();
+        assert!(
+            e.contains("public host key (#8) '!!!' is not valid base64"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ignores_fields_past_the_eighth() {
+        assert_eq!(p("a - - - - - - - extra more").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn store_uri_forms() {
+        let u = StoreUri::parse("ssh-ng://u@[::1]:22?remote-program=/bin/nix-daemon&compress=true")
+            .unwrap();
+        assert_eq!(u.scheme, "ssh-ng");
+        assert_eq!(u.host.as_deref(), Some("::1"));
+        assert_eq!(u.port, Some(22));
+        assert_eq!(
+            u.params[0],
+            ("remote-program".into(), "/bin/nix-daemon".into())
+        );
+        assert_eq!(StoreUri::parse("u@h").unwrap().uri, "ssh://u@h");
+        assert_eq!(StoreUri::parse("local").unwrap().scheme, "");
+        assert_eq!(StoreUri::parse("daemon?x=1").unwrap().uri, "daemon?x=1");
+        assert_eq!(StoreUri::parse("unix:///s").unwrap().scheme, "unix");
+        assert!(StoreUri::parse("ssh://h:99999").is_err());
+        assert!(StoreUri::parse("ssh://@h").is_err());
+    }
+
+    #[test]
+    fn includes_splice_and_missing_ones_are_skipped() {
+        let inc = MapIncludes(BTreeMap::from([("/etc/more", "b\n@/nowhere\nc")]));
+        let m = parse("a\n@/etc/more\nd", "machines", "x86_64-linux", &inc).unwrap();
+        let names: Vec<_> = m.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["ssh://a", "ssh://b", "ssh://c", "ssh://d"]);
+    }
+
+    #[test]
+    fn refuses_include_cycles() {
+        let inc = MapIncludes(BTreeMap::from([("/a", "x\n@/b"), ("/b", "@/a")]));
+        let e = parse("@/a", "machines", "s", &inc).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "/b:1: machines file '/a' includes itself (cycle: machines -> /a -> /b -> /a)"
+        );
+    }
+
+    #[test]
+    fn errors_in_included_files_name_that_file() {
+        let inc = MapIncludes(BTreeMap::from([("/a", "ok\nbad - - x")]));
+        let e = parse("@/a", "machines", "s", &inc).unwrap_err().to_string();
+        assert!(e.starts_with("/a:2: field maxJobs"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn never_panics(text in "[a-z@:/?=;#\\- \t\n,.0-9+]{0,120}") {
+            let _ = parse(&text, "machines", "x86_64-linux", &NoIncludes);
+        }
+
+        #[test]
+        fn accepted_machines_keep_invariants(
+            host in "[a-z]{1,8}",
+            jobs in "[0-9]{1,3}|-",
+            speed in "[0-9]{1,2}(\\.[0-9])?|-",
+        ) {
+            let m = parse(&format!("{host} x86_64-linux - {jobs} {speed}"), "m", "s", &NoIncludes).unwrap();
+            prop_assert!(m[0].check().is_ok());
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! `src/decide`: the machines-file fixtures, the Guix reader checked against
+//! real Guile, and the `decide` and `machines list` commands.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sandoff::decide::{guix_format, machines::to_json, nix_format, Machine};
+use serde_json::{json, Value};
+
+use crate::support::{self, Need};
+
+fn fixture(rel: &str) -> PathBuf {
+    support::fixtures().join(rel)
+}
+
+fn guix_env(name: &str) -> Option<String> {
+    (name == "HOME").then(|| "/home/guix-test".to_owned())
+}
+
+fn parse_guix(path: &Path) -> Vec<Machine> {
+    let text = std::fs::read_to_string(path).unwrap();
+    guix_format::parse(&text, &path.display().to_string(), &guix_env).unwrap()
+}
+
+fn parse_nix(path: &Path) -> Vec<Machine> {
+    let text = std::fs::read_to_string(path).unwrap();
+    nix_format::parse(&text, "machines", "x86_64-linux", &nix_format::NoIncludes).unwrap()
+}
+
+#[test]
+fn nix_fixture_reads_the_manual_examples() {
+    let ms = parse_nix(&fixture("etc/nix/machines"));
+    let names: Vec<&str> = ms.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "ssh://nix@mcflurry.labs.cs.uu.nl",
+            "ssh://nix@scratchy.labs.cs.uu.nl",
+            "ssh://nix@itchy.labs.cs.uu.nl",
+            "ssh://nix@poochie.labs.cs.uu.nl",
+            "ssh://mac",
+            "ssh://beastie",
+            "ssh-ng://builder@arm.example.org:2222?remote-program=/run/current-system/sw/bin/nix-daemon",
+        ]
+    );
+    let poochie = &ms[3];
+    assert_eq!((poochie.max_jobs, poochie.speed_factor), (8, 2.0));
+    assert!(poochie.supported_features.contains("kvm"));
+    assert!(poochie.mandatory_features.contains("perf"));
+    assert_eq!(ms[0].max_jobs, 2);
+    assert_eq!(ms[0].user.as_deref(), Some("nix"));
+    let arm = &ms[6];
+    assert_eq!(arm.port, Some(2222));
+    assert_eq!(arm.host.as_deref(), Some("arm.example.org"));
+    assert_eq!(arm.speed_factor, 2.5);
+    assert_eq!(
+        arm.host_key.as_deref(),
+        Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq2fX0nq9pZf1vLrJmXh3D7kY1w2n5m0fWQm9p4b1sT root@arm")
+    );
+}
+
+#[test]
+fn nix_includes_are_relative_to_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("main"), "a\n@more\n@missing\n").unwrap();
+    std::fs::write(dir.path().join("more"), "b ; c\n").unwrap();
+    let out = support::run_ok(support::sandoff().current_dir(dir.path()).args([
+        "machines",
+        "list",
+        "--json",
+        "--machines",
+        "main",
+    ]));
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ssh://a", "ssh://b", "ssh://c"]);
+}
+
+/// Guile's reading of a machines.scm through the stand-in `build-machine`
+/// of `fixtures/machines/guile-standin.scm`, one JSON object per machine.
+fn guile_reading(guile: &str, file: &Path) -> Vec<Value> {
+    let out = support::run_ok(
+        Command::new(guile)
+            .arg("--no-auto-compile")
+            .arg("-s")
+            .arg(fixture("machines/guile-standin.scm"))
+            .arg(file)
+            .env("HOME", "/home/guix-test"),
+    );
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+#[test]
+fn guix_reader_agrees_with_guile() {
+    let guile = if support::which("guile").is_some() {
+        "guile"
+    } else {
+        "guile-3.0"
+    };
+    if !support::require("guix_reader_agrees_with_guile", &[Need::Program(guile)]) {
+        return;
+    }
+    for file in [
+        fixture("etc/guix/machines.scm"),
+        fixture("machines/every-field.scm"),
+    ] {
+        let ours = parse_guix(&file);
+        let theirs = guile_reading(guile, &file);
+        assert_eq!(ours.len(), theirs.len(), "{}", file.display());
+        for (m, g) in ours.iter().zip(&theirs) {
+            let extras = m.guix.as_ref().unwrap();
+            let mine = json!({
+                "name": m.name.as_str(),
+                "systems": m.systems,
+                "user": m.user,
+                "port": m.port,
+                "privateKey": m.private_key,
+                "maxJobs": m.max_jobs,
+                "speedFactor": m.speed_factor,
+                "supportedFeatures": m.supported_features,
+                "hostKey": m.host_key,
+                "overloadThreshold": extras.overload_threshold,
+                "compression": extras.compression,
+                "compressionLevel": extras.compression_level,
+                "daemonSocket": extras.daemon_socket,
+            });
+            assert_eq!(&mine, g, "{}", file.display());
+        }
+    }
+}
+
+#[test]
+fn guix_fixture_reads_the_manual_example() {
+    let ms = parse_guix(&fixture("etc/guix/machines.scm"));
+    assert_eq!(ms.len(), 2);
+    assert_eq!(ms[0].speed_factor, 2.0);
+    assert_eq!(ms[1].systems.iter().collect::<Vec<_>>(), ["aarch64-linux"]);
+    assert_eq!(
+        ms[1].private_key.as_deref(),
+        Some("/home/guix-test/.ssh/identity-for-guix")
+    );
+}
+
+#[test]
+fn machines_list_json_has_the_documented_keys() {
+    let out = support::run_ok(
+        support::sandoff()
+            .args(["machines", "list", "--json", "--machines"])
+            .arg(fixture("etc/guix/machines.scm"))
+            .env("HOME", "/home/guix-test"),
+    );
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    let first = v[0].as_object().unwrap();
+    let keys: Vec<&str> = first.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "name",
+            "systems",
+            "user",
+            "port",
+            "privateKey",
+            "maxJobs",
+            "speedFactor",
+            "supportedFeatures",
+            "mandatoryFeatures",
+            "hostKey"
+        ]
+    );
+    assert_eq!(v, to_json(&parse_guix(&fixture("etc/guix/machines.scm"))));
+    // The environment variable names the file too, and Nix files work.
+    let out = support::run_ok(
+        support::sandoff()
+            .args(["machines", "list", "--json"])
+            .env("SANDOFF_MACHINES", fixture("etc/nix/machines")),
+    );
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v[3]["mandatoryFeatures"], json!(["perf"]));
+    assert_eq!(v[4]["port"], Value::Null);
+}
+
+#[test]
+fn machines_list_reports_parse_errors_with_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("machines.scm");
+    std::fs::write(&bad, "(list\n (define x 1))").unwrap();
+    let out = support::sandoff()
+        .args(["machines", "list", "--machines"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("machines.scm:2: unsupported form 'define'"),
+        "{err}"
+    );
+    let bad = dir.path().join("machines");
+    std::fs::write(&bad, "a - - 1\nb - - eight\n").unwrap();
+    let out = support::sandoff()
+        .args(["machines", "list", "--machines"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("machines:2: field maxJobs (#4) 'eight' is not an unsigned integer"),
+        "{err}"
+    );
+}
+
+/// A store root holding the derivation fixtures made by Nix 2.8.
+fn store_with_drvs() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("nix/store");
+    std::fs::create_dir_all(&store).unwrap();
+    for e in std::fs::read_dir(fixture("drv/nix-store")).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        if name.ends_with(".drv") {
+            std::fs::copy(e.path(), store.join(name)).unwrap();
+        }
+    }
+    tmp
+}
+
+const HELLO: &str = "/nix/store/4l9f4nj9kcc5vs3rd6n6dpavm0faid7m-hello.drv";
+/// `preferLocalBuild`, requires `kvm` and `big-parallel`.
+const MULTI: &str = "/nix/store/1zb7vhdf1zznc3bqkfq0cj742wccbjs6-multi.drv";
+
+fn decide_json(root: &Path, args: &[&str]) -> Value {
+    let out = support::run_ok(
+        support::sandoff()
+            .arg("--store-root")
+            .arg(root)
+            .arg("--store-dir")
+            .arg("/nix/store")
+            .arg("decide")
+            .args(args)
+            .arg("--json")
+            .env("HOME", "/home/guix-test")
+            .env_remove("SANDOFF_MACHINES"),
+    );
+    serde_json::from_slice(&out).unwrap()
+}
+
+#[test]
+fn decide_offloads_to_the_matching_guix_machine() {
+    let root = store_with_drvs();
+    let guix = fixture("etc/guix/machines.scm");
+    let v = decide_json(
+        root.path(),
+        &[
+            HELLO,
+            "--machines",
+            guix.to_str().unwrap(),
+            "--system",
+            "aarch64-linux",
+        ],
+    );
+    assert_eq!(v["decision"], "remote");
+    assert_eq!(v["machine"], "eightysix.example.org");
+    assert_eq!(v["machines"][0]["eligible"], true);
+    assert_eq!(v["machines"][1]["eligible"], false);
+    assert_eq!(
+        v["machines"][1]["reason"],
+        "does not build x86_64-linux (systems: aarch64-linux)"
+    );
+    // --local-only: local when the local machine can, else fail.
+    let v = decide_json(
+        root.path(),
+        &[
+            HELLO,
+            "--machines",
+            guix.to_str().unwrap(),
+            "--local-only",
+            "--system",
+            "x86_64-linux",
+        ],
+    );
+    assert_eq!(v["decision"], "local");
+    assert_eq!(v["machine"], Value::Null);
+    let v = decide_json(
+        root.path(),
+        &[
+            HELLO,
+            "--machines",
+            guix.to_str().unwrap(),
+            "--local-only",
+            "--system",
+            "aarch64-linux",
+        ],
+    );
+    assert_eq!(v["decision"], "fail");
+}
+
+#[test]
+fn decide_builds_locally_when_no_nix_machine_matches() {
+    let root = store_with_drvs();
+    let nix = fixture("etc/nix/machines");
+    let v = decide_json(
+        root.path(),
+        &[
+            HELLO,
+            "--machines",
+            nix.to_str().unwrap(),
+            "--system",
+            "x86_64-linux",
+        ],
+    );
+    assert_eq!(v["decision"], "local", "{v}");
+    assert_eq!(
+        v["reason"],
+        "no machine can build it (no machine builds x86_64-linux)"
+    );
+    assert_eq!(v["machines"].as_array().unwrap().len(), 7);
+}
+
+#[test]
+fn decide_fail_names_the_missing_features() {
+    let root = store_with_drvs();
+    let guix = fixture("etc/guix/machines.scm");
+    let v = decide_json(
+        root.path(),
+        &[
+            MULTI,
+            "--machines",
+            guix.to_str().unwrap(),
+            "--system",
+            "x86_64-linux",
+            "--system-features",
+            "",
+        ],
+    );
+    assert_eq!(v["decision"], "fail", "{v}");
+    let reason = v["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("no x86_64-linux machine has the feature(s) big-parallel, kvm"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("it lacks the feature(s) big-parallel, kvm"),
+        "{reason}"
+    );
+    // With the features locally, preferLocalBuild keeps it here.
+    let v = decide_json(
+        root.path(),
+        &[
+            MULTI,
+            "--machines",
+            guix.to_str().unwrap(),
+            "--system",
+            "x86_64-linux",
+            "--system-features",
+            "kvm,big-parallel",
+        ],
+    );
+    assert_eq!(v["decision"], "local");
+}
+
+#[test]
+fn decide_without_machines_file_is_local() {
+    let root = store_with_drvs();
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    let v = decide_json(
+        root.path(),
+        &[
+            HELLO,
+            "--machines",
+            empty.path().to_str().unwrap(),
+            "--system",
+            "x86_64-linux",
+        ],
+    );
+    assert_eq!(v["decision"], "local");
+    assert_eq!(v["reason"], "no build machines are configured");
+}
