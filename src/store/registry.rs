@@ -176,27 +176,40 @@ impl Registry {
         // use-sqlite-wal at their defaults).
         conn.execute_batch("pragma foreign_keys = 1; pragma synchronous = normal;")
             .map_err(sql("setting pragmas"))?;
-        let mode: String = conn
-            .query_row("pragma main.journal_mode", [], |r| r.get(0))
-            .map_err(sql("querying journal mode"))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            let _: String = conn
-                .query_row("pragma main.journal_mode = wal", [], |r| r.get(0))
-                .map_err(sql("setting journal mode"))?;
+        let is_wal = |conn: &Connection| -> Result<bool, RegistryError> {
+            let mode: String = conn
+                .query_row("pragma main.journal_mode", [], |r| r.get(0))
+                .map_err(sql("querying journal mode"))?;
+            Ok(mode.eq_ignore_ascii_case("wal"))
+        };
+        if current.is_none() || !is_wal(&conn)? {
+            // First open of a fresh database. Switching to WAL needs an
+            // exclusive lock, and SQLite may answer SQLITE_BUSY at once
+            // (without its busy handler) when several processes try together,
+            // so the one-time setup is serialised on Nix's `big-lock` file.
+            // An initialised database never takes this path, so a running Nix
+            // holding that lock shared never blocks us.
+            let _init = big_lock(db_dir)?;
+            if !is_wal(&conn)? {
+                let _: String = conn
+                    .query_row("pragma main.journal_mode = wal", [], |r| r.get(0))
+                    .map_err(sql("setting journal mode"))?;
+            }
+            if read_schema_version(&schema_path)?.is_none() {
+                // `if not exists` keeps a half-done earlier attempt harmless;
+                // the schema file is written last, so a crash before it just
+                // repeats this.
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(sql("starting transaction"))?;
+                tx.execute_batch(SCHEMA_SQL)
+                    .map_err(sql("initialising database schema"))?;
+                tx.commit().map_err(sql("committing schema"))?;
+                write_atomically(&schema_path, SCHEMA_VERSION.to_string().as_bytes())?;
+            }
         }
         conn.execute_batch("pragma wal_autocheckpoint = 40000;")
             .map_err(sql("setting autocheckpoint interval"))?;
-        if current.is_none() {
-            // `if not exists` makes concurrent creators harmless; the schema
-            // file is written last, so a crash before it just repeats this.
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql("starting transaction"))?;
-            tx.execute_batch(SCHEMA_SQL)
-                .map_err(sql("initialising database schema"))?;
-            tx.commit().map_err(sql("committing schema"))?;
-            write_atomically(&schema_path, SCHEMA_VERSION.to_string().as_bytes())?;
-        }
         Ok(Registry {
             conn: Mutex::new(conn),
             db,
@@ -607,6 +620,25 @@ fn read_schema_version(path: &Path) -> Result<Option<u32>, RegistryError> {
             source,
         }),
     }
+}
+
+/// An exclusive lock on `<db dir>/big-lock`, the file Nix's daemon locks
+/// (shared) for its life and exclusively for schema changes.
+fn big_lock(db_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, RegistryError> {
+    let path = db_dir.join("big-lock");
+    let io = |source| RegistryError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io(io::Error::from(errno)))
 }
 
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), RegistryError> {
