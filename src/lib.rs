@@ -9,8 +9,11 @@
 //!   derivations or builds.
 //! - [`derivation`]: the ATerm `.drv` format, `hashDerivationModulo`, output
 //!   paths and the JSON form of `nix show-derivation`.
+//! - [`sandbox`]: the local build sandbox: a pure plan of setup steps, run
+//!   by one forked child in fresh namespaces as a pooled build user.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over these modules.
 
 pub mod derivation;
+pub mod sandbox;
 pub mod store;

@@ -44,6 +44,8 @@ enum Command {
     /// Show and add derivations.
     #[command(subcommand)]
     Derivation(cli::derivation::DerivationCommand),
+    /// Prepare this machine for local builds: build users, state directories (as root).
+    Setup(cli::setup::SetupArgs),
 }
 
 impl Cli {
@@ -93,6 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Store(c) => cli::store::run(c, &loc),
         Command::Key(c) => cli::key::run(c, &loc),
         Command::Derivation(c) => cli::derivation::run(c, &loc),
+        Command::Setup(c) => cli::setup::run(c, &loc),
     }
 }
 

@@ -3,5 +3,6 @@
 pub mod derivation;
 pub mod key;
 pub mod nar;
+pub mod setup;
 pub mod store;
 pub mod transfer;

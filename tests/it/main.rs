@@ -3,5 +3,6 @@
 mod derivation;
 mod nar;
 mod registry;
+mod sandbox;
 mod support;
 mod transfer;

@@ -1,0 +1,768 @@
+//! Running a [`SandboxPlan`]: the child executes the setup steps in order and
+//! execs the builder, or reports the failing step through a close-on-exec
+//! pipe and exits (it never execs a half-built sandbox); the parent streams
+//! the log, enforces the time limits and collects the exit status.
+//!
+//! Error protocol (as Nix's and bubblewrap's): the parent reads the error
+//! pipe until EOF. EOF without data means `execve` succeeded (the pipe closed
+//! on exec); 8 bytes (step index, errno; little-endian `u32`, `i32`) mean the
+//! setup failed at that step.
+
+use std::ffi::CStr;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use super::linux::{clone_child, LinuxSyscalls};
+use super::plan::{MountFlags, SandboxPlan, SetupOp};
+use super::syscall::{Errno, FileKind, Syscall};
+use super::SandboxError;
+
+/// Which limit killed a build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeoutKind {
+    /// No output for `max_silent` (`--max-silent-time`).
+    Silent,
+    /// Ran longer than `total` (`--timeout`).
+    Total,
+}
+
+/// How a build ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuildOutcome {
+    /// The builder exited with this status.
+    Exited(i32),
+    /// The builder was killed by this signal.
+    Signaled(i32),
+    /// sandoff killed the build (its whole PID namespace) after `after`.
+    TimedOut {
+        /// The limit that was hit.
+        kind: TimeoutKind,
+        /// The limit's value.
+        after: Duration,
+    },
+}
+
+impl BuildOutcome {
+    /// Whether the builder exited with status 0.
+    pub fn success(&self) -> bool {
+        matches!(self, BuildOutcome::Exited(0))
+    }
+}
+
+impl std::fmt::Display for BuildOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BuildOutcome::Exited(c) => write!(f, "builder exited with status {c}"),
+            BuildOutcome::Signaled(s) => write!(f, "builder was killed by signal {s}"),
+            BuildOutcome::TimedOut {
+                kind: TimeoutKind::Silent,
+                after,
+            } => {
+                write!(f, "timed out after {} seconds of silence", after.as_secs())
+            }
+            BuildOutcome::TimedOut {
+                kind: TimeoutKind::Total,
+                after,
+            } => {
+                write!(f, "timed out after {} seconds", after.as_secs())
+            }
+        }
+    }
+}
+
+/// File descriptors the child uses during setup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChildFds {
+    /// Write end of the log pipe: becomes stdout and stderr.
+    pub log: i32,
+    /// Write end of the error pipe (close-on-exec).
+    pub error: i32,
+}
+
+/// `execve` arguments as NULL-terminated pointer arrays into the plan's
+/// `CString`s; built before `clone` so the child allocates nothing. The
+/// fields are private, so the pointers always point into a live plan.
+pub struct PreparedExec<'a> {
+    path: &'a CStr,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl<'a> PreparedExec<'a> {
+    /// Borrows the plan's exec arguments.
+    pub fn new(plan: &'a SandboxPlan) -> PreparedExec<'a> {
+        let ptrs = |v: &'a [std::ffi::CString]| {
+            let mut p: Vec<*const libc::c_char> = v.iter().map(|s| s.as_ptr()).collect();
+            p.push(std::ptr::null());
+            p
+        };
+        PreparedExec {
+            path: &plan.exec.path,
+            argv: ptrs(&plan.exec.argv),
+            envp: ptrs(&plan.exec.env),
+        }
+    }
+
+    /// The builder's path.
+    pub fn path(&self) -> &CStr {
+        self.path
+    }
+
+    /// The number of arguments (`argv[0]` included).
+    pub fn argc(&self) -> usize {
+        self.argv.len() - 1
+    }
+
+    /// The number of environment entries.
+    pub fn envc(&self) -> usize {
+        self.envp.len() - 1
+    }
+
+    /// The NULL-terminated argv array.
+    pub(crate) fn argv_ptr(&self) -> *const *const libc::c_char {
+        self.argv.as_ptr()
+    }
+
+    /// The NULL-terminated envp array.
+    pub(crate) fn envp_ptr(&self) -> *const *const libc::c_char {
+        self.envp.as_ptr()
+    }
+}
+
+/// Tolerates `EEXIST`: mount points under `/proc` exist already.
+fn exist_ok(r: Result<(), Errno>) -> Result<(), Errno> {
+    match r {
+        Err(Errno(libc::EEXIST)) => Ok(()),
+        r => r,
+    }
+}
+
+fn bind(
+    sys: &mut dyn Syscall,
+    source: &CStr,
+    target: &CStr,
+    flags: MountFlags,
+    optional: bool,
+) -> Result<(), Errno> {
+    let kind = match sys.lstat_kind(source) {
+        Ok(k) => k,
+        Err(Errno(libc::ENOENT)) if optional => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    match kind {
+        FileKind::Symlink => {
+            // Binding would follow the link (to anywhere on the host): copy it.
+            let mut buf = [0u8; 4097];
+            let n = sys.readlink(source, &mut buf[..4096])?;
+            let contents =
+                CStr::from_bytes_with_nul(&buf[..=n]).map_err(|_| Errno(libc::EINVAL))?;
+            return sys.symlink(contents, target);
+        }
+        FileKind::Directory => exist_ok(sys.mkdir(target, 0o755))?,
+        FileKind::Other => exist_ok(sys.create_file(target, 0o444))?,
+    }
+    sys.mount(Some(source), target, None, libc::MS_BIND, None)?;
+    // Flags of a bind mount only change through a remount.
+    sys.mount(
+        None,
+        target,
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | flags.bits(),
+        None,
+    )
+}
+
+/// Runs one setup step.
+pub fn apply(
+    op: &SetupOp,
+    sys: &mut dyn Syscall,
+    fds: ChildFds,
+    exec: &PreparedExec<'_>,
+) -> Result<(), Errno> {
+    match op {
+        SetupOp::DieWithParent => sys.die_with_parent(),
+        SetupOp::NewSession => sys.setsid(),
+        SetupOp::Stdio => sys.redirect_stdio(fds.log),
+        SetupOp::LoopbackUp => sys.loopback_up(),
+        SetupOp::Hostname(h) => sys.sethostname(h),
+        SetupOp::Domainname(d) => sys.setdomainname(d),
+        SetupOp::MakeMountsPrivate => {
+            sys.mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)
+        }
+        SetupOp::MountTmpfs {
+            target,
+            data,
+            flags,
+        } => sys.mount(
+            Some(c"tmpfs"),
+            target,
+            Some(c"tmpfs"),
+            flags.bits(),
+            Some(data),
+        ),
+        SetupOp::Mkdir { path, mode } => sys.mkdir(path, *mode),
+        SetupOp::Bind {
+            source,
+            target,
+            flags,
+            optional,
+        } => bind(sys, source, target, *flags, *optional),
+        SetupOp::MountProc { target } => sys.mount(
+            Some(c"proc"),
+            target,
+            Some(c"proc"),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            None,
+        ),
+        SetupOp::MountDevpts { target } => sys.mount(
+            Some(c"devpts"),
+            target,
+            Some(c"devpts"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some(c"newinstance,ptmxmode=0666,mode=0620"),
+        ),
+        SetupOp::Symlink { contents, link } => sys.symlink(contents, link),
+        SetupOp::WriteFile {
+            path,
+            contents,
+            mode,
+            owner,
+        } => sys.write_file(path, contents, *mode, *owner),
+        SetupOp::Chmod { path, mode } => sys.chmod(path, *mode),
+        SetupOp::PivotRoot { new_root } => {
+            // pivot_root(".", ".") stacks the old root on the new one; the
+            // detach then removes it (pivot_root(2), as bubblewrap and youki).
+            // Mounts are private already, so the detach does not propagate.
+            sys.chdir(new_root)?;
+            sys.pivot_root(c".", c".")?;
+            sys.umount2(c".", libc::MNT_DETACH)?;
+            sys.chdir(c"/")
+        }
+        SetupOp::RemountRootReadOnly => sys.mount(
+            None,
+            c"/",
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | MountFlags::INPUT.bits(),
+            None,
+        ),
+        SetupOp::Chdir(p) => sys.chdir(p),
+        SetupOp::CloseFds => sys.cloexec_from(3),
+        SetupOp::NoCoreDumps => sys.no_core_dumps(),
+        SetupOp::Umask(m) => {
+            sys.umask(*m);
+            Ok(())
+        }
+        SetupOp::NoAddressRandomization => sys.no_address_randomization(),
+        SetupOp::DropBoundingSet => sys.drop_bounding_set(),
+        SetupOp::ClearAmbientCaps => sys.clear_ambient_caps(),
+        SetupOp::SetGroups(g) => sys.setgroups(g),
+        SetupOp::SetGid(g) => sys.setresgid(*g),
+        SetupOp::SetUid(u) => sys.setresuid(*u),
+        SetupOp::ClearCaps => sys.clear_caps(),
+        SetupOp::NoNewPrivs => sys.no_new_privs(),
+        SetupOp::Seccomp(program) => sys.seccomp_filter(program),
+        SetupOp::ResetSignals => sys.reset_signals(),
+        SetupOp::Exec => match sys.execve(exec) {
+            Errno(0) => Ok(()),
+            e => Err(e),
+        },
+    }
+}
+
+/// Runs the steps in order and stops at the first failure, returning its
+/// index and errno. With the real syscalls a successful run never returns
+/// (the last step execs).
+pub fn run_steps(
+    ops: &[SetupOp],
+    sys: &mut dyn Syscall,
+    fds: ChildFds,
+    exec: &PreparedExec<'_>,
+) -> Result<(), (usize, Errno)> {
+    for (i, op) in ops.iter().enumerate() {
+        apply(op, sys, fds, exec).map_err(|e| (i, e))?;
+    }
+    Ok(())
+}
+
+/// The child's side: run the steps; on failure report `(step, errno)` on the
+/// error pipe. Returns the exit code (only reached on failure).
+pub fn child_main(
+    ops: &[SetupOp],
+    sys: &mut dyn Syscall,
+    fds: ChildFds,
+    exec: &PreparedExec<'_>,
+) -> i32 {
+    let (step, errno) = match run_steps(ops, sys, fds, exec) {
+        Ok(()) => (ops.len(), Errno(libc::ENOEXEC)),
+        Err(f) => f,
+    };
+    let mut msg = [0u8; 8];
+    msg[..4].copy_from_slice(&(step as u32).to_le_bytes());
+    msg[4..].copy_from_slice(&errno.0.to_le_bytes());
+    // Nothing more can be done if the report fails; the parent then sees a
+    // short message or EOF plus a non-zero exit status.
+    let _ = sys.write_all(fds.error, &msg);
+    127
+}
+
+fn spawn_error(action: &'static str) -> impl FnOnce(nix::Error) -> SandboxError {
+    move |e| SandboxError::Spawn {
+        action,
+        source: std::io::Error::from(e),
+    }
+}
+
+/// Runs a planned build: clones the sandboxed child, waits for its setup to
+/// finish, streams its output to `log` and enforces the plan's time limits.
+/// Processes of the build user outside the PID namespace are the caller's
+/// business (see [`super::users::UserLease::kill_processes`]).
+pub fn run(plan: &SandboxPlan, log: &mut dyn Write) -> Result<BuildOutcome, SandboxError> {
+    let exec = PreparedExec::new(plan);
+    let (log_r, log_w) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(spawn_error("create the log pipe"))?;
+    let (err_r, err_w) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(spawn_error("create the error pipe"))?;
+    let fds = ChildFds {
+        log: log_w.as_raw_fd(),
+        error: err_w.as_raw_fd(),
+    };
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if plan.new_network {
+        flags |= libc::CLONE_NEWNET;
+    }
+    let ops = plan.ops.as_slice();
+    let mut child = || child_main(ops, &mut LinuxSyscalls, fds, &exec);
+    let started = Instant::now();
+    let pid = clone_child(flags, &mut child).map_err(|e| SandboxError::Spawn {
+        action: "clone the sandboxed child",
+        source: e.to_io(),
+    })?;
+    let pid = Pid::from_raw(pid);
+    drop(log_w);
+    drop(err_w);
+    tracing::debug!(pid = pid.as_raw(), "sandboxed child started");
+
+    if let Some((step, errno)) = read_setup_result(err_r).inspect_err(|_| reap(pid))? {
+        reap(pid);
+        let op = plan
+            .ops
+            .get(step)
+            .map_or_else(|| "exec".to_owned(), |op| op.to_string());
+        return Err(SandboxError::SetupFailed {
+            step,
+            op,
+            source: errno.to_io(),
+        });
+    }
+    tracing::debug!(elapsed = ?started.elapsed(), "builder exec'd");
+    stream(pid, log_r, plan, started, log)
+}
+
+/// `None` when the builder was exec'd, else the failing step.
+fn read_setup_result(err_r: OwnedFd) -> Result<Option<(usize, Errno)>, SandboxError> {
+    let mut file = std::fs::File::from(err_r);
+    let mut msg = [0u8; 8];
+    let mut got = 0;
+    while got < msg.len() {
+        match file.read(&mut msg[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(SandboxError::Spawn {
+                    action: "read the setup result",
+                    source: e,
+                })
+            }
+        }
+    }
+    match got {
+        0 => Ok(None),
+        8 => {
+            let step = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize;
+            let errno = i32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]);
+            Ok(Some((step, Errno(errno))))
+        }
+        n => Err(SandboxError::Spawn {
+            action: "read the setup result",
+            source: std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{n} of 8 bytes"),
+            ),
+        }),
+    }
+}
+
+/// Kills (the PID namespace dies with its PID 1) and waits.
+fn reap(pid: Pid) {
+    let _ = kill(pid, Signal::SIGKILL);
+    let _ = waitpid(pid, None);
+}
+
+fn stream(
+    pid: Pid,
+    log_r: OwnedFd,
+    plan: &SandboxPlan,
+    started: Instant,
+    log: &mut dyn Write,
+) -> Result<BuildOutcome, SandboxError> {
+    let limits = plan.timeouts;
+    let mut last_output = started;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut file = std::fs::File::from(log_r);
+    loop {
+        let now = Instant::now();
+        let deadline = next_deadline(limits, started, last_output);
+        if let Some((at, kind, after)) = deadline {
+            if at <= now {
+                return Ok(time_out(pid, kind, after));
+            }
+        }
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some((at, _, _)) => {
+                let ms = at
+                    .saturating_duration_since(now)
+                    .as_millis()
+                    .clamp(1, i32::MAX as u128);
+                PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut pfd = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+        match nix::poll::poll(&mut pfd, timeout) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => {
+                reap(pid);
+                return Err(spawn_error("poll the log pipe")(e));
+            }
+        }
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                last_output = Instant::now();
+                if let Err(e) = log.write_all(&buf[..n]) {
+                    reap(pid);
+                    return Err(SandboxError::Log { source: e });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                reap(pid);
+                return Err(SandboxError::Spawn {
+                    action: "read the log pipe",
+                    source: e,
+                });
+            }
+        }
+    }
+    // EOF: every writer is gone. Normally the builder (PID 1) has exited or
+    // is about to; but a builder may close its output and keep running, so
+    // the limits still apply while waiting (polling with backoff: the
+    // common case finishes within the first few milliseconds).
+    let _ = log.flush();
+    let deadline = next_deadline(limits, started, last_output);
+    let mut nap = Duration::from_micros(200);
+    loop {
+        let flags = deadline.map(|_| WaitPidFlag::WNOHANG);
+        match waitpid(pid, flags) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(BuildOutcome::Exited(code)),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(BuildOutcome::Signaled(sig as i32)),
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(spawn_error("wait for the builder")(e)),
+        }
+        if let Some((at, kind, after)) = deadline {
+            let now = Instant::now();
+            if at <= now {
+                return Ok(time_out(pid, kind, after));
+            }
+            std::thread::sleep(nap.min(at - now));
+            nap = (nap * 2).min(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The earliest limit still to come: the total timeout, or silence since
+/// the last output.
+fn next_deadline(
+    limits: super::plan::Timeouts,
+    started: Instant,
+    last_output: Instant,
+) -> Option<(Instant, TimeoutKind, Duration)> {
+    let total = limits.total.map(|d| (started + d, TimeoutKind::Total, d));
+    let silent = limits
+        .max_silent
+        .map(|d| (last_output + d, TimeoutKind::Silent, d));
+    match (total, silent) {
+        (Some(t), Some(s)) => Some(if s.0 < t.0 { s } else { t }),
+        (t, s) => t.or(s),
+    }
+}
+
+/// Kills the whole build (its PID namespace) for a time limit.
+fn time_out(pid: Pid, kind: TimeoutKind, after: Duration) -> BuildOutcome {
+    tracing::info!(
+        pid = pid.as_raw(),
+        limit = kind_name(kind),
+        "killing the build: time limit hit"
+    );
+    reap(pid);
+    BuildOutcome::TimedOut { kind, after }
+}
+
+fn kind_name(kind: TimeoutKind) -> &'static str {
+    match kind {
+        TimeoutKind::Silent => "max-silent-time",
+        TimeoutKind::Total => "timeout",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CString;
+    use std::path::PathBuf;
+
+    use super::super::plan::{self, SandboxDirs};
+    use super::super::syscall::{Call, RecordingSyscalls};
+    use super::*;
+
+    fn s(x: &str) -> CString {
+        CString::new(x).expect("no NUL")
+    }
+
+    fn test_plan() -> SandboxPlan {
+        let store_dir = crate::store::StoreDir::default();
+        let bb =
+            crate::store::StorePath::from_base_name("7c0v0kbrrdc2cqgisi78jdqxn73n3401-busybox")
+                .expect("valid");
+        let spec = plan::SandboxSpec {
+            store_dir,
+            builder: b"/nix/store/7c0v0kbrrdc2cqgisi78jdqxn73n3401-busybox/bin/busybox".to_vec(),
+            args: vec![b"true".to_vec()],
+            env: Default::default(),
+            inputs: vec![plan::InputPath {
+                source: PathBuf::from("/s/bb"),
+                path: bb,
+            }],
+            outputs: vec![],
+            dirs: SandboxDirs {
+                root: PathBuf::from("/w/root"),
+                build: PathBuf::from("/w/top/build"),
+                store: PathBuf::from("/w/store"),
+            },
+            build_dir_name: plan::DEFAULT_BUILD_DIR_NAME.to_owned(),
+            user: plan::BuildUser::new(30001, 30000, "b1", "b").expect("valid"),
+            fixed_output: false,
+            impure_env: Default::default(),
+            cores: 1,
+            timeouts: Default::default(),
+        };
+        plan::plan(&spec).expect("plan")
+    }
+
+    const FDS: ChildFds = ChildFds { log: 7, error: 9 };
+
+    #[test]
+    fn full_sequence_runs_every_step_and_ends_in_execve() {
+        let p = test_plan();
+        let exec = PreparedExec::new(&p);
+        let mut sys = RecordingSyscalls::default();
+        assert_eq!(run_steps(&p.ops, &mut sys, FDS, &exec), Ok(()));
+        assert_eq!(sys.calls.first(), Some(&Call::DieWithParent));
+        assert_eq!(
+            sys.calls.last(),
+            Some(&Call::Execve {
+                path: s("/nix/store/7c0v0kbrrdc2cqgisi78jdqxn73n3401-busybox/bin/busybox"),
+                argc: 2,
+                envc: p.env.len()
+            })
+        );
+        assert!(sys.calls.contains(&Call::RedirectStdio(7)));
+        assert!(sys.calls.contains(&Call::CloexecFrom(3)));
+        // Mounts made private before anything is mounted.
+        let first_mount = sys
+            .calls
+            .iter()
+            .position(|c| matches!(c, Call::Mount { .. }))
+            .expect("mounts");
+        assert_eq!(
+            sys.calls[first_mount],
+            Call::Mount {
+                source: None,
+                target: s("/"),
+                fstype: None,
+                flags: libc::MS_REC | libc::MS_PRIVATE,
+                data: None
+            }
+        );
+    }
+
+    #[test]
+    fn input_is_bound_then_remounted_read_only() {
+        let p = test_plan();
+        let exec = PreparedExec::new(&p);
+        let mut sys = RecordingSyscalls::default();
+        run_steps(&p.ops, &mut sys, FDS, &exec).expect("runs");
+        let t = s("/w/root/nix/store/7c0v0kbrrdc2cqgisi78jdqxn73n3401-busybox");
+        let i = sys
+            .calls
+            .iter()
+            .position(|c| matches!(c, Call::Mount { target, flags, .. } if *target == t && *flags == libc::MS_BIND))
+            .expect("bind");
+        assert_eq!(
+            sys.calls[i + 1],
+            Call::Mount {
+                source: None,
+                target: t,
+                fstype: None,
+                flags: libc::MS_BIND
+                    | libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV,
+                data: None
+            }
+        );
+    }
+
+    #[test]
+    fn pivot_root_detaches_the_old_root() {
+        let p = test_plan();
+        let exec = PreparedExec::new(&p);
+        let mut sys = RecordingSyscalls::default();
+        run_steps(&p.ops, &mut sys, FDS, &exec).expect("runs");
+        let i = sys
+            .calls
+            .iter()
+            .position(|c| matches!(c, Call::PivotRoot { .. }))
+            .expect("pivot");
+        assert_eq!(sys.calls[i - 1], Call::Chdir(s("/w/root")));
+        assert_eq!(
+            sys.calls[i],
+            Call::PivotRoot {
+                new_root: s("."),
+                put_old: s(".")
+            }
+        );
+        assert_eq!(
+            sys.calls[i + 1],
+            Call::Umount2 {
+                target: s("."),
+                flags: libc::MNT_DETACH
+            }
+        );
+        assert_eq!(sys.calls[i + 2], Call::Chdir(s("/")));
+    }
+
+    #[test]
+    fn symlink_inputs_are_copied_not_bound() {
+        let p = test_plan();
+        let exec = PreparedExec::new(&p);
+        let mut sys = RecordingSyscalls {
+            kinds: vec![(s("/s/bb"), FileKind::Symlink)],
+            link_target: b"/etc/shadow".to_vec(),
+            ..Default::default()
+        };
+        run_steps(&p.ops, &mut sys, FDS, &exec).expect("runs");
+        let t = s("/w/root/nix/store/7c0v0kbrrdc2cqgisi78jdqxn73n3401-busybox");
+        assert!(sys.calls.contains(&Call::Symlink {
+            contents: s("/etc/shadow"),
+            link: t.clone()
+        }));
+        assert!(!sys
+            .calls
+            .iter()
+            .any(|c| matches!(c, Call::Mount { target, .. } if *target == t)));
+    }
+
+    #[test]
+    fn missing_optional_source_is_skipped_missing_required_fails() {
+        let p = test_plan();
+        let exec = PreparedExec::new(&p);
+        let mut sys = RecordingSyscalls {
+            missing: vec![s("/w/root/proc/bus")],
+            ..Default::default()
+        };
+        assert_eq!(run_steps(&p.ops, &mut sys, FDS, &exec), Ok(()));
+
+        let mut sys = RecordingSyscalls {
+            missing: vec![s("/s/bb")],
+            ..Default::default()
+        };
+        let (step, errno) = run_steps(&p.ops, &mut sys, FDS, &exec).expect_err("fails");
+        assert_eq!(errno, Errno(libc::ENOENT));
+        assert!(matches!(&p.ops[step], SetupOp::Bind { source, .. } if *source == s("/s/bb")));
+        assert!(!sys.calls.iter().any(|c| matches!(c, Call::Execve { .. })));
+    }
+
+    #[test]
+    fn failure_at_any_call_stops_before_exec_and_reports_the_step() {
+        let p = test_plan();
+        let exec = PreparedExec::new(&p);
+        let total = {
+            let mut sys = RecordingSyscalls::default();
+            run_steps(&p.ops, &mut sys, FDS, &exec).expect("runs");
+            sys.calls.len()
+        };
+        for at in 0..total {
+            let mut sys = RecordingSyscalls {
+                fail_at: Some((at, Errno(libc::EPERM))),
+                ..Default::default()
+            };
+            let code = child_main(&p.ops, &mut sys, FDS, &exec);
+            if matches!(sys.calls[at], Call::Umask(_)) {
+                continue; // umask cannot fail
+            }
+            assert_eq!(code, 127);
+            let report = sys.calls.last().expect("report");
+            let Call::Write(9, msg) = report else {
+                panic!("no report after failing call {at}: {report:?}")
+            };
+            assert_eq!(
+                i32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]),
+                libc::EPERM
+            );
+            let execs = sys
+                .calls
+                .iter()
+                .filter(|c| matches!(c, Call::Execve { .. }))
+                .count();
+            assert_eq!(
+                execs,
+                usize::from(at + 1 == total),
+                "exec after failing call {at}"
+            );
+        }
+    }
+
+    #[test]
+    fn outcome_messages() {
+        assert_eq!(
+            BuildOutcome::TimedOut {
+                kind: TimeoutKind::Silent,
+                after: Duration::from_secs(3)
+            }
+            .to_string(),
+            "timed out after 3 seconds of silence"
+        );
+        assert_eq!(
+            BuildOutcome::TimedOut {
+                kind: TimeoutKind::Total,
+                after: Duration::from_secs(9)
+            }
+            .to_string(),
+            "timed out after 9 seconds"
+        );
+        assert!(BuildOutcome::Exited(0).success());
+        assert!(!BuildOutcome::Signaled(9).success());
+    }
+}

@@ -1,0 +1,499 @@
+//! The real [`Syscall`] implementation and the one place sandoff forks.
+//!
+//! This is the only file of the crate with `unsafe`. Every function here may
+//! run in the child between `clone` and `execve` of a multi-threaded process,
+//! so they call libc directly on borrowed, pre-built data: no allocation, no
+//! locks, no logging (async-signal-safe only).
+#![allow(unsafe_code)]
+
+use std::ffi::CStr;
+use std::ptr;
+
+use super::exec::PreparedExec;
+use super::seccomp::SockFilter;
+use super::syscall::{Errno, FileKind, Syscall};
+
+fn errno() -> Errno {
+    Errno(
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO),
+    )
+}
+
+/// `Ok` if a libc call returned anything but -1, else the errno.
+fn check(ret: libc::c_int) -> Result<(), Errno> {
+    if ret == -1 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
+fn check_long(ret: libc::c_long) -> Result<(), Errno> {
+    if ret == -1 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
+fn opt_ptr(s: Option<&CStr>) -> *const libc::c_char {
+    s.map_or(ptr::null(), CStr::as_ptr)
+}
+
+/// Closes `fd`, ignoring errors (the fd is ours and valid).
+fn close(fd: libc::c_int) {
+    // SAFETY: closing an fd this module opened and owns; no Rust object owns it.
+    unsafe {
+        libc::close(fd);
+    }
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit capability sets in two words.
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// The kernel's `struct sigaction` (x86-64, aarch64 and most others), for
+/// `rt_sigaction` without glibc's filtering.
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// The real system calls.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LinuxSyscalls;
+
+impl Syscall for LinuxSyscalls {
+    fn mount(
+        &mut self,
+        source: Option<&CStr>,
+        target: &CStr,
+        fstype: Option<&CStr>,
+        flags: libc::c_ulong,
+        data: Option<&CStr>,
+    ) -> Result<(), Errno> {
+        // SAFETY: all pointers are NUL-terminated C strings borrowed for the
+        // call, or NULL where mount(2) allows it.
+        check(unsafe {
+            libc::mount(
+                opt_ptr(source),
+                target.as_ptr(),
+                opt_ptr(fstype),
+                flags,
+                opt_ptr(data).cast(),
+            )
+        })
+    }
+
+    fn umount2(&mut self, target: &CStr, flags: i32) -> Result<(), Errno> {
+        // SAFETY: `target` is a valid C string for the call.
+        check(unsafe { libc::umount2(target.as_ptr(), flags) })
+    }
+
+    fn pivot_root(&mut self, new_root: &CStr, put_old: &CStr) -> Result<(), Errno> {
+        // SAFETY: pivot_root takes two C strings, valid for the call.
+        check_long(unsafe {
+            libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr())
+        })
+    }
+
+    fn chdir(&mut self, path: &CStr) -> Result<(), Errno> {
+        // SAFETY: valid C string.
+        check(unsafe { libc::chdir(path.as_ptr()) })
+    }
+
+    fn mkdir(&mut self, path: &CStr, mode: u32) -> Result<(), Errno> {
+        // SAFETY: valid C string.
+        check(unsafe { libc::mkdir(path.as_ptr(), mode) })?;
+        // The umask must not weaken or strengthen what the plan asked for
+        // (01777 on /tmp must keep its sticky bit and world write).
+        self.chmod(path, mode)
+    }
+
+    fn create_file(&mut self, path: &CStr, mode: u32) -> Result<(), Errno> {
+        let flags =
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid C string; the mode argument is required with O_CREAT.
+        let fd = unsafe { libc::open(path.as_ptr(), flags, mode as libc::c_uint) };
+        if fd == -1 {
+            return Err(errno());
+        }
+        close(fd);
+        Ok(())
+    }
+
+    fn write_file(
+        &mut self,
+        path: &CStr,
+        contents: &[u8],
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), Errno> {
+        let flags =
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid C string; the mode argument is required with O_CREAT.
+        let fd = unsafe { libc::open(path.as_ptr(), flags, 0o600 as libc::c_uint) };
+        if fd == -1 {
+            return Err(errno());
+        }
+        let result = (|| {
+            if let Some((uid, gid)) = owner {
+                // SAFETY: fd is the file just created.
+                check(unsafe { libc::fchown(fd, uid, gid) })?;
+            }
+            // SAFETY: fd is the file just created.
+            check(unsafe { libc::fchmod(fd, mode) })?;
+            self.write_all(fd, contents)
+        })();
+        close(fd);
+        result
+    }
+
+    fn lstat_kind(&mut self, path: &CStr) -> Result<FileKind, Errno> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: valid C string; `st` is a writable stat buffer.
+        check(unsafe { libc::lstat(path.as_ptr(), st.as_mut_ptr()) })?;
+        // SAFETY: lstat succeeded, so it filled `st`.
+        let mode = unsafe { st.assume_init() }.st_mode & libc::S_IFMT;
+        Ok(match mode {
+            libc::S_IFDIR => FileKind::Directory,
+            libc::S_IFLNK => FileKind::Symlink,
+            _ => FileKind::Other,
+        })
+    }
+
+    fn readlink(&mut self, path: &CStr, buf: &mut [u8]) -> Result<usize, Errno> {
+        // SAFETY: valid C string; `buf` is writable for its length.
+        let n = unsafe { libc::readlink(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(errno());
+        }
+        let n = n as usize;
+        if n >= buf.len() {
+            return Err(Errno(libc::ENAMETOOLONG));
+        }
+        Ok(n)
+    }
+
+    fn symlink(&mut self, contents: &CStr, link: &CStr) -> Result<(), Errno> {
+        // SAFETY: valid C strings.
+        check(unsafe { libc::symlink(contents.as_ptr(), link.as_ptr()) })
+    }
+
+    fn chmod(&mut self, path: &CStr, mode: u32) -> Result<(), Errno> {
+        // SAFETY: valid C string.
+        check(unsafe { libc::chmod(path.as_ptr(), mode) })
+    }
+
+    fn sethostname(&mut self, name: &CStr) -> Result<(), Errno> {
+        let b = name.to_bytes();
+        // SAFETY: pointer and length describe `name`'s bytes.
+        check(unsafe { libc::sethostname(b.as_ptr().cast(), b.len()) })
+    }
+
+    fn setdomainname(&mut self, name: &CStr) -> Result<(), Errno> {
+        let b = name.to_bytes();
+        // SAFETY: pointer and length describe `name`'s bytes.
+        check(unsafe { libc::setdomainname(b.as_ptr().cast(), b.len()) })
+    }
+
+    fn loopback_up(&mut self) -> Result<(), Errno> {
+        // SAFETY: plain socket(2) call.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd == -1 {
+            return Err(errno());
+        }
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo") {
+            *dst = *src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags =
+            (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
+        // SAFETY: SIOCSIFFLAGS reads an ifreq, which `ifr` is.
+        let r =
+            check(unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr as *const libc::ifreq) });
+        close(fd);
+        r
+    }
+
+    fn setsid(&mut self) -> Result<(), Errno> {
+        // SAFETY: no arguments.
+        check(unsafe { libc::setsid() })
+    }
+
+    fn redirect_stdio(&mut self, log_fd: i32) -> Result<(), Errno> {
+        // SAFETY: a literal C string.
+        let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if null == -1 {
+            return Err(errno());
+        }
+        // SAFETY: both fds are open; dup2 clears close-on-exec on the target.
+        let r = check(unsafe { libc::dup2(null, 0) });
+        if null != 0 {
+            close(null);
+        }
+        r?;
+        // SAFETY: log_fd is the open write end of the log pipe.
+        check(unsafe { libc::dup2(log_fd, 1) })?;
+        // SAFETY: as above.
+        check(unsafe { libc::dup2(log_fd, 2) })
+    }
+
+    fn cloexec_from(&mut self, first: u32) -> Result<(), Errno> {
+        // SAFETY: close_range only changes fd flags.
+        check_long(unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                first,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+            )
+        })
+    }
+
+    fn no_core_dumps(&mut self) -> Result<(), Errno> {
+        let lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: `lim` is a valid rlimit.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &lim) })
+    }
+
+    fn umask(&mut self, mask: u32) {
+        // SAFETY: umask cannot fail.
+        unsafe {
+            libc::umask(mask);
+        }
+    }
+
+    fn no_address_randomization(&mut self) -> Result<(), Errno> {
+        // SAFETY: 0xffffffff queries the persona without changing it.
+        let cur = unsafe { libc::personality(0xffff_ffff) };
+        if cur == -1 {
+            return Err(errno());
+        }
+        // SAFETY: sets the queried persona plus one flag.
+        check(unsafe { libc::personality((cur | libc::ADDR_NO_RANDOMIZE) as libc::c_ulong) })
+    }
+
+    fn drop_bounding_set(&mut self) -> Result<(), Errno> {
+        for cap in 0..64 {
+            // SAFETY: PR_CAPBSET_DROP takes a capability number.
+            let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            if r == -1 {
+                let e = errno();
+                // EINVAL past the kernel's last capability ends the list; at
+                // capability 0 it means no bounding sets at all: fail closed.
+                if e.0 == libc::EINVAL && cap > 0 {
+                    return Ok(());
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn clear_ambient_caps(&mut self) -> Result<(), Errno> {
+        // SAFETY: plain prctl with integer arguments.
+        check(unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        })
+    }
+
+    fn clear_caps(&mut self) -> Result<(), Errno> {
+        let header = CapHeader {
+            version: CAP_VERSION_3,
+            pid: 0,
+        };
+        let data = [CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        // SAFETY: capset reads a v3 header and two data words, which these are.
+        check_long(unsafe {
+            libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr())
+        })
+    }
+
+    fn setgroups(&mut self, gids: &[u32]) -> Result<(), Errno> {
+        // SAFETY: pointer and length describe `gids` (gid_t is u32).
+        check(unsafe { libc::setgroups(gids.len(), gids.as_ptr()) })
+    }
+
+    fn setresgid(&mut self, gid: u32) -> Result<(), Errno> {
+        // SAFETY: integer arguments.
+        check(unsafe { libc::setresgid(gid, gid, gid) })?;
+        let (mut r, mut e, mut s) = (0, 0, 0);
+        // SAFETY: three writable gid_t.
+        check(unsafe { libc::getresgid(&mut r, &mut e, &mut s) })?;
+        if (r, e, s) != (gid, gid, gid) {
+            return Err(Errno(libc::EPERM));
+        }
+        Ok(())
+    }
+
+    fn setresuid(&mut self, uid: u32) -> Result<(), Errno> {
+        // SAFETY: integer arguments.
+        check(unsafe { libc::setresuid(uid, uid, uid) })?;
+        let (mut r, mut e, mut s) = (0, 0, 0);
+        // SAFETY: three writable uid_t.
+        check(unsafe { libc::getresuid(&mut r, &mut e, &mut s) })?;
+        if (r, e, s) != (uid, uid, uid) {
+            return Err(Errno(libc::EPERM));
+        }
+        Ok(())
+    }
+
+    fn die_with_parent(&mut self) -> Result<(), Errno> {
+        // SAFETY: integer arguments.
+        check(unsafe {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        })
+    }
+
+    fn no_new_privs(&mut self) -> Result<(), Errno> {
+        // SAFETY: integer arguments.
+        check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })
+    }
+
+    fn seccomp_filter(&mut self, program: &[SockFilter]) -> Result<(), Errno> {
+        let len = u16::try_from(program.len()).map_err(|_| Errno(libc::EINVAL))?;
+        let prog = libc::sock_fprog {
+            len,
+            filter: program.as_ptr().cast_mut().cast::<libc::sock_filter>(),
+        };
+        // SAFETY: SockFilter is #[repr(C)] with sock_filter's layout (u16,
+        // u8, u8, u32); the kernel copies the program during the call and
+        // never writes through the pointer.
+        check(unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                &prog as *const libc::sock_fprog,
+            )
+        })
+    }
+
+    fn reset_signals(&mut self) -> Result<(), Errno> {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigemptyset initialises `set`.
+        check(unsafe { libc::sigemptyset(set.as_mut_ptr()) })?;
+        // SAFETY: `set` was initialised by sigemptyset.
+        check(unsafe { libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), ptr::null_mut()) })?;
+        // The raw syscall, because glibc refuses to touch the signals it
+        // reserves (32 and 33), and an ignored one would survive exec.
+        let act = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        for sig in 1..=64 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            // SAFETY: `act` is a valid kernel sigaction (SIG_DFL needs no
+            // restorer); the old action is not requested; 8 is the kernel's
+            // sigset size.
+            check_long(unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &act as *const KernelSigaction,
+                    ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn execve(&mut self, exec: &PreparedExec<'_>) -> Errno {
+        // SAFETY: a PreparedExec can only be built from a SandboxPlan that it
+        // borrows: its arrays are NULL-terminated and point to the plan's C
+        // strings, which outlive `exec`.
+        unsafe { libc::execve(exec.path().as_ptr(), exec.argv_ptr(), exec.envp_ptr()) };
+        errno()
+    }
+
+    fn kill_all(&mut self) -> Result<(), Errno> {
+        // SAFETY: integer arguments.
+        check(unsafe { libc::kill(-1, libc::SIGKILL) })
+    }
+
+    fn write_all(&mut self, fd: i32, mut buf: &[u8]) -> Result<(), Errno> {
+        while !buf.is_empty() {
+            // SAFETY: pointer and length describe `buf`.
+            let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = errno();
+                if e.0 == libc::EINTR {
+                    continue;
+                }
+                return Err(e);
+            }
+            buf = &buf[n as usize..];
+        }
+        Ok(())
+    }
+}
+
+/// Forks a child into new namespaces (`clone_flags`: `CLONE_NEW*` bits) that
+/// runs `child` and `_exit`s with its result. This is the only fork in
+/// sandoff. Returns the child's pid (in our PID namespace).
+///
+/// `child` runs in a copy of a possibly multi-threaded process: it must be
+/// async-signal-safe (no allocation, locks or logging) and must not panic.
+pub(crate) fn clone_child(
+    clone_flags: libc::c_int,
+    child: &mut dyn FnMut() -> i32,
+) -> Result<libc::pid_t, Errno> {
+    let flags = (clone_flags | libc::SIGCHLD) as libc::c_ulong;
+    // SAFETY: clone with a NULL stack behaves like fork: the child runs on a
+    // copy of this stack. No CLONE_VM/CLONE_THREAD, so memory is copied;
+    // the child only runs `child`, which the caller guarantees is
+    // async-signal-safe, then _exit without running destructors or atexit.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    if pid == -1 {
+        return Err(errno());
+    }
+    if pid == 0 {
+        let code = child();
+        // SAFETY: _exit is async-signal-safe and never returns.
+        unsafe { libc::_exit(code) };
+    }
+    Ok(pid as libc::pid_t)
+}

@@ -1,0 +1,155 @@
+//! The local build sandbox: from a build's plain data to "the builder ran in
+//! a sandbox and exited with status X, its log streamed".
+//!
+//! - [`plan`] (pure): [`SandboxSpec`] → [`SandboxPlan`], the declarative list of
+//!   setup steps, the argv and the environment exactly as Nix sets them.
+//! - [`syscall`]: the [`Syscall`] trait every setup step goes through, and a
+//!   recording fake for unit tests; `linux` holds the real calls and the
+//!   only fork (the only `unsafe` of the sandbox).
+//! - [`exec`]: clones the child into new mount, PID, network (unless
+//!   fixed-output), IPC and UTS namespaces; the child runs the steps and
+//!   execs, or reports the failing step and exits (fail closed); the parent
+//!   streams the log and enforces `--max-silent-time` and `--timeout`.
+//! - [`seccomp`]: the builder's seccomp filter (Nix's: no setuid/setgid
+//!   `chmod`, no xattrs), a hand-written BPF program checked by an interpreter.
+//! - [`users`]: the build-user pool (flock per uid) and killing a uid's
+//!   processes; [`host`]: the per-build host directories; [`setup`]:
+//!   `sandoff setup`.
+//!
+//! A build, in order:
+//! 1. lease a user ([`UserPool::acquire`]);
+//! 2. create [`HostDirs`], fill a [`SandboxSpec`];
+//! 3. [`run_build`]: plan, kill the user's processes, [`exec::run`], kill
+//!    them again;
+//! 4. (not here) check, canonicalise, scan and register the outputs found
+//!    at [`SandboxPlan::outputs`], then delete the directories.
+//!
+//! # Choices, against Nix 2.8 and Guix
+//!
+//! - No user namespace: the builder runs as the real build uid (as Nix
+//!   without user namespaces, and Guix); `/etc/passwd` names it `nixbld`.
+//! - Stricter than Nix: inputs are bound read-only, `nosuid`, `nodev` (Nix
+//!   relies on file modes); the root is a tmpfs remounted read-only; `/proc`
+//!   is `nosuid,nodev,noexec` with `sys`, `sysrq-trigger`, `irq`, `bus`
+//!   read-only (as bubblewrap); the bounding, ambient and inheritable
+//!   capability sets are cleared explicitly.
+//! - The log is a pipe (as Guix), not a pty (as Nix).
+//! - Fixed-output builds share the host network namespace, as Nix: their
+//!   outputs must be copied before registration (CVE-2024-27297), which is
+//!   the registration step's job.
+//! - The parent-death signal is armed first thing in the child; if sandoff
+//!   dies in the instants before that, the build runs unsupervised until the
+//!   next build of that user kills it.
+//! - The child holds every fd of the parent until `execve` (close-on-exec):
+//!   a file being written by another thread while a sandbox is being set up
+//!   cannot be executed (`ETXTBSY`) until that sandbox has exec'd.
+
+pub mod exec;
+pub mod host;
+mod linux;
+pub mod plan;
+pub mod seccomp;
+pub mod setup;
+pub mod syscall;
+pub mod users;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+pub use exec::{BuildOutcome, TimeoutKind};
+pub use host::HostDirs;
+pub use plan::{BuildUser, InputPath, SandboxDirs, SandboxPlan, SandboxSpec, SetupOp, Timeouts};
+pub use syscall::Syscall;
+pub use users::{UserError, UserLease, UserPool};
+
+/// Errors of the sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The spec cannot be turned into a sandbox.
+    #[error("invalid sandbox spec: {field}: {reason}")]
+    InvalidSpec {
+        /// The offending field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A setup step failed in the child; the builder did not run.
+    #[error("sandbox setup failed at step {step} ({op}): {source}")]
+    SetupFailed {
+        /// The step's index in [`SandboxPlan::ops`].
+        step: usize,
+        /// The step.
+        op: String,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Starting or supervising the child failed.
+    #[error("cannot {action}: {source}")]
+    Spawn {
+        /// What was being done.
+        action: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing the build log to the caller's sink failed (the build is killed).
+    #[error("cannot write the build log: {source}")]
+    Log {
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Preparing or removing host directories failed.
+    #[error("cannot {action} {path}: {source}")]
+    HostDir {
+        /// What was being done.
+        action: &'static str,
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The build-user pool failed.
+    #[error(transparent)]
+    Users(#[from] UserError),
+    /// The build failed and so did the cleanup after it; both are kept.
+    #[error("{error} (and then: {cleanup})")]
+    WithCleanup {
+        /// The build's error.
+        error: Box<SandboxError>,
+        /// The cleanup's error.
+        cleanup: UserError,
+    },
+}
+
+/// Plans and runs one build as `lease`'s user, killing that user's processes
+/// before and after (so nothing survives the build to change its outputs).
+pub fn run_build(
+    lease: &UserLease,
+    spec: &SandboxSpec,
+    log: &mut dyn Write,
+) -> Result<BuildOutcome, SandboxError> {
+    if &spec.user != lease.user() {
+        return Err(SandboxError::InvalidSpec {
+            field: "user",
+            reason: format!(
+                "spec runs as '{}' but the lease is for '{}'",
+                spec.user.user_name(),
+                lease.user().user_name()
+            ),
+        });
+    }
+    let plan = plan::plan(spec)?;
+    lease.kill_processes()?;
+    let result = exec::run(&plan, log);
+    match (result, lease.kill_processes()) {
+        (r, Ok(())) => r,
+        (Ok(_), Err(e)) => Err(e.into()),
+        (Err(error), Err(cleanup)) => Err(SandboxError::WithCleanup {
+            error: Box::new(error),
+            cleanup,
+        }),
+    }
+}

@@ -1,0 +1,397 @@
+//! The system calls sandbox setup needs, behind one trait (youki's design), so
+//! the sequence the child performs can be recorded and checked in unit tests.
+//!
+//! The real implementation is `linux::LinuxSyscalls` (private); the fake is
+//! [`RecordingSyscalls`]. Callers pass one explicitly; nothing picks the fake
+//! by `cfg!(test)`.
+//!
+//! Every method may run in a freshly cloned child of a multi-threaded
+//! process, so implementations used there must be async-signal-safe: no
+//! allocation, no locks, no logging. Arguments are borrowed, pre-built data.
+
+use std::ffi::{CStr, CString};
+use std::fmt;
+
+use super::exec::PreparedExec;
+use super::seccomp::SockFilter;
+
+/// An `errno` value, the only error the child can report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    /// The error as an `io::Error` (for messages, in the parent).
+    pub fn to_io(self) -> std::io::Error {
+        std::io::Error::from_raw_os_error(self.0)
+    }
+}
+
+impl fmt::Display for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_io())
+    }
+}
+
+/// The kind of a file, as far as mount-point creation cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    /// A directory: mounted on a directory.
+    Directory,
+    /// A symbolic link: copied, never followed.
+    Symlink,
+    /// Anything else (regular file, device): mounted on an empty file.
+    Other,
+}
+
+/// The syscalls of sandbox setup. Paths are C strings built before `clone`.
+pub trait Syscall {
+    /// `mount(2)`.
+    fn mount(
+        &mut self,
+        source: Option<&CStr>,
+        target: &CStr,
+        fstype: Option<&CStr>,
+        flags: libc::c_ulong,
+        data: Option<&CStr>,
+    ) -> Result<(), Errno>;
+    /// `umount2(2)`.
+    fn umount2(&mut self, target: &CStr, flags: i32) -> Result<(), Errno>;
+    /// `pivot_root(2)`.
+    fn pivot_root(&mut self, new_root: &CStr, put_old: &CStr) -> Result<(), Errno>;
+    /// `chdir(2)`.
+    fn chdir(&mut self, path: &CStr) -> Result<(), Errno>;
+    /// `mkdir(2)`; the mode is applied exactly (umask is bypassed by a `chmod`).
+    fn mkdir(&mut self, path: &CStr, mode: u32) -> Result<(), Errno>;
+    /// Creates an empty file (`O_CREAT|O_EXCL|O_NOFOLLOW`), for a mount point.
+    fn create_file(&mut self, path: &CStr, mode: u32) -> Result<(), Errno>;
+    /// Creates `path` with `contents` and `mode` exactly, optionally `fchown`ed.
+    fn write_file(
+        &mut self,
+        path: &CStr,
+        contents: &[u8],
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), Errno>;
+    /// `lstat(2)`, reduced to a [`FileKind`].
+    fn lstat_kind(&mut self, path: &CStr) -> Result<FileKind, Errno>;
+    /// `readlink(2)` into `buf`; returns the length (not NUL-terminated).
+    fn readlink(&mut self, path: &CStr, buf: &mut [u8]) -> Result<usize, Errno>;
+    /// `symlink(2)`.
+    fn symlink(&mut self, contents: &CStr, link: &CStr) -> Result<(), Errno>;
+    /// `chmod(2)`.
+    fn chmod(&mut self, path: &CStr, mode: u32) -> Result<(), Errno>;
+    /// `sethostname(2)`.
+    fn sethostname(&mut self, name: &CStr) -> Result<(), Errno>;
+    /// `setdomainname(2)`.
+    fn setdomainname(&mut self, name: &CStr) -> Result<(), Errno>;
+    /// Sets `IFF_UP|IFF_LOOPBACK|IFF_RUNNING` on `lo` (the kernel then assigns 127.0.0.1 and ::1).
+    fn loopback_up(&mut self) -> Result<(), Errno>;
+    /// `setsid(2)`.
+    fn setsid(&mut self) -> Result<(), Errno>;
+    /// stdin from `/dev/null`, stdout and stderr onto `log_fd`.
+    fn redirect_stdio(&mut self, log_fd: i32) -> Result<(), Errno>;
+    /// Marks every fd from 3 up close-on-exec.
+    fn cloexec_from(&mut self, first: u32) -> Result<(), Errno>;
+    /// `setrlimit(RLIMIT_CORE, 0)`.
+    fn no_core_dumps(&mut self) -> Result<(), Errno>;
+    /// `umask(2)`.
+    fn umask(&mut self, mask: u32);
+    /// `personality(ADDR_NO_RANDOMIZE)`.
+    fn no_address_randomization(&mut self) -> Result<(), Errno>;
+    /// `PR_CAPBSET_DROP` of every capability the kernel knows.
+    fn drop_bounding_set(&mut self) -> Result<(), Errno>;
+    /// `PR_CAP_AMBIENT_CLEAR_ALL`.
+    fn clear_ambient_caps(&mut self) -> Result<(), Errno>;
+    /// `capset` with all sets empty.
+    fn clear_caps(&mut self) -> Result<(), Errno>;
+    /// `setgroups(2)`.
+    fn setgroups(&mut self, gids: &[u32]) -> Result<(), Errno>;
+    /// `setresgid(gid, gid, gid)`, then checks that it took.
+    fn setresgid(&mut self, gid: u32) -> Result<(), Errno>;
+    /// `setresuid(uid, uid, uid)`, then checks that it took.
+    fn setresuid(&mut self, uid: u32) -> Result<(), Errno>;
+    /// `PR_SET_PDEATHSIG(SIGKILL)`.
+    fn die_with_parent(&mut self) -> Result<(), Errno>;
+    /// `PR_SET_NO_NEW_PRIVS`.
+    fn no_new_privs(&mut self) -> Result<(), Errno>;
+    /// Installs a seccomp BPF filter (`PR_SET_SECCOMP`).
+    fn seccomp_filter(&mut self, program: &[SockFilter]) -> Result<(), Errno>;
+    /// Empty signal mask, every handler back to `SIG_DFL`.
+    fn reset_signals(&mut self) -> Result<(), Errno>;
+    /// `execve(2)` of a prepared exec; returns only on failure.
+    fn execve(&mut self, exec: &PreparedExec<'_>) -> Errno;
+    /// `kill(-1, SIGKILL)`: every process the caller may signal.
+    fn kill_all(&mut self) -> Result<(), Errno>;
+    /// Writes all of `buf` to `fd` (the error report).
+    fn write_all(&mut self, fd: i32, buf: &[u8]) -> Result<(), Errno>;
+}
+
+/// One recorded call of [`RecordingSyscalls`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// `mount(source, target, fstype, flags, data)`.
+    Mount {
+        source: Option<CString>,
+        target: CString,
+        fstype: Option<CString>,
+        flags: libc::c_ulong,
+        data: Option<CString>,
+    },
+    /// `umount2(target, flags)`.
+    Umount2 { target: CString, flags: i32 },
+    /// `pivot_root(new_root, put_old)`.
+    PivotRoot { new_root: CString, put_old: CString },
+    /// `chdir(path)`.
+    Chdir(CString),
+    /// `mkdir(path, mode)`.
+    Mkdir(CString, u32),
+    /// `create_file(path, mode)`.
+    CreateFile(CString, u32),
+    /// `write_file(path, contents, mode, owner)`.
+    WriteFile {
+        path: CString,
+        contents: Vec<u8>,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    },
+    /// `lstat(path)`.
+    Lstat(CString),
+    /// `readlink(path)`.
+    Readlink(CString),
+    /// `symlink(contents, link)`.
+    Symlink { contents: CString, link: CString },
+    /// `chmod(path, mode)`.
+    Chmod(CString, u32),
+    /// `sethostname`.
+    Hostname(CString),
+    /// `setdomainname`.
+    Domainname(CString),
+    /// `lo` up.
+    LoopbackUp,
+    /// `setsid`.
+    Setsid,
+    /// stdio onto the log fd.
+    RedirectStdio(i32),
+    /// close-on-exec from fd.
+    CloexecFrom(u32),
+    /// `RLIMIT_CORE` 0.
+    NoCoreDumps,
+    /// `umask`.
+    Umask(u32),
+    /// `personality`.
+    NoAddressRandomization,
+    /// bounding set dropped.
+    DropBoundingSet,
+    /// ambient set cleared.
+    ClearAmbientCaps,
+    /// `capset` 0.
+    ClearCaps,
+    /// `setgroups`.
+    SetGroups(Vec<u32>),
+    /// `setresgid`.
+    SetResGid(u32),
+    /// `setresuid`.
+    SetResUid(u32),
+    /// `PR_SET_PDEATHSIG`.
+    DieWithParent,
+    /// `PR_SET_NO_NEW_PRIVS`.
+    NoNewPrivs,
+    /// seccomp filter installed (by length).
+    Seccomp(usize),
+    /// signals reset.
+    ResetSignals,
+    /// `execve(path, argv, envp)` (argv and env recorded by count).
+    Execve {
+        path: CString,
+        argc: usize,
+        envc: usize,
+    },
+    /// `kill(-1, SIGKILL)`.
+    KillAll,
+    /// `write(fd, buf)`.
+    Write(i32, Vec<u8>),
+}
+
+/// A fake [`Syscall`] that records every call and succeeds, except where told
+/// to fail. For unit tests of the setup sequence; never used after `clone`.
+#[derive(Debug, Default)]
+pub struct RecordingSyscalls {
+    /// The calls so far, in order.
+    pub calls: Vec<Call>,
+    /// Fail the call with this index (0-based, counting all calls) with this errno.
+    pub fail_at: Option<(usize, Errno)>,
+    /// What `lstat` reports for a path; absent paths are directories, unless
+    /// listed in `missing`.
+    pub kinds: Vec<(CString, FileKind)>,
+    /// Paths for which `lstat` fails with ENOENT.
+    pub missing: Vec<CString>,
+    /// What `readlink` returns.
+    pub link_target: Vec<u8>,
+}
+
+impl RecordingSyscalls {
+    fn record(&mut self, call: Call) -> Result<(), Errno> {
+        let i = self.calls.len();
+        self.calls.push(call);
+        match self.fail_at {
+            Some((at, e)) if at == i => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Syscall for RecordingSyscalls {
+    fn mount(
+        &mut self,
+        source: Option<&CStr>,
+        target: &CStr,
+        fstype: Option<&CStr>,
+        flags: libc::c_ulong,
+        data: Option<&CStr>,
+    ) -> Result<(), Errno> {
+        self.record(Call::Mount {
+            source: source.map(CStr::to_owned),
+            target: target.to_owned(),
+            fstype: fstype.map(CStr::to_owned),
+            flags,
+            data: data.map(CStr::to_owned),
+        })
+    }
+    fn umount2(&mut self, target: &CStr, flags: i32) -> Result<(), Errno> {
+        self.record(Call::Umount2 {
+            target: target.to_owned(),
+            flags,
+        })
+    }
+    fn pivot_root(&mut self, new_root: &CStr, put_old: &CStr) -> Result<(), Errno> {
+        self.record(Call::PivotRoot {
+            new_root: new_root.to_owned(),
+            put_old: put_old.to_owned(),
+        })
+    }
+    fn chdir(&mut self, path: &CStr) -> Result<(), Errno> {
+        self.record(Call::Chdir(path.to_owned()))
+    }
+    fn mkdir(&mut self, path: &CStr, mode: u32) -> Result<(), Errno> {
+        self.record(Call::Mkdir(path.to_owned(), mode))
+    }
+    fn create_file(&mut self, path: &CStr, mode: u32) -> Result<(), Errno> {
+        self.record(Call::CreateFile(path.to_owned(), mode))
+    }
+    fn write_file(
+        &mut self,
+        path: &CStr,
+        contents: &[u8],
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), Errno> {
+        self.record(Call::WriteFile {
+            path: path.to_owned(),
+            contents: contents.to_vec(),
+            mode,
+            owner,
+        })
+    }
+    fn lstat_kind(&mut self, path: &CStr) -> Result<FileKind, Errno> {
+        self.record(Call::Lstat(path.to_owned()))?;
+        if self.missing.iter().any(|m| m.as_c_str() == path) {
+            return Err(Errno(libc::ENOENT));
+        }
+        Ok(self
+            .kinds
+            .iter()
+            .find(|(p, _)| p.as_c_str() == path)
+            .map(|(_, k)| *k)
+            .unwrap_or(FileKind::Directory))
+    }
+    fn readlink(&mut self, path: &CStr, buf: &mut [u8]) -> Result<usize, Errno> {
+        self.record(Call::Readlink(path.to_owned()))?;
+        let n = self.link_target.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.link_target[..n]);
+        Ok(n)
+    }
+    fn symlink(&mut self, contents: &CStr, link: &CStr) -> Result<(), Errno> {
+        self.record(Call::Symlink {
+            contents: contents.to_owned(),
+            link: link.to_owned(),
+        })
+    }
+    fn chmod(&mut self, path: &CStr, mode: u32) -> Result<(), Errno> {
+        self.record(Call::Chmod(path.to_owned(), mode))
+    }
+    fn sethostname(&mut self, name: &CStr) -> Result<(), Errno> {
+        self.record(Call::Hostname(name.to_owned()))
+    }
+    fn setdomainname(&mut self, name: &CStr) -> Result<(), Errno> {
+        self.record(Call::Domainname(name.to_owned()))
+    }
+    fn loopback_up(&mut self) -> Result<(), Errno> {
+        self.record(Call::LoopbackUp)
+    }
+    fn setsid(&mut self) -> Result<(), Errno> {
+        self.record(Call::Setsid)
+    }
+    fn redirect_stdio(&mut self, log_fd: i32) -> Result<(), Errno> {
+        self.record(Call::RedirectStdio(log_fd))
+    }
+    fn cloexec_from(&mut self, first: u32) -> Result<(), Errno> {
+        self.record(Call::CloexecFrom(first))
+    }
+    fn no_core_dumps(&mut self) -> Result<(), Errno> {
+        self.record(Call::NoCoreDumps)
+    }
+    fn umask(&mut self, mask: u32) {
+        let _ = self.record(Call::Umask(mask));
+    }
+    fn no_address_randomization(&mut self) -> Result<(), Errno> {
+        self.record(Call::NoAddressRandomization)
+    }
+    fn drop_bounding_set(&mut self) -> Result<(), Errno> {
+        self.record(Call::DropBoundingSet)
+    }
+    fn clear_ambient_caps(&mut self) -> Result<(), Errno> {
+        self.record(Call::ClearAmbientCaps)
+    }
+    fn clear_caps(&mut self) -> Result<(), Errno> {
+        self.record(Call::ClearCaps)
+    }
+    fn setgroups(&mut self, gids: &[u32]) -> Result<(), Errno> {
+        self.record(Call::SetGroups(gids.to_vec()))
+    }
+    fn setresgid(&mut self, gid: u32) -> Result<(), Errno> {
+        self.record(Call::SetResGid(gid))
+    }
+    fn setresuid(&mut self, uid: u32) -> Result<(), Errno> {
+        self.record(Call::SetResUid(uid))
+    }
+    fn die_with_parent(&mut self) -> Result<(), Errno> {
+        self.record(Call::DieWithParent)
+    }
+    fn no_new_privs(&mut self) -> Result<(), Errno> {
+        self.record(Call::NoNewPrivs)
+    }
+    fn seccomp_filter(&mut self, program: &[SockFilter]) -> Result<(), Errno> {
+        self.record(Call::Seccomp(program.len()))
+    }
+    fn reset_signals(&mut self) -> Result<(), Errno> {
+        self.record(Call::ResetSignals)
+    }
+    fn execve(&mut self, exec: &PreparedExec<'_>) -> Errno {
+        let call = Call::Execve {
+            path: exec.path().to_owned(),
+            argc: exec.argc(),
+            envc: exec.envc(),
+        };
+        match self.record(call) {
+            Err(e) => e,
+            // A real execve that succeeds does not return; the fake reports success as 0.
+            Ok(()) => Errno(0),
+        }
+    }
+    fn kill_all(&mut self) -> Result<(), Errno> {
+        self.record(Call::KillAll)
+    }
+    fn write_all(&mut self, fd: i32, buf: &[u8]) -> Result<(), Errno> {
+        self.record(Call::Write(fd, buf.to_vec()))
+    }
+}

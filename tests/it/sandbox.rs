@@ -1,0 +1,745 @@
+//! The sandbox tested from inside: busybox-static as the builder, a fake
+//! store in a temporary directory, a probe that records what it sees and
+//! tries every escape; the host side asserts each refusal.
+//!
+//! Needs root (mounts, build users) and /bin/busybox (Debian busybox-static);
+//! creates the `sandoffbld` build users with `sandoff setup`'s code.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sandoff::sandbox::exec::{BuildOutcome, TimeoutKind};
+use sandoff::sandbox::plan::{self, InputPath, SandboxSpec, Timeouts};
+use sandoff::sandbox::setup::{ensure_build_users, BuildUsers};
+use sandoff::sandbox::{run_build, HostDirs, SandboxError, UserLease, UserPool};
+use sandoff::store::{StoreDir, StorePath};
+
+use crate::support::{self, Need};
+
+const BUSYBOX: &str = "7c0v0kbrrdc2cqgisi78jdqxn73n3401-busybox";
+const OUT: &str = "1f2dhqa4ycv31xpsaw4bavv0ks2ir2fc-probe";
+const TEXT: &str = "2g3ajb6zcsw4nh9z5c1xpwm0dl7q8rfk-hello.txt";
+const LINK: &str = "3h4bkc7advx5pi0a6d2yqxn1fm8r9sgl-busybox-link";
+
+/// Root, busybox, and namespaces that work (a container may forbid them).
+fn ready(test: &str) -> bool {
+    if !support::require(test, &[Need::Root, Need::Program("busybox")]) {
+        return false;
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        return support::require(test, &[Need::Program("/bin/busybox")]);
+    }
+    static NS: OnceLock<bool> = OnceLock::new();
+    let ok = *NS.get_or_init(|| {
+        std::process::Command::new("unshare")
+            .args(["-m", "-p", "-n", "-i", "-u", "-f", "--mount-proc", "true"])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !ok {
+        let _ = support::require(
+            test,
+            &[Need::Program(
+                "working mount/pid/net namespaces (unshare -mpniuf)",
+            )],
+        );
+    }
+    ok
+}
+
+/// The shared pool: one lock directory for the whole test process, so tests
+/// running in parallel never get the same build user.
+fn pool() -> &'static UserPool {
+    static POOL: OnceLock<UserPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        ensure_build_users(&BuildUsers::Create {
+            group: "sandoffbld".to_owned(),
+            count: 10,
+        })
+        .expect("sandoff setup");
+        let locks = std::env::temp_dir().join("sandoff-it-userpool");
+        UserPool::from_group("sandoffbld", &locks).expect("build user pool")
+    })
+}
+
+fn sp(base: &str) -> StorePath {
+    StorePath::from_base_name(base).expect("valid store path")
+}
+
+/// A fake store with busybox in it, and a build of `script`.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    busybox_dir: PathBuf,
+    dirs: HostDirs,
+    lease: UserLease,
+}
+
+/// busybox in a fake store shared by all tests, written once per process
+/// before any sandbox of this process runs: a sandboxed child cloned while
+/// another thread writes the file would inherit the open file and make
+/// exec'ing it fail with ETXTBSY until the child execs.
+fn busybox_store() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // Kept across runs (a copy per run would litter /tmp); replaced by
+        // an atomic rename, so no process ever execs a half-written file.
+        let dir = std::env::temp_dir().join("sandoff-it-busybox");
+        let bin = dir.join(BUSYBOX).join("bin");
+        let target = bin.join("busybox");
+        let fresh = std::fs::read("/bin/busybox").expect("read /bin/busybox");
+        if std::fs::read(&target).ok().as_deref() != Some(fresh.as_slice()) {
+            std::fs::create_dir_all(&bin).expect("mkdir");
+            let tmp = bin.join(format!(".busybox-{}", std::process::id()));
+            std::fs::write(&tmp, &fresh).expect("write busybox");
+            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o555))
+                .expect("chmod");
+            std::fs::rename(&tmp, &target).expect("rename busybox");
+        }
+        dir
+    })
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let busybox_dir = busybox_store().join(BUSYBOX);
+        let store = tmp.path().join("root/nix/store");
+        std::fs::create_dir_all(&store).expect("mkdir store");
+        std::fs::write(store.join(TEXT), "hello from a file input\n").expect("write text input");
+        std::os::unix::fs::symlink(format!("/nix/store/{BUSYBOX}"), store.join(LINK))
+            .expect("symlink input");
+        let lease = pool().acquire(Duration::from_millis(50)).expect("lease");
+        let dirs = HostDirs::create(tmp.path(), lease.user()).expect("host dirs");
+        Fixture {
+            _tmp: tmp,
+            busybox_dir,
+            dirs,
+            lease,
+        }
+    }
+
+    fn spec(&self, script: &str) -> SandboxSpec {
+        SandboxSpec {
+            store_dir: StoreDir::default(),
+            builder: format!("/nix/store/{BUSYBOX}/bin/busybox").into_bytes(),
+            args: vec![b"sh".to_vec(), b"-c".to_vec(), script.as_bytes().to_vec()],
+            env: BTreeMap::from([
+                (b"out".to_vec(), format!("/nix/store/{OUT}").into_bytes()),
+                (
+                    b"BB".to_vec(),
+                    format!("/nix/store/{BUSYBOX}/bin/busybox").into_bytes(),
+                ),
+                (
+                    b"BBDIR".to_vec(),
+                    format!("/nix/store/{BUSYBOX}").into_bytes(),
+                ),
+                (b"passAsFile".to_vec(), b"text".to_vec()),
+                (b"text".to_vec(), b"passed as a file\n".to_vec()),
+            ]),
+            inputs: vec![
+                InputPath {
+                    source: self.busybox_dir.clone(),
+                    path: sp(BUSYBOX),
+                },
+                InputPath {
+                    source: self.store().join(TEXT),
+                    path: sp(TEXT),
+                },
+                InputPath {
+                    source: self.store().join(LINK),
+                    path: sp(LINK),
+                },
+            ],
+            outputs: vec![sp(OUT)],
+            dirs: self.dirs.dirs().clone(),
+            build_dir_name: plan::DEFAULT_BUILD_DIR_NAME.to_owned(),
+            user: self.lease.user().clone(),
+            fixed_output: false,
+            impure_env: BTreeMap::new(),
+            cores: 2,
+            timeouts: Timeouts::default(),
+        }
+    }
+
+    fn store(&self) -> PathBuf {
+        self._tmp.path().join("root/nix/store")
+    }
+
+    fn run(&self, spec: &SandboxSpec) -> (Result<BuildOutcome, SandboxError>, String) {
+        let mut log = Vec::new();
+        let r = run_build(&self.lease, spec, &mut log);
+        (r, String::from_utf8_lossy(&log).into_owned())
+    }
+
+    fn out(&self, name: &str) -> String {
+        let p = self.dirs.output(OUT).join(name);
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+    }
+}
+
+/// Puts busybox's applets on PATH inside the build directory.
+const PRELUDE: &str = r#"set -u
+"$BB" mkdir -p "$TMPDIR/bin"
+for a in $("$BB" --list); do "$BB" ln -s "$BB" "$TMPDIR/bin/$a"; done
+export PATH="$TMPDIR/bin"
+"#;
+
+const PROBE: &str = r#"
+mkdir "$out"
+id -u > "$out/uid"; id -g > "$out/gid"; id -G > "$out/groups"; id -un > "$out/user"
+ls -a / | sort > "$out/root"
+ls -a /etc | sort > "$out/etc"
+ls -a /dev | sort > "$out/dev"
+ls -a /dev/pts | sort > "$out/pts"
+ls -a "$NIX_STORE" | sort > "$out/store"
+cat /etc/passwd > "$out/passwd"; cat /etc/group > "$out/group"; cat /etc/hosts > "$out/hosts"
+hostname > "$out/hostname"
+echo $$ > "$out/pid"
+ls /proc | grep '^[0-9]*$' | sort -n > "$out/pids"
+grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp|SigBlk|SigIgn):' /proc/self/status > "$out/status"
+cat /proc/sys/kernel/domainname > "$out/domainname"
+readlink /proc/self/fd/0 > "$out/stdin"
+cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' | sort > "$out/ifaces"
+cat /proc/self/mountinfo > "$out/mountinfo"
+pwd > "$out/pwd"
+env | sort > "$out/env"
+cat "$textPath" > "$out/text"
+umask > "$out/umask"
+cat "$NIX_STORE/TEXT" > "$out/textinput"
+readlink "$NIX_STORE/LINK" > "$out/link"
+"$NIX_STORE/LINK/bin/busybox" echo via-link > "$out/vialink"
+try() { d="$1"; shift; if e=$("$@" 2>&1 >/dev/null); then echo "ESCAPED: $d"; else echo "refused: $d: $e" | head -1; fi; }
+{
+try "write into an input" touch "$BBDIR/x"
+try "append to a file input" sh -c 'echo x >> "$NIX_STORE/TEXT"'
+try "replace a symlink input" ln -sfn /etc "$NIX_STORE/LINK"
+try "overwrite an input file" sh -c 'echo x > "$BB"'
+try "delete an input" rm -rf "$BBDIR"
+try "rename an input" mv "$BBDIR" "$NIX_STORE/moved"
+try "chmod an input" chmod 777 "$BBDIR"
+try "write to /" touch /x
+try "mkdir in /" mkdir /x
+try "write /etc/passwd" sh -c 'echo x >> /etc/passwd'
+try "create in /etc" touch /etc/x
+try "mount tmpfs" sh -c 'mkdir -p /tmp/m && mount -t tmpfs none /tmp/m'
+try "mount proc" sh -c 'mkdir -p /tmp/p && mount -t proc proc /tmp/p'
+try "remount / rw" mount -o remount,rw /
+try "umount /proc" umount /proc
+try "mknod" mknod /tmp/null c 1 3
+try "chroot" chroot / true
+try "sethostname" hostname evil
+try "write /proc/sys" sh -c 'echo 1 > /proc/sys/kernel/ns_last_pid'
+try "read host /etc/shadow" cat /etc/shadow
+try "see host /home" ls /home
+try "reach the internet" nc -w 2 1.1.1.1 80
+try "setuid to root" su -c true root
+try "chown to root" chown 0:0 "$TMPDIR"
+try "open a raw socket" ping -c 1 -W 1 127.0.0.1
+try "make a setuid file" sh -c 'echo > "$TMPDIR/s" && chmod 4755 "$TMPDIR/s"'
+try "make a setgid directory" sh -c 'mkdir "$TMPDIR/g" && chmod 2755 "$TMPDIR/g"'
+} > "$out/attempts"
+touch /tmp/writable && echo ok > "$out/tmp"
+echo x > "$TMPDIR/f" && echo ok > "$out/builddir"
+chmod 0700 "$TMPDIR/f" && echo ok > "$out/chmod"
+touch /dev/shm/x && echo ok > "$out/shm"
+echo probe done
+"#;
+
+fn lines(s: &str) -> Vec<&str> {
+    s.lines().collect()
+}
+
+#[test]
+fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
+    if !ready("probe_sees_only_the_sandbox_and_every_escape_is_refused") {
+        return;
+    }
+    let f = Fixture::new();
+    let user = f.lease.user().clone();
+    let probe = PROBE.replace("TEXT", TEXT).replace("LINK", LINK);
+    let spec = f.spec(&format!("{PRELUDE}{probe}"));
+    let (r, log) = f.run(&spec);
+    assert_eq!(
+        r.expect("build runs"),
+        BuildOutcome::Exited(0),
+        "log:\n{log}"
+    );
+    assert!(log.contains("probe done"), "log streamed: {log}");
+
+    // Identity: the build user, no supplementary groups; names as in the fixtures.
+    assert_eq!(f.out("uid").trim(), user.uid().to_string());
+    assert_eq!(f.out("gid").trim(), user.gid().to_string());
+    assert_eq!(f.out("groups").trim(), user.gid().to_string());
+    assert_eq!(f.out("user").trim(), "nixbld");
+
+    // The root holds only the documented entries.
+    assert_eq!(
+        lines(&f.out("root")),
+        [".", "..", "dev", "etc", "nix", "proc", "tmp"]
+    );
+    assert_eq!(
+        lines(&f.out("etc")),
+        [".", "..", "group", "hosts", "passwd"]
+    );
+    assert_eq!(
+        lines(&f.out("dev")),
+        [
+            ".", "..", "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin",
+            "stdout", "tty", "urandom", "zero"
+        ]
+    );
+    assert_eq!(lines(&f.out("pts")), [".", "..", "ptmx"]);
+    // The store: the input (and the output being built), nothing of the host's.
+    assert_eq!(
+        lines(&f.out("store")),
+        [".", "..", OUT, TEXT, LINK, BUSYBOX]
+    );
+    // File inputs are bound, symlink inputs copied as links.
+    assert_eq!(f.out("textinput"), "hello from a file input\n");
+    assert_eq!(f.out("link").trim(), format!("/nix/store/{BUSYBOX}"));
+    assert_eq!(f.out("vialink").trim(), "via-link");
+
+    // /etc exactly as the golden files (which are for uid 30001, gid 30000).
+    let fixture = |n: &str| {
+        std::fs::read_to_string(support::fixtures().join("etc").join(n))
+            .expect("fixture")
+            .replace("30001", &user.uid().to_string())
+            .replace("30000", &user.gid().to_string())
+    };
+    assert_eq!(f.out("passwd"), fixture("passwd"));
+    assert_eq!(f.out("group"), fixture("group"));
+    assert_eq!(f.out("hosts"), fixture("hosts"));
+    assert_eq!(f.out("hostname").trim(), "localhost");
+
+    // Own PID namespace: the builder is PID 1 and sees only its own processes.
+    assert_eq!(f.out("pid").trim(), "1");
+    let pids: Vec<u32> = f
+        .out("pids")
+        .lines()
+        .map(|l| l.parse().expect("pid"))
+        .collect();
+    assert!(pids.contains(&1) && pids.len() <= 4, "pids: {pids:?}");
+
+    // No capabilities anywhere, no_new_privs.
+    let status = f.out("status");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert!(
+            status.contains(&format!("{set}:\t0000000000000000")),
+            "{set} not empty:\n{status}"
+        );
+    }
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(
+        status.contains("Seccomp:\t2"),
+        "seccomp filter mode: {status}"
+    );
+    // Signals reset (Rust's ignored SIGPIPE does not leak into the build).
+    assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
+    assert!(status.contains("SigIgn:\t0000000000000000"), "{status}");
+    assert_eq!(f.out("domainname").trim(), "(none)");
+    assert_eq!(f.out("stdin").trim(), "/dev/null");
+
+    // Only loopback.
+    assert_eq!(lines(&f.out("ifaces")), ["lo"]);
+
+    // Mount flags: inputs ro,nosuid,nodev; /proc nosuid,nodev,noexec; / ro.
+    let mountinfo = f.out("mountinfo");
+    let opts = |mp: &str| -> String {
+        mountinfo
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(mp))
+            .unwrap_or_else(|| panic!("no mount at {mp}:\n{mountinfo}"))
+            .split(' ')
+            .nth(5)
+            .expect("options")
+            .to_owned()
+    };
+    let has = |mp: &str, want: &[&str]| {
+        let o = opts(mp);
+        for w in want {
+            assert!(o.split(',').any(|x| x == *w), "{mp} lacks {w}: {o}");
+        }
+    };
+    has(&format!("/nix/store/{BUSYBOX}"), &["ro", "nosuid", "nodev"]);
+    has("/proc", &["nosuid", "nodev", "noexec"]);
+    has("/proc/sys", &["ro"]);
+    has("/", &["ro", "nosuid", "nodev"]);
+    has("/tmp", &["rw", "nosuid", "nodev"]);
+
+    // Environment exactly as planned (plus what sh adds: PWD is ours; SHLVL, _ ).
+    let env = f.out("env");
+    let plan = plan::plan(&spec).expect("plan");
+    for (k, v) in &plan.env {
+        let line = format!(
+            "{}={}",
+            String::from_utf8_lossy(k),
+            String::from_utf8_lossy(v)
+        );
+        if k.as_slice() == b"PATH" || k.as_slice() == b"text" {
+            continue; // the prelude replaces PATH
+        }
+        assert!(env.lines().any(|l| l == line), "env lacks {line}:\n{env}");
+    }
+    assert_eq!(f.out("pwd").trim(), "/tmp/sandoff-build");
+    assert_eq!(f.out("text"), "passed as a file\n");
+    assert_eq!(f.out("umask").trim(), "0022");
+
+    // Every escape refused.
+    let attempts = f.out("attempts");
+    eprintln!("probe attempts:\n{attempts}");
+    assert!(!attempts.contains("ESCAPED"), "escapes:\n{attempts}");
+    assert_eq!(attempts.lines().count(), 27, "{attempts}");
+    assert_eq!(
+        std::fs::read_to_string(f.store().join(TEXT)).expect("text"),
+        "hello from a file input\n"
+    );
+    // The input on the host is intact.
+    assert!(f.busybox_dir.join("bin/busybox").is_file());
+    assert!(!f.busybox_dir.join("x").exists());
+
+    // What should work, works.
+    assert_eq!(f.out("tmp").trim(), "ok");
+    assert_eq!(f.out("builddir").trim(), "ok");
+    assert_eq!(
+        f.out("chmod").trim(),
+        "ok",
+        "plain chmod passes the seccomp filter"
+    );
+    assert_eq!(f.out("shm").trim(), "ok");
+    // The build directory is on the host, owned by the build user.
+    assert!(f.dirs.dirs().build.join("f").is_file());
+}
+
+#[test]
+fn loopback_works() {
+    if !ready("loopback_works") {
+        return;
+    }
+    let f = Fixture::new();
+    // lo is up (deterministic), and a TCP round trip over it works (retried:
+    // busybox nc has no way to wait for the listener).
+    let script = format!(
+        "{PRELUDE}ip link show lo
+         for try in 1 2 3 4 5; do
+           nc -l -p 4321 > \"$TMPDIR/got\" &
+           for i in $(seq 1 100); do echo over-lo | nc 127.0.0.1 4321 2>/dev/null && break; sleep 0.05; done
+           wait
+           if grep -q over-lo \"$TMPDIR/got\"; then cat \"$TMPDIR/got\"; break; fi
+         done"
+    );
+    let (r, log) = f.run(&f.spec(&script));
+    assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+    assert!(log.contains("<LOOPBACK,UP,LOWER_UP>"), "{log}");
+    assert!(log.contains("over-lo"), "{log}");
+}
+
+#[test]
+fn exit_status_and_log_are_reported() {
+    if !ready("exit_status_and_log_are_reported") {
+        return;
+    }
+    let f = Fixture::new();
+    let (r, log) = f.run(&f.spec("echo to-stdout; echo to-stderr >&2; exit 3"));
+    assert_eq!(r.expect("runs"), BuildOutcome::Exited(3));
+    assert_eq!(log, "to-stdout\nto-stderr\n");
+}
+
+#[test]
+fn concurrent_builds_get_distinct_build_users() {
+    if !ready("concurrent_builds_get_distinct_build_users") {
+        return;
+    }
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(|| {
+                let f = Fixture::new();
+                let (r, log) = f.run(&f.spec("$BB id -u; $BB sleep 1; $BB id -u"));
+                assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+                let uids: Vec<String> = log.lines().map(str::to_owned).collect();
+                assert_eq!(uids.len(), 2);
+                assert_eq!(uids[0], uids[1]);
+                uids[0].clone()
+            })
+        })
+        .collect();
+    let uids: Vec<String> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    assert_ne!(uids[0], uids[1], "two concurrent builds shared a uid");
+}
+
+#[test]
+fn silent_build_is_killed() {
+    if !ready("silent_build_is_killed") {
+        return;
+    }
+    let f = Fixture::new();
+    let mut spec = f.spec("echo start; $BB sleep 60 & $BB sleep 60");
+    spec.timeouts = Timeouts {
+        max_silent: Some(Duration::from_secs(1)),
+        total: None,
+    };
+    let t = Instant::now();
+    let (r, log) = f.run(&spec);
+    let outcome = r.expect("runs");
+    assert_eq!(
+        outcome,
+        BuildOutcome::TimedOut {
+            kind: TimeoutKind::Silent,
+            after: Duration::from_secs(1)
+        }
+    );
+    assert!(outcome.to_string().contains("timed out"));
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(log, "start\n");
+    assert_no_process_of(f.lease.user().uid());
+}
+
+#[test]
+fn timeout_kills_a_chatty_build() {
+    if !ready("timeout_kills_a_chatty_build") {
+        return;
+    }
+    let f = Fixture::new();
+    let mut spec = f.spec("while true; do echo tick; $BB sleep 0.1; done");
+    spec.timeouts = Timeouts {
+        max_silent: Some(Duration::from_secs(5)),
+        total: Some(Duration::from_secs(1)),
+    };
+    let t = Instant::now();
+    let (r, log) = f.run(&spec);
+    assert_eq!(
+        r.expect("runs"),
+        BuildOutcome::TimedOut {
+            kind: TimeoutKind::Total,
+            after: Duration::from_secs(1)
+        }
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(log.starts_with("tick\n"));
+    assert_no_process_of(f.lease.user().uid());
+}
+
+#[test]
+fn a_build_that_closes_its_output_and_hangs_is_still_killed() {
+    if !ready("a_build_that_closes_its_output_and_hangs_is_still_killed") {
+        return;
+    }
+    let f = Fixture::new();
+    let mut spec = f.spec("echo bye; exec >&- 2>&-; $BB sleep 60");
+    spec.timeouts = Timeouts {
+        max_silent: Some(Duration::from_secs(1)),
+        total: None,
+    };
+    let t = Instant::now();
+    let (r, log) = f.run(&spec);
+    assert_eq!(
+        r.expect("runs"),
+        BuildOutcome::TimedOut {
+            kind: TimeoutKind::Silent,
+            after: Duration::from_secs(1)
+        }
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(log, "bye\n");
+    assert_no_process_of(f.lease.user().uid());
+}
+
+#[test]
+fn leftover_processes_of_the_build_user_are_killed_before_the_build() {
+    if !ready("leftover_processes_of_the_build_user_are_killed_before_the_build") {
+        return;
+    }
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let f = Fixture::new();
+    let user = f.lease.user().clone();
+    // A process a previous build of this user might have left behind.
+    let mut stray = std::process::Command::new("/bin/busybox")
+        .args(["sleep", "60"])
+        .uid(user.uid())
+        .gid(user.gid())
+        .spawn()
+        .expect("spawn stray process");
+    let (r, log) = f.run(&f.spec("echo built"));
+    assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+    let status = stray.wait().expect("wait");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "stray process: {status:?}"
+    );
+}
+
+#[test]
+fn host_dirs_are_removed_whatever_the_build_left() {
+    if !ready("host_dirs_are_removed_whatever_the_build_left") {
+        return;
+    }
+    let f = Fixture::new();
+    let dirs = HostDirs::create(f._tmp.path(), f.lease.user()).expect("dirs");
+    let mut spec = f.spec(
+        "$BB mkdir -p \"$TMPDIR/a/b\" \"$out/c\"; $BB chmod 0 \"$TMPDIR/a\" \"$out/c\" \"$out\"; \
+         $BB ln -s / \"$TMPDIR/root-link\"",
+    );
+    spec.dirs = dirs.dirs().clone();
+    let (r, log) = f.run(&spec);
+    assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+    assert!(dirs.output(OUT).is_dir());
+    let top = dirs.top().to_path_buf();
+    dirs.remove().expect("remove");
+    assert!(!top.exists());
+    assert!(
+        Path::new("/etc/passwd").exists(),
+        "followed a symlink out of the build dir"
+    );
+}
+
+/// No process of `uid` is left on the host.
+fn assert_no_process_of(uid: u32) {
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let Some(line) = status.lines().find(|l| l.starts_with("Uid:")) else {
+            continue;
+        };
+        let real: u32 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|u| u.parse().ok())
+            .unwrap_or(0);
+        assert_ne!(
+            real,
+            uid,
+            "process {:?} of the build user survived",
+            entry.file_name()
+        );
+    }
+}
+
+#[test]
+fn missing_builder_is_a_setup_failure_naming_exec() {
+    if !ready("missing_builder_is_a_setup_failure_naming_exec") {
+        return;
+    }
+    let f = Fixture::new();
+    let mut spec = f.spec("true");
+    spec.builder = format!("/nix/store/{BUSYBOX}/bin/nothere").into_bytes();
+    let (r, log) = f.run(&spec);
+    let err = r.expect_err("fails");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, SandboxError::SetupFailed { ref op, .. } if op == "exec builder"),
+        "{msg}"
+    );
+    assert!(msg.contains("No such file or directory"), "{msg}");
+    assert_eq!(log, "");
+}
+
+#[test]
+fn missing_input_fails_closed_at_its_bind_step() {
+    if !ready("missing_input_fails_closed_at_its_bind_step") {
+        return;
+    }
+    let f = Fixture::new();
+    let mut spec = f.spec("echo RAN > /dev/stderr");
+    let ghost = "0000000000000000000000000000000a-ghost";
+    spec.inputs.push(InputPath {
+        source: PathBuf::from("/nonexistent/ghost"),
+        path: sp(ghost),
+    });
+    let (r, log) = f.run(&spec);
+    let err = r.expect_err("fails");
+    let SandboxError::SetupFailed { step, ref op, .. } = err else {
+        panic!("{err}")
+    };
+    assert!(op.starts_with("bind /nonexistent/ghost on "), "{op}");
+    assert!(err.to_string().starts_with(&format!(
+        "sandbox setup failed at step {step} (bind /nonexistent/ghost"
+    )));
+    assert!(!log.contains("RAN"), "builder ran in a half-built sandbox");
+}
+
+#[test]
+fn setup_is_idempotent() {
+    if !ready("setup_is_idempotent") {
+        return;
+    }
+    let _ = pool();
+    let again = ensure_build_users(&BuildUsers::Create {
+        group: "sandoffbld".to_owned(),
+        count: 10,
+    })
+    .expect("setup");
+    assert!(again.created.is_empty(), "created {:?}", again.created);
+    assert!(again.members.len() >= 10);
+    let existing = ensure_build_users(&BuildUsers::Existing {
+        group: "sandoffbld".to_owned(),
+    })
+    .expect("existing");
+    assert_eq!(existing.gid, again.gid);
+}
+
+#[test]
+fn fixed_output_builds_share_the_host_network_and_resolver() {
+    if !ready("fixed_output_builds_share_the_host_network_and_resolver") {
+        return;
+    }
+    let f = Fixture::new();
+    let mut spec = f.spec(
+        "$BB cut -d: -f1 /proc/net/dev | $BB tail -n +3 | $BB tr -d ' ' | $BB sort; \
+         $BB ls /etc; echo NIX_OUTPUT_CHECKED=$NIX_OUTPUT_CHECKED",
+    );
+    spec.fixed_output = true;
+    let (r, log) = f.run(&spec);
+    assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+    let host_ifaces = std::fs::read_to_string("/proc/net/dev")
+        .expect("host net")
+        .lines()
+        .count()
+        - 2;
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= host_ifaces, "{log}");
+    assert!(lines.contains(&"nsswitch.conf"), "{log}");
+    if Path::new("/etc/resolv.conf").exists() {
+        assert!(lines.contains(&"resolv.conf"), "{log}");
+    }
+    assert!(lines.contains(&"NIX_OUTPUT_CHECKED=1"), "{log}");
+}
+
+#[test]
+fn cli_setup_creates_users_and_state_dirs_idempotently() {
+    if !ready("cli_setup_creates_users_and_state_dirs_idempotently") {
+        return;
+    }
+    let _ = pool();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for _ in 0..2 {
+        let out = support::run_ok(support::sandoff().arg("--state-dir").arg(tmp.path()).args([
+            "setup",
+            "--build-users",
+            "10",
+        ]));
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.contains("build users: group sandoffbld"), "{out}");
+        assert!(!out.contains("created"), "{out}");
+    }
+    for d in ["db", "keys", "log", "userpool", "locks"] {
+        assert!(tmp.path().join(d).is_dir(), "{d}");
+    }
+    let bad = support::sandoff()
+        .arg("--state-dir")
+        .arg(tmp.path())
+        .args(["setup", "--build-users-group", "sandoff-no-such-group"])
+        .output()
+        .expect("run");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("'sandoff-no-such-group' does not exist"));
+}
