@@ -11,9 +11,13 @@
 //!   paths and the JSON form of `nix show-derivation`.
 //! - [`sandbox`]: the local build sandbox: a pure plan of setup steps, run
 //!   by one forked child in fresh namespaces as a pooled build user.
+//! - [`build`]: realising derivations here: the graph of what is missing,
+//!   scheduled in dependency order on threads, each build run in the
+//!   sandbox and its outputs checked, scanned and registered atomically.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over these modules.
 
+pub mod build;
 pub mod derivation;
 pub mod sandbox;
 pub mod store;

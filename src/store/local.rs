@@ -121,6 +121,8 @@ pub enum StoreError {
     InvalidReference { path: String, reference: String },
     #[error("path '{path}' is not valid")]
     NotValid { path: String },
+    #[error("'{path}' is not locked by this process (take its lock first)")]
+    NotLocked { path: String },
     #[error("cycle detected in the references of '{path}' from '{from}'")]
     Cycle { path: String, from: String },
 }
@@ -753,6 +755,120 @@ impl LocalStore {
             })
     }
 
+    /// Takes the exclusive locks of `paths` (`<path>.lock`, Nix's protocol),
+    /// in sorted order so that two processes locking overlapping sets cannot
+    /// deadlock. Blocks until all are held.
+    pub fn lock_paths(&self, paths: &BTreeSet<StorePath>) -> Result<PathLocks, StoreError> {
+        let mut locks = Vec::new();
+        for p in paths {
+            locks.push(PathLock::acquire(&self.loc.real_path(p))?);
+        }
+        Ok(PathLocks {
+            _locks: locks,
+            paths: paths.clone(),
+        })
+    }
+
+    /// [`LocalStore::lock_paths`] without waiting: `None` (and nothing held)
+    /// when another process holds one of them.
+    pub fn try_lock_paths(
+        &self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<Option<PathLocks>, StoreError> {
+        let mut locks = Vec::new();
+        for p in paths {
+            match PathLock::try_acquire(&self.loc.real_path(p))? {
+                Some(l) => locks.push(l),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(PathLocks {
+            _locks: locks,
+            paths: paths.clone(),
+        }))
+    }
+
+    /// Copies the file or tree at `src` (anywhere on this machine) into a
+    /// staging path in the store through its NAR serialisation, so that the
+    /// copy is fresh files owned by us (no inode or open file of whoever
+    /// wrote `src` survives: CVE-2024-27297) and exactly what was hashed.
+    pub fn stage_path(&self, src: &Path) -> Result<StagedPath, StoreError> {
+        self.stage_tree(src)
+    }
+
+    /// Makes a build's outputs valid together: under `locks` (which must
+    /// cover every output; they are not taken again, since a second `flock`
+    /// of the same file by this process would wait for itself), each staged
+    /// copy is canonicalised and renamed into place (replacing any invalid
+    /// leftover), the filesystem is synced, and all are registered in one
+    /// transaction, so outputs that refer to each other become valid at
+    /// once. References must be valid or among the outputs. On any failure
+    /// every output moved into place is removed again and nothing is
+    /// registered. Outputs that are already valid are skipped.
+    pub fn register_built_outputs(
+        &self,
+        locks: &PathLocks,
+        outputs: Vec<(StagedPath, ValidPathInfo)>,
+    ) -> Result<(), StoreError> {
+        let batch: BTreeSet<&StorePath> = outputs.iter().map(|(_, i)| &i.path).collect();
+        for (_, info) in &outputs {
+            if !locks.paths.contains(&info.path) {
+                return Err(StoreError::NotLocked {
+                    path: self.loc.logical(&info.path),
+                });
+            }
+            for r in &info.references {
+                if !batch.contains(r) && !self.registry.is_valid(r)? {
+                    return Err(StoreError::InvalidReference {
+                        path: self.loc.logical(&info.path),
+                        reference: self.loc.logical(r),
+                    });
+                }
+            }
+        }
+        let mut todo = Vec::new();
+        for (staged, info) in outputs {
+            if !self.registry.is_valid(&info.path)? {
+                todo.push((staged, info));
+            }
+        }
+        let mut moved: Vec<PathBuf> = Vec::new();
+        let result = (|| {
+            let now = now();
+            let mut infos = Vec::new();
+            for (staged, info) in &mut todo {
+                canonicalise_path(&staged.tmp)?;
+                let real = self.loc.real_path(&info.path);
+                remove_tree(&real).map_err(io_err("removing stale", &real))?;
+                fs::rename(&staged.tmp, &real).map_err(io_err("moving staged path to", &real))?;
+                staged.tmp = PathBuf::new();
+                moved.push(real);
+                let mut info = info.clone();
+                if info.registration_time == 0 {
+                    info.registration_time = now;
+                }
+                infos.push(info);
+            }
+            if let Some(first) = moved.first() {
+                sync_filesystem(first)?;
+            }
+            self.registry.register_many(&infos).map_err(|e| match e {
+                RegistryError::InvalidReference { path, reference } => {
+                    StoreError::InvalidReference { path, reference }
+                }
+                e => e.into(),
+            })
+        })();
+        if result.is_err() {
+            for real in &moved {
+                if let Err(rm) = remove_tree(real) {
+                    tracing::warn!(path = %real.display(), "cannot remove unregistered output: {rm}");
+                }
+            }
+        }
+        result.map(|_| ())
+    }
+
     /// The outputs a valid derivation file declares (`DerivationOutputs`).
     pub fn derivation_outputs(
         &self,
@@ -803,6 +919,28 @@ fn now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// Exclusive locks on a set of store paths, from [`LocalStore::lock_paths`];
+/// released when dropped.
+pub struct PathLocks {
+    _locks: Vec<PathLock>,
+    paths: BTreeSet<StorePath>,
+}
+
+impl PathLocks {
+    /// The locked paths.
+    pub fn paths(&self) -> &BTreeSet<StorePath> {
+        &self.paths
+    }
+}
+
+impl std::fmt::Debug for PathLocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PathLocks")
+            .field("paths", &self.paths)
+            .finish()
+    }
 }
 
 /// An exclusive lock on `<path>.lock`, with Nix's protocol for lock files

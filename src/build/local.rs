@@ -1,0 +1,502 @@
+//! One local build: a derivation whose inputs are all valid becomes valid
+//! outputs, or nothing at all.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use super::{builds_dir, log_path, BuildError, Event, Options};
+use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
+use crate::sandbox::plan::DEFAULT_BUILD_DIR_NAME;
+use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserPool};
+use crate::store::hash::Hasher;
+use crate::store::local::{LocalStore, PathLocks, StagedPath};
+use crate::store::{nar, refscan};
+use crate::store::{ContentAddress, FileIngestionMethod, HashAlgo, StorePath, ValidPathInfo};
+
+/// How often a build waiting for a free build user checks again.
+const USER_POLL: Duration = Duration::from_millis(500);
+
+/// How many log lines a failure message quotes.
+const TAIL_LINES: usize = 10;
+
+/// What builds need: the store, the build users, the options.
+pub struct BuildContext<'a> {
+    /// The store the outputs go to.
+    pub store: &'a LocalStore,
+    /// The build users.
+    pub pool: &'a UserPool,
+    /// How to build.
+    pub options: Options,
+}
+
+/// How [`realise_one`] ended well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// Built here.
+    Built,
+    /// Built by another process while this one waited for the locks.
+    Reused,
+}
+
+/// Realises `drv` (at `drv_path`), whose inputs are valid: takes the locks of
+/// its outputs (reporting [`Event::WaitingForLock`] on `events` if another
+/// process holds one), returns [`StepOutcome::Reused`] if they are valid by
+/// then, else builds it. The log goes to [`log_path`].
+pub fn realise_one(
+    ctx: &BuildContext<'_>,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    events: &Sender<Event>,
+) -> Result<StepOutcome, BuildError> {
+    let store = ctx.store;
+    let outputs: BTreeSet<StorePath> = drv.output_paths().into_values().collect();
+    let locks = match store.try_lock_paths(&outputs)? {
+        Some(l) => l,
+        None => {
+            let _ = events.send(Event::WaitingForLock {
+                drv: drv_path.clone(),
+            });
+            store.lock_paths(&outputs)?
+        }
+    };
+    let mut all_valid = true;
+    for o in &outputs {
+        all_valid &= store.is_valid(o)?;
+    }
+    if all_valid {
+        return Ok(StepOutcome::Reused);
+    }
+    let path = log_path(store.location(), drv_path);
+    let mut log = LogSink::create(
+        &path,
+        ctx.options
+            .stream_logs
+            .then(|| (events.clone(), drv_path.clone())),
+    )?;
+    let r = build_locked(ctx, drv_path, drv, &locks, &mut log);
+    log.finish();
+    r.map(|()| StepOutcome::Built)
+}
+
+/// Builds `drv` under `locks` (which must cover its outputs) and registers
+/// its outputs; see the module docs of [`crate::build`].
+pub fn build_locked(
+    ctx: &BuildContext<'_>,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    locks: &PathLocks,
+    log: &mut LogSink,
+) -> Result<(), BuildError> {
+    let store = ctx.store;
+    let loc = store.location();
+    let drv_name = loc.logical(drv_path);
+    let unsupported = |reason: &str| BuildError::Unsupported {
+        drv: drv_name.clone(),
+        reason: reason.to_owned(),
+    };
+    let kind = drv.kind().map_err(|source| BuildError::Derivation {
+        drv: drv_name.clone(),
+        source,
+    })?;
+    match kind {
+        DerivationKind::InputAddressed { deferred: false } | DerivationKind::Fixed => {}
+        DerivationKind::InputAddressed { deferred: true } => {
+            return Err(unsupported("its output paths are not computed (deferred)"))
+        }
+        DerivationKind::Floating => return Err(unsupported("floating content-addressed outputs")),
+        DerivationKind::Impure => return Err(unsupported("impure outputs")),
+    }
+    if drv.builder.starts_with(b"builtin:") {
+        return Err(unsupported("built-in builders (builtin:...)"));
+    }
+    let outputs = drv.output_paths();
+
+    // The input closure: sources and the used outputs of input derivations.
+    let mut inputs = drv.input_sources.clone();
+    for (input, names) in &drv.input_derivations {
+        let outs = store.derivation_outputs(input)?;
+        for name in names {
+            let p = outs.get(name.as_str()).ok_or_else(|| {
+                unsupported(&format!(
+                    "input derivation '{}' has no output '{name}'",
+                    loc.logical(input)
+                ))
+            })?;
+            inputs.insert(p.clone());
+        }
+    }
+    let closure = store.closure(&inputs)?;
+
+    let lease = ctx
+        .pool
+        .acquire(USER_POLL)
+        .map_err(|source| BuildError::Users {
+            drv: drv_name.clone(),
+            source,
+        })?;
+    let parent = builds_dir(loc);
+    fs::create_dir_all(&parent).map_err(io_err("create", &parent))?;
+    let dirs = HostDirs::create(&parent, lease.user()).map_err(|source| BuildError::Sandbox {
+        drv: drv_name.clone(),
+        source,
+    })?;
+    let fixed = kind == DerivationKind::Fixed;
+    let spec = SandboxSpec {
+        store_dir: loc.dir.clone(),
+        builder: drv.builder.clone(),
+        args: drv.args.clone(),
+        env: drv.env.clone(),
+        inputs: closure
+            .iter()
+            .map(|p| InputPath {
+                source: loc.real_path(p),
+                path: p.clone(),
+            })
+            .collect(),
+        outputs: outputs.values().cloned().collect(),
+        dirs: dirs.dirs().clone(),
+        build_dir_name: DEFAULT_BUILD_DIR_NAME.to_owned(),
+        user: lease.user().clone(),
+        fixed_output: fixed,
+        impure_env: if fixed {
+            impure_env(drv)
+        } else {
+            BTreeMap::new()
+        },
+        cores: ctx.options.cores,
+        timeouts: Timeouts {
+            max_silent: ctx.options.max_silent,
+            total: ctx.options.timeout,
+        },
+    };
+    tracing::debug!(drv = %drv_name, user = lease.user().user_name(), "building");
+    let ran = run_build(&lease, &spec, log);
+
+    let result = match ran {
+        Err(source) => Err(BuildError::Sandbox {
+            drv: drv_name.clone(),
+            source,
+        }),
+        Ok(outcome) if !outcome.success() => Err(BuildError::Failed {
+            drv: drv_name.clone(),
+            outcome,
+            kept: ctx.options.keep_failed.then(|| dirs.top().to_path_buf()),
+            tail: log.tail(),
+        }),
+        Ok(_) => collect_outputs(
+            store,
+            &drv_name,
+            drv_path,
+            drv,
+            &dirs,
+            lease.user().uid(),
+            &closure,
+        )
+        .and_then(|staged| {
+            store
+                .register_built_outputs(locks, staged)
+                .map_err(Into::into)
+        }),
+    };
+    // The lease is still held: no other build can run as this user until the
+    // directories are gone (or chmod'ed out of its reach).
+    match &result {
+        Err(e) if ctx.options.keep_failed => {
+            let top = dirs.top().to_path_buf();
+            // Root-only but readable by root; 0755 as Nix, for inspection.
+            let _ = fs::set_permissions(&top, fs::Permissions::from_mode(0o755));
+            if !matches!(e, BuildError::Failed { .. }) {
+                tracing::warn!(drv = %drv_name, dir = %top.display(), "build directory kept");
+            }
+        }
+        _ => {
+            if let Err(e) = dirs.remove() {
+                tracing::warn!(drv = %drv_name, "cannot remove build directory: {e}");
+            }
+        }
+    }
+    drop(lease);
+    result
+}
+
+/// Checks each output the builder made, copies it into a staging path of the
+/// store, scans its references and, for a fixed output, checks its hash.
+fn collect_outputs(
+    store: &LocalStore,
+    drv_name: &str,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    dirs: &HostDirs,
+    build_uid: u32,
+    closure: &BTreeSet<StorePath>,
+) -> Result<Vec<(StagedPath, ValidPathInfo)>, BuildError> {
+    let loc = store.location();
+    let mut candidates = closure.clone();
+    candidates.extend(drv.output_paths().into_values());
+    let mut staged_outputs = Vec::new();
+    for (name, output) in &drv.outputs {
+        let Some(path) = output.path() else {
+            continue;
+        };
+        let scratch = dirs.output(path.base_name());
+        match fs::symlink_metadata(&scratch) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(BuildError::MissingOutput {
+                    drv: drv_name.to_owned(),
+                    output: name.to_string(),
+                    path: loc.logical(path),
+                })
+            }
+            Err(e) => return Err(io_err("read", &scratch)(e)),
+        }
+        check_owner(drv_name, &scratch, build_uid)?;
+        let staged = store.stage_path(&scratch)?;
+        let references =
+            refscan::scan_path(&staged.tmp, &candidates).map_err(|source| BuildError::Nar {
+                path: staged.tmp.clone(),
+                source,
+            })?;
+        let ca = match output {
+            DerivationOutput::CAFixed { method, hash, .. } => {
+                if let Some(r) = references.iter().find(|r| *r != path) {
+                    return Err(BuildError::FixedReferences {
+                        drv: drv_name.to_owned(),
+                        reference: loc.logical(r),
+                    });
+                }
+                let got = fixed_hash(drv_name, &staged, *method, hash.algo())?;
+                if &got != hash {
+                    return Err(BuildError::HashMismatch {
+                        drv: drv_name.to_owned(),
+                        specified: hash.to_nix32_prefixed(),
+                        got: got.to_nix32_prefixed(),
+                    });
+                }
+                Some(ContentAddress::Fixed {
+                    method: *method,
+                    hash: got,
+                })
+            }
+            _ => None,
+        };
+        let info = ValidPathInfo {
+            path: path.clone(),
+            deriver: Some(drv_path.clone()),
+            nar_hash: staged.nar_hash.clone(),
+            nar_size: staged.nar_size,
+            references,
+            registration_time: 0,
+            ultimate: true,
+            signatures: BTreeSet::new(),
+            ca,
+        };
+        staged_outputs.push((staged, info));
+    }
+    Ok(staged_outputs)
+}
+
+/// The hash of a fixed output: of the file's contents (flat, which needs a
+/// regular non-executable file, as Nix) or of its NAR (recursive).
+fn fixed_hash(
+    drv_name: &str,
+    staged: &StagedPath,
+    method: FileIngestionMethod,
+    algo: HashAlgo,
+) -> Result<crate::store::Hash, BuildError> {
+    let p = &staged.tmp;
+    match method {
+        FileIngestionMethod::Recursive if algo == HashAlgo::Sha256 => Ok(staged.nar_hash.clone()),
+        FileIngestionMethod::Recursive => {
+            let mut h = Hasher::new(algo);
+            nar::dump(p, &mut h).map_err(|source| BuildError::Nar {
+                path: p.clone(),
+                source,
+            })?;
+            Ok(h.finish())
+        }
+        FileIngestionMethod::Flat => {
+            let meta = fs::symlink_metadata(p).map_err(io_err("read", p))?;
+            if !meta.is_file() || meta.mode() & 0o100 != 0 {
+                return Err(BuildError::FlatNotRegular {
+                    drv: drv_name.to_owned(),
+                });
+            }
+            let mut h = Hasher::new(algo);
+            let mut f = File::open(p).map_err(io_err("open", p))?;
+            io::copy(&mut f, &mut h).map_err(io_err("read", p))?;
+            Ok(h.finish())
+        }
+    }
+}
+
+/// Every file of an output must be a regular file, directory or symlink
+/// owned by the build user: a hard link to a file it does not own
+/// (`ln /etc/shadow $out/x`) is refused before anything is copied, as Nix's
+/// "invalid ownership" check.
+fn check_owner(drv_name: &str, path: &Path, build_uid: u32) -> Result<(), BuildError> {
+    let meta = fs::symlink_metadata(path).map_err(io_err("read", path))?;
+    let ft = meta.file_type();
+    if !(ft.is_file() || ft.is_dir() || ft.is_symlink()) {
+        return Err(BuildError::UnsupportedType {
+            drv: drv_name.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+    if meta.uid() != build_uid {
+        return Err(BuildError::ForeignFile {
+            drv: drv_name.to_owned(),
+            path: path.to_owned(),
+            uid: meta.uid(),
+            build_uid,
+        });
+    }
+    if ft.is_dir() {
+        for entry in fs::read_dir(path).map_err(io_err("read directory", path))? {
+            let entry = entry.map_err(io_err("read directory", path))?;
+            check_owner(drv_name, &entry.path(), build_uid)?;
+        }
+    }
+    Ok(())
+}
+
+/// The values of the derivation's `impureEnvVars` in our environment (for
+/// fixed outputs only, as Nix).
+fn impure_env(drv: &Derivation) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(names) = drv.env.get(b"impureEnvVars".as_slice()) else {
+        return BTreeMap::new();
+    };
+    names
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|n| !n.is_empty())
+        .filter_map(|n| {
+            let name = std::ffi::OsStr::from_bytes(n);
+            std::env::var_os(name).map(|v| (n.to_vec(), v.as_bytes().to_vec()))
+        })
+        .collect()
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BuildError + 'a {
+    move |source| BuildError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A build's log: written to its file as it comes, the last lines kept for
+/// the failure message, each line also sent as an [`Event::Log`] when asked.
+pub struct LogSink {
+    file: io::BufWriter<File>,
+    path: PathBuf,
+    stream: Option<(Sender<Event>, StorePath)>,
+    partial: Vec<u8>,
+    tail: VecDeque<Vec<u8>>,
+    last_flush: Instant,
+}
+
+impl std::fmt::Debug for LogSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogSink").field("path", &self.path).finish()
+    }
+}
+
+impl LogSink {
+    /// Creates (truncating) the log file at `path`.
+    pub fn create(
+        path: &Path,
+        stream: Option<(Sender<Event>, StorePath)>,
+    ) -> Result<LogSink, BuildError> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        }
+        let file = File::create(path).map_err(io_err("create", path))?;
+        Ok(LogSink {
+            file: io::BufWriter::new(file),
+            path: path.to_owned(),
+            stream,
+            partial: Vec::new(),
+            tail: VecDeque::new(),
+            last_flush: Instant::now(),
+        })
+    }
+
+    /// The last lines (lossily decoded).
+    pub fn tail(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .tail
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect();
+        if !self.partial.is_empty() {
+            lines.push(String::from_utf8_lossy(&self.partial).into_owned());
+            if lines.len() > TAIL_LINES {
+                lines.remove(0);
+            }
+        }
+        lines
+    }
+
+    /// Flushes the file and sends a last unterminated line.
+    pub fn finish(&mut self) {
+        if let Err(e) = self.file.flush() {
+            tracing::warn!(path = %self.path.display(), "cannot write build log: {e}");
+        }
+        if !self.partial.is_empty() {
+            if let Some((tx, drv)) = &self.stream {
+                let _ = tx.send(Event::Log {
+                    drv: drv.clone(),
+                    line: std::mem::take(&mut self.partial),
+                });
+            }
+        }
+    }
+
+    fn line(&mut self, line: Vec<u8>) {
+        if let Some((tx, drv)) = &self.stream {
+            let _ = tx.send(Event::Log {
+                drv: drv.clone(),
+                line: line.clone(),
+            });
+        }
+        self.tail.push_back(line);
+        if self.tail.len() > TAIL_LINES {
+            self.tail.pop_front();
+        }
+    }
+}
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write_all(buf)?;
+        // Readers (`sandoff log` during the build) see it within a second.
+        if self.last_flush.elapsed() > Duration::from_secs(1) {
+            self.file.flush()?;
+            self.last_flush = Instant::now();
+        }
+        let mut rest = buf;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            let mut line = std::mem::take(&mut self.partial);
+            line.extend_from_slice(&rest[..i]);
+            self.line(line);
+            rest = &rest[i + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+        // A builder printing no newline must not grow this without bound.
+        if self.partial.len() > 64 * 1024 {
+            let line = std::mem::take(&mut self.partial);
+            self.line(line);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
