@@ -739,3 +739,33 @@ fn log_of_an_unbuilt_derivation_is_an_error() {
         text(&out.stderr)
     );
 }
+
+/// `examples/graph/build.sh`: the diamond with a fixed-output root builds.
+#[test]
+fn example_graph_builds() {
+    if !ready("example_graph_builds")
+        || !support::require("example_graph_builds", &[Need::Program("jq")])
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graph/build.sh");
+    let out = support::run_ok(
+        Command::new(script)
+            .arg("--store-root")
+            .arg(tmp.path())
+            .env("SANDOFF", env!("CARGO_BIN_EXE_sandoff"))
+            .env(
+                "SANDOFF_USER_POOL_DIR",
+                std::env::temp_dir().join("sandoff-it-userpool"),
+            ),
+    );
+    let top = text(&out);
+    let top = top.trim();
+    assert!(top.ends_with("-top"), "{top}");
+    let real = tmp.path().join(top.trim_start_matches('/')).join("summary");
+    assert_eq!(
+        std::fs::read_to_string(real).expect("read summary"),
+        "HELLO FROM A FIXED-OUTPUT DERIVATION\n37\n"
+    );
+}
