@@ -500,3 +500,67 @@ impl Write for LogSink {
         self.file.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_files_not_owned_by_the_build_user() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let out = tmp.path().join("out");
+        fs::create_dir(&out).expect("mkdir");
+        fs::write(out.join("f"), "x").expect("write");
+        let me = fs::metadata(&out).expect("stat").uid();
+        check_owner("d.drv", &out, me).expect("all ours");
+        let err = check_owner("d.drv", &out, me + 1).expect_err("not the build user's");
+        assert!(
+            matches!(&err, BuildError::ForeignFile { uid, .. } if *uid == me),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn refuses_fifos_in_outputs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fifo = tmp.path().join("p");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let me = fs::metadata(tmp.path()).expect("stat").uid();
+        let err = check_owner("d.drv", tmp.path(), me).expect_err("fifo");
+        assert!(matches!(err, BuildError::UnsupportedType { .. }), "{err}");
+    }
+
+    #[test]
+    fn log_sink_writes_everything_and_keeps_the_last_lines() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("log/x.drv");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let drv =
+            StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x.drv").expect("path");
+        let mut sink = LogSink::create(&path, Some((tx, drv.clone()))).expect("create");
+        for i in 0..15 {
+            write!(sink, "line {i}\nhalf").expect("write");
+            write!(sink, "-{i}\n").expect("write");
+        }
+        sink.write_all(b"no newline").expect("write");
+        let tail = sink.tail();
+        assert_eq!(tail.len(), TAIL_LINES);
+        assert_eq!(tail.last().map(String::as_str), Some("no newline"));
+        assert_eq!(tail[0], "half-10");
+        sink.finish();
+        drop(sink);
+        let lines: Vec<Vec<u8>> = rx
+            .iter()
+            .map(|e| match e {
+                Event::Log { line, drv: d } if d == drv => line,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(lines.len(), 31);
+        assert_eq!(lines[1], b"half-0");
+        assert_eq!(lines[30], b"no newline");
+        let written = fs::read_to_string(&path).expect("read");
+        assert!(written.starts_with("line 0\nhalf-0\n") && written.ends_with("no newline"));
+    }
+}

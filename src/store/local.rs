@@ -1133,6 +1133,79 @@ mod tests {
             .collect()
     }
 
+    /// Two staged outputs that refer to each other, as a build makes them.
+    fn built_pair(s: &LocalStore, dir: &Path) -> Vec<(StagedPath, ValidPathInfo)> {
+        let out = StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x").unwrap();
+        let dev = StorePath::from_base_name("8h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x-dev").unwrap();
+        [(&out, &dev), (&dev, &out)]
+            .into_iter()
+            .map(|(me, other)| {
+                let src = dir.join(me.name());
+                fs::write(&src, s.loc.logical(other)).unwrap();
+                let staged = s.stage_path(&src).unwrap();
+                let info = ValidPathInfo {
+                    path: me.clone(),
+                    deriver: None,
+                    nar_hash: staged.nar_hash.clone(),
+                    nar_size: staged.nar_size,
+                    references: BTreeSet::from([other.clone()]),
+                    registration_time: 0,
+                    ultimate: true,
+                    signatures: BTreeSet::new(),
+                    ca: None,
+                };
+                (staged, info)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn built_outputs_referring_to_each_other_register_together() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let pair = built_pair(&s, tmp.path());
+        let paths: BTreeSet<StorePath> = pair.iter().map(|(_, i)| i.path.clone()).collect();
+        let locks = s.lock_paths(&paths).unwrap();
+        assert!(s.try_lock_paths(&paths).unwrap().is_none(), "held");
+        s.register_built_outputs(&locks, pair).unwrap();
+        for p in &paths {
+            let info = s.query_path_info(p).unwrap().unwrap();
+            assert_eq!(info.references.len(), 1);
+            assert!(info.registration_time > 0);
+            let meta = fs::symlink_metadata(s.loc.real_path(p)).unwrap();
+            assert_eq!(meta.mode() & 0o7777, 0o444);
+            assert_eq!(meta.mtime(), 1);
+        }
+        assert!(stage_dirs(&s).is_empty());
+        drop(locks);
+        assert!(s.try_lock_paths(&paths).unwrap().is_some(), "released");
+    }
+
+    #[test]
+    fn built_outputs_need_their_locks_and_valid_references_or_nothing_moves() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let mut pair = built_pair(&s, tmp.path());
+        let paths: BTreeSet<StorePath> = pair.iter().map(|(_, i)| i.path.clone()).collect();
+        let one = BTreeSet::from([pair[0].1.path.clone()]);
+        let partial = s.lock_paths(&one).unwrap();
+        let err = s.register_built_outputs(&partial, built_pair(&s, tmp.path()));
+        assert!(matches!(err, Err(StoreError::NotLocked { .. })), "{err:?}");
+        drop(partial);
+        let locks = s.lock_paths(&paths).unwrap();
+        pair[1]
+            .1
+            .references
+            .insert(StorePath::from_base_name("00000000000000000000000000000000-gone").unwrap());
+        let err = s.register_built_outputs(&locks, pair);
+        assert!(matches!(err, Err(StoreError::InvalidReference { .. })), "{err:?}");
+        for p in &paths {
+            assert!(!s.is_valid(p).unwrap());
+            assert!(!s.loc.real_path(p).exists());
+        }
+        assert!(stage_dirs(&s).is_empty());
+    }
+
     #[test]
     fn add_path_registers_a_canonical_read_only_tree() {
         let tmp = tempfile::tempdir().unwrap();
