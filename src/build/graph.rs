@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::local::{realise_one, BuildContext, StepOutcome};
-use super::{BuildError, Event};
+use super::local::{realise_one, remove_stale_build_dirs, BuildContext, StepOutcome};
+use super::{builds_dir, BuildError, Event};
 use crate::derivation::Derivation;
 use crate::store::local::LocalStore;
 use crate::store::StorePath;
@@ -158,6 +158,13 @@ pub fn realise(
     roots: &[StorePath],
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Realisation, BuildError> {
+    // Leftovers of killed runs; failing to clean them is no reason not to build.
+    if let Err(e) = remove_stale_build_dirs(&builds_dir(ctx.store.location())) {
+        tracing::warn!("cannot remove stale build directories: {e}");
+    }
+    if let Err(e) = ctx.store.remove_stale_stages() {
+        tracing::warn!("cannot remove stale staging directories: {e}");
+    }
     let (mut nodes, root_drvs) = load(ctx.store, roots)?;
     let mut result = Realisation::default();
     on_event(&Event::Planned {

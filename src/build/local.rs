@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{builds_dir, log_path, BuildError, Event, Options};
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
@@ -139,9 +139,8 @@ pub fn build_locked(
             drv: drv_name.clone(),
             source,
         })?;
-    let parent = builds_dir(loc);
-    fs::create_dir_all(&parent).map_err(io_err("create", &parent))?;
-    let dirs = HostDirs::create(&parent, lease.user()).map_err(|source| BuildError::Sandbox {
+    let slot = BuildSlot::create(&builds_dir(loc))?;
+    let dirs = HostDirs::create(&slot.dir, lease.user()).map_err(|source| BuildError::Sandbox {
         drv: drv_name.clone(),
         source,
     })?;
@@ -205,23 +204,134 @@ pub fn build_locked(
     };
     // The lease is still held: no other build can run as this user until the
     // directories are gone (or chmod'ed out of its reach).
-    match &result {
+    let result = match result {
         Err(e) if ctx.options.keep_failed => {
             let top = dirs.top().to_path_buf();
-            // Root-only but readable by root; 0755 as Nix, for inspection.
+            // Root-only until now; 0755 as Nix, for inspection.
             let _ = fs::set_permissions(&top, fs::Permissions::from_mode(0o755));
-            if !matches!(e, BuildError::Failed { .. }) {
-                tracing::warn!(drv = %drv_name, dir = %top.display(), "build directory kept");
+            slot.keep();
+            match e {
+                e @ BuildError::Failed { .. } => Err(e),
+                e => Err(BuildError::Kept {
+                    error: Box::new(e),
+                    dir: top,
+                }),
             }
         }
-        _ => {
+        r => {
             if let Err(e) = dirs.remove() {
                 tracing::warn!(drv = %drv_name, "cannot remove build directory: {e}");
             }
+            drop(slot);
+            r
         }
-    }
+    };
     drop(lease);
     result
+}
+
+/// A directory for one build's [`HostDirs`], `<builds>/<random>`, with a lock
+/// file `<builds>/<random>.lock` held while the build runs: after a crash the
+/// lock is free and [`remove_stale_build_dirs`] removes both. A kept build
+/// directory (`--keep-failed`) loses its lock file, so it stays.
+struct BuildSlot {
+    dir: PathBuf,
+    lock_path: PathBuf,
+    lock: Option<nix::fcntl::Flock<File>>,
+}
+
+impl BuildSlot {
+    fn create(parent: &Path) -> Result<BuildSlot, BuildError> {
+        fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+        let (file, lock_path) = tempfile::Builder::new()
+            .suffix(".lock")
+            .tempfile_in(parent)
+            .map_err(io_err("create a lock file in", parent))?
+            .keep()
+            .map_err(|e| io_err("create a lock file in", parent)(e.error))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| io_err("lock", &lock_path)(e.into()))?;
+        let dir = lock_path.with_extension("");
+        fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+        Ok(BuildSlot {
+            dir,
+            lock_path,
+            lock: Some(lock),
+        })
+    }
+
+    /// Leaves the directory in place for good.
+    fn keep(mut self) {
+        if let Err(e) = fs::remove_file(&self.lock_path) {
+            tracing::warn!(path = %self.lock_path.display(), "cannot remove lock file: {e}");
+        }
+        self.lock = None;
+        self.lock_path = PathBuf::new();
+    }
+}
+
+impl Drop for BuildSlot {
+    fn drop(&mut self) {
+        if self.lock_path.as_os_str().is_empty() {
+            return;
+        }
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            tracing::warn!(path = %self.dir.display(), "cannot remove build directory: {e}");
+        }
+        // Unlinked while still locked, so nobody else takes it for stale.
+        let _ = fs::remove_file(&self.lock_path);
+        self.lock = None;
+    }
+}
+
+/// Lock files younger than this are left alone: their creator may not have
+/// locked them yet.
+const STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// Removes the build directories under `builds` left by sandoff processes
+/// that died (their lock files are free and older than a minute); returns
+/// how many. Running builds and kept directories (`--keep-failed`, which
+/// have no lock file) are left alone.
+pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, BuildError> {
+    let entries = match fs::read_dir(builds) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err("read directory", builds)(e)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(io_err("read directory", builds))?;
+        let lock_path = entry.path();
+        if lock_path.extension().is_none_or(|e| e != "lock") {
+            continue;
+        }
+        let young = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < STALE_AFTER);
+        if young {
+            continue;
+        }
+        let Ok(file) = File::open(&lock_path) else {
+            continue;
+        };
+        let Ok(_lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        else {
+            continue;
+        };
+        let dir = lock_path.with_extension("");
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &dir)(e)),
+        }
+        fs::remove_file(&lock_path).map_err(io_err("remove", &lock_path))?;
+        tracing::info!(dir = %dir.display(), "removed the build directory of a dead build");
+        removed += 1;
+    }
+    Ok(removed)
 }
 
 /// Checks each output the builder made, copies it into a staging path of the
@@ -393,12 +503,11 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 /// A build's log: written to its file as it comes, the last lines kept for
 /// the failure message, each line also sent as an [`Event::Log`] when asked.
 pub struct LogSink {
-    file: io::BufWriter<File>,
+    file: File,
     path: PathBuf,
     stream: Option<(Sender<Event>, StorePath)>,
     partial: Vec<u8>,
     tail: VecDeque<Vec<u8>>,
-    last_flush: Instant,
 }
 
 impl std::fmt::Debug for LogSink {
@@ -418,12 +527,11 @@ impl LogSink {
         }
         let file = File::create(path).map_err(io_err("create", path))?;
         Ok(LogSink {
-            file: io::BufWriter::new(file),
+            file,
             path: path.to_owned(),
             stream,
             partial: Vec::new(),
             tail: VecDeque::new(),
-            last_flush: Instant::now(),
         })
     }
 
@@ -474,12 +582,9 @@ impl LogSink {
 
 impl Write for LogSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Unbuffered: each write is one chunk read from the builder's pipe,
+        // and `sandoff log` during the build shows everything so far.
         self.file.write_all(buf)?;
-        // Readers (`sandoff log` during the build) see it within a second.
-        if self.last_flush.elapsed() > Duration::from_secs(1) {
-            self.file.flush()?;
-            self.last_flush = Instant::now();
-        }
         let mut rest = buf;
         while let Some(i) = rest.iter().position(|&b| b == b'\n') {
             let mut line = std::mem::take(&mut self.partial);
@@ -531,6 +636,50 @@ mod tests {
         assert!(matches!(err, BuildError::UnsupportedType { .. }), "{err}");
     }
 
+    fn age(path: &Path) {
+        let old = nix::sys::time::TimeSpec::new(1_000_000, 0);
+        nix::sys::stat::utimensat(
+            None,
+            path,
+            &old,
+            &old,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .expect("utimensat");
+    }
+
+    #[test]
+    fn removes_build_dirs_of_dead_builds_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let builds = tmp.path().join("builds");
+        let live = BuildSlot::create(&builds).expect("slot");
+        fs::write(live.dir.join("f"), "x").expect("write");
+        age(&live.lock_path);
+        let mut dead = BuildSlot::create(&builds).expect("slot");
+        let (dead_dir, dead_lock) = (dead.dir.clone(), dead.lock_path.clone());
+        fs::create_dir(dead_dir.join("sub")).expect("mkdir");
+        // As if killed: the lock is released, the files stay.
+        dead.lock = None;
+        std::mem::forget(dead);
+        age(&dead_lock);
+        let mut young = BuildSlot::create(&builds).expect("slot");
+        young.lock = None;
+        let young_dir = young.dir.clone();
+        std::mem::forget(young);
+        let kept = BuildSlot::create(&builds).expect("slot");
+        let kept_dir = kept.dir.clone();
+        kept.keep();
+
+        assert_eq!(remove_stale_build_dirs(&builds).expect("clean"), 1);
+        assert!(!dead_dir.exists() && !dead_lock.exists());
+        assert!(live.dir.join("f").exists());
+        assert!(young_dir.exists(), "too young to be judged");
+        assert!(kept_dir.exists());
+        let live_dir = live.dir.clone();
+        drop(live);
+        assert!(!live_dir.exists());
+    }
+
     #[test]
     fn log_sink_writes_everything_and_keeps_the_last_lines() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -541,7 +690,7 @@ mod tests {
         let mut sink = LogSink::create(&path, Some((tx, drv.clone()))).expect("create");
         for i in 0..15 {
             write!(sink, "line {i}\nhalf").expect("write");
-            write!(sink, "-{i}\n").expect("write");
+            writeln!(sink, "-{i}").expect("write");
         }
         sink.write_all(b"no newline").expect("write");
         let tail = sink.tail();

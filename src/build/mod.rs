@@ -195,6 +195,14 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+    /// A build failed after the builder ran, and its directory was kept.
+    #[error("{error}; build directory kept at {}", dir.display())]
+    Kept {
+        /// The failure.
+        error: Box<BuildError>,
+        /// The kept build directory.
+        dir: PathBuf,
+    },
     /// A dependency of this derivation failed to build.
     #[error("dependency '{dependency}' of '{drv}' failed")]
     DependencyFailed {

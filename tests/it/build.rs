@@ -682,6 +682,17 @@ fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
     let p = s.out(&d);
     assert!(s.info(&p).is_none());
     assert!(!s.real(&p).exists());
+    // The killed run's build directory and its free lock file stay behind;
+    // once old enough they are removed by the next run.
+    let left: Vec<PathBuf> = s.build_dirs();
+    assert_eq!(left.len(), 2, "{left:?}");
+    for l in &left {
+        support::run_ok(
+            Command::new("touch")
+                .args(["-h", "-d", "2 minutes ago"])
+                .arg(l),
+        );
+    }
     // As if a crash had struck between moving the output and registering it.
     std::fs::create_dir_all(s.real(&p)).expect("mkdir");
     std::fs::write(s.real(&p).join("junk"), "stale").expect("write");
@@ -693,6 +704,7 @@ fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
         std::fs::read_to_string(s.real(&p).join("f")).expect("read"),
         "done\n"
     );
+    assert!(s.build_dirs().is_empty(), "{:?}", s.build_dirs());
 }
 
 #[test]
@@ -711,14 +723,23 @@ fn keep_failed_keeps_and_reports_the_build_directory() {
     let out = s.build(&["--keep-failed", &d]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    let dirs = s.build_dirs();
-    assert_eq!(dirs.len(), 1, "{err}");
+    let slots = s.build_dirs();
+    assert_eq!(
+        slots.len(),
+        1,
+        "only the kept directory, no lock file: {slots:?}"
+    );
+    let kept: Vec<PathBuf> = std::fs::read_dir(&slots[0])
+        .expect("readdir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(kept.len(), 1);
     assert!(
-        err.contains(&format!("build directory kept at {}", dirs[0].display())),
+        err.contains(&format!("build directory kept at {}", kept[0].display())),
         "{err}"
     );
     assert_eq!(
-        std::fs::read_to_string(dirs[0].join("build/note")).expect("read"),
+        std::fs::read_to_string(kept[0].join("build/note")).expect("read"),
         "partial\n"
     );
 }
