@@ -111,6 +111,13 @@ pub fn build_locked(
         DerivationKind::Floating => return Err(unsupported("floating content-addressed outputs")),
         DerivationKind::Impure => return Err(unsupported("impure outputs")),
     }
+    let here = host_system();
+    if drv.system != here.as_bytes() && !(here == "x86_64-linux" && drv.system == b"i686-linux") {
+        return Err(unsupported(&format!(
+            "it needs a '{}' machine, and this is a '{here}'",
+            String::from_utf8_lossy(&drv.system)
+        )));
+    }
     if drv.builder.starts_with(b"builtin:") {
         return Err(unsupported("built-in builders (builtin:...)"));
     }
@@ -302,7 +309,7 @@ pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, BuildError> {
     for entry in entries {
         let entry = entry.map_err(io_err("read directory", builds))?;
         let lock_path = entry.path();
-        if lock_path.extension().is_none_or(|e| e != "lock") {
+        if lock_path.extension() != Some(std::ffi::OsStr::new("lock")) {
             continue;
         }
         let young = entry
@@ -310,7 +317,7 @@ pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, BuildError> {
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
-            .is_none_or(|age| age < STALE_AFTER);
+            .map_or(true, |age| age < STALE_AFTER);
         if young {
             continue;
         }
@@ -332,6 +339,12 @@ pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, BuildError> {
         removed += 1;
     }
     Ok(removed)
+}
+
+/// Nix's name for this machine's platform (`x86_64-linux`); `i686-linux`
+/// builds also run on `x86_64-linux`, as Nix's default `extra-platforms`.
+pub fn host_system() -> String {
+    format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
 }
 
 /// Checks each output the builder made, copies it into a staging path of the

@@ -536,7 +536,7 @@ fn failing_build_leaves_nothing_and_names_the_derivation() {
             ..Spec::default()
         },
     );
-    let out = s.build(&[&d]);
+    let out = s.build(&["-L", &d]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(
@@ -545,6 +545,7 @@ fn failing_build_leaves_nothing_and_names_the_derivation() {
         )),
         "{err}"
     );
+    assert!(err.contains("fails> oops\n"), "-L streams the log: {err}");
     assert!(err.contains("oops"), "the log tail is quoted: {err}");
     let p = s.out(&d);
     assert!(s.info(&p).is_none());
