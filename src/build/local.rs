@@ -28,8 +28,10 @@ const TAIL_LINES: usize = 10;
 pub struct BuildContext<'a> {
     /// The store the outputs go to.
     pub store: &'a LocalStore,
-    /// The build users.
-    pub pool: &'a UserPool,
+    /// The build users, or why there are none: then only derivations whose
+    /// outputs are valid already can be realised (as Nix, which needs no
+    /// build user when there is nothing to build).
+    pub pool: Result<&'a UserPool, String>,
     /// How to build.
     pub options: Options,
 }
@@ -139,8 +141,11 @@ pub fn build_locked(
     }
     let closure = store.closure(&inputs)?;
 
-    let lease = ctx
-        .pool
+    let pool = ctx.pool.as_ref().map_err(|reason| BuildError::NoUsers {
+        drv: drv_name.clone(),
+        reason: reason.clone(),
+    })?;
+    let lease = pool
         .acquire(USER_POLL)
         .map_err(|source| BuildError::Users {
             drv: drv_name.clone(),

@@ -72,6 +72,14 @@ pub enum BuildError {
         #[source]
         source: UserError,
     },
+    /// This machine has no usable build users.
+    #[error("cannot build '{drv}': no build users: {reason}")]
+    NoUsers {
+        /// The derivation.
+        drv: String,
+        /// Why.
+        reason: String,
+    },
     /// A `.drv` file could not be read or parsed.
     #[error("cannot read derivation '{drv}': {reason}")]
     BadDerivation {

@@ -93,17 +93,13 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         .user_pool_dir
         .clone()
         .unwrap_or_else(|| loc.state.join("userpool"));
-    let pool = UserPool::from_group(&args.build_users_group, &pool_dir).with_context(|| {
-        format!(
-            "build users of group '{}' (create them with `sandoff setup`)",
-            args.build_users_group
-        )
-    })?;
+    // Needed only if something is to be built; the error is kept until then.
+    let pool = UserPool::from_group(&args.build_users_group, &pool_dir).map_err(|e| e.to_string());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
     let ctx = BuildContext {
         store: &store,
-        pool: &pool,
+        pool: pool.as_ref().map_err(Clone::clone),
         options: Options {
             jobs: args.jobs.map_or(cores, |j| j as usize),
             keep_going: args.keep_going,
@@ -119,7 +115,12 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     progress.clear();
     if !result.success() {
         for (drv, error) in &result.failed {
-            eprintln!("error: build of '{}' failed: {error}", loc.logical(drv));
+            let drv = loc.logical(drv);
+            if error.contains(&drv) {
+                eprintln!("error: {error}");
+            } else {
+                eprintln!("error: build of '{drv}' failed: {error}");
+            }
         }
         for (drv, dep) in &result.dependency_failed {
             eprintln!(

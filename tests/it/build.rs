@@ -344,7 +344,14 @@ fn builds_a_graph_in_order_with_scanned_references_and_canonical_outputs() {
     // The log is kept; a second build has nothing to do.
     let log = support::run_ok(s.cmd().args(["log", &c]));
     assert_eq!(text(&log), "building c\n");
-    let again = s.build(&["--json", &a, &c]);
+    // Nothing to build: no build users needed.
+    let again = s.build(&[
+        "--json",
+        "--build-users-group",
+        "sandoff-no-such-group",
+        &a,
+        &c,
+    ]);
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert!(!events(&again).iter().any(|e| e["event"] == "started"));
     assert_eq!(
@@ -359,7 +366,7 @@ fn concurrent_builds_get_distinct_build_users() {
         return;
     }
     let s = Store::new();
-    let script = "sleep 1; id -u > $out";
+    let script = "sleep 2; id -u > $out";
     let x = s.drv(
         "x",
         Spec {
@@ -379,7 +386,7 @@ fn concurrent_builds_get_distinct_build_users() {
     let out = s.build(&["-j", "2", &x, &y]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        start.elapsed() < Duration::from_millis(1900),
+        start.elapsed() < Duration::from_millis(3900),
         "ran one after the other"
     );
     let uid = |d: &str| std::fs::read_to_string(s.real(&s.out(d))).expect("read");
@@ -551,6 +558,14 @@ fn failing_build_leaves_nothing_and_names_the_derivation() {
     assert!(s.info(&p).is_none());
     assert!(!s.real(&p).exists());
     assert!(s.build_dirs().is_empty());
+
+    let nobody = s.build(&["--build-users-group", "sandoff-no-such-group", &d]);
+    assert_eq!(nobody.status.code(), Some(1));
+    assert!(
+        text(&nobody.stderr).contains(&format!("cannot build '{d}': no build users: build users group 'sandoff-no-such-group' does not exist")),
+        "{}",
+        text(&nobody.stderr)
+    );
 
     let missing = s.drv(
         "lazy",
