@@ -26,10 +26,20 @@
 //! - Logs: `<state>/log/<drv base name>`, plain text, written as the build
 //!   streams (Nix keeps `<logDir>/drvs/<2 chars>/<rest>.bz2`; `nix-store -l`
 //!   cannot read ours, and we do not pretend it can).
-//! - A crash (`kill -9`) leaves at worst an unregistered path at an output's
-//!   place, which the next build replaces under the lock, a staging copy
-//!   (removed with [`crate::store::local::LocalStore::remove_stale_stages`])
-//!   and a build directory under `<state>/builds`.
+//! - Build directories: `<state>/builds/<random>/sandoff-build-XXXXXX`
+//!   ([`crate::sandbox::HostDirs`]), with `<state>/builds/<random>.lock`
+//!   held while the build runs. `--keep-failed` keeps the directory (and
+//!   drops its lock file, so it is never taken for a leftover).
+//! - A crash (`kill -9`) leaves no valid output. At worst it leaves an
+//!   unregistered path at an output's place, which the next build replaces
+//!   under the lock; a staging copy and a build directory whose lock is
+//!   free, both removed when the next [`realise`] starts (build directories
+//!   once their lock file is a minute old, so that one being created is
+//!   never taken for a leftover).
+//! - Only the derivation's own platform is built (`system` equal to
+//!   [`local::host_system`], or `i686-linux` on `x86_64-linux`); built-in
+//!   builders (`builtin:fetchurl`) and content-addressed (floating,
+//!   impure) outputs are refused for now.
 
 pub mod graph;
 pub mod local;

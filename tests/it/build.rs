@@ -611,6 +611,13 @@ fn keep_going_builds_the_independent_rest() {
             ..Spec::default()
         },
     );
+    // Without --keep-going: exit 1, nothing printed, `above` never started.
+    let stop = s.build(&["-j", "1", "--json", &above, &good]);
+    assert_eq!(stop.status.code(), Some(1));
+    assert_eq!(text(&stop.stdout), "");
+    assert!(!events(&stop)
+        .iter()
+        .any(|e| e["event"] == "started" && e["drv"] == above.as_str()));
     let out = s.build(&["-j", "1", "--keep-going", &above, &good]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
