@@ -1198,7 +1198,10 @@ mod tests {
             .references
             .insert(StorePath::from_base_name("00000000000000000000000000000000-gone").unwrap());
         let err = s.register_built_outputs(&locks, pair);
-        assert!(matches!(err, Err(StoreError::InvalidReference { .. })), "{err:?}");
+        assert!(
+            matches!(err, Err(StoreError::InvalidReference { .. })),
+            "{err:?}"
+        );
         for p in &paths {
             assert!(!s.is_valid(p).unwrap());
             assert!(!s.loc.real_path(p).exists());
