@@ -10,7 +10,10 @@
 //!   `failed ...`).
 //! - `--json`: instead, one JSON object per line on stderr (as Nix's
 //!   `--log-format internal-json` keeps stdout for results), e.g.
-//!   `{"event":"built","drv":"/nix/store/...drv","seconds":1.2}`.
+//!   `{"event":"built","drv":"/nix/store/...drv","seconds":1.2}`; events
+//!   `planned`, `started`, `waiting-for-lock`, `log`, `built`, `reused`,
+//!   `failed`, `dependency-failed`, and last `done` (with `success` and
+//!   the lists of what failed and why).
 //! - `-L`: every log line on stderr, prefixed `<name>> ` (as `nix build -L`),
 //!   or as `{"event":"log",...}` with `--json`.
 //!
@@ -113,7 +116,20 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     let mut progress = Progress::new(loc, args.json);
     let result = build::realise(&ctx, &drvs, &mut |e| progress.event(e))?;
     progress.clear();
-    if !result.success() {
+    if args.json {
+        let l = |p: &StorePath| loc.logical(p);
+        let done = json!({
+            "event": "done",
+            "success": result.success(),
+            "failed": result.failed.iter().map(|(d, e)| json!({"drv": l(d), "error": e})).collect::<Vec<_>>(),
+            "dependencyFailed": result.dependency_failed.iter().map(|(d, f)| json!({"drv": l(d), "dependency": l(f)})).collect::<Vec<_>>(),
+            "notStarted": result.not_started.iter().map(l).collect::<Vec<_>>(),
+        });
+        eprintln!("{done}");
+        if !result.success() {
+            return Ok(ExitCode::from(1));
+        }
+    } else if !result.success() {
         for (drv, error) in &result.failed {
             let drv = loc.logical(drv);
             if error.contains(&drv) {

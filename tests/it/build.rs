@@ -314,6 +314,12 @@ fn builds_a_graph_in_order_with_scanned_references_and_canonical_outputs() {
         vec![c.clone(), b.clone(), a.clone()],
         "dependency order"
     );
+    assert_eq!(
+        events(&out)
+            .last()
+            .map(|e| (e["event"].clone(), e["success"].clone())),
+        Some((json!("done"), json!(true)))
+    );
 
     let (c_out, b_out) = (s.out(&c), s.out(&b));
     let (a_out, a_dev) = (a_outs["out"].clone(), a_outs["dev"].clone());
