@@ -165,7 +165,32 @@ pub fn realise(
     if let Err(e) = ctx.store.remove_stale_stages() {
         tracing::warn!("cannot remove stale staging directories: {e}");
     }
-    let (mut nodes, root_drvs) = load(ctx.store, roots)?;
+    schedule(
+        ctx.store,
+        roots,
+        ctx.options.jobs,
+        ctx.options.keep_going,
+        on_event,
+        &|path, drv, events| realise_one(ctx, path, drv, events),
+    )
+}
+
+/// One step of the schedule: realise one derivation whose inputs are valid.
+type Step<'s> = dyn Fn(&StorePath, &Derivation, &mpsc::Sender<Event>) -> Result<StepOutcome, BuildError>
+    + Sync
+    + 's;
+
+/// The scheduler of [`realise`], with the step to run for each derivation
+/// as a parameter (so that it can be tested without building).
+fn schedule(
+    store: &LocalStore,
+    roots: &[StorePath],
+    jobs: usize,
+    keep_going: bool,
+    on_event: &mut dyn FnMut(&Event),
+    step: &Step<'_>,
+) -> Result<Realisation, BuildError> {
+    let (mut nodes, root_drvs) = load(store, roots)?;
     let mut result = Realisation::default();
     on_event(&Event::Planned {
         to_build: nodes.len(),
@@ -175,7 +200,7 @@ pub fn realise(
         .filter(|(_, n)| n.waiting_for.is_empty())
         .map(|(p, _)| p.clone())
         .collect();
-    let jobs = ctx.options.jobs.max(1);
+    let jobs = jobs.max(1);
     let (tx, rx) = mpsc::channel::<Msg>();
     // Events from workers come through their own channel, forwarded below.
     let mut stopping = false;
@@ -205,7 +230,7 @@ pub fn realise(
                         // Moved in, so it is dropped before the scope joins
                         // the forwarder (which ends when all senders are gone).
                         let etx = etx;
-                        realise_one(ctx, &path, &drv, &etx)
+                        step(&path, &drv, &etx)
                     });
                     let _ = tx.send(Msg::Done(path, r, start.elapsed()));
                 });
@@ -263,7 +288,7 @@ pub fn realise(
                         error: error.clone(),
                     });
                     result.failed.push((path.clone(), error));
-                    if !ctx.options.keep_going {
+                    if !keep_going {
                         stopping = true;
                     }
                     // Everything above the failure can never be built.
@@ -290,4 +315,183 @@ pub fn realise(
     }
     result.not_started = nodes.into_keys().collect();
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::derivation::{DerivationOutput, DrvHasher, OutputName};
+    use crate::store::{StoreDir, StoreLocation};
+
+    fn store(tmp: &std::path::Path) -> LocalStore {
+        LocalStore::open(StoreLocation::new(StoreDir::default(), tmp.join("root")))
+            .expect("open store")
+    }
+
+    /// Adds a derivation named `name` using the `out` of each of `inputs`.
+    fn add(store: &LocalStore, name: &str, inputs: &[&StorePath]) -> StorePath {
+        let mut drv = Derivation {
+            outputs: [(OutputName::out(), DerivationOutput::Deferred)].into(),
+            input_derivations: inputs
+                .iter()
+                .map(|i| ((*i).clone(), [OutputName::out()].into()))
+                .collect(),
+            system: b"x86_64-linux".to_vec(),
+            builder: b"/bin/sh".to_vec(),
+            env: [
+                (b"name".to_vec(), name.as_bytes().to_vec()),
+                (b"out".to_vec(), Vec::new()),
+            ]
+            .into(),
+            ..Derivation::default()
+        };
+        let mut hasher = DrvHasher::new(StoreDir::default(), |p: &StorePath| {
+            read_derivation(store, p)
+        });
+        drv.fill_output_paths(&mut hasher).expect("output paths");
+        let dir = StoreDir::default();
+        store
+            .add_text(
+                &format!("{name}.drv"),
+                &drv.to_aterm(&dir),
+                &drv.references(),
+                &drv.output_paths(),
+            )
+            .expect("add drv")
+    }
+
+    /// Runs the scheduler with a step that fails the derivations named in
+    /// `fail`; returns the result, the events and the order steps started.
+    fn run(
+        store: &LocalStore,
+        roots: &[StorePath],
+        jobs: usize,
+        keep_going: bool,
+        fail: &[&str],
+    ) -> (Realisation, Vec<Event>, Vec<String>, usize) {
+        let order = Mutex::new(Vec::new());
+        let (running, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let step = |p: &StorePath, _: &Derivation, _: &mpsc::Sender<Event>| {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let name = p.name().trim_end_matches(".drv").to_owned();
+            order.lock().expect("lock").push(name.clone());
+            std::thread::sleep(Duration::from_millis(30));
+            running.fetch_sub(1, Ordering::SeqCst);
+            if fail.contains(&name.as_str()) {
+                Err(BuildError::Unsupported {
+                    drv: name,
+                    reason: "told to fail".to_owned(),
+                })
+            } else {
+                Ok(StepOutcome::Built)
+            }
+        };
+        let mut events = Vec::new();
+        let r = schedule(
+            store,
+            roots,
+            jobs,
+            keep_going,
+            &mut |e| {
+                if *e != Event::Tick {
+                    events.push(e.clone());
+                }
+            },
+            &step,
+        )
+        .expect("schedule");
+        let order = order.into_inner().expect("lock");
+        (r, events, order, most.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn runs_a_diamond_in_dependency_order_up_to_jobs_at_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = store(tmp.path());
+        let root = add(&s, "root", &[]);
+        let left = add(&s, "left", &[&root]);
+        let right = add(&s, "right", &[&root]);
+        let top = add(&s, "top", &[&left, &right]);
+        let (r, events, order, most) = run(&s, &[top.clone(), left.clone()], 2, false, &[]);
+        assert!(r.success());
+        assert_eq!(r.built, 4);
+        assert_eq!(order[0], "root");
+        assert_eq!(order[3], "top");
+        assert_eq!(most, 2, "left and right ran together");
+        assert_eq!(events[0], Event::Planned { to_build: 4 });
+        let names: Vec<&StorePath> = r.outputs.iter().map(|(d, _)| d).collect();
+        assert_eq!(names, vec![&top, &left], "outputs in argument order");
+        let (_, _, _, most) = run(&s, &[top], 1, false, &[]);
+        assert_eq!(most, 1);
+    }
+
+    #[test]
+    fn keep_going_builds_what_does_not_depend_on_a_failure() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = store(tmp.path());
+        let bad = add(&s, "bad", &[]);
+        let above = add(&s, "above", &[&bad]);
+        let top = add(&s, "top", &[&above]);
+        let other = add(&s, "other", &[]);
+        let roots = [top.clone(), other.clone()];
+        let (r, events, order, _) = run(&s, &roots, 1, true, &["bad"]);
+        assert!(!r.success());
+        assert_eq!(r.failed.len(), 1);
+        assert_eq!(r.failed[0].0, bad);
+        let mut dep: Vec<StorePath> = r.dependency_failed.iter().map(|(d, _)| d.clone()).collect();
+        dep.sort();
+        let mut expected = vec![above.clone(), top.clone()];
+        expected.sort();
+        assert_eq!(dep, expected);
+        assert!(order.contains(&"other".to_owned()));
+        assert!(!order.contains(&"above".to_owned()));
+        assert!(events.contains(&Event::DependencyFailed {
+            drv: above.clone(),
+            dependency: bad.clone()
+        }));
+
+        // Without keep-going nothing new starts after the failure.
+        let (r, _, order, _) = run(&s, &roots, 1, false, &["bad"]);
+        assert!(!r.success());
+        let pos = order.iter().position(|n| n == "bad").expect("bad ran");
+        assert_eq!(
+            pos,
+            order.len() - 1,
+            "nothing started after the failure: {order:?}"
+        );
+        if !order.contains(&"other".to_owned()) {
+            assert_eq!(r.not_started, vec![other]);
+        }
+    }
+
+    #[test]
+    fn derivations_with_valid_outputs_are_not_scheduled() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = store(tmp.path());
+        let root = add(&s, "root", &[]);
+        let top = add(&s, "top", &[&root]);
+        let root_out = s.derivation_outputs(&root).expect("outputs")["out"].clone();
+        // Register root's output as if it had been built.
+        let info = crate::store::ValidPathInfo {
+            path: root_out,
+            deriver: Some(root.clone()),
+            nar_hash: crate::store::HashAlgo::Sha256.digest(b""),
+            nar_size: 1,
+            references: BTreeSet::new(),
+            registration_time: 1,
+            ultimate: true,
+            signatures: BTreeSet::new(),
+            ca: None,
+        };
+        s.registry().register_many(&[info]).expect("register");
+        let (r, events, order, _) = run(&s, &[top, root], 2, false, &[]);
+        assert!(r.success());
+        assert_eq!(order, vec!["top".to_owned()]);
+        assert_eq!(events[0], Event::Planned { to_build: 1 });
+        assert_eq!(r.outputs.len(), 2);
+    }
 }
