@@ -13,9 +13,13 @@
 //!   by one forked child in fresh namespaces as a pooled build user.
 //! - [`decide`]: where a derivation is built; Nix and Guix machines files
 //!   read into one machine model, and one pure `decide()` for every caller.
+//! - [`build`]: realising derivations here: the graph of what is missing,
+//!   scheduled in dependency order on threads, each build run in the
+//!   sandbox and its outputs checked, scanned and registered atomically.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over these modules.
 
+pub mod build;
 pub mod decide;
 pub mod derivation;
 pub mod sandbox;

@@ -44,6 +44,13 @@ enum Command {
     /// Show and add derivations.
     #[command(subcommand)]
     Derivation(cli::derivation::DerivationCommand),
+    /// Build derivations (every missing output, in dependency order) and print their output paths.
+    Build(cli::build::BuildArgs),
+    /// Print the build log of a derivation.
+    Log {
+        /// The derivation (a full .drv store path).
+        drv: String,
+    },
     /// Prepare this machine for local builds: build users, state directories (as root).
     Setup(cli::setup::SetupArgs),
     /// Show where a derivation would be built, and why.
@@ -101,6 +108,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Key(c) => cli::key::run(c, &loc),
         Command::Derivation(c) => cli::derivation::run(c, &loc),
         Command::Setup(c) => cli::setup::run(c, &loc),
+        Command::Build(c) => cli::build::run(c, &loc),
+        Command::Log { drv } => cli::build::log(&drv, &loc),
         Command::Decide(c) => cli::decide::run(c, &loc),
         Command::Machines(c) => cli::machines::run(c),
     }

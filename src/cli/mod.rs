@@ -1,5 +1,6 @@
 //! One file per command group; each turns its arguments into library calls.
 
+pub mod build;
 pub mod decide;
 pub mod derivation;
 pub mod key;

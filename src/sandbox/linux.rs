@@ -30,6 +30,21 @@ fn check(ret: libc::c_int) -> Result<(), Errno> {
     }
 }
 
+// The credential syscalls taking 32-bit ids (the plain ones take 16-bit ids
+// on i386 and arm).
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+const SYS_SETGROUPS: libc::c_long = libc::SYS_setgroups32;
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+const SYS_SETRESGID: libc::c_long = libc::SYS_setresgid32;
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+const SYS_SETRESUID: libc::c_long = libc::SYS_setresuid32;
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+const SYS_SETGROUPS: libc::c_long = libc::SYS_setgroups;
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+const SYS_SETRESGID: libc::c_long = libc::SYS_setresgid;
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+const SYS_SETRESUID: libc::c_long = libc::SYS_setresuid;
+
 fn check_long(ret: libc::c_long) -> Result<(), Errno> {
     if ret == -1 {
         Err(errno())
@@ -360,12 +375,16 @@ impl Syscall for LinuxSyscalls {
 
     fn setgroups(&mut self, gids: &[u32]) -> Result<(), Errno> {
         // SAFETY: pointer and length describe `gids` (gid_t is u32).
-        check(unsafe { libc::setgroups(gids.len(), gids.as_ptr()) })
+        // Raw syscalls for credentials: glibc's wrappers broadcast the change
+        // to every thread it knows of (`__nptl_setxid`), taking locks that
+        // another thread of the parent may have held at clone time, so in
+        // a cloned child of a multi-threaded process they can hang forever.
+        check_long(unsafe { libc::syscall(SYS_SETGROUPS, gids.len(), gids.as_ptr()) })
     }
 
     fn setresgid(&mut self, gid: u32) -> Result<(), Errno> {
         // SAFETY: integer arguments.
-        check(unsafe { libc::setresgid(gid, gid, gid) })?;
+        check_long(unsafe { libc::syscall(SYS_SETRESGID, gid, gid, gid) })?;
         let (mut r, mut e, mut s) = (0, 0, 0);
         // SAFETY: three writable gid_t.
         check(unsafe { libc::getresgid(&mut r, &mut e, &mut s) })?;
@@ -377,7 +396,7 @@ impl Syscall for LinuxSyscalls {
 
     fn setresuid(&mut self, uid: u32) -> Result<(), Errno> {
         // SAFETY: integer arguments.
-        check(unsafe { libc::setresuid(uid, uid, uid) })?;
+        check_long(unsafe { libc::syscall(SYS_SETRESUID, uid, uid, uid) })?;
         let (mut r, mut e, mut s) = (0, 0, 0);
         // SAFETY: three writable uid_t.
         check(unsafe { libc::getresuid(&mut r, &mut e, &mut s) })?;

@@ -121,6 +121,8 @@ pub enum StoreError {
     InvalidReference { path: String, reference: String },
     #[error("path '{path}' is not valid")]
     NotValid { path: String },
+    #[error("'{path}' is not locked by this process (take its lock first)")]
+    NotLocked { path: String },
     #[error("cycle detected in the references of '{path}' from '{from}'")]
     Cycle { path: String, from: String },
 }
@@ -753,6 +755,120 @@ impl LocalStore {
             })
     }
 
+    /// Takes the exclusive locks of `paths` (`<path>.lock`, Nix's protocol),
+    /// in sorted order so that two processes locking overlapping sets cannot
+    /// deadlock. Blocks until all are held.
+    pub fn lock_paths(&self, paths: &BTreeSet<StorePath>) -> Result<PathLocks, StoreError> {
+        let mut locks = Vec::new();
+        for p in paths {
+            locks.push(PathLock::acquire(&self.loc.real_path(p))?);
+        }
+        Ok(PathLocks {
+            _locks: locks,
+            paths: paths.clone(),
+        })
+    }
+
+    /// [`LocalStore::lock_paths`] without waiting: `None` (and nothing held)
+    /// when another process holds one of them.
+    pub fn try_lock_paths(
+        &self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<Option<PathLocks>, StoreError> {
+        let mut locks = Vec::new();
+        for p in paths {
+            match PathLock::try_acquire(&self.loc.real_path(p))? {
+                Some(l) => locks.push(l),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(PathLocks {
+            _locks: locks,
+            paths: paths.clone(),
+        }))
+    }
+
+    /// Copies the file or tree at `src` (anywhere on this machine) into a
+    /// staging path in the store through its NAR serialisation, so that the
+    /// copy is fresh files owned by us (no inode or open file of whoever
+    /// wrote `src` survives: CVE-2024-27297) and exactly what was hashed.
+    pub fn stage_path(&self, src: &Path) -> Result<StagedPath, StoreError> {
+        self.stage_tree(src)
+    }
+
+    /// Makes a build's outputs valid together: under `locks` (which must
+    /// cover every output; they are not taken again, since a second `flock`
+    /// of the same file by this process would wait for itself), each staged
+    /// copy is canonicalised and renamed into place (replacing any invalid
+    /// leftover), the filesystem is synced, and all are registered in one
+    /// transaction, so outputs that refer to each other become valid at
+    /// once. References must be valid or among the outputs. On any failure
+    /// every output moved into place is removed again and nothing is
+    /// registered. Outputs that are already valid are skipped.
+    pub fn register_built_outputs(
+        &self,
+        locks: &PathLocks,
+        outputs: Vec<(StagedPath, ValidPathInfo)>,
+    ) -> Result<(), StoreError> {
+        let batch: BTreeSet<&StorePath> = outputs.iter().map(|(_, i)| &i.path).collect();
+        for (_, info) in &outputs {
+            if !locks.paths.contains(&info.path) {
+                return Err(StoreError::NotLocked {
+                    path: self.loc.logical(&info.path),
+                });
+            }
+            for r in &info.references {
+                if !batch.contains(r) && !self.registry.is_valid(r)? {
+                    return Err(StoreError::InvalidReference {
+                        path: self.loc.logical(&info.path),
+                        reference: self.loc.logical(r),
+                    });
+                }
+            }
+        }
+        let mut todo = Vec::new();
+        for (staged, info) in outputs {
+            if !self.registry.is_valid(&info.path)? {
+                todo.push((staged, info));
+            }
+        }
+        let mut moved: Vec<PathBuf> = Vec::new();
+        let result = (|| {
+            let now = now();
+            let mut infos = Vec::new();
+            for (staged, info) in &mut todo {
+                canonicalise_path(&staged.tmp)?;
+                let real = self.loc.real_path(&info.path);
+                remove_tree(&real).map_err(io_err("removing stale", &real))?;
+                fs::rename(&staged.tmp, &real).map_err(io_err("moving staged path to", &real))?;
+                staged.tmp = PathBuf::new();
+                moved.push(real);
+                let mut info = info.clone();
+                if info.registration_time == 0 {
+                    info.registration_time = now;
+                }
+                infos.push(info);
+            }
+            if let Some(first) = moved.first() {
+                sync_filesystem(first)?;
+            }
+            self.registry.register_many(&infos).map_err(|e| match e {
+                RegistryError::InvalidReference { path, reference } => {
+                    StoreError::InvalidReference { path, reference }
+                }
+                e => e.into(),
+            })
+        })();
+        if result.is_err() {
+            for real in &moved {
+                if let Err(rm) = remove_tree(real) {
+                    tracing::warn!(path = %real.display(), "cannot remove unregistered output: {rm}");
+                }
+            }
+        }
+        result.map(|_| ())
+    }
+
     /// The outputs a valid derivation file declares (`DerivationOutputs`).
     pub fn derivation_outputs(
         &self,
@@ -803,6 +919,28 @@ fn now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// Exclusive locks on a set of store paths, from [`LocalStore::lock_paths`];
+/// released when dropped.
+pub struct PathLocks {
+    _locks: Vec<PathLock>,
+    paths: BTreeSet<StorePath>,
+}
+
+impl PathLocks {
+    /// The locked paths.
+    pub fn paths(&self) -> &BTreeSet<StorePath> {
+        &self.paths
+    }
+}
+
+impl std::fmt::Debug for PathLocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PathLocks")
+            .field("paths", &self.paths)
+            .finish()
+    }
 }
 
 /// An exclusive lock on `<path>.lock`, with Nix's protocol for lock files
@@ -993,6 +1131,82 @@ mod tests {
                 name.starts_with(".sandoff-stage") && !name.ends_with(".lock")
             })
             .collect()
+    }
+
+    /// Two staged outputs that refer to each other, as a build makes them.
+    fn built_pair(s: &LocalStore, dir: &Path) -> Vec<(StagedPath, ValidPathInfo)> {
+        let out = StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x").unwrap();
+        let dev = StorePath::from_base_name("8h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x-dev").unwrap();
+        [(&out, &dev), (&dev, &out)]
+            .into_iter()
+            .map(|(me, other)| {
+                let src = dir.join(me.name());
+                fs::write(&src, s.loc.logical(other)).unwrap();
+                let staged = s.stage_path(&src).unwrap();
+                let info = ValidPathInfo {
+                    path: me.clone(),
+                    deriver: None,
+                    nar_hash: staged.nar_hash.clone(),
+                    nar_size: staged.nar_size,
+                    references: BTreeSet::from([other.clone()]),
+                    registration_time: 0,
+                    ultimate: true,
+                    signatures: BTreeSet::new(),
+                    ca: None,
+                };
+                (staged, info)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn built_outputs_referring_to_each_other_register_together() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let pair = built_pair(&s, tmp.path());
+        let paths: BTreeSet<StorePath> = pair.iter().map(|(_, i)| i.path.clone()).collect();
+        let locks = s.lock_paths(&paths).unwrap();
+        assert!(s.try_lock_paths(&paths).unwrap().is_none(), "held");
+        s.register_built_outputs(&locks, pair).unwrap();
+        for p in &paths {
+            let info = s.query_path_info(p).unwrap().unwrap();
+            assert_eq!(info.references.len(), 1);
+            assert!(info.registration_time > 0);
+            let meta = fs::symlink_metadata(s.loc.real_path(p)).unwrap();
+            assert_eq!(meta.mode() & 0o7777, 0o444);
+            assert_eq!(meta.mtime(), 1);
+        }
+        assert!(stage_dirs(&s).is_empty());
+        drop(locks);
+        assert!(s.try_lock_paths(&paths).unwrap().is_some(), "released");
+    }
+
+    #[test]
+    fn built_outputs_need_their_locks_and_valid_references_or_nothing_moves() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let mut pair = built_pair(&s, tmp.path());
+        let paths: BTreeSet<StorePath> = pair.iter().map(|(_, i)| i.path.clone()).collect();
+        let one = BTreeSet::from([pair[0].1.path.clone()]);
+        let partial = s.lock_paths(&one).unwrap();
+        let err = s.register_built_outputs(&partial, built_pair(&s, tmp.path()));
+        assert!(matches!(err, Err(StoreError::NotLocked { .. })), "{err:?}");
+        drop(partial);
+        let locks = s.lock_paths(&paths).unwrap();
+        pair[1]
+            .1
+            .references
+            .insert(StorePath::from_base_name("00000000000000000000000000000000-gone").unwrap());
+        let err = s.register_built_outputs(&locks, pair);
+        assert!(
+            matches!(err, Err(StoreError::InvalidReference { .. })),
+            "{err:?}"
+        );
+        for p in &paths {
+            assert!(!s.is_valid(p).unwrap());
+            assert!(!s.loc.real_path(p).exists());
+        }
+        assert!(stage_dirs(&s).is_empty());
     }
 
     #[test]

@@ -461,6 +461,67 @@ impl Registry {
         Ok(true)
     }
 
+    /// Registers several paths in one transaction (a build's outputs, which
+    /// may refer to each other): every reference must be valid already or
+    /// be one of `infos`. Paths that are already valid only get their new
+    /// signatures merged. All or nothing: on any error nothing is written.
+    /// Returns, for each info, whether it was newly registered.
+    pub fn register_many(&self, infos: &[ValidPathInfo]) -> Result<Vec<bool>, RegistryError> {
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql("starting transaction"))?;
+        let mut new_ids = Vec::new();
+        let mut added = Vec::new();
+        // First every row, so that references within the batch resolve.
+        for info in infos {
+            let full = self.dir.display(&info.path);
+            if let Some(id) = path_id(&tx, &full).map_err(self.sql("querying path"))? {
+                self.merge_signatures(&tx, id, &full, &info.signatures)?;
+                added.push(false);
+                continue;
+            }
+            tx.prepare_cached(
+                "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) \
+                 values (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    full,
+                    info.nar_hash.to_base16_prefixed(),
+                    info.registration_time,
+                    info.deriver.as_ref().map(|d| self.dir.display(d)),
+                    i64::try_from(info.nar_size).ok().filter(|&n| n != 0),
+                    info.ultimate.then_some(1i64),
+                    sigs_column(&info.signatures),
+                    info.ca.as_ref().map(|c| c.to_string()),
+                ])
+            })
+            .map_err(self.sql("registering path"))?;
+            new_ids.push((tx.last_insert_rowid(), info));
+            added.push(true);
+        }
+        for (id, info) in new_ids {
+            for r in &info.references {
+                let rfull = self.dir.display(r);
+                let Some(rid) = path_id(&tx, &rfull).map_err(self.sql("querying reference"))?
+                else {
+                    return Err(RegistryError::InvalidReference {
+                        path: self.dir.display(&info.path),
+                        reference: rfull,
+                    });
+                };
+                tx.prepare_cached(
+                    "insert or replace into Refs (referrer, reference) values (?, ?)",
+                )
+                .and_then(|mut s| s.execute(params![id, rid]))
+                .map_err(self.sql("adding reference"))?;
+            }
+        }
+        tx.commit().map_err(self.sql("committing transaction"))?;
+        Ok(added)
+    }
+
     /// Adds signatures to a valid path.
     pub fn add_signatures(
         &self,
@@ -767,6 +828,28 @@ mod tests {
         );
         assert!(!reg.is_valid(&sp(B)).unwrap());
         assert!(reg.query_valid_paths().unwrap().is_empty());
+    }
+
+    #[test]
+    fn register_many_accepts_references_within_the_batch_or_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::open(tmp.path(), StoreDir::default()).unwrap();
+        let a = "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a";
+        let b = "ffffffffffffffffffffffffffffffff-b";
+        let missing = "00000000000000000000000000000000-c";
+        let bad = [info(a, &[b]), info(b, &[a, missing])];
+        assert!(matches!(
+            reg.register_many(&bad),
+            Err(RegistryError::InvalidReference { .. })
+        ));
+        assert!(!reg.is_valid(&sp(a)).unwrap());
+        let good = [info(a, &[b, a]), info(b, &[a])];
+        assert_eq!(reg.register_many(&good).unwrap(), vec![true, true]);
+        assert_eq!(
+            reg.query_references(&sp(a)).unwrap(),
+            [sp(a), sp(b)].into_iter().collect()
+        );
+        assert_eq!(reg.register_many(&good).unwrap(), vec![false, false]);
     }
 
     #[test]

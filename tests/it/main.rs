@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per area.
 
+mod build;
 mod decide;
 mod derivation;
 mod nar;

@@ -1,0 +1,497 @@
+//! The build graph and its scheduler.
+//!
+//! [`realise`] loads, from each requested `.drv`, the derivations that still
+//! have an invalid output (a derivation whose outputs are all valid is not
+//! entered, nor are its inputs), then runs them in dependency order, up to
+//! `jobs` at once, one thread each. The caller's thread schedules and gets
+//! every [`Event`]. As Nix: after a failure no new build starts and the
+//! running ones finish, unless `keep_going`, which builds everything that
+//! does not depend on a failure and reports the rest as
+//! [`Event::DependencyFailed`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::local::{realise_one, remove_stale_build_dirs, BuildContext, StepOutcome};
+use super::{builds_dir, BuildError, Event};
+use crate::derivation::Derivation;
+use crate::store::local::LocalStore;
+use crate::store::StorePath;
+
+/// How often the scheduler wakes up without news ([`Event::Tick`]).
+const TICK: Duration = Duration::from_millis(250);
+
+/// The result of [`realise`].
+#[derive(Debug, Default)]
+pub struct Realisation {
+    /// For each requested derivation, in the order given, its outputs by name.
+    pub outputs: Vec<(StorePath, BTreeMap<String, StorePath>)>,
+    /// The derivations that failed, with the error (one line each).
+    pub failed: Vec<(StorePath, String)>,
+    /// The derivations not built because a dependency failed.
+    pub dependency_failed: Vec<(StorePath, StorePath)>,
+    /// The derivations not started because an earlier build failed
+    /// (without `keep_going`).
+    pub not_started: Vec<StorePath>,
+    /// How many were built here.
+    pub built: usize,
+    /// How many another process built meanwhile.
+    pub reused: usize,
+}
+
+impl Realisation {
+    /// Whether every requested output is valid.
+    pub fn success(&self) -> bool {
+        self.failed.is_empty() && self.dependency_failed.is_empty() && self.not_started.is_empty()
+    }
+}
+
+/// A derivation to build.
+struct Node {
+    drv: Derivation,
+    /// Input derivations still to be built.
+    waiting_for: BTreeSet<StorePath>,
+    /// Derivations that wait for this one.
+    dependents: BTreeSet<StorePath>,
+}
+
+/// Reads and parses the `.drv` file of `path`, which must be valid.
+pub fn read_derivation(store: &LocalStore, path: &StorePath) -> Result<Derivation, BuildError> {
+    let loc = store.location();
+    if !store.is_valid(path)? {
+        return Err(BuildError::NotValid {
+            drv: loc.logical(path),
+        });
+    }
+    let file = loc.real_path(path);
+    let bytes = std::fs::read(&file).map_err(|e| BuildError::BadDerivation {
+        drv: loc.logical(path),
+        reason: format!("cannot read {}: {e}", file.display()),
+    })?;
+    Derivation::from_aterm(&bytes, &loc.dir).map_err(|e| BuildError::BadDerivation {
+        drv: loc.logical(path),
+        reason: e.to_string(),
+    })
+}
+
+/// The nodes to build by `.drv` path, and every root's parsed derivation.
+type Loaded = (BTreeMap<StorePath, Node>, BTreeMap<StorePath, Derivation>);
+
+/// The derivations among `roots`' closure with an invalid output, and their
+/// edges; plus every root's parsed derivation.
+fn load(store: &LocalStore, roots: &[StorePath]) -> Result<Loaded, BuildError> {
+    let mut nodes: BTreeMap<StorePath, Node> = BTreeMap::new();
+    let mut root_drvs = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<StorePath> = roots.to_vec();
+    while let Some(path) = stack.pop() {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        if !path.is_derivation() {
+            return Err(BuildError::BadDerivation {
+                drv: store.location().logical(&path),
+                reason: "not a .drv store path".to_owned(),
+            });
+        }
+        let drv = read_derivation(store, &path)?;
+        if roots.contains(&path) {
+            root_drvs.insert(path.clone(), drv.clone());
+        }
+        let outputs = drv.output_paths();
+        if outputs.len() != drv.outputs.len() {
+            return Err(BuildError::Unsupported {
+                drv: store.location().logical(&path),
+                reason: "some output paths are not known before the build (content-addressed or deferred outputs)".to_owned(),
+            });
+        }
+        let mut missing = false;
+        for p in outputs.values() {
+            missing |= !store.is_valid(p)?;
+        }
+        if !missing {
+            continue;
+        }
+        stack.extend(drv.input_derivations.keys().cloned());
+        nodes.insert(
+            path,
+            Node {
+                drv,
+                waiting_for: BTreeSet::new(),
+                dependents: BTreeSet::new(),
+            },
+        );
+    }
+    let edges: Vec<(StorePath, StorePath)> = nodes
+        .iter()
+        .flat_map(|(p, n)| {
+            n.drv
+                .input_derivations
+                .keys()
+                .filter(|i| nodes.contains_key(*i))
+                .map(move |i| (p.clone(), i.clone()))
+        })
+        .collect();
+    for (p, i) in edges {
+        if let Some(n) = nodes.get_mut(&p) {
+            n.waiting_for.insert(i.clone());
+        }
+        if let Some(n) = nodes.get_mut(&i) {
+            n.dependents.insert(p);
+        }
+    }
+    Ok((nodes, root_drvs))
+}
+
+enum Msg {
+    Event(Event),
+    Done(StorePath, Result<StepOutcome, BuildError>, Duration),
+}
+
+/// Builds whatever is missing of `roots` (full `.drv` store paths, valid in
+/// the store) with `ctx`, reporting every [`Event`] to `on_event` on this
+/// thread. Errors only when the graph cannot be loaded; build failures are
+/// in the returned [`Realisation`].
+pub fn realise(
+    ctx: &BuildContext<'_>,
+    roots: &[StorePath],
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Realisation, BuildError> {
+    // Leftovers of killed runs; failing to clean them is no reason not to build.
+    if let Err(e) = remove_stale_build_dirs(&builds_dir(ctx.store.location())) {
+        tracing::warn!("cannot remove stale build directories: {e}");
+    }
+    if let Err(e) = ctx.store.remove_stale_stages() {
+        tracing::warn!("cannot remove stale staging directories: {e}");
+    }
+    schedule(
+        ctx.store,
+        roots,
+        ctx.options.jobs,
+        ctx.options.keep_going,
+        on_event,
+        &|path, drv, events| realise_one(ctx, path, drv, events),
+    )
+}
+
+/// One step of the schedule: realise one derivation whose inputs are valid.
+type Step<'s> = dyn Fn(&StorePath, &Derivation, &mpsc::Sender<Event>) -> Result<StepOutcome, BuildError>
+    + Sync
+    + 's;
+
+/// The scheduler of [`realise`], with the step to run for each derivation
+/// as a parameter (so that it can be tested without building).
+fn schedule(
+    store: &LocalStore,
+    roots: &[StorePath],
+    jobs: usize,
+    keep_going: bool,
+    on_event: &mut dyn FnMut(&Event),
+    step: &Step<'_>,
+) -> Result<Realisation, BuildError> {
+    let (mut nodes, root_drvs) = load(store, roots)?;
+    let mut result = Realisation::default();
+    on_event(&Event::Planned {
+        to_build: nodes.len(),
+    });
+    let mut ready: BTreeSet<StorePath> = nodes
+        .iter()
+        .filter(|(_, n)| n.waiting_for.is_empty())
+        .map(|(p, _)| p.clone())
+        .collect();
+    let jobs = jobs.max(1);
+    let (tx, rx) = mpsc::channel::<Msg>();
+    // Events from workers come through their own channel, forwarded below.
+    let mut stopping = false;
+    std::thread::scope(|scope| {
+        let mut running = 0usize;
+        loop {
+            while running < jobs && !stopping {
+                let Some(path) = ready.pop_first() else { break };
+                let Some(node) = nodes.get(&path) else {
+                    continue;
+                };
+                let drv = node.drv.clone();
+                let tx = tx.clone();
+                on_event(&Event::Started { drv: path.clone() });
+                running += 1;
+                scope.spawn(move || {
+                    let start = Instant::now();
+                    let (etx, erx) = mpsc::channel::<Event>();
+                    // Forward worker events in order, before its Done.
+                    let fwd_tx = tx.clone();
+                    let r = std::thread::scope(|inner| {
+                        inner.spawn(move || {
+                            for e in erx {
+                                let _ = fwd_tx.send(Msg::Event(e));
+                            }
+                        });
+                        // Moved in, so it is dropped before the scope joins
+                        // the forwarder (which ends when all senders are gone).
+                        let etx = etx;
+                        step(&path, &drv, &etx)
+                    });
+                    let _ = tx.send(Msg::Done(path, r, start.elapsed()));
+                });
+            }
+            if running == 0 {
+                break;
+            }
+            let msg = match rx.recv_timeout(TICK) {
+                Ok(m) => m,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    on_event(&Event::Tick);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let (path, r, elapsed) = match msg {
+                Msg::Event(e) => {
+                    on_event(&e);
+                    continue;
+                }
+                Msg::Done(path, r, elapsed) => (path, r, elapsed),
+            };
+            running -= 1;
+            let Some(node) = nodes.remove(&path) else {
+                continue;
+            };
+            match r {
+                Ok(outcome) => {
+                    match outcome {
+                        StepOutcome::Built => {
+                            result.built += 1;
+                            on_event(&Event::Built {
+                                drv: path.clone(),
+                                elapsed,
+                            });
+                        }
+                        StepOutcome::Reused => {
+                            result.reused += 1;
+                            on_event(&Event::Reused { drv: path.clone() });
+                        }
+                    }
+                    for d in &node.dependents {
+                        if let Some(n) = nodes.get_mut(d) {
+                            n.waiting_for.remove(&path);
+                            if n.waiting_for.is_empty() {
+                                ready.insert(d.clone());
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let error = e.to_string().replace('\n', " ");
+                    on_event(&Event::Failed {
+                        drv: path.clone(),
+                        error: error.clone(),
+                    });
+                    result.failed.push((path.clone(), error));
+                    if !keep_going {
+                        stopping = true;
+                    }
+                    // Everything above the failure can never be built.
+                    let mut stack: Vec<StorePath> = node.dependents.into_iter().collect();
+                    while let Some(d) = stack.pop() {
+                        if let Some(n) = nodes.remove(&d) {
+                            ready.remove(&d);
+                            on_event(&Event::DependencyFailed {
+                                drv: d.clone(),
+                                dependency: path.clone(),
+                            });
+                            result.dependency_failed.push((d, path.clone()));
+                            stack.extend(n.dependents);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    for root in roots {
+        if let Some(drv) = root_drvs.get(root) {
+            result.outputs.push((root.clone(), drv.output_paths()));
+        }
+    }
+    result.not_started = nodes.into_keys().collect();
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::derivation::{DerivationOutput, DrvHasher, OutputName};
+    use crate::store::{StoreDir, StoreLocation};
+
+    fn store(tmp: &std::path::Path) -> LocalStore {
+        LocalStore::open(StoreLocation::new(StoreDir::default(), tmp.join("root")))
+            .expect("open store")
+    }
+
+    /// Adds a derivation named `name` using the `out` of each of `inputs`.
+    fn add(store: &LocalStore, name: &str, inputs: &[&StorePath]) -> StorePath {
+        let mut drv = Derivation {
+            outputs: [(OutputName::out(), DerivationOutput::Deferred)].into(),
+            input_derivations: inputs
+                .iter()
+                .map(|i| ((*i).clone(), [OutputName::out()].into()))
+                .collect(),
+            system: b"x86_64-linux".to_vec(),
+            builder: b"/bin/sh".to_vec(),
+            env: [
+                (b"name".to_vec(), name.as_bytes().to_vec()),
+                (b"out".to_vec(), Vec::new()),
+            ]
+            .into(),
+            ..Derivation::default()
+        };
+        let mut hasher = DrvHasher::new(StoreDir::default(), |p: &StorePath| {
+            read_derivation(store, p)
+        });
+        drv.fill_output_paths(&mut hasher).expect("output paths");
+        let dir = StoreDir::default();
+        store
+            .add_text(
+                &format!("{name}.drv"),
+                &drv.to_aterm(&dir),
+                &drv.references(),
+                &drv.output_paths(),
+            )
+            .expect("add drv")
+    }
+
+    /// Runs the scheduler with a step that fails the derivations named in
+    /// `fail`; returns the result, the events and the order steps started.
+    fn run(
+        store: &LocalStore,
+        roots: &[StorePath],
+        jobs: usize,
+        keep_going: bool,
+        fail: &[&str],
+    ) -> (Realisation, Vec<Event>, Vec<String>, usize) {
+        let order = Mutex::new(Vec::new());
+        let (running, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let step = |p: &StorePath, _: &Derivation, _: &mpsc::Sender<Event>| {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let name = p.name().trim_end_matches(".drv").to_owned();
+            order.lock().expect("lock").push(name.clone());
+            std::thread::sleep(Duration::from_millis(30));
+            running.fetch_sub(1, Ordering::SeqCst);
+            if fail.contains(&name.as_str()) {
+                Err(BuildError::Unsupported {
+                    drv: name,
+                    reason: "told to fail".to_owned(),
+                })
+            } else {
+                Ok(StepOutcome::Built)
+            }
+        };
+        let mut events = Vec::new();
+        let r = schedule(
+            store,
+            roots,
+            jobs,
+            keep_going,
+            &mut |e| {
+                if *e != Event::Tick {
+                    events.push(e.clone());
+                }
+            },
+            &step,
+        )
+        .expect("schedule");
+        let order = order.into_inner().expect("lock");
+        (r, events, order, most.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn runs_a_diamond_in_dependency_order_up_to_jobs_at_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = store(tmp.path());
+        let root = add(&s, "root", &[]);
+        let left = add(&s, "left", &[&root]);
+        let right = add(&s, "right", &[&root]);
+        let top = add(&s, "top", &[&left, &right]);
+        let (r, events, order, most) = run(&s, &[top.clone(), left.clone()], 2, false, &[]);
+        assert!(r.success());
+        assert_eq!(r.built, 4);
+        assert_eq!(order[0], "root");
+        assert_eq!(order[3], "top");
+        assert_eq!(most, 2, "left and right ran together");
+        assert_eq!(events[0], Event::Planned { to_build: 4 });
+        let names: Vec<&StorePath> = r.outputs.iter().map(|(d, _)| d).collect();
+        assert_eq!(names, vec![&top, &left], "outputs in argument order");
+        let (_, _, _, most) = run(&s, &[top], 1, false, &[]);
+        assert_eq!(most, 1);
+    }
+
+    #[test]
+    fn keep_going_builds_what_does_not_depend_on_a_failure() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = store(tmp.path());
+        let bad = add(&s, "bad", &[]);
+        let above = add(&s, "above", &[&bad]);
+        let top = add(&s, "top", &[&above]);
+        let other = add(&s, "other", &[]);
+        let roots = [top.clone(), other.clone()];
+        let (r, events, order, _) = run(&s, &roots, 1, true, &["bad"]);
+        assert!(!r.success());
+        assert_eq!(r.failed.len(), 1);
+        assert_eq!(r.failed[0].0, bad);
+        let mut dep: Vec<StorePath> = r.dependency_failed.iter().map(|(d, _)| d.clone()).collect();
+        dep.sort();
+        let mut expected = vec![above.clone(), top.clone()];
+        expected.sort();
+        assert_eq!(dep, expected);
+        assert!(order.contains(&"other".to_owned()));
+        assert!(!order.contains(&"above".to_owned()));
+        assert!(events.contains(&Event::DependencyFailed {
+            drv: above.clone(),
+            dependency: bad.clone()
+        }));
+
+        // Without keep-going nothing new starts after the failure.
+        let (r, _, order, _) = run(&s, &roots, 1, false, &["bad"]);
+        assert!(!r.success());
+        let pos = order.iter().position(|n| n == "bad").expect("bad ran");
+        assert_eq!(
+            pos,
+            order.len() - 1,
+            "nothing started after the failure: {order:?}"
+        );
+        if !order.contains(&"other".to_owned()) {
+            assert_eq!(r.not_started, vec![other]);
+        }
+    }
+
+    #[test]
+    fn derivations_with_valid_outputs_are_not_scheduled() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = store(tmp.path());
+        let root = add(&s, "root", &[]);
+        let top = add(&s, "top", &[&root]);
+        let root_out = s.derivation_outputs(&root).expect("outputs")["out"].clone();
+        // Register root's output as if it had been built.
+        let info = crate::store::ValidPathInfo {
+            path: root_out,
+            deriver: Some(root.clone()),
+            nar_hash: crate::store::HashAlgo::Sha256.digest(b""),
+            nar_size: 1,
+            references: BTreeSet::new(),
+            registration_time: 1,
+            ultimate: true,
+            signatures: BTreeSet::new(),
+            ca: None,
+        };
+        s.registry().register_many(&[info]).expect("register");
+        let (r, events, order, _) = run(&s, &[top, root], 2, false, &[]);
+        assert!(r.success());
+        assert_eq!(order, vec!["top".to_owned()]);
+        assert_eq!(events[0], Event::Planned { to_build: 1 });
+        assert_eq!(r.outputs.len(), 2);
+    }
+}

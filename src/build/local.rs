@@ -1,0 +1,733 @@
+//! One local build: a derivation whose inputs are all valid becomes valid
+//! outputs, or nothing at all.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use super::{builds_dir, log_path, BuildError, Event, Options};
+use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
+use crate::sandbox::plan::DEFAULT_BUILD_DIR_NAME;
+use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserPool};
+use crate::store::hash::Hasher;
+use crate::store::local::{LocalStore, PathLocks, StagedPath};
+use crate::store::{nar, refscan};
+use crate::store::{ContentAddress, FileIngestionMethod, HashAlgo, StorePath, ValidPathInfo};
+
+/// How often a build waiting for a free build user checks again.
+const USER_POLL: Duration = Duration::from_millis(500);
+
+/// How many log lines a failure message quotes.
+const TAIL_LINES: usize = 10;
+
+/// What builds need: the store, the build users, the options.
+pub struct BuildContext<'a> {
+    /// The store the outputs go to.
+    pub store: &'a LocalStore,
+    /// The build users, or why there are none: then only derivations whose
+    /// outputs are valid already can be realised (as Nix, which needs no
+    /// build user when there is nothing to build).
+    pub pool: Result<&'a UserPool, String>,
+    /// How to build.
+    pub options: Options,
+}
+
+/// How [`realise_one`] ended well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// Built here.
+    Built,
+    /// Built by another process while this one waited for the locks.
+    Reused,
+}
+
+/// Realises `drv` (at `drv_path`), whose inputs are valid: takes the locks of
+/// its outputs (reporting [`Event::WaitingForLock`] on `events` if another
+/// process holds one), returns [`StepOutcome::Reused`] if they are valid by
+/// then, else builds it. The log goes to [`log_path`].
+pub fn realise_one(
+    ctx: &BuildContext<'_>,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    events: &Sender<Event>,
+) -> Result<StepOutcome, BuildError> {
+    let store = ctx.store;
+    let outputs: BTreeSet<StorePath> = drv.output_paths().into_values().collect();
+    let locks = match store.try_lock_paths(&outputs)? {
+        Some(l) => l,
+        None => {
+            let _ = events.send(Event::WaitingForLock {
+                drv: drv_path.clone(),
+            });
+            store.lock_paths(&outputs)?
+        }
+    };
+    let mut all_valid = true;
+    for o in &outputs {
+        all_valid &= store.is_valid(o)?;
+    }
+    if all_valid {
+        return Ok(StepOutcome::Reused);
+    }
+    let path = log_path(store.location(), drv_path);
+    let mut log = LogSink::create(
+        &path,
+        ctx.options
+            .stream_logs
+            .then(|| (events.clone(), drv_path.clone())),
+    )?;
+    let r = build_locked(ctx, drv_path, drv, &locks, &mut log);
+    log.finish();
+    r.map(|()| StepOutcome::Built)
+}
+
+/// Builds `drv` under `locks` (which must cover its outputs) and registers
+/// its outputs; see the module docs of [`crate::build`].
+pub fn build_locked(
+    ctx: &BuildContext<'_>,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    locks: &PathLocks,
+    log: &mut LogSink,
+) -> Result<(), BuildError> {
+    let store = ctx.store;
+    let loc = store.location();
+    let drv_name = loc.logical(drv_path);
+    let unsupported = |reason: &str| BuildError::Unsupported {
+        drv: drv_name.clone(),
+        reason: reason.to_owned(),
+    };
+    let kind = drv.kind().map_err(|source| BuildError::Derivation {
+        drv: drv_name.clone(),
+        source,
+    })?;
+    match kind {
+        DerivationKind::InputAddressed { deferred: false } | DerivationKind::Fixed => {}
+        DerivationKind::InputAddressed { deferred: true } => {
+            return Err(unsupported("its output paths are not computed (deferred)"))
+        }
+        DerivationKind::Floating => return Err(unsupported("floating content-addressed outputs")),
+        DerivationKind::Impure => return Err(unsupported("impure outputs")),
+    }
+    let here = host_system();
+    if drv.system != here.as_bytes() && !(here == "x86_64-linux" && drv.system == b"i686-linux") {
+        return Err(unsupported(&format!(
+            "it needs a '{}' machine, and this is a '{here}'",
+            String::from_utf8_lossy(&drv.system)
+        )));
+    }
+    if drv.builder.starts_with(b"builtin:") {
+        return Err(unsupported("built-in builders (builtin:...)"));
+    }
+    let outputs = drv.output_paths();
+
+    // The input closure: sources and the used outputs of input derivations.
+    let mut inputs = drv.input_sources.clone();
+    for (input, names) in &drv.input_derivations {
+        let outs = store.derivation_outputs(input)?;
+        for name in names {
+            let p = outs.get(name.as_str()).ok_or_else(|| {
+                unsupported(&format!(
+                    "input derivation '{}' has no output '{name}'",
+                    loc.logical(input)
+                ))
+            })?;
+            inputs.insert(p.clone());
+        }
+    }
+    let closure = store.closure(&inputs)?;
+
+    let pool = ctx.pool.as_ref().map_err(|reason| BuildError::NoUsers {
+        drv: drv_name.clone(),
+        reason: reason.clone(),
+    })?;
+    let lease = pool
+        .acquire(USER_POLL)
+        .map_err(|source| BuildError::Users {
+            drv: drv_name.clone(),
+            source,
+        })?;
+    let slot = BuildSlot::create(&builds_dir(loc))?;
+    let dirs = HostDirs::create(&slot.dir, lease.user()).map_err(|source| BuildError::Sandbox {
+        drv: drv_name.clone(),
+        source,
+    })?;
+    let fixed = kind == DerivationKind::Fixed;
+    let spec = SandboxSpec {
+        store_dir: loc.dir.clone(),
+        builder: drv.builder.clone(),
+        args: drv.args.clone(),
+        env: drv.env.clone(),
+        inputs: closure
+            .iter()
+            .map(|p| InputPath {
+                source: loc.real_path(p),
+                path: p.clone(),
+            })
+            .collect(),
+        outputs: outputs.values().cloned().collect(),
+        dirs: dirs.dirs().clone(),
+        build_dir_name: DEFAULT_BUILD_DIR_NAME.to_owned(),
+        user: lease.user().clone(),
+        fixed_output: fixed,
+        impure_env: if fixed {
+            impure_env(drv)
+        } else {
+            BTreeMap::new()
+        },
+        cores: ctx.options.cores,
+        timeouts: Timeouts {
+            max_silent: ctx.options.max_silent,
+            total: ctx.options.timeout,
+        },
+    };
+    tracing::debug!(drv = %drv_name, user = lease.user().user_name(), "building");
+    let ran = run_build(&lease, &spec, log);
+
+    let result = match ran {
+        Err(source) => Err(BuildError::Sandbox {
+            drv: drv_name.clone(),
+            source,
+        }),
+        Ok(outcome) if !outcome.success() => Err(BuildError::Failed {
+            drv: drv_name.clone(),
+            outcome,
+            kept: ctx.options.keep_failed.then(|| dirs.top().to_path_buf()),
+            tail: log.tail(),
+        }),
+        Ok(_) => collect_outputs(
+            store,
+            &drv_name,
+            drv_path,
+            drv,
+            &dirs,
+            lease.user().uid(),
+            &closure,
+        )
+        .and_then(|staged| {
+            store
+                .register_built_outputs(locks, staged)
+                .map_err(Into::into)
+        }),
+    };
+    // The lease is still held: no other build can run as this user until the
+    // directories are gone (or chmod'ed out of its reach).
+    let result = match result {
+        Err(e) if ctx.options.keep_failed => {
+            let top = dirs.top().to_path_buf();
+            // Root-only until now; 0755 as Nix, for inspection.
+            let _ = fs::set_permissions(&top, fs::Permissions::from_mode(0o755));
+            slot.keep();
+            match e {
+                e @ BuildError::Failed { .. } => Err(e),
+                e => Err(BuildError::Kept {
+                    error: Box::new(e),
+                    dir: top,
+                }),
+            }
+        }
+        r => {
+            if let Err(e) = dirs.remove() {
+                tracing::warn!(drv = %drv_name, "cannot remove build directory: {e}");
+            }
+            drop(slot);
+            r
+        }
+    };
+    drop(lease);
+    result
+}
+
+/// A directory for one build's [`HostDirs`], `<builds>/<random>`, with a lock
+/// file `<builds>/<random>.lock` held while the build runs: after a crash the
+/// lock is free and [`remove_stale_build_dirs`] removes both. A kept build
+/// directory (`--keep-failed`) loses its lock file, so it stays.
+struct BuildSlot {
+    dir: PathBuf,
+    lock_path: PathBuf,
+    lock: Option<nix::fcntl::Flock<File>>,
+}
+
+impl BuildSlot {
+    fn create(parent: &Path) -> Result<BuildSlot, BuildError> {
+        fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+        let (file, lock_path) = tempfile::Builder::new()
+            .suffix(".lock")
+            .tempfile_in(parent)
+            .map_err(io_err("create a lock file in", parent))?
+            .keep()
+            .map_err(|e| io_err("create a lock file in", parent)(e.error))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| io_err("lock", &lock_path)(e.into()))?;
+        let dir = lock_path.with_extension("");
+        fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+        Ok(BuildSlot {
+            dir,
+            lock_path,
+            lock: Some(lock),
+        })
+    }
+
+    /// Leaves the directory in place for good.
+    fn keep(mut self) {
+        if let Err(e) = fs::remove_file(&self.lock_path) {
+            tracing::warn!(path = %self.lock_path.display(), "cannot remove lock file: {e}");
+        }
+        self.lock = None;
+        self.lock_path = PathBuf::new();
+    }
+}
+
+impl Drop for BuildSlot {
+    fn drop(&mut self) {
+        if self.lock_path.as_os_str().is_empty() {
+            return;
+        }
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            tracing::warn!(path = %self.dir.display(), "cannot remove build directory: {e}");
+        }
+        // Unlinked while still locked, so nobody else takes it for stale.
+        let _ = fs::remove_file(&self.lock_path);
+        self.lock = None;
+    }
+}
+
+/// Lock files younger than this are left alone: their creator may not have
+/// locked them yet.
+const STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// Removes the build directories under `builds` left by sandoff processes
+/// that died (their lock files are free and older than a minute); returns
+/// how many. Running builds and kept directories (`--keep-failed`, which
+/// have no lock file) are left alone.
+pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, BuildError> {
+    let entries = match fs::read_dir(builds) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err("read directory", builds)(e)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(io_err("read directory", builds))?;
+        let lock_path = entry.path();
+        if lock_path.extension() != Some(std::ffi::OsStr::new("lock")) {
+            continue;
+        }
+        let young = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .map_or(true, |age| age < STALE_AFTER);
+        if young {
+            continue;
+        }
+        let Ok(file) = File::open(&lock_path) else {
+            continue;
+        };
+        let Ok(_lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        else {
+            continue;
+        };
+        let dir = lock_path.with_extension("");
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &dir)(e)),
+        }
+        fs::remove_file(&lock_path).map_err(io_err("remove", &lock_path))?;
+        tracing::info!(dir = %dir.display(), "removed the build directory of a dead build");
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// Nix's name for this machine's platform (`x86_64-linux`); `i686-linux`
+/// builds also run on `x86_64-linux`, as Nix's default `extra-platforms`.
+pub fn host_system() -> String {
+    format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
+}
+
+/// Checks each output the builder made, copies it into a staging path of the
+/// store, scans its references and, for a fixed output, checks its hash.
+fn collect_outputs(
+    store: &LocalStore,
+    drv_name: &str,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    dirs: &HostDirs,
+    build_uid: u32,
+    closure: &BTreeSet<StorePath>,
+) -> Result<Vec<(StagedPath, ValidPathInfo)>, BuildError> {
+    let loc = store.location();
+    let mut candidates = closure.clone();
+    candidates.extend(drv.output_paths().into_values());
+    let mut staged_outputs = Vec::new();
+    for (name, output) in &drv.outputs {
+        let Some(path) = output.path() else {
+            continue;
+        };
+        let scratch = dirs.output(path.base_name());
+        match fs::symlink_metadata(&scratch) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(BuildError::MissingOutput {
+                    drv: drv_name.to_owned(),
+                    output: name.to_string(),
+                    path: loc.logical(path),
+                })
+            }
+            Err(e) => return Err(io_err("read", &scratch)(e)),
+        }
+        check_owner(drv_name, &scratch, build_uid)?;
+        let staged = store.stage_path(&scratch)?;
+        let references =
+            refscan::scan_path(&staged.tmp, &candidates).map_err(|source| BuildError::Nar {
+                path: staged.tmp.clone(),
+                source,
+            })?;
+        let ca = match output {
+            DerivationOutput::CAFixed { method, hash, .. } => {
+                if let Some(r) = references.iter().find(|r| *r != path) {
+                    return Err(BuildError::FixedReferences {
+                        drv: drv_name.to_owned(),
+                        reference: loc.logical(r),
+                    });
+                }
+                let got = fixed_hash(drv_name, &staged, *method, hash.algo())?;
+                if &got != hash {
+                    return Err(BuildError::HashMismatch {
+                        drv: drv_name.to_owned(),
+                        specified: hash.to_nix32_prefixed(),
+                        got: got.to_nix32_prefixed(),
+                    });
+                }
+                Some(ContentAddress::Fixed {
+                    method: *method,
+                    hash: got,
+                })
+            }
+            _ => None,
+        };
+        let info = ValidPathInfo {
+            path: path.clone(),
+            deriver: Some(drv_path.clone()),
+            nar_hash: staged.nar_hash.clone(),
+            nar_size: staged.nar_size,
+            references,
+            registration_time: 0,
+            ultimate: true,
+            signatures: BTreeSet::new(),
+            ca,
+        };
+        staged_outputs.push((staged, info));
+    }
+    Ok(staged_outputs)
+}
+
+/// The hash of a fixed output: of the file's contents (flat, which needs a
+/// regular non-executable file, as Nix) or of its NAR (recursive).
+fn fixed_hash(
+    drv_name: &str,
+    staged: &StagedPath,
+    method: FileIngestionMethod,
+    algo: HashAlgo,
+) -> Result<crate::store::Hash, BuildError> {
+    let p = &staged.tmp;
+    match method {
+        FileIngestionMethod::Recursive if algo == HashAlgo::Sha256 => Ok(staged.nar_hash.clone()),
+        FileIngestionMethod::Recursive => {
+            let mut h = Hasher::new(algo);
+            nar::dump(p, &mut h).map_err(|source| BuildError::Nar {
+                path: p.clone(),
+                source,
+            })?;
+            Ok(h.finish())
+        }
+        FileIngestionMethod::Flat => {
+            let meta = fs::symlink_metadata(p).map_err(io_err("read", p))?;
+            if !meta.is_file() || meta.mode() & 0o100 != 0 {
+                return Err(BuildError::FlatNotRegular {
+                    drv: drv_name.to_owned(),
+                });
+            }
+            let mut h = Hasher::new(algo);
+            let mut f = File::open(p).map_err(io_err("open", p))?;
+            io::copy(&mut f, &mut h).map_err(io_err("read", p))?;
+            Ok(h.finish())
+        }
+    }
+}
+
+/// Every file of an output must be a regular file, directory or symlink
+/// owned by the build user: a hard link to a file it does not own
+/// (`ln /etc/shadow $out/x`) is refused before anything is copied, as Nix's
+/// "invalid ownership" check.
+fn check_owner(drv_name: &str, path: &Path, build_uid: u32) -> Result<(), BuildError> {
+    let meta = fs::symlink_metadata(path).map_err(io_err("read", path))?;
+    let ft = meta.file_type();
+    if !(ft.is_file() || ft.is_dir() || ft.is_symlink()) {
+        return Err(BuildError::UnsupportedType {
+            drv: drv_name.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+    if meta.uid() != build_uid {
+        return Err(BuildError::ForeignFile {
+            drv: drv_name.to_owned(),
+            path: path.to_owned(),
+            uid: meta.uid(),
+            build_uid,
+        });
+    }
+    if ft.is_dir() {
+        for entry in fs::read_dir(path).map_err(io_err("read directory", path))? {
+            let entry = entry.map_err(io_err("read directory", path))?;
+            check_owner(drv_name, &entry.path(), build_uid)?;
+        }
+    }
+    Ok(())
+}
+
+/// The values of the derivation's `impureEnvVars` in our environment (for
+/// fixed outputs only, as Nix).
+fn impure_env(drv: &Derivation) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(names) = drv.env.get(b"impureEnvVars".as_slice()) else {
+        return BTreeMap::new();
+    };
+    names
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|n| !n.is_empty())
+        .filter_map(|n| {
+            let name = std::ffi::OsStr::from_bytes(n);
+            std::env::var_os(name).map(|v| (n.to_vec(), v.as_bytes().to_vec()))
+        })
+        .collect()
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BuildError + 'a {
+    move |source| BuildError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A build's log: written to its file as it comes, the last lines kept for
+/// the failure message, each line also sent as an [`Event::Log`] when asked.
+pub struct LogSink {
+    file: File,
+    path: PathBuf,
+    stream: Option<(Sender<Event>, StorePath)>,
+    partial: Vec<u8>,
+    tail: VecDeque<Vec<u8>>,
+}
+
+impl std::fmt::Debug for LogSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogSink").field("path", &self.path).finish()
+    }
+}
+
+impl LogSink {
+    /// Creates (truncating) the log file at `path`.
+    pub fn create(
+        path: &Path,
+        stream: Option<(Sender<Event>, StorePath)>,
+    ) -> Result<LogSink, BuildError> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        }
+        let file = File::create(path).map_err(io_err("create", path))?;
+        Ok(LogSink {
+            file,
+            path: path.to_owned(),
+            stream,
+            partial: Vec::new(),
+            tail: VecDeque::new(),
+        })
+    }
+
+    /// The last lines (lossily decoded).
+    pub fn tail(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .tail
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect();
+        if !self.partial.is_empty() {
+            lines.push(String::from_utf8_lossy(&self.partial).into_owned());
+            if lines.len() > TAIL_LINES {
+                lines.remove(0);
+            }
+        }
+        lines
+    }
+
+    /// Flushes the file and sends a last unterminated line.
+    pub fn finish(&mut self) {
+        if let Err(e) = self.file.flush() {
+            tracing::warn!(path = %self.path.display(), "cannot write build log: {e}");
+        }
+        if !self.partial.is_empty() {
+            if let Some((tx, drv)) = &self.stream {
+                let _ = tx.send(Event::Log {
+                    drv: drv.clone(),
+                    line: std::mem::take(&mut self.partial),
+                });
+            }
+        }
+    }
+
+    fn line(&mut self, line: Vec<u8>) {
+        if let Some((tx, drv)) = &self.stream {
+            let _ = tx.send(Event::Log {
+                drv: drv.clone(),
+                line: line.clone(),
+            });
+        }
+        self.tail.push_back(line);
+        if self.tail.len() > TAIL_LINES {
+            self.tail.pop_front();
+        }
+    }
+}
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Unbuffered: each write is one chunk read from the builder's pipe,
+        // and `sandoff log` during the build shows everything so far.
+        self.file.write_all(buf)?;
+        let mut rest = buf;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            let mut line = std::mem::take(&mut self.partial);
+            line.extend_from_slice(&rest[..i]);
+            self.line(line);
+            rest = &rest[i + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+        // A builder printing no newline must not grow this without bound.
+        if self.partial.len() > 64 * 1024 {
+            let line = std::mem::take(&mut self.partial);
+            self.line(line);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_files_not_owned_by_the_build_user() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let out = tmp.path().join("out");
+        fs::create_dir(&out).expect("mkdir");
+        fs::write(out.join("f"), "x").expect("write");
+        let me = fs::metadata(&out).expect("stat").uid();
+        check_owner("d.drv", &out, me).expect("all ours");
+        let err = check_owner("d.drv", &out, me + 1).expect_err("not the build user's");
+        assert!(
+            matches!(&err, BuildError::ForeignFile { uid, .. } if *uid == me),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn refuses_fifos_in_outputs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fifo = tmp.path().join("p");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let me = fs::metadata(tmp.path()).expect("stat").uid();
+        let err = check_owner("d.drv", tmp.path(), me).expect_err("fifo");
+        assert!(matches!(err, BuildError::UnsupportedType { .. }), "{err}");
+    }
+
+    fn age(path: &Path) {
+        let old = nix::sys::time::TimeSpec::new(1_000_000, 0);
+        nix::sys::stat::utimensat(
+            None,
+            path,
+            &old,
+            &old,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .expect("utimensat");
+    }
+
+    #[test]
+    fn removes_build_dirs_of_dead_builds_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let builds = tmp.path().join("builds");
+        let live = BuildSlot::create(&builds).expect("slot");
+        fs::write(live.dir.join("f"), "x").expect("write");
+        age(&live.lock_path);
+        let mut dead = BuildSlot::create(&builds).expect("slot");
+        let (dead_dir, dead_lock) = (dead.dir.clone(), dead.lock_path.clone());
+        fs::create_dir(dead_dir.join("sub")).expect("mkdir");
+        // As if killed: the lock is released, the files stay.
+        dead.lock = None;
+        std::mem::forget(dead);
+        age(&dead_lock);
+        let mut young = BuildSlot::create(&builds).expect("slot");
+        young.lock = None;
+        let young_dir = young.dir.clone();
+        std::mem::forget(young);
+        let kept = BuildSlot::create(&builds).expect("slot");
+        let kept_dir = kept.dir.clone();
+        kept.keep();
+
+        assert_eq!(remove_stale_build_dirs(&builds).expect("clean"), 1);
+        assert!(!dead_dir.exists() && !dead_lock.exists());
+        assert!(live.dir.join("f").exists());
+        assert!(young_dir.exists(), "too young to be judged");
+        assert!(kept_dir.exists());
+        let live_dir = live.dir.clone();
+        drop(live);
+        assert!(!live_dir.exists());
+    }
+
+    #[test]
+    fn log_sink_writes_everything_and_keeps_the_last_lines() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("log/x.drv");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let drv =
+            StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x.drv").expect("path");
+        let mut sink = LogSink::create(&path, Some((tx, drv.clone()))).expect("create");
+        for i in 0..15 {
+            write!(sink, "line {i}\nhalf").expect("write");
+            writeln!(sink, "-{i}").expect("write");
+        }
+        sink.write_all(b"no newline").expect("write");
+        let tail = sink.tail();
+        assert_eq!(tail.len(), TAIL_LINES);
+        assert_eq!(tail.last().map(String::as_str), Some("no newline"));
+        assert_eq!(tail[0], "half-10");
+        sink.finish();
+        drop(sink);
+        let lines: Vec<Vec<u8>> = rx
+            .iter()
+            .map(|e| match e {
+                Event::Log { line, drv: d } if d == drv => line,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(lines.len(), 31);
+        assert_eq!(lines[1], b"half-0");
+        assert_eq!(lines[30], b"no newline");
+        let written = fs::read_to_string(&path).expect("read");
+        assert!(written.starts_with("line 0\nhalf-0\n") && written.ends_with("no newline"));
+    }
+}

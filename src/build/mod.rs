@@ -1,0 +1,345 @@
+//! Realising derivations on this machine: from `.drv` paths to valid outputs.
+//!
+//! - [`graph`]: loads the closure of the requested derivations that still
+//!   has outputs to build, and schedules it: dependency order, up to `jobs`
+//!   builds at once (one thread each), Nix's `--keep-going` semantics. The
+//!   caller's thread schedules and receives every [`Event`].
+//! - [`local`]: one build whose inputs are valid: under the outputs' locks,
+//!   lease a build user, run the sandbox, check and copy the outputs into
+//!   the store, scan their references, check fixed-output hashes, register
+//!   them all in one transaction.
+//!
+//! # Choices
+//!
+//! - Per-output locks are Nix's `<output>.lock` files, taken by the worker
+//!   thread (first without waiting, then, after a [`Event::WaitingForLock`],
+//!   blocking); once held, validity is checked again, so a derivation that
+//!   another process built meanwhile is reused, not rebuilt.
+//! - Outputs are not renamed out of the build's scratch store: each is copied
+//!   into a staging path of the real store through its NAR (as Nix does for
+//!   fixed outputs since CVE-2024-27297, here for all). No file the builder
+//!   could still hold open, and no hard link it made, reaches the store; the
+//!   build directories may live on any filesystem. Before the copy every
+//!   file must be owned by the build user, which refuses hard links to files
+//!   the build does not own (`ln /etc/shadow $out`), as Nix's
+//!   "invalid ownership" check.
+//! - Logs: `<state>/log/<drv base name>`, plain text, written as the build
+//!   streams (Nix keeps `<logDir>/drvs/<2 chars>/<rest>.bz2`; `nix-store -l`
+//!   cannot read ours, and we do not pretend it can).
+//! - Build directories: `<state>/builds/<random>/sandoff-build-XXXXXX`
+//!   ([`crate::sandbox::HostDirs`]), with `<state>/builds/<random>.lock`
+//!   held while the build runs. `--keep-failed` keeps the directory (and
+//!   drops its lock file, so it is never taken for a leftover).
+//! - A crash (`kill -9`) leaves no valid output. At worst it leaves an
+//!   unregistered path at an output's place, which the next build replaces
+//!   under the lock; a staging copy and a build directory whose lock is
+//!   free, both removed when the next [`realise`] starts (build directories
+//!   once their lock file is a minute old, so that one being created is
+//!   never taken for a leftover).
+//! - Only the derivation's own platform is built (`system` equal to
+//!   [`local::host_system`], or `i686-linux` on `x86_64-linux`); built-in
+//!   builders (`builtin:fetchurl`) and content-addressed (floating,
+//!   impure) outputs are refused for now.
+
+pub mod graph;
+pub mod local;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::derivation::DerivationError;
+use crate::sandbox::{BuildOutcome, SandboxError, UserError};
+use crate::store::local::StoreError;
+use crate::store::nar::NarError;
+use crate::store::{StoreLocation, StorePath};
+
+pub use graph::{realise, Realisation};
+pub use local::BuildContext;
+
+/// Why a build (or loading the build graph) failed.
+#[derive(Debug, Error)]
+pub enum BuildError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The sandbox could not run the build.
+    #[error("cannot run the builder of '{drv}': {source}")]
+    Sandbox {
+        /// The derivation.
+        drv: String,
+        /// The cause.
+        #[source]
+        source: SandboxError,
+    },
+    /// No build user could be leased.
+    #[error("no build user for '{drv}': {source}")]
+    Users {
+        /// The derivation.
+        drv: String,
+        /// The cause.
+        #[source]
+        source: UserError,
+    },
+    /// This machine has no usable build users.
+    #[error("cannot build '{drv}': no build users: {reason}")]
+    NoUsers {
+        /// The derivation.
+        drv: String,
+        /// Why.
+        reason: String,
+    },
+    /// A `.drv` file could not be read or parsed.
+    #[error("cannot read derivation '{drv}': {reason}")]
+    BadDerivation {
+        /// The derivation.
+        drv: String,
+        /// Why.
+        reason: String,
+    },
+    /// The derivation is not registered in the store.
+    #[error("derivation '{drv}' is not valid in the store (add it with `sandoff derivation add`)")]
+    NotValid {
+        /// The derivation.
+        drv: String,
+    },
+    /// sandoff cannot build this kind of derivation (yet).
+    #[error("cannot build '{drv}': {reason}")]
+    Unsupported {
+        /// The derivation.
+        drv: String,
+        /// Why.
+        reason: String,
+    },
+    /// The derivation's kind is invalid.
+    #[error("derivation '{drv}': {source}")]
+    Derivation {
+        /// The derivation.
+        drv: String,
+        /// The cause.
+        #[source]
+        source: DerivationError,
+    },
+    /// The builder failed or was killed.
+    #[error(
+        "builder for '{drv}' failed: {outcome}{}{}",
+        kept_note(kept),
+        tail_note(tail)
+    )]
+    Failed {
+        /// The derivation.
+        drv: String,
+        /// How it ended.
+        outcome: BuildOutcome,
+        /// The build directory, when kept (`--keep-failed`).
+        kept: Option<PathBuf>,
+        /// The last lines of the log.
+        tail: Vec<String>,
+    },
+    /// An output was not produced.
+    #[error("builder for '{drv}' did not produce output '{output}' ({path})")]
+    MissingOutput {
+        /// The derivation.
+        drv: String,
+        /// The output name.
+        output: String,
+        /// The output path.
+        path: String,
+    },
+    /// A file in an output is not owned by the build user.
+    #[error("output of '{drv}': '{path}' is owned by uid {uid}, not the build user {build_uid} (a hard link to a file the build does not own?): rejecting the build output")]
+    ForeignFile {
+        /// The derivation.
+        drv: String,
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// The build user.
+        build_uid: u32,
+    },
+    /// A file in an output is not a regular file, directory or symlink.
+    #[error("output of '{drv}': '{path}' has an unsupported type (only regular files, directories and symlinks)")]
+    UnsupportedType {
+        /// The derivation.
+        drv: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A fixed output's hash is not the declared one.
+    #[error("hash mismatch in fixed-output derivation '{drv}': specified {specified}, got {got}")]
+    HashMismatch {
+        /// The derivation.
+        drv: String,
+        /// The declared hash.
+        specified: String,
+        /// The output's hash.
+        got: String,
+    },
+    /// A flat fixed output is not a regular non-executable file.
+    #[error("output of fixed-output derivation '{drv}' should be a non-executable regular file since recursive hashing is not enabled (outputHashMode=flat)")]
+    FlatNotRegular {
+        /// The derivation.
+        drv: String,
+    },
+    /// A fixed output refers to store paths.
+    #[error(
+        "fixed-output derivation '{drv}' must not reference store paths (it refers to {reference})"
+    )]
+    FixedReferences {
+        /// The derivation.
+        drv: String,
+        /// One reference.
+        reference: String,
+    },
+    /// Reading an output failed.
+    #[error("cannot read output '{path}': {source}")]
+    Nar {
+        /// The output's place.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: NarError,
+    },
+    /// Writing the log or handling build directories failed.
+    #[error("cannot {action} '{path}': {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A build failed after the builder ran, and its directory was kept.
+    #[error("{error}; build directory kept at {}", dir.display())]
+    Kept {
+        /// The failure.
+        error: Box<BuildError>,
+        /// The kept build directory.
+        dir: PathBuf,
+    },
+    /// A dependency of this derivation failed to build.
+    #[error("dependency '{dependency}' of '{drv}' failed")]
+    DependencyFailed {
+        /// The derivation.
+        drv: String,
+        /// The failed dependency.
+        dependency: String,
+    },
+}
+
+fn kept_note(kept: &Option<PathBuf>) -> String {
+    kept.as_ref()
+        .map(|k| format!("; build directory kept at {}", k.display()))
+        .unwrap_or_default()
+}
+
+fn tail_note(tail: &[String]) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("; last log lines: {}", tail.join(" | "))
+    }
+}
+
+/// What happened during [`realise`], in order, delivered on the caller's thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The graph is loaded: this many derivations need building.
+    Planned {
+        /// How many.
+        to_build: usize,
+    },
+    /// A worker started on `drv`.
+    Started {
+        /// The derivation.
+        drv: StorePath,
+    },
+    /// Another process holds an output lock of `drv`; the worker waits.
+    WaitingForLock {
+        /// The derivation.
+        drv: StorePath,
+    },
+    /// A line of `drv`'s build log (only with [`Options::stream_logs`]),
+    /// without its newline.
+    Log {
+        /// The derivation.
+        drv: StorePath,
+        /// The line's bytes.
+        line: Vec<u8>,
+    },
+    /// `drv` was built; its outputs are valid.
+    Built {
+        /// The derivation.
+        drv: StorePath,
+        /// How long the whole step took (locks, build, registration).
+        elapsed: Duration,
+    },
+    /// Another process built `drv` while we waited for its locks.
+    Reused {
+        /// The derivation.
+        drv: StorePath,
+    },
+    /// `drv` failed.
+    Failed {
+        /// The derivation.
+        drv: StorePath,
+        /// Why, one line.
+        error: String,
+    },
+    /// `drv` was not built because a dependency failed (`--keep-going`).
+    DependencyFailed {
+        /// The derivation.
+        drv: StorePath,
+        /// The failed dependency.
+        dependency: StorePath,
+    },
+    /// Nothing happened for a while; lets a progress line update its clock.
+    Tick,
+}
+
+/// How builds are run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// At most this many builds at once (at least 1).
+    pub jobs: usize,
+    /// Keep building what does not depend on a failure.
+    pub keep_going: bool,
+    /// Keep the build directory of a failed build.
+    pub keep_failed: bool,
+    /// Kill a build after this long without log output.
+    pub max_silent: Option<Duration>,
+    /// Kill a build after this long.
+    pub timeout: Option<Duration>,
+    /// `NIX_BUILD_CORES`.
+    pub cores: u32,
+    /// Send every log line as an [`Event::Log`].
+    pub stream_logs: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            jobs: 1,
+            keep_going: false,
+            keep_failed: false,
+            max_silent: None,
+            timeout: None,
+            cores: 1,
+            stream_logs: false,
+        }
+    }
+}
+
+/// Where the log of `drv` is kept: `<state>/log/<drv base name>`.
+pub fn log_path(loc: &StoreLocation, drv: &StorePath) -> PathBuf {
+    loc.state.join("log").join(drv.base_name())
+}
+
+/// Where build directories are created: `<state>/builds`.
+pub fn builds_dir(loc: &StoreLocation) -> PathBuf {
+    loc.state.join("builds")
+}

@@ -1,0 +1,339 @@
+//! `sandoff build` and `sandoff log`.
+//!
+//! Output conventions:
+//! - stdout: the output paths, one per line, in the order of the arguments
+//!   (each derivation's outputs sorted by output name, as
+//!   `nix-store --realise`), printed only when everything was built.
+//! - stderr, on a terminal: one status line (building what, done/left,
+//!   elapsed) redrawn in place, and one line per finished build.
+//! - stderr, otherwise: one line per finished build (`built ... in 1.2s`,
+//!   `failed ...`).
+//! - `--json`: instead, one JSON object per line on stderr (as Nix's
+//!   `--log-format internal-json` keeps stdout for results), e.g.
+//!   `{"event":"built","drv":"/nix/store/...drv","seconds":1.2}`; events
+//!   `planned`, `started`, `waiting-for-lock`, `log`, `built`, `reused`,
+//!   `failed`, `dependency-failed`, and last `done` (with `success` and
+//!   the lists of what failed and why).
+//! - `-L`: every log line on stderr, prefixed `<name>> ` (as `nix build -L`),
+//!   or as `{"event":"log",...}` with `--json`.
+//!
+//! Every build is local: `--local-only` (and its Nix synonym
+//! `--no-build-hook`) is accepted for the offload version to come; without
+//! remote machines there is nothing else to do.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use sandoff::build::{self, BuildContext, Event, Options};
+use sandoff::sandbox::setup::DEFAULT_GROUP;
+use sandoff::sandbox::UserPool;
+use sandoff::store::local::LocalStore;
+use sandoff::store::{StoreLocation, StorePath};
+use serde_json::json;
+
+/// Options of `sandoff build`.
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Build locally only (currently every build is local).
+    #[arg(long, alias = "no-build-hook")]
+    local_only: bool,
+    /// How many builds to run at once (default: the number of cores).
+    #[arg(short = 'j', long = "max-jobs", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    jobs: Option<u32>,
+    /// Keep building what does not depend on a failed build.
+    #[arg(short = 'k', long)]
+    keep_going: bool,
+    /// Keep the build directory of a failed build, and say where.
+    #[arg(short = 'K', long)]
+    keep_failed: bool,
+    /// Kill a build that prints nothing for this many seconds (0: never).
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    max_silent_time: u64,
+    /// Kill a build that runs longer than this many seconds (0: never).
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    timeout: u64,
+    /// Print the build logs on stderr.
+    #[arg(short = 'L', long = "print-build-logs")]
+    print_build_logs: bool,
+    /// Report progress as one JSON object per line on stderr.
+    #[arg(long)]
+    json: bool,
+    /// NIX_BUILD_CORES given to each build (0: all; default: the number of cores).
+    #[arg(long, value_name = "N")]
+    cores: Option<u32>,
+    /// The group whose members are the build users.
+    #[arg(long, env = "SANDOFF_BUILD_USERS_GROUP", value_name = "NAME", default_value = DEFAULT_GROUP)]
+    build_users_group: String,
+    /// Directory of the build users' lock files (default: <state>/userpool). Every
+    /// store whose builds share the build users must share it.
+    #[arg(long, env = "SANDOFF_USER_POOL_DIR", value_name = "DIR")]
+    user_pool_dir: Option<PathBuf>,
+    /// The derivations (full .drv store paths).
+    #[arg(required = true, value_name = "DRV")]
+    drvs: Vec<String>,
+}
+
+pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
+    let _ = args.local_only;
+    let drvs: Vec<StorePath> = args
+        .drvs
+        .iter()
+        .map(|a| {
+            let p = loc.dir.parse_path(a)?;
+            anyhow::ensure!(
+                p.is_derivation(),
+                "'{a}' is not a derivation (a .drv store path)"
+            );
+            Ok(p)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let store = LocalStore::open(loc.clone())?;
+    let pool_dir = args
+        .user_pool_dir
+        .clone()
+        .unwrap_or_else(|| loc.state.join("userpool"));
+    // Needed only if something is to be built; the error is kept until then.
+    let pool = UserPool::from_group(&args.build_users_group, &pool_dir).map_err(|e| e.to_string());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let ctx = BuildContext {
+        store: &store,
+        pool: pool.as_ref().map_err(Clone::clone),
+        options: Options {
+            jobs: args.jobs.map_or(cores, |j| j as usize),
+            keep_going: args.keep_going,
+            keep_failed: args.keep_failed,
+            max_silent: secs(args.max_silent_time),
+            timeout: secs(args.timeout),
+            cores: args.cores.unwrap_or(cores as u32),
+            stream_logs: args.print_build_logs,
+        },
+    };
+    let mut progress = Progress::new(loc, args.json);
+    let result = build::realise(&ctx, &drvs, &mut |e| progress.event(e))?;
+    progress.clear();
+    if args.json {
+        let l = |p: &StorePath| loc.logical(p);
+        let done = json!({
+            "event": "done",
+            "success": result.success(),
+            "failed": result.failed.iter().map(|(d, e)| json!({"drv": l(d), "error": e})).collect::<Vec<_>>(),
+            "dependencyFailed": result.dependency_failed.iter().map(|(d, f)| json!({"drv": l(d), "dependency": l(f)})).collect::<Vec<_>>(),
+            "notStarted": result.not_started.iter().map(l).collect::<Vec<_>>(),
+        });
+        eprintln!("{done}");
+        if !result.success() {
+            return Ok(ExitCode::from(1));
+        }
+    } else if !result.success() {
+        for (drv, error) in &result.failed {
+            let drv = loc.logical(drv);
+            if error.contains(&drv) {
+                eprintln!("error: {error}");
+            } else {
+                eprintln!("error: build of '{drv}' failed: {error}");
+            }
+        }
+        for (drv, dep) in &result.dependency_failed {
+            eprintln!(
+                "error: '{}' not built: dependency '{}' failed",
+                loc.logical(drv),
+                loc.logical(dep)
+            );
+        }
+        for drv in &result.not_started {
+            eprintln!(
+                "error: '{}' not built: stopped after a failure (use --keep-going to build the rest)",
+                loc.logical(drv)
+            );
+        }
+        return Ok(ExitCode::from(1));
+    }
+    let mut out = std::io::stdout().lock();
+    for (_, outputs) in &result.outputs {
+        for path in outputs.values() {
+            writeln!(out, "{}", loc.logical(path))?;
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Renders [`Event`]s on stderr.
+struct Progress {
+    loc: StoreLocation,
+    json: bool,
+    tty: bool,
+    start: Instant,
+    running: Vec<StorePath>,
+    done: usize,
+    total: usize,
+    /// Whether a status line is on screen (to be erased before other output).
+    status_shown: bool,
+}
+
+impl Progress {
+    fn new(loc: &StoreLocation, json: bool) -> Progress {
+        Progress {
+            loc: loc.clone(),
+            json,
+            tty: !json && std::io::stderr().is_terminal(),
+            start: Instant::now(),
+            running: Vec::new(),
+            done: 0,
+            total: 0,
+            status_shown: false,
+        }
+    }
+
+    fn event(&mut self, e: &Event) {
+        if self.json {
+            if let Some(v) = self.to_json(e) {
+                eprintln!("{v}");
+            }
+            return;
+        }
+        match e {
+            Event::Planned { to_build } => self.total = *to_build,
+            Event::Started { drv } => self.running.push(drv.clone()),
+            Event::WaitingForLock { drv } => self.line(&format!(
+                "waiting for lock on the outputs of '{}'",
+                self.name(drv)
+            )),
+            Event::Log { drv, line } => {
+                let text = format!("{}> {}", drv_short_name(drv), String::from_utf8_lossy(line));
+                self.line(&text);
+            }
+            Event::Built { drv, elapsed } => {
+                self.finish(drv);
+                let text = format!("built {} in {:.1}s", self.name(drv), elapsed.as_secs_f64());
+                self.line(&text);
+            }
+            Event::Reused { drv } => {
+                self.finish(drv);
+                let text = format!("built {} (by another process)", self.name(drv));
+                self.line(&text);
+            }
+            Event::Failed { drv, .. } => {
+                self.finish(drv);
+                let text = format!("failed {}", self.name(drv));
+                self.line(&text);
+            }
+            Event::DependencyFailed { drv, dependency } => {
+                self.done += 1;
+                let text = format!(
+                    "skipped {}: dependency {} failed",
+                    self.name(drv),
+                    self.name(dependency)
+                );
+                self.line(&text);
+            }
+            Event::Tick => {}
+        }
+        self.status();
+    }
+
+    fn finish(&mut self, drv: &StorePath) {
+        self.running.retain(|r| r != drv);
+        self.done += 1;
+    }
+
+    fn name(&self, drv: &StorePath) -> String {
+        self.loc.logical(drv)
+    }
+
+    fn to_json(&self, e: &Event) -> Option<serde_json::Value> {
+        let l = |p: &StorePath| self.loc.logical(p);
+        Some(match e {
+            Event::Planned { to_build } => json!({"event": "planned", "toBuild": to_build}),
+            Event::Started { drv } => json!({"event": "started", "drv": l(drv)}),
+            Event::WaitingForLock { drv } => json!({"event": "waiting-for-lock", "drv": l(drv)}),
+            Event::Log { drv, line } => {
+                json!({"event": "log", "drv": l(drv), "line": String::from_utf8_lossy(line)})
+            }
+            Event::Built { drv, elapsed } => {
+                json!({"event": "built", "drv": l(drv), "seconds": elapsed.as_secs_f64()})
+            }
+            Event::Reused { drv } => json!({"event": "reused", "drv": l(drv)}),
+            Event::Failed { drv, error } => {
+                json!({"event": "failed", "drv": l(drv), "error": error})
+            }
+            Event::DependencyFailed { drv, dependency } => {
+                json!({"event": "dependency-failed", "drv": l(drv), "dependency": l(dependency)})
+            }
+            Event::Tick => return None,
+        })
+    }
+
+    /// Prints a line above the status line.
+    fn line(&mut self, text: &str) {
+        self.clear();
+        eprintln!("{text}");
+    }
+
+    fn clear(&mut self) {
+        if self.status_shown {
+            eprint!("\r\x1b[K");
+            self.status_shown = false;
+        }
+    }
+
+    fn status(&mut self) {
+        if !self.tty || self.total == 0 {
+            return;
+        }
+        let building: Vec<&str> = self.running.iter().map(drv_short_name).collect();
+        let mut line = format!(
+            "[{}/{} built, {} left, {}s] {}",
+            self.done,
+            self.total,
+            self.total - self.done.min(self.total),
+            self.start.elapsed().as_secs(),
+            if building.is_empty() {
+                String::new()
+            } else {
+                format!("building {}", building.join(", "))
+            }
+        );
+        // One terminal line: no wrapping, so `\r` erases all of it.
+        if line.chars().count() > 78 {
+            line = line.chars().take(77).collect::<String>() + "…";
+        }
+        eprint!("\r\x1b[K{line}");
+        let _ = std::io::stderr().flush();
+        self.status_shown = true;
+    }
+}
+
+/// `hello` for `/nix/store/…-hello.drv`.
+fn drv_short_name(drv: &StorePath) -> &str {
+    drv.name().strip_suffix(".drv").unwrap_or(drv.name())
+}
+
+/// `sandoff log DRV`: prints the stored build log.
+pub fn log(drv: &str, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
+    let path = loc.dir.parse_path(drv)?;
+    anyhow::ensure!(
+        path.is_derivation(),
+        "'{drv}' is not a derivation (a .drv store path)"
+    );
+    let file = build::log_path(loc, &path);
+    let bytes = match std::fs::read(&file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::bail!(
+                "no build log of '{drv}' ({} does not exist)",
+                file.display()
+            )
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(&bytes)?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}

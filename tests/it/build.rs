@@ -1,0 +1,821 @@
+//! `sandoff build` end to end: busybox derivations added with
+//! `sandoff derivation add` to a store under a temporary directory, built by
+//! the sandoff binary as the `sandoffbld` users.
+//!
+//! Needs root (sandbox, build users) and /bin/busybox. The build users' lock
+//! directory is the one the sandbox tests use, so builds of this test binary
+//! never share a user.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sandoff::sandbox::setup::{ensure_build_users, BuildUsers};
+use sandoff::store::local::LocalStore;
+use sandoff::store::{nar, HashAlgo, StoreDir, StoreLocation, StorePath, ValidPathInfo};
+use serde_json::json;
+
+use crate::support::{self, Need};
+
+/// Root, busybox, namespaces and the build users.
+fn ready(test: &str) -> bool {
+    if !support::require(test, &[Need::Root, Need::Program("busybox")]) {
+        return false;
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        return support::require(test, &[Need::Program("/bin/busybox")]);
+    }
+    static OK: OnceLock<bool> = OnceLock::new();
+    let ok = *OK.get_or_init(|| {
+        let ns = Command::new("unshare")
+            .args(["-m", "-p", "-n", "-i", "-u", "-f", "--mount-proc", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+        ns && ensure_build_users(&BuildUsers::Create {
+            group: "sandoffbld".to_owned(),
+            count: 10,
+        })
+        .is_ok()
+    });
+    if !ok {
+        let _ = support::require(
+            test,
+            &[Need::Program(
+                "working namespaces (unshare -mpniuf) and sandoffbld users",
+            )],
+        );
+    }
+    ok
+}
+
+/// A store under a temporary directory, with busybox in it.
+struct Store {
+    tmp: tempfile::TempDir,
+    bb: String,
+}
+
+/// How a derivation is given to `drv`.
+#[derive(Default)]
+struct Spec<'a> {
+    /// Shell script run by busybox sh, with the applets on PATH.
+    script: &'a str,
+    /// Input derivations and the output used.
+    inputs: &'a [(&'a str, &'a str)],
+    /// Output names (default `out`).
+    outputs: &'a [&'a str],
+    /// Fixed output: hashAlgo (`sha256` or `r:sha256`) and hex hash.
+    fixed: Option<(&'a str, String)>,
+    /// Extra environment.
+    env: &'a [(&'a str, &'a str)],
+}
+
+impl Store {
+    fn new() -> Store {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src = tmp.path().join("src/busybox/bin");
+        std::fs::create_dir_all(&src).expect("mkdir");
+        std::fs::copy("/bin/busybox", src.join("busybox")).expect("copy busybox");
+        let mut s = Store {
+            tmp,
+            bb: String::new(),
+        };
+        let out = support::run_ok(
+            s.cmd()
+                .args(["store", "add"])
+                .arg(s.tmp.path().join("src/busybox")),
+        );
+        s.bb = String::from_utf8(out).expect("utf8").trim().to_owned();
+        s
+    }
+
+    fn root(&self) -> PathBuf {
+        self.tmp.path().join("root")
+    }
+
+    fn loc(&self) -> StoreLocation {
+        StoreLocation::new(StoreDir::default(), self.root())
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = support::sandoff();
+        c.arg("--store-root")
+            .arg(self.root())
+            .env(
+                "SANDOFF_USER_POOL_DIR",
+                std::env::temp_dir().join("sandoff-it-userpool"),
+            )
+            .env_remove("SANDOFF_STORE_DIR")
+            .env_remove("SANDOFF_STATE_DIR");
+        c
+    }
+
+    /// Adds a derivation named `name`; returns its `.drv` path.
+    fn drv(&self, name: &str, spec: Spec<'_>) -> String {
+        let bb = format!("{}/bin/busybox", self.bb);
+        let script = format!(
+            "set -eu\n{bb} mkdir -p $TMPDIR/bin\n{bb} --install -s $TMPDIR/bin\nexport PATH=$TMPDIR/bin\n{}",
+            spec.script
+        );
+        let outputs: &[&str] = if spec.outputs.is_empty() {
+            &["out"]
+        } else {
+            spec.outputs
+        };
+        let mut outs = serde_json::Map::new();
+        let mut env = serde_json::Map::new();
+        for o in outputs {
+            let mut v = json!({"path": ""});
+            if let Some((algo, hash)) = &spec.fixed {
+                v["hashAlgo"] = json!(algo);
+                v["hash"] = json!(hash);
+            }
+            outs.insert((*o).to_owned(), v);
+            env.insert((*o).to_owned(), json!(""));
+        }
+        if outputs.len() > 1 {
+            env.insert("outputs".into(), json!(outputs.join(" ")));
+        }
+        env.insert("name".into(), json!(name));
+        env.insert("builder".into(), json!(bb));
+        env.insert("system".into(), json!("x86_64-linux"));
+        for (k, v) in spec.env {
+            env.insert((*k).to_owned(), json!(v));
+        }
+        let mut input_drvs = serde_json::Map::new();
+        for (d, o) in spec.inputs {
+            input_drvs.insert((*d).to_owned(), json!([o]));
+        }
+        let drv = json!({
+            "outputs": outs,
+            "inputSrcs": [self.bb],
+            "inputDrvs": input_drvs,
+            "system": "x86_64-linux",
+            "builder": bb,
+            "args": ["sh", "-c", script],
+            "env": env,
+        });
+        let mut child = self
+            .cmd()
+            .args(["derivation", "add"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        std::io::Write::write_all(
+            &mut child.stdin.take().expect("stdin"),
+            drv.to_string().as_bytes(),
+        )
+        .expect("write");
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "derivation add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf8")
+            .trim()
+            .to_owned()
+    }
+
+    fn build(&self, args: &[&str]) -> Output {
+        self.cmd().arg("build").args(args).output().expect("run")
+    }
+
+    fn open(&self) -> LocalStore {
+        LocalStore::open(self.loc()).expect("open store")
+    }
+
+    fn path(&self, full: &str) -> StorePath {
+        StoreDir::default().parse_path(full).expect("store path")
+    }
+
+    /// The output paths of a `.drv`, by output name.
+    fn outputs(&self, drv: &str) -> std::collections::BTreeMap<String, StorePath> {
+        self.open()
+            .derivation_outputs(&self.path(drv))
+            .expect("derivation outputs")
+    }
+
+    fn out(&self, drv: &str) -> StorePath {
+        self.outputs(drv).remove("out").expect("out")
+    }
+
+    fn info(&self, p: &StorePath) -> Option<ValidPathInfo> {
+        self.open().query_path_info(p).expect("query")
+    }
+
+    fn real(&self, p: &StorePath) -> PathBuf {
+        self.loc().real_path(p)
+    }
+
+    /// Build directories left under `<state>/builds`.
+    fn build_dirs(&self) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.loc().state.join("builds")) {
+            Ok(d) => d.map(|e| e.expect("entry").path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn logical(p: &StorePath) -> String {
+    StoreDir::default().display(p)
+}
+
+/// The JSON events of a `--json` run.
+fn events(out: &Output) -> Vec<serde_json::Value> {
+    text(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Every entry of a tree: canonical metadata.
+fn assert_canonical(path: &Path) {
+    let meta = std::fs::symlink_metadata(path).expect("lstat");
+    assert_eq!(meta.uid(), 0, "{}", path.display());
+    assert_eq!(meta.mtime(), 1, "{}", path.display());
+    if !meta.file_type().is_symlink() {
+        let mode = meta.permissions().mode() & 0o7777;
+        assert!(
+            mode == 0o444 || mode == 0o555,
+            "{}: {mode:o}",
+            path.display()
+        );
+    }
+    if meta.is_dir() {
+        for e in std::fs::read_dir(path).expect("readdir") {
+            assert_canonical(&e.expect("entry").path());
+        }
+    }
+}
+
+#[test]
+fn builds_a_graph_in_order_with_scanned_references_and_canonical_outputs() {
+    if !ready("builds_a_graph_in_order_with_scanned_references_and_canonical_outputs") {
+        return;
+    }
+    let s = Store::new();
+    let c = s.drv(
+        "c",
+        Spec {
+            script: "echo building c; mkdir $out; echo from-c > $out/file; chmod 755 $out/file; ln -s file $out/link",
+            ..Spec::default()
+        },
+    );
+    let b = s.drv(
+        "b",
+        Spec {
+            // Embeds c's path, so c is a reference.
+            script: "cat $c/file > $out; echo $c >> $out",
+            inputs: &[(&c, "out")],
+            env: &[("c", &logical(&s.out(&c)))],
+            ..Spec::default()
+        },
+    );
+    let a = s.drv(
+        "a",
+        Spec {
+            // Reads b and c but embeds only b (and out <-> dev).
+            script: "mkdir $out $dev; head -n 1 $b > $out/b; cat $c/file > $out/c; echo $b > $out/ref; echo $dev > $out/dev; echo $out > $dev/out",
+            inputs: &[(&b, "out"), (&c, "out")],
+            outputs: &["dev", "out"],
+            env: &[
+                ("b", &logical(&s.out(&b))),
+                ("c", &logical(&s.out(&c))),
+            ],
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&["--json", &a]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let a_outs = s.outputs(&a);
+    let expected: Vec<String> = a_outs.values().map(logical).collect();
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        expected,
+        "outputs sorted by output name"
+    );
+    let built: Vec<String> = events(&out)
+        .iter()
+        .filter(|e| e["event"] == "built")
+        .map(|e| e["drv"].as_str().expect("drv").to_owned())
+        .collect();
+    assert_eq!(
+        built,
+        vec![c.clone(), b.clone(), a.clone()],
+        "dependency order"
+    );
+    assert_eq!(
+        events(&out)
+            .last()
+            .map(|e| (e["event"].clone(), e["success"].clone())),
+        Some((json!("done"), json!(true)))
+    );
+
+    let (c_out, b_out) = (s.out(&c), s.out(&b));
+    let (a_out, a_dev) = (a_outs["out"].clone(), a_outs["dev"].clone());
+    let refs = |p: &StorePath| s.info(p).expect("valid").references;
+    assert_eq!(refs(&c_out), BTreeSet::new());
+    assert_eq!(refs(&b_out), BTreeSet::from([c_out.clone()]));
+    assert_eq!(refs(&a_out), BTreeSet::from([a_dev.clone(), b_out.clone()]));
+    assert_eq!(refs(&a_dev), BTreeSet::from([a_out.clone()]));
+    let info = s.info(&a_out).expect("valid");
+    assert_eq!(info.deriver, Some(s.path(&a)));
+    assert!(info.ultimate);
+    assert_eq!(info.ca, None);
+    assert_eq!(
+        info.nar_hash,
+        nar::hash_path(&s.real(&a_out)).expect("nar").0
+    );
+    for p in [&c_out, &b_out, &a_out, &a_dev] {
+        assert_canonical(&s.real(p));
+    }
+    let file = std::fs::metadata(s.real(&c_out).join("file")).expect("stat");
+    assert_eq!(file.permissions().mode() & 0o7777, 0o555);
+    assert_eq!(
+        std::fs::read_to_string(s.real(&a_out).join("c")).expect("read"),
+        "from-c\n"
+    );
+    assert!(s.build_dirs().is_empty(), "{:?}", s.build_dirs());
+
+    // The log is kept; a second build has nothing to do.
+    let log = support::run_ok(s.cmd().args(["log", &c]));
+    assert_eq!(text(&log), "building c\n");
+    // Nothing to build: no build users needed.
+    let again = s.build(&[
+        "--json",
+        "--build-users-group",
+        "sandoff-no-such-group",
+        &a,
+        &c,
+    ]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(!events(&again).iter().any(|e| e["event"] == "started"));
+    assert_eq!(
+        text(&again.stdout),
+        format!("{}\n{}\n{}\n", expected[0], expected[1], logical(&c_out))
+    );
+}
+
+#[test]
+fn concurrent_builds_get_distinct_build_users() {
+    if !ready("concurrent_builds_get_distinct_build_users") {
+        return;
+    }
+    let s = Store::new();
+    let script = "sleep 2; id -u > $out";
+    let x = s.drv(
+        "x",
+        Spec {
+            script,
+            ..Spec::default()
+        },
+    );
+    let y = s.drv(
+        "y",
+        Spec {
+            script,
+            env: &[("y", "1")],
+            ..Spec::default()
+        },
+    );
+    let start = Instant::now();
+    let out = s.build(&["-j", "2", &x, &y]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        start.elapsed() < Duration::from_millis(3900),
+        "ran one after the other"
+    );
+    let uid = |d: &str| std::fs::read_to_string(s.real(&s.out(d))).expect("read");
+    assert_ne!(uid(&x), uid(&y));
+    assert_ne!(uid(&x).trim(), "0");
+}
+
+#[test]
+fn two_processes_build_the_same_derivation_once() {
+    if !ready("two_processes_build_the_same_derivation_once") {
+        return;
+    }
+    let s = Store::new();
+    let d = s.drv(
+        "once",
+        Spec {
+            script: "sleep 2; echo done > $out",
+            ..Spec::default()
+        },
+    );
+    let spawn = || {
+        s.cmd()
+            .args(["build", "--json", &d])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let (p1, p2) = (spawn(), spawn());
+    let (o1, o2) = (
+        p1.wait_with_output().expect("wait"),
+        p2.wait_with_output().expect("wait"),
+    );
+    for o in [&o1, &o2] {
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), format!("{}\n", logical(&s.out(&d))));
+    }
+    let count = |what: &str| {
+        events(&o1)
+            .iter()
+            .chain(events(&o2).iter())
+            .filter(|e| e["event"] == what)
+            .count()
+    };
+    assert_eq!(
+        count("built"),
+        1,
+        "{}{}",
+        text(&o1.stderr),
+        text(&o2.stderr)
+    );
+    assert_eq!(
+        count("reused"),
+        1,
+        "{}{}",
+        text(&o1.stderr),
+        text(&o2.stderr)
+    );
+    assert_eq!(count("waiting-for-lock"), 1);
+}
+
+/// sha256 of "hello\n", and of the NAR of a (non-executable) file holding it.
+fn hello_hashes() -> (String, String) {
+    let flat = HashAlgo::Sha256.digest(b"hello\n").to_base16();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let f = tmp.path().join("f");
+    std::fs::write(&f, "hello\n").expect("write");
+    let rec = nar::hash_path(&f).expect("nar").0.to_base16();
+    (flat, rec)
+}
+
+#[test]
+fn fixed_output_with_the_right_hash_is_registered_with_its_content_address() {
+    if !ready("fixed_output_with_the_right_hash_is_registered_with_its_content_address") {
+        return;
+    }
+    let s = Store::new();
+    let (flat, rec) = hello_hashes();
+    let f = s.drv(
+        "hello.txt",
+        Spec {
+            script: "echo hello > $out",
+            fixed: Some(("sha256", flat.clone())),
+            ..Spec::default()
+        },
+    );
+    let r = s.drv(
+        "hello-r.txt",
+        Spec {
+            script: "echo hello > $out",
+            fixed: Some(("r:sha256", rec.clone())),
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&[&f, &r]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ca = |d: &str| {
+        s.info(&s.out(d))
+            .expect("valid")
+            .ca
+            .expect("ca")
+            .to_string()
+    };
+    let h = |hex: &str| {
+        sandoff::store::Hash::parse_bare(hex, HashAlgo::Sha256)
+            .expect("hash")
+            .to_nix32_prefixed()
+    };
+    assert_eq!(ca(&f), format!("fixed:{}", h(&flat)));
+    assert_eq!(ca(&r), format!("fixed:r:{}", h(&rec)));
+}
+
+#[test]
+fn fixed_output_with_a_wrong_hash_registers_nothing() {
+    if !ready("fixed_output_with_a_wrong_hash_registers_nothing") {
+        return;
+    }
+    let s = Store::new();
+    let wrong = HashAlgo::Sha256.digest(b"something else").to_base16();
+    let d = s.drv(
+        "wrong.txt",
+        Spec {
+            script: "echo hello > $out",
+            fixed: Some(("sha256", wrong)),
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&[&d]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "hash mismatch in fixed-output derivation '{d}': specified sha256:"
+        )),
+        "{err}"
+    );
+    let p = s.out(&d);
+    assert!(s.info(&p).is_none());
+    assert!(!s.real(&p).exists());
+    assert!(s.build_dirs().is_empty());
+    assert_eq!(text(&out.stdout), "");
+}
+
+#[test]
+fn failing_build_leaves_nothing_and_names_the_derivation() {
+    if !ready("failing_build_leaves_nothing_and_names_the_derivation") {
+        return;
+    }
+    let s = Store::new();
+    let d = s.drv(
+        "fails",
+        Spec {
+            script: "mkdir $out; echo oops >&2; exit 3",
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&["-L", &d]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "builder for '{d}' failed: builder exited with status 3"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("fails> oops\n"), "-L streams the log: {err}");
+    assert!(err.contains("oops"), "the log tail is quoted: {err}");
+    let p = s.out(&d);
+    assert!(s.info(&p).is_none());
+    assert!(!s.real(&p).exists());
+    assert!(s.build_dirs().is_empty());
+
+    let nobody = s.build(&["--build-users-group", "sandoff-no-such-group", &d]);
+    assert_eq!(nobody.status.code(), Some(1));
+    assert!(
+        text(&nobody.stderr).contains(&format!("cannot build '{d}': no build users: build users group 'sandoff-no-such-group' does not exist")),
+        "{}",
+        text(&nobody.stderr)
+    );
+
+    let missing = s.drv(
+        "lazy",
+        Spec {
+            script: "true",
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&[&missing]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("did not produce output 'out'"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn keep_going_builds_the_independent_rest() {
+    if !ready("keep_going_builds_the_independent_rest") {
+        return;
+    }
+    let s = Store::new();
+    let bad = s.drv(
+        "bad",
+        Spec {
+            script: "exit 1",
+            ..Spec::default()
+        },
+    );
+    let good = s.drv(
+        "good",
+        Spec {
+            script: "echo ok > $out",
+            ..Spec::default()
+        },
+    );
+    let above = s.drv(
+        "above",
+        Spec {
+            script: "echo x > $out",
+            inputs: &[(&bad, "out")],
+            ..Spec::default()
+        },
+    );
+    // Without --keep-going: exit 1, nothing printed, `above` never started.
+    let stop = s.build(&["-j", "1", "--json", &above, &good]);
+    assert_eq!(stop.status.code(), Some(1));
+    assert_eq!(text(&stop.stdout), "");
+    assert!(!events(&stop)
+        .iter()
+        .any(|e| e["event"] == "started" && e["drv"] == above.as_str()));
+    let out = s.build(&["-j", "1", "--keep-going", &above, &good]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("'{above}' not built: dependency '{bad}' failed")),
+        "{err}"
+    );
+    assert!(s.info(&s.out(&good)).is_some(), "{err}");
+    assert!(s.info(&s.out(&above)).is_none());
+    assert_eq!(text(&out.stdout), "");
+}
+
+#[test]
+fn silent_and_overlong_builds_are_killed() {
+    if !ready("silent_and_overlong_builds_are_killed") {
+        return;
+    }
+    let s = Store::new();
+    let silent = s.drv(
+        "silent",
+        Spec {
+            script: "sleep 30; echo > $out",
+            ..Spec::default()
+        },
+    );
+    let start = Instant::now();
+    let out = s.build(&["--max-silent-time", "1", &silent]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(
+        text(&out.stderr).contains("timed out after 1 seconds of silence"),
+        "{}",
+        text(&out.stderr)
+    );
+    let chatty = s.drv(
+        "chatty",
+        Spec {
+            script: "while true; do echo tick; sleep 0.2; done",
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&["--timeout", "1", "--max-silent-time", "5", &chatty]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("timed out"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(s.info(&s.out(&chatty)).is_none());
+    assert!(s.build_dirs().is_empty());
+}
+
+#[test]
+fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
+    if !ready("kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds") {
+        return;
+    }
+    let s = Store::new();
+    let d = s.drv(
+        "slow",
+        Spec {
+            script: "mkdir $out; echo started; sleep 2; echo done > $out/f",
+            ..Spec::default()
+        },
+    );
+    let mut child = s
+        .cmd()
+        .args(["build", &d])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Wait until the builder has started (its log says so).
+    let log = sandoff::build::log_path(&s.loc(), &s.path(&d));
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("started")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "build did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("wait");
+    let p = s.out(&d);
+    assert!(s.info(&p).is_none());
+    assert!(!s.real(&p).exists());
+    // The killed run's build directory and its free lock file stay behind;
+    // once old enough they are removed by the next run.
+    let left: Vec<PathBuf> = s.build_dirs();
+    assert_eq!(left.len(), 2, "{left:?}");
+    for l in &left {
+        support::run_ok(
+            Command::new("touch")
+                .args(["-h", "-d", "2 minutes ago"])
+                .arg(l),
+        );
+    }
+    // As if a crash had struck between moving the output and registering it.
+    std::fs::create_dir_all(s.real(&p)).expect("mkdir");
+    std::fs::write(s.real(&p).join("junk"), "stale").expect("write");
+    let out = s.build(&[&d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(s.info(&p).is_some());
+    assert!(!s.real(&p).join("junk").exists());
+    assert_eq!(
+        std::fs::read_to_string(s.real(&p).join("f")).expect("read"),
+        "done\n"
+    );
+    assert!(s.build_dirs().is_empty(), "{:?}", s.build_dirs());
+}
+
+#[test]
+fn keep_failed_keeps_and_reports_the_build_directory() {
+    if !ready("keep_failed_keeps_and_reports_the_build_directory") {
+        return;
+    }
+    let s = Store::new();
+    let d = s.drv(
+        "kept",
+        Spec {
+            script: "echo partial > $TMPDIR/note; exit 1",
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&["--keep-failed", &d]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    let slots = s.build_dirs();
+    assert_eq!(
+        slots.len(),
+        1,
+        "only the kept directory, no lock file: {slots:?}"
+    );
+    let kept: Vec<PathBuf> = std::fs::read_dir(&slots[0])
+        .expect("readdir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert!(
+        err.contains(&format!("build directory kept at {}", kept[0].display())),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(kept[0].join("build/note")).expect("read"),
+        "partial\n"
+    );
+}
+
+#[test]
+fn log_of_an_unbuilt_derivation_is_an_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = support::sandoff()
+        .arg("--store-root")
+        .arg(tmp.path())
+        .args(["log", "/nix/store/rl3y5ay9c8dmy8b1pznaydbndphskkws-a.drv"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no build log of"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// `examples/graph/build.sh`: the diamond with a fixed-output root builds.
+#[test]
+fn example_graph_builds() {
+    if !ready("example_graph_builds")
+        || !support::require("example_graph_builds", &[Need::Program("jq")])
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graph/build.sh");
+    let out = support::run_ok(
+        Command::new(script)
+            .arg("--store-root")
+            .arg(tmp.path())
+            .env("SANDOFF", env!("CARGO_BIN_EXE_sandoff"))
+            .env(
+                "SANDOFF_USER_POOL_DIR",
+                std::env::temp_dir().join("sandoff-it-userpool"),
+            ),
+    );
+    let top = text(&out);
+    let top = top.trim();
+    assert!(top.ends_with("-top"), "{top}");
+    let real = tmp.path().join(top.trim_start_matches('/')).join("summary");
+    assert_eq!(
+        std::fs::read_to_string(real).expect("read summary"),
+        "HELLO FROM A FIXED-OUTPUT DERIVATION\n37\n"
+    );
+}
