@@ -186,10 +186,11 @@ impl Registry {
             // First open of a fresh database. Switching to WAL needs an
             // exclusive lock, and SQLite may answer SQLITE_BUSY at once
             // (without its busy handler) when several processes try together,
-            // so the one-time setup is serialised on Nix's `big-lock` file.
-            // An initialised database never takes this path, so a running Nix
-            // holding that lock shared never blocks us.
-            let _init = big_lock(db_dir)?;
+            // so the one-time setup is serialised on a lock file of its own.
+            // Not `big-lock`: every open store holds that one shared for its
+            // life (as Nix does), so taking it exclusively here would wait on
+            // ourselves and on every other open store.
+            let _init = init_lock(db_dir)?;
             if !is_wal(&conn)? {
                 let _: String = conn
                     .query_row("pragma main.journal_mode = wal", [], |r| r.get(0))
@@ -683,10 +684,10 @@ fn read_schema_version(path: &Path) -> Result<Option<u32>, RegistryError> {
     }
 }
 
-/// An exclusive lock on `<db dir>/big-lock`, the file Nix's daemon locks
-/// (shared) for its life and exclusively for schema changes.
-fn big_lock(db_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, RegistryError> {
-    let path = db_dir.join("big-lock");
+/// An exclusive lock on `<db dir>/sandoff-init.lock`, held while a fresh
+/// database is set up.
+fn init_lock(db_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, RegistryError> {
+    let path = db_dir.join("sandoff-init.lock");
     let io = |source| RegistryError::Io {
         path: path.clone(),
         source,
