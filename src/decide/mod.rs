@@ -14,10 +14,11 @@
 //!
 //! # Rules
 //!
-//! 1. `--local-only`: local if the local machine can build it, else fail.
-//!    A local-build derivation (`preferLocalBuild`, Guix's `local-build?`)
-//!    goes local if the local machine can build it; otherwise it is offered
-//!    to the machines like any other, as both Nix and Guix do.
+//! 1. `--local-only`, and a local-build derivation (`preferLocalBuild`,
+//!    Guix's `local-build?`): local if the local machine can build it, else
+//!    fail naming why. (Nix and Guix would offer such a derivation to the
+//!    machines when the local machine cannot build it; sandoff follows its
+//!    specification, which keeps local-build derivations local always.)
 //! 2. A machine is eligible when its systems hold the derivation's system,
 //!    the required features are within its supported plus mandatory
 //!    features, its mandatory features are all required, and it is not in
@@ -249,6 +250,42 @@ impl fmt::Display for Decision {
     }
 }
 
+/// What a run decides with: the machines, the local machine, the policy.
+/// One value for a whole `sandoff build`, asked once per derivation.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub machines: Vec<Machine>,
+    pub local: LocalFacts,
+    pub policy: Policy,
+}
+
+impl Placement {
+    /// Only the local machine, as the host is (`--local-only` without a
+    /// machines file).
+    pub fn local_only() -> Placement {
+        Placement {
+            machines: Vec::new(),
+            local: LocalFacts::detect(),
+            policy: Policy {
+                local_only: true,
+                local_when_busy: false,
+            },
+        }
+    }
+
+    /// Decides for `drv`. Every machine counts as idle: slots are tracked by
+    /// the offloader, which calls [`decide`] itself with their state.
+    pub fn decide(&self, drv: &Derivation) -> Decision {
+        let states: Vec<MachineState<'_>> = self.machines.iter().map(MachineState::idle).collect();
+        decide(
+            &DrvFacts::from_derivation(drv),
+            &states,
+            &self.local,
+            &self.policy,
+        )
+    }
+}
+
 /// Why a machine cannot take a derivation at all.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ineligible {
@@ -427,19 +464,23 @@ pub fn decide(
     policy: &Policy,
 ) -> Decision {
     let local_problem = local.cannot_build(drv);
-    if policy.local_only {
+    // As the issue specifies: a local-build derivation (Nix's
+    // preferLocalBuild, Guix's local-build?) is never offloaded, like a
+    // --local-only run; if this machine cannot build it, that is a failure
+    // that says why, rather than a surprise remote build.
+    if policy.local_only || drv.prefer_local {
+        let why_local = if policy.local_only {
+            "local builds only (--local-only)"
+        } else {
+            "the derivation is marked local-build (preferLocalBuild)"
+        };
         return match local_problem {
             None => Decision::Local {
-                reason: "local builds only (--local-only)".to_owned(),
+                reason: why_local.to_owned(),
             },
             Some(why) => Decision::Fail {
-                reason: format!("local builds only, and the local machine cannot build it: {why}"),
+                reason: format!("{why_local}, and the local machine cannot build it: {why}"),
             },
-        };
-    }
-    if drv.prefer_local && local_problem.is_none() {
-        return Decision::Local {
-            reason: "the derivation prefers a local build (preferLocalBuild)".to_owned(),
         };
     }
 

@@ -81,14 +81,17 @@ fn prefer_local_build_goes_local_when_possible() {
 }
 
 #[test]
-fn prefer_local_build_is_offloaded_when_local_cannot() {
-    // As in Nix and Guix: preferLocalBuild only skips offloading when the
-    // local machine can build it.
+fn prefer_local_build_fails_when_local_cannot() {
+    // Local-build derivations are never offloaded: with a machine that
+    // could build it, the decision still fails and says why.
     let m = [machine("a", &["aarch64-linux"], 1, 1.0)];
     let st = [MachineState::idle(&m[0])];
     let mut d0 = drv("aarch64-linux", &[]);
     d0.prefer_local = true;
-    assert_eq!(remote(&decide(&d0, &st, &local(), &Policy::default())), "a");
+    let d = decide(&d0, &st, &local(), &Policy::default());
+    assert_eq!(d.kind(), "fail");
+    assert!(d.reason().contains("local-build"), "{}", d.reason());
+    assert!(d.reason().contains("aarch64-linux"), "{}", d.reason());
 }
 
 #[test]
@@ -496,6 +499,21 @@ proptest! {
         let policy = Policy { local_only: true, local_when_busy: false };
         let kind = decide(&d, &st, &local(), &policy).kind();
         prop_assert!(kind == "local" || kind == "fail");
+    }
+
+    #[test]
+    fn local_build_derivations_are_never_offloaded(
+        ms in proptest::collection::vec(arb_machine(), 0..6),
+        mut d in arb_drv(),
+        local_when_busy in any::<bool>(),
+    ) {
+        d.prefer_local = true;
+        let st: Vec<MachineState<'_>> = ms.iter().map(|(m, ..)| MachineState::idle(m)).collect();
+        let policy = Policy { local_only: false, local_when_busy };
+        let decision = decide(&d, &st, &local(), &policy);
+        let kind = decision.kind();
+        prop_assert!(kind == "local" || kind == "fail");
+        prop_assert_eq!(kind == "local", local().cannot_build(&d).is_none());
     }
 }
 

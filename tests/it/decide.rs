@@ -341,12 +341,11 @@ fn decide_fail_names_the_missing_features() {
             "",
         ],
     );
+    // `multi` is a local-build derivation: it is never offloaded, so the
+    // failure is about the local machine, naming what it lacks.
     assert_eq!(v["decision"], "fail", "{v}");
     let reason = v["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("no x86_64-linux machine has the feature(s) big-parallel, kvm"),
-        "{reason}"
-    );
+    assert!(reason.contains("local-build"), "{reason}");
     assert!(
         reason.contains("it lacks the feature(s) big-parallel, kvm"),
         "{reason}"
