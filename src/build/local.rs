@@ -10,6 +10,7 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use super::{builds_dir, log_path, BuildError, Event, Options};
+use crate::decide::{Decision, Placement};
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::sandbox::plan::DEFAULT_BUILD_DIR_NAME;
 use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserPool};
@@ -34,6 +35,9 @@ pub struct BuildContext<'a> {
     pub pool: Result<&'a UserPool, String>,
     /// How to build.
     pub options: Options,
+    /// Where each derivation may be built: asked for every derivation that
+    /// has to be built, as every caller must (one decision module).
+    pub placement: &'a Placement,
 }
 
 /// How [`realise_one`] ended well.
@@ -113,12 +117,18 @@ pub fn build_locked(
         DerivationKind::Floating => return Err(unsupported("floating content-addressed outputs")),
         DerivationKind::Impure => return Err(unsupported("impure outputs")),
     }
-    let here = host_system();
-    if drv.system != here.as_bytes() && !(here == "x86_64-linux" && drv.system == b"i686-linux") {
-        return Err(unsupported(&format!(
-            "it needs a '{}' machine, and this is a '{here}'",
-            String::from_utf8_lossy(&drv.system)
-        )));
+    match ctx.placement.decide(drv) {
+        Decision::Local { reason } => {
+            tracing::debug!(drv = %drv_name, %reason, "building locally");
+        }
+        Decision::Fail { reason } => return Err(unsupported(&reason)),
+        other => {
+            // Remote and Postpone need the offloader, which is not there yet.
+            return Err(unsupported(&format!(
+                "the decision is '{other}', but offloading to build machines is not \
+                 available yet (--local-only builds here when this machine can)"
+            )));
+        }
     }
     if drv.builder.starts_with(b"builtin:") {
         return Err(unsupported("built-in builders (builtin:...)"));
@@ -344,12 +354,6 @@ pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, BuildError> {
         removed += 1;
     }
     Ok(removed)
-}
-
-/// Nix's name for this machine's platform (`x86_64-linux`); `i686-linux`
-/// builds also run on `x86_64-linux`, as Nix's default `extra-platforms`.
-pub fn host_system() -> String {
-    format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
 }
 
 /// Checks each output the builder made, copies it into a staging path of the

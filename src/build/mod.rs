@@ -36,10 +36,12 @@
 //!   free, both removed when the next [`realise`] starts (build directories
 //!   once their lock file is a minute old, so that one being created is
 //!   never taken for a leftover).
-//! - Only the derivation's own platform is built (`system` equal to
-//!   [`local::host_system`], or `i686-linux` on `x86_64-linux`); built-in
-//!   builders (`builtin:fetchurl`) and content-addressed (floating,
-//!   impure) outputs are refused for now.
+//! - Where a derivation is built is asked of [`crate::decide`] for each one
+//!   that has to be built (the local system and extra platforms, features,
+//!   local-build, machines). Until offloading exists, a remote or postponed
+//!   decision fails the build, saying so. Built-in builders
+//!   (`builtin:fetchurl`) and content-addressed (floating, impure) outputs
+//!   are refused for now.
 
 pub mod graph;
 pub mod local;

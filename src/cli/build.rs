@@ -17,9 +17,12 @@
 //! - `-L`: every log line on stderr, prefixed `<name>> ` (as `nix build -L`),
 //!   or as `{"event":"log",...}` with `--json`.
 //!
-//! Every build is local: `--local-only` (and its Nix synonym
-//! `--no-build-hook`) is accepted for the offload version to come; without
-//! remote machines there is nothing else to do.
+//! Each derivation to build is placed by `sandoff::decide`, with the same
+//! options as `sandoff decide` (`--machines`, `--local-only` and its
+//! guix-daemon synonym `--no-build-hook`, `--local-when-busy`, `--system`,
+//! `--extra-platforms`, `--system-features`). Without a machines file every
+//! build the local machine can do is local; until offloading exists, a
+//! derivation that would go to a machine fails and says so.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -38,9 +41,8 @@ use serde_json::json;
 /// Options of `sandoff build`.
 #[derive(Args, Debug)]
 pub struct BuildArgs {
-    /// Build locally only (currently every build is local).
-    #[arg(long, alias = "no-build-hook")]
-    local_only: bool,
+    #[command(flatten)]
+    placement: super::decide::PlacementArgs,
     /// How many builds to run at once (default: the number of cores).
     #[arg(short = 'j', long = "max-jobs", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     jobs: Option<u32>,
@@ -78,7 +80,7 @@ pub struct BuildArgs {
 }
 
 pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
-    let _ = args.local_only;
+    let placement = args.placement.resolve()?;
     let drvs: Vec<StorePath> = args
         .drvs
         .iter()
@@ -112,6 +114,7 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
             cores: args.cores.unwrap_or(cores as u32),
             stream_logs: args.print_build_logs,
         },
+        placement: &placement,
     };
     let mut progress = Progress::new(loc, args.json);
     let result = build::realise(&ctx, &drvs, &mut |e| progress.event(e))?;

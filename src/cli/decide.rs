@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Args;
-use sandoff::decide::{self, DrvFacts, LocalFacts, MachineState, Policy};
+use sandoff::decide::{self, DrvFacts, LocalFacts, MachineState, Placement, Policy};
 use sandoff::derivation::Derivation;
 use sandoff::store::StoreLocation;
 
@@ -16,9 +16,20 @@ pub struct DecideArgs {
     /// The derivation (a .drv store path).
     drv: String,
     #[command(flatten)]
-    source: MachinesArgs,
-    /// Never offload.
+    placement: PlacementArgs,
+    /// Print JSON: decision, machine, reason, machines [{name, eligible, reason}].
     #[arg(long)]
+    json: bool,
+}
+
+/// Where derivations may be built: shared by `sandoff decide` and
+/// `sandoff build`, so both decide alike.
+#[derive(Args, Debug, Clone)]
+pub struct PlacementArgs {
+    #[command(flatten)]
+    source: MachinesArgs,
+    /// Never offload (`--no-build-hook` is a synonym, as in guix-daemon).
+    #[arg(long, alias = "no-build-hook")]
     local_only: bool,
     /// Build locally when every eligible machine is busy.
     #[arg(long)]
@@ -32,9 +43,34 @@ pub struct DecideArgs {
     /// The local machine's features (default as Nix: benchmark, big-parallel, nixos-test, kvm if /dev/kvm).
     #[arg(long, value_name = "FEATURE", num_args = 0.., value_delimiter = ',')]
     system_features: Option<Vec<String>>,
-    /// Print JSON: decision, machine, reason, machines [{name, eligible, reason}].
-    #[arg(long)]
-    json: bool,
+}
+
+impl PlacementArgs {
+    /// The machines (read from their file), the local facts and the policy.
+    pub fn resolve(self) -> anyhow::Result<Placement> {
+        let mut local = LocalFacts::detect();
+        if let Some(system) = self.system {
+            local = LocalFacts {
+                system: system.clone(),
+                ..LocalFacts::for_system(&system, local.features.contains("kvm"))
+            };
+        }
+        if let Some(extra) = self.extra_platforms {
+            local.extra_platforms = nonempty(extra);
+        }
+        if let Some(features) = self.system_features {
+            local.features = nonempty(features);
+        }
+        let machines = self.source.load(&local.system)?;
+        Ok(Placement {
+            machines,
+            local,
+            policy: Policy {
+                local_only: self.local_only,
+                local_when_busy: self.local_when_busy,
+            },
+        })
+    }
 }
 
 pub fn run(args: DecideArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
@@ -49,27 +85,9 @@ pub fn run(args: DecideArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     let drv = Derivation::from_aterm(&bytes, &loc.dir)
         .with_context(|| format!("cannot parse {}", loc.logical(&path)))?;
     let facts = DrvFacts::from_derivation(&drv);
-
-    let mut local = LocalFacts::detect();
-    if let Some(system) = args.system {
-        local = LocalFacts {
-            system: system.clone(),
-            ..LocalFacts::for_system(&system, local.features.contains("kvm"))
-        };
-    }
-    if let Some(extra) = args.extra_platforms {
-        local.extra_platforms = nonempty(extra);
-    }
-    if let Some(features) = args.system_features {
-        local.features = nonempty(features);
-    }
-    let machines = args.source.load(&local.system)?;
-    let states: Vec<MachineState<'_>> = machines.iter().map(MachineState::idle).collect();
-    let policy = Policy {
-        local_only: args.local_only,
-        local_when_busy: args.local_when_busy,
-    };
-    let decision = decide::decide(&facts, &states, &local, &policy);
+    let placement = args.placement.resolve()?;
+    let states: Vec<MachineState<'_>> = placement.machines.iter().map(MachineState::idle).collect();
+    let decision = placement.decide(&drv);
     let verdicts = decide::explain(&facts, &states);
 
     if args.json {

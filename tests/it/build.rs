@@ -819,3 +819,65 @@ fn example_graph_builds() {
         "HELLO FROM A FIXED-OUTPUT DERIVATION\n37\n"
     );
 }
+
+#[test]
+fn build_places_each_derivation_with_the_decision_module() {
+    if !ready("build_places_each_derivation_with_the_decision_module") {
+        return;
+    }
+    let s = Store::new();
+    let d = s.drv(
+        "placed",
+        Spec {
+            script: "echo placed > $out",
+            ..Spec::default()
+        },
+    );
+    // A local machine that cannot build x86_64-linux, and no machines.
+    let out = s.build(&["--system", "aarch64-linux", "--extra-platforms=", &d]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("cannot build '{d}'")), "{err}");
+    assert!(err.contains("x86_64-linux"), "names the system: {err}");
+    assert!(s.info(&s.out(&d)).is_none());
+
+    // A machine that matches: the decision is remote, which cannot run yet.
+    let machines = s.tmp.path().join("machines");
+    std::fs::write(&machines, "ssh://builder.example x86_64-linux - 2 1\n").expect("write");
+    let out = s.build(&["--machines", machines.to_str().expect("utf8"), &d]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("remote on ssh://builder.example"), "{err}");
+    assert!(
+        err.contains("offloading to build machines is not available yet"),
+        "{err}"
+    );
+
+    // --local-only (and guix-daemon's --no-build-hook) build here.
+    for flag in ["--local-only", "--no-build-hook"] {
+        let fresh = Store::new();
+        let d = fresh.drv(
+            "placed",
+            Spec {
+                script: "echo placed > $out",
+                ..Spec::default()
+            },
+        );
+        let out = fresh.build(&["--machines", machines.to_str().expect("utf8"), flag, &d]);
+        assert!(out.status.success(), "{flag}: {}", text(&out.stderr));
+        assert!(fresh.info(&fresh.out(&d)).is_some());
+    }
+
+    // A local-build derivation stays local even with a matching machine.
+    let local = s.drv(
+        "local-build",
+        Spec {
+            script: "echo here > $out",
+            env: &[("preferLocalBuild", "1")],
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&["--machines", machines.to_str().expect("utf8"), &local]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(s.info(&s.out(&local)).is_some());
+}
