@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # sandoff's example run, on a fresh Debian 12 machine as root:
-#  - installs Nix 2.8 (used here as a reference) and busybox-static,
+#  - installs Nix 2.8 (used here as a reference), busybox-static and jq,
 #  - builds sandoff,
 #  - adds busybox to a fresh store and writes a derivation that uses it as
 #    its builder, checking the .drv path against nix-instantiate's,
 #  - signs the closure, exports it, imports it into a second store that
-#    trusts the key, verifies it, and has Nix read what sandoff registered.
+#    trusts the key, verifies it, and has Nix read what sandoff registered;
+#  - then sets up build users and builds examples/graph in the sandbox.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     need=()
-    for p in nix-bin busybox-static; do
+    for p in nix-bin busybox-static jq; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need+=("$p")
     done
     if [ ${#need[@]} -gt 0 ]; then
@@ -88,5 +89,15 @@ if command -v nix-store >/dev/null; then
     nix --extra-experimental-features nix-command --store "$work/a" path-info --sigs "$bb"
 fi
 
+step "sandoff setup: build users (sandoffbld1..10) and this machine's key"
+G=(--store-root "$work/g")
+"$sandoff" "${G[@]}" setup
+
+step "build a graph of 4 derivations in the sandbox (examples/graph)"
+top=$(SANDOFF="$sandoff" "$here/examples/graph/build.sh" "${G[@]}" -L)
+echo "$top"
+echo "--- $top/summary:"
+cat "$work/g$top/summary"
+"$sandoff" "${G[@]}" store info "$top"
+
 step "done"
-echo "Building derivations (sandoff build) comes with the sandbox; see README.md."
