@@ -1,7 +1,7 @@
 //! Per-build sandbox setup cost: sandoff's sandbox running busybox `true`
 //! against `bwrap --unshare-all` running the same command, in one run.
 //!
-//! Run as root with `bench/sandbox-setup/run.sh` (release build). Reports the
+//! Run as root with `bench/sandbox/setup/run.sh` (release build). Reports the
 //! median, p10 and p90 of each and the ratio of medians; the target is
 //! sandoff <= 2x bwrap.
 
