@@ -582,10 +582,7 @@ impl LocalStore {
         self.check_references(info)?;
         let real = self.loc.real_path(&info.path);
         let _lock = PathLock::acquire(&real)?;
-        if self.registry.is_valid(&info.path)? {
-            if !info.signatures.is_empty() {
-                self.registry.add_signatures(&info.path, &info.signatures)?;
-            }
+        if self.merge_if_valid(info)? {
             return Ok(());
         }
         canonicalise_path(&staged.tmp)?;
@@ -715,10 +712,7 @@ impl LocalStore {
         self.check_references(info)?;
         let real = self.loc.real_path(&info.path);
         let _lock = PathLock::acquire(&real)?;
-        if self.registry.is_valid(&info.path)? {
-            if !info.signatures.is_empty() {
-                self.registry.add_signatures(&info.path, &info.signatures)?;
-            }
+        if self.merge_if_valid(info)? {
             return Ok(());
         }
         canonicalise_path(&real)?;
@@ -739,6 +733,18 @@ impl LocalStore {
             });
         }
         self.register_in_place(info, derivation_outputs, &real, false)
+    }
+
+    /// If `info.path` is valid already (someone else added it), merges
+    /// `info`'s signatures into it and returns true. Call under its lock.
+    fn merge_if_valid(&self, info: &ValidPathInfo) -> Result<bool, StoreError> {
+        if !self.registry.is_valid(&info.path)? {
+            return Ok(false);
+        }
+        if !info.signatures.is_empty() {
+            self.registry.add_signatures(&info.path, &info.signatures)?;
+        }
+        Ok(true)
     }
 
     /// Adds signatures to a valid path.

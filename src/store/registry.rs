@@ -430,6 +430,29 @@ impl Registry {
                 }
             }
         }
+        let id = self.insert_row(&tx, &full, info)?;
+        if info.references.contains(&info.path) {
+            ref_ids.push(id);
+        }
+        for r in ref_ids {
+            tx.prepare_cached("insert or replace into Refs (referrer, reference) values (?, ?)")
+                .and_then(|mut s| s.execute(params![id, r]))
+                .map_err(self.sql("adding reference"))?;
+        }
+        insert_outputs(&tx, id, &self.dir, derivation_outputs)
+            .map_err(self.sql("adding derivation output"))?;
+        tx.commit().map_err(self.sql("committing transaction"))?;
+        Ok(true)
+    }
+
+    /// Inserts the `ValidPaths` row of `info` (whose full path is `full`) in
+    /// Nix's column formats; returns its id.
+    fn insert_row(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        full: &str,
+        info: &ValidPathInfo,
+    ) -> Result<i64, RegistryError> {
         tx.prepare_cached(
             "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) \
              values (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -447,19 +470,7 @@ impl Registry {
             ])
         })
         .map_err(self.sql("registering path"))?;
-        let id = tx.last_insert_rowid();
-        if info.references.contains(&info.path) {
-            ref_ids.push(id);
-        }
-        for r in ref_ids {
-            tx.prepare_cached("insert or replace into Refs (referrer, reference) values (?, ?)")
-                .and_then(|mut s| s.execute(params![id, r]))
-                .map_err(self.sql("adding reference"))?;
-        }
-        insert_outputs(&tx, id, &self.dir, derivation_outputs)
-            .map_err(self.sql("adding derivation output"))?;
-        tx.commit().map_err(self.sql("committing transaction"))?;
-        Ok(true)
+        Ok(tx.last_insert_rowid())
     }
 
     /// Registers several paths in one transaction (a build's outputs, which
@@ -482,24 +493,7 @@ impl Registry {
                 added.push(false);
                 continue;
             }
-            tx.prepare_cached(
-                "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) \
-                 values (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    full,
-                    info.nar_hash.to_base16_prefixed(),
-                    info.registration_time,
-                    info.deriver.as_ref().map(|d| self.dir.display(d)),
-                    i64::try_from(info.nar_size).ok().filter(|&n| n != 0),
-                    info.ultimate.then_some(1i64),
-                    sigs_column(&info.signatures),
-                    info.ca.as_ref().map(|c| c.to_string()),
-                ])
-            })
-            .map_err(self.sql("registering path"))?;
-            new_ids.push((tx.last_insert_rowid(), info));
+            new_ids.push((self.insert_row(&tx, &full, info)?, info));
             added.push(true);
         }
         for (id, info) in new_ids {
