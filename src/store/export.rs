@@ -137,7 +137,7 @@ pub enum ExportError {
     Stage {
         entry: usize,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("path '{path}' lacks a signature by a trusted key ({detail})")]
     Untrusted { path: String, detail: String },
@@ -149,13 +149,13 @@ pub enum ExportError {
     Query {
         path: String,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("cannot import path '{path}'")]
     Commit {
         path: String,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
 }
 
@@ -565,9 +565,10 @@ impl ImportTarget for LocalStore {
         nar: &mut dyn Read,
         entry: usize,
     ) -> Result<(StagedPath, Hash, u64), ExportError> {
-        let staged = self
-            .stage_nar(nar)
-            .map_err(|source| ExportError::Stage { entry, source })?;
+        let staged = self.stage_nar(nar).map_err(|source| ExportError::Stage {
+            entry,
+            source: Box::new(source),
+        })?;
         let (hash, size) = (staged.nar_hash.clone(), staged.nar_size);
         Ok((staged, hash, size))
     }
@@ -575,7 +576,7 @@ impl ImportTarget for LocalStore {
     fn is_valid(&self, path: &StorePath) -> Result<bool, ExportError> {
         LocalStore::is_valid(self, path).map_err(|source| ExportError::Query {
             path: self.location().logical(path),
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -583,7 +584,7 @@ impl ImportTarget for LocalStore {
         self.commit_staged(staged, info)
             .map_err(|source| ExportError::Commit {
                 path: self.location().logical(&info.path),
-                source,
+                source: Box::new(source),
             })
     }
 }

@@ -291,6 +291,34 @@ impl io::Write for HashSink {
     }
 }
 
+/// A reader that hashes and counts every byte read through it.
+pub struct HashingReader<R> {
+    inner: R,
+    sink: HashSink,
+}
+
+impl<R: io::Read> HashingReader<R> {
+    pub fn new(inner: R, algo: HashAlgo) -> HashingReader<R> {
+        HashingReader {
+            inner,
+            sink: HashSink::new(algo),
+        }
+    }
+    /// The hash and count of what was read so far, and the inner reader.
+    pub fn finish(self) -> (Hash, u64, R) {
+        let (h, n) = self.sink.finish();
+        (h, n, self.inner)
+    }
+}
+
+impl<R: io::Read> io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        io::Write::write_all(&mut self.sink, &buf[..n])?;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,33 +367,5 @@ mod tests {
             Hash::parse_any_prefixed("abc"),
             Err(HashError::MissingAlgo(_))
         ));
-    }
-}
-
-/// A reader that hashes and counts every byte read through it.
-pub struct HashingReader<R> {
-    inner: R,
-    sink: HashSink,
-}
-
-impl<R: io::Read> HashingReader<R> {
-    pub fn new(inner: R, algo: HashAlgo) -> HashingReader<R> {
-        HashingReader {
-            inner,
-            sink: HashSink::new(algo),
-        }
-    }
-    /// The hash and count of what was read so far, and the inner reader.
-    pub fn finish(self) -> (Hash, u64, R) {
-        let (h, n) = self.sink.finish();
-        (h, n, self.inner)
-    }
-}
-
-impl<R: io::Read> io::Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        io::Write::write_all(&mut self.sink, &buf[..n])?;
-        Ok(n)
     }
 }
