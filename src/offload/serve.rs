@@ -105,17 +105,30 @@ pub enum ServeError {
     },
     /// The store failed.
     #[error("store")]
-    Store(#[from] StoreError),
+    Store(#[source] Box<StoreError>),
     /// Serialising a path failed.
     #[error("dumping '{path}'")]
     Dump {
         path: String,
         #[source]
-        source: NarError,
+        source: Box<NarError>,
     },
     /// Importing or exporting an archive failed.
     #[error("export archive")]
-    Export(#[from] ExportError),
+    Export(#[source] Box<ExportError>),
+}
+
+// Boxed so that every `Result` in the server stays small.
+impl From<StoreError> for ServeError {
+    fn from(e: StoreError) -> ServeError {
+        ServeError::Store(Box::new(e))
+    }
+}
+
+impl From<ExportError> for ServeError {
+    fn from(e: ExportError) -> ServeError {
+        ServeError::Export(Box::new(e))
+    }
 }
 
 fn wire<T>(what: &'static str, r: Result<T, WireError>) -> Result<T, ServeError> {
@@ -211,7 +224,7 @@ impl Server<'_> {
                 let loc = self.store.location();
                 nar::dump(&loc.real_path(&path), self.output).map_err(|source| ServeError::Dump {
                     path: loc.logical(&path),
-                    source,
+                    source: Box::new(source),
                 })
             }
             cmd::IMPORT_PATHS => {

@@ -18,18 +18,18 @@ fn open(root: &Path) -> LocalStore {
     LocalStore::open(StoreLocation::new(Default::default(), root.to_owned())).expect("open store")
 }
 
-/// A store with `foo` ("bar") and `baz`, which refers to `foo`.
+/// A store with `leaf` ("bar") and `top`, which refers to `leaf`.
 fn foo_baz(root: &Path) -> (LocalStore, StorePath, StorePath) {
     let store = open(root);
-    let foo = store
+    let leaf = store
         .add_text("foo", b"bar", &BTreeSet::new(), &BTreeMap::new())
         .expect("add foo");
-    let refs = BTreeSet::from([foo.clone()]);
-    let content = store.location().logical(&foo);
-    let baz = store
+    let refs = BTreeSet::from([leaf.clone()]);
+    let content = store.location().logical(&leaf);
+    let top = store
         .add_text("baz", content.as_bytes(), &refs, &BTreeMap::new())
         .expect("add baz");
-    (store, foo, baz)
+    (store, leaf, top)
 }
 
 /// Runs one session whose client sends the handshake (version 2.7) then `body`.
@@ -65,39 +65,39 @@ fn read_set(r: &mut &[u8]) -> Vec<String> {
 #[test]
 fn serve_queries_and_dumps() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (store, foo, baz) = foo_baz(&tmp.path().join("a"));
+    let (store, leaf, top) = foo_baz(&tmp.path().join("a"));
     let missing = "/nix/store/00000000000000000000000000000000-missing".to_owned();
     let mut body = Vec::new();
-    // QueryValidPaths lock=0 substitute=0 {baz, missing}
+    // QueryValidPaths lock=0 substitute=0 {top, missing}
     wire::write_u64(&mut body, 1).unwrap();
     wire::write_u64(&mut body, 0).unwrap();
     wire::write_u64(&mut body, 0).unwrap();
-    let mut asked = paths(&store, &[&baz]);
+    let mut asked = paths(&store, &[&top]);
     asked.push(missing.clone());
     wire::write_strings(&mut body, &asked).unwrap();
-    // QueryPathInfos {baz, missing}
+    // QueryPathInfos {top, missing}
     wire::write_u64(&mut body, 2).unwrap();
     wire::write_strings(&mut body, &asked).unwrap();
-    // QueryClosure includeOutputs=0 {baz}
+    // QueryClosure includeOutputs=0 {top}
     wire::write_u64(&mut body, 7).unwrap();
     wire::write_u64(&mut body, 0).unwrap();
-    wire::write_strings(&mut body, paths(&store, &[&baz])).unwrap();
-    // DumpStorePath baz
+    wire::write_strings(&mut body, paths(&store, &[&top])).unwrap();
+    // DumpStorePath top
     wire::write_u64(&mut body, 3).unwrap();
-    wire::write_bytes(&mut body, store.location().logical(&baz).as_bytes()).unwrap();
+    wire::write_bytes(&mut body, store.location().logical(&top).as_bytes()).unwrap();
 
     let (res, out) = session(&store, false, &body);
     res.expect("session");
     let mut r = after_handshake(&out);
-    assert_eq!(read_set(&mut r), paths(&store, &[&baz]));
+    assert_eq!(read_set(&mut r), paths(&store, &[&top]));
 
-    let info = store.query_path_info(&baz).unwrap().expect("baz valid");
+    let info = store.query_path_info(&top).unwrap().expect("baz valid");
     assert_eq!(
         wire::read_string(&mut r, 4096).unwrap(),
-        store.location().logical(&baz)
+        store.location().logical(&top)
     );
     assert_eq!(wire::read_string(&mut r, 4096).unwrap(), ""); // deriver
-    assert_eq!(read_set(&mut r), paths(&store, &[&foo]));
+    assert_eq!(read_set(&mut r), paths(&store, &[&leaf]));
     assert_eq!(wire::read_u64(&mut r).unwrap(), info.nar_size); // downloadSize
     assert_eq!(wire::read_u64(&mut r).unwrap(), info.nar_size);
     assert_eq!(
@@ -111,12 +111,12 @@ fn serve_queries_and_dumps() {
 
     let mut closure = read_set(&mut r);
     closure.sort_by(|a, b| a[11..].cmp(&b[11..]));
-    let mut expected = paths(&store, &[&foo, &baz]);
+    let mut expected = paths(&store, &[&leaf, &top]);
     expected.sort_by(|a, b| a[11..].cmp(&b[11..]));
     assert_eq!(closure, expected);
 
     let mut nar_bytes = Vec::new();
-    nar::dump(&store.location().real_path(&baz), &mut nar_bytes).unwrap();
+    nar::dump(&store.location().real_path(&top), &mut nar_bytes).unwrap();
     assert_eq!(r, &nar_bytes[..]);
 }
 
@@ -154,10 +154,10 @@ fn dump(store: &LocalStore, path: &StorePath) -> Vec<u8> {
 #[test]
 fn serve_add_to_store_nar() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (src, foo, baz) = foo_baz(&tmp.path().join("a"));
+    let (src, leaf, top) = foo_baz(&tmp.path().join("a"));
     let dst = open(&tmp.path().join("b"));
     let mut body = Vec::new();
-    for p in [&foo, &baz] {
+    for p in [&leaf, &top] {
         let n = dump(&src, p);
         body.extend(add_to_store_nar(&src, p, n.len() as u64, &n));
     }
@@ -165,7 +165,7 @@ fn serve_add_to_store_nar() {
     // Without --write: refused, nothing added.
     let (res, _) = session(&dst, false, &body);
     assert!(matches!(res, Err(ServeError::ReadOnly { .. })), "{res:?}");
-    assert!(!dst.is_valid(&foo).unwrap());
+    assert!(!dst.is_valid(&leaf).unwrap());
 
     let (res, out) = session(&dst, true, &body);
     res.expect("session");
@@ -173,8 +173,8 @@ fn serve_add_to_store_nar() {
     assert_eq!(wire::read_u64(&mut r).unwrap(), 1);
     assert_eq!(wire::read_u64(&mut r).unwrap(), 1);
     assert!(r.is_empty());
-    let got = dst.query_path_info(&baz).unwrap().expect("baz valid");
-    let want = src.query_path_info(&baz).unwrap().expect("baz valid");
+    let got = dst.query_path_info(&top).unwrap().expect("baz valid");
+    let want = src.query_path_info(&top).unwrap().expect("baz valid");
     assert_eq!(got.nar_hash, want.nar_hash);
     assert_eq!(got.references, want.references);
     assert_eq!(got.registration_time, 1234);
@@ -188,27 +188,27 @@ fn serve_add_to_store_nar() {
 #[test]
 fn serve_add_to_store_nar_short_nar_adds_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (src, foo, _) = foo_baz(&tmp.path().join("a"));
+    let (src, leaf, _) = foo_baz(&tmp.path().join("a"));
     let dst = open(&tmp.path().join("b"));
-    let n = dump(&src, &foo);
+    let n = dump(&src, &leaf);
     // Announce more than is sent: the stream ends inside the NAR.
-    let body = add_to_store_nar(&src, &foo, n.len() as u64 + 8, &n);
+    let body = add_to_store_nar(&src, &leaf, n.len() as u64 + 8, &n);
     let (res, _) = session(&dst, true, &body);
     assert!(res.is_err());
-    assert!(!dst.is_valid(&foo).unwrap());
+    assert!(!dst.is_valid(&leaf).unwrap());
     // Announce less than the NAR: it is cut short and refused.
-    let body = add_to_store_nar(&src, &foo, n.len() as u64 - 8, &n);
+    let body = add_to_store_nar(&src, &leaf, n.len() as u64 - 8, &n);
     let (res, _) = session(&dst, true, &body);
     assert!(res.is_err());
-    assert!(!dst.is_valid(&foo).unwrap());
+    assert!(!dst.is_valid(&leaf).unwrap());
 }
 
 #[test]
 fn serve_import_paths() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (src, foo, baz) = foo_baz(&tmp.path().join("a"));
+    let (src, leaf, top) = foo_baz(&tmp.path().join("a"));
     let dst = open(&tmp.path().join("b"));
-    let infos: Vec<_> = [&foo, &baz]
+    let infos: Vec<_> = [&leaf, &top]
         .iter()
         .map(|p| {
             (
@@ -228,7 +228,7 @@ fn serve_import_paths() {
     let (res, out) = session(&dst, true, &body);
     res.expect("session");
     assert_eq!(after_handshake(&out), 1u64.to_le_bytes());
-    assert!(dst.is_valid(&baz).unwrap());
+    assert!(dst.is_valid(&top).unwrap());
 }
 
 #[test]
@@ -342,8 +342,8 @@ fn serve_nix_copy_to_and_from() {
             .args(["copy", "--to", &remote, BAZ]),
     );
     let store = open(&dst);
-    let baz = store.location().dir.parse_path(BAZ).expect("path");
-    let info = store.query_path_info(&baz).unwrap().expect("baz copied");
+    let top = store.location().dir.parse_path(BAZ).expect("path");
+    let info = store.query_path_info(&top).unwrap().expect("baz copied");
     assert_eq!(info.references.len(), 1);
     for r in &info.references {
         assert!(store.is_valid(r).unwrap(), "reference copied too");
