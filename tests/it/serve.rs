@@ -364,3 +364,35 @@ fn serve_nix_copy_to_and_from() {
         nix_nar_hash(&conf, &src, BAZ)
     );
 }
+
+/// Clients before 2.4 get no narHash, ca or sigs in QueryPathInfos.
+#[test]
+fn serve_path_infos_for_old_clients() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, leaf, _) = foo_baz(&tmp.path().join("a"));
+    let mut input = Vec::new();
+    for n in [SERVE_MAGIC_1, 0x203, 2] {
+        wire::write_u64(&mut input, n).unwrap();
+    }
+    wire::write_strings(&mut input, paths(&store, &[&leaf])).unwrap();
+    let mut output = Vec::new();
+    serve(
+        &store,
+        &mut &input[..],
+        &mut output,
+        ServeOptions::default(),
+    )
+    .expect("session");
+    let mut r = after_handshake(&output);
+    let info = store.query_path_info(&leaf).unwrap().expect("valid");
+    assert_eq!(
+        wire::read_string(&mut r, 4096).unwrap(),
+        store.location().logical(&leaf)
+    );
+    assert_eq!(wire::read_string(&mut r, 4096).unwrap(), "");
+    assert!(read_set(&mut r).is_empty());
+    assert_eq!(wire::read_u64(&mut r).unwrap(), info.nar_size);
+    assert_eq!(wire::read_u64(&mut r).unwrap(), info.nar_size);
+    assert_eq!(wire::read_string(&mut r, 4096).unwrap(), "");
+    assert!(r.is_empty());
+}
