@@ -16,11 +16,14 @@
 //! - [`build`]: realising derivations here: the graph of what is missing,
 //!   scheduled in dependency order on threads, each build run in the
 //!   sandbox and its outputs checked, scanned and registered atomically.
+//! - [`offload`]: other machines: for now the server side of Nix's serve
+//!   protocol (`sandoff serve --stdio`), so Nix can copy paths in and out.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over these modules.
 
 pub mod build;
 pub mod decide;
 pub mod derivation;
+pub mod offload;
 pub mod sandbox;
 pub mod store;

@@ -58,6 +58,8 @@ enum Command {
     /// Inspect the build machines file.
     #[command(subcommand)]
     Machines(cli::machines::MachinesCommand),
+    /// Serve this store to a Nix client, as `nix-store --serve`.
+    Serve(cli::serve::ServeArgs),
 }
 
 impl Cli {
@@ -112,6 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Log { drv } => cli::build::log(&drv, &loc),
         Command::Decide(c) => cli::decide::run(c, &loc),
         Command::Machines(c) => cli::machines::run(c),
+        Command::Serve(c) => cli::serve::run(c, &loc),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod derivation;
 pub mod key;
 pub mod machines;
 pub mod nar;
+pub mod serve;
 pub mod setup;
 pub mod store;
 pub mod transfer;

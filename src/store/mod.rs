@@ -14,6 +14,7 @@ pub mod path_info;
 pub mod refscan;
 pub mod registry;
 pub mod signature;
+pub mod wire;
 
 use std::path::{Path, PathBuf};
 

@@ -6,5 +6,6 @@ mod derivation;
 mod nar;
 mod registry;
 mod sandbox;
+mod serve;
 mod support;
 mod transfer;
