@@ -57,6 +57,7 @@ use super::hash::{HashAlgo, HashSink, HashingReader};
 use super::local::{LocalStore, StagedPath, StoreError};
 use super::nar::{self, NarError};
 use super::signature::{Signature, SignatureError, TrustedKeys};
+use super::wire::padding;
 use super::{Hash, PathError, StoreDir, StorePath, ValidPathInfo};
 
 /// `exportMagic`: "NIXE" in little-endian.
@@ -281,10 +282,6 @@ fn write_str(sink: &mut dyn Write, s: &[u8]) -> Result<(), ExportError> {
     sink.write_all(s).map_err(ExportError::Write)?;
     sink.write_all(&[0u8; 8][..padding(s.len() as u64)])
         .map_err(ExportError::Write)
-}
-
-fn padding(len: u64) -> usize {
-    ((8 - len % 8) % 8) as usize
 }
 
 /// Passes everything on and hashes it (the NAR as it goes out).
