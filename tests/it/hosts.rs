@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use sandoff::decide::nix_format::{self, NoIncludes};
 use tempfile::TempDir;
 
 use crate::support::{self, Need};
@@ -68,6 +69,11 @@ impl TestHost {
     /// The client key every test host accepts.
     pub fn client_key(&self) -> PathBuf {
         self.dir.path().join("client_ed25519")
+    }
+
+    /// The host's line in Nix's machines format.
+    pub fn machines(&self) -> PathBuf {
+        self.dir.path().join("machines")
     }
 
     /// A known_hosts file with this host's key.
@@ -188,6 +194,36 @@ fn hosts_accept_the_client_key_and_refuse_others() {
     assert!(!res.status.success());
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(err.contains("Permission denied"), "{err}");
+}
+
+#[test]
+fn hosts_machines_file_and_signing_key() {
+    if !support::require("hosts_machines_file_and_signing_key", NEEDS) {
+        return;
+    }
+    let host = TestHost::start(2);
+    let text = std::fs::read_to_string(host.machines()).expect("machines");
+    let machines = nix_format::parse(&text, "machines", "x86_64-linux", &NoIncludes)
+        .expect("machines file parses");
+    assert_eq!(machines.len(), 1);
+    let m = &machines[0];
+    assert_eq!(m.host.as_deref(), Some(host.addr.as_str()));
+    assert_eq!(m.port, Some(host.port));
+    assert_eq!(m.user.as_deref(), Some("root"));
+    let key = host.client_key();
+    assert_eq!(m.private_key.as_deref(), key.to_str());
+    let host_pub =
+        std::fs::read_to_string(host.home.join("ssh_host_ed25519_key.pub")).expect("host key");
+    assert_eq!(m.host_key.as_deref(), Some(host_pub.trim()));
+
+    // Each host has its own signing key where `sandoff key show` finds it.
+    let out = support::run_ok(
+        support::sandoff()
+            .arg("--store-root")
+            .arg(host.root())
+            .args(["key", "show"]),
+    );
+    assert!(String::from_utf8_lossy(&out).starts_with("host2-1:"));
 }
 
 #[test]
