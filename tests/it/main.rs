@@ -3,6 +3,7 @@
 mod build;
 mod decide;
 mod derivation;
+mod hosts;
 mod nar;
 mod registry;
 mod sandbox;

@@ -396,3 +396,55 @@ fn serve_path_infos_for_old_clients() {
     assert_eq!(wire::read_string(&mut r, 4096).unwrap(), "");
     assert!(r.is_empty());
 }
+
+/// Nix 2.8 copies a closure over real ssh, through a test host's sshd, into
+/// the store root that sshd gives the session (`SANDOFF_STORE_ROOT`).
+#[test]
+fn serve_over_real_sshd_with_nix_copy() {
+    let mut needs = crate::hosts::NEEDS.to_vec();
+    needs.push(Need::Program("nix"));
+    if !support::require("serve_over_real_sshd_with_nix_copy", &needs) {
+        return;
+    }
+    const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
+    let host = crate::hosts::TestHost::start(3);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let conf = tmp.path().join("nixconf");
+    let src = tmp.path().join("src");
+    support::run_ok(
+        support::nix_cmd("nix-instantiate", &conf)
+            .arg("--store")
+            .arg(&src)
+            .args([
+                "--read-write-mode",
+                "--eval",
+                "-E",
+                r#"let foo = builtins.toFile "foo" "bar"; in builtins.toFile "baz" "${foo}""#,
+            ]),
+    );
+    let remote = format!(
+        "ssh://root@{}?remote-program={}",
+        host.addr,
+        host.serve_program().display()
+    );
+    support::run_ok(
+        support::nix_cmd("nix", &conf)
+            .env("NIX_SSHOPTS", host.ssh_opts().join(" "))
+            .arg("--store")
+            .arg(&src)
+            .args(["copy", "--to", &remote, BAZ]),
+    );
+    let out = support::run_ok(
+        support::sandoff()
+            .arg("--store-root")
+            .arg(host.root())
+            .args(["store", "info", "--json", BAZ]),
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out).expect("info json");
+    assert_eq!(json[0]["path"], BAZ);
+    assert_eq!(
+        json[0]["narHash"].as_str().expect("narHash"),
+        nix_nar_hash(&conf, &src, BAZ)
+    );
+    assert_eq!(json[0]["references"].as_array().expect("refs").len(), 1);
+}
