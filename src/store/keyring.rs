@@ -10,8 +10,8 @@
 //! so that a signature says which machine made it.
 
 use std::fs;
-use std::io::{self, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::io;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -139,7 +139,10 @@ impl Keyring {
             added += 1;
         }
         if added > 0 {
-            write_atomically(&path, text.as_bytes())?;
+            let dir = path.parent().unwrap_or(Path::new("."));
+            fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+            super::replace_file_atomically(&path, text.as_bytes())
+                .map_err(io_err("replace", &path))?;
         }
         Ok(added)
     }
@@ -150,22 +153,6 @@ pub fn default_key_name() -> String {
     let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host = host.trim();
     format!("{}-1", if host.is_empty() { "localhost" } else { host })
-}
-
-fn write_atomically(path: &Path, data: &[u8]) -> Result<(), KeyringError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    f.write_all(data).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("sync", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("replace", path))
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> KeyringError + 'a {

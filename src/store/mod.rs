@@ -16,6 +16,8 @@ pub mod registry;
 pub mod signature;
 pub mod wire;
 
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 pub use hash::{Hash, HashAlgo, HashError};
@@ -67,4 +69,18 @@ impl Default for StoreLocation {
     fn default() -> Self {
         StoreLocation::new(StoreDir::default(), PathBuf::from("/"))
     }
+}
+
+/// Replaces `path` with `contents` (mode 0644) so that a reader sees the old
+/// file or the new one, never a part: written and synced under a unique
+/// temporary name in the same directory, then renamed over it.
+pub(crate) fn replace_file_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(contents)?;
+    tmp.as_file().sync_all()?;
+    // A temporary file starts at 0600; these files are meant to be read by all.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }

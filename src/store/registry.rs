@@ -23,7 +23,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -206,7 +205,12 @@ impl Registry {
                 tx.execute_batch(SCHEMA_SQL)
                     .map_err(sql("initialising database schema"))?;
                 tx.commit().map_err(sql("committing schema"))?;
-                write_atomically(&schema_path, SCHEMA_VERSION.to_string().as_bytes())?;
+                // Nix writes it 0666 minus the umask.
+                super::replace_file_atomically(&schema_path, SCHEMA_VERSION.to_string().as_bytes())
+                    .map_err(|source| RegistryError::Io {
+                        path: schema_path.clone(),
+                        source,
+                    })?;
             }
         }
         conn.execute_batch("pragma wal_autocheckpoint = 40000;")
@@ -695,20 +699,6 @@ fn init_lock(db_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, RegistryError
         .map_err(io)?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, errno)| io(io::Error::from(errno)))
-}
-
-fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), RegistryError> {
-    let io = |source| RegistryError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-    fs::write(tmp.path(), contents).map_err(io)?;
-    // Nix writes it 0666 minus the umask; a temporary file starts at 0600.
-    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644)).map_err(io)?;
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
 }
 
 #[cfg(test)]
