@@ -87,7 +87,7 @@ pub fn run(args: DecideArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     let facts = DrvFacts::from_derivation(&drv);
     let placement = args.placement.resolve()?;
     let states: Vec<MachineState<'_>> = placement.machines.iter().map(MachineState::idle).collect();
-    let decision = placement.decide(&drv);
+    let decision = decide::decide(&facts, &states, &placement.local, &placement.policy);
     let verdicts = decide::explain(&facts, &states);
 
     if args.json {
