@@ -521,6 +521,15 @@ impl Registry {
         Ok(added)
     }
 
+    /// The row id of the valid path `full`, or [`RegistryError::NotValid`].
+    fn valid_id(&self, tx: &rusqlite::Transaction<'_>, full: &str) -> Result<i64, RegistryError> {
+        path_id(tx, full)
+            .map_err(self.sql("querying path"))?
+            .ok_or_else(|| RegistryError::NotValid {
+                path: full.to_owned(),
+            })
+    }
+
     /// Adds signatures to a valid path.
     pub fn add_signatures(
         &self,
@@ -532,9 +541,7 @@ impl Registry {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sql("starting transaction"))?;
-        let Some(id) = path_id(&tx, &full).map_err(self.sql("querying path"))? else {
-            return Err(RegistryError::NotValid { path: full });
-        };
+        let id = self.valid_id(&tx, &full)?;
         self.merge_signatures(&tx, id, &full, sigs)?;
         tx.commit().map_err(self.sql("committing transaction"))
     }
@@ -609,9 +616,7 @@ impl Registry {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sql("starting transaction"))?;
-        let Some(id) = path_id(&tx, &full).map_err(self.sql("querying path"))? else {
-            return Err(RegistryError::NotValid { path: full });
-        };
+        let id = self.valid_id(&tx, &full)?;
         insert_outputs(&tx, id, &self.dir, outputs)
             .map_err(self.sql("adding derivation output"))?;
         tx.commit().map_err(self.sql("committing transaction"))
