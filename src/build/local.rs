@@ -14,9 +14,8 @@ use crate::decide::{Decision, Placement};
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::sandbox::plan::DEFAULT_BUILD_DIR_NAME;
 use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserPool};
-use crate::store::hash::Hasher;
 use crate::store::local::{LocalStore, PathLocks, StagedPath};
-use crate::store::{nar, refscan};
+use crate::store::refscan;
 use crate::store::{ContentAddress, FileIngestionMethod, HashAlgo, StorePath, ValidPathInfo};
 
 /// How often a build waiting for a free build user checks again.
@@ -441,30 +440,16 @@ fn fixed_hash(
     method: FileIngestionMethod,
     algo: HashAlgo,
 ) -> Result<crate::store::Hash, BuildError> {
-    let p = &staged.tmp;
-    match method {
-        FileIngestionMethod::Recursive if algo == HashAlgo::Sha256 => Ok(staged.nar_hash.clone()),
-        FileIngestionMethod::Recursive => {
-            let mut h = Hasher::new(algo);
-            nar::dump(p, &mut h).map_err(|source| BuildError::Nar {
-                path: p.clone(),
-                source,
-            })?;
-            Ok(h.finish())
-        }
-        FileIngestionMethod::Flat => {
-            let meta = fs::symlink_metadata(p).map_err(io_err("read", p))?;
-            if !meta.is_file() || meta.mode() & 0o100 != 0 {
-                return Err(BuildError::FlatNotRegular {
-                    drv: drv_name.to_owned(),
-                });
-            }
-            let mut h = Hasher::new(algo);
-            let mut f = File::open(p).map_err(io_err("open", p))?;
-            io::copy(&mut f, &mut h).map_err(io_err("read", p))?;
-            Ok(h.finish())
+    if method == FileIngestionMethod::Flat {
+        let p = &staged.tmp;
+        let meta = fs::symlink_metadata(p).map_err(io_err("read", p))?;
+        if !meta.is_file() || meta.mode() & 0o100 != 0 {
+            return Err(BuildError::FlatNotRegular {
+                drv: drv_name.to_owned(),
+            });
         }
     }
+    Ok(staged.content_hash(method, algo)?)
 }
 
 /// Every file of an output must be a regular file, directory or symlink

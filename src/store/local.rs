@@ -184,6 +184,27 @@ impl Drop for StagedPath {
     }
 }
 
+impl StagedPath {
+    /// The content hash of the staged files as `method` and `algo` define it:
+    /// the NAR's hash (already known for sha256) or, flat, the hash of a
+    /// regular file's contents.
+    pub fn content_hash(
+        &self,
+        method: FileIngestionMethod,
+        algo: HashAlgo,
+    ) -> Result<Hash, StoreError> {
+        match method {
+            FileIngestionMethod::Recursive if algo == HashAlgo::Sha256 => Ok(self.nar_hash.clone()),
+            FileIngestionMethod::Recursive => {
+                let mut h = Hasher::new(algo);
+                nar::dump(&self.tmp, &mut h).map_err(nar_err(&self.tmp))?;
+                Ok(h.finish())
+            }
+            FileIngestionMethod::Flat => flat_hash(&self.tmp, algo),
+        }
+    }
+}
+
 impl std::fmt::Debug for StagedPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StagedPath")
@@ -352,7 +373,7 @@ impl LocalStore {
                 path: src.to_owned(),
             })?;
         super::path::check_name(name)?;
-        let (staged, ca_hash) = match method {
+        let staged = match method {
             FileIngestionMethod::Flat => {
                 let meta = fs::symlink_metadata(src).map_err(io_err("reading", src))?;
                 if !meta.is_file() {
@@ -361,22 +382,11 @@ impl LocalStore {
                     });
                 }
                 // Re-checked on the staged copy, in case `src` changed.
-                let staged = self.stage_tree(src)?;
-                let ca_hash = flat_hash(&staged.tmp, algo)?;
-                (staged, ca_hash)
+                self.stage_tree(src)?
             }
-            FileIngestionMethod::Recursive => {
-                let staged = self.stage_tree(src)?;
-                let ca_hash = if algo == HashAlgo::Sha256 {
-                    staged.nar_hash.clone()
-                } else {
-                    let mut hasher = Hasher::new(algo);
-                    nar::dump(&staged.tmp, &mut hasher).map_err(nar_err(&staged.tmp))?;
-                    hasher.finish()
-                };
-                (staged, ca_hash)
-            }
+            FileIngestionMethod::Recursive => self.stage_tree(src)?,
         };
+        let ca_hash = staged.content_hash(method, algo)?;
         let path = self
             .loc
             .dir
@@ -672,17 +682,7 @@ impl LocalStore {
             ContentAddress::Text(h) => (FileIngestionMethod::Flat, h),
             ContentAddress::Fixed { method, hash } => (*method, hash),
         };
-        let got = match method {
-            FileIngestionMethod::Recursive if expected.algo() == HashAlgo::Sha256 => {
-                staged.nar_hash.clone()
-            }
-            FileIngestionMethod::Recursive => {
-                let mut h = Hasher::new(expected.algo());
-                nar::dump(&staged.tmp, &mut h).map_err(nar_err(&staged.tmp))?;
-                h.finish()
-            }
-            FileIngestionMethod::Flat => flat_hash(&staged.tmp, expected.algo())?,
-        };
+        let got = staged.content_hash(method, expected.algo())?;
         if &got != expected {
             return Err(StoreError::CaMismatch {
                 path: self.loc.logical(&info.path),
