@@ -12,7 +12,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     need=()
-    for p in nix-bin busybox-static jq; do
+    for p in nix-bin busybox-static jq pkg-config libssl-dev openssh-server; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need+=("$p")
     done
     if [ ${#need[@]} -gt 0 ]; then

@@ -38,6 +38,30 @@ use sandoff::store::local::LocalStore;
 use sandoff::store::{StoreLocation, StorePath};
 use serde_json::json;
 
+/// Which build users local builds run as (`sandoff build`, `sandoff serve`).
+#[derive(Args, Debug, Clone)]
+pub struct BuildUsersArgs {
+    /// The group whose members are the build users.
+    #[arg(long, env = "SANDOFF_BUILD_USERS_GROUP", value_name = "NAME", default_value = DEFAULT_GROUP)]
+    pub build_users_group: String,
+    /// Directory of the build users' lock files (default: <state>/userpool). Every
+    /// store whose builds share the build users must share it.
+    #[arg(long, env = "SANDOFF_USER_POOL_DIR", value_name = "DIR")]
+    pub user_pool_dir: Option<PathBuf>,
+}
+
+impl BuildUsersArgs {
+    /// The pool, or why there is none (kept until something must be built:
+    /// realising valid outputs needs no build user).
+    pub fn pool(&self, loc: &StoreLocation) -> Result<UserPool, String> {
+        let dir = self
+            .user_pool_dir
+            .clone()
+            .unwrap_or_else(|| loc.state.join("userpool"));
+        UserPool::from_group(&self.build_users_group, &dir).map_err(|e| e.to_string())
+    }
+}
+
 /// Options of `sandoff build`.
 #[derive(Args, Debug)]
 pub struct BuildArgs {
@@ -67,13 +91,8 @@ pub struct BuildArgs {
     /// NIX_BUILD_CORES given to each build (0: all; default: the number of cores).
     #[arg(long, value_name = "N")]
     cores: Option<u32>,
-    /// The group whose members are the build users.
-    #[arg(long, env = "SANDOFF_BUILD_USERS_GROUP", value_name = "NAME", default_value = DEFAULT_GROUP)]
-    build_users_group: String,
-    /// Directory of the build users' lock files (default: <state>/userpool). Every
-    /// store whose builds share the build users must share it.
-    #[arg(long, env = "SANDOFF_USER_POOL_DIR", value_name = "DIR")]
-    user_pool_dir: Option<PathBuf>,
+    #[command(flatten)]
+    users: BuildUsersArgs,
     /// The derivations (full .drv store paths).
     #[arg(required = true, value_name = "DRV")]
     drvs: Vec<String>,
@@ -94,12 +113,8 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         })
         .collect::<anyhow::Result<_>>()?;
     let store = LocalStore::open(loc.clone())?;
-    let pool_dir = args
-        .user_pool_dir
-        .clone()
-        .unwrap_or_else(|| loc.state.join("userpool"));
     // Needed only if something is to be built; the error is kept until then.
-    let pool = UserPool::from_group(&args.build_users_group, &pool_dir).map_err(|e| e.to_string());
+    let pool = args.users.pool(loc);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
     let ctx = BuildContext {
