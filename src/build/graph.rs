@@ -168,7 +168,9 @@ pub fn realise(
     schedule(
         ctx.store,
         roots,
-        ctx.options.jobs,
+        // With machines, workers beyond `jobs` wait for remote slots; the
+        // offloader keeps local builds to `jobs`.
+        ctx.options.jobs + ctx.offload.map_or(0, |o| o.remote_capacity()),
         ctx.options.keep_going,
         on_event,
         &|path, drv, events| realise_one(ctx, path, drv, events),

@@ -10,7 +10,9 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use super::{builds_dir, log_path, BuildError, Event, Options};
-use crate::decide::{Decision, Placement};
+use crate::decide::{Decision, MachineName, Placement};
+use crate::offload::protocol::BuildOptions;
+use crate::offload::remote::{LocalPermit, OffloadError, Offloader, Placed, RemoteOutcome};
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::sandbox::plan::DEFAULT_BUILD_DIR_NAME;
 use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserPool};
@@ -37,6 +39,10 @@ pub struct BuildContext<'a> {
     /// Where each derivation may be built: asked for every derivation that
     /// has to be built, as every caller must (one decision module).
     pub placement: &'a Placement,
+    /// The build machines, when builds may be offloaded: then `placement`
+    /// is asked through it, with the machines' true slots and backoff, and
+    /// it limits local builds to `options.jobs`.
+    pub offload: Option<&'a Offloader>,
 }
 
 /// How [`realise_one`] ended well.
@@ -116,22 +122,6 @@ pub fn build_locked(
         DerivationKind::Floating => return Err(unsupported("floating content-addressed outputs")),
         DerivationKind::Impure => return Err(unsupported("impure outputs")),
     }
-    match ctx.placement.decide(drv) {
-        Decision::Local { reason } => {
-            tracing::debug!(drv = %drv_name, %reason, "building locally");
-        }
-        Decision::Fail { reason } => return Err(unsupported(&reason)),
-        other => {
-            // Remote and Postpone need the offloader, which is not there yet.
-            return Err(unsupported(&format!(
-                "the decision is '{other}', but offloading to build machines is not \
-                 available yet (--local-only builds here when this machine can)"
-            )));
-        }
-    }
-    if drv.builder.starts_with(b"builtin:") {
-        return Err(unsupported("built-in builders (builtin:...)"));
-    }
     let outputs = drv.output_paths();
 
     // The input closure: sources and the used outputs of input derivations.
@@ -147,6 +137,31 @@ pub fn build_locked(
             })?;
             inputs.insert(p.clone());
         }
+    }
+    // Held for the whole local build, so that at most `jobs` run here.
+    let _permit = match ctx.offload {
+        None => {
+            match ctx.placement.decide(drv) {
+                Decision::Local { reason } => {
+                    tracing::debug!(drv = %drv_name, %reason, "building locally");
+                }
+                Decision::Fail { reason } => return Err(unsupported(&reason)),
+                other => {
+                    // Only a caller without machines passes no offloader.
+                    return Err(unsupported(&format!(
+                        "the decision is '{other}', but this run has no build machines"
+                    )));
+                }
+            }
+            None
+        }
+        Some(off) => match place_or_offload(ctx, off, drv_path, drv, &inputs, locks, log)? {
+            Some(permit) => Some(permit),
+            None => return Ok(()),
+        },
+    };
+    if drv.builder.starts_with(b"builtin:") {
+        return Err(unsupported("built-in builders (builtin:...)"));
     }
     let closure = store.closure(&inputs)?;
 
@@ -249,6 +264,72 @@ pub fn build_locked(
     };
     drop(lease);
     result
+}
+
+/// Places `drv` with the offloader: builds it remotely (failing over to
+/// other machines, or here, while the machine is at fault), or returns the
+/// local permit when it is to be built here. `None`: built remotely, its
+/// outputs valid here.
+fn place_or_offload<'o>(
+    ctx: &BuildContext<'_>,
+    off: &'o Offloader,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    inputs: &BTreeSet<StorePath>,
+    locks: &PathLocks,
+    log: &mut LogSink,
+) -> Result<Option<LocalPermit<'o>>, BuildError> {
+    let loc = ctx.store.location();
+    let drv_name = loc.logical(drv_path);
+    let secs = |d: Option<Duration>| d.map_or(0, |d| d.as_secs().max(1));
+    let options = BuildOptions {
+        max_silent_time: secs(ctx.options.max_silent),
+        build_timeout: secs(ctx.options.timeout),
+        max_log_size: 0,
+        keep_failed: ctx.options.keep_failed,
+    };
+    let offload_err = |machine: &MachineName, e: OffloadError| BuildError::Offload {
+        drv: drv_name.clone(),
+        machine: machine.to_string(),
+        source: Box::new(e),
+    };
+    loop {
+        let placed = off.place(ctx.placement, drv).map_err(|e| BuildError::Placement {
+            drv: drv_name.clone(),
+            source: Box::new(e),
+        })?;
+        let (machine, slot) = match placed {
+            Placed::Local(permit) => return Ok(Some(permit)),
+            Placed::Fail { reason } => {
+                return Err(BuildError::Unsupported {
+                    drv: drv_name,
+                    reason,
+                })
+            }
+            Placed::Remote { machine, slot } => (machine, slot),
+        };
+        let _ = writeln!(log, "sandoff: building '{drv_name}' on '{}'", machine.name);
+        tracing::info!(drv = %drv_name, machine = %machine.name, "building remotely");
+        let r = off.build_on(ctx.store, machine, locks, drv_path, drv, inputs, &options, log);
+        off.release(slot);
+        match r {
+            Ok(RemoteOutcome::Built) => return Ok(None),
+            Ok(RemoteOutcome::Failed(result)) => {
+                return Err(BuildError::RemoteFailed {
+                    drv: drv_name,
+                    machine: machine.name.to_string(),
+                    status: result.status,
+                    message: result.error_msg,
+                    tail: log.tail(),
+                })
+            }
+            Err(e) if e.retry_elsewhere() => {
+                let _ = writeln!(log, "sandoff: {e}; placing the build again");
+                off.record_failure(machine, &e);
+            }
+            Err(e) => return Err(offload_err(&machine.name, e)),
+        }
+    }
 }
 
 /// A directory for one build's [`HostDirs`], `<builds>/<random>`, with a lock

@@ -52,6 +52,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::derivation::DerivationError;
+use crate::offload::protocol::BuildStatus;
+use crate::offload::remote::OffloadError;
 use crate::sandbox::{BuildOutcome, SandboxError, UserError};
 use crate::store::local::StoreError;
 use crate::store::nar::NarError;
@@ -223,6 +225,41 @@ pub enum BuildError {
         /// The kept build directory.
         dir: PathBuf,
     },
+    /// The build failed on a build machine.
+    #[error("builder for '{drv}' failed on '{machine}': {}{}", remote_message(status, message), tail_note(tail))]
+    RemoteFailed {
+        /// The derivation.
+        drv: String,
+        /// The machine.
+        machine: String,
+        /// How the machine reported it.
+        status: BuildStatus,
+        /// The machine's message.
+        message: String,
+        /// The last lines of the log.
+        tail: Vec<String>,
+    },
+    /// Offloading failed in a way another machine would not fix (outputs
+    /// refused, the local store failing).
+    #[error("cannot build '{drv}' on '{machine}': {source}")]
+    Offload {
+        /// The derivation.
+        drv: String,
+        /// The machine.
+        machine: String,
+        /// The cause.
+        #[source]
+        source: Box<OffloadError>,
+    },
+    /// Choosing where to build failed (slot or backoff files).
+    #[error("cannot place '{drv}': {source}")]
+    Placement {
+        /// The derivation.
+        drv: String,
+        /// The cause.
+        #[source]
+        source: Box<OffloadError>,
+    },
     /// A dependency of this derivation failed to build.
     #[error("dependency '{dependency}' of '{drv}' failed")]
     DependencyFailed {
@@ -237,6 +274,14 @@ fn kept_note(kept: &Option<PathBuf>) -> String {
     kept.as_ref()
         .map(|k| format!("; build directory kept at {}", k.display()))
         .unwrap_or_default()
+}
+
+fn remote_message(status: &BuildStatus, message: &str) -> String {
+    if message.is_empty() {
+        format!("{status:?}")
+    } else {
+        format!("{status:?}: {message}")
+    }
 }
 
 fn tail_note(tail: &[String]) -> String {

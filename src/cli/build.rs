@@ -34,6 +34,8 @@ use clap::Args;
 use sandoff::build::{self, BuildContext, Event, Options};
 use sandoff::sandbox::setup::DEFAULT_GROUP;
 use sandoff::sandbox::UserPool;
+use sandoff::offload::remote::Offloader;
+use sandoff::offload::ssh::SshOptions;
 use sandoff::store::local::LocalStore;
 use sandoff::store::{StoreLocation, StorePath};
 use serde_json::json;
@@ -93,6 +95,9 @@ pub struct BuildArgs {
     cores: Option<u32>,
     #[command(flatten)]
     users: BuildUsersArgs,
+    /// Give up connecting to a build machine after this many seconds.
+    #[arg(long, value_name = "S", default_value_t = 10)]
+    connect_timeout: u64,
     /// The derivations (full .drv store paths).
     #[arg(required = true, value_name = "DRV")]
     drvs: Vec<String>,
@@ -117,11 +122,21 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     let pool = args.users.pool(loc);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let jobs = args.jobs.map_or(cores, |j| j as usize);
+    let offloader = if placement.policy.local_only || placement.machines.is_empty() {
+        None
+    } else {
+        let ssh = SshOptions {
+            connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+            ..SshOptions::default()
+        };
+        Some(Offloader::new(loc, placement.machines.clone(), jobs, ssh)?)
+    };
     let ctx = BuildContext {
         store: &store,
         pool: pool.as_ref().map_err(Clone::clone),
         options: Options {
-            jobs: args.jobs.map_or(cores, |j| j as usize),
+            jobs,
             keep_going: args.keep_going,
             keep_failed: args.keep_failed,
             max_silent: secs(args.max_silent_time),
@@ -130,6 +145,7 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
             stream_logs: args.print_build_logs,
         },
         placement: &placement,
+        offload: offloader.as_ref(),
     };
     let mut progress = Progress::new(loc, args.json);
     let result = build::realise(&ctx, &drvs, &mut |e| progress.event(e))?;

@@ -1,1 +1,582 @@
 //! One offloaded build end to end, and the choice of machine with failover.
+//!
+//! [`Offloader`] is shared by the worker threads of one `sandoff` process.
+//! For each derivation to build, [`Offloader::place`] asks
+//! [`crate::decide::decide`] with every machine's true state (slots held by
+//! any process on this host, backoff) and takes what the decision needs: a
+//! slot on the chosen machine, or a local build permit, or waits when the
+//! decision is to postpone. [`Offloader::build_on`] then runs the build
+//! there:
+//!
+//! 1. reuse an idle connection to the machine, or connect (SSH, host key
+//!    verified) and start its serve program;
+//! 2. ask which paths of the input closure it lacks, and send those in one
+//!    export stream, dependencies first, each signed with this machine's key;
+//! 3. `BuildDerivation` with the input closure, the same max-silent-time and
+//!    timeout, the remote log copied into the local log as it comes;
+//! 4. fetch the outputs' infos, refuse any output without a valid signature
+//!    by a trusted key, fetch their NARs, check them against the signed
+//!    hashes, and register all outputs in one transaction.
+//!
+//! Failures are classified ([`OffloadError::retry_elsewhere`]): the
+//! machine could not be reached, refused us, or the link died — the machine
+//! goes into backoff and the derivation is placed again (another machine,
+//! or local); the build itself failed there, or its outputs were refused —
+//! the build fails, with the remote log.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufWriter, Write};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::backoff::{Backoff, BackoffError};
+use super::client::{ClientError, ServeClient};
+use super::protocol::{BuildOptions, BuildResult, BuildStatus};
+use super::slots::{Slot, SlotDir, SlotError};
+use super::transport::Transport;
+use super::ssh::{remote_command, SshChannel, SshError, SshOptions, SshSession};
+use crate::decide::{self, Decision, DrvFacts, Machine, MachineName, MachineState, Placement};
+use crate::derivation::Derivation;
+use crate::store::export::{ExportError, ExportWriter};
+use crate::store::keyring::{Keyring, KeyringError};
+use crate::store::local::{LocalStore, PathLocks, StoreError};
+use crate::store::signature::{SecretKey, TrustedKeys};
+use crate::store::{StoreDir, StoreLocation, StorePath, ValidPathInfo};
+
+/// How long a postponed placement waits before asking again when no slot
+/// of this process was released (slots of other processes are not
+/// signalled).
+const RECHECK: Duration = Duration::from_millis(500);
+
+/// Grace beyond the build timeout before the link counts as dead: the
+/// remote enforces the timeout itself and needs time to say so.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(60);
+
+/// Why offloading a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OffloadError {
+    /// SSH could not connect, verify the host or log in.
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    /// The remote program did not open a serve session.
+    #[error("cannot start '{command}' on '{machine}': {source}")]
+    Session {
+        machine: MachineName,
+        command: String,
+        #[source]
+        source: ClientError,
+    },
+    /// The session broke while the build was under way.
+    #[error("lost the connection to '{machine}' while {during}: {source}")]
+    Lost {
+        machine: MachineName,
+        during: &'static str,
+        #[source]
+        source: ClientError,
+    },
+    /// An output came back without a valid signature by a trusted key.
+    #[error("refusing output '{path}' from '{machine}': it is not signed by a trusted key (signed by: {signers}); trust the machine's key with `sandoff key authorize`")]
+    Untrusted {
+        machine: MachineName,
+        path: String,
+        signers: String,
+    },
+    /// The machine said the build succeeded but does not have an output.
+    #[error("'{machine}' built '{drv}' but has no output '{path}'")]
+    MissingOutput {
+        machine: MachineName,
+        drv: String,
+        path: String,
+    },
+    /// An output's NAR is not the one its signed info describes.
+    #[error("output '{path}' from '{machine}' does not match its signed NAR hash")]
+    Corrupt { machine: MachineName, path: String },
+    /// Sending the inputs failed on this side.
+    #[error("cannot send inputs to '{machine}': {source}")]
+    Export {
+        machine: MachineName,
+        #[source]
+        source: Box<ExportError>,
+    },
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] Box<StoreError>),
+    /// The slot files failed.
+    #[error(transparent)]
+    Slots(#[from] SlotError),
+    /// The backoff records failed.
+    #[error(transparent)]
+    Backoff(#[from] BackoffError),
+    /// The keys could not be read.
+    #[error(transparent)]
+    Keys(#[from] KeyringError),
+}
+
+impl From<StoreError> for OffloadError {
+    fn from(e: StoreError) -> OffloadError {
+        OffloadError::Store(Box::new(e))
+    }
+}
+
+impl OffloadError {
+    /// Whether the machine is at fault and another one (or this host) may
+    /// succeed: it is put into backoff and the derivation placed again.
+    pub fn retry_elsewhere(&self) -> bool {
+        match self {
+            OffloadError::Ssh(e) => e.is_machine_failure(),
+            OffloadError::Session { .. } | OffloadError::Lost { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// How a remote build ended, when it ran.
+#[derive(Debug)]
+pub enum RemoteOutcome {
+    /// Built (or already valid) there; the outputs are valid here now.
+    Built,
+    /// The build failed there.
+    Failed(BuildResult),
+}
+
+/// Where [`Offloader::place`] put a derivation.
+pub enum Placed<'o> {
+    /// Build it here, holding this permit.
+    Local(LocalPermit<'o>),
+    /// Build it on this machine, holding this slot.
+    Remote { machine: &'o Machine, slot: Slot },
+    /// Nothing can build it.
+    Fail { reason: String },
+}
+
+/// One of the local build permits (`-j`); released when dropped.
+pub struct LocalPermit<'o> {
+    offloader: &'o Offloader,
+}
+
+impl Drop for LocalPermit<'_> {
+    fn drop(&mut self) {
+        let mut state = self.offloader.lock_state();
+        state.local_running = state.local_running.saturating_sub(1);
+        drop(state);
+        self.offloader.wake.notify_all();
+    }
+}
+
+/// A serve session on a machine.
+struct Conn {
+    client: ServeClient<SshChannel>,
+    // Kept for as long as the channel is used.
+    _session: SshSession,
+}
+
+#[derive(Default)]
+struct State {
+    local_running: usize,
+    idle: BTreeMap<MachineName, Vec<Conn>>,
+}
+
+/// Builds on the machines of a machines file, shared by one process's workers.
+pub struct Offloader {
+    machines: Vec<Machine>,
+    local_jobs: usize,
+    slots: SlotDir,
+    backoff: Backoff,
+    ssh: SshOptions,
+    signing_key: Option<SecretKey>,
+    trusted: TrustedKeys,
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+impl Offloader {
+    /// An offloader for the store at `loc` (slots, backoff and keys live in
+    /// its state directory) over `machines`, running at most `local_jobs`
+    /// local builds at once.
+    pub fn new(
+        loc: &StoreLocation,
+        machines: Vec<Machine>,
+        local_jobs: usize,
+        ssh: SshOptions,
+    ) -> Result<Offloader, OffloadError> {
+        let keyring = Keyring::new(&loc.state);
+        let signing_key = match keyring.secret_key() {
+            Ok(k) => Some(k),
+            Err(KeyringError::NoKey { path }) => {
+                tracing::warn!(
+                    key = %path.display(),
+                    "no signing key: inputs sent to build machines are unsigned (run `sandoff setup`)"
+                );
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Offloader {
+            machines,
+            local_jobs: local_jobs.max(1),
+            slots: SlotDir::new(&loc.state),
+            backoff: Backoff::new(&loc.state),
+            ssh,
+            signing_key,
+            trusted: keyring.trusted_keys()?,
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+        })
+    }
+
+    /// The machines.
+    pub fn machines(&self) -> &[Machine] {
+        &self.machines
+    }
+
+    /// How many builds may run remotely at once (every machine's slots).
+    pub fn remote_capacity(&self) -> usize {
+        self.machines.iter().map(|m| m.max_jobs as usize).sum()
+    }
+
+    /// How many builds may run locally at once.
+    pub fn local_jobs(&self) -> usize {
+        self.local_jobs
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave the counters half-updated.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The machines with their slots in use and backoff now.
+    fn states(&self) -> Result<Vec<MachineState<'_>>, OffloadError> {
+        let now = SystemTime::now();
+        let mut states = Vec::with_capacity(self.machines.len());
+        for m in &self.machines {
+            let in_backoff = self
+                .backoff
+                .state(&m.name)?
+                .is_some_and(|b| b.active(now));
+            states.push(MachineState {
+                machine: m,
+                slots_in_use: self.slots.in_use(m)?,
+                load: None,
+                in_backoff,
+            });
+        }
+        Ok(states)
+    }
+
+    /// Decides where `drv` is built and takes what that needs, waiting
+    /// while the decision is to postpone (or to build locally with every
+    /// local permit taken). `placement` gives the local facts and policy.
+    pub fn place(
+        &self,
+        placement: &Placement,
+        drv: &Derivation,
+    ) -> Result<Placed<'_>, OffloadError> {
+        let facts = DrvFacts::from_derivation(drv);
+        loop {
+            let seen = {
+                let choice = self.slots.lock_choice()?;
+                let states = self.states()?;
+                let mut local = placement.local.clone();
+                let guard = self.lock_state();
+                local.free_slot = guard.local_running < self.local_jobs;
+                drop(guard);
+                match decide::decide(&facts, &states, &local, &placement.policy) {
+                    Decision::Fail { reason } => return Ok(Placed::Fail { reason }),
+                    Decision::Remote { machine, reason } => {
+                        let m = self
+                            .machines
+                            .iter()
+                            .find(|m| m.name == machine)
+                            .expect("decide chose one of the machines it was given");
+                        if let Some(slot) = self.slots.try_acquire(m)? {
+                            tracing::debug!(machine = %m.name, slot = slot.index, %reason, "offloading");
+                            return Ok(Placed::Remote { machine: m, slot });
+                        }
+                        // Taken between the count and now (another process
+                        // without the choice lock?): decide again.
+                        drop(choice);
+                        continue;
+                    }
+                    Decision::Local { reason } => {
+                        let mut guard = self.lock_state();
+                        if guard.local_running < self.local_jobs {
+                            guard.local_running += 1;
+                            tracing::debug!(%reason, "building locally");
+                            return Ok(Placed::Local(LocalPermit { offloader: self }));
+                        }
+                        guard
+                    }
+                    Decision::Postpone { reason } => {
+                        tracing::debug!(%reason, "postponed");
+                        self.lock_state()
+                    }
+                }
+            };
+            // Wait for a permit or slot of this process to be released, or
+            // a while for those of others.
+            let _ = self.wake.wait_timeout(seen, RECHECK);
+        }
+    }
+
+    /// Puts `machine` into backoff after `error`.
+    pub fn record_failure(&self, machine: &Machine, error: &OffloadError) {
+        let line = error.to_string().replace('\n', " ");
+        match self
+            .backoff
+            .record_failure(&machine.name, SystemTime::now(), &line)
+        {
+            Ok(b) => tracing::warn!(
+                machine = %machine.name,
+                failures = b.failures,
+                "{line}; not using it for {} s",
+                b.until
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .as_secs()
+            ),
+            Err(e) => tracing::warn!(machine = %machine.name, "{line}; cannot record it: {e}"),
+        }
+        // Whoever postponed may now choose another way.
+        self.wake.notify_all();
+    }
+
+    /// Releases `slot` and wakes whoever waits for one.
+    pub fn release(&self, slot: Slot) {
+        drop(slot);
+        self.wake.notify_all();
+    }
+
+    fn connect(&self, machine: &Machine, dir: &StoreDir) -> Result<Conn, OffloadError> {
+        let session = SshSession::connect(machine, &self.ssh)?;
+        let command = remote_command(machine);
+        let channel = session.exec(&command)?;
+        let client = ServeClient::open(channel, dir.clone()).map_err(|source| {
+            OffloadError::Session {
+                machine: machine.name.clone(),
+                command: command.clone(),
+                source,
+            }
+        })?;
+        Ok(Conn {
+            client,
+            _session: session,
+        })
+    }
+
+    fn take_idle(&self, machine: &Machine) -> Option<Conn> {
+        self.lock_state().idle.get_mut(&machine.name)?.pop()
+    }
+
+    fn put_idle(&self, machine: &Machine, conn: Conn) {
+        self.lock_state()
+            .idle
+            .entry(machine.name.clone())
+            .or_default()
+            .push(conn);
+    }
+
+    /// Builds `drv` (at `drv_path`, inputs valid in `store`) on `machine`
+    /// and makes its outputs valid in `store` under `locks`, or reports why
+    /// not. The remote log goes to `log`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_on(
+        &self,
+        store: &LocalStore,
+        machine: &Machine,
+        locks: &PathLocks,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        inputs: &BTreeSet<StorePath>,
+        options: &BuildOptions,
+        log: &mut dyn Write,
+    ) -> Result<RemoteOutcome, OffloadError> {
+        let closure = store.closure(inputs)?;
+        // A pooled connection may have died since; one fresh try then.
+        let (mut conn, missing) = match self.take_idle(machine) {
+            Some(mut conn) => match query_missing(&mut conn, &closure) {
+                Ok(missing) => (conn, missing),
+                Err(e) => {
+                    tracing::debug!(machine = %machine.name, "idle connection is gone: {e}");
+                    let mut conn = self.connect(machine, &store.location().dir)?;
+                    let missing = query_missing(&mut conn, &closure).map_err(lost(machine, "asking for missing inputs"))?;
+                    (conn, missing)
+                }
+            },
+            None => {
+                let mut conn = self.connect(machine, &store.location().dir)?;
+                let missing = query_missing(&mut conn, &closure)
+                    .map_err(lost(machine, "asking for missing inputs"))?;
+                (conn, missing)
+            }
+        };
+        if !missing.is_empty() {
+            self.send_paths(store, machine, &mut conn.client, &missing)?;
+        }
+        let deadline = (options.build_timeout > 0)
+            .then(|| Instant::now() + Duration::from_secs(options.build_timeout) + TIMEOUT_GRACE);
+        let result = conn
+            .client
+            .build_derivation(drv_path, drv, &closure, options, log, deadline)
+            .map_err(lost(machine, "building"))?;
+        let outcome = match result.status {
+            BuildStatus::Built
+            | BuildStatus::Substituted
+            | BuildStatus::AlreadyValid
+            | BuildStatus::ResolvesToAlreadyValid => {
+                self.fetch_outputs(store, machine, &mut conn.client, locks, drv_path, drv)?;
+                RemoteOutcome::Built
+            }
+            _ => RemoteOutcome::Failed(result),
+        };
+        let _ = conn.client.transport().drain_log(log);
+        if let Err(e) = self.backoff.record_success(&machine.name) {
+            tracing::warn!(machine = %machine.name, "cannot clear its backoff: {e}");
+        }
+        self.put_idle(machine, conn);
+        Ok(outcome)
+    }
+
+    /// Sends `missing` (valid here) to the machine in one export stream,
+    /// dependencies first, each signed with this machine's key.
+    fn send_paths(
+        &self,
+        store: &LocalStore,
+        machine: &Machine,
+        client: &mut ServeClient<SshChannel>,
+        missing: &BTreeSet<StorePath>,
+    ) -> Result<(), OffloadError> {
+        let loc = store.location();
+        let mut entries = Vec::with_capacity(missing.len());
+        for p in store.topo_sort(missing)? {
+            let mut info = store
+                .query_path_info(&p)?
+                .ok_or_else(|| StoreError::NotValid {
+                    path: loc.logical(&p),
+                })?;
+            if let Some(key) = &self.signing_key {
+                // A path of unknown NAR size cannot be signed; send it as is.
+                if let Ok(sig) = key.sign_path(&info, &loc.dir) {
+                    info.signatures.insert(sig);
+                }
+            }
+            entries.push(info);
+        }
+        let total: u64 = entries.iter().map(|i| i.nar_size).sum();
+        tracing::info!(
+            machine = %machine.name,
+            "sending {} store items ({:.1} MiB)",
+            entries.len(),
+            total as f64 / (1024.0 * 1024.0)
+        );
+        let sent = client
+            .import_paths(|w| {
+                let sink = BufWriter::with_capacity(1 << 20, w);
+                let mut export = ExportWriter::new(sink, loc.dir.clone());
+                for info in &entries {
+                    export.write_path(info, &loc.real_path(&info.path))?;
+                }
+                export.finish().map(drop)
+            })
+            .map_err(lost(machine, "sending inputs"))?;
+        sent.map_err(|e| match e {
+            // Our side of the pipe failing is the link dying.
+            ExportError::Write(source) => OffloadError::Lost {
+                machine: machine.name.clone(),
+                during: "sending inputs",
+                source: ClientError::Wire {
+                    what: "ImportPaths",
+                    source: source.into(),
+                },
+            },
+            e => OffloadError::Export {
+                machine: machine.name.clone(),
+                source: Box::new(e),
+            },
+        })
+    }
+
+    /// Fetches the outputs of `drv` from the machine, checks them and
+    /// registers them together.
+    fn fetch_outputs(
+        &self,
+        store: &LocalStore,
+        machine: &Machine,
+        client: &mut ServeClient<SshChannel>,
+        locks: &PathLocks,
+        drv_path: &StorePath,
+        drv: &Derivation,
+    ) -> Result<(), OffloadError> {
+        let loc = store.location();
+        let wanted: BTreeSet<StorePath> = drv.output_paths().into_values().collect();
+        let infos = client
+            .query_path_infos(&wanted)
+            .map_err(lost(machine, "asking for the outputs"))?;
+        let infos: BTreeMap<StorePath, ValidPathInfo> =
+            infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+        let mut checked = Vec::with_capacity(wanted.len());
+        for path in &wanted {
+            let info = infos
+                .get(path)
+                .ok_or_else(|| OffloadError::MissingOutput {
+                    machine: machine.name.clone(),
+                    drv: loc.logical(drv_path),
+                    path: loc.logical(path),
+                })?;
+            if self.trusted.count_valid(info, &loc.dir) == 0 {
+                let signers: Vec<&str> = info.signatures.iter().map(|s| s.key_name()).collect();
+                return Err(OffloadError::Untrusted {
+                    machine: machine.name.clone(),
+                    path: loc.logical(path),
+                    signers: if signers.is_empty() {
+                        "nobody".to_owned()
+                    } else {
+                        signers.join(", ")
+                    },
+                });
+            }
+            checked.push(info.clone());
+        }
+        let mut staged = Vec::with_capacity(checked.len());
+        for mut info in checked {
+            let got = client
+                .dump_store_path(&info.path, |nar| store.stage_nar(nar))
+                .map_err(lost(machine, "fetching outputs"))??;
+            if got.nar_hash != info.nar_hash || got.nar_size != info.nar_size {
+                return Err(OffloadError::Corrupt {
+                    machine: machine.name.clone(),
+                    path: loc.logical(&info.path),
+                });
+            }
+            info.deriver = Some(drv_path.clone());
+            info.registration_time = 0;
+            info.ultimate = false;
+            staged.push((got, info));
+        }
+        store.register_built_outputs(locks, staged)?;
+        Ok(())
+    }
+}
+
+/// The paths of `closure` the machine lacks.
+fn query_missing(
+    conn: &mut Conn,
+    closure: &BTreeSet<StorePath>,
+) -> Result<BTreeSet<StorePath>, ClientError> {
+    // lock: keep them from the remote's garbage collector until we are done.
+    let valid = conn.client.query_valid_paths(closure, true, false)?;
+    Ok(closure.difference(&valid).cloned().collect())
+}
+
+fn lost<'m>(
+    machine: &'m Machine,
+    during: &'static str,
+) -> impl FnOnce(ClientError) -> OffloadError + 'm {
+    move |source| OffloadError::Lost {
+        machine: machine.name.clone(),
+        during,
+        source,
+    }
+}
+
