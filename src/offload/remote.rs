@@ -149,6 +149,17 @@ pub enum Placed<'o> {
     Fail { reason: String },
 }
 
+/// What [`Offloader::try_place`] found.
+pub enum Attempt<'o> {
+    /// Placed (or failed).
+    Placed(Placed<'o>),
+    /// Nothing free now: ask again later.
+    Wait {
+        /// Why.
+        reason: String,
+    },
+}
+
 /// One of the local build permits (`-j`); released when dropped.
 pub struct LocalPermit<'o> {
     offloader: &'o Offloader,
@@ -273,50 +284,56 @@ impl Offloader {
         placement: &Placement,
         drv: &Derivation,
     ) -> Result<Placed<'_>, OffloadError> {
-        let facts = DrvFacts::from_derivation(drv);
         loop {
-            let seen = {
-                let choice = self.slots.lock_choice()?;
-                let states = self.states()?;
-                let mut local = placement.local.clone();
-                let guard = self.lock_state();
-                local.free_slot = guard.local_running < self.local_jobs;
-                drop(guard);
-                match decide::decide(&facts, &states, &local, &placement.policy) {
-                    Decision::Fail { reason } => return Ok(Placed::Fail { reason }),
-                    Decision::Remote { machine, reason } => {
-                        let m = self
-                            .machines
-                            .iter()
-                            .find(|m| m.name == machine)
-                            .expect("decide chose one of the machines it was given");
-                        if let Some(slot) = self.slots.try_acquire(m)? {
-                            tracing::debug!(machine = %m.name, slot = slot.index, %reason, "offloading");
-                            return Ok(Placed::Remote { machine: m, slot });
-                        }
-                        // Taken between the count and now (another process
-                        // without the choice lock?): decide again.
-                        drop(choice);
-                        continue;
-                    }
-                    Decision::Local { reason } => {
-                        let mut guard = self.lock_state();
-                        if guard.local_running < self.local_jobs {
-                            guard.local_running += 1;
-                            tracing::debug!(%reason, "building locally");
-                            return Ok(Placed::Local(LocalPermit { offloader: self }));
-                        }
-                        guard
-                    }
-                    Decision::Postpone { reason } => {
-                        tracing::debug!(%reason, "postponed");
-                        self.lock_state()
-                    }
-                }
-            };
+            if let Attempt::Placed(p) = self.try_place(placement, drv)? {
+                return Ok(p);
+            }
             // Wait for a permit or slot of this process to be released, or
             // a while for those of others.
-            let _ = self.wake.wait_timeout(seen, RECHECK);
+            let guard = self.lock_state();
+            let _ = self.wake.wait_timeout(guard, RECHECK);
+        }
+    }
+
+    /// One decision for `drv` without waiting: [`Attempt::Wait`] when it is
+    /// to be postponed, or built here with every local permit taken.
+    pub fn try_place(
+        &self,
+        placement: &Placement,
+        drv: &Derivation,
+    ) -> Result<Attempt<'_>, OffloadError> {
+        let facts = DrvFacts::from_derivation(drv);
+        loop {
+            let _choice = self.slots.lock_choice()?;
+            let states = self.states()?;
+            let mut local = placement.local.clone();
+            local.free_slot = self.lock_state().local_running < self.local_jobs;
+            match decide::decide(&facts, &states, &local, &placement.policy) {
+                Decision::Fail { reason } => return Ok(Attempt::Placed(Placed::Fail { reason })),
+                Decision::Remote { machine, reason } => {
+                    let m = self
+                        .machines
+                        .iter()
+                        .find(|m| m.name == machine)
+                        .expect("decide chose one of the machines it was given");
+                    if let Some(slot) = self.slots.try_acquire(m)? {
+                        tracing::debug!(machine = %m.name, slot = slot.index, %reason, "offloading");
+                        return Ok(Attempt::Placed(Placed::Remote { machine: m, slot }));
+                    }
+                    // Taken between the count and now by a process that
+                    // does not take the choice lock: decide again.
+                }
+                Decision::Local { reason } => {
+                    let mut guard = self.lock_state();
+                    if guard.local_running >= self.local_jobs {
+                        return Ok(Attempt::Wait { reason });
+                    }
+                    guard.local_running += 1;
+                    tracing::debug!(%reason, "building locally");
+                    return Ok(Attempt::Placed(Placed::Local(LocalPermit { offloader: self })));
+                }
+                Decision::Postpone { reason } => return Ok(Attempt::Wait { reason }),
+            }
         }
     }
 
