@@ -55,9 +55,11 @@ enum Command {
     Setup(cli::setup::SetupArgs),
     /// Show where a derivation would be built, and why.
     Decide(cli::decide::DecideArgs),
-    /// Inspect the build machines file.
+    /// Inspect, test and show the status of build machines.
     #[command(subcommand)]
     Machines(cli::machines::MachinesCommand),
+    /// Send the closure of store paths to a build machine.
+    Copy(cli::copy::CopyArgs),
     /// Serve this store to a Nix client, as `nix-store --serve`.
     Serve(cli::serve::ServeArgs),
 }
@@ -113,7 +115,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Build(c) => cli::build::run(c, &loc),
         Command::Log { drv } => cli::build::log(&drv, &loc),
         Command::Decide(c) => cli::decide::run(c, &loc),
-        Command::Machines(c) => cli::machines::run(c),
+        Command::Machines(c) => cli::machines::run(c, &loc),
+        Command::Copy(c) => cli::copy::run(c, &loc),
         Command::Serve(c) => cli::serve::run(c, &loc),
     }
 }

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use super::{builds_dir, log_path, BuildError, Event, Options};
 use crate::decide::{Decision, MachineName, Placement};
+use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::offload::protocol::BuildOptions;
 use crate::offload::remote::{LocalPermit, OffloadError, Offloader, Placed, RemoteOutcome};
-use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::sandbox::plan::DEFAULT_BUILD_DIR_NAME;
 use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserPool};
 use crate::store::local::{LocalStore, PathLocks, StagedPath};
@@ -294,10 +294,12 @@ fn place_or_offload<'o>(
         source: Box::new(e),
     };
     loop {
-        let placed = off.place(ctx.placement, drv).map_err(|e| BuildError::Placement {
-            drv: drv_name.clone(),
-            source: Box::new(e),
-        })?;
+        let placed = off
+            .place(ctx.placement, drv)
+            .map_err(|e| BuildError::Placement {
+                drv: drv_name.clone(),
+                source: Box::new(e),
+            })?;
         let (machine, slot) = match placed {
             Placed::Local(permit) => return Ok(Some(permit)),
             Placed::Fail { reason } => {
@@ -310,7 +312,9 @@ fn place_or_offload<'o>(
         };
         let _ = writeln!(log, "sandoff: building '{drv_name}' on '{}'", machine.name);
         tracing::info!(drv = %drv_name, machine = %machine.name, "building remotely");
-        let r = off.build_on(ctx.store, machine, locks, drv_path, drv, inputs, &options, log);
+        let r = off.build_on(
+            ctx.store, machine, locks, drv_path, drv, inputs, &options, log,
+        );
         off.release(slot);
         match r {
             Ok(RemoteOutcome::Built) => return Ok(None),

@@ -226,7 +226,11 @@ pub enum BuildError {
         dir: PathBuf,
     },
     /// The build failed on a build machine.
-    #[error("builder for '{drv}' failed on '{machine}': {}{}", remote_message(status, message), tail_note(tail))]
+    #[error(
+        "builder for '{drv}' failed on '{machine}': {}{}",
+        remote_message(status, message),
+        tail_note(tail)
+    )]
     RemoteFailed {
         /// The derivation.
         drv: String,

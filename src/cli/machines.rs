@@ -4,9 +4,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::{Duration, SystemTime};
+
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use sandoff::decide::{self, file, Machine};
+use sandoff::offload::remote::Offloader;
+use sandoff::offload::ssh::SshOptions;
+use sandoff::store::local::LocalStore;
+use sandoff::store::StoreLocation;
 
 /// Where the machines come from.
 #[derive(Args, Debug, Clone)]
@@ -43,10 +49,151 @@ pub enum MachinesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Check that machines can take builds (as `guix offload test`): connect
+    /// with the host key verified, start the remote sandoff, send a small
+    /// signed path and fetch it back.
+    Test {
+        #[command(flatten)]
+        source: MachinesArgs,
+        #[command(flatten)]
+        ssh: SshArgs,
+        /// Only the machines whose name contains one of these.
+        #[arg(value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// Show each machine: reachable, systems, load, free disk, slots in use,
+    /// backoff.
+    Status {
+        #[command(flatten)]
+        source: MachinesArgs,
+        #[command(flatten)]
+        ssh: SshArgs,
+        /// Print one JSON object per machine, in a JSON array.
+        #[arg(long)]
+        json: bool,
+        /// Only the machines whose name contains one of these.
+        #[arg(value_name = "NAME")]
+        names: Vec<String>,
+    },
 }
 
-pub fn run(cmd: MachinesCommand) -> anyhow::Result<ExitCode> {
+/// How to reach machines.
+#[derive(Args, Debug, Clone)]
+pub struct SshArgs {
+    /// Give up connecting to a machine after this many seconds.
+    #[arg(long, value_name = "S", default_value_t = 10)]
+    pub connect_timeout: u64,
+}
+
+impl SshArgs {
+    /// The SSH options.
+    pub fn options(&self) -> SshOptions {
+        SshOptions {
+            connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
+            ..SshOptions::default()
+        }
+    }
+}
+
+/// The machines whose name contains one of `names` (all if none given).
+pub fn select(machines: Vec<Machine>, names: &[String]) -> anyhow::Result<Vec<Machine>> {
+    let picked: Vec<Machine> = machines
+        .into_iter()
+        .filter(|m| names.is_empty() || names.iter().any(|n| m.name.as_str().contains(n.as_str())))
+        .collect();
+    anyhow::ensure!(!picked.is_empty(), "no build machine matches");
+    Ok(picked)
+}
+
+pub fn run(cmd: MachinesCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     match cmd {
+        MachinesCommand::Test { source, ssh, names } => {
+            let machines = select(source.load(&decide::host_system())?, &names)?;
+            let store = LocalStore::open(loc.clone())?;
+            let off = Offloader::new(loc, machines.clone(), 1, ssh.options())?;
+            let mut failed = 0;
+            for m in &machines {
+                match off.test_machine(&store, m) {
+                    Ok(report) => {
+                        println!("{}: ok", m.name);
+                        for step in report.passed {
+                            println!("  {step}");
+                        }
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        println!("{}: FAILED: {}", m.name, error_chain(&e));
+                    }
+                }
+            }
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        MachinesCommand::Status {
+            source,
+            ssh,
+            json,
+            names,
+        } => {
+            let machines = select(source.load(&decide::host_system())?, &names)?;
+            let off = Offloader::new(loc, machines.clone(), 1, ssh.options())?;
+            let now = SystemTime::now();
+            let mut all = Vec::new();
+            for m in &machines {
+                let st = off.status(m)?;
+                let backoff = st.backoff.as_ref().filter(|b| b.active(now)).map(|b| {
+                    let left = b.until.duration_since(now).unwrap_or_default().as_secs();
+                    (b.failures, left, b.last_error.clone())
+                });
+                if json {
+                    all.push(serde_json::json!({
+                        "name": m.name,
+                        "reachable": st.reachable.is_ok(),
+                        "error": st.reachable.as_ref().err(),
+                        "systems": m.systems,
+                        "load": st.load,
+                        "cores": st.cores,
+                        "normalizedLoad": st.normalized_load(),
+                        "freeDisk": st.free_disk,
+                        "slotsInUse": st.slots_in_use,
+                        "maxJobs": m.max_jobs,
+                        "backoff": backoff.as_ref().map(|(n, left, e)| serde_json::json!({
+                            "failures": n, "secondsLeft": left, "lastError": e
+                        })),
+                    }));
+                    continue;
+                }
+                println!("{}", m.name);
+                match &st.reachable {
+                    Ok(()) => println!("  reachable: yes"),
+                    Err(e) => println!("  reachable: no ({e})"),
+                }
+                println!("  systems: {}", list(&m.systems));
+                if let (Some(l), Some(c)) = (st.load, st.cores) {
+                    println!(
+                        "  load: {l:.2} on {c} cores (normalized {:.2})",
+                        st.normalized_load().unwrap_or(0.0)
+                    );
+                }
+                if let Some(f) = st.free_disk {
+                    println!("  free disk: {:.1} GiB", f as f64 / (1u64 << 30) as f64);
+                }
+                println!("  slots in use: {}/{}", st.slots_in_use, m.max_jobs);
+                match backoff {
+                    Some((n, left, e)) => {
+                        println!("  backoff: {left} s left after {n} failure(s): {e}")
+                    }
+                    None => println!("  backoff: none"),
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         MachinesCommand::List { source, json } => {
             let machines = source.load(&decide::host_system())?;
             if json {
@@ -87,4 +234,19 @@ fn human(m: &Machine) -> String {
         list(&m.supported_features),
         list(&m.mandatory_features),
     )
+}
+
+/// `error: cause: cause` on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let c_text = c.to_string();
+        if !s.contains(&c_text) {
+            s.push_str(": ");
+            s.push_str(&c_text);
+        }
+        cur = c.source();
+    }
+    s
 }

@@ -33,15 +33,17 @@ use super::backoff::{Backoff, BackoffError};
 use super::client::{ClientError, ServeClient};
 use super::protocol::{BuildOptions, BuildResult, BuildStatus};
 use super::slots::{Slot, SlotDir, SlotError};
-use super::transport::Transport;
 use super::ssh::{remote_command, SshChannel, SshError, SshOptions, SshSession};
+use super::transport::Transport;
 use crate::decide::{self, Decision, DrvFacts, Machine, MachineName, MachineState, Placement};
 use crate::derivation::Derivation;
 use crate::store::export::{ExportError, ExportWriter};
+use crate::store::hash::HashingReader;
 use crate::store::keyring::{Keyring, KeyringError};
 use crate::store::local::{LocalStore, PathLocks, StoreError};
+use crate::store::nar::{self, NullVisitor};
 use crate::store::signature::{SecretKey, TrustedKeys};
-use crate::store::{StoreDir, StoreLocation, StorePath, ValidPathInfo};
+use crate::store::{HashAlgo, StoreDir, StoreLocation, StorePath, ValidPathInfo};
 
 /// How long a postponed placement waits before asking again when no slot
 /// of this process was released (slots of other processes are not
@@ -175,10 +177,26 @@ impl Drop for LocalPermit<'_> {
 }
 
 /// A serve session on a machine.
-struct Conn {
-    client: ServeClient<SshChannel>,
-    // Kept for as long as the channel is used.
-    _session: SshSession,
+pub struct Conn {
+    /// The session.
+    pub client: ServeClient<SshChannel>,
+    /// The SSH connection it runs over.
+    pub session: SshSession,
+}
+
+/// Connects to `machine` and opens a serve session with its serve program,
+/// for paths in the store directory `dir`.
+pub fn connect(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Conn, OffloadError> {
+    let session = SshSession::connect(machine, ssh)?;
+    let command = remote_command(machine);
+    let channel = session.exec(&command)?;
+    let client =
+        ServeClient::open(channel, dir.clone()).map_err(|source| OffloadError::Session {
+            machine: machine.name.clone(),
+            command: command.clone(),
+            source,
+        })?;
+    Ok(Conn { client, session })
 }
 
 #[derive(Default)]
@@ -262,10 +280,7 @@ impl Offloader {
         let now = SystemTime::now();
         let mut states = Vec::with_capacity(self.machines.len());
         for m in &self.machines {
-            let in_backoff = self
-                .backoff
-                .state(&m.name)?
-                .is_some_and(|b| b.active(now));
+            let in_backoff = self.backoff.state(&m.name)?.is_some_and(|b| b.active(now));
             states.push(MachineState {
                 machine: m,
                 slots_in_use: self.slots.in_use(m)?,
@@ -330,7 +345,9 @@ impl Offloader {
                     }
                     guard.local_running += 1;
                     tracing::debug!(%reason, "building locally");
-                    return Ok(Attempt::Placed(Placed::Local(LocalPermit { offloader: self })));
+                    return Ok(Attempt::Placed(Placed::Local(LocalPermit {
+                        offloader: self,
+                    })));
                 }
                 Decision::Postpone { reason } => return Ok(Attempt::Wait { reason }),
             }
@@ -366,20 +383,7 @@ impl Offloader {
     }
 
     fn connect(&self, machine: &Machine, dir: &StoreDir) -> Result<Conn, OffloadError> {
-        let session = SshSession::connect(machine, &self.ssh)?;
-        let command = remote_command(machine);
-        let channel = session.exec(&command)?;
-        let client = ServeClient::open(channel, dir.clone()).map_err(|source| {
-            OffloadError::Session {
-                machine: machine.name.clone(),
-                command: command.clone(),
-                source,
-            }
-        })?;
-        Ok(Conn {
-            client,
-            _session: session,
-        })
+        connect(machine, &self.ssh, dir)
     }
 
     fn take_idle(&self, machine: &Machine) -> Option<Conn> {
@@ -417,7 +421,8 @@ impl Offloader {
                 Err(e) => {
                     tracing::debug!(machine = %machine.name, "idle connection is gone: {e}");
                     let mut conn = self.connect(machine, &store.location().dir)?;
-                    let missing = query_missing(&mut conn, &closure).map_err(lost(machine, "asking for missing inputs"))?;
+                    let missing = query_missing(&mut conn, &closure)
+                        .map_err(lost(machine, "asking for missing inputs"))?;
                     (conn, missing)
                 }
             },
@@ -534,13 +539,11 @@ impl Offloader {
             infos.into_iter().map(|i| (i.path.clone(), i)).collect();
         let mut checked = Vec::with_capacity(wanted.len());
         for path in &wanted {
-            let info = infos
-                .get(path)
-                .ok_or_else(|| OffloadError::MissingOutput {
-                    machine: machine.name.clone(),
-                    drv: loc.logical(drv_path),
-                    path: loc.logical(path),
-                })?;
+            let info = infos.get(path).ok_or_else(|| OffloadError::MissingOutput {
+                machine: machine.name.clone(),
+                drv: loc.logical(drv_path),
+                path: loc.logical(path),
+            })?;
             if self.trusted.count_valid(info, &loc.dir) == 0 {
                 let signers: Vec<&str> = info.signatures.iter().map(|s| s.key_name()).collect();
                 return Err(OffloadError::Untrusted {
@@ -597,3 +600,222 @@ fn lost<'m>(
     }
 }
 
+/// What `sandoff machines status` shows of one machine.
+#[derive(Clone, Debug)]
+pub struct MachineStatus {
+    /// Reachable (connected, host key verified, logged in), or why not.
+    pub reachable: Result<(), String>,
+    /// The 1-minute load average.
+    pub load: Option<f64>,
+    /// Its processors.
+    pub cores: Option<u32>,
+    /// Free bytes on the filesystem of its store.
+    pub free_disk: Option<u64>,
+    /// Slots held now by sandoff processes on this host.
+    pub slots_in_use: u32,
+    /// Its failure record, if any.
+    pub backoff: Option<super::backoff::BackoffState>,
+}
+
+impl MachineStatus {
+    /// Load per processor, as Guix normalises it (capped at 1).
+    pub fn normalized_load(&self) -> Option<f64> {
+        match (self.load, self.cores) {
+            (Some(l), Some(c)) if c > 0 => Some((l / f64::from(c)).min(1.0)),
+            _ => None,
+        }
+    }
+}
+
+/// The remote command of `machines status`: load average, processors, and
+/// the free space where its store is (`SANDOFF_STORE_ROOT` for sandoff
+/// hosts with their own root).
+const STATUS_COMMAND: &str =
+    "cat /proc/loadavg; nproc; df -Pk \"${SANDOFF_STORE_ROOT:-/}\" | tail -n 1";
+
+/// Parses what [`STATUS_COMMAND`] printed: (load, cores, free bytes).
+pub fn parse_status(out: &str) -> (Option<f64>, Option<u32>, Option<u64>) {
+    let mut lines = out.lines();
+    let load = lines
+        .next()
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|l| l.parse::<f64>().ok())
+        .filter(|l| l.is_finite() && *l >= 0.0);
+    let cores = lines.next().and_then(|l| l.trim().parse::<u32>().ok());
+    // `Filesystem 1024-blocks Used Available Capacity Mounted-on`
+    let free = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|k| k.parse::<u64>().ok())
+        .and_then(|k| k.checked_mul(1024));
+    (load, cores, free)
+}
+
+/// What `sandoff machines test` found on one machine, step by step.
+#[derive(Clone, Debug, Default)]
+pub struct TestReport {
+    /// Each step that passed, one line.
+    pub passed: Vec<String>,
+}
+
+impl Offloader {
+    /// The status of `machine`; connecting is part of it, so this never fails
+    /// for a machine that is down (that is what it reports).
+    pub fn status(&self, machine: &Machine) -> Result<MachineStatus, OffloadError> {
+        let slots_in_use = self.slots.in_use(machine)?;
+        let backoff = self.backoff.state(&machine.name)?;
+        let mut status = MachineStatus {
+            reachable: Ok(()),
+            load: None,
+            cores: None,
+            free_disk: None,
+            slots_in_use,
+            backoff,
+        };
+        match SshSession::connect(machine, &self.ssh) {
+            Err(e) => status.reachable = Err(e.to_string()),
+            Ok(session) => match session.run(STATUS_COMMAND) {
+                Ok((out, _, _)) => {
+                    (status.load, status.cores, status.free_disk) =
+                        parse_status(&String::from_utf8_lossy(&out));
+                }
+                Err(e) => status.reachable = Err(e.to_string()),
+            },
+        }
+        Ok(status)
+    }
+
+    /// Checks that `machine` can take builds, as `guix offload test`:
+    /// connect (host key verified), start its serve program, send a fresh
+    /// small path signed with this machine's key, see it valid there, and
+    /// fetch it back intact.
+    pub fn test_machine(
+        &self,
+        store: &LocalStore,
+        machine: &Machine,
+    ) -> Result<TestReport, OffloadError> {
+        let loc = store.location();
+        let mut report = TestReport::default();
+        let mut conn = self.connect(machine, &loc.dir)?;
+        report.passed.push(format!(
+            "connected to {} (host key verified) and started '{}' (serve protocol 2.{})",
+            conn.session.host(),
+            remote_command(machine),
+            conn.client.minor()
+        ));
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let text = format!(
+            "sandoff machines test of {} at {nanos} by process {}\n",
+            machine.name,
+            std::process::id()
+        );
+        let nonce = store.add_text(
+            "sandoff-machines-test",
+            text.as_bytes(),
+            &BTreeSet::new(),
+            &BTreeMap::new(),
+        )?;
+        let one: BTreeSet<StorePath> = [nonce.clone()].into();
+        self.send_paths(store, machine, &mut conn.client, &one)?;
+        let valid = conn
+            .client
+            .query_valid_paths(&one, false, false)
+            .map_err(lost(machine, "checking the test path"))?;
+        if !valid.contains(&nonce) {
+            return Err(OffloadError::MissingOutput {
+                machine: machine.name.clone(),
+                drv: "(machines test)".to_owned(),
+                path: loc.logical(&nonce),
+            });
+        }
+        report.passed.push(format!(
+            "sent {}{}",
+            loc.logical(&nonce),
+            if self.signing_key.is_some() {
+                ", signed"
+            } else {
+                " (unsigned: no signing key here)"
+            }
+        ));
+        let local = store
+            .query_path_info(&nonce)?
+            .ok_or_else(|| StoreError::NotValid {
+                path: loc.logical(&nonce),
+            })?;
+        let hashed = conn
+            .client
+            .dump_store_path(&nonce, |nar| {
+                let mut reader = HashingReader::new(nar, HashAlgo::Sha256);
+                nar::parse(&mut reader, &mut NullVisitor).map(|_| {
+                    let (hash, size, _) = reader.finish();
+                    (hash, size)
+                })
+            })
+            .map_err(lost(machine, "fetching the test path"))?;
+        match hashed {
+            Ok((hash, size)) if hash == local.nar_hash && size == local.nar_size => {
+                report
+                    .passed
+                    .push("fetched it back, NAR hash intact".to_owned());
+                Ok(report)
+            }
+            _ => Err(OffloadError::Corrupt {
+                machine: machine.name.clone(),
+                path: loc.logical(&nonce),
+            }),
+        }
+    }
+
+    /// Copies the closure of `paths` (valid here) to `machine`: the paths it
+    /// lacks, in one signed stream. Returns how many were sent and their
+    /// NAR bytes.
+    pub fn copy_to(
+        &self,
+        store: &LocalStore,
+        machine: &Machine,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<(usize, u64), OffloadError> {
+        let closure = store.closure(paths)?;
+        let mut conn = self.connect(machine, &store.location().dir)?;
+        let missing = query_missing(&mut conn, &closure)
+            .map_err(lost(machine, "asking for missing paths"))?;
+        let mut bytes = 0;
+        for p in &missing {
+            if let Some(info) = store.query_path_info(p)? {
+                bytes += info.nar_size;
+            }
+        }
+        if !missing.is_empty() {
+            self.send_paths(store, machine, &mut conn.client, &missing)?;
+        }
+        Ok((missing.len(), bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_output() {
+        let out = "0.52 0.58 0.59 1/123 4567\n8\n/dev/sda1 1000000 400000 600000 40% /\n";
+        assert_eq!(
+            parse_status(out),
+            (Some(0.52), Some(8), Some(600000 * 1024))
+        );
+        assert_eq!(parse_status(""), (None, None, None));
+        assert_eq!(parse_status("nan\nx\n"), (None, None, None));
+        let s = MachineStatus {
+            reachable: Ok(()),
+            load: Some(12.0),
+            cores: Some(8),
+            free_disk: None,
+            slots_in_use: 0,
+            backoff: None,
+        };
+        assert_eq!(s.normalized_load(), Some(1.0));
+    }
+}

@@ -850,7 +850,9 @@ fn build_places_each_derivation_with_the_decision_module() {
     assert!(s.info(&s.out(&d)).is_some());
     let backoff = s.loc().state.join("offload-backoff");
     assert_eq!(
-        std::fs::read_dir(&backoff).expect("backoff records").count(),
+        std::fs::read_dir(&backoff)
+            .expect("backoff records")
+            .count(),
         1,
         "one record in {}",
         backoff.display()
