@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::support::{self, Need};
 
 /// Root, busybox, namespaces and the build users.
-fn ready(test: &str) -> bool {
+pub(crate) fn ready(test: &str) -> bool {
     if !support::require(test, &[Need::Root, Need::Program("busybox")]) {
         return false;
     }
@@ -52,28 +52,28 @@ fn ready(test: &str) -> bool {
 }
 
 /// A store under a temporary directory, with busybox in it.
-struct Store {
-    tmp: tempfile::TempDir,
-    bb: String,
+pub(crate) struct Store {
+    pub(crate) tmp: tempfile::TempDir,
+    pub(crate) bb: String,
 }
 
 /// How a derivation is given to `drv`.
 #[derive(Default)]
-struct Spec<'a> {
+pub(crate) struct Spec<'a> {
     /// Shell script run by busybox sh, with the applets on PATH.
-    script: &'a str,
+    pub(crate) script: &'a str,
     /// Input derivations and the output used.
-    inputs: &'a [(&'a str, &'a str)],
+    pub(crate) inputs: &'a [(&'a str, &'a str)],
     /// Output names (default `out`).
-    outputs: &'a [&'a str],
+    pub(crate) outputs: &'a [&'a str],
     /// Fixed output: hashAlgo (`sha256` or `r:sha256`) and hex hash.
-    fixed: Option<(&'a str, String)>,
+    pub(crate) fixed: Option<(&'a str, String)>,
     /// Extra environment.
-    env: &'a [(&'a str, &'a str)],
+    pub(crate) env: &'a [(&'a str, &'a str)],
 }
 
 impl Store {
-    fn new() -> Store {
+    pub(crate) fn new() -> Store {
         let tmp = tempfile::tempdir().expect("tempdir");
         let src = tmp.path().join("src/busybox/bin");
         std::fs::create_dir_all(&src).expect("mkdir");
@@ -91,15 +91,15 @@ impl Store {
         s
     }
 
-    fn root(&self) -> PathBuf {
+    pub(crate) fn root(&self) -> PathBuf {
         self.tmp.path().join("root")
     }
 
-    fn loc(&self) -> StoreLocation {
+    pub(crate) fn loc(&self) -> StoreLocation {
         StoreLocation::new(StoreDir::default(), self.root())
     }
 
-    fn cmd(&self) -> Command {
+    pub(crate) fn cmd(&self) -> Command {
         let mut c = support::sandoff();
         c.arg("--store-root")
             .arg(self.root())
@@ -113,7 +113,7 @@ impl Store {
     }
 
     /// Adds a derivation named `name`; returns its `.drv` path.
-    fn drv(&self, name: &str, spec: Spec<'_>) -> String {
+    pub(crate) fn drv(&self, name: &str, spec: Spec<'_>) -> String {
         let bb = format!("{}/bin/busybox", self.bb);
         let script = format!(
             "set -eu\n{bb} mkdir -p $TMPDIR/bin\n{bb} --install -s $TMPDIR/bin\nexport PATH=$TMPDIR/bin\n{}",
@@ -182,39 +182,39 @@ impl Store {
             .to_owned()
     }
 
-    fn build(&self, args: &[&str]) -> Output {
+    pub(crate) fn build(&self, args: &[&str]) -> Output {
         self.cmd().arg("build").args(args).output().expect("run")
     }
 
-    fn open(&self) -> LocalStore {
+    pub(crate) fn open(&self) -> LocalStore {
         LocalStore::open(self.loc()).expect("open store")
     }
 
-    fn path(&self, full: &str) -> StorePath {
+    pub(crate) fn path(&self, full: &str) -> StorePath {
         StoreDir::default().parse_path(full).expect("store path")
     }
 
     /// The output paths of a `.drv`, by output name.
-    fn outputs(&self, drv: &str) -> std::collections::BTreeMap<String, StorePath> {
+    pub(crate) fn outputs(&self, drv: &str) -> std::collections::BTreeMap<String, StorePath> {
         self.open()
             .derivation_outputs(&self.path(drv))
             .expect("derivation outputs")
     }
 
-    fn out(&self, drv: &str) -> StorePath {
+    pub(crate) fn out(&self, drv: &str) -> StorePath {
         self.outputs(drv).remove("out").expect("out")
     }
 
-    fn info(&self, p: &StorePath) -> Option<ValidPathInfo> {
+    pub(crate) fn info(&self, p: &StorePath) -> Option<ValidPathInfo> {
         self.open().query_path_info(p).expect("query")
     }
 
-    fn real(&self, p: &StorePath) -> PathBuf {
+    pub(crate) fn real(&self, p: &StorePath) -> PathBuf {
         self.loc().real_path(p)
     }
 
     /// Build directories left under `<state>/builds`.
-    fn build_dirs(&self) -> Vec<PathBuf> {
+    pub(crate) fn build_dirs(&self) -> Vec<PathBuf> {
         match std::fs::read_dir(self.loc().state.join("builds")) {
             Ok(d) => d.map(|e| e.expect("entry").path()).collect(),
             Err(_) => Vec::new(),
@@ -222,11 +222,11 @@ impl Store {
     }
 }
 
-fn text(b: &[u8]) -> String {
+pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn logical(p: &StorePath) -> String {
+pub(crate) fn logical(p: &StorePath) -> String {
     StoreDir::default().display(p)
 }
 

@@ -1,0 +1,412 @@
+//! Offloading end to end: `sandoff build --machines` with real sshd test
+//! hosts (examples/testhosts.sh), each with its own store and signing key,
+//! building in its own sandbox.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use sandoff::store::StorePath;
+
+use crate::build::{logical, ready, text, Spec, Store};
+use crate::hosts::{self, TestHost};
+use crate::support;
+
+/// Root, busybox, build users, sshd.
+fn offload_ready(test: &str) -> bool {
+    ready(test) && support::require(test, hosts::NEEDS)
+}
+
+/// How a host appears in the machines file.
+struct Entry<'a> {
+    host: &'a TestHost,
+    max_jobs: u32,
+    speed: u32,
+    features: &'a str,
+    mandatory: &'a str,
+    /// The host key to expect (default: the host's own).
+    host_key: Option<String>,
+}
+
+impl<'a> Entry<'a> {
+    fn new(host: &'a TestHost) -> Entry<'a> {
+        Entry {
+            host,
+            max_jobs: 2,
+            speed: 1,
+            features: "-",
+            mandatory: "-",
+            host_key: None,
+        }
+    }
+
+    fn line(&self) -> String {
+        let key = self
+            .host_key
+            .clone()
+            .unwrap_or_else(|| host_public_key(self.host));
+        format!(
+            "{} x86_64-linux {} {} {} {} {} {}\n",
+            uri(self.host),
+            self.host.client_key().display(),
+            self.max_jobs,
+            self.speed,
+            self.features,
+            self.mandatory,
+            base64::engine::general_purpose::STANDARD.encode(key.trim())
+        )
+    }
+}
+
+fn uri(host: &TestHost) -> String {
+    format!("ssh://root@{}:{}", host.addr, host.port)
+}
+
+fn host_public_key(host: &TestHost) -> String {
+    std::fs::read_to_string(host.home.join("ssh_host_ed25519_key.pub")).expect("host key")
+}
+
+/// The host's store signing key (public half).
+fn signing_key(host: &TestHost) -> PathBuf {
+    host.root().join("nix/var/sandoff/keys/signing-key.pub")
+}
+
+fn key_name(host: &TestHost) -> String {
+    let text = std::fs::read_to_string(signing_key(host)).expect("signing key");
+    text.split(':').next().expect("name").to_owned()
+}
+
+fn write_machines(s: &Store, entries: &[Entry<'_>]) -> PathBuf {
+    let path = s.tmp.path().join("machines");
+    let text: String = entries.iter().map(Entry::line).collect();
+    std::fs::write(&path, text).expect("write machines");
+    path
+}
+
+fn trust(s: &Store, host: &TestHost) {
+    support::run_ok(s.cmd().args(["key", "authorize"]).arg(signing_key(host)));
+}
+
+/// Key names of the signatures on `p` in the client's store.
+fn signers(s: &Store, p: &StorePath) -> BTreeSet<String> {
+    s.info(p)
+        .unwrap_or_else(|| panic!("{} is not valid", logical(p)))
+        .signatures
+        .iter()
+        .map(|sig| sig.key_name().to_owned())
+        .collect()
+}
+
+fn machines_arg(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn leaf(s: &Store, name: &str, env: &[(&str, &str)]) -> String {
+    let script = format!("echo {name} > $out");
+    s.drv(
+        name,
+        Spec {
+            script: &script,
+            env,
+            ..Spec::default()
+        },
+    )
+}
+
+#[test]
+fn builds_a_graph_across_three_hosts_and_here() {
+    const T: &str = "builds_a_graph_across_three_hosts_and_here";
+    if !offload_ready(T) {
+        return;
+    }
+    let (h1, h2, h3) = (TestHost::start(11), TestHost::start(12), TestHost::start(13));
+    let s = Store::new();
+    for h in [&h1, &h2, &h3] {
+        trust(&s, h);
+    }
+    let machines = write_machines(
+        &s,
+        &[
+            Entry {
+                features: "big",
+                ..Entry::new(&h1)
+            },
+            Entry {
+                mandatory: "special",
+                ..Entry::new(&h2)
+            },
+            Entry::new(&h3),
+        ],
+    );
+    let leaves: Vec<String> = (0..12).map(|i| leaf(&s, &format!("leaf{i}"), &[])).collect();
+    let big = leaf(&s, "big", &[("requiredSystemFeatures", "big")]);
+    let special = leaf(&s, "special", &[("requiredSystemFeatures", "special")]);
+    let locals: Vec<String> = (0..2)
+        .map(|i| leaf(&s, &format!("local{i}"), &[("preferLocalBuild", "1")]))
+        .collect();
+    let mids: Vec<String> = (0..4)
+        .map(|m| {
+            let ins: Vec<&String> = leaves[3 * m..3 * m + 3].iter().collect();
+            let paths: Vec<String> = ins.iter().map(|d| logical(&s.out(d))).collect();
+            let script = format!("cat {} > $out", paths.join(" "));
+            let inputs: Vec<(&str, &str)> = ins.iter().map(|d| (d.as_str(), "out")).collect();
+            s.drv(
+                &format!("mid{m}"),
+                Spec {
+                    script: &script,
+                    inputs: &inputs,
+                    ..Spec::default()
+                },
+            )
+        })
+        .collect();
+    let mut top_inputs: Vec<&String> = mids.iter().collect();
+    top_inputs.extend([&big, &special]);
+    top_inputs.extend(locals.iter());
+    let paths: Vec<String> = top_inputs.iter().map(|d| logical(&s.out(d))).collect();
+    let script = format!("cat {} > $out", paths.join(" "));
+    let inputs: Vec<(&str, &str)> = top_inputs.iter().map(|d| (d.as_str(), "out")).collect();
+    let top = s.drv(
+        "top",
+        Spec {
+            script: &script,
+            inputs: &inputs,
+            ..Spec::default()
+        },
+    );
+
+    let out = s.build(&["--machines", machines_arg(&machines), "-j", "2", &top]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let (k1, k2, k3) = (key_name(&h1), key_name(&h2), key_name(&h3));
+    // 12 leaves + big + special + 2 local + 4 mids + top.
+    let all: Vec<&String> = leaves
+        .iter()
+        .chain([&big, &special])
+        .chain(locals.iter())
+        .chain(mids.iter())
+        .chain([&top])
+        .collect();
+    assert_eq!(all.len(), 21);
+    let mut by_host = std::collections::BTreeMap::<String, usize>::new();
+    for d in &all {
+        let sig = signers(&s, &s.out(d));
+        for k in &sig {
+            *by_host.entry(k.clone()).or_default() += 1;
+        }
+        if *d != &special {
+            assert!(!sig.contains(&k2), "{d} built on the mandatory-feature host");
+        }
+    }
+    assert_eq!(signers(&s, &s.out(&big)), [k1.clone()].into(), "big");
+    assert_eq!(signers(&s, &s.out(&special)), [k2.clone()].into(), "special");
+    for d in &locals {
+        assert!(signers(&s, &s.out(d)).is_empty(), "{d} was built here");
+    }
+    // Independent builds went to both hosts that take plain derivations.
+    let leaf_signers: BTreeSet<String> = leaves
+        .iter()
+        .flat_map(|d| signers(&s, &s.out(d)))
+        .collect();
+    assert_eq!(leaf_signers, [k1.clone(), k3.clone()].into(), "{by_host:?}");
+    // The top needed inputs from every host and from here.
+    let content = std::fs::read_to_string(s.real(&s.out(&top))).expect("top");
+    assert!(content.contains("leaf11") && content.contains("special") && content.contains("local1"));
+    assert!(signers(&s, &s.out(&top)).len() == 1);
+}
+
+#[test]
+fn a_remote_failure_fails_the_build_with_the_remote_log() {
+    const T: &str = "a_remote_failure_fails_the_build_with_the_remote_log";
+    if !offload_ready(T) {
+        return;
+    }
+    let h = TestHost::start(14);
+    let s = Store::new();
+    trust(&s, &h);
+    let machines = write_machines(&s, &[Entry::new(&h)]);
+    let d = s.drv(
+        "fails",
+        Spec {
+            script: "echo remote-says-hello; exit 3",
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("failed on '{}'", uri(&h))), "{err}");
+    assert!(err.contains("remote-says-hello"), "log tail in the error: {err}");
+    let log = support::run_ok(s.cmd().arg("log").arg(&d));
+    assert!(text(&log).contains("remote-says-hello"), "{}", text(&log));
+    assert!(s.info(&s.out(&d)).is_none());
+    // A build failure is not the machine's fault: no backoff.
+    assert!(!s.loc().state.join("offload-backoff").exists()
+        || std::fs::read_dir(s.loc().state.join("offload-backoff"))
+            .expect("read")
+            .next()
+            .is_none());
+}
+
+#[test]
+fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
+    const T: &str = "a_wrong_host_key_is_refused_and_the_build_fails_over";
+    if !offload_ready(T) {
+        return;
+    }
+    let h = TestHost::start(15);
+    let s = Store::new();
+    trust(&s, &h);
+    let other = s.tmp.path().join("other_host_key");
+    support::run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "impostor", "-f"])
+            .arg(&other),
+    );
+    let wrong = std::fs::read_to_string(other.with_extension("pub")).expect("pub");
+    let machines = write_machines(
+        &s,
+        &[Entry {
+            host_key: Some(wrong.clone()),
+            ..Entry::new(&h)
+        }],
+    );
+    let t = s.cmd()
+        .args(["machines", "test", "--machines", machines_arg(&machines)])
+        .output()
+        .expect("run");
+    assert_eq!(t.status.code(), Some(1));
+    let report = text(&t.stdout);
+    assert!(report.contains("host key mismatch"), "{report}");
+    let wrong_blob = wrong.split_whitespace().nth(1).expect("blob");
+    let right_blob = host_public_key(&h)
+        .split_whitespace()
+        .nth(1)
+        .expect("blob")
+        .to_owned();
+    assert!(report.contains(wrong_blob), "names the expected key: {report}");
+    assert!(report.contains(&right_blob), "names the offered key: {report}");
+
+    // The build goes local, and the machine into backoff.
+    let d = leaf(&s, "failover", &[]);
+    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(signers(&s, &s.out(&d)).is_empty(), "built here");
+    let status = support::run_ok(s.cmd().args([
+        "machines",
+        "status",
+        "--json",
+        "--machines",
+        machines_arg(&machines),
+    ]));
+    let status: serde_json::Value = serde_json::from_slice(&status).expect("json");
+    let b = &status[0]["backoff"];
+    assert_eq!(b["failures"], 1, "{status}");
+    assert!(
+        b["lastError"].as_str().is_some_and(|e| e.contains("host key mismatch")),
+        "{status}"
+    );
+}
+
+#[test]
+fn outputs_of_an_untrusted_host_are_refused() {
+    const T: &str = "outputs_of_an_untrusted_host_are_refused";
+    if !offload_ready(T) {
+        return;
+    }
+    let h = TestHost::start(16);
+    let s = Store::new();
+    let machines = write_machines(&s, &[Entry::new(&h)]);
+    let d = leaf(&s, "untrusted", &[]);
+    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("not signed by a trusted key"), "{err}");
+    assert!(err.contains(&key_name(&h)), "names the signer: {err}");
+    assert!(s.info(&s.out(&d)).is_none(), "never registered");
+
+    // Trusted, the same build works, and the machine checks out.
+    trust(&s, &h);
+    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(signers(&s, &s.out(&d)), [key_name(&h)].into());
+    let t = support::run_ok(s.cmd().args(["machines", "test", "--machines", machines_arg(&machines)]));
+    let report = text(&t);
+    assert!(report.contains(": ok"), "{report}");
+    assert!(report.contains("fetched it back"), "{report}");
+    let status = support::run_ok(s.cmd().args([
+        "machines",
+        "status",
+        "--json",
+        "--machines",
+        machines_arg(&machines),
+    ]));
+    let status: serde_json::Value = serde_json::from_slice(&status).expect("json");
+    assert_eq!(status[0]["reachable"], true, "{status}");
+    assert!(status[0]["load"].is_number(), "{status}");
+    assert!(status[0]["freeDisk"].is_number(), "{status}");
+    assert_eq!(status[0]["slotsInUse"], 0, "{status}");
+}
+
+#[test]
+fn a_host_killed_mid_build_makes_the_build_finish_elsewhere() {
+    const T: &str = "a_host_killed_mid_build_makes_the_build_finish_elsewhere";
+    if !offload_ready(T) {
+        return;
+    }
+    let (fast, slow) = (TestHost::start(17), TestHost::start(18));
+    let s = Store::new();
+    trust(&s, &fast);
+    trust(&s, &slow);
+    let machines = write_machines(
+        &s,
+        &[
+            Entry {
+                speed: 4,
+                max_jobs: 1,
+                ..Entry::new(&fast)
+            },
+            Entry {
+                max_jobs: 1,
+                ..Entry::new(&slow)
+            },
+        ],
+    );
+    let d = s.drv(
+        "slow",
+        Spec {
+            script: "echo started; sleep 3; echo done > $out",
+            ..Spec::default()
+        },
+    );
+    let mut child = s
+        .cmd()
+        .args(["build", "--machines", machines_arg(&machines), &d])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let log = s
+        .loc()
+        .state
+        .join("log")
+        .join(s.path(&d).base_name());
+    let on_fast = format!("on '{}'", uri(&fast));
+    let start = Instant::now();
+    loop {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        if l.contains(&on_fast) && l.contains("started") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "never started on the fast host: {l}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fast.kill();
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(signers(&s, &s.out(&d)), [key_name(&slow)].into());
+    let l = std::fs::read_to_string(&log).expect("log");
+    assert!(l.contains("placing the build again"), "{l}");
+}
