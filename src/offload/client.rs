@@ -121,9 +121,12 @@ impl<T: Transport> ServeClient<T> {
             tail: Vec::new(),
         };
         let t = &mut c.transport;
-        wire::write_u64(t, SERVE_MAGIC_1).map_err(wire_err(WHAT))?;
-        wire::write_u64(t, SERVE_PROTOCOL_VERSION).map_err(wire_err(WHAT))?;
-        t.flush().map_err(|e| wire_err(WHAT)(e.into()))?;
+        // A program that exits at once (not found, refused) makes these
+        // fail with a broken pipe; what it printed explains more, so the
+        // error waits until the greeting has been read.
+        let sent = wire::write_u64(t, SERVE_MAGIC_1)
+            .and_then(|()| wire::write_u64(t, SERVE_PROTOCOL_VERSION))
+            .and_then(|()| t.flush().map_err(WireError::from));
         // Read the magic bytewise by hand: if it is not there, what came
         // instead (a shell banner, an error) is the diagnosis.
         let mut got = Vec::new();
@@ -147,6 +150,7 @@ impl<T: Transport> ServeClient<T> {
         if got.len() < 8 || got[..8] != SERVE_MAGIC_2.to_le_bytes() {
             return Err(c.handshake_failed(got));
         }
+        sent.map_err(wire_err(WHAT))?;
         let version = wire::read_u64(&mut c.transport).map_err(wire_err(WHAT))?;
         let (major, minor) = (version >> 8, version & 0xff);
         if major != 2 || minor < 4 {
