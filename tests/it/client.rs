@@ -527,3 +527,92 @@ fn build_result_bytes_match_nix() {
     assert_eq!(ours, rec.seen);
     assert!(t.close().unwrap().success());
 }
+
+#[test]
+fn client_build_paths_on_nix() {
+    if !support::require(
+        "client_build_paths_on_nix",
+        &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = open(&tmp.path().join("src"));
+    let bb_dir = tmp.path().join("in/busybox");
+    std::fs::create_dir_all(bb_dir.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", bb_dir.join("bin/busybox")).unwrap();
+    let bb = src
+        .add_path(&bb_dir, FileIngestionMethod::Recursive, HashAlgo::Sha256)
+        .expect("add busybox");
+    let dir = StoreDir::default();
+    // Two .drv files in the source store: one that builds, one that fails.
+    let good = hello_drv(&dir, &bb);
+    let mut bad = hello_drv(&dir, &bb);
+    bad.args[2] = b"echo failing on purpose >&2; exit 3".to_vec();
+    bad.env.insert(b"name".to_vec(), b"client-fails".to_vec());
+    bad.env.insert(b"out".to_vec(), Vec::new());
+    bad.outputs
+        .insert(OutputName::out(), DerivationOutput::Deferred);
+    let mut hasher = DrvHasher::new(dir.clone(), |p: &StorePath| {
+        Err::<Derivation, _>(format!("no input derivation {p} here"))
+    });
+    bad.fill_output_paths(&mut hasher).expect("output paths");
+    let mut drv_paths = Vec::new();
+    for d in [&good, &bad] {
+        let name = format!("{}.drv", d.name().unwrap());
+        let p = src
+            .add_text(&name, &d.to_aterm(&dir), &d.references(), &d.output_paths())
+            .expect("add .drv");
+        assert_eq!(p, d.drv_path(&dir).unwrap());
+        drv_paths.push(p);
+    }
+
+    let mut client = ServeClient::open(nix_serve(tmp.path()), dir.clone()).expect("handshake");
+    let mut upload: BTreeSet<StorePath> = drv_paths.iter().cloned().collect();
+    upload.insert(bb.clone());
+    client
+        .import_paths(|w| {
+            export(&src, &upload, w);
+            Ok::<(), ()>(())
+        })
+        .expect("ImportPaths")
+        .expect("export");
+
+    let mut log = Vec::new();
+    let deadline = Some(Instant::now() + Duration::from_secs(300));
+    client
+        .build_paths(
+            &drv_paths[..1],
+            &BuildOptions::default(),
+            &mut log,
+            deadline,
+        )
+        .expect("BuildPaths")
+        .unwrap_or_else(|(status, msg)| panic!("build failed ({status}): {msg}"));
+    let out = good.output_paths()["out"].clone();
+    assert!(client
+        .query_valid_paths(&BTreeSet::from([out.clone()]), false, false)
+        .unwrap()
+        .contains(&out));
+
+    let (status, msg) = client
+        .build_paths(
+            &drv_paths[1..],
+            &BuildOptions::default(),
+            &mut log,
+            deadline,
+        )
+        .expect("BuildPaths")
+        .expect_err("the build fails");
+    assert_ne!(status, 0);
+    assert!(msg.contains("client-fails"), "{msg}");
+    let log = String::from_utf8_lossy(&log);
+    assert!(log.contains("failing on purpose"), "log: {log}");
+
+    // The session goes on.
+    assert!(client
+        .query_valid_paths(&BTreeSet::from([out.clone()]), false, false)
+        .unwrap()
+        .contains(&out));
+    assert!(client.into_transport().close().unwrap().success());
+}
