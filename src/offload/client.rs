@@ -113,6 +113,17 @@ fn invalid(what: &'static str, reason: String) -> ClientError {
 impl<T: Transport> ServeClient<T> {
     /// Opens a session: handshake, offering protocol 2.7.
     pub fn open(transport: T, dir: StoreDir) -> Result<ServeClient<T>, ClientError> {
+        ServeClient::open_until(transport, dir, None)
+    }
+
+    /// [`ServeClient::open`], giving up with [`ClientError::TimedOut`] if
+    /// the server has not greeted by `deadline` (a remote program that
+    /// waits for something else, e.g. a password prompt).
+    pub fn open_until(
+        transport: T,
+        dir: StoreDir,
+        deadline: Option<Instant>,
+    ) -> Result<ServeClient<T>, ClientError> {
         const WHAT: &str = "handshake";
         let mut c = ServeClient {
             transport,
@@ -137,10 +148,14 @@ impl<T: Transport> ServeClient<T> {
                     log: &mut io::sink(),
                     tail: &mut c.tail,
                 },
-                None,
+                deadline,
             );
-            if waited.is_err() {
-                break;
+            match waited {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(ClientError::TimedOut { what: WHAT });
+                }
+                Err(_) => break,
             }
             match c.transport.read(&mut buf[..8 - got.len()]) {
                 Ok(0) | Err(_) => break,
@@ -327,7 +342,10 @@ impl<T: Transport> ServeClient<T> {
         self.put_path(WHAT, path)?;
         self.send(WHAT)?;
         self.quick_reply(WHAT)?;
-        Ok(read_nar(&mut self.transport))
+        match read_nar(&mut self.transport) {
+            Ok(r) => Ok(Ok(r)),
+            Err(e) => self.server_said(WHAT).map_or(Ok(Err(e)), Err),
+        }
     }
 
     /// `ImportPaths`: `write_export` writes one export stream (paths in
@@ -339,7 +357,8 @@ impl<T: Transport> ServeClient<T> {
         const WHAT: &str = "ImportPaths";
         self.command(WHAT, cmd::IMPORT_PATHS)?;
         if let Err(e) = write_export(&mut self.transport) {
-            return Ok(Err(e));
+            // A server that stopped reading (and so broke the pipe) says why.
+            return self.server_said(WHAT).map_or(Ok(Err(e)), Err);
         }
         self.send(WHAT)?;
         self.quick_reply(WHAT)?;
@@ -481,17 +500,24 @@ impl<T: Transport> ServeClient<T> {
     /// The error for a reply that failed: what the server said on stderr
     /// if anything (it prints `error: …` before it exits), else the cause.
     fn failed(&mut self, what: &'static str, source: WireError) -> ClientError {
+        self.server_said(what)
+            .unwrap_or(ClientError::Wire { what, source })
+    }
+
+    /// [`ClientError::Refused`] with what the server wrote to stderr since
+    /// the command was sent, if it wrote anything.
+    fn server_said(&mut self, what: &'static str) -> Option<ClientError> {
         let mut tee = Tee {
             log: &mut io::sink(),
             tail: &mut self.tail,
         };
+        // Best effort: this only adds words to an error already at hand.
         let _ = self.transport.drain_log(&mut tee);
-        let said = String::from_utf8_lossy(&self.tail).trim().to_owned();
-        if said.is_empty() {
-            ClientError::Wire { what, source }
-        } else {
-            ClientError::Refused { what, reason: said }
-        }
+        let text = String::from_utf8_lossy(&self.tail);
+        // The last lines: after a build these follow its log.
+        let lines: Vec<&str> = text.trim().lines().collect();
+        let said = lines[lines.len().saturating_sub(10)..].join("\n");
+        (!said.is_empty()).then_some(ClientError::Refused { what, reason: said })
     }
 
     fn get_u64(&mut self, what: &'static str) -> Result<u64, ClientError> {

@@ -204,6 +204,20 @@ fn client_refuses_what_is_not_a_serve_server() {
         e => panic!("wrong error: {e}"),
     }
 
+    // A program that never answers.
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "exec sleep 30"]);
+    let started = Instant::now();
+    let err = ServeClient::open_until(
+        ChildTransport::spawn(cmd).unwrap(),
+        StoreDir::default(),
+        Some(Instant::now() + Duration::from_millis(300)),
+    )
+    .err()
+    .expect("refused");
+    assert!(matches!(err, ClientError::TimedOut { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
     // The right magic, but protocol 3.7.
     let mut cmd = Command::new("sh");
     cmd.args([
