@@ -1,5 +1,11 @@
 //! The client side of the serve protocol, over any [`Transport`]: a
 //! sandoff server or a stock `nix-store --serve --write` (Nix 2.8).
+//!
+//! Every reply is awaited with [`Transport::wait_reply`], which drains the
+//! server's stderr meanwhile: for builds into the caller's log, otherwise
+//! into a small tail kept here. A Nix serve process that fails prints
+//! `error: …` on stderr and exits, so when a reply does not come the tail is
+//! the diagnosis ([`ClientError::Refused`]) rather than a bare end of stream.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
