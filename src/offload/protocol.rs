@@ -279,7 +279,9 @@ pub fn read_basic_derivation(
 
 impl BuildOptions {
     /// Writes the options as protocol minor version `minor` has them.
-    /// Repeats (≥ 2.3) are always 0: Nix dropped them and sandoff never had them.
+    /// Repeats (≥ 2.3) are always 0: Nix dropped them and sandoff never had
+    /// them. `enforceDeterminism` is 1, Nix 2.8's default, so the bytes are
+    /// Nix's own (it means nothing without repeats).
     pub fn write(&self, w: &mut dyn Write, minor: u64) -> Result<(), ProtocolError> {
         const WHAT: &str = "writing build options";
         wire(WHAT, wire::write_u64(w, self.max_silent_time))?;
@@ -289,7 +291,7 @@ impl BuildOptions {
         }
         if minor >= 3 {
             wire(WHAT, wire::write_u64(w, 0))?; // nrRepeats
-            wire(WHAT, wire::write_bool(w, false))?; // enforceDeterminism
+            wire(WHAT, wire::write_bool(w, true))?; // enforceDeterminism
         }
         if minor >= 7 {
             wire(WHAT, wire::write_bool(w, self.keep_failed))?;
@@ -632,8 +634,8 @@ mod tests {
         let cases: [(u64, Vec<u8>); 4] = [
             (1, [n(1), n(2)].concat()),
             (2, [n(1), n(2), n(3)].concat()),
-            (3, [n(1), n(2), n(3), n(0), n(0)].concat()),
-            (7, [n(1), n(2), n(3), n(0), n(0), n(1)].concat()),
+            (3, [n(1), n(2), n(3), n(0), n(1)].concat()),
+            (7, [n(1), n(2), n(3), n(0), n(1), n(1)].concat()),
         ];
         for (minor, want) in cases {
             let mut out = Vec::new();

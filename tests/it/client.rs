@@ -12,7 +12,9 @@ use sandoff::derivation::{
     hash_derivation_modulo, Derivation, DerivationOutput, DrvHasher, OutputName,
 };
 use sandoff::offload::client::{ClientError, ServeClient};
-use sandoff::offload::protocol::{write_basic_derivation, BuildOptions, BuildResult, BuildStatus};
+use sandoff::offload::protocol::{
+    read_basic_derivation, write_basic_derivation, BuildOptions, BuildResult, BuildStatus,
+};
 use sandoff::offload::transport::{ChildTransport, Transport};
 use sandoff::store::export::write_export;
 use sandoff::store::local::LocalStore;
@@ -629,4 +631,135 @@ fn client_build_paths_on_nix() {
         .unwrap()
         .contains(&out));
     assert!(client.into_transport().close().unwrap().success());
+}
+
+/// What Nix 2.8's own client sends for `BuildDerivation` is read by
+/// `read_basic_derivation` and `BuildOptions::read`, and written back to the
+/// same bytes. The request is recorded from a real remote build: Nix's
+/// build hook, with `ssh://localhost` (which Nix 2.8 runs through `bash -c`,
+/// no sshd), runs a wrapper that tees its stdin into a file and execs
+/// `nix-store --serve --write` on a second chroot store.
+#[test]
+fn basic_derivation_bytes_match_nix() {
+    if !support::require(
+        "basic_derivation_bytes_match_nix",
+        &[
+            Need::Program("nix-store"),
+            Need::Program("nix-instantiate"),
+            Need::Program("nix"),
+            Need::Program("bash"),
+            Need::Program("tee"),
+            Need::Program("/bin/busybox"),
+        ],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let conf = tmp.path().join("nixconf");
+    let src = tmp.path().join("src");
+    let bb_dir = tmp.path().join("in/busybox");
+    std::fs::create_dir_all(bb_dir.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", bb_dir.join("bin/busybox")).unwrap();
+    let bb = String::from_utf8(support::run_ok(
+        support::nix_cmd("nix-store", &conf)
+            .arg("--store")
+            .arg(&src)
+            .arg("--add")
+            .arg(&bb_dir),
+    ))
+    .unwrap()
+    .trim()
+    .to_owned();
+    let rec = tmp.path().join("request");
+    let wrapper = tmp.path().join("remote-program");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ntee '{}' | exec nix-store --serve --write --store '{}'\n",
+            rec.display(),
+            tmp.path().join("dst").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let expr = format!(
+        r#"derivation {{ name = "rec"; system = "x86_64-linux"; builder = "${{builtins.storePath {bb}}}/bin/busybox"; args = ["sh" "-c" "echo hi > $out"]; }}"#
+    );
+    let drv_full = String::from_utf8(support::run_ok(
+        support::nix_cmd("nix-instantiate", &conf)
+            .arg("--store")
+            .arg(&src)
+            .args(["-E", &expr]),
+    ))
+    .unwrap()
+    .trim()
+    .to_owned();
+    support::run_ok(
+        support::nix_cmd("nix-store", &conf)
+            .arg("--store")
+            .arg(&src)
+            .args(["--realise", &drv_full, "--max-jobs", "0", "--builders"])
+            .arg(format!(
+                "ssh://localhost?remote-program={} x86_64-linux",
+                wrapper.display()
+            )),
+    );
+
+    // Walk the recorded requests up to BuildDerivation.
+    let dir = StoreDir::default();
+    let bytes = std::fs::read(&rec).expect("recorded request");
+    let r = &mut &bytes[..];
+    assert_eq!(wire::read_u64(r).unwrap(), 0x390c_9deb);
+    let minor = wire::read_u64(r).unwrap() & 0xff;
+    assert_eq!(minor, 7, "Nix 2.8 offers 2.7");
+    loop {
+        match wire::read_u64(r).expect("a command") {
+            1 => {
+                wire::read_u64(r).unwrap();
+                wire::read_u64(r).unwrap();
+                wire::read_strings(r, 1000, 4096).unwrap();
+            }
+            2 => {
+                wire::read_strings(r, 1000, 4096).unwrap();
+            }
+            9 => {
+                for _ in 0..3 {
+                    wire::read_string(r, 4096).unwrap();
+                }
+                wire::read_strings(r, 1000, 4096).unwrap();
+                wire::read_u64(r).unwrap();
+                let nar_size = wire::read_u64(r).unwrap();
+                wire::read_u64(r).unwrap();
+                wire::read_strings(r, 1000, 4096).unwrap();
+                wire::read_string(r, 4096).unwrap();
+                *r = &r[usize::try_from(nar_size).unwrap()..];
+            }
+            8 => break,
+            c => panic!("unexpected command {c} before BuildDerivation"),
+        }
+    }
+    assert_eq!(wire::read_string(r, 4096).unwrap(), drv_full);
+    let drv_path = dir.parse_path(&drv_full).unwrap();
+
+    let start = *r;
+    let drv = read_basic_derivation(r, &dir, drv_path.name().trim_end_matches(".drv"))
+        .expect("Nix's BasicDerivation reads");
+    let nix_bytes = &start[..start.len() - r.len()];
+    let mut ours = Vec::new();
+    write_basic_derivation(&mut ours, &dir, &drv, &drv.input_sources).unwrap();
+    assert_eq!(ours, nix_bytes);
+    // It is the .drv less its input derivations (there are none here).
+    let aterm = std::fs::read(src.join(drv_full.trim_start_matches('/'))).expect("read .drv");
+    assert_eq!(drv, Derivation::from_aterm(&aterm, &dir).unwrap());
+
+    let start = *r;
+    let options = BuildOptions::read(r, minor).expect("options");
+    let nix_bytes = &start[..start.len() - r.len()];
+    let mut ours = Vec::new();
+    options.write(&mut ours, minor).unwrap();
+    assert_eq!(ours, nix_bytes);
 }
