@@ -1,15 +1,23 @@
 //! The client side of the serve protocol, over any [`Transport`]: a
 //! sandoff server or a stock `nix-store --serve --write` (Nix 2.8).
+//!
+//! Every reply is awaited with [`Transport::wait_reply`], which drains the
+//! server's stderr meanwhile: for builds into the caller's log, otherwise
+//! into a small tail kept here. A Nix serve process that fails prints
+//! `error: …` on stderr and exits, so when a reply does not come the tail is
+//! the diagnosis ([`ClientError::Refused`]) rather than a bare end of stream.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::time::Instant;
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
 
-use super::protocol::{BuildOptions, BuildResult, ProtocolError};
+use super::protocol::{write_basic_derivation, BuildOptions, BuildResult, ProtocolError};
+use super::serve::{SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION};
 use super::transport::Transport;
 use crate::derivation::Derivation;
-use crate::store::wire::WireError;
-use crate::store::{StoreDir, StorePath, ValidPathInfo};
+use crate::store::signature::Signature;
+use crate::store::wire::{self, WireError};
+use crate::store::{ContentAddress, Hash, HashAlgo, StoreDir, StorePath, ValidPathInfo};
 
 /// Why a serve session failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,18 +47,178 @@ pub enum ClientError {
     TimedOut { what: &'static str },
 }
 
+/// The serve commands, numbered as in Nix's `serve-protocol.hh`.
+mod cmd {
+    pub const QUERY_VALID_PATHS: u64 = 1;
+    pub const QUERY_PATH_INFOS: u64 = 2;
+    pub const DUMP_STORE_PATH: u64 = 3;
+    pub const IMPORT_PATHS: u64 = 4;
+    pub const BUILD_PATHS: u64 = 6;
+    pub const QUERY_CLOSURE: u64 = 7;
+    pub const BUILD_DERIVATION: u64 = 8;
+}
+
+/// Longest store path, CA string or signature accepted in a reply.
+const MAX_STRING: u64 = 64 * 1024;
+/// Most items accepted in one path or string set.
+const MAX_ITEMS: u64 = 1 << 20;
+/// Longest `BuildPaths` error message accepted.
+const MAX_MESSAGE: u64 = 16 << 20;
+/// How much of the server's stderr is kept to explain a failure.
+const TAIL_MAX: usize = 4096;
+/// How long the handshake waits for the rest of a non-protocol greeting.
+const BANNER_WAIT: Duration = Duration::from_millis(500);
+/// How much of a non-protocol greeting is shown.
+const BANNER_MAX: usize = 256;
+
 /// An open serve session.
+///
+/// Each method writes one command, flushes, and reads the whole reply, so
+/// the session stays in step. After any error the stream may be out of step
+/// (e.g. half a NAR read): drop the session.
 pub struct ServeClient<T: Transport> {
     transport: T,
     /// Negotiated minor version (major is 2).
     minor: u64,
     dir: StoreDir,
+    /// The last bytes the server wrote to stderr while we waited, to explain
+    /// a reply that never came (Nix's serve prints `error: …` and exits).
+    tail: Vec<u8>,
+}
+
+/// Copies the server's stderr to the caller's log and keeps its tail.
+struct Tee<'a> {
+    log: &'a mut dyn Write,
+    tail: &'a mut Vec<u8>,
+}
+
+impl Write for Tee<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.log.write(buf)?;
+        self.tail.extend_from_slice(&buf[..n]);
+        if self.tail.len() > TAIL_MAX {
+            let excess = self.tail.len() - TAIL_MAX;
+            self.tail.drain(..excess);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.log.flush()
+    }
+}
+
+fn wire_err(what: &'static str) -> impl FnOnce(WireError) -> ClientError {
+    move |source| ClientError::Wire { what, source }
+}
+
+fn invalid(what: &'static str, reason: String) -> ClientError {
+    ClientError::Protocol(ProtocolError::Invalid { what, reason })
 }
 
 impl<T: Transport> ServeClient<T> {
     /// Opens a session: handshake, offering protocol 2.7.
-    pub fn open(_transport: T, _dir: StoreDir) -> Result<ServeClient<T>, ClientError> {
-        todo!("helper B")
+    pub fn open(transport: T, dir: StoreDir) -> Result<ServeClient<T>, ClientError> {
+        ServeClient::open_until(transport, dir, None)
+    }
+
+    /// [`ServeClient::open`], giving up with [`ClientError::TimedOut`] if
+    /// the server has not greeted by `deadline` (a remote program that
+    /// waits for something else, e.g. a password prompt).
+    pub fn open_until(
+        transport: T,
+        dir: StoreDir,
+        deadline: Option<Instant>,
+    ) -> Result<ServeClient<T>, ClientError> {
+        const WHAT: &str = "handshake";
+        let mut c = ServeClient {
+            transport,
+            minor: 0,
+            dir,
+            tail: Vec::new(),
+        };
+        let t = &mut c.transport;
+        // A program that exits at once (not found, refused) makes these
+        // fail with a broken pipe; what it printed explains more, so the
+        // error waits until the greeting has been read.
+        let sent = wire::write_u64(t, SERVE_MAGIC_1)
+            .and_then(|()| wire::write_u64(t, SERVE_PROTOCOL_VERSION))
+            .and_then(|()| t.flush().map_err(WireError::from));
+        // Read the magic bytewise by hand: if it is not there, what came
+        // instead (a shell banner, an error) is the diagnosis.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8];
+        while got.len() < 8 {
+            let waited = c.transport.wait_reply(
+                &mut Tee {
+                    log: &mut io::sink(),
+                    tail: &mut c.tail,
+                },
+                deadline,
+            );
+            match waited {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(ClientError::TimedOut { what: WHAT });
+                }
+                Err(_) => break,
+            }
+            match c.transport.read(&mut buf[..8 - got.len()]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        if got.len() < 8 || got[..8] != SERVE_MAGIC_2.to_le_bytes() {
+            return Err(c.handshake_failed(got));
+        }
+        sent.map_err(wire_err(WHAT))?;
+        let version = wire::read_u64(&mut c.transport).map_err(wire_err(WHAT))?;
+        let (major, minor) = (version >> 8, version & 0xff);
+        if major != 2 || minor < 4 {
+            return Err(ClientError::Version { major, minor });
+        }
+        c.minor = minor.min(SERVE_PROTOCOL_VERSION & 0xff);
+        tracing::debug!(
+            server_version = version,
+            minor = c.minor,
+            "serve session opened"
+        );
+        Ok(c)
+    }
+
+    /// The greeting was not `SERVE_MAGIC_2`: gather a little more of it
+    /// (and the server's stderr) to say what the remote program is.
+    fn handshake_failed(mut self, mut got: Vec<u8>) -> ClientError {
+        let deadline = Instant::now() + BANNER_WAIT;
+        let mut buf = [0u8; BANNER_MAX];
+        while !got.is_empty() && got.len() < BANNER_MAX {
+            let mut tee = Tee {
+                log: &mut io::sink(),
+                tail: &mut self.tail,
+            };
+            if self.transport.wait_reply(&mut tee, Some(deadline)).is_err() {
+                break;
+            }
+            match self.transport.read(&mut buf[..BANNER_MAX - got.len()]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let mut tee = Tee {
+            log: &mut io::sink(),
+            tail: &mut self.tail,
+        };
+        let _ = self.transport.drain_log(&mut tee);
+        let mut text = String::from_utf8_lossy(&got).trim().to_owned();
+        let stderr = String::from_utf8_lossy(&self.tail).trim().to_owned();
+        if !stderr.is_empty() {
+            if text.is_empty() {
+                text = format!("nothing; stderr: {stderr}");
+            } else {
+                text = format!("{text}; stderr: {stderr}");
+            }
+        }
+        ClientError::Handshake { got: text }
     }
 
     /// The negotiated minor version.
@@ -72,21 +240,99 @@ impl<T: Transport> ServeClient<T> {
     /// asks it to protect them from garbage collection for the session.
     pub fn query_valid_paths(
         &mut self,
-        _paths: &BTreeSet<StorePath>,
-        _lock: bool,
-        _substitute: bool,
+        paths: &BTreeSet<StorePath>,
+        lock: bool,
+        substitute: bool,
     ) -> Result<BTreeSet<StorePath>, ClientError> {
-        todo!("helper B")
+        const WHAT: &str = "QueryValidPaths";
+        self.command(WHAT, cmd::QUERY_VALID_PATHS)?;
+        self.put_bool(WHAT, lock)?;
+        self.put_bool(WHAT, substitute)?;
+        self.put_paths(WHAT, paths)?;
+        self.send(WHAT)?;
+        self.quick_reply(WHAT)?;
+        self.get_paths(WHAT)
     }
 
     /// `QueryPathInfos`: what the server knows of `paths` (unknown ones are
     /// left out). `registration_time` is 0 and `ultimate` false: the
-    /// protocol does not carry them.
+    /// protocol does not carry them. Signatures that do not parse are
+    /// dropped with a warning.
     pub fn query_path_infos(
         &mut self,
-        _paths: &BTreeSet<StorePath>,
+        paths: &BTreeSet<StorePath>,
     ) -> Result<Vec<ValidPathInfo>, ClientError> {
-        todo!("helper B")
+        const WHAT: &str = "QueryPathInfos";
+        self.command(WHAT, cmd::QUERY_PATH_INFOS)?;
+        self.put_paths(WHAT, paths)?;
+        self.send(WHAT)?;
+        self.quick_reply(WHAT)?;
+        let mut infos = Vec::new();
+        loop {
+            let path = self.get_string(WHAT)?;
+            if path.is_empty() {
+                break;
+            }
+            if infos.len() >= paths.len() {
+                return Err(invalid(
+                    WHAT,
+                    format!("more answers than the {} paths asked for", paths.len()),
+                ));
+            }
+            let path = self.parse_path(WHAT, &path)?;
+            let deriver = self.get_string(WHAT)?;
+            let deriver = if deriver.is_empty() {
+                None
+            } else {
+                Some(self.parse_path(WHAT, &deriver)?)
+            };
+            let references = self.get_paths(WHAT)?;
+            let _download_size = self.get_u64(WHAT)?;
+            let nar_size = self.get_u64(WHAT)?;
+            // `open` refuses servers older than 2.4, so these are always there.
+            let hash = self.get_string(WHAT)?;
+            let nar_hash = Hash::parse_any_prefixed(&hash)
+                .ok()
+                .filter(|h| h.algo() == HashAlgo::Sha256)
+                .ok_or_else(|| {
+                    invalid(
+                        WHAT,
+                        format!("'{path}': NAR hash '{hash}' is not a sha256 hash"),
+                    )
+                })?;
+            let ca = self.get_string(WHAT)?;
+            let ca =
+                if ca.is_empty() {
+                    None
+                } else {
+                    Some(ca.parse::<ContentAddress>().map_err(|e| {
+                        invalid(WHAT, format!("'{path}': content address '{ca}': {e}"))
+                    })?)
+                };
+            let sigs = wire::read_string_set(&mut self.transport, MAX_ITEMS, MAX_STRING)
+                .map_err(wire_err(WHAT))?;
+            let mut signatures = BTreeSet::new();
+            for s in sigs {
+                match s.parse::<Signature>() {
+                    Ok(sig) => {
+                        signatures.insert(sig);
+                    }
+                    Err(e) => tracing::warn!(%path, "dropping a signature: {e}"),
+                }
+            }
+            infos.push(ValidPathInfo {
+                path,
+                deriver,
+                nar_hash,
+                nar_size,
+                references,
+                registration_time: 0,
+                ultimate: false,
+                signatures,
+                ca,
+            });
+        }
+        Ok(infos)
     }
 
     /// `DumpStorePath`: the NAR of `path`, handed to `read_nar`, which must
@@ -94,28 +340,56 @@ impl<T: Transport> ServeClient<T> {
     /// `LocalStore::stage_nar`).
     pub fn dump_store_path<R, E>(
         &mut self,
-        _path: &StorePath,
-        _read_nar: impl FnOnce(&mut dyn Read) -> Result<R, E>,
+        path: &StorePath,
+        read_nar: impl FnOnce(&mut dyn Read) -> Result<R, E>,
     ) -> Result<Result<R, E>, ClientError> {
-        todo!("helper B")
+        const WHAT: &str = "DumpStorePath";
+        self.command(WHAT, cmd::DUMP_STORE_PATH)?;
+        self.put_path(WHAT, path)?;
+        self.send(WHAT)?;
+        self.quick_reply(WHAT)?;
+        match read_nar(&mut self.transport) {
+            Ok(r) => Ok(Ok(r)),
+            Err(e) => self.server_said(WHAT).map_or(Ok(Err(e)), Err),
+        }
     }
 
     /// `ImportPaths`: `write_export` writes one export stream (paths in
     /// dependency order, then the end marker); the server must answer 1.
     pub fn import_paths<E>(
         &mut self,
-        _write_export: impl FnOnce(&mut dyn Write) -> Result<(), E>,
+        write_export: impl FnOnce(&mut dyn Write) -> Result<(), E>,
     ) -> Result<Result<(), E>, ClientError> {
-        todo!("helper B")
+        const WHAT: &str = "ImportPaths";
+        self.command(WHAT, cmd::IMPORT_PATHS)?;
+        if let Err(e) = write_export(&mut self.transport) {
+            // A server that stopped reading (and so broke the pipe) says why.
+            return self.server_said(WHAT).map_or(Ok(Err(e)), Err);
+        }
+        self.send(WHAT)?;
+        self.quick_reply(WHAT)?;
+        match self.get_u64(WHAT)? {
+            1 => Ok(Ok(())),
+            n => Err(ClientError::Refused {
+                what: WHAT,
+                reason: format!("it answered {n}, not 1"),
+            }),
+        }
     }
 
     /// `QueryClosure`.
     pub fn query_closure(
         &mut self,
-        _paths: &BTreeSet<StorePath>,
-        _include_outputs: bool,
+        paths: &BTreeSet<StorePath>,
+        include_outputs: bool,
     ) -> Result<BTreeSet<StorePath>, ClientError> {
-        todo!("helper B")
+        const WHAT: &str = "QueryClosure";
+        self.command(WHAT, cmd::QUERY_CLOSURE)?;
+        self.put_bool(WHAT, include_outputs)?;
+        self.put_paths(WHAT, paths)?;
+        self.send(WHAT)?;
+        self.quick_reply(WHAT)?;
+        self.get_paths(WHAT)
     }
 
     /// `BuildDerivation`: builds `drv` (at `drv_path`) with `input_srcs` as
@@ -123,30 +397,165 @@ impl<T: Transport> ServeClient<T> {
     /// comes, until the result or `deadline`.
     pub fn build_derivation(
         &mut self,
-        _drv_path: &StorePath,
-        _drv: &Derivation,
-        _input_srcs: &BTreeSet<StorePath>,
-        _options: &BuildOptions,
-        _log: &mut dyn Write,
-        _deadline: Option<Instant>,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        input_srcs: &BTreeSet<StorePath>,
+        options: &BuildOptions,
+        log: &mut dyn Write,
+        deadline: Option<Instant>,
     ) -> Result<BuildResult, ClientError> {
-        todo!("helper B")
+        const WHAT: &str = "BuildDerivation";
+        self.command(WHAT, cmd::BUILD_DERIVATION)?;
+        self.put_path(WHAT, drv_path)?;
+        write_basic_derivation(&mut self.transport, &self.dir, drv, input_srcs)?;
+        options.write(&mut self.transport, self.minor)?;
+        self.send(WHAT)?;
+        self.long_reply(WHAT, log, deadline)?;
+        BuildResult::read(&mut self.transport, self.minor, &self.dir).map_err(|e| match e {
+            ProtocolError::Wire { source, .. } => self.failed(WHAT, source),
+            e => ClientError::Protocol(e),
+        })
     }
 
     /// `BuildPaths` of `.drv` paths valid on the server: `Ok(())`, or the
     /// status and message it answered.
     pub fn build_paths(
         &mut self,
-        _drvs: &[StorePath],
-        _options: &BuildOptions,
-        _log: &mut dyn Write,
-        _deadline: Option<Instant>,
+        drvs: &[StorePath],
+        options: &BuildOptions,
+        log: &mut dyn Write,
+        deadline: Option<Instant>,
     ) -> Result<Result<(), (u64, String)>, ClientError> {
-        todo!("helper B")
+        const WHAT: &str = "BuildPaths";
+        self.command(WHAT, cmd::BUILD_PATHS)?;
+        let dir = &self.dir;
+        wire::write_strings(&mut self.transport, drvs.iter().map(|p| dir.display(p)))
+            .map_err(wire_err(WHAT))?;
+        options.write(&mut self.transport, self.minor)?;
+        self.send(WHAT)?;
+        self.long_reply(WHAT, log, deadline)?;
+        let status = self.get_u64(WHAT)?;
+        if status == 0 {
+            return Ok(Ok(()));
+        }
+        let msg =
+            wire::read_bytes(&mut self.transport, MAX_MESSAGE).map_err(|e| self.failed(WHAT, e))?;
+        Ok(Err((status, String::from_utf8_lossy(&msg).into_owned())))
     }
 
     /// Ends the session, giving the transport back.
     pub fn into_transport(self) -> T {
         self.transport
+    }
+
+    fn command(&mut self, what: &'static str, number: u64) -> Result<(), ClientError> {
+        tracing::debug!(command = what, "serve request");
+        self.tail.clear();
+        wire::write_u64(&mut self.transport, number).map_err(wire_err(what))
+    }
+
+    fn put_bool(&mut self, what: &'static str, b: bool) -> Result<(), ClientError> {
+        wire::write_bool(&mut self.transport, b).map_err(wire_err(what))
+    }
+
+    fn put_path(&mut self, what: &'static str, path: &StorePath) -> Result<(), ClientError> {
+        wire::write_bytes(&mut self.transport, self.dir.display(path).as_bytes())
+            .map_err(wire_err(what))
+    }
+
+    fn put_paths(
+        &mut self,
+        what: &'static str,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<(), ClientError> {
+        let dir = &self.dir;
+        wire::write_strings(&mut self.transport, paths.iter().map(|p| dir.display(p)))
+            .map_err(wire_err(what))
+    }
+
+    fn send(&mut self, what: &'static str) -> Result<(), ClientError> {
+        self.transport
+            .flush()
+            .map_err(|e| self.failed(what, e.into()))
+    }
+
+    /// Waits for the start of a reply that comes at once, keeping the
+    /// server's stderr (usually nothing) for error messages.
+    fn quick_reply(&mut self, what: &'static str) -> Result<(), ClientError> {
+        self.long_reply(what, &mut io::sink(), None)
+    }
+
+    /// Waits for the start of a reply, copying the server's stderr to `log`.
+    fn long_reply(
+        &mut self,
+        what: &'static str,
+        log: &mut dyn Write,
+        deadline: Option<Instant>,
+    ) -> Result<(), ClientError> {
+        let mut tee = Tee {
+            log,
+            tail: &mut self.tail,
+        };
+        match self.transport.wait_reply(&mut tee, deadline) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(ClientError::TimedOut { what }),
+            Err(e) => Err(self.failed(what, e.into())),
+        }
+    }
+
+    /// The error for a reply that failed: what the server said on stderr
+    /// if anything (it prints `error: …` before it exits), else the cause.
+    fn failed(&mut self, what: &'static str, source: WireError) -> ClientError {
+        self.server_said(what)
+            .unwrap_or(ClientError::Wire { what, source })
+    }
+
+    /// [`ClientError::Refused`] with what the server wrote to stderr since
+    /// the command was sent, if it wrote anything.
+    fn server_said(&mut self, what: &'static str) -> Option<ClientError> {
+        let mut tee = Tee {
+            log: &mut io::sink(),
+            tail: &mut self.tail,
+        };
+        // Best effort: this only adds words to an error already at hand.
+        let _ = self.transport.drain_log(&mut tee);
+        let text = String::from_utf8_lossy(&self.tail);
+        // The last lines: after a build these follow its log.
+        let lines: Vec<&str> = text.trim().lines().collect();
+        let said = lines[lines.len().saturating_sub(10)..].join("\n");
+        (!said.is_empty()).then_some(ClientError::Refused { what, reason: said })
+    }
+
+    fn get_u64(&mut self, what: &'static str) -> Result<u64, ClientError> {
+        wire::read_u64(&mut self.transport).map_err(|e| self.failed(what, e))
+    }
+
+    fn get_string(&mut self, what: &'static str) -> Result<String, ClientError> {
+        wire::read_string(&mut self.transport, MAX_STRING).map_err(|e| self.failed(what, e))
+    }
+
+    fn parse_path(&self, what: &'static str, s: &str) -> Result<StorePath, ClientError> {
+        self.dir
+            .parse_path(s)
+            .map_err(|e| invalid(what, format!("bad store path '{s}': {e}")))
+    }
+
+    fn get_paths(&mut self, what: &'static str) -> Result<BTreeSet<StorePath>, ClientError> {
+        let n = self.get_u64(what)?;
+        if n > MAX_ITEMS {
+            return Err(ClientError::Wire {
+                what,
+                source: WireError::TooLong {
+                    len: n,
+                    max: MAX_ITEMS,
+                },
+            });
+        }
+        (0..n)
+            .map(|_| {
+                let s = self.get_string(what)?;
+                self.parse_path(what, &s)
+            })
+            .collect()
     }
 }
