@@ -40,10 +40,10 @@
 //!   yet); `keepFailed` keeps the build directory on the server.
 //! - `BuildPaths` takes `path` or `path!out,...` (the output selection is
 //!   accepted but every output of a derivation is built), realises them with
-//!   [`crate::build::realise`], and answers `0`, or Nix's exit status and a
-//!   message: 101 when a build timed out, 100 when a build failed, 1 for
-//!   anything else (e.g. a path that is not valid here, since there are no
-//!   substituters).
+//!   [`crate::build::realise`] (signing the outputs of every derivation it
+//!   built), and answers `0`, or Nix's exit status and a message: 101 when
+//!   a build timed out, 100 when a build failed, 1 for anything else (e.g.
+//!   a path that is not valid here, since there are no substituters).
 //! - The build log streams, line by line, to [`BuildSetup::log`] (the
 //!   server's stderr, which ssh carries to the client) and to the server's
 //!   own log file (`<state>/log/<drv>`).
@@ -781,16 +781,26 @@ impl Server<'_, '_> {
             placement,
         };
         let log = &mut *self.setup.log;
+        let mut built = Vec::new();
         let realised = while_watching(self.setup.hangup, || {
-            build::realise(&ctx, drvs, &mut |event| {
-                if let Event::Log { line, .. } = event {
+            build::realise(&ctx, drvs, &mut |event| match event {
+                Event::Log { line, .. } => {
                     let _ = log
                         .write_all(line)
                         .and_then(|()| log.write_all(b"\n"))
                         .and_then(|()| log.flush());
                 }
+                Event::Built { drv, .. } => built.push(drv.clone()),
+                _ => {}
             })
         });
+        // Signed as BuildDerivation's outputs are, dependencies included.
+        for drv in &built {
+            match self.store.derivation_outputs(drv) {
+                Ok(outputs) => self.sign_outputs(&loc.logical(drv), &outputs),
+                Err(e) => tracing::warn!(drv = %loc.logical(drv), "outputs not signed: {e}"),
+            }
+        }
         let r = match realised {
             Ok(r) => r,
             Err(e) => return (1, e.to_string()),
@@ -800,10 +810,14 @@ impl Server<'_, '_> {
         }
         let mut msgs = Vec::new();
         // The failures are one-line messages by now; a time limit shows as
-        // the sandbox's "timed out after" (BuildOutcome's Display).
+        // BuildOutcome's Display right after "builder for '...' failed: ",
+        // before the log tail (which might say anything).
         let mut timed_out = false;
         for (drv, error) in &r.failed {
-            timed_out |= error.contains("timed out after");
+            timed_out |= error
+                .split("; last log lines:")
+                .next()
+                .is_some_and(|e| e.contains("failed: timed out after"));
             let drv = loc.logical(drv);
             if error.contains(&drv) {
                 msgs.push(error.clone());
@@ -1053,17 +1067,236 @@ fn kill_children() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        // `pid (comm) state ppid ...`: comm may hold anything, even ')'.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(me) {
+        if parent_pid(&stat) == Some(me) {
             tracing::debug!(pid, "killing a child: the client went away");
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+}
+
+/// The parent's pid in a `/proc/<pid>/stat` line: `pid (comm) state ppid
+/// ...`, where comm may hold anything, even spaces and ')'.
+fn parent_pid(stat: &str) -> Option<u32> {
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::derivation::OutputName;
+    use crate::store::{FileIngestionMethod, StoreLocation};
+
+    fn open(tmp: &tempfile::TempDir) -> LocalStore {
+        LocalStore::open(StoreLocation::new(
+            Default::default(),
+            tmp.path().join("root"),
+        ))
+        .expect("open store")
+    }
+
+    fn path(base: &str) -> StorePath {
+        StorePath::from_base_name(base).expect("store path")
+    }
+
+    fn drv(outputs: Vec<(&str, DerivationOutput)>, inputs: &[&StorePath]) -> Derivation {
+        Derivation {
+            outputs: outputs
+                .into_iter()
+                .map(|(n, o)| (OutputName::new(n).expect("name"), o))
+                .collect(),
+            input_derivations: BTreeMap::new(),
+            input_sources: inputs.iter().map(|p| (*p).clone()).collect(),
+            system: b"x86_64-linux".to_vec(),
+            builder: b"/bin/sh".to_vec(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn checks_output_names_fixed_paths_and_inputs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = open(&tmp);
+        let input = store
+            .add_text("input", b"x", &BTreeSet::new(), &BTreeMap::new())
+            .expect("add");
+        let ia = |base: &str| DerivationOutput::InputAddressed { path: path(base) };
+        let good = drv(
+            vec![
+                ("out", ia("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello")),
+                ("dev", ia("8h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello-dev")),
+            ],
+            &[&input],
+        );
+        check_basic(&store, "d", "hello", &good).expect("fits");
+
+        let wrong_name = drv(
+            vec![("dev", ia("8h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello"))],
+            &[&input],
+        );
+        let e = check_basic(&store, "d", "hello", &wrong_name).expect_err("dev named hello");
+        assert!(e.contains("'hello-dev'"), "{e}");
+
+        let missing = path("00000000000000000000000000000000-missing");
+        let no_input = drv(
+            vec![("out", ia("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello"))],
+            &[&input, &missing],
+        );
+        let e = check_basic(&store, "d", "hello", &no_input).expect_err("missing input");
+        assert!(
+            e.contains("/nix/store/00000000000000000000000000000000-missing"),
+            "{e}"
+        );
+
+        let hash = HashAlgo::Sha256.digest(b"content");
+        let dir = &store.location().dir;
+        let right = dir
+            .make_fixed_output_path(FileIngestionMethod::Flat, &hash, "src", [], false)
+            .expect("path");
+        let fixed = |path: StorePath| {
+            drv(
+                vec![(
+                    "out",
+                    DerivationOutput::CAFixed {
+                        method: FileIngestionMethod::Flat,
+                        hash: hash.clone(),
+                        path,
+                    },
+                )],
+                &[],
+            )
+        };
+        check_basic(&store, "d", "src", &fixed(right.clone())).expect("right fixed path");
+        let e = check_basic(
+            &store,
+            "d",
+            "src",
+            &fixed(path("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-src")),
+        )
+        .expect_err("wrong fixed path");
+        assert!(e.contains(&dir.display(&right)), "{e}");
+
+        let deferred = drv(vec![("out", DerivationOutput::Deferred)], &[]);
+        assert!(check_basic(&store, "d", "x", &deferred).is_err());
+    }
+
+    #[test]
+    fn failures_map_to_nix_statuses() {
+        let failed = |outcome| BuildError::Failed {
+            drv: "d".to_owned(),
+            outcome,
+            kept: None,
+            tail: Vec::new(),
+        };
+        let timeout = BuildOutcome::TimedOut {
+            kind: crate::sandbox::TimeoutKind::Silent,
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(
+            failure_status(&failed(timeout), false),
+            BuildStatus::TimedOut
+        );
+        assert_eq!(
+            failure_status(&failed(timeout), true),
+            BuildStatus::TimedOut
+        );
+        let exit = BuildOutcome::Exited(1);
+        assert_eq!(
+            failure_status(&failed(exit), false),
+            BuildStatus::PermanentFailure
+        );
+        assert_eq!(
+            failure_status(&failed(exit), true),
+            BuildStatus::TransientFailure
+        );
+        let kept = BuildError::Kept {
+            error: Box::new(failed(exit)),
+            dir: "/tmp/x".into(),
+        };
+        assert_eq!(failure_status(&kept, false), BuildStatus::PermanentFailure);
+        let missing = BuildError::MissingOutput {
+            drv: "d".to_owned(),
+            output: "out".to_owned(),
+            path: "p".to_owned(),
+        };
+        assert_eq!(failure_status(&missing, false), BuildStatus::OutputRejected);
+        let no_users = BuildError::NoUsers {
+            drv: "d".to_owned(),
+            reason: "none".to_owned(),
+        };
+        assert_eq!(failure_status(&no_users, false), BuildStatus::MiscFailure);
+    }
+
+    #[test]
+    fn closure_with_outputs_follows_valid_outputs_of_derivations() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = open(&tmp);
+        let none = BTreeSet::new();
+        let dep = store
+            .add_text("dep", b"d", &none, &BTreeMap::new())
+            .expect("add");
+        let out = store
+            .add_text(
+                "out",
+                b"o",
+                &BTreeSet::from([dep.clone()]),
+                &BTreeMap::new(),
+            )
+            .expect("add");
+        let src = store
+            .add_text("src", b"s", &none, &BTreeMap::new())
+            .expect("add");
+        let unbuilt = path("00000000000000000000000000000000-unbuilt");
+        let outputs =
+            BTreeMap::from([("out".to_owned(), out.clone()), ("doc".to_owned(), unbuilt)]);
+        let drv = store
+            .add_text(
+                "x.drv",
+                b"Derive(...)",
+                &BTreeSet::from([src.clone()]),
+                &outputs,
+            )
+            .expect("add drv");
+        let roots = BTreeSet::from([drv.clone()]);
+        assert_eq!(
+            closure(&store, &roots, false).expect("closure"),
+            BTreeSet::from([drv.clone(), src.clone()])
+        );
+        assert_eq!(
+            closure(&store, &roots, true).expect("closure"),
+            BTreeSet::from([drv, src, out, dep])
+        );
+    }
+
+    #[test]
+    fn basic_derivation_hash_is_stable_and_prefixed() {
+        let d = drv(
+            vec![(
+                "out",
+                DerivationOutput::InputAddressed {
+                    path: path("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello"),
+                },
+            )],
+            &[],
+        );
+        let dir = crate::store::StoreDir::default();
+        let h = basic_drv_hash(&d, &dir);
+        assert!(h.starts_with("sha256:") && h.len() == 7 + 64, "{h}");
+        assert_eq!(h, basic_drv_hash(&d, &dir));
+        let mut other = d.clone();
+        other.builder = b"/bin/bash".to_vec();
+        assert_ne!(h, basic_drv_hash(&other, &dir));
+    }
+
+    #[test]
+    fn parent_pid_survives_odd_command_names() {
+        assert_eq!(parent_pid("42 (sh) S 7 42 42 0"), Some(7));
+        assert_eq!(parent_pid("42 (a) b) 1 (c) S 9 1 1"), Some(9));
+        assert_eq!(parent_pid("garbage"), None);
     }
 }

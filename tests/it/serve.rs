@@ -844,7 +844,15 @@ fn serve_build_paths_and_closure_with_outputs() {
     let spec = format!("{}!out", dir.display(&ok));
     let (status, msg) = server.build_paths(&[spec], &BuildOptions::default());
     assert_eq!((status, msg.as_str()), (0, ""), "{}", server.stderr());
-    assert!(store.open().is_valid(&out).unwrap());
+    let info = store.open().query_path_info(&out).unwrap().expect("valid");
+    let public = store.key.to_public();
+    assert!(
+        info.signatures
+            .iter()
+            .any(|s| public.verify(&info.fingerprint(&dir), s)),
+        "not signed by the server: {:?}",
+        info.signatures
+    );
     assert!(
         server.stderr().contains("via-paths-log\n"),
         "{}",
@@ -881,6 +889,24 @@ fn serve_build_paths_and_closure_with_outputs() {
     assert_eq!(with, expected);
     // A derivation whose output is not valid adds nothing.
     assert!(!server.query_closure(true, &[&fails]).contains("fails"));
+
+    // Without a key the build succeeds, unsigned, and says so on the log.
+    std::fs::remove_file(Keyring::new(&store.loc().state).secret_key_path()).expect("rm key");
+    let (unsigned, unsigned_drv) = store.drv("unsigned", "mkdir $out");
+    let inputs = BTreeSet::from([store.bb.clone()]);
+    let r = server.build_derivation(&unsigned, &unsigned_drv, &inputs, &BuildOptions::default());
+    assert_eq!(r.status, BuildStatus::Built, "{r:?}");
+    let info = store
+        .open()
+        .query_path_info(&unsigned_drv.output_paths()["out"])
+        .unwrap()
+        .expect("valid");
+    assert!(info.signatures.is_empty());
+    assert!(
+        server.stderr().contains("are not signed by this machine"),
+        "{}",
+        server.stderr()
+    );
     server.finish();
 }
 
