@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -959,4 +960,81 @@ fn serve_kills_the_build_when_the_client_goes_away() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(builds.is_empty(), "{builds:?}");
+}
+
+/// Nix 2.8 itself as the client: `nix-build --builders 'ssh://...'` runs its
+/// build hook, which sends the input over real sshd into `sandoff serve`,
+/// builds there with BuildDerivation, streams the log back and copies the
+/// output home.
+#[test]
+fn serve_builds_for_nix_2_8_build_remote() {
+    let test = "serve_builds_for_nix_2_8_build_remote";
+    let mut needs = crate::hosts::NEEDS.to_vec();
+    needs.push(Need::Program("nix-build"));
+    if !support::require(test, &needs) || !build_ready(test) {
+        return;
+    }
+    let host = crate::hosts::TestHost::start(40);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The host's builds share the build users' lock directory with every
+    // other build of this test binary, so that none shares a user.
+    let program = tmp.path().join("serve");
+    std::fs::write(
+        &program,
+        format!(
+            "#!/bin/sh\nexport SANDOFF_USER_POOL_DIR={}\nexec sandoff serve --stdio --write\n",
+            std::env::temp_dir().join("sandoff-it-userpool").display()
+        ),
+    )
+    .expect("write serve script");
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bb = tmp.path().join("bb");
+    std::fs::create_dir(&bb).expect("mkdir");
+    std::fs::copy("/bin/busybox", bb.join("busybox")).expect("copy busybox");
+    let expr = tmp.path().join("e2e.nix");
+    std::fs::write(
+        &expr,
+        format!(
+            r#"derivation {{
+  name = "remote-e2e";
+  system = "x86_64-linux";
+  builder = "${{{}}}/busybox";
+  args = [ "sh" "-c" "echo remote-e2e-log-line; $builder mkdir $out; echo hi > $out/x" ];
+}}"#,
+            bb.display()
+        ),
+    )
+    .expect("write expression");
+    let conf = tmp.path().join("nixconf");
+    let local = tmp.path().join("local");
+    let machine = format!(
+        "ssh://root@{}?remote-program={} x86_64-linux {} 1 1",
+        host.addr,
+        program.display(),
+        host.client_key().display()
+    );
+    let out = support::nix_cmd("nix-build", &conf)
+        .env("NIX_SSHOPTS", host.ssh_opts().join(" "))
+        .arg("--store")
+        .arg(&local)
+        .args(["--no-out-link", "--max-jobs", "0", "--builders", &machine])
+        .arg(&expr)
+        .output()
+        .expect("run nix-build");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "nix-build: {stderr}");
+    assert!(stderr.contains("remote-e2e-log-line"), "{stderr}");
+    let path = text(&out.stdout).trim().to_owned();
+    assert!(path.ends_with("-remote-e2e"), "{path}");
+    let base = path.rsplit('/').next().expect("base name");
+    let built = local.join("nix/store").join(base).join("x");
+    assert_eq!(std::fs::read_to_string(&built).expect("output"), "hi\n");
+    // Built and signed on the host.
+    let host_store =
+        LocalStore::open(StoreLocation::new(StoreDir::default(), host.root())).expect("host store");
+    let info = host_store
+        .query_path_info(&StorePath::from_base_name(base).expect("path"))
+        .expect("query")
+        .expect("valid on the host");
+    assert_eq!(info.signatures.len(), 1, "{:?}", info.signatures);
 }
