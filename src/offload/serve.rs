@@ -21,8 +21,8 @@
 //!   `.drv`: the client is trusted for them, as Nix trusts a trusted user),
 //!   and every input must be valid here, else the answer is `MiscFailure`
 //!   naming what is wrong. Outputs all valid: `AlreadyValid`. After a build
-//!   each output is signed with this machine's key (`<state>/signing-key.sec`
-//!   via [`Keyring`]); without a key the build still succeeds, with a
+//!   each output is signed with this machine's key (`<state>/keys/signing-key.sec`,
+//!   see [`Keyring`]); without a key the build still succeeds, with a
 //!   warning, and the client refuses the unsigned outputs.
 //! - Statuses follow Nix 2.8's `DerivationGoal::buildDone`: builder failed
 //!   → `PermanentFailure` (`TransientFailure` for a fixed-output
@@ -34,8 +34,7 @@
 //! - The `drvHash` keying the 2.6/2.7 realisations is the
 //!   hashDerivationModulo of the `BasicDerivation` as received (its inputs
 //!   are all sources), in `sha256:<base16>` form; it is not the hash of the
-//!   original `.drv`, which the server never sees (Nix's server has the
-//!   same limitation).
+//!   original `.drv`, which the server never sees.
 //! - `maxLogSize` and the repeat options are read and ignored (no log limit
 //!   yet); `keepFailed` keeps the build directory on the server.
 //! - `BuildPaths` takes `path` or `path!out,...` (the output selection is
@@ -51,7 +50,7 @@
 //!   watched; when it hangs up, every child process of this process (the
 //!   sandboxed builders: their PID namespaces die with them) is killed until
 //!   the build returns, so the build ends as a failure and cleans up as
-//!   usual, and nothing is written to the vanished client. A build still
+//!   usual; writing its answer then fails and ends the session. A build still
 //!   waiting for a build user or an output lock is killed only once it
 //!   starts.
 //!
@@ -160,7 +159,8 @@ pub enum ServeError {
     /// A command that adds paths, without `--write`.
     #[error("{command}: importing paths is not allowed (the server was started without --write)")]
     ReadOnly { command: &'static str },
-    /// A known command this server does not implement yet.
+    /// A known command this server does not implement (none since
+    /// building exists; kept for callers that match on it).
     #[error("serve command {command} ({number}) is not supported yet")]
     Unsupported { command: &'static str, number: u64 },
     /// A build command without `--write`.
