@@ -769,4 +769,70 @@ mod tests {
         assert!(BuildStatus::AlreadyValid.is_success());
         assert!(!BuildStatus::TimedOut.is_success());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn bytes() -> impl Strategy<Value = Vec<u8>> {
+            proptest::collection::vec(any::<u8>(), 0..12)
+        }
+
+        fn drv() -> impl Strategy<Value = Derivation> {
+            (
+                proptest::collection::vec(any::<u8>(), 0..12)
+                    .prop_filter("printed unescaped", |s| {
+                        !s.contains(&b'"') && !s.contains(&b'\\')
+                    }),
+                bytes(),
+                proptest::collection::vec(bytes(), 0..4),
+                proptest::collection::btree_map(bytes(), bytes(), 0..6),
+                proptest::collection::btree_set("[a-z][a-z0-9]{0,5}", 1..4),
+            )
+                .prop_map(|(system, builder, args, env, outs)| Derivation {
+                    outputs: outs
+                        .iter()
+                        .map(|o| (OutputName::new(o).unwrap(), DerivationOutput::Deferred))
+                        .collect(),
+                    input_sources: [bb()].into(),
+                    system,
+                    builder,
+                    args,
+                    env,
+                    ..Default::default()
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn write_then_read_is_identity(d in drv()) {
+                let mut out = Vec::new();
+                write_basic_derivation(&mut out, &nix(), &d, &d.input_sources).unwrap();
+                let back = read_basic_derivation(&mut &out[..], &nix(), "x")
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(back, d);
+            }
+
+            #[test]
+            fn readers_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400), minor in 0u64..9) {
+                let _ = read_basic_derivation(&mut &data[..], &nix(), "x");
+                let _ = BuildOptions::read(&mut &data[..], minor);
+                let _ = BuildResult::read(&mut &data[..], minor, &nix());
+            }
+
+            #[test]
+            fn reader_survives_mutations(
+                d in drv(),
+                edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            ) {
+                let mut out = Vec::new();
+                write_basic_derivation(&mut out, &nix(), &d, &d.input_sources).unwrap();
+                for (i, b) in edits {
+                    let i = i.index(out.len());
+                    out[i] = b;
+                }
+                let _ = read_basic_derivation(&mut &out[..], &nix(), "x");
+            }
+        }
+    }
 }
