@@ -349,7 +349,12 @@ impl BuildResult {
     /// `drv_hash` (the derivation's hashDerivationModulo, `sha256:<base16>`)
     /// keys the realisations of 2.6/2.7.
     ///
-    /// Minors above 7 are written as 2.7: we never negotiate more.
+    /// Nix 2.8 keys them with the hash of the derivation *with its outputs
+    /// masked* (`staticOutputHashes`: `hash_derivation_modulo(drv, dir, true,
+    /// …)` of the `BasicDerivation` as received); with that hash the bytes
+    /// equal Nix's (tested against `nix-store --serve` in
+    /// `tests/it/client.rs`). Minors above 7 are written as 2.7: we never
+    /// negotiate more.
     pub fn write(
         &self,
         w: &mut dyn Write,
