@@ -31,9 +31,10 @@
 //!   an output is refused (missing, not owned by the build user, wrong
 //!   fixed hash) → `OutputRejected`, anything else → `MiscFailure`. The
 //!   message is the build error, with the last lines of the log.
-//! - The `drvHash` keying the 2.6/2.7 realisations is the
-//!   hashDerivationModulo of the `BasicDerivation` as received (its inputs
-//!   are all sources), in `sha256:<base16>` form; it is not the hash of the
+//! - The `drvHash` keying the 2.6/2.7 realisations is, as Nix 2.8's
+//!   `staticOutputHashes`, the hashDerivationModulo of the
+//!   `BasicDerivation` as received (its inputs are all sources) with its
+//!   outputs masked, in `sha256:<base16>` form; it is not the hash of the
 //!   original `.drv`, which the server never sees.
 //! - `maxLogSize` and the repeat options are read and ignored (no log limit
 //!   yet); `keepFailed` keeps the build directory on the server.
@@ -936,8 +937,9 @@ fn failure_status(e: &BuildError, fixed_output: bool) -> BuildStatus {
     }
 }
 
-/// The hashDerivationModulo of a `BasicDerivation` (it has no input
-/// derivations, so nothing is looked up), `sha256:<base16>`.
+/// The hashDerivationModulo of a `BasicDerivation` with its outputs masked
+/// (it has no input derivations, so nothing is looked up), as Nix 2.8 keys
+/// realisations with it, `sha256:<base16>`.
 fn basic_drv_hash(drv: &Derivation, dir: &crate::store::StoreDir) -> String {
     let no_lookup = |p: &StorePath| {
         Err::<Derivation, _>(io::Error::new(
@@ -945,7 +947,7 @@ fn basic_drv_hash(drv: &Derivation, dir: &crate::store::StoreDir) -> String {
             format!("a BasicDerivation has no input derivation ({p})"),
         ))
     };
-    let hash = hash_derivation_modulo(drv, dir, false, no_lookup)
+    let hash = hash_derivation_modulo(drv, dir, true, no_lookup)
         .ok()
         .and_then(|h| h.hashes.into_values().next())
         // Not computable (e.g. no outputs): still a stable string.
