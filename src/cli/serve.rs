@@ -1,15 +1,21 @@
 //! `sandoff serve --stdio [--write]`: the server side of Nix's serve
 //! protocol on stdin/stdout, as `nix-store --serve [--write]` (what Nix's
-//! `ssh://` store runs on the remote machine).
+//! `ssh://` store runs on the remote machine). With `--write` it also builds
+//! (`BuildDerivation`, `BuildPaths`) in the local sandbox as the build users
+//! of `--build-users-group`, streaming build logs on stderr, which ssh
+//! carries to the client; see `sandoff::offload::serve`.
 
 use std::io::{self, BufReader, BufWriter};
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::Args;
-use sandoff::offload::serve::{serve, ServeOptions};
+use sandoff::offload::serve::{serve_with_builds, BuildSetup, ServeOptions};
 use sandoff::store::local::LocalStore;
 use sandoff::store::StoreLocation;
+
+use super::build::BuildUsersArgs;
 
 /// Options of `sandoff serve`.
 #[derive(Args, Debug)]
@@ -17,9 +23,12 @@ pub struct ServeArgs {
     /// Speak the protocol on stdin and stdout (the only transport so far).
     #[arg(long)]
     stdio: bool,
-    /// Allow clients to add paths (ImportPaths, AddToStoreNar).
+    /// Allow clients to add paths (ImportPaths, AddToStoreNar) and to build
+    /// (BuildDerivation, BuildPaths).
     #[arg(long)]
     write: bool,
+    #[command(flatten)]
+    users: BuildUsersArgs,
 }
 
 pub fn run(args: ServeArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
@@ -27,13 +36,26 @@ pub fn run(args: ServeArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         bail!("serve: --stdio is required (it is the only transport so far)");
     }
     let store = LocalStore::open(loc.clone())?;
-    let mut input = BufReader::new(io::stdin().lock());
+    // Needed only if something is to be built; the error is kept until then.
+    let pool = args.users.pool(loc);
+    let stdin = io::stdin();
+    let mut input = BufReader::new(stdin.lock());
     let mut output = BufWriter::new(io::stdout().lock());
-    serve(
+    let mut log = io::stderr();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let setup = BuildSetup {
+        pool: pool.as_ref().map_err(Clone::clone),
+        log: &mut log,
+        // This process serves one session and has no children but builds.
+        hangup: Some(stdin.as_fd()),
+        cores,
+    };
+    serve_with_builds(
         &store,
         &mut input,
         &mut output,
         ServeOptions { write: args.write },
+        setup,
     )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -3,16 +3,86 @@
 //!
 //! The client speaks first: `SERVE_MAGIC_1`, then (after our magic and
 //! version) its own version; then commands until EOF. Each reply is flushed
-//! because the client waits for it before sending more. Building
-//! (`BuildPaths`, `BuildDerivation`) is not implemented yet: those commands
-//! end the session with [`ServeError::Unsupported`].
+//! because the client waits for it before sending more.
+//!
+//! # Building
+//!
+//! `BuildDerivation` and `BuildPaths` need `--write` (as Nix: "building
+//! paths is not allowed" ends the session) and build in the local sandbox
+//! ([`crate::build`], placed with [`Placement::local_only`]), as the build
+//! users of [`BuildSetup::pool`]. A build that fails is an answer, never the
+//! end of the session; only protocol errors end it.
+//!
+//! - `BuildDerivation` (what Nix's `ssh://` store and sandoff's client use):
+//!   the `BasicDerivation` arrives without its `.drv`, its `inputSrcs` being
+//!   the whole input closure. Before building, each output path must fit the
+//!   derivation's name, a fixed output's path must be the one its hash gives
+//!   (input-addressed hash parts cannot be checked without the original
+//!   `.drv`: the client is trusted for them, as Nix trusts a trusted user),
+//!   and every input must be valid here, else the answer is `MiscFailure`
+//!   naming what is wrong. Outputs all valid: `AlreadyValid`. After a build
+//!   each output is signed with this machine's key (`<state>/keys/signing-key.sec`,
+//!   see [`Keyring`]); without a key the build still succeeds, with a
+//!   warning, and the client refuses the unsigned outputs.
+//! - Statuses follow Nix 2.8's `DerivationGoal::buildDone`: builder failed
+//!   → `PermanentFailure` (`TransientFailure` for a fixed-output
+//!   derivation, which may depend on the network), killed by
+//!   `maxSilentTime`/`buildTimeout` → `TimedOut`, the builder succeeded but
+//!   an output is refused (missing, not owned by the build user, wrong
+//!   fixed hash) → `OutputRejected`, anything else → `MiscFailure`. The
+//!   message is the build error, with the last lines of the log.
+//! - The `drvHash` keying the 2.6/2.7 realisations is, as Nix 2.8's
+//!   `staticOutputHashes`, the hashDerivationModulo of the
+//!   `BasicDerivation` as received (its inputs are all sources) with its
+//!   outputs masked, in `sha256:<base16>` form; it is not the hash of the
+//!   original `.drv`, which the server never sees.
+//! - `maxLogSize` and the repeat options are read and ignored (no log limit
+//!   yet); `keepFailed` keeps the build directory on the server.
+//! - `BuildPaths` takes `path` or `path!out,...` (the output selection is
+//!   accepted but every output of a derivation is built), realises them with
+//!   [`crate::build::realise`] (signing the outputs of every derivation it
+//!   built), and answers `0`, or Nix's exit status and a message: 101 when
+//!   a build timed out, 100 when a build failed, 1 for anything else (e.g.
+//!   a path that is not valid here, since there are no substituters).
+//! - The build log streams, line by line, to [`BuildSetup::log`] (the
+//!   server's stderr, which ssh carries to the client) and to the server's
+//!   own log file (`<state>/log/<drv>`).
+//! - Client gone: while a build runs, [`BuildSetup::hangup`] (stdin) is
+//!   watched; when it hangs up, every child process of this process (the
+//!   sandboxed builders: their PID namespaces die with them) is killed until
+//!   the build returns, so the build ends as a failure and cleans up as
+//!   usual; writing its answer then fails and ends the session. A build still
+//!   waiting for a build user or an output lock is killed only once it
+//!   starts.
+//!
+//! # Queries
+//!
+//! - `QueryValidPaths`: `lock` is accepted and does nothing, since sandoff
+//!   never collects garbage, so no temporary root is needed to keep a path;
+//!   `substitute` does nothing, since there are no substituters.
+//! - `QueryClosure` with `includeOutputs` also follows the valid outputs of
+//!   every derivation in the closure, and their closures, as Nix's
+//!   `computeFSClosure(includeOutputs)`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::protocol::{self, BuildOptions, BuildResult, BuildStatus, ProtocolError};
+use crate::build::local::{realise_one, remove_stale_build_dirs, StepOutcome};
+use crate::build::{self, builds_dir, BuildContext, BuildError, Event, Options};
+use crate::decide::Placement;
+use crate::derivation::modulo::hash_derivation_modulo;
+use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
+use crate::sandbox::{BuildOutcome, UserPool};
 use crate::store::export::{import_paths, write_export, ExportError, SignaturePolicy};
+use crate::store::keyring::Keyring;
 use crate::store::local::{LocalStore, StoreError};
 use crate::store::nar::{self, NarError};
+use crate::store::path::output_path_name;
 use crate::store::signature::{Signature, SignatureError};
 use crate::store::wire::{self, WireError};
 use crate::store::{
@@ -51,6 +121,23 @@ pub struct ServeOptions {
     pub write: bool,
 }
 
+/// What building (`BuildDerivation`, `BuildPaths`) needs from the caller.
+pub struct BuildSetup<'a> {
+    /// The build users, or why there are none: then only derivations whose
+    /// outputs are valid already succeed, and builds fail with the reason.
+    pub pool: Result<&'a UserPool, String>,
+    /// Where each log line goes as the build runs, besides the log file:
+    /// the server's stderr, which ssh carries to the client.
+    pub log: &'a mut (dyn Write + Send),
+    /// Watched while a build runs: when it hangs up (the client went away)
+    /// the build is killed. Killing means every child process of this
+    /// process, so set it only in a process that serves one session
+    /// (`sandoff serve`), never in one that has other children.
+    pub hangup: Option<BorrowedFd<'a>>,
+    /// `NIX_BUILD_CORES` of each build.
+    pub cores: u32,
+}
+
 /// Why a serve session ended in failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -73,9 +160,19 @@ pub enum ServeError {
     /// A command that adds paths, without `--write`.
     #[error("{command}: importing paths is not allowed (the server was started without --write)")]
     ReadOnly { command: &'static str },
-    /// A known command this server does not implement yet.
+    /// A known command this server does not implement (none since
+    /// building exists; kept for callers that match on it).
     #[error("serve command {command} ({number}) is not supported yet")]
     Unsupported { command: &'static str, number: u64 },
+    /// A build command without `--write`.
+    #[error("{command}: building paths is not allowed (the server was started without --write)")]
+    BuildNotAllowed { command: &'static str },
+    /// `BuildDerivation` of a path that is not a `.drv`.
+    #[error("BuildDerivation: '{path}' is not a derivation (a .drv store path)")]
+    NotDerivation { path: String },
+    /// A structured protocol value (derivation, options) was malformed.
+    #[error("serve protocol")]
+    Protocol(#[source] ProtocolError),
     /// A command number Nix does not know either.
     #[error("unknown serve command {0}")]
     UnknownCommand(u64),
@@ -151,12 +248,33 @@ fn read_command(r: &mut dyn Read) -> Result<Option<u64>, ServeError> {
     Ok(Some(u64::from_le_bytes(buf)))
 }
 
-/// One serve session on `store`: handshake, then commands until EOF.
+/// One serve session on `store`: handshake, then commands until EOF. Builds
+/// have no build users (they fail saying so) and log to this process's
+/// stderr; see [`serve_with_builds`].
 pub fn serve(
     store: &LocalStore,
     input: &mut dyn Read,
     output: &mut dyn Write,
     opts: ServeOptions,
+) -> Result<(), ServeError> {
+    let mut stderr = io::stderr();
+    let setup = BuildSetup {
+        pool: Err("this server was started without build users".to_owned()),
+        log: &mut stderr,
+        hangup: None,
+        cores: 1,
+    };
+    serve_with_builds(store, input, output, opts, setup)
+}
+
+/// One serve session on `store`, building with `setup`: handshake, then
+/// commands until EOF.
+pub fn serve_with_builds(
+    store: &LocalStore,
+    input: &mut dyn Read,
+    output: &mut dyn Write,
+    opts: ServeOptions,
+    setup: BuildSetup<'_>,
 ) -> Result<(), ServeError> {
     let magic = wire("reading the magic", wire::read_u64(input))?;
     if magic != SERVE_MAGIC_1 {
@@ -176,6 +294,8 @@ pub fn serve(
         output,
         opts,
         client_minor: client_version & 0xff,
+        setup,
+        placement: None,
     };
     while let Some(command) = read_command(server.input)? {
         tracing::debug!(command, "serve command");
@@ -185,15 +305,18 @@ pub fn serve(
     Ok(())
 }
 
-struct Server<'a> {
+struct Server<'a, 's> {
     store: &'a LocalStore,
     input: &'a mut dyn Read,
     output: &'a mut dyn Write,
     opts: ServeOptions,
     client_minor: u64,
+    setup: BuildSetup<'s>,
+    /// Made at the first build (it probes the host).
+    placement: Option<Placement>,
 }
 
-impl Server<'_> {
+impl Server<'_, '_> {
     fn command(&mut self, command: u64) -> Result<(), ServeError> {
         match command {
             cmd::QUERY_VALID_PATHS => {
@@ -254,28 +377,26 @@ impl Server<'_> {
                 Ok(())
             }
             cmd::QUERY_CLOSURE => {
-                // Outputs of derivations are not followed yet; for other
-                // paths the flag makes no difference.
-                let _include_outputs = wire("QueryClosure", wire::read_bool(self.input))?;
+                let include_outputs = wire("QueryClosure", wire::read_bool(self.input))?;
                 let paths = self.read_paths("QueryClosure")?;
                 for p in &paths {
                     self.require_valid(p)?;
                 }
-                let closure = self.store.closure(&paths)?;
+                let closure = closure(self.store, &paths, include_outputs)?;
                 self.write_paths("QueryClosure", &closure)
             }
             cmd::ADD_TO_STORE_NAR => {
                 self.require_write("AddToStoreNar")?;
                 self.add_to_store_nar()
             }
-            cmd::BUILD_PATHS => Err(ServeError::Unsupported {
-                command: "BuildPaths",
-                number: command,
-            }),
-            cmd::BUILD_DERIVATION => Err(ServeError::Unsupported {
-                command: "BuildDerivation",
-                number: command,
-            }),
+            cmd::BUILD_PATHS => {
+                self.require_build("BuildPaths")?;
+                self.build_paths()
+            }
+            cmd::BUILD_DERIVATION => {
+                self.require_build("BuildDerivation")?;
+                self.build_derivation()
+            }
             n => Err(ServeError::UnknownCommand(n)),
         }
     }
@@ -353,6 +474,14 @@ impl Server<'_> {
             });
         }
         wire(WHAT, wire::write_u64(self.output, 1))
+    }
+
+    fn require_build(&self, command: &'static str) -> Result<(), ServeError> {
+        if self.opts.write {
+            Ok(())
+        } else {
+            Err(ServeError::BuildNotAllowed { command })
+        }
     }
 
     fn require_write(&self, command: &'static str) -> Result<(), ServeError> {
@@ -436,5 +565,742 @@ impl Server<'_> {
             )?;
         }
         Ok(())
+    }
+}
+
+impl Server<'_, '_> {
+    /// `BuildDerivation`: reads the request, answers a [`BuildResult`].
+    fn build_derivation(&mut self) -> Result<(), ServeError> {
+        const WHAT: &str = "BuildDerivation";
+        let drv_path = self.read_path(WHAT)?;
+        let dir = self.store.location().dir.clone();
+        let Some(drv_name) = drv_path.name().strip_suffix(".drv") else {
+            return Err(ServeError::NotDerivation {
+                path: dir.display(&drv_path),
+            });
+        };
+        let drv = protocol::read_basic_derivation(self.input, &dir, drv_name)
+            .map_err(ServeError::Protocol)?;
+        let options =
+            BuildOptions::read(self.input, self.client_minor).map_err(ServeError::Protocol)?;
+        tracing::info!(drv = %dir.display(&drv_path), "BuildDerivation");
+        let result = self.build_basic(&drv_path, drv_name, &drv, &options);
+        tracing::info!(status = ?result.status, error = %result.error_msg, "BuildDerivation done");
+        result
+            .write(
+                self.output,
+                self.client_minor,
+                &dir,
+                &basic_drv_hash(&drv, &dir),
+            )
+            .map_err(ServeError::Protocol)
+    }
+
+    /// Checks and builds a `BasicDerivation`; every failure is a result.
+    fn build_basic(
+        &mut self,
+        drv_path: &StorePath,
+        drv_name: &str,
+        drv: &Derivation,
+        options: &BuildOptions,
+    ) -> BuildResult {
+        let start_time = now();
+        let mut result = BuildResult {
+            status: BuildStatus::MiscFailure,
+            error_msg: String::new(),
+            times_built: 0,
+            non_deterministic: false,
+            start_time,
+            stop_time: start_time,
+            built_outputs: BTreeMap::new(),
+        };
+        let loc = self.store.location();
+        let full = loc.logical(drv_path);
+        if let Err(msg) = check_basic(self.store, &full, drv_name, drv) {
+            result.error_msg = msg;
+            return result;
+        }
+        let outputs = drv.output_paths();
+        let mut all_valid = true;
+        for p in outputs.values() {
+            match self.store.is_valid(p) {
+                Ok(v) => all_valid &= v,
+                Err(e) => {
+                    result.error_msg = format!("cannot build '{full}': {e}");
+                    return result;
+                }
+            }
+        }
+        if all_valid {
+            result.status = BuildStatus::AlreadyValid;
+            result.built_outputs = outputs;
+            return result;
+        }
+        if let Err(e) = remove_stale_build_dirs(&builds_dir(loc)) {
+            tracing::warn!("cannot remove stale build directories: {e}");
+        }
+        let placement = self.placement.get_or_insert_with(Placement::local_only);
+        let ctx = BuildContext {
+            store: self.store,
+            pool: self.setup.pool.clone(),
+            options: build_options(options, self.setup.cores, true),
+            placement,
+            offload: None,
+        };
+        let log = &mut *self.setup.log;
+        let hangup = self.setup.hangup;
+        let outcome = std::thread::scope(|s| {
+            let (tx, rx) = mpsc::channel::<Event>();
+            let forward = s.spawn(move || {
+                for event in rx {
+                    if let Event::Log { line, .. } = event {
+                        // The client may be gone; the log file has it all.
+                        let _ = log
+                            .write_all(&line)
+                            .and_then(|()| log.write_all(b"\n"))
+                            .and_then(|()| log.flush());
+                    }
+                }
+            });
+            let outcome = while_watching(hangup, || realise_one(&ctx, drv_path, drv, &tx));
+            drop(tx);
+            let _ = forward.join();
+            outcome
+        });
+        result.stop_time = now();
+        match outcome {
+            Ok(StepOutcome::Built) => {
+                self.sign_outputs(&full, &outputs);
+                result.status = BuildStatus::Built;
+                result.times_built = 1;
+                result.built_outputs = outputs;
+            }
+            // Another process built it while we waited for the locks.
+            Ok(StepOutcome::Reused) => {
+                result.status = BuildStatus::AlreadyValid;
+                result.built_outputs = outputs;
+            }
+            Err(e) => {
+                result.status = failure_status(&e, drv.is_fixed_output());
+                result.error_msg = e.to_string();
+            }
+        }
+        result
+    }
+
+    /// Signs each output with this machine's key; without a key (or on any
+    /// failure) warns, on the log too so that the client's user sees why
+    /// the outputs will be refused.
+    fn sign_outputs(&mut self, drv: &str, outputs: &BTreeMap<String, StorePath>) {
+        let loc = self.store.location();
+        let sign = || -> Result<(), String> {
+            let key = Keyring::new(&loc.state)
+                .secret_key()
+                .map_err(|e| format!("{e} (run `sandoff setup` to create this machine's key)"))?;
+            for p in outputs.values() {
+                let info = self
+                    .store
+                    .query_path_info(p)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("'{}' is not valid", loc.logical(p)))?;
+                let sig = key.sign_path(&info, &loc.dir).map_err(|e| e.to_string())?;
+                self.store
+                    .add_signatures(p, &BTreeSet::from([sig]))
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        if let Err(e) = sign() {
+            tracing::warn!(drv, "outputs not signed: {e}");
+            let _ = writeln!(
+                self.setup.log,
+                "warning: the outputs of '{drv}' are not signed by this machine: {e}"
+            );
+            let _ = self.setup.log.flush();
+        }
+    }
+
+    /// `BuildPaths`: realises the paths, answers `0` or a status and message.
+    fn build_paths(&mut self) -> Result<(), ServeError> {
+        const WHAT: &str = "BuildPaths";
+        let specs = wire(WHAT, wire::read_strings(self.input, MAX_ITEMS, MAX_STRING))?;
+        let options =
+            BuildOptions::read(self.input, self.client_minor).map_err(ServeError::Protocol)?;
+        let dir = &self.store.location().dir;
+        let mut drvs = Vec::new();
+        let mut others = Vec::new();
+        for spec in &specs {
+            // `path!out,dev`: every output is built, so the names only
+            // need to be there.
+            let path = spec.split_once('!').map_or(spec.as_str(), |(p, _)| p);
+            let path = dir.parse_path(path).map_err(ServeError::BadPath)?;
+            if path.is_derivation() {
+                drvs.push(path);
+            } else {
+                others.push(path);
+            }
+        }
+        let (status, msg) = self.realise_paths(&drvs, &others, &options);
+        wire(WHAT, wire::write_u64(self.output, status))?;
+        if status != 0 {
+            wire(WHAT, wire::write_bytes(self.output, msg.as_bytes()))?;
+        }
+        Ok(())
+    }
+
+    /// Nix's exit status (0, 1, 100, 101) and message of building `drvs`
+    /// and making sure `others` are valid.
+    fn realise_paths(
+        &mut self,
+        drvs: &[StorePath],
+        others: &[StorePath],
+        options: &BuildOptions,
+    ) -> (u64, String) {
+        let loc = self.store.location();
+        for p in others {
+            match self.store.is_valid(p) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return (
+                        1,
+                        format!(
+                        "path '{}' is not valid here and cannot be substituted (no substituters)",
+                        loc.logical(p)
+                    ),
+                    )
+                }
+                Err(e) => return (1, e.to_string()),
+            }
+        }
+        if drvs.is_empty() {
+            return (0, String::new());
+        }
+        let placement = self.placement.get_or_insert_with(Placement::local_only);
+        let ctx = BuildContext {
+            store: self.store,
+            pool: self.setup.pool.clone(),
+            options: build_options(options, self.setup.cores, true),
+            placement,
+            offload: None,
+        };
+        let log = &mut *self.setup.log;
+        let mut built = Vec::new();
+        let realised = while_watching(self.setup.hangup, || {
+            build::realise(&ctx, drvs, &mut |event| match event {
+                Event::Log { line, .. } => {
+                    let _ = log
+                        .write_all(line)
+                        .and_then(|()| log.write_all(b"\n"))
+                        .and_then(|()| log.flush());
+                }
+                Event::Built { drv, .. } => built.push(drv.clone()),
+                _ => {}
+            })
+        });
+        // Signed as BuildDerivation's outputs are, dependencies included.
+        for drv in &built {
+            match self.store.derivation_outputs(drv) {
+                Ok(outputs) => self.sign_outputs(&loc.logical(drv), &outputs),
+                Err(e) => tracing::warn!(drv = %loc.logical(drv), "outputs not signed: {e}"),
+            }
+        }
+        let r = match realised {
+            Ok(r) => r,
+            Err(e) => return (1, e.to_string()),
+        };
+        if r.success() {
+            return (0, String::new());
+        }
+        let mut msgs = Vec::new();
+        // The failures are one-line messages by now; a time limit shows as
+        // BuildOutcome's Display right after "builder for '...' failed: ",
+        // before the log tail (which might say anything).
+        let mut timed_out = false;
+        for (drv, error) in &r.failed {
+            timed_out |= error
+                .split("; last log lines:")
+                .next()
+                .is_some_and(|e| e.contains("failed: timed out after"));
+            let drv = loc.logical(drv);
+            if error.contains(&drv) {
+                msgs.push(error.clone());
+            } else {
+                msgs.push(format!("build of '{drv}' failed: {error}"));
+            }
+        }
+        for (drv, dep) in &r.dependency_failed {
+            msgs.push(format!(
+                "'{}' not built: dependency '{}' failed",
+                loc.logical(drv),
+                loc.logical(dep)
+            ));
+        }
+        for drv in &r.not_started {
+            msgs.push(format!(
+                "'{}' not built: stopped after a failure",
+                loc.logical(drv)
+            ));
+        }
+        (if timed_out { 101 } else { 100 }, msgs.join("; "))
+    }
+}
+
+/// The checks of a `BasicDerivation` before building it (see the module
+/// docs); the error is the message of a `MiscFailure`.
+fn check_basic(
+    store: &LocalStore,
+    full: &str,
+    drv_name: &str,
+    drv: &Derivation,
+) -> Result<(), String> {
+    let dir = &store.location().dir;
+    match drv.kind() {
+        Ok(DerivationKind::InputAddressed { deferred: false } | DerivationKind::Fixed) => {}
+        Ok(kind) => {
+            return Err(format!(
+                "cannot build '{full}': {kind:?} derivations are not supported by this server"
+            ))
+        }
+        Err(e) => return Err(format!("cannot build '{full}': {e}")),
+    }
+    for (name, output) in &drv.outputs {
+        let Some(path) = output.path() else {
+            return Err(format!(
+                "cannot build '{full}': output '{name}' has no path"
+            ));
+        };
+        let expected_name = output_path_name(drv_name, name.as_str());
+        if path.name() != expected_name {
+            return Err(format!(
+                "cannot build '{full}': output '{name}' is '{}', whose name is not '{expected_name}'",
+                dir.display(path)
+            ));
+        }
+        if let DerivationOutput::CAFixed { method, hash, .. } = output {
+            let expected = dir
+                .make_fixed_output_path(*method, hash, &expected_name, [], false)
+                .map_err(|e| format!("cannot build '{full}': {e}"))?;
+            if &expected != path {
+                return Err(format!(
+                    "cannot build '{full}': fixed output '{name}' is '{}', but its hash gives '{}'",
+                    dir.display(path),
+                    dir.display(&expected)
+                ));
+            }
+        }
+    }
+    for input in &drv.input_sources {
+        match store.is_valid(input) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(format!(
+                    "cannot build '{full}': input '{}' is not valid on this machine \
+                     (the client must send the whole input closure first)",
+                    dir.display(input)
+                ))
+            }
+            Err(e) => return Err(format!("cannot build '{full}': {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// The build options of one serve build.
+fn build_options(options: &BuildOptions, cores: u32, stream_logs: bool) -> Options {
+    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    Options {
+        jobs: 1,
+        keep_going: false,
+        keep_failed: options.keep_failed,
+        max_silent: secs(options.max_silent_time),
+        timeout: secs(options.build_timeout),
+        cores,
+        stream_logs,
+    }
+}
+
+/// The status of a failed build, as Nix 2.8's `buildDone` (module docs).
+fn failure_status(e: &BuildError, fixed_output: bool) -> BuildStatus {
+    match e {
+        BuildError::Kept { error, .. } => failure_status(error, fixed_output),
+        BuildError::Failed {
+            outcome: BuildOutcome::TimedOut { .. },
+            ..
+        } => BuildStatus::TimedOut,
+        BuildError::Failed { .. } if fixed_output => BuildStatus::TransientFailure,
+        BuildError::Failed { .. } => BuildStatus::PermanentFailure,
+        BuildError::MissingOutput { .. }
+        | BuildError::ForeignFile { .. }
+        | BuildError::UnsupportedType { .. }
+        | BuildError::HashMismatch { .. }
+        | BuildError::FlatNotRegular { .. }
+        | BuildError::FixedReferences { .. } => BuildStatus::OutputRejected,
+        _ => BuildStatus::MiscFailure,
+    }
+}
+
+/// The hashDerivationModulo of a `BasicDerivation` with its outputs masked
+/// (it has no input derivations, so nothing is looked up), as Nix 2.8 keys
+/// realisations with it, `sha256:<base16>`.
+fn basic_drv_hash(drv: &Derivation, dir: &crate::store::StoreDir) -> String {
+    let no_lookup = |p: &StorePath| {
+        Err::<Derivation, _>(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("a BasicDerivation has no input derivation ({p})"),
+        ))
+    };
+    let hash = hash_derivation_modulo(drv, dir, true, no_lookup)
+        .ok()
+        .and_then(|h| h.hashes.into_values().next())
+        // Not computable (e.g. no outputs): still a stable string.
+        .unwrap_or_else(|| HashAlgo::Sha256.digest(&drv.to_aterm(dir)));
+    hash.to_base16_prefixed()
+}
+
+/// The closure of `paths`; with `include_outputs`, also the valid outputs
+/// of every derivation in it and their closures, until nothing is added.
+fn closure(
+    store: &LocalStore,
+    paths: &BTreeSet<StorePath>,
+    include_outputs: bool,
+) -> Result<BTreeSet<StorePath>, ServeError> {
+    let mut closure = store.closure(paths)?;
+    if !include_outputs {
+        return Ok(closure);
+    }
+    let mut expanded = BTreeSet::new();
+    loop {
+        let mut new = BTreeSet::new();
+        for drv in closure.iter().filter(|p| p.is_derivation()) {
+            if !expanded.insert(drv.clone()) {
+                continue;
+            }
+            for out in store.derivation_outputs(drv)?.into_values() {
+                if !closure.contains(&out) && store.is_valid(&out)? {
+                    new.insert(out);
+                }
+            }
+        }
+        if new.is_empty() {
+            return Ok(closure);
+        }
+        closure.extend(store.closure(&new)?);
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// How often the hangup watcher looks.
+const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Runs `f` on this thread (the sandbox's parent-death signal is tied to
+/// the thread that starts a build) while another thread watches `hangup`.
+fn while_watching<R>(hangup: Option<BorrowedFd<'_>>, f: impl FnOnce() -> R) -> R {
+    let Some(fd) = hangup else {
+        return f();
+    };
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let watcher = s.spawn(|| watch(fd, &done));
+        let r = f();
+        done.store(true, Ordering::Release);
+        let _ = watcher.join();
+        r
+    })
+}
+
+/// Until `done`: polls `fd` for a hangup; once it has hung up, kills this
+/// process's children again and again (a build may start after the first
+/// round, e.g. once it has a build user).
+fn watch(fd: BorrowedFd<'_>, done: &AtomicBool) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let interval =
+        PollTimeout::try_from(WATCH_INTERVAL.as_millis() as i32).unwrap_or(PollTimeout::MAX);
+    // A socket whose peer shut down its side (nix names no POLLRDHUP).
+    let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let mut gone = false;
+    while !done.load(Ordering::Acquire) {
+        if gone {
+            kill_children();
+            std::thread::sleep(WATCH_INTERVAL);
+            continue;
+        }
+        // Not POLLIN: a client may send its next command early, which is
+        // not a hangup. POLLHUP and POLLERR are always reported.
+        let mut pfd = [PollFd::new(fd, rdhup)];
+        match poll(&mut pfd, interval) {
+            Ok(0) | Err(nix::Error::EINTR) => {}
+            Ok(_) => {
+                let ev = pfd[0].revents().unwrap_or(PollFlags::empty());
+                if ev.contains(PollFlags::POLLNVAL) {
+                    tracing::warn!("cannot watch the client connection: not an open file");
+                    return;
+                }
+                if ev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | rdhup) {
+                    tracing::warn!("the client went away: killing the build");
+                    gone = true;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch the client connection: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// SIGKILLs every child of this process (found in `/proc`): the sandboxed
+/// builders, whose PID namespaces die with them.
+fn kill_children() {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if parent_pid(&stat) == Some(me) {
+            tracing::debug!(pid, "killing a child: the client went away");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The parent's pid in a `/proc/<pid>/stat` line: `pid (comm) state ppid
+/// ...`, where comm may hold anything, even spaces and ')'.
+fn parent_pid(stat: &str) -> Option<u32> {
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::derivation::OutputName;
+    use crate::store::{FileIngestionMethod, StoreLocation};
+
+    fn open(tmp: &tempfile::TempDir) -> LocalStore {
+        LocalStore::open(StoreLocation::new(
+            Default::default(),
+            tmp.path().join("root"),
+        ))
+        .expect("open store")
+    }
+
+    fn path(base: &str) -> StorePath {
+        StorePath::from_base_name(base).expect("store path")
+    }
+
+    fn drv(outputs: Vec<(&str, DerivationOutput)>, inputs: &[&StorePath]) -> Derivation {
+        Derivation {
+            outputs: outputs
+                .into_iter()
+                .map(|(n, o)| (OutputName::new(n).expect("name"), o))
+                .collect(),
+            input_derivations: BTreeMap::new(),
+            input_sources: inputs.iter().map(|p| (*p).clone()).collect(),
+            system: b"x86_64-linux".to_vec(),
+            builder: b"/bin/sh".to_vec(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn checks_output_names_fixed_paths_and_inputs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = open(&tmp);
+        let input = store
+            .add_text("input", b"x", &BTreeSet::new(), &BTreeMap::new())
+            .expect("add");
+        let ia = |base: &str| DerivationOutput::InputAddressed { path: path(base) };
+        let good = drv(
+            vec![
+                ("out", ia("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello")),
+                ("dev", ia("8h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello-dev")),
+            ],
+            &[&input],
+        );
+        check_basic(&store, "d", "hello", &good).expect("fits");
+
+        let wrong_name = drv(
+            vec![("dev", ia("8h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello"))],
+            &[&input],
+        );
+        let e = check_basic(&store, "d", "hello", &wrong_name).expect_err("dev named hello");
+        assert!(e.contains("'hello-dev'"), "{e}");
+
+        let missing = path("00000000000000000000000000000000-missing");
+        let no_input = drv(
+            vec![("out", ia("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello"))],
+            &[&input, &missing],
+        );
+        let e = check_basic(&store, "d", "hello", &no_input).expect_err("missing input");
+        assert!(
+            e.contains("/nix/store/00000000000000000000000000000000-missing"),
+            "{e}"
+        );
+
+        let hash = HashAlgo::Sha256.digest(b"content");
+        let dir = &store.location().dir;
+        let right = dir
+            .make_fixed_output_path(FileIngestionMethod::Flat, &hash, "src", [], false)
+            .expect("path");
+        let fixed = |path: StorePath| {
+            drv(
+                vec![(
+                    "out",
+                    DerivationOutput::CAFixed {
+                        method: FileIngestionMethod::Flat,
+                        hash: hash.clone(),
+                        path,
+                    },
+                )],
+                &[],
+            )
+        };
+        check_basic(&store, "d", "src", &fixed(right.clone())).expect("right fixed path");
+        let e = check_basic(
+            &store,
+            "d",
+            "src",
+            &fixed(path("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-src")),
+        )
+        .expect_err("wrong fixed path");
+        assert!(e.contains(&dir.display(&right)), "{e}");
+
+        let deferred = drv(vec![("out", DerivationOutput::Deferred)], &[]);
+        assert!(check_basic(&store, "d", "x", &deferred).is_err());
+    }
+
+    #[test]
+    fn failures_map_to_nix_statuses() {
+        let failed = |outcome| BuildError::Failed {
+            drv: "d".to_owned(),
+            outcome,
+            kept: None,
+            tail: Vec::new(),
+        };
+        let timeout = BuildOutcome::TimedOut {
+            kind: crate::sandbox::TimeoutKind::Silent,
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(
+            failure_status(&failed(timeout), false),
+            BuildStatus::TimedOut
+        );
+        assert_eq!(
+            failure_status(&failed(timeout), true),
+            BuildStatus::TimedOut
+        );
+        let exit = BuildOutcome::Exited(1);
+        assert_eq!(
+            failure_status(&failed(exit), false),
+            BuildStatus::PermanentFailure
+        );
+        assert_eq!(
+            failure_status(&failed(exit), true),
+            BuildStatus::TransientFailure
+        );
+        let kept = BuildError::Kept {
+            error: Box::new(failed(exit)),
+            dir: "/tmp/x".into(),
+        };
+        assert_eq!(failure_status(&kept, false), BuildStatus::PermanentFailure);
+        let missing = BuildError::MissingOutput {
+            drv: "d".to_owned(),
+            output: "out".to_owned(),
+            path: "p".to_owned(),
+        };
+        assert_eq!(failure_status(&missing, false), BuildStatus::OutputRejected);
+        let no_users = BuildError::NoUsers {
+            drv: "d".to_owned(),
+            reason: "none".to_owned(),
+        };
+        assert_eq!(failure_status(&no_users, false), BuildStatus::MiscFailure);
+    }
+
+    #[test]
+    fn closure_with_outputs_follows_valid_outputs_of_derivations() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = open(&tmp);
+        let none = BTreeSet::new();
+        let dep = store
+            .add_text("dep", b"d", &none, &BTreeMap::new())
+            .expect("add");
+        let out = store
+            .add_text(
+                "out",
+                b"o",
+                &BTreeSet::from([dep.clone()]),
+                &BTreeMap::new(),
+            )
+            .expect("add");
+        let src = store
+            .add_text("src", b"s", &none, &BTreeMap::new())
+            .expect("add");
+        let unbuilt = path("00000000000000000000000000000000-unbuilt");
+        let outputs =
+            BTreeMap::from([("out".to_owned(), out.clone()), ("doc".to_owned(), unbuilt)]);
+        let drv = store
+            .add_text(
+                "x.drv",
+                b"Derive(...)",
+                &BTreeSet::from([src.clone()]),
+                &outputs,
+            )
+            .expect("add drv");
+        let roots = BTreeSet::from([drv.clone()]);
+        assert_eq!(
+            closure(&store, &roots, false).expect("closure"),
+            BTreeSet::from([drv.clone(), src.clone()])
+        );
+        assert_eq!(
+            closure(&store, &roots, true).expect("closure"),
+            BTreeSet::from([drv, src, out, dep])
+        );
+    }
+
+    #[test]
+    fn basic_derivation_hash_is_stable_and_prefixed() {
+        let d = drv(
+            vec![(
+                "out",
+                DerivationOutput::InputAddressed {
+                    path: path("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello"),
+                },
+            )],
+            &[],
+        );
+        let dir = crate::store::StoreDir::default();
+        let h = basic_drv_hash(&d, &dir);
+        assert!(h.starts_with("sha256:") && h.len() == 7 + 64, "{h}");
+        assert_eq!(h, basic_drv_hash(&d, &dir));
+        let mut other = d.clone();
+        other.builder = b"/bin/bash".to_vec();
+        assert_ne!(h, basic_drv_hash(&other, &dir));
+    }
+
+    #[test]
+    fn parent_pid_survives_odd_command_names() {
+        assert_eq!(parent_pid("42 (sh) S 7 42 42 0"), Some(7));
+        assert_eq!(parent_pid("42 (a) b) 1 (c) S 9 1 1"), Some(9));
+        assert_eq!(parent_pid("garbage"), None);
     }
 }

@@ -2,15 +2,26 @@
 //! with scripted client bytes, and end to end by Nix 2.8's `ssh://` store.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
+use sandoff::derivation::{Derivation, DerivationOutput, OutputName};
+use sandoff::offload::protocol::{write_basic_derivation, BuildOptions, BuildResult, BuildStatus};
 use sandoff::offload::serve::{
     serve, ServeError, ServeOptions, SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION,
 };
+use sandoff::sandbox::setup::{ensure_build_users, BuildUsers};
 use sandoff::store::export::write_export;
+use sandoff::store::keyring::Keyring;
 use sandoff::store::local::LocalStore;
+use sandoff::store::signature::SecretKey;
 use sandoff::store::wire;
-use sandoff::store::{nar, StoreLocation, StorePath};
+use sandoff::store::{nar, StoreDir, StoreLocation, StorePath};
+use serde_json::json;
 
 use crate::support::{self, Need};
 
@@ -254,12 +265,14 @@ fn serve_refuses_bad_input() {
     wire::write_bytes(&mut body, b"/etc/passwd").unwrap();
     let (res, _) = session(&store, false, &body);
     assert!(matches!(res, Err(ServeError::BadPath(_))), "{res:?}");
-    // Building is not supported yet; unknown commands are errors.
-    let (res, _) = session(&store, false, &6u64.to_le_bytes());
-    assert!(
-        matches!(res, Err(ServeError::Unsupported { .. })),
-        "{res:?}"
-    );
+    // Building needs --write (as Nix); unknown commands are errors.
+    for command in [6u64, 8] {
+        let (res, _) = session(&store, false, &command.to_le_bytes());
+        assert!(
+            matches!(res, Err(ServeError::BuildNotAllowed { .. })),
+            "{res:?}"
+        );
+    }
     let (res, _) = session(&store, false, &42u64.to_le_bytes());
     assert!(
         matches!(res, Err(ServeError::UnknownCommand(42))),
@@ -447,4 +460,581 @@ fn serve_over_real_sshd_with_nix_copy() {
         nix_nar_hash(&conf, &src, BAZ)
     );
     assert_eq!(json[0]["references"].as_array().expect("refs").len(), 1);
+}
+
+// ---- Building: BuildDerivation and BuildPaths against `sandoff serve --stdio --write`.
+
+/// Root, busybox, namespaces and the build users (as `tests/it/build.rs`).
+fn build_ready(test: &str) -> bool {
+    if !support::require(test, &[Need::Root, Need::Program("busybox")]) {
+        return false;
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        return support::require(test, &[Need::Program("/bin/busybox")]);
+    }
+    static OK: OnceLock<bool> = OnceLock::new();
+    let ok = *OK.get_or_init(|| {
+        let ns = Command::new("unshare")
+            .args(["-m", "-p", "-n", "-i", "-u", "-f", "--mount-proc", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+        ns && ensure_build_users(&BuildUsers::Create {
+            group: "sandoffbld".to_owned(),
+            count: 10,
+        })
+        .is_ok()
+    });
+    if !ok {
+        let _ = support::require(
+            test,
+            &[Need::Program(
+                "working namespaces (unshare -mpniuf) and sandoffbld users",
+            )],
+        );
+    }
+    ok
+}
+
+/// A server's store under a temporary directory, with busybox and a
+/// signing key in it.
+struct BuildStore {
+    tmp: tempfile::TempDir,
+    bb: StorePath,
+    key: SecretKey,
+}
+
+impl BuildStore {
+    fn new() -> BuildStore {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src = tmp.path().join("src/busybox/bin");
+        std::fs::create_dir_all(&src).expect("mkdir");
+        std::fs::copy("/bin/busybox", src.join("busybox")).expect("copy busybox");
+        let key = SecretKey::generate("server-1").expect("key");
+        let mut s = BuildStore {
+            tmp,
+            bb: StorePath::from_base_name("00000000000000000000000000000000-x").expect("path"),
+            key,
+        };
+        let keyring = Keyring::new(&s.loc().state);
+        let sk = keyring.secret_key_path();
+        std::fs::create_dir_all(sk.parent().expect("keys dir")).expect("mkdir keys");
+        s.key.write_file(&sk).expect("write key");
+        let out = support::run_ok(
+            s.cmd()
+                .args(["store", "add"])
+                .arg(s.tmp.path().join("src/busybox")),
+        );
+        s.bb = s.dir().parse_path(text(&out).trim()).expect("busybox path");
+        s
+    }
+
+    fn dir(&self) -> StoreDir {
+        StoreDir::default()
+    }
+
+    fn loc(&self) -> StoreLocation {
+        StoreLocation::new(self.dir(), self.tmp.path().join("root"))
+    }
+
+    fn open(&self) -> LocalStore {
+        LocalStore::open(self.loc()).expect("open store")
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = support::sandoff();
+        c.arg("--store-root")
+            .arg(self.tmp.path().join("root"))
+            .env(
+                "SANDOFF_USER_POOL_DIR",
+                std::env::temp_dir().join("sandoff-it-userpool"),
+            )
+            .env_remove("SANDOFF_STORE_DIR")
+            .env_remove("SANDOFF_STATE_DIR")
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// Adds a busybox derivation running `script`; returns its `.drv` path
+    /// and the parsed derivation.
+    fn drv(&self, name: &str, script: &str) -> (StorePath, Derivation) {
+        let bb = format!("{}/bin/busybox", self.dir().display(&self.bb));
+        let script = format!(
+            "set -eu\n{bb} mkdir -p $TMPDIR/bin\n{bb} --install -s $TMPDIR/bin\nexport PATH=$TMPDIR/bin\n{script}"
+        );
+        let drv = json!({
+            "outputs": {"out": {"path": ""}},
+            "inputSrcs": [self.dir().display(&self.bb)],
+            "inputDrvs": {},
+            "system": "x86_64-linux",
+            "builder": bb,
+            "args": ["sh", "-c", script],
+            "env": {"out": "", "name": name, "builder": bb, "system": "x86_64-linux"},
+        });
+        let mut child = self
+            .cmd()
+            .args(["derivation", "add"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(drv.to_string().as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "derivation add: {}",
+            text(&out.stderr)
+        );
+        let path = self
+            .dir()
+            .parse_path(text(&out.stdout).trim())
+            .expect("drv path");
+        let bytes = std::fs::read(self.loc().real_path(&path)).expect("read drv");
+        let parsed = Derivation::from_aterm(&bytes, &self.dir()).expect("parse drv");
+        (path, parsed)
+    }
+
+    /// Starts `sandoff serve --stdio --write` on this store.
+    fn serve(&self) -> Served {
+        let mut child = self
+            .cmd()
+            .args(["serve", "--stdio", "--write"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sandoff serve");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut stderr_pipe = child.stderr.take().expect("stderr");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().expect("lock").extend_from_slice(&buf[..n]);
+            }
+        });
+        let mut s = Served {
+            child,
+            stdin: Some(stdin),
+            stdout,
+            stderr,
+            dir: self.dir(),
+        };
+        let w = s.stdin.as_mut().expect("stdin");
+        wire::write_u64(w, SERVE_MAGIC_1).unwrap();
+        wire::write_u64(w, 0x207).unwrap();
+        w.flush().unwrap();
+        assert_eq!(wire::read_u64(&mut s.stdout).unwrap(), SERVE_MAGIC_2);
+        assert_eq!(
+            wire::read_u64(&mut s.stdout).unwrap(),
+            SERVE_PROTOCOL_VERSION
+        );
+        s
+    }
+}
+
+/// A running `sandoff serve` and the client's ends of its pipes.
+struct Served {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: std::io::BufReader<ChildStdout>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    dir: StoreDir,
+}
+
+impl Served {
+    fn w(&mut self) -> &mut ChildStdin {
+        self.stdin.as_mut().expect("stdin open")
+    }
+
+    fn build_derivation(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        input_srcs: &BTreeSet<StorePath>,
+        options: &BuildOptions,
+    ) -> BuildResult {
+        let dir = self.dir.clone();
+        let w = self.w();
+        wire::write_u64(w, 8).unwrap();
+        wire::write_bytes(w, dir.display(drv_path).as_bytes()).unwrap();
+        write_basic_derivation(w, &dir, drv, input_srcs).unwrap();
+        options.write(w, 7).unwrap();
+        w.flush().unwrap();
+        BuildResult::read(&mut self.stdout, 7, &dir).expect("BuildResult")
+    }
+
+    fn build_paths(&mut self, specs: &[String], options: &BuildOptions) -> (u64, String) {
+        let w = self.w();
+        wire::write_u64(w, 6).unwrap();
+        wire::write_strings(w, specs).unwrap();
+        options.write(w, 7).unwrap();
+        w.flush().unwrap();
+        let status = wire::read_u64(&mut self.stdout).unwrap();
+        let msg = if status == 0 {
+            String::new()
+        } else {
+            wire::read_string(&mut self.stdout, 1 << 20).unwrap()
+        };
+        (status, msg)
+    }
+
+    fn query_closure(&mut self, include_outputs: bool, paths: &[&StorePath]) -> BTreeSet<String> {
+        let dir = self.dir.clone();
+        let w = self.w();
+        wire::write_u64(w, 7).unwrap();
+        wire::write_bool(w, include_outputs).unwrap();
+        wire::write_strings(w, paths.iter().map(|p| dir.display(p))).unwrap();
+        w.flush().unwrap();
+        wire::read_strings(&mut self.stdout, 1000, 4096)
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    fn stderr(&self) -> String {
+        text(&self.stderr.lock().expect("lock"))
+    }
+
+    /// Closes the client's side and waits for a clean exit.
+    fn finish(mut self) {
+        drop(self.stdin.take());
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "serve: {status}: {}", self.stderr());
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn serve_build_derivation_builds_signs_streams_and_survives_failures() {
+    let test = "serve_build_derivation_builds_signs_streams_and_survives_failures";
+    if !build_ready(test) {
+        return;
+    }
+    let store = BuildStore::new();
+    let dir = store.dir();
+    let (hello, hello_drv) = store.drv(
+        "hello",
+        "echo building-hello-now\nmkdir $out\necho hi > $out/greeting",
+    );
+    let (fails, fails_drv) = store.drv("fails", "echo about-to-fail\nexit 3");
+    let (sleeper, sleeper_drv) = store.drv("sleeper", "echo sleeping\nsleep 30");
+    let inputs = BTreeSet::from([store.bb.clone()]);
+    let out = hello_drv.output_paths()["out"].clone();
+    let mut server = store.serve();
+
+    // Built: valid, signed by the server, its log on stderr as it came.
+    let r = server.build_derivation(&hello, &hello_drv, &inputs, &BuildOptions::default());
+    assert_eq!(r.status, BuildStatus::Built, "{r:?}: {}", server.stderr());
+    assert_eq!(r.times_built, 1);
+    assert!(r.start_time > 0 && r.stop_time >= r.start_time);
+    assert_eq!(
+        r.built_outputs,
+        BTreeMap::from([("out".to_owned(), out.clone())])
+    );
+    assert!(
+        server.stderr().contains("building-hello-now\n"),
+        "{}",
+        server.stderr()
+    );
+    let info = store
+        .open()
+        .query_path_info(&out)
+        .unwrap()
+        .expect("out valid");
+    let public = store.key.to_public();
+    assert!(
+        info.signatures
+            .iter()
+            .any(|s| public.verify(&info.fingerprint(&dir), s)),
+        "not signed by the server: {:?}",
+        info.signatures
+    );
+    assert_eq!(
+        std::fs::read_to_string(store.loc().real_path(&out).join("greeting")).unwrap(),
+        "hi\n"
+    );
+    // The server's own log file has it too.
+    let log = std::fs::read_to_string(store.loc().state.join("log").join(hello.base_name()))
+        .expect("server log");
+    assert!(log.contains("building-hello-now"), "{log}");
+
+    // Again: already valid.
+    let r = server.build_derivation(&hello, &hello_drv, &inputs, &BuildOptions::default());
+    assert_eq!(r.status, BuildStatus::AlreadyValid, "{r:?}");
+
+    // A failing builder: PermanentFailure with the log, and the session goes on.
+    let r = server.build_derivation(&fails, &fails_drv, &inputs, &BuildOptions::default());
+    assert_eq!(r.status, BuildStatus::PermanentFailure, "{r:?}");
+    assert!(r.error_msg.contains("about-to-fail"), "{}", r.error_msg);
+    assert!(r.error_msg.contains("status 3"), "{}", r.error_msg);
+    assert!(!store
+        .open()
+        .is_valid(&fails_drv.output_paths()["out"])
+        .unwrap());
+
+    // Killed by the time limit: TimedOut.
+    let started = std::time::Instant::now();
+    let r = server.build_derivation(
+        &sleeper,
+        &sleeper_drv,
+        &inputs,
+        &BuildOptions {
+            build_timeout: 1,
+            ..Default::default()
+        },
+    );
+    assert_eq!(r.status, BuildStatus::TimedOut, "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    // An input the server lacks: MiscFailure naming it.
+    let missing = StorePath::from_base_name("00000000000000000000000000000000-not-here").unwrap();
+    let mut with_missing = inputs.clone();
+    with_missing.insert(missing.clone());
+    let r = server.build_derivation(&fails, &fails_drv, &with_missing, &BuildOptions::default());
+    assert_eq!(r.status, BuildStatus::MiscFailure, "{r:?}");
+    assert!(
+        r.error_msg.contains(&dir.display(&missing)),
+        "{}",
+        r.error_msg
+    );
+
+    // An output path that does not fit the derivation's name.
+    let mut renamed = hello_drv.clone();
+    let wrong = StorePath::from_base_name(&format!("{}-other", &out.base_name()[..32])).unwrap();
+    renamed.outputs.insert(
+        OutputName::out(),
+        DerivationOutput::InputAddressed { path: wrong },
+    );
+    let r = server.build_derivation(&hello, &renamed, &inputs, &BuildOptions::default());
+    assert_eq!(r.status, BuildStatus::MiscFailure, "{r:?}");
+    assert!(r.error_msg.contains("hello"), "{}", r.error_msg);
+
+    // Still serving.
+    let closure = server.query_closure(false, &[&out]);
+    assert_eq!(closure, BTreeSet::from([dir.display(&out)]));
+    server.finish();
+}
+
+#[test]
+fn serve_build_paths_and_closure_with_outputs() {
+    if !build_ready("serve_build_paths_and_closure_with_outputs") {
+        return;
+    }
+    let store = BuildStore::new();
+    let dir = store.dir();
+    let (ok, ok_drv) = store.drv("via-paths", "echo via-paths-log\nmkdir $out");
+    let (fails, _) = store.drv("fails", "echo paths-fail\nexit 1");
+    let (sleeper, _) = store.drv("sleeper", "sleep 30");
+    let out = ok_drv.output_paths()["out"].clone();
+    let mut server = store.serve();
+
+    let spec = format!("{}!out", dir.display(&ok));
+    let (status, msg) = server.build_paths(&[spec], &BuildOptions::default());
+    assert_eq!((status, msg.as_str()), (0, ""), "{}", server.stderr());
+    let info = store.open().query_path_info(&out).unwrap().expect("valid");
+    let public = store.key.to_public();
+    assert!(
+        info.signatures
+            .iter()
+            .any(|s| public.verify(&info.fingerprint(&dir), s)),
+        "not signed by the server: {:?}",
+        info.signatures
+    );
+    assert!(
+        server.stderr().contains("via-paths-log\n"),
+        "{}",
+        server.stderr()
+    );
+
+    let (status, msg) = server.build_paths(&[dir.display(&fails)], &BuildOptions::default());
+    assert_eq!(status, 100, "{msg}");
+    assert!(msg.contains("fails.drv"), "{msg}");
+    let (status, msg) = server.build_paths(
+        &[dir.display(&sleeper)],
+        &BuildOptions {
+            max_silent_time: 1,
+            ..Default::default()
+        },
+    );
+    assert_eq!(status, 101, "{msg}");
+    let (status, msg) = server.build_paths(
+        &["/nix/store/00000000000000000000000000000000-not-here".to_owned()],
+        &BuildOptions::default(),
+    );
+    assert_eq!(status, 1, "{msg}");
+    assert!(msg.contains("not-here"), "{msg}");
+
+    // The closure of the .drv: with includeOutputs also its (valid) output.
+    let without = server.query_closure(false, &[&ok]);
+    assert_eq!(
+        without,
+        BTreeSet::from([dir.display(&ok), dir.display(&store.bb)])
+    );
+    let with = server.query_closure(true, &[&ok]);
+    let mut expected = without.clone();
+    expected.insert(dir.display(&out));
+    assert_eq!(with, expected);
+    // A derivation whose output is not valid adds nothing.
+    assert!(!server.query_closure(true, &[&fails]).contains("fails"));
+
+    // Without a key the build succeeds, unsigned, and says so on the log.
+    std::fs::remove_file(Keyring::new(&store.loc().state).secret_key_path()).expect("rm key");
+    let (unsigned, unsigned_drv) = store.drv("unsigned", "mkdir $out");
+    let inputs = BTreeSet::from([store.bb.clone()]);
+    let r = server.build_derivation(&unsigned, &unsigned_drv, &inputs, &BuildOptions::default());
+    assert_eq!(r.status, BuildStatus::Built, "{r:?}");
+    let info = store
+        .open()
+        .query_path_info(&unsigned_drv.output_paths()["out"])
+        .unwrap()
+        .expect("valid");
+    assert!(info.signatures.is_empty());
+    assert!(
+        server.stderr().contains("are not signed by this machine"),
+        "{}",
+        server.stderr()
+    );
+    server.finish();
+}
+
+#[test]
+fn serve_kills_the_build_when_the_client_goes_away() {
+    if !build_ready("serve_kills_the_build_when_the_client_goes_away") {
+        return;
+    }
+    let store = BuildStore::new();
+    let (sleeper, sleeper_drv) = store.drv("long-sleeper", "echo started-sleeping\nsleep 60");
+    let inputs = BTreeSet::from([store.bb.clone()]);
+    let mut server = store.serve();
+    let dir = store.dir();
+    let w = server.w();
+    wire::write_u64(w, 8).unwrap();
+    wire::write_bytes(w, dir.display(&sleeper).as_bytes()).unwrap();
+    write_basic_derivation(w, &dir, &sleeper_drv, &inputs).unwrap();
+    BuildOptions::default().write(w, 7).unwrap();
+    w.flush().unwrap();
+    let started = std::time::Instant::now();
+    while !server.stderr().contains("started-sleeping") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "build never started: {}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The client goes away: the server must not sleep for a minute.
+    drop(server.stdin.take());
+    let gone = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            gone.elapsed() < Duration::from_secs(20),
+            "serve still running after the client left: {}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(gone.elapsed() < Duration::from_secs(20), "{status}");
+    assert!(!store
+        .open()
+        .is_valid(&sleeper_drv.output_paths()["out"])
+        .unwrap());
+    // No build directory left behind.
+    let builds: Vec<_> = std::fs::read_dir(store.loc().state.join("builds"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(builds.is_empty(), "{builds:?}");
+}
+
+/// Nix 2.8 itself as the client: `nix-build --builders 'ssh://...'` runs its
+/// build hook, which sends the input over real sshd into `sandoff serve`,
+/// builds there with BuildDerivation, streams the log back and copies the
+/// output home.
+#[test]
+fn serve_builds_for_nix_2_8_build_remote() {
+    let test = "serve_builds_for_nix_2_8_build_remote";
+    let mut needs = crate::hosts::NEEDS.to_vec();
+    needs.push(Need::Program("nix-build"));
+    if !support::require(test, &needs) || !build_ready(test) {
+        return;
+    }
+    let host = crate::hosts::TestHost::start(40);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The host's builds share the build users' lock directory with every
+    // other build of this test binary, so that none shares a user.
+    let program = tmp.path().join("serve");
+    std::fs::write(
+        &program,
+        format!(
+            "#!/bin/sh\nexport SANDOFF_USER_POOL_DIR={}\nexec sandoff serve --stdio --write\n",
+            std::env::temp_dir().join("sandoff-it-userpool").display()
+        ),
+    )
+    .expect("write serve script");
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bb = tmp.path().join("bb");
+    std::fs::create_dir(&bb).expect("mkdir");
+    std::fs::copy("/bin/busybox", bb.join("busybox")).expect("copy busybox");
+    let expr = tmp.path().join("e2e.nix");
+    std::fs::write(
+        &expr,
+        format!(
+            r#"derivation {{
+  name = "remote-e2e";
+  system = "x86_64-linux";
+  builder = "${{{}}}/busybox";
+  args = [ "sh" "-c" "echo remote-e2e-log-line; $builder mkdir $out; echo hi > $out/x" ];
+}}"#,
+            bb.display()
+        ),
+    )
+    .expect("write expression");
+    let conf = tmp.path().join("nixconf");
+    let local = tmp.path().join("local");
+    let machine = format!(
+        "ssh://root@{}?remote-program={} x86_64-linux {} 1 1",
+        host.addr,
+        program.display(),
+        host.client_key().display()
+    );
+    let out = support::nix_cmd("nix-build", &conf)
+        .env("NIX_SSHOPTS", host.ssh_opts().join(" "))
+        .arg("--store")
+        .arg(&local)
+        .args(["--no-out-link", "--max-jobs", "0", "--builders", &machine])
+        .arg(&expr)
+        .output()
+        .expect("run nix-build");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "nix-build: {stderr}");
+    assert!(stderr.contains("remote-e2e-log-line"), "{stderr}");
+    let path = text(&out.stdout).trim().to_owned();
+    assert!(path.ends_with("-remote-e2e"), "{path}");
+    let base = path.rsplit('/').next().expect("base name");
+    let built = local.join("nix/store").join(base).join("x");
+    assert_eq!(std::fs::read_to_string(&built).expect("output"), "hi\n");
+    // Built and signed on the host.
+    let host_store =
+        LocalStore::open(StoreLocation::new(StoreDir::default(), host.root())).expect("host store");
+    let info = host_store
+        .query_path_info(&StorePath::from_base_name(base).expect("path"))
+        .expect("query")
+        .expect("valid on the host");
+    assert_eq!(info.signatures.len(), 1, "{:?}", info.signatures);
 }
