@@ -132,7 +132,11 @@ impl BuildResult {
     }
 
     /// Reads a result as protocol minor version `minor` has it.
-    pub fn read(_r: &mut dyn Read, _minor: u64, _dir: &StoreDir) -> Result<BuildResult, ProtocolError> {
+    pub fn read(
+        _r: &mut dyn Read,
+        _minor: u64,
+        _dir: &StoreDir,
+    ) -> Result<BuildResult, ProtocolError> {
         todo!("helper B")
     }
 }
