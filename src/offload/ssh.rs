@@ -438,9 +438,33 @@ impl SshChannel {
         Ok(())
     }
 
-    /// An error with the host named, keeping its kind.
+    /// An error with the host named, keeping its kind; libssh2's bare
+    /// "transport read" becomes what happened to the socket.
     fn io_err(&self, e: io::Error) -> io::Error {
+        if e.kind() == io::ErrorKind::Other {
+            if let Some(cause) = socket_failure(&self.socket) {
+                return io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("SSH connection to {} lost: {cause} ({e})", self.host),
+                );
+            }
+        }
         io::Error::new(e.kind(), format!("SSH connection to {}: {e}", self.host))
+    }
+}
+
+/// What broke the socket, if it is broken: a pending error, or the peer
+/// having closed it. (libssh2 keeps the socket non-blocking, so the peek
+/// does not wait.)
+fn socket_failure(socket: &TcpStream) -> Option<String> {
+    if let Ok(Some(e)) = socket.take_error() {
+        return Some(e.to_string());
+    }
+    match socket.peek(&mut [0u8; 1]) {
+        Ok(0) => Some("the server closed the connection".to_owned()),
+        Ok(_) => None,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(e) => Some(e.to_string()),
     }
 }
 
@@ -523,6 +547,9 @@ impl Transport for SshChannel {
                     self.pending.clear();
                     self.pending.extend_from_slice(&buf[..n]);
                     self.pending_pos = 0;
+                    // The log the server wrote before this reply may have
+                    // come in with it: hand it over now.
+                    self.copy_stderr(log, &mut buf)?;
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -718,7 +745,7 @@ fn tcp_connect(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                 last = io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("connection to {addr} timed out after {timeout:?}"),
+                    format!("no answer from {addr} within {timeout:?}"),
                 );
             }
             Err(e) => last = e,

@@ -8,5 +8,6 @@ mod nar;
 mod registry;
 mod sandbox;
 mod serve;
+mod ssh;
 mod support;
 mod transfer;
