@@ -227,9 +227,17 @@ impl SshSession {
         session.set_timeout(0);
         let keepalive_secs = u32::try_from(opts.keepalive.as_secs()).unwrap_or(u32::MAX);
         if keepalive_secs > 0 {
-            session.set_keepalive(true, keepalive_secs);
+            // No reply wanted: nothing in libssh2 would read it (the replies
+            // pile up in its packet queue), and an unacknowledged keepalive
+            // already makes TCP declare the peer dead (TCP_USER_TIMEOUT).
+            session.set_keepalive(false, keepalive_secs);
         }
-        tracing::debug!(host = %addr, "SSH session established");
+        tracing::debug!(
+            host = %addr,
+            cipher = session.methods(MethodType::CryptCs).unwrap_or("?"),
+            mac = session.methods(MethodType::MacCs).unwrap_or("?"),
+            "SSH session established"
+        );
         Ok(SshSession {
             session,
             host: addr,
@@ -256,8 +264,11 @@ impl SshSession {
             source,
         })?;
         self.session.set_blocking(true);
-        let mut channel = self.session.channel_session().map_err(exec_err)?;
-        channel.exec(command).map_err(exec_err)?;
+        // A slow server may take longer than a keepalive interval to answer
+        // (see `retry_keepalive_timeouts`), but not forever.
+        let mut channel =
+            retry_keepalive_timeouts(4, || self.session.channel_session()).map_err(exec_err)?;
+        retry_keepalive_timeouts(4, || channel.exec(command)).map_err(exec_err)?;
         Ok(SshChannel {
             channel,
             session: self.session.clone(),
@@ -306,7 +317,9 @@ impl SshChannel {
     /// Closes stdin, waits for the process to end, returns its exit status.
     pub fn close(mut self) -> io::Result<i32> {
         self.session.set_blocking(true);
-        self.channel.send_eof().map_err(|e| self.io_err(e.into()))?;
+        let channel = &mut self.channel;
+        retry_keepalive_timeouts(u32::MAX, || channel.send_eof())
+            .map_err(|e| self.io_err(e.into()))?;
         // Whatever the process still writes is read and dropped: it cannot
         // exit while its output does not fit in the channel window.
         let mut out = io::sink();
@@ -322,8 +335,8 @@ impl SshChannel {
     /// status (128 + signal number for a process killed by a signal).
     fn finish(&mut self) -> io::Result<i32> {
         self.session.set_blocking(true);
-        self.channel
-            .wait_close()
+        let channel = &mut self.channel;
+        retry_keepalive_timeouts(u32::MAX, || channel.wait_close())
             .map_err(|e| self.io_err(e.into()))?;
         if let Ok(signal) = self.channel.exit_signal() {
             if let Some(name) = signal.exit_signal {
@@ -438,6 +451,26 @@ impl SshChannel {
         Ok(())
     }
 
+    /// A write is stuck on a closed window: fails if the server closed the
+    /// channel (the remote program is gone and will never read again).
+    fn check_write_stall(&mut self) -> io::Result<()> {
+        let _blocking = NonBlocking::new(&self.session);
+        // Without blocking, `wait_close` only looks whether the server's
+        // close has arrived; it sends nothing.
+        // (It refuses, too, before the server's EOF.) Unread output does
+        // not matter here, unlike for `eof()`.
+        if self.channel.wait_close().is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!(
+                    "SSH connection to {}: the remote program exited and stopped reading",
+                    self.host
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// An error with the host named, keeping its kind; libssh2's bare
     /// "transport read" becomes what happened to the socket.
     fn io_err(&self, e: io::Error) -> io::Error {
@@ -468,6 +501,28 @@ fn socket_failure(socket: &TcpStream) -> Option<String> {
     }
 }
 
+/// Calls `f` again (at most `retries` more times) while it fails with
+/// libssh2's timeout. In blocking mode libssh2 waits at most one keepalive
+/// interval, sends the keepalive, and reports a timeout even though the
+/// session is fine; the next call picks up where the last one stopped.
+fn retry_keepalive_timeouts<T>(
+    retries: u32,
+    mut f: impl FnMut() -> Result<T, ssh2::Error>,
+) -> Result<T, ssh2::Error> {
+    let mut left = retries;
+    loop {
+        match f() {
+            Err(e) if left > 0 && e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT) => {
+                left -= 1;
+            }
+            res => return res,
+        }
+    }
+}
+
+/// libssh2's `LIBSSH2_ERROR_TIMEOUT`.
+const LIBSSH2_ERROR_TIMEOUT: i32 = -9;
+
 /// Puts a session into non-blocking mode until dropped.
 struct NonBlocking(ssh2::Session);
 
@@ -496,7 +551,15 @@ impl Read for SshChannel {
             }
             return Ok(n);
         }
-        self.channel.read(buf).map_err(|e| self.io_err(e))
+        loop {
+            match self.channel.read(buf) {
+                // A blocking libssh2 call gives up after one keepalive
+                // interval of silence (having sent a keepalive): a quiet
+                // server is not a dead one, the kernel tells those apart.
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => continue,
+                res => return res.map_err(|e| self.io_err(e)),
+            }
+        }
     }
 }
 
@@ -507,9 +570,10 @@ impl Write for SshChannel {
         let mut done = 0;
         while done < buf.len() {
             match self.channel.write(&buf[done..]) {
-                Ok(0) => break,
+                Ok(0) => self.check_write_stall()?,
                 Ok(n) => done += n,
-                Err(e) if done > 0 && e.kind() == io::ErrorKind::WouldBlock => break,
+                // Blocked for a keepalive interval on the server's window.
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => self.check_write_stall()?,
                 Err(e) => return Err(self.io_err(e)),
             }
         }

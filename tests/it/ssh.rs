@@ -472,3 +472,108 @@ fn ssh_wait_reply_fails_when_sshd_dies() {
     // The dead session refuses new commands instead of hanging.
     assert!(session.exec("true").is_err());
 }
+
+/// Pushes 200 MiB through `Write` to `cat > /dev/null` and the same through
+/// OpenSSH's `ssh`, printing both rates. Run by hand:
+/// `cargo test --release --test it ssh_throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn ssh_throughput_against_openssh() {
+    if !support::require("ssh_throughput_against_openssh", NEEDS) {
+        return;
+    }
+    const TOTAL: usize = 200 << 20;
+    let host = TestHost::start(28);
+    let chunk: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+
+    let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+    let start = Instant::now();
+    let mut channel = session.exec("cat > /dev/null").expect("exec");
+    for _ in 0..TOTAL / chunk.len() {
+        channel.write_all(&chunk).expect("write");
+    }
+    assert_eq!(channel.close().expect("close"), 0);
+    let ours = start.elapsed();
+
+    // OpenSSH with its default cipher (chacha20-poly1305) and with AES-GCM.
+    let openssh = |cipher: Option<&str>| {
+        let start = Instant::now();
+        let mut cmd = host.ssh_with(&host.client_key(), &host.known_hosts(), "cat > /dev/null");
+        if let Some(c) = cipher {
+            cmd.args(["-c", c]);
+        }
+        // ssh_with ends with the destination and command: put -c first.
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let (tail, head) = args.split_at(args.len() - if cipher.is_some() { 2 } else { 0 });
+        let mut ssh = Command::new("ssh");
+        ssh.args(head).args(tail);
+        let mut ssh = ssh
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("ssh");
+        let mut stdin = ssh.stdin.take().expect("stdin");
+        for _ in 0..TOTAL / chunk.len() {
+            stdin.write_all(&chunk).expect("write");
+        }
+        drop(stdin);
+        assert!(ssh.wait().expect("wait").success());
+        start.elapsed()
+    };
+    let theirs = openssh(None);
+    let theirs_gcm = openssh(Some("aes128-gcm@openssh.com"));
+
+    let rate = |d: Duration| TOTAL as f64 / 1e6 / d.as_secs_f64();
+    eprintln!(
+        "ssh2: {:.0} MB/s ({ours:?}); openssh: {:.0} MB/s ({theirs:?}), \
+         with aes128-gcm {:.0} MB/s ({theirs_gcm:?}); ratios {:.2} and {:.2}",
+        rate(ours),
+        rate(theirs),
+        rate(theirs_gcm),
+        rate(ours) / rate(theirs),
+        rate(ours) / rate(theirs_gcm)
+    );
+}
+
+#[test]
+fn ssh_write_fails_when_the_remote_program_exits() {
+    if !support::require("ssh_write_fails_when_the_remote_program_exits", NEEDS) {
+        return;
+    }
+    let host = TestHost::start(29);
+    let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+    let mut channel = session.exec("head -c 1000 >/dev/null").expect("exec");
+    let chunk = vec![7u8; 1 << 20];
+    let start = Instant::now();
+    let res = (0..64).try_for_each(|_| channel.write_all(&chunk));
+    let err = res.expect_err("writing to a program that is gone fails");
+    assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
+    assert!(start.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn ssh_blocking_io_outlasts_keepalive_intervals() {
+    if !support::require("ssh_blocking_io_outlasts_keepalive_intervals", NEEDS) {
+        return;
+    }
+    let host = TestHost::start(30);
+    let o = SshOptions {
+        keepalive: Duration::from_secs(2),
+        ..opts()
+    };
+    let session = SshSession::connect(&machine(&host), &o).expect("connects");
+    // A silent server is not a dead one: reads wait through keepalives...
+    let mut channel = session.exec("sleep 5; echo late").expect("exec");
+    let mut out = String::new();
+    channel.read_to_string(&mut out).expect("read");
+    assert_eq!(out, "late\n");
+    assert_eq!(channel.close().expect("close"), 0);
+    // ...and so do writes into a full window.
+    let mut channel = session.exec("sleep 5; cat >/dev/null").expect("exec");
+    let chunk = vec![1u8; 1 << 20];
+    for _ in 0..8 {
+        channel.write_all(&chunk).expect("write");
+    }
+    assert_eq!(channel.close().expect("close"), 0);
+}
