@@ -128,17 +128,20 @@ impl Default for SshOptions {
     }
 }
 
-/// Ciphers in order of preference: AES-GCM needs no separate MAC and runs
-/// on AES-NI, which keeps big uploads close to what OpenSSH achieves.
+/// Ciphers in order of preference, fastest first as measured against
+/// OpenSSH's sshd (AES-NI machine, 200 MiB to `cat > /dev/null`): libssh2
+/// calls the cipher once per 16-byte block, which costs AES-GCM (and its
+/// per-call GHASH) much more than AES-CTR with an encrypt-then-MAC SHA-256
+/// (one call per packet): about 280 against 175 MB/s.
 const CIPHER_PREFS: &[&str] = &[
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
     "aes128-ctr",
     "aes256-ctr",
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
     "aes192-ctr",
 ];
 
-/// MACs in order of preference (unused with the GCM ciphers).
+/// MACs in order of preference: encrypt-then-MAC, SHA-256 (SHA-NI).
 const MAC_PREFS: &[&str] = &[
     "hmac-sha2-256-etm@openssh.com",
     "hmac-sha2-512-etm@openssh.com",
@@ -275,8 +278,10 @@ impl SshSession {
             socket,
             host: self.host.clone(),
             keepalive: self.keepalive,
-            pending: Vec::new(),
-            pending_pos: 0,
+            ahead: vec![0; BUF_SIZE].into_boxed_slice(),
+            ahead_pos: 0,
+            ahead_end: 0,
+            scratch: vec![0; BUF_SIZE].into_boxed_slice(),
         })
     }
 
@@ -308,9 +313,14 @@ pub struct SshChannel {
     socket: TcpStream,
     host: String,
     keepalive: Duration,
-    /// Stdout bytes that `wait_reply` read ahead; `Read` returns them first.
-    pending: Vec<u8>,
-    pending_pos: usize,
+    /// Stdout read ahead (by `wait_reply`, or by a small `read`, so that
+    /// many small reads cost one libssh2 call); `ahead[ahead_pos..ahead_end]`
+    /// is returned first.
+    ahead: Box<[u8]>,
+    ahead_pos: usize,
+    ahead_end: usize,
+    /// Where stderr passes through on its way to a log.
+    scratch: Box<[u8]>,
 }
 
 impl SshChannel {
@@ -356,20 +366,17 @@ impl SshChannel {
     /// at EOF, without blocking on one stream while the other fills up.
     fn pump_to_eof(&mut self, out: &mut dyn Write, err: &mut dyn Write) -> io::Result<()> {
         let _blocking = NonBlocking::new(&self.session);
-        let mut buf = vec![0u8; BUF_SIZE];
-        if self.pending_pos < self.pending.len() {
-            out.write_all(&self.pending[self.pending_pos..])?;
-            self.pending.clear();
-            self.pending_pos = 0;
-        }
+        out.write_all(&self.ahead[self.ahead_pos..self.ahead_end])?;
+        self.ahead_pos = 0;
+        self.ahead_end = 0;
         loop {
-            let progress_err = self.copy_stderr(err, &mut buf)?;
+            let progress_err = self.copy_stderr(err)?;
             let mut progress_out = false;
             loop {
-                match self.channel.read(&mut buf) {
+                match self.channel.read(&mut self.ahead) {
                     Ok(0) => break,
                     Ok(n) => {
-                        out.write_all(&buf[..n])?;
+                        out.write_all(&self.ahead[..n])?;
                         progress_out = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -377,7 +384,7 @@ impl SshChannel {
                 }
             }
             if self.channel.eof() {
-                self.copy_stderr(err, &mut buf)?;
+                self.copy_stderr(err)?;
                 return Ok(());
             }
             if !progress_err && !progress_out {
@@ -388,14 +395,14 @@ impl SshChannel {
 
     /// Copies the stderr available now into `log`; whether there was any.
     /// The session must be in non-blocking mode.
-    fn copy_stderr(&mut self, log: &mut dyn Write, buf: &mut [u8]) -> io::Result<bool> {
+    fn copy_stderr(&mut self, log: &mut dyn Write) -> io::Result<bool> {
         let mut stderr = self.channel.stderr();
         let mut any = false;
         loop {
-            match stderr.read(buf) {
+            match stderr.read(&mut self.scratch) {
                 Ok(0) => return Ok(any),
                 Ok(n) => {
-                    log.write_all(&buf[..n])?;
+                    log.write_all(&self.scratch[..n])?;
                     any = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(any),
@@ -541,23 +548,43 @@ impl Drop for NonBlocking {
 
 impl Read for SshChannel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.pending_pos < self.pending.len() {
-            let n = buf.len().min(self.pending.len() - self.pending_pos);
-            buf[..n].copy_from_slice(&self.pending[self.pending_pos..self.pending_pos + n]);
-            self.pending_pos += n;
-            if self.pending_pos == self.pending.len() {
-                self.pending.clear();
-                self.pending_pos = 0;
-            }
+        if self.ahead_pos == self.ahead_end && buf.len() < self.ahead.len() / 2 {
+            self.ahead_pos = 0;
+            self.ahead_end = 0;
+            let n = self.read_blocking(ReadInto::Ahead)?;
+            self.ahead_end = n;
+        }
+        if self.ahead_pos < self.ahead_end {
+            let n = buf.len().min(self.ahead_end - self.ahead_pos);
+            buf[..n].copy_from_slice(&self.ahead[self.ahead_pos..self.ahead_pos + n]);
+            self.ahead_pos += n;
             return Ok(n);
         }
+        self.read_blocking(ReadInto::Caller(buf))
+    }
+}
+
+/// Where a blocking read puts the bytes.
+enum ReadInto<'a> {
+    Ahead,
+    Caller(&'a mut [u8]),
+}
+
+impl SshChannel {
+    /// One blocking read of stdout: at least one byte, or 0 at EOF.
+    fn read_blocking(&mut self, into: ReadInto<'_>) -> io::Result<usize> {
+        let buf = match into {
+            ReadInto::Ahead => &mut self.ahead[..],
+            ReadInto::Caller(buf) => buf,
+        };
         loop {
             match self.channel.read(buf) {
                 // A blocking libssh2 call gives up after one keepalive
                 // interval of silence (having sent a keepalive): a quiet
                 // server is not a dead one, the kernel tells those apart.
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => continue,
-                res => return res.map_err(|e| self.io_err(e)),
+                Err(e) => return Err(self.io_err(e)),
+                Ok(n) => return Ok(n),
             }
         }
     }
@@ -590,17 +617,16 @@ impl Write for SshChannel {
 
 impl Transport for SshChannel {
     fn wait_reply(&mut self, log: &mut dyn Write, deadline: Option<Instant>) -> io::Result<()> {
-        if self.pending_pos < self.pending.len() {
+        if self.ahead_pos < self.ahead_end {
             return Ok(());
         }
         let _blocking = NonBlocking::new(&self.session);
-        let mut buf = vec![0u8; BUF_SIZE];
         loop {
-            let got_log = self.copy_stderr(log, &mut buf)?;
-            match self.channel.read(&mut buf) {
+            let got_log = self.copy_stderr(log)?;
+            match self.channel.read(&mut self.ahead) {
                 Ok(0) => {
                     if self.channel.eof() {
-                        self.copy_stderr(log, &mut buf)?;
+                        self.copy_stderr(log)?;
                         return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             format!("{}: the remote program ended the connection", self.host),
@@ -608,12 +634,11 @@ impl Transport for SshChannel {
                     }
                 }
                 Ok(n) => {
-                    self.pending.clear();
-                    self.pending.extend_from_slice(&buf[..n]);
-                    self.pending_pos = 0;
+                    self.ahead_pos = 0;
+                    self.ahead_end = n;
                     // The log the server wrote before this reply may have
                     // come in with it: hand it over now.
-                    self.copy_stderr(log, &mut buf)?;
+                    self.copy_stderr(log)?;
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -634,8 +659,7 @@ impl Transport for SshChannel {
 
     fn drain_log(&mut self, log: &mut dyn Write) -> io::Result<()> {
         let _blocking = NonBlocking::new(&self.session);
-        let mut buf = vec![0u8; BUF_SIZE];
-        self.copy_stderr(log, &mut buf)?;
+        self.copy_stderr(log)?;
         Ok(())
     }
 }
