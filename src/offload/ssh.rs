@@ -1235,6 +1235,44 @@ mod tests {
     }
 
     #[test]
+    fn keepalive_timeouts_are_retried_a_bounded_number_of_times() {
+        let timeout = || {
+            ssh2::Error::new(
+                ssh2::ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT),
+                "Timed out waiting on socket",
+            )
+        };
+        let mut calls = 0;
+        let res = retry_keepalive_timeouts(4, || {
+            calls += 1;
+            if calls < 3 {
+                Err(timeout())
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(res.expect("third call succeeds"), 3);
+        let mut calls = 0;
+        let res: Result<(), _> = retry_keepalive_timeouts(2, || {
+            calls += 1;
+            Err(timeout())
+        });
+        assert!(res.is_err());
+        assert_eq!(calls, 3);
+        // Other errors are not retried.
+        let mut calls = 0;
+        let res: Result<(), _> = retry_keepalive_timeouts(5, || {
+            calls += 1;
+            Err(ssh2::Error::new(
+                ssh2::ErrorCode::Session(-7),
+                "socket send",
+            ))
+        });
+        assert!(res.is_err());
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
     fn host_port_brackets_ipv6() {
         assert_eq!(host_port("::1", 22), "[::1]:22");
         assert_eq!(host_port("h", 2222), "h:2222");

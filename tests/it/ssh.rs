@@ -161,6 +161,32 @@ fn ssh_known_hosts_checks_entries_without_host_key() {
     let session = SshSession::connect(&m, &o).expect("known host connects");
     assert_eq!(session.run("true").expect("runs").2, 0);
 
+    // Hashed names, among lines libssh2 cannot read: still found.
+    let hashed = tmp.path().join("hashed_known_hosts");
+    std::fs::write(
+        &hashed,
+        format!("[{}]:{} {}\n", host.addr, host.port, host_pub(&host)),
+    )
+    .expect("write");
+    support::run_ok(Command::new("ssh-keygen").arg("-H").arg("-f").arg(&hashed));
+    let text = std::fs::read_to_string(&hashed).expect("read");
+    assert!(text.starts_with("|1|"), "not hashed: {text}");
+    std::fs::write(
+        &hashed,
+        format!(
+            "@cert-authority *.example.org {}\n\
+             odd.example.org sk-ssh-ed25519@openssh.com AAAAInNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAIA==\n\
+             garbage\n{text}",
+            host_pub(&host)
+        ),
+    )
+    .expect("write");
+    let o = SshOptions {
+        known_hosts: Some(hashed),
+        ..opts()
+    };
+    SshSession::connect(&m, &o).expect("hashed known host connects");
+
     // Another key under this host's name: a mismatch naming both.
     let other = keygen(&tmp.path().join("other"));
     let wrong = tmp.path().join("wrong_known_hosts");
