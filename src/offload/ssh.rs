@@ -1,16 +1,21 @@
 //! SSH to build machines with `ssh2` (libssh2): the server's host key is
 //! always verified, connecting has a timeout, a dead link is noticed.
 //!
-//! A dead link is noticed at two levels: TCP keepalive and
-//! `TCP_USER_TIMEOUT` make the kernel give up on a peer that stopped
-//! answering (this covers blocking reads and writes), and
-//! [`Transport::wait_reply`] sends SSH keepalives while it waits.
+//! A dead link is noticed by the kernel: SSH keepalives go out after each
+//! keepalive interval of silence (libssh2 sends them from inside blocking
+//! calls, [`Transport::wait_reply`] between its polls), and TCP keepalive
+//! plus `TCP_USER_TIMEOUT` abort the connection when the peer stops
+//! acknowledging, which fails the read or write in progress. A server that
+//! is alive but stuck (its TCP stack still answering) is caught only by the
+//! caller's deadlines.
 //!
-//! libssh2 has one blocking flag per session. Reads and writes of the
-//! protocol run in blocking mode (simple and fast); `wait_reply`,
-//! `drain_log`, `run` and `close` switch to non-blocking mode to serve
-//! stdout and stderr together, and switch back before they return. So one
-//! session should carry one channel at a time.
+//! libssh2 has one blocking flag per session, and a blocking call holds the
+//! session's lock while it waits. Reads and writes of the protocol run in
+//! blocking mode (simple and fast); `wait_reply`, `drain_log`, `run` and
+//! `close` switch to non-blocking mode to serve stdout and stderr together,
+//! and switch back before they return. So the channels of one session are
+//! used one at a time, from one thread at a time: concurrent builds on one
+//! machine take one session each.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -206,7 +211,7 @@ impl SshSession {
         set_method_prefs(&session, expected.as_ref(), &host);
         session.handshake().map_err(handshake_err)?;
 
-        let offered = offered_key(&session, &host)?;
+        let offered = offered_key(&session, &addr)?;
         match &expected {
             Some(expected) => {
                 if *expected != offered {
@@ -294,9 +299,8 @@ impl SshSession {
             command: command.to_owned(),
             source,
         };
-        channel
-            .channel
-            .send_eof()
+        let ch = &mut channel.channel;
+        retry_keepalive_timeouts(u32::MAX, || ch.send_eof())
             .map_err(|e| lost(io::Error::from(e)))?;
         let mut out = Vec::new();
         let mut err = Vec::new();
@@ -306,7 +310,11 @@ impl SshSession {
     }
 }
 
-/// A remote process's stdio over one SSH channel.
+/// A remote process's stdio over one SSH channel. `Read` (stdout) and
+/// `Write` (stdin) block; `flush` has nothing to do, each `write` has sent
+/// its bytes. Dropping it without [`SshChannel::close`] closes the channel
+/// without the exit status (libssh2 waits up to a keepalive interval for
+/// the server to confirm).
 pub struct SshChannel {
     channel: ssh2::Channel,
     session: ssh2::Session,
@@ -927,12 +935,12 @@ fn set_method_prefs(session: &ssh2::Session, expected: Option<&PublicKey>, host:
 }
 
 /// The key the server offered in the handshake.
-fn offered_key(session: &ssh2::Session, host: &str) -> Result<PublicKey, SshError> {
+fn offered_key(session: &ssh2::Session, addr: &str) -> Result<PublicKey, SshError> {
     session
         .host_key()
         .and_then(|(blob, _)| PublicKey::from_blob(blob))
         .ok_or_else(|| SshError::Handshake {
-            addr: host.to_owned(),
+            addr: addr.to_owned(),
             source: ssh2::Error::new(
                 ssh2::ErrorCode::Session(-1),
                 "the server offered no usable host key",
@@ -1270,6 +1278,26 @@ mod tests {
         });
         assert!(res.is_err());
         assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn sockets_get_keepalive_and_user_timeout() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let stream = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        configure_socket(&stream, Duration::from_secs(15));
+        assert!(stream.nodelay().expect("nodelay"));
+        assert!(getsockopt(&stream, sockopt::KeepAlive).expect("keepalive"));
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepIdle).expect("idle"), 15);
+        assert_eq!(
+            getsockopt(&stream, sockopt::TcpKeepInterval).expect("intvl"),
+            5
+        );
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepCount).expect("cnt"), 4);
+        assert_eq!(
+            getsockopt(&stream, sockopt::TcpUserTimeout).expect("user timeout"),
+            45_000
+        );
     }
 
     #[test]
