@@ -377,6 +377,7 @@ impl SshChannel {
         out.write_all(&self.ahead[self.ahead_pos..self.ahead_end])?;
         self.ahead_pos = 0;
         self.ahead_end = 0;
+        let mut idle_passes = 0;
         loop {
             let progress_err = self.copy_stderr(err)?;
             let mut progress_out = false;
@@ -395,10 +396,25 @@ impl SshChannel {
                 self.copy_stderr(err)?;
                 return Ok(());
             }
-            if !progress_err && !progress_out {
+            if progress_err || progress_out {
+                idle_passes = 0;
+            } else if self.should_poll(&mut idle_passes) {
                 self.wait_socket(None)?;
             }
         }
+    }
+
+    /// Whether to poll the socket after a pass that read nothing: not while
+    /// libssh2 has packets of this channel queued (reading one stream can
+    /// queue the other's), except after a few idle passes, so that a packet
+    /// neither stream takes cannot make a busy loop.
+    fn should_poll(&self, idle_passes: &mut u32) -> bool {
+        if *idle_passes < 2 && self.channel.read_window().available > 0 {
+            *idle_passes += 1;
+            return false;
+        }
+        *idle_passes = 0;
+        true
     }
 
     /// Copies the stderr available now into `log`; whether there was any.
@@ -629,6 +645,7 @@ impl Transport for SshChannel {
             return Ok(());
         }
         let _blocking = NonBlocking::new(&self.session);
+        let mut idle_passes = 0;
         loop {
             let got_log = self.copy_stderr(log)?;
             match self.channel.read(&mut self.ahead) {
@@ -652,16 +669,19 @@ impl Transport for SshChannel {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(self.io_err(e)),
             }
-            if got_log {
-                continue;
-            }
+            // Checked even while the log flows: a chatty build has a
+            // deadline too.
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("{}: no reply before the deadline", self.host),
                 ));
             }
-            self.wait_socket(deadline)?;
+            if got_log {
+                idle_passes = 0;
+            } else if self.should_poll(&mut idle_passes) {
+                self.wait_socket(deadline)?;
+            }
         }
     }
 

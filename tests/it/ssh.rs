@@ -664,3 +664,67 @@ fn ssh_blocking_io_outlasts_keepalive_intervals() {
     }
     assert_eq!(channel.close().expect("close"), 0);
 }
+
+#[test]
+fn ssh_wait_reply_keeps_deadlines_and_answers_promptly() {
+    if !support::require("ssh_wait_reply_keeps_deadlines_and_answers_promptly", NEEDS) {
+        return;
+    }
+    let host = TestHost::start(31);
+    // Long keepalives: a missed wake-up would stall for 30 s.
+    let o = SshOptions {
+        keepalive: Duration::from_secs(30),
+        ..opts()
+    };
+    let session = SshSession::connect(&machine(&host), &o).expect("connects");
+
+    // A build that logs all the time still meets its deadline.
+    let mut channel = session
+        .exec("while :; do echo building >&2; sleep 0.01; done")
+        .expect("exec");
+    let mut log = Vec::new();
+    let start = Instant::now();
+    let err = channel
+        .wait_reply(&mut log, Some(Instant::now() + Duration::from_secs(1)))
+        .expect_err("times out");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(log.starts_with(b"building\n"));
+    drop(channel);
+
+    // Interleaved log and replies: each reply is seen as it comes.
+    let mut channel = session
+        .exec("for i in $(seq 100); do echo log$i >&2; echo reply$i; sleep 0.005; done")
+        .expect("exec");
+    let start = Instant::now();
+    let mut log = Vec::new();
+    let mut replies = String::new();
+    for _ in 0..100 {
+        channel
+            .wait_reply(&mut log, Some(Instant::now() + Duration::from_secs(20)))
+            .expect("reply");
+        let mut byte = [0u8];
+        loop {
+            channel.read_exact(&mut byte).expect("read");
+            replies.push(byte[0] as char);
+            if byte[0] == b'\n' {
+                break;
+            }
+        }
+    }
+    channel.drain_log(&mut log).expect("drain");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(replies.lines().count(), 100);
+    assert!(replies.starts_with("reply1\nreply2\n"), "{replies}");
+    assert_eq!(channel.close().expect("close"), 0);
+    let log = String::from_utf8(log).expect("utf-8");
+    assert_eq!(log.lines().count(), 100, "{log}");
+}
