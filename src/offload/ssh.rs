@@ -9,13 +9,18 @@
 //! is alive but stuck (its TCP stack still answering) is caught only by the
 //! caller's deadlines.
 //!
+//! The server writes two streams into one flow-controlled channel: stderr
+//! left unread fills the window and stalls stdout (and the server's reading
+//! of stdin). So every wait here is a non-blocking loop around poll(2) that
+//! takes stderr as it comes: into the caller's log in
+//! [`Transport::wait_reply`], into a backlog (handed on by the next
+//! `wait_reply` or `drain_log`) in plain `Read` and `Write`.
+//!
 //! libssh2 has one blocking flag per session, and a blocking call holds the
-//! session's lock while it waits. Reads and writes of the protocol run in
-//! blocking mode (simple and fast); `wait_reply`, `drain_log`, `run` and
-//! `close` switch to non-blocking mode to serve stdout and stderr together,
-//! and switch back before they return. So the channels of one session are
-//! used one at a time, from one thread at a time: concurrent builds on one
-//! machine take one session each.
+//! session's lock while it waits. The loops switch the session to
+//! non-blocking mode and back; opening and closing channels block. So the
+//! channels of one session are used one at a time, from one thread at a
+//! time: concurrent builds on one machine take one session each.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -158,6 +163,10 @@ const MAC_PREFS: &[&str] = &[
 /// Read and copy buffers: large, so that each libssh2 call moves a lot.
 const BUF_SIZE: usize = 256 * 1024;
 
+/// At most this much stderr waits in memory for a log to take it; more is
+/// dropped (and counted) rather than stalling the server.
+const MAX_BACKLOG: usize = 64 << 20;
+
 /// An authenticated SSH session to one machine.
 pub struct SshSession {
     session: ssh2::Session,
@@ -287,6 +296,8 @@ impl SshSession {
             ahead_pos: 0,
             ahead_end: 0,
             scratch: vec![0; BUF_SIZE].into_boxed_slice(),
+            backlog: Vec::new(),
+            dropped: 0,
         })
     }
 
@@ -311,8 +322,9 @@ impl SshSession {
 }
 
 /// A remote process's stdio over one SSH channel. `Read` (stdout) and
-/// `Write` (stdin) block; `flush` has nothing to do, each `write` has sent
-/// its bytes. Dropping it without [`SshChannel::close`] closes the channel
+/// `Write` (stdin) block until they made progress, meanwhile keeping the
+/// server's stderr for the next log copy; `flush` has nothing to do, each
+/// `write` has sent its bytes. Dropping it without [`SshChannel::close`] closes the channel
 /// without the exit status (libssh2 waits up to a keepalive interval for
 /// the server to confirm).
 pub struct SshChannel {
@@ -329,6 +341,12 @@ pub struct SshChannel {
     ahead_end: usize,
     /// Where stderr passes through on its way to a log.
     scratch: Box<[u8]>,
+    /// Stderr read while `Read` or `Write` waited (taking it keeps the
+    /// server from stalling on a full window); the next `wait_reply` or
+    /// `drain_log` hands it on first.
+    backlog: Vec<u8>,
+    /// Stderr bytes dropped because the backlog was full.
+    dropped: u64,
 }
 
 impl SshChannel {
@@ -373,6 +391,7 @@ impl SshChannel {
     /// Reads stdout into `out` and stderr into `err` until the channel is
     /// at EOF, without blocking on one stream while the other fills up.
     fn pump_to_eof(&mut self, out: &mut dyn Write, err: &mut dyn Write) -> io::Result<()> {
+        self.flush_backlog(err)?;
         let _blocking = NonBlocking::new(&self.session);
         out.write_all(&self.ahead[self.ahead_pos..self.ahead_end])?;
         self.ahead_pos = 0;
@@ -482,26 +501,6 @@ impl SshChannel {
         Ok(())
     }
 
-    /// A write is stuck on a closed window: fails if the server closed the
-    /// channel (the remote program is gone and will never read again).
-    fn check_write_stall(&mut self) -> io::Result<()> {
-        let _blocking = NonBlocking::new(&self.session);
-        // Without blocking, `wait_close` only looks whether the server's
-        // close has arrived; it sends nothing.
-        // (It refuses, too, before the server's EOF.) Unread output does
-        // not matter here, unlike for `eof()`.
-        if self.channel.wait_close().is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                format!(
-                    "SSH connection to {}: the remote program exited and stopped reading",
-                    self.host
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     /// An error with the host named, keeping its kind; libssh2's bare
     /// "transport read" becomes what happened to the socket.
     fn io_err(&self, e: io::Error) -> io::Error {
@@ -572,10 +571,13 @@ impl Drop for NonBlocking {
 
 impl Read for SshChannel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
         if self.ahead_pos == self.ahead_end && buf.len() < self.ahead.len() / 2 {
             self.ahead_pos = 0;
             self.ahead_end = 0;
-            let n = self.read_blocking(ReadInto::Ahead)?;
+            let n = self.read_stdout(None)?;
             self.ahead_end = n;
         }
         if self.ahead_pos < self.ahead_end {
@@ -584,63 +586,135 @@ impl Read for SshChannel {
             self.ahead_pos += n;
             return Ok(n);
         }
-        self.read_blocking(ReadInto::Caller(buf))
+        self.read_stdout(Some(buf))
     }
 }
 
-/// Where a blocking read puts the bytes.
-enum ReadInto<'a> {
-    Ahead,
-    Caller(&'a mut [u8]),
-}
-
 impl SshChannel {
-    /// One blocking read of stdout: at least one byte, or 0 at EOF.
-    fn read_blocking(&mut self, into: ReadInto<'_>) -> io::Result<usize> {
-        let buf = match into {
-            ReadInto::Ahead => &mut self.ahead[..],
-            ReadInto::Caller(buf) => buf,
-        };
+    /// Waits for stdout and reads it into `buf` (else the read-ahead
+    /// buffer): at least one byte, or 0 at EOF. Stderr arriving meanwhile
+    /// goes to the backlog, so that it never fills the channel window and
+    /// stalls the stdout we wait for.
+    fn read_stdout(&mut self, buf: Option<&mut [u8]>) -> io::Result<usize> {
+        let _blocking = NonBlocking::new(&self.session);
+        let mut buf = buf;
+        let mut idle_passes = 0;
         loop {
-            match self.channel.read(buf) {
-                // A blocking libssh2 call gives up after one keepalive
-                // interval of silence (having sent a keepalive): a quiet
-                // server is not a dead one, the kernel tells those apart.
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => continue,
-                Err(e) => return Err(self.io_err(e)),
+            let target = match buf.as_deref_mut() {
+                Some(b) => b,
+                None => &mut self.ahead[..],
+            };
+            match self.channel.read(target) {
+                Ok(0) => {
+                    // `eof()` stays false while stderr is unread.
+                    self.stderr_to_backlog()?;
+                    if self.channel.eof() {
+                        return Ok(0);
+                    }
+                }
                 Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(self.io_err(e)),
+            }
+            if self.stderr_to_backlog()? {
+                idle_passes = 0;
+            } else if self.should_poll(&mut idle_passes) {
+                self.wait_socket(None)?;
             }
         }
+    }
+
+    /// Moves the stderr available now into the backlog; whether there was
+    /// any. The session must be in non-blocking mode.
+    fn stderr_to_backlog(&mut self) -> io::Result<bool> {
+        let mut stderr = self.channel.stderr();
+        let mut any = false;
+        loop {
+            match stderr.read(&mut self.scratch) {
+                Ok(0) => return Ok(any),
+                Ok(n) => {
+                    any = true;
+                    let room = MAX_BACKLOG.saturating_sub(self.backlog.len()).min(n);
+                    self.backlog.extend_from_slice(&self.scratch[..room]);
+                    self.dropped += (n - room) as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(any),
+                Err(e) => return Err(self.io_err(e)),
+            }
+        }
+    }
+
+    /// Hands the backlog to `log`.
+    fn flush_backlog(&mut self, log: &mut dyn Write) -> io::Result<()> {
+        if !self.backlog.is_empty() {
+            log.write_all(&self.backlog)?;
+            self.backlog = Vec::new();
+        }
+        if self.dropped > 0 {
+            let note = format!(
+                "\nsandoff: {} bytes of the log from {} were dropped (nobody read them)\n",
+                self.dropped, self.host
+            );
+            log.write_all(note.as_bytes())?;
+            self.dropped = 0;
+        }
+        Ok(())
     }
 }
 
 impl Write for SshChannel {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _blocking = NonBlocking::new(&self.session);
         // libssh2 sends at most one packet (32 KiB) per call; keep going
-        // while it accepts data so that one write moves a large buffer.
+        // so that one write moves a large buffer.
         let mut done = 0;
+        let mut idle_passes = 0;
         while done < buf.len() {
             match self.channel.write(&buf[done..]) {
-                Ok(0) => self.check_write_stall()?,
-                Ok(n) => done += n,
-                // Blocked for a keepalive interval on the server's window.
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => self.check_write_stall()?,
+                Ok(n) if n > 0 => {
+                    done += n;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(self.io_err(e)),
+            }
+            // Stuck on the socket or on the server's window. A server that
+            // writes stderr before it reads again needs it taken; one that
+            // is gone never opens the window again.
+            if self.stderr_to_backlog()? {
+                idle_passes = 0;
+                continue;
+            }
+            if self.channel.wait_close().is_ok() {
+                // Without blocking, `wait_close` only looks whether the
+                // server's close has arrived (it refuses before its EOF).
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    format!(
+                        "SSH connection to {}: the remote program exited and stopped reading",
+                        self.host
+                    ),
+                ));
+            }
+            if self.should_poll(&mut idle_passes) {
+                self.wait_socket(None)?;
             }
         }
         Ok(done)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        // Nothing to do: in blocking mode libssh2 has sent each packet when
-        // `write` returns. (`ssh2::Channel::flush` would *discard* unread
-        // input, libssh2's meaning of flush.)
+        // Nothing to do: each `write` has handed its packets to the kernel.
+        // (`ssh2::Channel::flush` would *discard* unread input, libssh2's
+        // meaning of flush.)
         Ok(())
     }
 }
 
 impl Transport for SshChannel {
     fn wait_reply(&mut self, log: &mut dyn Write, deadline: Option<Instant>) -> io::Result<()> {
+        self.flush_backlog(log)?;
         if self.ahead_pos < self.ahead_end {
             return Ok(());
         }
@@ -686,6 +760,7 @@ impl Transport for SshChannel {
     }
 
     fn drain_log(&mut self, log: &mut dyn Write) -> io::Result<()> {
+        self.flush_backlog(log)?;
         let _blocking = NonBlocking::new(&self.session);
         self.copy_stderr(log)?;
         Ok(())

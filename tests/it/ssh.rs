@@ -728,3 +728,47 @@ fn ssh_wait_reply_keeps_deadlines_and_answers_promptly() {
     let log = String::from_utf8(log).expect("utf-8");
     assert_eq!(log.lines().count(), 100, "{log}");
 }
+
+#[test]
+fn ssh_plain_reads_and_writes_survive_a_flood_of_stderr() {
+    if !support::require(
+        "ssh_plain_reads_and_writes_survive_a_flood_of_stderr",
+        NEEDS,
+    ) {
+        return;
+    }
+    let host = TestHost::start(32);
+    let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // 5 MiB of log (more than the channel window) before the reply,
+        // read without wait_reply: kept for the next log copy.
+        let mut channel = session
+            .exec("head -c 5242880 /dev/zero >&2; echo reply")
+            .expect("exec");
+        let mut reply = String::new();
+        channel.read_to_string(&mut reply).expect("read");
+        assert_eq!(reply, "reply\n");
+        let mut log = Vec::new();
+        channel.drain_log(&mut log).expect("drain");
+        assert_eq!(log.len(), 5 << 20);
+        assert_eq!(channel.close().expect("close"), 0);
+
+        // The same log before the server reads its input.
+        let mut channel = session
+            .exec("head -c 5242880 /dev/zero >&2; cat >/dev/null")
+            .expect("exec");
+        let chunk = vec![3u8; 1 << 20];
+        for _ in 0..8 {
+            channel.write_all(&chunk).expect("write");
+        }
+        let mut log = Vec::new();
+        channel.drain_log(&mut log).expect("drain");
+        assert_eq!(channel.close().expect("close"), 0);
+        done_tx.send(log.len()).expect("send");
+    });
+    let log_len = done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("no deadlock within 60 s");
+    assert_eq!(log_len, 5 << 20);
+}
