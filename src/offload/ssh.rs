@@ -354,8 +354,10 @@ impl SshChannel {
     pub fn close(mut self) -> io::Result<i32> {
         self.session.set_blocking(true);
         let channel = &mut self.channel;
-        retry_keepalive_timeouts(u32::MAX, || channel.send_eof())
-            .map_err(|e| self.io_err(e.into()))?;
+        if let Err(e) = retry_keepalive_timeouts(u32::MAX, || channel.send_eof()) {
+            // The process may be gone already; a dead link fails below.
+            tracing::debug!(host = %self.host, "sending EOF: {e}");
+        }
         // Whatever the process still writes is read and dropped: it cannot
         // exit while its output does not fit in the channel window.
         let mut out = io::sink();
@@ -552,6 +554,16 @@ fn retry_keepalive_timeouts<T>(
 
 /// libssh2's `LIBSSH2_ERROR_TIMEOUT`.
 const LIBSSH2_ERROR_TIMEOUT: i32 = -9;
+
+impl Drop for SshChannel {
+    fn drop(&mut self) {
+        // Freeing an open channel sends the close; in blocking mode libssh2
+        // would then wait for the server's, which sshd sends only once the
+        // remote process has ended. Nothing here needs it: don't wait (the
+        // next `exec` makes the session blocking again).
+        self.session.set_blocking(false);
+    }
+}
 
 /// Puts a session into non-blocking mode until dropped.
 struct NonBlocking(ssh2::Session);

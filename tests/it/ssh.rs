@@ -423,11 +423,28 @@ fn ssh_wait_reply_copies_5_mib_of_stderr_without_deadlock() {
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
     assert!(start.elapsed() < Duration::from_secs(2));
     drop(channel);
-    let mut channel = session.exec("echo bye >&2").expect("exec");
+    let mut channel = session.exec("echo bye >&2; exit 5").expect("exec");
     let mut log = Vec::new();
     let err = channel.wait_reply(&mut log, None).expect_err("eof");
     assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
     assert_eq!(log, b"bye\n");
+    // The process is gone; closing still tells how it ended.
+    assert_eq!(channel.close().expect("close"), 5);
+
+    // Dropping a channel does not wait for its process, which sees EOF.
+    let marker = host.home.join("eof-seen");
+    let channel = session
+        .exec(&format!("cat >/dev/null; touch {}", marker.display()))
+        .expect("exec");
+    let start = Instant::now();
+    drop(channel);
+    assert!(start.elapsed() < Duration::from_secs(1));
+    let seen = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        marker.exists()
+    });
+    assert!(seen, "the remote process never saw EOF");
+    assert_eq!(session.run("true").expect("session still works").2, 0);
 }
 
 /// The pids of `pid`'s descendants.
