@@ -303,8 +303,8 @@ fn ssh_silent_server_times_out_in_handshake() {
 
 #[test]
 fn ssh_connect_to_a_full_backlog_times_out() {
+    use nix::sys::socket::SockaddrIn;
     use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
-    use nix::sys::socket::{SockaddrIn, SockaddrLike};
     // A listener that never accepts, with the smallest backlog: once its
     // queue is full the kernel drops further SYNs, like a black hole.
     let fd = socket(
@@ -322,7 +322,6 @@ fn ssh_connect_to_a_full_backlog_times_out() {
     listen(&fd, Backlog::new(0).expect("backlog")).expect("listen");
     let local: SockaddrIn =
         nix::sys::socket::getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd)).expect("name");
-    let _ = local.len();
     let port = local.port();
     let mut queued = Vec::new();
     let full = (0..16).any(|_| {
