@@ -9,5 +9,6 @@ mod nar;
 mod registry;
 mod sandbox;
 mod serve;
+mod ssh;
 mod support;
 mod transfer;
