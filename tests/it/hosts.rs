@@ -262,6 +262,12 @@ impl TestHost {
         self.home.join("root")
     }
 
+    /// A Nix host's `NIX_CONF_DIR` (its nix.conf names its store and signing
+    /// key): `NIX_CONF_DIR=<this> nix-store ...` works on the host's store.
+    pub fn nix_conf_dir(&self) -> PathBuf {
+        self.home.join("nixconf")
+    }
+
     /// The `remote-program` for Nix's `ssh://` store.
     pub fn serve_program(&self) -> PathBuf {
         self.home.join("serve")
@@ -367,6 +373,15 @@ impl Drop for TestHost {
             .arg(self.dir.path())
             .status();
     }
+}
+
+/// The build users' lock directory the hosts use (`SANDOFF_USER_POOL_DIR`,
+/// default `/nix/var/sandoff/userpool`); a local client that builds while
+/// hosts build must use it too, since the build users are system-wide.
+pub fn user_pool_dir() -> PathBuf {
+    std::env::var_os("SANDOFF_USER_POOL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/nix/var/sandoff/userpool"))
 }
 
 /// The parent of every process, from `/proc/<pid>/stat`.
@@ -475,7 +490,7 @@ fn hosts_accept_the_client_key_and_refuse_others() {
     let out = support::run_ok(&mut host.ssh_with(
         &host.client_key(),
         &host.known_hosts(),
-        "echo $SANDOFF_STORE_ROOT; command -v sandoff",
+        "echo $SANDOFF_STORE_ROOT; command -v sandoff; echo $SANDOFF_USER_POOL_DIR",
     ));
     let out = String::from_utf8_lossy(&out);
     let mut lines = out.lines();
@@ -484,6 +499,8 @@ fn hosts_accept_the_client_key_and_refuse_others() {
         lines.next().is_some_and(|l| l.ends_with("/sandoff")),
         "{out}"
     );
+    // Hosts lock the system-wide build users where a local client does.
+    assert_eq!(lines.next(), user_pool_dir().to_str());
 
     let tmp = tempfile::tempdir().expect("tempdir");
     // Another host's key under this host's name: verification fails.
@@ -638,6 +655,7 @@ fn hosts_nix_host_answers_the_serve_handshake() {
     assert_eq!(version >> 8, 2, "major version {version:#x}");
     // The chroot store was made under the host's root, not in /nix/store.
     assert!(host.root().join("nix/var/nix/db").is_dir());
+    assert!(host.nix_conf_dir().join("nix.conf").is_file());
 
     // Sessions see the host's Nix configuration: its store and signing key.
     let out = support::run_ok(&mut host.ssh("nix show-config"));
