@@ -740,3 +740,66 @@ fn hosts_in_a_namespace_can_lose_their_link() {
     );
     assert!(!home.exists());
 }
+
+#[test]
+fn hosts_nix_host_builds_and_signs_for_a_nix_client() {
+    let mut needs = NIX_NEEDS.to_vec();
+    needs.extend([
+        Need::Program("nix-build"),
+        Need::Program("nix"),
+        Need::Program("busybox"),
+    ]);
+    if !support::require("hosts_nix_host_builds_and_signs_for_a_nix_client", &needs) {
+        return;
+    }
+    let host = TestHost::start_nix(8);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bb = tmp.path().join("bb/bin");
+    std::fs::create_dir_all(&bb).expect("mkdir");
+    std::fs::copy(
+        support::which("busybox").expect("busybox"),
+        bb.join("busybox"),
+    )
+    .expect("copy busybox");
+    let nixfile = tmp.path().join("t.nix");
+    std::fs::write(
+        &nixfile,
+        r#"let bb = ./bb; in derivation {
+  name = "on-host"; system = "x86_64-linux"; builder = "${bb}/bin/busybox";
+  args = [ "sh" "-c" "${bb}/bin/busybox id -u > $out" ];
+}"#,
+    )
+    .expect("write t.nix");
+    // Nix 2.8 takes the port from NIX_SSHOPTS, not from the URI.
+    let builder = format!(
+        "ssh://root@{}?remote-program={} x86_64-linux - 1 1",
+        host.addr,
+        host.serve_program().display()
+    );
+    let local = tmp.path().join("local");
+    let out = support::run_ok(
+        support::nix_cmd("nix-build", &tmp.path().join("conf"))
+            .arg("--store")
+            .arg(&local)
+            .args(["--no-out-link", "--max-jobs", "0", "--builders", &builder])
+            .arg(&nixfile)
+            .env("NIX_SSHOPTS", host.ssh_opts().join(" ")),
+    );
+    let path = String::from_utf8_lossy(&out).trim().to_owned();
+    // Built in the host's sandbox, as an unprivileged uid, and copied back.
+    let content = std::fs::read_to_string(local.join(path.trim_start_matches('/')))
+        .expect("output copied back");
+    assert_ne!(content.trim(), "0", "built as root");
+
+    // The host signed it with its key.
+    let info = support::run_ok(
+        Command::new("nix")
+            .args(["--extra-experimental-features", "nix-command"])
+            .args(["path-info", "--sigs", &path])
+            .env("NIX_CONF_DIR", host.nix_conf_dir()),
+    );
+    let info = String::from_utf8_lossy(&info);
+    let key_name = host.signing_public_key();
+    let key_name = key_name.split(':').next().expect("name");
+    assert!(info.contains(&format!(" {key_name}:")), "{info}");
+}
