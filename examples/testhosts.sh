@@ -56,6 +56,8 @@
 #       and SANDOFF_BUILD_USERS_GROUP (if set): build users are system-wide,
 #       so every sandoff on this machine, hosts and the local client alike,
 #       must lock them in the same directory; give the client the same value.
+# The machines lines write the port into the URI (ssh://root@ADDR:PORT),
+# which sandoff reads; Nix 2.8's own client wants it in NIX_SSHOPTS instead.
 # To try it with Nix's own client:
 #   NIX_SSHOPTS="-p 2222 -i DIR/client_ed25519 -o UserKnownHostsFile=DIR/known_hosts" \
 #     nix copy --to 'ssh://root@127.0.0.2?remote-program=DIR/host1/serve' PATH
