@@ -1,10 +1,16 @@
 //! Real build hosts for tests: sshd instances started by
 //! `examples/testhosts.sh`, the harness users get, so the tested one.
+//!
+//! Host indices pick the loopback address (`127.0.0.(1+index)`) and, with
+//! [`HostConfig::netns`], the namespace `sandoff-th<index>`; ports are random,
+//! so tests may share an index unless they use namespaces.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use sandoff::decide::nix_format::{self, NoIncludes};
+use sandoff::decide::Machine;
 use tempfile::TempDir;
 
 use crate::support::{self, Need};
@@ -17,6 +23,15 @@ pub const NEEDS: &[Need] = &[
     Need::Program("ssh-keygen"),
 ];
 
+/// What a test needs to start a [`TestHost`] of [`HostKind::Nix`].
+pub const NIX_NEEDS: &[Need] = &[
+    Need::Root,
+    Need::Program("sshd"),
+    Need::Program("ssh"),
+    Need::Program("ssh-keygen"),
+    Need::Program("nix-store"),
+];
+
 fn script() -> &'static Path {
     Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -24,44 +39,172 @@ fn script() -> &'static Path {
     ))
 }
 
+/// What serves the host's store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostKind {
+    /// `sandoff serve --stdio --write`.
+    Sandoff,
+    /// Nix 2.8's `nix-store --serve --write` on a chroot store.
+    Nix,
+}
+
+/// How to start a [`TestHost`]: its kind and its machines-line fields.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// What serves the store.
+    pub kind: HostKind,
+    /// System types (machines-line field 2).
+    pub systems: Vec<String>,
+    /// Slots (`maxJobs`).
+    pub max_jobs: u32,
+    /// Speed factor.
+    pub speed: u32,
+    /// Supported features.
+    pub features: Vec<String>,
+    /// Mandatory features.
+    pub mandatory: Vec<String>,
+    /// Run sshd in network namespace `sandoff-th<index>` behind a veth pair
+    /// (address 10.77.<index>.2), so the link can be cut.
+    pub netns: bool,
+}
+
+impl Default for HostConfig {
+    fn default() -> HostConfig {
+        HostConfig {
+            kind: HostKind::Sandoff,
+            systems: vec!["x86_64-linux".into()],
+            max_jobs: 2,
+            speed: 1,
+            features: Vec::new(),
+            mandatory: Vec::new(),
+            netns: false,
+        }
+    }
+}
+
+impl HostConfig {
+    /// A Nix host with the default fields.
+    pub fn nix() -> HostConfig {
+        HostConfig {
+            kind: HostKind::Nix,
+            ..HostConfig::default()
+        }
+    }
+
+    /// The same with these supported features.
+    pub fn features(mut self, features: &[&str]) -> HostConfig {
+        self.features = features.iter().map(|f| f.to_string()).collect();
+        self
+    }
+
+    /// The same with these mandatory features.
+    pub fn mandatory(mut self, features: &[&str]) -> HostConfig {
+        self.mandatory = features.iter().map(|f| f.to_string()).collect();
+        self
+    }
+
+    /// The same with `max_jobs` slots.
+    pub fn max_jobs(mut self, max_jobs: u32) -> HostConfig {
+        self.max_jobs = max_jobs;
+        self
+    }
+
+    /// The same with speed factor `speed`.
+    pub fn speed(mut self, speed: u32) -> HostConfig {
+        self.speed = speed;
+        self
+    }
+
+    /// The same with these system types.
+    pub fn systems(mut self, systems: &[&str]) -> HostConfig {
+        self.systems = systems.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// The same in its own network namespace.
+    pub fn netns(mut self) -> HostConfig {
+        self.netns = true;
+        self
+    }
+}
+
 /// One sshd on 127.0.0.(1+index) with its own host key and store root;
-/// dropping it stops sshd (by its pid) and removes its directory.
+/// dropping it stops sshd and its sessions (by pid) and removes its
+/// directory.
 pub struct TestHost {
     dir: TempDir,
     /// The host's directory, `<dir>/host<index>`.
     pub home: PathBuf,
-    /// The loopback address sshd listens on.
+    /// The address sshd listens on.
     pub addr: String,
     /// The port sshd listens on.
     pub port: u16,
+    /// What serves its store.
+    pub kind: HostKind,
+    /// Its network namespace, if it has one.
+    pub netns: Option<String>,
+    index: u8,
 }
 
 impl TestHost {
-    /// Starts host `index` (1 → 127.0.0.2) on a port that was free just now.
+    /// Starts sandoff host `index` (1 → 127.0.0.2) on a port that was free just now.
     pub fn start(index: u8) -> TestHost {
-        let addr = format!("127.0.0.{}", 1 + index);
-        // Random ports keep concurrent tests and runs out of each other's way.
-        let port = std::net::TcpListener::bind((addr.as_str(), 0))
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        TestHost::start_with(index, &HostConfig::default())
+    }
+
+    /// Starts a Nix 2.8 host `index` (`nix-store --serve --write`).
+    pub fn start_nix(index: u8) -> TestHost {
+        TestHost::start_with(index, &HostConfig::nix())
+    }
+
+    /// Starts host `index` as `config` says.
+    pub fn start_with(index: u8, config: &HostConfig) -> TestHost {
+        // Random ports keep concurrent tests and runs out of each other's
+        // way; inside its own namespace a host has the address to itself.
+        let port = if config.netns {
+            22
+        } else {
+            std::net::TcpListener::bind((format!("127.0.0.{}", 1 + index).as_str(), 0))
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port()
+        };
         let dir = tempfile::tempdir().expect("tempdir");
-        support::run_ok(
-            Command::new("bash")
-                .arg(script())
-                .args(["start", "1"])
-                .arg(dir.path())
-                .env("SANDOFF", env!("CARGO_BIN_EXE_sandoff"))
-                .env("TESTHOSTS_FIRST", index.to_string())
-                .env("TESTHOSTS_PORT", port.to_string()),
-        );
+        let mut cmd = Command::new("bash");
+        cmd.arg(script())
+            .args(["start", "1"])
+            .arg(dir.path())
+            .env("SANDOFF", env!("CARGO_BIN_EXE_sandoff"))
+            .env(
+                "TESTHOSTS_KIND",
+                match config.kind {
+                    HostKind::Sandoff => "sandoff",
+                    HostKind::Nix => "nix",
+                },
+            )
+            .env("TESTHOSTS_FIRST", index.to_string())
+            .env("TESTHOSTS_PORT", port.to_string())
+            .env("TESTHOSTS_SYSTEMS", config.systems.join(","))
+            .env("TESTHOSTS_MAX_JOBS", config.max_jobs.to_string())
+            .env("TESTHOSTS_SPEED", config.speed.to_string())
+            .env("TESTHOSTS_FEATURES", config.features.join(","))
+            .env("TESTHOSTS_MANDATORY", config.mandatory.join(","))
+            .env("TESTHOSTS_NETNS", if config.netns { "1" } else { "" });
+        support::run_ok(&mut cmd);
         let hosts = std::fs::read_to_string(dir.path().join("hosts")).expect("hosts file");
         let fields: Vec<&str> = hosts.split_whitespace().collect();
         assert_eq!(fields.len(), 3, "hosts file: {hosts:?}");
+        let home = PathBuf::from(fields[0]);
+        let netns = std::fs::read_to_string(home.join("netns"))
+            .ok()
+            .map(|s| s.trim().to_owned());
         TestHost {
-            home: PathBuf::from(fields[0]),
+            home,
             addr: fields[1].to_owned(),
             port: fields[2].parse().expect("port"),
+            kind: config.kind,
+            netns,
+            index,
             dir,
         }
     }
@@ -71,9 +214,41 @@ impl TestHost {
         self.dir.path().join("client_ed25519")
     }
 
-    /// The host's line in Nix's machines format.
+    /// A file with the host's line in Nix's machines format.
     pub fn machines(&self) -> PathBuf {
         self.dir.path().join("machines")
+    }
+
+    /// The host's line in Nix's machines format (no newline):
+    /// `ssh://root@ADDR:PORT[?remote-program=...] SYSTEMS KEY MAXJOBS SPEED
+    /// FEATURES MANDATORY HOSTKEY`.
+    pub fn machine_line(&self) -> String {
+        std::fs::read_to_string(self.home.join("machine"))
+            .expect("machine line")
+            .trim_end()
+            .to_owned()
+    }
+
+    /// The host's machine line, parsed.
+    pub fn machine(&self) -> Machine {
+        let mut ms = nix_format::parse(
+            &self.machine_line(),
+            "machines",
+            "x86_64-linux",
+            &NoIncludes,
+        )
+        .expect("machine line parses");
+        assert_eq!(ms.len(), 1);
+        ms.remove(0)
+    }
+
+    /// The public key (`host<index>-1:base64`) the host signs its store
+    /// paths with, for clients to trust.
+    pub fn signing_public_key(&self) -> String {
+        std::fs::read_to_string(self.home.join("signing-key.pub"))
+            .expect("signing-key.pub")
+            .trim()
+            .to_owned()
     }
 
     /// A known_hosts file with this host's key.
@@ -81,14 +256,60 @@ impl TestHost {
         self.dir.path().join("known_hosts")
     }
 
-    /// The host's store root, its sessions' `SANDOFF_STORE_ROOT`.
+    /// The host's store root: its sessions' `SANDOFF_STORE_ROOT`, or the Nix
+    /// host's chroot store.
     pub fn root(&self) -> PathBuf {
         self.home.join("root")
+    }
+
+    /// A Nix host's `NIX_CONF_DIR` (its nix.conf names its store and signing
+    /// key): `NIX_CONF_DIR=<this> nix-store ...` works on the host's store.
+    pub fn nix_conf_dir(&self) -> PathBuf {
+        self.home.join("nixconf")
     }
 
     /// The `remote-program` for Nix's `ssh://` store.
     pub fn serve_program(&self) -> PathBuf {
         self.home.join("serve")
+    }
+
+    /// The listening sshd's pid.
+    pub fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.home.join("sshd.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Kills sshd and every process under it (per-connection sshd, the
+    /// served program, its builds) at once with SIGKILL, as a crashing
+    /// machine would: connections die, new ones are refused.
+    pub fn kill(&self) {
+        let Some(pid) = self.pid() else { return };
+        kill_tree(pid);
+        let _ = std::fs::remove_file(self.home.join("sshd.pid"));
+    }
+
+    /// Takes the host's link down (namespace hosts only): packets vanish,
+    /// connections hang, as on a dead network.
+    pub fn cut_link(&self) {
+        self.set_link("down");
+    }
+
+    /// Brings the host's link back up after [`TestHost::cut_link`].
+    pub fn restore_link(&self) {
+        self.set_link("up");
+    }
+
+    fn set_link(&self, state: &str) {
+        assert!(self.netns.is_some(), "only namespace hosts have a link");
+        support::run_ok(Command::new("ip").args([
+            "link",
+            "set",
+            &format!("sth{}h", self.index),
+            state,
+        ]));
     }
 
     /// ssh options that log in with `key` and check the host against `known_hosts`.
@@ -124,17 +345,131 @@ impl TestHost {
             .arg(command);
         c
     }
+
+    /// `ssh root@<host> <command>` with the client key and known_hosts.
+    pub fn ssh(&self, command: &str) -> Command {
+        self.ssh_extra(&[], command)
+    }
+
+    /// [`TestHost::ssh`] with more ssh options (`["-o", "ConnectTimeout=2"]`);
+    /// options after the command would go to the remote command instead.
+    pub fn ssh_extra(&self, options: &[&str], command: &str) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(self.ssh_opts())
+            .args(options)
+            .arg(format!("root@{}", self.addr))
+            .arg(command);
+        c
+    }
 }
 
 impl Drop for TestHost {
     fn drop(&mut self) {
-        // The script kills sshd by the pid in its PidFile.
+        // The script kills sshd and its sessions by the pid in its PidFile
+        // and removes the host's namespace.
         let _ = Command::new("bash")
             .arg(script())
             .arg("stop")
             .arg(self.dir.path())
             .status();
     }
+}
+
+/// The build users' lock directory the hosts use (`SANDOFF_USER_POOL_DIR`,
+/// default `/nix/var/sandoff/userpool`); a local client that builds while
+/// hosts build must use it too, since the build users are system-wide.
+pub fn user_pool_dir() -> PathBuf {
+    std::env::var_os("SANDOFF_USER_POOL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/nix/var/sandoff/userpool"))
+}
+
+/// The parent of every process, from `/proc/<pid>/stat`.
+fn parents() -> Vec<(i32, i32)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name may hold spaces and parentheses.
+            let after = &stat[stat.rfind(')')? + 1..];
+            let ppid = after.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
+}
+
+/// `root` and all its descendants.
+pub fn descendants(root: i32) -> Vec<i32> {
+    let table = parents();
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(table.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+/// SIGSTOPs the tree (so nothing forks past the walk), walks it again and
+/// SIGKILLs it.
+fn kill_tree(root: i32) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for p in descendants(root) {
+        let _ = kill(Pid::from_raw(p), Signal::SIGSTOP);
+    }
+    for p in descendants(root) {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+}
+
+/// Whether `pid` is gone or a zombie (nothing reaps sshd's in a container).
+fn dead(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.is_empty() || stat.contains(") Z ")
+}
+
+/// Waits up to 5 s for `pid` to die.
+fn wait_dead(pid: i32) -> bool {
+    (0..50).any(|_| {
+        if dead(pid) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        false
+    })
+}
+
+/// The serve handshake (SERVE_MAGIC_1, version 2.7) and the server's
+/// answer: SERVE_MAGIC_2 and its version, 16 bytes.
+const HANDSHAKE: &[u8] = b"\xeb\x9d\x0c\x39\0\0\0\0\x07\x02\0\0\0\0\0\0";
+
+/// Runs `program` on the host with the handshake on stdin; returns stdout.
+fn serve_handshake(host: &TestHost, program: &str) -> Vec<u8> {
+    let mut child = host
+        .ssh(program)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ssh");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(HANDSHAKE)
+        .expect("write handshake");
+    let out = child.wait_with_output().expect("ssh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// A fresh ed25519 key pair at `path` (and `path.pub`).
@@ -155,7 +490,7 @@ fn hosts_accept_the_client_key_and_refuse_others() {
     let out = support::run_ok(&mut host.ssh_with(
         &host.client_key(),
         &host.known_hosts(),
-        "echo $SANDOFF_STORE_ROOT; command -v sandoff",
+        "echo $SANDOFF_STORE_ROOT; command -v sandoff; echo $SANDOFF_USER_POOL_DIR",
     ));
     let out = String::from_utf8_lossy(&out);
     let mut lines = out.lines();
@@ -164,6 +499,8 @@ fn hosts_accept_the_client_key_and_refuse_others() {
         lines.next().is_some_and(|l| l.ends_with("/sandoff")),
         "{out}"
     );
+    // Hosts lock the system-wide build users where a local client does.
+    assert_eq!(lines.next(), user_pool_dir().to_str());
 
     let tmp = tempfile::tempdir().expect("tempdir");
     // Another host's key under this host's name: verification fails.
@@ -237,17 +574,232 @@ fn hosts_stop_kills_sshd() {
         .trim()
         .parse()
         .expect("pid");
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    assert!(proc_dir.exists());
+    assert!(!dead(pid));
     drop(host);
     // sshd may linger as a zombie until PID 1 reaps it; it no longer listens.
-    let gone = (0..50).any(|_| {
-        let state = std::fs::read_to_string(proc_dir.join("stat")).unwrap_or_default();
-        if state.is_empty() || state.contains(") Z ") {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        false
-    });
-    assert!(gone, "sshd {pid} still running");
+    assert!(wait_dead(pid), "sshd {pid} still running");
+}
+
+#[test]
+fn hosts_start_with_writes_the_machine_line() {
+    if !support::require("hosts_start_with_writes_the_machine_line", NEEDS) {
+        return;
+    }
+    let config = HostConfig::default()
+        .systems(&["x86_64-linux", "i686-linux"])
+        .max_jobs(3)
+        .speed(2)
+        .features(&["kvm", "big-parallel"])
+        .mandatory(&["kvm"]);
+    let host = TestHost::start_with(5, &config);
+    let m = host.machine();
+    assert_eq!(m.max_jobs, 3);
+    assert_eq!(m.speed_factor, 2.0);
+    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+    assert_eq!(m.systems, set(&["x86_64-linux", "i686-linux"]));
+    assert_eq!(m.supported_features, set(&["kvm", "big-parallel"]));
+    assert_eq!(m.mandatory_features, set(&["kvm"]));
+    assert_eq!(m.port, Some(host.port));
+    // A sandoff host needs no remote-program: sandoff is on its PATH.
+    assert!(
+        !host.machine_line().contains('?'),
+        "{}",
+        host.machine_line()
+    );
+    assert_eq!(
+        std::fs::read_to_string(host.machines()).expect("machines"),
+        format!("{}\n", host.machine_line())
+    );
+
+    let shown = support::run_ok(
+        support::sandoff()
+            .arg("--store-root")
+            .arg(host.root())
+            .args(["key", "show"]),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&shown).trim(),
+        host.signing_public_key()
+    );
+    assert!(host.signing_public_key().starts_with("host5-1:"));
+}
+
+#[test]
+fn hosts_nix_host_answers_the_serve_handshake() {
+    if !support::require("hosts_nix_host_answers_the_serve_handshake", NIX_NEEDS) {
+        return;
+    }
+    let host = TestHost::start_nix(6);
+    assert_eq!(host.kind, HostKind::Nix);
+    let m = host.machine();
+    assert!(
+        m.store_uri.ends_with(&format!(
+            "?remote-program={}",
+            host.serve_program().display()
+        )),
+        "{}",
+        m.store_uri
+    );
+    assert!(
+        host.signing_public_key().starts_with("host6-1:"),
+        "{}",
+        host.signing_public_key()
+    );
+
+    // What Nix's client runs: `<remote-program> --serve --write`.
+    let program = format!("{} --serve --write", host.serve_program().display());
+    let out = serve_handshake(&host, &program);
+    assert_eq!(out.len(), 16, "{out:x?}");
+    assert_eq!(out[..8], 0x5452eecb_u64.to_le_bytes());
+    let version = u64::from_le_bytes(out[8..].try_into().expect("8 bytes"));
+    assert_eq!(version >> 8, 2, "major version {version:#x}");
+    // The chroot store was made under the host's root, not in /nix/store.
+    assert!(host.root().join("nix/var/nix/db").is_dir());
+    assert!(host.nix_conf_dir().join("nix.conf").is_file());
+
+    // Sessions see the host's Nix configuration: its store and signing key.
+    let out = support::run_ok(&mut host.ssh("nix show-config"));
+    let conf = String::from_utf8_lossy(&out);
+    let root = host.root();
+    assert!(
+        conf.lines()
+            .any(|l| l == format!("store = {}", root.display())),
+        "{conf}"
+    );
+    assert!(conf.contains("signing-key.sec"), "{conf}");
+}
+
+#[test]
+fn hosts_kill_stops_sshd_and_its_sessions() {
+    if !support::require("hosts_kill_stops_sshd_and_its_sessions", NEEDS) {
+        return;
+    }
+    let host = TestHost::start(7);
+    let pid = host.pid().expect("sshd pid");
+    let mut session = host
+        .ssh("echo started; exec sleep 300")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ssh");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(session.stdout.as_mut().expect("piped")),
+        &mut line,
+    )
+    .expect("read session");
+    assert_eq!(line, "started\n");
+    let tree = descendants(pid);
+    assert!(tree.len() >= 3, "sshd, its session and sleep: {tree:?}");
+
+    host.kill();
+    for p in tree {
+        assert!(wait_dead(p), "{p} survived kill()");
+    }
+    let status = session.wait().expect("wait ssh");
+    assert!(!status.success());
+    let res = host.ssh("true").output().expect("spawn ssh");
+    assert!(!res.status.success(), "sshd still answers");
+}
+
+#[test]
+fn hosts_in_a_namespace_can_lose_their_link() {
+    let mut needs = NEEDS.to_vec();
+    needs.push(Need::Program("ip"));
+    if !support::require("hosts_in_a_namespace_can_lose_their_link", &needs) {
+        return;
+    }
+    // 201: namespaces are system-wide, so far from the indices others use.
+    let host = TestHost::start_with(201, &HostConfig::default().netns());
+    assert_eq!(host.netns.as_deref(), Some("sandoff-th201"));
+    assert_eq!(host.addr, "10.77.201.2");
+    let out = support::run_ok(&mut host.ssh("echo $SANDOFF_STORE_ROOT"));
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        host.root().to_str().expect("utf-8")
+    );
+
+    host.cut_link();
+    let res = host
+        .ssh_extra(&["-o", "ConnectTimeout=2"], "true")
+        .output()
+        .expect("spawn ssh");
+    assert!(!res.status.success(), "reached a host whose link is down");
+    host.restore_link();
+    support::run_ok(&mut host.ssh("true"));
+
+    let home = host.home.clone();
+    drop(host);
+    let res = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip");
+    assert!(
+        !String::from_utf8_lossy(&res.stdout).contains("sandoff-th201"),
+        "namespace left behind"
+    );
+    assert!(!home.exists());
+}
+
+#[test]
+fn hosts_nix_host_builds_and_signs_for_a_nix_client() {
+    let mut needs = NIX_NEEDS.to_vec();
+    needs.extend([
+        Need::Program("nix-build"),
+        Need::Program("nix"),
+        Need::Program("busybox"),
+    ]);
+    if !support::require("hosts_nix_host_builds_and_signs_for_a_nix_client", &needs) {
+        return;
+    }
+    let host = TestHost::start_nix(8);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bb = tmp.path().join("bb/bin");
+    std::fs::create_dir_all(&bb).expect("mkdir");
+    std::fs::copy(
+        support::which("busybox").expect("busybox"),
+        bb.join("busybox"),
+    )
+    .expect("copy busybox");
+    let nixfile = tmp.path().join("t.nix");
+    std::fs::write(
+        &nixfile,
+        r#"let bb = ./bb; in derivation {
+  name = "on-host"; system = "x86_64-linux"; builder = "${bb}/bin/busybox";
+  args = [ "sh" "-c" "${bb}/bin/busybox id -u > $out" ];
+}"#,
+    )
+    .expect("write t.nix");
+    // Nix 2.8 takes the port from NIX_SSHOPTS, not from the URI.
+    let builder = format!(
+        "ssh://root@{}?remote-program={} x86_64-linux - 1 1",
+        host.addr,
+        host.serve_program().display()
+    );
+    let local = tmp.path().join("local");
+    let out = support::run_ok(
+        support::nix_cmd("nix-build", &tmp.path().join("conf"))
+            .arg("--store")
+            .arg(&local)
+            .args(["--no-out-link", "--max-jobs", "0", "--builders", &builder])
+            .arg(&nixfile)
+            .env("NIX_SSHOPTS", host.ssh_opts().join(" ")),
+    );
+    let path = String::from_utf8_lossy(&out).trim().to_owned();
+    // Built in the host's sandbox, as an unprivileged uid, and copied back.
+    let content = std::fs::read_to_string(local.join(path.trim_start_matches('/')))
+        .expect("output copied back");
+    assert_ne!(content.trim(), "0", "built as root");
+
+    // The host signed it with its key.
+    let info = support::run_ok(
+        Command::new("nix")
+            .args(["--extra-experimental-features", "nix-command"])
+            .args(["path-info", "--sigs", &path])
+            .env("NIX_CONF_DIR", host.nix_conf_dir()),
+    );
+    let info = String::from_utf8_lossy(&info);
+    let key_name = host.signing_public_key();
+    let key_name = key_name.split(':').next().expect("name");
+    assert!(info.contains(&format!(" {key_name}:")), "{info}");
 }
