@@ -175,6 +175,7 @@ impl TestHost {
             .args(["start", "1"])
             .arg(dir.path())
             .env("SANDOFF", env!("CARGO_BIN_EXE_sandoff"))
+            .env("SANDOFF_USER_POOL_DIR", user_pool_dir())
             .env(
                 "TESTHOSTS_KIND",
                 match config.kind {
@@ -375,13 +376,11 @@ impl Drop for TestHost {
     }
 }
 
-/// The build users' lock directory the hosts use (`SANDOFF_USER_POOL_DIR`,
-/// default `/nix/var/sandoff/userpool`); a local client that builds while
-/// hosts build must use it too, since the build users are system-wide.
+/// The build users' lock directory the hosts use: the one every build of
+/// the tests uses (build, sandbox, serve), since the build users are
+/// system-wide and two builds must never share one.
 pub fn user_pool_dir() -> PathBuf {
-    std::env::var_os("SANDOFF_USER_POOL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/nix/var/sandoff/userpool"))
+    std::env::temp_dir().join("sandoff-it-userpool")
 }
 
 /// The parent of every process, from `/proc/<pid>/stat`.

@@ -6,6 +6,7 @@ mod decide;
 mod derivation;
 mod hosts;
 mod nar;
+mod offload;
 mod registry;
 mod sandbox;
 mod serve;

@@ -121,7 +121,11 @@ fn builds_a_graph_across_three_hosts_and_here() {
     if !offload_ready(T) {
         return;
     }
-    let (h1, h2, h3) = (TestHost::start(11), TestHost::start(12), TestHost::start(13));
+    let (h1, h2, h3) = (
+        TestHost::start(11),
+        TestHost::start(12),
+        TestHost::start(13),
+    );
     let s = Store::new();
     for h in [&h1, &h2, &h3] {
         trust(&s, h);
@@ -140,7 +144,9 @@ fn builds_a_graph_across_three_hosts_and_here() {
             Entry::new(&h3),
         ],
     );
-    let leaves: Vec<String> = (0..12).map(|i| leaf(&s, &format!("leaf{i}"), &[])).collect();
+    let leaves: Vec<String> = (0..12)
+        .map(|i| leaf(&s, &format!("leaf{i}"), &[]))
+        .collect();
     let big = leaf(&s, "big", &[("requiredSystemFeatures", "big")]);
     let special = leaf(&s, "special", &[("requiredSystemFeatures", "special")]);
     let locals: Vec<String> = (0..2)
@@ -197,23 +203,30 @@ fn builds_a_graph_across_three_hosts_and_here() {
             *by_host.entry(k.clone()).or_default() += 1;
         }
         if *d != &special {
-            assert!(!sig.contains(&k2), "{d} built on the mandatory-feature host");
+            assert!(
+                !sig.contains(&k2),
+                "{d} built on the mandatory-feature host"
+            );
         }
     }
     assert_eq!(signers(&s, &s.out(&big)), [k1.clone()].into(), "big");
-    assert_eq!(signers(&s, &s.out(&special)), [k2.clone()].into(), "special");
+    assert_eq!(
+        signers(&s, &s.out(&special)),
+        [k2.clone()].into(),
+        "special"
+    );
     for d in &locals {
         assert!(signers(&s, &s.out(d)).is_empty(), "{d} was built here");
     }
     // Independent builds went to both hosts that take plain derivations.
-    let leaf_signers: BTreeSet<String> = leaves
-        .iter()
-        .flat_map(|d| signers(&s, &s.out(d)))
-        .collect();
+    let leaf_signers: BTreeSet<String> =
+        leaves.iter().flat_map(|d| signers(&s, &s.out(d))).collect();
     assert_eq!(leaf_signers, [k1.clone(), k3.clone()].into(), "{by_host:?}");
     // The top needed inputs from every host and from here.
     let content = std::fs::read_to_string(s.real(&s.out(&top))).expect("top");
-    assert!(content.contains("leaf11") && content.contains("special") && content.contains("local1"));
+    assert!(
+        content.contains("leaf11") && content.contains("special") && content.contains("local1")
+    );
     assert!(signers(&s, &s.out(&top)).len() == 1);
 }
 
@@ -238,16 +251,21 @@ fn a_remote_failure_fails_the_build_with_the_remote_log() {
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains(&format!("failed on '{}'", uri(&h))), "{err}");
-    assert!(err.contains("remote-says-hello"), "log tail in the error: {err}");
+    assert!(
+        err.contains("remote-says-hello"),
+        "log tail in the error: {err}"
+    );
     let log = support::run_ok(s.cmd().arg("log").arg(&d));
     assert!(text(&log).contains("remote-says-hello"), "{}", text(&log));
     assert!(s.info(&s.out(&d)).is_none());
     // A build failure is not the machine's fault: no backoff.
-    assert!(!s.loc().state.join("offload-backoff").exists()
-        || std::fs::read_dir(s.loc().state.join("offload-backoff"))
-            .expect("read")
-            .next()
-            .is_none());
+    assert!(
+        !s.loc().state.join("offload-backoff").exists()
+            || std::fs::read_dir(s.loc().state.join("offload-backoff"))
+                .expect("read")
+                .next()
+                .is_none()
+    );
 }
 
 #[test]
@@ -273,7 +291,8 @@ fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
             ..Entry::new(&h)
         }],
     );
-    let t = s.cmd()
+    let t = s
+        .cmd()
         .args(["machines", "test", "--machines", machines_arg(&machines)])
         .output()
         .expect("run");
@@ -286,8 +305,14 @@ fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
         .nth(1)
         .expect("blob")
         .to_owned();
-    assert!(report.contains(wrong_blob), "names the expected key: {report}");
-    assert!(report.contains(&right_blob), "names the offered key: {report}");
+    assert!(
+        report.contains(wrong_blob),
+        "names the expected key: {report}"
+    );
+    assert!(
+        report.contains(&right_blob),
+        "names the offered key: {report}"
+    );
 
     // The build goes local, and the machine into backoff.
     let d = leaf(&s, "failover", &[]);
@@ -305,7 +330,9 @@ fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
     let b = &status[0]["backoff"];
     assert_eq!(b["failures"], 1, "{status}");
     assert!(
-        b["lastError"].as_str().is_some_and(|e| e.contains("host key mismatch")),
+        b["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("host key mismatch")),
         "{status}"
     );
 }
@@ -332,7 +359,11 @@ fn outputs_of_an_untrusted_host_are_refused() {
     let out = s.build(&["--machines", machines_arg(&machines), &d]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(signers(&s, &s.out(&d)), [key_name(&h)].into());
-    let t = support::run_ok(s.cmd().args(["machines", "test", "--machines", machines_arg(&machines)]));
+    let t =
+        support::run_ok(
+            s.cmd()
+                .args(["machines", "test", "--machines", machines_arg(&machines)]),
+        );
     let report = text(&t);
     assert!(report.contains(": ok"), "{report}");
     assert!(report.contains("fetched it back"), "{report}");
@@ -381,18 +412,14 @@ fn a_host_killed_mid_build_makes_the_build_finish_elsewhere() {
             ..Spec::default()
         },
     );
-    let mut child = s
+    let child = s
         .cmd()
         .args(["build", "--machines", machines_arg(&machines), &d])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let log = s
-        .loc()
-        .state
-        .join("log")
-        .join(s.path(&d).base_name());
+    let log = s.loc().state.join("log").join(s.path(&d).base_name());
     let on_fast = format!("on '{}'", uri(&fast));
     let start = Instant::now();
     loop {
@@ -400,7 +427,10 @@ fn a_host_killed_mid_build_makes_the_build_finish_elsewhere() {
         if l.contains(&on_fast) && l.contains("started") {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "never started on the fast host: {l}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "never started on the fast host: {l}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     fast.kill();
