@@ -639,7 +639,7 @@ impl Server<'_, '_> {
         if let Err(e) = remove_stale_build_dirs(&builds_dir(loc)) {
             tracing::warn!("cannot remove stale build directories: {e}");
         }
-        let placement = self.placement.get_or_insert_with(Placement::local_only);
+        let placement = placement_for(&mut self.placement, drv.required_system_features());
         let ctx = BuildContext {
             store: self.store,
             pool: self.setup.pool.clone(),
@@ -775,7 +775,13 @@ impl Server<'_, '_> {
         if drvs.is_empty() {
             return (0, String::new());
         }
-        let placement = self.placement.get_or_insert_with(Placement::local_only);
+        let mut features = BTreeSet::new();
+        for d in drvs.iter() {
+            if let Ok(drv) = build::graph::read_derivation(self.store, d) {
+                features.extend(drv.required_system_features());
+            }
+        }
+        let placement = placement_for(&mut self.placement, features);
         let ctx = BuildContext {
             store: self.store,
             pool: self.setup.pool.clone(),
@@ -1087,6 +1093,16 @@ fn parent_pid(stat: &str) -> Option<u32> {
     stat.rsplit_once(')')
         .and_then(|(_, rest)| rest.split_whitespace().nth(1))
         .and_then(|p| p.parse().ok())
+}
+
+/// How builds are placed here: always locally, and without checking
+/// `requiredSystemFeatures`: the client chose this machine from its
+/// machines file, which is what says which features it offers (Nix would
+/// check the remote's `system-features` again and fail).
+fn placement_for(slot: &mut Option<Placement>, features: BTreeSet<String>) -> &Placement {
+    let p = slot.get_or_insert_with(Placement::local_only);
+    p.local.features.extend(features);
+    p
 }
 
 #[cfg(test)]
