@@ -52,6 +52,9 @@
 #   SANDOFF_STORE_ROOT=DIR/hostI/root (sandoff hosts), NIX_CONF_DIR (nix hosts)
 #   PATH starting with DIR/bin, where `sandoff` ($SANDOFF, or the one on PATH)
 #       is linked
+#       (on sandoff hosts DIR/hostI/bin comes first: its `nix-store` runs
+#       `sandoff serve` for `nix-store --serve`, so that `nix-copy-closure
+#       --to` and plain `ssh://` Nix stores work against the host)
 #   SANDOFF_USER_POOL_DIR=${SANDOFF_USER_POOL_DIR:-/nix/var/sandoff/userpool}
 #       and SANDOFF_BUILD_USERS_GROUP (if set): build users are system-wide,
 #       so every sandoff on this machine, hosts and the local client alike,
@@ -123,7 +126,8 @@ start() {
     : >"$dir/machines"
     : >"$dir/known_hosts"
     : >"$dir/hosts"
-    local setenv_common="PATH=$dir/bin:/usr/local/bin:/usr/bin:/bin SANDOFF_USER_POOL_DIR=$pool"
+    local path_common=$dir/bin:/usr/local/bin:/usr/bin:/bin
+    local setenv_common="SANDOFF_USER_POOL_DIR=$pool"
     if [[ -n ${SANDOFF_BUILD_USERS_GROUP:-} ]]; then
         setenv_common+=" SANDOFF_BUILD_USERS_GROUP=$SANDOFF_BUILD_USERS_GROUP"
     fi
@@ -142,7 +146,12 @@ start() {
                 "$sandoff" key generate "host$i-1" "$keys/signing-key.sec" "$keys/signing-key.pub"
             cp "$keys/signing-key.pub" "$h/signing-key.pub"
             printf '#!/bin/sh\n# Nix runs "<remote-program> --serve --write".\nexec sandoff serve --stdio --write\n' >"$h/serve"
-            setenv="SANDOFF_STORE_ROOT=$h/root $setenv_common"
+            # What `nix-copy-closure --to` and Nix's default ssh:// store
+            # run: `nix-store --serve --write`, served by sandoff here.
+            mkdir -p "$h/bin"
+            printf '#!/bin/sh\n# testhosts.sh: a sandoff host serves Nix clients that run "nix-store --serve [--write]".\ncase "$1" in --serve) ;; *) echo "this host runs sandoff, not nix-store" >&2; exit 1 ;; esac\nshift\nexec sandoff serve --stdio "$@"\n' >"$h/bin/nix-store"
+            chmod 755 "$h/bin/nix-store"
+            setenv="SANDOFF_STORE_ROOT=$h/root PATH=$h/bin:$path_common $setenv_common"
         else
             local keys=$h/root/nix/var/nix/keys
             mkdir -p "$keys" "$h/nixconf"
@@ -153,6 +162,9 @@ sandbox = true
 build-users-group =
 substituters =
 secret-key-files = $keys/signing-key.sec
+# Nix checks requiredSystemFeatures against its own list: offer what the
+# machine line offers, besides Nix's defaults.
+system-features = benchmark big-parallel nixos-test kvm ${TESTHOSTS_FEATURES//,/ } ${TESTHOSTS_MANDATORY//,/ }
 experimental-features = nix-command
 CONF
             [[ -f $keys/signing-key.sec ]] ||
@@ -162,7 +174,7 @@ CONF
             cp "$keys/signing-key.pub" "$h/signing-key.pub"
             printf '#!/bin/sh\n# Nix runs "<remote-program> --serve --write"; whatever the arguments, serve this store.\nexport NIX_CONF_DIR=%s\nunset NIX_REMOTE\nexec nix-store --serve --write --store %s\n' \
                 "$h/nixconf" "$h/root" >"$h/serve"
-            setenv="NIX_CONF_DIR=$h/nixconf $setenv_common"
+            setenv="NIX_CONF_DIR=$h/nixconf PATH=$path_common $setenv_common"
         fi
         chmod 755 "$h/serve"
         rm -f "$h/netns"

@@ -440,3 +440,115 @@ fn a_host_killed_mid_build_makes_the_build_finish_elsewhere() {
     let l = std::fs::read_to_string(&log).expect("log");
     assert!(l.contains("placing the build again"), "{l}");
 }
+
+#[test]
+fn a_stock_nix_host_builds_next_to_a_sandoff_host() {
+    const T: &str = "a_stock_nix_host_builds_next_to_a_sandoff_host";
+    if !offload_ready(T) || !support::require(T, hosts::NIX_NEEDS) {
+        return;
+    }
+    let nix_host = TestHost::start_with(21, &hosts::HostConfig::nix().mandatory(&["nixonly"]));
+    let sandoff_host = TestHost::start(22);
+    let s = Store::new();
+    trust(&s, &sandoff_host);
+    let nix_key = s.tmp.path().join("nix-host.pub");
+    std::fs::write(&nix_key, nix_host.signing_public_key()).expect("write key");
+    support::run_ok(s.cmd().args(["key", "authorize"]).arg(&nix_key));
+    let machines = s.tmp.path().join("machines");
+    std::fs::write(
+        &machines,
+        format!(
+            "{}\n{}",
+            nix_host.machine_line(),
+            Entry::new(&sandoff_host).line()
+        ),
+    )
+    .expect("write machines");
+
+    let on_nix = leaf(&s, "on-nix", &[("requiredSystemFeatures", "nixonly")]);
+    let a = logical(&s.out(&on_nix));
+    let script = format!("cat {a} > $out; echo and-sandoff >> $out");
+    let after = s.drv(
+        "after-nix",
+        Spec {
+            script: &script,
+            inputs: &[(&on_nix, "out")],
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&["--machines", machines_arg(&machines), &after]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let nix_name = nix_host
+        .signing_public_key()
+        .split(':')
+        .next()
+        .expect("name")
+        .to_owned();
+    assert_eq!(signers(&s, &s.out(&on_nix)), [nix_name].into());
+    assert_eq!(
+        signers(&s, &s.out(&after)),
+        [key_name(&sandoff_host)].into()
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.real(&s.out(&after))).expect("read"),
+        "on-nix\nand-sandoff\n"
+    );
+}
+
+#[test]
+fn nix_copy_closure_copies_into_a_sandoff_host() {
+    const T: &str = "nix_copy_closure_copies_into_a_sandoff_host";
+    let mut needs = hosts::NEEDS.to_vec();
+    needs.extend([
+        support::Need::Program("nix-copy-closure"),
+        support::Need::Program("nix-instantiate"),
+    ]);
+    if !support::require(T, &needs) {
+        return;
+    }
+    const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
+    let host = TestHost::start(23);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let conf = tmp.path().join("nixconf");
+    let src = tmp.path().join("src");
+    support::run_ok(
+        support::nix_cmd("nix-instantiate", &conf)
+            .arg("--store")
+            .arg(&src)
+            .args([
+                "--read-write-mode",
+                "--eval",
+                "-E",
+                r#"let foo = builtins.toFile "foo" "bar"; in builtins.toFile "baz" "${foo}""#,
+            ]),
+    );
+    support::run_ok(
+        support::nix_cmd("nix-copy-closure", &conf)
+            .env("NIX_REMOTE", &src)
+            .env("NIX_SSHOPTS", host.ssh_opts().join(" "))
+            .args(["--to", &format!("root@{}", host.addr), BAZ]),
+    );
+    let info = support::run_ok(
+        support::sandoff()
+            .arg("--store-root")
+            .arg(host.root())
+            .args(["store", "info", "--json", BAZ]),
+    );
+    let info: serde_json::Value = serde_json::from_slice(&info).expect("json");
+    let foo = info[0]["references"][0]
+        .as_str()
+        .expect("baz refers to foo")
+        .to_owned();
+    assert!(foo.ends_with("-foo"), "{info}");
+    // The reference came along, and baz is the file Nix wrote.
+    support::run_ok(
+        support::sandoff()
+            .arg("--store-root")
+            .arg(host.root())
+            .args(["store", "info", &foo]),
+    );
+    assert_eq!(
+        std::fs::read_to_string(host.root().join(BAZ.trim_start_matches('/'))).expect("read"),
+        foo
+    );
+}
