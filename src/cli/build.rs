@@ -69,8 +69,10 @@ impl BuildUsersArgs {
 pub struct BuildArgs {
     #[command(flatten)]
     placement: super::decide::PlacementArgs,
-    /// How many builds to run at once (default: the number of cores).
-    #[arg(short = 'j', long = "max-jobs", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// How many builds to run here at once (default: the number of cores);
+    /// 0 builds nothing here: everything is offloaded or fails, as Nix's
+    /// `--max-jobs 0`. Builds on machines do not count.
+    #[arg(short = 'j', long = "max-jobs", value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024))]
     jobs: Option<u32>,
     /// Keep building what does not depend on a failed build.
     #[arg(short = 'k', long)]
@@ -104,7 +106,8 @@ pub struct BuildArgs {
 }
 
 pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
-    let placement = args.placement.resolve()?;
+    let mut placement = args.placement.resolve()?;
+    placement.local.disabled = args.jobs == Some(0);
     let drvs: Vec<StorePath> = args
         .drvs
         .iter()

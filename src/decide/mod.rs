@@ -104,6 +104,9 @@ pub struct LocalFacts {
     pub features: BTreeSet<String>,
     /// Whether a local build slot is free now (`--local-when-busy` only).
     pub free_slot: bool,
+    /// Local builds are switched off (`--max-jobs 0`, as Nix's
+    /// `max-jobs = 0`): everything is offloaded or fails.
+    pub disabled: bool,
 }
 
 impl LocalFacts {
@@ -140,6 +143,7 @@ impl LocalFacts {
             extra_platforms: extra.iter().map(|s| (*s).to_owned()).collect(),
             features,
             free_slot: true,
+            disabled: false,
         }
     }
 
@@ -151,6 +155,9 @@ impl LocalFacts {
 
     /// Why it cannot build `drv`, or `None` if it can.
     pub fn cannot_build(&self, drv: &DrvFacts) -> Option<String> {
+        if self.disabled {
+            return Some("local builds are disabled (--max-jobs 0)".to_owned());
+        }
         let mut why = Vec::new();
         if !self.has_system(&drv.system) {
             let mut systems = vec![self.system.clone()];

@@ -537,3 +537,30 @@ proptest! {
         prop_assert_eq!(slow, fast);
     }
 }
+
+#[test]
+fn max_jobs_zero_offloads_or_fails() {
+    let m = [machine("a", &["x86_64-linux"], 1, 1.0)];
+    let mut local = local();
+    local.disabled = true;
+    let policy = Policy::default();
+    let d = decide(
+        &drv("x86_64-linux", &[]),
+        &[MachineState::idle(&m[0])],
+        &local,
+        &policy,
+    );
+    assert_eq!(remote(&d), "a");
+    let d = decide(
+        &drv("aarch64-linux", &[]),
+        &[MachineState::idle(&m[0])],
+        &local,
+        &policy,
+    );
+    match d {
+        Decision::Fail { reason } => {
+            assert!(reason.contains("local builds are disabled"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
