@@ -164,7 +164,7 @@ substituters =
 secret-key-files = $keys/signing-key.sec
 # Nix checks requiredSystemFeatures against its own list: offer what the
 # machine line offers, besides Nix's defaults.
-system-features = benchmark big-parallel nixos-test kvm ${TESTHOSTS_FEATURES//,/ } ${TESTHOSTS_MANDATORY//,/ }
+system-features = benchmark big-parallel nixos-test kvm ${TESTHOSTS_FEATURES:+${TESTHOSTS_FEATURES//,/ }} ${TESTHOSTS_MANDATORY:+${TESTHOSTS_MANDATORY//,/ }}
 experimental-features = nix-command
 CONF
             [[ -f $keys/signing-key.sec ]] ||

@@ -552,6 +552,48 @@ impl LocalStore {
         self.commit(staged, info, &BTreeMap::new(), true)
     }
 
+    /// [`LocalStore::commit_staged`] for many paths at once (references
+    /// first, or already valid): the checks of `commit_staged` for each,
+    /// then, under all their locks, every path moved into place, one
+    /// filesystem sync and one registry transaction. Paths already valid
+    /// get the new signatures merged. On failure nothing of the batch is
+    /// registered and nothing of it is left in place.
+    pub fn commit_staged_batch(
+        &self,
+        batch: Vec<(StagedPath, ValidPathInfo)>,
+    ) -> Result<(), StoreError> {
+        let paths: BTreeSet<StorePath> = batch.iter().map(|(_, i)| i.path.clone()).collect();
+        for (staged, info) in &batch {
+            let logical = self.loc.logical(&info.path);
+            if staged.nar_hash != info.nar_hash {
+                return Err(StoreError::NarHashMismatch {
+                    path: logical,
+                    expected: info.nar_hash.to_nix32_prefixed(),
+                    got: staged.nar_hash.to_nix32_prefixed(),
+                });
+            }
+            if staged.nar_size != info.nar_size {
+                return Err(StoreError::NarSizeMismatch {
+                    path: logical,
+                    expected: info.nar_size,
+                    got: staged.nar_size,
+                });
+            }
+            if let Some(ca) = &info.ca {
+                self.check_content_address(staged, info, ca)?;
+            }
+        }
+        // Sorted (a set), so two batches cannot deadlock on each other.
+        let locks = self.lock_paths(&paths)?;
+        let mut todo = Vec::with_capacity(batch.len());
+        for (staged, info) in batch {
+            if !self.merge_if_valid(&info)? {
+                todo.push((staged, info));
+            }
+        }
+        self.register_built_outputs(&locks, todo)
+    }
+
     /// `commit_staged`, also recording a derivation's outputs.
     pub fn commit_staged_derivation(
         &self,
