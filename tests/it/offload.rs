@@ -552,3 +552,46 @@ fn nix_copy_closure_copies_into_a_sandoff_host() {
         foo
     );
 }
+
+#[test]
+fn a_refused_login_puts_the_machine_in_backoff_and_builds_here() {
+    const T: &str = "a_refused_login_puts_the_machine_in_backoff_and_builds_here";
+    if !offload_ready(T) {
+        return;
+    }
+    let h = TestHost::start(24);
+    let s = Store::new();
+    trust(&s, &h);
+    let stranger = s.tmp.path().join("stranger");
+    support::run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&stranger),
+    );
+    let line = Entry::new(&h).line().replacen(
+        &h.client_key().display().to_string(),
+        &stranger.display().to_string(),
+        1,
+    );
+    let machines = s.tmp.path().join("machines");
+    std::fs::write(&machines, line).expect("write machines");
+    let d = leaf(&s, "refused", &[]);
+    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(signers(&s, &s.out(&d)).is_empty(), "built here");
+    let status = support::run_ok(s.cmd().args([
+        "machines",
+        "status",
+        "--json",
+        "--machines",
+        machines_arg(&machines),
+    ]));
+    let status: serde_json::Value = serde_json::from_slice(&status).expect("json");
+    assert_eq!(status[0]["reachable"], false, "{status}");
+    assert!(
+        status[0]["backoff"]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("authentication")),
+        "{status}"
+    );
+}
