@@ -60,6 +60,9 @@ enum Command {
     Machines(cli::machines::MachinesCommand),
     /// Serve this store to a Nix client, as `nix-store --serve`.
     Serve(cli::serve::ServeArgs),
+    /// Be the build hook of guix-daemon (as `guix offload`) or Nix 1.x: answer
+    /// its requests on stdin, build accepted ones on the machines.
+    Hook(cli::hook::HookArgs),
 }
 
 impl Cli {
@@ -115,6 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Decide(c) => cli::decide::run(c, &loc),
         Command::Machines(c) => cli::machines::run(c),
         Command::Serve(c) => cli::serve::run(c, &loc),
+        Command::Hook(c) => cli::hook::run(c, &loc),
     }
 }
 
