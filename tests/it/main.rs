@@ -3,6 +3,7 @@
 mod build;
 mod decide;
 mod derivation;
+mod hook;
 mod hosts;
 mod nar;
 mod registry;
