@@ -605,11 +605,13 @@ fn hook_builds_fail_over_to_another_machine_after_accepting() {
         .query_path_info(&s.out(&drv))
         .expect("query")
         .is_some());
-    let backoff = s.loc().state.join("offload-backoff");
-    assert_eq!(
-        std::fs::read_dir(&backoff).map_or(0, Iterator::count),
-        1,
-        "the dead machine is in backoff ({})",
-        backoff.display()
+    let listed = sandoff::decide::file::load(&machines, "x86_64-linux").expect("machines");
+    let backoff = Backoff::new(&s.loc().state);
+    let now = std::time::SystemTime::now();
+    let state = |m: &Machine| backoff.state(&m.name).expect("backoff record");
+    assert!(
+        state(&listed[0]).is_some_and(|b| b.active(now)),
+        "the dead machine is in backoff"
     );
+    assert!(state(&listed[1]).is_none(), "the live one is not");
 }
