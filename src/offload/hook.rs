@@ -26,7 +26,12 @@
 //!   features, every fitting machine in backoff, or a local-build
 //!   derivation, which sandoff never offloads): `decline`, so the daemon
 //!   builds it itself or fails with its own message (a `Fail` decision
-//!   declines too: the daemon's message is the one its user expects);
+//!   declines too: the daemon's message is the one its user expects). This
+//!   holds whatever AM-WILLING says, as in `build-remote.pl`: with it 0 the
+//!   daemon waits for a local slot itself, and postponing would only make
+//!   it ask again. (guix-daemon asks about a `preferLocalBuild` derivation
+//!   only when it cannot build it; Guix would offload it, sandoff's
+//!   decision keeps it local, so the daemon reports why it cannot.);
 //! - fitting machines exist but all their slots are taken: `postpone`,
 //!   unless AM-WILLING is 1 and the local machine can build it, then
 //!   `decline`. This is Nix 1.x's `build-remote.pl` rule ("postpone if we

@@ -443,13 +443,25 @@ struct Run {
 
 /// Drives one accept: the request, then (if accepted) the inputs and
 /// outputs lines as guix-daemon writes them; fd 4 goes to a log file.
-fn accept_and_build(s: &Local, machines: &Path, drv: &str, inputs: &[&str], timeout: u64) -> Run {
+/// Without `fd4` the hook has no descriptor 4 and writes the log on stderr.
+fn accept_and_build(
+    s: &Local,
+    machines: &Path,
+    drv: &str,
+    inputs: &[&str],
+    timeout: u64,
+    fd4: bool,
+) -> Run {
     let log = s.tmp.path().join("hook.log");
     let err = s.tmp.path().join("hook.err");
     let _ = std::fs::remove_file(&log);
     let mut c = Command::new("sh");
     c.arg("-c")
-        .arg(r#"exec "$0" "$@" 4>>"$HOOK_LOG""#)
+        .arg(if fd4 {
+            r#"exec "$0" "$@" 4>>"$HOOK_LOG""#
+        } else {
+            r#"exec "$0" "$@""#
+        })
         .arg(env!("CARGO_BIN_EXE_sandoff"))
         .arg("--store-root")
         .arg(s.root())
@@ -503,7 +515,7 @@ fn hook_builds_on_a_machine_with_the_log_on_fd_4() {
         "hooked",
         "echo hello from the machine\necho built > $out\n",
     );
-    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 0);
+    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 0, true);
     assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(
@@ -550,7 +562,7 @@ fn hook_builds_exit_100_on_a_failed_remote_build_and_101_on_a_timeout() {
     let s = Local::new();
     trust(&s, &host);
     let (drv, bb) = busybox_drv(&s, "failing", "echo about to fail\nexit 3\n");
-    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 0);
+    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 0, true);
     assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
     assert_eq!(run.code, Some(100), "{}", run.stderr);
     assert!(run.log.contains("about to fail"), "log: {:?}", run.log);
@@ -561,7 +573,7 @@ fn hook_builds_exit_100_on_a_failed_remote_build_and_101_on_a_timeout() {
         .is_none());
 
     let (drv, bb) = busybox_drv(&s, "slow", "sleep 60\necho never > $out\n");
-    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 2);
+    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 2, true);
     assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
     assert_eq!(run.code, Some(101), "{}", run.stderr);
     assert!(s
@@ -591,7 +603,7 @@ fn hook_builds_fail_over_to_another_machine_after_accepting() {
     fields[4] = "10".to_owned();
     let machines = s.machines(&format!("{}\n{line}", fields.join(" ")));
     let (drv, bb) = busybox_drv(&s, "moved", "echo built elsewhere\necho moved > $out\n");
-    let run = accept_and_build(&s, &machines, &drv, &[&bb], 0);
+    let run = accept_and_build(&s, &machines, &drv, &[&bb], 0, true);
     assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(
