@@ -208,21 +208,33 @@ fn slots_ready(test: &str) -> bool {
     )
 }
 
+/// The SSH transport and the serve client (offload::ssh, offload::client).
+fn transport_ready(test: &str) -> bool {
+    pending(
+        test,
+        "offload::ssh and the serve client/protocol (pending merge)",
+        || {
+            let _ = sandoff::offload::ssh::remote_command(&probe_machine());
+            let _ = BuildOptions::default().write(&mut Vec::new(), 7);
+        },
+    )
+}
+
 /// Everything a remote build goes through.
 fn offload_ready(test: &str) -> bool {
     if !support::require(test, hosts::NEEDS) || !support::require(test, &[Need::Program("busybox")])
     {
         return false;
     }
-    slots_ready(test)
-        && pending(
-            test,
-            "offload::ssh and the serve client/protocol (pending merge)",
-            || {
-                let _ = sandoff::offload::ssh::remote_command(&probe_machine());
-                let _ = BuildOptions::default().write(&mut Vec::new(), 7);
-            },
-        )
+    slots_ready(test) && transport_ready(test)
+}
+
+/// A local port where nobody listens (bound a moment ago, then closed).
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 #[test]
@@ -373,6 +385,96 @@ fn hook_postpones_when_every_slot_is_busy_and_the_daemon_is_not_willing() {
     assert_eq!(slots.in_use(&machine).expect("in use"), 1);
     drop(slot);
     assert_eq!(slots.in_use(&machine).expect("in use"), 0);
+}
+
+#[test]
+fn hook_checks_the_lines_after_accepting() {
+    let test = "hook_checks_the_lines_after_accepting";
+    if !slots_ready(test) {
+        return;
+    }
+    let s = Local::new();
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    let other = s.drv("other", "x86_64-linux", &[]);
+    // Never contacted: the lines are checked before connecting.
+    let machines = s.machines(&format!(
+        "ssh://root@127.0.0.1:{} x86_64-linux - 1 1\n",
+        dead_port()
+    ));
+    let machine = sandoff::decide::file::load(&machines, "x86_64-linux")
+        .expect("machines")
+        .remove(0);
+    let req = request(true, "x86_64-linux", &x86, &[]);
+    let shown = |p: &StorePath| StoreDir::default().display(p);
+    let cases = [
+        (req.clone(), "before sending the inputs line"),
+        (format!("{req}{x86} \n"), "before sending the outputs line"),
+        (
+            format!("{req}/tmp/not-in-store \n{}\n", shown(&s.out(&x86))),
+            "invalid inputs line",
+        ),
+        (
+            format!("{req}{x86} \n{}\n", shown(&s.out(&other))),
+            "is not an output of",
+        ),
+    ];
+    for (input, message) in cases {
+        let out = talk(&mut s.hook(Some(&machines)), &input);
+        assert_eq!(out.status.code(), Some(1), "{input:?}");
+        assert_eq!(text(&out.stdout), "# accept\n");
+        let err = text(&out.stderr);
+        assert!(err.contains(message), "{input:?}: {err}");
+        assert_no_reply_on_stderr(&out);
+    }
+    // Each hook gave its slot back, and nobody was contacted.
+    let slots = SlotDir::new(&s.loc().state);
+    assert_eq!(slots.in_use(&machine).expect("in use"), 0);
+    let backoff = Backoff::new(&s.loc().state);
+    assert!(backoff.state(&machine.name).expect("backoff").is_none());
+}
+
+#[test]
+fn hook_gives_up_after_accepting_when_no_machine_is_left() {
+    let test = "hook_gives_up_after_accepting_when_no_machine_is_left";
+    if !slots_ready(test) || !transport_ready(test) {
+        return;
+    }
+    let s = Local::new();
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    let machines = s.machines(&format!(
+        "ssh://root@127.0.0.1:{} x86_64-linux - 1 1\n",
+        dead_port()
+    ));
+    let machine = sandoff::decide::file::load(&machines, "x86_64-linux")
+        .expect("machines")
+        .remove(0);
+    let out = talk(
+        &mut s.hook(Some(&machines)),
+        &format!(
+            "{}{x86} \n{}\n",
+            request(true, "x86_64-linux", &x86, &[]),
+            StoreDir::default().display(&s.out(&x86))
+        ),
+    );
+    // A hook failure (1), never a build failure (100): the daemon does not
+    // cache it as failed.
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# accept\n");
+    let err = text(&out.stderr);
+    assert!(err.contains("trying another machine"), "{err}");
+    assert!(err.contains("no other machine can build"), "{err}");
+    let backoff = Backoff::new(&s.loc().state);
+    assert!(backoff
+        .state(&machine.name)
+        .expect("backoff")
+        .is_some_and(|b| b.active(std::time::SystemTime::now())));
+    // In backoff now: the next request for it is declined at once.
+    let out = talk(
+        &mut s.hook(Some(&machines)),
+        &request(false, "x86_64-linux", &x86, &[]),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# decline\n");
 }
 
 #[test]
@@ -595,11 +697,7 @@ fn hook_builds_fail_over_to_another_machine_after_accepting() {
     // The same line on a port where nobody listens, faster so chosen first.
     let line = std::fs::read_to_string(host.machines()).expect("machines");
     let mut fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-    let dead_port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    fields[0] = format!("ssh://root@127.0.0.1:{dead_port}");
+    fields[0] = format!("ssh://root@127.0.0.1:{}", dead_port());
     fields[4] = "10".to_owned();
     let machines = s.machines(&format!("{}\n{line}", fields.join(" ")));
     let (drv, bb) = busybox_drv(&s, "moved", "echo built elsewhere\necho moved > $out\n");
