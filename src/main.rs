@@ -62,6 +62,9 @@ enum Command {
     Copy(cli::copy::CopyArgs),
     /// Serve this store to a Nix client, as `nix-store --serve`.
     Serve(cli::serve::ServeArgs),
+    /// Be the build hook of guix-daemon (as `guix offload`) or Nix 1.x: answer
+    /// its requests on stdin, build accepted ones on the machines.
+    Hook(cli::hook::HookArgs),
 }
 
 impl Cli {
@@ -118,6 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Machines(c) => cli::machines::run(c, &loc),
         Command::Copy(c) => cli::copy::run(c, &loc),
         Command::Serve(c) => cli::serve::run(c, &loc),
+        Command::Hook(c) => cli::hook::run(c, &loc),
     }
 }
 

@@ -12,9 +12,12 @@
 //!   `<state>/offload-backoff/`.
 //! - [`remote`]: one offloaded build end to end, and the choice of machine
 //!   with failover.
+//! - [`hook`]: the build-hook line protocol of guix-daemon and Nix 1.x
+//!   (`sandoff hook`).
 
 pub mod backoff;
 pub mod client;
+pub mod hook;
 pub mod protocol;
 pub mod remote;
 pub mod serve;

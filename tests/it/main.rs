@@ -4,6 +4,7 @@ mod build;
 mod client;
 mod decide;
 mod derivation;
+mod hook;
 mod hosts;
 mod nar;
 mod offload;

@@ -1,0 +1,727 @@
+//! `sandoff hook` driven as guix-daemon and Nix 1.x drive their build hook:
+//! request lines on stdin, replies on stdout, the log on fd 4 (given by a
+//! shell, `4>>LOG`), the exit status.
+//!
+//! The protocol tests need no machine: derivations are only added to a store
+//! under a temporary directory, machines files name hosts that are never
+//! contacted. The postpone test needs the slot files of `offload::slots`,
+//! and the `hook_builds_*` tests need real sshd test hosts (root) and the
+//! whole offload stack (SSH transport, serve client, slots, backoff, remote
+//! building in `sandoff serve`), written by other helpers and merged into
+//! `lead` around 17:45: until then those bodies are `todo!()` and the tests
+//! print SKIP (see [`pending`]).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use sandoff::decide::file::DEFAULT_LOCATIONS;
+use sandoff::decide::nix_format::{self, NoIncludes};
+use sandoff::decide::Machine;
+use sandoff::offload::backoff::Backoff;
+use sandoff::offload::protocol::BuildOptions;
+use sandoff::offload::slots::SlotDir;
+use sandoff::store::local::LocalStore;
+use sandoff::store::{StoreDir, StoreLocation, StorePath};
+use serde_json::json;
+use tempfile::TempDir;
+
+use crate::hosts::{self, TestHost};
+use crate::support::{self, Need};
+
+/// A store under a temporary directory.
+struct Local {
+    tmp: TempDir,
+}
+
+impl Local {
+    fn new() -> Local {
+        Local {
+            tmp: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.tmp.path().join("root")
+    }
+
+    fn loc(&self) -> StoreLocation {
+        StoreLocation::new(StoreDir::default(), self.root())
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = support::sandoff();
+        c.arg("--store-root")
+            .arg(self.root())
+            .env_remove("SANDOFF_STORE_DIR")
+            .env_remove("SANDOFF_STATE_DIR")
+            .env_remove("SANDOFF_MACHINES");
+        c
+    }
+
+    /// Adds a derivation; returns its `.drv` path.
+    fn add(&self, drv: serde_json::Value) -> String {
+        let mut child = self
+            .cmd()
+            .args(["derivation", "add"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(drv.to_string().as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "derivation add: {}",
+            text(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf8")
+            .trim()
+            .to_owned()
+    }
+
+    /// A derivation that is never built: only its system and features count.
+    fn drv(&self, name: &str, system: &str, features: &[&str]) -> String {
+        let mut env = json!({"name": name, "builder": "/bin/sh", "system": system, "out": ""});
+        if !features.is_empty() {
+            env["requiredSystemFeatures"] = json!(features.join(" "));
+        }
+        self.add(json!({
+            "outputs": {"out": {"path": ""}},
+            "inputSrcs": [],
+            "inputDrvs": {},
+            "system": system,
+            "builder": "/bin/sh",
+            "args": ["-c", "exit 1"],
+            "env": env,
+        }))
+    }
+
+    /// Writes a machines file.
+    fn machines(&self, text: &str) -> PathBuf {
+        let p = self.tmp.path().join("machines");
+        std::fs::write(&p, text).expect("write machines");
+        p
+    }
+
+    /// `sandoff hook x86_64-linux 0 0 0` with the machines file.
+    fn hook(&self, machines: Option<&Path>) -> Command {
+        let mut c = self.cmd();
+        if let Some(m) = machines {
+            c.env("SANDOFF_MACHINES", m);
+        }
+        c.args(["hook", "x86_64-linux", "0", "0", "0"]);
+        c
+    }
+
+    fn store(&self) -> LocalStore {
+        LocalStore::open(self.loc()).expect("open store")
+    }
+
+    fn out(&self, drv: &str) -> StorePath {
+        let dir = StoreDir::default();
+        self.store()
+            .derivation_outputs(&dir.parse_path(drv).expect("drv path"))
+            .expect("outputs")
+            .remove("out")
+            .expect("out")
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs `cmd` with `input` on stdin (then EOF).
+fn talk(cmd: &mut Command, input: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hook");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write requests");
+    child.wait_with_output().expect("wait hook")
+}
+
+fn request(willing: bool, system: &str, drv: &str, features: &[&str]) -> String {
+    format!(
+        "{} {system} {drv} {}\n",
+        u8::from(willing),
+        features.join(",")
+    )
+}
+
+/// No line on stderr may look like a reply to the daemon.
+fn assert_no_reply_on_stderr(out: &Output) {
+    let err = text(&out.stderr);
+    assert!(
+        !err.lines().any(|l| l.starts_with("# ")),
+        "stderr has a reply-like line: {err}"
+    );
+}
+
+/// Whether the bodies that other helpers write (`todo!()` until merged) are
+/// in this build; otherwise prints SKIP (a failure under CI=true).
+fn pending(test: &str, what: &'static str, probe: impl FnOnce() + std::panic::UnwindSafe) -> bool {
+    if std::panic::catch_unwind(probe).is_ok() {
+        return true;
+    }
+    let _ = support::require(test, &[Need::Program(what)]);
+    false
+}
+
+fn probe_machine() -> Machine {
+    nix_format::parse(
+        "ssh://probe.invalid x86_64-linux",
+        "probe",
+        "x86_64-linux",
+        &NoIncludes,
+    )
+    .expect("probe machine")
+    .remove(0)
+}
+
+/// The slot and backoff files (offload::slots, offload::backoff).
+fn slots_ready(test: &str) -> bool {
+    pending(
+        test,
+        "offload::slots and offload::backoff (pending merge)",
+        || {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let m = probe_machine();
+            let _ = SlotDir::new(tmp.path()).in_use(&m);
+            let _ = Backoff::new(tmp.path()).state(&m.name);
+        },
+    )
+}
+
+/// The SSH transport and the serve client (offload::ssh, offload::client).
+fn transport_ready(test: &str) -> bool {
+    pending(
+        test,
+        "offload::ssh and the serve client/protocol (pending merge)",
+        || {
+            let _ = sandoff::offload::ssh::remote_command(&probe_machine());
+            let _ = BuildOptions::default().write(&mut Vec::new(), 7);
+        },
+    )
+}
+
+/// Everything a remote build goes through.
+fn offload_ready(test: &str) -> bool {
+    if !support::require(test, hosts::NEEDS) || !support::require(test, &[Need::Program("busybox")])
+    {
+        return false;
+    }
+    slots_ready(test) && transport_ready(test)
+}
+
+/// A local port where nobody listens (bound a moment ago, then closed).
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+#[test]
+fn hook_declines_what_no_machine_can_build() {
+    let s = Local::new();
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    let mips = s.drv("mips", "mips64-linux", &[]);
+    let cuda = s.drv("cuda", "x86_64-linux", &["cuda"]);
+    // Never contacted: declining needs no connection.
+    let machines = s.machines(
+        "ssh://arm.invalid aarch64-linux - 2 1 kvm\nssh://x86.invalid x86_64-linux - 2 1 kvm\n",
+    );
+    let input = [
+        request(true, "mips64-linux", &mips, &[]),
+        request(false, "x86_64-linux", &cuda, &["cuda"]),
+        request(true, "mips64-linux", &mips, &[]),
+    ]
+    .concat();
+    let out = talk(&mut s.hook(Some(&machines)), &input);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# decline\n# decline\n# decline\n");
+    assert_no_reply_on_stderr(&out);
+
+    // With only an aarch64 machine, an x86_64 build is the daemon's.
+    let machines = s.machines("ssh://arm.invalid aarch64-linux - 2 1\n");
+    let out = talk(
+        &mut s.hook(Some(&machines)),
+        &request(false, "x86_64-linux", &x86, &[]),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# decline\n");
+    // Nothing was taken: no slot files, no backoff.
+    assert!(!s.loc().state.join("current-load").exists());
+    assert!(!s.loc().state.join("offload-backoff").exists());
+}
+
+#[test]
+fn hook_declines_everything_without_machines() {
+    let s = Local::new();
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    let arm = s.drv("arm", "aarch64-linux", &["kvm"]);
+    let input = [
+        request(true, "x86_64-linux", &x86, &[]),
+        request(false, "aarch64-linux", &arm, &["kvm"]),
+    ]
+    .concat();
+    // An empty machines file.
+    let empty = s.machines("# no machines\n");
+    let out = talk(&mut s.hook(Some(&empty)), &input);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# decline\n# decline\n");
+
+    // No machines file at all (the default locations must be absent).
+    if let Some(p) = DEFAULT_LOCATIONS.iter().find(|p| Path::new(p).exists()) {
+        eprintln!("SKIP hook_declines_everything_without_machines (no file): {p} exists");
+        return;
+    }
+    let out = talk(&mut s.hook(None), &input);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# decline\n# decline\n");
+}
+
+#[test]
+fn hook_ends_quietly_at_end_of_input() {
+    let s = Local::new();
+    let out = talk(&mut s.hook(None), "");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn hook_rejects_malformed_lines_naming_them() {
+    let s = Local::new();
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    let machines = s.machines("ssh://arm.invalid aarch64-linux\n");
+    // One good request is answered first.
+    let bad = format!("1 x86_64-linux {x86}");
+    let out = talk(
+        &mut s.hook(Some(&machines)),
+        &format!("{}{bad}\n", request(true, "x86_64-linux", &x86, &[])),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stdout), "# decline\n");
+    let err = text(&out.stderr);
+    assert!(err.contains("invalid request line"), "{err}");
+    assert!(err.contains(&format!("{bad:?}")), "names the line: {err}");
+
+    for line in [
+        "hello",
+        "2 x86_64-linux /nix/store/x.drv ",
+        &format!("1 x86_64-linux {x86} kvm big-parallel"),
+    ] {
+        let out = talk(&mut s.hook(Some(&machines)), &format!("{line}\n"));
+        assert_eq!(out.status.code(), Some(1), "{line}");
+        assert!(out.stdout.is_empty());
+        let err = text(&out.stderr);
+        assert!(err.starts_with("sandoff: invalid request line"), "{err}");
+        assert_no_reply_on_stderr(&out);
+    }
+
+    // A derivation the store does not have.
+    let missing = "/nix/store/00000000000000000000000000000000-missing.drv";
+    let out = talk(
+        &mut s.hook(Some(&machines)),
+        &request(true, "x86_64-linux", missing, &[]),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains(missing) && err.contains("not valid"), "{err}");
+
+    // Bad arguments are usage errors.
+    let out = talk(s.cmd().args(["hook", "x86_64-linux", "0", "2", "0"]), "");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn hook_postpones_when_every_slot_is_busy_and_the_daemon_is_not_willing() {
+    if !slots_ready("hook_postpones_when_every_slot_is_busy_and_the_daemon_is_not_willing") {
+        return;
+    }
+    let s = Local::new();
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    let gpu = s.drv("gpu", "x86_64-linux", &["gpu"]);
+    let machines = s.machines("ssh://busy.invalid x86_64-linux - 1 1 gpu\n");
+    let machine = sandoff::decide::file::load(&machines, "x86_64-linux")
+        .expect("machines")
+        .remove(0);
+    // Its one slot is held by this process, as a running build would.
+    let slots = SlotDir::new(&s.loc().state);
+    let slot = slots
+        .try_acquire(&machine)
+        .expect("slot files")
+        .expect("a free slot");
+    let input = [
+        // Not willing: wait for the machine.
+        request(false, "x86_64-linux", &x86, &[]),
+        // Willing and able: the daemon builds it now.
+        request(true, "x86_64-linux", &x86, &[]),
+        // Willing but unable (no gpu here): only the machine can.
+        request(true, "x86_64-linux", &gpu, &["gpu"]),
+    ]
+    .concat();
+    let out = talk(&mut s.hook(Some(&machines)), &input);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# postpone\n# decline\n# postpone\n");
+    assert_no_reply_on_stderr(&out);
+    // The hook took no slot of its own and left none behind.
+    assert_eq!(slots.in_use(&machine).expect("in use"), 1);
+    drop(slot);
+    assert_eq!(slots.in_use(&machine).expect("in use"), 0);
+}
+
+#[test]
+fn hook_checks_the_lines_after_accepting() {
+    let test = "hook_checks_the_lines_after_accepting";
+    if !slots_ready(test) {
+        return;
+    }
+    let s = Local::new();
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    let other = s.drv("other", "x86_64-linux", &[]);
+    // Never contacted: the lines are checked before connecting.
+    let machines = s.machines(&format!(
+        "ssh://root@127.0.0.1:{} x86_64-linux - 1 1\n",
+        dead_port()
+    ));
+    let machine = sandoff::decide::file::load(&machines, "x86_64-linux")
+        .expect("machines")
+        .remove(0);
+    let req = request(true, "x86_64-linux", &x86, &[]);
+    let shown = |p: &StorePath| StoreDir::default().display(p);
+    let cases = [
+        (req.clone(), "before sending the inputs line"),
+        (format!("{req}{x86} \n"), "before sending the outputs line"),
+        (
+            format!("{req}/tmp/not-in-store \n{}\n", shown(&s.out(&x86))),
+            "invalid inputs line",
+        ),
+        (
+            format!("{req}{x86} \n{}\n", shown(&s.out(&other))),
+            "is not an output of",
+        ),
+    ];
+    for (input, message) in cases {
+        let out = talk(&mut s.hook(Some(&machines)), &input);
+        assert_eq!(out.status.code(), Some(1), "{input:?}");
+        assert_eq!(text(&out.stdout), "# accept\n");
+        let err = text(&out.stderr);
+        assert!(err.contains(message), "{input:?}: {err}");
+        assert_no_reply_on_stderr(&out);
+    }
+    // Each hook gave its slot back, and nobody was contacted.
+    let slots = SlotDir::new(&s.loc().state);
+    assert_eq!(slots.in_use(&machine).expect("in use"), 0);
+    let backoff = Backoff::new(&s.loc().state);
+    assert!(backoff.state(&machine.name).expect("backoff").is_none());
+}
+
+#[test]
+fn hook_gives_up_after_accepting_when_no_machine_is_left() {
+    let test = "hook_gives_up_after_accepting_when_no_machine_is_left";
+    if !slots_ready(test) || !transport_ready(test) {
+        return;
+    }
+    let s = Local::new();
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    let machines = s.machines(&format!(
+        "ssh://root@127.0.0.1:{} x86_64-linux - 1 1\n",
+        dead_port()
+    ));
+    let machine = sandoff::decide::file::load(&machines, "x86_64-linux")
+        .expect("machines")
+        .remove(0);
+    let out = talk(
+        &mut s.hook(Some(&machines)),
+        &format!(
+            "{}{x86} \n{}\n",
+            request(true, "x86_64-linux", &x86, &[]),
+            StoreDir::default().display(&s.out(&x86))
+        ),
+    );
+    // A hook failure (1), never a build failure (100): the daemon does not
+    // cache it as failed.
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# accept\n");
+    let err = text(&out.stderr);
+    assert!(err.contains("trying another machine"), "{err}");
+    assert!(err.contains("no other machine can build"), "{err}");
+    let backoff = Backoff::new(&s.loc().state);
+    assert!(backoff
+        .state(&machine.name)
+        .expect("backoff")
+        .is_some_and(|b| b.active(std::time::SystemTime::now())));
+    // In backoff now: the next request for it is declined at once.
+    let out = talk(
+        &mut s.hook(Some(&machines)),
+        &request(false, "x86_64-linux", &x86, &[]),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# decline\n");
+}
+
+#[test]
+fn build_no_build_hook_is_local_only() {
+    let s = Local::new();
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    let machines = s.machines("ssh://x86.invalid x86_64-linux - 2 1\n");
+    let m = machines.to_str().expect("utf-8");
+    for flag in ["--local-only", "--no-build-hook"] {
+        let out = support::run_ok(s.cmd().args(["decide", "--machines", m, flag, &x86]));
+        assert!(
+            text(&out).starts_with("local: local builds only"),
+            "{flag}: {}",
+            text(&out)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// With real machines (root, sshd, the merged offload stack).
+
+/// A derivation built with busybox from the store, as tests/it/build.rs does.
+fn busybox_drv(s: &Local, name: &str, script: &str) -> (String, String) {
+    let src = s.tmp.path().join("src/busybox/bin");
+    if !src.join("busybox").exists() {
+        std::fs::create_dir_all(&src).expect("mkdir");
+        let bb = support::which("busybox").expect("busybox");
+        std::fs::copy(bb, src.join("busybox")).expect("copy busybox");
+    }
+    let out = support::run_ok(
+        s.cmd()
+            .args(["store", "add"])
+            .arg(s.tmp.path().join("src/busybox")),
+    );
+    let bb_path = text(&out).trim().to_owned();
+    let bb = format!("{bb_path}/bin/busybox");
+    let script = format!(
+        "set -eu\n{bb} mkdir -p $TMPDIR/bin\n{bb} --install -s $TMPDIR/bin\nexport PATH=$TMPDIR/bin\n{script}"
+    );
+    let drv = s.add(json!({
+        "outputs": {"out": {"path": ""}},
+        "inputSrcs": [bb_path],
+        "inputDrvs": {},
+        "system": "x86_64-linux",
+        "builder": bb,
+        "args": ["sh", "-c", script],
+        "env": {"name": name, "builder": bb, "system": "x86_64-linux", "out": ""},
+    }));
+    (drv, bb_path)
+}
+
+/// Trusts the host's signing key in `s`.
+fn trust(s: &Local, host: &TestHost) {
+    support::run_ok(
+        s.cmd()
+            .args(["key", "authorize"])
+            .arg(host.root().join("nix/var/sandoff/keys/signing-key.pub")),
+    );
+}
+
+/// What one accepted hook run gave.
+struct Run {
+    reply: String,
+    code: Option<i32>,
+    stderr: String,
+    log: String,
+}
+
+/// Drives one accept: the request, then (if accepted) the inputs and
+/// outputs lines as guix-daemon writes them; fd 4 goes to a log file.
+/// Without `fd4` the hook has no descriptor 4 and writes the log on stderr.
+fn accept_and_build(
+    s: &Local,
+    machines: &Path,
+    drv: &str,
+    inputs: &[&str],
+    timeout: u64,
+    fd4: bool,
+) -> Run {
+    let log = s.tmp.path().join("hook.log");
+    let err = s.tmp.path().join("hook.err");
+    let _ = std::fs::remove_file(&log);
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(if fd4 {
+            r#"exec "$0" "$@" 4>>"$HOOK_LOG""#
+        } else {
+            r#"exec "$0" "$@""#
+        })
+        .arg(env!("CARGO_BIN_EXE_sandoff"))
+        .arg("--store-root")
+        .arg(s.root())
+        .args(["hook", "x86_64-linux", "0", "1", &timeout.to_string()])
+        .env("HOOK_LOG", &log)
+        .env("SANDOFF_MACHINES", machines)
+        .env_remove("SANDOFF_STORE_DIR")
+        .env_remove("SANDOFF_STATE_DIR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&err).expect("stderr file"));
+    let mut child = c.spawn().expect("spawn hook");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    stdin
+        .write_all(request(true, "x86_64-linux", drv, &[]).as_bytes())
+        .expect("request");
+    stdin.flush().expect("flush");
+    let mut reply = String::new();
+    stdout.read_line(&mut reply).expect("reply");
+    if reply == "# accept\n" {
+        let out = StoreDir::default().display(&s.out(drv));
+        let mut line: String = inputs.iter().map(|p| format!("{p} ")).collect();
+        line.push_str(&format!("{drv} \n{out}\n"));
+        stdin.write_all(line.as_bytes()).expect("paths lines");
+    }
+    drop(stdin);
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+    assert!(rest.is_empty(), "more on stdout after the reply: {rest:?}");
+    let status = child.wait().expect("wait hook");
+    Run {
+        reply,
+        code: status.code(),
+        stderr: std::fs::read_to_string(&err).unwrap_or_default(),
+        log: std::fs::read_to_string(&log).unwrap_or_default(),
+    }
+}
+
+#[test]
+fn hook_builds_on_a_machine_with_the_log_on_fd_4() {
+    let test = "hook_builds_on_a_machine_with_the_log_on_fd_4";
+    if !offload_ready(test) {
+        return;
+    }
+    let host = TestHost::start(21);
+    let s = Local::new();
+    trust(&s, &host);
+    let (drv, bb) = busybox_drv(
+        &s,
+        "hooked",
+        "echo hello from the machine\necho built > $out\n",
+    );
+    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 0, true);
+    assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.log.contains("hello from the machine"),
+        "log: {:?}",
+        run.log
+    );
+    assert!(
+        run.stderr.contains(&format!("@ build-remote {drv} ")),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.lines().any(|l| l.starts_with("# ")),
+        "{}",
+        run.stderr
+    );
+    let out = s.out(&drv);
+    let info = s.store().query_path_info(&out).expect("query");
+    assert!(info.is_some(), "output valid here");
+    assert_eq!(
+        std::fs::read_to_string(s.loc().real_path(&out)).expect("output"),
+        "built\n"
+    );
+    // The slot is free again.
+    let machine = sandoff::decide::file::load(&host.machines(), "x86_64-linux")
+        .expect("machines")
+        .remove(0);
+    assert_eq!(
+        SlotDir::new(&s.loc().state)
+            .in_use(&machine)
+            .expect("slots"),
+        0
+    );
+}
+
+#[test]
+fn hook_builds_exit_100_on_a_failed_remote_build_and_101_on_a_timeout() {
+    let test = "hook_builds_exit_100_on_a_failed_remote_build_and_101_on_a_timeout";
+    if !offload_ready(test) {
+        return;
+    }
+    let host = TestHost::start(22);
+    let s = Local::new();
+    trust(&s, &host);
+    let (drv, bb) = busybox_drv(&s, "failing", "echo about to fail\nexit 3\n");
+    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 0, true);
+    assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
+    assert_eq!(run.code, Some(100), "{}", run.stderr);
+    assert!(run.log.contains("about to fail"), "log: {:?}", run.log);
+    assert!(s
+        .store()
+        .query_path_info(&s.out(&drv))
+        .expect("query")
+        .is_none());
+
+    let (drv, bb) = busybox_drv(&s, "slow", "sleep 60\necho never > $out\n");
+    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 2, true);
+    assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
+    assert_eq!(run.code, Some(101), "{}", run.stderr);
+    assert!(s
+        .store()
+        .query_path_info(&s.out(&drv))
+        .expect("query")
+        .is_none());
+}
+
+#[test]
+fn hook_builds_fail_over_to_another_machine_after_accepting() {
+    let test = "hook_builds_fail_over_to_another_machine_after_accepting";
+    if !offload_ready(test) {
+        return;
+    }
+    let host = TestHost::start(23);
+    let s = Local::new();
+    trust(&s, &host);
+    // The same line on a port where nobody listens, faster so chosen first.
+    let line = std::fs::read_to_string(host.machines()).expect("machines");
+    let mut fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    fields[0] = format!("ssh://root@127.0.0.1:{}", dead_port());
+    fields[4] = "10".to_owned();
+    let machines = s.machines(&format!("{}\n{line}", fields.join(" ")));
+    let (drv, bb) = busybox_drv(&s, "moved", "echo built elsewhere\necho moved > $out\n");
+    let run = accept_and_build(&s, &machines, &drv, &[&bb], 0, true);
+    assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("trying another machine"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.log.contains("built elsewhere"), "log: {:?}", run.log);
+    assert!(s
+        .store()
+        .query_path_info(&s.out(&drv))
+        .expect("query")
+        .is_some());
+    let listed = sandoff::decide::file::load(&machines, "x86_64-linux").expect("machines");
+    let backoff = Backoff::new(&s.loc().state);
+    let now = std::time::SystemTime::now();
+    let state = |m: &Machine| backoff.state(&m.name).expect("backoff record");
+    assert!(
+        state(&listed[0]).is_some_and(|b| b.active(now)),
+        "the dead machine is in backoff"
+    );
+    assert!(state(&listed[1]).is_none(), "the live one is not");
+}
