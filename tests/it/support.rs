@@ -1,6 +1,7 @@
 //! Shared helpers for integration tests.
 #![allow(dead_code)]
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -46,7 +47,9 @@ pub fn require(test: &str, needs: &[Need]) -> bool {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{msg} (a missing requirement is a failure under CI=true)");
     }
-    eprintln!("{msg}");
+    // Past the test harness's capture (which only takes `eprintln!`), so
+    // that the line reaches the log and the test script counts it.
+    let _ = writeln!(std::io::stderr(), "{msg}");
     false
 }
 
