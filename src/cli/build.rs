@@ -33,7 +33,6 @@ use anyhow::Context;
 use clap::Args;
 use sandoff::build::{self, BuildContext, Event, Options};
 use sandoff::offload::remote::Offloader;
-use sandoff::offload::ssh::SshOptions;
 use sandoff::sandbox::setup::DEFAULT_GROUP;
 use sandoff::sandbox::UserPool;
 use sandoff::store::local::LocalStore;
@@ -97,9 +96,8 @@ pub struct BuildArgs {
     cores: Option<u32>,
     #[command(flatten)]
     users: BuildUsersArgs,
-    /// Give up connecting to a build machine after this many seconds.
-    #[arg(long, value_name = "S", default_value_t = 10)]
-    connect_timeout: u64,
+    #[command(flatten)]
+    ssh: super::machines::SshArgs,
     /// The derivations (full .drv store paths).
     #[arg(required = true, value_name = "DRV")]
     drvs: Vec<String>,
@@ -129,10 +127,7 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     let offloader = if placement.policy.local_only || placement.machines.is_empty() {
         None
     } else {
-        let ssh = SshOptions {
-            connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
-            ..SshOptions::default()
-        };
+        let ssh = args.ssh.options();
         Some(Offloader::new(loc, placement.machines.clone(), jobs, ssh)?)
     };
     let ctx = BuildContext {

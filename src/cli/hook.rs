@@ -57,9 +57,8 @@ pub struct HookArgs {
     build_timeout: u64,
     #[command(flatten)]
     machines: MachinesArgs,
-    /// Give up connecting to a build machine after this many seconds.
-    #[arg(long, value_name = "S", default_value_t = 10)]
-    connect_timeout: u64,
+    #[command(flatten)]
+    ssh: super::machines::SshArgs,
 }
 
 /// An accepted request: the machine, its slot and what the build needs.
@@ -77,10 +76,7 @@ pub fn run(args: HookArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     let mut log = build_log();
     let store = LocalStore::open(loc.clone())?;
     let kvm = LocalFacts::detect().features.contains("kvm");
-    let ssh = SshOptions {
-        connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
-        ..SshOptions::default()
-    };
+    let ssh = args.ssh.options();
     let mut input = io::stdin().lock();
     let mut output = io::stdout().lock();
     let accepted = hook::serve_requests(&mut input, &mut output, |req| {

@@ -83,6 +83,10 @@ pub struct SshArgs {
     /// Give up connecting to a machine after this many seconds.
     #[arg(long, value_name = "S", default_value_t = 10)]
     pub connect_timeout: u64,
+    /// Probe a silent connection after this many seconds; a link that does
+    /// not answer for about three times as long counts as dead.
+    #[arg(long, value_name = "S", default_value_t = 15)]
+    pub ssh_keepalive: u64,
 }
 
 impl SshArgs {
@@ -90,6 +94,7 @@ impl SshArgs {
     pub fn options(&self) -> SshOptions {
         SshOptions {
             connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
+            keepalive: Duration::from_secs(self.ssh_keepalive.max(1)),
             ..SshOptions::default()
         }
     }

@@ -601,3 +601,73 @@ fn a_refused_login_puts_the_machine_in_backoff_and_builds_here() {
         "{status}"
     );
 }
+
+#[test]
+fn a_dead_link_mid_build_is_noticed_and_the_build_finishes_elsewhere() {
+    const T: &str = "a_dead_link_mid_build_is_noticed_and_the_build_finishes_elsewhere";
+    if !offload_ready(T) || !support::require(T, &[support::Need::Program("ip")]) {
+        return;
+    }
+    // 202: namespaces are system-wide, so far from the indices others use.
+    let cut = TestHost::start_with(202, &hosts::HostConfig::default().netns());
+    let other = TestHost::start(25);
+    let s = Store::new();
+    trust(&s, &cut);
+    trust(&s, &other);
+    let machines = write_machines(
+        &s,
+        &[
+            Entry {
+                speed: 4,
+                max_jobs: 1,
+                ..Entry::new(&cut)
+            },
+            Entry {
+                max_jobs: 1,
+                ..Entry::new(&other)
+            },
+        ],
+    );
+    let d = s.drv(
+        "quiet",
+        Spec {
+            // Silent while the link dies: only keepalives can tell.
+            script: "echo started; sleep 8; echo done > $out",
+            ..Spec::default()
+        },
+    );
+    let child = s
+        .cmd()
+        .args([
+            "build",
+            "--ssh-keepalive",
+            "1",
+            "--machines",
+            machines_arg(&machines),
+            &d,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let log = s.loc().state.join("log").join(s.path(&d).base_name());
+    let on_cut = format!("on '{}'", uri(&cut));
+    let start = Instant::now();
+    loop {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        if l.contains(&on_cut) && l.contains("started") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "never started on the namespace host: {l}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cut.cut_link();
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(signers(&s, &s.out(&d)), [key_name(&other)].into());
+    let l = std::fs::read_to_string(&log).expect("log");
+    assert!(l.contains("placing the build again"), "{l}");
+}
