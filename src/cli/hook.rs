@@ -208,19 +208,36 @@ fn answer(
         return Ok(Answer::Decline);
     }
     let offloader = Offloader::new(loc, placement.machines.clone(), 1, ssh.clone())?;
-    let (machine, slot) = match offloader.try_place(&placement, &drv)? {
-        Attempt::Placed(Placed::Remote { machine, slot }) => (machine.clone(), slot),
-        Attempt::Placed(Placed::Local(_)) => {
-            tracing::debug!(drv = %req.drv_path, "declined: build it locally");
-            return Ok(Answer::Decline);
-        }
-        Attempt::Placed(Placed::Fail { reason }) => {
-            tracing::debug!(drv = %req.drv_path, %reason, "declined");
-            return Ok(Answer::Decline);
-        }
-        Attempt::Wait { reason } => {
-            tracing::debug!(drv = %req.drv_path, %reason, "postponed");
-            return Ok(Answer::Postpone);
+    // Accept only once the machine answers: a machine that cannot be
+    // reached goes into backoff and the request is decided again, so the
+    // daemon builds locally or waits instead of seeing a hook failure.
+    let (machine, slot) = loop {
+        let (machine, slot) = match offloader.try_place(&placement, &drv)? {
+            Attempt::Placed(Placed::Remote { machine, slot }) => (machine.clone(), slot),
+            Attempt::Placed(Placed::Local(_)) => {
+                tracing::debug!(drv = %req.drv_path, "declined: build it locally");
+                return Ok(Answer::Decline);
+            }
+            Attempt::Placed(Placed::Fail { reason }) => {
+                tracing::debug!(drv = %req.drv_path, %reason, "declined");
+                return Ok(Answer::Decline);
+            }
+            Attempt::Wait { reason } => {
+                tracing::debug!(drv = %req.drv_path, %reason, "postponed");
+                return Ok(Answer::Postpone);
+            }
+        };
+        match offloader.warm(&machine, &loc.dir) {
+            Ok(()) => break (machine, slot),
+            Err(e) if e.retry_elsewhere() => {
+                eprintln!(
+                    "sandoff: cannot use '{}': {e}; trying elsewhere",
+                    machine.name
+                );
+                offloader.release(slot);
+                offloader.record_failure(&machine, &e);
+            }
+            Err(e) => return Err(e.into()),
         }
     };
     Ok(Answer::Accept(Accepted {

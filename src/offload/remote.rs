@@ -424,6 +424,15 @@ impl Offloader {
         connect(machine, &self.ssh, dir)
     }
 
+    /// Connects to `machine` now and keeps the session for its next build,
+    /// so that a caller can promise the build only once the machine is
+    /// known to answer (the hook, before `# accept`, as Nix 1.x did).
+    pub fn warm(&self, machine: &Machine, dir: &StoreDir) -> Result<(), OffloadError> {
+        let conn = self.connect(machine, dir)?;
+        self.put_idle(machine, conn);
+        Ok(())
+    }
+
     fn take_idle(&self, machine: &Machine) -> Option<Conn> {
         self.lock_state().idle.get_mut(&machine.name)?.pop()
     }
