@@ -21,7 +21,10 @@
 //! again (as Guix does), the local facts of the daemon's SYSTEM and the
 //! policy of [`placement`]:
 //!
-//! - a machine was chosen and its slot taken: `accept`;
+//! - a machine was chosen, its slot taken and a connection to it made:
+//!   `accept` (a machine that cannot be reached goes into backoff and the
+//!   request is decided again first, as Nix 1.x connected before
+//!   accepting; Guix accepts first and fails the build);
 //! - no machine can build it (no machines file, unknown system or
 //!   features, every fitting machine in backoff, or a local-build
 //!   derivation, which sandoff never offloads): `decline`, so the daemon
