@@ -25,8 +25,7 @@
 //! the build fails, with the remote log.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, Write};
-use std::sync::mpsc;
+use std::io::{BufWriter, Write};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -150,43 +149,6 @@ pub enum Placed<'o> {
     Remote { machine: &'o Machine, slot: Slot },
     /// Nothing can build it.
     Fail { reason: String },
-}
-
-/// The export stream goes from its producer thread to the link in chunks
-/// of this size, at most this many queued.
-const CHUNK: usize = 1 << 20;
-const CHUNKS_IN_FLIGHT: usize = 4;
-
-/// A `Write` that hands full chunks to another thread.
-struct ChunkSink {
-    buf: Vec<u8>,
-    tx: mpsc::SyncSender<Vec<u8>>,
-}
-
-impl ChunkSink {
-    fn send(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-        self.tx
-            .send(full)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the link is gone"))
-    }
-}
-
-impl Write for ChunkSink {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= CHUNK {
-            self.send()?;
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send()
-    }
 }
 
 /// What [`Offloader::try_place`] found.
@@ -541,41 +503,14 @@ impl Offloader {
         );
         let sent = client
             .import_paths(|w| {
-                // Serialising and hashing the NARs runs in its own thread,
-                // so that it overlaps the encryption of what was already
-                // serialised, which takes this thread.
-                let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
-                std::thread::scope(|scope| {
-                    let producer = scope.spawn(|| {
-                        let sink = ChunkSink {
-                            buf: Vec::with_capacity(CHUNK),
-                            tx,
-                        };
-                        let mut export = ExportWriter::new(sink, loc.dir.clone());
-                        for info in &entries {
-                            export.write_path(info, &loc.real_path(&info.path))?;
-                        }
-                        export.finish().map(drop)
-                    });
-                    let mut written = Ok(());
-                    for chunk in rx.iter() {
-                        if let Err(e) = w.write_all(&chunk) {
-                            written = Err(e);
-                            break;
-                        }
-                    }
-                    // Unblocks the producer if the link failed first.
-                    drop(rx);
-                    let produced = producer.join().unwrap_or_else(|_| {
-                        Err(ExportError::Write(io::Error::other(
-                            "the export thread panicked",
-                        )))
-                    });
-                    match (written, produced) {
-                        (Err(e), _) => Err(ExportError::Write(e)),
-                        (Ok(()), r) => r,
-                    }
-                })
+                // One thread: on a loaded machine a separate serialising
+                // thread only competed with the encryption (measured).
+                let sink = BufWriter::with_capacity(1 << 20, w);
+                let mut export = ExportWriter::new(sink, loc.dir.clone());
+                for info in &entries {
+                    export.write_path(info, &loc.real_path(&info.path))?;
+                }
+                export.finish().map(drop)
             })
             .map_err(lost(machine, "sending inputs"))?;
         sent.map_err(|e| match e {
