@@ -50,6 +50,9 @@ use crate::store::{HashAlgo, StoreDir, StoreLocation, StorePath, ValidPathInfo};
 /// signalled).
 const RECHECK: Duration = Duration::from_millis(500);
 
+/// How long a measured load is used before it is measured again.
+const LOAD_TTL: Duration = Duration::from_secs(30);
+
 /// Grace beyond the build timeout before the link counts as dead: the
 /// remote enforces the timeout itself and needs time to say so.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(60);
@@ -216,6 +219,11 @@ pub struct Offloader {
     trusted: TrustedKeys,
     state: Mutex<State>,
     wake: Condvar,
+    /// The store directory paths are named in (for serve sessions).
+    dir: StoreDir,
+    /// Normalized loads measured on machines that have an overload
+    /// threshold (Guix machines), and when.
+    loads: Mutex<BTreeMap<MachineName, (Instant, f64)>>,
 }
 
 impl Offloader {
@@ -250,6 +258,8 @@ impl Offloader {
             trusted: keyring.trusted_keys()?,
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
+            dir: loc.dir.clone(),
+            loads: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -284,7 +294,7 @@ impl Offloader {
             states.push(MachineState {
                 machine: m,
                 slots_in_use: self.slots.in_use(m)?,
-                load: None,
+                load: self.fresh_load(m),
                 in_backoff,
             });
         }
@@ -331,6 +341,19 @@ impl Offloader {
                         .iter()
                         .find(|m| m.name == machine)
                         .expect("decide chose one of the machines it was given");
+                    if m.overload_threshold().is_some() && self.fresh_load(m).is_none() {
+                        // As Guix: look at the chosen machine's load before
+                        // using it, then decide again knowing it (outside
+                        // the choice lock: this takes a connection).
+                        drop(_choice);
+                        if let Err(e) = self.measure_load(m) {
+                            if !e.retry_elsewhere() {
+                                return Err(e);
+                            }
+                            self.record_failure(m, &e);
+                        }
+                        continue;
+                    }
                     if let Some(slot) = self.slots.try_acquire(m)? {
                         tracing::debug!(machine = %m.name, slot = slot.index, %reason, "offloading");
                         return Ok(Attempt::Placed(Placed::Remote { machine: m, slot }));
@@ -352,6 +375,43 @@ impl Offloader {
                 Decision::Postpone { reason } => return Ok(Attempt::Wait { reason }),
             }
         }
+    }
+
+    /// The machine's normalized load, if measured in the last
+    /// [`LOAD_TTL`].
+    fn fresh_load(&self, machine: &Machine) -> Option<f64> {
+        let loads = self
+            .loads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loads
+            .get(&machine.name)
+            .filter(|(at, _)| at.elapsed() < LOAD_TTL)
+            .map(|(_, load)| *load)
+    }
+
+    /// Measures the machine's normalized load (1-minute load average per
+    /// processor, at most 1, as Guix) over a pooled or new connection,
+    /// which stays pooled for the build.
+    fn measure_load(&self, machine: &Machine) -> Result<(), OffloadError> {
+        let conn = match self.take_idle(machine) {
+            Some(c) => c,
+            None => self.connect(machine, &self.dir)?,
+        };
+        let (out, _, _) = conn.session.run(STATUS_COMMAND)?;
+        let (load, cores, _) = parse_status(&String::from_utf8_lossy(&out));
+        // A machine that does not say counts as fully loaded, as in Guix.
+        let normalized = match (load, cores) {
+            (Some(l), Some(c)) if c > 0 => (l / f64::from(c)).min(1.0),
+            _ => 1.0,
+        };
+        tracing::info!(machine = %machine.name, "normalized load is {normalized:.2}");
+        self.loads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(machine.name.clone(), (Instant::now(), normalized));
+        self.put_idle(machine, conn);
+        Ok(())
     }
 
     /// Puts `machine` into backoff after `error`.

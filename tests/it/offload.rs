@@ -671,3 +671,44 @@ fn a_dead_link_mid_build_is_noticed_and_the_build_finishes_elsewhere() {
     let l = std::fs::read_to_string(&log).expect("log");
     assert!(l.contains("placing the build again"), "{l}");
 }
+
+/// A Guix `build-machine` record for a test host.
+fn guix_record(host: &TestHost, speed: &str, threshold: &str) -> String {
+    format!(
+        "(build-machine (name \"{}\") (port {}) (systems '(\"x86_64-linux\")) (user \"root\") \
+         (private-key \"{}\") (host-key \"{}\") (speed {speed}) (overload-threshold {threshold}) \
+         (parallel-builds 2))\n",
+        host.addr,
+        host.port,
+        host.client_key().display(),
+        host_public_key(host).trim()
+    )
+}
+
+#[test]
+fn an_overloaded_guix_machine_is_passed_over() {
+    const T: &str = "an_overloaded_guix_machine_is_passed_over";
+    if !offload_ready(T) {
+        return;
+    }
+    let (busy, calm) = (TestHost::start(27), TestHost::start(28));
+    let s = Store::new();
+    trust(&s, &busy);
+    trust(&s, &calm);
+    // A threshold of 0 makes any load too much: the faster machine is
+    // measured, found overloaded, and the calm one builds.
+    let scm = s.tmp.path().join("machines.scm");
+    std::fs::write(
+        &scm,
+        format!(
+            "(list\n{}{})\n",
+            guix_record(&busy, "10.0", "0.0"),
+            guix_record(&calm, "1.0", "#f")
+        ),
+    )
+    .expect("write machines.scm");
+    let d = leaf(&s, "calm", &[]);
+    let out = s.build(&["--machines", machines_arg(&scm), &d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(signers(&s, &s.out(&d)), [key_name(&calm)].into());
+}
