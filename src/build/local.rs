@@ -124,20 +124,7 @@ pub fn build_locked(
     }
     let outputs = drv.output_paths();
 
-    // The input closure: sources and the used outputs of input derivations.
-    let mut inputs = drv.input_sources.clone();
-    for (input, names) in &drv.input_derivations {
-        let outs = store.derivation_outputs(input)?;
-        for name in names {
-            let p = outs.get(name.as_str()).ok_or_else(|| {
-                unsupported(&format!(
-                    "input derivation '{}' has no output '{name}'",
-                    loc.logical(input)
-                ))
-            })?;
-            inputs.insert(p.clone());
-        }
-    }
+    let inputs = input_paths(store, drv)?;
     // Held for the whole local build, so that at most `jobs` run here.
     let _permit = match ctx.offload {
         None => {
@@ -264,6 +251,28 @@ pub fn build_locked(
     };
     drop(lease);
     result
+}
+
+/// The paths a build of `drv` reads, whose closure it needs: its sources and
+/// the used outputs of its input derivations (which must be valid).
+pub fn input_paths(
+    store: &LocalStore,
+    drv: &Derivation,
+) -> Result<BTreeSet<StorePath>, BuildError> {
+    let mut inputs = drv.input_sources.clone();
+    for (input, names) in &drv.input_derivations {
+        let outs = store.derivation_outputs(input)?;
+        for name in names {
+            let p = outs
+                .get(name.as_str())
+                .ok_or_else(|| BuildError::BadDerivation {
+                    drv: store.location().logical(input),
+                    reason: format!("it has no output '{name}'"),
+                })?;
+            inputs.insert(p.clone());
+        }
+    }
+    Ok(inputs)
 }
 
 /// Places `drv` with the offloader: builds it remotely (failing over to

@@ -109,7 +109,7 @@ pub fn run(args: HookArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
             loc.logical(p)
         );
     }
-    let inputs = input_paths(&store, &drv)?;
+    let inputs = sandoff::build::local::input_paths(&store, &drv)?;
     // The daemon locked every output of the derivation before asking.
     let locks = store.held_by_parent(&outputs);
     let options = BuildOptions {
@@ -272,27 +272,6 @@ fn next_machine(
             Attempt::Wait { .. } => std::thread::sleep(FAILOVER_RECHECK),
         }
     }
-}
-
-/// What the build needs, as `sandoff build` computes it: the sources and
-/// the used outputs of the input derivations.
-fn input_paths(store: &LocalStore, drv: &Derivation) -> anyhow::Result<BTreeSet<StorePath>> {
-    let loc = store.location();
-    let mut inputs = drv.input_sources.clone();
-    for (input, names) in &drv.input_derivations {
-        let outs = store.derivation_outputs(input)?;
-        for name in names {
-            let p = outs.get(name.as_str()).with_context(|| {
-                format!(
-                    "input derivation '{}' has no output '{}'",
-                    loc.logical(input),
-                    name.as_str()
-                )
-            })?;
-            inputs.insert(p.clone());
-        }
-    }
-    Ok(inputs)
 }
 
 /// The daemon's log pipe, fd 4, opened anew through /proc (the crate has no

@@ -552,6 +552,35 @@ impl LocalStore {
         self.commit(staged, info, &BTreeMap::new(), true)
     }
 
+    /// That a staged copy is what `info` describes: NAR hash and size, and
+    /// (with `check_ca`) its content address.
+    fn check_staged(
+        &self,
+        staged: &StagedPath,
+        info: &ValidPathInfo,
+        check_ca: bool,
+    ) -> Result<(), StoreError> {
+        let logical = || self.loc.logical(&info.path);
+        if staged.nar_hash != info.nar_hash {
+            return Err(StoreError::NarHashMismatch {
+                path: logical(),
+                expected: info.nar_hash.to_nix32_prefixed(),
+                got: staged.nar_hash.to_nix32_prefixed(),
+            });
+        }
+        if staged.nar_size != info.nar_size {
+            return Err(StoreError::NarSizeMismatch {
+                path: logical(),
+                expected: info.nar_size,
+                got: staged.nar_size,
+            });
+        }
+        match &info.ca {
+            Some(ca) if check_ca => self.check_content_address(staged, info, ca),
+            _ => Ok(()),
+        }
+    }
+
     /// [`LocalStore::commit_staged`] for many paths at once (references
     /// first, or already valid): the checks of `commit_staged` for each,
     /// then, under all their locks, every path moved into place, one
@@ -564,24 +593,7 @@ impl LocalStore {
     ) -> Result<(), StoreError> {
         let paths: BTreeSet<StorePath> = batch.iter().map(|(_, i)| i.path.clone()).collect();
         for (staged, info) in &batch {
-            let logical = self.loc.logical(&info.path);
-            if staged.nar_hash != info.nar_hash {
-                return Err(StoreError::NarHashMismatch {
-                    path: logical,
-                    expected: info.nar_hash.to_nix32_prefixed(),
-                    got: staged.nar_hash.to_nix32_prefixed(),
-                });
-            }
-            if staged.nar_size != info.nar_size {
-                return Err(StoreError::NarSizeMismatch {
-                    path: logical,
-                    expected: info.nar_size,
-                    got: staged.nar_size,
-                });
-            }
-            if let Some(ca) = &info.ca {
-                self.check_content_address(staged, info, ca)?;
-            }
+            self.check_staged(staged, info, true)?;
         }
         // Sorted (a set), so two batches cannot deadlock on each other.
         let locks = self.lock_paths(&paths)?;
@@ -611,26 +623,7 @@ impl LocalStore {
         derivation_outputs: &BTreeMap<String, StorePath>,
         check_ca: bool,
     ) -> Result<(), StoreError> {
-        let logical = self.loc.logical(&info.path);
-        if staged.nar_hash != info.nar_hash {
-            return Err(StoreError::NarHashMismatch {
-                path: logical,
-                expected: info.nar_hash.to_nix32_prefixed(),
-                got: staged.nar_hash.to_nix32_prefixed(),
-            });
-        }
-        if staged.nar_size != info.nar_size {
-            return Err(StoreError::NarSizeMismatch {
-                path: logical,
-                expected: info.nar_size,
-                got: staged.nar_size,
-            });
-        }
-        if check_ca {
-            if let Some(ca) = &info.ca {
-                self.check_content_address(&staged, info, ca)?;
-            }
-        }
+        self.check_staged(&staged, info, check_ca)?;
         self.check_references(info)?;
         let real = self.loc.real_path(&info.path);
         let _lock = PathLock::acquire(&real)?;
