@@ -417,6 +417,16 @@ impl Offloader {
     /// Puts `machine` into backoff after `error`.
     pub fn record_failure(&self, machine: &Machine, error: &OffloadError) {
         let line = error.to_string().replace('\n', " ");
+        // Builds that were under way there when it went down all fail at
+        // once: one outage, one failure, not a backoff grown by each.
+        let now = SystemTime::now();
+        if let Ok(Some(b)) = self.backoff.state(&machine.name) {
+            if b.active(now) {
+                tracing::warn!(machine = %machine.name, "{line} (already in backoff)");
+                self.wake.notify_all();
+                return;
+            }
+        }
         match self
             .backoff
             .record_failure(&machine.name, SystemTime::now(), &line)
