@@ -227,7 +227,7 @@ fn answer(
                 return Ok(Answer::Postpone);
             }
         };
-        match offloader.warm(&machine, &loc.dir) {
+        match offloader.warm(&machine) {
             Ok(()) => break (machine, slot),
             Err(e) if e.retry_elsewhere() => {
                 eprintln!(

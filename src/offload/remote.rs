@@ -189,7 +189,7 @@ pub struct Conn {
 
 /// Connects to `machine` and opens a serve session with its serve program,
 /// for paths in the store directory `dir`.
-pub fn connect(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Conn, OffloadError> {
+fn connect(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Conn, OffloadError> {
     let session = SshSession::connect(machine, ssh)?;
     let command = remote_command(machine);
     let channel = session.exec(&command)?;
@@ -396,15 +396,12 @@ impl Offloader {
     fn measure_load(&self, machine: &Machine) -> Result<(), OffloadError> {
         let conn = match self.take_idle(machine) {
             Some(c) => c,
-            None => self.connect(machine, &self.dir)?,
+            None => self.connect(machine)?,
         };
         let (out, _, _) = conn.session.run(STATUS_COMMAND)?;
         let (load, cores, _) = parse_status(&String::from_utf8_lossy(&out));
         // A machine that does not say counts as fully loaded, as in Guix.
-        let normalized = match (load, cores) {
-            (Some(l), Some(c)) if c > 0 => (l / f64::from(c)).min(1.0),
-            _ => 1.0,
-        };
+        let normalized = normalize_load(load, cores).unwrap_or(1.0);
         tracing::info!(machine = %machine.name, "normalized load is {normalized:.2}");
         self.loads
             .lock()
@@ -452,15 +449,15 @@ impl Offloader {
         self.wake.notify_all();
     }
 
-    fn connect(&self, machine: &Machine, dir: &StoreDir) -> Result<Conn, OffloadError> {
-        connect(machine, &self.ssh, dir)
+    fn connect(&self, machine: &Machine) -> Result<Conn, OffloadError> {
+        connect(machine, &self.ssh, &self.dir)
     }
 
     /// Connects to `machine` now and keeps the session for its next build,
     /// so that a caller can promise the build only once the machine is
     /// known to answer (the hook, before `# accept`, as Nix 1.x did).
-    pub fn warm(&self, machine: &Machine, dir: &StoreDir) -> Result<(), OffloadError> {
-        let conn = self.connect(machine, dir)?;
+    pub fn warm(&self, machine: &Machine) -> Result<(), OffloadError> {
+        let conn = self.connect(machine)?;
         self.put_idle(machine, conn);
         Ok(())
     }
@@ -494,19 +491,19 @@ impl Offloader {
     ) -> Result<RemoteOutcome, OffloadError> {
         let closure = store.closure(inputs)?;
         // A pooled connection may have died since; one fresh try then.
-        let (mut conn, missing) = match self.take_idle(machine) {
-            Some(mut conn) => match query_missing(&mut conn, &closure) {
-                Ok(missing) => (conn, missing),
-                Err(e) => {
-                    tracing::debug!(machine = %machine.name, "idle connection is gone: {e}");
-                    let mut conn = self.connect(machine, &store.location().dir)?;
-                    let missing = query_missing(&mut conn, &closure)
-                        .map_err(lost(machine, "asking for missing inputs"))?;
-                    (conn, missing)
-                }
-            },
+        let pooled =
+            self.take_idle(machine)
+                .and_then(|mut conn| match query_missing(&mut conn, &closure) {
+                    Ok(missing) => Some((conn, missing)),
+                    Err(e) => {
+                        tracing::debug!(machine = %machine.name, "idle connection is gone: {e}");
+                        None
+                    }
+                });
+        let (mut conn, missing) = match pooled {
+            Some(found) => found,
             None => {
-                let mut conn = self.connect(machine, &store.location().dir)?;
+                let mut conn = self.connect(machine)?;
                 let missing = query_missing(&mut conn, &closure)
                     .map_err(lost(machine, "asking for missing inputs"))?;
                 (conn, missing)
@@ -701,10 +698,15 @@ pub struct MachineStatus {
 impl MachineStatus {
     /// Load per processor, as Guix normalises it (capped at 1).
     pub fn normalized_load(&self) -> Option<f64> {
-        match (self.load, self.cores) {
-            (Some(l), Some(c)) if c > 0 => Some((l / f64::from(c)).min(1.0)),
-            _ => None,
-        }
+        normalize_load(self.load, self.cores)
+    }
+}
+
+/// Load per processor, capped at 1, as Guix normalises it.
+fn normalize_load(load: Option<f64>, cores: Option<u32>) -> Option<f64> {
+    match (load, cores) {
+        (Some(l), Some(c)) if c > 0 => Some((l / f64::from(c)).min(1.0)),
+        _ => None,
     }
 }
 
@@ -777,7 +779,7 @@ impl Offloader {
     ) -> Result<TestReport, OffloadError> {
         let loc = store.location();
         let mut report = TestReport::default();
-        let mut conn = self.connect(machine, &loc.dir)?;
+        let mut conn = self.connect(machine)?;
         report.passed.push(format!(
             "connected to {} (host key verified) and started '{}' (serve protocol 2.{})",
             conn.session.host(),
@@ -860,7 +862,7 @@ impl Offloader {
         paths: &BTreeSet<StorePath>,
     ) -> Result<(usize, u64), OffloadError> {
         let closure = store.closure(paths)?;
-        let mut conn = self.connect(machine, &store.location().dir)?;
+        let mut conn = self.connect(machine)?;
         let missing = query_missing(&mut conn, &closure)
             .map_err(lost(machine, "asking for missing paths"))?;
         let mut bytes = 0;
