@@ -2,11 +2,15 @@
 
 use std::collections::BTreeSet;
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 use anyhow::Context as _;
 use clap::Args;
 use sandoff::decide::{self, DrvFacts, LocalFacts, MachineState, Placement, Policy};
 use sandoff::derivation::Derivation;
+use sandoff::offload::backoff::Backoff;
+use sandoff::offload::remote::observed_state;
+use sandoff::offload::slots::SlotDir;
 use sandoff::store::StoreLocation;
 
 use super::machines::MachinesArgs;
@@ -86,7 +90,15 @@ pub fn run(args: DecideArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot parse {}", loc.logical(&path)))?;
     let facts = DrvFacts::from_derivation(&drv);
     let placement = args.placement.resolve()?;
-    let states: Vec<MachineState<'_>> = placement.machines.iter().map(MachineState::idle).collect();
+    // The machines as this host sees them now: slots other builds hold,
+    // and backoff after failures.
+    let (slots, backoff) = (SlotDir::new(&loc.state), Backoff::new(&loc.state));
+    let now = SystemTime::now();
+    let states: Vec<MachineState<'_>> = placement
+        .machines
+        .iter()
+        .map(|m| observed_state(&slots, &backoff, m, now))
+        .collect::<Result<_, _>>()?;
     let decision = decide::decide(&facts, &states, &placement.local, &placement.policy);
     let verdicts = decide::explain(&facts, &states);
 

@@ -179,6 +179,22 @@ impl Drop for LocalPermit<'_> {
     }
 }
 
+/// What this host knows of `machine` at `now` without asking it: the slots
+/// any sandoff process holds there, and whether it is in backoff.
+pub fn observed_state<'m>(
+    slots: &SlotDir,
+    backoff: &Backoff,
+    machine: &'m Machine,
+    now: SystemTime,
+) -> Result<MachineState<'m>, OffloadError> {
+    Ok(MachineState {
+        machine,
+        slots_in_use: slots.in_use(machine)?,
+        load: None,
+        in_backoff: backoff.state(&machine.name)?.is_some_and(|b| b.active(now)),
+    })
+}
+
 /// A serve session on a machine.
 pub struct Conn {
     /// The session.
@@ -290,13 +306,9 @@ impl Offloader {
         let now = SystemTime::now();
         let mut states = Vec::with_capacity(self.machines.len());
         for m in &self.machines {
-            let in_backoff = self.backoff.state(&m.name)?.is_some_and(|b| b.active(now));
-            states.push(MachineState {
-                machine: m,
-                slots_in_use: self.slots.in_use(m)?,
-                load: self.fresh_load(m),
-                in_backoff,
-            });
+            let mut state = observed_state(&self.slots, &self.backoff, m, now)?;
+            state.load = self.fresh_load(m);
+            states.push(state);
         }
         Ok(states)
     }

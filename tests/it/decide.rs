@@ -383,3 +383,60 @@ fn decide_without_machines_file_is_local() {
     assert_eq!(v["decision"], "local");
     assert_eq!(v["reason"], "no build machines are configured");
 }
+
+#[test]
+fn decide_sees_backoff_and_slots_held_on_this_host() {
+    use sandoff::offload::backoff::Backoff;
+    use sandoff::offload::slots::SlotDir;
+    let root = store_with_drvs();
+    let guix = fixture("etc/guix/machines.scm");
+    let machines = parse_guix(&guix);
+    let state = root.path().join("nix/var/sandoff");
+    // The one aarch64 machine failed a moment ago.
+    let eightysix = machines
+        .iter()
+        .find(|m| m.name.as_str() == "eightysix.example.org")
+        .expect("machine");
+    Backoff::new(&state)
+        .record_failure(&eightysix.name, std::time::SystemTime::now(), "unreachable")
+        .expect("record");
+    let v = decide_json(
+        root.path(),
+        &[
+            HELLO,
+            "--machines",
+            guix.to_str().unwrap(),
+            "--system",
+            "aarch64-linux",
+        ],
+    );
+    assert_ne!(v["machine"], "eightysix.example.org", "{v}");
+    assert_eq!(v["machines"][0]["eligible"], false, "{v}");
+    assert!(
+        v["machines"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("backoff")),
+        "{v}"
+    );
+    // Its slots all held by another build: busy, not ineligible.
+    Backoff::new(&state)
+        .record_success(&eightysix.name)
+        .expect("clear");
+    let slots = SlotDir::new(&state);
+    let held: Vec<_> = std::iter::from_fn(|| slots.try_acquire(eightysix).expect("slot"))
+        .take(eightysix.max_jobs as usize + 1)
+        .collect();
+    assert_eq!(held.len(), eightysix.max_jobs as usize);
+    let v = decide_json(
+        root.path(),
+        &[
+            HELLO,
+            "--machines",
+            guix.to_str().unwrap(),
+            "--system",
+            "aarch64-linux",
+        ],
+    );
+    assert_eq!(v["machines"][0]["eligible"], true, "{v}");
+    assert_ne!(v["decision"], "remote", "{v}");
+}
