@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs sandoff's whole test suite. On a fresh Debian 12 machine as root it
 # first installs what the tests need: Nix 2.8 (the oracle), busybox, sqlite3,
-# Guile (the oracle for machines.scm), OpenSSL headers (for libssh2) and sshd.
+# Guile (the oracle for machines.scm), OpenSSL headers (for libssh2), sshd and
+# iproute2 (test build hosts, some in network namespaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nix-bin busybox-static sqlite3 pkg-config libssl-dev jq guile-3.0 openssh-server)
+packages=(nix-bin busybox-static sqlite3 pkg-config libssl-dev jq guile-3.0 openssh-server iproute2)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${packages[@]}"; do
