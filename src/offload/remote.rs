@@ -36,14 +36,14 @@ use super::slots::{Slot, SlotDir, SlotError};
 use super::ssh::{remote_command, SshChannel, SshError, SshOptions, SshSession};
 use super::transport::Transport;
 use crate::decide::{self, Decision, DrvFacts, Machine, MachineName, MachineState, Placement};
-use crate::derivation::Derivation;
+use crate::derivation::{Derivation, DerivationOutput};
 use crate::store::export::{ExportError, ExportWriter};
 use crate::store::hash::HashingReader;
 use crate::store::keyring::{Keyring, KeyringError};
 use crate::store::local::{LocalStore, PathLocks, StoreError};
 use crate::store::nar::{self, NullVisitor};
 use crate::store::signature::{SecretKey, TrustedKeys};
-use crate::store::{HashAlgo, StoreDir, StoreLocation, StorePath, ValidPathInfo};
+use crate::store::{ContentAddress, HashAlgo, StoreDir, StoreLocation, StorePath, ValidPathInfo};
 
 /// How long a postponed placement waits before asking again when no slot
 /// of this process was released (slots of other processes are not
@@ -93,9 +93,14 @@ pub enum OffloadError {
         drv: String,
         path: String,
     },
-    /// An output's NAR is not the one its signed info describes.
-    #[error("output '{path}' from '{machine}' does not match its signed NAR hash")]
-    Corrupt { machine: MachineName, path: String },
+    /// A path's NAR is not the one its signed info describes, or a fixed
+    /// output's content is not the declared one.
+    #[error("'{path}' from '{machine}' is not what it should be: {reason}")]
+    Corrupt {
+        machine: MachineName,
+        path: String,
+        reason: String,
+    },
     /// Sending the inputs failed on this side.
     #[error("cannot send inputs to '{machine}': {source}")]
     Export {
@@ -648,15 +653,35 @@ impl Offloader {
             }
             checked.push(info.clone());
         }
+        // Fixed outputs are checked against the declared hash here too, and
+        // registered with their content address, as when built here.
+        let fixed: BTreeMap<&StorePath, ContentAddress> = drv
+            .outputs
+            .values()
+            .filter_map(|o| match o {
+                DerivationOutput::CAFixed { method, hash, path } => Some((
+                    path,
+                    ContentAddress::Fixed {
+                        method: *method,
+                        hash: hash.clone(),
+                    },
+                )),
+                _ => None,
+            })
+            .collect();
         let mut staged = Vec::with_capacity(checked.len());
         for mut info in checked {
             let got = client
                 .dump_store_path(&info.path, |nar| store.stage_nar(nar))
                 .map_err(lost(machine, "fetching outputs"))??;
-            if got.nar_hash != info.nar_hash || got.nar_size != info.nar_size {
+            if let Some(ca) = fixed.get(&info.path) {
+                info.ca = Some(ca.clone());
+            }
+            if let Err(e) = store.check_staged(&got, &info, true) {
                 return Err(OffloadError::Corrupt {
                     machine: machine.name.clone(),
                     path: loc.logical(&info.path),
+                    reason: e.to_string(),
                 });
             }
             info.deriver = Some(drv_path.clone());
@@ -857,9 +882,15 @@ impl Offloader {
                     .push("fetched it back, NAR hash intact".to_owned());
                 Ok(report)
             }
-            _ => Err(OffloadError::Corrupt {
+            Ok(_) => Err(OffloadError::Corrupt {
                 machine: machine.name.clone(),
                 path: loc.logical(&nonce),
+                reason: "its NAR hash changed on the way back".to_owned(),
+            }),
+            Err(e) => Err(OffloadError::Corrupt {
+                machine: machine.name.clone(),
+                path: loc.logical(&nonce),
+                reason: e.to_string(),
             }),
         }
     }

@@ -554,7 +554,7 @@ impl LocalStore {
 
     /// That a staged copy is what `info` describes: NAR hash and size, and
     /// (with `check_ca`) its content address.
-    fn check_staged(
+    pub fn check_staged(
         &self,
         staged: &StagedPath,
         info: &ValidPathInfo,

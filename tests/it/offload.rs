@@ -712,3 +712,32 @@ fn an_overloaded_guix_machine_is_passed_over() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(signers(&s, &s.out(&d)), [key_name(&calm)].into());
 }
+
+#[test]
+fn a_fixed_output_built_remotely_is_checked_and_keeps_its_content_address() {
+    const T: &str = "a_fixed_output_built_remotely_is_checked_and_keeps_its_content_address";
+    if !offload_ready(T) {
+        return;
+    }
+    let h = TestHost::start(29);
+    let s = Store::new();
+    trust(&s, &h);
+    let machines = write_machines(&s, &[Entry::new(&h)]);
+    let hash = sandoff::store::HashAlgo::Sha256.digest(b"fixed\n");
+    let d = s.drv(
+        "fixed.txt",
+        Spec {
+            script: "echo fixed > $out",
+            fixed: Some(("sha256", hash.to_base16())),
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info = s.info(&s.out(&d)).expect("valid");
+    assert_eq!(
+        info.ca.map(|c| c.to_string()),
+        Some(format!("fixed:{}", hash.to_nix32_prefixed()))
+    );
+    assert_eq!(signers(&s, &s.out(&d)), [key_name(&h)].into());
+}
