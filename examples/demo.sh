@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # sandoff's example run, on a fresh Debian 12 machine as root:
-#  - installs Nix 2.8 (used here as a reference), busybox-static and jq,
+#  - installs Nix 2.8 (used here as a reference), busybox-static, jq and
+#    openssh-server (with OpenSSL headers to build sandoff's SSH client),
 #  - builds sandoff,
 #  - adds busybox to a fresh store and writes a derivation that uses it as
 #    its builder, checking the .drv path against nix-instantiate's,
 #  - signs the closure, exports it, imports it into a second store that
 #    trusts the key, verifies it, and has Nix read what sandoff registered;
-#  - then sets up build users and builds examples/graph in the sandbox.
+#  - then sets up build users and builds examples/graph in the sandbox;
+#  - and builds it again on two sshd build hosts on this machine
+#    (examples/testhosts.sh), with nothing built locally.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -99,5 +102,23 @@ echo "$top"
 echo "--- $top/summary:"
 cat "$work/g$top/summary"
 "$sandoff" "${G[@]}" store info "$top"
+
+if [ "$(id -u)" = 0 ] && [ -x /usr/sbin/sshd ]; then
+    step "offload the same graph to two build hosts on this machine (examples/testhosts.sh)"
+    # Real sshd hosts on 127.0.0.2-3, each with its own store and signing key.
+    export SANDOFF_USER_POOL_DIR=$work/o/nix/var/sandoff/userpool
+    SANDOFF="$sandoff" TESTHOSTS_PORT=2322 "$here/examples/testhosts.sh" start 2 "$work/hosts"
+    trap '"$here/examples/testhosts.sh" stop "$work/hosts"; rm -rf "$work"' EXIT
+    O=(--store-root "$work/o")
+    "$sandoff" "${O[@]}" setup
+    for h in "$work"/hosts/host*/; do
+        "$sandoff" "${O[@]}" key authorize "$h/signing-key.pub"
+    done
+    "$sandoff" "${O[@]}" machines test --machines "$work/hosts/machines"
+    # -j 0: nothing is built here; every derivation goes to a host.
+    top=$(SANDOFF="$sandoff" "$here/examples/graph/build.sh" "${O[@]}" --machines "$work/hosts/machines" -j 0 -L)
+    cat "$work/o$top/summary"
+    "$sandoff" "${O[@]}" store info "$top"
+fi
 
 step "done"
