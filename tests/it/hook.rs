@@ -3,13 +3,10 @@
 //! shell, `4>>LOG`), the exit status.
 //!
 //! The protocol tests need no machine: derivations are only added to a store
-//! under a temporary directory, machines files name hosts that are never
-//! contacted. The postpone test needs the slot files of `offload::slots`,
-//! and the `hook_builds_*` tests need real sshd test hosts (root) and the
-//! whole offload stack (SSH transport, serve client, slots, backoff, remote
-//! building in `sandoff serve`), written by other helpers and merged into
-//! `lead` around 17:45: until then those bodies are `todo!()` and the tests
-//! print SKIP (see [`pending`]).
+//! under a temporary directory, and machines files name hosts that cannot
+//! be reached or are never chosen. The `hook_builds_*` tests and the checks
+//! after an accept use real sshd test hosts (root), since the hook connects
+//! before it accepts.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
