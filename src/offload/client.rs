@@ -11,7 +11,9 @@ use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use super::protocol::{write_basic_derivation, BuildOptions, BuildResult, ProtocolError};
+use super::protocol::{
+    write_basic_derivation, BuildOptions, BuildResult, ProtocolError, MAX_ITEMS, MAX_STRING,
+};
 use super::serve::{SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION};
 use super::transport::Transport;
 use crate::derivation::Derivation;
@@ -58,10 +60,6 @@ mod cmd {
     pub const BUILD_DERIVATION: u64 = 8;
 }
 
-/// Longest store path, CA string or signature accepted in a reply.
-const MAX_STRING: u64 = 64 * 1024;
-/// Most items accepted in one path or string set.
-const MAX_ITEMS: u64 = 1 << 20;
 /// Longest `BuildPaths` error message accepted.
 const MAX_MESSAGE: u64 = 16 << 20;
 /// How much of the server's stderr is kept to explain a failure.
@@ -541,16 +539,8 @@ impl<T: Transport> ServeClient<T> {
     }
 
     fn get_paths(&mut self, what: &'static str) -> Result<BTreeSet<StorePath>, ClientError> {
-        let n = self.get_u64(what)?;
-        if n > MAX_ITEMS {
-            return Err(ClientError::Wire {
-                what,
-                source: WireError::TooLong {
-                    len: n,
-                    max: MAX_ITEMS,
-                },
-            });
-        }
+        let n =
+            wire::read_count(&mut self.transport, MAX_ITEMS).map_err(|e| self.failed(what, e))?;
         (0..n)
             .map(|_| {
                 let s = self.get_string(what)?;

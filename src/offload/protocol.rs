@@ -120,8 +120,11 @@ impl BuildStatus {
     }
 }
 
-/// Most entries in any list of a protocol value (outputs, inputs, args, env).
-const MAX_ITEMS: u64 = 1 << 20;
+/// Most entries in any list or set of the protocol (paths, outputs, args,
+/// env, signatures), for every reader: client, server and these values.
+pub const MAX_ITEMS: u64 = 1 << 20;
+/// Longest store path, signature or CA string in a query or reply.
+pub const MAX_STRING: u64 = 64 * 1024;
 /// Longest store path or output name.
 const MAX_PATH: u64 = 4096;
 /// Longest single derivation string (an env value may carry a whole script
@@ -140,17 +143,7 @@ fn wire<T>(what: &'static str, r: Result<T, WireError>) -> Result<T, ProtocolErr
 }
 
 fn read_count(r: &mut dyn Read, what: &'static str) -> Result<u64, ProtocolError> {
-    let n = wire(what, wire::read_u64(r))?;
-    if n > MAX_ITEMS {
-        return wire(
-            what,
-            Err(WireError::TooLong {
-                len: n,
-                max: MAX_ITEMS,
-            }),
-        );
-    }
-    Ok(n)
+    wire(what, wire::read_count(r, MAX_ITEMS))
 }
 
 /// What is left of [`MAX_DERIVATION`] while one derivation is read.

@@ -71,7 +71,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::protocol::{self, BuildOptions, BuildResult, BuildStatus, ProtocolError};
+use super::protocol::{
+    self, BuildOptions, BuildResult, BuildStatus, ProtocolError, MAX_ITEMS, MAX_STRING,
+};
 use crate::build::local::{realise_one, remove_stale_build_dirs, StepOutcome};
 use crate::build::{self, builds_dir, BuildContext, BuildError, Event, Options};
 use crate::decide::Placement;
@@ -95,11 +97,6 @@ pub const SERVE_MAGIC_1: u64 = 0x390c_9deb;
 pub const SERVE_MAGIC_2: u64 = 0x5452_eecb;
 /// The protocol version we speak: 2.7, as Nix 2.4 to 2.28.
 pub const SERVE_PROTOCOL_VERSION: u64 = 0x207;
-
-/// Longest string we accept (store paths, signatures, CA strings).
-const MAX_STRING: u64 = 64 * 1024;
-/// Most items we accept in one path or string set.
-const MAX_ITEMS: u64 = 1 << 20;
 
 /// The serve commands, numbered as in Nix's `serve-protocol.hh`.
 mod cmd {
@@ -510,16 +507,7 @@ impl Server<'_, '_> {
     }
 
     fn read_paths(&mut self, what: &'static str) -> Result<BTreeSet<StorePath>, ServeError> {
-        let n = wire(what, wire::read_u64(self.input))?;
-        if n > MAX_ITEMS {
-            return wire(
-                what,
-                Err(WireError::TooLong {
-                    len: n,
-                    max: MAX_ITEMS,
-                }),
-            );
-        }
+        let n = wire(what, wire::read_count(self.input, MAX_ITEMS))?;
         (0..n).map(|_| self.read_path(what)).collect()
     }
 

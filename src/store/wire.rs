@@ -79,19 +79,23 @@ pub fn read_string(r: &mut dyn Read, max: u64) -> Result<String, WireError> {
     String::from_utf8(read_bytes(r, max)?).map_err(|_| WireError::NotUtf8)
 }
 
+/// Reads the length of a list or set, refusing more than `max` items before
+/// any is read.
+pub fn read_count(r: &mut dyn Read, max: u64) -> Result<u64, WireError> {
+    let n = read_u64(r)?;
+    if n > max {
+        return Err(WireError::TooLong { len: n, max });
+    }
+    Ok(n)
+}
+
 /// Reads a list of at most `max_items` strings of at most `max_len` bytes each.
 pub fn read_strings(
     r: &mut dyn Read,
     max_items: u64,
     max_len: u64,
 ) -> Result<Vec<String>, WireError> {
-    let n = read_u64(r)?;
-    if n > max_items {
-        return Err(WireError::TooLong {
-            len: n,
-            max: max_items,
-        });
-    }
+    let n = read_count(r, max_items)?;
     (0..n).map(|_| read_string(r, max_len)).collect()
 }
 
