@@ -642,11 +642,7 @@ impl Server<'_, '_> {
             let forward = s.spawn(move || {
                 for event in rx {
                     if let Event::Log { line, .. } = event {
-                        // The client may be gone; the log file has it all.
-                        let _ = log
-                            .write_all(&line)
-                            .and_then(|()| log.write_all(b"\n"))
-                            .and_then(|()| log.flush());
+                        log_line(log, &line);
                     }
                 }
             });
@@ -781,12 +777,7 @@ impl Server<'_, '_> {
         let mut built = Vec::new();
         let realised = while_watching(self.setup.hangup, || {
             build::realise(&ctx, drvs, &mut |event| match event {
-                Event::Log { line, .. } => {
-                    let _ = log
-                        .write_all(line)
-                        .and_then(|()| log.write_all(b"\n"))
-                        .and_then(|()| log.flush());
-                }
+                Event::Log { line, .. } => log_line(log, line),
                 Event::Built { drv, .. } => built.push(drv.clone()),
                 _ => {}
             })
@@ -1081,6 +1072,15 @@ fn parent_pid(stat: &str) -> Option<u32> {
     stat.rsplit_once(')')
         .and_then(|(_, rest)| rest.split_whitespace().nth(1))
         .and_then(|p| p.parse().ok())
+}
+
+/// Passes one build log line to the client (the server's stderr) at once.
+/// The client may be gone; the log file has it all, so a failure is ignored.
+fn log_line(log: &mut dyn Write, line: &[u8]) {
+    let _ = log
+        .write_all(line)
+        .and_then(|()| log.write_all(b"\n"))
+        .and_then(|()| log.flush());
 }
 
 /// How builds are placed here: always locally, and without checking

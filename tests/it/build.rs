@@ -157,29 +157,7 @@ impl Store {
             "args": ["sh", "-c", script],
             "env": env,
         });
-        let mut child = self
-            .cmd()
-            .args(["derivation", "add"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        std::io::Write::write_all(
-            &mut child.stdin.take().expect("stdin"),
-            drv.to_string().as_bytes(),
-        )
-        .expect("write");
-        let out = child.wait_with_output().expect("wait");
-        assert!(
-            out.status.success(),
-            "derivation add: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .expect("utf8")
-            .trim()
-            .to_owned()
+        support::derivation_add(&mut self.cmd(), &drv)
     }
 
     pub(crate) fn build(&self, args: &[&str]) -> Output {

@@ -56,30 +56,7 @@ impl Local {
 
     /// Adds a derivation; returns its `.drv` path.
     fn add(&self, drv: serde_json::Value) -> String {
-        let mut child = self
-            .cmd()
-            .args(["derivation", "add"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(drv.to_string().as_bytes())
-            .expect("write");
-        let out = child.wait_with_output().expect("wait");
-        assert!(
-            out.status.success(),
-            "derivation add: {}",
-            text(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .expect("utf8")
-            .trim()
-            .to_owned()
+        support::derivation_add(&mut self.cmd(), &drv)
     }
 
     /// A derivation that is never built: only its system and features count.

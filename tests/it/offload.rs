@@ -103,6 +103,26 @@ fn machines_arg(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
+/// Waits until the log of `drv` shows its build running on `host` (the
+/// builder's first line, "started", has come back); returns the log's path.
+fn wait_until_started_on(s: &Store, drv: &str, host: &TestHost) -> PathBuf {
+    let log = s.loc().state.join("log").join(s.path(drv).base_name());
+    let on_host = format!("on '{}'", uri(host));
+    let start = Instant::now();
+    loop {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        if l.contains(&on_host) && l.contains("started") {
+            return log;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "never started on {}: {l}",
+            uri(host)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn leaf(s: &Store, name: &str, env: &[(&str, &str)]) -> String {
     let script = format!("echo {name} > $out");
     s.drv(
@@ -425,20 +445,7 @@ fn a_host_killed_mid_build_makes_the_build_finish_elsewhere() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let log = s.loc().state.join("log").join(s.path(&d).base_name());
-    let on_fast = format!("on '{}'", uri(&fast));
-    let start = Instant::now();
-    loop {
-        let l = std::fs::read_to_string(&log).unwrap_or_default();
-        if l.contains(&on_fast) && l.contains("started") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "never started on the fast host: {l}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let log = wait_until_started_on(&s, &d, &fast);
     fast.kill();
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -650,20 +657,7 @@ fn a_dead_link_mid_build_is_noticed_and_the_build_finishes_elsewhere() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let log = s.loc().state.join("log").join(s.path(&d).base_name());
-    let on_cut = format!("on '{}'", uri(&cut));
-    let start = Instant::now();
-    loop {
-        let l = std::fs::read_to_string(&log).unwrap_or_default();
-        if l.contains(&on_cut) && l.contains("started") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "never started on the namespace host: {l}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let log = wait_until_started_on(&s, &d, &cut);
     cut.cut_link();
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sandoff::derivation::{Derivation, DerivationOutput, OutputName};
@@ -14,7 +14,6 @@ use sandoff::offload::protocol::{write_basic_derivation, BuildOptions, BuildResu
 use sandoff::offload::serve::{
     serve, ServeError, ServeOptions, SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION,
 };
-use sandoff::sandbox::setup::{ensure_build_users, BuildUsers};
 use sandoff::store::export::write_export;
 use sandoff::store::keyring::Keyring;
 use sandoff::store::local::LocalStore;
@@ -23,6 +22,7 @@ use sandoff::store::wire;
 use sandoff::store::{nar, StoreDir, StoreLocation, StorePath};
 use serde_json::json;
 
+use crate::build::ready as build_ready;
 use crate::support::{self, Need};
 
 fn open(root: &Path) -> LocalStore {
@@ -464,37 +464,6 @@ fn serve_over_real_sshd_with_nix_copy() {
 
 // ---- Building: BuildDerivation and BuildPaths against `sandoff serve --stdio --write`.
 
-/// Root, busybox, namespaces and the build users (as `tests/it/build.rs`).
-fn build_ready(test: &str) -> bool {
-    if !support::require(test, &[Need::Root, Need::Program("busybox")]) {
-        return false;
-    }
-    if !Path::new("/bin/busybox").is_file() {
-        return support::require(test, &[Need::Program("/bin/busybox")]);
-    }
-    static OK: OnceLock<bool> = OnceLock::new();
-    let ok = *OK.get_or_init(|| {
-        let ns = Command::new("unshare")
-            .args(["-m", "-p", "-n", "-i", "-u", "-f", "--mount-proc", "true"])
-            .status()
-            .is_ok_and(|s| s.success());
-        ns && ensure_build_users(&BuildUsers::Create {
-            group: "sandoffbld".to_owned(),
-            count: 10,
-        })
-        .is_ok()
-    });
-    if !ok {
-        let _ = support::require(
-            test,
-            &[Need::Program(
-                "working namespaces (unshare -mpniuf) and sandoffbld users",
-            )],
-        );
-    }
-    ok
-}
-
 /// A server's store under a temporary directory, with busybox and a
 /// signing key in it.
 struct BuildStore {
@@ -570,29 +539,9 @@ impl BuildStore {
             "args": ["sh", "-c", script],
             "env": {"out": "", "name": name, "builder": bb, "system": "x86_64-linux"},
         });
-        let mut child = self
-            .cmd()
-            .args(["derivation", "add"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(drv.to_string().as_bytes())
-            .expect("write");
-        let out = child.wait_with_output().expect("wait");
-        assert!(
-            out.status.success(),
-            "derivation add: {}",
-            text(&out.stderr)
-        );
         let path = self
             .dir()
-            .parse_path(text(&out.stdout).trim())
+            .parse_path(&support::derivation_add(&mut self.cmd(), &drv))
             .expect("drv path");
         let bytes = std::fs::read(self.loc().real_path(&path)).expect("read drv");
         let parsed = Derivation::from_aterm(&bytes, &self.dir()).expect("parse drv");

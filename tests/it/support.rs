@@ -99,3 +99,33 @@ pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
     }
     out.stdout
 }
+
+/// Runs `cmd` (a `sandoff` with its store options) as `derivation add` with
+/// `drv` (show-derivation JSON) on stdin; panics with its stderr if it fails;
+/// returns the `.drv` path it printed.
+pub fn derivation_add(cmd: &mut Command, drv: &serde_json::Value) -> String {
+    use std::process::Stdio;
+    let mut child = cmd
+        .args(["derivation", "add"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sandoff derivation add");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(drv.to_string().as_bytes())
+        .expect("write the derivation");
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "derivation add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned()
+}
