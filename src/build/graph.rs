@@ -329,8 +329,11 @@ mod tests {
     use crate::store::{StoreDir, StoreLocation};
 
     fn store(tmp: &std::path::Path) -> LocalStore {
-        LocalStore::open(StoreLocation::new(StoreDir::default(), tmp.join("root")))
-            .expect("open store")
+        crate::derivation::check::open_store(StoreLocation::new(
+            StoreDir::default(),
+            tmp.join("root"),
+        ))
+        .expect("open store")
     }
 
     /// Adds a derivation named `name` using the `out` of each of `inputs`.

@@ -35,7 +35,6 @@ use sandoff::build::{self, BuildContext, Event, Options};
 use sandoff::offload::remote::Offloader;
 use sandoff::sandbox::setup::DEFAULT_GROUP;
 use sandoff::sandbox::UserPool;
-use sandoff::store::local::LocalStore;
 use sandoff::store::{StoreLocation, StorePath};
 use serde_json::json;
 
@@ -118,7 +117,7 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
             Ok(p)
         })
         .collect::<anyhow::Result<_>>()?;
-    let store = LocalStore::open(loc.clone())?;
+    let store = sandoff::derivation::check::open_store(loc.clone())?;
     // Needed only if something is to be built; the error is kept until then.
     let pool = args.users.pool(loc);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -10,7 +10,6 @@ use anyhow::Context as _;
 use clap::Args;
 use sandoff::decide;
 use sandoff::offload::remote::Offloader;
-use sandoff::store::local::LocalStore;
 use sandoff::store::{StoreLocation, StorePath};
 
 use super::machines::{select, MachinesArgs, SshArgs};
@@ -50,7 +49,7 @@ pub fn run(args: CopyArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|p| loc.dir.parse_path(p).with_context(|| format!("'{p}'")))
         .collect::<anyhow::Result<_>>()?;
-    let store = LocalStore::open(loc.clone())?;
+    let store = sandoff::derivation::check::open_store(loc.clone())?;
     let off = Offloader::new(loc, vec![machine.clone()], 1, args.ssh.options())?;
     let start = Instant::now();
     let (n, bytes) = off.copy_to(&store, &machine, &paths)?;

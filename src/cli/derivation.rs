@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 use sandoff::derivation::{json, Derivation, DrvHasher};
-use sandoff::store::local::LocalStore;
 use sandoff::store::{StoreLocation, StorePath};
 
 #[derive(Subcommand, Debug)]
@@ -59,7 +58,7 @@ fn add(loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         .read_to_end(&mut input)
         .context("cannot read stdin")?;
     let (given_path, mut drv) = json::from_json(&input, &loc.dir)?;
-    let store = LocalStore::open(loc.clone())?;
+    let store = sandoff::derivation::check::open_store(loc.clone())?;
     for src in &drv.input_sources {
         anyhow::ensure!(
             store.is_valid(src)?,

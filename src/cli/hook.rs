@@ -74,7 +74,7 @@ struct Accepted {
 pub fn run(args: HookArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     // First, before anything of ours can be given descriptor 4.
     let mut log = build_log();
-    let store = LocalStore::open(loc.clone())?;
+    let store = sandoff::derivation::check::open_store(loc.clone())?;
     let kvm = LocalFacts::detect().features.contains("kvm");
     let ssh = args.ssh.options();
     let mut input = io::stdin().lock();

@@ -11,7 +11,6 @@ use clap::{Args, Subcommand};
 use sandoff::decide::{self, file, Machine};
 use sandoff::offload::remote::Offloader;
 use sandoff::offload::ssh::SshOptions;
-use sandoff::store::local::LocalStore;
 use sandoff::store::StoreLocation;
 
 /// Where the machines come from.
@@ -114,7 +113,7 @@ pub fn run(cmd: MachinesCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode
     match cmd {
         MachinesCommand::Test { source, ssh, names } => {
             let machines = select(source.load(&decide::host_system())?, &names)?;
-            let store = LocalStore::open(loc.clone())?;
+            let store = sandoff::derivation::check::open_store(loc.clone())?;
             let off = Offloader::new(loc, machines.clone(), 1, ssh.options())?;
             let mut failed = 0;
             for m in &machines {

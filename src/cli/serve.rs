@@ -12,7 +12,6 @@ use std::process::ExitCode;
 use anyhow::bail;
 use clap::Args;
 use sandoff::offload::serve::{serve_with_builds, BuildSetup, ServeOptions};
-use sandoff::store::local::LocalStore;
 use sandoff::store::StoreLocation;
 
 use super::build::BuildUsersArgs;
@@ -35,7 +34,7 @@ pub fn run(args: ServeArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     if !args.stdio {
         bail!("serve: --stdio is required (it is the only transport so far)");
     }
-    let store = LocalStore::open(loc.clone())?;
+    let store = sandoff::derivation::check::open_store(loc.clone())?;
     // Needed only if something is to be built; the error is kept until then.
     let pool = args.users.pool(loc);
     let stdin = io::stdin();

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
-use sandoff::store::local::LocalStore;
 use sandoff::store::{FileIngestionMethod, HashAlgo, StoreLocation, StorePath, ValidPathInfo};
 
 #[derive(Subcommand, Debug)]
@@ -105,7 +104,7 @@ fn add(
     method: FileIngestionMethod,
     algo: HashAlgo,
 ) -> anyhow::Result<ExitCode> {
-    let store = LocalStore::open(loc.clone())?;
+    let store = sandoff::derivation::check::open_store(loc.clone())?;
     let added = store
         .add_path(path, method, algo)
         .with_context(|| format!("adding '{}'", path.display()))?;
@@ -116,7 +115,7 @@ fn add(
 /// `nix path-info --sigs` (text) or `nix path-info --json --sigs`, in
 /// Nix's order; an invalid path is an error.
 fn info(loc: &StoreLocation, json: bool, paths: &[String]) -> anyhow::Result<ExitCode> {
-    let store = LocalStore::open(loc.clone())?;
+    let store = sandoff::derivation::check::open_store(loc.clone())?;
     let mut wanted = BTreeSet::new();
     for p in paths {
         wanted.insert(loc.dir.parse_path(p)?);

@@ -57,7 +57,7 @@ fn trusted_keys(loc: &StoreLocation, file: Option<&Path>) -> anyhow::Result<Trus
 pub fn sign(loc: &StoreLocation, key_file: &Path, paths: &[String]) -> anyhow::Result<ExitCode> {
     let key = SecretKey::read_file(key_file)?;
     let paths = parse_paths::<Vec<_>>(loc, paths)?;
-    let store = LocalStore::open(loc.clone())?;
+    let store = sandoff::derivation::check::open_store(loc.clone())?;
     let mut added = 0;
     for path in &paths {
         let info = valid_info(&store, loc, path)?;
@@ -79,7 +79,7 @@ pub fn verify(
 ) -> anyhow::Result<ExitCode> {
     let keys = trusted_keys(loc, trusted)?;
     let paths = parse_paths::<Vec<_>>(loc, paths)?;
-    let store = LocalStore::open(loc.clone())?;
+    let store = sandoff::derivation::check::open_store(loc.clone())?;
     let mut failed = 0;
     for path in &paths {
         let problems = match check_path(&store, loc, path, sigs_needed, &keys) {
@@ -135,7 +135,7 @@ fn check_path(
 
 pub fn export(loc: &StoreLocation, paths: &[String]) -> anyhow::Result<ExitCode> {
     let paths = parse_paths::<BTreeSet<_>>(loc, paths)?;
-    let store = LocalStore::open(loc.clone())?;
+    let store = sandoff::derivation::check::open_store(loc.clone())?;
     // Every path is checked before the first byte goes out.
     let entries = store
         .topo_sort(&paths)?
@@ -168,7 +168,7 @@ pub fn import(
     } else {
         SignaturePolicy::RequireTrusted(&keys)
     };
-    let store = LocalStore::open(loc.clone())?;
+    let store = sandoff::derivation::check::open_store(loc.clone())?;
     let mut out = io::stdout().lock();
     let mut printed = Ok(());
     // Paths are printed as they become valid, so that after a failure the

@@ -24,6 +24,14 @@
 //! [`LocalStore::remove_stale_stages`] removes. A path is registered only
 //! once all its references (other than itself) are valid.
 //!
+//! A path named `….drv` is a derivation to everything that reads the store,
+//! so before one becomes valid, by whatever route, the [`DrvCheck`] the store
+//! was opened with checks that the file is what its name claims (Nix's
+//! `registerValidPaths` runs `checkDerivationOutputs` at the same place).
+//! The store cannot parse derivations itself (it sits below them), so the
+//! check is passed in; a store opened without one refuses every `.drv`
+//! rather than trusting it.
+//!
 //! Adds are not (yet) as careful as Nix about extended attributes and ACLs:
 //! canonicalisation does not strip them.
 
@@ -125,6 +133,48 @@ pub enum StoreError {
     NotLocked { path: String },
     #[error("cycle detected in the references of '{path}' from '{from}'")]
     Cycle { path: String, from: String },
+    #[error("refusing derivation '{path}': {source}")]
+    BadDerivation {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("refusing derivation '{path}': this store was opened without a derivation check")]
+    DerivationUnchecked { path: String },
+}
+
+/// A [`DrvCheck`] that accepts anything, for tests of the store itself.
+#[cfg(test)]
+pub(crate) struct AcceptAnyDrv;
+
+#[cfg(test)]
+impl DrvCheck for AcceptAnyDrv {
+    fn check(
+        &self,
+        _: &super::StoreDir,
+        _: &ValidPathInfo,
+        _: &Path,
+        _: &dyn Fn(&StorePath) -> Option<PathBuf>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
+    }
+}
+
+/// Checks a `.drv` file before it becomes valid: that it parses, that its
+/// store path is the text path of its contents, and that its outputs are
+/// the paths its contents give (implemented above the store, by the
+/// derivation layer).
+pub trait DrvCheck: Send + Sync {
+    /// `files` is where `info.path`'s file is now; `find` says where the file
+    /// of another path is, for paths that are valid or that become valid
+    /// together with this one (input derivations imported in one batch).
+    fn check(
+        &self,
+        dir: &super::StoreDir,
+        info: &ValidPathInfo,
+        files: &Path,
+        find: &dyn Fn(&StorePath) -> Option<PathBuf>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -158,6 +208,8 @@ pub struct LocalStore {
     /// that a Nix schema migration (which takes it exclusively) never runs
     /// under us.
     _big_lock: Flock<File>,
+    /// What checks a `.drv` before it becomes valid; `None` refuses them.
+    drv_check: Option<Box<dyn DrvCheck>>,
 }
 
 /// A NAR restored into a temporary directory inside the store, not yet
@@ -193,15 +245,26 @@ impl StagedPath {
         method: FileIngestionMethod,
         algo: HashAlgo,
     ) -> Result<Hash, StoreError> {
-        match method {
-            FileIngestionMethod::Recursive if algo == HashAlgo::Sha256 => Ok(self.nar_hash.clone()),
-            FileIngestionMethod::Recursive => {
-                let mut h = Hasher::new(algo);
-                nar::dump(&self.tmp, &mut h).map_err(nar_err(&self.tmp))?;
-                Ok(h.finish())
-            }
-            FileIngestionMethod::Flat => flat_hash(&self.tmp, algo),
+        content_hash(&self.tmp, &self.nar_hash, method, algo)
+    }
+}
+
+/// The content hash of the files at `files`, whose NAR hash is `nar_hash`,
+/// as `method` and `algo` define it.
+fn content_hash(
+    files: &Path,
+    nar_hash: &Hash,
+    method: FileIngestionMethod,
+    algo: HashAlgo,
+) -> Result<Hash, StoreError> {
+    match method {
+        FileIngestionMethod::Recursive if algo == HashAlgo::Sha256 => Ok(nar_hash.clone()),
+        FileIngestionMethod::Recursive => {
+            let mut h = Hasher::new(algo);
+            nar::dump(files, &mut h).map_err(nar_err(files))?;
+            Ok(h.finish())
         }
+        FileIngestionMethod::Flat => flat_hash(files, algo),
     }
 }
 
@@ -238,7 +301,40 @@ impl LocalStore {
             loc,
             registry,
             _big_lock: big_lock,
+            drv_check: None,
         })
+    }
+
+    /// [`LocalStore::open`] with the check that `.drv` files must pass to
+    /// become valid (without one, registering a `.drv` is refused).
+    pub fn open_with_drv_check(
+        loc: StoreLocation,
+        check: Box<dyn DrvCheck>,
+    ) -> Result<LocalStore, StoreError> {
+        let mut store = LocalStore::open(loc)?;
+        store.drv_check = Some(check);
+        Ok(store)
+    }
+
+    /// Runs the derivation check on each `.drv` among `items` (a path and
+    /// where its files are now), which become valid together.
+    fn check_derivations(&self, items: &[(&ValidPathInfo, &Path)]) -> Result<(), StoreError> {
+        for (info, files) in items.iter().filter(|(i, _)| i.path.is_derivation()) {
+            let path = self.loc.logical(&info.path);
+            let Some(check) = &self.drv_check else {
+                return Err(StoreError::DerivationUnchecked { path });
+            };
+            let find = |p: &StorePath| -> Option<PathBuf> {
+                if let Some((_, f)) = items.iter().find(|(i, _)| i.path == *p) {
+                    return Some(f.to_path_buf());
+                }
+                matches!(self.registry.is_valid(p), Ok(true)).then(|| self.loc.real_path(p))
+            };
+            check
+                .check(&self.loc.dir, info, files, &find)
+                .map_err(|source| StoreError::BadDerivation { path, source })?;
+        }
+        Ok(())
     }
 
     /// Where the store is.
@@ -576,7 +672,9 @@ impl LocalStore {
             });
         }
         match &info.ca {
-            Some(ca) if check_ca => self.check_content_address(staged, info, ca),
+            Some(ca) if check_ca => {
+                self.check_content_address(&staged.tmp, &staged.nar_hash, info, ca)
+            }
             _ => Ok(()),
         }
     }
@@ -595,6 +693,9 @@ impl LocalStore {
         for (staged, info) in &batch {
             self.check_staged(staged, info, true)?;
         }
+        let items: Vec<(&ValidPathInfo, &Path)> =
+            batch.iter().map(|(s, i)| (i, s.tmp.as_path())).collect();
+        self.check_derivations(&items)?;
         // Sorted (a set), so two batches cannot deadlock on each other.
         let locks = self.lock_paths(&paths)?;
         let mut todo = Vec::with_capacity(batch.len());
@@ -625,6 +726,7 @@ impl LocalStore {
     ) -> Result<(), StoreError> {
         self.check_staged(&staged, info, check_ca)?;
         self.check_references(info)?;
+        self.check_derivations(&[(info, &staged.tmp)])?;
         let real = self.loc.real_path(&info.path);
         let _lock = PathLock::acquire(&real)?;
         if self.merge_if_valid(info)? {
@@ -693,7 +795,8 @@ impl LocalStore {
     /// matches the staged contents.
     fn check_content_address(
         &self,
-        staged: &StagedPath,
+        files: &Path,
+        nar_hash: &Hash,
         info: &ValidPathInfo,
         ca: &ContentAddress,
     ) -> Result<(), StoreError> {
@@ -717,7 +820,7 @@ impl LocalStore {
             ContentAddress::Text(h) => (FileIngestionMethod::Flat, h),
             ContentAddress::Fixed { method, hash } => (*method, hash),
         };
-        let got = staged.content_hash(method, expected.algo())?;
+        let got = content_hash(files, nar_hash, method, expected.algo())?;
         if &got != expected {
             return Err(StoreError::CaMismatch {
                 path: self.loc.logical(&info.path),
@@ -767,6 +870,10 @@ impl LocalStore {
                 got: size,
             });
         }
+        if let Some(ca) = &info.ca {
+            self.check_content_address(&real, &hash, info, ca)?;
+        }
+        self.check_derivations(&[(info, &real)])?;
         self.register_in_place(info, derivation_outputs, &real, false)
     }
 
@@ -884,6 +991,17 @@ impl LocalStore {
                 todo.push((staged, info));
             }
         }
+        // A content-addressed output must be what its name claims, whoever
+        // built it: a fixed-output derivation that names the wrong path
+        // must not get it with a `ca` it does not satisfy.
+        for (staged, info) in &todo {
+            if let Some(ca) = &info.ca {
+                self.check_content_address(&staged.tmp, &staged.nar_hash, info, ca)?;
+            }
+        }
+        let items: Vec<(&ValidPathInfo, &Path)> =
+            todo.iter().map(|(s, i)| (i, s.tmp.as_path())).collect();
+        self.check_derivations(&items)?;
         let mut moved: Vec<PathBuf> = Vec::new();
         let result = (|| {
             let now = now();
@@ -1154,7 +1272,72 @@ mod tests {
     use crate::store::StoreDir;
 
     fn store(tmp: &Path) -> LocalStore {
-        LocalStore::open(StoreLocation::new(StoreDir::default(), tmp.join("root"))).unwrap()
+        LocalStore::open_with_drv_check(
+            StoreLocation::new(StoreDir::default(), tmp.join("root")),
+            Box::new(AcceptAnyDrv),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_store_without_a_derivation_check_refuses_drv_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(StoreLocation::new(
+            StoreDir::default(),
+            tmp.path().join("r"),
+        ))
+        .unwrap();
+        let err = s
+            .add_text("x.drv", b"Derive()", &BTreeSet::new(), &BTreeMap::new())
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::DerivationUnchecked { .. }),
+            "{err}"
+        );
+        assert!(s.query_valid_paths().unwrap().is_empty());
+        assert_eq!(
+            fs::read_dir(tmp.path().join("r/nix/store"))
+                .unwrap()
+                .count(),
+            0,
+            "nothing left in the store"
+        );
+        // Anything else is added as before.
+        s.add_text("x", b"x", &BTreeSet::new(), &BTreeMap::new())
+            .unwrap();
+    }
+
+    #[test]
+    fn a_refused_derivation_leaves_nothing() {
+        struct Refuse;
+        impl DrvCheck for Refuse {
+            fn check(
+                &self,
+                _: &StoreDir,
+                _: &ValidPathInfo,
+                _: &Path,
+                _: &dyn Fn(&StorePath) -> Option<PathBuf>,
+            ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+                Err("no".into())
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let s = LocalStore::open_with_drv_check(
+            StoreLocation::new(StoreDir::default(), tmp.path().join("r")),
+            Box::new(Refuse),
+        )
+        .unwrap();
+        let err = s
+            .add_text("x.drv", b"Derive()", &BTreeSet::new(), &BTreeMap::new())
+            .unwrap_err();
+        assert!(err.to_string().starts_with("refusing derivation"), "{err}");
+        assert!(s.query_valid_paths().unwrap().is_empty());
+        assert_eq!(
+            fs::read_dir(tmp.path().join("r/nix/store"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     fn tree(dir: &Path) -> PathBuf {

@@ -165,7 +165,7 @@ impl Store {
     }
 
     pub(crate) fn open(&self) -> LocalStore {
-        LocalStore::open(self.loc()).expect("open store")
+        sandoff::derivation::check::open_store(self.loc()).expect("open store")
     }
 
     pub(crate) fn path(&self, full: &str) -> StorePath {

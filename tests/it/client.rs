@@ -24,7 +24,8 @@ use sandoff::store::{FileIngestionMethod, HashAlgo, StoreDir, StoreLocation, Sto
 use crate::support::{self, Need};
 
 fn open(root: &Path) -> LocalStore {
-    LocalStore::open(StoreLocation::new(StoreDir::default(), root.to_owned())).expect("open store")
+    sandoff::derivation::check::open_store(StoreLocation::new(StoreDir::default(), root.to_owned()))
+        .expect("open store")
 }
 
 /// A sandoff store with `leaf` ("bar") and `top`, which refers to `leaf`.

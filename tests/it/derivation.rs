@@ -369,13 +369,12 @@ fn show_matches_live_nix() {
 /// writes the same `.drv` files Nix wrote.
 #[test]
 fn cli_add_writes_what_nix_instantiate_wrote() {
-    use sandoff::store::local::LocalStore;
     use sandoff::store::{FileIngestionMethod, HashAlgo, StoreLocation};
 
     let tmp = tempfile::tempdir().unwrap();
     let nix = StoreDir::default();
     let loc = StoreLocation::new(nix.clone(), tmp.path().to_owned());
-    let store = LocalStore::open(loc.clone()).unwrap();
+    let store = sandoff::derivation::check::open_store(loc.clone()).unwrap();
     // The bb directory with /bin/busybox, as regen.sh makes it.
     let bb = tmp.path().join("src/bb");
     std::fs::create_dir_all(bb.join("bin")).unwrap();

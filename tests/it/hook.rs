@@ -94,7 +94,7 @@ impl Local {
     }
 
     fn store(&self) -> LocalStore {
-        LocalStore::open(self.loc()).expect("open store")
+        sandoff::derivation::check::open_store(self.loc()).expect("open store")
     }
 
     fn out(&self, drv: &str) -> StorePath {

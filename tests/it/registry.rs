@@ -8,7 +8,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use sandoff::store::local::LocalStore;
 use sandoff::store::nar;
 use sandoff::store::signature::Signature;
 use sandoff::store::{
@@ -89,7 +88,7 @@ fn leftovers(store_dir: &Path) -> Vec<String> {
 #[test]
 fn schema_matches_nix_2_8_fixture() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = LocalStore::open(nix_location(tmp.path())).unwrap();
+    let store = sandoff::derivation::check::open_store(nix_location(tmp.path())).unwrap();
     let db = store.registry().db_path().to_owned();
     let conn = rusqlite::Connection::open(&db).unwrap();
     let rows: Vec<String> = conn
@@ -188,7 +187,7 @@ fn nix_reads_a_store_sandoff_wrote() {
     let conf = tmp.path().join("conf");
     let root = tmp.path().join("root");
     let loc = nix_location(&root);
-    let store = LocalStore::open(loc.clone()).unwrap();
+    let store = sandoff::derivation::check::open_store(loc.clone()).unwrap();
     let d = store
         .add_path(
             &test_tree(tmp.path()),
@@ -409,7 +408,7 @@ fn sandoff_reads_a_store_nix_wrote() {
     assert_eq!(ours, theirs);
 
     let loc = nix_location(&root);
-    let store = LocalStore::open(loc.clone()).unwrap();
+    let store = sandoff::derivation::check::open_store(loc.clone()).unwrap();
     let out_p = loc.dir.parse_path(&out).unwrap();
     let drv_p = loc.dir.parse_path(&drv).unwrap();
     let info = store.query_path_info(&out_p).unwrap().unwrap();
@@ -599,7 +598,7 @@ fn concurrent_adds_register_each_path_once() {
                 let loc = loc.clone();
                 let shared = &shared;
                 s.spawn(move || {
-                    let store = LocalStore::open(loc).unwrap();
+                    let store = sandoff::derivation::check::open_store(loc).unwrap();
                     let a = store
                         .add_path(shared, FileIngestionMethod::Recursive, HashAlgo::Sha256)
                         .unwrap();
@@ -643,7 +642,7 @@ fn concurrent_adds_register_each_path_once() {
     assert_eq!(printed.len(), 2);
     assert!(printed.contains(&loc.logical(first)));
 
-    let store = LocalStore::open(loc.clone()).unwrap();
+    let store = sandoff::derivation::check::open_store(loc.clone()).unwrap();
     let db = store.registry().db_path().to_owned();
     let valid = store.query_valid_paths().unwrap();
     assert_eq!(valid.len(), 1 + own.len() + 1, "{valid:?}");
@@ -675,7 +674,7 @@ fn interrupted_adds_leave_nothing_valid_and_are_redone() {
         .make_fixed_output_path(FileIngestionMethod::Recursive, &h, "d", [], false)
         .unwrap();
     let real = loc.real_path(&path);
-    let store = LocalStore::open(loc.clone()).unwrap();
+    let store = sandoff::derivation::check::open_store(loc.clone()).unwrap();
 
     // A crash while restoring: a half-written, read-only target and a
     // staging directory nobody will finish.
@@ -747,7 +746,7 @@ fn killed_add_is_never_half_valid() {
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         let _ = child.kill();
         let _ = child.wait();
-        let store = LocalStore::open(loc.clone()).unwrap();
+        let store = sandoff::derivation::check::open_store(loc.clone()).unwrap();
         if let Some(info) = store.query_path_info(&path).unwrap() {
             // Valid means complete.
             assert_eq!(
@@ -757,7 +756,7 @@ fn killed_add_is_never_half_valid() {
             store.registry().invalidate(&path).unwrap();
         }
     }
-    let store = LocalStore::open(loc.clone()).unwrap();
+    let store = sandoff::derivation::check::open_store(loc.clone()).unwrap();
     store.remove_stale_stages().unwrap();
     let stages: Vec<String> = leftovers(&loc.real_store_dir())
         .into_iter()

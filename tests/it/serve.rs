@@ -26,7 +26,8 @@ use crate::build::ready as build_ready;
 use crate::support::{self, Need};
 
 fn open(root: &Path) -> LocalStore {
-    LocalStore::open(StoreLocation::new(Default::default(), root.to_owned())).expect("open store")
+    sandoff::derivation::check::open_store(StoreLocation::new(Default::default(), root.to_owned()))
+        .expect("open store")
 }
 
 /// A store with `leaf` ("bar") and `top`, which refers to `leaf`.
@@ -506,7 +507,7 @@ impl BuildStore {
     }
 
     fn open(&self) -> LocalStore {
-        LocalStore::open(self.loc()).expect("open store")
+        sandoff::derivation::check::open_store(self.loc()).expect("open store")
     }
 
     fn cmd(&self) -> Command {
@@ -979,8 +980,11 @@ fn serve_builds_for_nix_2_8_build_remote() {
     let built = local.join("nix/store").join(base).join("x");
     assert_eq!(std::fs::read_to_string(&built).expect("output"), "hi\n");
     // Built and signed on the host.
-    let host_store =
-        LocalStore::open(StoreLocation::new(StoreDir::default(), host.root())).expect("host store");
+    let host_store = sandoff::derivation::check::open_store(StoreLocation::new(
+        StoreDir::default(),
+        host.root(),
+    ))
+    .expect("host store");
     let info = host_store
         .query_path_info(&StorePath::from_base_name(base).expect("path"))
         .expect("query")
