@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::local::{realise_one, remove_stale_build_dirs, BuildContext, StepOutcome};
 use super::{builds_dir, BuildError, Event};
-use crate::derivation::Derivation;
+use crate::derivation::{check, Derivation, DrvHasher};
 use crate::store::local::LocalStore;
 use crate::store::StorePath;
 
@@ -65,24 +65,96 @@ pub fn read_derivation(store: &LocalStore, path: &StorePath) -> Result<Derivatio
         });
     }
     let file = loc.real_path(path);
-    let bytes = std::fs::read(&file).map_err(|e| BuildError::BadDerivation {
-        drv: loc.logical(path),
-        reason: format!("cannot read {}: {e}", file.display()),
-    })?;
-    Derivation::from_aterm(&bytes, &loc.dir).map_err(|e| BuildError::BadDerivation {
-        drv: loc.logical(path),
-        reason: e.to_string(),
-    })
+    check::read_drv_file(&file, &loc.dir)
+        .map(|(_, drv)| drv)
+        .map_err(|e| BuildError::BadDerivation {
+            drv: loc.logical(path),
+            reason: e.to_string(),
+        })
 }
 
 /// The nodes to build by `.drv` path, and every root's parsed derivation.
 type Loaded = (BTreeMap<StorePath, Node>, BTreeMap<StorePath, Derivation>);
 
 /// The derivations among `roots`' closure with an invalid output, and their
-/// edges; plus every root's parsed derivation.
+/// edges; plus every root's parsed derivation. Every derivation read is
+/// checked to give the output paths it names ([`check::check_outputs`]):
+/// one that claims another's outputs would otherwise "build" at once, or
+/// write what the real derivation later reuses. A cycle is named.
 fn load(store: &LocalStore, roots: &[StorePath]) -> Result<Loaded, BuildError> {
+    let (nodes, root_drvs, read) = walk(store, roots)?;
+    if let Some(cycle) = find_cycle(&nodes) {
+        return Err(BuildError::Cycle {
+            cycle: cycle.iter().map(|p| store.location().logical(p)).collect(),
+        });
+    }
+    let mut hasher = DrvHasher::new(store.location().dir.clone(), |p: &StorePath| {
+        read_derivation(store, p)
+    });
+    for (path, drv) in &read {
+        check::check_outputs(drv, path, &mut hasher).map_err(|source| BuildError::Refused {
+            drv: store.location().logical(path),
+            source,
+        })?;
+    }
+    Ok((nodes, root_drvs))
+}
+
+/// A cycle among `nodes`' edges, as paths with the first repeated last.
+fn find_cycle(nodes: &BTreeMap<StorePath, Node>) -> Option<Vec<StorePath>> {
+    // Peel off nodes that wait for nothing left; what remains lies on or
+    // leads to a cycle, and following any remaining edge finds one.
+    let mut left: BTreeMap<&StorePath, BTreeSet<&StorePath>> = nodes
+        .iter()
+        .map(|(p, n)| (p, n.waiting_for.iter().collect()))
+        .collect();
+    loop {
+        let free: Vec<&StorePath> = left
+            .iter()
+            .filter(|(_, w)| w.is_empty())
+            .map(|(p, _)| *p)
+            .collect();
+        if free.is_empty() {
+            break;
+        }
+        for p in &free {
+            left.remove(p);
+        }
+        for w in left.values_mut() {
+            for p in &free {
+                w.remove(p);
+            }
+        }
+    }
+    let mut at = *left.keys().next()?;
+    let mut trail: Vec<&StorePath> = Vec::new();
+    loop {
+        if let Some(i) = trail.iter().position(|p| *p == at) {
+            let mut cycle: Vec<StorePath> = trail[i..].iter().map(|p| (*p).clone()).collect();
+            cycle.push(at.clone());
+            return Some(cycle);
+        }
+        trail.push(at);
+        at = left.get(at)?.iter().next()?;
+    }
+}
+
+/// Every derivation read from `roots` down (stopping at those whose
+/// outputs are all valid), as [`Loaded`] plus all of them by path.
+fn walk(
+    store: &LocalStore,
+    roots: &[StorePath],
+) -> Result<
+    (
+        BTreeMap<StorePath, Node>,
+        BTreeMap<StorePath, Derivation>,
+        Vec<(StorePath, Derivation)>,
+    ),
+    BuildError,
+> {
     let mut nodes: BTreeMap<StorePath, Node> = BTreeMap::new();
     let mut root_drvs = BTreeMap::new();
+    let mut read = Vec::new();
     let mut seen = BTreeSet::new();
     let mut stack: Vec<StorePath> = roots.to_vec();
     while let Some(path) = stack.pop() {
@@ -96,6 +168,7 @@ fn load(store: &LocalStore, roots: &[StorePath]) -> Result<Loaded, BuildError> {
             });
         }
         let drv = read_derivation(store, &path)?;
+        read.push((path.clone(), drv.clone()));
         if roots.contains(&path) {
             root_drvs.insert(path.clone(), drv.clone());
         }
@@ -141,7 +214,7 @@ fn load(store: &LocalStore, roots: &[StorePath]) -> Result<Loaded, BuildError> {
             n.dependents.insert(p);
         }
     }
-    Ok((nodes, root_drvs))
+    Ok((nodes, root_drvs, read))
 }
 
 enum Msg {

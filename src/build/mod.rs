@@ -51,6 +51,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::derivation::check::CheckError;
 use crate::derivation::DerivationError;
 use crate::offload::protocol::BuildStatus;
 use crate::offload::remote::OffloadError;
@@ -101,6 +102,23 @@ pub enum BuildError {
         drv: String,
         /// Why.
         reason: String,
+    },
+    /// The `.drv` is not what its name claims (its outputs are not the
+    /// paths it gives): refused before anything is built.
+    #[error("refusing to build '{drv}': {source}")]
+    Refused {
+        /// The derivation.
+        drv: String,
+        /// What is wrong.
+        #[source]
+        source: CheckError,
+    },
+    /// Derivations that depend on themselves (impossible for `.drv` files
+    /// named after their contents, so one of them is not).
+    #[error("derivations depend on themselves: {}", cycle.join(" -> "))]
+    Cycle {
+        /// The derivations of the cycle, the first one repeated at the end.
+        cycle: Vec<String>,
     },
     /// The derivation is not registered in the store.
     #[error("derivation '{drv}' is not valid in the store (add it with `sandoff derivation add`)")]

@@ -122,6 +122,9 @@ fn check_path(
             info.nar_size
         ));
     }
+    if let Err(e) = store.check_claims(&info) {
+        problems.push(format!("not what its name claims: {e}"));
+    }
     if sigs_needed > 0 {
         let valid = keys.count_valid(&info, &loc.dir);
         if valid < sigs_needed {

@@ -241,3 +241,212 @@ impl DrvCheck for StoreDrvCheck {
 pub fn open_store(loc: StoreLocation) -> Result<LocalStore, StoreError> {
     LocalStore::open_with_drv_check(loc, Box::new(StoreDrvCheck))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::FileIngestionMethod;
+
+    fn fixtures(store: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/drv")
+            .join(store)
+    }
+
+    /// Every `.drv` Nix 2.8 wrote in a fixture store, with its store path.
+    fn nix_drvs(store: &str) -> Vec<(StorePath, PathBuf)> {
+        let mut v: Vec<_> = std::fs::read_dir(fixtures(store))
+            .expect("fixtures")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "drv"))
+            .map(|p| {
+                let base = p.file_name().and_then(|n| n.to_str()).expect("name");
+                (
+                    StorePath::from_base_name(base).expect("store path"),
+                    p.clone(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn info(path: &StorePath, references: BTreeSet<StorePath>) -> ValidPathInfo {
+        ValidPathInfo {
+            path: path.clone(),
+            deriver: None,
+            nar_hash: HashAlgo::Sha256.digest(b""),
+            nar_size: 0,
+            references,
+            registration_time: 0,
+            ultimate: false,
+            signatures: BTreeSet::new(),
+            ca: None,
+        }
+    }
+
+    /// Checks `bytes` as the `.drv` at `path` (its text path when `None`),
+    /// with the fixture store's other `.drv` files as inputs.
+    fn check_bytes(
+        store: &str,
+        dir: &StoreDir,
+        bytes: &[u8],
+        path: Option<StorePath>,
+    ) -> Result<(), CheckError> {
+        let drv = Derivation::from_aterm(bytes, dir).expect("parses");
+        let path = path.unwrap_or_else(|| drv.drv_path(dir).expect("drv path"));
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("drv");
+        std::fs::write(&file, bytes).expect("write");
+        let find = |p: &StorePath| Some(fixtures(store).join(p.base_name()));
+        check_drv_file(dir, &info(&path, drv.references()), &file, &find)
+    }
+
+    #[test]
+    fn every_derivation_nix_wrote_passes() {
+        for (store, dir) in [("nix-store", "/nix/store"), ("gnu-store", "/gnu/store")] {
+            let dir = StoreDir::new(dir).expect("dir");
+            for (path, file) in nix_drvs(store) {
+                let bytes = std::fs::read(&file).expect("read");
+                check_bytes(store, &dir, &bytes, Some(path.clone()))
+                    .unwrap_or_else(|e| panic!("{path}: {e}"));
+            }
+        }
+    }
+
+    fn hello() -> (StoreDir, Derivation) {
+        let dir = StoreDir::default();
+        let bytes =
+            std::fs::read(fixtures("nix-store").join("4l9f4nj9kcc5vs3rd6n6dpavm0faid7m-hello.drv"))
+                .expect("hello");
+        (
+            dir.clone(),
+            Derivation::from_aterm(&bytes, &dir).expect("parses"),
+        )
+    }
+
+    #[test]
+    fn a_derivation_claiming_another_output_is_refused() {
+        let (dir, mut drv) = hello();
+        // The output of the `dep` fixture, which is valid elsewhere.
+        let theirs =
+            StorePath::from_base_name("2qgfy89v28340cr9d9z471zfi5iczv5l-hello").expect("p");
+        let other = StorePath::from_base_name("0zp0x1hm6kq2fwhzfxbvvpk5mnfm08ky-hello").expect("p");
+        for o in drv.outputs.values_mut() {
+            *o = DerivationOutput::InputAddressed {
+                path: other.clone(),
+            };
+        }
+        drv.env
+            .insert(b"out".to_vec(), dir.display(&other).into_bytes());
+        let err = check_bytes("nix-store", &dir, &drv.to_aterm(&dir), None).unwrap_err();
+        assert!(
+            matches!(&err, CheckError::WrongOutputPath { output, expected, .. }
+                if output == "out" && expected.ends_with(theirs.base_name())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_output_variable_that_differs_from_the_output_is_refused() {
+        let (dir, mut drv) = hello();
+        drv.env.insert(b"out".to_vec(), b"/tmp/elsewhere".to_vec());
+        let err = check_bytes("nix-store", &dir, &drv.to_aterm(&dir), None).unwrap_err();
+        assert!(matches!(err, CheckError::WrongOutputEnv { .. }), "{err}");
+        // Without the variable the masked hash changes too (the entry is
+        // gone, not emptied): refused either way.
+        drv.env.remove(b"out".as_slice());
+        assert!(check_bytes("nix-store", &dir, &drv.to_aterm(&dir), None).is_err());
+    }
+
+    #[test]
+    fn a_fixed_output_whose_path_is_not_its_hash_is_refused() {
+        let dir = StoreDir::default();
+        let file = fixtures("nix-store").join("s8xzw7pp7k22sf2b5ssd7acfrbrya7qv-flat-sha256.drv");
+        let mut drv = Derivation::from_aterm(&std::fs::read(file).expect("read"), &dir).expect("p");
+        let victim =
+            StorePath::from_base_name("2qgfy89v28340cr9d9z471zfi5iczv5l-hello").expect("p");
+        let Some(DerivationOutput::CAFixed { method, hash, .. }) =
+            drv.outputs.values().next().cloned()
+        else {
+            panic!("fixed output");
+        };
+        drv.outputs.insert(
+            crate::derivation::OutputName::out(),
+            DerivationOutput::CAFixed {
+                method,
+                hash: hash.clone(),
+                path: victim.clone(),
+            },
+        );
+        drv.env
+            .insert(b"out".to_vec(), dir.display(&victim).into_bytes());
+        let err = check_bytes("nix-store", &dir, &drv.to_aterm(&dir), None).unwrap_err();
+        assert!(matches!(err, CheckError::WrongOutputPath { .. }), "{err}");
+        // Another hash with the path left as it was: refused as well.
+        let file = fixtures("nix-store").join("s8xzw7pp7k22sf2b5ssd7acfrbrya7qv-flat-sha256.drv");
+        let mut drv = Derivation::from_aterm(&std::fs::read(file).expect("read"), &dir).expect("p");
+        if let Some(DerivationOutput::CAFixed {
+            hash, method: m, ..
+        }) = drv.outputs.values_mut().next()
+        {
+            *hash = HashAlgo::Sha256.digest(b"something else");
+            *m = FileIngestionMethod::Flat;
+        }
+        let err = check_bytes("nix-store", &dir, &drv.to_aterm(&dir), None).unwrap_err();
+        assert!(matches!(err, CheckError::WrongOutputPath { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_drv_not_at_the_text_path_of_its_bytes_is_refused() {
+        let (dir, drv) = hello();
+        let elsewhere =
+            StorePath::from_base_name("4l9f4nj9kcc5vs3rd6n6dpavm0faid7n-hello.drv").expect("p");
+        let err = check_bytes("nix-store", &dir, &drv.to_aterm(&dir), Some(elsewhere)).unwrap_err();
+        assert!(matches!(err, CheckError::WrongDrvPath { .. }), "{err}");
+    }
+
+    #[test]
+    fn references_other_than_the_inputs_are_refused() {
+        let (dir, drv) = hello();
+        let bytes = drv.to_aterm(&dir);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("drv");
+        std::fs::write(&file, &bytes).expect("write");
+        let refs = BTreeSet::new();
+        let path = dir
+            .make_text_path("hello.drv", &HashAlgo::Sha256.digest(&bytes), &refs)
+            .expect("path");
+        let err = check_drv_file(&dir, &info(&path, refs), &file, &|_| None).unwrap_err();
+        assert!(matches!(err, CheckError::WrongReferences { .. }), "{err}");
+    }
+
+    #[test]
+    fn what_is_not_a_small_regular_derivation_file_is_refused() {
+        let dir = StoreDir::default();
+        let tmp = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(
+            read_drv_file(tmp.path(), &dir),
+            Err(CheckError::NotRegularFile { .. })
+        ));
+        let fifo = tmp.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("fifo");
+        assert!(matches!(
+            read_drv_file(&fifo, &dir),
+            Err(CheckError::NotRegularFile { .. })
+        ));
+        let big = tmp.path().join("big");
+        let f = std::fs::File::create(&big).expect("create");
+        f.set_len(MAX_DRV_SIZE + 1).expect("truncate");
+        assert!(matches!(
+            read_drv_file(&big, &dir),
+            Err(CheckError::TooLarge { .. })
+        ));
+        let junk = tmp.path().join("junk");
+        std::fs::write(&junk, b"not a derivation").expect("write");
+        assert!(matches!(
+            read_drv_file(&junk, &dir),
+            Err(CheckError::Parse(_))
+        ));
+    }
+}

@@ -316,6 +316,19 @@ impl LocalStore {
         Ok(store)
     }
 
+    /// That a valid path is what its name claims, as it would be checked on
+    /// entering the store: the files match its content address, which gives
+    /// its path, and a `.drv` passes the derivation check (`store verify`).
+    /// The NAR hash is taken from the files, not the registry.
+    pub fn check_claims(&self, info: &ValidPathInfo) -> Result<(), StoreError> {
+        let real = self.loc.real_path(&info.path);
+        if let Some(ca) = &info.ca {
+            let (nar_hash, _) = nar::hash_path(&real).map_err(nar_err(&real))?;
+            self.check_content_address(&real, &nar_hash, info, ca)?;
+        }
+        self.check_derivations(&[(info, &real)])
+    }
+
     /// Runs the derivation check on each `.drv` among `items` (a path and
     /// where its files are now), which become valid together.
     fn check_derivations(&self, items: &[(&ValidPathInfo, &Path)]) -> Result<(), StoreError> {
@@ -1414,6 +1427,41 @@ mod tests {
         assert!(stage_dirs(&s).is_empty());
         drop(locks);
         assert!(s.try_lock_paths(&paths).unwrap().is_some(), "released");
+    }
+
+    #[test]
+    fn a_built_output_whose_content_address_does_not_give_its_path_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let src = tmp.path().join("f");
+        fs::write(&src, b"pwned\n").unwrap();
+        let staged = s.stage_path(&src).unwrap();
+        let hash = HashAlgo::Sha256.digest(b"pwned\n");
+        // A fixed-output derivation that wrote another derivation's path.
+        let victim = StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x").unwrap();
+        let info = ValidPathInfo {
+            path: victim.clone(),
+            deriver: None,
+            nar_hash: staged.nar_hash.clone(),
+            nar_size: staged.nar_size,
+            references: BTreeSet::new(),
+            registration_time: 0,
+            ultimate: true,
+            signatures: BTreeSet::new(),
+            ca: Some(ContentAddress::Fixed {
+                method: FileIngestionMethod::Flat,
+                hash,
+            }),
+        };
+        let locks = s.lock_paths(&BTreeSet::from([victim.clone()])).unwrap();
+        let err = s.register_built_outputs(&locks, vec![(staged, info)]);
+        assert!(
+            matches!(err, Err(StoreError::CaPathMismatch { .. })),
+            "{err:?}"
+        );
+        assert!(!s.is_valid(&victim).unwrap());
+        assert!(!s.loc.real_path(&victim).exists());
+        assert!(stage_dirs(&s).is_empty());
     }
 
     #[test]

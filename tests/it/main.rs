@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area.
 
 mod build;
+mod claims;
 mod client;
 mod decide;
 mod derivation;
