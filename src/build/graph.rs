@@ -139,19 +139,16 @@ fn find_cycle(nodes: &BTreeMap<StorePath, Node>) -> Option<Vec<StorePath>> {
     }
 }
 
+/// [`Loaded`], and every derivation read on the way.
+type Walked = (
+    BTreeMap<StorePath, Node>,
+    BTreeMap<StorePath, Derivation>,
+    Vec<(StorePath, Derivation)>,
+);
+
 /// Every derivation read from `roots` down (stopping at those whose
 /// outputs are all valid), as [`Loaded`] plus all of them by path.
-fn walk(
-    store: &LocalStore,
-    roots: &[StorePath],
-) -> Result<
-    (
-        BTreeMap<StorePath, Node>,
-        BTreeMap<StorePath, Derivation>,
-        Vec<(StorePath, Derivation)>,
-    ),
-    BuildError,
-> {
+fn walk(store: &LocalStore, roots: &[StorePath]) -> Result<Walked, BuildError> {
     let mut nodes: BTreeMap<StorePath, Node> = BTreeMap::new();
     let mut root_drvs = BTreeMap::new();
     let mut read = Vec::new();
