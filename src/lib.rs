@@ -3,27 +3,153 @@
 //!
 //! # Architecture
 //!
+//! Modules form layers; a module uses only modules of lower layers, never
+//! one of its own layer or above (a test below reads every `use crate::`
+//! line and keeps this true):
+//!
+//! ```text
+//! store < derivation < {decide, sandbox, serve_protocol} < remote < build < {serve, hook} < (cli)
+//! ```
+//!
 //! - [`store`]: the store model, byte-compatible with Nix 2.8: store paths and
 //!   hashes, NAR, the SQLite registry of valid paths (Nix's schema),
 //!   signatures, export archives and reference scanning. It knows nothing of
-//!   derivations or builds.
+//!   derivations or builds; what checks a `.drv` before it becomes valid is
+//!   passed in from above ([`store::local::DrvCheck`]).
 //! - [`derivation`]: the ATerm `.drv` format, `hashDerivationModulo`, output
-//!   paths and the JSON form of `nix show-derivation`.
-//! - [`sandbox`]: the local build sandbox: a pure plan of setup steps, run
-//!   by one forked child in fresh namespaces as a pooled build user.
+//!   paths, the JSON of `nix show-derivation`, and the check that a `.drv`
+//!   is what its name claims.
 //! - [`decide`]: where a derivation is built; Nix and Guix machines files
 //!   read into one machine model, and one pure `decide()` for every caller.
-//! - [`build`]: realising derivations here: the graph of what is missing,
-//!   scheduled in dependency order on threads, each build run in the
-//!   sandbox and its outputs checked, scanned and registered atomically.
-//! - [`offload`]: other machines: for now the server side of Nix's serve
-//!   protocol (`sandoff serve --stdio`), so Nix can copy paths in and out.
+//! - [`sandbox`]: the local build sandbox: a pure plan of setup steps, run
+//!   by one forked child in fresh namespaces as a pooled build user.
+//! - [`serve_protocol`]: what both ends of Nix's serve protocol share.
+//! - [`remote`]: other machines: SSH, the serve client, per-machine slots and
+//!   backoff, and the offloader that builds one derivation on a machine.
+//! - [`build`]: realising derivations: the graph of what is missing,
+//!   scheduled in dependency order, each placed by `decide` and built here
+//!   in the sandbox or on a machine, its outputs checked and registered.
+//! - [`serve`] and [`hook`]: front ends over `build` for the daemon side of
+//!   each protocol (`sandoff serve`, `sandoff hook`).
 //!
-//! The binary (`src/main.rs`) is a thin CLI over these modules.
+//! The binary (`src/main.rs`, `src/cli/`) is a thin CLI over these modules.
 
 pub mod build;
 pub mod decide;
 pub mod derivation;
-pub mod offload;
+pub mod hook;
+pub mod remote;
 pub mod sandbox;
+pub mod serve;
+pub mod serve_protocol;
 pub mod store;
+
+#[cfg(test)]
+mod layers {
+    //! The layer order of the crate docs, checked from the source.
+
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    /// Each module's layer: a module may use modules of lower layers only.
+    const LAYERS: &[(&str, u32)] = &[
+        ("store", 0),
+        ("derivation", 1),
+        ("decide", 2),
+        ("sandbox", 2),
+        ("serve_protocol", 2),
+        ("remote", 3),
+        ("build", 4),
+        ("serve", 5),
+        ("hook", 5),
+    ];
+
+    /// The top-level modules named by `crate::` paths in `src`, with the
+    /// line, leaving out test modules (which may reach anywhere).
+    fn uses(src: &str) -> Vec<(String, String)> {
+        let code = src.split("#[cfg(test)]").next().unwrap_or(src);
+        let mut found = Vec::new();
+        for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+            let mut rest = line;
+            while let Some(i) = rest.find("crate::") {
+                rest = &rest[i + "crate::".len()..];
+                let names: Vec<&str> = if let Some(group) = rest.strip_prefix('{') {
+                    let end = group.find('}').unwrap_or(group.len());
+                    group[..end]
+                        .split(',')
+                        .map(|n| n.trim().split("::").next().unwrap_or(""))
+                        .collect()
+                } else {
+                    vec![rest
+                        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .next()
+                        .unwrap_or("")]
+                };
+                for n in names.into_iter().filter(|n| !n.is_empty()) {
+                    found.push((n.to_owned(), line.trim().to_owned()));
+                }
+            }
+        }
+        found
+    }
+
+    fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).expect("read src") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn no_module_uses_one_of_its_layer_or_above() {
+        let layers: BTreeMap<&str, u32> = LAYERS.iter().copied().collect();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        let mut wrong = Vec::new();
+        for file in files {
+            let rel = file.strip_prefix(&src).expect("under src");
+            let top = rel
+                .components()
+                .next()
+                .and_then(|c| c.as_os_str().to_str())
+                .map(|c| c.trim_end_matches(".rs"))
+                .unwrap_or("");
+            let Some(&mine) = layers.get(top) else {
+                continue; // lib.rs, main.rs and the CLI sit above every layer
+            };
+            let text = std::fs::read_to_string(&file).expect("read");
+            for (used, line) in uses(&text) {
+                match layers.get(used.as_str()) {
+                    Some(&theirs) if used != top && theirs >= mine => {
+                        wrong.push(format!("{}: {line}", rel.display()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "uses of the same or a higher layer:\n{}",
+            wrong.join("\n")
+        );
+        // Every module of lib.rs has a layer.
+        let lib = std::fs::read_to_string(src.join("lib.rs")).expect("lib.rs");
+        for m in lib.lines().filter_map(|l| l.strip_prefix("pub mod ")) {
+            let m = m.trim_end_matches(';');
+            assert!(layers.contains_key(m), "module {m} has no layer");
+        }
+    }
+
+    #[test]
+    fn the_check_sees_grouped_and_nested_uses() {
+        let found =
+            uses("use crate::{store::X, derivation};\nfoo(crate::remote::a());\n// crate::build\n");
+        let names: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["store", "derivation", "remote"]);
+    }
+}

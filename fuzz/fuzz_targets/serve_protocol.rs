@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 
 use libfuzzer_sys::fuzz_target;
-use sandoff::offload::protocol::{
+use sandoff::serve_protocol::{
     read_basic_derivation, write_basic_derivation, BuildOptions, BuildResult,
 };
 use sandoff::store::StoreDir;

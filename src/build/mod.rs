@@ -53,9 +53,9 @@ use thiserror::Error;
 
 use crate::derivation::check::CheckError;
 use crate::derivation::DerivationError;
-use crate::offload::protocol::BuildStatus;
-use crate::offload::remote::OffloadError;
+use crate::remote::offloader::OffloadError;
 use crate::sandbox::{BuildOutcome, SandboxError, UserError};
+use crate::serve_protocol::BuildStatus;
 use crate::store::local::StoreError;
 use crate::store::nar::NarError;
 use crate::store::{StoreLocation, StorePath};

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use sandoff::build::{self, BuildContext, Event, Options};
-use sandoff::offload::remote::Offloader;
+use sandoff::remote::offloader::Offloader;
 use sandoff::sandbox::setup::DEFAULT_GROUP;
 use sandoff::sandbox::UserPool;
 use sandoff::store::{StoreLocation, StorePath};

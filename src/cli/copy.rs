@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use clap::Args;
 use sandoff::decide;
-use sandoff::offload::remote::Offloader;
+use sandoff::remote::offloader::Offloader;
 use sandoff::store::{StoreLocation, StorePath};
 
 use super::machines::{select, MachinesArgs, SshArgs};

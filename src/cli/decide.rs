@@ -8,9 +8,9 @@ use anyhow::Context as _;
 use clap::Args;
 use sandoff::decide::{self, DrvFacts, LocalFacts, MachineState, Placement, Policy};
 use sandoff::derivation::Derivation;
-use sandoff::offload::backoff::Backoff;
-use sandoff::offload::remote::observed_state;
-use sandoff::offload::slots::SlotDir;
+use sandoff::remote::backoff::Backoff;
+use sandoff::remote::offloader::observed_state;
+use sandoff::remote::slots::SlotDir;
 use sandoff::store::StoreLocation;
 
 use super::machines::MachinesArgs;

@@ -1,7 +1,7 @@
 //! `sandoff hook SYSTEM MAX-SILENT-TIME PRINT-BUILD-TRACE BUILD-TIMEOUT`:
 //! sandoff as the build hook of guix-daemon (in place of `guix offload`) or
 //! Nix 1.x (`NIX_BUILD_HOOK`). The protocol and the choice of reply are in
-//! `sandoff::offload::hook`; this file does the IO around it.
+//! `sandoff::hook`; this file does the IO around it.
 //!
 //! - stdin: requests, then after `# accept` the inputs and outputs lines.
 //! - stdout: the replies (the daemon joins it with stderr and takes lines
@@ -26,11 +26,11 @@ use anyhow::{bail, ensure, Context as _};
 use clap::Args;
 use sandoff::decide::{LocalFacts, Machine, Placement};
 use sandoff::derivation::Derivation;
-use sandoff::offload::hook::{self, Answer};
-use sandoff::offload::protocol::BuildOptions;
-use sandoff::offload::remote::{Attempt, Offloader, Placed, RemoteOutcome};
-use sandoff::offload::slots::Slot;
-use sandoff::offload::ssh::SshOptions;
+use sandoff::hook::{self, Answer};
+use sandoff::remote::offloader::{Attempt, Offloader, Placed, RemoteOutcome};
+use sandoff::remote::slots::Slot;
+use sandoff::remote::ssh::SshOptions;
+use sandoff::serve_protocol::BuildOptions;
 use sandoff::store::local::LocalStore;
 use sandoff::store::{StoreLocation, StorePath};
 
@@ -167,7 +167,7 @@ pub fn run(args: HookArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The answer to one request (see `sandoff::offload::hook` for the rules).
+/// The answer to one request (see `sandoff::hook` for the rules).
 fn answer(
     args: &HookArgs,
     store: &LocalStore,

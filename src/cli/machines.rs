@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use sandoff::decide::{self, file, Machine};
-use sandoff::offload::remote::Offloader;
-use sandoff::offload::ssh::SshOptions;
+use sandoff::remote::offloader::Offloader;
+use sandoff::remote::ssh::SshOptions;
 use sandoff::store::StoreLocation;
 
 /// Where the machines come from.

@@ -3,7 +3,7 @@
 //! `ssh://` store runs on the remote machine). With `--write` it also builds
 //! (`BuildDerivation`, `BuildPaths`) in the local sandbox as the build users
 //! of `--build-users-group`, streaming build logs on stderr, which ssh
-//! carries to the client; see `sandoff::offload::serve`.
+//! carries to the client; see `sandoff::serve`.
 
 use std::io::{self, BufReader, BufWriter};
 use std::os::fd::AsFd;
@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::Args;
-use sandoff::offload::serve::{serve_with_builds, BuildSetup, ServeOptions};
+use sandoff::serve::{serve_with_builds, BuildSetup, ServeOptions};
 use sandoff::store::StoreLocation;
 
 use super::build::BuildUsersArgs;

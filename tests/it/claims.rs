@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use sandoff::derivation::{Derivation, DerivationOutput, OutputName};
-use sandoff::offload::serve::{serve, ServeOptions, SERVE_MAGIC_1, SERVE_MAGIC_2};
+use sandoff::serve::{serve, ServeOptions, SERVE_MAGIC_1, SERVE_MAGIC_2};
 use sandoff::store::export::write_export;
 use sandoff::store::{nar, wire, HashAlgo, StoreDir, StorePath, ValidPathInfo};
 

@@ -1,4 +1,4 @@
-//! The serve client (`offload::client`) over a local child process
+//! The serve client (`remote::client`) over a local child process
 //! (`ChildTransport`): against `sandoff serve --stdio --write`, against Nix
 //! 2.8's `nix-store --serve --write` (including a real `BuildDerivation`),
 //! and against programs that do not speak the protocol.
@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use sandoff::derivation::{
     hash_derivation_modulo, Derivation, DerivationOutput, DrvHasher, OutputName,
 };
-use sandoff::offload::client::{ClientError, ServeClient};
-use sandoff::offload::protocol::{
+use sandoff::remote::client::{ClientError, ServeClient};
+use sandoff::remote::transport::{ChildTransport, Transport};
+use sandoff::serve_protocol::{
     read_basic_derivation, write_basic_derivation, BuildOptions, BuildResult, BuildStatus,
 };
-use sandoff::offload::transport::{ChildTransport, Transport};
 use sandoff::store::export::write_export;
 use sandoff::store::local::LocalStore;
 use sandoff::store::wire;

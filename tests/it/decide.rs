@@ -386,8 +386,8 @@ fn decide_without_machines_file_is_local() {
 
 #[test]
 fn decide_sees_backoff_and_slots_held_on_this_host() {
-    use sandoff::offload::backoff::Backoff;
-    use sandoff::offload::slots::SlotDir;
+    use sandoff::remote::backoff::Backoff;
+    use sandoff::remote::slots::SlotDir;
     let root = store_with_drvs();
     let guix = fixture("etc/guix/machines.scm");
     let machines = parse_guix(&guix);

@@ -14,8 +14,8 @@ use std::process::{Command, Output, Stdio};
 
 use sandoff::decide::file::DEFAULT_LOCATIONS;
 use sandoff::decide::Machine;
-use sandoff::offload::backoff::Backoff;
-use sandoff::offload::slots::SlotDir;
+use sandoff::remote::backoff::Backoff;
+use sandoff::remote::slots::SlotDir;
 use sandoff::store::local::LocalStore;
 use sandoff::store::{StoreDir, StoreLocation, StorePath};
 use serde_json::json;

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sandoff::derivation::{Derivation, DerivationOutput, OutputName};
-use sandoff::offload::protocol::{write_basic_derivation, BuildOptions, BuildResult, BuildStatus};
-use sandoff::offload::serve::{
+use sandoff::serve::{
     serve, ServeError, ServeOptions, SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION,
 };
+use sandoff::serve_protocol::{write_basic_derivation, BuildOptions, BuildResult, BuildStatus};
 use sandoff::store::export::write_export;
 use sandoff::store::keyring::Keyring;
 use sandoff::store::local::LocalStore;

@@ -1,4 +1,4 @@
-//! `offload::ssh` against real sshd test hosts: host keys, authentication,
+//! `remote::ssh` against real sshd test hosts: host keys, authentication,
 //! timeouts, big streams, chatty stderr and a link that dies.
 
 use std::io::{Read, Write};
@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use sandoff::decide::nix_format::{self, NoIncludes};
 use sandoff::decide::{Machine, MachineFormat, MachineName};
-use sandoff::offload::ssh::{SshError, SshOptions, SshSession};
-use sandoff::offload::transport::Transport;
+use sandoff::remote::ssh::{SshError, SshOptions, SshSession};
+use sandoff::remote::transport::Transport;
 
 use crate::hosts::{TestHost, NEEDS};
 use crate::support;

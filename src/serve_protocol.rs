@@ -1,7 +1,10 @@
-//! The serve protocol's structured values, shared by the client
-//! ([`super::client`]) and the server ([`super::serve`]): the
-//! `BasicDerivation` of `BuildDerivation`, build options and `BuildResult`,
-//! as Nix 2.8 (protocol 2.7) writes them. See `offload.md` §4.4.
+//! Nix's serve protocol (`nix-store --serve`, 2.7), what the client
+//! ([`crate::remote::client`]) and the server ([`crate::serve`]) share: the
+//! magic numbers and version, the command numbers, the limits, and the
+//! structured values: the `BasicDerivation` of `BuildDerivation`, build
+//! options and `BuildResult`, as Nix 2.8 writes them. See `offload.md` §4.4.
+//! It is a leaf above the store and derivations: both sides use it, and it
+//! uses neither.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -9,6 +12,27 @@ use std::io::{Read, Write};
 use crate::derivation::{Derivation, FixedPaths, OutputName, RawDerivation, RawOutput};
 use crate::store::wire::{self, WireError};
 use crate::store::{StoreDir, StorePath};
+
+/// Sent by the client to open a session.
+pub const SERVE_MAGIC_1: u64 = 0x390c_9deb;
+/// The server's answer to [`SERVE_MAGIC_1`].
+pub const SERVE_MAGIC_2: u64 = 0x5452_eecb;
+/// The protocol version both sides speak: 2.7, as Nix 2.4 to 2.28.
+pub const SERVE_PROTOCOL_VERSION: u64 = 0x207;
+
+/// The serve commands, numbered as in Nix's `serve-protocol.hh`; one list
+/// for the client and the server.
+pub mod cmd {
+    pub const QUERY_VALID_PATHS: u64 = 1;
+    pub const QUERY_PATH_INFOS: u64 = 2;
+    pub const DUMP_STORE_PATH: u64 = 3;
+    pub const IMPORT_PATHS: u64 = 4;
+    pub const EXPORT_PATHS: u64 = 5;
+    pub const BUILD_PATHS: u64 = 6;
+    pub const QUERY_CLOSURE: u64 = 7;
+    pub const BUILD_DERIVATION: u64 = 8;
+    pub const ADD_TO_STORE_NAR: u64 = 9;
+}
 
 /// Why a protocol value could not be read or written.
 #[derive(Debug, thiserror::Error)]

@@ -31,12 +31,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::backoff::{Backoff, BackoffError};
 use super::client::{ClientError, ServeClient};
-use super::protocol::{BuildOptions, BuildResult, BuildStatus};
 use super::slots::{Slot, SlotDir, SlotError};
 use super::ssh::{remote_command, SshChannel, SshError, SshOptions, SshSession};
 use super::transport::Transport;
 use crate::decide::{self, Decision, DrvFacts, Machine, MachineName, MachineState, Placement};
 use crate::derivation::{Derivation, DerivationOutput};
+use crate::serve_protocol::{BuildOptions, BuildResult, BuildStatus};
 use crate::store::export::{ExportError, ExportWriter};
 use crate::store::hash::HashingReader;
 use crate::store::keyring::{Keyring, KeyringError};

@@ -11,12 +11,12 @@ use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use super::protocol::{
-    write_basic_derivation, BuildOptions, BuildResult, ProtocolError, MAX_ITEMS, MAX_STRING,
-};
-use super::serve::{SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION};
 use super::transport::Transport;
 use crate::derivation::Derivation;
+use crate::serve_protocol::{
+    write_basic_derivation, BuildOptions, BuildResult, ProtocolError, MAX_ITEMS, MAX_STRING,
+};
+use crate::serve_protocol::{SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION};
 use crate::store::signature::Signature;
 use crate::store::wire::{self, WireError};
 use crate::store::{ContentAddress, Hash, HashAlgo, StoreDir, StorePath, ValidPathInfo};
@@ -49,16 +49,7 @@ pub enum ClientError {
     TimedOut { what: &'static str },
 }
 
-/// The serve commands, numbered as in Nix's `serve-protocol.hh`.
-mod cmd {
-    pub const QUERY_VALID_PATHS: u64 = 1;
-    pub const QUERY_PATH_INFOS: u64 = 2;
-    pub const DUMP_STORE_PATH: u64 = 3;
-    pub const IMPORT_PATHS: u64 = 4;
-    pub const BUILD_PATHS: u64 = 6;
-    pub const QUERY_CLOSURE: u64 = 7;
-    pub const BUILD_DERIVATION: u64 = 8;
-}
+use crate::serve_protocol::cmd;
 
 /// Longest `BuildPaths` error message accepted.
 const MAX_MESSAGE: u64 = 16 << 20;

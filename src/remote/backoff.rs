@@ -14,7 +14,7 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::decide::MachineName;
-use crate::offload::slots::escape_name;
+use crate::remote::slots::escape_name;
 
 /// The first backoff.
 pub const FIRST: Duration = Duration::from_secs(30);

@@ -45,7 +45,7 @@
 //!   to a daemon that cannot start it now.
 //!
 //! After the accept the caller builds with
-//! [`super::remote::Offloader::build_on`] and exits with [`exit_code`]: 0
+//! [`crate::remote::offloader::Offloader::build_on`] and exits with [`exit_code`]: 0
 //! when the outputs are valid here, [`EXIT_BUILD_FAILED`] (100) for a
 //! failed remote build, [`EXIT_TIMED_OUT`] (101) for a timeout, 1 for
 //! anything else (the daemon's transient "hook failure").
@@ -55,7 +55,7 @@ use std::fmt;
 use std::io::{self, BufRead, Write};
 
 use crate::decide::{Decision, LocalFacts, Machine, Placement, Policy};
-use crate::offload::protocol::BuildStatus;
+use crate::serve_protocol::BuildStatus;
 use crate::store::{StoreDir, StorePath};
 
 /// Exit status for a build that failed on the machine (the daemon's

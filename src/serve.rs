@@ -71,15 +71,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::protocol::{
-    self, BuildOptions, BuildResult, BuildStatus, ProtocolError, MAX_ITEMS, MAX_STRING,
-};
 use crate::build::local::{realise_one, remove_stale_build_dirs, StepOutcome};
 use crate::build::{self, builds_dir, BuildContext, BuildError, Event, Options};
 use crate::decide::Placement;
 use crate::derivation::modulo::hash_derivation_modulo;
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::sandbox::{BuildOutcome, UserPool};
+use crate::serve_protocol::{
+    self, BuildOptions, BuildResult, BuildStatus, ProtocolError, MAX_ITEMS, MAX_STRING,
+};
 use crate::store::export::{import_paths, write_export, ExportError, SignaturePolicy};
 use crate::store::keyring::Keyring;
 use crate::store::local::{LocalStore, StoreError};
@@ -91,25 +91,8 @@ use crate::store::{
     ContentAddress, Hash, HashAlgo, HashError, PathError, StorePath, ValidPathInfo,
 };
 
-/// Sent by the client to open a session.
-pub const SERVE_MAGIC_1: u64 = 0x390c_9deb;
-/// Our answer to [`SERVE_MAGIC_1`].
-pub const SERVE_MAGIC_2: u64 = 0x5452_eecb;
-/// The protocol version we speak: 2.7, as Nix 2.4 to 2.28.
-pub const SERVE_PROTOCOL_VERSION: u64 = 0x207;
-
-/// The serve commands, numbered as in Nix's `serve-protocol.hh`.
-mod cmd {
-    pub const QUERY_VALID_PATHS: u64 = 1;
-    pub const QUERY_PATH_INFOS: u64 = 2;
-    pub const DUMP_STORE_PATH: u64 = 3;
-    pub const IMPORT_PATHS: u64 = 4;
-    pub const EXPORT_PATHS: u64 = 5;
-    pub const BUILD_PATHS: u64 = 6;
-    pub const QUERY_CLOSURE: u64 = 7;
-    pub const BUILD_DERIVATION: u64 = 8;
-    pub const ADD_TO_STORE_NAR: u64 = 9;
-}
+use crate::serve_protocol::cmd;
+pub use crate::serve_protocol::{SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION};
 
 /// How the server may use its store.
 #[derive(Clone, Copy, Debug, Default)]
@@ -567,7 +550,7 @@ impl Server<'_, '_> {
                 path: dir.display(&drv_path),
             });
         };
-        let drv = protocol::read_basic_derivation(self.input, &dir, drv_name)
+        let drv = serve_protocol::read_basic_derivation(self.input, &dir, drv_name)
             .map_err(ServeError::Protocol)?;
         let options =
             BuildOptions::read(self.input, self.client_minor).map_err(ServeError::Protocol)?;
