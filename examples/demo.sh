@@ -106,7 +106,8 @@ cat "$work/g$top/summary"
 if [ "$(id -u)" = 0 ] && [ -x /usr/sbin/sshd ]; then
     step "offload the same graph to two build hosts on this machine (examples/testhosts.sh)"
     # Real sshd hosts on 127.0.0.2-3, each with its own store and signing key.
-    export SANDOFF_USER_POOL_DIR=$work/o/nix/var/sandoff/userpool
+    # Hosts and client lock the build users in the machine-wide default
+    # directory (/run/sandoff/userpool), as every sandoff here must.
     SANDOFF="$sandoff" TESTHOSTS_PORT=2322 "$here/examples/testhosts.sh" start 2 "$work/hosts"
     trap '"$here/examples/testhosts.sh" stop "$work/hosts"; rm -rf "$work"' EXIT
     O=(--store-root "$work/o")

@@ -55,7 +55,7 @@
 #       (on sandoff hosts DIR/hostI/bin comes first: its `nix-store` runs
 #       `sandoff serve` for `nix-store --serve`, so that `nix-copy-closure
 #       --to` and plain `ssh://` Nix stores work against the host)
-#   SANDOFF_USER_POOL_DIR=${SANDOFF_USER_POOL_DIR:-/nix/var/sandoff/userpool}
+#   SANDOFF_USER_POOL_DIR=${SANDOFF_USER_POOL_DIR:-/run/sandoff/userpool}
 #       and SANDOFF_BUILD_USERS_GROUP (if set): build users are system-wide,
 #       so every sandoff on this machine, hosts and the local client alike,
 #       must lock them in the same directory; give the client the same value.
@@ -116,7 +116,7 @@ start() {
     mandatory=$(field "${TESTHOSTS_MANDATORY:-}")
     local max_jobs=${TESTHOSTS_MAX_JOBS:-2} speed=${TESTHOSTS_SPEED:-1}
     [[ $max_jobs =~ ^[0-9]+$ ]] || die "TESTHOSTS_MAX_JOBS must be a number, not '$max_jobs'"
-    local pool=${SANDOFF_USER_POOL_DIR:-/nix/var/sandoff/userpool}
+    local pool=${SANDOFF_USER_POOL_DIR:-/run/sandoff/userpool}
     mkdir -p "$dir" /run/sshd "$pool"
     dir=$(cd "$dir" && pwd)
     mkdir -p "$dir/bin"

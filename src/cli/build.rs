@@ -34,6 +34,7 @@ use clap::Args;
 use sandoff::build::{self, BuildContext, Event, Options};
 use sandoff::remote::offloader::Offloader;
 use sandoff::sandbox::setup::DEFAULT_GROUP;
+use sandoff::sandbox::users::DEFAULT_USER_POOL_DIR;
 use sandoff::sandbox::UserPool;
 use sandoff::store::{StoreLocation, StorePath};
 use serde_json::json;
@@ -44,8 +45,9 @@ pub struct BuildUsersArgs {
     /// The group whose members are the build users.
     #[arg(long, env = "SANDOFF_BUILD_USERS_GROUP", value_name = "NAME", default_value = DEFAULT_GROUP)]
     pub build_users_group: String,
-    /// Directory of the build users' lock files (default: <state>/userpool). Every
-    /// store whose builds share the build users must share it.
+    /// Directory of the build users' lock files (default: /run/sandoff/userpool,
+    /// one for the whole machine, since the build users are). Every sandoff
+    /// process whose builds use these build users must share it.
     #[arg(long, env = "SANDOFF_USER_POOL_DIR", value_name = "DIR")]
     pub user_pool_dir: Option<PathBuf>,
 }
@@ -53,11 +55,11 @@ pub struct BuildUsersArgs {
 impl BuildUsersArgs {
     /// The pool, or why there is none (kept until something must be built:
     /// realising valid outputs needs no build user).
-    pub fn pool(&self, loc: &StoreLocation) -> Result<UserPool, String> {
+    pub fn pool(&self) -> Result<UserPool, String> {
         let dir = self
             .user_pool_dir
             .clone()
-            .unwrap_or_else(|| loc.state.join("userpool"));
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_USER_POOL_DIR));
         UserPool::from_group(&self.build_users_group, &dir).map_err(|e| e.to_string())
     }
 }
@@ -119,7 +121,7 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<_>>()?;
     let store = sandoff::derivation::check::open_store(loc.clone())?;
     // Needed only if something is to be built; the error is kept until then.
-    let pool = args.users.pool(loc);
+    let pool = args.users.pool();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
     let jobs = args.jobs.map_or(cores, |j| j as usize);

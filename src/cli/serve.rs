@@ -36,7 +36,7 @@ pub fn run(args: ServeArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     }
     let store = sandoff::derivation::check::open_store(loc.clone())?;
     // Needed only if something is to be built; the error is kept until then.
-    let pool = args.users.pool(loc);
+    let pool = args.users.pool();
     let stdin = io::stdin();
     let mut input = BufReader::new(stdin.lock());
     let mut output = BufWriter::new(io::stdout().lock());

@@ -100,9 +100,17 @@ pub struct UserLease {
     _lock: Flock<File>,
 }
 
+/// Where the build users' lock files are by default. The build users belong
+/// to the machine, not to a store, so every sandoff process on the machine
+/// must lock them in one place, whatever its store or state directory: two
+/// processes with their own lock directories would give one uid to two
+/// builds, and each build kills the uid's other processes. Under `/run`, so
+/// it is always local, and cleared at boot with the locks it holds.
+pub const DEFAULT_USER_POOL_DIR: &str = "/run/sandoff/userpool";
+
 impl UserPool {
     /// The members of `group`, locked through files in `lock_dir`
-    /// (`<state>/userpool`, created if needed).
+    /// ([`DEFAULT_USER_POOL_DIR`] unless told otherwise; created if needed).
     pub fn from_group(group: &str, lock_dir: &Path) -> Result<UserPool, UserError> {
         let gr = Group::from_name(group)
             .map_err(lookup_err(group))?
@@ -144,10 +152,13 @@ impl UserPool {
 
     /// A pool of the given users.
     pub fn new(users: Vec<BuildUser>, lock_dir: &Path) -> Result<UserPool, UserError> {
-        std::fs::create_dir_all(lock_dir).map_err(|source| UserError::Lock {
-            path: lock_dir.to_path_buf(),
-            source,
-        })?;
+        // Private: a lock file another user could hold would stall our builds.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(lock_dir)
+            .map_err(|source| UserError::Lock {
+                path: lock_dir.to_path_buf(),
+                source,
+            })?;
         Ok(UserPool {
             users,
             lock_dir: lock_dir.to_path_buf(),

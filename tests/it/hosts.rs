@@ -380,7 +380,7 @@ impl Drop for TestHost {
 /// the tests uses (build, sandbox, serve), since the build users are
 /// system-wide and two builds must never share one.
 pub fn user_pool_dir() -> PathBuf {
-    std::env::temp_dir().join("sandoff-it-userpool")
+    PathBuf::from(sandoff::sandbox::users::DEFAULT_USER_POOL_DIR)
 }
 
 /// The parent of every process, from `/proc/<pid>/stat`.

@@ -15,3 +15,4 @@ mod serve;
 mod ssh;
 mod support;
 mod transfer;
+mod userpool;

@@ -59,7 +59,7 @@ fn pool() -> &'static UserPool {
             count: 10,
         })
         .expect("sandoff setup");
-        let locks = std::env::temp_dir().join("sandoff-it-userpool");
+        let locks = std::path::Path::new(sandoff::sandbox::users::DEFAULT_USER_POOL_DIR);
         UserPool::from_group("sandoffbld", &locks).expect("build user pool")
     })
 }

@@ -514,10 +514,7 @@ impl BuildStore {
         let mut c = support::sandoff();
         c.arg("--store-root")
             .arg(self.tmp.path().join("root"))
-            .env(
-                "SANDOFF_USER_POOL_DIR",
-                std::env::temp_dir().join("sandoff-it-userpool"),
-            )
+            .env_remove("SANDOFF_USER_POOL_DIR")
             .env_remove("SANDOFF_STORE_DIR")
             .env_remove("SANDOFF_STATE_DIR")
             .env_remove("RUST_LOG");
@@ -933,7 +930,7 @@ fn serve_builds_for_nix_2_8_build_remote() {
         &program,
         format!(
             "#!/bin/sh\nexport SANDOFF_USER_POOL_DIR={}\nexec sandoff serve --stdio --write\n",
-            std::env::temp_dir().join("sandoff-it-userpool").display()
+            std::path::Path::new(sandoff::sandbox::users::DEFAULT_USER_POOL_DIR).display()
         ),
     )
     .expect("write serve script");
