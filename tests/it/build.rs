@@ -626,14 +626,12 @@ fn silent_and_overlong_builds_are_killed() {
     let silent = s.drv(
         "silent",
         Spec {
-            script: "sleep 30; echo > $out",
+            script: "sleep 1000; echo > $out",
             ..Spec::default()
         },
     );
-    let start = Instant::now();
     let out = s.build(&["--max-silent-time", "1", &silent]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(start.elapsed() < Duration::from_secs(10));
     assert!(
         text(&out.stderr).contains("timed out after 1 seconds of silence"),
         "{}",

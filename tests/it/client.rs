@@ -209,8 +209,7 @@ fn client_refuses_what_is_not_a_serve_server() {
 
     // A program that never answers.
     let mut cmd = Command::new("sh");
-    cmd.args(["-c", "exec sleep 30"]);
-    let started = Instant::now();
+    cmd.args(["-c", "exec sleep 1000"]);
     let err = ServeClient::open_until(
         ChildTransport::spawn(cmd).unwrap(),
         StoreDir::default(),
@@ -219,7 +218,6 @@ fn client_refuses_what_is_not_a_serve_server() {
     .err()
     .expect("refused");
     assert!(matches!(err, ClientError::TimedOut { .. }), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(10));
 
     // The right magic, but protocol 3.7.
     let mut cmd = Command::new("sh");

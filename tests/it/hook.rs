@@ -23,6 +23,7 @@ use tempfile::TempDir;
 
 use crate::hosts::{self, TestHost};
 use crate::support::{self, Need};
+use crate::this_test;
 
 /// A store under a temporary directory.
 struct Local {
@@ -209,8 +210,9 @@ fn hook_declines_everything_without_machines() {
     assert_eq!(text(&out.stdout), "# decline\n# decline\n");
 
     // No machines file at all (the default locations must be absent).
-    if let Some(p) = DEFAULT_LOCATIONS.iter().find(|p| Path::new(p).exists()) {
-        eprintln!("SKIP hook_declines_everything_without_machines (no file): {p} exists");
+    let none = !DEFAULT_LOCATIONS.iter().any(|p| Path::new(p).exists());
+    let what = "no machines file in the default locations";
+    if !support::require(this_test!(), &[Need::Condition { what, met: none }]) {
         return;
     }
     let out = talk(&mut s.hook(None), &input);

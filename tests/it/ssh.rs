@@ -13,7 +13,8 @@ use sandoff::remote::ssh::{SshError, SshOptions, SshSession};
 use sandoff::remote::transport::Transport;
 
 use crate::hosts::{TestHost, NEEDS};
-use crate::support;
+use crate::support::{self, Need};
+use crate::this_test;
 
 /// The machine entry that testhosts.sh wrote for `host`.
 fn machine(host: &TestHost) -> Machine {
@@ -263,15 +264,14 @@ fn ssh_nothing_listening_fails_fast() {
         .expect("port")
         .port();
     let m = bare_machine("127.0.0.1", port);
-    let start = Instant::now();
+    // Fast: refused at once, not given up on after the connect timeout.
     let err = connect_err(&m, &opts());
-    assert!(matches!(err, SshError::Connect { .. }), "{err}");
-    assert!(err.is_machine_failure());
     assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        start.elapsed()
+        matches!(&err, SshError::Connect { source, .. }
+            if source.kind() == std::io::ErrorKind::ConnectionRefused),
+        "{err}"
     );
+    assert!(err.is_machine_failure());
     assert!(
         err.to_string().contains(&format!("127.0.0.1:{port}")),
         "{err}"
@@ -283,9 +283,12 @@ fn ssh_silent_server_times_out_in_handshake() {
     // Accepts the connection and never says a word.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
+    // Holds the connection, silent, until told to let go: a connect that
+    // returns first gave up on its own, at the handshake.
+    let (release, held) = std::sync::mpsc::channel::<()>();
     let holder = std::thread::spawn(move || {
         let conn = listener.accept();
-        std::thread::sleep(Duration::from_secs(3));
+        let _ = held.recv_timeout(Duration::from_secs(300));
         drop(conn);
     });
     let m = bare_machine("127.0.0.1", port);
@@ -293,11 +296,9 @@ fn ssh_silent_server_times_out_in_handshake() {
         connect_timeout: Duration::from_millis(700),
         ..opts()
     };
-    let start = Instant::now();
     let err = connect_err(&m, &o);
-    let took = start.elapsed();
+    let _ = release.send(());
     assert!(matches!(err, SshError::Handshake { .. }), "{err}");
-    assert!(took < Duration::from_secs(2), "{took:?}");
     holder.join().expect("holder");
 }
 
@@ -336,8 +337,8 @@ fn ssh_connect_to_a_full_backlog_times_out() {
             Err(_) => true,
         }
     });
-    if !full {
-        eprintln!("SKIP ssh_connect_to_a_full_backlog_times_out: the backlog never filled");
+    let what = "a listen backlog that fills (SYNs dropped once full)";
+    if !support::require(this_test!(), &[Need::Condition { what, met: full }]) {
         return;
     }
     let m = bare_machine("127.0.0.1", port);
@@ -352,10 +353,8 @@ fn ssh_connect_to_a_full_backlog_times_out() {
         matches!(&err, SshError::Connect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut),
         "{err}"
     );
-    assert!(
-        took >= Duration::from_millis(700) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
+    // It waited for its timeout (a lower bound: load only makes it truer).
+    assert!(took >= Duration::from_millis(700), "{took:?}");
     drop(queued);
 }
 
@@ -414,13 +413,11 @@ fn ssh_wait_reply_copies_5_mib_of_stderr_without_deadlock() {
     assert_eq!(channel.close().expect("close"), 0);
 
     // Silence until the deadline: TimedOut; a program that ends: EOF.
-    let mut channel = session.exec("sleep 5").expect("exec");
-    let start = Instant::now();
+    let mut channel = session.exec("sleep 1000").expect("exec");
     let err = channel
         .wait_reply(&mut log, Some(Instant::now() + Duration::from_millis(500)))
         .expect_err("times out");
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
-    assert!(start.elapsed() < Duration::from_secs(2));
     drop(channel);
     let mut channel = session.exec("echo bye >&2; exit 5").expect("exec");
     let mut log = Vec::new();
@@ -435,9 +432,9 @@ fn ssh_wait_reply_copies_5_mib_of_stderr_without_deadlock() {
     let channel = session
         .exec(&format!("cat >/dev/null; touch {}", marker.display()))
         .expect("exec");
-    let start = Instant::now();
+    // A drop that waited for the process would never return: the
+    // process ends only on the EOF the drop sends.
     drop(channel);
-    assert!(start.elapsed() < Duration::from_secs(1));
     let seen = (0..50).any(|_| {
         std::thread::sleep(Duration::from_millis(100));
         marker.exists()
@@ -498,18 +495,13 @@ fn ssh_wait_reply_fails_when_sshd_dies() {
             );
         }
     });
-    let start = Instant::now();
     let mut log = Vec::new();
     let err = channel
-        .wait_reply(&mut log, Some(Instant::now() + Duration::from_secs(30)))
+        .wait_reply(&mut log, Some(Instant::now() + Duration::from_secs(300)))
         .expect_err("the link is gone");
     killer.join().expect("killer");
+    // Noticed as a dead link, not by running out the deadline.
     assert_ne!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        start.elapsed()
-    );
     assert!(err.to_string().contains(&host.addr), "{err}");
     // The dead session refuses new commands instead of hanging.
     assert!(session.exec("true").is_err());
@@ -648,11 +640,9 @@ fn ssh_write_fails_when_the_remote_program_exits() {
     let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
     let mut channel = session.exec("head -c 1000 >/dev/null").expect("exec");
     let chunk = vec![7u8; 1 << 20];
-    let start = Instant::now();
     let res = (0..64).try_for_each(|_| channel.write_all(&chunk));
     let err = res.expect_err("writing to a program that is gone fails");
     assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
-    assert!(start.elapsed() < Duration::from_secs(20));
 }
 
 #[test]
@@ -699,16 +689,11 @@ fn ssh_wait_reply_keeps_deadlines_and_answers_promptly() {
         .exec("while :; do echo building >&2; sleep 0.01; done")
         .expect("exec");
     let mut log = Vec::new();
-    let start = Instant::now();
+    // The log never stops, so only the deadline can end the wait.
     let err = channel
         .wait_reply(&mut log, Some(Instant::now() + Duration::from_secs(1)))
         .expect_err("times out");
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
-    assert!(
-        start.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        start.elapsed()
-    );
     assert!(log.starts_with(b"building\n"));
     drop(channel);
 
@@ -716,7 +701,8 @@ fn ssh_wait_reply_keeps_deadlines_and_answers_promptly() {
     let mut channel = session
         .exec("for i in $(seq 100); do echo log$i >&2; echo reply$i; sleep 0.005; done")
         .expect("exec");
-    let start = Instant::now();
+    // Each reply within 20 s: a missed wake-up would wait for the 30 s
+    // keepalive and run out that deadline.
     let mut log = Vec::new();
     let mut replies = String::new();
     for _ in 0..100 {
@@ -733,11 +719,6 @@ fn ssh_wait_reply_keeps_deadlines_and_answers_promptly() {
         }
     }
     channel.drain_log(&mut log).expect("drain");
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        start.elapsed()
-    );
     assert_eq!(replies.lines().count(), 100);
     assert!(replies.starts_with("reply1\nreply2\n"), "{replies}");
     assert_eq!(channel.close().expect("close"), 0);

@@ -12,6 +12,9 @@ pub enum Need {
     Root,
     /// A program on PATH.
     Program(&'static str),
+    /// Something about the machine, probed by the test: `what` it needs,
+    /// and whether it holds.
+    Condition { what: &'static str, met: bool },
 }
 
 impl Need {
@@ -19,14 +22,28 @@ impl Need {
         match self {
             Need::Root => nix::unistd::geteuid().is_root(),
             Need::Program(p) => which(p).is_some(),
+            Need::Condition { met, .. } => met,
         }
     }
     fn describe(self) -> String {
         match self {
             Need::Root => "root".to_owned(),
             Need::Program(p) => p.to_owned(),
+            Need::Condition { what, .. } => what.to_owned(),
         }
     }
+}
+
+/// The name of the test function this is used in, for [`require`], so
+/// that no test types its own name again.
+#[macro_export]
+macro_rules! this_test {
+    () => {{
+        fn here() {}
+        let path = std::any::type_name_of_val(&here);
+        let path = path.strip_suffix("::here").unwrap_or(path);
+        path.rsplit("::").next().unwrap_or(path)
+    }};
 }
 
 /// Probes for what a test needs. Returns `false` (after printing
