@@ -19,11 +19,23 @@
 //! - [`offload`]: other machines: for now the server side of Nix's serve
 //!   protocol (`sandoff serve --stdio`), so Nix can copy paths in and out.
 //!
+//! Two leaf modules serve them all and depend on nothing in the crate:
+//!
+//! - [`termsafe`]: text written by builds (logs, a machine's error
+//!   messages) filtered before it reaches a terminal, keeping colours.
+//! - [`bounded`]: reading input others control (machines files, key files,
+//!   the daemon's lines) with a limit, regular files only.
+//!
+//! They are the lowest layer: `termsafe`, `bounded` < `store` <
+//! `derivation` < the rest.
+//!
 //! The binary (`src/main.rs`) is a thin CLI over these modules.
 
+pub mod bounded;
 pub mod build;
 pub mod decide;
 pub mod derivation;
 pub mod offload;
 pub mod sandbox;
 pub mod store;
+pub mod termsafe;
