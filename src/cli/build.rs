@@ -37,6 +37,7 @@ use sandoff::sandbox::setup::DEFAULT_GROUP;
 use sandoff::sandbox::UserPool;
 use sandoff::store::local::LocalStore;
 use sandoff::store::{StoreLocation, StorePath};
+use sandoff::termsafe;
 use serde_json::json;
 
 /// Which build users local builds run as (`sandoff build`, `sandoff serve`).
@@ -164,6 +165,8 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     } else if !result.success() {
         for (drv, error) in &result.failed {
             let drv = loc.logical(drv);
+            // The error holds the log's last lines and a machine's message.
+            let error = termsafe::filter(error.as_bytes());
             if error.contains(&drv) {
                 eprintln!("error: {error}");
             } else {
@@ -237,7 +240,10 @@ impl Progress {
                 self.name(drv)
             )),
             Event::Log { drv, line } => {
-                let text = format!("{}> {}", drv_short_name(drv), String::from_utf8_lossy(line));
+                // The builder's bytes, filtered: a log must not drive the
+                // terminal (set the clipboard or the title). `--json`
+                // escapes them instead.
+                let text = format!("{}> {}", drv_short_name(drv), termsafe::filter(line));
                 self.line(&text);
             }
             Event::Built { drv, elapsed } => {

@@ -13,6 +13,7 @@ use sandoff::offload::remote::Offloader;
 use sandoff::offload::ssh::SshOptions;
 use sandoff::store::local::LocalStore;
 use sandoff::store::StoreLocation;
+use sandoff::termsafe;
 
 /// Where the machines come from.
 #[derive(Args, Debug, Clone)]
@@ -122,12 +123,13 @@ pub fn run(cmd: MachinesCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode
                     Ok(report) => {
                         println!("{}: ok", m.name);
                         for step in report.passed {
-                            println!("  {step}");
+                            println!("  {}", safe(&step));
                         }
                     }
                     Err(e) => {
                         failed += 1;
-                        println!("{}: FAILED: {}", m.name, error_chain(&e));
+                        // What the machine printed is part of the error.
+                        println!("{}: FAILED: {}", m.name, safe(&error_chain(&e)));
                     }
                 }
             }
@@ -174,7 +176,7 @@ pub fn run(cmd: MachinesCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode
                 println!("{}", m.name);
                 match &st.reachable {
                     Ok(()) => println!("  reachable: yes"),
-                    Err(e) => println!("  reachable: no ({e})"),
+                    Err(e) => println!("  reachable: no ({})", safe(e)),
                 }
                 println!("  systems: {}", list(&m.systems));
                 if let (Some(l), Some(c)) = (st.load, st.cores) {
@@ -189,7 +191,10 @@ pub fn run(cmd: MachinesCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode
                 println!("  slots in use: {}/{}", st.slots_in_use, m.max_jobs);
                 match backoff {
                     Some((n, left, e)) => {
-                        println!("  backoff: {left} s left after {n} failure(s): {e}")
+                        println!(
+                            "  backoff: {left} s left after {n} failure(s): {}",
+                            safe(&e)
+                        )
                     }
                     None => println!("  backoff: none"),
                 }
@@ -254,4 +259,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Text a machine sent (an error, its stderr), made safe for a terminal.
+fn safe(text: &impl std::fmt::Display) -> String {
+    termsafe::filter(text.to_string().as_bytes())
 }
