@@ -66,7 +66,7 @@ impl From<io::Error> for BoundedError {
 }
 
 /// `16 MiB`, `64 KiB` or `100 bytes`.
-fn size(bytes: u64) -> String {
+pub fn size(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
         b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),

@@ -10,15 +10,21 @@
 //! the eighth, and so does this reader (with a warning).
 //!
 //! Nix itself has no guard against `@a` including itself; this reader refuses
-//! include cycles and nesting deeper than [`MAX_INCLUDE_DEPTH`].
+//! include cycles and nesting deeper than [`MAX_INCLUDE_DEPTH`], and reads
+//! at most [`MACHINES_FILE_LIMIT`] bytes for a file and all its includes
+//! together (an include of `/dev/zero`, or one file included a million
+//! times, would otherwise never end).
 
 use std::collections::BTreeSet;
-use std::io;
+use std::path::Path;
 
 use base64::Engine as _;
 use thiserror::Error;
 
 use super::machines::{Machine, MachineError, MachineFormat, MachineName};
+use crate::bounded::{self, BoundedError};
+
+pub use crate::bounded::MACHINES_FILE_LIMIT;
 
 /// How deep `@file` includes may nest before the reader gives up.
 pub const MAX_INCLUDE_DEPTH: usize = 16;
@@ -70,7 +76,17 @@ pub enum NixMachinesError {
         line: usize,
         path: String,
         #[source]
-        source: io::Error,
+        source: BoundedError,
+    },
+    #[error(
+        "{file}:{line}: included machines file '{path}' takes the machines files past their limit of {} together",
+        bounded::size(*limit)
+    )]
+    IncludesTooLarge {
+        file: String,
+        line: usize,
+        path: String,
+        limit: u64,
     },
     #[error("{file}:{line}: machines file '{path}' includes itself (cycle: {chain})")]
     IncludeCycle {
@@ -90,8 +106,9 @@ pub enum NixMachinesError {
 /// Reads the files named by `@file` entries. Passed in so that parsing stays
 /// testable without touching the file system.
 pub trait IncludeReader {
-    /// The text of `path`, `Ok(None)` if it does not exist (Nix skips it).
-    fn read(&self, path: &str) -> io::Result<Option<String>>;
+    /// The text of `path`, `Ok(None)` if it does not exist (Nix skips it);
+    /// more than `limit` bytes is an error ([`BoundedError::TooLarge`]).
+    fn read(&self, path: &str, limit: u64) -> Result<Option<String>, BoundedError>;
 }
 
 /// Reads includes from the file system, relative paths from the working
@@ -100,10 +117,11 @@ pub trait IncludeReader {
 pub struct FsIncludes;
 
 impl IncludeReader for FsIncludes {
-    fn read(&self, path: &str) -> io::Result<Option<String>> {
-        match std::fs::read_to_string(path) {
+    /// Regular files only: a FIFO or device is an error, not a hang.
+    fn read(&self, path: &str, limit: u64) -> Result<Option<String>, BoundedError> {
+        match bounded::read_file_to_string(Path::new(path), limit) {
             Ok(text) => Ok(Some(text)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -115,9 +133,17 @@ impl IncludeReader for FsIncludes {
 pub struct NoIncludes;
 
 impl IncludeReader for NoIncludes {
-    fn read(&self, _path: &str) -> io::Result<Option<String>> {
+    fn read(&self, _path: &str, _limit: u64) -> Result<Option<String>, BoundedError> {
         Ok(None)
     }
+}
+
+/// What parsing carries through the includes: the chain of files being
+/// read (for cycles and depth) and the bytes read so far (for the limit).
+struct Includes<'a> {
+    reader: &'a dyn IncludeReader,
+    chain: Vec<String>,
+    bytes: u64,
 }
 
 /// Parses a machines file. `file` names it in errors; `default_system` is the
@@ -130,15 +156,12 @@ pub fn parse(
     includes: &dyn IncludeReader,
 ) -> Result<Vec<Machine>, NixMachinesError> {
     let mut machines = Vec::new();
-    let mut chain = vec![file.to_owned()];
-    parse_into(
-        text,
-        file,
-        default_system,
-        includes,
-        &mut chain,
-        &mut machines,
-    )?;
+    let mut includes = Includes {
+        reader: includes,
+        chain: vec![file.to_owned()],
+        bytes: text.len() as u64,
+    };
+    parse_into(text, file, default_system, &mut includes, &mut machines)?;
     Ok(machines)
 }
 
@@ -146,8 +169,7 @@ fn parse_into(
     text: &str,
     file: &str,
     default_system: &str,
-    includes: &dyn IncludeReader,
-    chain: &mut Vec<String>,
+    includes: &mut Includes<'_>,
     out: &mut Vec<Machine>,
 ) -> Result<(), NixMachinesError> {
     for (index, raw_line) in text.split('\n').enumerate() {
@@ -160,7 +182,7 @@ fn parse_into(
             }
             if let Some(path) = entry.strip_prefix('@') {
                 let path = path.trim_matches(|c| " \t\r\n".contains(c));
-                include(path, file, line, default_system, includes, chain, out)?;
+                include(path, file, line, default_system, includes, out)?;
                 continue;
             }
             out.push(parse_entry(entry, file, line, default_system)?);
@@ -174,12 +196,11 @@ fn include(
     file: &str,
     line: usize,
     default_system: &str,
-    includes: &dyn IncludeReader,
-    chain: &mut Vec<String>,
+    includes: &mut Includes<'_>,
     out: &mut Vec<Machine>,
 ) -> Result<(), NixMachinesError> {
-    if chain.iter().any(|p| p == path) {
-        let mut names = chain.clone();
+    if includes.chain.iter().any(|p| p == path) {
+        let mut names = includes.chain.clone();
         names.push(path.to_owned());
         return Err(NixMachinesError::IncludeCycle {
             file: file.to_owned(),
@@ -188,28 +209,39 @@ fn include(
             chain: names.join(" -> "),
         });
     }
-    if chain.len() > MAX_INCLUDE_DEPTH {
+    if includes.chain.len() > MAX_INCLUDE_DEPTH {
         return Err(NixMachinesError::IncludeTooDeep {
             file: file.to_owned(),
             line,
             max: MAX_INCLUDE_DEPTH,
         });
     }
+    let left = MACHINES_FILE_LIMIT.saturating_sub(includes.bytes);
     let text = includes
-        .read(path)
-        .map_err(|source| NixMachinesError::Include {
-            file: file.to_owned(),
-            line,
-            path: path.to_owned(),
-            source,
+        .reader
+        .read(path, left)
+        .map_err(|source| match source {
+            BoundedError::TooLarge { .. } => NixMachinesError::IncludesTooLarge {
+                file: file.to_owned(),
+                line,
+                path: path.to_owned(),
+                limit: MACHINES_FILE_LIMIT,
+            },
+            source => NixMachinesError::Include {
+                file: file.to_owned(),
+                line,
+                path: path.to_owned(),
+                source,
+            },
         })?;
     let Some(text) = text else {
         tracing::debug!("cannot find machines file '{path}' (included from {file}:{line})");
         return Ok(());
     };
-    chain.push(path.to_owned());
-    let result = parse_into(&text, path, default_system, includes, chain, out);
-    chain.pop();
+    includes.bytes += text.len() as u64;
+    includes.chain.push(path.to_owned());
+    let result = parse_into(&text, path, default_system, includes, out);
+    includes.chain.pop();
     result
 }
 
@@ -481,8 +513,12 @@ mod tests {
 
     struct MapIncludes(BTreeMap<&'static str, &'static str>);
     impl IncludeReader for MapIncludes {
-        fn read(&self, path: &str) -> io::Result<Option<String>> {
-            Ok(self.0.get(path).map(|s| (*s).to_owned()))
+        fn read(&self, path: &str, limit: u64) -> Result<Option<String>, BoundedError> {
+            match self.0.get(path) {
+                Some(s) if s.len() as u64 > limit => Err(BoundedError::TooLarge { limit }),
+                Some(s) => Ok(Some((*s).to_owned())),
+                None => Ok(None),
+            }
         }
     }
 
@@ -596,6 +632,20 @@ mod tests {
         assert_eq!(
             e,
             "/b:1: machines file '/a' includes itself (cycle: machines -> /a -> /b -> /a)"
+        );
+    }
+
+    #[test]
+    fn includes_share_one_byte_limit() {
+        // One small file included many times: each read alone is small,
+        // together they pass the limit.
+        let big: &'static str = "x".repeat(1 << 20).leak();
+        let inc = MapIncludes(BTreeMap::from([("/big", big)]));
+        let text = "@/big\n".repeat(20);
+        let e = parse(&text, "machines", "s", &inc).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "machines:16: included machines file '/big' takes the machines files past their limit of 16 MiB together"
         );
     }
 

@@ -218,6 +218,63 @@ fn machines_list_reports_parse_errors_with_line() {
     );
 }
 
+/// `sandoff machines list --machines FILE`, which must fail at once with
+/// one line on stderr that names `FILE`.
+fn assert_machines_file_refused(file: &Path, why: &str) {
+    let out = support::output_or_kill(
+        support::sandoff()
+            .args(["machines", "list", "--machines"])
+            .arg(file),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.len() < 1024, "a short line: {err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(err.contains(why), "{err}");
+}
+
+#[test]
+fn machines_file_that_is_dev_zero_is_refused() {
+    assert_machines_file_refused(
+        Path::new("/dev/zero"),
+        "not a regular file (it is a character device)",
+    );
+}
+
+#[test]
+fn machines_file_including_dev_zero_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("machines");
+    std::fs::write(&file, "a\n@/dev/zero\n").unwrap();
+    assert_machines_file_refused(
+        &file,
+        "machines:2: cannot read included machines file '/dev/zero': not a regular file",
+    );
+}
+
+#[test]
+fn machines_file_that_is_a_fifo_is_refused_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("machines");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    assert_machines_file_refused(&fifo, "not a regular file (it is a FIFO)");
+    let file = dir.path().join("including");
+    std::fs::write(&file, format!("@{}\n", fifo.display())).unwrap();
+    assert_machines_file_refused(&file, "not a regular file (it is a FIFO)");
+}
+
+#[test]
+fn machines_file_over_the_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("machines");
+    let f = std::fs::File::create(&file).unwrap();
+    // Sparse: the size is what counts, not the disk it takes.
+    f.set_len(sandoff::bounded::MACHINES_FILE_LIMIT + 1)
+        .unwrap();
+    assert_machines_file_refused(&file, "larger than the limit of 16 MiB");
+}
+
 /// A store root holding the derivation fixtures made by Nix 2.8.
 fn store_with_drvs() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
