@@ -150,19 +150,38 @@ fn other_escape(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) {
     }
 }
 
-/// How many characters of bad input an error message quotes.
-pub const QUOTE_CHARS: usize = 80;
+/// How many bytes of escaped bad input an error message quotes at most:
+/// a whole store path or hook request fits, a flood does not.
+pub const QUOTE_MAX: usize = 320;
 
-/// A short quote of `text` for a one-line error message: its first
-/// [`QUOTE_CHARS`] characters, escaped as a Rust string literal (so no
-/// control character or newline gets through), with `…` and the full
-/// length when cut. Bad input may be huge, or a secret read by mistake: an
-/// error shows enough to find it, not all of it.
+/// A short quote of `text` for a one-line error message: escaped as a
+/// Rust string literal (so no control character or newline gets through),
+/// cut after at most [`QUOTE_MAX`] bytes of escaped text, with `…` and the
+/// full length when cut. Bad input may be huge: an error shows enough to
+/// find it, not all of it.
 pub fn quote_short(text: &str) -> String {
-    let mut chars = text.char_indices();
-    match chars.nth(QUOTE_CHARS) {
-        None => format!("{text:?}"),
-        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+    let mut quoted = String::from("\"");
+    for (i, c) in text.char_indices() {
+        // As `{:?}` of a str writes it (a single quote stays as it is).
+        let escaped = match c {
+            '\'' => "'".to_owned(),
+            c => c.escape_debug().to_string(),
+        };
+        if quoted.len() + escaped.len() > QUOTE_MAX {
+            return format!("{quoted}\"… ({} bytes, cut at {i})", text.len());
+        }
+        quoted.push_str(&escaped);
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// `text` cut to its first `max_chars` characters, with `…` when cut (for
+/// a message that may quote bad input at length).
+pub fn shorten(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        None => text.to_owned(),
+        Some((cut, _)) => format!("{}…", &text[..cut]),
     }
 }
 
@@ -289,9 +308,18 @@ mod tests {
     #[test]
     fn quotes_are_short_and_escaped() {
         assert_eq!(quote_short("a\x1b]0;x\x07"), "\"a\\u{1b}]0;x\\u{7}\"");
+        assert_eq!(quote_short("'say' \"hi\""), format!("{:?}", "'say' \"hi\""));
         let long = "x".repeat(1000);
         let q = quote_short(&long);
-        assert_eq!(q, format!("\"{}\"… (1000 bytes)", "x".repeat(QUOTE_CHARS)));
+        let kept = QUOTE_MAX - 1;
+        assert_eq!(
+            q,
+            format!("\"{}\"… (1000 bytes, cut at {kept})", "x".repeat(kept))
+        );
+        let q = quote_short(&"\x1b".repeat(1000));
+        assert!(q.len() < QUOTE_MAX + 40, "{q}");
+        assert_eq!(shorten("abcd", 4), "abcd");
+        assert_eq!(shorten("abcdé", 4), "abcd…");
     }
 
     #[test]

@@ -218,6 +218,53 @@ fn hook_declines_everything_without_machines() {
     assert_eq!(text(&out.stdout), "# decline\n# decline\n");
 }
 
+/// The hook's error about a request line of `feed`: exit status 1, one
+/// short line, and it ends (the watchdog in `feed_or_kill` says if not).
+fn assert_long_line_refused(
+    s: &Local,
+    feed: impl FnOnce(std::process::ChildStdin) + Send + 'static,
+) {
+    let out = support::feed_or_kill(&mut s.hook(None), feed);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.len() < 1024,
+        "a short error, not the line: {} bytes",
+        err.len()
+    );
+    assert_eq!(
+        err,
+        "sandoff: the daemon's request line is longer than the limit of 1 MiB\n"
+    );
+}
+
+#[test]
+fn hook_refuses_a_200_mb_request_line_in_one_short_line() {
+    let s = Local::new();
+    assert_long_line_refused(&s, |mut stdin| {
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..200 {
+            if stdin.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+        let _ = stdin.write_all(b"\n");
+    });
+}
+
+#[test]
+fn hook_does_not_buffer_an_endless_request_line() {
+    // The line never ends: only a hook that stops reading at the limit
+    // ever answers (one that buffers the line runs until memory is gone).
+    let s = Local::new();
+    assert_long_line_refused(&s, |mut stdin| {
+        let chunk = vec![b'1'; 1 << 16];
+        while stdin.write_all(&chunk).is_ok() {}
+    });
+}
+
 #[test]
 fn hook_ends_quietly_at_end_of_input() {
     let s = Local::new();

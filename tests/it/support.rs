@@ -138,14 +138,28 @@ pub const WATCHDOG: std::time::Duration = std::time::Duration::from_secs(60);
 /// kills it and panics if it is still running after [`WATCHDOG`], so that a
 /// regression to a hang fails the test instead of stalling the suite.
 pub fn output_or_kill(cmd: &mut Command) -> std::process::Output {
+    feed_or_kill(cmd, drop)
+}
+
+/// [`output_or_kill`] with `feed` writing the command's stdin from a thread
+/// of its own (it may write more than the command reads: write errors
+/// are for `feed` to ignore).
+pub fn feed_or_kill(
+    cmd: &mut Command,
+    feed: impl FnOnce(std::process::ChildStdin) + Send + 'static,
+) -> std::process::Output {
     use std::io::Read as _;
     use std::process::Stdio;
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let stdin = child.stdin.take().expect("piped stdin");
+    // Not joined: a feeder blocked on a full pipe ends with EPIPE once the
+    // command is gone.
+    std::thread::spawn(move || feed(stdin));
     let drain = |mut r: Box<dyn std::io::Read + Send>| {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
