@@ -19,8 +19,10 @@ use thiserror::Error;
 
 /// Limit for machines files (Nix and Guix), all `@` includes together.
 pub const MACHINES_FILE_LIMIT: u64 = 16 << 20;
-/// Limit for key files: signing keys, trusted public keys, SSH keys.
+/// Limit for key files: a signing key, a public key, an SSH key.
 pub const KEY_FILE_LIMIT: u64 = 64 << 10;
+/// Limit for a list of trusted public keys (about 60 bytes a key).
+pub const TRUSTED_KEYS_LIMIT: u64 = 1 << 20;
 /// Limit for `known_hosts` files (many hosts, hashed names, long keys).
 pub const KNOWN_HOSTS_LIMIT: u64 = 16 << 20;
 
@@ -84,7 +86,8 @@ pub fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, BoundedError> {
         // std adds O_CLOEXEC itself.
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
-    let kind = file.metadata()?.file_type();
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
     if !kind.is_file() {
         let kind = if kind.is_dir() {
             "a directory"
@@ -101,7 +104,17 @@ pub fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, BoundedError> {
         };
         return Err(BoundedError::NotRegular { kind });
     }
-    read_all(file, limit)
+    if meta.len() > limit {
+        return Err(BoundedError::TooLarge { limit });
+    }
+    // Sized up front: no reallocation leaves copies of a secret key behind
+    // (the file may still grow; the limit holds then too).
+    let mut bytes = Vec::with_capacity(meta.len() as usize + 1);
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(BoundedError::TooLarge { limit });
+    }
+    Ok(bytes)
 }
 
 /// [`read_file`] for text.
