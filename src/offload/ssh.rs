@@ -22,7 +22,6 @@
 //! channels of one session are used one at a time, from one thread at a
 //! time: concurrent builds on one machine take one session each.
 
-use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
@@ -32,8 +31,10 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use ssh2::{BlockDirections, CheckResult, KnownHostFileKind, MethodType};
+use zeroize::Zeroizing;
 
 use super::transport::Transport;
+use crate::bounded;
 use crate::decide::Machine;
 
 /// Why an SSH connection could not be made or was lost.
@@ -1070,11 +1071,9 @@ fn check_known_hosts(
         known_hosts: format!("{}{note}", path.display()),
         offered: offered.to_string(),
     };
-    let text = match fs::read_to_string(path) {
+    let text = match bounded::read_file_to_string(path, bounded::KNOWN_HOSTS_LIMIT) {
         Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(unknown(" (no such file)".to_owned()))
-        }
+        Err(e) if e.is_not_found() => return Err(unknown(" (no such file)".to_owned())),
         Err(e) => return Err(unknown(format!(" (unreadable: {e})"))),
     };
     // libssh2's CString conversion would panic on a NUL.
@@ -1175,7 +1174,9 @@ fn authenticate(
         }
     };
     let key_text = key.display().to_string();
-    if let Err(e) = fs::metadata(&key) {
+    // libssh2 reads the key file itself, without a limit: a key path that
+    // names a FIFO or `/dev/zero` is refused here instead of hanging it.
+    if let Err(e) = bounded::read_file(&key, bounded::KEY_FILE_LIMIT).map(Zeroizing::new) {
         return Err(auth_err(
             &key_text,
             format!("cannot read the private key: {e}"),

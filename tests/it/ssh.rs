@@ -256,6 +256,36 @@ fn ssh_wrong_client_key_fails_authentication() {
 }
 
 #[test]
+fn ssh_key_and_known_hosts_files_must_be_regular_files() {
+    if !support::require("ssh_key_and_known_hosts_files_must_be_regular_files", NEEDS) {
+        return;
+    }
+    let host = TestHost::start(33);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fifo = tmp.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    // Read whole, a FIFO with no writer hangs and /dev/zero never ends:
+    // each is refused before libssh2 sees it.
+    for bad in [fifo.clone(), PathBuf::from("/dev/zero")] {
+        let mut m = machine(&host);
+        m.private_key = Some(bad.display().to_string());
+        let err = connect_err(&m, &opts());
+        assert!(matches!(err, SshError::Auth { .. }), "{err}");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+
+        let mut m = machine(&host);
+        m.host_key = None;
+        let o = SshOptions {
+            known_hosts: Some(bad.clone()),
+            ..opts()
+        };
+        let err = connect_err(&m, &o);
+        assert!(matches!(err, SshError::UnknownHost { .. }), "{err}");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+}
+
+#[test]
 fn ssh_nothing_listening_fails_fast() {
     // Bound and dropped: nothing listens on that port now.
     let port = TcpListener::bind("127.0.0.1:0")
