@@ -21,7 +21,7 @@ use std::path::Path;
 use base64::Engine as _;
 use thiserror::Error;
 
-use super::machines::{Machine, MachineError, MachineFormat, MachineName};
+use super::machines::{self, Machine, MachineError, MachineFormat, MachineName};
 use crate::bounded::{self, BoundedError};
 
 pub use crate::bounded::MACHINES_FILE_LIMIT;
@@ -56,13 +56,17 @@ pub enum NixMachinesError {
     },
     #[error("{file}:{line}: the store URI (first field) is missing")]
     MissingUri { file: String, line: usize },
-    #[error("{file}:{line}: store URI '{uri}': {why}")]
+    // The URI is not shown: the line may be a line of another file read
+    // through an include (a password hash, a key), and file and line find it.
+    #[error("{file}:{line}: the store URI (first field) is not valid: {why}")]
     BadUri {
         file: String,
         line: usize,
         uri: String,
         why: &'static str,
     },
+    #[error("{file}:{line}: the store URI (first field) is not an ssh:// or ssh-ng:// URI or a host name (not shown); sandoff builds on other machines over SSH only")]
+    NotSsh { file: String, line: usize },
     #[error("{file}:{line}: {source}")]
     Machine {
         file: String,
@@ -285,6 +289,22 @@ fn parse_entry(
         uri: uri.to_owned(),
         why,
     })?;
+    // Checked before anything else quotes the line: see `check_host`.
+    let machine_err = |source| NixMachinesError::Machine {
+        file: file.to_owned(),
+        line,
+        source,
+    };
+    let Some(host) = &store.host else {
+        return Err(NixMachinesError::NotSsh {
+            file: file.to_owned(),
+            line,
+        });
+    };
+    machines::check_host(host).map_err(machine_err)?;
+    if let Some(user) = &store.user {
+        machines::check_user(user).map_err(machine_err)?;
+    }
     let systems = match field(1) {
         Some(s) => comma_set(s),
         None => BTreeSet::from([default_system.to_owned()]),
@@ -639,7 +659,7 @@ mod tests {
     fn includes_share_one_byte_limit() {
         // One small file included many times: each read alone is small,
         // together they pass the limit.
-        let big: &'static str = "x".repeat(1 << 20).leak();
+        let big: &'static str = format!("#{}", "x".repeat((1 << 20) - 1)).leak();
         let inc = MapIncludes(BTreeMap::from([("/big", big)]));
         let text = "@/big\n".repeat(20);
         let e = parse(&text, "machines", "s", &inc).unwrap_err().to_string();
@@ -647,6 +667,75 @@ mod tests {
             e,
             "machines:16: included machines file '/big' takes the machines files past their limit of 16 MiB together"
         );
+    }
+
+    #[test]
+    fn accepts_every_valid_host_form() {
+        let m = p("ssh://nix@b.example:2222 ; ssh-ng://builder@arm.example.org:22?remote-program=/run/current-system/sw/bin/nix-daemon ; host ; user@host ; ssh://[::1]:22 ; ssh://[fe80::1%eth0] ; 10.0.0.2 ; ::1 ; under_score.example")
+            .expect("valid");
+        let hosts: Vec<_> = m.iter().map(|m| m.host.as_deref().unwrap_or("")).collect();
+        assert_eq!(
+            hosts,
+            [
+                "b.example",
+                "arm.example.org",
+                "host",
+                "host",
+                "::1",
+                "fe80::1%eth0",
+                "10.0.0.2",
+                "::1",
+                "under_score.example"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_line_of_an_included_secret_is_refused_without_showing_it() {
+        // `@/etc/shadow`: its lines become machines lines. A hash with `/`
+        // reads as a store path, one without as a host; neither is shown.
+        let inc = MapIncludes(BTreeMap::from([(
+            "/etc/shadow",
+            "root:$6$salt$hash:19000:0:99999:7:::\nnix:$y$j9T$s4lt/s3cret:19000::::::",
+        )]));
+        let e = parse("@/etc/shadow", "machines", "s", &inc).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("/etc/shadow:1: the host is not a host name"),
+            "{msg}"
+        );
+        assert!(!msg.contains("salt") && !msg.contains("root"), "{msg}");
+        let inc = MapIncludes(BTreeMap::from([(
+            "/etc/shadow",
+            "nix:$y$j9T$s4lt/s3cret:19000::::::",
+        )]));
+        let msg = parse("@/etc/shadow", "machines", "s", &inc)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("/etc/shadow:1: the store URI (first field) is not an ssh://"),
+            "{msg}"
+        );
+        assert!(!msg.contains("s3cret") && !msg.contains("nix:"), "{msg}");
+    }
+
+    #[test]
+    fn refuses_hosts_and_users_that_are_not_names() {
+        for entry in [
+            "ssh://a%2Fb",
+            "ssh://-oProxyCommand=sh",
+            "ssh://h\x1b]0;t\x07",
+            "ssh://[::g]:22",
+            "ssh://-x@h",
+            "local",
+            "unix:///run/nix/socket",
+            "/some/store",
+        ] {
+            let e = p(&format!("ok\n{entry}")).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.starts_with("machines:2: "), "{entry}: {msg}");
+            assert!(!msg.contains(entry), "{msg}");
+        }
     }
 
     #[test]

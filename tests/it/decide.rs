@@ -275,6 +275,52 @@ fn machines_file_over_the_limit_is_refused() {
     assert_machines_file_refused(&file, "larger than the limit of 16 MiB");
 }
 
+#[test]
+fn machines_list_refuses_a_secret_read_through_an_include_without_showing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("shadow");
+    std::fs::write(&secret, "root:$6$salt$s3cretHash:19000:0:99999:7:::\n").unwrap();
+    let machines = dir.path().join("machines");
+    std::fs::write(&machines, format!("good.example\n@{}\n", secret.display())).unwrap();
+    let out = support::output_or_kill(
+        support::sandoff()
+            .args(["machines", "list", "--machines"])
+            .arg(&machines),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty(), "nothing listed");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:1: the host is not a host name",
+            secret.display()
+        )),
+        "names the file and line: {err}"
+    );
+    assert!(!err.contains("s3cret") && !err.contains("root"), "{err}");
+
+    // A Guix host-name with a control character: refused the same way.
+    let scm = dir.path().join("machines.scm");
+    std::fs::write(
+        &scm,
+        "(list (build-machine (name \"h\\x1b;]0;t\\a\") (systems '(\"s\")) (user \"u\") (host-key \"k\")))",
+    )
+    .unwrap();
+    let out = support::output_or_kill(
+        support::sandoff()
+            .args(["machines", "list", "--machines"])
+            .arg(&scm),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("machines.scm:1: build-machine: the host is not a host name"),
+        "{err}"
+    );
+    assert!(!err.contains("]0;t"), "{err}");
+}
+
 /// A store root holding the derivation fixtures made by Nix 2.8.
 fn store_with_drvs() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
