@@ -21,6 +21,7 @@ use std::collections::BTreeSet;
 use thiserror::Error;
 
 use super::machines::{self, GuixExtras, Machine, MachineError, MachineFormat, MachineName};
+use crate::termsafe;
 
 /// How deeply lists may nest; deeper input is refused instead of risking
 /// the stack.
@@ -387,11 +388,15 @@ enum Value {
 impl Value {
     fn describe(&self) -> String {
         match self {
-            Value::Str(s) => format!("the string {s:?}"),
+            // Quoted short: a string may be huge (or `getenv` of a secret).
+            Value::Str(s) => format!("the string {}", termsafe::quote_short(s)),
             Value::Num(n, _) => format!("the number {n}"),
             Value::Bool(true) => "#t".to_owned(),
             Value::Bool(false) => "#f".to_owned(),
-            Value::Symbol(s) => format!("the symbol '{s}"),
+            Value::Symbol(s) => format!(
+                "the symbol '{}",
+                termsafe::shorten(&s.escape_debug().to_string(), termsafe::QUOTE_MAX)
+            ),
             Value::List(l) => format!("a list of {} item(s)", l.len()),
             Value::Machine(_) => "a build-machine".to_owned(),
         }

@@ -23,6 +23,7 @@ use thiserror::Error;
 
 use super::machines::{self, Machine, MachineError, MachineFormat, MachineName};
 use crate::bounded::{self, BoundedError};
+use crate::termsafe;
 
 pub use crate::bounded::MACHINES_FILE_LIMIT;
 
@@ -274,7 +275,8 @@ fn parse_entry(
         line,
         field: FIELD_NAMES[i],
         column: i + 1,
-        value: value.to_owned(),
+        // A token of the line, possibly huge: only its start is shown.
+        value: termsafe::shorten(&value.escape_debug().to_string(), termsafe::QUOTE_MAX),
         why,
     };
     let Some(uri) = field(0) else {
@@ -602,6 +604,15 @@ mod tests {
             "machines:2: field maxJobs (#4) 'eight' is not an unsigned integer"
         );
         assert!(p("a - - -1").is_err());
+    }
+
+    #[test]
+    fn quotes_a_long_bad_field_short() {
+        let e = p(&format!("a - - {}", "9x".repeat(100_000)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 1024, "{} bytes", e.len());
+        assert!(e.starts_with("machines:1: field maxJobs (#4) '9x9x"), "{e}");
     }
 
     #[test]
