@@ -873,18 +873,19 @@ fn build_places_each_derivation_with_the_decision_module() {
 
 /// A builder that prints OSC 52 (set the clipboard), a window title and a
 /// colour, on stderr; then `exit_code`.
-fn hostile_log_script(exit_code: u8) -> String {
+pub(crate) fn hostile_log_script(exit_code: u8) -> String {
     format!(
         r"printf 'x\033]52;c;ZXZpbA==\007y\n\033]0;pwned\033\\z\n\033[31mred\033[0m\n' >&2; mkdir $out; exit {exit_code}"
     )
 }
 
 /// What [`hostile_log_script`] writes, byte for byte.
-const HOSTILE_LOG: &[u8] = b"x\x1b]52;c;ZXZpbA==\x07y\n\x1b]0;pwned\x1b\\z\n\x1b[31mred\x1b[0m\n";
+pub(crate) const HOSTILE_LOG: &[u8] =
+    b"x\x1b]52;c;ZXZpbA==\x07y\n\x1b]0;pwned\x1b\\z\n\x1b[31mred\x1b[0m\n";
 
 /// Neither the clipboard nor the title sequence, nor any BEL, in `err`;
 /// the colour kept.
-fn assert_terminal_safe(err: &[u8], what: &str) {
+pub(crate) fn assert_terminal_safe(err: &[u8], what: &str) {
     let shown = String::from_utf8_lossy(err);
     assert!(
         !err.windows(2).any(|w| w == b"\x1b]"),
