@@ -607,6 +607,34 @@ fn hook_builds_on_a_machine_with_the_log_on_fd_4() {
 }
 
 #[test]
+fn hook_builds_print_a_hostile_remote_log_and_failure_filtered() {
+    let test = "hook_builds_print_a_hostile_remote_log_and_failure_filtered";
+    if !offload_ready(test) {
+        return;
+    }
+    let host = TestHost::start(23);
+    let s = Local::new();
+    trust(&s, &host);
+    let script = "printf 'x\\033]52;c;ZXZpbA==\\007y\\n\\033]0;pwned\\033\\\\z\\n' >&2\nexit 3\n";
+    let raw = "x\x1b]52;c;ZXZpbA==\x07y\n\x1b]0;pwned\x1b\\z\n";
+    let safe = |stderr: &str| !stderr.contains("\x1b]") && !stderr.contains('\x07');
+
+    // The log on fd 4 goes to the daemon as written; stderr is filtered.
+    let (drv, bb) = busybox_drv(&s, "hostile", script);
+    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 0, true);
+    assert_eq!(run.code, Some(100), "{:?}", run.stderr);
+    assert!(run.log.contains(raw), "log: {:?}", run.log);
+    assert!(safe(&run.stderr), "{:?}", run.stderr);
+
+    // Without fd 4 the log itself goes to stderr: filtered too.
+    let (drv, bb) = busybox_drv(&s, "hostile-again", script);
+    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 0, false);
+    assert_eq!(run.code, Some(100), "{:?}", run.stderr);
+    assert!(run.stderr.contains("xy\n"), "{:?}", run.stderr);
+    assert!(safe(&run.stderr), "{:?}", run.stderr);
+}
+
+#[test]
 fn hook_builds_exit_100_on_a_failed_remote_build_and_101_on_a_timeout() {
     let test = "hook_builds_exit_100_on_a_failed_remote_build_and_101_on_a_timeout";
     if !offload_ready(test) {
