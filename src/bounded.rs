@@ -156,6 +156,55 @@ pub fn read_line(input: &mut dyn BufRead, limit: u64) -> Result<Option<Vec<u8>>,
     Ok(Some(line))
 }
 
+/// A buffer that takes at most `limit` bytes: a write past the limit
+/// fails (with [`BoundedError::TooLarge`] inside the `io::Error`) and
+/// [`LimitedBuf::overflowed`] tells it apart from other write errors. For
+/// output a peer sends through an API that writes into a `Write`.
+#[derive(Debug)]
+pub struct LimitedBuf {
+    bytes: Vec<u8>,
+    limit: u64,
+    overflowed: bool,
+}
+
+impl LimitedBuf {
+    /// An empty buffer for at most `limit` bytes.
+    pub fn new(limit: u64) -> LimitedBuf {
+        LimitedBuf {
+            bytes: Vec::new(),
+            limit,
+            overflowed: false,
+        }
+    }
+
+    /// Whether a write went past the limit.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    /// The bytes taken.
+    pub fn into_inner(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+impl io::Write for LimitedBuf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if (self.bytes.len() + buf.len()) as u64 > self.limit {
+            self.overflowed = true;
+            return Err(io::Error::other(BoundedError::TooLarge {
+                limit: self.limit,
+            }));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +272,18 @@ mod tests {
         let e = read_all(zero, 1 << 20).unwrap_err();
         assert!(matches!(e, BoundedError::TooLarge { .. }), "{e:?}");
         assert_eq!(read_all(&b"12"[..], 2).expect("read"), b"12");
+    }
+
+    #[test]
+    fn limited_buf_refuses_writes_past_the_limit() {
+        use std::io::Write as _;
+        let mut b = LimitedBuf::new(4);
+        b.write_all(b"abcd").expect("fits");
+        assert!(!b.overflowed());
+        let e = b.write_all(b"e").unwrap_err();
+        assert_eq!(e.to_string(), "larger than the limit of 4 bytes");
+        assert!(b.overflowed());
+        assert_eq!(b.into_inner(), b"abcd");
     }
 
     #[test]

@@ -37,6 +37,9 @@ use super::transport::Transport;
 use crate::bounded;
 use crate::decide::Machine;
 
+/// The most stdout (and stderr) [`SshSession::run`] takes from a command.
+pub const RUN_OUTPUT_LIMIT: u64 = 1 << 20;
+
 /// Why an SSH connection could not be made or was lost.
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
@@ -93,6 +96,13 @@ pub enum SshError {
         command: String,
         #[source]
         source: ssh2::Error,
+    },
+    /// A command run with [`SshSession::run`] printed more than it may.
+    #[error("'{command}' on {host} printed more than the limit of {}", bounded::size(*limit))]
+    OutputTooLong {
+        host: String,
+        command: String,
+        limit: u64,
     },
     /// The connection broke while a remote command ran.
     #[error("connection to {host} lost while running '{command}': {source}")]
@@ -303,7 +313,9 @@ impl SshSession {
     }
 
     /// Runs `command` to completion: its stdout, stderr and exit status
-    /// (for `machines status`: `cat /proc/loadavg`, `df`).
+    /// (for `machines status`: `cat /proc/loadavg`, `df`). Each of stdout
+    /// and stderr may be at most [`RUN_OUTPUT_LIMIT`]: the machine, not
+    /// this host, decides how much it sends.
     pub fn run(&self, command: &str) -> Result<(Vec<u8>, Vec<u8>, i32), SshError> {
         let mut channel = self.exec(command)?;
         let lost = |source| SshError::Lost {
@@ -314,11 +326,20 @@ impl SshSession {
         let ch = &mut channel.channel;
         retry_keepalive_timeouts(u32::MAX, || ch.send_eof())
             .map_err(|e| lost(io::Error::from(e)))?;
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        channel.pump_to_eof(&mut out, &mut err).map_err(lost)?;
+        let mut out = bounded::LimitedBuf::new(RUN_OUTPUT_LIMIT);
+        let mut err = bounded::LimitedBuf::new(RUN_OUTPUT_LIMIT);
+        if let Err(e) = channel.pump_to_eof(&mut out, &mut err) {
+            if out.overflowed() || err.overflowed() {
+                return Err(SshError::OutputTooLong {
+                    host: self.host.clone(),
+                    command: command.to_owned(),
+                    limit: RUN_OUTPUT_LIMIT,
+                });
+            }
+            return Err(lost(e));
+        }
         let status = channel.finish().map_err(lost)?;
-        Ok((out, err, status))
+        Ok((out.into_inner(), err.into_inner(), status))
     }
 }
 

@@ -116,6 +116,32 @@ fn ssh_connects_with_the_entry_host_key_and_runs() {
 }
 
 #[test]
+fn ssh_run_takes_at_most_its_output_limit() {
+    if !support::require("ssh_run_takes_at_most_its_output_limit", NEEDS) {
+        return;
+    }
+    let host = TestHost::start(34);
+    let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+    let limit = sandoff::offload::ssh::RUN_OUTPUT_LIMIT;
+    let (out, _, status) = session
+        .run(&format!("head -c {limit} /dev/zero"))
+        .expect("exactly the limit is fine");
+    assert_eq!((out.len() as u64, status), (limit, 0));
+    // A machine that never stops printing (stdout, then stderr): refused
+    // at the limit instead of filling this host's memory.
+    for command in ["cat /dev/zero", "cat /dev/zero >&2"] {
+        let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+        let e = session.run(command).unwrap_err();
+        assert!(matches!(e, SshError::OutputTooLong { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("printed more than the limit of 1 MiB"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn ssh_wrong_entry_host_key_is_refused_naming_both_keys() {
     if !support::require(
         "ssh_wrong_entry_host_key_is_refused_naming_both_keys",
