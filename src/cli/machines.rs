@@ -213,7 +213,8 @@ pub fn run(cmd: MachinesCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode
                 );
             } else {
                 for m in &machines {
-                    println!("{}", human(m));
+                    // Systems, features and paths are any token of the file.
+                    println!("{}", safe(&human(m)));
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -235,6 +235,34 @@ fn assert_machines_file_refused(file: &Path, why: &str) {
 }
 
 #[test]
+fn machines_list_and_decide_print_escape_sequences_of_the_file_filtered() {
+    let dir = tempfile::tempdir().unwrap();
+    let machines = dir.path().join("machines");
+    // Tokens hold no space, tab, `;` or `#`, but may hold ESC and BEL.
+    std::fs::write(&machines, "h x86_64-linux\x1b[2J\x07 - 1 1 kvm\x1bc\n").unwrap();
+    let out = support::run_ok(
+        support::sandoff()
+            .args(["machines", "list", "--machines"])
+            .arg(&machines),
+    );
+    let shown = String::from_utf8_lossy(&out);
+    assert!(shown.contains("x86_64-linux"), "{shown}");
+    assert!(!out.contains(&0x1b) && !out.contains(&0x07), "{shown:?}");
+
+    let root = store_with_drvs();
+    let out = support::run_ok(
+        support::sandoff()
+            .arg("--store-root")
+            .arg(root.path())
+            .args(["--store-dir", "/nix/store", "decide", MULTI, "--machines"])
+            .arg(&machines)
+            .args(["--system", "x86_64-linux", "--system-features", ""]),
+    );
+    let shown = String::from_utf8_lossy(&out);
+    assert!(!out.contains(&0x1b) && !out.contains(&0x07), "{shown:?}");
+}
+
+#[test]
 fn machines_file_that_is_dev_zero_is_refused() {
     assert_machines_file_refused(
         Path::new("/dev/zero"),
