@@ -408,8 +408,7 @@ mod tests {
         let e = serve_requests(&mut input, &mut Vec::new(), |_| {
             Ok::<_, HookError>(Answer::<()>::Decline)
         })
-        .err()
-        .expect("refused");
+        .expect_err("refused");
         assert!(
             matches!(
                 e,

@@ -723,7 +723,7 @@ mod tests {
         let zero = Path::new("/dev/zero");
         for path in [zero, &fifo, &big] {
             // Each would hang or fill memory if read whole.
-            let e = SecretKey::read_file(path).err().expect("refused");
+            let e = SecretKey::read_file(path).expect_err("refused");
             assert!(matches!(e, SignatureError::Read { .. }), "{e:?}");
             let e = PublicKey::read_file(path).unwrap_err();
             assert!(matches!(e, SignatureError::Read { .. }), "{e:?}");
