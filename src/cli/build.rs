@@ -360,8 +360,9 @@ pub fn log(drv: &str, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         "'{drv}' is not a derivation (a .drv store path)"
     );
     let file = build::log_path(loc, &path);
-    let bytes = match std::fs::read(&file) {
-        Ok(b) => b,
+    // Streamed, not read whole: a build decides how long its log is.
+    let mut log = match std::fs::File::open(&file) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             anyhow::bail!(
                 "no build log of '{drv}' ({} does not exist)",
@@ -370,8 +371,10 @@ pub fn log(drv: &str, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
     };
+    // As written, escapes and all (`sandoff log DRV | less -R` shows colours;
+    // it is the user's own request for the raw log).
     let mut out = std::io::stdout().lock();
-    out.write_all(&bytes)?;
+    std::io::copy(&mut log, &mut out)?;
     out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
