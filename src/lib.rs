@@ -39,3 +39,21 @@ pub mod offload;
 pub mod sandbox;
 pub mod store;
 pub mod termsafe;
+
+#[cfg(test)]
+mod layers {
+    /// The leaf modules use nothing of the crate (their tests aside), so
+    /// every other module may use them.
+    #[test]
+    fn leaf_modules_use_nothing_of_the_crate() {
+        for (name, source) in [
+            ("termsafe", include_str!("termsafe.rs")),
+            ("bounded", include_str!("bounded.rs")),
+        ] {
+            let code = source.split("#[cfg(test)]").next().unwrap_or(source);
+            for word in ["crate::", "super::", "sandoff::"] {
+                assert!(!code.contains(word), "{name} uses {word}");
+            }
+        }
+    }
+}
