@@ -14,6 +14,12 @@
 //! at most [`MACHINES_FILE_LIMIT`] bytes for a file and all its includes
 //! together (an include of `/dev/zero`, or one file included a million
 //! times, would otherwise never end).
+//!
+//! Stricter than Nix: the store URI must be `ssh://` or `ssh-ng://` (a bare
+//! `[user@]host` becomes `ssh://`, as in Nix) with a host name or IP
+//! address as its host and a plain user name ([`super::machines::check_host`]).
+//! `@/etc/shadow` makes each line of that file an entry; such a line is
+//! refused by file and line number without being shown.
 
 use std::collections::BTreeSet;
 use std::path::Path;
