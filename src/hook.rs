@@ -54,9 +54,20 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::io::{self, BufRead, Write};
 
+use crate::bounded::{self, BoundedError};
 use crate::decide::{Decision, LocalFacts, Machine, Placement, Policy};
 use crate::serve_protocol::BuildStatus;
 use crate::store::{StoreDir, StorePath};
+use crate::termsafe;
+
+/// The longest request line read: a real one is a store path and a few
+/// words, far below this.
+pub const REQUEST_LINE_LIMIT: u64 = 1 << 20;
+
+/// The longest inputs or outputs line read: a large closure lists tens of
+/// thousands of store paths, each under 256 bytes (a few MiB), far below
+/// this.
+pub const PATHS_LINE_LIMIT: u64 = 64 << 20;
 
 /// Exit status for a build that failed on the machine (the daemon's
 /// `PermanentFailure`).
@@ -69,22 +80,31 @@ pub const EXIT_TIMED_OUT: u8 = 101;
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
     /// A request line that is not `AM-WILLING SYSTEM DRV-PATH FEATURES`.
-    #[error("invalid request line {line:?}: {reason}")]
+    #[error("invalid request line {line}: {reason}")]
     BadRequest {
-        /// The line, without its newline.
+        /// The start of the line, quoted ([`termsafe::quote_short`]).
         line: String,
         /// What is wrong with it.
         reason: String,
     },
     /// An inputs or outputs line that is not a list of store paths.
-    #[error("invalid {what} line {line:?}: {reason}")]
+    #[error("invalid {what} line {line}: {reason}")]
     BadPaths {
         /// `inputs` or `outputs`.
         what: &'static str,
-        /// The line, without its newline.
+        /// The start of the line, quoted ([`termsafe::quote_short`]).
         line: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// A line longer than its limit ([`REQUEST_LINE_LIMIT`],
+    /// [`PATHS_LINE_LIMIT`]); the rest of it is not read.
+    #[error("the daemon's {what} line is longer than the limit of {}", bounded::size(*limit))]
+    LineTooLong {
+        /// `request`, `inputs` or `outputs`.
+        what: &'static str,
+        /// The limit, in bytes.
+        limit: u64,
     },
     /// The input ended after `# accept` before the inputs or outputs line.
     #[error("the daemon closed the hook's input before sending the {what} line")]
@@ -157,7 +177,7 @@ fn graph(s: &str) -> bool {
 /// Parses one request line (without its newline).
 pub fn parse_request(line: &str) -> Result<Request, HookError> {
     let bad = |reason: &str| HookError::BadRequest {
-        line: line.to_owned(),
+        line: termsafe::quote_short(line),
         reason: reason.to_owned(),
     };
     let mut fields = line.splitn(4, ' ');
@@ -205,21 +225,25 @@ pub fn parse_request(line: &str) -> Result<Request, HookError> {
     })
 }
 
-/// One line without its newline, or `None` at end of input.
-fn read_line(input: &mut dyn BufRead) -> Result<Option<String>, HookError> {
-    let mut buf = Vec::new();
-    let n = input
-        .read_until(b'\n', &mut buf)
-        .map_err(|source| HookError::Io {
-            action: "read from",
-            source,
-        })?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-    }
+/// One line without its newline, or `None` at end of input. A line
+/// longer than `limit` is an error after reading `limit + 1` bytes of it:
+/// the daemon is not to make the hook hold more.
+fn read_line(
+    input: &mut dyn BufRead,
+    what: &'static str,
+    limit: u64,
+) -> Result<Option<String>, HookError> {
+    let buf = match bounded::read_line(input, limit) {
+        Ok(Some(buf)) => buf,
+        Ok(None) => return Ok(None),
+        Err(BoundedError::Io { source }) => {
+            return Err(HookError::Io {
+                action: "read from",
+                source,
+            })
+        }
+        Err(_) => return Err(HookError::LineTooLong { what, limit }),
+    };
     // Not UTF-8 is not `[[:graph:]]` either: report it as a bad line.
     Ok(Some(match String::from_utf8(buf) {
         Ok(s) => s,
@@ -258,7 +282,7 @@ pub fn serve_requests<T, E: From<HookError>>(
     output: &mut dyn Write,
     mut answer: impl FnMut(&Request) -> Result<Answer<T>, E>,
 ) -> Result<Option<(Request, T)>, E> {
-    while let Some(line) = read_line(input)? {
+    while let Some(line) = read_line(input, "request", REQUEST_LINE_LIMIT)? {
         let request = parse_request(&line)?;
         match answer(&request)? {
             Answer::Accept(t) => {
@@ -279,7 +303,7 @@ pub fn read_paths(
     dir: &StoreDir,
     what: &'static str,
 ) -> Result<BTreeSet<StorePath>, HookError> {
-    let line = read_line(input)?.ok_or(HookError::MissingLine { what })?;
+    let line = read_line(input, what, PATHS_LINE_LIMIT)?.ok_or(HookError::MissingLine { what })?;
     parse_paths(&line, dir, what)
 }
 
@@ -294,8 +318,9 @@ pub fn parse_paths(
         .map(|p| {
             dir.parse_path(p).map_err(|e| HookError::BadPaths {
                 what,
-                line: line.to_owned(),
-                reason: e.to_string(),
+                line: termsafe::quote_short(line),
+                // The reason quotes the bad path, which may be long too.
+                reason: termsafe::shorten(&e.to_string(), termsafe::QUOTE_MAX),
             })
         })
         .collect()
@@ -374,6 +399,53 @@ mod tests {
         assert_eq!(r.features, set(&["kvm"]));
         let r = parse_request(&format!("1 builtin {DRV} ")).expect("builtin");
         assert_eq!(r.system, "builtin");
+    }
+
+    #[test]
+    fn an_endless_request_line_is_refused_at_the_limit() {
+        // `io::repeat` never ends: reading the whole line would never return.
+        let mut input = io::BufReader::new(io::repeat(b'x'));
+        let e = serve_requests(&mut input, &mut Vec::new(), |_| {
+            Ok::<_, HookError>(Answer::<()>::Decline)
+        })
+        .expect_err("refused");
+        assert!(
+            matches!(
+                e,
+                HookError::LineTooLong {
+                    what: "request",
+                    limit: REQUEST_LINE_LIMIT
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "the daemon's request line is longer than the limit of 1 MiB"
+        );
+    }
+
+    #[test]
+    fn an_endless_paths_line_is_refused_at_the_limit() {
+        let mut input = io::BufReader::new(io::repeat(b'/'));
+        let e = read_paths(&mut input, &StoreDir::default(), "inputs").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the daemon's inputs line is longer than the limit of 64 MiB"
+        );
+    }
+
+    #[test]
+    fn bad_lines_are_quoted_short_and_escaped() {
+        let long = format!("1 x86_64-linux {DRV} {}\x1b]0;t\x07", "k".repeat(100_000));
+        let e = parse_request(&long).unwrap_err().to_string();
+        assert!(e.len() < 1024, "{} bytes", e.len());
+        assert!(!e.contains('\x1b'), "{e:?}");
+        let line = format!("/nix/store/{}", "a".repeat(100_000));
+        let e = parse_paths(&line, &StoreDir::default(), "outputs")
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 1024, "{} bytes: {}", e.len(), &e[..200]);
     }
 
     #[test]

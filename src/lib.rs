@@ -8,7 +8,8 @@
 //! line and keeps this true):
 //!
 //! ```text
-//! store < derivation < {decide, sandbox, serve_protocol} < remote < build < {serve, hook} < (cli)
+//! {termsafe, bounded} < store < derivation < {decide, sandbox, serve_protocol}
+//!     < remote < build < {serve, hook} < (cli)
 //! ```
 //!
 //! - [`store`]: the store model, byte-compatible with Nix 2.8: store paths and
@@ -32,8 +33,16 @@
 //! - [`serve`] and [`hook`]: front ends over `build` for the daemon side of
 //!   each protocol (`sandoff serve`, `sandoff hook`).
 //!
+//! Two leaf modules, below the store, serve them all:
+//!
+//! - [`termsafe`]: text written by builds (logs, a machine's error
+//!   messages) filtered before it reaches a terminal, keeping colours.
+//! - [`bounded`]: reading input others control (machines files, key files,
+//!   the daemon's lines) with a limit, regular files only.
+//!
 //! The binary (`src/main.rs`, `src/cli/`) is a thin CLI over these modules.
 
+pub mod bounded;
 pub mod build;
 pub mod decide;
 pub mod derivation;
@@ -43,6 +52,7 @@ pub mod sandbox;
 pub mod serve;
 pub mod serve_protocol;
 pub mod store;
+pub mod termsafe;
 
 #[cfg(test)]
 mod layers {
@@ -53,15 +63,17 @@ mod layers {
 
     /// Each module's layer: a module may use modules of lower layers only.
     const LAYERS: &[(&str, u32)] = &[
-        ("store", 0),
-        ("derivation", 1),
-        ("decide", 2),
-        ("sandbox", 2),
-        ("serve_protocol", 2),
-        ("remote", 3),
-        ("build", 4),
-        ("serve", 5),
-        ("hook", 5),
+        ("termsafe", 0),
+        ("bounded", 0),
+        ("store", 1),
+        ("derivation", 2),
+        ("decide", 3),
+        ("sandbox", 3),
+        ("serve_protocol", 3),
+        ("remote", 4),
+        ("build", 5),
+        ("serve", 6),
+        ("hook", 6),
     ];
 
     /// The top-level modules named by `crate::` paths in `src`, with the

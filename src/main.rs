@@ -100,7 +100,10 @@ fn main() -> ExitCode {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("sandoff: {}", error_chain(&err));
+            // Errors carry text from builds and build machines (log
+            // tails, a machine's message): never raw to the terminal.
+            let text = sandoff::termsafe::filter(error_chain(&err).as_bytes());
+            eprintln!("sandoff: {text}");
             ExitCode::from(1)
         }
     }

@@ -37,6 +37,7 @@ use sandoff::sandbox::setup::DEFAULT_GROUP;
 use sandoff::sandbox::users::DEFAULT_USER_POOL_DIR;
 use sandoff::sandbox::UserPool;
 use sandoff::store::{StoreLocation, StorePath};
+use sandoff::termsafe;
 use serde_json::json;
 
 /// Which build users local builds run as (`sandoff build`, `sandoff serve`).
@@ -165,6 +166,8 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     } else if !result.success() {
         for (drv, error) in &result.failed {
             let drv = loc.logical(drv);
+            // The error holds the log's last lines and a machine's message.
+            let error = termsafe::filter(error.as_bytes());
             if error.contains(&drv) {
                 eprintln!("error: {error}");
             } else {
@@ -238,7 +241,10 @@ impl Progress {
                 self.name(drv)
             )),
             Event::Log { drv, line } => {
-                let text = format!("{}> {}", drv_short_name(drv), String::from_utf8_lossy(line));
+                // The builder's bytes, filtered: a log must not drive the
+                // terminal (set the clipboard or the title). `--json`
+                // escapes them instead.
+                let text = format!("{}> {}", drv_short_name(drv), termsafe::filter(line));
                 self.line(&text);
             }
             Event::Built { drv, elapsed } => {
@@ -355,8 +361,9 @@ pub fn log(drv: &str, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         "'{drv}' is not a derivation (a .drv store path)"
     );
     let file = build::log_path(loc, &path);
-    let bytes = match std::fs::read(&file) {
-        Ok(b) => b,
+    // Streamed, not read whole: a build decides how long its log is.
+    let mut log = match std::fs::File::open(&file) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             anyhow::bail!(
                 "no build log of '{drv}' ({} does not exist)",
@@ -365,8 +372,10 @@ pub fn log(drv: &str, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
     };
+    // As written, escapes and all (`sandoff log DRV | less -R` shows colours;
+    // it is the user's own request for the raw log).
     let mut out = std::io::stdout().lock();
-    out.write_all(&bytes)?;
+    std::io::copy(&mut log, &mut out)?;
     out.flush()?;
     Ok(ExitCode::SUCCESS)
 }

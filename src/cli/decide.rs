@@ -115,9 +115,11 @@ pub fn run(args: DecideArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        println!("{decision}");
+        // Reasons quote the derivation's features, which its author chose.
+        let safe = |text: String| sandoff::termsafe::filter(text.as_bytes());
+        println!("{}", safe(decision.to_string()));
         for v in &verdicts {
-            println!("  {}: {}", v.name, v.reason);
+            println!("  {}: {}", v.name, safe(v.reason.to_string()));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -33,6 +33,7 @@ use sandoff::remote::ssh::SshOptions;
 use sandoff::serve_protocol::BuildOptions;
 use sandoff::store::local::LocalStore;
 use sandoff::store::{StoreLocation, StorePath};
+use sandoff::termsafe;
 
 use super::machines::MachinesArgs;
 
@@ -146,15 +147,20 @@ pub fn run(args: HookArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             Ok(RemoteOutcome::Failed(result)) => {
+                // The machine's message (with its log tail) is the build's
+                // text: filtered before it reaches a terminal.
                 eprintln!(
                     "sandoff: build of '{drv_name}' on '{}' failed ({:?}): {}",
-                    machine.name, result.status, result.error_msg
+                    machine.name,
+                    result.status,
+                    termsafe::filter(result.error_msg.as_bytes())
                 );
                 // `Failed` never holds a success; keep it a failure anyway.
                 return Ok(ExitCode::from(hook::exit_code(result.status).max(1)));
             }
             Err(e) if e.retry_elsewhere() => {
-                eprintln!("sandoff: {e}; trying another machine");
+                let shown = termsafe::filter(e.to_string().as_bytes());
+                eprintln!("sandoff: {shown}; trying another machine");
                 let _ = writeln!(log, "sandoff: {e}; trying another machine");
                 offloader.record_failure(&machine, &e);
                 (machine, slot) = next_machine(&offloader, &placement, &drv, &drv_name)?;
@@ -230,8 +236,9 @@ fn answer(
         match offloader.warm(&machine) {
             Ok(()) => break (machine, slot),
             Err(e) if e.retry_elsewhere() => {
+                let shown = termsafe::filter(e.to_string().as_bytes());
                 eprintln!(
-                    "sandoff: cannot use '{}': {e}; trying elsewhere",
+                    "sandoff: cannot use '{}': {shown}; trying elsewhere",
                     machine.name
                 );
                 offloader.release(slot);
@@ -281,7 +288,8 @@ fn build_log() -> Box<dyn Write> {
         Ok(f) => Box::new(f),
         Err(e) => {
             tracing::debug!("no build log on fd 4 ({e}); writing it to stderr");
-            Box::new(io::stderr())
+            // A terminal, most likely: the log is filtered on its way.
+            Box::new(termsafe::Writer::new(io::stderr()))
         }
     }
 }

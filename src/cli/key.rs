@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Subcommand;
+use sandoff::bounded;
 use sandoff::store::keyring::Keyring;
 use sandoff::store::signature::{SecretKey, SignatureError, TrustedKeys};
 use sandoff::store::StoreLocation;
@@ -37,7 +38,11 @@ pub fn run(cmd: KeyCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         }
         KeyCommand::Authorize { file } => {
             let keys = if file.as_os_str() == "-" {
-                let text = std::io::read_to_string(std::io::stdin()).context("reading stdin")?;
+                // Bounded as a file would be: stdin may be anything.
+                let bytes = bounded::read_all(std::io::stdin(), bounded::TRUSTED_KEYS_LIMIT)
+                    .context("reading public keys from stdin")?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| anyhow::anyhow!("the public keys on stdin are not UTF-8 text"))?;
                 TrustedKeys::parse(&text, "stdin")?
             } else {
                 TrustedKeys::read_file(&file)?

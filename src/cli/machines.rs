@@ -12,6 +12,7 @@ use sandoff::decide::{self, file, Machine};
 use sandoff::remote::offloader::Offloader;
 use sandoff::remote::ssh::SshOptions;
 use sandoff::store::StoreLocation;
+use sandoff::termsafe;
 
 /// Where the machines come from.
 #[derive(Args, Debug, Clone)]
@@ -121,12 +122,13 @@ pub fn run(cmd: MachinesCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode
                     Ok(report) => {
                         println!("{}: ok", m.name);
                         for step in report.passed {
-                            println!("  {step}");
+                            println!("  {}", safe(&step));
                         }
                     }
                     Err(e) => {
                         failed += 1;
-                        println!("{}: FAILED: {}", m.name, error_chain(&e));
+                        // What the machine printed is part of the error.
+                        println!("{}: FAILED: {}", m.name, safe(&error_chain(&e)));
                     }
                 }
             }
@@ -173,7 +175,7 @@ pub fn run(cmd: MachinesCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode
                 println!("{}", m.name);
                 match &st.reachable {
                     Ok(()) => println!("  reachable: yes"),
-                    Err(e) => println!("  reachable: no ({e})"),
+                    Err(e) => println!("  reachable: no ({})", safe(e)),
                 }
                 println!("  systems: {}", list(&m.systems));
                 if let (Some(l), Some(c)) = (st.load, st.cores) {
@@ -188,7 +190,10 @@ pub fn run(cmd: MachinesCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode
                 println!("  slots in use: {}/{}", st.slots_in_use, m.max_jobs);
                 match backoff {
                     Some((n, left, e)) => {
-                        println!("  backoff: {left} s left after {n} failure(s): {e}")
+                        println!(
+                            "  backoff: {left} s left after {n} failure(s): {}",
+                            safe(&e)
+                        )
                     }
                     None => println!("  backoff: none"),
                 }
@@ -207,7 +212,8 @@ pub fn run(cmd: MachinesCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode
                 );
             } else {
                 for m in &machines {
-                    println!("{}", human(m));
+                    // Systems, features and paths are any token of the file.
+                    println!("{}", safe(&human(m)));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -253,4 +259,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Text a machine sent (an error, its stderr), made safe for a terminal.
+fn safe(text: &impl std::fmt::Display) -> String {
+    termsafe::filter(text.to_string().as_bytes())
 }

@@ -5,7 +5,6 @@
 //! and content ([`detect_format`]), so a Guix file works wherever it lives.
 //! No file means no machines: everything builds locally.
 
-use std::io;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -13,6 +12,7 @@ use thiserror::Error;
 use super::guix_format::{self, Env, GuixMachinesError};
 use super::machines::{Machine, MachineFormat};
 use super::nix_format::{self, IncludeReader, NixMachinesError};
+use crate::bounded::{self, BoundedError, MACHINES_FILE_LIMIT};
 
 /// Where machines files are looked for, in order, when none is given.
 pub const DEFAULT_LOCATIONS: [&str; 3] = [
@@ -31,7 +31,7 @@ pub enum MachinesFileError {
     Read {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: BoundedError,
     },
     #[error(transparent)]
     Nix(#[from] NixMachinesError),
@@ -99,11 +99,15 @@ pub fn parse(
 }
 
 /// Reads the machines file at `path` from the file system (includes
-/// relative to the working directory, `getenv` from the process).
+/// relative to the working directory, `getenv` from the process). It must
+/// be a regular file of at most [`MACHINES_FILE_LIMIT`] bytes: a FIFO or a
+/// device is refused at once instead of hanging or filling memory.
 pub fn load(path: &Path, default_system: &str) -> Result<Vec<Machine>, MachinesFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| MachinesFileError::Read {
-        path: path.to_owned(),
-        source,
+    let text = bounded::read_file_to_string(path, MACHINES_FILE_LIMIT).map_err(|source| {
+        MachinesFileError::Read {
+            path: path.to_owned(),
+            source,
+        }
     })?;
     parse(
         path,

@@ -20,7 +20,8 @@ use std::collections::BTreeSet;
 
 use thiserror::Error;
 
-use super::machines::{GuixExtras, Machine, MachineError, MachineFormat, MachineName};
+use super::machines::{self, GuixExtras, Machine, MachineError, MachineFormat, MachineName};
+use crate::termsafe;
 
 /// How deeply lists may nest; deeper input is refused instead of risking
 /// the stack.
@@ -387,11 +388,15 @@ enum Value {
 impl Value {
     fn describe(&self) -> String {
         match self {
-            Value::Str(s) => format!("the string {s:?}"),
+            // Quoted short: a string may be huge (or `getenv` of a secret).
+            Value::Str(s) => format!("the string {}", termsafe::quote_short(s)),
             Value::Num(n, _) => format!("the number {n}"),
             Value::Bool(true) => "#t".to_owned(),
             Value::Bool(false) => "#f".to_owned(),
-            Value::Symbol(s) => format!("the symbol '{s}"),
+            Value::Symbol(s) => format!(
+                "the symbol '{}",
+                termsafe::shorten(&s.escape_debug().to_string(), termsafe::QUOTE_MAX)
+            ),
             Value::List(l) => format!("a list of {} item(s)", l.len()),
             Value::Machine(_) => "a build-machine".to_owned(),
         }
@@ -665,6 +670,15 @@ impl Fields {
 
         let name = string("name")?.ok_or_else(|| missing("name"))?;
         let user = string("user")?.ok_or_else(|| missing("user"))?;
+        // `name` is the host ssh connects to; neither it nor `user` is shown
+        // when refused (see `check_host`).
+        let machine_err = |source| GuixMachinesError::Machine {
+            file: file.to_owned(),
+            line,
+            source,
+        };
+        machines::check_host(&name).map_err(machine_err)?;
+        machines::check_user(&user).map_err(machine_err)?;
         let host_key = string("host-key")?.ok_or_else(|| missing("host-key"))?;
         let systems = match strings("systems")? {
             Some(s) => s,
@@ -909,14 +923,19 @@ mod tests {
 
     #[test]
     fn reads_string_escapes_and_numbers() {
+        // The escapes are in fields that take any string (`name` and `user`
+        // must be a host and a user name).
         let m = &p(
-            r#"(list (build-machine (name "a\x62;") (systems '("s")) (user "u\tv") (host-key "k \
+            r#"(list (build-machine (name "h") (systems '("s")) (user "u") (private-key "a\x62;") (daemon-socket "u\tv") (host-key "k \
                      l") (speed 1.5)))"#,
         );
         // Guile's `\xHH` takes two digits; `;` is then an ordinary character.
         let m = &m.as_ref().unwrap()[0];
-        assert_eq!(m.name.as_str(), "ab;");
-        assert_eq!(m.user.as_deref(), Some("u\tv"));
+        assert_eq!(m.private_key.as_deref(), Some("ab;"));
+        assert_eq!(
+            m.guix.as_ref().map(|g| g.daemon_socket.as_str()),
+            Some("u\tv")
+        );
         assert_eq!(m.host_key.as_deref(), Some("k l"));
         assert_eq!(parse_number("2."), Some((2.0, false)));
         assert_eq!(parse_number("22"), Some((22.0, true)));
@@ -949,6 +968,59 @@ mod tests {
         assert!(p(r#"(list (build-machine (name "a") (name "b")))"#).is_err());
         assert!(p(r#"(list (build-machine (nom "a")))"#).is_err());
         assert!(p(r#"(list (build-machine (name "a") (systems '("s")) (user "u") (host-key "k") (speed 0)))"#).is_err());
+    }
+
+    #[test]
+    fn refuses_host_names_that_are_not_host_names_without_showing_them() {
+        for name in [
+            "a b",
+            "a/b",
+            "/etc/shadow",
+            "a\\x1b;]0;t\\a",
+            "-oProxyCommand=x",
+        ] {
+            let text = format!(
+                r#"(list
+ (build-machine (name "{name}") (systems '("s")) (user "u") (host-key "k")))"#
+            );
+            let e = p(&text).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    GuixMachinesError::Machine {
+                        line: 2,
+                        source: MachineError::BadHost,
+                        ..
+                    }
+                ),
+                "{name}: {e:?}"
+            );
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with("machines.scm:2: build-machine: the host is not a host name"),
+                "{msg}"
+            );
+            assert!(!msg.contains(name), "{msg}");
+        }
+        let e =
+            p(r#"(list (build-machine (name "h") (systems '("s")) (user "a/b") (host-key "k")))"#)
+                .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                GuixMachinesError::Machine {
+                    source: MachineError::BadUser,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        for name in ["build.example.org", "10.0.0.2", "fe80::1"] {
+            let text = format!(
+                r#"(list (build-machine (name "{name}") (systems '("s")) (user "u") (host-key "k")))"#
+            );
+            assert_eq!(p(&text).expect(name)[0].host.as_deref(), Some(name));
+        }
     }
 
     #[test]

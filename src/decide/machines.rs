@@ -15,8 +15,14 @@ use thiserror::Error;
 pub enum MachineError {
     #[error("machine name is empty")]
     EmptyName,
-    #[error("machine name {name:?} contains whitespace or a control character")]
+    // The name is not shown: a machines line may be a line of another file
+    // read through an include (a secret), and its file and line are named.
+    #[error("machine name contains whitespace or a control character")]
     BadNameChar { name: String },
+    #[error("the host is not a host name (letters, digits, '.', '-', '_') or an IP address (not shown: it may come from a file that is not a machines file)")]
+    BadHost,
+    #[error("the user is not a user name (no '/', ':', spaces or control characters, not starting with '-'; not shown)")]
+    BadUser,
     #[error("machine {machine}: speed factor {speed} is not a positive finite number")]
     BadSpeed { machine: String, speed: f64 },
 }
@@ -52,6 +58,49 @@ impl MachineName {
 impl fmt::Display for MachineName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// Checks that `host` is something ssh can be given as a host: a host
+/// name (ASCII letters, digits, `.`, `-`, `_`, not starting with `-` or
+/// `.`, which ssh would take for an option or which no resolver has) or an
+/// IP address (IPv6 without brackets, with an optional `%zone`). Anything
+/// else in the host part of a machines line is a mistake, or a line of a
+/// file that is not a machines file.
+pub fn check_host(host: &str) -> Result<(), MachineError> {
+    let name_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_');
+    let ok = if host.contains(':') {
+        let (addr, zone) = match host.split_once('%') {
+            Some((a, z)) => (a, Some(z)),
+            None => (host, None),
+        };
+        addr.parse::<std::net::Ipv6Addr>().is_ok()
+            && zone.map_or(true, |z| !z.is_empty() && z.bytes().all(name_char))
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && !host.starts_with(['-', '.'])
+            && host.bytes().all(name_char)
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(MachineError::BadHost)
+    }
+}
+
+/// Checks that `user` can be an SSH login name: not empty, no `/`, `:`,
+/// whitespace or control character, and not starting with `-`.
+pub fn check_user(user: &str) -> Result<(), MachineError> {
+    let ok = !user.is_empty()
+        && !user.starts_with('-')
+        && !user
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(MachineError::BadUser)
     }
 }
 
@@ -195,6 +244,54 @@ pub fn to_json(machines: &[Machine]) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepts_host_names_and_ip_addresses() {
+        for host in [
+            "h",
+            "b.example.org",
+            "build-1.example.org",
+            "under_score",
+            "127.0.0.1",
+            "::1",
+            "2001:db8::1",
+            "fe80::1%eth0",
+            "xn--bcher-kva.example",
+        ] {
+            assert_eq!(check_host(host), Ok(()), "{host}");
+        }
+    }
+
+    #[test]
+    fn rejects_hosts_that_are_not_host_names() {
+        for host in [
+            "",
+            "-oProxyCommand=x",
+            ".hidden",
+            "a b",
+            "a/b",
+            "/etc/shadow",
+            "a\x1b]0;t\x07",
+            "root:$6$salt$hash:19000:0:99999:7:::",
+            "::1%",
+            "::g",
+            "h\n",
+            "ü.example",
+        ] {
+            assert_eq!(check_host(host), Err(MachineError::BadHost), "{host:?}");
+        }
+        assert!(!MachineError::BadHost.to_string().contains("shadow"));
+    }
+
+    #[test]
+    fn checks_user_names() {
+        for user in ["nix", "root", "first.last", "builder$", "a@b"] {
+            assert_eq!(check_user(user), Ok(()), "{user}");
+        }
+        for user in ["", "-oX", "a/b", "a:b", "a b", "a\x07"] {
+            assert_eq!(check_user(user), Err(MachineError::BadUser), "{user:?}");
+        }
+    }
 
     #[test]
     fn rejects_empty_and_spaced_names() {

@@ -10,15 +10,28 @@
 //! the eighth, and so does this reader (with a warning).
 //!
 //! Nix itself has no guard against `@a` including itself; this reader refuses
-//! include cycles and nesting deeper than [`MAX_INCLUDE_DEPTH`].
+//! include cycles and nesting deeper than [`MAX_INCLUDE_DEPTH`], and reads
+//! at most [`MACHINES_FILE_LIMIT`] bytes for a file and all its includes
+//! together (an include of `/dev/zero`, or one file included a million
+//! times, would otherwise never end).
+//!
+//! Stricter than Nix: the store URI must be `ssh://` or `ssh-ng://` (a bare
+//! `[user@]host` becomes `ssh://`, as in Nix) with a host name or IP
+//! address as its host and a plain user name ([`super::machines::check_host`]).
+//! `@/etc/shadow` makes each line of that file an entry; such a line is
+//! refused by file and line number without being shown.
 
 use std::collections::BTreeSet;
-use std::io;
+use std::path::Path;
 
 use base64::Engine as _;
 use thiserror::Error;
 
-use super::machines::{Machine, MachineError, MachineFormat, MachineName};
+use super::machines::{self, Machine, MachineError, MachineFormat, MachineName};
+use crate::bounded::{self, BoundedError};
+use crate::termsafe;
+
+pub use crate::bounded::MACHINES_FILE_LIMIT;
 
 /// How deep `@file` includes may nest before the reader gives up.
 pub const MAX_INCLUDE_DEPTH: usize = 16;
@@ -50,13 +63,17 @@ pub enum NixMachinesError {
     },
     #[error("{file}:{line}: the store URI (first field) is missing")]
     MissingUri { file: String, line: usize },
-    #[error("{file}:{line}: store URI '{uri}': {why}")]
+    // The URI is not shown: the line may be a line of another file read
+    // through an include (a password hash, a key), and file and line find it.
+    #[error("{file}:{line}: the store URI (first field) is not valid: {why}")]
     BadUri {
         file: String,
         line: usize,
         uri: String,
         why: &'static str,
     },
+    #[error("{file}:{line}: the store URI (first field) is not an ssh:// or ssh-ng:// URI or a host name (not shown); sandoff builds on other machines over SSH only")]
+    NotSsh { file: String, line: usize },
     #[error("{file}:{line}: {source}")]
     Machine {
         file: String,
@@ -70,7 +87,17 @@ pub enum NixMachinesError {
         line: usize,
         path: String,
         #[source]
-        source: io::Error,
+        source: BoundedError,
+    },
+    #[error(
+        "{file}:{line}: included machines file '{path}' takes the machines files past their limit of {} together",
+        bounded::size(*limit)
+    )]
+    IncludesTooLarge {
+        file: String,
+        line: usize,
+        path: String,
+        limit: u64,
     },
     #[error("{file}:{line}: machines file '{path}' includes itself (cycle: {chain})")]
     IncludeCycle {
@@ -90,8 +117,9 @@ pub enum NixMachinesError {
 /// Reads the files named by `@file` entries. Passed in so that parsing stays
 /// testable without touching the file system.
 pub trait IncludeReader {
-    /// The text of `path`, `Ok(None)` if it does not exist (Nix skips it).
-    fn read(&self, path: &str) -> io::Result<Option<String>>;
+    /// The text of `path`, `Ok(None)` if it does not exist (Nix skips it);
+    /// more than `limit` bytes is an error ([`BoundedError::TooLarge`]).
+    fn read(&self, path: &str, limit: u64) -> Result<Option<String>, BoundedError>;
 }
 
 /// Reads includes from the file system, relative paths from the working
@@ -100,10 +128,11 @@ pub trait IncludeReader {
 pub struct FsIncludes;
 
 impl IncludeReader for FsIncludes {
-    fn read(&self, path: &str) -> io::Result<Option<String>> {
-        match std::fs::read_to_string(path) {
+    /// Regular files only: a FIFO or device is an error, not a hang.
+    fn read(&self, path: &str, limit: u64) -> Result<Option<String>, BoundedError> {
+        match bounded::read_file_to_string(Path::new(path), limit) {
             Ok(text) => Ok(Some(text)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -115,9 +144,17 @@ impl IncludeReader for FsIncludes {
 pub struct NoIncludes;
 
 impl IncludeReader for NoIncludes {
-    fn read(&self, _path: &str) -> io::Result<Option<String>> {
+    fn read(&self, _path: &str, _limit: u64) -> Result<Option<String>, BoundedError> {
         Ok(None)
     }
+}
+
+/// What parsing carries through the includes: the chain of files being
+/// read (for cycles and depth) and the bytes read so far (for the limit).
+struct Includes<'a> {
+    reader: &'a dyn IncludeReader,
+    chain: Vec<String>,
+    bytes: u64,
 }
 
 /// Parses a machines file. `file` names it in errors; `default_system` is the
@@ -130,15 +167,12 @@ pub fn parse(
     includes: &dyn IncludeReader,
 ) -> Result<Vec<Machine>, NixMachinesError> {
     let mut machines = Vec::new();
-    let mut chain = vec![file.to_owned()];
-    parse_into(
-        text,
-        file,
-        default_system,
-        includes,
-        &mut chain,
-        &mut machines,
-    )?;
+    let mut includes = Includes {
+        reader: includes,
+        chain: vec![file.to_owned()],
+        bytes: text.len() as u64,
+    };
+    parse_into(text, file, default_system, &mut includes, &mut machines)?;
     Ok(machines)
 }
 
@@ -146,8 +180,7 @@ fn parse_into(
     text: &str,
     file: &str,
     default_system: &str,
-    includes: &dyn IncludeReader,
-    chain: &mut Vec<String>,
+    includes: &mut Includes<'_>,
     out: &mut Vec<Machine>,
 ) -> Result<(), NixMachinesError> {
     for (index, raw_line) in text.split('\n').enumerate() {
@@ -160,7 +193,7 @@ fn parse_into(
             }
             if let Some(path) = entry.strip_prefix('@') {
                 let path = path.trim_matches(|c| " \t\r\n".contains(c));
-                include(path, file, line, default_system, includes, chain, out)?;
+                include(path, file, line, default_system, includes, out)?;
                 continue;
             }
             out.push(parse_entry(entry, file, line, default_system)?);
@@ -174,12 +207,11 @@ fn include(
     file: &str,
     line: usize,
     default_system: &str,
-    includes: &dyn IncludeReader,
-    chain: &mut Vec<String>,
+    includes: &mut Includes<'_>,
     out: &mut Vec<Machine>,
 ) -> Result<(), NixMachinesError> {
-    if chain.iter().any(|p| p == path) {
-        let mut names = chain.clone();
+    if includes.chain.iter().any(|p| p == path) {
+        let mut names = includes.chain.clone();
         names.push(path.to_owned());
         return Err(NixMachinesError::IncludeCycle {
             file: file.to_owned(),
@@ -188,28 +220,39 @@ fn include(
             chain: names.join(" -> "),
         });
     }
-    if chain.len() > MAX_INCLUDE_DEPTH {
+    if includes.chain.len() > MAX_INCLUDE_DEPTH {
         return Err(NixMachinesError::IncludeTooDeep {
             file: file.to_owned(),
             line,
             max: MAX_INCLUDE_DEPTH,
         });
     }
+    let left = MACHINES_FILE_LIMIT.saturating_sub(includes.bytes);
     let text = includes
-        .read(path)
-        .map_err(|source| NixMachinesError::Include {
-            file: file.to_owned(),
-            line,
-            path: path.to_owned(),
-            source,
+        .reader
+        .read(path, left)
+        .map_err(|source| match source {
+            BoundedError::TooLarge { .. } => NixMachinesError::IncludesTooLarge {
+                file: file.to_owned(),
+                line,
+                path: path.to_owned(),
+                limit: MACHINES_FILE_LIMIT,
+            },
+            source => NixMachinesError::Include {
+                file: file.to_owned(),
+                line,
+                path: path.to_owned(),
+                source,
+            },
         })?;
     let Some(text) = text else {
         tracing::debug!("cannot find machines file '{path}' (included from {file}:{line})");
         return Ok(());
     };
-    chain.push(path.to_owned());
-    let result = parse_into(&text, path, default_system, includes, chain, out);
-    chain.pop();
+    includes.bytes += text.len() as u64;
+    includes.chain.push(path.to_owned());
+    let result = parse_into(&text, path, default_system, includes, out);
+    includes.chain.pop();
     result
 }
 
@@ -238,7 +281,8 @@ fn parse_entry(
         line,
         field: FIELD_NAMES[i],
         column: i + 1,
-        value: value.to_owned(),
+        // A token of the line, possibly huge: only its start is shown.
+        value: termsafe::shorten(&value.escape_debug().to_string(), termsafe::QUOTE_MAX),
         why,
     };
     let Some(uri) = field(0) else {
@@ -253,6 +297,22 @@ fn parse_entry(
         uri: uri.to_owned(),
         why,
     })?;
+    // Checked before anything else quotes the line: see `check_host`.
+    let machine_err = |source| NixMachinesError::Machine {
+        file: file.to_owned(),
+        line,
+        source,
+    };
+    let Some(host) = &store.host else {
+        return Err(NixMachinesError::NotSsh {
+            file: file.to_owned(),
+            line,
+        });
+    };
+    machines::check_host(host).map_err(machine_err)?;
+    if let Some(user) = &store.user {
+        machines::check_user(user).map_err(machine_err)?;
+    }
     let systems = match field(1) {
         Some(s) => comma_set(s),
         None => BTreeSet::from([default_system.to_owned()]),
@@ -481,8 +541,12 @@ mod tests {
 
     struct MapIncludes(BTreeMap<&'static str, &'static str>);
     impl IncludeReader for MapIncludes {
-        fn read(&self, path: &str) -> io::Result<Option<String>> {
-            Ok(self.0.get(path).map(|s| (*s).to_owned()))
+        fn read(&self, path: &str, limit: u64) -> Result<Option<String>, BoundedError> {
+            match self.0.get(path) {
+                Some(s) if s.len() as u64 > limit => Err(BoundedError::TooLarge { limit }),
+                Some(s) => Ok(Some((*s).to_owned())),
+                None => Ok(None),
+            }
         }
     }
 
@@ -549,6 +613,15 @@ mod tests {
     }
 
     #[test]
+    fn quotes_a_long_bad_field_short() {
+        let e = p(&format!("a - - {}", "9x".repeat(100_000)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 1024, "{} bytes", e.len());
+        assert!(e.starts_with("machines:1: field maxJobs (#4) '9x9x"), "{e}");
+    }
+
+    #[test]
     fn rejects_bad_host_key() {
         let e = p("a - - - - - - !!!").unwrap_err().to_string();
         assert!(
@@ -597,6 +670,89 @@ mod tests {
             e,
             "/b:1: machines file '/a' includes itself (cycle: machines -> /a -> /b -> /a)"
         );
+    }
+
+    #[test]
+    fn includes_share_one_byte_limit() {
+        // One small file included many times: each read alone is small,
+        // together they pass the limit.
+        let big: &'static str = format!("#{}", "x".repeat((1 << 20) - 1)).leak();
+        let inc = MapIncludes(BTreeMap::from([("/big", big)]));
+        let text = "@/big\n".repeat(20);
+        let e = parse(&text, "machines", "s", &inc).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "machines:16: included machines file '/big' takes the machines files past their limit of 16 MiB together"
+        );
+    }
+
+    #[test]
+    fn accepts_every_valid_host_form() {
+        let m = p("ssh://nix@b.example:2222 ; ssh-ng://builder@arm.example.org:22?remote-program=/run/current-system/sw/bin/nix-daemon ; host ; user@host ; ssh://[::1]:22 ; ssh://[fe80::1%eth0] ; 10.0.0.2 ; ::1 ; under_score.example")
+            .expect("valid");
+        let hosts: Vec<_> = m.iter().map(|m| m.host.as_deref().unwrap_or("")).collect();
+        assert_eq!(
+            hosts,
+            [
+                "b.example",
+                "arm.example.org",
+                "host",
+                "host",
+                "::1",
+                "fe80::1%eth0",
+                "10.0.0.2",
+                "::1",
+                "under_score.example"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_line_of_an_included_secret_is_refused_without_showing_it() {
+        // `@/etc/shadow`: its lines become machines lines. A hash with `/`
+        // reads as a store path, one without as a host; neither is shown.
+        let inc = MapIncludes(BTreeMap::from([(
+            "/etc/shadow",
+            "root:$6$salt$hash:19000:0:99999:7:::\nnix:$y$j9T$s4lt/s3cret:19000::::::",
+        )]));
+        let e = parse("@/etc/shadow", "machines", "s", &inc).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("/etc/shadow:1: the host is not a host name"),
+            "{msg}"
+        );
+        assert!(!msg.contains("salt") && !msg.contains("root"), "{msg}");
+        let inc = MapIncludes(BTreeMap::from([(
+            "/etc/shadow",
+            "nix:$y$j9T$s4lt/s3cret:19000::::::",
+        )]));
+        let msg = parse("@/etc/shadow", "machines", "s", &inc)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("/etc/shadow:1: the store URI (first field) is not an ssh://"),
+            "{msg}"
+        );
+        assert!(!msg.contains("s3cret") && !msg.contains("nix:"), "{msg}");
+    }
+
+    #[test]
+    fn refuses_hosts_and_users_that_are_not_names() {
+        for entry in [
+            "ssh://a%2Fb",
+            "ssh://-oProxyCommand=sh",
+            "ssh://h\x1b]0;t\x07",
+            "ssh://[::g]:22",
+            "ssh://-x@h",
+            "local",
+            "unix:///run/nix/socket",
+            "/some/store",
+        ] {
+            let e = p(&format!("ok\n{entry}")).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.starts_with("machines:2: "), "{entry}: {msg}");
+            assert!(!msg.contains(entry), "{msg}");
+        }
     }
 
     #[test]

@@ -13,9 +13,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::bounded;
 use crate::decide::MachineName;
 use crate::remote::slots::escape_name;
 
+/// The largest backoff record read.
+const RECORD_LIMIT: u64 = 1 << 20;
 /// The first backoff.
 pub const FIRST: Duration = Duration::from_secs(30);
 /// The longest backoff.
@@ -182,9 +185,11 @@ impl Backoff {
 
     fn read(&self, machine: &MachineName) -> Option<BackoffState> {
         let path = self.record_path(machine);
-        let text = match std::fs::read_to_string(&path) {
+        // A record is a few lines; the limit only stops a damaged or
+        // replaced file (a FIFO, a device) from hanging every decision.
+        let text = match bounded::read_file_to_string(&path, RECORD_LIMIT) {
             Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) if e.is_not_found() => return None,
             Err(e) => {
                 tracing::warn!(
                     machine = machine.as_str(),
@@ -356,6 +361,18 @@ mod tests {
         b.record_success(&m).expect("success twice is fine");
         let s3 = b.record_failure(&m, at(2000), "again").expect("record");
         assert_eq!((s3.failures, s3.until), (1, at(2030)));
+    }
+
+    #[test]
+    fn a_record_that_is_a_fifo_counts_as_none_without_hanging() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let b = Backoff::new(tmp.path());
+        let m = name("ssh://fifo");
+        let path = b.record_path(&m);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        assert_eq!(b.state(&m).expect("state"), None);
     }
 
     #[test]

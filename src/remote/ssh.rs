@@ -22,7 +22,6 @@
 //! channels of one session are used one at a time, from one thread at a
 //! time: concurrent builds on one machine take one session each.
 
-use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
@@ -32,9 +31,14 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use ssh2::{BlockDirections, CheckResult, KnownHostFileKind, MethodType};
+use zeroize::Zeroizing;
 
 use super::transport::Transport;
+use crate::bounded;
 use crate::decide::Machine;
+
+/// The most stdout (and stderr) [`SshSession::run`] takes from a command.
+pub const RUN_OUTPUT_LIMIT: u64 = 1 << 20;
 
 /// Why an SSH connection could not be made or was lost.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +96,13 @@ pub enum SshError {
         command: String,
         #[source]
         source: ssh2::Error,
+    },
+    /// A command run with [`SshSession::run`] printed more than it may.
+    #[error("'{command}' on {host} printed more than the limit of {}", bounded::size(*limit))]
+    OutputTooLong {
+        host: String,
+        command: String,
+        limit: u64,
     },
     /// The connection broke while a remote command ran.
     #[error("connection to {host} lost while running '{command}': {source}")]
@@ -302,7 +313,9 @@ impl SshSession {
     }
 
     /// Runs `command` to completion: its stdout, stderr and exit status
-    /// (for `machines status`: `cat /proc/loadavg`, `df`).
+    /// (for `machines status`: `cat /proc/loadavg`, `df`). Each of stdout
+    /// and stderr may be at most [`RUN_OUTPUT_LIMIT`]: the machine, not
+    /// this host, decides how much it sends.
     pub fn run(&self, command: &str) -> Result<(Vec<u8>, Vec<u8>, i32), SshError> {
         let mut channel = self.exec(command)?;
         let lost = |source| SshError::Lost {
@@ -313,11 +326,20 @@ impl SshSession {
         let ch = &mut channel.channel;
         retry_keepalive_timeouts(u32::MAX, || ch.send_eof())
             .map_err(|e| lost(io::Error::from(e)))?;
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        channel.pump_to_eof(&mut out, &mut err).map_err(lost)?;
+        let mut out = bounded::LimitedBuf::new(RUN_OUTPUT_LIMIT);
+        let mut err = bounded::LimitedBuf::new(RUN_OUTPUT_LIMIT);
+        if let Err(e) = channel.pump_to_eof(&mut out, &mut err) {
+            if out.overflowed() || err.overflowed() {
+                return Err(SshError::OutputTooLong {
+                    host: self.host.clone(),
+                    command: command.to_owned(),
+                    limit: RUN_OUTPUT_LIMIT,
+                });
+            }
+            return Err(lost(e));
+        }
         let status = channel.finish().map_err(lost)?;
-        Ok((out, err, status))
+        Ok((out.into_inner(), err.into_inner(), status))
     }
 }
 
@@ -1070,11 +1092,9 @@ fn check_known_hosts(
         known_hosts: format!("{}{note}", path.display()),
         offered: offered.to_string(),
     };
-    let text = match fs::read_to_string(path) {
+    let text = match bounded::read_file_to_string(path, bounded::KNOWN_HOSTS_LIMIT) {
         Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(unknown(" (no such file)".to_owned()))
-        }
+        Err(e) if e.is_not_found() => return Err(unknown(" (no such file)".to_owned())),
         Err(e) => return Err(unknown(format!(" (unreadable: {e})"))),
     };
     // libssh2's CString conversion would panic on a NUL.
@@ -1175,7 +1195,9 @@ fn authenticate(
         }
     };
     let key_text = key.display().to_string();
-    if let Err(e) = fs::metadata(&key) {
+    // libssh2 reads the key file itself, without a limit: a key path that
+    // names a FIFO or `/dev/zero` is refused here instead of hanging it.
+    if let Err(e) = bounded::read_file(&key, bounded::KEY_FILE_LIMIT).map(Zeroizing::new) {
         return Err(auth_err(
             &key_text,
             format!("cannot read the private key: {e}"),

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use super::signature::{PublicKey, SecretKey, SignatureError, TrustedKeys};
+use crate::bounded;
 
 /// Why the key ring could not be read or changed.
 #[derive(Debug, Error)]
@@ -119,10 +120,16 @@ impl Keyring {
     pub fn authorize(&self, keys: &TrustedKeys) -> Result<usize, KeyringError> {
         let path = self.trusted_keys_path();
         let mut trusted = self.trusted_keys()?;
-        let old = match fs::read_to_string(&path) {
+        let old = match bounded::read_file_to_string(&path, bounded::TRUSTED_KEYS_LIMIT) {
             Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io_err("read", &path)(e)),
+            Err(e) if e.is_not_found() => String::new(),
+            Err(source) => {
+                return Err(SignatureError::Read {
+                    path: path.clone(),
+                    source,
+                }
+                .into())
+            }
         };
         let mut text = old.clone();
         let mut added = 0;

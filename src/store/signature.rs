@@ -16,6 +16,7 @@
 //! Trust is a set of public keys ([`TrustedKeys`]); a signature counts only if
 //! a trusted key *of the same name* verifies it, as in Nix's `verifyDetached`.
 
+use crate::bounded::{self, BoundedError};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::Permissions;
@@ -68,7 +69,7 @@ pub enum SignatureError {
     Read {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: BoundedError,
     },
     #[error("cannot write key file '{path}'")]
     Write {
@@ -186,7 +187,8 @@ fn read_key_file(path: &Path) -> Result<Zeroizing<String>, SignatureError> {
         path: path.to_owned(),
         source,
     };
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(read_err)?);
+    let bytes =
+        Zeroizing::new(bounded::read_file(path, bounded::KEY_FILE_LIMIT).map_err(read_err)?);
     match std::str::from_utf8(&bytes) {
         Ok(s) => Ok(Zeroizing::new(s.to_owned())),
         Err(_) => Err(SignatureError::NotNameBase64 {
@@ -475,10 +477,13 @@ impl TrustedKeys {
 
     /// Reads a trusted keys file.
     pub fn read_file(path: &Path) -> Result<TrustedKeys, SignatureError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SignatureError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            bounded::read_file_to_string(path, bounded::TRUSTED_KEYS_LIMIT).map_err(|source| {
+                SignatureError::Read {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
         TrustedKeys::parse(&text, &format!("trusted keys file '{}'", path.display()))
     }
 
@@ -705,6 +710,29 @@ mod tests {
         assert_eq!(PublicKey::read_file(&pkf).unwrap(), sk.to_public());
         // Only the key file is left behind: no temporary files.
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn key_files_must_be_small_regular_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let big = tmp.path().join("big");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(bounded::TRUSTED_KEYS_LIMIT + 1).unwrap();
+        let zero = Path::new("/dev/zero");
+        for path in [zero, &fifo, &big] {
+            // Each would hang or fill memory if read whole.
+            let e = SecretKey::read_file(path).expect_err("refused");
+            assert!(matches!(e, SignatureError::Read { .. }), "{e:?}");
+            let e = PublicKey::read_file(path).unwrap_err();
+            assert!(matches!(e, SignatureError::Read { .. }), "{e:?}");
+            let e = TrustedKeys::read_file(path).unwrap_err();
+            assert!(matches!(e, SignatureError::Read { .. }), "{e:?}");
+        }
+        let e = TrustedKeys::read_file(&big).unwrap_err();
+        let cause = std::error::Error::source(&e).map(ToString::to_string);
+        assert_eq!(cause.as_deref(), Some("larger than the limit of 1 MiB"));
     }
 
     #[test]

@@ -868,3 +868,79 @@ fn build_places_each_derivation_with_the_decision_module() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(s.info(&s.out(&local)).is_some());
 }
+
+/// A builder that prints OSC 52 (set the clipboard), a window title and a
+/// colour, on stderr; then `exit_code`.
+pub(crate) fn hostile_log_script(exit_code: u8) -> String {
+    format!(
+        r"printf 'x\033]52;c;ZXZpbA==\007y\n\033]0;pwned\033\\z\n\033[31mred\033[0m\n' >&2; mkdir $out; exit {exit_code}"
+    )
+}
+
+/// What [`hostile_log_script`] writes, byte for byte.
+pub(crate) const HOSTILE_LOG: &[u8] =
+    b"x\x1b]52;c;ZXZpbA==\x07y\n\x1b]0;pwned\x1b\\z\n\x1b[31mred\x1b[0m\n";
+
+/// Neither the clipboard nor the title sequence, nor any BEL, in `err`;
+/// the colour kept.
+pub(crate) fn assert_terminal_safe(err: &[u8], what: &str) {
+    let shown = String::from_utf8_lossy(err);
+    assert!(
+        !err.windows(2).any(|w| w == b"\x1b]"),
+        "{what}: an OSC sequence reached stderr: {shown:?}"
+    );
+    assert!(
+        !err.contains(&0x07),
+        "{what}: BEL reached stderr: {shown:?}"
+    );
+    assert!(
+        shown.contains("\x1b[31mred\x1b[0m"),
+        "{what}: colours are kept: {shown:?}"
+    );
+}
+
+#[test]
+fn failing_build_log_tail_reaches_stderr_without_terminal_escapes() {
+    if !ready("failing_build_log_tail_reaches_stderr_without_terminal_escapes") {
+        return;
+    }
+    let s = Store::new();
+    let d = s.drv(
+        "hostile-fails",
+        Spec {
+            script: &hostile_log_script(3),
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&[&d]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_terminal_safe(&out.stderr, "log tail");
+    assert!(text(&out.stderr).contains("xy"), "{}", text(&out.stderr));
+    let log = support::run_ok(s.cmd().args(["log", &d]));
+    assert_eq!(log, HOSTILE_LOG, "the log on disk is as the build wrote it");
+}
+
+#[test]
+fn streamed_build_log_reaches_stderr_without_terminal_escapes() {
+    if !ready("streamed_build_log_reaches_stderr_without_terminal_escapes") {
+        return;
+    }
+    let s = Store::new();
+    let d = s.drv(
+        "hostile-ok",
+        Spec {
+            script: &hostile_log_script(0),
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&["-L", &d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_terminal_safe(&out.stderr, "-L");
+    assert!(
+        text(&out.stderr).contains("hostile-ok> xy\n"),
+        "{}",
+        text(&out.stderr)
+    );
+    let log = support::run_ok(s.cmd().args(["log", &d]));
+    assert_eq!(log, HOSTILE_LOG, "the log on disk is as the build wrote it");
+}

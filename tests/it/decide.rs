@@ -218,6 +218,137 @@ fn machines_list_reports_parse_errors_with_line() {
     );
 }
 
+/// `sandoff machines list --machines FILE`, which must fail at once with
+/// one line on stderr that names `FILE`.
+fn assert_machines_file_refused(file: &Path, why: &str) {
+    let out = support::output_or_kill(
+        support::sandoff()
+            .args(["machines", "list", "--machines"])
+            .arg(file),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.len() < 1024, "a short line: {err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(err.contains(why), "{err}");
+}
+
+#[test]
+fn machines_list_and_decide_print_escape_sequences_of_the_file_filtered() {
+    let dir = tempfile::tempdir().unwrap();
+    let machines = dir.path().join("machines");
+    // Tokens hold no space, tab, `;` or `#`, but may hold ESC and BEL.
+    std::fs::write(&machines, "h x86_64-linux\x1b[2J\x07 - 1 1 kvm\x1bc\n").unwrap();
+    let out = support::run_ok(
+        support::sandoff()
+            .args(["machines", "list", "--machines"])
+            .arg(&machines),
+    );
+    let shown = String::from_utf8_lossy(&out);
+    assert!(shown.contains("x86_64-linux"), "{shown}");
+    assert!(!out.contains(&0x1b) && !out.contains(&0x07), "{shown:?}");
+
+    let root = store_with_drvs();
+    let out = support::run_ok(
+        support::sandoff()
+            .arg("--store-root")
+            .arg(root.path())
+            .args(["--store-dir", "/nix/store", "decide", MULTI, "--machines"])
+            .arg(&machines)
+            .args(["--system", "x86_64-linux", "--system-features", ""]),
+    );
+    let shown = String::from_utf8_lossy(&out);
+    assert!(!out.contains(&0x1b) && !out.contains(&0x07), "{shown:?}");
+}
+
+#[test]
+fn machines_file_that_is_dev_zero_is_refused() {
+    assert_machines_file_refused(
+        Path::new("/dev/zero"),
+        "not a regular file (it is a character device)",
+    );
+}
+
+#[test]
+fn machines_file_including_dev_zero_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("machines");
+    std::fs::write(&file, "a\n@/dev/zero\n").unwrap();
+    assert_machines_file_refused(
+        &file,
+        "machines:2: cannot read included machines file '/dev/zero': not a regular file",
+    );
+}
+
+#[test]
+fn machines_file_that_is_a_fifo_is_refused_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("machines");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    assert_machines_file_refused(&fifo, "not a regular file (it is a FIFO)");
+    let file = dir.path().join("including");
+    std::fs::write(&file, format!("@{}\n", fifo.display())).unwrap();
+    assert_machines_file_refused(&file, "not a regular file (it is a FIFO)");
+}
+
+#[test]
+fn machines_file_over_the_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("machines");
+    let f = std::fs::File::create(&file).unwrap();
+    // Sparse: the size is what counts, not the disk it takes.
+    f.set_len(sandoff::bounded::MACHINES_FILE_LIMIT + 1)
+        .unwrap();
+    assert_machines_file_refused(&file, "larger than the limit of 16 MiB");
+}
+
+#[test]
+fn machines_list_refuses_a_secret_read_through_an_include_without_showing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("shadow");
+    std::fs::write(&secret, "root:$6$salt$s3cretHash:19000:0:99999:7:::\n").unwrap();
+    let machines = dir.path().join("machines");
+    std::fs::write(&machines, format!("good.example\n@{}\n", secret.display())).unwrap();
+    let out = support::output_or_kill(
+        support::sandoff()
+            .args(["machines", "list", "--machines"])
+            .arg(&machines),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty(), "nothing listed");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:1: the host is not a host name",
+            secret.display()
+        )),
+        "names the file and line: {err}"
+    );
+    assert!(!err.contains("s3cret") && !err.contains("root"), "{err}");
+
+    // A Guix host-name with a control character: refused the same way.
+    let scm = dir.path().join("machines.scm");
+    std::fs::write(
+        &scm,
+        "(list (build-machine (name \"h\\x1b;]0;t\\a\") (systems '(\"s\")) (user \"u\") (host-key \"k\")))",
+    )
+    .unwrap();
+    let out = support::output_or_kill(
+        support::sandoff()
+            .args(["machines", "list", "--machines"])
+            .arg(&scm),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("machines.scm:1: build-machine: the host is not a host name"),
+        "{err}"
+    );
+    assert!(!err.contains("]0;t"), "{err}");
+}
+
 /// A store root holding the derivation fixtures made by Nix 2.8.
 fn store_with_drvs() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();

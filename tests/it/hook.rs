@@ -220,6 +220,53 @@ fn hook_declines_everything_without_machines() {
     assert_eq!(text(&out.stdout), "# decline\n# decline\n");
 }
 
+/// The hook's error about a request line of `feed`: exit status 1, one
+/// short line, and it ends (the watchdog in `feed_or_kill` says if not).
+fn assert_long_line_refused(
+    s: &Local,
+    feed: impl FnOnce(std::process::ChildStdin) + Send + 'static,
+) {
+    let out = support::feed_or_kill(&mut s.hook(None), feed);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.len() < 1024,
+        "a short error, not the line: {} bytes",
+        err.len()
+    );
+    assert_eq!(
+        err,
+        "sandoff: the daemon's request line is longer than the limit of 1 MiB\n"
+    );
+}
+
+#[test]
+fn hook_refuses_a_200_mb_request_line_in_one_short_line() {
+    let s = Local::new();
+    assert_long_line_refused(&s, |mut stdin| {
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..200 {
+            if stdin.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+        let _ = stdin.write_all(b"\n");
+    });
+}
+
+#[test]
+fn hook_does_not_buffer_an_endless_request_line() {
+    // The line never ends: only a hook that stops reading at the limit
+    // ever answers (one that buffers the line runs until memory is gone).
+    let s = Local::new();
+    assert_long_line_refused(&s, |mut stdin| {
+        let chunk = vec![b'1'; 1 << 16];
+        while stdin.write_all(&chunk).is_ok() {}
+    });
+}
+
 #[test]
 fn hook_ends_quietly_at_end_of_input() {
     let s = Local::new();
@@ -559,6 +606,34 @@ fn hook_builds_on_a_machine_with_the_log_on_fd_4() {
             .expect("slots"),
         0
     );
+}
+
+#[test]
+fn hook_builds_print_a_hostile_remote_log_and_failure_filtered() {
+    let test = "hook_builds_print_a_hostile_remote_log_and_failure_filtered";
+    if !offload_ready(test) {
+        return;
+    }
+    let host = TestHost::start(23);
+    let s = Local::new();
+    trust(&s, &host);
+    let script = "printf 'x\\033]52;c;ZXZpbA==\\007y\\n\\033]0;pwned\\033\\\\z\\n' >&2\nexit 3\n";
+    let raw = "x\x1b]52;c;ZXZpbA==\x07y\n\x1b]0;pwned\x1b\\z\n";
+    let safe = |stderr: &str| !stderr.contains("\x1b]") && !stderr.contains('\x07');
+
+    // The log on fd 4 goes to the daemon as written; stderr is filtered.
+    let (drv, bb) = busybox_drv(&s, "hostile", script);
+    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 0, true);
+    assert_eq!(run.code, Some(100), "{:?}", run.stderr);
+    assert!(run.log.contains(raw), "log: {:?}", run.log);
+    assert!(safe(&run.stderr), "{:?}", run.stderr);
+
+    // Without fd 4 the log itself goes to stderr: filtered too.
+    let (drv, bb) = busybox_drv(&s, "hostile-again", script);
+    let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 0, false);
+    assert_eq!(run.code, Some(100), "{:?}", run.stderr);
+    assert!(run.stderr.contains("xy\n"), "{:?}", run.stderr);
+    assert!(safe(&run.stderr), "{:?}", run.stderr);
 }
 
 #[test]

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use sandoff::store::StorePath;
 
-use crate::build::{logical, ready, text, Spec, Store};
+use crate::build::{
+    assert_terminal_safe, hostile_log_script, logical, ready, text, Spec, Store, HOSTILE_LOG,
+};
 use crate::hosts::{self, TestHost};
 use crate::support;
 
@@ -292,6 +294,61 @@ fn a_remote_failure_fails_the_build_with_the_remote_log() {
         })
         .unwrap_or(0);
     assert_eq!(records, 0);
+}
+
+#[test]
+fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
+    const T: &str = "a_remote_build_log_reaches_stderr_without_terminal_escapes";
+    if !offload_ready(T) {
+        return;
+    }
+    let h = TestHost::start(14);
+    let s = Store::new();
+    trust(&s, &h);
+    let machines = write_machines(&s, &[Entry::new(&h)]);
+    let holds_log = |log: &[u8]| log.windows(HOSTILE_LOG.len()).any(|w| w == HOSTILE_LOG);
+
+    // Failing: the machine's message and the log tail in the error.
+    let d = s.drv(
+        "hostile-remote-fails",
+        Spec {
+            script: &hostile_log_script(3),
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&format!("failed on '{}'", uri(&h))));
+    assert_terminal_safe(&out.stderr, "remote failure");
+    let log = support::run_ok(s.cmd().arg("log").arg(&d));
+    assert!(
+        holds_log(&log),
+        "the log as the build wrote it: {:?}",
+        text(&log)
+    );
+
+    // Succeeding, with -L: the streamed log.
+    let d = s.drv(
+        "hostile-remote-ok",
+        Spec {
+            script: &hostile_log_script(0),
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&["-L", "--machines", machines_arg(&machines), &d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_terminal_safe(&out.stderr, "remote -L");
+    assert!(
+        text(&out.stderr).contains("hostile-remote-ok> xy\n"),
+        "{}",
+        text(&out.stderr)
+    );
+    let log = support::run_ok(s.cmd().arg("log").arg(&d));
+    assert!(
+        holds_log(&log),
+        "the log as the build wrote it: {:?}",
+        text(&log)
+    );
 }
 
 #[test]

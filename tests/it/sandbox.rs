@@ -60,7 +60,7 @@ fn pool() -> &'static UserPool {
         })
         .expect("sandoff setup");
         let locks = std::path::Path::new(sandoff::sandbox::users::DEFAULT_USER_POOL_DIR);
-        UserPool::from_group("sandoffbld", &locks).expect("build user pool")
+        UserPool::from_group("sandoffbld", locks).expect("build user pool")
     })
 }
 

@@ -117,6 +117,32 @@ fn ssh_connects_with_the_entry_host_key_and_runs() {
 }
 
 #[test]
+fn ssh_run_takes_at_most_its_output_limit() {
+    if !support::require("ssh_run_takes_at_most_its_output_limit", NEEDS) {
+        return;
+    }
+    let host = TestHost::start(34);
+    let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+    let limit = sandoff::remote::ssh::RUN_OUTPUT_LIMIT;
+    let (out, _, status) = session
+        .run(&format!("head -c {limit} /dev/zero"))
+        .expect("exactly the limit is fine");
+    assert_eq!((out.len() as u64, status), (limit, 0));
+    // A machine that never stops printing (stdout, then stderr): refused
+    // at the limit instead of filling this host's memory.
+    for command in ["cat /dev/zero", "cat /dev/zero >&2"] {
+        let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+        let e = session.run(command).unwrap_err();
+        assert!(matches!(e, SshError::OutputTooLong { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("printed more than the limit of 1 MiB"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn ssh_wrong_entry_host_key_is_refused_naming_both_keys() {
     if !support::require(
         "ssh_wrong_entry_host_key_is_refused_naming_both_keys",
@@ -254,6 +280,36 @@ fn ssh_wrong_client_key_fails_authentication() {
         ..opts()
     };
     SshSession::connect(&m, &o).expect("default identity works");
+}
+
+#[test]
+fn ssh_key_and_known_hosts_files_must_be_regular_files() {
+    if !support::require("ssh_key_and_known_hosts_files_must_be_regular_files", NEEDS) {
+        return;
+    }
+    let host = TestHost::start(33);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fifo = tmp.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    // Read whole, a FIFO with no writer hangs and /dev/zero never ends:
+    // each is refused before libssh2 sees it.
+    for bad in [fifo.clone(), PathBuf::from("/dev/zero")] {
+        let mut m = machine(&host);
+        m.private_key = Some(bad.display().to_string());
+        let err = connect_err(&m, &opts());
+        assert!(matches!(err, SshError::Auth { .. }), "{err}");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+
+        let mut m = machine(&host);
+        m.host_key = None;
+        let o = SshOptions {
+            known_hosts: Some(bad.clone()),
+            ..opts()
+        };
+        let err = connect_err(&m, &o);
+        assert!(matches!(err, SshError::UnknownHost { .. }), "{err}");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
 }
 
 #[test]

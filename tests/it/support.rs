@@ -146,3 +146,63 @@ pub fn derivation_add(cmd: &mut Command, drv: &serde_json::Value) -> String {
         .trim()
         .to_owned()
 }
+
+/// How long [`output_or_kill`] lets a command run: far more than it needs,
+/// so only a hang reaches it (it is not a timing assertion).
+pub const WATCHDOG: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs `cmd` (stdin closed) to completion like `Command::output`, but
+/// kills it and panics if it is still running after [`WATCHDOG`], so that a
+/// regression to a hang fails the test instead of stalling the suite.
+pub fn output_or_kill(cmd: &mut Command) -> std::process::Output {
+    feed_or_kill(cmd, drop)
+}
+
+/// [`output_or_kill`] with `feed` writing the command's stdin from a thread
+/// of its own (it may write more than the command reads: write errors
+/// are for `feed` to ignore).
+pub fn feed_or_kill(
+    cmd: &mut Command,
+    feed: impl FnOnce(std::process::ChildStdin) + Send + 'static,
+) -> std::process::Output {
+    use std::io::Read as _;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let stdin = child.stdin.take().expect("piped stdin");
+    // Not joined: a feeder blocked on a full pipe ends with EPIPE once the
+    // command is gone.
+    std::thread::spawn(move || feed(stdin));
+    let drain = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = std::time::Instant::now() + WATCHDOG;
+    // Polled rather than waited for in another thread: the child is only
+    // killed while it is still ours (not yet reaped), never a reused pid.
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after {WATCHDOG:?}: it hangs");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
