@@ -929,14 +929,16 @@ fn duration_ms(d: Duration) -> u32 {
 
 /// TCP connect to each address of `host` in turn, all within `timeout`.
 fn tcp_connect(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
-    let deadline = Instant::now() + timeout;
+    // A timeout past what an Instant holds saturates to the largest wait
+    // connect_timeout takes per address, not a panic.
+    let deadline = Instant::now().checked_add(timeout);
     let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
     let mut last = io::Error::new(
         io::ErrorKind::NotFound,
         format!("host name '{host}' resolves to no address"),
     );
     for addr in addrs {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
         if left.is_zero() {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,

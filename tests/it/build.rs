@@ -655,6 +655,30 @@ fn silent_and_overlong_builds_are_killed() {
 }
 
 #[test]
+fn limits_of_u64_max_seconds_mean_forever_and_do_not_panic() {
+    if !ready("limits_of_u64_max_seconds_mean_forever_and_do_not_panic") {
+        return;
+    }
+    let s = Store::new();
+    let quick = s.drv(
+        "quick",
+        Spec {
+            script: "echo done > $out",
+            ..Spec::default()
+        },
+    );
+    let max = u64::MAX.to_string();
+    let out = s.build(&["--timeout", &max, "--max-silent-time", &max, &quick]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).trim(), logical(&s.out(&quick)));
+}
+
+#[test]
 fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
     if !ready("kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds") {
         return;
