@@ -648,7 +648,9 @@ impl Server<'_, '_> {
             });
             let outcome = while_watching(hangup, || realise_one(&ctx, drv_path, drv, &tx));
             drop(tx);
-            let _ = forward.join();
+            if let Err(panic) = forward.join() {
+                std::panic::resume_unwind(panic);
+            }
             outcome
         });
         result.stop_time = now();
@@ -990,12 +992,23 @@ fn while_watching<R>(hangup: Option<BorrowedFd<'_>>, f: impl FnOnce() -> R) -> R
     };
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let watcher = s.spawn(|| watch(fd, &done));
-        let r = f();
-        done.store(true, Ordering::Release);
-        let _ = watcher.join();
-        r
+        s.spawn(|| watch(fd, &done));
+        // Set even when `f` panics: else the scope would wait for the
+        // watcher forever and the session would never end.
+        let _stop = SetOnDrop(&done);
+        f()
+        // `_stop` stops the watcher; the scope joins it and re-raises a
+        // panic of either thread.
     })
+}
+
+/// Sets the flag when dropped (also while unwinding).
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// Until `done`: polls `fd` for a hangup; once it has hung up, kills this

@@ -761,3 +761,32 @@ fn cli_setup_creates_users_and_state_dirs_idempotently() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("'sandoff-no-such-group' does not exist"));
 }
+
+/// A log sink that panics at the first write: stands in for any bug in the
+/// supervising thread.
+struct PanickingLog;
+
+impl std::io::Write for PanickingLog {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        panic!("injected: the log sink panicked");
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_panic_while_supervising_kills_the_build() {
+    if !ready("a_panic_while_supervising_kills_the_build") {
+        return;
+    }
+    let f = Fixture::new();
+    let spec = f.spec("echo started; $BB sleep 600 & exec $BB sleep 600");
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_build(&f.lease, &spec, &mut PanickingLog)
+    }));
+    assert!(unwound.is_err(), "the injected panic propagates");
+    // The supervising thread is still alive (the panic was caught), so the
+    // parent-death signal never fired: only the guards can have killed it.
+    assert_no_process_of(f.lease.user().uid());
+}
