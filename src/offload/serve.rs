@@ -79,7 +79,7 @@ use crate::build::{self, builds_dir, BuildContext, BuildError, Event, Options};
 use crate::decide::Placement;
 use crate::derivation::modulo::hash_derivation_modulo;
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
-use crate::sandbox::{BuildOutcome, UserPool};
+use crate::sandbox::{BuildOutcome, Limits, UserPool};
 use crate::store::export::{import_paths, write_export, ExportError, SignaturePolicy};
 use crate::store::keyring::Keyring;
 use crate::store::local::{LocalStore, StoreError};
@@ -133,6 +133,10 @@ pub struct BuildSetup<'a> {
     pub hangup: Option<BorrowedFd<'a>>,
     /// `NIX_BUILD_CORES` of each build.
     pub cores: u32,
+    /// Resource bounds of each build.
+    pub limits: Limits,
+    /// Extra `impureEnvVars` names allowed (see [`Options::impure_env_allow`]).
+    pub impure_env_allow: Vec<String>,
 }
 
 /// Why a serve session ended in failure.
@@ -260,6 +264,8 @@ pub fn serve(
         log: &mut stderr,
         hangup: None,
         cores: 1,
+        limits: Limits::default(),
+        impure_env_allow: Vec::new(),
     };
     serve_with_builds(store, input, output, opts, setup)
 }
@@ -631,7 +637,7 @@ impl Server<'_, '_> {
         let ctx = BuildContext {
             store: self.store,
             pool: self.setup.pool.clone(),
-            options: build_options(options, self.setup.cores, true),
+            options: build_options(options, &self.setup, true),
             placement,
             offload: None,
         };
@@ -771,7 +777,7 @@ impl Server<'_, '_> {
         let ctx = BuildContext {
             store: self.store,
             pool: self.setup.pool.clone(),
-            options: build_options(options, self.setup.cores, true),
+            options: build_options(options, &self.setup, true),
             placement,
             offload: None,
         };
@@ -893,7 +899,7 @@ fn check_basic(
 }
 
 /// The build options of one serve build.
-fn build_options(options: &BuildOptions, cores: u32, stream_logs: bool) -> Options {
+fn build_options(options: &BuildOptions, setup: &BuildSetup<'_>, stream_logs: bool) -> Options {
     let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
     Options {
         jobs: 1,
@@ -901,8 +907,10 @@ fn build_options(options: &BuildOptions, cores: u32, stream_logs: bool) -> Optio
         keep_failed: options.keep_failed,
         max_silent: secs(options.max_silent_time),
         timeout: secs(options.build_timeout),
-        cores,
+        cores: setup.cores,
         stream_logs,
+        limits: setup.limits,
+        impure_env_allow: setup.impure_env_allow.clone(),
     }
 }
 

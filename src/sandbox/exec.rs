@@ -255,6 +255,7 @@ pub fn apply(
         SetupOp::Chdir(p) => sys.chdir(p),
         SetupOp::CloseFds => sys.cloexec_from(3),
         SetupOp::NoCoreDumps => sys.no_core_dumps(),
+        SetupOp::ProcessLimit(n) => sys.set_process_limit(*n),
         SetupOp::Umask(m) => {
             sys.umask(*m);
             Ok(())
@@ -267,6 +268,11 @@ pub fn apply(
         SetupOp::SetGid(g) => sys.setresgid(*g),
         SetupOp::SetUid(u) => sys.setresuid(*u),
         SetupOp::ClearCaps => sys.clear_caps(),
+        SetupOp::NewSessionKeyring => match sys.join_session_keyring() {
+            // A kernel without CONFIG_KEYS: no keyring to share.
+            Err(Errno(libc::ENOSYS)) => Ok(()),
+            r => r,
+        },
         SetupOp::NoNewPrivs => sys.no_new_privs(),
         SetupOp::Seccomp(program) => sys.seccomp_filter(program),
         SetupOp::ResetSignals => sys.reset_signals(),
@@ -656,6 +662,8 @@ mod tests {
             user: plan::BuildUser::new(30001, 30000, "b1", "b").expect("valid"),
             fixed_output: false,
             impure_env: Default::default(),
+            impure_env_allow: Vec::new(),
+            limits: Default::default(),
             cores: 1,
             timeouts: Default::default(),
         };
@@ -835,6 +843,34 @@ mod tests {
                 "exec after failing call {at}"
             );
         }
+    }
+
+    #[test]
+    fn a_kernel_without_keyrings_is_no_failure_other_keyring_errors_are() {
+        let p = test_plan();
+        let exec = PreparedExec::new(&p);
+        let at = {
+            let mut sys = RecordingSyscalls::default();
+            run_steps(&p.ops, &mut sys, FDS, &exec).expect("runs");
+            sys.calls
+                .iter()
+                .position(|c| *c == Call::JoinSessionKeyring)
+                .expect("joins a session keyring")
+        };
+        let mut sys = RecordingSyscalls {
+            fail_at: Some((at, Errno(libc::ENOSYS))),
+            ..Default::default()
+        };
+        assert_eq!(run_steps(&p.ops, &mut sys, FDS, &exec), Ok(()));
+        let mut sys = RecordingSyscalls {
+            fail_at: Some((at, Errno(libc::EDQUOT))),
+            ..Default::default()
+        };
+        let (step, errno) = run_steps(&p.ops, &mut sys, FDS, &exec).expect_err("fails closed");
+        assert_eq!(
+            (&p.ops[step], errno),
+            (&SetupOp::NewSessionKeyring, Errno(libc::EDQUOT))
+        );
     }
 
     #[test]

@@ -484,6 +484,89 @@ fn fixed_output_with_the_right_hash_is_registered_with_its_content_address() {
 }
 
 #[test]
+fn fixed_output_gets_only_allowlisted_impure_env_vars() {
+    if !ready("fixed_output_gets_only_allowlisted_impure_env_vars") {
+        return;
+    }
+    let s = Store::new();
+    let expected = "state=unset secret=unset proxy=http://proxy.invalid:3128 extra=unset\n";
+    let script = "line=\"state=${SANDOFF_STATE_DIR-unset} secret=${AWS_SECRET_ACCESS_KEY-unset} \
+                  proxy=${http_proxy-unset} extra=${MY_FETCH_TOKEN-unset}\"; \
+                  echo \"$line\"; echo \"$line\" > $out";
+    let d = s.drv(
+        "impure-env.txt",
+        Spec {
+            script,
+            fixed: Some((
+                "sha256",
+                HashAlgo::Sha256.digest(expected.as_bytes()).to_base16(),
+            )),
+            env: &[(
+                "impureEnvVars",
+                "SANDOFF_STATE_DIR AWS_SECRET_ACCESS_KEY http_proxy MY_FETCH_TOKEN",
+            )],
+            ..Spec::default()
+        },
+    );
+    let state = s.loc().state;
+    let out = {
+        let mut c = s.cmd();
+        // The default state directory, named explicitly: sandoff's own
+        // settings are in its environment when a daemon starts it.
+        c.env("SANDOFF_STATE_DIR", &state)
+            .env("AWS_SECRET_ACCESS_KEY", "hunter2")
+            .env("http_proxy", "http://proxy.invalid:3128")
+            .env("MY_FETCH_TOKEN", "token-value")
+            .env_remove("SANDOFF_IMPURE_ENV_ALLOW")
+            .args(["build", &d]);
+        c.output().expect("run")
+    };
+    // Had anything else leaked, the output's hash would not match.
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(s.real(&s.out(&d))).expect("output"),
+        expected
+    );
+    let log =
+        std::fs::read_to_string(state.join("log").join(s.path(&d).base_name())).expect("build log");
+    assert!(
+        !log.contains("hunter2") && !log.contains(state.to_str().expect("utf-8")),
+        "{log}"
+    );
+
+    // Extending the allowlist passes the named variable (the fixed hash is
+    // of its value), never a SANDOFF_ one, even when listed.
+    let other = s.drv(
+        "impure-env-extra.txt",
+        Spec {
+            script:
+                "echo \"state=${SANDOFF_STATE_DIR-unset} extra=${MY_FETCH_TOKEN-unset}\" > $out",
+            fixed: Some((
+                "sha256",
+                HashAlgo::Sha256
+                    .digest(b"state=unset extra=token-value\n")
+                    .to_base16(),
+            )),
+            env: &[("impureEnvVars", "SANDOFF_STATE_DIR MY_FETCH_TOKEN")],
+            ..Spec::default()
+        },
+    );
+    let mut c = s.cmd();
+    let out = c
+        .env("SANDOFF_STATE_DIR", &state)
+        .env("MY_FETCH_TOKEN", "token-value")
+        .args([
+            "build",
+            "--impure-env-allow",
+            "MY_FETCH_TOKEN,SANDOFF_*",
+            &other,
+        ])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
 fn fixed_output_with_a_wrong_hash_registers_nothing() {
     if !ready("fixed_output_with_a_wrong_hash_registers_nothing") {
         return;
