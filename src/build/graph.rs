@@ -490,7 +490,7 @@ mod tests {
         // now the panic reaches the caller (and `main`: a non-zero exit).
         assert!(got.is_err(), "the worker's panic propagates");
         assert_eq!(
-            events.iter().filter(|e| **e != Event::Tick).last(),
+            events.iter().rfind(|e| **e != Event::Tick),
             Some(&Event::Started { drv: bad }),
             "nothing happens after the panic"
         );

@@ -119,10 +119,12 @@ pub struct BuildArgs {
     /// Keep the build directory of a failed build, and say where.
     #[arg(short = 'K', long)]
     keep_failed: bool,
-    /// Kill a build that prints nothing for this many seconds (0: never).
+    /// Kill a build that prints nothing for this many seconds (0: never; so
+    /// is a value past what the clock holds, such as 18446744073709551615).
     #[arg(long, value_name = "S", default_value_t = 0)]
     max_silent_time: u64,
-    /// Kill a build that runs longer than this many seconds (0: never).
+    /// Kill a build that runs longer than this many seconds (0: never; so is
+    /// a value past what the clock holds).
     #[arg(long, value_name = "S", default_value_t = 0)]
     timeout: u64,
     /// Print the build logs on stderr.

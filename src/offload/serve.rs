@@ -1132,6 +1132,21 @@ mod tests {
         StorePath::from_base_name(base).expect("store path")
     }
 
+    #[test]
+    fn a_build_that_panics_while_watched_ends_the_session_with_the_panic() {
+        use std::os::fd::AsFd;
+        // The client is still there: the watcher would poll it forever
+        // unless told the build is over, also when the build panicked.
+        let (ours, _client) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let got = std::panic::catch_unwind(|| {
+            while_watching(Some(ours.as_fd()), || -> () {
+                panic!("injected build panic")
+            })
+        });
+        assert!(got.is_err(), "the panic reaches the session");
+        assert_eq!(while_watching(Some(ours.as_fd()), || 7), 7);
+    }
+
     fn drv(outputs: Vec<(&str, DerivationOutput)>, inputs: &[&StorePath]) -> Derivation {
         Derivation {
             outputs: outputs

@@ -1231,6 +1231,17 @@ mod tests {
     use super::*;
     use crate::decide::{MachineFormat, MachineName};
 
+    #[test]
+    fn a_connect_timeout_past_the_clocks_range_is_no_panic() {
+        // Nobody listens there: refused at once, whatever the timeout.
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let err = tcp_connect("127.0.0.1", port, Duration::MAX).expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    }
+
     fn machine(uri: &str) -> Machine {
         Machine {
             name: MachineName::new(uri).expect("name"),
