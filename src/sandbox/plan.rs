@@ -303,6 +303,8 @@ pub const DEFAULT_IMPURE_ENV_ALLOW: &[&str] = &[
     "LC_ALL",
     "LC_MESSAGES",
     "COLUMNS",
+    // Guix's git-fetch.
+    "USER",
 ];
 
 /// Whether a fixed-output build may receive the variable `name` from
