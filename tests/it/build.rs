@@ -762,6 +762,44 @@ fn limits_of_u64_max_seconds_mean_forever_and_do_not_panic() {
 }
 
 #[test]
+fn resource_flags_reach_the_sandbox() {
+    if !ready("resource_flags_reach_the_sandbox") {
+        return;
+    }
+    let s = Store::new();
+    let d = s.drv(
+        "limits",
+        Spec {
+            script: "awk '$5 == \"/tmp\" || $5 == \"/dev/shm\" { print $5, $NF }' /proc/self/mountinfo > $out; \
+                     echo nproc=$(ulimit -u) >> $out",
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&[
+        "--tmp-size",
+        "3m",
+        "--shm-size",
+        "1m",
+        "--max-processes",
+        "64",
+        &d,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = std::fs::read_to_string(s.real(&s.out(&d))).expect("output");
+    let line = |mp: &str| {
+        got.lines()
+            .find(|l| l.starts_with(&format!("{mp} ")))
+            .unwrap_or_else(|| panic!("no {mp}: {got}"))
+            .to_owned()
+    };
+    assert!(line("/tmp").contains("size=3072k"), "{got}");
+    assert!(line("/dev/shm").contains("size=1024k"), "{got}");
+    assert!(got.contains("nproc=64\n"), "{got}");
+    let bad = s.build(&["--shm-size", "0", &d]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+}
+
+#[test]
 fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
     if !ready("kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds") {
         return;
