@@ -76,7 +76,7 @@ use crate::build::{self, builds_dir, BuildContext, BuildError, Event, Options};
 use crate::decide::Placement;
 use crate::derivation::modulo::hash_derivation_modulo;
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
-use crate::sandbox::{BuildOutcome, UserPool};
+use crate::sandbox::{BuildOutcome, Limits, UserPool};
 use crate::serve_protocol::{
     self, BuildOptions, BuildResult, BuildStatus, ProtocolError, MAX_ITEMS, MAX_STRING,
 };
@@ -116,6 +116,10 @@ pub struct BuildSetup<'a> {
     pub hangup: Option<BorrowedFd<'a>>,
     /// `NIX_BUILD_CORES` of each build.
     pub cores: u32,
+    /// Resource bounds of each build.
+    pub limits: Limits,
+    /// Extra `impureEnvVars` names allowed (see [`Options::impure_env_allow`]).
+    pub impure_env_allow: Vec<String>,
 }
 
 /// Why a serve session ended in failure.
@@ -243,6 +247,8 @@ pub fn serve(
         log: &mut stderr,
         hangup: None,
         cores: 1,
+        limits: Limits::default(),
+        impure_env_allow: Vec::new(),
     };
     serve_with_builds(store, input, output, opts, setup)
 }
@@ -614,7 +620,7 @@ impl Server<'_, '_> {
         let ctx = BuildContext {
             store: self.store,
             pool: self.setup.pool.clone(),
-            options: build_options(options, self.setup.cores, true),
+            options: build_options(options, &self.setup, true),
             placement,
             offload: None,
         };
@@ -631,7 +637,9 @@ impl Server<'_, '_> {
             });
             let outcome = while_watching(hangup, || realise_one(&ctx, drv_path, drv, &tx));
             drop(tx);
-            let _ = forward.join();
+            if let Err(panic) = forward.join() {
+                std::panic::resume_unwind(panic);
+            }
             outcome
         });
         result.stop_time = now();
@@ -752,7 +760,7 @@ impl Server<'_, '_> {
         let ctx = BuildContext {
             store: self.store,
             pool: self.setup.pool.clone(),
-            options: build_options(options, self.setup.cores, true),
+            options: build_options(options, &self.setup, true),
             placement,
             offload: None,
         };
@@ -874,7 +882,7 @@ fn check_basic(
 }
 
 /// The build options of one serve build.
-fn build_options(options: &BuildOptions, cores: u32, stream_logs: bool) -> Options {
+fn build_options(options: &BuildOptions, setup: &BuildSetup<'_>, stream_logs: bool) -> Options {
     let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
     Options {
         jobs: 1,
@@ -882,8 +890,10 @@ fn build_options(options: &BuildOptions, cores: u32, stream_logs: bool) -> Optio
         keep_failed: options.keep_failed,
         max_silent: secs(options.max_silent_time),
         timeout: secs(options.build_timeout),
-        cores,
+        cores: setup.cores,
         stream_logs,
+        limits: setup.limits,
+        impure_env_allow: setup.impure_env_allow.clone(),
     }
 }
 
@@ -973,12 +983,23 @@ fn while_watching<R>(hangup: Option<BorrowedFd<'_>>, f: impl FnOnce() -> R) -> R
     };
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let watcher = s.spawn(|| watch(fd, &done));
-        let r = f();
-        done.store(true, Ordering::Release);
-        let _ = watcher.join();
-        r
+        s.spawn(|| watch(fd, &done));
+        // Set even when `f` panics: else the scope would wait for the
+        // watcher forever and the session would never end.
+        let _stop = SetOnDrop(&done);
+        f()
+        // `_stop` stops the watcher; the scope joins it and re-raises a
+        // panic of either thread.
     })
+}
+
+/// Sets the flag when dropped (also while unwinding).
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// Until `done`: polls `fd` for a hangup; once it has hung up, kills this
@@ -1093,6 +1114,21 @@ mod tests {
 
     fn path(base: &str) -> StorePath {
         StorePath::from_base_name(base).expect("store path")
+    }
+
+    #[test]
+    fn a_build_that_panics_while_watched_ends_the_session_with_the_panic() {
+        use std::os::fd::AsFd;
+        // The client is still there: the watcher would poll it forever
+        // unless told the build is over, also when the build panicked.
+        let (ours, _client) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let got = std::panic::catch_unwind(|| {
+            while_watching(Some(ours.as_fd()), || -> () {
+                panic!("injected build panic")
+            })
+        });
+        assert!(got.is_err(), "the panic reaches the session");
+        assert_eq!(while_watching(Some(ours.as_fd()), || 7), 7);
     }
 
     fn drv(outputs: Vec<(&str, DerivationOutput)>, inputs: &[&StorePath]) -> Derivation {

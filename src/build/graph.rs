@@ -217,6 +217,24 @@ fn walk(store: &LocalStore, roots: &[StorePath]) -> Result<Walked, BuildError> {
 enum Msg {
     Event(Event),
     Done(StorePath, Result<StepOutcome, BuildError>, Duration),
+    /// The worker of this derivation panicked (its builder was killed by
+    /// the sandbox's guards while unwinding).
+    Panicked(StorePath),
+}
+
+/// Tells the scheduler that its worker panicked, when dropped armed: without
+/// it the scheduler would wait for that worker's `Done` forever.
+struct ReportPanic {
+    tx: mpsc::Sender<Msg>,
+    path: Option<StorePath>,
+}
+
+impl Drop for ReportPanic {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = self.tx.send(Msg::Panicked(path));
+        }
+    }
 }
 
 /// Builds whatever is missing of `roots` (full `.drv` store paths, valid in
@@ -289,6 +307,10 @@ fn schedule(
                 on_event(&Event::Started { drv: path.clone() });
                 running += 1;
                 scope.spawn(move || {
+                    let mut report = ReportPanic {
+                        tx: tx.clone(),
+                        path: Some(path.clone()),
+                    };
                     let start = Instant::now();
                     let (etx, erx) = mpsc::channel::<Event>();
                     // Forward worker events in order, before its Done.
@@ -304,6 +326,7 @@ fn schedule(
                         let etx = etx;
                         step(&path, &drv, &etx)
                     });
+                    report.path = None;
                     let _ = tx.send(Msg::Done(path, r, start.elapsed()));
                 });
             }
@@ -324,6 +347,15 @@ fn schedule(
                     continue;
                 }
                 Msg::Done(path, r, elapsed) => (path, r, elapsed),
+                Msg::Panicked(path) => {
+                    // A bug: start nothing more and let the running builds
+                    // end; the scope then re-raises the panic, so the
+                    // process exits non-zero instead of reporting success.
+                    tracing::error!(drv = %path, "a build worker panicked");
+                    running -= 1;
+                    stopping = true;
+                    continue;
+                }
             };
             running -= 1;
             let Some(node) = nodes.remove(&path) else {
@@ -502,6 +534,39 @@ mod tests {
         assert_eq!(names, vec![&top, &left], "outputs in argument order");
         let (_, _, _, most) = run(&s, &[top], 1, false, &[]);
         assert_eq!(most, 1);
+    }
+
+    #[test]
+    fn a_panicking_worker_is_not_swallowed_and_the_scheduler_ends() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = store(tmp.path());
+        let bad = add(&s, "bad", &[]);
+        let good = add(&s, "good", &[]);
+        let step = |p: &StorePath, _: &Derivation, _: &mpsc::Sender<Event>| {
+            if p.name().starts_with("bad") {
+                panic!("injected worker panic");
+            }
+            Ok(StepOutcome::Built)
+        };
+        let mut events = Vec::new();
+        let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            schedule(
+                &s,
+                &[bad.clone(), good],
+                1,
+                true,
+                &mut |e| events.push(e.clone()),
+                &step,
+            )
+        }));
+        // Before, the scheduler waited forever for the worker's `Done`;
+        // now the panic reaches the caller (and `main`: a non-zero exit).
+        assert!(got.is_err(), "the worker's panic propagates");
+        assert_eq!(
+            events.iter().rfind(|e| **e != Event::Tick),
+            Some(&Event::Started { drv: bad }),
+            "nothing happens after the panic"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::{builds_dir, log_path, BuildError, Event, Options};
 use crate::decide::{Decision, MachineName, Placement};
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::remote::offloader::{LocalPermit, OffloadError, Offloader, Placed, RemoteOutcome};
-use crate::sandbox::plan::DEFAULT_BUILD_DIR_NAME;
+use crate::sandbox::plan::{impure_env_allowed, DEFAULT_BUILD_DIR_NAME};
 use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserPool};
 use crate::serve_protocol::BuildOptions;
 use crate::store::local::{LocalStore, PathLocks, StagedPath};
@@ -186,10 +186,12 @@ pub fn build_locked(
         user: lease.user().clone(),
         fixed_output: fixed,
         impure_env: if fixed {
-            impure_env(drv)
+            impure_env(drv, &ctx.options.impure_env_allow)
         } else {
             BTreeMap::new()
         },
+        impure_env_allow: ctx.options.impure_env_allow.clone(),
+        limits: ctx.options.limits,
         cores: ctx.options.cores,
         timeouts: Timeouts {
             max_silent: ctx.options.max_silent,
@@ -577,8 +579,10 @@ fn check_owner(drv_name: &str, path: &Path, build_uid: u32) -> Result<(), BuildE
 }
 
 /// The values of the derivation's `impureEnvVars` in our environment (for
-/// fixed outputs only, as Nix).
-fn impure_env(drv: &Derivation) -> BTreeMap<Vec<u8>, Vec<u8>> {
+/// fixed outputs only, as Nix), of the names allowed by
+/// [`impure_env_allowed`] only: a derivation must not be able to ask for
+/// sandoff's own settings or any secret of the caller's environment.
+fn impure_env(drv: &Derivation, allow: &[String]) -> BTreeMap<Vec<u8>, Vec<u8>> {
     use std::os::unix::ffi::OsStrExt;
     let Some(names) = drv.env.get(b"impureEnvVars".as_slice()) else {
         return BTreeMap::new();
@@ -586,6 +590,17 @@ fn impure_env(drv: &Derivation) -> BTreeMap<Vec<u8>, Vec<u8>> {
     names
         .split(|b| b.is_ascii_whitespace())
         .filter(|n| !n.is_empty())
+        .filter(|n| {
+            let ok = impure_env_allowed(n, allow);
+            if !ok {
+                tracing::warn!(
+                    drv = drv.name().unwrap_or("?"),
+                    var = %String::from_utf8_lossy(n),
+                    "impureEnvVars: not passing a variable outside the allowlist (see --impure-env-allow)"
+                );
+            }
+            ok
+        })
         .filter_map(|n| {
             let name = std::ffi::OsStr::from_bytes(n);
             std::env::var_os(name).map(|v| (n.to_vec(), v.as_bytes().to_vec()))

@@ -54,7 +54,7 @@ use thiserror::Error;
 use crate::derivation::check::CheckError;
 use crate::derivation::DerivationError;
 use crate::remote::offloader::OffloadError;
-use crate::sandbox::{BuildOutcome, SandboxError, UserError};
+use crate::sandbox::{BuildOutcome, Limits, SandboxError, UserError};
 use crate::serve_protocol::BuildStatus;
 use crate::store::local::StoreError;
 use crate::store::nar::NarError;
@@ -387,6 +387,13 @@ pub struct Options {
     pub cores: u32,
     /// Send every log line as an [`Event::Log`].
     pub stream_logs: bool,
+    /// Resource bounds of each local build (`/tmp` and `/dev/shm` sizes,
+    /// process limit).
+    pub limits: Limits,
+    /// Variables a fixed-output build may get through `impureEnvVars`
+    /// besides [`crate::sandbox::plan::DEFAULT_IMPURE_ENV_ALLOW`] (names,
+    /// or prefixes ending in `*`; `SANDOFF_*` never passes).
+    pub impure_env_allow: Vec<String>,
 }
 
 impl Default for Options {
@@ -399,6 +406,8 @@ impl Default for Options {
             timeout: None,
             cores: 1,
             stream_logs: false,
+            limits: Limits::default(),
+            impure_env_allow: Vec::new(),
         }
     }
 }

@@ -33,9 +33,10 @@ use anyhow::Context;
 use clap::Args;
 use sandoff::build::{self, BuildContext, Event, Options};
 use sandoff::remote::offloader::Offloader;
+use sandoff::sandbox::plan::{DEFAULT_MAX_PROCESSES, DEFAULT_SHM_SIZE, DEFAULT_TMP_SIZE};
 use sandoff::sandbox::setup::DEFAULT_GROUP;
 use sandoff::sandbox::users::DEFAULT_USER_POOL_DIR;
-use sandoff::sandbox::UserPool;
+use sandoff::sandbox::{Limits, TmpfsSize, UserPool};
 use sandoff::store::{StoreLocation, StorePath};
 use sandoff::termsafe;
 use serde_json::json;
@@ -65,6 +66,45 @@ impl BuildUsersArgs {
     }
 }
 
+/// Resource bounds and environment of local builds (`sandoff build`,
+/// `sandoff serve`); the defaults and why are in the README's Security
+/// section and `sandoff::sandbox::plan`.
+#[derive(Args, Debug, Clone)]
+pub struct SandboxLimitsArgs {
+    /// Size of each build's /tmp tmpfs: bytes, with k/m/g, or a percentage
+    /// of memory (the build directory itself is on disk, not on it).
+    #[arg(long, env = "SANDOFF_TMP_SIZE", value_name = "SIZE", value_parser = TmpfsSize::parse, default_value_t = DEFAULT_TMP_SIZE)]
+    pub tmp_size: TmpfsSize,
+    /// Size of each build's /dev/shm tmpfs (same syntax as --tmp-size).
+    #[arg(long, env = "SANDOFF_SHM_SIZE", value_name = "SIZE", value_parser = TmpfsSize::parse, default_value_t = DEFAULT_SHM_SIZE)]
+    pub shm_size: TmpfsSize,
+    /// Most processes and threads a build may run at once (RLIMIT_NPROC of
+    /// its build user).
+    #[arg(long, env = "SANDOFF_MAX_PROCESSES", value_name = "N", default_value_t = DEFAULT_MAX_PROCESSES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_processes: u64,
+    /// More variables a fixed-output build may receive through
+    /// impureEnvVars, besides the fetchers' proxy and mirror variables
+    /// (comma-separated names, or prefixes ending in '*'; SANDOFF_* never).
+    #[arg(
+        long,
+        env = "SANDOFF_IMPURE_ENV_ALLOW",
+        value_name = "NAMES",
+        value_delimiter = ','
+    )]
+    pub impure_env_allow: Vec<String>,
+}
+
+impl SandboxLimitsArgs {
+    /// The limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            tmp_size: self.tmp_size,
+            shm_size: self.shm_size,
+            max_processes: self.max_processes,
+        }
+    }
+}
+
 /// Options of `sandoff build`.
 #[derive(Args, Debug)]
 pub struct BuildArgs {
@@ -81,10 +121,12 @@ pub struct BuildArgs {
     /// Keep the build directory of a failed build, and say where.
     #[arg(short = 'K', long)]
     keep_failed: bool,
-    /// Kill a build that prints nothing for this many seconds (0: never).
+    /// Kill a build that prints nothing for this many seconds (0: never; so
+    /// is a value past what the clock holds, such as 18446744073709551615).
     #[arg(long, value_name = "S", default_value_t = 0)]
     max_silent_time: u64,
-    /// Kill a build that runs longer than this many seconds (0: never).
+    /// Kill a build that runs longer than this many seconds (0: never; so is
+    /// a value past what the clock holds).
     #[arg(long, value_name = "S", default_value_t = 0)]
     timeout: u64,
     /// Print the build logs on stderr.
@@ -98,6 +140,8 @@ pub struct BuildArgs {
     cores: Option<u32>,
     #[command(flatten)]
     users: BuildUsersArgs,
+    #[command(flatten)]
+    limits: SandboxLimitsArgs,
     #[command(flatten)]
     ssh: super::machines::SshArgs,
     /// The derivations (full .drv store paths).
@@ -143,6 +187,8 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
             timeout: secs(args.timeout),
             cores: args.cores.unwrap_or(cores as u32),
             stream_logs: args.print_build_logs,
+            limits: args.limits.limits(),
+            impure_env_allow: args.limits.impure_env_allow.clone(),
         },
         placement: &placement,
         offload: offloader.as_ref(),

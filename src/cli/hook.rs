@@ -47,13 +47,15 @@ pub struct HookArgs {
     /// The daemon's system (its `thisSystem`), e.g. x86_64-linux.
     #[arg(value_name = "SYSTEM")]
     system: String,
-    /// Kill a remote build that prints nothing for this many seconds (0: never).
+    /// Kill a remote build that prints nothing for this many seconds (0: never;
+    /// so is a value past what the clock holds, such as u64::MAX).
     #[arg(value_name = "MAX-SILENT-TIME")]
     max_silent_time: u64,
     /// 1: print `@ build-remote DRV MACHINE` trace lines on stderr.
     #[arg(value_name = "PRINT-BUILD-TRACE", value_parser = clap::value_parser!(u8).range(0..=1))]
     print_build_trace: u8,
-    /// Kill a remote build that runs longer than this many seconds (0: never).
+    /// Kill a remote build that runs longer than this many seconds (0: never;
+    /// so is a value past what the clock holds).
     #[arg(value_name = "BUILD-TIMEOUT")]
     build_timeout: u64,
     #[command(flatten)]

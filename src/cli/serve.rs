@@ -14,7 +14,7 @@ use clap::Args;
 use sandoff::serve::{serve_with_builds, BuildSetup, ServeOptions};
 use sandoff::store::StoreLocation;
 
-use super::build::BuildUsersArgs;
+use super::build::{BuildUsersArgs, SandboxLimitsArgs};
 
 /// Options of `sandoff serve`.
 #[derive(Args, Debug)]
@@ -28,6 +28,8 @@ pub struct ServeArgs {
     write: bool,
     #[command(flatten)]
     users: BuildUsersArgs,
+    #[command(flatten)]
+    limits: SandboxLimitsArgs,
 }
 
 pub fn run(args: ServeArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
@@ -48,6 +50,8 @@ pub fn run(args: ServeArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         // This process serves one session and has no children but builds.
         hangup: Some(stdin.as_fd()),
         cores,
+        limits: args.limits.limits(),
+        impure_env_allow: args.limits.impure_env_allow.clone(),
     };
     serve_with_builds(
         &store,

@@ -529,8 +529,15 @@ impl Offloader {
         if !missing.is_empty() {
             self.send_paths(store, machine, &mut conn.client, &missing)?;
         }
+        // A timeout past what an Instant holds (u64::MAX: "forever") is no
+        // deadline, not a panic.
         let deadline = (options.build_timeout > 0)
-            .then(|| Instant::now() + Duration::from_secs(options.build_timeout) + TIMEOUT_GRACE);
+            .then(|| {
+                Instant::now()
+                    .checked_add(Duration::from_secs(options.build_timeout))?
+                    .checked_add(TIMEOUT_GRACE)
+            })
+            .flatten();
         let result = conn
             .client
             .build_derivation(drv_path, drv, &closure, options, log, deadline)

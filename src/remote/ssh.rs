@@ -951,14 +951,16 @@ fn duration_ms(d: Duration) -> u32 {
 
 /// TCP connect to each address of `host` in turn, all within `timeout`.
 fn tcp_connect(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
-    let deadline = Instant::now() + timeout;
+    // A timeout past what an Instant holds saturates to the largest wait
+    // connect_timeout takes per address, not a panic.
+    let deadline = Instant::now().checked_add(timeout);
     let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
     let mut last = io::Error::new(
         io::ErrorKind::NotFound,
         format!("host name '{host}' resolves to no address"),
     );
     for addr in addrs {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
         if left.is_zero() {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -1250,6 +1252,17 @@ fn current_user() -> String {
 mod tests {
     use super::*;
     use crate::decide::{MachineFormat, MachineName};
+
+    #[test]
+    fn a_connect_timeout_past_the_clocks_range_is_no_panic() {
+        // Nobody listens there: refused at once, whatever the timeout.
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let err = tcp_connect("127.0.0.1", port, Duration::MAX).expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    }
 
     fn machine(uri: &str) -> Machine {
         Machine {

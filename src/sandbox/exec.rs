@@ -255,6 +255,7 @@ pub fn apply(
         SetupOp::Chdir(p) => sys.chdir(p),
         SetupOp::CloseFds => sys.cloexec_from(3),
         SetupOp::NoCoreDumps => sys.no_core_dumps(),
+        SetupOp::ProcessLimit(n) => sys.set_process_limit(*n),
         SetupOp::Umask(m) => {
             sys.umask(*m);
             Ok(())
@@ -267,6 +268,11 @@ pub fn apply(
         SetupOp::SetGid(g) => sys.setresgid(*g),
         SetupOp::SetUid(u) => sys.setresuid(*u),
         SetupOp::ClearCaps => sys.clear_caps(),
+        SetupOp::NewSessionKeyring => match sys.join_session_keyring() {
+            // A kernel without CONFIG_KEYS: no keyring to share.
+            Err(Errno(libc::ENOSYS)) => Ok(()),
+            r => r,
+        },
         SetupOp::NoNewPrivs => sys.no_new_privs(),
         SetupOp::Seccomp(program) => sys.seccomp_filter(program),
         SetupOp::ResetSignals => sys.reset_signals(),
@@ -347,12 +353,66 @@ pub fn run(plan: &SandboxPlan, log: &mut dyn Write) -> Result<BuildOutcome, Sand
         source: e.to_io(),
     })?;
     let pid = Pid::from_raw(pid);
+    // From here until the child is waited for, a panic (a bug, or a log
+    // sink that panics) must not leave the builder running unsupervised:
+    // the guard kills it while unwinding.
+    let guard = KillOnDrop::new(pid);
     drop(log_w);
     drop(err_w);
     tracing::debug!(pid = pid.as_raw(), "sandboxed child started");
+    let result = supervise(pid, err_r, log_r, plan, started, log);
+    // Every return of `supervise` has waited for the child: its pid may be
+    // reused now, so it must not be signalled again.
+    guard.disarm();
+    result
+}
 
-    let setup = read_setup_result(err_r, plan.timeouts.total.map(|d| (started + d, d)))
-        .inspect_err(|_| reap(pid))?;
+/// Kills and reaps a child when dropped armed: when the thread supervising
+/// it unwinds from a panic before it was waited for.
+#[derive(Debug)]
+pub struct KillOnDrop {
+    pid: Option<Pid>,
+}
+
+impl KillOnDrop {
+    /// Arms the guard for `pid` (a child of this process not yet waited for).
+    pub fn new(pid: Pid) -> KillOnDrop {
+        KillOnDrop { pid: Some(pid) }
+    }
+
+    /// Supervision ended normally and the child was waited for.
+    pub fn disarm(mut self) {
+        self.pid = None;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            tracing::error!(
+                pid = pid.as_raw(),
+                "build supervision ended abnormally: killing the builder"
+            );
+            reap(pid);
+        }
+    }
+}
+
+/// The parent's side once the child runs: its setup result, then its log
+/// and time limits. Returns only after the child was waited for.
+fn supervise(
+    pid: Pid,
+    err_r: OwnedFd,
+    log_r: OwnedFd,
+    plan: &SandboxPlan,
+    started: Instant,
+    log: &mut dyn Write,
+) -> Result<BuildOutcome, SandboxError> {
+    let total = plan
+        .timeouts
+        .total
+        .and_then(|d| deadline(started, d).map(|at| (at, d)));
+    let setup = read_setup_result(err_r, total).inspect_err(|_| reap(pid))?;
     match setup {
         Setup::Execd => {}
         Setup::Failed(step, errno) => {
@@ -520,6 +580,14 @@ fn stream(
     }
 }
 
+/// `from + limit`, or `None` (no deadline) when that is past what an
+/// [`Instant`] can hold: a limit of `u64::MAX` seconds, which serve clients
+/// and daemons send to mean "forever", saturates to no limit instead of
+/// panicking.
+pub fn deadline(from: Instant, limit: Duration) -> Option<Instant> {
+    from.checked_add(limit)
+}
+
 /// The earliest limit still to come: the total timeout, or silence since
 /// the last output.
 fn next_deadline(
@@ -527,10 +595,12 @@ fn next_deadline(
     started: Instant,
     last_output: Instant,
 ) -> Option<(Instant, TimeoutKind, Duration)> {
-    let total = limits.total.map(|d| (started + d, TimeoutKind::Total, d));
+    let total = limits
+        .total
+        .and_then(|d| Some((deadline(started, d)?, TimeoutKind::Total, d)));
     let silent = limits
         .max_silent
-        .map(|d| (last_output + d, TimeoutKind::Silent, d));
+        .and_then(|d| Some((deadline(last_output, d)?, TimeoutKind::Silent, d)));
     match (total, silent) {
         (Some(t), Some(s)) => Some(if s.0 < t.0 { s } else { t }),
         (t, s) => t.or(s),
@@ -592,6 +662,8 @@ mod tests {
             user: plan::BuildUser::new(30001, 30000, "b1", "b").expect("valid"),
             fixed_output: false,
             impure_env: Default::default(),
+            impure_env_allow: Vec::new(),
+            limits: Default::default(),
             cores: 1,
             timeouts: Default::default(),
         };
@@ -774,6 +846,34 @@ mod tests {
     }
 
     #[test]
+    fn a_kernel_without_keyrings_is_no_failure_other_keyring_errors_are() {
+        let p = test_plan();
+        let exec = PreparedExec::new(&p);
+        let at = {
+            let mut sys = RecordingSyscalls::default();
+            run_steps(&p.ops, &mut sys, FDS, &exec).expect("runs");
+            sys.calls
+                .iter()
+                .position(|c| *c == Call::JoinSessionKeyring)
+                .expect("joins a session keyring")
+        };
+        let mut sys = RecordingSyscalls {
+            fail_at: Some((at, Errno(libc::ENOSYS))),
+            ..Default::default()
+        };
+        assert_eq!(run_steps(&p.ops, &mut sys, FDS, &exec), Ok(()));
+        let mut sys = RecordingSyscalls {
+            fail_at: Some((at, Errno(libc::EDQUOT))),
+            ..Default::default()
+        };
+        let (step, errno) = run_steps(&p.ops, &mut sys, FDS, &exec).expect_err("fails closed");
+        assert_eq!(
+            (&p.ops[step], errno),
+            (&SetupOp::NewSessionKeyring, Errno(libc::EDQUOT))
+        );
+    }
+
+    #[test]
     fn setup_result_protocol() {
         let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).expect("pipe");
         // EOF without a message: exec'd.
@@ -800,6 +900,55 @@ mod tests {
         let after = Duration::from_millis(50);
         let got = read_setup_result(r, Some((Instant::now() + after, after)));
         assert!(matches!(got, Ok(Setup::TimedOut(d)) if d == after));
+    }
+
+    #[test]
+    fn huge_limits_mean_no_deadline_instead_of_a_panic() {
+        let forever = Duration::from_secs(u64::MAX);
+        let now = Instant::now();
+        assert_eq!(deadline(now, forever), None);
+        let limits = super::super::plan::Timeouts {
+            max_silent: Some(forever),
+            total: Some(forever),
+        };
+        assert_eq!(next_deadline(limits, now, now), None);
+        // A representable limit next to a huge one still applies.
+        let limits = super::super::plan::Timeouts {
+            max_silent: Some(forever),
+            total: Some(Duration::from_secs(5)),
+        };
+        let (at, kind, after) = next_deadline(limits, now, now).expect("the total limit");
+        assert_eq!((at, kind, after), (now + after, TimeoutKind::Total, after));
+    }
+
+    #[test]
+    fn a_panicking_supervisor_kills_its_child() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = Pid::from_raw(child.id() as i32);
+        // The panic is injected by the supervising code itself (a test
+        // stands in for a bug): the guard is armed, as in `run`.
+        let unwound = std::panic::catch_unwind(|| {
+            let _guard = KillOnDrop::new(pid);
+            panic!("injected supervisor panic");
+        });
+        assert!(unwound.is_err());
+        // The guard killed and reaped it: the child is gone and its status
+        // was collected (waiting again finds no child).
+        assert_eq!(kill(pid, None), Err(nix::Error::ESRCH));
+        assert!(child.try_wait().is_err(), "already reaped by the guard");
+
+        // Disarmed, it leaves the child alone.
+        let mut other = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawn sleep");
+        KillOnDrop::new(Pid::from_raw(other.id() as i32)).disarm();
+        assert_eq!(other.try_wait().expect("wait"), None);
+        other.kill().expect("kill");
+        other.wait().expect("reap");
     }
 
     #[test]

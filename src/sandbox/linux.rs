@@ -294,6 +294,30 @@ impl Syscall for LinuxSyscalls {
         check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &lim) })
     }
 
+    fn set_process_limit(&mut self, n: u64) -> Result<(), Errno> {
+        let lim = libc::rlimit {
+            rlim_cur: n as libc::rlim_t,
+            rlim_max: n as libc::rlim_t,
+        };
+        // SAFETY: `lim` is a valid rlimit.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &lim) })
+    }
+
+    fn join_session_keyring(&mut self) -> Result<(), Errno> {
+        // KEYCTL_JOIN_SESSION_KEYRING with a NULL name: a new anonymous
+        // keyring, not one looked up by name.
+        const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+        // SAFETY: keyctl takes an integer operation and a NULL name pointer,
+        // which the kernel reads as "anonymous"; no memory is passed.
+        check_long(unsafe {
+            libc::syscall(
+                libc::SYS_keyctl,
+                KEYCTL_JOIN_SESSION_KEYRING,
+                ptr::null::<libc::c_char>(),
+            )
+        })
+    }
+
     fn umask(&mut self, mask: u32) {
         // SAFETY: umask cannot fail.
         unsafe {

@@ -40,6 +40,31 @@
 //! - The parent-death signal is armed first thing in the child; if sandoff
 //!   dies in the instants before that, the build runs unsupervised until the
 //!   next build of that user kills it.
+//! - Kernel keyrings, which are not namespaced: each build joins a fresh
+//!   anonymous session keyring (as the build user, so the caller's session
+//!   keyring is not its own), and the seccomp filter refuses `add_key`,
+//!   `request_key` and `keyctl` on every ABI, as Docker and Flatpak do, so
+//!   nothing can be created in or read from the build user's keyrings and
+//!   nothing survives into the next build of that uid. The errno is
+//!   `ENOSYS`, not Docker's `EPERM`: it reads as a kernel built without
+//!   `CONFIG_KEYS`, which programs and test suites handle as an ordinary
+//!   configuration, where `EPERM` makes them fail (see [`seccomp`]).
+//! - Resource bounds, defaults a build farm can live with and the caller
+//!   can raise ([`plan::Limits`]): `/tmp` is a tmpfs of a quarter of
+//!   memory and `/dev/shm` one of 256 MiB (unbounded, each would be half
+//!   of memory); `RLIMIT_NPROC` of the build user is 8192 (each build has
+//!   its own uid, so this bounds one build); a fixed-output build gets only
+//!   the `impureEnvVars` of [`plan::DEFAULT_IMPURE_ENV_ALLOW`] plus what the
+//!   caller allows, never `SANDOFF_*` ([`plan::impure_env_allowed`]).
+//! - Time limits saturate: a limit past what the clock can represent (a
+//!   serve client or daemon sends `u64::MAX` seconds for "forever") is no
+//!   limit, rather than refused, so such clients work as they do with Nix.
+//! - A panic in the supervising thread never leaves the build behind:
+//!   [`exec::KillOnDrop`] kills the builder's PID namespace and `run_build`
+//!   the build user's processes while unwinding; callers re-raise the panic
+//!   so the process exits non-zero. This needs `panic = "unwind"` (the
+//!   default, kept in `Cargo.toml`); with `abort` the parent-death signal
+//!   would still kill the builder, but nothing would clean up.
 //! - The child holds every fd of the parent until `execve` (close-on-exec):
 //!   a file being written by another thread while a sandbox is being set up
 //!   cannot be executed (`ETXTBSY`) until that sandbox has exec'd.
@@ -58,7 +83,10 @@ use std::path::PathBuf;
 
 pub use exec::{BuildOutcome, TimeoutKind};
 pub use host::HostDirs;
-pub use plan::{BuildUser, InputPath, SandboxDirs, SandboxPlan, SandboxSpec, SetupOp, Timeouts};
+pub use plan::{
+    BuildUser, InputPath, Limits, SandboxDirs, SandboxPlan, SandboxSpec, SetupOp, Timeouts,
+    TmpfsSize,
+};
 pub use syscall::Syscall;
 pub use users::{UserError, UserLease, UserPool};
 
@@ -143,7 +171,11 @@ pub fn run_build(
     }
     let plan = plan::plan(spec)?;
     lease.kill_processes()?;
+    // A panic while the build runs must not leave the user's processes
+    // behind either (exec::run kills the builder's PID namespace itself).
+    let guard = KillUserOnUnwind(Some(lease));
     let result = exec::run(&plan, log);
+    guard.disarm();
     match (result, lease.kill_processes()) {
         (r, Ok(())) => r,
         (Ok(_), Err(e)) => Err(e.into()),
@@ -151,5 +183,25 @@ pub fn run_build(
             error: Box::new(error),
             cleanup,
         }),
+    }
+}
+
+/// Kills a build user's processes when dropped armed (while unwinding from
+/// a panic during the build).
+struct KillUserOnUnwind<'a>(Option<&'a UserLease>);
+
+impl KillUserOnUnwind<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillUserOnUnwind<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.0.take() {
+            if let Err(e) = lease.kill_processes() {
+                tracing::error!("after a panic during the build: {e}");
+            }
+        }
     }
 }

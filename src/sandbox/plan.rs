@@ -11,12 +11,14 @@
 //! ```text
 //! /                 tmpfs, remounted read-only before exec
 //! /dev              null zero full random urandom tty (bind mounts of the host's),
-//!                   pts (private devpts), ptmx -> pts/ptmx, shm (tmpfs),
+//!                   pts (private devpts), ptmx -> pts/ptmx, shm (tmpfs of
+//!                   Limits::shm_size),
 //!                   fd stdin stdout stderr -> /proc/self/fd/...
 //! /proc             fresh procfs of the build's PID namespace; nosuid,nodev,noexec;
 //!                   sys, sysrq-trigger, irq, bus read-only
 //! /etc              passwd, group, hosts (see etc_passwd and friends); 0555
-//! /tmp              tmpfs 01777 holding the build directory /tmp/<build dir name>
+//! /tmp              tmpfs 01777 (size: Limits::tmp_size) holding the build
+//!                   directory /tmp/<build dir name>, bound from the host's disk
 //! <store dir>       the per-build scratch store (01775 root:<build gid>) where
 //!                   the builder creates its outputs, with each input path
 //!                   bind-mounted read-only, nosuid, nodev at its logical path
@@ -173,6 +175,157 @@ pub struct Timeouts {
     pub total: Option<Duration>,
 }
 
+/// The size of a tmpfs: `size=` in the mount options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TmpfsSize {
+    /// This many bytes (rounded up to pages by the kernel).
+    Bytes(u64),
+    /// This percentage of physical memory (tmpfs computes it at mount).
+    PercentOfMemory(u8),
+}
+
+impl TmpfsSize {
+    /// Parses `268435456`, `256k`, `256m`, `2g` (binary units) or `25%`.
+    pub fn parse(s: &str) -> Result<TmpfsSize, String> {
+        let bad =
+            || format!("'{s}' is not a size (bytes, or with k, m, g, or a percentage: 256m, 25%)");
+        if let Some(p) = s.strip_suffix('%') {
+            let p: u8 = p.parse().map_err(|_| bad())?;
+            if p == 0 || p > 100 {
+                return Err(format!("'{s}': a percentage of memory from 1% to 100%"));
+            }
+            return Ok(TmpfsSize::PercentOfMemory(p));
+        }
+        let (digits, unit) = match s.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_lowercase()),
+            _ => (s, 'b'),
+        };
+        let shift = match unit {
+            'b' => 0,
+            'k' => 10,
+            'm' => 20,
+            'g' => 30,
+            _ => return Err(bad()),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let bytes = n
+            .checked_mul(1 << shift)
+            .ok_or_else(|| format!("'{s}' is too large"))?;
+        if bytes == 0 {
+            // tmpfs reads size=0 as "unlimited": never what a bound means.
+            return Err(format!("'{s}': a tmpfs size must not be 0"));
+        }
+        Ok(TmpfsSize::Bytes(bytes))
+    }
+
+    /// The value of `size=`.
+    pub fn mount_option(self) -> String {
+        match self {
+            TmpfsSize::Bytes(b) => b.to_string(),
+            TmpfsSize::PercentOfMemory(p) => format!("{p}%"),
+        }
+    }
+}
+
+impl fmt::Display for TmpfsSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TmpfsSize::Bytes(b) if b % (1 << 30) == 0 => write!(f, "{}g", b >> 30),
+            TmpfsSize::Bytes(b) if b % (1 << 20) == 0 => write!(f, "{}m", b >> 20),
+            TmpfsSize::Bytes(b) => write!(f, "{b}"),
+            TmpfsSize::PercentOfMemory(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// The default size of the sandbox's `/tmp` tmpfs: a quarter of physical
+/// memory. The build directory is not on it (it is bound from the host's
+/// disk), so it holds only what tools write to a hard-coded `/tmp`; a
+/// quarter stays clear of the whole memory even with a few builds at once.
+pub const DEFAULT_TMP_SIZE: TmpfsSize = TmpfsSize::PercentOfMemory(25);
+
+/// The default size of `/dev/shm`: 256 MiB, four times Docker's 64 MiB,
+/// enough for the POSIX shared memory of test suites (Python's
+/// multiprocessing, browsers' tests).
+pub const DEFAULT_SHM_SIZE: TmpfsSize = TmpfsSize::Bytes(256 << 20);
+
+/// The default `RLIMIT_NPROC` of a build (its processes and threads):
+/// far above what `make -j` of a big package runs, far below what a fork
+/// bomb needs to hurt the host.
+pub const DEFAULT_MAX_PROCESSES: u64 = 8192;
+
+/// Resource bounds of one build (see the constants for the defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// `size=` of the `/tmp` tmpfs.
+    pub tmp_size: TmpfsSize,
+    /// `size=` of the `/dev/shm` tmpfs.
+    pub shm_size: TmpfsSize,
+    /// `RLIMIT_NPROC` of the build user (at least 1).
+    pub max_processes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            tmp_size: DEFAULT_TMP_SIZE,
+            shm_size: DEFAULT_SHM_SIZE,
+            max_processes: DEFAULT_MAX_PROCESSES,
+        }
+    }
+}
+
+/// The `impureEnvVars` a fixed-output build may receive by default: what
+/// Nixpkgs' fetchers (`lib.fetchers.proxyImpureEnvVars`, fetchurl, fetchgit)
+/// and Guix's (`url-fetch`, `git-fetch` leaked variables) ask for. Entries
+/// ending in `*` are prefixes (`NIX_MIRRORS_<site>`).
+pub const DEFAULT_IMPURE_ENV_ALLOW: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "ftp_proxy",
+    "all_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "FTP_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "NIX_CURL_FLAGS",
+    "NIX_HASHED_MIRRORS",
+    "NIX_CONNECT_TIMEOUT",
+    "NIX_MIRRORS_*",
+    "NIX_SSL_CERT_FILE",
+    "NIX_GIT_SSL_CAINFO",
+    "SSL_CERT_FILE",
+    "GIT_PROXY_COMMAND",
+    "SOCKS_SERVER",
+    "LANG",
+    "LC_ALL",
+    "LC_MESSAGES",
+    "COLUMNS",
+    // Guix's git-fetch.
+    "USER",
+];
+
+/// Whether a fixed-output build may receive the variable `name` from
+/// sandoff's environment: listed in [`DEFAULT_IMPURE_ENV_ALLOW`] or `extra`
+/// (same syntax), and never a `SANDOFF_*` variable (sandoff's own
+/// configuration, whatever a list says).
+pub fn impure_env_allowed(name: &[u8], extra: &[String]) -> bool {
+    if name.starts_with(b"SANDOFF_") || name.is_empty() {
+        return false;
+    }
+    let matches = |pattern: &[u8]| match pattern.strip_suffix(b"*") {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == pattern,
+    };
+    DEFAULT_IMPURE_ENV_ALLOW
+        .iter()
+        .map(|p| p.as_bytes())
+        .chain(extra.iter().map(|p| p.as_bytes()))
+        .any(matches)
+}
+
 /// Everything the sandbox needs to know about one build, as plain data.
 #[derive(Clone, Debug)]
 pub struct SandboxSpec {
@@ -200,8 +353,14 @@ pub struct SandboxSpec {
     /// `NIX_OUTPUT_CHECKED=1` and `impure_env`.
     pub fixed_output: bool,
     /// Values of the derivation's `impureEnvVars` as resolved by the caller;
-    /// passed only to fixed-output derivations (as Nix).
+    /// passed only to fixed-output derivations (as Nix), and only those
+    /// [`impure_env_allowed`] with `impure_env_allow`.
     pub impure_env: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Names (or `PREFIX*`) allowed in `impure_env` besides
+    /// [`DEFAULT_IMPURE_ENV_ALLOW`].
+    pub impure_env_allow: Vec<String>,
+    /// Resource bounds.
+    pub limits: Limits,
     /// `NIX_BUILD_CORES` (0 is passed through: stdenv reads it as "all cores").
     pub cores: u32,
     /// Silence and total time limits.
@@ -351,6 +510,11 @@ pub enum SetupOp {
     CloseFds,
     /// `RLIMIT_CORE` = 0, as Nix (no core dumps in outputs).
     NoCoreDumps,
+    /// `RLIMIT_NPROC` (soft and hard) = this many processes and threads of
+    /// the build user: each build has its own uid, so this bounds one build
+    /// (a fork bomb stops with `EAGAIN`). Set before the uid change, whose
+    /// own check it then also bounds.
+    ProcessLimit(u64),
     /// `umask`.
     Umask(u32),
     /// `personality(ADDR_NO_RANDOMIZE)`, as Nix, for reproducibility.
@@ -371,6 +535,11 @@ pub enum SetupOp {
     SetUid(u32),
     /// `capset` with empty effective, permitted and inheritable sets.
     ClearCaps,
+    /// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`: a fresh anonymous
+    /// session keyring, so the session keyring of whoever started sandoff
+    /// is not the build's. After the uid change, so the build user owns it.
+    /// A kernel without keyrings (`ENOSYS`) has nothing to share: skipped.
+    NewSessionKeyring,
     /// `PR_SET_NO_NEW_PRIVS`: no setuid or file capabilities can raise privileges.
     NoNewPrivs,
     /// Install the seccomp filter (see [`super::seccomp`]); needs no_new_privs.
@@ -425,6 +594,7 @@ impl fmt::Display for SetupOp {
             SetupOp::Chdir(p) => write!(f, "chdir {}", s(p)),
             SetupOp::CloseFds => write!(f, "close inherited fds"),
             SetupOp::NoCoreDumps => write!(f, "set RLIMIT_CORE 0"),
+            SetupOp::ProcessLimit(n) => write!(f, "set RLIMIT_NPROC {n}"),
             SetupOp::Umask(m) => write!(f, "umask {:03o}", m),
             SetupOp::NoAddressRandomization => write!(f, "personality ADDR_NO_RANDOMIZE"),
             SetupOp::OomSacrifice => write!(f, "set oom_score_adj 1000"),
@@ -434,6 +604,7 @@ impl fmt::Display for SetupOp {
             SetupOp::SetGid(g) => write!(f, "setgid {g}"),
             SetupOp::SetUid(u) => write!(f, "setuid {u}"),
             SetupOp::ClearCaps => write!(f, "clear capabilities"),
+            SetupOp::NewSessionKeyring => write!(f, "join a new session keyring"),
             SetupOp::NoNewPrivs => write!(f, "set no_new_privs"),
             SetupOp::Seccomp(p) => write!(f, "install seccomp filter ({} instructions)", p.len()),
             SetupOp::ResetSignals => write!(f, "reset signals"),
@@ -578,7 +749,9 @@ pub fn builder_env(
     if spec.fixed_output {
         set(&mut env, "NIX_OUTPUT_CHECKED", b"1");
         for (k, v) in &spec.impure_env {
-            env.insert(k.clone(), v.clone());
+            if impure_env_allowed(k, &spec.impure_env_allow) {
+                env.insert(k.clone(), v.clone());
+            }
         }
     }
     set(&mut env, "NIX_LOG_FD", b"2");
@@ -658,6 +831,12 @@ fn check_spec(spec: &SandboxSpec) -> Result<(), SandboxError> {
             ),
         ));
     }
+    if spec.limits.max_processes == 0 {
+        return Err(invalid(
+            "limits.max_processes",
+            "0 would stop the builder from starting".to_owned(),
+        ));
+    }
     let outputs: BTreeSet<&StorePath> = spec.outputs.iter().collect();
     for input in &spec.inputs {
         if outputs.contains(&input.path) {
@@ -721,7 +900,10 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
     o.mkdir_all(root, "/tmp", 0o1777)?;
     o.push(SetupOp::MountTmpfs {
         target: cpath("path", &under(root, "/tmp"))?,
-        data: cstring("tmpfs", "mode=01777")?,
+        data: cstring(
+            "tmpfs",
+            format!("mode=01777,size={}", spec.limits.tmp_size.mount_option()),
+        )?,
         flags: MountFlags::WRITABLE,
     });
     let build_target = under(root, &build_dir);
@@ -771,7 +953,10 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
     o.mkdir_all(root, "/dev/shm", 0o1777)?;
     o.push(SetupOp::MountTmpfs {
         target: cpath("path", &under(root, "/dev/shm"))?,
-        data: cstring("tmpfs", "mode=01777")?,
+        data: cstring(
+            "tmpfs",
+            format!("mode=01777,size={}", spec.limits.shm_size.mount_option()),
+        )?,
         flags: MountFlags::WRITABLE,
     });
     o.mkdir_all(root, "/dev/pts", 0o755)?;
@@ -880,6 +1065,7 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
     o.push(SetupOp::Chdir(cstring("build dir", build_dir.as_str())?));
     o.push(SetupOp::CloseFds);
     o.push(SetupOp::NoCoreDumps);
+    o.push(SetupOp::ProcessLimit(spec.limits.max_processes));
     o.push(SetupOp::Umask(0o022));
     o.push(SetupOp::NoAddressRandomization);
     o.push(SetupOp::OomSacrifice);
@@ -892,6 +1078,7 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
     o.push(SetupOp::SetGid(gid));
     o.push(SetupOp::SetUid(uid));
     o.push(SetupOp::DieWithParent);
+    o.push(SetupOp::NewSessionKeyring);
     o.push(SetupOp::ClearCaps);
     o.push(SetupOp::NoNewPrivs);
     o.push(SetupOp::Seccomp(build_filter()));
@@ -970,6 +1157,8 @@ mod tests {
             user: BuildUser::new(30001, 30000, "sandoffbld1", "sandoffbld").expect("valid user"),
             fixed_output: false,
             impure_env: BTreeMap::new(),
+            impure_env_allow: Vec::new(),
+            limits: Limits::default(),
             cores: 4,
             timeouts: Timeouts::default(),
         }
@@ -1331,6 +1520,131 @@ mod tests {
         ));
         assert!(BuildUser::new(0, 30000, "root", "x").is_err());
         assert!(BuildUser::new(30001, 30000, "a:b", "x").is_err());
+    }
+
+    #[test]
+    fn every_build_gets_a_new_session_keyring_as_the_build_user_before_seccomp() {
+        let p = plan(&spec()).expect("plan");
+        let setuid = index(&p, |o| *o == SetupOp::SetUid(30001));
+        let keyring = index(&p, |o| *o == SetupOp::NewSessionKeyring);
+        let seccomp = index(&p, |o| matches!(o, SetupOp::Seccomp(_)));
+        // After the uid change (the build user owns it), before the filter
+        // that refuses keyctl.
+        assert!(setuid < keyring && keyring < seccomp);
+        assert_eq!(
+            p.ops
+                .iter()
+                .filter(|o| **o == SetupOp::NewSessionKeyring)
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn process_limit_is_set_before_the_uid_change() {
+        let mut sp = spec();
+        sp.limits.max_processes = 77;
+        let p = plan(&sp).expect("plan");
+        let limit = index(&p, |o| *o == SetupOp::ProcessLimit(77));
+        let setuid = index(&p, |o| *o == SetupOp::SetUid(30001));
+        assert!(limit < setuid);
+        sp.limits.max_processes = 0;
+        assert!(matches!(
+            plan(&sp),
+            Err(SandboxError::InvalidSpec {
+                field: "limits.max_processes",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn tmp_and_shm_are_bounded_tmpfs() {
+        let tmpfs = |p: &SandboxPlan, target: &str| {
+            p.ops
+                .iter()
+                .find_map(|o| match o {
+                    SetupOp::MountTmpfs {
+                        target: t, data, ..
+                    } if t == &s(target) => Some(data.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .expect("tmpfs mount")
+        };
+        let p = plan(&spec()).expect("plan");
+        assert_eq!(tmpfs(&p, "/w/root/tmp"), "mode=01777,size=25%");
+        assert_eq!(tmpfs(&p, "/w/root/dev/shm"), "mode=01777,size=268435456");
+        let mut sp = spec();
+        sp.limits.tmp_size = TmpfsSize::Bytes(8 << 30);
+        sp.limits.shm_size = TmpfsSize::PercentOfMemory(50);
+        let p = plan(&sp).expect("plan");
+        assert_eq!(tmpfs(&p, "/w/root/tmp"), "mode=01777,size=8589934592");
+        assert_eq!(tmpfs(&p, "/w/root/dev/shm"), "mode=01777,size=50%");
+    }
+
+    #[test]
+    fn tmpfs_sizes_parse_and_print() {
+        for (text, size) in [
+            ("4096", TmpfsSize::Bytes(4096)),
+            ("256k", TmpfsSize::Bytes(256 << 10)),
+            ("256m", TmpfsSize::Bytes(256 << 20)),
+            ("2G", TmpfsSize::Bytes(2 << 30)),
+            ("25%", TmpfsSize::PercentOfMemory(25)),
+        ] {
+            assert_eq!(TmpfsSize::parse(text), Ok(size), "{text}");
+        }
+        for bad in [
+            "",
+            "0",
+            "0m",
+            "m",
+            "1t",
+            "-1",
+            "0%",
+            "101%",
+            "x%",
+            "99999999999g",
+        ] {
+            assert!(TmpfsSize::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(DEFAULT_SHM_SIZE.to_string(), "256m");
+        assert_eq!(DEFAULT_TMP_SIZE.to_string(), "25%");
+        assert_eq!(
+            TmpfsSize::parse(&DEFAULT_SHM_SIZE.to_string()),
+            Ok(DEFAULT_SHM_SIZE)
+        );
+    }
+
+    #[test]
+    fn impure_env_passes_only_allowlisted_names_and_never_sandoff_settings() {
+        let mut sp = spec();
+        sp.fixed_output = true;
+        for (k, v) in [
+            ("http_proxy", "http://proxy:3128"),
+            ("NIX_MIRRORS_gnu", "https://ftp.gnu.org/"),
+            ("SANDOFF_STATE_DIR", "/var/sandoff"),
+            ("AWS_SECRET_ACCESS_KEY", "hunter2"),
+            ("MY_TOKEN", "t"),
+        ] {
+            sp.impure_env.insert(k.into(), v.into());
+        }
+        let env = plan(&sp).expect("plan").env;
+        assert_eq!(env[b"http_proxy".as_slice()], b"http://proxy:3128");
+        assert_eq!(env[b"NIX_MIRRORS_gnu".as_slice()], b"https://ftp.gnu.org/");
+        for k in ["SANDOFF_STATE_DIR", "AWS_SECRET_ACCESS_KEY", "MY_TOKEN"] {
+            assert!(!env.contains_key(k.as_bytes()), "{k} passed");
+        }
+        // The allowlist extends; SANDOFF_* stays out whatever it says.
+        sp.impure_env_allow = vec!["MY_TOKEN".into(), "SANDOFF_*".into(), "*".into()];
+        let env = plan(&sp).expect("plan").env;
+        assert_eq!(env[b"MY_TOKEN".as_slice()], b"t");
+        assert!(!env.contains_key(b"SANDOFF_STATE_DIR".as_slice()));
+        assert!(!impure_env_allowed(
+            b"SANDOFF_STATE_DIR",
+            &["SANDOFF_STATE_DIR".into()]
+        ));
+        assert!(impure_env_allowed(b"HTTPS_PROXY", &[]));
+        assert!(!impure_env_allowed(b"NIX_MIRRORS", &[]));
     }
 
     #[test]

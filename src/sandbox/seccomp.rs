@@ -5,6 +5,15 @@
 //!   in the mode fail with `EPERM`: a build must not make setuid files;
 //! - the `getxattr`/`setxattr`/`listxattr` families fail with `ENOTSUP`:
 //!   outputs carry no extended attributes (as Nix; `removexattr` passes);
+//! - `add_key`, `request_key` and `keyctl` fail with `ENOSYS`: the kernel
+//!   keyring is not namespaced, so a build could otherwise read, add and
+//!   clear keys in keyrings it reaches (the session keyring it was started
+//!   in, its build user's user keyring, which outlives the build and is
+//!   found by the next build of that uid), as Docker and Flatpak refuse
+//!   them. `ENOSYS` rather than Docker's `EPERM`: it reads as a kernel built
+//!   without `CONFIG_KEYS`, an ordinary configuration that programs and
+//!   test suites (keyutils users, Kerberos' keyring cache, Python's tests)
+//!   detect and fall back from, where `EPERM` reads as a real failure;
 //! - everything else is allowed.
 //!
 //! Every ABI a process can use on the host is covered, or `int 0x80` on
@@ -72,6 +81,8 @@ struct Abi {
     chmods: &'static [(u32, u32)],
     /// Inclusive ranges of the xattr calls.
     xattrs: &'static [(u32, u32)],
+    /// `add_key`, `request_key`, `keyctl`.
+    keys: [u32; 3],
 }
 
 // getxattrat/setxattrat/listxattrat (kernel 6.13) have the same numbers everywhere.
@@ -83,24 +94,28 @@ const ABIS: [Abi; 4] = [
         x32: true,
         chmods: &[(90, 1), (91, 1), (268, 2), (452, 2)],
         xattrs: &[(188, 196), XATTR_AT],
+        keys: [248, 249, 250],
     },
     Abi {
         arch: AUDIT_ARCH_I386,
         x32: false,
         chmods: &[(15, 1), (94, 1), (306, 2), (452, 2)],
         xattrs: &[(226, 234), XATTR_AT],
+        keys: [286, 287, 288],
     },
     Abi {
         arch: AUDIT_ARCH_AARCH64,
         x32: false,
         chmods: &[(52, 1), (53, 2), (452, 2)],
         xattrs: &[(5, 13), XATTR_AT],
+        keys: [217, 218, 219],
     },
     Abi {
         arch: AUDIT_ARCH_ARM,
         x32: false,
         chmods: &[(15, 1), (94, 1), (333, 2), (452, 2)],
         xattrs: &[(226, 234), XATTR_AT],
+        keys: [309, 310, 311],
     },
 ];
 
@@ -112,6 +127,7 @@ enum Label {
     Allow,
     Eperm,
     Enotsup,
+    Enosys,
 }
 
 /// A tiny assembler: forward jumps by label, resolved at the end.
@@ -173,6 +189,9 @@ pub fn build_filter() -> Vec<SockFilter> {
         for &(nr, arg) in abi.chmods {
             a.jump(BPF_JEQ_K, nr, Some(Label::Arg(arg)), None);
         }
+        for nr in abi.keys {
+            a.jump(BPF_JEQ_K, nr, Some(Label::Enosys), None);
+        }
         for &(lo, hi) in abi.xattrs {
             // lo <= nr <= hi: JGE lo falls through to JGT hi, else skips it;
             // JGT hi false means in range.
@@ -199,6 +218,8 @@ pub fn build_filter() -> Vec<SockFilter> {
     a.op(BPF_RET_K, RET_ERRNO | libc::EPERM as u32);
     a.label(Label::Enotsup);
     a.op(BPF_RET_K, RET_ERRNO | libc::ENOTSUP as u32);
+    a.label(Label::Enosys);
+    a.op(BPF_RET_K, RET_ERRNO | libc::ENOSYS as u32);
     a.finish()
 }
 
@@ -319,6 +340,42 @@ mod tests {
         }
         // x86-64 removexattr (197) is allowed, as in Nix.
         assert_eq!(run(&p, AUDIT_ARCH_X86_64, 197, [0; 6]), RET_ALLOW);
+    }
+
+    const ENOSYS: u32 = RET_ERRNO | libc::ENOSYS as u32;
+
+    #[test]
+    fn keyring_calls_fail_with_enosys_on_every_abi() {
+        let p = build_filter();
+        // The numbers, from each ABI's syscall table (add_key, request_key, keyctl).
+        let expected = [
+            (AUDIT_ARCH_X86_64, [248, 249, 250]),
+            (AUDIT_ARCH_I386, [286, 287, 288]),
+            (AUDIT_ARCH_AARCH64, [217, 218, 219]),
+            (AUDIT_ARCH_ARM, [309, 310, 311]),
+        ];
+        for (arch, nrs) in expected {
+            for nr in nrs {
+                for a in [[0; 6], [u64::MAX; 6], args(0, 1)] {
+                    assert_eq!(run(&p, arch, nr, a), ENOSYS, "{arch:#x} {nr}");
+                }
+            }
+            assert_eq!(run(&p, arch, nrs[0] - 1, [0; 6]), RET_ALLOW, "{arch:#x}");
+            assert_eq!(run(&p, arch, nrs[2] + 1, [0; 6]), RET_ALLOW, "{arch:#x}");
+        }
+        // x32: the x86-64 numbers with bit 30.
+        for nr in [248, 249, 250] {
+            assert_eq!(
+                run(&p, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT | nr, [0; 6]),
+                ENOSYS
+            );
+        }
+        // The host's own numbers agree with the table.
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            [libc::SYS_add_key, libc::SYS_request_key, libc::SYS_keyctl],
+            [248, 249, 250]
+        );
     }
 
     #[test]

@@ -94,6 +94,10 @@ pub trait Syscall {
     fn cloexec_from(&mut self, first: u32) -> Result<(), Errno>;
     /// `setrlimit(RLIMIT_CORE, 0)`.
     fn no_core_dumps(&mut self) -> Result<(), Errno>;
+    /// `setrlimit(RLIMIT_NPROC, n)` (soft and hard).
+    fn set_process_limit(&mut self, n: u64) -> Result<(), Errno>;
+    /// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`: a new anonymous session keyring.
+    fn join_session_keyring(&mut self) -> Result<(), Errno>;
     /// `umask(2)`.
     fn umask(&mut self, mask: u32);
     /// `personality(ADDR_NO_RANDOMIZE)`.
@@ -178,6 +182,10 @@ pub enum Call {
     CloexecFrom(u32),
     /// `RLIMIT_CORE` 0.
     NoCoreDumps,
+    /// `RLIMIT_NPROC`.
+    ProcessLimit(u64),
+    /// A new anonymous session keyring.
+    JoinSessionKeyring,
     /// `umask`.
     Umask(u32),
     /// `personality`.
@@ -343,6 +351,12 @@ impl Syscall for RecordingSyscalls {
     }
     fn no_core_dumps(&mut self) -> Result<(), Errno> {
         self.record(Call::NoCoreDumps)
+    }
+    fn set_process_limit(&mut self, n: u64) -> Result<(), Errno> {
+        self.record(Call::ProcessLimit(n))
+    }
+    fn join_session_keyring(&mut self) -> Result<(), Errno> {
+        self.record(Call::JoinSessionKeyring)
     }
     fn umask(&mut self, mask: u32) {
         let _ = self.record(Call::Umask(mask));

@@ -487,6 +487,89 @@ fn fixed_output_with_the_right_hash_is_registered_with_its_content_address() {
 }
 
 #[test]
+fn fixed_output_gets_only_allowlisted_impure_env_vars() {
+    if !ready("fixed_output_gets_only_allowlisted_impure_env_vars") {
+        return;
+    }
+    let s = Store::new();
+    let expected = "state=unset secret=unset proxy=http://proxy.invalid:3128 extra=unset\n";
+    let script = "line=\"state=${SANDOFF_STATE_DIR-unset} secret=${AWS_SECRET_ACCESS_KEY-unset} \
+                  proxy=${http_proxy-unset} extra=${MY_FETCH_TOKEN-unset}\"; \
+                  echo \"$line\"; echo \"$line\" > $out";
+    let d = s.drv(
+        "impure-env.txt",
+        Spec {
+            script,
+            fixed: Some((
+                "sha256",
+                HashAlgo::Sha256.digest(expected.as_bytes()).to_base16(),
+            )),
+            env: &[(
+                "impureEnvVars",
+                "SANDOFF_STATE_DIR AWS_SECRET_ACCESS_KEY http_proxy MY_FETCH_TOKEN",
+            )],
+            ..Spec::default()
+        },
+    );
+    let state = s.loc().state;
+    let out = {
+        let mut c = s.cmd();
+        // The default state directory, named explicitly: sandoff's own
+        // settings are in its environment when a daemon starts it.
+        c.env("SANDOFF_STATE_DIR", &state)
+            .env("AWS_SECRET_ACCESS_KEY", "hunter2")
+            .env("http_proxy", "http://proxy.invalid:3128")
+            .env("MY_FETCH_TOKEN", "token-value")
+            .env_remove("SANDOFF_IMPURE_ENV_ALLOW")
+            .args(["build", &d]);
+        c.output().expect("run")
+    };
+    // Had anything else leaked, the output's hash would not match.
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(s.real(&s.out(&d))).expect("output"),
+        expected
+    );
+    let log =
+        std::fs::read_to_string(state.join("log").join(s.path(&d).base_name())).expect("build log");
+    assert!(
+        !log.contains("hunter2") && !log.contains(state.to_str().expect("utf-8")),
+        "{log}"
+    );
+
+    // Extending the allowlist passes the named variable (the fixed hash is
+    // of its value), never a SANDOFF_ one, even when listed.
+    let other = s.drv(
+        "impure-env-extra.txt",
+        Spec {
+            script:
+                "echo \"state=${SANDOFF_STATE_DIR-unset} extra=${MY_FETCH_TOKEN-unset}\" > $out",
+            fixed: Some((
+                "sha256",
+                HashAlgo::Sha256
+                    .digest(b"state=unset extra=token-value\n")
+                    .to_base16(),
+            )),
+            env: &[("impureEnvVars", "SANDOFF_STATE_DIR MY_FETCH_TOKEN")],
+            ..Spec::default()
+        },
+    );
+    let mut c = s.cmd();
+    let out = c
+        .env("SANDOFF_STATE_DIR", &state)
+        .env("MY_FETCH_TOKEN", "token-value")
+        .args([
+            "build",
+            "--impure-env-allow",
+            "MY_FETCH_TOKEN,SANDOFF_*",
+            &other,
+        ])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
 fn fixed_output_with_a_wrong_hash_registers_nothing() {
     if !ready("fixed_output_with_a_wrong_hash_registers_nothing") {
         return;
@@ -653,6 +736,68 @@ fn silent_and_overlong_builds_are_killed() {
     );
     assert!(s.info(&s.out(&chatty)).is_none());
     assert!(s.build_dirs().is_empty());
+}
+
+#[test]
+fn limits_of_u64_max_seconds_mean_forever_and_do_not_panic() {
+    if !ready("limits_of_u64_max_seconds_mean_forever_and_do_not_panic") {
+        return;
+    }
+    let s = Store::new();
+    let quick = s.drv(
+        "quick",
+        Spec {
+            script: "echo done > $out",
+            ..Spec::default()
+        },
+    );
+    let max = u64::MAX.to_string();
+    let out = s.build(&["--timeout", &max, "--max-silent-time", &max, &quick]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).trim(), logical(&s.out(&quick)));
+}
+
+#[test]
+fn resource_flags_reach_the_sandbox() {
+    if !ready("resource_flags_reach_the_sandbox") {
+        return;
+    }
+    let s = Store::new();
+    let d = s.drv(
+        "limits",
+        Spec {
+            script: "awk '$5 == \"/tmp\" || $5 == \"/dev/shm\" { print $5, $NF }' /proc/self/mountinfo > $out; \
+                     echo nproc=$(ulimit -u) >> $out",
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&[
+        "--tmp-size",
+        "3m",
+        "--shm-size",
+        "1m",
+        "--max-processes",
+        "64",
+        &d,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = std::fs::read_to_string(s.real(&s.out(&d))).expect("output");
+    let line = |mp: &str| {
+        got.lines()
+            .find(|l| l.starts_with(&format!("{mp} ")))
+            .unwrap_or_else(|| panic!("no {mp}: {got}"))
+            .to_owned()
+    };
+    assert!(line("/tmp").contains("size=3072k"), "{got}");
+    assert!(line("/dev/shm").contains("size=1024k"), "{got}");
+    assert!(got.contains("nproc=64\n"), "{got}");
+    let bad = s.build(&["--shm-size", "0", &d]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
 }
 
 #[test]

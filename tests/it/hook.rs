@@ -508,6 +508,19 @@ fn accept_and_build(
     timeout: u64,
     fd4: bool,
 ) -> Run {
+    accept_and_build_with(s, machines, drv, inputs, 0, timeout, fd4)
+}
+
+/// [`accept_and_build`] with a max-silent-time too.
+fn accept_and_build_with(
+    s: &Local,
+    machines: &Path,
+    drv: &str,
+    inputs: &[&str],
+    max_silent: u64,
+    timeout: u64,
+    fd4: bool,
+) -> Run {
     let log = s.tmp.path().join("hook.log");
     let err = s.tmp.path().join("hook.err");
     let _ = std::fs::remove_file(&log);
@@ -521,7 +534,13 @@ fn accept_and_build(
         .arg(env!("CARGO_BIN_EXE_sandoff"))
         .arg("--store-root")
         .arg(s.root())
-        .args(["hook", "x86_64-linux", "0", "1", &timeout.to_string()])
+        .args([
+            "hook",
+            "x86_64-linux",
+            &max_silent.to_string(),
+            "1",
+            &timeout.to_string(),
+        ])
         .env("HOOK_LOG", &log)
         .env("SANDOFF_MACHINES", machines)
         .env_remove("SANDOFF_STORE_DIR")
@@ -665,6 +684,29 @@ fn hook_builds_exit_100_on_a_failed_remote_build_and_101_on_a_timeout() {
         .query_path_info(&s.out(&drv))
         .expect("query")
         .is_none());
+}
+
+#[test]
+fn hook_builds_with_u64_max_limits() {
+    let test = "hook_builds_with_u64_max_limits";
+    if !offload_ready(test) {
+        return;
+    }
+    let host = TestHost::start(41);
+    let s = Local::new();
+    trust(&s, &host);
+    let (drv, bb) = busybox_drv(&s, "forever-limits", "echo built > $out\n");
+    // A daemon passes u64::MAX for "no limit"; the hook used to panic
+    // adding it to the clock.
+    let run = accept_and_build_with(&s, &host.machines(), &drv, &[&bb], u64::MAX, u64::MAX, true);
+    assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert!(s
+        .store()
+        .query_path_info(&s.out(&drv))
+        .expect("query")
+        .is_some());
 }
 
 #[test]

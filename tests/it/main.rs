@@ -7,6 +7,7 @@ mod decide;
 mod derivation;
 mod hook;
 mod hosts;
+mod keyring;
 mod nar;
 mod offload;
 mod registry;

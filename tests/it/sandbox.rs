@@ -16,12 +16,14 @@ use sandoff::sandbox::setup::{ensure_build_users, BuildUsers};
 use sandoff::sandbox::{run_build, HostDirs, SandboxError, UserLease, UserPool};
 use sandoff::store::{StoreDir, StorePath};
 
+use crate::keyring::{session_keyring, SessionKey};
 use crate::support::{self, Need};
 
 const BUSYBOX: &str = "7c0v0kbrrdc2cqgisi78jdqxn73n3401-busybox";
 const OUT: &str = "1f2dhqa4ycv31xpsaw4bavv0ks2ir2fc-probe";
 const TEXT: &str = "2g3ajb6zcsw4nh9z5c1xpwm0dl7q8rfk-hello.txt";
 const LINK: &str = "3h4bkc7advx5pi0a6d2yqxn1fm8r9sgl-busybox-link";
+const PROBE_BIN: &str = "5k6lmd8bfqyw7ri0a8f3zry92gn9s1hp-probes";
 
 /// Root, busybox, and namespaces that work (a container may forbid them).
 fn ready(test: &str) -> bool {
@@ -158,6 +160,8 @@ impl Fixture {
             user: self.lease.user().clone(),
             fixed_output: false,
             impure_env: BTreeMap::new(),
+            impure_env_allow: Vec::new(),
+            limits: plan::Limits::default(),
             cores: 2,
             timeouts: Timeouts::default(),
         }
@@ -171,6 +175,29 @@ impl Fixture {
         let mut log = Vec::new();
         let r = run_build(&self.lease, spec, &mut log);
         (r, String::from_utf8_lossy(&log).into_owned())
+    }
+
+    /// Compiles `tests/it/probes/<name>.c` with `gcc -static` into the
+    /// store path [`PROBE_BIN`] of this fixture, adds it to `spec`'s
+    /// inputs and returns its logical path. gcc writes the file in its own
+    /// process, so no sandbox cloned meanwhile inherits a writable fd to it.
+    fn probe(&self, spec: &mut SandboxSpec, name: &str) -> String {
+        let bin = self.store().join(PROBE_BIN).join("bin");
+        std::fs::create_dir_all(&bin).expect("mkdir probe bin");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/it/probes/{name}.c"));
+        support::run_ok(
+            std::process::Command::new("gcc")
+                .args(["-static", "-O1", "-o"])
+                .arg(bin.join(name))
+                .arg(&src),
+        );
+        if !spec.inputs.iter().any(|i| i.path == sp(PROBE_BIN)) {
+            spec.inputs.push(InputPath {
+                source: self.store().join(PROBE_BIN),
+                path: sp(PROBE_BIN),
+            });
+        }
+        format!("/nix/store/{PROBE_BIN}/bin/{name}")
     }
 
     fn out(&self, name: &str) -> String {
@@ -750,4 +777,174 @@ fn cli_setup_creates_users_and_state_dirs_idempotently() {
         .expect("run");
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("'sandoff-no-such-group' does not exist"));
+}
+
+/// A log sink that panics at the first write: stands in for any bug in the
+/// supervising thread.
+struct PanickingLog;
+
+impl std::io::Write for PanickingLog {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        panic!("injected: the log sink panicked");
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_panic_while_supervising_kills_the_build() {
+    if !ready("a_panic_while_supervising_kills_the_build") {
+        return;
+    }
+    let f = Fixture::new();
+    let spec = f.spec("echo started; $BB sleep 600 & exec $BB sleep 600");
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_build(&f.lease, &spec, &mut PanickingLog)
+    }));
+    assert!(unwound.is_err(), "the injected panic propagates");
+    // The supervising thread is still alive (the panic was caught), so the
+    // parent-death signal never fired: only the guards can have killed it.
+    assert_no_process_of(f.lease.user().uid());
+}
+
+#[test]
+fn builds_cannot_reach_any_kernel_keyring() {
+    let test = "builds_cannot_reach_any_kernel_keyring";
+    if !ready(test) || !support::require(test, &[Need::Program("gcc")]) {
+        return;
+    }
+    let f = Fixture::new();
+    // A secret in the session keyring of the process that runs the build
+    // (this thread's: the build is cloned from it).
+    let caller = session_keyring().expect("a session keyring for the test");
+    let desc = format!("sandoff-it-keyring-{}", std::process::id());
+    let _key = SessionKey::add(&desc, b"do not leak").expect("add a key");
+    let host_keys = std::fs::read_to_string("/proc/keys").expect("/proc/keys");
+    assert!(
+        host_keys.contains(&desc),
+        "the host sees its key:\n{host_keys}"
+    );
+
+    let mut spec = f.spec("");
+    let probe = f.probe(&mut spec, "keyring");
+    let script =
+        format!("echo --- keys; $BB cat /proc/keys; echo --- probe; exec {probe} {caller} {desc}");
+    spec.args[2] = script.into_bytes();
+    let (r, log) = f.run(&spec);
+    assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+    eprintln!("keyring probe:\n{log}");
+    let (keys, attempts) = log
+        .split_once("--- probe\n")
+        .unwrap_or_else(|| panic!("probe ran: {log}"));
+    // Nothing of the caller's session keyring is visible, not even through
+    // /proc/keys (which needs no keyctl): the build has a keyring of its own.
+    assert!(
+        !keys.contains(&desc),
+        "the caller's key is visible:\n{keys}"
+    );
+    assert!(
+        !keys.contains(&format!("{caller:08x} ")),
+        "the caller's session keyring is visible:\n{keys}"
+    );
+    // Every keyring call is refused (seccomp: ENOSYS).
+    assert!(!attempts.contains("ALLOWED"), "{attempts}");
+    assert_eq!(
+        attempts
+            .lines()
+            .filter(|l| l.starts_with("refused: "))
+            .count(),
+        9,
+        "{attempts}"
+    );
+    assert!(
+        attempts.contains("refused: add a key to the user keyring: Function not implemented"),
+        "{attempts}"
+    );
+}
+
+#[test]
+fn a_fork_bomb_stops_at_the_process_limit() {
+    let test = "a_fork_bomb_stops_at_the_process_limit";
+    if !ready(test) || !support::require(test, &[Need::Program("gcc")]) {
+        return;
+    }
+    let f = Fixture::new();
+    let mut spec = f.spec("");
+    let probe = f.probe(&mut spec, "forkbomb");
+    spec.args[2] = format!("exec {probe}").into_bytes();
+    spec.limits.max_processes = 50;
+    let (r, log) = f.run(&spec);
+    // The build finishes cleanly: fork failed with EAGAIN below the limit
+    // (the builder itself counts), and nothing of it is left.
+    assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+    let n: u64 = log
+        .strip_prefix("stopped after ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("fork bomb not stopped: {log}"));
+    assert!(n < 50, "{log}");
+    assert!(log.contains("Resource temporarily unavailable"), "{log}");
+    assert_no_process_of(f.lease.user().uid());
+    // The default applies when nothing is said.
+    assert_eq!(
+        plan::Limits::default().max_processes,
+        plan::DEFAULT_MAX_PROCESSES
+    );
+}
+
+#[test]
+fn tmp_and_dev_shm_are_bounded() {
+    if !ready("tmp_and_dev_shm_are_bounded") {
+        return;
+    }
+    let f = Fixture::new();
+    let script =
+        "$BB awk '$5 == \"/tmp\" || $5 == \"/dev/shm\" { print $5, $NF }' /proc/self/mountinfo; \
+        $BB dd if=/dev/zero of=/dev/shm/big bs=1024 count=2048 2>/dev/null && echo shm-unbounded; \
+        $BB dd if=/dev/zero of=/tmp/big bs=1024 count=4096 2>/dev/null && echo tmp-unbounded; \
+        $BB dd if=/dev/zero of=\"$TMPDIR/big\" bs=1024 count=4096 2>/dev/null && echo build-dir-ok";
+    // The defaults: a quarter of memory for /tmp, 256 MiB for /dev/shm.
+    let (r, log) = f.run(&f.spec(
+        "$BB awk '$5 == \"/tmp\" || $5 == \"/dev/shm\" { print $5, $NF }' /proc/self/mountinfo",
+    ));
+    assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+    let pages = nix::unistd::sysconf(nix::unistd::SysconfVar::_PHYS_PAGES)
+        .expect("sysconf")
+        .expect("physical pages") as u64;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .expect("sysconf")
+        .expect("page size") as u64;
+    let quarter_kib = pages / 4 * page / 1024;
+    let size_of = |log: &str, mp: &str| -> u64 {
+        let line = log
+            .lines()
+            .find(|l| l.split(' ').next() == Some(mp))
+            .unwrap_or_else(|| panic!("no {mp}: {log}"));
+        line.split(',')
+            .find_map(|o| o.strip_prefix("size="))
+            .and_then(|k| k.strip_suffix('k'))
+            .and_then(|k| k.parse().ok())
+            .unwrap_or_else(|| panic!("no size on {mp}: {line}"))
+    };
+    assert_eq!(size_of(&log, "/dev/shm"), 256 * 1024, "{log}");
+    // tmpfs rounds the percentage to pages.
+    let tmp = size_of(&log, "/tmp");
+    assert!(
+        tmp.abs_diff(quarter_kib) <= page / 1024 * 4,
+        "{tmp} vs {quarter_kib}: {log}"
+    );
+
+    // Raised or lowered by the caller; the build directory is on the
+    // host's disk, not on /tmp's tmpfs.
+    let f = Fixture::new();
+    let mut spec = f.spec(script);
+    spec.limits.shm_size = plan::TmpfsSize::Bytes(1 << 20);
+    spec.limits.tmp_size = plan::TmpfsSize::Bytes(2 << 20);
+    let (r, log) = f.run(&spec);
+    assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+    assert_eq!(size_of(&log, "/dev/shm"), 1024, "{log}");
+    assert_eq!(size_of(&log, "/tmp"), 2048, "{log}");
+    assert!(!log.contains("unbounded"), "{log}");
+    assert!(log.contains("build-dir-ok"), "{log}");
 }

@@ -797,6 +797,32 @@ fn serve_build_derivation_builds_signs_streams_and_survives_failures() {
 }
 
 #[test]
+fn serve_build_derivation_with_u64_max_limits_builds() {
+    if !build_ready("serve_build_derivation_with_u64_max_limits_builds") {
+        return;
+    }
+    let store = BuildStore::new();
+    let (quick, quick_drv) = store.drv("quick", "mkdir $out");
+    let inputs = BTreeSet::from([store.bb.clone()]);
+    let mut server = store.serve();
+    // A client may send u64::MAX for "no limit"; it used to panic the
+    // server ("overflow when adding duration to instant").
+    let r = server.build_derivation(
+        &quick,
+        &quick_drv,
+        &inputs,
+        &BuildOptions {
+            max_silent_time: u64::MAX,
+            build_timeout: u64::MAX,
+            ..Default::default()
+        },
+    );
+    assert_eq!(r.status, BuildStatus::Built, "{r:?}: {}", server.stderr());
+    assert!(!server.stderr().contains("panicked"), "{}", server.stderr());
+    server.finish();
+}
+
+#[test]
 fn serve_build_paths_and_closure_with_outputs() {
     if !build_ready("serve_build_paths_and_closure_with_outputs") {
         return;

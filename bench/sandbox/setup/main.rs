@@ -77,6 +77,8 @@ fn main() -> anyhow::Result<()> {
         user: lease.user().clone(),
         fixed_output: false,
         impure_env: BTreeMap::new(),
+        impure_env_allow: Vec::new(),
+        limits: Default::default(),
         cores: 1,
         timeouts: Timeouts::default(),
     };
