@@ -56,21 +56,9 @@ struct Node {
     dependents: BTreeSet<StorePath>,
 }
 
-/// Reads and parses the `.drv` file of `path`, which must be valid.
+/// Reads the derivation at `path`, which must be valid.
 pub fn read_derivation(store: &LocalStore, path: &StorePath) -> Result<Derivation, BuildError> {
-    let loc = store.location();
-    if !store.is_valid(path)? {
-        return Err(BuildError::NotValid {
-            drv: loc.logical(path),
-        });
-    }
-    let file = loc.real_path(path);
-    check::read_drv_file(&file, &loc.dir)
-        .map(|(_, drv)| drv)
-        .map_err(|e| BuildError::BadDerivation {
-            drv: loc.logical(path),
-            reason: e.to_string(),
-        })
+    Ok(check::read_derivation(store, path)?)
 }
 
 /// The nodes to build by `.drv` path, and every root's parsed derivation.
@@ -157,12 +145,6 @@ fn walk(store: &LocalStore, roots: &[StorePath]) -> Result<Walked, BuildError> {
     while let Some(path) = stack.pop() {
         if !seen.insert(path.clone()) {
             continue;
-        }
-        if !path.is_derivation() {
-            return Err(BuildError::BadDerivation {
-                drv: store.location().logical(&path),
-                reason: "not a .drv store path".to_owned(),
-            });
         }
         let drv = read_derivation(store, &path)?;
         read.push((path.clone(), drv.clone()));

@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
+use super::somewhere::{build_somewhere, Progress, Somewhere, SomewhereError};
 use super::{builds_dir, log_path, BuildError, Event, Options};
-use crate::decide::{Decision, MachineName, Placement};
+use crate::decide::{Decision, Placement};
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
-use crate::remote::offloader::{LocalPermit, OffloadError, Offloader, Placed, RemoteOutcome};
+use crate::remote::offloader::{LocalPermit, Offloader, RemoteJob};
 use crate::sandbox::plan::{impure_env_allowed, DEFAULT_BUILD_DIR_NAME};
 use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserPool};
 use crate::serve_protocol::BuildOptions;
@@ -89,19 +90,21 @@ pub fn realise_one(
             .stream_logs
             .then(|| (events.clone(), drv_path.clone())),
     )?;
-    let r = build_locked(ctx, drv_path, drv, &locks, &mut log);
+    let r = build_locked(ctx, drv_path, drv, &locks, &mut log, events);
     log.finish();
     r.map(|()| StepOutcome::Built)
 }
 
 /// Builds `drv` under `locks` (which must cover its outputs) and registers
-/// its outputs; see the module docs of [`crate::build`].
+/// its outputs; see the module docs of [`crate::build`]. Warnings about
+/// machines go to `events`.
 pub fn build_locked(
     ctx: &BuildContext<'_>,
     drv_path: &StorePath,
     drv: &Derivation,
     locks: &PathLocks,
     log: &mut LogSink,
+    events: &Sender<Event>,
 ) -> Result<(), BuildError> {
     let store = ctx.store;
     let loc = store.location();
@@ -142,10 +145,12 @@ pub fn build_locked(
             }
             None
         }
-        Some(off) => match place_or_offload(ctx, off, drv_path, drv, &inputs, locks, log)? {
-            Some(permit) => Some(permit),
-            None => return Ok(()),
-        },
+        Some(off) => {
+            match place_or_offload(ctx, off, drv_path, drv, &inputs, locks, log, events)? {
+                Some(permit) => Some(permit),
+                None => return Ok(()),
+            }
+        }
     };
     if drv.builder.starts_with(b"builtin:") {
         return Err(unsupported("built-in builders (builtin:...)"));
@@ -267,9 +272,9 @@ pub fn input_paths(
         for name in names {
             let p = outs
                 .get(name.as_str())
-                .ok_or_else(|| BuildError::BadDerivation {
+                .ok_or_else(|| BuildError::NoSuchOutput {
                     drv: store.location().logical(input),
-                    reason: format!("it has no output '{name}'"),
+                    output: name.to_string(),
                 })?;
             inputs.insert(p.clone());
         }
@@ -277,10 +282,13 @@ pub fn input_paths(
     Ok(inputs)
 }
 
-/// Places `drv` with the offloader: builds it remotely (failing over to
-/// other machines, or here, while the machine is at fault), or returns the
+/// Builds `drv` somewhere ([`build_somewhere`]): remotely (failing over to
+/// other machines, or here, while a machine is at fault), or returns the
 /// local permit when it is to be built here. `None`: built remotely, its
-/// outputs valid here.
+/// outputs valid here. A machine refused for a reason that may be an attack
+/// (a host key that does not match, a refused login) is reported as an
+/// [`Event::Warning`] every time, even when the build succeeds elsewhere.
+#[allow(clippy::too_many_arguments)]
 fn place_or_offload<'o>(
     ctx: &BuildContext<'_>,
     off: &'o Offloader,
@@ -289,61 +297,62 @@ fn place_or_offload<'o>(
     inputs: &BTreeSet<StorePath>,
     locks: &PathLocks,
     log: &mut LogSink,
+    events: &Sender<Event>,
 ) -> Result<Option<LocalPermit<'o>>, BuildError> {
-    let loc = ctx.store.location();
-    let drv_name = loc.logical(drv_path);
+    let drv_name = ctx.store.location().logical(drv_path);
     let secs = |d: Option<Duration>| d.map_or(0, |d| d.as_secs().max(1));
-    let options = BuildOptions {
-        max_silent_time: secs(ctx.options.max_silent),
-        build_timeout: secs(ctx.options.timeout),
-        max_log_size: 0,
-        keep_failed: ctx.options.keep_failed,
+    let job = RemoteJob {
+        store: ctx.store,
+        drv_path,
+        drv,
+        inputs,
+        locks,
+        options: BuildOptions {
+            max_silent_time: secs(ctx.options.max_silent),
+            build_timeout: secs(ctx.options.timeout),
+            max_log_size: 0,
+            keep_failed: ctx.options.keep_failed,
+        },
     };
-    let offload_err = |machine: &MachineName, e: OffloadError| BuildError::Offload {
-        drv: drv_name.clone(),
-        machine: machine.to_string(),
-        source: Box::new(e),
-    };
-    loop {
-        let placed = off
-            .place(ctx.placement, drv)
-            .map_err(|e| BuildError::Placement {
-                drv: drv_name.clone(),
-                source: Box::new(e),
-            })?;
-        let (machine, slot) = match placed {
-            Placed::Local(permit) => return Ok(Some(permit)),
-            Placed::Fail { reason } => {
-                return Err(BuildError::Unsupported {
-                    drv: drv_name,
-                    reason,
-                })
-            }
-            Placed::Remote { machine, slot } => (machine, slot),
-        };
-        let _ = writeln!(log, "sandoff: building '{drv_name}' on '{}'", machine.name);
-        tracing::info!(drv = %drv_name, machine = %machine.name, "building remotely");
-        let r = off.build_on(
-            ctx.store, machine, locks, drv_path, drv, inputs, &options, log,
-        );
-        off.release(slot);
-        match r {
-            Ok(RemoteOutcome::Built) => return Ok(None),
-            Ok(RemoteOutcome::Failed(result)) => {
-                return Err(BuildError::RemoteFailed {
-                    drv: drv_name,
-                    machine: machine.name.to_string(),
-                    status: result.status,
-                    message: result.error_msg,
-                    tail: log.tail(),
-                })
-            }
-            Err(e) if e.retry_elsewhere() => {
-                let _ = writeln!(log, "sandoff: {e}; placing the build again");
-                off.record_failure(machine, &e);
-            }
-            Err(e) => return Err(offload_err(&machine.name, e)),
+    let mut progress = |p: Progress<'_>, log: &mut dyn Write| match p {
+        Progress::Building { machine } => {
+            let _ = writeln!(log, "sandoff: building '{drv_name}' on '{}'", machine.name);
         }
+        Progress::MachineFailed { machine, error } => {
+            let _ = writeln!(log, "sandoff: {error}; placing the build again");
+            if error.is_suspicious() {
+                let _ = events.send(Event::Warning {
+                    drv: drv_path.clone(),
+                    machine: machine.name.to_string(),
+                    message: error.to_string(),
+                });
+            }
+        }
+    };
+    let result = build_somewhere(off, ctx.placement, &job, None, log, &mut progress);
+    match result {
+        Ok(Somewhere::Here(permit)) => Ok(Some(permit)),
+        Ok(Somewhere::Built { .. }) => Ok(None),
+        Err(SomewhereError::Placement(e)) => Err(BuildError::Placement {
+            drv: drv_name,
+            source: Box::new(e),
+        }),
+        Err(SomewhereError::Unplaceable { reason }) => Err(BuildError::Unsupported {
+            drv: drv_name,
+            reason,
+        }),
+        Err(SomewhereError::RemoteFailed { machine, result }) => Err(BuildError::RemoteFailed {
+            drv: drv_name,
+            machine: machine.to_string(),
+            status: result.status,
+            message: result.error_msg,
+            tail: log.tail(),
+        }),
+        Err(SomewhereError::Offload { machine, source }) => Err(BuildError::Offload {
+            drv: drv_name,
+            machine: machine.to_string(),
+            source,
+        }),
     }
 }
 

@@ -45,13 +45,14 @@
 
 pub mod graph;
 pub mod local;
+pub mod somewhere;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::derivation::check::CheckError;
+use crate::derivation::check::{CheckError, ReadError};
 use crate::derivation::DerivationError;
 use crate::remote::offloader::OffloadError;
 use crate::sandbox::{BuildOutcome, Limits, SandboxError, UserError};
@@ -95,13 +96,16 @@ pub enum BuildError {
         /// Why.
         reason: String,
     },
-    /// A `.drv` file could not be read or parsed.
-    #[error("cannot read derivation '{drv}': {reason}")]
-    BadDerivation {
-        /// The derivation.
+    /// A `.drv` could not be read from the store.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// An input derivation does not have an output that is used.
+    #[error("input derivation '{drv}' has no output '{output}'")]
+    NoSuchOutput {
+        /// The input derivation.
         drv: String,
-        /// Why.
-        reason: String,
+        /// The output's name.
+        output: String,
     },
     /// The `.drv` is not what its name claims (its outputs are not the
     /// paths it gives): refused before anything is built.
@@ -365,6 +369,17 @@ pub enum Event {
         drv: StorePath,
         /// The failed dependency.
         dependency: StorePath,
+    },
+    /// A machine was refused for a reason that may be an attack (a host
+    /// key that does not match, a refused login); the build is placed
+    /// again, and may still succeed elsewhere.
+    Warning {
+        /// The derivation being placed.
+        drv: StorePath,
+        /// The machine.
+        machine: String,
+        /// Why, naming both keys for a host key mismatch.
+        message: String,
     },
     /// Nothing happened for a while; lets a progress line update its clock.
     Tick,

@@ -317,6 +317,20 @@ impl Progress {
                 );
                 self.line(&text);
             }
+            Event::Warning {
+                drv,
+                machine,
+                message,
+            } => {
+                // The machine's words may hold anything: filtered.
+                let text = format!(
+                    "warning: machine '{}' refused while placing '{}': {}",
+                    termsafe::filter(machine.as_bytes()),
+                    self.name(drv),
+                    termsafe::filter(message.as_bytes())
+                );
+                self.line(&text);
+            }
             Event::Tick => {}
         }
         self.status();
@@ -336,6 +350,11 @@ impl Progress {
         Some(match e {
             Event::Planned { to_build } => json!({"event": "planned", "toBuild": to_build}),
             Event::Started { drv } => json!({"event": "started", "drv": l(drv)}),
+            Event::Warning {
+                drv,
+                machine,
+                message,
+            } => json!({"event": "warning", "drv": l(drv), "machine": machine, "message": message}),
             Event::WaitingForLock { drv } => json!({"event": "waiting-for-lock", "drv": l(drv)}),
             Event::Log { drv, line } => {
                 json!({"event": "log", "drv": l(drv), "line": String::from_utf8_lossy(line)})

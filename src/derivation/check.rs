@@ -78,6 +78,45 @@ pub enum CheckError {
     Path(#[from] crate::store::PathError),
 }
 
+/// Why a derivation could not be read from a store.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    #[error("derivation '{drv}' is not valid in the store (add it with `sandoff derivation add`)")]
+    NotValid { drv: String },
+    #[error("'{drv}' is not a derivation (a .drv store path)")]
+    NotDerivation { drv: String },
+    #[error("cannot read derivation '{drv}': {source}")]
+    Bad {
+        drv: String,
+        #[source]
+        source: CheckError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Reads the derivation at `path`, which must be a valid `.drv` in
+/// `store`: the one way every part of sandoff reads a derivation.
+pub fn read_derivation(store: &LocalStore, path: &StorePath) -> Result<Derivation, ReadError> {
+    let loc = store.location();
+    if !path.is_derivation() {
+        return Err(ReadError::NotDerivation {
+            drv: loc.logical(path),
+        });
+    }
+    if !store.is_valid(path)? {
+        return Err(ReadError::NotValid {
+            drv: loc.logical(path),
+        });
+    }
+    read_drv_file(&loc.real_path(path), &loc.dir)
+        .map(|(_, drv)| drv)
+        .map_err(|source| ReadError::Bad {
+            drv: loc.logical(path),
+            source,
+        })
+}
+
 /// Reads and parses a `.drv` file, refusing anything but a regular file of
 /// at most [`MAX_DRV_SIZE`] bytes.
 pub fn read_drv_file(file: &Path, dir: &StoreDir) -> Result<(Vec<u8>, Derivation), CheckError> {
