@@ -26,11 +26,9 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use super::aterm::AtermError;
-use super::{
-    Derivation, DerivationError, DerivationKind, DerivationOutput, DrvHashKind, DrvHasher,
-};
+use super::modulo::expected_output_paths;
+use super::{Derivation, DerivationError, DerivationKind, DerivationOutput, DrvHasher};
 use crate::store::local::{DrvCheck, LocalStore, StoreError};
-use crate::store::path::output_path_name;
 use crate::store::{HashAlgo, StoreDir, StoreLocation, StorePath, ValidPathInfo};
 
 /// The largest `.drv` file read: real ones are at most a few MiB (Nixpkgs'
@@ -166,32 +164,13 @@ where
         .strip_suffix(".drv")
         .unwrap_or(drv_path.name())
         .to_owned();
-    let mut expected = Vec::new();
-    match drv.kind()? {
-        DerivationKind::InputAddressed { deferred: false } => {
-            let h = hasher.hash_modulo(drv, true)?;
-            if h.kind == DrvHashKind::Deferred {
-                return Err(DerivationError::UnsupportedKind(
-                    "input-addressed with content-addressed inputs",
-                )
-                .into());
-            }
-            for (o, hash) in &h.hashes {
-                expected.push((o.clone(), dir.make_output_path(o.as_str(), hash, &name)?));
-            }
-        }
-        DerivationKind::Fixed => {
-            for (o, output) in &drv.outputs {
-                if let DerivationOutput::CAFixed { method, hash, .. } = output {
-                    let out_name = output_path_name(&name, o.as_str());
-                    let path = dir.make_fixed_output_path(*method, hash, &out_name, [], false)?;
-                    expected.push((o.clone(), path));
-                }
-            }
-        }
+    let expected = match drv.kind()? {
         // Deferred, floating and impure outputs have no path yet.
-        _ => {}
-    }
+        DerivationKind::InputAddressed { deferred: true }
+        | DerivationKind::Floating
+        | DerivationKind::Impure => return Ok(()),
+        kind => expected_output_paths(drv, kind, &name, hasher)?,
+    };
     for (o, path) in expected {
         let full = dir.display(&path);
         let given = drv.outputs.get(&o).and_then(DerivationOutput::path);
