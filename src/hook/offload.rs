@@ -224,7 +224,8 @@ pub fn build(
     // The daemon's inputs line is its input closure plus the .drv closure;
     // the build needs only what `sandoff build` sends, computed from the
     // derivation.
-    let inputs = input_paths(store, &drv).map_err(Box::new)?;
+    let inputs = input_paths(store, &drv)
+        .map_err(|kind| Box::new(BuildError::new(&loc.dir, &drv_path, kind)))?;
     // The daemon locked every output of the derivation before asking.
     let locks = store.held_by_parent(&outputs);
     let job = RemoteJob {
