@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 
 use crate::decide::Placement;
 use crate::sandbox::Limits;
-use crate::serve_protocol::{MAX_ITEMS, MAX_STRING};
+use crate::serve_protocol::{self, MAX_ITEMS, MAX_STRING};
 use crate::store::export::{import_paths, write_export, SignaturePolicy};
 use crate::store::local::LocalStore;
 use crate::store::nar::{self};
@@ -19,8 +19,9 @@ pub use crate::serve_protocol::{SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VER
 
 use super::{BuildSetup, ServeError, ServeOptions};
 
+/// [`serve_protocol::wire`] with the server's error, so that `?` knows it.
 pub(super) fn wire<T>(what: &'static str, r: Result<T, WireError>) -> Result<T, ServeError> {
-    r.map_err(|source| ServeError::Wire { what, source })
+    serve_protocol::wire(what, r)
 }
 
 /// Reads the next command number, or `None` at a clean EOF between commands.
@@ -86,7 +87,7 @@ pub fn serve_with_builds(
         input,
         output,
         opts,
-        client_minor: client_version & 0xff,
+        client_minor: serve_protocol::minor(client_version),
         setup,
         placement: None,
     };

@@ -75,7 +75,7 @@ use std::io::Write;
 use std::os::fd::BorrowedFd;
 
 use crate::sandbox::{Limits, UserPool};
-use crate::serve_protocol::ProtocolError;
+use crate::serve_protocol::{self, ProtocolError};
 use crate::store::export::ExportError;
 use crate::store::local::StoreError;
 use crate::store::nar::NarError;
@@ -193,6 +193,12 @@ pub enum ServeError {
     /// Importing or exporting an archive failed.
     #[error("export archive")]
     Export(#[source] Box<ExportError>),
+}
+
+impl serve_protocol::WireContext for ServeError {
+    fn wire(what: &'static str, source: WireError) -> ServeError {
+        ServeError::Wire { what, source }
+    }
 }
 
 // Boxed so that every `Result` in the server stays small.
