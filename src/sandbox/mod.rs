@@ -3,8 +3,8 @@
 //!
 //! - [`plan`] (pure): [`SandboxSpec`] → [`SandboxPlan`], the declarative list of
 //!   setup steps, the argv and the environment exactly as Nix sets them.
-//! - [`syscall`]: the [`Syscall`] trait every setup step goes through, and a
-//!   recording fake for unit tests; `linux` holds the real calls and the
+//! - [`syscall`]: the [`Syscall`] trait every setup step goes through;
+//!   `recording` (compiled for tests only) a fake that records the calls; `linux` holds the real calls and the
 //!   only fork (the only `unsafe` of the sandbox).
 //! - [`exec`]: clones the child into new mount, PID, network (unless
 //!   fixed-output), IPC and UTS namespaces; the child runs the steps and
@@ -80,6 +80,8 @@ pub mod exec;
 pub mod host;
 mod linux;
 pub mod plan;
+#[cfg(test)]
+mod recording;
 pub mod seccomp;
 pub mod setup;
 pub mod syscall;
