@@ -181,7 +181,7 @@ pub fn wire<T, E: WireContext>(what: &'static str, r: Result<T, WireError>) -> R
     r.map_err(wire_err(what))
 }
 
-/// The mapping of [`wire`], for `map_err`.
+/// The mapping of [`wire()`], for `map_err`.
 pub fn wire_err<E: WireContext>(what: &'static str) -> impl FnOnce(WireError) -> E {
     move |source| E::wire(what, source)
 }

@@ -9,7 +9,7 @@
 //!
 //! `BuildDerivation` and `BuildPaths` need `--write` (as Nix: "building
 //! paths is not allowed" ends the session) and build in the local sandbox
-//! ([`crate::build`], placed with [`Placement::local_only`]), as the build
+//! ([`crate::build`], placed with [`Placement::local_only`](crate::decide::Placement::local_only)), as the build
 //! users of [`BuildSetup::pool`]. A build that fails is an answer, never the
 //! end of the session; only protocol errors end it.
 //!
@@ -22,7 +22,7 @@
 //!   and every input must be valid here, else the answer is `MiscFailure`
 //!   naming what is wrong. Outputs all valid: `AlreadyValid`. After a build
 //!   each output is signed with this machine's key (`<state>/keys/signing-key.sec`,
-//!   see [`Keyring`]); without a key the build still succeeds, with a
+//!   see [`Keyring`](crate::store::keyring::Keyring)); without a key the build still succeeds, with a
 //!   warning, and the client refuses the unsigned outputs.
 //! - Statuses follow Nix 2.8's `DerivationGoal::buildDone`: builder failed
 //!   → `PermanentFailure` (`TransientFailure` for a fixed-output
@@ -36,8 +36,9 @@
 //!   `BasicDerivation` as received (its inputs are all sources) with its
 //!   outputs masked, in `sha256:<base16>` form; it is not the hash of the
 //!   original `.drv`, which the server never sees.
-//! - `maxLogSize` and the repeat options are read and ignored (no log limit
-//!   yet); `keepFailed` keeps the build directory on the server.
+//! - `maxLogSize` and the repeat options are read and ignored: builds here
+//!   have no log size limit and are never repeated; `keepFailed` keeps the
+//!   build directory on the server.
 //! - `BuildPaths` takes `path` or `path!out,...` (the output selection is
 //!   accepted but every output of a derivation is built), realises them with
 //!   [`crate::build::realise`] (signing the outputs of every derivation it
@@ -66,8 +67,8 @@
 //!
 //! # Files
 //!
-//! [`dispatch`] runs the session (handshake, the command loop) and answers
-//! the commands that query and transfer paths; [`builds`] answers the two
+//! `dispatch` runs the session (handshake, the command loop) and answers
+//! the commands that query and transfer paths; `builds` answers the two
 //! that build, with what they need (checking a `BasicDerivation`, mapping
 //! build errors to Nix's statuses, watching for the client to go away).
 
@@ -114,7 +115,7 @@ pub struct BuildSetup<'a> {
     pub cores: u32,
     /// Resource bounds of each build.
     pub limits: Limits,
-    /// Extra `impureEnvVars` names allowed (see [`Options::impure_env_allow`]).
+    /// Extra `impureEnvVars` names allowed (see [`Options::impure_env_allow`](crate::build::Options::impure_env_allow)).
     pub impure_env_allow: Vec<String>,
 }
 

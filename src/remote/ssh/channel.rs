@@ -1,6 +1,6 @@
 //! One remote process's stdio over an SSH channel: stdout and stdin as
 //! `Read` and `Write`, stderr taken as it comes so that it never stalls the
-//! other stream (see the module above for why every wait polls).
+//! other stream (the `ssh` module docs say why every wait polls).
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;

@@ -22,10 +22,10 @@
 //! channels of one session are used one at a time, from one thread at a
 //! time: concurrent builds on one machine take one session each.
 //!
-//! One file per job: [`session`] connects, checks the host key and logs
-//! in; [`channel`] carries one remote process's stdio; [`host_key`] is the
+//! One file per job: `session` connects, checks the host key and logs
+//! in; `channel` carries one remote process's stdio; `host_key` is the
 //! pure side of host keys (parsing, known_hosts lines, the mismatch
-//! message); [`command`] is the remote command line and its quoting.
+//! message); `command` is the remote command line and its quoting.
 
 use std::io;
 use std::path::PathBuf;
