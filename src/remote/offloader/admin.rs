@@ -1,0 +1,220 @@
+//! What the admin commands ask of machines: `machines status`, `machines
+//! test` and `copy --to`.
+
+use crate::decide::Machine;
+use crate::remote::ssh::{remote_command, SshSession};
+use crate::store::hash::HashingReader;
+use crate::store::local::{LocalStore, StoreError};
+use crate::store::nar::{self, NullVisitor};
+use crate::store::{HashAlgo, StorePath};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
+
+use super::build::{lost, query_missing};
+use super::*;
+
+/// What `sandoff machines status` shows of one machine.
+#[derive(Clone, Debug)]
+pub struct MachineStatus {
+    /// Reachable (connected, host key verified, logged in), or why not.
+    pub reachable: Result<(), String>,
+    /// The 1-minute load average.
+    pub load: Option<f64>,
+    /// Its processors.
+    pub cores: Option<u32>,
+    /// Free bytes on the filesystem of its store.
+    pub free_disk: Option<u64>,
+    /// Slots held now by sandoff processes on this host.
+    pub slots_in_use: u32,
+    /// Its failure record, if any.
+    pub backoff: Option<crate::remote::backoff::BackoffState>,
+}
+
+impl MachineStatus {
+    /// Load per processor, as Guix normalises it (capped at 1).
+    pub fn normalized_load(&self) -> Option<f64> {
+        normalize_load(self.load, self.cores)
+    }
+}
+
+/// Load per processor, capped at 1, as Guix normalises it.
+pub(super) fn normalize_load(load: Option<f64>, cores: Option<u32>) -> Option<f64> {
+    match (load, cores) {
+        (Some(l), Some(c)) if c > 0 => Some((l / f64::from(c)).min(1.0)),
+        _ => None,
+    }
+}
+
+/// The remote command of `machines status`: load average, processors, and
+/// the free space where its store is (`SANDOFF_STORE_ROOT` for sandoff
+/// hosts with their own root).
+pub(super) const STATUS_COMMAND: &str =
+    "cat /proc/loadavg; nproc; df -Pk \"${SANDOFF_STORE_ROOT:-/}\" | tail -n 1";
+
+/// Parses what [`STATUS_COMMAND`] printed: (load, cores, free bytes).
+pub fn parse_status(out: &str) -> (Option<f64>, Option<u32>, Option<u64>) {
+    let mut lines = out.lines();
+    let load = lines
+        .next()
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|l| l.parse::<f64>().ok())
+        .filter(|l| l.is_finite() && *l >= 0.0);
+    let cores = lines.next().and_then(|l| l.trim().parse::<u32>().ok());
+    // `Filesystem 1024-blocks Used Available Capacity Mounted-on`
+    let free = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|k| k.parse::<u64>().ok())
+        .and_then(|k| k.checked_mul(1024));
+    (load, cores, free)
+}
+
+/// What `sandoff machines test` found on one machine, step by step.
+#[derive(Clone, Debug, Default)]
+pub struct TestReport {
+    /// Each step that passed, one line.
+    pub passed: Vec<String>,
+}
+
+impl Offloader {
+    /// The status of `machine`; connecting is part of it, so this never fails
+    /// for a machine that is down (that is what it reports).
+    pub fn status(&self, machine: &Machine) -> Result<MachineStatus, OffloadError> {
+        let slots_in_use = self.slots.in_use(machine)?;
+        let backoff = self.backoff.state(&machine.name)?;
+        let mut status = MachineStatus {
+            reachable: Ok(()),
+            load: None,
+            cores: None,
+            free_disk: None,
+            slots_in_use,
+            backoff,
+        };
+        match SshSession::connect(machine, &self.ssh) {
+            Err(e) => status.reachable = Err(e.to_string()),
+            Ok(session) => match session.run(STATUS_COMMAND) {
+                Ok((out, _, _)) => {
+                    (status.load, status.cores, status.free_disk) =
+                        parse_status(&String::from_utf8_lossy(&out));
+                }
+                Err(e) => status.reachable = Err(e.to_string()),
+            },
+        }
+        Ok(status)
+    }
+
+    /// Checks that `machine` can take builds, as `guix offload test`:
+    /// connect (host key verified), start its serve program, send a fresh
+    /// small path signed with this machine's key, see it valid there, and
+    /// fetch it back intact.
+    pub fn test_machine(
+        &self,
+        store: &LocalStore,
+        machine: &Machine,
+    ) -> Result<TestReport, OffloadError> {
+        let loc = store.location();
+        let mut report = TestReport::default();
+        let mut conn = self.connect(machine)?;
+        report.passed.push(format!(
+            "connected to {} (host key verified) and started '{}' (serve protocol 2.{})",
+            conn.session.host(),
+            remote_command(machine),
+            conn.client.minor()
+        ));
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let text = format!(
+            "sandoff machines test of {} at {nanos} by process {}\n",
+            machine.name,
+            std::process::id()
+        );
+        let nonce = store.add_text(
+            "sandoff-machines-test",
+            text.as_bytes(),
+            &BTreeSet::new(),
+            &BTreeMap::new(),
+        )?;
+        let one: BTreeSet<StorePath> = [nonce.clone()].into();
+        self.send_paths(store, machine, &mut conn.client, &one)?;
+        let valid = conn
+            .client
+            .query_valid_paths(&one, false, false)
+            .map_err(lost(machine, "checking the test path"))?;
+        if !valid.contains(&nonce) {
+            return Err(OffloadError::MissingOutput {
+                machine: machine.name.clone(),
+                drv: "(machines test)".to_owned(),
+                path: loc.logical(&nonce),
+            });
+        }
+        report.passed.push(format!(
+            "sent {}{}",
+            loc.logical(&nonce),
+            if self.signing_key.is_some() {
+                ", signed"
+            } else {
+                " (unsigned: no signing key here)"
+            }
+        ));
+        let local = store
+            .query_path_info(&nonce)?
+            .ok_or_else(|| StoreError::NotValid {
+                path: loc.logical(&nonce),
+            })?;
+        let hashed = conn
+            .client
+            .dump_store_path(&nonce, |nar| {
+                let mut reader = HashingReader::new(nar, HashAlgo::Sha256);
+                nar::parse(&mut reader, &mut NullVisitor).map(|_| {
+                    let (hash, size, _) = reader.finish();
+                    (hash, size)
+                })
+            })
+            .map_err(lost(machine, "fetching the test path"))?;
+        match hashed {
+            Ok((hash, size)) if hash == local.nar_hash && size == local.nar_size => {
+                report
+                    .passed
+                    .push("fetched it back, NAR hash intact".to_owned());
+                Ok(report)
+            }
+            Ok(_) => Err(OffloadError::Corrupt {
+                machine: machine.name.clone(),
+                path: loc.logical(&nonce),
+                reason: "its NAR hash changed on the way back".to_owned(),
+            }),
+            Err(e) => Err(OffloadError::Corrupt {
+                machine: machine.name.clone(),
+                path: loc.logical(&nonce),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Copies the closure of `paths` (valid here) to `machine`: the paths it
+    /// lacks, in one signed stream. Returns how many were sent and their
+    /// NAR bytes.
+    pub fn copy_to(
+        &self,
+        store: &LocalStore,
+        machine: &Machine,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<(usize, u64), OffloadError> {
+        let closure = store.closure(paths)?;
+        let mut conn = self.connect(machine)?;
+        let missing = query_missing(&mut conn, &closure)
+            .map_err(lost(machine, "asking for missing paths"))?;
+        let mut bytes = 0;
+        for p in &missing {
+            if let Some(info) = store.query_path_info(p)? {
+                bytes += info.nar_size;
+            }
+        }
+        if !missing.is_empty() {
+            self.send_paths(store, machine, &mut conn.client, &missing)?;
+        }
+        Ok((missing.len(), bytes))
+    }
+}
