@@ -19,6 +19,7 @@ use sandoff::store::{nar, HashAlgo, StoreDir, StoreLocation, StorePath, ValidPat
 use serde_json::json;
 
 use crate::support::{self, Need};
+use crate::this_test;
 
 /// Root, busybox, namespaces and the build users.
 pub(crate) fn ready(test: &str) -> bool {
@@ -235,7 +236,7 @@ fn assert_canonical(path: &Path) {
 
 #[test]
 fn builds_a_graph_in_order_with_scanned_references_and_canonical_outputs() {
-    if !ready("builds_a_graph_in_order_with_scanned_references_and_canonical_outputs") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -343,7 +344,7 @@ fn builds_a_graph_in_order_with_scanned_references_and_canonical_outputs() {
 
 #[test]
 fn concurrent_builds_get_distinct_build_users() {
-    if !ready("concurrent_builds_get_distinct_build_users") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -383,7 +384,7 @@ fn concurrent_builds_get_distinct_build_users() {
 
 #[test]
 fn two_processes_build_the_same_derivation_once() {
-    if !ready("two_processes_build_the_same_derivation_once") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -447,7 +448,7 @@ fn hello_hashes() -> (String, String) {
 
 #[test]
 fn fixed_output_with_the_right_hash_is_registered_with_its_content_address() {
-    if !ready("fixed_output_with_the_right_hash_is_registered_with_its_content_address") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -488,7 +489,7 @@ fn fixed_output_with_the_right_hash_is_registered_with_its_content_address() {
 
 #[test]
 fn fixed_output_gets_only_allowlisted_impure_env_vars() {
-    if !ready("fixed_output_gets_only_allowlisted_impure_env_vars") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -571,7 +572,7 @@ fn fixed_output_gets_only_allowlisted_impure_env_vars() {
 
 #[test]
 fn fixed_output_with_a_wrong_hash_registers_nothing() {
-    if !ready("fixed_output_with_a_wrong_hash_registers_nothing") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -602,7 +603,7 @@ fn fixed_output_with_a_wrong_hash_registers_nothing() {
 
 #[test]
 fn failing_build_leaves_nothing_and_names_the_derivation() {
-    if !ready("failing_build_leaves_nothing_and_names_the_derivation") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -655,7 +656,7 @@ fn failing_build_leaves_nothing_and_names_the_derivation() {
 
 #[test]
 fn keep_going_builds_the_independent_rest() {
-    if !ready("keep_going_builds_the_independent_rest") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -702,7 +703,7 @@ fn keep_going_builds_the_independent_rest() {
 
 #[test]
 fn silent_and_overlong_builds_are_killed() {
-    if !ready("silent_and_overlong_builds_are_killed") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -740,7 +741,7 @@ fn silent_and_overlong_builds_are_killed() {
 
 #[test]
 fn limits_of_u64_max_seconds_mean_forever_and_do_not_panic() {
-    if !ready("limits_of_u64_max_seconds_mean_forever_and_do_not_panic") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -764,7 +765,7 @@ fn limits_of_u64_max_seconds_mean_forever_and_do_not_panic() {
 
 #[test]
 fn resource_flags_reach_the_sandbox() {
-    if !ready("resource_flags_reach_the_sandbox") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -802,7 +803,7 @@ fn resource_flags_reach_the_sandbox() {
 
 #[test]
 fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
-    if !ready("kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -862,7 +863,7 @@ fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
 
 #[test]
 fn keep_failed_keeps_and_reports_the_build_directory() {
-    if !ready("keep_failed_keeps_and_reports_the_build_directory") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -917,9 +918,7 @@ fn log_of_an_unbuilt_derivation_is_an_error() {
 /// `examples/graph/build.sh`: the diamond with a fixed-output root builds.
 #[test]
 fn example_graph_builds() {
-    if !ready("example_graph_builds")
-        || !support::require("example_graph_builds", &[Need::Program("jq")])
-    {
+    if !ready(this_test!()) || !support::require(this_test!(), &[Need::Program("jq")]) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -943,7 +942,7 @@ fn example_graph_builds() {
 
 #[test]
 fn build_places_each_derivation_with_the_decision_module() {
-    if !ready("build_places_each_derivation_with_the_decision_module") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -1046,7 +1045,7 @@ pub(crate) fn assert_terminal_safe(err: &[u8], what: &str) {
 
 #[test]
 fn failing_build_log_tail_reaches_stderr_without_terminal_escapes() {
-    if !ready("failing_build_log_tail_reaches_stderr_without_terminal_escapes") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();
@@ -1067,7 +1066,7 @@ fn failing_build_log_tail_reaches_stderr_without_terminal_escapes() {
 
 #[test]
 fn streamed_build_log_reaches_stderr_without_terminal_escapes() {
-    if !ready("streamed_build_log_reaches_stderr_without_terminal_escapes") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();

@@ -20,6 +20,7 @@ use sandoff::store::export::write_export;
 use sandoff::store::{nar, wire, HashAlgo, StoreDir, StorePath, ValidPathInfo};
 
 use crate::build::{logical, ready, text, Spec, Store};
+use crate::this_test;
 
 /// A `.drv` with no inputs whose one output `out` is `claimed`, written to
 /// `dir/<name>.drv`, with the info it would be registered under (its honest
@@ -237,7 +238,7 @@ fn register_behind_our_back(s: &Store, info: &ValidPathInfo, file: &Path) {
 
 #[test]
 fn a_forged_fixed_output_already_in_the_store_is_not_built_and_fails_verify() {
-    if !ready("a_forged_fixed_output_already_in_the_store_is_not_built_and_fails_verify") {
+    if !ready(this_test!()) {
         return;
     }
     let (s, _, victim_out) = victim();
@@ -281,7 +282,7 @@ fn a_forged_fixed_output_already_in_the_store_is_not_built_and_fails_verify() {
 
 #[test]
 fn a_derivation_that_depends_on_itself_is_named() {
-    if !ready("a_derivation_that_depends_on_itself_is_named") {
+    if !ready(this_test!()) {
         return;
     }
     let s = Store::new();

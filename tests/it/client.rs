@@ -22,6 +22,7 @@ use sandoff::store::wire;
 use sandoff::store::{FileIngestionMethod, HashAlgo, StoreDir, StoreLocation, StorePath};
 
 use crate::support::{self, Need};
+use crate::this_test;
 
 fn open(root: &Path) -> LocalStore {
     sandoff::derivation::check::open_store(StoreLocation::new(StoreDir::default(), root.to_owned()))
@@ -297,7 +298,7 @@ fn hello_drv(dir: &StoreDir, bb: &StorePath) -> Derivation {
 #[test]
 fn client_against_nix_serve() {
     if !support::require(
-        "client_against_nix_serve",
+        this_test!(),
         &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
     ) {
         return;
@@ -410,7 +411,7 @@ fn client_against_nix_serve() {
 #[test]
 fn client_reads_a_failed_nix_build() {
     if !support::require(
-        "client_reads_a_failed_nix_build",
+        this_test!(),
         &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
     ) {
         return;
@@ -488,7 +489,7 @@ impl std::io::Read for Recorder<'_> {
 #[test]
 fn build_result_bytes_match_nix() {
     if !support::require(
-        "build_result_bytes_match_nix",
+        this_test!(),
         &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
     ) {
         return;
@@ -546,7 +547,7 @@ fn build_result_bytes_match_nix() {
 #[test]
 fn client_build_paths_on_nix() {
     if !support::require(
-        "client_build_paths_on_nix",
+        this_test!(),
         &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
     ) {
         return;
@@ -641,7 +642,7 @@ fn client_build_paths_on_nix() {
 #[test]
 fn basic_derivation_bytes_match_nix() {
     if !support::require(
-        "basic_derivation_bytes_match_nix",
+        this_test!(),
         &[
             Need::Program("nix-store"),
             Need::Program("nix-instantiate"),

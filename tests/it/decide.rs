@@ -8,6 +8,7 @@ use sandoff::decide::{guix_format, machines::to_json, nix_format, Machine};
 use serde_json::{json, Value};
 
 use crate::support::{self, Need};
+use crate::this_test;
 
 fn fixture(rel: &str) -> PathBuf {
     support::fixtures().join(rel)
@@ -106,7 +107,7 @@ fn guix_reader_agrees_with_guile() {
     } else {
         "guile-3.0"
     };
-    if !support::require("guix_reader_agrees_with_guile", &[Need::Program(guile)]) {
+    if !support::require(this_test!(), &[Need::Program(guile)]) {
         return;
     }
     for file in [

@@ -9,6 +9,7 @@ use sandoff::derivation::{json, Derivation, DerivationOutput, DrvHasher, OutputN
 use sandoff::store::{StoreDir, StorePath};
 
 use crate::support::{self, Need};
+use crate::this_test;
 
 /// One golden derivation: its store dir, file and parsed form.
 struct Fixture {
@@ -307,7 +308,7 @@ fn cli_add_says_which_output_path_was_expected() {
 #[test]
 fn show_matches_live_nix() {
     if !support::require(
-        "show_matches_live_nix",
+        this_test!(),
         &[Need::Program("nix"), Need::Program("nix-instantiate")],
     ) {
         return;

@@ -14,6 +14,7 @@ use sandoff::decide::Machine;
 use tempfile::TempDir;
 
 use crate::support::{self, Need};
+use crate::this_test;
 
 /// What a test needs to start a [`TestHost`].
 pub const NEEDS: &[Need] = &[
@@ -482,7 +483,7 @@ fn keygen(path: &Path) {
 
 #[test]
 fn hosts_accept_the_client_key_and_refuse_others() {
-    if !support::require("hosts_accept_the_client_key_and_refuse_others", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(1);
@@ -534,7 +535,7 @@ fn hosts_accept_the_client_key_and_refuse_others() {
 
 #[test]
 fn hosts_machines_file_and_signing_key() {
-    if !support::require("hosts_machines_file_and_signing_key", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(2);
@@ -564,7 +565,7 @@ fn hosts_machines_file_and_signing_key() {
 
 #[test]
 fn hosts_stop_kills_sshd() {
-    if !support::require("hosts_stop_kills_sshd", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(4);
@@ -581,7 +582,7 @@ fn hosts_stop_kills_sshd() {
 
 #[test]
 fn hosts_start_with_writes_the_machine_line() {
-    if !support::require("hosts_start_with_writes_the_machine_line", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let config = HostConfig::default()
@@ -625,7 +626,7 @@ fn hosts_start_with_writes_the_machine_line() {
 
 #[test]
 fn hosts_nix_host_answers_the_serve_handshake() {
-    if !support::require("hosts_nix_host_answers_the_serve_handshake", NIX_NEEDS) {
+    if !support::require(this_test!(), NIX_NEEDS) {
         return;
     }
     let host = TestHost::start_nix(6);
@@ -670,7 +671,7 @@ fn hosts_nix_host_answers_the_serve_handshake() {
 
 #[test]
 fn hosts_kill_stops_sshd_and_its_sessions() {
-    if !support::require("hosts_kill_stops_sshd_and_its_sessions", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(7);
@@ -705,7 +706,7 @@ fn hosts_kill_stops_sshd_and_its_sessions() {
 fn hosts_in_a_namespace_can_lose_their_link() {
     let mut needs = NEEDS.to_vec();
     needs.push(Need::Program("ip"));
-    if !support::require("hosts_in_a_namespace_can_lose_their_link", &needs) {
+    if !support::require(this_test!(), &needs) {
         return;
     }
     // 201: namespaces are system-wide, so far from the indices others use.
@@ -748,7 +749,7 @@ fn hosts_nix_host_builds_and_signs_for_a_nix_client() {
         Need::Program("nix"),
         Need::Program("busybox"),
     ]);
-    if !support::require("hosts_nix_host_builds_and_signs_for_a_nix_client", &needs) {
+    if !support::require(this_test!(), &needs) {
         return;
     }
     let host = TestHost::start_nix(8);

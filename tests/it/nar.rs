@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use sandoff::store::nar::{self, NarError, NullVisitor};
 
 use crate::support::{self, Need};
+use crate::this_test;
 
 const TREES: [&str; 4] = ["d", "odd", "file", "link"];
 
@@ -194,7 +195,7 @@ fn needs_nix(test: &str) -> bool {
 
 #[test]
 fn dump_and_hash_agree_with_nix_on_odd_trees() {
-    if !needs_nix("dump_and_hash_agree_with_nix_on_odd_trees") {
+    if !needs_nix(this_test!()) {
         return;
     }
     let env = NixEnv::new();
@@ -223,7 +224,7 @@ fn dump_and_hash_agree_with_nix_on_odd_trees() {
 
 #[test]
 fn nix_restores_our_nars_and_we_restore_nix_nars() {
-    if !needs_nix("nix_restores_our_nars_and_we_restore_nix_nars") {
+    if !needs_nix(this_test!()) {
         return;
     }
     let env = NixEnv::new();
@@ -250,7 +251,7 @@ fn nix_restores_our_nars_and_we_restore_nix_nars() {
 
 #[test]
 fn dump_agrees_with_nix_on_a_generated_tree() {
-    if !needs_nix("dump_agrees_with_nix_on_a_generated_tree") {
+    if !needs_nix(this_test!()) {
         return;
     }
     // Many entries (directories with enough files to be read by two threads),

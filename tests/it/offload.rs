@@ -15,6 +15,7 @@ use crate::build::{
 };
 use crate::hosts::{self, TestHost};
 use crate::support;
+use crate::this_test;
 
 /// Root, busybox, build users, sshd.
 fn offload_ready(test: &str) -> bool {
@@ -139,8 +140,8 @@ fn leaf(s: &Store, name: &str, env: &[(&str, &str)]) -> String {
 
 #[test]
 fn builds_a_graph_across_three_hosts_and_here() {
-    const T: &str = "builds_a_graph_across_three_hosts_and_here";
-    if !offload_ready(T) {
+    let test = this_test!();
+    if !offload_ready(test) {
         return;
     }
     let (h1, h2, h3) = (
@@ -254,8 +255,8 @@ fn builds_a_graph_across_three_hosts_and_here() {
 
 #[test]
 fn a_remote_failure_fails_the_build_with_the_remote_log() {
-    const T: &str = "a_remote_failure_fails_the_build_with_the_remote_log";
-    if !offload_ready(T) {
+    let test = this_test!();
+    if !offload_ready(test) {
         return;
     }
     let h = TestHost::start(14);
@@ -298,8 +299,8 @@ fn a_remote_failure_fails_the_build_with_the_remote_log() {
 
 #[test]
 fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
-    const T: &str = "a_remote_build_log_reaches_stderr_without_terminal_escapes";
-    if !offload_ready(T) {
+    let test = this_test!();
+    if !offload_ready(test) {
         return;
     }
     let h = TestHost::start(14);
@@ -353,8 +354,8 @@ fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
 
 #[test]
 fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
-    const T: &str = "a_wrong_host_key_is_refused_and_the_build_fails_over";
-    if !offload_ready(T) {
+    let test = this_test!();
+    if !offload_ready(test) {
         return;
     }
     let h = TestHost::start(15);
@@ -422,8 +423,8 @@ fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
 
 #[test]
 fn outputs_of_an_untrusted_host_are_refused() {
-    const T: &str = "outputs_of_an_untrusted_host_are_refused";
-    if !offload_ready(T) {
+    let test = this_test!();
+    if !offload_ready(test) {
         return;
     }
     let h = TestHost::start(16);
@@ -466,8 +467,8 @@ fn outputs_of_an_untrusted_host_are_refused() {
 
 #[test]
 fn a_host_killed_mid_build_makes_the_build_finish_elsewhere() {
-    const T: &str = "a_host_killed_mid_build_makes_the_build_finish_elsewhere";
-    if !offload_ready(T) {
+    let test = this_test!();
+    if !offload_ready(test) {
         return;
     }
     let (fast, slow) = (TestHost::start(17), TestHost::start(18));
@@ -513,8 +514,8 @@ fn a_host_killed_mid_build_makes_the_build_finish_elsewhere() {
 
 #[test]
 fn a_stock_nix_host_builds_next_to_a_sandoff_host() {
-    const T: &str = "a_stock_nix_host_builds_next_to_a_sandoff_host";
-    if !offload_ready(T) || !support::require(T, hosts::NIX_NEEDS) {
+    let test = this_test!();
+    if !offload_ready(test) || !support::require(test, hosts::NIX_NEEDS) {
         return;
     }
     let nix_host = TestHost::start_with(21, &hosts::HostConfig::nix().mandatory(&["nixonly"]));
@@ -567,13 +568,13 @@ fn a_stock_nix_host_builds_next_to_a_sandoff_host() {
 
 #[test]
 fn nix_copy_closure_copies_into_a_sandoff_host() {
-    const T: &str = "nix_copy_closure_copies_into_a_sandoff_host";
+    let test = this_test!();
     let mut needs = hosts::NEEDS.to_vec();
     needs.extend([
         support::Need::Program("nix-copy-closure"),
         support::Need::Program("nix-instantiate"),
     ]);
-    if !support::require(T, &needs) {
+    if !support::require(test, &needs) {
         return;
     }
     const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
@@ -625,8 +626,8 @@ fn nix_copy_closure_copies_into_a_sandoff_host() {
 
 #[test]
 fn a_refused_login_puts_the_machine_in_backoff_and_builds_here() {
-    const T: &str = "a_refused_login_puts_the_machine_in_backoff_and_builds_here";
-    if !offload_ready(T) {
+    let test = this_test!();
+    if !offload_ready(test) {
         return;
     }
     let h = TestHost::start(24);
@@ -668,8 +669,8 @@ fn a_refused_login_puts_the_machine_in_backoff_and_builds_here() {
 
 #[test]
 fn a_dead_link_mid_build_is_noticed_and_the_build_finishes_elsewhere() {
-    const T: &str = "a_dead_link_mid_build_is_noticed_and_the_build_finishes_elsewhere";
-    if !offload_ready(T) || !support::require(T, &[support::Need::Program("ip")]) {
+    let test = this_test!();
+    if !offload_ready(test) || !support::require(test, &[support::Need::Program("ip")]) {
         return;
     }
     // 202: namespaces are system-wide, so far from the indices others use.
@@ -738,8 +739,8 @@ fn guix_record(host: &TestHost, speed: &str, threshold: &str) -> String {
 
 #[test]
 fn an_overloaded_guix_machine_is_passed_over() {
-    const T: &str = "an_overloaded_guix_machine_is_passed_over";
-    if !offload_ready(T) {
+    let test = this_test!();
+    if !offload_ready(test) {
         return;
     }
     let (busy, calm) = (TestHost::start(27), TestHost::start(28));
@@ -766,8 +767,8 @@ fn an_overloaded_guix_machine_is_passed_over() {
 
 #[test]
 fn a_fixed_output_built_remotely_is_checked_and_keeps_its_content_address() {
-    const T: &str = "a_fixed_output_built_remotely_is_checked_and_keeps_its_content_address";
-    if !offload_ready(T) {
+    let test = this_test!();
+    if !offload_ready(test) {
         return;
     }
     let h = TestHost::start(29);

@@ -15,6 +15,7 @@ use sandoff::store::{
 };
 
 use crate::support::{self, Need};
+use crate::this_test;
 
 /// A store laid out as Nix's chroot store `--store <root>`: state in
 /// `<root>/nix/var/nix`, so both tools use the same database.
@@ -122,10 +123,7 @@ fn schema_matches_nix_2_8_fixture() {
 
 #[test]
 fn add_prints_the_same_path_as_nix_store() {
-    if !support::require(
-        "add_prints_the_same_path_as_nix_store",
-        &[Need::Program("nix-store")],
-    ) {
+    if !support::require(this_test!(), &[Need::Program("nix-store")]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -178,7 +176,7 @@ fn add_prints_the_same_path_as_nix_store() {
 #[test]
 fn nix_reads_a_store_sandoff_wrote() {
     if !support::require(
-        "nix_reads_a_store_sandoff_wrote",
+        this_test!(),
         &[Need::Program("nix-store"), Need::Program("nix")],
     ) {
         return;
@@ -328,7 +326,7 @@ fn sandoff_reads_a_store_nix_wrote() {
         Need::Program("nix-build"),
         Need::Program("busybox"),
     ];
-    if !support::require("sandoff_reads_a_store_nix_wrote", &needs) {
+    if !support::require(this_test!(), &needs) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -512,7 +510,7 @@ fn gnu_store_dir_with_store_root() {
 #[test]
 fn gnu_store_interoperates_with_nix() {
     if !support::require(
-        "gnu_store_interoperates_with_nix",
+        this_test!(),
         &[Need::Program("nix-store"), Need::Program("nix")],
     ) {
         return;

@@ -18,6 +18,7 @@ use sandoff::store::{StoreDir, StorePath};
 
 use crate::keyring::{session_keyring, SessionKey};
 use crate::support::{self, Need};
+use crate::this_test;
 
 const BUSYBOX: &str = "7c0v0kbrrdc2cqgisi78jdqxn73n3401-busybox";
 const OUT: &str = "1f2dhqa4ycv31xpsaw4bavv0ks2ir2fc-probe";
@@ -281,7 +282,7 @@ fn lines(s: &str) -> Vec<&str> {
 
 #[test]
 fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
-    if !ready("probe_sees_only_the_sandbox_and_every_escape_is_refused") {
+    if !ready(this_test!()) {
         return;
     }
     let f = Fixture::new();
@@ -443,7 +444,7 @@ fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
 
 #[test]
 fn loopback_works() {
-    if !ready("loopback_works") {
+    if !ready(this_test!()) {
         return;
     }
     let f = Fixture::new();
@@ -466,7 +467,7 @@ fn loopback_works() {
 
 #[test]
 fn exit_status_and_log_are_reported() {
-    if !ready("exit_status_and_log_are_reported") {
+    if !ready(this_test!()) {
         return;
     }
     let f = Fixture::new();
@@ -477,7 +478,7 @@ fn exit_status_and_log_are_reported() {
 
 #[test]
 fn concurrent_builds_get_distinct_build_users() {
-    if !ready("concurrent_builds_get_distinct_build_users") {
+    if !ready(this_test!()) {
         return;
     }
     let handles: Vec<_> = (0..2)
@@ -502,7 +503,7 @@ fn concurrent_builds_get_distinct_build_users() {
 
 #[test]
 fn silent_build_is_killed() {
-    if !ready("silent_build_is_killed") {
+    if !ready(this_test!()) {
         return;
     }
     let f = Fixture::new();
@@ -527,7 +528,7 @@ fn silent_build_is_killed() {
 
 #[test]
 fn timeout_kills_a_chatty_build() {
-    if !ready("timeout_kills_a_chatty_build") {
+    if !ready(this_test!()) {
         return;
     }
     let f = Fixture::new();
@@ -550,7 +551,7 @@ fn timeout_kills_a_chatty_build() {
 
 #[test]
 fn a_build_that_closes_its_output_and_hangs_is_still_killed() {
-    if !ready("a_build_that_closes_its_output_and_hangs_is_still_killed") {
+    if !ready(this_test!()) {
         return;
     }
     let f = Fixture::new();
@@ -573,7 +574,7 @@ fn a_build_that_closes_its_output_and_hangs_is_still_killed() {
 
 #[test]
 fn leftover_processes_of_the_build_user_are_killed_before_the_build() {
-    if !ready("leftover_processes_of_the_build_user_are_killed_before_the_build") {
+    if !ready(this_test!()) {
         return;
     }
     use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -598,7 +599,7 @@ fn leftover_processes_of_the_build_user_are_killed_before_the_build() {
 
 #[test]
 fn host_dirs_are_removed_whatever_the_build_left() {
-    if !ready("host_dirs_are_removed_whatever_the_build_left") {
+    if !ready(this_test!()) {
         return;
     }
     let f = Fixture::new();
@@ -645,7 +646,7 @@ fn assert_no_process_of(uid: u32) {
 
 #[test]
 fn missing_builder_is_a_setup_failure_naming_exec() {
-    if !ready("missing_builder_is_a_setup_failure_naming_exec") {
+    if !ready(this_test!()) {
         return;
     }
     let f = Fixture::new();
@@ -664,7 +665,7 @@ fn missing_builder_is_a_setup_failure_naming_exec() {
 
 #[test]
 fn missing_input_fails_closed_at_its_bind_step() {
-    if !ready("missing_input_fails_closed_at_its_bind_step") {
+    if !ready(this_test!()) {
         return;
     }
     let f = Fixture::new();
@@ -688,7 +689,7 @@ fn missing_input_fails_closed_at_its_bind_step() {
 
 #[test]
 fn setup_is_idempotent() {
-    if !ready("setup_is_idempotent") {
+    if !ready(this_test!()) {
         return;
     }
     let _ = pool();
@@ -708,7 +709,7 @@ fn setup_is_idempotent() {
 
 #[test]
 fn fixed_output_builds_share_the_host_network_and_resolver() {
-    if !ready("fixed_output_builds_share_the_host_network_and_resolver") {
+    if !ready(this_test!()) {
         return;
     }
     let f = Fixture::new();
@@ -735,7 +736,7 @@ fn fixed_output_builds_share_the_host_network_and_resolver() {
 
 #[test]
 fn cli_setup_creates_users_and_state_dirs_idempotently() {
-    if !ready("cli_setup_creates_users_and_state_dirs_idempotently") {
+    if !ready(this_test!()) {
         return;
     }
     let _ = pool();
@@ -794,7 +795,7 @@ impl std::io::Write for PanickingLog {
 
 #[test]
 fn a_panic_while_supervising_kills_the_build() {
-    if !ready("a_panic_while_supervising_kills_the_build") {
+    if !ready(this_test!()) {
         return;
     }
     let f = Fixture::new();
@@ -810,7 +811,7 @@ fn a_panic_while_supervising_kills_the_build() {
 
 #[test]
 fn builds_cannot_reach_any_kernel_keyring() {
-    let test = "builds_cannot_reach_any_kernel_keyring";
+    let test = this_test!();
     if !ready(test) || !support::require(test, &[Need::Program("gcc")]) {
         return;
     }
@@ -865,7 +866,7 @@ fn builds_cannot_reach_any_kernel_keyring() {
 
 #[test]
 fn a_fork_bomb_stops_at_the_process_limit() {
-    let test = "a_fork_bomb_stops_at_the_process_limit";
+    let test = this_test!();
     if !ready(test) || !support::require(test, &[Need::Program("gcc")]) {
         return;
     }
@@ -895,7 +896,7 @@ fn a_fork_bomb_stops_at_the_process_limit() {
 
 #[test]
 fn tmp_and_dev_shm_are_bounded() {
-    if !ready("tmp_and_dev_shm_are_bounded") {
+    if !ready(this_test!()) {
         return;
     }
     let f = Fixture::new();

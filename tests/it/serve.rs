@@ -24,6 +24,7 @@ use serde_json::json;
 
 use crate::build::ready as build_ready;
 use crate::support::{self, Need};
+use crate::this_test;
 
 fn open(root: &Path) -> LocalStore {
     sandoff::derivation::check::open_store(StoreLocation::new(Default::default(), root.to_owned()))
@@ -304,10 +305,7 @@ fn nix_nar_hash(conf: &Path, store: &Path, path: &str) -> String {
 /// The tests through a real sshd come with issue 5's test hosts.
 #[test]
 fn serve_nix_copy_to_and_from() {
-    if !support::require(
-        "serve_nix_copy_to_and_from",
-        &[Need::Program("nix"), Need::Program("bash")],
-    ) {
+    if !support::require(this_test!(), &[Need::Program("nix"), Need::Program("bash")]) {
         return;
     }
     const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
@@ -417,7 +415,7 @@ fn serve_path_infos_for_old_clients() {
 fn serve_over_real_sshd_with_nix_copy() {
     let mut needs = crate::hosts::NEEDS.to_vec();
     needs.push(Need::Program("nix"));
-    if !support::require("serve_over_real_sshd_with_nix_copy", &needs) {
+    if !support::require(this_test!(), &needs) {
         return;
     }
     const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
@@ -689,7 +687,7 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn serve_build_derivation_builds_signs_streams_and_survives_failures() {
-    let test = "serve_build_derivation_builds_signs_streams_and_survives_failures";
+    let test = this_test!();
     if !build_ready(test) {
         return;
     }
@@ -798,7 +796,7 @@ fn serve_build_derivation_builds_signs_streams_and_survives_failures() {
 
 #[test]
 fn serve_build_derivation_with_u64_max_limits_builds() {
-    if !build_ready("serve_build_derivation_with_u64_max_limits_builds") {
+    if !build_ready(this_test!()) {
         return;
     }
     let store = BuildStore::new();
@@ -824,7 +822,7 @@ fn serve_build_derivation_with_u64_max_limits_builds() {
 
 #[test]
 fn serve_build_paths_and_closure_with_outputs() {
-    if !build_ready("serve_build_paths_and_closure_with_outputs") {
+    if !build_ready(this_test!()) {
         return;
     }
     let store = BuildStore::new();
@@ -902,7 +900,7 @@ fn serve_build_paths_and_closure_with_outputs() {
 
 #[test]
 fn serve_kills_the_build_when_the_client_goes_away() {
-    if !build_ready("serve_kills_the_build_when_the_client_goes_away") {
+    if !build_ready(this_test!()) {
         return;
     }
     let store = BuildStore::new();
@@ -954,7 +952,7 @@ fn serve_kills_the_build_when_the_client_goes_away() {
 /// output home.
 #[test]
 fn serve_builds_for_nix_2_8_build_remote() {
-    let test = "serve_builds_for_nix_2_8_build_remote";
+    let test = this_test!();
     let mut needs = crate::hosts::NEEDS.to_vec();
     needs.push(Need::Program("nix-build"));
     if !support::require(test, &needs) || !build_ready(test) {

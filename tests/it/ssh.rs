@@ -93,7 +93,7 @@ fn connect_err(m: &Machine, o: &SshOptions) -> SshError {
 
 #[test]
 fn ssh_connects_with_the_entry_host_key_and_runs() {
-    if !support::require("ssh_connects_with_the_entry_host_key_and_runs", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(21);
@@ -118,7 +118,7 @@ fn ssh_connects_with_the_entry_host_key_and_runs() {
 
 #[test]
 fn ssh_run_takes_at_most_its_output_limit() {
-    if !support::require("ssh_run_takes_at_most_its_output_limit", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(34);
@@ -144,10 +144,7 @@ fn ssh_run_takes_at_most_its_output_limit() {
 
 #[test]
 fn ssh_wrong_entry_host_key_is_refused_naming_both_keys() {
-    if !support::require(
-        "ssh_wrong_entry_host_key_is_refused_naming_both_keys",
-        NEEDS,
-    ) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(22);
@@ -172,7 +169,7 @@ fn ssh_wrong_entry_host_key_is_refused_naming_both_keys() {
 
 #[test]
 fn ssh_known_hosts_checks_entries_without_host_key() {
-    if !support::require("ssh_known_hosts_checks_entries_without_host_key", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(23);
@@ -254,7 +251,7 @@ fn ssh_known_hosts_checks_entries_without_host_key() {
 
 #[test]
 fn ssh_wrong_client_key_fails_authentication() {
-    if !support::require("ssh_wrong_client_key_fails_authentication", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(24);
@@ -284,7 +281,7 @@ fn ssh_wrong_client_key_fails_authentication() {
 
 #[test]
 fn ssh_key_and_known_hosts_files_must_be_regular_files() {
-    if !support::require("ssh_key_and_known_hosts_files_must_be_regular_files", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(33);
@@ -416,7 +413,7 @@ fn ssh_connect_to_a_full_backlog_times_out() {
 
 #[test]
 fn ssh_cat_round_trips_10_mib() {
-    if !support::require("ssh_cat_round_trips_10_mib", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(25);
@@ -443,10 +440,7 @@ fn ssh_cat_round_trips_10_mib() {
 
 #[test]
 fn ssh_wait_reply_copies_5_mib_of_stderr_without_deadlock() {
-    if !support::require(
-        "ssh_wait_reply_copies_5_mib_of_stderr_without_deadlock",
-        NEEDS,
-    ) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(26);
@@ -530,7 +524,7 @@ fn descendants(pid: i32) -> Vec<i32> {
 
 #[test]
 fn ssh_wait_reply_fails_when_sshd_dies() {
-    if !support::require("ssh_wait_reply_fails_when_sshd_dies", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(27);
@@ -584,7 +578,7 @@ fn cpu_seconds(path: &str, children: bool) -> f64 {
 #[test]
 #[ignore = "a measurement, not a check"]
 fn ssh_throughput_against_openssh() {
-    if !support::require("ssh_throughput_against_openssh", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     const TOTAL: usize = 200 << 20;
@@ -689,7 +683,7 @@ fn ssh_throughput_against_openssh() {
 
 #[test]
 fn ssh_write_fails_when_the_remote_program_exits() {
-    if !support::require("ssh_write_fails_when_the_remote_program_exits", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(29);
@@ -703,7 +697,7 @@ fn ssh_write_fails_when_the_remote_program_exits() {
 
 #[test]
 fn ssh_blocking_io_outlasts_keepalive_intervals() {
-    if !support::require("ssh_blocking_io_outlasts_keepalive_intervals", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(30);
@@ -729,7 +723,7 @@ fn ssh_blocking_io_outlasts_keepalive_intervals() {
 
 #[test]
 fn ssh_wait_reply_keeps_deadlines_and_answers_promptly() {
-    if !support::require("ssh_wait_reply_keeps_deadlines_and_answers_promptly", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(31);
@@ -784,10 +778,7 @@ fn ssh_wait_reply_keeps_deadlines_and_answers_promptly() {
 
 #[test]
 fn ssh_plain_reads_and_writes_survive_a_flood_of_stderr() {
-    if !support::require(
-        "ssh_plain_reads_and_writes_survive_a_flood_of_stderr",
-        NEEDS,
-    ) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let host = TestHost::start(32);

@@ -34,16 +34,25 @@ impl Need {
     }
 }
 
-/// The name of the test function this is used in, for [`require`], so
-/// that no test types its own name again.
+/// The name of the function this is used in (the innermost `fn`; closures
+/// inside it do not count), for [`require`], so that no test types its own
+/// name again. A helper `fn` that reports its caller's test takes the name as
+/// an argument instead.
 #[macro_export]
 macro_rules! this_test {
     () => {{
         fn here() {}
-        let path = std::any::type_name_of_val(&here);
-        let path = path.strip_suffix("::here").unwrap_or(path);
-        path.rsplit("::").next().unwrap_or(path)
+        $crate::support::fn_name(std::any::type_name_of_val(&here))
     }};
+}
+
+/// The function [`this_test!`] stands in, from the type name of its local
+/// `fn here`: `it::module::test::{{closure}}::here` gives `test`.
+pub fn fn_name(here: &'static str) -> &'static str {
+    let path = here.strip_suffix("::here").unwrap_or(here);
+    path.rsplit("::")
+        .find(|segment| !segment.starts_with('{'))
+        .unwrap_or(path)
 }
 
 /// Probes for what a test needs. Returns `false` (after printing
@@ -205,4 +214,21 @@ pub fn feed_or_kill(
         stdout: out.join().expect("stdout reader"),
         stderr: err.join().expect("stderr reader"),
     }
+}
+
+#[test]
+fn this_test_names_the_enclosing_fn_even_inside_closures() {
+    assert_eq!(
+        crate::this_test!(),
+        "this_test_names_the_enclosing_fn_even_inside_closures"
+    );
+    let in_closure = || crate::this_test!();
+    assert_eq!(
+        in_closure(),
+        "this_test_names_the_enclosing_fn_even_inside_closures"
+    );
+    fn nested() -> &'static str {
+        crate::this_test!()
+    }
+    assert_eq!(nested(), "nested", "the innermost fn is the one named");
 }

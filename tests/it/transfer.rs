@@ -12,6 +12,7 @@ use sandoff::store::signature::{PublicKey, SecretKey};
 use sandoff::store::{Hash, StoreDir, ValidPathInfo};
 
 use crate::support::{self, Need};
+use crate::this_test;
 
 const FOO: &str = "/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo";
 const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
@@ -129,10 +130,7 @@ fn nth_occurrence(hay: &[u8], needle: &[u8], n: usize) -> usize {
 
 #[test]
 fn sandoff_key_signs_like_nix_and_nix_trusts_it() {
-    if !support::require(
-        "sandoff_key_signs_like_nix_and_nix_trusts_it",
-        &[Need::Program("nix")],
-    ) {
+    if !support::require(this_test!(), &[Need::Program("nix")]) {
         return;
     }
     let s = Scratch::new();
@@ -171,7 +169,7 @@ fn sandoff_key_signs_like_nix_and_nix_trusts_it() {
 #[test]
 fn nix_imports_signed_sandoff_archive() {
     if !support::require(
-        "nix_imports_signed_sandoff_archive",
+        this_test!(),
         &[Need::Program("nix-store"), Need::Program("nix")],
     ) {
         return;
@@ -241,7 +239,7 @@ fn needs_nix(test: &str) -> bool {
 
 #[test]
 fn nix_archive_imports_only_without_signature_checks() {
-    if !needs_nix("nix_archive_imports_only_without_signature_checks") {
+    if !needs_nix(this_test!()) {
         return;
     }
     let s = Scratch::new();
@@ -281,7 +279,7 @@ fn nix_archive_imports_only_without_signature_checks() {
 
 #[test]
 fn sandoff_export_is_imported_and_verified_by_nix() {
-    if !needs_nix("sandoff_export_is_imported_and_verified_by_nix") {
+    if !needs_nix(this_test!()) {
         return;
     }
     let s = Scratch::new();
@@ -338,7 +336,7 @@ fn signed_archive(s: &Scratch) -> (Vec<u8>, PathBuf, PathBuf) {
 
 #[test]
 fn signed_archive_imports_with_trusted_key_only() {
-    if !needs_nix("signed_archive_imports_with_trusted_key_only") {
+    if !needs_nix(this_test!()) {
         return;
     }
     let s = Scratch::new();
@@ -389,7 +387,7 @@ fn signed_archive_imports_with_trusted_key_only() {
 
 #[test]
 fn tampered_archive_keeps_earlier_paths_and_nothing_of_the_bad_one() {
-    if !needs_nix("tampered_archive_keeps_earlier_paths_and_nothing_of_the_bad_one") {
+    if !needs_nix(this_test!()) {
         return;
     }
     let s = Scratch::new();
@@ -438,7 +436,7 @@ fn tampered_archive_keeps_earlier_paths_and_nothing_of_the_bad_one() {
 
 #[test]
 fn truncated_archives_are_refused() {
-    if !needs_nix("truncated_archives_are_refused") {
+    if !needs_nix(this_test!()) {
         return;
     }
     let s = Scratch::new();
@@ -496,7 +494,7 @@ fn truncated_archives_are_refused() {
 
 #[test]
 fn verify_reports_corrupted_and_untrusted_paths() {
-    if !needs_nix("verify_reports_corrupted_and_untrusted_paths") {
+    if !needs_nix(this_test!()) {
         return;
     }
     let s = Scratch::new();
