@@ -302,7 +302,8 @@ fn nix_nar_hash(conf: &Path, store: &Path, path: &str) -> String {
 /// No sshd is involved: for the host `localhost`, Nix 2.8's `SSHMaster`
 /// runs the remote command with `bash -c` instead of ssh (`fakeSSH`), so
 /// `remote-program=<wrapper>` runs `<wrapper> --serve --write` right here.
-/// The tests through a real sshd come with issue 5's test hosts.
+/// Through a real sshd (Nix's own ssh, not `fakeSSH`) is
+/// [`serve_over_real_sshd_with_nix_copy`], which needs the test hosts.
 #[test]
 fn serve_nix_copy_to_and_from() {
     if !support::require(this_test!(), &[Need::Program("nix"), Need::Program("bash")]) {
