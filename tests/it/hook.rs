@@ -356,8 +356,7 @@ fn hook_postpones_when_every_slot_is_busy_and_the_daemon_is_not_willing() {
 
 #[test]
 fn hook_checks_the_lines_after_accepting() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let host = TestHost::start(26);
@@ -578,8 +577,7 @@ fn accept_and_build_with(
 
 #[test]
 fn hook_builds_on_a_machine_with_the_log_on_fd_4() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let host = TestHost::start(21);
@@ -629,8 +627,7 @@ fn hook_builds_on_a_machine_with_the_log_on_fd_4() {
 
 #[test]
 fn hook_builds_print_a_hostile_remote_log_and_failure_filtered() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let host = TestHost::start(23);
@@ -657,8 +654,7 @@ fn hook_builds_print_a_hostile_remote_log_and_failure_filtered() {
 
 #[test]
 fn hook_builds_exit_100_on_a_failed_remote_build_and_101_on_a_timeout() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let host = TestHost::start(22);
@@ -688,8 +684,7 @@ fn hook_builds_exit_100_on_a_failed_remote_build_and_101_on_a_timeout() {
 
 #[test]
 fn hook_builds_with_u64_max_limits() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let host = TestHost::start(41);
@@ -711,8 +706,7 @@ fn hook_builds_with_u64_max_limits() {
 
 #[test]
 fn hook_builds_fail_over_to_another_machine_before_accepting() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let host = TestHost::start(23);

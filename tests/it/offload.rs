@@ -126,6 +126,98 @@ fn wait_until_started_on(s: &Store, drv: &str, host: &TestHost) -> PathBuf {
     }
 }
 
+/// `sandoff build --machines <machines> <drv>` in the client's store.
+fn build_with(s: &Store, machines: &Path, drv: &str) -> std::process::Output {
+    s.build(&["--machines", machines_arg(machines), drv])
+}
+
+/// `sandoff machines status --json` over `machines`.
+fn machines_status(s: &Store, machines: &Path) -> serde_json::Value {
+    let status = support::run_ok(s.cmd().args([
+        "machines",
+        "status",
+        "--json",
+        "--machines",
+        machines_arg(machines),
+    ]));
+    serde_json::from_slice(&status).expect("json")
+}
+
+/// A fresh ed25519 key pair at `path` (and `path.pub`).
+fn keygen(path: &Path, comment: &str) {
+    support::run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+            .arg(path),
+    );
+}
+
+/// For tests with one host: after [`offload_ready`], host `index` started,
+/// a client store that trusts it, and a machines file naming it.
+fn one_trusted_host(test: &str, index: u8) -> Option<(TestHost, Store, PathBuf)> {
+    if !offload_ready(test) {
+        return None;
+    }
+    let h = TestHost::start(index);
+    let s = Store::new();
+    trust(&s, &h);
+    let machines = write_machines(&s, &[Entry::new(&h)]);
+    Some((h, s, machines))
+}
+
+/// Builds `name` (its builder prints "started", then keeps quiet in `sleep`
+/// for `seconds`) with `extra` build options on `lost` (the faster of two
+/// one-job machines); once it has started there, `lose` takes `lost` away,
+/// and the build must finish on `other` and say that it was placed again.
+fn finishes_elsewhere(
+    s: &Store,
+    (lost, other): (&TestHost, &TestHost),
+    (name, seconds): (&str, u32),
+    extra: &[&str],
+    lose: impl FnOnce(&TestHost),
+) {
+    trust(s, lost);
+    trust(s, other);
+    let machines = write_machines(
+        s,
+        &[
+            Entry {
+                speed: 4,
+                max_jobs: 1,
+                ..Entry::new(lost)
+            },
+            Entry {
+                max_jobs: 1,
+                ..Entry::new(other)
+            },
+        ],
+    );
+    let script = format!("echo started; sleep {seconds}; echo done > $out");
+    let d = s.drv(
+        name,
+        Spec {
+            script: &script,
+            ..Spec::default()
+        },
+    );
+    let child = s
+        .cmd()
+        .arg("build")
+        .args(extra)
+        .args(["--machines", machines_arg(&machines), &d])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let log = wait_until_started_on(s, &d, lost);
+    lose(lost);
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(signers(s, &s.out(&d)), [key_name(other)].into());
+    let l = std::fs::read_to_string(&log).expect("log");
+    assert!(l.contains("placing the build again"), "{l}");
+}
+
 fn leaf(s: &Store, name: &str, env: &[(&str, &str)]) -> String {
     let script = format!("echo {name} > $out");
     s.drv(
@@ -140,8 +232,7 @@ fn leaf(s: &Store, name: &str, env: &[(&str, &str)]) -> String {
 
 #[test]
 fn builds_a_graph_across_three_hosts_and_here() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let (h1, h2, h3) = (
@@ -255,14 +346,9 @@ fn builds_a_graph_across_three_hosts_and_here() {
 
 #[test]
 fn a_remote_failure_fails_the_build_with_the_remote_log() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    let Some((h, s, machines)) = one_trusted_host(this_test!(), 14) else {
         return;
-    }
-    let h = TestHost::start(14);
-    let s = Store::new();
-    trust(&s, &h);
-    let machines = write_machines(&s, &[Entry::new(&h)]);
+    };
     let d = s.drv(
         "fails",
         Spec {
@@ -270,7 +356,7 @@ fn a_remote_failure_fails_the_build_with_the_remote_log() {
             ..Spec::default()
         },
     );
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    let out = build_with(&s, &machines, &d);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains(&format!("failed on '{}'", uri(&h))), "{err}");
@@ -299,14 +385,9 @@ fn a_remote_failure_fails_the_build_with_the_remote_log() {
 
 #[test]
 fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    let Some((h, s, machines)) = one_trusted_host(this_test!(), 14) else {
         return;
-    }
-    let h = TestHost::start(14);
-    let s = Store::new();
-    trust(&s, &h);
-    let machines = write_machines(&s, &[Entry::new(&h)]);
+    };
     let holds_log = |log: &[u8]| log.windows(HOSTILE_LOG.len()).any(|w| w == HOSTILE_LOG);
 
     // Failing: the machine's message and the log tail in the error.
@@ -317,7 +398,7 @@ fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
             ..Spec::default()
         },
     );
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    let out = build_with(&s, &machines, &d);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(&format!("failed on '{}'", uri(&h))));
     assert_terminal_safe(&out.stderr, "remote failure");
@@ -354,19 +435,14 @@ fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
 
 #[test]
 fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let h = TestHost::start(15);
     let s = Store::new();
     trust(&s, &h);
     let other = s.tmp.path().join("other_host_key");
-    support::run_ok(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "impostor", "-f"])
-            .arg(&other),
-    );
+    keygen(&other, "impostor");
     let wrong = std::fs::read_to_string(other.with_extension("pub")).expect("pub");
     let machines = write_machines(
         &s,
@@ -400,17 +476,10 @@ fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
 
     // The build goes local, and the machine into backoff.
     let d = leaf(&s, "failover", &[]);
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    let out = build_with(&s, &machines, &d);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(signers(&s, &s.out(&d)).is_empty(), "built here");
-    let status = support::run_ok(s.cmd().args([
-        "machines",
-        "status",
-        "--json",
-        "--machines",
-        machines_arg(&machines),
-    ]));
-    let status: serde_json::Value = serde_json::from_slice(&status).expect("json");
+    let status = machines_status(&s, &machines);
     let b = &status[0]["backoff"];
     assert_eq!(b["failures"], 1, "{status}");
     assert!(
@@ -423,15 +492,14 @@ fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
 
 #[test]
 fn outputs_of_an_untrusted_host_are_refused() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let h = TestHost::start(16);
     let s = Store::new();
     let machines = write_machines(&s, &[Entry::new(&h)]);
     let d = leaf(&s, "untrusted", &[]);
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    let out = build_with(&s, &machines, &d);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("not signed by a trusted key"), "{err}");
@@ -440,7 +508,7 @@ fn outputs_of_an_untrusted_host_are_refused() {
 
     // Trusted, the same build works, and the machine checks out.
     trust(&s, &h);
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    let out = build_with(&s, &machines, &d);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(signers(&s, &s.out(&d)), [key_name(&h)].into());
     let t =
@@ -451,14 +519,7 @@ fn outputs_of_an_untrusted_host_are_refused() {
     let report = text(&t);
     assert!(report.contains(": ok"), "{report}");
     assert!(report.contains("fetched it back"), "{report}");
-    let status = support::run_ok(s.cmd().args([
-        "machines",
-        "status",
-        "--json",
-        "--machines",
-        machines_arg(&machines),
-    ]));
-    let status: serde_json::Value = serde_json::from_slice(&status).expect("json");
+    let status = machines_status(&s, &machines);
     assert_eq!(status[0]["reachable"], true, "{status}");
     assert!(status[0]["load"].is_number(), "{status}");
     assert!(status[0]["freeDisk"].is_number(), "{status}");
@@ -467,49 +528,13 @@ fn outputs_of_an_untrusted_host_are_refused() {
 
 #[test]
 fn a_host_killed_mid_build_makes_the_build_finish_elsewhere() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let (fast, slow) = (TestHost::start(17), TestHost::start(18));
-    let s = Store::new();
-    trust(&s, &fast);
-    trust(&s, &slow);
-    let machines = write_machines(
-        &s,
-        &[
-            Entry {
-                speed: 4,
-                max_jobs: 1,
-                ..Entry::new(&fast)
-            },
-            Entry {
-                max_jobs: 1,
-                ..Entry::new(&slow)
-            },
-        ],
-    );
-    let d = s.drv(
-        "slow",
-        Spec {
-            script: "echo started; sleep 3; echo done > $out",
-            ..Spec::default()
-        },
-    );
-    let child = s
-        .cmd()
-        .args(["build", "--machines", machines_arg(&machines), &d])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let log = wait_until_started_on(&s, &d, &fast);
-    fast.kill();
-    let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(signers(&s, &s.out(&d)), [key_name(&slow)].into());
-    let l = std::fs::read_to_string(&log).expect("log");
-    assert!(l.contains("placing the build again"), "{l}");
+    finishes_elsewhere(&Store::new(), (&fast, &slow), ("slow", 3), &[], |h| {
+        h.kill()
+    });
 }
 
 #[test]
@@ -547,7 +572,7 @@ fn a_stock_nix_host_builds_next_to_a_sandoff_host() {
             ..Spec::default()
         },
     );
-    let out = s.build(&["--machines", machines_arg(&machines), &after]);
+    let out = build_with(&s, &machines, &after);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let nix_name = nix_host
         .signing_public_key()
@@ -626,19 +651,14 @@ fn nix_copy_closure_copies_into_a_sandoff_host() {
 
 #[test]
 fn a_refused_login_puts_the_machine_in_backoff_and_builds_here() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let h = TestHost::start(24);
     let s = Store::new();
     trust(&s, &h);
     let stranger = s.tmp.path().join("stranger");
-    support::run_ok(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&stranger),
-    );
+    keygen(&stranger, "stranger");
     let line = Entry::new(&h).line().replacen(
         &h.client_key().display().to_string(),
         &stranger.display().to_string(),
@@ -647,17 +667,10 @@ fn a_refused_login_puts_the_machine_in_backoff_and_builds_here() {
     let machines = s.tmp.path().join("machines");
     std::fs::write(&machines, line).expect("write machines");
     let d = leaf(&s, "refused", &[]);
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    let out = build_with(&s, &machines, &d);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(signers(&s, &s.out(&d)).is_empty(), "built here");
-    let status = support::run_ok(s.cmd().args([
-        "machines",
-        "status",
-        "--json",
-        "--machines",
-        machines_arg(&machines),
-    ]));
-    let status: serde_json::Value = serde_json::from_slice(&status).expect("json");
+    let status = machines_status(&s, &machines);
     assert_eq!(status[0]["reachable"], false, "{status}");
     assert!(
         status[0]["backoff"]["lastError"]
@@ -676,52 +689,14 @@ fn a_dead_link_mid_build_is_noticed_and_the_build_finishes_elsewhere() {
     // 202: namespaces are system-wide, so far from the indices others use.
     let cut = TestHost::start_with(202, &hosts::HostConfig::default().netns());
     let other = TestHost::start(25);
-    let s = Store::new();
-    trust(&s, &cut);
-    trust(&s, &other);
-    let machines = write_machines(
-        &s,
-        &[
-            Entry {
-                speed: 4,
-                max_jobs: 1,
-                ..Entry::new(&cut)
-            },
-            Entry {
-                max_jobs: 1,
-                ..Entry::new(&other)
-            },
-        ],
+    // Silent while the link dies: only keepalives can tell.
+    finishes_elsewhere(
+        &Store::new(),
+        (&cut, &other),
+        ("quiet", 8),
+        &["--ssh-keepalive", "1"],
+        |h| h.cut_link(),
     );
-    let d = s.drv(
-        "quiet",
-        Spec {
-            // Silent while the link dies: only keepalives can tell.
-            script: "echo started; sleep 8; echo done > $out",
-            ..Spec::default()
-        },
-    );
-    let child = s
-        .cmd()
-        .args([
-            "build",
-            "--ssh-keepalive",
-            "1",
-            "--machines",
-            machines_arg(&machines),
-            &d,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let log = wait_until_started_on(&s, &d, &cut);
-    cut.cut_link();
-    let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(signers(&s, &s.out(&d)), [key_name(&other)].into());
-    let l = std::fs::read_to_string(&log).expect("log");
-    assert!(l.contains("placing the build again"), "{l}");
 }
 
 /// A Guix `build-machine` record for a test host.
@@ -739,8 +714,7 @@ fn guix_record(host: &TestHost, speed: &str, threshold: &str) -> String {
 
 #[test]
 fn an_overloaded_guix_machine_is_passed_over() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let (busy, calm) = (TestHost::start(27), TestHost::start(28));
@@ -760,21 +734,16 @@ fn an_overloaded_guix_machine_is_passed_over() {
     )
     .expect("write machines.scm");
     let d = leaf(&s, "calm", &[]);
-    let out = s.build(&["--machines", machines_arg(&scm), &d]);
+    let out = build_with(&s, &scm, &d);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(signers(&s, &s.out(&d)), [key_name(&calm)].into());
 }
 
 #[test]
 fn a_fixed_output_built_remotely_is_checked_and_keeps_its_content_address() {
-    let test = this_test!();
-    if !offload_ready(test) {
+    let Some((h, s, machines)) = one_trusted_host(this_test!(), 29) else {
         return;
-    }
-    let h = TestHost::start(29);
-    let s = Store::new();
-    trust(&s, &h);
-    let machines = write_machines(&s, &[Entry::new(&h)]);
+    };
     let hash = sandoff::store::HashAlgo::Sha256.digest(b"fixed\n");
     let d = s.drv(
         "fixed.txt",
@@ -784,7 +753,7 @@ fn a_fixed_output_built_remotely_is_checked_and_keeps_its_content_address() {
             ..Spec::default()
         },
     );
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    let out = build_with(&s, &machines, &d);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let info = s.info(&s.out(&d)).expect("valid");
     assert_eq!(
