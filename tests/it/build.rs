@@ -918,7 +918,7 @@ fn log_of_an_unbuilt_derivation_is_an_error() {
 /// `examples/graph/build.sh`: the diamond with a fixed-output root builds.
 #[test]
 fn example_graph_builds() {
-    if !ready(this_test!()) || !support::require(this_test!(), &[Need::Program("jq")]) {
+    if !ready(this_test!()) || !support::require_programs(this_test!(), &["jq"]) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");

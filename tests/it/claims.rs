@@ -10,9 +10,7 @@
 //! users); the others need nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use sandoff::derivation::{Derivation, DerivationOutput, OutputName};
 use sandoff::serve::{serve, ServeOptions, SERVE_MAGIC_1, SERVE_MAGIC_2};
@@ -20,6 +18,7 @@ use sandoff::store::export::write_export;
 use sandoff::store::{nar, wire, HashAlgo, StoreDir, StorePath, ValidPathInfo};
 
 use crate::build::{logical, ready, text, Spec, Store};
+use crate::support;
 use crate::this_test;
 
 /// A `.drv` with no inputs whose one output `out` is `claimed`, written to
@@ -105,21 +104,10 @@ fn a_derivation_claiming_another_output_is_refused_by_every_route() {
     );
 
     // store import
-    let mut child = s
-        .cmd()
-        .args(["store", "import", "--no-check-sigs"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&archive(&info, &file))
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
+    let out = support::output_with_input(
+        s.cmd().args(["store", "import", "--no-check-sigs"]),
+        &archive(&info, &file),
+    );
     let err = text(&out.stderr);
     assert!(!out.status.success(), "import accepted a forged .drv");
     assert!(
@@ -187,21 +175,10 @@ fn a_fixed_output_at_a_path_its_hash_does_not_give_is_refused_on_import() {
             path: victim_out.clone(),
         },
     );
-    let mut child = s
-        .cmd()
-        .args(["store", "import", "--no-check-sigs"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&archive(&info, &file))
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
+    let out = support::output_with_input(
+        s.cmd().args(["store", "import", "--no-check-sigs"]),
+        &archive(&info, &file),
+    );
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("output 'out'"),

@@ -297,10 +297,7 @@ fn hello_drv(dir: &StoreDir, bb: &StorePath) -> Derivation {
 
 #[test]
 fn client_against_nix_serve() {
-    if !support::require(
-        this_test!(),
-        &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
-    ) {
+    if !support::require_programs(this_test!(), &["nix-store", "/bin/busybox"]) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -410,10 +407,7 @@ fn client_against_nix_serve() {
 
 #[test]
 fn client_reads_a_failed_nix_build() {
-    if !support::require(
-        this_test!(),
-        &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
-    ) {
+    if !support::require_programs(this_test!(), &["nix-store", "/bin/busybox"]) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -488,10 +482,7 @@ impl std::io::Read for Recorder<'_> {
 /// `BuildResult::read` and written again with the drv's masked modulo hash.
 #[test]
 fn build_result_bytes_match_nix() {
-    if !support::require(
-        this_test!(),
-        &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
-    ) {
+    if !support::require_programs(this_test!(), &["nix-store", "/bin/busybox"]) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -546,10 +537,7 @@ fn build_result_bytes_match_nix() {
 
 #[test]
 fn client_build_paths_on_nix() {
-    if !support::require(
-        this_test!(),
-        &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
-    ) {
+    if !support::require_programs(this_test!(), &["nix-store", "/bin/busybox"]) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");

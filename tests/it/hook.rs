@@ -114,19 +114,7 @@ fn text(b: &[u8]) -> String {
 
 /// Runs `cmd` with `input` on stdin (then EOF).
 fn talk(cmd: &mut Command, input: &str) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn hook");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write requests");
-    child.wait_with_output().expect("wait hook")
+    support::output_with_input(cmd, input.as_bytes())
 }
 
 fn request(willing: bool, system: &str, drv: &str, features: &[&str]) -> String {

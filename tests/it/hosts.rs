@@ -5,7 +5,6 @@
 //! [`HostConfig::netns`], the namespace `sandoff-th<index>`; ports are random,
 //! so tests may share an index unless they use namespaces.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -450,20 +449,7 @@ const HANDSHAKE: &[u8] = b"\xeb\x9d\x0c\x39\0\0\0\0\x07\x02\0\0\0\0\0\0";
 
 /// Runs `program` on the host with the handshake on stdin; returns stdout.
 fn serve_handshake(host: &TestHost, program: &str) -> Vec<u8> {
-    let mut child = host
-        .ssh(program)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ssh");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(HANDSHAKE)
-        .expect("write handshake");
-    let out = child.wait_with_output().expect("ssh");
+    let out = support::output_with_input(&mut host.ssh(program), HANDSHAKE);
     assert!(
         out.status.success(),
         "{}",

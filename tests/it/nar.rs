@@ -1,13 +1,13 @@
 //! NAR: golden fixtures from Nix 2.8, oracle tests against `nix-store
 //! --dump/--restore` and `nix-hash`, and the `sandoff nar|hash` commands.
 
-use std::io::{Cursor, Write};
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use sandoff::store::nar::{self, NarError, NullVisitor};
 
-use crate::support::{self, Need};
+use crate::support;
 use crate::this_test;
 
 const TREES: [&str; 4] = ["d", "odd", "file", "link"];
@@ -156,16 +156,8 @@ impl NixEnv {
     }
 
     fn nix_restore(&self, bytes: &[u8], dest: &Path) {
-        let mut child = self
-            .cmd("nix-store")
-            .arg("--restore")
-            .arg(dest)
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nix-store --restore");
-        child.stdin.take().unwrap().write_all(bytes).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out =
+            support::output_with_input(self.cmd("nix-store").arg("--restore").arg(dest), bytes);
         assert!(
             out.status.success(),
             "nix-store --restore: {}",
@@ -187,10 +179,7 @@ impl NixEnv {
 }
 
 fn needs_nix(test: &str) -> bool {
-    support::require(
-        test,
-        &[Need::Program("nix-store"), Need::Program("nix-hash")],
-    )
+    support::require_programs(test, &["nix-store", "nix-hash"])
 }
 
 #[test]
@@ -282,19 +271,8 @@ fn dump_agrees_with_nix_on_a_generated_tree() {
 // ---- CLI ----
 
 fn sandoff_with_stdin(args: &[&str], extra: &[&Path], stdin: &[u8]) -> std::process::Output {
-    let mut child = support::sandoff()
-        .args(args)
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn sandoff");
-    let mut input = child.stdin.take().unwrap();
     // The process may exit before reading everything; that is not our failure.
-    let _ = input.write_all(stdin);
-    drop(input);
-    child.wait_with_output().unwrap()
+    support::output_after_writing(support::sandoff().args(args).args(extra), stdin).0
 }
 
 #[test]

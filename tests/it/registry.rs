@@ -123,7 +123,7 @@ fn schema_matches_nix_2_8_fixture() {
 
 #[test]
 fn add_prints_the_same_path_as_nix_store() {
-    if !support::require(this_test!(), &[Need::Program("nix-store")]) {
+    if !support::require_programs(this_test!(), &["nix-store"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -175,10 +175,7 @@ fn add_prints_the_same_path_as_nix_store() {
 
 #[test]
 fn nix_reads_a_store_sandoff_wrote() {
-    if !support::require(
-        this_test!(),
-        &[Need::Program("nix-store"), Need::Program("nix")],
-    ) {
+    if !support::require_programs(this_test!(), &["nix-store", "nix"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -509,10 +506,7 @@ fn gnu_store_dir_with_store_root() {
 
 #[test]
 fn gnu_store_interoperates_with_nix() {
-    if !support::require(
-        this_test!(),
-        &[Need::Program("nix-store"), Need::Program("nix")],
-    ) {
+    if !support::require_programs(this_test!(), &["nix-store", "nix"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

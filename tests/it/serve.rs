@@ -306,7 +306,7 @@ fn nix_nar_hash(conf: &Path, store: &Path, path: &str) -> String {
 /// [`serve_over_real_sshd_with_nix_copy`], which needs the test hosts.
 #[test]
 fn serve_nix_copy_to_and_from() {
-    if !support::require(this_test!(), &[Need::Program("nix"), Need::Program("bash")]) {
+    if !support::require_programs(this_test!(), &["nix", "bash"]) {
         return;
     }
     const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";

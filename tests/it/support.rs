@@ -79,6 +79,13 @@ pub fn require(test: &str, needs: &[Need]) -> bool {
     false
 }
 
+/// [`require`] for programs on PATH only.
+#[must_use]
+pub fn require_programs(test: &str, programs: &[&'static str]) -> bool {
+    let needs: Vec<Need> = programs.iter().map(|&p| Need::Program(p)).collect();
+    require(test, &needs)
+}
+
 /// Finds a program on PATH.
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -126,25 +133,40 @@ pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
     out.stdout
 }
 
-/// Runs `cmd` (a `sandoff` with its store options) as `derivation add` with
-/// `drv` (show-derivation JSON) on stdin; panics with its stderr if it fails;
-/// returns the `.drv` path it printed.
-pub fn derivation_add(cmd: &mut Command, drv: &serde_json::Value) -> String {
+/// Runs `cmd` with `input` on stdin (then EOF) and waits for it, like
+/// `Command::output`; panics if it does not read all of `input`.
+pub fn output_with_input(cmd: &mut Command, input: &[u8]) -> std::process::Output {
+    let (out, written) = output_after_writing(cmd, input);
+    if let Err(e) = written {
+        panic!("{cmd:?} did not read all of its input: {e}");
+    }
+    out
+}
+
+/// [`output_with_input`] for a command that may exit before it has read all
+/// of `input`: how the write went comes back beside the output.
+pub fn output_after_writing(
+    cmd: &mut Command,
+    input: &[u8],
+) -> (std::process::Output, std::io::Result<()>) {
     use std::process::Stdio;
     let mut child = cmd
-        .args(["derivation", "add"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn sandoff derivation add");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(drv.to_string().as_bytes())
-        .expect("write the derivation");
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    // Dropped after the write: the command sees EOF.
+    let written = child.stdin.take().expect("piped stdin").write_all(input);
     let out = child.wait_with_output().expect("wait");
+    (out, written)
+}
+
+/// Runs `cmd` (a `sandoff` with its store options) as `derivation add` with
+/// `drv` (show-derivation JSON) on stdin; panics with its stderr if it fails;
+/// returns the `.drv` path it printed.
+pub fn derivation_add(cmd: &mut Command, drv: &serde_json::Value) -> String {
+    let out = output_with_input(cmd.args(["derivation", "add"]), drv.to_string().as_bytes());
     assert!(
         out.status.success(),
         "derivation add: {}",

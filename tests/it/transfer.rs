@@ -3,15 +3,14 @@
 //! is refused and leaves nothing behind.
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use sandoff::store::export::{ExportError, ExportWriter};
 use sandoff::store::signature::{PublicKey, SecretKey};
 use sandoff::store::{Hash, StoreDir, ValidPathInfo};
 
-use crate::support::{self, Need};
+use crate::support;
 use crate::this_test;
 
 const FOO: &str = "/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo";
@@ -72,15 +71,8 @@ impl Scratch {
 }
 
 fn run_stdin(cmd: &mut Command, input: &[u8]) -> Output {
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let mut stdin = child.stdin.take().expect("stdin");
     // A refusing reader may close its end early; that is part of some tests.
-    let _ = stdin.write_all(input);
-    drop(stdin);
-    child.wait_with_output().expect("wait")
+    support::output_after_writing(cmd, input).0
 }
 
 fn stderr(out: &Output) -> String {
@@ -130,7 +122,7 @@ fn nth_occurrence(hay: &[u8], needle: &[u8], n: usize) -> usize {
 
 #[test]
 fn sandoff_key_signs_like_nix_and_nix_trusts_it() {
-    if !support::require(this_test!(), &[Need::Program("nix")]) {
+    if !support::require_programs(this_test!(), &["nix"]) {
         return;
     }
     let s = Scratch::new();
@@ -168,10 +160,7 @@ fn sandoff_key_signs_like_nix_and_nix_trusts_it() {
 
 #[test]
 fn nix_imports_signed_sandoff_archive() {
-    if !support::require(
-        this_test!(),
-        &[Need::Program("nix-store"), Need::Program("nix")],
-    ) {
+    if !support::require_programs(this_test!(), &["nix-store", "nix"]) {
         return;
     }
     let s = Scratch::new();
@@ -234,7 +223,7 @@ fn sandoff_import(s: &Scratch, root: &str, args: &[&str], archive: &[u8]) -> Out
 }
 
 fn needs_nix(test: &str) -> bool {
-    support::require(test, &[Need::Program("nix-store"), Need::Program("nix")])
+    support::require_programs(test, &["nix-store", "nix"])
 }
 
 #[test]
