@@ -133,6 +133,16 @@ pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
     out.stdout
 }
 
+/// Starts `cmd` with its stdin, stdout and stderr piped.
+fn spawn_piped(cmd: &mut Command) -> std::process::Child {
+    use std::process::Stdio;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+}
+
 /// Runs `cmd` with `input` on stdin (then EOF) and waits for it, like
 /// `Command::output`; panics if it does not read all of `input`.
 pub fn output_with_input(cmd: &mut Command, input: &[u8]) -> std::process::Output {
@@ -149,13 +159,7 @@ pub fn output_after_writing(
     cmd: &mut Command,
     input: &[u8],
 ) -> (std::process::Output, std::io::Result<()>) {
-    use std::process::Stdio;
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut child = spawn_piped(cmd);
     // Dropped after the write: the command sees EOF.
     let written = child.stdin.take().expect("piped stdin").write_all(input);
     let out = child.wait_with_output().expect("wait");
@@ -197,13 +201,7 @@ pub fn feed_or_kill(
     feed: impl FnOnce(std::process::ChildStdin) + Send + 'static,
 ) -> std::process::Output {
     use std::io::Read as _;
-    use std::process::Stdio;
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut child = spawn_piped(cmd);
     let stdin = child.stdin.take().expect("piped stdin");
     // Not joined: a feeder blocked on a full pipe ends with EPIPE once the
     // command is gone.
