@@ -26,13 +26,14 @@ use crate::build::ready as build_ready;
 use crate::support::{self, Need};
 use crate::this_test;
 
-fn open(root: &Path) -> LocalStore {
+/// The sandoff store under `root` (created if need be).
+pub(crate) fn open(root: &Path) -> LocalStore {
     sandoff::derivation::check::open_store(StoreLocation::new(Default::default(), root.to_owned()))
         .expect("open store")
 }
 
 /// A store with `leaf` ("bar") and `top`, which refers to `leaf`.
-fn foo_baz(root: &Path) -> (LocalStore, StorePath, StorePath) {
+pub(crate) fn foo_baz(root: &Path) -> (LocalStore, StorePath, StorePath) {
     let store = open(root);
     let leaf = store
         .add_text("foo", b"bar", &BTreeSet::new(), &BTreeMap::new())
