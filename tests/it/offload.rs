@@ -602,22 +602,12 @@ fn nix_copy_closure_copies_into_a_sandoff_host() {
     if !support::require(test, &needs) {
         return;
     }
-    const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
+    const BAZ: &str = support::NIX_BAZ;
     let host = TestHost::start(23);
     let tmp = tempfile::tempdir().expect("tempdir");
     let conf = tmp.path().join("nixconf");
     let src = tmp.path().join("src");
-    support::run_ok(
-        support::nix_cmd("nix-instantiate", &conf)
-            .arg("--store")
-            .arg(&src)
-            .args([
-                "--read-write-mode",
-                "--eval",
-                "-E",
-                r#"let foo = builtins.toFile "foo" "bar"; in builtins.toFile "baz" "${foo}""#,
-            ]),
-    );
+    support::nix_foo_baz(&conf, &src);
     support::run_ok(
         support::nix_cmd("nix-copy-closure", &conf)
             .env("NIX_REMOTE", &src)

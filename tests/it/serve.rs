@@ -310,24 +310,13 @@ fn serve_nix_copy_to_and_from() {
     if !support::require_programs(this_test!(), &["nix", "bash"]) {
         return;
     }
-    const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
+    const BAZ: &str = support::NIX_BAZ;
     let tmp = tempfile::tempdir().expect("tempdir");
     let conf = tmp.path().join("nixconf");
     let src = tmp.path().join("src");
     let dst = tmp.path().join("dst");
     let back = tmp.path().join("back");
-    let out = support::run_ok(
-        support::nix_cmd("nix-instantiate", &conf)
-            .arg("--store")
-            .arg(&src)
-            .args([
-                "--read-write-mode",
-                "--eval",
-                "-E",
-                r#"let foo = builtins.toFile "foo" "bar"; in builtins.toFile "baz" "${foo}""#,
-            ]),
-    );
-    assert_eq!(String::from_utf8_lossy(&out).trim(), format!("\"{BAZ}\""));
+    support::nix_foo_baz(&conf, &src);
 
     // Nix appends `--serve --write`; the wrapper drops them.
     let wrapper = tmp.path().join("remote-program");
@@ -420,22 +409,12 @@ fn serve_over_real_sshd_with_nix_copy() {
     if !support::require(this_test!(), &needs) {
         return;
     }
-    const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
+    const BAZ: &str = support::NIX_BAZ;
     let host = crate::hosts::TestHost::start(3);
     let tmp = tempfile::tempdir().expect("tempdir");
     let conf = tmp.path().join("nixconf");
     let src = tmp.path().join("src");
-    support::run_ok(
-        support::nix_cmd("nix-instantiate", &conf)
-            .arg("--store")
-            .arg(&src)
-            .args([
-                "--read-write-mode",
-                "--eval",
-                "-E",
-                r#"let foo = builtins.toFile "foo" "bar"; in builtins.toFile "baz" "${foo}""#,
-            ]),
-    );
+    support::nix_foo_baz(&conf, &src);
     let remote = format!(
         "ssh://root@{}?remote-program={}",
         host.addr,

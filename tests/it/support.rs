@@ -118,6 +118,30 @@ pub fn nix_cmd(program: &str, conf_dir: &Path) -> Command {
     c
 }
 
+/// Where Nix puts `baz` of [`nix_foo_baz`] in `/nix/store`.
+pub const NIX_BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
+
+/// Creates `foo` ("bar") and `baz` (which refers to `foo`) with Nix's
+/// `nix-instantiate` in its chroot store `store`, config under `conf`, and
+/// checks that `baz` is [`NIX_BAZ`].
+pub fn nix_foo_baz(conf: &Path, store: &Path) {
+    let out = run_ok(
+        nix_cmd("nix-instantiate", conf)
+            .arg("--store")
+            .arg(store)
+            .args([
+                "--read-write-mode",
+                "--eval",
+                "-E",
+                r#"let foo = builtins.toFile "foo" "bar"; in builtins.toFile "baz" "${foo}""#,
+            ]),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        format!("\"{NIX_BAZ}\"")
+    );
+}
+
 /// Runs a command, panicking with its stderr if it fails; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
     let out = cmd

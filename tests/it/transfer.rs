@@ -14,7 +14,7 @@ use crate::support;
 use crate::this_test;
 
 const FOO: &str = "/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo";
-const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
+const BAZ: &str = support::NIX_BAZ;
 
 /// A scratch directory with a Nix config and Nix's chroot store at `root/`.
 struct Scratch {
@@ -49,13 +49,7 @@ impl Scratch {
     }
     /// Creates `foo` and `baz` (which refers to `foo`) in Nix's store `store`.
     fn nix_foo_baz(&self, store: &str) {
-        let out = support::run_ok(self.nix_store_cmd("nix-instantiate", store).args([
-            "--read-write-mode",
-            "--eval",
-            "-E",
-            r#"let foo = builtins.toFile "foo" "bar"; in builtins.toFile "baz" "${foo}""#,
-        ]));
-        assert_eq!(String::from_utf8_lossy(&out).trim(), format!("\"{BAZ}\""));
+        support::nix_foo_baz(&self.path("nixconf"), &self.path(store));
     }
     /// `nix path-info --json --sigs` of one path.
     fn nix_path_info(&self, store: &str, path: &str) -> serde_json::Value {
