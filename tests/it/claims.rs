@@ -91,6 +91,28 @@ fn victim() -> (Store, String, StorePath) {
     (s, drv, out)
 }
 
+/// A fixed-output `.drv` `fetch` whose output is `claimed`, a path its hash
+/// does not give, written under `dir`.
+fn forged_fixed_output(dir: &Path, claimed: &StorePath) -> (PathBuf, ValidPathInfo) {
+    forged(
+        dir,
+        "fetch",
+        DerivationOutput::CAFixed {
+            method: sandoff::store::FileIngestionMethod::Flat,
+            hash: HashAlgo::Sha256.digest(b"pwned\n"),
+            path: claimed.clone(),
+        },
+    )
+}
+
+/// `sandoff store import --no-check-sigs` of `file` as `info`.
+fn import(s: &Store, info: &ValidPathInfo, file: &Path) -> std::process::Output {
+    support::output_with_input(
+        s.cmd().args(["store", "import", "--no-check-sigs"]),
+        &archive(info, file),
+    )
+}
+
 #[test]
 fn a_derivation_claiming_another_output_is_refused_by_every_route() {
     let (s, _, victim_out) = victim();
@@ -104,10 +126,7 @@ fn a_derivation_claiming_another_output_is_refused_by_every_route() {
     );
 
     // store import
-    let out = support::output_with_input(
-        s.cmd().args(["store", "import", "--no-check-sigs"]),
-        &archive(&info, &file),
-    );
+    let out = import(&s, &info, &file);
     let err = text(&out.stderr);
     assert!(!out.status.success(), "import accepted a forged .drv");
     assert!(
@@ -166,19 +185,8 @@ fn a_derivation_claiming_another_output_is_refused_by_every_route() {
 fn a_fixed_output_at_a_path_its_hash_does_not_give_is_refused_on_import() {
     let (s, _, victim_out) = victim();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (file, info) = forged(
-        tmp.path(),
-        "fetch",
-        DerivationOutput::CAFixed {
-            method: sandoff::store::FileIngestionMethod::Flat,
-            hash: HashAlgo::Sha256.digest(b"pwned\n"),
-            path: victim_out.clone(),
-        },
-    );
-    let out = support::output_with_input(
-        s.cmd().args(["store", "import", "--no-check-sigs"]),
-        &archive(&info, &file),
-    );
+    let (file, info) = forged_fixed_output(tmp.path(), &victim_out);
+    let out = import(&s, &info, &file);
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("output 'out'"),
@@ -220,15 +228,7 @@ fn a_forged_fixed_output_already_in_the_store_is_not_built_and_fails_verify() {
     }
     let (s, _, victim_out) = victim();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (file, info) = forged(
-        tmp.path(),
-        "fetch",
-        DerivationOutput::CAFixed {
-            method: sandoff::store::FileIngestionMethod::Flat,
-            hash: HashAlgo::Sha256.digest(b"pwned\n"),
-            path: victim_out.clone(),
-        },
-    );
+    let (file, info) = forged_fixed_output(tmp.path(), &victim_out);
     register_behind_our_back(&s, &info, &file);
     let drv = logical(&info.path);
     let out = s.build(&[&drv]);
