@@ -21,35 +21,27 @@ use serde_json::json;
 use crate::support::{self, Need};
 use crate::this_test;
 
-/// Root, busybox, namespaces and the build users.
+/// Root, busybox, namespaces (what [`crate::sandbox::ready`] checks) and
+/// the build users.
 pub(crate) fn ready(test: &str) -> bool {
-    if !support::require(test, &[Need::Root, Need::Program("busybox")]) {
+    if !crate::sandbox::ready(test) {
         return false;
     }
-    if !Path::new("/bin/busybox").is_file() {
-        return support::require(test, &[Need::Program("/bin/busybox")]);
-    }
-    static OK: OnceLock<bool> = OnceLock::new();
-    let ok = *OK.get_or_init(|| {
-        let ns = Command::new("unshare")
-            .args(["-m", "-p", "-n", "-i", "-u", "-f", "--mount-proc", "true"])
-            .status()
-            .is_ok_and(|s| s.success());
-        ns && ensure_build_users(&BuildUsers::Create {
+    static USERS: OnceLock<bool> = OnceLock::new();
+    let met = *USERS.get_or_init(|| {
+        ensure_build_users(&BuildUsers::Create {
             group: "sandoffbld".to_owned(),
             count: 10,
         })
         .is_ok()
     });
-    if !ok {
-        let _ = support::require(
-            test,
-            &[Need::Program(
-                "working namespaces (unshare -mpniuf) and sandoffbld users",
-            )],
-        );
-    }
-    ok
+    support::require(
+        test,
+        &[Need::Condition {
+            what: "sandoffbld users",
+            met,
+        }],
+    )
 }
 
 /// A store under a temporary directory, with busybox in it.
