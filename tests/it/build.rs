@@ -102,6 +102,23 @@ impl Store {
         c
     }
 
+    /// A new store, if the machine can build (see [`ready`]).
+    pub(crate) fn ready(test: &str) -> Option<Store> {
+        ready(test).then(Store::new)
+    }
+
+    /// Adds a derivation named `name` that runs `script` and takes no
+    /// inputs; returns its `.drv` path.
+    pub(crate) fn script_drv(&self, name: &str, script: &str) -> String {
+        self.drv(
+            name,
+            Spec {
+                script,
+                ..Spec::default()
+            },
+        )
+    }
+
     /// Adds a derivation named `name`; returns its `.drv` path.
     pub(crate) fn drv(&self, name: &str, spec: Spec<'_>) -> String {
         let bb = format!("{}/bin/busybox", self.bb);
@@ -228,17 +245,10 @@ fn assert_canonical(path: &Path) {
 
 #[test]
 fn builds_a_graph_in_order_with_scanned_references_and_canonical_outputs() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let c = s.drv(
-        "c",
-        Spec {
-            script: "echo building c; mkdir $out; echo from-c > $out/file; chmod 755 $out/file; ln -s file $out/link",
-            ..Spec::default()
-        },
-    );
+    };
+    let c = s.script_drv("c", "echo building c; mkdir $out; echo from-c > $out/file; chmod 755 $out/file; ln -s file $out/link");
     let b = s.drv(
         "b",
         Spec {
@@ -336,10 +346,9 @@ fn builds_a_graph_in_order_with_scanned_references_and_canonical_outputs() {
 
 #[test]
 fn concurrent_builds_get_distinct_build_users() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
+    };
     let script = "sleep 2; id -u > $out";
     let x = s.drv(
         "x",
@@ -376,17 +385,10 @@ fn concurrent_builds_get_distinct_build_users() {
 
 #[test]
 fn two_processes_build_the_same_derivation_once() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
-        "once",
-        Spec {
-            script: "sleep 2; echo done > $out",
-            ..Spec::default()
-        },
-    );
+    };
+    let d = s.script_drv("once", "sleep 2; echo done > $out");
     let spawn = || {
         s.cmd()
             .args(["build", "--json", &d])
@@ -440,10 +442,9 @@ fn hello_hashes() -> (String, String) {
 
 #[test]
 fn fixed_output_with_the_right_hash_is_registered_with_its_content_address() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
+    };
     let (flat, rec) = hello_hashes();
     let f = s.drv(
         "hello.txt",
@@ -481,10 +482,9 @@ fn fixed_output_with_the_right_hash_is_registered_with_its_content_address() {
 
 #[test]
 fn fixed_output_gets_only_allowlisted_impure_env_vars() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
+    };
     let expected = "state=unset secret=unset proxy=http://proxy.invalid:3128 extra=unset\n";
     let script = "line=\"state=${SANDOFF_STATE_DIR-unset} secret=${AWS_SECRET_ACCESS_KEY-unset} \
                   proxy=${http_proxy-unset} extra=${MY_FETCH_TOKEN-unset}\"; \
@@ -564,10 +564,9 @@ fn fixed_output_gets_only_allowlisted_impure_env_vars() {
 
 #[test]
 fn fixed_output_with_a_wrong_hash_registers_nothing() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
+    };
     let wrong = HashAlgo::Sha256.digest(b"something else").to_base16();
     let d = s.drv(
         "wrong.txt",
@@ -595,17 +594,10 @@ fn fixed_output_with_a_wrong_hash_registers_nothing() {
 
 #[test]
 fn failing_build_leaves_nothing_and_names_the_derivation() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
-        "fails",
-        Spec {
-            script: "mkdir $out; echo oops >&2; exit 3",
-            ..Spec::default()
-        },
-    );
+    };
+    let d = s.script_drv("fails", "mkdir $out; echo oops >&2; exit 3");
     let out = s.build(&["-L", &d]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
@@ -630,13 +622,7 @@ fn failing_build_leaves_nothing_and_names_the_derivation() {
         text(&nobody.stderr)
     );
 
-    let missing = s.drv(
-        "lazy",
-        Spec {
-            script: "true",
-            ..Spec::default()
-        },
-    );
+    let missing = s.script_drv("lazy", "true");
     let out = s.build(&[&missing]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -648,24 +634,11 @@ fn failing_build_leaves_nothing_and_names_the_derivation() {
 
 #[test]
 fn keep_going_builds_the_independent_rest() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let bad = s.drv(
-        "bad",
-        Spec {
-            script: "exit 1",
-            ..Spec::default()
-        },
-    );
-    let good = s.drv(
-        "good",
-        Spec {
-            script: "echo ok > $out",
-            ..Spec::default()
-        },
-    );
+    };
+    let bad = s.script_drv("bad", "exit 1");
+    let good = s.script_drv("good", "echo ok > $out");
     let above = s.drv(
         "above",
         Spec {
@@ -695,17 +668,10 @@ fn keep_going_builds_the_independent_rest() {
 
 #[test]
 fn silent_and_overlong_builds_are_killed() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let silent = s.drv(
-        "silent",
-        Spec {
-            script: "sleep 1000; echo > $out",
-            ..Spec::default()
-        },
-    );
+    };
+    let silent = s.script_drv("silent", "sleep 1000; echo > $out");
     let out = s.build(&["--max-silent-time", "1", &silent]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -713,13 +679,7 @@ fn silent_and_overlong_builds_are_killed() {
         "{}",
         text(&out.stderr)
     );
-    let chatty = s.drv(
-        "chatty",
-        Spec {
-            script: "while true; do echo tick; sleep 0.2; done",
-            ..Spec::default()
-        },
-    );
+    let chatty = s.script_drv("chatty", "while true; do echo tick; sleep 0.2; done");
     let out = s.build(&["--timeout", "1", "--max-silent-time", "5", &chatty]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -733,17 +693,10 @@ fn silent_and_overlong_builds_are_killed() {
 
 #[test]
 fn limits_of_u64_max_seconds_mean_forever_and_do_not_panic() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let quick = s.drv(
-        "quick",
-        Spec {
-            script: "echo done > $out",
-            ..Spec::default()
-        },
-    );
+    };
+    let quick = s.script_drv("quick", "echo done > $out");
     let max = u64::MAX.to_string();
     let out = s.build(&["--timeout", &max, "--max-silent-time", &max, &quick]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -757,10 +710,9 @@ fn limits_of_u64_max_seconds_mean_forever_and_do_not_panic() {
 
 #[test]
 fn resource_flags_reach_the_sandbox() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
+    };
     let d = s.drv(
         "limits",
         Spec {
@@ -795,16 +747,12 @@ fn resource_flags_reach_the_sandbox() {
 
 #[test]
 fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
+    };
+    let d = s.script_drv(
         "slow",
-        Spec {
-            script: "mkdir $out; echo started; sleep 2; echo done > $out/f",
-            ..Spec::default()
-        },
+        "mkdir $out; echo started; sleep 2; echo done > $out/f",
     );
     let mut child = s
         .cmd()
@@ -855,17 +803,10 @@ fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
 
 #[test]
 fn keep_failed_keeps_and_reports_the_build_directory() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
-        "kept",
-        Spec {
-            script: "echo partial > $TMPDIR/note; exit 1",
-            ..Spec::default()
-        },
-    );
+    };
+    let d = s.script_drv("kept", "echo partial > $TMPDIR/note; exit 1");
     let out = s.build(&["--keep-failed", &d]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
@@ -934,17 +875,10 @@ fn example_graph_builds() {
 
 #[test]
 fn build_places_each_derivation_with_the_decision_module() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
-        "placed",
-        Spec {
-            script: "echo placed > $out",
-            ..Spec::default()
-        },
-    );
+    };
+    let d = s.script_drv("placed", "echo placed > $out");
     // A local machine that cannot build x86_64-linux, and no machines.
     let out = s.build(&["--system", "aarch64-linux", "--extra-platforms=", &d]);
     assert_eq!(out.status.code(), Some(1));
@@ -1037,17 +971,10 @@ pub(crate) fn assert_terminal_safe(err: &[u8], what: &str) {
 
 #[test]
 fn failing_build_log_tail_reaches_stderr_without_terminal_escapes() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
-        "hostile-fails",
-        Spec {
-            script: &hostile_log_script(3),
-            ..Spec::default()
-        },
-    );
+    };
+    let d = s.script_drv("hostile-fails", &hostile_log_script(3));
     let out = s.build(&[&d]);
     assert_eq!(out.status.code(), Some(1));
     assert_terminal_safe(&out.stderr, "log tail");
@@ -1058,17 +985,10 @@ fn failing_build_log_tail_reaches_stderr_without_terminal_escapes() {
 
 #[test]
 fn streamed_build_log_reaches_stderr_without_terminal_escapes() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
-        "hostile-ok",
-        Spec {
-            script: &hostile_log_script(0),
-            ..Spec::default()
-        },
-    );
+    };
+    let d = s.script_drv("hostile-ok", &hostile_log_script(0));
     let out = s.build(&["-L", &d]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_terminal_safe(&out.stderr, "-L");

@@ -17,7 +17,7 @@ use sandoff::serve::{serve, ServeOptions, SERVE_MAGIC_1, SERVE_MAGIC_2};
 use sandoff::store::export::write_export;
 use sandoff::store::{nar, wire, HashAlgo, StoreDir, StorePath, ValidPathInfo};
 
-use crate::build::{logical, ready, text, Spec, Store};
+use crate::build::{logical, ready, text, Store};
 use crate::support;
 use crate::this_test;
 
@@ -80,13 +80,7 @@ fn assert_absent(s: &Store, path: &StorePath) {
 /// a forged derivation claims.
 fn victim() -> (Store, String, StorePath) {
     let s = Store::new();
-    let drv = s.drv(
-        "victim",
-        Spec {
-            script: "echo real > $out",
-            ..Spec::default()
-        },
-    );
+    let drv = s.script_drv("victim", "echo real > $out");
     let out = s.out(&drv);
     (s, drv, out)
 }
@@ -259,10 +253,9 @@ fn a_forged_fixed_output_already_in_the_store_is_not_built_and_fails_verify() {
 
 #[test]
 fn a_derivation_that_depends_on_itself_is_named() {
-    if !ready(this_test!()) {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
+    };
     let sd = StoreDir::default();
     // A path that cannot be its contents' text path: it names itself.
     let me = StorePath::from_base_name("00000000000000000000000000000000-loop.drv").expect("path");

@@ -193,13 +193,7 @@ fn finishes_elsewhere(
         ],
     );
     let script = format!("echo started; sleep {seconds}; echo done > $out");
-    let d = s.drv(
-        name,
-        Spec {
-            script: &script,
-            ..Spec::default()
-        },
-    );
+    let d = s.script_drv(name, &script);
     let child = s
         .cmd()
         .arg("build")
@@ -349,13 +343,7 @@ fn a_remote_failure_fails_the_build_with_the_remote_log() {
     let Some((h, s, machines)) = one_trusted_host(this_test!(), 14) else {
         return;
     };
-    let d = s.drv(
-        "fails",
-        Spec {
-            script: "echo remote-says-hello; exit 3",
-            ..Spec::default()
-        },
-    );
+    let d = s.script_drv("fails", "echo remote-says-hello; exit 3");
     let out = build_with(&s, &machines, &d);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
@@ -391,13 +379,7 @@ fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
     let holds_log = |log: &[u8]| log.windows(HOSTILE_LOG.len()).any(|w| w == HOSTILE_LOG);
 
     // Failing: the machine's message and the log tail in the error.
-    let d = s.drv(
-        "hostile-remote-fails",
-        Spec {
-            script: &hostile_log_script(3),
-            ..Spec::default()
-        },
-    );
+    let d = s.script_drv("hostile-remote-fails", &hostile_log_script(3));
     let out = build_with(&s, &machines, &d);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(&format!("failed on '{}'", uri(&h))));
@@ -410,13 +392,7 @@ fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
     );
 
     // Succeeding, with -L: the streamed log.
-    let d = s.drv(
-        "hostile-remote-ok",
-        Spec {
-            script: &hostile_log_script(0),
-            ..Spec::default()
-        },
-    );
+    let d = s.script_drv("hostile-remote-ok", &hostile_log_script(0));
     let out = s.build(&["-L", "--machines", machines_arg(&machines), &d]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_terminal_safe(&out.stderr, "remote -L");
