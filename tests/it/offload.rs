@@ -152,15 +152,20 @@ fn keygen(path: &Path, comment: &str) {
     );
 }
 
+/// After [`offload_ready`], host `index` started and a client store that
+/// trusts it.
+fn trusted_host(test: &str, index: u8) -> Option<(TestHost, Store)> {
+    offload_ready(test).then(|| {
+        let (h, s) = (TestHost::start(index), Store::new());
+        trust(&s, &h);
+        (h, s)
+    })
+}
+
 /// For tests with one host: after [`offload_ready`], host `index` started,
 /// a client store that trusts it, and a machines file naming it.
 fn one_trusted_host(test: &str, index: u8) -> Option<(TestHost, Store, PathBuf)> {
-    if !offload_ready(test) {
-        return None;
-    }
-    let h = TestHost::start(index);
-    let s = Store::new();
-    trust(&s, &h);
+    let (h, s) = trusted_host(test, index)?;
     let machines = write_machines(&s, &[Entry::new(&h)]);
     Some((h, s, machines))
 }
@@ -411,12 +416,9 @@ fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
 
 #[test]
 fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
-    if !offload_ready(this_test!()) {
+    let Some((h, s)) = trusted_host(this_test!(), 15) else {
         return;
-    }
-    let h = TestHost::start(15);
-    let s = Store::new();
-    trust(&s, &h);
+    };
     let other = s.tmp.path().join("other_host_key");
     keygen(&other, "impostor");
     let wrong = std::fs::read_to_string(other.with_extension("pub")).expect("pub");
@@ -617,12 +619,9 @@ fn nix_copy_closure_copies_into_a_sandoff_host() {
 
 #[test]
 fn a_refused_login_puts_the_machine_in_backoff_and_builds_here() {
-    if !offload_ready(this_test!()) {
+    let Some((h, s)) = trusted_host(this_test!(), 24) else {
         return;
-    }
-    let h = TestHost::start(24);
-    let s = Store::new();
-    trust(&s, &h);
+    };
     let stranger = s.tmp.path().join("stranger");
     keygen(&stranger, "stranger");
     let line = Entry::new(&h).line().replacen(
