@@ -131,6 +131,11 @@ struct NixEnv {
 }
 
 impl NixEnv {
+    /// A new environment, if Nix's tools are there (see [`needs_nix`]).
+    fn ready(test: &str) -> Option<NixEnv> {
+        needs_nix(test).then(NixEnv::new)
+    }
+
     fn new() -> NixEnv {
         let tmp = tempfile::tempdir().unwrap();
         let conf = tmp.path().join("conf");
@@ -184,10 +189,9 @@ fn needs_nix(test: &str) -> bool {
 
 #[test]
 fn dump_and_hash_agree_with_nix_on_odd_trees() {
-    if !needs_nix(this_test!()) {
+    let Some(env) = NixEnv::ready(this_test!()) else {
         return;
-    }
-    let env = NixEnv::new();
+    };
     let trees = build_trees(&env.work);
     for name in TREES {
         let p = trees.join(name);
@@ -213,10 +217,9 @@ fn dump_and_hash_agree_with_nix_on_odd_trees() {
 
 #[test]
 fn nix_restores_our_nars_and_we_restore_nix_nars() {
-    if !needs_nix(this_test!()) {
+    let Some(env) = NixEnv::ready(this_test!()) else {
         return;
-    }
-    let env = NixEnv::new();
+    };
     let trees = build_trees(&env.work);
     for name in TREES {
         let ours = dump_vec(&trees.join(name));
@@ -240,13 +243,12 @@ fn nix_restores_our_nars_and_we_restore_nix_nars() {
 
 #[test]
 fn dump_agrees_with_nix_on_a_generated_tree() {
-    if !needs_nix(this_test!()) {
-        return;
-    }
     // Many entries (directories with enough files to be read by two threads),
     // sizes around the padding boundaries and a file large enough to be read
     // ahead on a helper thread.
-    let env = NixEnv::new();
+    let Some(env) = NixEnv::ready(this_test!()) else {
+        return;
+    };
     let root = env.work.join("gen");
     std::fs::create_dir(&root).unwrap();
     for i in 0..300usize {
