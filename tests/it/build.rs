@@ -44,6 +44,12 @@ pub(crate) fn ready(test: &str) -> bool {
     )
 }
 
+/// `out`'s stderr holds `needle`.
+pub(crate) fn assert_stderr_has(out: &std::process::Output, needle: &str) {
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(needle), "{stderr}");
+}
+
 /// A store under a temporary directory, with busybox in it.
 pub(crate) struct Store {
     pub(crate) tmp: tempfile::TempDir,
@@ -616,20 +622,12 @@ fn failing_build_leaves_nothing_and_names_the_derivation() {
 
     let nobody = s.build(&["--build-users-group", "sandoff-no-such-group", &d]);
     assert_eq!(nobody.status.code(), Some(1));
-    assert!(
-        text(&nobody.stderr).contains(&format!("cannot build '{d}': no build users: build users group 'sandoff-no-such-group' does not exist")),
-        "{}",
-        text(&nobody.stderr)
-    );
+    assert_stderr_has(&nobody, &format!("cannot build '{d}': no build users: build users group 'sandoff-no-such-group' does not exist"));
 
     let missing = s.script_drv("lazy", "true");
     let out = s.build(&[&missing]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("did not produce output 'out'"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "did not produce output 'out'");
 }
 
 #[test]
@@ -674,19 +672,11 @@ fn silent_and_overlong_builds_are_killed() {
     let silent = s.script_drv("silent", "sleep 1000; echo > $out");
     let out = s.build(&["--max-silent-time", "1", &silent]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("timed out after 1 seconds of silence"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "timed out after 1 seconds of silence");
     let chatty = s.script_drv("chatty", "while true; do echo tick; sleep 0.2; done");
     let out = s.build(&["--timeout", "1", "--max-silent-time", "5", &chatty]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("timed out"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "timed out");
     assert!(s.info(&s.out(&chatty)).is_none());
     assert!(s.build_dirs().is_empty());
 }
@@ -841,11 +831,7 @@ fn log_of_an_unbuilt_derivation_is_an_error() {
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("no build log of"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "no build log of");
 }
 
 /// `examples/graph/build.sh`: the diamond with a fixed-output root builds.
@@ -978,7 +964,7 @@ fn failing_build_log_tail_reaches_stderr_without_terminal_escapes() {
     let out = s.build(&[&d]);
     assert_eq!(out.status.code(), Some(1));
     assert_terminal_safe(&out.stderr, "log tail");
-    assert!(text(&out.stderr).contains("xy"), "{}", text(&out.stderr));
+    assert_stderr_has(&out, "xy");
     let log = support::run_ok(s.cmd().args(["log", &d]));
     assert_eq!(log, HOSTILE_LOG, "the log on disk is as the build wrote it");
 }
@@ -992,11 +978,7 @@ fn streamed_build_log_reaches_stderr_without_terminal_escapes() {
     let out = s.build(&["-L", &d]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_terminal_safe(&out.stderr, "-L");
-    assert!(
-        text(&out.stderr).contains("hostile-ok> xy\n"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "hostile-ok> xy\n");
     let log = support::run_ok(s.cmd().args(["log", &d]));
     assert_eq!(log, HOSTILE_LOG, "the log on disk is as the build wrote it");
 }

@@ -17,7 +17,7 @@ use sandoff::serve::{serve, ServeOptions, SERVE_MAGIC_1, SERVE_MAGIC_2};
 use sandoff::store::export::write_export;
 use sandoff::store::{nar, wire, HashAlgo, StoreDir, StorePath, ValidPathInfo};
 
-use crate::build::{logical, ready, text, Store};
+use crate::build::{assert_stderr_has, logical, ready, text, Store};
 use crate::support;
 use crate::this_test;
 
@@ -138,11 +138,7 @@ fn a_derivation_claiming_another_output_is_refused_by_every_route() {
         .output()
         .expect("run");
     assert!(!out.status.success(), "store add accepted a forged .drv");
-    assert!(
-        text(&out.stderr).contains("refusing derivation"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "refusing derivation");
 
     // the serve protocol's ImportPaths
     let store = s.open();
@@ -182,11 +178,7 @@ fn a_fixed_output_at_a_path_its_hash_does_not_give_is_refused_on_import() {
     let (file, info) = forged_fixed_output(tmp.path(), &victim_out);
     let out = import(&s, &info, &file);
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("output 'out'"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "output 'out'");
     assert_absent(&s, &info.path);
 }
 
@@ -244,11 +236,7 @@ fn a_forged_fixed_output_already_in_the_store_is_not_built_and_fails_verify() {
         .output()
         .expect("run");
     assert!(!out.status.success(), "verify passed a forged derivation");
-    assert!(
-        text(&out.stderr).contains("not what its name claims"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "not what its name claims");
 }
 
 #[test]
@@ -323,9 +311,5 @@ fn a_store_name_starting_with_a_period_is_refused() {
         !out.status.success(),
         "a name starting with '.' was accepted"
     );
-    assert!(
-        text(&out.stderr).contains("must not start with a period"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "must not start with a period");
 }

@@ -11,7 +11,8 @@ use base64::Engine as _;
 use sandoff::store::StorePath;
 
 use crate::build::{
-    assert_terminal_safe, hostile_log_script, logical, ready, text, Spec, Store, HOSTILE_LOG,
+    assert_stderr_has, assert_terminal_safe, hostile_log_script, logical, ready, text, Spec, Store,
+    HOSTILE_LOG,
 };
 use crate::hosts::{self, TestHost};
 use crate::support;
@@ -401,11 +402,7 @@ fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
     let out = s.build(&["-L", "--machines", machines_arg(&machines), &d]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_terminal_safe(&out.stderr, "remote -L");
-    assert!(
-        text(&out.stderr).contains("hostile-remote-ok> xy\n"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "hostile-remote-ok> xy\n");
     let log = support::run_ok(s.cmd().arg("log").arg(&d));
     assert!(
         holds_log(&log),
