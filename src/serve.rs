@@ -69,14 +69,15 @@ use std::io::{self, Read, Write};
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::build::local::{realise_one, remove_stale_build_dirs, StepOutcome};
-use crate::build::{self, builds_dir, BuildContext, BuildError, Event, Options};
+use crate::build::{self, builds_dir, BuildContext, BuildErrorKind, Event, Options};
 use crate::decide::Placement;
 use crate::derivation::modulo::hash_derivation_modulo;
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
-use crate::sandbox::{BuildOutcome, Limits, UserPool};
+use crate::sandbox::{BuildOutcome, Limits, UserError, UserPool};
 use crate::serve_protocol::{
     self, BuildOptions, BuildResult, BuildStatus, ProtocolError, MAX_ITEMS, MAX_STRING,
 };
@@ -105,7 +106,7 @@ pub struct ServeOptions {
 pub struct BuildSetup<'a> {
     /// The build users, or why there are none: then only derivations whose
     /// outputs are valid already succeed, and builds fail with the reason.
-    pub pool: Result<&'a UserPool, String>,
+    pub pool: Result<&'a UserPool, Arc<UserError>>,
     /// Where each log line goes as the build runs, besides the log file:
     /// the server's stderr, which ssh carries to the client.
     pub log: &'a mut (dyn Write + Send),
@@ -243,7 +244,9 @@ pub fn serve(
 ) -> Result<(), ServeError> {
     let mut stderr = io::stderr();
     let setup = BuildSetup {
-        pool: Err("this server was started without build users".to_owned()),
+        pool: Err(Arc::new(UserError::NotGiven {
+            why: "this server was started without build users",
+        })),
         log: &mut stderr,
         hangup: None,
         cores: 1,
@@ -656,7 +659,7 @@ impl Server<'_, '_> {
                 result.built_outputs = outputs;
             }
             Err(e) => {
-                result.status = failure_status(&e, drv.is_fixed_output());
+                result.status = failure_status(&e.kind, drv.is_fixed_output());
                 result.error_msg = e.to_string();
             }
         }
@@ -898,21 +901,22 @@ fn build_options(options: &BuildOptions, setup: &BuildSetup<'_>, stream_logs: bo
 }
 
 /// The status of a failed build, as Nix 2.8's `buildDone` (module docs).
-fn failure_status(e: &BuildError, fixed_output: bool) -> BuildStatus {
+fn failure_status(e: &BuildErrorKind, fixed_output: bool) -> BuildStatus {
+    use BuildErrorKind as K;
     match e {
-        BuildError::Kept { error, .. } => failure_status(error, fixed_output),
-        BuildError::Failed {
+        K::Kept { error, .. } => failure_status(error, fixed_output),
+        K::Failed {
             outcome: BuildOutcome::TimedOut { .. },
             ..
         } => BuildStatus::TimedOut,
-        BuildError::Failed { .. } if fixed_output => BuildStatus::TransientFailure,
-        BuildError::Failed { .. } => BuildStatus::PermanentFailure,
-        BuildError::MissingOutput { .. }
-        | BuildError::ForeignFile { .. }
-        | BuildError::UnsupportedType { .. }
-        | BuildError::HashMismatch { .. }
-        | BuildError::FlatNotRegular { .. }
-        | BuildError::FixedReferences { .. } => BuildStatus::OutputRejected,
+        K::Failed { .. } if fixed_output => BuildStatus::TransientFailure,
+        K::Failed { .. } => BuildStatus::PermanentFailure,
+        K::MissingOutput { .. }
+        | K::ForeignFile { .. }
+        | K::UnsupportedType { .. }
+        | K::HashMismatch { .. }
+        | K::FlatNotRegular
+        | K::FixedReferences { .. } => BuildStatus::OutputRejected,
         _ => BuildStatus::MiscFailure,
     }
 }
@@ -1215,8 +1219,7 @@ mod tests {
 
     #[test]
     fn failures_map_to_nix_statuses() {
-        let failed = |outcome| BuildError::Failed {
-            drv: "d".to_owned(),
+        let failed = |outcome| BuildErrorKind::Failed {
             outcome,
             kept: None,
             tail: Vec::new(),
@@ -1242,21 +1245,17 @@ mod tests {
             failure_status(&failed(exit), true),
             BuildStatus::TransientFailure
         );
-        let kept = BuildError::Kept {
+        let kept = BuildErrorKind::Kept {
             error: Box::new(failed(exit)),
             dir: "/tmp/x".into(),
         };
         assert_eq!(failure_status(&kept, false), BuildStatus::PermanentFailure);
-        let missing = BuildError::MissingOutput {
-            drv: "d".to_owned(),
+        let missing = BuildErrorKind::MissingOutput {
             output: "out".to_owned(),
             path: "p".to_owned(),
         };
         assert_eq!(failure_status(&missing, false), BuildStatus::OutputRejected);
-        let no_users = BuildError::NoUsers {
-            drv: "d".to_owned(),
-            reason: "none".to_owned(),
-        };
+        let no_users = BuildErrorKind::NoUsers(Arc::new(UserError::NotGiven { why: "none" }));
         assert_eq!(failure_status(&no_users, false), BuildStatus::MiscFailure);
     }
 

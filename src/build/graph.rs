@@ -14,8 +14,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::local::{realise_one, remove_stale_build_dirs, BuildContext, StepOutcome};
-use super::{builds_dir, BuildError, Event};
-use crate::derivation::{check, Derivation, DrvHasher};
+use super::{builds_dir, BuildError, BuildErrorKind, Event, GraphError};
+use crate::derivation::check::{self, ReadError};
+use crate::derivation::{Derivation, DrvHasher};
 use crate::store::local::LocalStore;
 use crate::store::StorePath;
 
@@ -56,21 +57,9 @@ struct Node {
     dependents: BTreeSet<StorePath>,
 }
 
-/// Reads and parses the `.drv` file of `path`, which must be valid.
-pub fn read_derivation(store: &LocalStore, path: &StorePath) -> Result<Derivation, BuildError> {
-    let loc = store.location();
-    if !store.is_valid(path)? {
-        return Err(BuildError::NotValid {
-            drv: loc.logical(path),
-        });
-    }
-    let file = loc.real_path(path);
-    check::read_drv_file(&file, &loc.dir)
-        .map(|(_, drv)| drv)
-        .map_err(|e| BuildError::BadDerivation {
-            drv: loc.logical(path),
-            reason: e.to_string(),
-        })
+/// Reads the derivation at `path`, which must be valid.
+pub fn read_derivation(store: &LocalStore, path: &StorePath) -> Result<Derivation, ReadError> {
+    check::read_derivation(store, path)
 }
 
 /// The nodes to build by `.drv` path, and every root's parsed derivation.
@@ -81,10 +70,10 @@ type Loaded = (BTreeMap<StorePath, Node>, BTreeMap<StorePath, Derivation>);
 /// checked to give the output paths it names ([`check::check_outputs`]):
 /// one that claims another's outputs would otherwise "build" at once, or
 /// write what the real derivation later reuses. A cycle is named.
-fn load(store: &LocalStore, roots: &[StorePath]) -> Result<Loaded, BuildError> {
+fn load(store: &LocalStore, roots: &[StorePath]) -> Result<Loaded, GraphError> {
     let (nodes, root_drvs, read) = walk(store, roots)?;
     if let Some(cycle) = find_cycle(&nodes) {
-        return Err(BuildError::Cycle {
+        return Err(GraphError::Cycle {
             cycle: cycle.iter().map(|p| store.location().logical(p)).collect(),
         });
     }
@@ -92,9 +81,8 @@ fn load(store: &LocalStore, roots: &[StorePath]) -> Result<Loaded, BuildError> {
         read_derivation(store, p)
     });
     for (path, drv) in &read {
-        check::check_outputs(drv, path, &mut hasher).map_err(|source| BuildError::Refused {
-            drv: store.location().logical(path),
-            source,
+        check::check_outputs(drv, path, &mut hasher).map_err(|source| {
+            BuildError::new(&store.location().dir, path, BuildErrorKind::Refused(source))
         })?;
     }
     Ok((nodes, root_drvs))
@@ -148,7 +136,7 @@ type Walked = (
 
 /// Every derivation read from `roots` down (stopping at those whose
 /// outputs are all valid), as [`Loaded`] plus all of them by path.
-fn walk(store: &LocalStore, roots: &[StorePath]) -> Result<Walked, BuildError> {
+fn walk(store: &LocalStore, roots: &[StorePath]) -> Result<Walked, GraphError> {
     let mut nodes: BTreeMap<StorePath, Node> = BTreeMap::new();
     let mut root_drvs = BTreeMap::new();
     let mut read = Vec::new();
@@ -158,12 +146,6 @@ fn walk(store: &LocalStore, roots: &[StorePath]) -> Result<Walked, BuildError> {
         if !seen.insert(path.clone()) {
             continue;
         }
-        if !path.is_derivation() {
-            return Err(BuildError::BadDerivation {
-                drv: store.location().logical(&path),
-                reason: "not a .drv store path".to_owned(),
-            });
-        }
         let drv = read_derivation(store, &path)?;
         read.push((path.clone(), drv.clone()));
         if roots.contains(&path) {
@@ -171,10 +153,14 @@ fn walk(store: &LocalStore, roots: &[StorePath]) -> Result<Walked, BuildError> {
         }
         let outputs = drv.output_paths();
         if outputs.len() != drv.outputs.len() {
-            return Err(BuildError::Unsupported {
-                drv: store.location().logical(&path),
-                reason: "some output paths are not known before the build (content-addressed or deferred outputs)".to_owned(),
-            });
+            return Err(BuildError::new(
+                &store.location().dir,
+                &path,
+                BuildErrorKind::Unsupported {
+                    reason: "some output paths are not known before the build (content-addressed or deferred outputs)".to_owned(),
+                },
+            )
+            .into());
         }
         let mut missing = false;
         for p in outputs.values() {
@@ -245,7 +231,7 @@ pub fn realise(
     ctx: &BuildContext<'_>,
     roots: &[StorePath],
     on_event: &mut dyn FnMut(&Event),
-) -> Result<Realisation, BuildError> {
+) -> Result<Realisation, GraphError> {
     // Leftovers of killed runs; failing to clean them is no reason not to build.
     if let Err(e) = remove_stale_build_dirs(&builds_dir(ctx.store.location())) {
         tracing::warn!("cannot remove stale build directories: {e}");
@@ -279,7 +265,7 @@ fn schedule(
     keep_going: bool,
     on_event: &mut dyn FnMut(&Event),
     step: &Step<'_>,
-) -> Result<Realisation, BuildError> {
+) -> Result<Realisation, GraphError> {
     let (mut nodes, root_drvs) = load(store, roots)?;
     let mut result = Realisation::default();
     on_event(&Event::Planned {
@@ -489,10 +475,13 @@ mod tests {
             std::thread::sleep(Duration::from_millis(30));
             running.fetch_sub(1, Ordering::SeqCst);
             if fail.contains(&name.as_str()) {
-                Err(BuildError::Unsupported {
-                    drv: name,
-                    reason: "told to fail".to_owned(),
-                })
+                Err(BuildError::new(
+                    &StoreDir::default(),
+                    p,
+                    BuildErrorKind::Unsupported {
+                        reason: "told to fail".to_owned(),
+                    },
+                ))
             } else {
                 Ok(StepOutcome::Built)
             }

@@ -7,14 +7,16 @@ use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{builds_dir, log_path, BuildError, Event, Options};
-use crate::decide::{Decision, MachineName, Placement};
+use super::somewhere::{build_somewhere, Progress, Somewhere, SomewhereError};
+use super::{builds_dir, log_path, BuildError, BuildErrorKind, Event, Options};
+use crate::decide::{Decision, Placement};
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
-use crate::remote::offloader::{LocalPermit, OffloadError, Offloader, Placed, RemoteOutcome};
+use crate::remote::offloader::{LocalPermit, Offloader, RemoteJob};
 use crate::sandbox::plan::{impure_env_allowed, DEFAULT_BUILD_DIR_NAME};
-use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserPool};
+use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserError, UserPool};
 use crate::serve_protocol::BuildOptions;
 use crate::store::local::{LocalStore, PathLocks, StagedPath};
 use crate::store::refscan;
@@ -33,7 +35,7 @@ pub struct BuildContext<'a> {
     /// The build users, or why there are none: then only derivations whose
     /// outputs are valid already can be realised (as Nix, which needs no
     /// build user when there is nothing to build).
-    pub pool: Result<&'a UserPool, String>,
+    pub pool: Result<&'a UserPool, Arc<UserError>>,
     /// How to build.
     pub options: Options,
     /// Where each derivation may be built: asked for every derivation that
@@ -64,6 +66,17 @@ pub fn realise_one(
     drv: &Derivation,
     events: &Sender<Event>,
 ) -> Result<StepOutcome, BuildError> {
+    realise_one_here(ctx, drv_path, drv, events)
+        .map_err(|kind| BuildError::new(&ctx.store.location().dir, drv_path, kind))
+}
+
+/// [`realise_one`], its failure without the derivation it is about.
+fn realise_one_here(
+    ctx: &BuildContext<'_>,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    events: &Sender<Event>,
+) -> Result<StepOutcome, BuildErrorKind> {
     let store = ctx.store;
     let outputs: BTreeSet<StorePath> = drv.output_paths().into_values().collect();
     let locks = match store.try_lock_paths(&outputs)? {
@@ -89,31 +102,42 @@ pub fn realise_one(
             .stream_logs
             .then(|| (events.clone(), drv_path.clone())),
     )?;
-    let r = build_locked(ctx, drv_path, drv, &locks, &mut log);
+    let r = build_somewhere_locked(ctx, drv_path, drv, &locks, &mut log, events);
     log.finish();
     r.map(|()| StepOutcome::Built)
 }
 
 /// Builds `drv` under `locks` (which must cover its outputs) and registers
-/// its outputs; see the module docs of [`crate::build`].
+/// its outputs; see the module docs of [`crate::build`]. Warnings about
+/// machines go to `events`.
 pub fn build_locked(
     ctx: &BuildContext<'_>,
     drv_path: &StorePath,
     drv: &Derivation,
     locks: &PathLocks,
     log: &mut LogSink,
+    events: &Sender<Event>,
 ) -> Result<(), BuildError> {
+    build_somewhere_locked(ctx, drv_path, drv, locks, log, events)
+        .map_err(|kind| BuildError::new(&ctx.store.location().dir, drv_path, kind))
+}
+
+/// [`build_locked`], its failure without the derivation it is about.
+fn build_somewhere_locked(
+    ctx: &BuildContext<'_>,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    locks: &PathLocks,
+    log: &mut LogSink,
+    events: &Sender<Event>,
+) -> Result<(), BuildErrorKind> {
     let store = ctx.store;
     let loc = store.location();
     let drv_name = loc.logical(drv_path);
-    let unsupported = |reason: &str| BuildError::Unsupported {
-        drv: drv_name.clone(),
+    let unsupported = |reason: &str| BuildErrorKind::Unsupported {
         reason: reason.to_owned(),
     };
-    let kind = drv.kind().map_err(|source| BuildError::Derivation {
-        drv: drv_name.clone(),
-        source,
-    })?;
+    let kind = drv.kind().map_err(BuildErrorKind::Derivation)?;
     match kind {
         DerivationKind::InputAddressed { deferred: false } | DerivationKind::Fixed => {}
         DerivationKind::InputAddressed { deferred: true } => {
@@ -142,31 +166,25 @@ pub fn build_locked(
             }
             None
         }
-        Some(off) => match place_or_offload(ctx, off, drv_path, drv, &inputs, locks, log)? {
-            Some(permit) => Some(permit),
-            None => return Ok(()),
-        },
+        Some(off) => {
+            match place_or_offload(ctx, off, drv_path, drv, &inputs, locks, log, events)? {
+                Some(permit) => Some(permit),
+                None => return Ok(()),
+            }
+        }
     };
     if drv.builder.starts_with(b"builtin:") {
         return Err(unsupported("built-in builders (builtin:...)"));
     }
     let closure = store.closure(&inputs)?;
 
-    let pool = ctx.pool.as_ref().map_err(|reason| BuildError::NoUsers {
-        drv: drv_name.clone(),
-        reason: reason.clone(),
-    })?;
-    let lease = pool
-        .acquire(USER_POLL)
-        .map_err(|source| BuildError::Users {
-            drv: drv_name.clone(),
-            source,
-        })?;
+    let pool = ctx
+        .pool
+        .as_ref()
+        .map_err(|e| BuildErrorKind::NoUsers(Arc::clone(e)))?;
+    let lease = pool.acquire(USER_POLL).map_err(BuildErrorKind::Users)?;
     let slot = BuildSlot::create(&builds_dir(loc))?;
-    let dirs = HostDirs::create(&slot.dir, lease.user()).map_err(|source| BuildError::Sandbox {
-        drv: drv_name.clone(),
-        source,
-    })?;
+    let dirs = HostDirs::create(&slot.dir, lease.user()).map_err(BuildErrorKind::Sandbox)?;
     let fixed = kind == DerivationKind::Fixed;
     let spec = SandboxSpec {
         store_dir: loc.dir.clone(),
@@ -202,12 +220,8 @@ pub fn build_locked(
     let ran = run_build(&lease, &spec, log);
 
     let result = match ran {
-        Err(source) => Err(BuildError::Sandbox {
-            drv: drv_name.clone(),
-            source,
-        }),
-        Ok(outcome) if !outcome.success() => Err(BuildError::Failed {
-            drv: drv_name.clone(),
+        Err(source) => Err(BuildErrorKind::Sandbox(source)),
+        Ok(outcome) if !outcome.success() => Err(BuildErrorKind::Failed {
             outcome,
             kept: ctx.options.keep_failed.then(|| dirs.top().to_path_buf()),
             tail: log.tail(),
@@ -236,8 +250,8 @@ pub fn build_locked(
             let _ = fs::set_permissions(&top, fs::Permissions::from_mode(0o755));
             slot.keep();
             match e {
-                e @ BuildError::Failed { .. } => Err(e),
-                e => Err(BuildError::Kept {
+                e @ BuildErrorKind::Failed { .. } => Err(e),
+                e => Err(BuildErrorKind::Kept {
                     error: Box::new(e),
                     dir: top,
                 }),
@@ -260,16 +274,16 @@ pub fn build_locked(
 pub fn input_paths(
     store: &LocalStore,
     drv: &Derivation,
-) -> Result<BTreeSet<StorePath>, BuildError> {
+) -> Result<BTreeSet<StorePath>, BuildErrorKind> {
     let mut inputs = drv.input_sources.clone();
     for (input, names) in &drv.input_derivations {
         let outs = store.derivation_outputs(input)?;
         for name in names {
             let p = outs
                 .get(name.as_str())
-                .ok_or_else(|| BuildError::BadDerivation {
-                    drv: store.location().logical(input),
-                    reason: format!("it has no output '{name}'"),
+                .ok_or_else(|| BuildErrorKind::NoSuchOutput {
+                    input: store.location().logical(input),
+                    output: name.to_string(),
                 })?;
             inputs.insert(p.clone());
         }
@@ -277,10 +291,13 @@ pub fn input_paths(
     Ok(inputs)
 }
 
-/// Places `drv` with the offloader: builds it remotely (failing over to
-/// other machines, or here, while the machine is at fault), or returns the
+/// Builds `drv` somewhere ([`build_somewhere`]): remotely (failing over to
+/// other machines, or here, while a machine is at fault), or returns the
 /// local permit when it is to be built here. `None`: built remotely, its
-/// outputs valid here.
+/// outputs valid here. A machine refused for a reason that may be an attack
+/// (a host key that does not match, a refused login) is reported as an
+/// [`Event::Warning`] every time, even when the build succeeds elsewhere.
+#[allow(clippy::too_many_arguments)]
 fn place_or_offload<'o>(
     ctx: &BuildContext<'_>,
     off: &'o Offloader,
@@ -289,61 +306,56 @@ fn place_or_offload<'o>(
     inputs: &BTreeSet<StorePath>,
     locks: &PathLocks,
     log: &mut LogSink,
-) -> Result<Option<LocalPermit<'o>>, BuildError> {
-    let loc = ctx.store.location();
-    let drv_name = loc.logical(drv_path);
+    events: &Sender<Event>,
+) -> Result<Option<LocalPermit<'o>>, BuildErrorKind> {
+    let drv_name = ctx.store.location().logical(drv_path);
     let secs = |d: Option<Duration>| d.map_or(0, |d| d.as_secs().max(1));
-    let options = BuildOptions {
-        max_silent_time: secs(ctx.options.max_silent),
-        build_timeout: secs(ctx.options.timeout),
-        max_log_size: 0,
-        keep_failed: ctx.options.keep_failed,
+    let job = RemoteJob {
+        store: ctx.store,
+        drv_path,
+        drv,
+        inputs,
+        locks,
+        options: BuildOptions {
+            max_silent_time: secs(ctx.options.max_silent),
+            build_timeout: secs(ctx.options.timeout),
+            max_log_size: 0,
+            keep_failed: ctx.options.keep_failed,
+        },
     };
-    let offload_err = |machine: &MachineName, e: OffloadError| BuildError::Offload {
-        drv: drv_name.clone(),
-        machine: machine.to_string(),
-        source: Box::new(e),
-    };
-    loop {
-        let placed = off
-            .place(ctx.placement, drv)
-            .map_err(|e| BuildError::Placement {
-                drv: drv_name.clone(),
-                source: Box::new(e),
-            })?;
-        let (machine, slot) = match placed {
-            Placed::Local(permit) => return Ok(Some(permit)),
-            Placed::Fail { reason } => {
-                return Err(BuildError::Unsupported {
-                    drv: drv_name,
-                    reason,
-                })
-            }
-            Placed::Remote { machine, slot } => (machine, slot),
-        };
-        let _ = writeln!(log, "sandoff: building '{drv_name}' on '{}'", machine.name);
-        tracing::info!(drv = %drv_name, machine = %machine.name, "building remotely");
-        let r = off.build_on(
-            ctx.store, machine, locks, drv_path, drv, inputs, &options, log,
-        );
-        off.release(slot);
-        match r {
-            Ok(RemoteOutcome::Built) => return Ok(None),
-            Ok(RemoteOutcome::Failed(result)) => {
-                return Err(BuildError::RemoteFailed {
-                    drv: drv_name,
-                    machine: machine.name.to_string(),
-                    status: result.status,
-                    message: result.error_msg,
-                    tail: log.tail(),
-                })
-            }
-            Err(e) if e.retry_elsewhere() => {
-                let _ = writeln!(log, "sandoff: {e}; placing the build again");
-                off.record_failure(machine, &e);
-            }
-            Err(e) => return Err(offload_err(&machine.name, e)),
+    let mut progress = |p: Progress<'_>, log: &mut dyn Write| match p {
+        Progress::Building { machine } => {
+            let _ = writeln!(log, "sandoff: building '{drv_name}' on '{}'", machine.name);
         }
+        Progress::MachineFailed { machine, error } => {
+            let _ = writeln!(log, "sandoff: {error}; placing the build again");
+            if error.is_suspicious() {
+                let _ = events.send(Event::Warning {
+                    drv: drv_path.clone(),
+                    machine: machine.name.to_string(),
+                    message: error.to_string(),
+                });
+            }
+        }
+    };
+    let result = build_somewhere(off, ctx.placement, &job, None, log, &mut progress);
+    match result {
+        Ok(Somewhere::Here(permit)) => Ok(Some(permit)),
+        Ok(Somewhere::Built { .. }) => Ok(None),
+        Err(SomewhereError::Placement(e)) => Err(BuildErrorKind::Placement(Box::new(e))),
+        Err(SomewhereError::Unplaceable { reason }) => Err(BuildErrorKind::Unsupported { reason }),
+        Err(SomewhereError::RemoteFailed { machine, result }) => {
+            Err(BuildErrorKind::RemoteFailed {
+                machine: machine.to_string(),
+                status: result.status,
+                message: result.error_msg,
+                tail: log.tail(),
+            })
+        }
+        Err(SomewhereError::Offload { machine, source }) => Err(BuildErrorKind::Offload {
+            machine: machine.to_string(),
+            source,
+        }),
     }
 }
 
@@ -358,7 +370,7 @@ struct BuildSlot {
 }
 
 impl BuildSlot {
-    fn create(parent: &Path) -> Result<BuildSlot, BuildError> {
+    fn create(parent: &Path) -> Result<BuildSlot, BuildErrorKind> {
         fs::create_dir_all(parent).map_err(io_err("create", parent))?;
         let (file, lock_path) = tempfile::Builder::new()
             .suffix(".lock")
@@ -401,6 +413,27 @@ impl Drop for BuildSlot {
     }
 }
 
+/// Why leftover build directories could not be removed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} '{}': {source}", path.display())]
+pub struct StaleDirsError {
+    action: &'static str,
+    path: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+fn stale_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> StaleDirsError + 'a {
+    move |source| StaleDirsError {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// Lock files younger than this are left alone: their creator may not have
 /// locked them yet.
 const STALE_AFTER: Duration = Duration::from_secs(60);
@@ -409,15 +442,15 @@ const STALE_AFTER: Duration = Duration::from_secs(60);
 /// that died (their lock files are free and older than a minute); returns
 /// how many. Running builds and kept directories (`--keep-failed`, which
 /// have no lock file) are left alone.
-pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, BuildError> {
+pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, StaleDirsError> {
     let entries = match fs::read_dir(builds) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(io_err("read directory", builds)(e)),
+        Err(e) => return Err(stale_err("read directory", builds)(e)),
     };
     let mut removed = 0;
     for entry in entries {
-        let entry = entry.map_err(io_err("read directory", builds))?;
+        let entry = entry.map_err(stale_err("read directory", builds))?;
         let lock_path = entry.path();
         if lock_path.extension() != Some(std::ffi::OsStr::new("lock")) {
             continue;
@@ -442,9 +475,9 @@ pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, BuildError> {
         match fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("remove", &dir)(e)),
+            Err(e) => return Err(stale_err("remove", &dir)(e)),
         }
-        fs::remove_file(&lock_path).map_err(io_err("remove", &lock_path))?;
+        fs::remove_file(&lock_path).map_err(stale_err("remove", &lock_path))?;
         tracing::info!(dir = %dir.display(), "removed the build directory of a dead build");
         removed += 1;
     }
@@ -461,7 +494,7 @@ fn collect_outputs(
     dirs: &HostDirs,
     build_uid: u32,
     closure: &BTreeSet<StorePath>,
-) -> Result<Vec<(StagedPath, ValidPathInfo)>, BuildError> {
+) -> Result<Vec<(StagedPath, ValidPathInfo)>, BuildErrorKind> {
     let loc = store.location();
     let mut candidates = closure.clone();
     candidates.extend(drv.output_paths().into_values());
@@ -474,33 +507,30 @@ fn collect_outputs(
         match fs::symlink_metadata(&scratch) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(BuildError::MissingOutput {
-                    drv: drv_name.to_owned(),
+                return Err(BuildErrorKind::MissingOutput {
                     output: name.to_string(),
                     path: loc.logical(path),
                 })
             }
             Err(e) => return Err(io_err("read", &scratch)(e)),
         }
-        check_owner(drv_name, &scratch, build_uid)?;
+        check_owner(&scratch, build_uid)?;
         let staged = store.stage_path(&scratch)?;
         let references =
-            refscan::scan_path(&staged.tmp, &candidates).map_err(|source| BuildError::Nar {
+            refscan::scan_path(&staged.tmp, &candidates).map_err(|source| BuildErrorKind::Nar {
                 path: staged.tmp.clone(),
                 source,
             })?;
         let ca = match output {
             DerivationOutput::CAFixed { method, hash, .. } => {
                 if let Some(r) = references.iter().find(|r| *r != path) {
-                    return Err(BuildError::FixedReferences {
-                        drv: drv_name.to_owned(),
+                    return Err(BuildErrorKind::FixedReferences {
                         reference: loc.logical(r),
                     });
                 }
                 let got = fixed_hash(drv_name, &staged, *method, hash.algo())?;
                 if &got != hash {
-                    return Err(BuildError::HashMismatch {
-                        drv: drv_name.to_owned(),
+                    return Err(BuildErrorKind::HashMismatch {
                         specified: hash.to_nix32_prefixed(),
                         got: got.to_nix32_prefixed(),
                     });
@@ -531,18 +561,16 @@ fn collect_outputs(
 /// The hash of a fixed output: of the file's contents (flat, which needs a
 /// regular non-executable file, as Nix) or of its NAR (recursive).
 fn fixed_hash(
-    drv_name: &str,
+    _drv_name: &str,
     staged: &StagedPath,
     method: FileIngestionMethod,
     algo: HashAlgo,
-) -> Result<crate::store::Hash, BuildError> {
+) -> Result<crate::store::Hash, BuildErrorKind> {
     if method == FileIngestionMethod::Flat {
         let p = &staged.tmp;
         let meta = fs::symlink_metadata(p).map_err(io_err("read", p))?;
         if !meta.is_file() || meta.mode() & 0o100 != 0 {
-            return Err(BuildError::FlatNotRegular {
-                drv: drv_name.to_owned(),
-            });
+            return Err(BuildErrorKind::FlatNotRegular {});
         }
     }
     Ok(staged.content_hash(method, algo)?)
@@ -552,18 +580,16 @@ fn fixed_hash(
 /// owned by the build user: a hard link to a file it does not own
 /// (`ln /etc/shadow $out/x`) is refused before anything is copied, as Nix's
 /// "invalid ownership" check.
-fn check_owner(drv_name: &str, path: &Path, build_uid: u32) -> Result<(), BuildError> {
+fn check_owner(path: &Path, build_uid: u32) -> Result<(), BuildErrorKind> {
     let meta = fs::symlink_metadata(path).map_err(io_err("read", path))?;
     let ft = meta.file_type();
     if !(ft.is_file() || ft.is_dir() || ft.is_symlink()) {
-        return Err(BuildError::UnsupportedType {
-            drv: drv_name.to_owned(),
+        return Err(BuildErrorKind::UnsupportedType {
             path: path.to_owned(),
         });
     }
     if meta.uid() != build_uid {
-        return Err(BuildError::ForeignFile {
-            drv: drv_name.to_owned(),
+        return Err(BuildErrorKind::ForeignFile {
             path: path.to_owned(),
             uid: meta.uid(),
             build_uid,
@@ -572,7 +598,7 @@ fn check_owner(drv_name: &str, path: &Path, build_uid: u32) -> Result<(), BuildE
     if ft.is_dir() {
         for entry in fs::read_dir(path).map_err(io_err("read directory", path))? {
             let entry = entry.map_err(io_err("read directory", path))?;
-            check_owner(drv_name, &entry.path(), build_uid)?;
+            check_owner(&entry.path(), build_uid)?;
         }
     }
     Ok(())
@@ -608,8 +634,11 @@ fn impure_env(drv: &Derivation, allow: &[String]) -> BTreeMap<Vec<u8>, Vec<u8>> 
         .collect()
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BuildError + 'a {
-    move |source| BuildError::Io {
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> BuildErrorKind + 'a {
+    move |source| BuildErrorKind::Io {
         action,
         path: path.to_owned(),
         source,
@@ -637,7 +666,7 @@ impl LogSink {
     pub fn create(
         path: &Path,
         stream: Option<(Sender<Event>, StorePath)>,
-    ) -> Result<LogSink, BuildError> {
+    ) -> Result<LogSink, BuildErrorKind> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(io_err("create", dir))?;
         }
@@ -733,11 +762,11 @@ mod tests {
         fs::create_dir(&out).expect("mkdir");
         fs::write(out.join("f"), "x").expect("write");
         let me = fs::metadata(&out).expect("stat").uid();
-        check_owner("d.drv", &out, me).expect("all ours");
-        let err = check_owner("d.drv", &out, me + 1).expect_err("not the build user's");
+        check_owner(&out, me).expect("all ours");
+        let err = check_owner(&out, me + 1).expect_err("not the build user's");
         assert!(
-            matches!(&err, BuildError::ForeignFile { uid, .. } if *uid == me),
-            "{err}"
+            matches!(&err, BuildErrorKind::ForeignFile { uid, .. } if *uid == me),
+            "{err:?}"
         );
     }
 
@@ -748,8 +777,11 @@ mod tests {
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
             .expect("mkfifo");
         let me = fs::metadata(tmp.path()).expect("stat").uid();
-        let err = check_owner("d.drv", tmp.path(), me).expect_err("fifo");
-        assert!(matches!(err, BuildError::UnsupportedType { .. }), "{err}");
+        let err = check_owner(tmp.path(), me).expect_err("fifo");
+        assert!(
+            matches!(err, BuildErrorKind::UnsupportedType { .. }),
+            "{err:?}"
+        );
     }
 
     fn age(path: &Path) {

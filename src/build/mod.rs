@@ -43,276 +43,20 @@
 //!   (`builtin:fetchurl`) and content-addressed (floating, impure) outputs
 //!   are refused for now.
 
+pub mod error;
 pub mod graph;
 pub mod local;
+pub mod somewhere;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use thiserror::Error;
-
-use crate::derivation::check::CheckError;
-use crate::derivation::DerivationError;
-use crate::remote::offloader::OffloadError;
-use crate::sandbox::{BuildOutcome, Limits, SandboxError, UserError};
-use crate::serve_protocol::BuildStatus;
-use crate::store::local::StoreError;
-use crate::store::nar::NarError;
+use crate::sandbox::Limits;
 use crate::store::{StoreLocation, StorePath};
 
+pub use error::{BuildError, BuildErrorKind, GraphError};
 pub use graph::{realise, Realisation};
 pub use local::BuildContext;
-
-/// Why a build (or loading the build graph) failed.
-#[derive(Debug, Error)]
-pub enum BuildError {
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The sandbox could not run the build.
-    #[error("cannot run the builder of '{drv}': {source}")]
-    Sandbox {
-        /// The derivation.
-        drv: String,
-        /// The cause.
-        #[source]
-        source: SandboxError,
-    },
-    /// No build user could be leased.
-    #[error("no build user for '{drv}': {source}")]
-    Users {
-        /// The derivation.
-        drv: String,
-        /// The cause.
-        #[source]
-        source: UserError,
-    },
-    /// This machine has no usable build users.
-    #[error("cannot build '{drv}': no build users: {reason}")]
-    NoUsers {
-        /// The derivation.
-        drv: String,
-        /// Why.
-        reason: String,
-    },
-    /// A `.drv` file could not be read or parsed.
-    #[error("cannot read derivation '{drv}': {reason}")]
-    BadDerivation {
-        /// The derivation.
-        drv: String,
-        /// Why.
-        reason: String,
-    },
-    /// The `.drv` is not what its name claims (its outputs are not the
-    /// paths it gives): refused before anything is built.
-    #[error("refusing to build '{drv}': {source}")]
-    Refused {
-        /// The derivation.
-        drv: String,
-        /// What is wrong.
-        #[source]
-        source: CheckError,
-    },
-    /// Derivations that depend on themselves (impossible for `.drv` files
-    /// named after their contents, so one of them is not).
-    #[error("derivations depend on themselves: {}", cycle.join(" -> "))]
-    Cycle {
-        /// The derivations of the cycle, the first one repeated at the end.
-        cycle: Vec<String>,
-    },
-    /// The derivation is not registered in the store.
-    #[error("derivation '{drv}' is not valid in the store (add it with `sandoff derivation add`)")]
-    NotValid {
-        /// The derivation.
-        drv: String,
-    },
-    /// sandoff cannot build this kind of derivation (yet).
-    #[error("cannot build '{drv}': {reason}")]
-    Unsupported {
-        /// The derivation.
-        drv: String,
-        /// Why.
-        reason: String,
-    },
-    /// The derivation's kind is invalid.
-    #[error("derivation '{drv}': {source}")]
-    Derivation {
-        /// The derivation.
-        drv: String,
-        /// The cause.
-        #[source]
-        source: DerivationError,
-    },
-    /// The builder failed or was killed.
-    #[error(
-        "builder for '{drv}' failed: {outcome}{}{}",
-        kept_note(kept),
-        tail_note(tail)
-    )]
-    Failed {
-        /// The derivation.
-        drv: String,
-        /// How it ended.
-        outcome: BuildOutcome,
-        /// The build directory, when kept (`--keep-failed`).
-        kept: Option<PathBuf>,
-        /// The last lines of the log.
-        tail: Vec<String>,
-    },
-    /// An output was not produced.
-    #[error("builder for '{drv}' did not produce output '{output}' ({path})")]
-    MissingOutput {
-        /// The derivation.
-        drv: String,
-        /// The output name.
-        output: String,
-        /// The output path.
-        path: String,
-    },
-    /// A file in an output is not owned by the build user.
-    #[error("output of '{drv}': '{path}' is owned by uid {uid}, not the build user {build_uid} (a hard link to a file the build does not own?): rejecting the build output")]
-    ForeignFile {
-        /// The derivation.
-        drv: String,
-        /// The file.
-        path: PathBuf,
-        /// Its owner.
-        uid: u32,
-        /// The build user.
-        build_uid: u32,
-    },
-    /// A file in an output is not a regular file, directory or symlink.
-    #[error("output of '{drv}': '{path}' has an unsupported type (only regular files, directories and symlinks)")]
-    UnsupportedType {
-        /// The derivation.
-        drv: String,
-        /// The file.
-        path: PathBuf,
-    },
-    /// A fixed output's hash is not the declared one.
-    #[error("hash mismatch in fixed-output derivation '{drv}': specified {specified}, got {got}")]
-    HashMismatch {
-        /// The derivation.
-        drv: String,
-        /// The declared hash.
-        specified: String,
-        /// The output's hash.
-        got: String,
-    },
-    /// A flat fixed output is not a regular non-executable file.
-    #[error("output of fixed-output derivation '{drv}' should be a non-executable regular file since recursive hashing is not enabled (outputHashMode=flat)")]
-    FlatNotRegular {
-        /// The derivation.
-        drv: String,
-    },
-    /// A fixed output refers to store paths.
-    #[error(
-        "fixed-output derivation '{drv}' must not reference store paths (it refers to {reference})"
-    )]
-    FixedReferences {
-        /// The derivation.
-        drv: String,
-        /// One reference.
-        reference: String,
-    },
-    /// Reading an output failed.
-    #[error("cannot read output '{path}': {source}")]
-    Nar {
-        /// The output's place.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: NarError,
-    },
-    /// Writing the log or handling build directories failed.
-    #[error("cannot {action} '{path}': {source}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A build failed after the builder ran, and its directory was kept.
-    #[error("{error}; build directory kept at {}", dir.display())]
-    Kept {
-        /// The failure.
-        error: Box<BuildError>,
-        /// The kept build directory.
-        dir: PathBuf,
-    },
-    /// The build failed on a build machine.
-    #[error(
-        "builder for '{drv}' failed on '{machine}': {}{}",
-        remote_message(status, message),
-        tail_note(tail)
-    )]
-    RemoteFailed {
-        /// The derivation.
-        drv: String,
-        /// The machine.
-        machine: String,
-        /// How the machine reported it.
-        status: BuildStatus,
-        /// The machine's message.
-        message: String,
-        /// The last lines of the log.
-        tail: Vec<String>,
-    },
-    /// Offloading failed in a way another machine would not fix (outputs
-    /// refused, the local store failing).
-    #[error("cannot build '{drv}' on '{machine}': {source}")]
-    Offload {
-        /// The derivation.
-        drv: String,
-        /// The machine.
-        machine: String,
-        /// The cause.
-        #[source]
-        source: Box<OffloadError>,
-    },
-    /// Choosing where to build failed (slot or backoff files).
-    #[error("cannot place '{drv}': {source}")]
-    Placement {
-        /// The derivation.
-        drv: String,
-        /// The cause.
-        #[source]
-        source: Box<OffloadError>,
-    },
-    /// A dependency of this derivation failed to build.
-    #[error("dependency '{dependency}' of '{drv}' failed")]
-    DependencyFailed {
-        /// The derivation.
-        drv: String,
-        /// The failed dependency.
-        dependency: String,
-    },
-}
-
-fn kept_note(kept: &Option<PathBuf>) -> String {
-    kept.as_ref()
-        .map(|k| format!("; build directory kept at {}", k.display()))
-        .unwrap_or_default()
-}
-
-fn remote_message(status: &BuildStatus, message: &str) -> String {
-    if message.is_empty() {
-        format!("{status:?}")
-    } else {
-        format!("{status:?}: {message}")
-    }
-}
-
-fn tail_note(tail: &[String]) -> String {
-    if tail.is_empty() {
-        String::new()
-    } else {
-        format!("; last log lines: {}", tail.join(" | "))
-    }
-}
 
 /// What happened during [`realise`], in order, delivered on the caller's thread.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -365,6 +109,17 @@ pub enum Event {
         drv: StorePath,
         /// The failed dependency.
         dependency: StorePath,
+    },
+    /// A machine was refused for a reason that may be an attack (a host
+    /// key that does not match, a refused login); the build is placed
+    /// again, and may still succeed elsewhere.
+    Warning {
+        /// The derivation being placed.
+        drv: StorePath,
+        /// The machine.
+        machine: String,
+        /// Why, naming both keys for a host key mismatch.
+        message: String,
     },
     /// Nothing happened for a while; lets a progress line update its clock.
     Tick,

@@ -36,10 +36,11 @@ use sandoff::remote::offloader::Offloader;
 use sandoff::sandbox::plan::{DEFAULT_MAX_PROCESSES, DEFAULT_SHM_SIZE, DEFAULT_TMP_SIZE};
 use sandoff::sandbox::setup::DEFAULT_GROUP;
 use sandoff::sandbox::users::DEFAULT_USER_POOL_DIR;
-use sandoff::sandbox::{Limits, TmpfsSize, UserPool};
+use sandoff::sandbox::{Limits, TmpfsSize, UserError, UserPool};
 use sandoff::store::{StoreLocation, StorePath};
 use sandoff::termsafe;
 use serde_json::json;
+use std::sync::Arc;
 
 /// Which build users local builds run as (`sandoff build`, `sandoff serve`).
 #[derive(Args, Debug, Clone)]
@@ -57,12 +58,12 @@ pub struct BuildUsersArgs {
 impl BuildUsersArgs {
     /// The pool, or why there is none (kept until something must be built:
     /// realising valid outputs needs no build user).
-    pub fn pool(&self) -> Result<UserPool, String> {
+    pub fn pool(&self) -> Result<UserPool, Arc<UserError>> {
         let dir = self
             .user_pool_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_USER_POOL_DIR));
-        UserPool::from_group(&self.build_users_group, &dir).map_err(|e| e.to_string())
+        UserPool::from_group(&self.build_users_group, &dir).map_err(Arc::new)
     }
 }
 
@@ -178,7 +179,7 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     };
     let ctx = BuildContext {
         store: &store,
-        pool: pool.as_ref().map_err(Clone::clone),
+        pool: pool.as_ref().map_err(Arc::clone),
         options: Options {
             jobs,
             keep_going: args.keep_going,
@@ -317,6 +318,20 @@ impl Progress {
                 );
                 self.line(&text);
             }
+            Event::Warning {
+                drv,
+                machine,
+                message,
+            } => {
+                // The machine's words may hold anything: filtered.
+                let text = format!(
+                    "warning: machine '{}' refused while placing '{}': {}",
+                    termsafe::filter(machine.as_bytes()),
+                    self.name(drv),
+                    termsafe::filter(message.as_bytes())
+                );
+                self.line(&text);
+            }
             Event::Tick => {}
         }
         self.status();
@@ -336,6 +351,11 @@ impl Progress {
         Some(match e {
             Event::Planned { to_build } => json!({"event": "planned", "toBuild": to_build}),
             Event::Started { drv } => json!({"event": "started", "drv": l(drv)}),
+            Event::Warning {
+                drv,
+                machine,
+                message,
+            } => json!({"event": "warning", "drv": l(drv), "machine": machine, "message": message}),
             Event::WaitingForLock { drv } => json!({"event": "waiting-for-lock", "drv": l(drv)}),
             Event::Log { drv, line } => {
                 json!({"event": "log", "drv": l(drv), "line": String::from_utf8_lossy(line)})

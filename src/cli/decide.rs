@@ -4,10 +4,9 @@ use std::collections::BTreeSet;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use anyhow::Context as _;
 use clap::Args;
 use sandoff::decide::{self, DrvFacts, LocalFacts, MachineState, Placement, Policy};
-use sandoff::derivation::Derivation;
+use sandoff::derivation::check::read_drv_file;
 use sandoff::remote::backoff::Backoff;
 use sandoff::remote::offloader::observed_state;
 use sandoff::remote::slots::SlotDir;
@@ -84,10 +83,7 @@ pub fn run(args: DecideArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         "'{}' is not a derivation (a .drv store path)",
         args.drv
     );
-    let file = loc.real_path(&path);
-    let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-    let drv = Derivation::from_aterm(&bytes, &loc.dir)
-        .with_context(|| format!("cannot parse {}", loc.logical(&path)))?;
+    let (_, drv) = read_drv_file(&loc.real_path(&path), &loc.dir)?;
     let facts = DrvFacts::from_derivation(&drv);
     let placement = args.placement.resolve()?;
     // The machines as this host sees them now: slots other builds hold,

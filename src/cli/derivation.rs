@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
+use sandoff::derivation::check::read_drv_file;
 use sandoff::derivation::{json, Derivation, DrvHasher};
 use sandoff::store::{StoreLocation, StorePath};
 
@@ -27,12 +28,10 @@ pub fn run(cmd: DerivationCommand, loc: &StoreLocation) -> anyhow::Result<ExitCo
     }
 }
 
-/// Reads and parses the `.drv` file of `path` from the physical store.
+/// Reads the `.drv` file of `path` from the physical store, valid or not
+/// (as `nix show-derivation` reads a file it is given).
 fn read_drv(loc: &StoreLocation, path: &StorePath) -> anyhow::Result<Derivation> {
-    let file = loc.real_path(path);
-    let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-    Derivation::from_aterm(&bytes, &loc.dir)
-        .with_context(|| format!("cannot parse {}", loc.logical(path)))
+    Ok(read_drv_file(&loc.real_path(path), &loc.dir)?.1)
 }
 
 fn show(loc: &StoreLocation, args: &[String]) -> anyhow::Result<ExitCode> {

@@ -45,7 +45,7 @@ pub fn run(args: ServeArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     let mut log = io::stderr();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let setup = BuildSetup {
-        pool: pool.as_ref().map_err(Clone::clone),
+        pool: pool.as_ref().map_err(std::sync::Arc::clone),
         log: &mut log,
         // This process serves one session and has no children but builds.
         hangup: Some(stdin.as_fd()),

@@ -39,56 +39,54 @@ fn local() -> LocalFacts {
     LocalFacts::for_system("x86_64-linux", false)
 }
 
+/// The decision for `d` with the one machine `m`, idle, and this host.
+fn with_one(m: Machine, d: &DrvFacts, policy: &Policy) -> Decision {
+    decide(d, &[MachineState::idle(&m)], &local(), policy)
+}
+
 fn remote(d: &Decision) -> &str {
     d.machine().map(MachineName::as_str).unwrap_or("-")
 }
 
 #[test]
 fn local_only_goes_local_when_local_can() {
-    let m = [machine("a", &["x86_64-linux"], 1, 1.0)];
-    let st = [MachineState::idle(&m[0])];
+    let m = machine("a", &["x86_64-linux"], 1, 1.0);
     let policy = Policy {
         local_only: true,
         ..Policy::default()
     };
-    let d = decide(&drv("x86_64-linux", &[]), &st, &local(), &policy);
+    let d = with_one(m, &drv("x86_64-linux", &[]), &policy);
     assert_eq!(d.kind(), "local", "{d}");
 }
 
 #[test]
 fn local_only_fails_when_local_cannot() {
-    let m = [machine("a", &["aarch64-linux"], 1, 1.0)];
-    let st = [MachineState::idle(&m[0])];
+    let m = machine("a", &["aarch64-linux"], 1, 1.0);
     let policy = Policy {
         local_only: true,
         ..Policy::default()
     };
-    let d = decide(&drv("aarch64-linux", &[]), &st, &local(), &policy);
+    let d = with_one(m, &drv("aarch64-linux", &[]), &policy);
     assert_eq!(d.kind(), "fail");
     assert!(d.reason().contains("aarch64-linux"), "{d}");
 }
 
 #[test]
 fn prefer_local_build_goes_local_when_possible() {
-    let m = [machine("a", &["x86_64-linux"], 1, 9.0)];
-    let st = [MachineState::idle(&m[0])];
+    let m = machine("a", &["x86_64-linux"], 1, 9.0);
     let mut d0 = drv("x86_64-linux", &[]);
     d0.prefer_local = true;
-    assert_eq!(
-        decide(&d0, &st, &local(), &Policy::default()).kind(),
-        "local"
-    );
+    assert_eq!(with_one(m.clone(), &d0, &Policy::default()).kind(), "local");
 }
 
 #[test]
 fn prefer_local_build_fails_when_local_cannot() {
     // Local-build derivations are never offloaded: with a machine that
     // could build it, the decision still fails and says why.
-    let m = [machine("a", &["aarch64-linux"], 1, 1.0)];
-    let st = [MachineState::idle(&m[0])];
+    let m = machine("a", &["aarch64-linux"], 1, 1.0);
     let mut d0 = drv("aarch64-linux", &[]);
     d0.prefer_local = true;
-    let d = decide(&d0, &st, &local(), &Policy::default());
+    let d = with_one(m.clone(), &d0, &Policy::default());
     assert_eq!(d.kind(), "fail");
     assert!(d.reason().contains("local-build"), "{}", d.reason());
     assert!(d.reason().contains("aarch64-linux"), "{}", d.reason());
@@ -234,14 +232,13 @@ fn overloaded_guix_machine_is_skipped() {
 
 #[test]
 fn no_eligible_machine_builds_locally_when_it_can() {
-    let m = [machine("arm", &["aarch64-linux"], 1, 1.0)];
-    let st = [MachineState::idle(&m[0])];
-    let d = decide(&drv("x86_64-linux", &[]), &st, &local(), &Policy::default());
+    let m = machine("arm", &["aarch64-linux"], 1, 1.0);
+    let d = with_one(m.clone(), &drv("x86_64-linux", &[]), &Policy::default());
     assert_eq!(d.kind(), "local");
     assert!(d.reason().contains("no machine builds x86_64-linux"), "{d}");
     // Extra platform.
     assert_eq!(
-        decide(&drv("i686-linux", &[]), &st, &local(), &Policy::default()).kind(),
+        with_one(m, &drv("i686-linux", &[]), &Policy::default()).kind(),
         "local"
     );
     // No machines at all.
@@ -255,14 +252,8 @@ fn no_eligible_machine_builds_locally_when_it_can() {
 
 #[test]
 fn fail_names_the_missing_system() {
-    let m = [machine("x", &["x86_64-linux"], 1, 1.0)];
-    let st = [MachineState::idle(&m[0])];
-    let d = decide(
-        &drv("riscv64-linux", &[]),
-        &st,
-        &local(),
-        &Policy::default(),
-    );
+    let m = machine("x", &["x86_64-linux"], 1, 1.0);
+    let d = with_one(m, &drv("riscv64-linux", &[]), &Policy::default());
     assert_eq!(
         d,
         Decision::Fail {
@@ -273,12 +264,10 @@ fn fail_names_the_missing_system() {
 
 #[test]
 fn fail_names_the_missing_features() {
-    let m = [machine("arm", &["aarch64-linux"], 1, 1.0)];
-    let st = [MachineState::idle(&m[0])];
-    let d = decide(
+    let m = machine("arm", &["aarch64-linux"], 1, 1.0);
+    let d = with_one(
+        m,
         &drv("aarch64-linux", &["kvm", "gpu"]),
-        &st,
-        &local(),
         &Policy::default(),
     );
     assert_eq!(d.kind(), "fail");

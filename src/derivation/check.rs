@@ -26,11 +26,9 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use super::aterm::AtermError;
-use super::{
-    Derivation, DerivationError, DerivationKind, DerivationOutput, DrvHashKind, DrvHasher,
-};
+use super::modulo::expected_output_paths;
+use super::{Derivation, DerivationError, DerivationKind, DerivationOutput, DrvHasher};
 use crate::store::local::{DrvCheck, LocalStore, StoreError};
-use crate::store::path::output_path_name;
 use crate::store::{HashAlgo, StoreDir, StoreLocation, StorePath, ValidPathInfo};
 
 /// The largest `.drv` file read: real ones are at most a few MiB (Nixpkgs'
@@ -76,6 +74,45 @@ pub enum CheckError {
     Derivation(#[from] DerivationError),
     #[error("cannot compute a store path: {0}")]
     Path(#[from] crate::store::PathError),
+}
+
+/// Why a derivation could not be read from a store.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    #[error("derivation '{drv}' is not valid in the store (add it with `sandoff derivation add`)")]
+    NotValid { drv: String },
+    #[error("'{drv}' is not a derivation (a .drv store path)")]
+    NotDerivation { drv: String },
+    #[error("cannot read derivation '{drv}': {source}")]
+    Bad {
+        drv: String,
+        #[source]
+        source: CheckError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Reads the derivation at `path`, which must be a valid `.drv` in
+/// `store`: the one way every part of sandoff reads a derivation.
+pub fn read_derivation(store: &LocalStore, path: &StorePath) -> Result<Derivation, ReadError> {
+    let loc = store.location();
+    if !path.is_derivation() {
+        return Err(ReadError::NotDerivation {
+            drv: loc.logical(path),
+        });
+    }
+    if !store.is_valid(path)? {
+        return Err(ReadError::NotValid {
+            drv: loc.logical(path),
+        });
+    }
+    read_drv_file(&loc.real_path(path), &loc.dir)
+        .map(|(_, drv)| drv)
+        .map_err(|source| ReadError::Bad {
+            drv: loc.logical(path),
+            source,
+        })
 }
 
 /// Reads and parses a `.drv` file, refusing anything but a regular file of
@@ -127,32 +164,13 @@ where
         .strip_suffix(".drv")
         .unwrap_or(drv_path.name())
         .to_owned();
-    let mut expected = Vec::new();
-    match drv.kind()? {
-        DerivationKind::InputAddressed { deferred: false } => {
-            let h = hasher.hash_modulo(drv, true)?;
-            if h.kind == DrvHashKind::Deferred {
-                return Err(DerivationError::UnsupportedKind(
-                    "input-addressed with content-addressed inputs",
-                )
-                .into());
-            }
-            for (o, hash) in &h.hashes {
-                expected.push((o.clone(), dir.make_output_path(o.as_str(), hash, &name)?));
-            }
-        }
-        DerivationKind::Fixed => {
-            for (o, output) in &drv.outputs {
-                if let DerivationOutput::CAFixed { method, hash, .. } = output {
-                    let out_name = output_path_name(&name, o.as_str());
-                    let path = dir.make_fixed_output_path(*method, hash, &out_name, [], false)?;
-                    expected.push((o.clone(), path));
-                }
-            }
-        }
+    let expected = match drv.kind()? {
         // Deferred, floating and impure outputs have no path yet.
-        _ => {}
-    }
+        DerivationKind::InputAddressed { deferred: true }
+        | DerivationKind::Floating
+        | DerivationKind::Impure => return Ok(()),
+        kind => expected_output_paths(drv, kind, &name, hasher)?,
+    };
     for (o, path) in expected {
         let full = dir.display(&path);
         let given = drv.outputs.get(&o).and_then(DerivationOutput::path);

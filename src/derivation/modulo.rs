@@ -205,6 +205,56 @@ fn hash_with_known_inputs(
     Ok(DrvHash { hashes, kind })
 }
 
+/// The output paths `drv` (of `kind`) gives, named after `name`:
+/// input-addressed ones from its modulo hash with outputs masked (their
+/// variables must hold the paths or be empty), a fixed output's from its
+/// declared hash. Floating, impure and deferred outputs have none yet: an
+/// [`DerivationError::UnsupportedKind`].
+pub fn expected_output_paths<F, E>(
+    drv: &Derivation,
+    kind: DerivationKind,
+    name: &str,
+    hasher: &mut DrvHasher<F>,
+) -> Result<BTreeMap<OutputName, StorePath>, DerivationError>
+where
+    F: FnMut(&StorePath) -> Result<Derivation, E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let dir = hasher.store_dir().clone();
+    let mut expected = BTreeMap::new();
+    match kind {
+        DerivationKind::InputAddressed { .. } => {
+            let h = hasher.hash_modulo(drv, true)?;
+            if h.kind == DrvHashKind::Deferred {
+                return Err(DerivationError::UnsupportedKind(
+                    "input-addressed with content-addressed inputs",
+                ));
+            }
+            for (o, hash) in &h.hashes {
+                expected.insert(o.clone(), dir.make_output_path(o.as_str(), hash, name)?);
+            }
+        }
+        DerivationKind::Fixed => {
+            for (o, output) in &drv.outputs {
+                if let DerivationOutput::CAFixed { method, hash, .. } = output {
+                    let out_name = output_path_name(name, o.as_str());
+                    expected.insert(
+                        o.clone(),
+                        dir.make_fixed_output_path(*method, hash, &out_name, [], false)?,
+                    );
+                }
+            }
+        }
+        DerivationKind::Floating => {
+            return Err(DerivationError::UnsupportedKind(
+                "floating content-addressed",
+            ))
+        }
+        DerivationKind::Impure => return Err(DerivationError::UnsupportedKind("impure")),
+    }
+    Ok(expected)
+}
+
 impl Derivation {
     /// Computes the output paths as `derivationStrict` does and fills them
     /// in, with the env variables named after outputs. Outputs and variables
@@ -235,43 +285,17 @@ impl Derivation {
         } else {
             self.kind()?
         };
-        let mut expected: BTreeMap<OutputName, StorePath> = BTreeMap::new();
-        match kind {
-            DerivationKind::InputAddressed { .. } => {
-                for o in done.outputs.values_mut() {
-                    *o = DerivationOutput::Deferred;
-                }
-                for o in done.outputs.keys() {
-                    done.env.insert(o.as_str().as_bytes().to_vec(), Vec::new());
-                }
-                let h = hasher.hash_modulo(&done, true)?;
-                if h.kind == DrvHashKind::Deferred {
-                    return Err(DerivationError::UnsupportedKind(
-                        "input-addressed with content-addressed inputs",
-                    ));
-                }
-                for (o, hash) in &h.hashes {
-                    expected.insert(o.clone(), dir.make_output_path(o.as_str(), hash, &name)?);
-                }
+        if matches!(kind, DerivationKind::InputAddressed { .. }) {
+            // Hashed with every output (and its variable) empty, as
+            // `derivationStrict` does before it knows them.
+            for o in done.outputs.values_mut() {
+                *o = DerivationOutput::Deferred;
             }
-            DerivationKind::Fixed => {
-                for (o, output) in &self.outputs {
-                    if let DerivationOutput::CAFixed { method, hash, .. } = output {
-                        let out_name = output_path_name(&name, o.as_str());
-                        expected.insert(
-                            o.clone(),
-                            dir.make_fixed_output_path(*method, hash, &out_name, [], false)?,
-                        );
-                    }
-                }
+            for o in done.outputs.keys() {
+                done.env.insert(o.as_str().as_bytes().to_vec(), Vec::new());
             }
-            DerivationKind::Floating => {
-                return Err(DerivationError::UnsupportedKind(
-                    "floating content-addressed",
-                ))
-            }
-            DerivationKind::Impure => return Err(DerivationError::UnsupportedKind("impure")),
         }
+        let expected = expected_output_paths(&done, kind, &name, hasher)?;
         for (o, path) in expected {
             let full = dir.display(&path);
             if let Some(given) = self.outputs.get(&o).and_then(DerivationOutput::path) {

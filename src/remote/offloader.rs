@@ -138,6 +138,33 @@ impl OffloadError {
             _ => false,
         }
     }
+
+    /// Whether this failure may be an attack rather than an outage: a host
+    /// key that does not match (a man in the middle?) or a refused login.
+    /// Worth a warning every time, even when the build succeeds elsewhere.
+    pub fn is_suspicious(&self) -> bool {
+        matches!(
+            self,
+            OffloadError::Ssh(SshError::HostKeyMismatch { .. } | SshError::Auth { .. })
+        )
+    }
+}
+
+/// One derivation to build on a machine: what [`Offloader::build_on`]
+/// needs besides the machine.
+pub struct RemoteJob<'a> {
+    /// The store the inputs are valid in and the outputs go to.
+    pub store: &'a LocalStore,
+    /// The derivation's `.drv` path.
+    pub drv_path: &'a StorePath,
+    /// The derivation.
+    pub drv: &'a Derivation,
+    /// Its input paths (valid in `store`); their closure is sent.
+    pub inputs: &'a BTreeSet<StorePath>,
+    /// The locks of its outputs, held by the caller.
+    pub locks: &'a PathLocks,
+    /// Time limits and the rest, as the machine's build gets them.
+    pub options: BuildOptions,
 }
 
 /// How a remote build ended, when it ran.
@@ -491,21 +518,23 @@ impl Offloader {
             .push(conn);
     }
 
-    /// Builds `drv` (at `drv_path`, inputs valid in `store`) on `machine`
-    /// and makes its outputs valid in `store` under `locks`, or reports why
-    /// not. The remote log goes to `log`.
-    #[allow(clippy::too_many_arguments)]
+    /// Builds `job` on `machine` and makes its outputs valid in the job's
+    /// store under its locks, or reports why not. The remote log goes to
+    /// `log`.
     pub fn build_on(
         &self,
-        store: &LocalStore,
         machine: &Machine,
-        locks: &PathLocks,
-        drv_path: &StorePath,
-        drv: &Derivation,
-        inputs: &BTreeSet<StorePath>,
-        options: &BuildOptions,
+        job: &RemoteJob<'_>,
         log: &mut dyn Write,
     ) -> Result<RemoteOutcome, OffloadError> {
+        let RemoteJob {
+            store,
+            drv_path,
+            drv,
+            inputs,
+            locks,
+            options,
+        } = job;
         let closure = store.closure(inputs)?;
         // A pooled connection may have died since; one fresh try then.
         let pooled =

@@ -83,6 +83,13 @@ pub enum UserError {
         /// What went wrong.
         reason: String,
     },
+    /// The caller has no build users to give (e.g. a server started
+    /// without them): only what needs no build can be done.
+    #[error("{why}")]
+    NotGiven {
+        /// Why, for the user.
+        why: &'static str,
+    },
 }
 
 /// The build users of one group and the directory of their lock files.

@@ -449,10 +449,24 @@ fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
         "names the offered key: {report}"
     );
 
-    // The build goes local, and the machine into backoff.
+    // The build goes local, and the machine into backoff, with a warning
+    // naming the machine and both keys (a man in the middle?).
     let d = leaf(&s, "failover", &[]);
     let out = build_with(&s, &machines, &d);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let warning = text(&out.stderr)
+        .lines()
+        .find(|l| l.contains("warning: machine"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no warning: {}", text(&out.stderr)));
+    for needle in [
+        uri(&h).as_str(),
+        wrong_blob,
+        right_blob.as_str(),
+        "host key mismatch",
+    ] {
+        assert!(warning.contains(needle), "{needle} not in: {warning}");
+    }
     assert!(signers(&s, &s.out(&d)).is_empty(), "built here");
     let status = machines_status(&s, &machines);
     let b = &status[0]["backoff"];
@@ -629,8 +643,23 @@ fn a_refused_login_puts_the_machine_in_backoff_and_builds_here() {
     let machines = s.tmp.path().join("machines");
     std::fs::write(&machines, line).expect("write machines");
     let d = leaf(&s, "refused", &[]);
-    let out = build_with(&s, &machines, &d);
+    let out = s.build(&["--json", "--machines", machines_arg(&machines), &d]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // A refused login may be an attack too: a warning event, every time.
+    let warnings: Vec<serde_json::Value> = text(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "warning")
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", text(&out.stderr));
+    assert_eq!(warnings[0]["machine"], uri(&h), "{}", warnings[0]);
+    assert!(
+        warnings[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("authentication")),
+        "{}",
+        warnings[0]
+    );
     assert!(signers(&s, &s.out(&d)).is_empty(), "built here");
     let status = machines_status(&s, &machines);
     assert_eq!(status[0]["reachable"], false, "{status}");

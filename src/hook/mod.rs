@@ -44,11 +44,13 @@
 //!   slot) a busy machine is waited for rather than handing the build back
 //!   to a daemon that cannot start it now.
 //!
-//! After the accept the caller builds with
-//! [`crate::remote::offloader::Offloader::build_on`] and exits with [`exit_code`]: 0
+//! After the accept [`offload::build`] builds it, with the failover policy
+//! of `sandoff build`, and the caller exits with [`exit_code`]: 0
 //! when the outputs are valid here, [`EXIT_BUILD_FAILED`] (100) for a
 //! failed remote build, [`EXIT_TIMED_OUT`] (101) for a timeout, 1 for
 //! anything else (the daemon's transient "hook failure").
+
+pub mod offload;
 
 use std::collections::BTreeSet;
 use std::fmt;
