@@ -1,10 +1,11 @@
 //! Nix's serve protocol (`nix-store --serve`, 2.7), what the client
 //! ([`crate::remote::client`]) and the server ([`crate::serve`]) share: the
-//! magic numbers and version, the command numbers, the limits, and the
-//! structured values: the `BasicDerivation` of `BuildDerivation`, build
-//! options and `BuildResult`, as Nix 2.8 writes them. See `offload.md` §4.4.
-//! It is a leaf above the store and derivations: both sides use it, and it
-//! uses neither.
+//! magic numbers and version (and how a version splits), the command
+//! numbers, the limits, the mapping of wire errors into each side's own
+//! error ([`WireContext`]), and the structured values: the `BasicDerivation`
+//! of `BuildDerivation`, build options and `BuildResult`, as Nix 2.8 writes
+//! them. See `offload.md` §4.4. It is a leaf above the store and
+//! derivations: both sides use it, and it uses neither.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -157,13 +158,43 @@ const MAX_FIELD: u64 = 64 << 20;
 /// Most bytes of strings in one `BasicDerivation`, so that many large fields
 /// cannot add up to an unbounded allocation either.
 const MAX_DERIVATION: u64 = 256 << 20;
-/// Longest error message in a `BuildResult`.
-const MAX_ERROR_MSG: u64 = 16 << 20;
+/// Longest error message in a `BuildResult` or a `BuildPaths` reply.
+pub const MAX_ERROR_MSG: u64 = 16 << 20;
 /// Longest realisation id or JSON in a `BuildResult`.
 const MAX_REALISATION: u64 = 1 << 20;
 
-fn wire<T>(what: &'static str, r: Result<T, WireError>) -> Result<T, ProtocolError> {
-    r.map_err(|source| ProtocolError::Wire { what, source })
+/// An error of one side of the protocol that can say which value failed
+/// on the wire: [`ProtocolError`] here, the client's and the server's own.
+pub trait WireContext {
+    /// The error for `source`, met while reading or writing `what`.
+    fn wire(what: &'static str, source: WireError) -> Self;
+}
+
+impl WireContext for ProtocolError {
+    fn wire(what: &'static str, source: WireError) -> ProtocolError {
+        ProtocolError::Wire { what, source }
+    }
+}
+
+/// `r` with its [`WireError`] put in context: which value failed.
+pub fn wire<T, E: WireContext>(what: &'static str, r: Result<T, WireError>) -> Result<T, E> {
+    r.map_err(wire_err(what))
+}
+
+/// The mapping of [`wire()`], for `map_err`.
+pub fn wire_err<E: WireContext>(what: &'static str) -> impl FnOnce(WireError) -> E {
+    move |source| E::wire(what, source)
+}
+
+/// The major number of a protocol version (`0x207` is 2.7).
+pub fn major(version: u64) -> u64 {
+    version >> 8
+}
+
+/// The minor number of a protocol version, which is what both sides
+/// negotiate (the major must be 2).
+pub fn minor(version: u64) -> u64 {
+    version & 0xff
 }
 
 fn read_count(r: &mut dyn Read, what: &'static str) -> Result<u64, ProtocolError> {

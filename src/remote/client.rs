@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use super::transport::Transport;
 use crate::derivation::Derivation;
 use crate::serve_protocol::{
-    write_basic_derivation, BuildOptions, BuildResult, ProtocolError, MAX_ITEMS, MAX_STRING,
+    self, write_basic_derivation, BuildOptions, BuildResult, ProtocolError, WireContext,
+    MAX_ERROR_MSG, MAX_ITEMS, MAX_STRING,
 };
 use crate::serve_protocol::{SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION};
 use crate::store::signature::Signature;
@@ -51,8 +52,6 @@ pub enum ClientError {
 
 use crate::serve_protocol::cmd;
 
-/// Longest `BuildPaths` error message accepted.
-const MAX_MESSAGE: u64 = 16 << 20;
 /// How much of the server's stderr is kept to explain a failure.
 const TAIL_MAX: usize = 4096;
 /// How long the handshake waits for the rest of a non-protocol greeting.
@@ -97,8 +96,15 @@ impl Write for Tee<'_> {
     }
 }
 
+impl WireContext for ClientError {
+    fn wire(what: &'static str, source: WireError) -> ClientError {
+        ClientError::Wire { what, source }
+    }
+}
+
+/// [`serve_protocol::wire_err`] with the client's error, so that `?` knows it.
 fn wire_err(what: &'static str) -> impl FnOnce(WireError) -> ClientError {
-    move |source| ClientError::Wire { what, source }
+    serve_protocol::wire_err(what)
 }
 
 fn invalid(what: &'static str, reason: String) -> ClientError {
@@ -162,11 +168,14 @@ impl<T: Transport> ServeClient<T> {
         }
         sent.map_err(wire_err(WHAT))?;
         let version = wire::read_u64(&mut c.transport).map_err(wire_err(WHAT))?;
-        let (major, minor) = (version >> 8, version & 0xff);
+        let (major, minor) = (
+            serve_protocol::major(version),
+            serve_protocol::minor(version),
+        );
         if major != 2 || minor < 4 {
             return Err(ClientError::Version { major, minor });
         }
-        c.minor = minor.min(SERVE_PROTOCOL_VERSION & 0xff);
+        c.minor = minor.min(serve_protocol::minor(SERVE_PROTOCOL_VERSION));
         tracing::debug!(
             server_version = version,
             minor = c.minor,
@@ -427,8 +436,8 @@ impl<T: Transport> ServeClient<T> {
         if status == 0 {
             return Ok(Ok(()));
         }
-        let msg =
-            wire::read_bytes(&mut self.transport, MAX_MESSAGE).map_err(|e| self.failed(WHAT, e))?;
+        let msg = wire::read_bytes(&mut self.transport, MAX_ERROR_MSG)
+            .map_err(|e| self.failed(WHAT, e))?;
         Ok(Err((status, String::from_utf8_lossy(&msg).into_owned())))
     }
 

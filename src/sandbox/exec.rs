@@ -631,7 +631,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::super::plan::{self, SandboxDirs};
-    use super::super::syscall::{Call, RecordingSyscalls};
+    use super::super::recording::{Call, RecordingSyscalls};
     use super::*;
 
     fn s(x: &str) -> CString {

@@ -3,8 +3,8 @@
 //!
 //! - [`plan`] (pure): [`SandboxSpec`] → [`SandboxPlan`], the declarative list of
 //!   setup steps, the argv and the environment exactly as Nix sets them.
-//! - [`syscall`]: the [`Syscall`] trait every setup step goes through, and a
-//!   recording fake for unit tests; `linux` holds the real calls and the
+//! - [`syscall`]: the [`Syscall`] trait every setup step goes through;
+//!   `recording` (compiled for tests only) a fake that records the calls; `linux` holds the real calls and the
 //!   only fork (the only `unsafe` of the sandbox).
 //! - [`exec`]: clones the child into new mount, PID, network (unless
 //!   fixed-output), IPC and UTS namespaces; the child runs the steps and
@@ -65,6 +65,13 @@
 //!   so the process exits non-zero. This needs `panic = "unwind"` (the
 //!   default, kept in `Cargo.toml`); with `abort` the parent-death signal
 //!   would still kill the builder, but nothing would clean up.
+//! - Capabilities are dropped in the child with raw `prctl` and `capset`
+//!   (`linux`), not with the `caps` crate that the tests use to read them:
+//!   after `clone` in a multi-threaded process only async-signal-safe code
+//!   may run, since another thread may have held the allocator's or any
+//!   other lock at the instant of the clone and the child would wait on it
+//!   forever; `caps` allocates (its sets are `HashSet`s) and returns
+//!   errors that format strings. The raw calls touch only the stack.
 //! - The child holds every fd of the parent until `execve` (close-on-exec):
 //!   a file being written by another thread while a sandbox is being set up
 //!   cannot be executed (`ETXTBSY`) until that sandbox has exec'd.
@@ -73,6 +80,8 @@ pub mod exec;
 pub mod host;
 mod linux;
 pub mod plan;
+#[cfg(test)]
+mod recording;
 pub mod seccomp;
 pub mod setup;
 pub mod syscall;

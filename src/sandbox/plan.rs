@@ -26,14 +26,13 @@
 //!
 //! # The build directory
 //!
-//! The issue asks for a writable `/tmp` that holds the build directory at the
-//! same path on every machine. We use `/tmp/<build_dir_name>` with
+//! The build directory is `/tmp/<build_dir_name>`, writable, with
 //! [`DEFAULT_BUILD_DIR_NAME`] = `sandoff-build`: fixed, so a local and a remote
 //! build of one derivation see the same `$NIX_BUILD_TOP` (it leaks into
-//! outputs more often than one would like), and under `/tmp` because that is
-//! what the issue fixes. Nix's `/build` is not under `/tmp`; Guix's
-//! `/tmp/guix-build-<name>.drv-0` depends on the derivation. A caller that
-//! wants bit-identical outputs with Guix can pass Guix's name instead.
+//! outputs more often than one would like). It is under `/tmp` as Guix's is
+//! (`/tmp/guix-build-<name>.drv-0`, which depends on the derivation), so a
+//! caller that wants bit-identical outputs with Guix can pass Guix's name
+//! instead; Nix's `/build` is not under `/tmp`.
 //!
 //! # Outputs
 //!

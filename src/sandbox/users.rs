@@ -10,6 +10,10 @@
 //! Before and after each build every process of the uid is killed
 //! ([`UserLease::kill_processes`]): a process left behind could keep files
 //! open and change outputs after they are checked and registered.
+//!
+//! This file is also the one place that finds and kills processes: by uid
+//! (above) and, for `sandoff serve` when its client goes away, by parent
+//! ([`kill_children`], from `/proc`).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -287,6 +291,44 @@ fn kill_user(uid: u32) -> Result<(), UserError> {
     }
 }
 
+/// SIGKILLs every child of this process (found in `/proc`): the sandboxed
+/// builders, whose PID namespaces die with them. For a process that serves
+/// one client (`sandoff serve`) whose client went away; never call it in a
+/// process with children of its own to keep.
+pub fn kill_children() {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if parent_pid(&stat) == Some(me) {
+            tracing::debug!(pid, "killing a child: the client went away");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The parent's pid in a `/proc/<pid>/stat` line: `pid (comm) state ppid
+/// ...`, where comm may hold anything, even spaces and ')'.
+fn parent_pid(stat: &str) -> Option<u32> {
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,5 +394,12 @@ mod tests {
     #[test]
     fn never_kills_root() {
         assert!(kill_user(0).is_err());
+    }
+
+    #[test]
+    fn parent_pid_survives_odd_command_names() {
+        assert_eq!(parent_pid("42 (sh) S 7 42 42 0"), Some(7));
+        assert_eq!(parent_pid("42 (a) b) 1 (c) S 9 1 1"), Some(9));
+        assert_eq!(parent_pid("garbage"), None);
     }
 }

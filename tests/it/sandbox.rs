@@ -225,6 +225,23 @@ impl Fixture {
     }
 }
 
+/// The capabilities of one set (`CapEff`, ...) in `/proc/<pid>/status`
+/// text, by name: decoded with `caps`, so that a failure says which leaked.
+fn named_caps(status: &str, set: &str) -> Vec<String> {
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix(set)?.strip_prefix(":\t"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let mut names: Vec<String> = caps::all()
+        .into_iter()
+        .filter(|c| mask & c.bitmask() != 0)
+        .map(|c| c.to_string())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Puts busybox's applets on PATH inside the build directory.
 const PRELUDE: &str = r#"set -u
 "$BB" mkdir -p "$TMPDIR/bin"
@@ -373,7 +390,8 @@ fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
     for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         assert!(
             status.contains(&format!("{set}:\t0000000000000000")),
-            "{set} not empty:\n{status}"
+            "{set} not empty ({:?}):\n{status}",
+            named_caps(&status, set)
         );
     }
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
@@ -939,4 +957,12 @@ fn tmp_and_dev_shm_are_bounded() {
     assert_eq!(size_of(&log, "/tmp"), 2048, "{log}");
     assert!(!log.contains("unbounded"), "{log}");
     assert!(log.contains("build-dir-ok"), "{log}");
+}
+
+#[test]
+fn named_caps_decodes_a_status_mask() {
+    // Bit 21 is CAP_SYS_ADMIN, bit 0 CAP_CHOWN; other sets are not read.
+    let status = "CapPrm:\t0000000000000001\nCapEff:\t0000000000200001\n";
+    assert_eq!(named_caps(status, "CapEff"), ["CAP_CHOWN", "CAP_SYS_ADMIN"]);
+    assert!(named_caps("CapEff:\t0000000000000000\n", "CapEff").is_empty());
 }
