@@ -147,6 +147,12 @@ pub struct TestHost {
 }
 
 impl TestHost {
+    /// After [`support::require`] of [`NEEDS`], starts host `index` as
+    /// [`TestHost::start`] does.
+    pub fn start_if_ready(test: &str, index: u8) -> Option<TestHost> {
+        support::require(test, NEEDS).then(|| TestHost::start(index))
+    }
+
     /// Starts sandoff host `index` (1 → 127.0.0.2) on a port that was free just now.
     pub fn start(index: u8) -> TestHost {
         TestHost::start_with(index, &HostConfig::default())
@@ -469,10 +475,9 @@ fn keygen(path: &Path) {
 
 #[test]
 fn hosts_accept_the_client_key_and_refuse_others() {
-    if !support::require(this_test!(), NEEDS) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 1) else {
         return;
-    }
-    let host = TestHost::start(1);
+    };
     let out = support::run_ok(&mut host.ssh_with(
         &host.client_key(),
         &host.known_hosts(),
@@ -521,10 +526,9 @@ fn hosts_accept_the_client_key_and_refuse_others() {
 
 #[test]
 fn hosts_machines_file_and_signing_key() {
-    if !support::require(this_test!(), NEEDS) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 2) else {
         return;
-    }
-    let host = TestHost::start(2);
+    };
     let text = std::fs::read_to_string(host.machines()).expect("machines");
     let machines = nix_format::parse(&text, "machines", "x86_64-linux", &NoIncludes)
         .expect("machines file parses");
@@ -551,10 +555,9 @@ fn hosts_machines_file_and_signing_key() {
 
 #[test]
 fn hosts_stop_kills_sshd() {
-    if !support::require(this_test!(), NEEDS) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 4) else {
         return;
-    }
-    let host = TestHost::start(4);
+    };
     let pid: i32 = std::fs::read_to_string(host.home.join("sshd.pid"))
         .expect("pid file")
         .trim()
@@ -657,10 +660,9 @@ fn hosts_nix_host_answers_the_serve_handshake() {
 
 #[test]
 fn hosts_kill_stops_sshd_and_its_sessions() {
-    if !support::require(this_test!(), NEEDS) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 7) else {
         return;
-    }
-    let host = TestHost::start(7);
+    };
     let pid = host.pid().expect("sshd pid");
     let mut session = host
         .ssh("echo started; exec sleep 300")

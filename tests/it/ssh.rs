@@ -12,7 +12,7 @@ use sandoff::decide::{Machine, MachineFormat, MachineName};
 use sandoff::remote::ssh::{SshError, SshOptions, SshSession};
 use sandoff::remote::transport::Transport;
 
-use crate::hosts::{TestHost, NEEDS};
+use crate::hosts::TestHost;
 use crate::support::{self, Need};
 use crate::this_test;
 
@@ -84,12 +84,7 @@ fn key_only(line: &str) -> String {
         .join(" ")
 }
 
-/// After [`support::require`] of the test hosts' needs, test host `index`.
-fn host_if_ready(test: &str, index: u8) -> Option<TestHost> {
-    support::require(test, NEEDS).then(|| TestHost::start(index))
-}
-
-/// [`host_if_ready`], and a session to it with its machine entry.
+/// [`TestHost::start_if_ready`], and a session to it with its machine entry.
 fn connected(test: &str, index: u8) -> Option<(TestHost, SshSession)> {
     connected_with_keepalive(test, index, opts().keepalive)
 }
@@ -100,7 +95,7 @@ fn connected_with_keepalive(
     index: u8,
     keepalive: Duration,
 ) -> Option<(TestHost, SshSession)> {
-    let host = host_if_ready(test, index)?;
+    let host = TestHost::start_if_ready(test, index)?;
     let o = SshOptions {
         keepalive,
         ..opts()
@@ -165,7 +160,7 @@ fn ssh_run_takes_at_most_its_output_limit() {
 
 #[test]
 fn ssh_wrong_entry_host_key_is_refused_naming_both_keys() {
-    let Some(host) = host_if_ready(this_test!(), 22) else {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 22) else {
         return;
     };
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -189,7 +184,7 @@ fn ssh_wrong_entry_host_key_is_refused_naming_both_keys() {
 
 #[test]
 fn ssh_known_hosts_checks_entries_without_host_key() {
-    let Some(host) = host_if_ready(this_test!(), 23) else {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 23) else {
         return;
     };
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -270,7 +265,7 @@ fn ssh_known_hosts_checks_entries_without_host_key() {
 
 #[test]
 fn ssh_wrong_client_key_fails_authentication() {
-    let Some(host) = host_if_ready(this_test!(), 24) else {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 24) else {
         return;
     };
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -299,7 +294,7 @@ fn ssh_wrong_client_key_fails_authentication() {
 
 #[test]
 fn ssh_key_and_known_hosts_files_must_be_regular_files() {
-    let Some(host) = host_if_ready(this_test!(), 33) else {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 33) else {
         return;
     };
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -589,7 +584,7 @@ fn cpu_seconds(path: &str, children: bool) -> f64 {
 #[test]
 #[ignore = "a measurement, not a check"]
 fn ssh_throughput_against_openssh() {
-    let Some(host) = host_if_ready(this_test!(), 28) else {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 28) else {
         return;
     };
     const TOTAL: usize = 200 << 20;
