@@ -19,36 +19,35 @@ use sandoff::store::{nar, HashAlgo, StoreDir, StoreLocation, StorePath, ValidPat
 use serde_json::json;
 
 use crate::support::{self, Need};
+use crate::this_test;
 
-/// Root, busybox, namespaces and the build users.
+/// Root, busybox, namespaces (what [`crate::sandbox::ready`] checks) and
+/// the build users.
 pub(crate) fn ready(test: &str) -> bool {
-    if !support::require(test, &[Need::Root, Need::Program("busybox")]) {
+    if !crate::sandbox::ready(test) {
         return false;
     }
-    if !Path::new("/bin/busybox").is_file() {
-        return support::require(test, &[Need::Program("/bin/busybox")]);
-    }
-    static OK: OnceLock<bool> = OnceLock::new();
-    let ok = *OK.get_or_init(|| {
-        let ns = Command::new("unshare")
-            .args(["-m", "-p", "-n", "-i", "-u", "-f", "--mount-proc", "true"])
-            .status()
-            .is_ok_and(|s| s.success());
-        ns && ensure_build_users(&BuildUsers::Create {
+    static USERS: OnceLock<bool> = OnceLock::new();
+    let met = *USERS.get_or_init(|| {
+        ensure_build_users(&BuildUsers::Create {
             group: "sandoffbld".to_owned(),
             count: 10,
         })
         .is_ok()
     });
-    if !ok {
-        let _ = support::require(
-            test,
-            &[Need::Program(
-                "working namespaces (unshare -mpniuf) and sandoffbld users",
-            )],
-        );
-    }
-    ok
+    support::require(
+        test,
+        &[Need::Condition {
+            what: "sandoffbld users",
+            met,
+        }],
+    )
+}
+
+/// `out`'s stderr holds `needle`.
+pub(crate) fn assert_stderr_has(out: &std::process::Output, needle: &str) {
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(needle), "{stderr}");
 }
 
 /// A store under a temporary directory, with busybox in it.
@@ -107,6 +106,23 @@ impl Store {
             .env_remove("SANDOFF_STORE_DIR")
             .env_remove("SANDOFF_STATE_DIR");
         c
+    }
+
+    /// A new store, if the machine can build (see [`ready`]).
+    pub(crate) fn ready(test: &str) -> Option<Store> {
+        ready(test).then(Store::new)
+    }
+
+    /// Adds a derivation named `name` that runs `script` and takes no
+    /// inputs; returns its `.drv` path.
+    pub(crate) fn script_drv(&self, name: &str, script: &str) -> String {
+        self.drv(
+            name,
+            Spec {
+                script,
+                ..Spec::default()
+            },
+        )
     }
 
     /// Adds a derivation named `name`; returns its `.drv` path.
@@ -235,17 +251,10 @@ fn assert_canonical(path: &Path) {
 
 #[test]
 fn builds_a_graph_in_order_with_scanned_references_and_canonical_outputs() {
-    if !ready("builds_a_graph_in_order_with_scanned_references_and_canonical_outputs") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let c = s.drv(
-        "c",
-        Spec {
-            script: "echo building c; mkdir $out; echo from-c > $out/file; chmod 755 $out/file; ln -s file $out/link",
-            ..Spec::default()
-        },
-    );
+    };
+    let c = s.script_drv("c", "echo building c; mkdir $out; echo from-c > $out/file; chmod 755 $out/file; ln -s file $out/link");
     let b = s.drv(
         "b",
         Spec {
@@ -343,10 +352,9 @@ fn builds_a_graph_in_order_with_scanned_references_and_canonical_outputs() {
 
 #[test]
 fn concurrent_builds_get_distinct_build_users() {
-    if !ready("concurrent_builds_get_distinct_build_users") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
+    };
     let script = "sleep 2; id -u > $out";
     let x = s.drv(
         "x",
@@ -383,17 +391,10 @@ fn concurrent_builds_get_distinct_build_users() {
 
 #[test]
 fn two_processes_build_the_same_derivation_once() {
-    if !ready("two_processes_build_the_same_derivation_once") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
-        "once",
-        Spec {
-            script: "sleep 2; echo done > $out",
-            ..Spec::default()
-        },
-    );
+    };
+    let d = s.script_drv("once", "sleep 2; echo done > $out");
     let spawn = || {
         s.cmd()
             .args(["build", "--json", &d])
@@ -447,10 +448,9 @@ fn hello_hashes() -> (String, String) {
 
 #[test]
 fn fixed_output_with_the_right_hash_is_registered_with_its_content_address() {
-    if !ready("fixed_output_with_the_right_hash_is_registered_with_its_content_address") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
+    };
     let (flat, rec) = hello_hashes();
     let f = s.drv(
         "hello.txt",
@@ -488,10 +488,9 @@ fn fixed_output_with_the_right_hash_is_registered_with_its_content_address() {
 
 #[test]
 fn fixed_output_gets_only_allowlisted_impure_env_vars() {
-    if !ready("fixed_output_gets_only_allowlisted_impure_env_vars") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
+    };
     let expected = "state=unset secret=unset proxy=http://proxy.invalid:3128 extra=unset\n";
     let script = "line=\"state=${SANDOFF_STATE_DIR-unset} secret=${AWS_SECRET_ACCESS_KEY-unset} \
                   proxy=${http_proxy-unset} extra=${MY_FETCH_TOKEN-unset}\"; \
@@ -571,10 +570,9 @@ fn fixed_output_gets_only_allowlisted_impure_env_vars() {
 
 #[test]
 fn fixed_output_with_a_wrong_hash_registers_nothing() {
-    if !ready("fixed_output_with_a_wrong_hash_registers_nothing") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
+    };
     let wrong = HashAlgo::Sha256.digest(b"something else").to_base16();
     let d = s.drv(
         "wrong.txt",
@@ -602,17 +600,10 @@ fn fixed_output_with_a_wrong_hash_registers_nothing() {
 
 #[test]
 fn failing_build_leaves_nothing_and_names_the_derivation() {
-    if !ready("failing_build_leaves_nothing_and_names_the_derivation") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
-        "fails",
-        Spec {
-            script: "mkdir $out; echo oops >&2; exit 3",
-            ..Spec::default()
-        },
-    );
+    };
+    let d = s.script_drv("fails", "mkdir $out; echo oops >&2; exit 3");
     let out = s.build(&["-L", &d]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
@@ -631,48 +622,21 @@ fn failing_build_leaves_nothing_and_names_the_derivation() {
 
     let nobody = s.build(&["--build-users-group", "sandoff-no-such-group", &d]);
     assert_eq!(nobody.status.code(), Some(1));
-    assert!(
-        text(&nobody.stderr).contains(&format!("cannot build '{d}': no build users: build users group 'sandoff-no-such-group' does not exist")),
-        "{}",
-        text(&nobody.stderr)
-    );
+    assert_stderr_has(&nobody, &format!("cannot build '{d}': no build users: build users group 'sandoff-no-such-group' does not exist"));
 
-    let missing = s.drv(
-        "lazy",
-        Spec {
-            script: "true",
-            ..Spec::default()
-        },
-    );
+    let missing = s.script_drv("lazy", "true");
     let out = s.build(&[&missing]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("did not produce output 'out'"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "did not produce output 'out'");
 }
 
 #[test]
 fn keep_going_builds_the_independent_rest() {
-    if !ready("keep_going_builds_the_independent_rest") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let bad = s.drv(
-        "bad",
-        Spec {
-            script: "exit 1",
-            ..Spec::default()
-        },
-    );
-    let good = s.drv(
-        "good",
-        Spec {
-            script: "echo ok > $out",
-            ..Spec::default()
-        },
-    );
+    };
+    let bad = s.script_drv("bad", "exit 1");
+    let good = s.script_drv("good", "echo ok > $out");
     let above = s.drv(
         "above",
         Spec {
@@ -702,55 +666,27 @@ fn keep_going_builds_the_independent_rest() {
 
 #[test]
 fn silent_and_overlong_builds_are_killed() {
-    if !ready("silent_and_overlong_builds_are_killed") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let silent = s.drv(
-        "silent",
-        Spec {
-            script: "sleep 1000; echo > $out",
-            ..Spec::default()
-        },
-    );
+    };
+    let silent = s.script_drv("silent", "sleep 1000; echo > $out");
     let out = s.build(&["--max-silent-time", "1", &silent]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("timed out after 1 seconds of silence"),
-        "{}",
-        text(&out.stderr)
-    );
-    let chatty = s.drv(
-        "chatty",
-        Spec {
-            script: "while true; do echo tick; sleep 0.2; done",
-            ..Spec::default()
-        },
-    );
+    assert_stderr_has(&out, "timed out after 1 seconds of silence");
+    let chatty = s.script_drv("chatty", "while true; do echo tick; sleep 0.2; done");
     let out = s.build(&["--timeout", "1", "--max-silent-time", "5", &chatty]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("timed out"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "timed out");
     assert!(s.info(&s.out(&chatty)).is_none());
     assert!(s.build_dirs().is_empty());
 }
 
 #[test]
 fn limits_of_u64_max_seconds_mean_forever_and_do_not_panic() {
-    if !ready("limits_of_u64_max_seconds_mean_forever_and_do_not_panic") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let quick = s.drv(
-        "quick",
-        Spec {
-            script: "echo done > $out",
-            ..Spec::default()
-        },
-    );
+    };
+    let quick = s.script_drv("quick", "echo done > $out");
     let max = u64::MAX.to_string();
     let out = s.build(&["--timeout", &max, "--max-silent-time", &max, &quick]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -764,10 +700,9 @@ fn limits_of_u64_max_seconds_mean_forever_and_do_not_panic() {
 
 #[test]
 fn resource_flags_reach_the_sandbox() {
-    if !ready("resource_flags_reach_the_sandbox") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
+    };
     let d = s.drv(
         "limits",
         Spec {
@@ -802,16 +737,12 @@ fn resource_flags_reach_the_sandbox() {
 
 #[test]
 fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
-    if !ready("kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
+    };
+    let d = s.script_drv(
         "slow",
-        Spec {
-            script: "mkdir $out; echo started; sleep 2; echo done > $out/f",
-            ..Spec::default()
-        },
+        "mkdir $out; echo started; sleep 2; echo done > $out/f",
     );
     let mut child = s
         .cmd()
@@ -862,17 +793,10 @@ fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
 
 #[test]
 fn keep_failed_keeps_and_reports_the_build_directory() {
-    if !ready("keep_failed_keeps_and_reports_the_build_directory") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
-        "kept",
-        Spec {
-            script: "echo partial > $TMPDIR/note; exit 1",
-            ..Spec::default()
-        },
-    );
+    };
+    let d = s.script_drv("kept", "echo partial > $TMPDIR/note; exit 1");
     let out = s.build(&["--keep-failed", &d]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
@@ -907,19 +831,13 @@ fn log_of_an_unbuilt_derivation_is_an_error() {
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("no build log of"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "no build log of");
 }
 
 /// `examples/graph/build.sh`: the diamond with a fixed-output root builds.
 #[test]
 fn example_graph_builds() {
-    if !ready("example_graph_builds")
-        || !support::require("example_graph_builds", &[Need::Program("jq")])
-    {
+    if !ready(this_test!()) || !support::require_programs(this_test!(), &["jq"]) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -943,17 +861,10 @@ fn example_graph_builds() {
 
 #[test]
 fn build_places_each_derivation_with_the_decision_module() {
-    if !ready("build_places_each_derivation_with_the_decision_module") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
-        "placed",
-        Spec {
-            script: "echo placed > $out",
-            ..Spec::default()
-        },
-    );
+    };
+    let d = s.script_drv("placed", "echo placed > $out");
     // A local machine that cannot build x86_64-linux, and no machines.
     let out = s.build(&["--system", "aarch64-linux", "--extra-platforms=", &d]);
     assert_eq!(out.status.code(), Some(1));
@@ -1046,46 +957,28 @@ pub(crate) fn assert_terminal_safe(err: &[u8], what: &str) {
 
 #[test]
 fn failing_build_log_tail_reaches_stderr_without_terminal_escapes() {
-    if !ready("failing_build_log_tail_reaches_stderr_without_terminal_escapes") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
-        "hostile-fails",
-        Spec {
-            script: &hostile_log_script(3),
-            ..Spec::default()
-        },
-    );
+    };
+    let d = s.script_drv("hostile-fails", &hostile_log_script(3));
     let out = s.build(&[&d]);
     assert_eq!(out.status.code(), Some(1));
     assert_terminal_safe(&out.stderr, "log tail");
-    assert!(text(&out.stderr).contains("xy"), "{}", text(&out.stderr));
+    assert_stderr_has(&out, "xy");
     let log = support::run_ok(s.cmd().args(["log", &d]));
     assert_eq!(log, HOSTILE_LOG, "the log on disk is as the build wrote it");
 }
 
 #[test]
 fn streamed_build_log_reaches_stderr_without_terminal_escapes() {
-    if !ready("streamed_build_log_reaches_stderr_without_terminal_escapes") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
-    let d = s.drv(
-        "hostile-ok",
-        Spec {
-            script: &hostile_log_script(0),
-            ..Spec::default()
-        },
-    );
+    };
+    let d = s.script_drv("hostile-ok", &hostile_log_script(0));
     let out = s.build(&["-L", &d]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_terminal_safe(&out.stderr, "-L");
-    assert!(
-        text(&out.stderr).contains("hostile-ok> xy\n"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "hostile-ok> xy\n");
     let log = support::run_ok(s.cmd().args(["log", &d]));
     assert_eq!(log, HOSTILE_LOG, "the log on disk is as the build wrote it");
 }

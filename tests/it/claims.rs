@@ -10,16 +10,16 @@
 //! users); the others need nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use sandoff::derivation::{Derivation, DerivationOutput, OutputName};
 use sandoff::serve::{serve, ServeOptions, SERVE_MAGIC_1, SERVE_MAGIC_2};
 use sandoff::store::export::write_export;
 use sandoff::store::{nar, wire, HashAlgo, StoreDir, StorePath, ValidPathInfo};
 
-use crate::build::{logical, ready, text, Spec, Store};
+use crate::build::{assert_stderr_has, logical, ready, text, Store};
+use crate::support;
+use crate::this_test;
 
 /// A `.drv` with no inputs whose one output `out` is `claimed`, written to
 /// `dir/<name>.drv`, with the info it would be registered under (its honest
@@ -80,15 +80,31 @@ fn assert_absent(s: &Store, path: &StorePath) {
 /// a forged derivation claims.
 fn victim() -> (Store, String, StorePath) {
     let s = Store::new();
-    let drv = s.drv(
-        "victim",
-        Spec {
-            script: "echo real > $out",
-            ..Spec::default()
-        },
-    );
+    let drv = s.script_drv("victim", "echo real > $out");
     let out = s.out(&drv);
     (s, drv, out)
+}
+
+/// A fixed-output `.drv` `fetch` whose output is `claimed`, a path its hash
+/// does not give, written under `dir`.
+fn forged_fixed_output(dir: &Path, claimed: &StorePath) -> (PathBuf, ValidPathInfo) {
+    forged(
+        dir,
+        "fetch",
+        DerivationOutput::CAFixed {
+            method: sandoff::store::FileIngestionMethod::Flat,
+            hash: HashAlgo::Sha256.digest(b"pwned\n"),
+            path: claimed.clone(),
+        },
+    )
+}
+
+/// `sandoff store import --no-check-sigs` of `file` as `info`.
+fn import(s: &Store, info: &ValidPathInfo, file: &Path) -> std::process::Output {
+    support::output_with_input(
+        s.cmd().args(["store", "import", "--no-check-sigs"]),
+        &archive(info, file),
+    )
 }
 
 #[test]
@@ -104,21 +120,7 @@ fn a_derivation_claiming_another_output_is_refused_by_every_route() {
     );
 
     // store import
-    let mut child = s
-        .cmd()
-        .args(["store", "import", "--no-check-sigs"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&archive(&info, &file))
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
+    let out = import(&s, &info, &file);
     let err = text(&out.stderr);
     assert!(!out.status.success(), "import accepted a forged .drv");
     assert!(
@@ -136,11 +138,7 @@ fn a_derivation_claiming_another_output_is_refused_by_every_route() {
         .output()
         .expect("run");
     assert!(!out.status.success(), "store add accepted a forged .drv");
-    assert!(
-        text(&out.stderr).contains("refusing derivation"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "refusing derivation");
 
     // the serve protocol's ImportPaths
     let store = s.open();
@@ -177,36 +175,10 @@ fn a_derivation_claiming_another_output_is_refused_by_every_route() {
 fn a_fixed_output_at_a_path_its_hash_does_not_give_is_refused_on_import() {
     let (s, _, victim_out) = victim();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (file, info) = forged(
-        tmp.path(),
-        "fetch",
-        DerivationOutput::CAFixed {
-            method: sandoff::store::FileIngestionMethod::Flat,
-            hash: HashAlgo::Sha256.digest(b"pwned\n"),
-            path: victim_out.clone(),
-        },
-    );
-    let mut child = s
-        .cmd()
-        .args(["store", "import", "--no-check-sigs"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&archive(&info, &file))
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
+    let (file, info) = forged_fixed_output(tmp.path(), &victim_out);
+    let out = import(&s, &info, &file);
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("output 'out'"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "output 'out'");
     assert_absent(&s, &info.path);
 }
 
@@ -237,20 +209,12 @@ fn register_behind_our_back(s: &Store, info: &ValidPathInfo, file: &Path) {
 
 #[test]
 fn a_forged_fixed_output_already_in_the_store_is_not_built_and_fails_verify() {
-    if !ready("a_forged_fixed_output_already_in_the_store_is_not_built_and_fails_verify") {
+    if !ready(this_test!()) {
         return;
     }
     let (s, _, victim_out) = victim();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (file, info) = forged(
-        tmp.path(),
-        "fetch",
-        DerivationOutput::CAFixed {
-            method: sandoff::store::FileIngestionMethod::Flat,
-            hash: HashAlgo::Sha256.digest(b"pwned\n"),
-            path: victim_out.clone(),
-        },
-    );
+    let (file, info) = forged_fixed_output(tmp.path(), &victim_out);
     register_behind_our_back(&s, &info, &file);
     let drv = logical(&info.path);
     let out = s.build(&[&drv]);
@@ -272,19 +236,14 @@ fn a_forged_fixed_output_already_in_the_store_is_not_built_and_fails_verify() {
         .output()
         .expect("run");
     assert!(!out.status.success(), "verify passed a forged derivation");
-    assert!(
-        text(&out.stderr).contains("not what its name claims"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "not what its name claims");
 }
 
 #[test]
 fn a_derivation_that_depends_on_itself_is_named() {
-    if !ready("a_derivation_that_depends_on_itself_is_named") {
+    let Some(s) = Store::ready(this_test!()) else {
         return;
-    }
-    let s = Store::new();
+    };
     let sd = StoreDir::default();
     // A path that cannot be its contents' text path: it names itself.
     let me = StorePath::from_base_name("00000000000000000000000000000000-loop.drv").expect("path");
@@ -352,9 +311,5 @@ fn a_store_name_starting_with_a_period_is_refused() {
         !out.status.success(),
         "a name starting with '.' was accepted"
     );
-    assert!(
-        text(&out.stderr).contains("must not start with a period"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "must not start with a period");
 }

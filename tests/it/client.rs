@@ -19,32 +19,11 @@ use sandoff::serve_protocol::{
 use sandoff::store::export::write_export;
 use sandoff::store::local::LocalStore;
 use sandoff::store::wire;
-use sandoff::store::{FileIngestionMethod, HashAlgo, StoreDir, StoreLocation, StorePath};
+use sandoff::store::{FileIngestionMethod, HashAlgo, StoreDir, StorePath};
 
+use crate::serve::{foo_baz, open};
 use crate::support::{self, Need};
-
-fn open(root: &Path) -> LocalStore {
-    sandoff::derivation::check::open_store(StoreLocation::new(StoreDir::default(), root.to_owned()))
-        .expect("open store")
-}
-
-/// A sandoff store with `leaf` ("bar") and `top`, which refers to `leaf`.
-fn foo_baz(root: &Path) -> (LocalStore, StorePath, StorePath) {
-    let store = open(root);
-    let leaf = store
-        .add_text("foo", b"bar", &BTreeSet::new(), &BTreeMap::new())
-        .expect("add foo");
-    let content = store.location().logical(&leaf);
-    let top = store
-        .add_text(
-            "baz",
-            content.as_bytes(),
-            &BTreeSet::from([leaf.clone()]),
-            &BTreeMap::new(),
-        )
-        .expect("add baz");
-    (store, leaf, top)
-}
+use crate::this_test;
 
 /// Writes the export stream of `paths` (and nothing of their closure) from `src`.
 fn export(src: &LocalStore, paths: &BTreeSet<StorePath>, w: &mut dyn std::io::Write) {
@@ -82,6 +61,17 @@ fn download(
     }
 }
 
+/// Uploads `paths` (and nothing of their closure) from `src` with `ImportPaths`.
+fn upload(client: &mut ServeClient<ChildTransport>, src: &LocalStore, paths: &BTreeSet<StorePath>) {
+    client
+        .import_paths(|w| {
+            export(src, paths, w);
+            Ok::<(), ()>(())
+        })
+        .expect("ImportPaths")
+        .expect("export");
+}
+
 fn sandoff_serve(root: &Path) -> ChildTransport {
     let mut cmd = support::sandoff();
     cmd.args(["serve", "--stdio", "--write"])
@@ -107,13 +97,7 @@ fn client_against_sandoff_serve() {
         .expect("QueryValidPaths")
         .is_empty());
 
-    client
-        .import_paths(|w| {
-            export(&src, &both, w);
-            Ok::<(), ()>(())
-        })
-        .expect("ImportPaths")
-        .expect("export");
+    upload(&mut client, &src, &both);
     let mut asked = both.clone();
     asked.insert(missing.clone());
     assert_eq!(client.query_valid_paths(&asked, true, false).unwrap(), both);
@@ -183,35 +167,39 @@ fn client_reports_a_server_error() {
     assert!(!status.success());
 }
 
+/// `sh -c script` as the transport.
+fn sh(script: &str) -> ChildTransport {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", script]);
+    ChildTransport::spawn(cmd).unwrap()
+}
+
+/// The error of a handshake with [`sh`] `script`, which must fail.
+fn refused_by(script: &str) -> ClientError {
+    ServeClient::open(sh(script), StoreDir::default())
+        .err()
+        .expect("refused")
+}
+
 #[test]
 fn client_refuses_what_is_not_a_serve_server() {
     // A login banner where the magic should be.
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", "echo 'Welcome to host'; exec cat >/dev/null"]);
-    let err = ServeClient::open(ChildTransport::spawn(cmd).unwrap(), StoreDir::default())
-        .err()
-        .expect("refused");
+    let err = refused_by("echo 'Welcome to host'; exec cat >/dev/null");
     match &err {
         ClientError::Handshake { got } => assert!(got.contains("Welcome to host"), "{got}"),
         e => panic!("wrong error: {e}"),
     }
 
     // A program that dies at once, saying why on stderr.
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", "echo 'nix-store: command not found' >&2; exit 127"]);
-    let err = ServeClient::open(ChildTransport::spawn(cmd).unwrap(), StoreDir::default())
-        .err()
-        .expect("refused");
+    let err = refused_by("echo 'nix-store: command not found' >&2; exit 127");
     match &err {
         ClientError::Handshake { got } => assert!(got.contains("command not found"), "{got}"),
         e => panic!("wrong error: {e}"),
     }
 
     // A program that never answers.
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", "exec sleep 1000"]);
     let err = ServeClient::open_until(
-        ChildTransport::spawn(cmd).unwrap(),
+        sh("exec sleep 1000"),
         StoreDir::default(),
         Some(Instant::now() + Duration::from_millis(300)),
     )
@@ -220,14 +208,9 @@ fn client_refuses_what_is_not_a_serve_server() {
     assert!(matches!(err, ClientError::TimedOut { .. }), "{err}");
 
     // The right magic, but protocol 3.7.
-    let mut cmd = Command::new("sh");
-    cmd.args([
-        "-c",
+    let err = refused_by(
         r"printf '\313\356\122\124\000\000\000\000\007\003\000\000\000\000\000\000'; exec cat >/dev/null",
-    ]);
-    let err = ServeClient::open(ChildTransport::spawn(cmd).unwrap(), StoreDir::default())
-        .err()
-        .expect("refused");
+    );
     assert!(
         matches!(err, ClientError::Version { major: 3, minor: 7 }),
         "{err}"
@@ -237,9 +220,7 @@ fn client_refuses_what_is_not_a_serve_server() {
 #[test]
 fn child_transport_waits_and_times_out() {
     // Logs to stderr, then answers after a while.
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", "echo building >&2; sleep 1; echo done"]);
-    let mut t = ChildTransport::spawn(cmd).unwrap();
+    let mut t = sh("echo building >&2; sleep 1; echo done");
     let mut log = Vec::new();
     let err = t
         .wait_reply(&mut log, Some(Instant::now() + Duration::from_millis(200)))
@@ -261,12 +242,74 @@ fn child_transport_waits_and_times_out() {
     assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
 }
 
+/// A directory under `tmp` holding `bin/busybox`, a copy of the host's.
+fn busybox_tree(tmp: &Path) -> std::path::PathBuf {
+    let dir = tmp.join("in/busybox");
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
+    dir
+}
+
+/// [`busybox_tree`] added to `store`.
+fn add_busybox(store: &LocalStore, tmp: &Path) -> StorePath {
+    store
+        .add_path(
+            &busybox_tree(tmp),
+            FileIngestionMethod::Recursive,
+            HashAlgo::Sha256,
+        )
+        .expect("add busybox")
+}
+
 /// `nix-store --serve --write` on a chroot store under `tmp`.
 fn nix_serve(tmp: &Path) -> ChildTransport {
     let mut cmd = support::nix_cmd("nix-store", &tmp.join("nixconf"));
     cmd.args(["--serve", "--write", "--store"])
         .arg(tmp.join("nix"));
     ChildTransport::spawn(cmd).expect("spawn nix-store --serve")
+}
+
+/// A deadline only a hang reaches.
+fn far_deadline() -> Instant {
+    Instant::now() + Duration::from_secs(300)
+}
+
+/// `BuildDerivation` of `drv` (whose one input is busybox at `bb`), its log
+/// into `log`.
+fn build_on(
+    client: &mut ServeClient<ChildTransport>,
+    drv: &Derivation,
+    bb: &StorePath,
+    log: &mut Vec<u8>,
+    deadline: Option<Instant>,
+) -> BuildResult {
+    let dir = StoreDir::default();
+    let drv_path = drv.drv_path(&dir).expect("drv path");
+    client
+        .build_derivation(
+            &drv_path,
+            drv,
+            &BTreeSet::from([bb.clone()]),
+            &BuildOptions::default(),
+            log,
+            deadline,
+        )
+        .expect("BuildDerivation")
+}
+
+/// What the tests against `nix-store --serve` need.
+fn nix_ready(test: &str) -> bool {
+    support::require_programs(test, &["nix-store", "/bin/busybox"])
+}
+
+/// [`nix_serve`] on a store that has been given busybox (whose path comes
+/// back too) through the client.
+fn nix_serve_with_busybox(tmp: &Path) -> (ServeClient<ChildTransport>, StorePath) {
+    let src = open(&tmp.join("src"));
+    let bb = add_busybox(&src, tmp);
+    let mut client = ServeClient::open(nix_serve(tmp), StoreDir::default()).expect("handshake");
+    upload(&mut client, &src, &BTreeSet::from([bb.clone()]));
+    (client, bb)
 }
 
 /// The derivation `echo hi > $out`, run by busybox at `bb`, with its
@@ -287,29 +330,38 @@ fn hello_drv(dir: &StoreDir, bb: &StorePath) -> Derivation {
         ]),
         ..Default::default()
     };
+    fill_output_paths(&mut drv, dir);
+    drv
+}
+
+/// Computes the output paths of `drv`, which has no input derivations.
+fn fill_output_paths(drv: &mut Derivation, dir: &StoreDir) {
     let mut hasher = DrvHasher::new(dir.clone(), |p: &StorePath| {
         Err::<Derivation, _>(format!("no input derivation {p} here"))
     });
     drv.fill_output_paths(&mut hasher).expect("output paths");
+}
+
+/// [`hello_drv`] named `name`, failing with "failing on purpose" on stderr.
+fn failing_drv(dir: &StoreDir, bb: &StorePath, name: &str) -> Derivation {
+    let mut drv = hello_drv(dir, bb);
+    drv.args[2] = b"echo failing on purpose >&2; exit 3".to_vec();
+    drv.env.insert(b"name".to_vec(), name.as_bytes().to_vec());
+    drv.env.insert(b"out".to_vec(), Vec::new());
+    drv.outputs
+        .insert(OutputName::out(), DerivationOutput::Deferred);
+    fill_output_paths(&mut drv, dir);
     drv
 }
 
 #[test]
 fn client_against_nix_serve() {
-    if !support::require(
-        "client_against_nix_serve",
-        &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
-    ) {
+    if !nix_ready(this_test!()) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, leaf, top) = foo_baz(&tmp.path().join("src"));
-    let bb_dir = tmp.path().join("in/busybox");
-    std::fs::create_dir_all(bb_dir.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", bb_dir.join("bin/busybox")).unwrap();
-    let bb = src
-        .add_path(&bb_dir, FileIngestionMethod::Recursive, HashAlgo::Sha256)
-        .expect("add busybox");
+    let bb = add_busybox(&src, tmp.path());
     let dir = StoreDir::default();
 
     let mut client = ServeClient::open(nix_serve(tmp.path()), dir.clone()).expect("handshake");
@@ -320,13 +372,7 @@ fn client_against_nix_serve() {
         .query_valid_paths(&all, false, false)
         .unwrap()
         .is_empty());
-    client
-        .import_paths(|w| {
-            export(&src, &all, w);
-            Ok::<(), ()>(())
-        })
-        .expect("ImportPaths")
-        .expect("export");
+    upload(&mut client, &src, &all);
     assert_eq!(client.query_valid_paths(&all, false, false).unwrap(), all);
 
     let infos = client.query_path_infos(&all).expect("QueryPathInfos");
@@ -353,19 +399,9 @@ fn client_against_nix_serve() {
     // Build on Nix: the derivation travels as a BasicDerivation, the .drv
     // itself is never uploaded.
     let drv = hello_drv(&dir, &bb);
-    let drv_path = drv.drv_path(&dir).expect("drv path");
     let out = drv.output_paths()["out"].clone();
     let mut log = Vec::new();
-    let result = client
-        .build_derivation(
-            &drv_path,
-            &drv,
-            &BTreeSet::from([bb.clone()]),
-            &BuildOptions::default(),
-            &mut log,
-            Some(Instant::now() + Duration::from_secs(300)),
-        )
-        .expect("BuildDerivation");
+    let result = build_on(&mut client, &drv, &bb, &mut log, Some(far_deadline()));
     assert_eq!(
         result.status,
         BuildStatus::Built,
@@ -391,16 +427,7 @@ fn client_against_nix_serve() {
     );
 
     // Building it again: already valid.
-    let again = client
-        .build_derivation(
-            &drv_path,
-            &drv,
-            &BTreeSet::from([bb.clone()]),
-            &BuildOptions::default(),
-            &mut log,
-            None,
-        )
-        .expect("BuildDerivation again");
+    let again = build_on(&mut client, &drv, &bb, &mut log, None);
     assert!(again.status.is_success(), "{:?}", again.status);
 
     let status = client.into_transport().close().expect("close");
@@ -409,50 +436,15 @@ fn client_against_nix_serve() {
 
 #[test]
 fn client_reads_a_failed_nix_build() {
-    if !support::require(
-        "client_reads_a_failed_nix_build",
-        &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
-    ) {
+    if !nix_ready(this_test!()) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let src = open(&tmp.path().join("src"));
-    let bb_dir = tmp.path().join("in/busybox");
-    std::fs::create_dir_all(bb_dir.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", bb_dir.join("bin/busybox")).unwrap();
-    let bb = src
-        .add_path(&bb_dir, FileIngestionMethod::Recursive, HashAlgo::Sha256)
-        .expect("add busybox");
+    let (mut client, bb) = nix_serve_with_busybox(tmp.path());
     let dir = StoreDir::default();
-    let mut client = ServeClient::open(nix_serve(tmp.path()), dir.clone()).expect("handshake");
-    client
-        .import_paths(|w| {
-            export(&src, &BTreeSet::from([bb.clone()]), w);
-            Ok::<(), ()>(())
-        })
-        .expect("ImportPaths")
-        .expect("export");
-    let mut drv = hello_drv(&dir, &bb);
-    drv.args[2] = b"echo failing on purpose >&2; exit 3".to_vec();
-    drv.env.insert(b"out".to_vec(), Vec::new());
-    drv.outputs
-        .insert(OutputName::out(), DerivationOutput::Deferred);
-    let mut hasher = DrvHasher::new(dir.clone(), |p: &StorePath| {
-        Err::<Derivation, _>(format!("no input derivation {p} here"))
-    });
-    drv.fill_output_paths(&mut hasher).expect("output paths");
-    let drv_path = drv.drv_path(&dir).unwrap();
+    let drv = failing_drv(&dir, &bb, "client-hello");
     let mut log = Vec::new();
-    let result = client
-        .build_derivation(
-            &drv_path,
-            &drv,
-            &BTreeSet::from([bb]),
-            &BuildOptions::default(),
-            &mut log,
-            Some(Instant::now() + Duration::from_secs(300)),
-        )
-        .expect("BuildDerivation");
+    let result = build_on(&mut client, &drv, &bb, &mut log, Some(far_deadline()));
     assert!(!result.status.is_success(), "{:?}", result.status);
     assert!(result.built_outputs.is_empty());
     let log = String::from_utf8_lossy(&log);
@@ -487,30 +479,13 @@ impl std::io::Read for Recorder<'_> {
 /// `BuildResult::read` and written again with the drv's masked modulo hash.
 #[test]
 fn build_result_bytes_match_nix() {
-    if !support::require(
-        "build_result_bytes_match_nix",
-        &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
-    ) {
+    if !nix_ready(this_test!()) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let src = open(&tmp.path().join("src"));
-    let bb_dir = tmp.path().join("in/busybox");
-    std::fs::create_dir_all(bb_dir.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", bb_dir.join("bin/busybox")).unwrap();
-    let bb = src
-        .add_path(&bb_dir, FileIngestionMethod::Recursive, HashAlgo::Sha256)
-        .expect("add busybox");
+    let (client, bb) = nix_serve_with_busybox(tmp.path());
     let dir = StoreDir::default();
-    let mut client = ServeClient::open(nix_serve(tmp.path()), dir.clone()).expect("handshake");
     assert_eq!(client.minor(), 7);
-    client
-        .import_paths(|w| {
-            export(&src, &BTreeSet::from([bb.clone()]), w);
-            Ok::<(), ()>(())
-        })
-        .expect("ImportPaths")
-        .expect("export");
     let drv = hello_drv(&dir, &bb);
     let drv_path = drv.drv_path(&dir).unwrap();
     let mut t = client.into_transport();
@@ -520,8 +495,7 @@ fn build_result_bytes_match_nix() {
     BuildOptions::default().write(&mut t, 7).unwrap();
     std::io::Write::flush(&mut t).unwrap();
     let mut log = Vec::new();
-    t.wait_reply(&mut log, Some(Instant::now() + Duration::from_secs(300)))
-        .expect("reply");
+    t.wait_reply(&mut log, Some(far_deadline())).expect("reply");
     let mut rec = Recorder {
         inner: &mut t,
         seen: Vec::new(),
@@ -545,33 +519,16 @@ fn build_result_bytes_match_nix() {
 
 #[test]
 fn client_build_paths_on_nix() {
-    if !support::require(
-        "client_build_paths_on_nix",
-        &[Need::Program("nix-store"), Need::Program("/bin/busybox")],
-    ) {
+    if !nix_ready(this_test!()) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let src = open(&tmp.path().join("src"));
-    let bb_dir = tmp.path().join("in/busybox");
-    std::fs::create_dir_all(bb_dir.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", bb_dir.join("bin/busybox")).unwrap();
-    let bb = src
-        .add_path(&bb_dir, FileIngestionMethod::Recursive, HashAlgo::Sha256)
-        .expect("add busybox");
+    let bb = add_busybox(&src, tmp.path());
     let dir = StoreDir::default();
     // Two .drv files in the source store: one that builds, one that fails.
     let good = hello_drv(&dir, &bb);
-    let mut bad = hello_drv(&dir, &bb);
-    bad.args[2] = b"echo failing on purpose >&2; exit 3".to_vec();
-    bad.env.insert(b"name".to_vec(), b"client-fails".to_vec());
-    bad.env.insert(b"out".to_vec(), Vec::new());
-    bad.outputs
-        .insert(OutputName::out(), DerivationOutput::Deferred);
-    let mut hasher = DrvHasher::new(dir.clone(), |p: &StorePath| {
-        Err::<Derivation, _>(format!("no input derivation {p} here"))
-    });
-    bad.fill_output_paths(&mut hasher).expect("output paths");
+    let bad = failing_drv(&dir, &bb, "client-fails");
     let mut drv_paths = Vec::new();
     for d in [&good, &bad] {
         let name = format!("{}.drv", d.name().unwrap());
@@ -583,18 +540,12 @@ fn client_build_paths_on_nix() {
     }
 
     let mut client = ServeClient::open(nix_serve(tmp.path()), dir.clone()).expect("handshake");
-    let mut upload: BTreeSet<StorePath> = drv_paths.iter().cloned().collect();
-    upload.insert(bb.clone());
-    client
-        .import_paths(|w| {
-            export(&src, &upload, w);
-            Ok::<(), ()>(())
-        })
-        .expect("ImportPaths")
-        .expect("export");
+    let mut to_upload: BTreeSet<StorePath> = drv_paths.iter().cloned().collect();
+    to_upload.insert(bb.clone());
+    upload(&mut client, &src, &to_upload);
 
     let mut log = Vec::new();
-    let deadline = Some(Instant::now() + Duration::from_secs(300));
+    let deadline = Some(far_deadline());
     client
         .build_paths(
             &drv_paths[..1],
@@ -641,7 +592,7 @@ fn client_build_paths_on_nix() {
 #[test]
 fn basic_derivation_bytes_match_nix() {
     if !support::require(
-        "basic_derivation_bytes_match_nix",
+        this_test!(),
         &[
             Need::Program("nix-store"),
             Need::Program("nix-instantiate"),
@@ -656,9 +607,7 @@ fn basic_derivation_bytes_match_nix() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let conf = tmp.path().join("nixconf");
     let src = tmp.path().join("src");
-    let bb_dir = tmp.path().join("in/busybox");
-    std::fs::create_dir_all(bb_dir.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", bb_dir.join("bin/busybox")).unwrap();
+    let bb_dir = busybox_tree(tmp.path());
     let bb = String::from_utf8(support::run_ok(
         support::nix_cmd("nix-store", &conf)
             .arg("--store")

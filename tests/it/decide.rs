@@ -8,6 +8,7 @@ use sandoff::decide::{guix_format, machines::to_json, nix_format, Machine};
 use serde_json::{json, Value};
 
 use crate::support::{self, Need};
+use crate::this_test;
 
 fn fixture(rel: &str) -> PathBuf {
     support::fixtures().join(rel)
@@ -106,7 +107,7 @@ fn guix_reader_agrees_with_guile() {
     } else {
         "guile-3.0"
     };
-    if !support::require("guix_reader_agrees_with_guile", &[Need::Program(guile)]) {
+    if !support::require(this_test!(), &[Need::Program(guile)]) {
         return;
     }
     for file in [
@@ -188,16 +189,21 @@ fn machines_list_json_has_the_documented_keys() {
     assert_eq!(v[4]["port"], Value::Null);
 }
 
+/// `sandoff machines list --machines <file>`, killed if it hangs.
+fn machines_list(file: &Path) -> std::process::Output {
+    support::output_or_kill(
+        support::sandoff()
+            .args(["machines", "list", "--machines"])
+            .arg(file),
+    )
+}
+
 #[test]
 fn machines_list_reports_parse_errors_with_line() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("machines.scm");
     std::fs::write(&bad, "(list\n (define x 1))").unwrap();
-    let out = support::sandoff()
-        .args(["machines", "list", "--machines"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = machines_list(&bad);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -206,11 +212,7 @@ fn machines_list_reports_parse_errors_with_line() {
     );
     let bad = dir.path().join("machines");
     std::fs::write(&bad, "a - - 1\nb - - eight\n").unwrap();
-    let out = support::sandoff()
-        .args(["machines", "list", "--machines"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = machines_list(&bad);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("machines:2: field maxJobs (#4) 'eight' is not an unsigned integer"),
@@ -221,11 +223,7 @@ fn machines_list_reports_parse_errors_with_line() {
 /// `sandoff machines list --machines FILE`, which must fail at once with
 /// one line on stderr that names `FILE`.
 fn assert_machines_file_refused(file: &Path, why: &str) {
-    let out = support::output_or_kill(
-        support::sandoff()
-            .args(["machines", "list", "--machines"])
-            .arg(file),
-    );
+    let out = machines_list(file);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "one line: {err}");
@@ -310,11 +308,7 @@ fn machines_list_refuses_a_secret_read_through_an_include_without_showing_it() {
     std::fs::write(&secret, "root:$6$salt$s3cretHash:19000:0:99999:7:::\n").unwrap();
     let machines = dir.path().join("machines");
     std::fs::write(&machines, format!("good.example\n@{}\n", secret.display())).unwrap();
-    let out = support::output_or_kill(
-        support::sandoff()
-            .args(["machines", "list", "--machines"])
-            .arg(&machines),
-    );
+    let out = machines_list(&machines);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(out.stdout.is_empty(), "nothing listed");
@@ -335,11 +329,7 @@ fn machines_list_refuses_a_secret_read_through_an_include_without_showing_it() {
         "(list (build-machine (name \"h\\x1b;]0;t\\a\") (systems '(\"s\")) (user \"u\") (host-key \"k\")))",
     )
     .unwrap();
-    let out = support::output_or_kill(
-        support::sandoff()
-            .args(["machines", "list", "--machines"])
-            .arg(&scm),
-    );
+    let out = machines_list(&scm);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -384,20 +374,18 @@ fn decide_json(root: &Path, args: &[&str]) -> Value {
     serde_json::from_slice(&out).unwrap()
 }
 
+/// [`decide_json`] for `drv` with `machines` on `system`, and `extra` options.
+fn decide_on(root: &Path, drv: &str, machines: &Path, system: &str, extra: &[&str]) -> Value {
+    let machines = machines.to_str().expect("utf-8 path");
+    let args = [&[drv, "--machines", machines, "--system", system], extra].concat();
+    decide_json(root, &args)
+}
+
 #[test]
 fn decide_offloads_to_the_matching_guix_machine() {
     let root = store_with_drvs();
     let guix = fixture("etc/guix/machines.scm");
-    let v = decide_json(
-        root.path(),
-        &[
-            HELLO,
-            "--machines",
-            guix.to_str().unwrap(),
-            "--system",
-            "aarch64-linux",
-        ],
-    );
+    let v = decide_on(root.path(), HELLO, &guix, "aarch64-linux", &[]);
     assert_eq!(v["decision"], "remote");
     assert_eq!(v["machine"], "eightysix.example.org");
     assert_eq!(v["machines"][0]["eligible"], true);
@@ -407,29 +395,15 @@ fn decide_offloads_to_the_matching_guix_machine() {
         "does not build x86_64-linux (systems: aarch64-linux)"
     );
     // --local-only: local when the local machine can, else fail.
-    let v = decide_json(
-        root.path(),
-        &[
-            HELLO,
-            "--machines",
-            guix.to_str().unwrap(),
-            "--local-only",
-            "--system",
-            "x86_64-linux",
-        ],
-    );
+    let v = decide_on(root.path(), HELLO, &guix, "x86_64-linux", &["--local-only"]);
     assert_eq!(v["decision"], "local");
     assert_eq!(v["machine"], Value::Null);
-    let v = decide_json(
+    let v = decide_on(
         root.path(),
-        &[
-            HELLO,
-            "--machines",
-            guix.to_str().unwrap(),
-            "--local-only",
-            "--system",
-            "aarch64-linux",
-        ],
+        HELLO,
+        &guix,
+        "aarch64-linux",
+        &["--local-only"],
     );
     assert_eq!(v["decision"], "fail");
 }
@@ -438,16 +412,7 @@ fn decide_offloads_to_the_matching_guix_machine() {
 fn decide_builds_locally_when_no_nix_machine_matches() {
     let root = store_with_drvs();
     let nix = fixture("etc/nix/machines");
-    let v = decide_json(
-        root.path(),
-        &[
-            HELLO,
-            "--machines",
-            nix.to_str().unwrap(),
-            "--system",
-            "x86_64-linux",
-        ],
-    );
+    let v = decide_on(root.path(), HELLO, &nix, "x86_64-linux", &[]);
     assert_eq!(v["decision"], "local", "{v}");
     assert_eq!(
         v["reason"],
@@ -460,17 +425,12 @@ fn decide_builds_locally_when_no_nix_machine_matches() {
 fn decide_fail_names_the_missing_features() {
     let root = store_with_drvs();
     let guix = fixture("etc/guix/machines.scm");
-    let v = decide_json(
+    let v = decide_on(
         root.path(),
-        &[
-            MULTI,
-            "--machines",
-            guix.to_str().unwrap(),
-            "--system",
-            "x86_64-linux",
-            "--system-features",
-            "",
-        ],
+        MULTI,
+        &guix,
+        "x86_64-linux",
+        &["--system-features", ""],
     );
     // `multi` is a local-build derivation: it is never offloaded, so the
     // failure is about the local machine, naming what it lacks.
@@ -482,17 +442,12 @@ fn decide_fail_names_the_missing_features() {
         "{reason}"
     );
     // With the features locally, preferLocalBuild keeps it here.
-    let v = decide_json(
+    let v = decide_on(
         root.path(),
-        &[
-            MULTI,
-            "--machines",
-            guix.to_str().unwrap(),
-            "--system",
-            "x86_64-linux",
-            "--system-features",
-            "kvm,big-parallel",
-        ],
+        MULTI,
+        &guix,
+        "x86_64-linux",
+        &["--system-features", "kvm,big-parallel"],
     );
     assert_eq!(v["decision"], "local");
 }
@@ -501,16 +456,7 @@ fn decide_fail_names_the_missing_features() {
 fn decide_without_machines_file_is_local() {
     let root = store_with_drvs();
     let empty = tempfile::NamedTempFile::new().unwrap();
-    let v = decide_json(
-        root.path(),
-        &[
-            HELLO,
-            "--machines",
-            empty.path().to_str().unwrap(),
-            "--system",
-            "x86_64-linux",
-        ],
-    );
+    let v = decide_on(root.path(), HELLO, empty.path(), "x86_64-linux", &[]);
     assert_eq!(v["decision"], "local");
     assert_eq!(v["reason"], "no build machines are configured");
 }
@@ -531,16 +477,7 @@ fn decide_sees_backoff_and_slots_held_on_this_host() {
     Backoff::new(&state)
         .record_failure(&eightysix.name, std::time::SystemTime::now(), "unreachable")
         .expect("record");
-    let v = decide_json(
-        root.path(),
-        &[
-            HELLO,
-            "--machines",
-            guix.to_str().unwrap(),
-            "--system",
-            "aarch64-linux",
-        ],
-    );
+    let v = decide_on(root.path(), HELLO, &guix, "aarch64-linux", &[]);
     assert_ne!(v["machine"], "eightysix.example.org", "{v}");
     assert_eq!(v["machines"][0]["eligible"], false, "{v}");
     assert!(
@@ -558,16 +495,7 @@ fn decide_sees_backoff_and_slots_held_on_this_host() {
         .take(eightysix.max_jobs as usize + 1)
         .collect();
     assert_eq!(held.len(), eightysix.max_jobs as usize);
-    let v = decide_json(
-        root.path(),
-        &[
-            HELLO,
-            "--machines",
-            guix.to_str().unwrap(),
-            "--system",
-            "aarch64-linux",
-        ],
-    );
+    let v = decide_on(root.path(), HELLO, &guix, "aarch64-linux", &[]);
     assert_eq!(v["machines"][0]["eligible"], true, "{v}");
     assert_ne!(v["decision"], "remote", "{v}");
 }

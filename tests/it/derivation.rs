@@ -8,7 +8,8 @@ use std::process::Command;
 use sandoff::derivation::{json, Derivation, DerivationOutput, DrvHasher, OutputName};
 use sandoff::store::{StoreDir, StorePath};
 
-use crate::support::{self, Need};
+use crate::support;
+use crate::this_test;
 
 /// One golden derivation: its store dir, file and parsed form.
 struct Fixture {
@@ -228,17 +229,7 @@ fn sandoff_in(root: &Path, dir: &StoreDir) -> Command {
 
 /// Runs `sandoff derivation add` with `json` on stdin.
 fn add_via_cli(root: &Path, dir: &StoreDir, json: &[u8]) -> std::process::Output {
-    use std::io::Write as _;
-    use std::process::Stdio;
-    let mut child = sandoff_in(root, dir)
-        .args(["derivation", "add"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(json).unwrap();
-    child.wait_with_output().unwrap()
+    support::output_with_input(sandoff_in(root, dir).args(["derivation", "add"]), json)
 }
 
 #[test]
@@ -306,10 +297,7 @@ fn cli_add_says_which_output_path_was_expected() {
 /// the bytes we give (several derivations in one call, sorted as Nix sorts).
 #[test]
 fn show_matches_live_nix() {
-    if !support::require(
-        "show_matches_live_nix",
-        &[Need::Program("nix"), Need::Program("nix-instantiate")],
-    ) {
+    if !support::require_programs(this_test!(), &["nix", "nix-instantiate"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -98,6 +98,14 @@ impl Local {
         sandoff::derivation::check::open_store(self.loc()).expect("open store")
     }
 
+    /// Whether the output `out` of `drv` is valid in this store.
+    fn is_valid(&self, drv: &str) -> bool {
+        self.store()
+            .query_path_info(&self.out(drv))
+            .expect("query")
+            .is_some()
+    }
+
     fn out(&self, drv: &str) -> StorePath {
         let dir = StoreDir::default();
         self.store()
@@ -114,19 +122,7 @@ fn text(b: &[u8]) -> String {
 
 /// Runs `cmd` with `input` on stdin (then EOF).
 fn talk(cmd: &mut Command, input: &str) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn hook");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write requests");
-    child.wait_with_output().expect("wait hook")
+    support::output_with_input(cmd, input.as_bytes())
 }
 
 fn request(willing: bool, system: &str, drv: &str, features: &[&str]) -> String {
@@ -149,6 +145,18 @@ fn assert_no_reply_on_stderr(out: &Output) {
 /// Everything a remote build goes through.
 fn offload_ready(test: &str) -> bool {
     support::require(test, hosts::NEEDS) && support::require(test, &[Need::Program("busybox")])
+}
+
+/// For the `hook_builds_*` tests: after [`offload_ready`], test host
+/// `index` and a local store that trusts its signing key.
+fn trusted_host(test: &str, index: u8) -> Option<(TestHost, Local)> {
+    if !offload_ready(test) {
+        return None;
+    }
+    let host = TestHost::start(index);
+    let s = Local::new();
+    trust(&s, &host);
+    Some((host, s))
 }
 
 /// A local port where nobody listens (bound a moment ago, then closed).
@@ -356,8 +364,7 @@ fn hook_postpones_when_every_slot_is_busy_and_the_daemon_is_not_willing() {
 
 #[test]
 fn hook_checks_the_lines_after_accepting() {
-    let test = "hook_checks_the_lines_after_accepting";
-    if !offload_ready(test) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let host = TestHost::start(26);
@@ -497,6 +504,14 @@ struct Run {
     log: String,
 }
 
+impl Run {
+    /// The hook accepted, and exited with `code`.
+    fn assert_accepted_and_exited(&self, code: i32) {
+        assert_eq!(self.reply, "# accept\n", "{}", self.stderr);
+        assert_eq!(self.code, Some(code), "{}", self.stderr);
+    }
+}
+
 /// Drives one accept: the request, then (if accepted) the inputs and
 /// outputs lines as guix-daemon writes them; fd 4 goes to a log file.
 /// Without `fd4` the hook has no descriptor 4 and writes the log on stderr.
@@ -578,21 +593,16 @@ fn accept_and_build_with(
 
 #[test]
 fn hook_builds_on_a_machine_with_the_log_on_fd_4() {
-    let test = "hook_builds_on_a_machine_with_the_log_on_fd_4";
-    if !offload_ready(test) {
+    let Some((host, s)) = trusted_host(this_test!(), 21) else {
         return;
-    }
-    let host = TestHost::start(21);
-    let s = Local::new();
-    trust(&s, &host);
+    };
     let (drv, bb) = busybox_drv(
         &s,
         "hooked",
         "echo hello from the machine\necho built > $out\n",
     );
     let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 0, true);
-    assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
-    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    run.assert_accepted_and_exited(0);
     assert!(
         run.log.contains("hello from the machine"),
         "log: {:?}",
@@ -629,13 +639,9 @@ fn hook_builds_on_a_machine_with_the_log_on_fd_4() {
 
 #[test]
 fn hook_builds_print_a_hostile_remote_log_and_failure_filtered() {
-    let test = "hook_builds_print_a_hostile_remote_log_and_failure_filtered";
-    if !offload_ready(test) {
+    let Some((host, s)) = trusted_host(this_test!(), 23) else {
         return;
-    }
-    let host = TestHost::start(23);
-    let s = Local::new();
-    trust(&s, &host);
+    };
     let script = "printf 'x\\033]52;c;ZXZpbA==\\007y\\n\\033]0;pwned\\033\\\\z\\n' >&2\nexit 3\n";
     let raw = "x\x1b]52;c;ZXZpbA==\x07y\n\x1b]0;pwned\x1b\\z\n";
     let safe = |stderr: &str| !stderr.contains("\x1b]") && !stderr.contains('\x07');
@@ -657,67 +663,40 @@ fn hook_builds_print_a_hostile_remote_log_and_failure_filtered() {
 
 #[test]
 fn hook_builds_exit_100_on_a_failed_remote_build_and_101_on_a_timeout() {
-    let test = "hook_builds_exit_100_on_a_failed_remote_build_and_101_on_a_timeout";
-    if !offload_ready(test) {
+    let Some((host, s)) = trusted_host(this_test!(), 22) else {
         return;
-    }
-    let host = TestHost::start(22);
-    let s = Local::new();
-    trust(&s, &host);
+    };
     let (drv, bb) = busybox_drv(&s, "failing", "echo about to fail\nexit 3\n");
     let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 0, true);
-    assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
-    assert_eq!(run.code, Some(100), "{}", run.stderr);
+    run.assert_accepted_and_exited(100);
     assert!(run.log.contains("about to fail"), "log: {:?}", run.log);
-    assert!(s
-        .store()
-        .query_path_info(&s.out(&drv))
-        .expect("query")
-        .is_none());
+    assert!(!s.is_valid(&drv));
 
     let (drv, bb) = busybox_drv(&s, "slow", "sleep 60\necho never > $out\n");
     let run = accept_and_build(&s, &host.machines(), &drv, &[&bb], 2, true);
-    assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
-    assert_eq!(run.code, Some(101), "{}", run.stderr);
-    assert!(s
-        .store()
-        .query_path_info(&s.out(&drv))
-        .expect("query")
-        .is_none());
+    run.assert_accepted_and_exited(101);
+    assert!(!s.is_valid(&drv));
 }
 
 #[test]
 fn hook_builds_with_u64_max_limits() {
-    let test = "hook_builds_with_u64_max_limits";
-    if !offload_ready(test) {
+    let Some((host, s)) = trusted_host(this_test!(), 41) else {
         return;
-    }
-    let host = TestHost::start(41);
-    let s = Local::new();
-    trust(&s, &host);
+    };
     let (drv, bb) = busybox_drv(&s, "forever-limits", "echo built > $out\n");
     // A daemon passes u64::MAX for "no limit"; the hook used to panic
     // adding it to the clock.
     let run = accept_and_build_with(&s, &host.machines(), &drv, &[&bb], u64::MAX, u64::MAX, true);
-    assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
-    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    run.assert_accepted_and_exited(0);
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
-    assert!(s
-        .store()
-        .query_path_info(&s.out(&drv))
-        .expect("query")
-        .is_some());
+    assert!(s.is_valid(&drv));
 }
 
 #[test]
 fn hook_builds_fail_over_to_another_machine_before_accepting() {
-    let test = "hook_builds_fail_over_to_another_machine_before_accepting";
-    if !offload_ready(test) {
+    let Some((host, s)) = trusted_host(this_test!(), 23) else {
         return;
-    }
-    let host = TestHost::start(23);
-    let s = Local::new();
-    trust(&s, &host);
+    };
     // The same line on a port where nobody listens, faster so chosen first.
     let line = std::fs::read_to_string(host.machines()).expect("machines");
     let mut fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
@@ -726,15 +705,10 @@ fn hook_builds_fail_over_to_another_machine_before_accepting() {
     let machines = s.machines(&format!("{}\n{line}", fields.join(" ")));
     let (drv, bb) = busybox_drv(&s, "moved", "echo built elsewhere\necho moved > $out\n");
     let run = accept_and_build(&s, &machines, &drv, &[&bb], 0, true);
-    assert_eq!(run.reply, "# accept\n", "{}", run.stderr);
-    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    run.assert_accepted_and_exited(0);
     assert!(run.stderr.contains("trying elsewhere"), "{}", run.stderr);
     assert!(run.log.contains("built elsewhere"), "log: {:?}", run.log);
-    assert!(s
-        .store()
-        .query_path_info(&s.out(&drv))
-        .expect("query")
-        .is_some());
+    assert!(s.is_valid(&drv));
     let listed = sandoff::decide::file::load(&machines, "x86_64-linux").expect("machines");
     let backoff = Backoff::new(&s.loc().state);
     let now = std::time::SystemTime::now();

@@ -5,7 +5,6 @@
 //! [`HostConfig::netns`], the namespace `sandoff-th<index>`; ports are random,
 //! so tests may share an index unless they use namespaces.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -14,6 +13,7 @@ use sandoff::decide::Machine;
 use tempfile::TempDir;
 
 use crate::support::{self, Need};
+use crate::this_test;
 
 /// What a test needs to start a [`TestHost`].
 pub const NEEDS: &[Need] = &[
@@ -147,6 +147,12 @@ pub struct TestHost {
 }
 
 impl TestHost {
+    /// After [`support::require`] of [`NEEDS`], starts host `index` as
+    /// [`TestHost::start`] does.
+    pub fn start_if_ready(test: &str, index: u8) -> Option<TestHost> {
+        support::require(test, NEEDS).then(|| TestHost::start(index))
+    }
+
     /// Starts sandoff host `index` (1 → 127.0.0.2) on a port that was free just now.
     pub fn start(index: u8) -> TestHost {
         TestHost::start_with(index, &HostConfig::default())
@@ -449,20 +455,7 @@ const HANDSHAKE: &[u8] = b"\xeb\x9d\x0c\x39\0\0\0\0\x07\x02\0\0\0\0\0\0";
 
 /// Runs `program` on the host with the handshake on stdin; returns stdout.
 fn serve_handshake(host: &TestHost, program: &str) -> Vec<u8> {
-    let mut child = host
-        .ssh(program)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ssh");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(HANDSHAKE)
-        .expect("write handshake");
-    let out = child.wait_with_output().expect("ssh");
+    let out = support::output_with_input(&mut host.ssh(program), HANDSHAKE);
     assert!(
         out.status.success(),
         "{}",
@@ -482,10 +475,9 @@ fn keygen(path: &Path) {
 
 #[test]
 fn hosts_accept_the_client_key_and_refuse_others() {
-    if !support::require("hosts_accept_the_client_key_and_refuse_others", NEEDS) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 1) else {
         return;
-    }
-    let host = TestHost::start(1);
+    };
     let out = support::run_ok(&mut host.ssh_with(
         &host.client_key(),
         &host.known_hosts(),
@@ -534,10 +526,9 @@ fn hosts_accept_the_client_key_and_refuse_others() {
 
 #[test]
 fn hosts_machines_file_and_signing_key() {
-    if !support::require("hosts_machines_file_and_signing_key", NEEDS) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 2) else {
         return;
-    }
-    let host = TestHost::start(2);
+    };
     let text = std::fs::read_to_string(host.machines()).expect("machines");
     let machines = nix_format::parse(&text, "machines", "x86_64-linux", &NoIncludes)
         .expect("machines file parses");
@@ -564,10 +555,9 @@ fn hosts_machines_file_and_signing_key() {
 
 #[test]
 fn hosts_stop_kills_sshd() {
-    if !support::require("hosts_stop_kills_sshd", NEEDS) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 4) else {
         return;
-    }
-    let host = TestHost::start(4);
+    };
     let pid: i32 = std::fs::read_to_string(host.home.join("sshd.pid"))
         .expect("pid file")
         .trim()
@@ -581,7 +571,7 @@ fn hosts_stop_kills_sshd() {
 
 #[test]
 fn hosts_start_with_writes_the_machine_line() {
-    if !support::require("hosts_start_with_writes_the_machine_line", NEEDS) {
+    if !support::require(this_test!(), NEEDS) {
         return;
     }
     let config = HostConfig::default()
@@ -625,7 +615,7 @@ fn hosts_start_with_writes_the_machine_line() {
 
 #[test]
 fn hosts_nix_host_answers_the_serve_handshake() {
-    if !support::require("hosts_nix_host_answers_the_serve_handshake", NIX_NEEDS) {
+    if !support::require(this_test!(), NIX_NEEDS) {
         return;
     }
     let host = TestHost::start_nix(6);
@@ -670,10 +660,9 @@ fn hosts_nix_host_answers_the_serve_handshake() {
 
 #[test]
 fn hosts_kill_stops_sshd_and_its_sessions() {
-    if !support::require("hosts_kill_stops_sshd_and_its_sessions", NEEDS) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 7) else {
         return;
-    }
-    let host = TestHost::start(7);
+    };
     let pid = host.pid().expect("sshd pid");
     let mut session = host
         .ssh("echo started; exec sleep 300")
@@ -705,7 +694,7 @@ fn hosts_kill_stops_sshd_and_its_sessions() {
 fn hosts_in_a_namespace_can_lose_their_link() {
     let mut needs = NEEDS.to_vec();
     needs.push(Need::Program("ip"));
-    if !support::require("hosts_in_a_namespace_can_lose_their_link", &needs) {
+    if !support::require(this_test!(), &needs) {
         return;
     }
     // 201: namespaces are system-wide, so far from the indices others use.
@@ -748,7 +737,7 @@ fn hosts_nix_host_builds_and_signs_for_a_nix_client() {
         Need::Program("nix"),
         Need::Program("busybox"),
     ]);
-    if !support::require("hosts_nix_host_builds_and_signs_for_a_nix_client", &needs) {
+    if !support::require(this_test!(), &needs) {
         return;
     }
     let host = TestHost::start_nix(8);

@@ -1,13 +1,14 @@
 //! NAR: golden fixtures from Nix 2.8, oracle tests against `nix-store
 //! --dump/--restore` and `nix-hash`, and the `sandoff nar|hash` commands.
 
-use std::io::{Cursor, Write};
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use sandoff::store::nar::{self, NarError, NullVisitor};
 
-use crate::support::{self, Need};
+use crate::support;
+use crate::this_test;
 
 const TREES: [&str; 4] = ["d", "odd", "file", "link"];
 
@@ -130,6 +131,11 @@ struct NixEnv {
 }
 
 impl NixEnv {
+    /// A new environment, if Nix's tools are there (see [`needs_nix`]).
+    fn ready(test: &str) -> Option<NixEnv> {
+        needs_nix(test).then(NixEnv::new)
+    }
+
     fn new() -> NixEnv {
         let tmp = tempfile::tempdir().unwrap();
         let conf = tmp.path().join("conf");
@@ -155,16 +161,8 @@ impl NixEnv {
     }
 
     fn nix_restore(&self, bytes: &[u8], dest: &Path) {
-        let mut child = self
-            .cmd("nix-store")
-            .arg("--restore")
-            .arg(dest)
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nix-store --restore");
-        child.stdin.take().unwrap().write_all(bytes).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out =
+            support::output_with_input(self.cmd("nix-store").arg("--restore").arg(dest), bytes);
         assert!(
             out.status.success(),
             "nix-store --restore: {}",
@@ -186,18 +184,14 @@ impl NixEnv {
 }
 
 fn needs_nix(test: &str) -> bool {
-    support::require(
-        test,
-        &[Need::Program("nix-store"), Need::Program("nix-hash")],
-    )
+    support::require_programs(test, &["nix-store", "nix-hash"])
 }
 
 #[test]
 fn dump_and_hash_agree_with_nix_on_odd_trees() {
-    if !needs_nix("dump_and_hash_agree_with_nix_on_odd_trees") {
+    let Some(env) = NixEnv::ready(this_test!()) else {
         return;
-    }
-    let env = NixEnv::new();
+    };
     let trees = build_trees(&env.work);
     for name in TREES {
         let p = trees.join(name);
@@ -223,10 +217,9 @@ fn dump_and_hash_agree_with_nix_on_odd_trees() {
 
 #[test]
 fn nix_restores_our_nars_and_we_restore_nix_nars() {
-    if !needs_nix("nix_restores_our_nars_and_we_restore_nix_nars") {
+    let Some(env) = NixEnv::ready(this_test!()) else {
         return;
-    }
-    let env = NixEnv::new();
+    };
     let trees = build_trees(&env.work);
     for name in TREES {
         let ours = dump_vec(&trees.join(name));
@@ -250,13 +243,12 @@ fn nix_restores_our_nars_and_we_restore_nix_nars() {
 
 #[test]
 fn dump_agrees_with_nix_on_a_generated_tree() {
-    if !needs_nix("dump_agrees_with_nix_on_a_generated_tree") {
-        return;
-    }
     // Many entries (directories with enough files to be read by two threads),
     // sizes around the padding boundaries and a file large enough to be read
     // ahead on a helper thread.
-    let env = NixEnv::new();
+    let Some(env) = NixEnv::ready(this_test!()) else {
+        return;
+    };
     let root = env.work.join("gen");
     std::fs::create_dir(&root).unwrap();
     for i in 0..300usize {
@@ -281,19 +273,8 @@ fn dump_agrees_with_nix_on_a_generated_tree() {
 // ---- CLI ----
 
 fn sandoff_with_stdin(args: &[&str], extra: &[&Path], stdin: &[u8]) -> std::process::Output {
-    let mut child = support::sandoff()
-        .args(args)
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn sandoff");
-    let mut input = child.stdin.take().unwrap();
     // The process may exit before reading everything; that is not our failure.
-    let _ = input.write_all(stdin);
-    drop(input);
-    child.wait_with_output().unwrap()
+    support::output_after_writing(support::sandoff().args(args).args(extra), stdin).0
 }
 
 #[test]

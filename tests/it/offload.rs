@@ -11,10 +11,12 @@ use base64::Engine as _;
 use sandoff::store::StorePath;
 
 use crate::build::{
-    assert_terminal_safe, hostile_log_script, logical, ready, text, Spec, Store, HOSTILE_LOG,
+    assert_stderr_has, assert_terminal_safe, hostile_log_script, logical, ready, text, Spec, Store,
+    HOSTILE_LOG,
 };
 use crate::hosts::{self, TestHost};
 use crate::support;
+use crate::this_test;
 
 /// Root, busybox, build users, sshd.
 fn offload_ready(test: &str) -> bool {
@@ -125,6 +127,97 @@ fn wait_until_started_on(s: &Store, drv: &str, host: &TestHost) -> PathBuf {
     }
 }
 
+/// `sandoff build --machines <machines> <drv>` in the client's store.
+fn build_with(s: &Store, machines: &Path, drv: &str) -> std::process::Output {
+    s.build(&["--machines", machines_arg(machines), drv])
+}
+
+/// `sandoff machines status --json` over `machines`.
+fn machines_status(s: &Store, machines: &Path) -> serde_json::Value {
+    let status = support::run_ok(s.cmd().args([
+        "machines",
+        "status",
+        "--json",
+        "--machines",
+        machines_arg(machines),
+    ]));
+    serde_json::from_slice(&status).expect("json")
+}
+
+/// A fresh ed25519 key pair at `path` (and `path.pub`).
+fn keygen(path: &Path, comment: &str) {
+    support::run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+            .arg(path),
+    );
+}
+
+/// After [`offload_ready`], host `index` started and a client store that
+/// trusts it.
+fn trusted_host(test: &str, index: u8) -> Option<(TestHost, Store)> {
+    offload_ready(test).then(|| {
+        let (h, s) = (TestHost::start(index), Store::new());
+        trust(&s, &h);
+        (h, s)
+    })
+}
+
+/// For tests with one host: after [`offload_ready`], host `index` started,
+/// a client store that trusts it, and a machines file naming it.
+fn one_trusted_host(test: &str, index: u8) -> Option<(TestHost, Store, PathBuf)> {
+    let (h, s) = trusted_host(test, index)?;
+    let machines = write_machines(&s, &[Entry::new(&h)]);
+    Some((h, s, machines))
+}
+
+/// Builds `name` (its builder prints "started", then keeps quiet in `sleep`
+/// for `seconds`) with `extra` build options on `lost` (the faster of two
+/// one-job machines); once it has started there, `lose` takes `lost` away,
+/// and the build must finish on `other` and say that it was placed again.
+fn finishes_elsewhere(
+    s: &Store,
+    (lost, other): (&TestHost, &TestHost),
+    (name, seconds): (&str, u32),
+    extra: &[&str],
+    lose: impl FnOnce(&TestHost),
+) {
+    trust(s, lost);
+    trust(s, other);
+    let machines = write_machines(
+        s,
+        &[
+            Entry {
+                speed: 4,
+                max_jobs: 1,
+                ..Entry::new(lost)
+            },
+            Entry {
+                max_jobs: 1,
+                ..Entry::new(other)
+            },
+        ],
+    );
+    let script = format!("echo started; sleep {seconds}; echo done > $out");
+    let d = s.script_drv(name, &script);
+    let child = s
+        .cmd()
+        .arg("build")
+        .args(extra)
+        .args(["--machines", machines_arg(&machines), &d])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let log = wait_until_started_on(s, &d, lost);
+    lose(lost);
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(signers(s, &s.out(&d)), [key_name(other)].into());
+    let l = std::fs::read_to_string(&log).expect("log");
+    assert!(l.contains("placing the build again"), "{l}");
+}
+
 fn leaf(s: &Store, name: &str, env: &[(&str, &str)]) -> String {
     let script = format!("echo {name} > $out");
     s.drv(
@@ -139,8 +232,7 @@ fn leaf(s: &Store, name: &str, env: &[(&str, &str)]) -> String {
 
 #[test]
 fn builds_a_graph_across_three_hosts_and_here() {
-    const T: &str = "builds_a_graph_across_three_hosts_and_here";
-    if !offload_ready(T) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let (h1, h2, h3) = (
@@ -254,22 +346,11 @@ fn builds_a_graph_across_three_hosts_and_here() {
 
 #[test]
 fn a_remote_failure_fails_the_build_with_the_remote_log() {
-    const T: &str = "a_remote_failure_fails_the_build_with_the_remote_log";
-    if !offload_ready(T) {
+    let Some((h, s, machines)) = one_trusted_host(this_test!(), 14) else {
         return;
-    }
-    let h = TestHost::start(14);
-    let s = Store::new();
-    trust(&s, &h);
-    let machines = write_machines(&s, &[Entry::new(&h)]);
-    let d = s.drv(
-        "fails",
-        Spec {
-            script: "echo remote-says-hello; exit 3",
-            ..Spec::default()
-        },
-    );
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    };
+    let d = s.script_drv("fails", "echo remote-says-hello; exit 3");
+    let out = build_with(&s, &machines, &d);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains(&format!("failed on '{}'", uri(&h))), "{err}");
@@ -298,25 +379,14 @@ fn a_remote_failure_fails_the_build_with_the_remote_log() {
 
 #[test]
 fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
-    const T: &str = "a_remote_build_log_reaches_stderr_without_terminal_escapes";
-    if !offload_ready(T) {
+    let Some((h, s, machines)) = one_trusted_host(this_test!(), 14) else {
         return;
-    }
-    let h = TestHost::start(14);
-    let s = Store::new();
-    trust(&s, &h);
-    let machines = write_machines(&s, &[Entry::new(&h)]);
+    };
     let holds_log = |log: &[u8]| log.windows(HOSTILE_LOG.len()).any(|w| w == HOSTILE_LOG);
 
     // Failing: the machine's message and the log tail in the error.
-    let d = s.drv(
-        "hostile-remote-fails",
-        Spec {
-            script: &hostile_log_script(3),
-            ..Spec::default()
-        },
-    );
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    let d = s.script_drv("hostile-remote-fails", &hostile_log_script(3));
+    let out = build_with(&s, &machines, &d);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(&format!("failed on '{}'", uri(&h))));
     assert_terminal_safe(&out.stderr, "remote failure");
@@ -328,21 +398,11 @@ fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
     );
 
     // Succeeding, with -L: the streamed log.
-    let d = s.drv(
-        "hostile-remote-ok",
-        Spec {
-            script: &hostile_log_script(0),
-            ..Spec::default()
-        },
-    );
+    let d = s.script_drv("hostile-remote-ok", &hostile_log_script(0));
     let out = s.build(&["-L", "--machines", machines_arg(&machines), &d]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_terminal_safe(&out.stderr, "remote -L");
-    assert!(
-        text(&out.stderr).contains("hostile-remote-ok> xy\n"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "hostile-remote-ok> xy\n");
     let log = support::run_ok(s.cmd().arg("log").arg(&d));
     assert!(
         holds_log(&log),
@@ -353,19 +413,11 @@ fn a_remote_build_log_reaches_stderr_without_terminal_escapes() {
 
 #[test]
 fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
-    const T: &str = "a_wrong_host_key_is_refused_and_the_build_fails_over";
-    if !offload_ready(T) {
+    let Some((h, s)) = trusted_host(this_test!(), 15) else {
         return;
-    }
-    let h = TestHost::start(15);
-    let s = Store::new();
-    trust(&s, &h);
+    };
     let other = s.tmp.path().join("other_host_key");
-    support::run_ok(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "impostor", "-f"])
-            .arg(&other),
-    );
+    keygen(&other, "impostor");
     let wrong = std::fs::read_to_string(other.with_extension("pub")).expect("pub");
     let machines = write_machines(
         &s,
@@ -400,7 +452,7 @@ fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
     // The build goes local, and the machine into backoff, with a warning
     // naming the machine and both keys (a man in the middle?).
     let d = leaf(&s, "failover", &[]);
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    let out = build_with(&s, &machines, &d);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let warning = text(&out.stderr)
         .lines()
@@ -416,14 +468,7 @@ fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
         assert!(warning.contains(needle), "{needle} not in: {warning}");
     }
     assert!(signers(&s, &s.out(&d)).is_empty(), "built here");
-    let status = support::run_ok(s.cmd().args([
-        "machines",
-        "status",
-        "--json",
-        "--machines",
-        machines_arg(&machines),
-    ]));
-    let status: serde_json::Value = serde_json::from_slice(&status).expect("json");
+    let status = machines_status(&s, &machines);
     let b = &status[0]["backoff"];
     assert_eq!(b["failures"], 1, "{status}");
     assert!(
@@ -436,15 +481,14 @@ fn a_wrong_host_key_is_refused_and_the_build_fails_over() {
 
 #[test]
 fn outputs_of_an_untrusted_host_are_refused() {
-    const T: &str = "outputs_of_an_untrusted_host_are_refused";
-    if !offload_ready(T) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let h = TestHost::start(16);
     let s = Store::new();
     let machines = write_machines(&s, &[Entry::new(&h)]);
     let d = leaf(&s, "untrusted", &[]);
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    let out = build_with(&s, &machines, &d);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("not signed by a trusted key"), "{err}");
@@ -453,7 +497,7 @@ fn outputs_of_an_untrusted_host_are_refused() {
 
     // Trusted, the same build works, and the machine checks out.
     trust(&s, &h);
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    let out = build_with(&s, &machines, &d);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(signers(&s, &s.out(&d)), [key_name(&h)].into());
     let t =
@@ -464,14 +508,7 @@ fn outputs_of_an_untrusted_host_are_refused() {
     let report = text(&t);
     assert!(report.contains(": ok"), "{report}");
     assert!(report.contains("fetched it back"), "{report}");
-    let status = support::run_ok(s.cmd().args([
-        "machines",
-        "status",
-        "--json",
-        "--machines",
-        machines_arg(&machines),
-    ]));
-    let status: serde_json::Value = serde_json::from_slice(&status).expect("json");
+    let status = machines_status(&s, &machines);
     assert_eq!(status[0]["reachable"], true, "{status}");
     assert!(status[0]["load"].is_number(), "{status}");
     assert!(status[0]["freeDisk"].is_number(), "{status}");
@@ -480,55 +517,19 @@ fn outputs_of_an_untrusted_host_are_refused() {
 
 #[test]
 fn a_host_killed_mid_build_makes_the_build_finish_elsewhere() {
-    const T: &str = "a_host_killed_mid_build_makes_the_build_finish_elsewhere";
-    if !offload_ready(T) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let (fast, slow) = (TestHost::start(17), TestHost::start(18));
-    let s = Store::new();
-    trust(&s, &fast);
-    trust(&s, &slow);
-    let machines = write_machines(
-        &s,
-        &[
-            Entry {
-                speed: 4,
-                max_jobs: 1,
-                ..Entry::new(&fast)
-            },
-            Entry {
-                max_jobs: 1,
-                ..Entry::new(&slow)
-            },
-        ],
-    );
-    let d = s.drv(
-        "slow",
-        Spec {
-            script: "echo started; sleep 3; echo done > $out",
-            ..Spec::default()
-        },
-    );
-    let child = s
-        .cmd()
-        .args(["build", "--machines", machines_arg(&machines), &d])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let log = wait_until_started_on(&s, &d, &fast);
-    fast.kill();
-    let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(signers(&s, &s.out(&d)), [key_name(&slow)].into());
-    let l = std::fs::read_to_string(&log).expect("log");
-    assert!(l.contains("placing the build again"), "{l}");
+    finishes_elsewhere(&Store::new(), (&fast, &slow), ("slow", 3), &[], |h| {
+        h.kill()
+    });
 }
 
 #[test]
 fn a_stock_nix_host_builds_next_to_a_sandoff_host() {
-    const T: &str = "a_stock_nix_host_builds_next_to_a_sandoff_host";
-    if !offload_ready(T) || !support::require(T, hosts::NIX_NEEDS) {
+    let test = this_test!();
+    if !offload_ready(test) || !support::require(test, hosts::NIX_NEEDS) {
         return;
     }
     let nix_host = TestHost::start_with(21, &hosts::HostConfig::nix().mandatory(&["nixonly"]));
@@ -560,7 +561,7 @@ fn a_stock_nix_host_builds_next_to_a_sandoff_host() {
             ..Spec::default()
         },
     );
-    let out = s.build(&["--machines", machines_arg(&machines), &after]);
+    let out = build_with(&s, &machines, &after);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let nix_name = nix_host
         .signing_public_key()
@@ -581,31 +582,21 @@ fn a_stock_nix_host_builds_next_to_a_sandoff_host() {
 
 #[test]
 fn nix_copy_closure_copies_into_a_sandoff_host() {
-    const T: &str = "nix_copy_closure_copies_into_a_sandoff_host";
+    let test = this_test!();
     let mut needs = hosts::NEEDS.to_vec();
     needs.extend([
         support::Need::Program("nix-copy-closure"),
         support::Need::Program("nix-instantiate"),
     ]);
-    if !support::require(T, &needs) {
+    if !support::require(test, &needs) {
         return;
     }
-    const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
+    const BAZ: &str = support::NIX_BAZ;
     let host = TestHost::start(23);
     let tmp = tempfile::tempdir().expect("tempdir");
     let conf = tmp.path().join("nixconf");
     let src = tmp.path().join("src");
-    support::run_ok(
-        support::nix_cmd("nix-instantiate", &conf)
-            .arg("--store")
-            .arg(&src)
-            .args([
-                "--read-write-mode",
-                "--eval",
-                "-E",
-                r#"let foo = builtins.toFile "foo" "bar"; in builtins.toFile "baz" "${foo}""#,
-            ]),
-    );
+    support::nix_foo_baz(&conf, &src);
     support::run_ok(
         support::nix_cmd("nix-copy-closure", &conf)
             .env("NIX_REMOTE", &src)
@@ -639,19 +630,11 @@ fn nix_copy_closure_copies_into_a_sandoff_host() {
 
 #[test]
 fn a_refused_login_puts_the_machine_in_backoff_and_builds_here() {
-    const T: &str = "a_refused_login_puts_the_machine_in_backoff_and_builds_here";
-    if !offload_ready(T) {
+    let Some((h, s)) = trusted_host(this_test!(), 24) else {
         return;
-    }
-    let h = TestHost::start(24);
-    let s = Store::new();
-    trust(&s, &h);
+    };
     let stranger = s.tmp.path().join("stranger");
-    support::run_ok(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&stranger),
-    );
+    keygen(&stranger, "stranger");
     let line = Entry::new(&h).line().replacen(
         &h.client_key().display().to_string(),
         &stranger.display().to_string(),
@@ -678,14 +661,7 @@ fn a_refused_login_puts_the_machine_in_backoff_and_builds_here() {
         warnings[0]
     );
     assert!(signers(&s, &s.out(&d)).is_empty(), "built here");
-    let status = support::run_ok(s.cmd().args([
-        "machines",
-        "status",
-        "--json",
-        "--machines",
-        machines_arg(&machines),
-    ]));
-    let status: serde_json::Value = serde_json::from_slice(&status).expect("json");
+    let status = machines_status(&s, &machines);
     assert_eq!(status[0]["reachable"], false, "{status}");
     assert!(
         status[0]["backoff"]["lastError"]
@@ -697,59 +673,21 @@ fn a_refused_login_puts_the_machine_in_backoff_and_builds_here() {
 
 #[test]
 fn a_dead_link_mid_build_is_noticed_and_the_build_finishes_elsewhere() {
-    const T: &str = "a_dead_link_mid_build_is_noticed_and_the_build_finishes_elsewhere";
-    if !offload_ready(T) || !support::require(T, &[support::Need::Program("ip")]) {
+    let test = this_test!();
+    if !offload_ready(test) || !support::require(test, &[support::Need::Program("ip")]) {
         return;
     }
     // 202: namespaces are system-wide, so far from the indices others use.
     let cut = TestHost::start_with(202, &hosts::HostConfig::default().netns());
     let other = TestHost::start(25);
-    let s = Store::new();
-    trust(&s, &cut);
-    trust(&s, &other);
-    let machines = write_machines(
-        &s,
-        &[
-            Entry {
-                speed: 4,
-                max_jobs: 1,
-                ..Entry::new(&cut)
-            },
-            Entry {
-                max_jobs: 1,
-                ..Entry::new(&other)
-            },
-        ],
+    // Silent while the link dies: only keepalives can tell.
+    finishes_elsewhere(
+        &Store::new(),
+        (&cut, &other),
+        ("quiet", 8),
+        &["--ssh-keepalive", "1"],
+        |h| h.cut_link(),
     );
-    let d = s.drv(
-        "quiet",
-        Spec {
-            // Silent while the link dies: only keepalives can tell.
-            script: "echo started; sleep 8; echo done > $out",
-            ..Spec::default()
-        },
-    );
-    let child = s
-        .cmd()
-        .args([
-            "build",
-            "--ssh-keepalive",
-            "1",
-            "--machines",
-            machines_arg(&machines),
-            &d,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let log = wait_until_started_on(&s, &d, &cut);
-    cut.cut_link();
-    let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(signers(&s, &s.out(&d)), [key_name(&other)].into());
-    let l = std::fs::read_to_string(&log).expect("log");
-    assert!(l.contains("placing the build again"), "{l}");
 }
 
 /// A Guix `build-machine` record for a test host.
@@ -767,8 +705,7 @@ fn guix_record(host: &TestHost, speed: &str, threshold: &str) -> String {
 
 #[test]
 fn an_overloaded_guix_machine_is_passed_over() {
-    const T: &str = "an_overloaded_guix_machine_is_passed_over";
-    if !offload_ready(T) {
+    if !offload_ready(this_test!()) {
         return;
     }
     let (busy, calm) = (TestHost::start(27), TestHost::start(28));
@@ -788,21 +725,16 @@ fn an_overloaded_guix_machine_is_passed_over() {
     )
     .expect("write machines.scm");
     let d = leaf(&s, "calm", &[]);
-    let out = s.build(&["--machines", machines_arg(&scm), &d]);
+    let out = build_with(&s, &scm, &d);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(signers(&s, &s.out(&d)), [key_name(&calm)].into());
 }
 
 #[test]
 fn a_fixed_output_built_remotely_is_checked_and_keeps_its_content_address() {
-    const T: &str = "a_fixed_output_built_remotely_is_checked_and_keeps_its_content_address";
-    if !offload_ready(T) {
+    let Some((h, s, machines)) = one_trusted_host(this_test!(), 29) else {
         return;
-    }
-    let h = TestHost::start(29);
-    let s = Store::new();
-    trust(&s, &h);
-    let machines = write_machines(&s, &[Entry::new(&h)]);
+    };
     let hash = sandoff::store::HashAlgo::Sha256.digest(b"fixed\n");
     let d = s.drv(
         "fixed.txt",
@@ -812,7 +744,7 @@ fn a_fixed_output_built_remotely_is_checked_and_keeps_its_content_address() {
             ..Spec::default()
         },
     );
-    let out = s.build(&["--machines", machines_arg(&machines), &d]);
+    let out = build_with(&s, &machines, &d);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let info = s.info(&s.out(&d)).expect("valid");
     assert_eq!(

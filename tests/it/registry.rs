@@ -14,7 +14,8 @@ use sandoff::store::{
     FileIngestionMethod, HashAlgo, StoreDir, StoreLocation, StorePath, ValidPathInfo,
 };
 
-use crate::support::{self, Need};
+use crate::support;
+use crate::this_test;
 
 /// A store laid out as Nix's chroot store `--store <root>`: state in
 /// `<root>/nix/var/nix`, so both tools use the same database.
@@ -57,6 +58,31 @@ fn test_tree(dir: &Path) -> PathBuf {
     std::os::unix::fs::symlink("a.txt", d.join("link")).unwrap();
     fs::write(d.join("sub/empty"), "").unwrap();
     d
+}
+
+/// After [`support::require_programs`], a scratch directory with Nix's
+/// config directory `conf` and a chroot store root `root` in it.
+fn nix_scratch(
+    test: &str,
+    programs: &[&'static str],
+) -> Option<(tempfile::TempDir, PathBuf, PathBuf)> {
+    if !support::require_programs(test, programs) {
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (conf, root) = (tmp.path().join("conf"), tmp.path().join("root"));
+    Some((tmp, conf, root))
+}
+
+/// `nix-store --verify --check-contents` over the store at `root`, and its
+/// stderr.
+fn nix_verify(conf: &Path, root: &Path) -> (std::process::Output, String) {
+    let out = nix_store(conf, root)
+        .args(["--verify", "--check-contents"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stderr)
 }
 
 fn text(out: Vec<u8>) -> String {
@@ -122,14 +148,9 @@ fn schema_matches_nix_2_8_fixture() {
 
 #[test]
 fn add_prints_the_same_path_as_nix_store() {
-    if !support::require(
-        "add_prints_the_same_path_as_nix_store",
-        &[Need::Program("nix-store")],
-    ) {
+    let Some((tmp, conf, _)) = nix_scratch(this_test!(), &["nix-store"]) else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let conf = tmp.path().join("conf");
+    };
     let d = test_tree(tmp.path());
     let a = d.join("a.txt");
     let run = d.join("run.sh");
@@ -177,15 +198,9 @@ fn add_prints_the_same_path_as_nix_store() {
 
 #[test]
 fn nix_reads_a_store_sandoff_wrote() {
-    if !support::require(
-        "nix_reads_a_store_sandoff_wrote",
-        &[Need::Program("nix-store"), Need::Program("nix")],
-    ) {
+    let Some((tmp, conf, root)) = nix_scratch(this_test!(), &["nix-store", "nix"]) else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let conf = tmp.path().join("conf");
-    let root = tmp.path().join("root");
+    };
     let loc = nix_location(&root);
     let store = sandoff::derivation::check::open_store(loc.clone()).unwrap();
     let d = store
@@ -243,11 +258,7 @@ fn nix_reads_a_store_sandoff_wrote() {
     store.add_nar(&info, &mut nar_bytes.as_slice()).unwrap();
     drop(store);
 
-    let verify = nix_store(&conf, &root)
-        .args(["--verify", "--check-contents"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&verify.stderr);
+    let (verify, stderr) = nix_verify(&conf, &root);
     assert!(verify.status.success(), "{stderr}");
     assert!(
         !stderr.contains("modified") && !stderr.contains("error"),
@@ -290,17 +301,7 @@ fn nix_reads_a_store_sandoff_wrote() {
         .iter()
         .map(|p| loc.logical(p))
         .collect();
-    let theirs = text(support::run_ok(
-        nix(&conf, &root)
-            .args(["path-info", "--json", "--sigs"])
-            .args(&paths),
-    ));
-    let ours = text(support::run_ok(
-        sandoff_on(&root)
-            .args(["store", "info", "--json"])
-            .args(&paths),
-    ));
-    assert_eq!(ours.trim_end(), theirs);
+    let ours = assert_info_like_nix(&conf, &root, &paths);
     let json: serde_json::Value = serde_json::from_str(&ours).unwrap();
     let o = json
         .as_array()
@@ -311,29 +312,38 @@ fn nix_reads_a_store_sandoff_wrote() {
     assert_eq!(o["deriver"], loc.logical(&drv));
     assert_eq!(o["ultimate"], true);
     assert_eq!(o["signatures"].as_array().unwrap().len(), 2);
+}
+
+/// `sandoff store info` of `paths` prints what `nix path-info --sigs`
+/// prints, with `--json` and without; returns our JSON.
+fn assert_info_like_nix(conf: &Path, root: &Path, paths: &[String]) -> String {
     let theirs = text(support::run_ok(
-        nix(&conf, &root).args(["path-info", "--sigs"]).args(&paths),
+        nix(conf, root)
+            .args(["path-info", "--json", "--sigs"])
+            .args(paths),
+    ));
+    let ours_json = text(support::run_ok(
+        sandoff_on(root)
+            .args(["store", "info", "--json"])
+            .args(paths),
+    ));
+    assert_eq!(ours_json.trim_end(), theirs);
+    let theirs = text(support::run_ok(
+        nix(conf, root).args(["path-info", "--sigs"]).args(paths),
     ));
     let ours = text(support::run_ok(
-        sandoff_on(&root).args(["store", "info"]).args(&paths),
+        sandoff_on(root).args(["store", "info"]).args(paths),
     ));
     assert_eq!(ours, theirs);
+    ours_json
 }
 
 #[test]
 fn sandoff_reads_a_store_nix_wrote() {
-    let needs = [
-        Need::Program("nix-store"),
-        Need::Program("nix"),
-        Need::Program("nix-build"),
-        Need::Program("busybox"),
-    ];
-    if !support::require("sandoff_reads_a_store_nix_wrote", &needs) {
+    let programs = ["nix-store", "nix", "nix-build", "busybox"];
+    let Some((tmp, conf, root)) = nix_scratch(this_test!(), &programs) else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let conf = tmp.path().join("conf");
-    let root = tmp.path().join("root");
+    };
     let d = test_tree(tmp.path());
     let added = text(support::run_ok(
         nix_store(&conf, &root).arg("--add").arg(&d),
@@ -388,24 +398,7 @@ fn sandoff_reads_a_store_nix_wrote() {
     );
 
     let paths = [added.clone(), fixed.clone(), out.clone()];
-    let theirs = text(support::run_ok(
-        nix(&conf, &root)
-            .args(["path-info", "--json", "--sigs"])
-            .args(&paths),
-    ));
-    let ours = text(support::run_ok(
-        sandoff_on(&root)
-            .args(["store", "info", "--json"])
-            .args(&paths),
-    ));
-    assert_eq!(ours.trim_end(), theirs);
-    let theirs = text(support::run_ok(
-        nix(&conf, &root).args(["path-info", "--sigs"]).args(&paths),
-    ));
-    let ours = text(support::run_ok(
-        sandoff_on(&root).args(["store", "info"]).args(&paths),
-    ));
-    assert_eq!(ours, theirs);
+    assert_info_like_nix(&conf, &root, &paths);
 
     let loc = nix_location(&root);
     let store = sandoff::derivation::check::open_store(loc.clone()).unwrap();
@@ -449,11 +442,7 @@ fn sandoff_reads_a_store_nix_wrote() {
         )
         .unwrap();
     drop(store);
-    let verify = nix_store(&conf, &root)
-        .args(["--verify", "--check-contents"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&verify.stderr);
+    let (verify, stderr) = nix_verify(&conf, &root);
     assert!(
         verify.status.success() && !stderr.contains("modified"),
         "{stderr}"
@@ -511,15 +500,9 @@ fn gnu_store_dir_with_store_root() {
 
 #[test]
 fn gnu_store_interoperates_with_nix() {
-    if !support::require(
-        "gnu_store_interoperates_with_nix",
-        &[Need::Program("nix-store"), Need::Program("nix")],
-    ) {
+    let Some((tmp, conf, root)) = nix_scratch(this_test!(), &["nix-store", "nix"]) else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let conf = tmp.path().join("conf");
-    let root = tmp.path().join("root");
+    };
     let d = test_tree(tmp.path());
     let mut ours = sandoff_on(&root);
     ours.args(["--store-dir", "/gnu/store", "store", "add"])

@@ -18,6 +18,7 @@ use sandoff::store::{StoreDir, StorePath};
 
 use crate::keyring::{session_keyring, SessionKey};
 use crate::support::{self, Need};
+use crate::this_test;
 
 const BUSYBOX: &str = "7c0v0kbrrdc2cqgisi78jdqxn73n3401-busybox";
 const OUT: &str = "1f2dhqa4ycv31xpsaw4bavv0ks2ir2fc-probe";
@@ -26,7 +27,7 @@ const LINK: &str = "3h4bkc7advx5pi0a6d2yqxn1fm8r9sgl-busybox-link";
 const PROBE_BIN: &str = "5k6lmd8bfqyw7ri0a8f3zry92gn9s1hp-probes";
 
 /// Root, busybox, and namespaces that work (a container may forbid them).
-fn ready(test: &str) -> bool {
+pub(crate) fn ready(test: &str) -> bool {
     if !support::require(test, &[Need::Root, Need::Program("busybox")]) {
         return false;
     }
@@ -104,6 +105,11 @@ fn busybox_store() -> &'static Path {
 }
 
 impl Fixture {
+    /// A new fixture, if the machine can run sandboxes (see [`ready`]).
+    fn ready(test: &str) -> Option<Fixture> {
+        ready(test).then(Fixture::new)
+    }
+
     fn new() -> Fixture {
         let tmp = tempfile::tempdir().expect("tempdir");
         let busybox_dir = busybox_store().join(BUSYBOX);
@@ -169,6 +175,19 @@ impl Fixture {
 
     fn store(&self) -> PathBuf {
         self._tmp.path().join("root/nix/store")
+    }
+
+    /// Runs `script` with these timeouts; the outcome (it must run) and the log.
+    fn run_with_timeouts(
+        &self,
+        script: &str,
+        max_silent: Option<Duration>,
+        total: Option<Duration>,
+    ) -> (BuildOutcome, String) {
+        let mut spec = self.spec(script);
+        spec.timeouts = Timeouts { max_silent, total };
+        let (r, log) = self.run(&spec);
+        (r.expect("runs"), log)
     }
 
     fn run(&self, spec: &SandboxSpec) -> (Result<BuildOutcome, SandboxError>, String) {
@@ -298,10 +317,9 @@ fn lines(s: &str) -> Vec<&str> {
 
 #[test]
 fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
-    if !ready("probe_sees_only_the_sandbox_and_every_escape_is_refused") {
+    let Some(f) = Fixture::ready(this_test!()) else {
         return;
-    }
-    let f = Fixture::new();
+    };
     let user = f.lease.user().clone();
     let probe = PROBE.replace("TEXT", TEXT).replace("LINK", LINK);
     let spec = f.spec(&format!("{PRELUDE}{probe}"));
@@ -461,10 +479,9 @@ fn probe_sees_only_the_sandbox_and_every_escape_is_refused() {
 
 #[test]
 fn loopback_works() {
-    if !ready("loopback_works") {
+    let Some(f) = Fixture::ready(this_test!()) else {
         return;
-    }
-    let f = Fixture::new();
+    };
     // lo is up (deterministic), and a TCP round trip over it works (retried:
     // busybox nc has no way to wait for the listener).
     let script = format!(
@@ -484,10 +501,9 @@ fn loopback_works() {
 
 #[test]
 fn exit_status_and_log_are_reported() {
-    if !ready("exit_status_and_log_are_reported") {
+    let Some(f) = Fixture::ready(this_test!()) else {
         return;
-    }
-    let f = Fixture::new();
+    };
     let (r, log) = f.run(&f.spec("echo to-stdout; echo to-stderr >&2; exit 3"));
     assert_eq!(r.expect("runs"), BuildOutcome::Exited(3));
     assert_eq!(log, "to-stdout\nto-stderr\n");
@@ -495,7 +511,7 @@ fn exit_status_and_log_are_reported() {
 
 #[test]
 fn concurrent_builds_get_distinct_build_users() {
-    if !ready("concurrent_builds_get_distinct_build_users") {
+    if !ready(this_test!()) {
         return;
     }
     let handles: Vec<_> = (0..2)
@@ -518,26 +534,25 @@ fn concurrent_builds_get_distinct_build_users() {
     assert_ne!(uids[0], uids[1], "two concurrent builds shared a uid");
 }
 
+/// What a build that the `kind` timeout killed after a second comes back as.
+fn timed_out_after_a_second(kind: TimeoutKind) -> BuildOutcome {
+    BuildOutcome::TimedOut {
+        kind,
+        after: Duration::from_secs(1),
+    }
+}
+
 #[test]
 fn silent_build_is_killed() {
-    if !ready("silent_build_is_killed") {
+    let Some(f) = Fixture::ready(this_test!()) else {
         return;
-    }
-    let f = Fixture::new();
-    let mut spec = f.spec("echo start; $BB sleep 1000 & $BB sleep 1000");
-    spec.timeouts = Timeouts {
-        max_silent: Some(Duration::from_secs(1)),
-        total: None,
     };
-    let (r, log) = f.run(&spec);
-    let outcome = r.expect("runs");
-    assert_eq!(
-        outcome,
-        BuildOutcome::TimedOut {
-            kind: TimeoutKind::Silent,
-            after: Duration::from_secs(1)
-        }
+    let (outcome, log) = f.run_with_timeouts(
+        "echo start; $BB sleep 1000 & $BB sleep 1000",
+        Some(Duration::from_secs(1)),
+        None,
     );
+    assert_eq!(outcome, timed_out_after_a_second(TimeoutKind::Silent));
     assert!(outcome.to_string().contains("timed out"));
     assert_eq!(log, "start\n");
     assert_no_process_of(f.lease.user().uid());
@@ -545,57 +560,40 @@ fn silent_build_is_killed() {
 
 #[test]
 fn timeout_kills_a_chatty_build() {
-    if !ready("timeout_kills_a_chatty_build") {
+    let Some(f) = Fixture::ready(this_test!()) else {
         return;
-    }
-    let f = Fixture::new();
-    let mut spec = f.spec("while true; do echo tick; $BB sleep 0.1; done");
-    spec.timeouts = Timeouts {
-        max_silent: Some(Duration::from_secs(5)),
-        total: Some(Duration::from_secs(1)),
     };
-    let (r, log) = f.run(&spec);
-    assert_eq!(
-        r.expect("runs"),
-        BuildOutcome::TimedOut {
-            kind: TimeoutKind::Total,
-            after: Duration::from_secs(1)
-        }
+    let (outcome, log) = f.run_with_timeouts(
+        "while true; do echo tick; $BB sleep 0.1; done",
+        Some(Duration::from_secs(5)),
+        Some(Duration::from_secs(1)),
     );
+    assert_eq!(outcome, timed_out_after_a_second(TimeoutKind::Total));
     assert!(log.starts_with("tick\n"));
     assert_no_process_of(f.lease.user().uid());
 }
 
 #[test]
 fn a_build_that_closes_its_output_and_hangs_is_still_killed() {
-    if !ready("a_build_that_closes_its_output_and_hangs_is_still_killed") {
+    let Some(f) = Fixture::ready(this_test!()) else {
         return;
-    }
-    let f = Fixture::new();
-    let mut spec = f.spec("echo bye; exec >&- 2>&-; $BB sleep 1000");
-    spec.timeouts = Timeouts {
-        max_silent: Some(Duration::from_secs(1)),
-        total: None,
     };
-    let (r, log) = f.run(&spec);
-    assert_eq!(
-        r.expect("runs"),
-        BuildOutcome::TimedOut {
-            kind: TimeoutKind::Silent,
-            after: Duration::from_secs(1)
-        }
+    let (outcome, log) = f.run_with_timeouts(
+        "echo bye; exec >&- 2>&-; $BB sleep 1000",
+        Some(Duration::from_secs(1)),
+        None,
     );
+    assert_eq!(outcome, timed_out_after_a_second(TimeoutKind::Silent));
     assert_eq!(log, "bye\n");
     assert_no_process_of(f.lease.user().uid());
 }
 
 #[test]
 fn leftover_processes_of_the_build_user_are_killed_before_the_build() {
-    if !ready("leftover_processes_of_the_build_user_are_killed_before_the_build") {
-        return;
-    }
     use std::os::unix::process::{CommandExt, ExitStatusExt};
-    let f = Fixture::new();
+    let Some(f) = Fixture::ready(this_test!()) else {
+        return;
+    };
     let user = f.lease.user().clone();
     // A process a previous build of this user might have left behind.
     let mut stray = std::process::Command::new("/bin/busybox")
@@ -616,10 +614,9 @@ fn leftover_processes_of_the_build_user_are_killed_before_the_build() {
 
 #[test]
 fn host_dirs_are_removed_whatever_the_build_left() {
-    if !ready("host_dirs_are_removed_whatever_the_build_left") {
+    let Some(f) = Fixture::ready(this_test!()) else {
         return;
-    }
-    let f = Fixture::new();
+    };
     let dirs = HostDirs::create(f._tmp.path(), f.lease.user()).expect("dirs");
     let mut spec = f.spec(
         "$BB mkdir -p \"$TMPDIR/a/b\" \"$out/c\"; $BB chmod 0 \"$TMPDIR/a\" \"$out/c\" \"$out\"; \
@@ -663,10 +660,9 @@ fn assert_no_process_of(uid: u32) {
 
 #[test]
 fn missing_builder_is_a_setup_failure_naming_exec() {
-    if !ready("missing_builder_is_a_setup_failure_naming_exec") {
+    let Some(f) = Fixture::ready(this_test!()) else {
         return;
-    }
-    let f = Fixture::new();
+    };
     let mut spec = f.spec("true");
     spec.builder = format!("/nix/store/{BUSYBOX}/bin/nothere").into_bytes();
     let (r, log) = f.run(&spec);
@@ -682,10 +678,9 @@ fn missing_builder_is_a_setup_failure_naming_exec() {
 
 #[test]
 fn missing_input_fails_closed_at_its_bind_step() {
-    if !ready("missing_input_fails_closed_at_its_bind_step") {
+    let Some(f) = Fixture::ready(this_test!()) else {
         return;
-    }
-    let f = Fixture::new();
+    };
     let mut spec = f.spec("echo RAN > /dev/stderr");
     let ghost = "0000000000000000000000000000000a-ghost";
     spec.inputs.push(InputPath {
@@ -706,7 +701,7 @@ fn missing_input_fails_closed_at_its_bind_step() {
 
 #[test]
 fn setup_is_idempotent() {
-    if !ready("setup_is_idempotent") {
+    if !ready(this_test!()) {
         return;
     }
     let _ = pool();
@@ -726,10 +721,9 @@ fn setup_is_idempotent() {
 
 #[test]
 fn fixed_output_builds_share_the_host_network_and_resolver() {
-    if !ready("fixed_output_builds_share_the_host_network_and_resolver") {
+    let Some(f) = Fixture::ready(this_test!()) else {
         return;
-    }
-    let f = Fixture::new();
+    };
     let mut spec = f.spec(
         "$BB cut -d: -f1 /proc/net/dev | $BB tail -n +3 | $BB tr -d ' ' | $BB sort; \
          $BB ls /etc; echo NIX_OUTPUT_CHECKED=$NIX_OUTPUT_CHECKED",
@@ -753,7 +747,7 @@ fn fixed_output_builds_share_the_host_network_and_resolver() {
 
 #[test]
 fn cli_setup_creates_users_and_state_dirs_idempotently() {
-    if !ready("cli_setup_creates_users_and_state_dirs_idempotently") {
+    if !ready(this_test!()) {
         return;
     }
     let _ = pool();
@@ -812,10 +806,9 @@ impl std::io::Write for PanickingLog {
 
 #[test]
 fn a_panic_while_supervising_kills_the_build() {
-    if !ready("a_panic_while_supervising_kills_the_build") {
+    let Some(f) = Fixture::ready(this_test!()) else {
         return;
-    }
-    let f = Fixture::new();
+    };
     let spec = f.spec("echo started; $BB sleep 600 & exec $BB sleep 600");
     let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         run_build(&f.lease, &spec, &mut PanickingLog)
@@ -828,7 +821,7 @@ fn a_panic_while_supervising_kills_the_build() {
 
 #[test]
 fn builds_cannot_reach_any_kernel_keyring() {
-    let test = "builds_cannot_reach_any_kernel_keyring";
+    let test = this_test!();
     if !ready(test) || !support::require(test, &[Need::Program("gcc")]) {
         return;
     }
@@ -883,7 +876,7 @@ fn builds_cannot_reach_any_kernel_keyring() {
 
 #[test]
 fn a_fork_bomb_stops_at_the_process_limit() {
-    let test = "a_fork_bomb_stops_at_the_process_limit";
+    let test = this_test!();
     if !ready(test) || !support::require(test, &[Need::Program("gcc")]) {
         return;
     }
@@ -913,10 +906,9 @@ fn a_fork_bomb_stops_at_the_process_limit() {
 
 #[test]
 fn tmp_and_dev_shm_are_bounded() {
-    if !ready("tmp_and_dev_shm_are_bounded") {
+    let Some(f) = Fixture::ready(this_test!()) else {
         return;
-    }
-    let f = Fixture::new();
+    };
     let script =
         "$BB awk '$5 == \"/tmp\" || $5 == \"/dev/shm\" { print $5, $NF }' /proc/self/mountinfo; \
         $BB dd if=/dev/zero of=/dev/shm/big bs=1024 count=2048 2>/dev/null && echo shm-unbounded; \

@@ -24,14 +24,16 @@ use serde_json::json;
 
 use crate::build::ready as build_ready;
 use crate::support::{self, Need};
+use crate::this_test;
 
-fn open(root: &Path) -> LocalStore {
+/// The sandoff store under `root` (created if need be).
+pub(crate) fn open(root: &Path) -> LocalStore {
     sandoff::derivation::check::open_store(StoreLocation::new(Default::default(), root.to_owned()))
         .expect("open store")
 }
 
 /// A store with `leaf` ("bar") and `top`, which refers to `leaf`.
-fn foo_baz(root: &Path) -> (LocalStore, StorePath, StorePath) {
+pub(crate) fn foo_baz(root: &Path) -> (LocalStore, StorePath, StorePath) {
     let store = open(root);
     let leaf = store
         .add_text("foo", b"bar", &BTreeSet::new(), &BTreeMap::new())
@@ -301,33 +303,20 @@ fn nix_nar_hash(conf: &Path, store: &Path, path: &str) -> String {
 /// No sshd is involved: for the host `localhost`, Nix 2.8's `SSHMaster`
 /// runs the remote command with `bash -c` instead of ssh (`fakeSSH`), so
 /// `remote-program=<wrapper>` runs `<wrapper> --serve --write` right here.
-/// The tests through a real sshd come with issue 5's test hosts.
+/// Through a real sshd (Nix's own ssh, not `fakeSSH`) is
+/// [`serve_over_real_sshd_with_nix_copy`], which needs the test hosts.
 #[test]
 fn serve_nix_copy_to_and_from() {
-    if !support::require(
-        "serve_nix_copy_to_and_from",
-        &[Need::Program("nix"), Need::Program("bash")],
-    ) {
+    if !support::require_programs(this_test!(), &["nix", "bash"]) {
         return;
     }
-    const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
+    const BAZ: &str = support::NIX_BAZ;
     let tmp = tempfile::tempdir().expect("tempdir");
     let conf = tmp.path().join("nixconf");
     let src = tmp.path().join("src");
     let dst = tmp.path().join("dst");
     let back = tmp.path().join("back");
-    let out = support::run_ok(
-        support::nix_cmd("nix-instantiate", &conf)
-            .arg("--store")
-            .arg(&src)
-            .args([
-                "--read-write-mode",
-                "--eval",
-                "-E",
-                r#"let foo = builtins.toFile "foo" "bar"; in builtins.toFile "baz" "${foo}""#,
-            ]),
-    );
-    assert_eq!(String::from_utf8_lossy(&out).trim(), format!("\"{BAZ}\""));
+    support::nix_foo_baz(&conf, &src);
 
     // Nix appends `--serve --write`; the wrapper drops them.
     let wrapper = tmp.path().join("remote-program");
@@ -417,25 +406,15 @@ fn serve_path_infos_for_old_clients() {
 fn serve_over_real_sshd_with_nix_copy() {
     let mut needs = crate::hosts::NEEDS.to_vec();
     needs.push(Need::Program("nix"));
-    if !support::require("serve_over_real_sshd_with_nix_copy", &needs) {
+    if !support::require(this_test!(), &needs) {
         return;
     }
-    const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
+    const BAZ: &str = support::NIX_BAZ;
     let host = crate::hosts::TestHost::start(3);
     let tmp = tempfile::tempdir().expect("tempdir");
     let conf = tmp.path().join("nixconf");
     let src = tmp.path().join("src");
-    support::run_ok(
-        support::nix_cmd("nix-instantiate", &conf)
-            .arg("--store")
-            .arg(&src)
-            .args([
-                "--read-write-mode",
-                "--eval",
-                "-E",
-                r#"let foo = builtins.toFile "foo" "bar"; in builtins.toFile "baz" "${foo}""#,
-            ]),
-    );
+    support::nix_foo_baz(&conf, &src);
     let remote = format!(
         "ssh://root@{}?remote-program={}",
         host.addr,
@@ -474,6 +453,16 @@ struct BuildStore {
 }
 
 impl BuildStore {
+    /// A new store, if the machine can build (see [`build_ready`]).
+    fn ready(test: &str) -> Option<BuildStore> {
+        build_ready(test).then(BuildStore::new)
+    }
+
+    /// The inputs of every derivation of [`BuildStore::drv`]: busybox.
+    fn inputs(&self) -> BTreeSet<StorePath> {
+        BTreeSet::from([self.bb.clone()])
+    }
+
     fn new() -> BuildStore {
         let tmp = tempfile::tempdir().expect("tempdir");
         let src = tmp.path().join("src/busybox/bin");
@@ -606,13 +595,14 @@ impl Served {
         self.stdin.as_mut().expect("stdin open")
     }
 
-    fn build_derivation(
+    /// Sends a `BuildDerivation` request, not waiting for its result.
+    fn send_build_derivation(
         &mut self,
         drv_path: &StorePath,
         drv: &Derivation,
         input_srcs: &BTreeSet<StorePath>,
         options: &BuildOptions,
-    ) -> BuildResult {
+    ) {
         let dir = self.dir.clone();
         let w = self.w();
         wire::write_u64(w, 8).unwrap();
@@ -620,7 +610,17 @@ impl Served {
         write_basic_derivation(w, &dir, drv, input_srcs).unwrap();
         options.write(w, 7).unwrap();
         w.flush().unwrap();
-        BuildResult::read(&mut self.stdout, 7, &dir).expect("BuildResult")
+    }
+
+    fn build_derivation(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        input_srcs: &BTreeSet<StorePath>,
+        options: &BuildOptions,
+    ) -> BuildResult {
+        self.send_build_derivation(drv_path, drv, input_srcs, options);
+        BuildResult::read(&mut self.stdout, 7, &self.dir).expect("BuildResult")
     }
 
     fn build_paths(&mut self, specs: &[String], options: &BuildOptions) -> (u64, String) {
@@ -689,11 +689,9 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn serve_build_derivation_builds_signs_streams_and_survives_failures() {
-    let test = "serve_build_derivation_builds_signs_streams_and_survives_failures";
-    if !build_ready(test) {
+    let Some(store) = BuildStore::ready(this_test!()) else {
         return;
-    }
-    let store = BuildStore::new();
+    };
     let dir = store.dir();
     let (hello, hello_drv) = store.drv(
         "hello",
@@ -701,7 +699,7 @@ fn serve_build_derivation_builds_signs_streams_and_survives_failures() {
     );
     let (fails, fails_drv) = store.drv("fails", "echo about-to-fail\nexit 3");
     let (sleeper, sleeper_drv) = store.drv("sleeper", "echo sleeping\nsleep 1000");
-    let inputs = BTreeSet::from([store.bb.clone()]);
+    let inputs = store.inputs();
     let out = hello_drv.output_paths()["out"].clone();
     let mut server = store.serve();
 
@@ -798,19 +796,17 @@ fn serve_build_derivation_builds_signs_streams_and_survives_failures() {
 
 #[test]
 fn serve_build_derivation_with_u64_max_limits_builds() {
-    if !build_ready("serve_build_derivation_with_u64_max_limits_builds") {
+    let Some(store) = BuildStore::ready(this_test!()) else {
         return;
-    }
-    let store = BuildStore::new();
+    };
     let (quick, quick_drv) = store.drv("quick", "mkdir $out");
-    let inputs = BTreeSet::from([store.bb.clone()]);
     let mut server = store.serve();
     // A client may send u64::MAX for "no limit"; it used to panic the
     // server ("overflow when adding duration to instant").
     let r = server.build_derivation(
         &quick,
         &quick_drv,
-        &inputs,
+        &store.inputs(),
         &BuildOptions {
             max_silent_time: u64::MAX,
             build_timeout: u64::MAX,
@@ -824,10 +820,9 @@ fn serve_build_derivation_with_u64_max_limits_builds() {
 
 #[test]
 fn serve_build_paths_and_closure_with_outputs() {
-    if !build_ready("serve_build_paths_and_closure_with_outputs") {
+    let Some(store) = BuildStore::ready(this_test!()) else {
         return;
-    }
-    let store = BuildStore::new();
+    };
     let dir = store.dir();
     let (ok, ok_drv) = store.drv("via-paths", "echo via-paths-log\nmkdir $out");
     let (fails, _) = store.drv("fails", "echo paths-fail\nexit 1");
@@ -883,7 +878,7 @@ fn serve_build_paths_and_closure_with_outputs() {
     // Without a key the build succeeds, unsigned, and says so on the log.
     std::fs::remove_file(Keyring::new(&store.loc().state).secret_key_path()).expect("rm key");
     let (unsigned, unsigned_drv) = store.drv("unsigned", "mkdir $out");
-    let inputs = BTreeSet::from([store.bb.clone()]);
+    let inputs = store.inputs();
     let r = server.build_derivation(&unsigned, &unsigned_drv, &inputs, &BuildOptions::default());
     assert_eq!(r.status, BuildStatus::Built, "{r:?}");
     let info = store
@@ -902,20 +897,17 @@ fn serve_build_paths_and_closure_with_outputs() {
 
 #[test]
 fn serve_kills_the_build_when_the_client_goes_away() {
-    if !build_ready("serve_kills_the_build_when_the_client_goes_away") {
+    let Some(store) = BuildStore::ready(this_test!()) else {
         return;
-    }
-    let store = BuildStore::new();
+    };
     let (sleeper, sleeper_drv) = store.drv("long-sleeper", "echo started-sleeping\nsleep 1000");
-    let inputs = BTreeSet::from([store.bb.clone()]);
     let mut server = store.serve();
-    let dir = store.dir();
-    let w = server.w();
-    wire::write_u64(w, 8).unwrap();
-    wire::write_bytes(w, dir.display(&sleeper).as_bytes()).unwrap();
-    write_basic_derivation(w, &dir, &sleeper_drv, &inputs).unwrap();
-    BuildOptions::default().write(w, 7).unwrap();
-    w.flush().unwrap();
+    server.send_build_derivation(
+        &sleeper,
+        &sleeper_drv,
+        &store.inputs(),
+        &BuildOptions::default(),
+    );
     assert!(
         server.stderr_has("started-sleeping"),
         "build never started: {}",
@@ -954,7 +946,7 @@ fn serve_kills_the_build_when_the_client_goes_away() {
 /// output home.
 #[test]
 fn serve_builds_for_nix_2_8_build_remote() {
-    let test = "serve_builds_for_nix_2_8_build_remote";
+    let test = this_test!();
     let mut needs = crate::hosts::NEEDS.to_vec();
     needs.push(Need::Program("nix-build"));
     if !support::require(test, &needs) || !build_ready(test) {

@@ -12,7 +12,7 @@ use sandoff::decide::{Machine, MachineFormat, MachineName};
 use sandoff::remote::ssh::{SshError, SshOptions, SshSession};
 use sandoff::remote::transport::Transport;
 
-use crate::hosts::{TestHost, NEEDS};
+use crate::hosts::TestHost;
 use crate::support::{self, Need};
 use crate::this_test;
 
@@ -84,6 +84,26 @@ fn key_only(line: &str) -> String {
         .join(" ")
 }
 
+/// [`TestHost::start_if_ready`], and a session to it with its machine entry.
+fn connected(test: &str, index: u8) -> Option<(TestHost, SshSession)> {
+    connected_with_keepalive(test, index, opts().keepalive)
+}
+
+/// [`connected`] with keepalives every `keepalive`.
+fn connected_with_keepalive(
+    test: &str,
+    index: u8,
+    keepalive: Duration,
+) -> Option<(TestHost, SshSession)> {
+    let host = TestHost::start_if_ready(test, index)?;
+    let o = SshOptions {
+        keepalive,
+        ..opts()
+    };
+    let session = SshSession::connect(&machine(&host), &o).expect("connects");
+    Some((host, session))
+}
+
 fn connect_err(m: &Machine, o: &SshOptions) -> SshError {
     match SshSession::connect(m, o) {
         Ok(_) => panic!("connect to {} succeeded", m.store_uri),
@@ -93,11 +113,9 @@ fn connect_err(m: &Machine, o: &SshOptions) -> SshError {
 
 #[test]
 fn ssh_connects_with_the_entry_host_key_and_runs() {
-    if !support::require("ssh_connects_with_the_entry_host_key_and_runs", NEEDS) {
+    let Some((host, session)) = connected(this_test!(), 21) else {
         return;
-    }
-    let host = TestHost::start(21);
-    let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+    };
     assert_eq!(session.host(), format!("{}:{}", host.addr, host.port));
     let (out, err, status) = session
         .run("echo $SANDOFF_STORE_ROOT; echo oops >&2; exit 3")
@@ -118,11 +136,9 @@ fn ssh_connects_with_the_entry_host_key_and_runs() {
 
 #[test]
 fn ssh_run_takes_at_most_its_output_limit() {
-    if !support::require("ssh_run_takes_at_most_its_output_limit", NEEDS) {
+    let Some((host, session)) = connected(this_test!(), 34) else {
         return;
-    }
-    let host = TestHost::start(34);
-    let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+    };
     let limit = sandoff::remote::ssh::RUN_OUTPUT_LIMIT;
     let (out, _, status) = session
         .run(&format!("head -c {limit} /dev/zero"))
@@ -144,13 +160,9 @@ fn ssh_run_takes_at_most_its_output_limit() {
 
 #[test]
 fn ssh_wrong_entry_host_key_is_refused_naming_both_keys() {
-    if !support::require(
-        "ssh_wrong_entry_host_key_is_refused_naming_both_keys",
-        NEEDS,
-    ) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 22) else {
         return;
-    }
-    let host = TestHost::start(22);
+    };
     let tmp = tempfile::tempdir().expect("tempdir");
     let other = keygen(&tmp.path().join("other"));
     let mut m = machine(&host);
@@ -172,10 +184,9 @@ fn ssh_wrong_entry_host_key_is_refused_naming_both_keys() {
 
 #[test]
 fn ssh_known_hosts_checks_entries_without_host_key() {
-    if !support::require("ssh_known_hosts_checks_entries_without_host_key", NEEDS) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 23) else {
         return;
-    }
-    let host = TestHost::start(23);
+    };
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut m = machine(&host);
     m.host_key = None;
@@ -254,10 +265,9 @@ fn ssh_known_hosts_checks_entries_without_host_key() {
 
 #[test]
 fn ssh_wrong_client_key_fails_authentication() {
-    if !support::require("ssh_wrong_client_key_fails_authentication", NEEDS) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 24) else {
         return;
-    }
-    let host = TestHost::start(24);
+    };
     let tmp = tempfile::tempdir().expect("tempdir");
     let stranger = tmp.path().join("stranger");
     keygen(&stranger);
@@ -284,10 +294,9 @@ fn ssh_wrong_client_key_fails_authentication() {
 
 #[test]
 fn ssh_key_and_known_hosts_files_must_be_regular_files() {
-    if !support::require("ssh_key_and_known_hosts_files_must_be_regular_files", NEEDS) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 33) else {
         return;
-    }
-    let host = TestHost::start(33);
+    };
     let tmp = tempfile::tempdir().expect("tempdir");
     let fifo = tmp.path().join("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
@@ -416,11 +425,9 @@ fn ssh_connect_to_a_full_backlog_times_out() {
 
 #[test]
 fn ssh_cat_round_trips_10_mib() {
-    if !support::require("ssh_cat_round_trips_10_mib", NEEDS) {
+    let Some((_host, session)) = connected(this_test!(), 25) else {
         return;
-    }
-    let host = TestHost::start(25);
-    let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+    };
     let mut channel = session.exec("cat").expect("exec");
     let data: Vec<u8> = (0..10 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
@@ -443,14 +450,9 @@ fn ssh_cat_round_trips_10_mib() {
 
 #[test]
 fn ssh_wait_reply_copies_5_mib_of_stderr_without_deadlock() {
-    if !support::require(
-        "ssh_wait_reply_copies_5_mib_of_stderr_without_deadlock",
-        NEEDS,
-    ) {
+    let Some((host, session)) = connected(this_test!(), 26) else {
         return;
-    }
-    let host = TestHost::start(26);
-    let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+    };
     let mut channel = session
         .exec("head -c 5242880 /dev/zero | tr '\\0' x >&2; echo reply")
         .expect("exec");
@@ -530,11 +532,9 @@ fn descendants(pid: i32) -> Vec<i32> {
 
 #[test]
 fn ssh_wait_reply_fails_when_sshd_dies() {
-    if !support::require("ssh_wait_reply_fails_when_sshd_dies", NEEDS) {
+    let Some((host, session)) = connected(this_test!(), 27) else {
         return;
-    }
-    let host = TestHost::start(27);
-    let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+    };
     let mut channel = session.exec("sleep 60; echo late").expect("exec");
     let sshd: i32 = std::fs::read_to_string(host.home.join("sshd.pid"))
         .expect("pid file")
@@ -584,11 +584,10 @@ fn cpu_seconds(path: &str, children: bool) -> f64 {
 #[test]
 #[ignore = "a measurement, not a check"]
 fn ssh_throughput_against_openssh() {
-    if !support::require("ssh_throughput_against_openssh", NEEDS) {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 28) else {
         return;
-    }
+    };
     const TOTAL: usize = 200 << 20;
-    let host = TestHost::start(28);
     let chunk: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
         .collect();
@@ -689,11 +688,9 @@ fn ssh_throughput_against_openssh() {
 
 #[test]
 fn ssh_write_fails_when_the_remote_program_exits() {
-    if !support::require("ssh_write_fails_when_the_remote_program_exits", NEEDS) {
+    let Some((_host, session)) = connected(this_test!(), 29) else {
         return;
-    }
-    let host = TestHost::start(29);
-    let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+    };
     let mut channel = session.exec("head -c 1000 >/dev/null").expect("exec");
     let chunk = vec![7u8; 1 << 20];
     let res = (0..64).try_for_each(|_| channel.write_all(&chunk));
@@ -703,15 +700,10 @@ fn ssh_write_fails_when_the_remote_program_exits() {
 
 #[test]
 fn ssh_blocking_io_outlasts_keepalive_intervals() {
-    if !support::require("ssh_blocking_io_outlasts_keepalive_intervals", NEEDS) {
+    let keepalive = Duration::from_secs(2);
+    let Some((_host, session)) = connected_with_keepalive(this_test!(), 30, keepalive) else {
         return;
-    }
-    let host = TestHost::start(30);
-    let o = SshOptions {
-        keepalive: Duration::from_secs(2),
-        ..opts()
     };
-    let session = SshSession::connect(&machine(&host), &o).expect("connects");
     // A silent server is not a dead one: reads wait through keepalives...
     let mut channel = session.exec("sleep 5; echo late").expect("exec");
     let mut out = String::new();
@@ -729,16 +721,11 @@ fn ssh_blocking_io_outlasts_keepalive_intervals() {
 
 #[test]
 fn ssh_wait_reply_keeps_deadlines_and_answers_promptly() {
-    if !support::require("ssh_wait_reply_keeps_deadlines_and_answers_promptly", NEEDS) {
-        return;
-    }
-    let host = TestHost::start(31);
     // Long keepalives: a missed wake-up would stall for 30 s.
-    let o = SshOptions {
-        keepalive: Duration::from_secs(30),
-        ..opts()
+    let keepalive = Duration::from_secs(30);
+    let Some((_host, session)) = connected_with_keepalive(this_test!(), 31, keepalive) else {
+        return;
     };
-    let session = SshSession::connect(&machine(&host), &o).expect("connects");
 
     // A build that logs all the time still meets its deadline.
     let mut channel = session
@@ -784,14 +771,9 @@ fn ssh_wait_reply_keeps_deadlines_and_answers_promptly() {
 
 #[test]
 fn ssh_plain_reads_and_writes_survive_a_flood_of_stderr() {
-    if !support::require(
-        "ssh_plain_reads_and_writes_survive_a_flood_of_stderr",
-        NEEDS,
-    ) {
+    let Some((_host, session)) = connected(this_test!(), 32) else {
         return;
-    }
-    let host = TestHost::start(32);
-    let session = SshSession::connect(&machine(&host), &opts()).expect("connects");
+    };
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         // 5 MiB of log (more than the channel window) before the reply,

@@ -34,16 +34,25 @@ impl Need {
     }
 }
 
-/// The name of the test function this is used in, for [`require`], so
-/// that no test types its own name again.
+/// The name of the function this is used in (the innermost `fn`; closures
+/// inside it do not count), for [`require`], so that no test types its own
+/// name again. A helper `fn` that reports its caller's test takes the name as
+/// an argument instead.
 #[macro_export]
 macro_rules! this_test {
     () => {{
         fn here() {}
-        let path = std::any::type_name_of_val(&here);
-        let path = path.strip_suffix("::here").unwrap_or(path);
-        path.rsplit("::").next().unwrap_or(path)
+        $crate::support::fn_name(std::any::type_name_of_val(&here))
     }};
+}
+
+/// The function [`this_test!`] stands in, from the type name of its local
+/// `fn here`: `it::module::test::{{closure}}::here` gives `test`.
+pub fn fn_name(here: &'static str) -> &'static str {
+    let path = here.strip_suffix("::here").unwrap_or(here);
+    path.rsplit("::")
+        .find(|segment| !segment.starts_with('{'))
+        .unwrap_or(path)
 }
 
 /// Probes for what a test needs. Returns `false` (after printing
@@ -68,6 +77,13 @@ pub fn require(test: &str, needs: &[Need]) -> bool {
     // that the line reaches the log and the test script counts it.
     let _ = writeln!(std::io::stderr(), "{msg}");
     false
+}
+
+/// [`require`] for programs on PATH only.
+#[must_use]
+pub fn require_programs(test: &str, programs: &[&'static str]) -> bool {
+    let needs: Vec<Need> = programs.iter().map(|&p| Need::Program(p)).collect();
+    require(test, &needs)
 }
 
 /// Finds a program on PATH.
@@ -102,6 +118,30 @@ pub fn nix_cmd(program: &str, conf_dir: &Path) -> Command {
     c
 }
 
+/// Where Nix puts `baz` of [`nix_foo_baz`] in `/nix/store`.
+pub const NIX_BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
+
+/// Creates `foo` ("bar") and `baz` (which refers to `foo`) with Nix's
+/// `nix-instantiate` in its chroot store `store`, config under `conf`, and
+/// checks that `baz` is [`NIX_BAZ`].
+pub fn nix_foo_baz(conf: &Path, store: &Path) {
+    let out = run_ok(
+        nix_cmd("nix-instantiate", conf)
+            .arg("--store")
+            .arg(store)
+            .args([
+                "--read-write-mode",
+                "--eval",
+                "-E",
+                r#"let foo = builtins.toFile "foo" "bar"; in builtins.toFile "baz" "${foo}""#,
+            ]),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        format!("\"{NIX_BAZ}\"")
+    );
+}
+
 /// Runs a command, panicking with its stderr if it fails; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
     let out = cmd
@@ -117,25 +157,44 @@ pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
     out.stdout
 }
 
+/// Starts `cmd` with its stdin, stdout and stderr piped.
+fn spawn_piped(cmd: &mut Command) -> std::process::Child {
+    use std::process::Stdio;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+}
+
+/// Runs `cmd` with `input` on stdin (then EOF) and waits for it, like
+/// `Command::output`; panics if it does not read all of `input`.
+pub fn output_with_input(cmd: &mut Command, input: &[u8]) -> std::process::Output {
+    let (out, written) = output_after_writing(cmd, input);
+    if let Err(e) = written {
+        panic!("{cmd:?} did not read all of its input: {e}");
+    }
+    out
+}
+
+/// [`output_with_input`] for a command that may exit before it has read all
+/// of `input`: how the write went comes back beside the output.
+pub fn output_after_writing(
+    cmd: &mut Command,
+    input: &[u8],
+) -> (std::process::Output, std::io::Result<()>) {
+    let mut child = spawn_piped(cmd);
+    // Dropped after the write: the command sees EOF.
+    let written = child.stdin.take().expect("piped stdin").write_all(input);
+    let out = child.wait_with_output().expect("wait");
+    (out, written)
+}
+
 /// Runs `cmd` (a `sandoff` with its store options) as `derivation add` with
 /// `drv` (show-derivation JSON) on stdin; panics with its stderr if it fails;
 /// returns the `.drv` path it printed.
 pub fn derivation_add(cmd: &mut Command, drv: &serde_json::Value) -> String {
-    use std::process::Stdio;
-    let mut child = cmd
-        .args(["derivation", "add"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn sandoff derivation add");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(drv.to_string().as_bytes())
-        .expect("write the derivation");
-    let out = child.wait_with_output().expect("wait");
+    let out = output_with_input(cmd.args(["derivation", "add"]), drv.to_string().as_bytes());
     assert!(
         out.status.success(),
         "derivation add: {}",
@@ -166,13 +225,7 @@ pub fn feed_or_kill(
     feed: impl FnOnce(std::process::ChildStdin) + Send + 'static,
 ) -> std::process::Output {
     use std::io::Read as _;
-    use std::process::Stdio;
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut child = spawn_piped(cmd);
     let stdin = child.stdin.take().expect("piped stdin");
     // Not joined: a feeder blocked on a full pipe ends with EPIPE once the
     // command is gone.
@@ -205,4 +258,21 @@ pub fn feed_or_kill(
         stdout: out.join().expect("stdout reader"),
         stderr: err.join().expect("stderr reader"),
     }
+}
+
+#[test]
+fn this_test_names_the_enclosing_fn_even_inside_closures() {
+    assert_eq!(
+        crate::this_test!(),
+        "this_test_names_the_enclosing_fn_even_inside_closures"
+    );
+    let in_closure = || crate::this_test!();
+    assert_eq!(
+        in_closure(),
+        "this_test_names_the_enclosing_fn_even_inside_closures"
+    );
+    fn nested() -> &'static str {
+        crate::this_test!()
+    }
+    assert_eq!(nested(), "nested", "the innermost fn is the one named");
 }

@@ -3,18 +3,18 @@
 //! is refused and leaves nothing behind.
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use sandoff::store::export::{ExportError, ExportWriter};
 use sandoff::store::signature::{PublicKey, SecretKey};
 use sandoff::store::{Hash, StoreDir, ValidPathInfo};
 
-use crate::support::{self, Need};
+use crate::support;
+use crate::this_test;
 
 const FOO: &str = "/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo";
-const BAZ: &str = "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz";
+const BAZ: &str = support::NIX_BAZ;
 
 /// A scratch directory with a Nix config and Nix's chroot store at `root/`.
 struct Scratch {
@@ -49,13 +49,7 @@ impl Scratch {
     }
     /// Creates `foo` and `baz` (which refers to `foo`) in Nix's store `store`.
     fn nix_foo_baz(&self, store: &str) {
-        let out = support::run_ok(self.nix_store_cmd("nix-instantiate", store).args([
-            "--read-write-mode",
-            "--eval",
-            "-E",
-            r#"let foo = builtins.toFile "foo" "bar"; in builtins.toFile "baz" "${foo}""#,
-        ]));
-        assert_eq!(String::from_utf8_lossy(&out).trim(), format!("\"{BAZ}\""));
+        support::nix_foo_baz(&self.path("nixconf"), &self.path(store));
     }
     /// `nix path-info --json --sigs` of one path.
     fn nix_path_info(&self, store: &str, path: &str) -> serde_json::Value {
@@ -71,19 +65,54 @@ impl Scratch {
 }
 
 fn run_stdin(cmd: &mut Command, input: &[u8]) -> Output {
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let mut stdin = child.stdin.take().expect("stdin");
     // A refusing reader may close its end early; that is part of some tests.
-    let _ = stdin.write_all(input);
-    drop(stdin);
-    child.wait_with_output().expect("wait")
+    support::output_after_writing(cmd, input).0
 }
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `out` failed, saying `why` on stderr.
+fn assert_refused(out: &Output, why: &str) {
+    assert!(!out.status.success());
+    assert!(stderr(out).contains(why), "{}", stderr(out));
+}
+
+/// `out` is of an import that succeeded and printed foo and baz, in order.
+fn assert_imported_foo_and_baz(out: &Output) {
+    assert!(out.status.success(), "import: {}", stderr(out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{FOO}\n{BAZ}\n")
+    );
+}
+
+/// `nix-store --import` of `archive` into Nix's store `dst`, which then
+/// verifies both paths.
+fn nix_imports_and_verifies(s: &Scratch, archive: &[u8]) {
+    let out = run_stdin(s.nix_store_cmd("nix-store", "dst").arg("--import"), archive);
+    assert_imported_foo_and_baz(&out);
+    support::run_ok(
+        s.nix_store_cmd("nix-store", "dst")
+            .args(["--verify-path", FOO, BAZ]),
+    );
+}
+
+/// `sandoff store verify <args>` in the store at `root`.
+fn verify(s: &Scratch, root: &str, args: &[&str]) -> Output {
+    s.sandoff(root)
+        .args(["store", "verify"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Nothing of foo or baz is in the store at `root`.
+fn assert_no_foo_or_baz(s: &Scratch, root: &str) {
+    assert!(!store_entries(&s.path(root))
+        .iter()
+        .any(|e| e.ends_with("-foo") || e.ends_with("-baz")));
 }
 
 fn info_from_json(j: &serde_json::Value, dir: &StoreDir) -> ValidPathInfo {
@@ -129,10 +158,7 @@ fn nth_occurrence(hay: &[u8], needle: &[u8], n: usize) -> usize {
 
 #[test]
 fn sandoff_key_signs_like_nix_and_nix_trusts_it() {
-    if !support::require(
-        "sandoff_key_signs_like_nix_and_nix_trusts_it",
-        &[Need::Program("nix")],
-    ) {
+    if !support::require_programs(this_test!(), &["nix"]) {
         return;
     }
     let s = Scratch::new();
@@ -170,10 +196,7 @@ fn sandoff_key_signs_like_nix_and_nix_trusts_it() {
 
 #[test]
 fn nix_imports_signed_sandoff_archive() {
-    if !support::require(
-        "nix_imports_signed_sandoff_archive",
-        &[Need::Program("nix-store"), Need::Program("nix")],
-    ) {
+    if !support::require_programs(this_test!(), &["nix-store", "nix"]) {
         return;
     }
     let s = Scratch::new();
@@ -192,19 +215,7 @@ fn nix_imports_signed_sandoff_archive() {
             .unwrap();
     }
     let archive = writer.finish().unwrap();
-    let out = run_stdin(
-        s.nix_store_cmd("nix-store", "dst").arg("--import"),
-        &archive,
-    );
-    assert!(out.status.success(), "nix-store --import: {}", stderr(&out));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("{FOO}\n{BAZ}\n")
-    );
-    support::run_ok(
-        s.nix_store_cmd("nix-store", "dst")
-            .args(["--verify-path", FOO, BAZ]),
-    );
+    nix_imports_and_verifies(&s, &archive);
     // Nix reads the signature trailer and drops it, as for its own imports.
     let j = s.nix_path_info("dst", BAZ);
     assert_eq!(j["references"], serde_json::json!([FOO]));
@@ -236,41 +247,36 @@ fn sandoff_import(s: &Scratch, root: &str, args: &[&str], archive: &[u8]) -> Out
 }
 
 fn needs_nix(test: &str) -> bool {
-    support::require(test, &[Need::Program("nix-store"), Need::Program("nix")])
+    support::require_programs(test, &["nix-store", "nix"])
+}
+
+/// For the tests of [`nix_export`]: after [`needs_nix`], the scratch
+/// directory and the archive.
+fn nix_export_ready(test: &str) -> Option<(Scratch, Vec<u8>)> {
+    if !needs_nix(test) {
+        return None;
+    }
+    let s = Scratch::new();
+    let archive = nix_export(&s);
+    Some((s, archive))
 }
 
 #[test]
 fn nix_archive_imports_only_without_signature_checks() {
-    if !needs_nix("nix_archive_imports_only_without_signature_checks") {
+    let Some((s, archive)) = nix_export_ready(this_test!()) else {
         return;
-    }
-    let s = Scratch::new();
-    let archive = nix_export(&s);
+    };
     let out = sandoff_import(&s, "a", &[], &archive);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains(&format!(
-            "path '{FOO}' lacks a signature by a trusted key (it has no signatures)"
-        )),
-        "{}",
-        stderr(&out)
+    assert_refused(
+        &out,
+        &format!("path '{FOO}' lacks a signature by a trusted key (it has no signatures)"),
     );
     assert!(out.stdout.is_empty());
-    assert!(!store_entries(&s.path("a"))
-        .iter()
-        .any(|e| e.ends_with("-foo") || e.ends_with("-baz")));
+    assert_no_foo_or_baz(&s, "a");
 
     let out = sandoff_import(&s, "a", &["--no-check-sigs"], &archive);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("{FOO}\n{BAZ}\n")
-    );
-    let out = s
-        .sandoff("a")
-        .args(["store", "verify", FOO, BAZ])
-        .output()
-        .unwrap();
+    assert_imported_foo_and_baz(&out);
+    let out = verify(&s, "a", &[FOO, BAZ]);
     assert!(out.status.success(), "{}", stderr(&out));
     // Unsigned paths export byte for byte as Nix exported them.
     assert_eq!(
@@ -281,24 +287,13 @@ fn nix_archive_imports_only_without_signature_checks() {
 
 #[test]
 fn sandoff_export_is_imported_and_verified_by_nix() {
-    if !needs_nix("sandoff_export_is_imported_and_verified_by_nix") {
+    let Some((s, archive, _)) = signed_archive_ready(this_test!()) else {
         return;
-    }
-    let s = Scratch::new();
-    let (archive, _, _) = signed_archive(&s);
+    };
     // Named in reverse: the archive still comes dependencies first.
     let ours = support::run_ok(s.sandoff("a").args(["store", "export", BAZ, FOO]));
     assert_eq!(ours, archive);
-    let out = run_stdin(s.nix_store_cmd("nix-store", "dst").arg("--import"), &ours);
-    assert!(out.status.success(), "nix-store --import: {}", stderr(&out));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("{FOO}\n{BAZ}\n")
-    );
-    support::run_ok(
-        s.nix_store_cmd("nix-store", "dst")
-            .args(["--verify-path", FOO, BAZ]),
-    );
+    nix_imports_and_verifies(&s, &ours);
 }
 
 /// `sandoff key generate sandoff-test-1 <prefix>sk <prefix>pk` in the scratch dir.
@@ -336,21 +331,41 @@ fn signed_archive(s: &Scratch) -> (Vec<u8>, PathBuf, PathBuf) {
     )
 }
 
-#[test]
-fn signed_archive_imports_with_trusted_key_only() {
-    if !needs_nix("signed_archive_imports_with_trusted_key_only") {
-        return;
+/// For the tests of [`signed_archive`]: after [`needs_nix`], the scratch
+/// directory, the archive and the public key file.
+fn signed_archive_ready(test: &str) -> Option<(Scratch, Vec<u8>, PathBuf)> {
+    if !needs_nix(test) {
+        return None;
     }
     let s = Scratch::new();
     let (archive, _, pk) = signed_archive(&s);
+    Some((s, archive, pk))
+}
+
+/// What an import that adds nothing leaves in the store at `root` (locks,
+/// links...).
+fn entries_of_an_empty_import(s: &Scratch, root: &str) -> BTreeSet<String> {
+    let out = sandoff_import(s, root, &[], &[0u8; 8]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    store_entries(&s.path(root))
+}
+
+/// The entries of the store at `root` that are not in `before`.
+fn entries_since(s: &Scratch, root: &str, before: &BTreeSet<String>) -> BTreeSet<String> {
+    store_entries(&s.path(root))
+        .difference(before)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn signed_archive_imports_with_trusted_key_only() {
+    let Some((s, archive, pk)) = signed_archive_ready(this_test!()) else {
+        return;
+    };
     // No trusted keys at all (no <state>/trusted-keys).
     let out = sandoff_import(&s, "b", &[], &archive);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("signature by unknown key 'sandoff-test-1'"),
-        "{}",
-        stderr(&out)
-    );
+    assert_refused(&out, "signature by unknown key 'sandoff-test-1'");
     // Another key of the same name is not trusted either.
     let (_, other) = generate_key(&s, "other.");
     let out = sandoff_import(
@@ -359,65 +374,42 @@ fn signed_archive_imports_with_trusted_key_only() {
         &["--trusted-keys", other.to_str().unwrap()],
         &archive,
     );
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("does not match the fingerprint"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(!store_entries(&s.path("b"))
-        .iter()
-        .any(|e| e.ends_with("-foo") || e.ends_with("-baz")));
+    assert_refused(&out, "does not match the fingerprint");
+    assert_no_foo_or_baz(&s, "b");
     // The right key, from the default file <state>/trusted-keys.
     let state = s.path("b/nix/var/sandoff");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::copy(&pk, state.join("trusted-keys")).unwrap();
     let out = sandoff_import(&s, "b", &[], &archive);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("{FOO}\n{BAZ}\n")
-    );
+    assert_imported_foo_and_baz(&out);
     // The signatures travelled: b can verify them.
-    let out = s
-        .sandoff("b")
-        .args(["store", "verify", "--sigs-needed", "1", FOO, BAZ])
-        .output()
-        .unwrap();
+    let out = verify(&s, "b", &["--sigs-needed", "1", FOO, BAZ]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]
 fn tampered_archive_keeps_earlier_paths_and_nothing_of_the_bad_one() {
-    if !needs_nix("tampered_archive_keeps_earlier_paths_and_nothing_of_the_bad_one") {
+    let Some((s, archive, pk)) = signed_archive_ready(this_test!()) else {
         return;
-    }
-    let s = Scratch::new();
-    let (archive, _, pk) = signed_archive(&s);
+    };
     let pk = pk.to_str().unwrap().to_owned();
     // baz's NAR holds the path of foo: the second occurrence of it in the
     // archive (after foo's own metadata). Flip its last byte.
     let at = nth_occurrence(&archive, FOO.as_bytes(), 1) + FOO.len() - 1;
     let mut tampered = archive.clone();
     tampered[at] ^= 0x01;
-    assert!(sandoff_import(&s, "b", &[], &[0u8; 8]).status.success());
-    let before = store_entries(&s.path("b"));
+    let before = entries_of_an_empty_import(&s, "b");
     let out = sandoff_import(&s, "b", &["--trusted-keys", &pk], &tampered);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains(&format!("path '{BAZ}' lacks a signature by a trusted key")),
-        "{}",
-        stderr(&out)
+    assert_refused(
+        &out,
+        &format!("path '{BAZ}' lacks a signature by a trusted key"),
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         format!("{FOO}\n"),
         "foo came first and stays"
     );
-    let after: BTreeSet<String> = store_entries(&s.path("b"))
-        .difference(&before)
-        .cloned()
-        .collect();
+    let after = entries_since(&s, "b", &before);
     assert_eq!(
         after,
         BTreeSet::from([FOO.trim_start_matches("/nix/store/").to_owned()]),
@@ -438,18 +430,12 @@ fn tampered_archive_keeps_earlier_paths_and_nothing_of_the_bad_one() {
 
 #[test]
 fn truncated_archives_are_refused() {
-    if !needs_nix("truncated_archives_are_refused") {
+    let Some((s, archive, pk)) = signed_archive_ready(this_test!()) else {
         return;
-    }
-    let s = Scratch::new();
-    let (archive, _, pk) = signed_archive(&s);
+    };
     let pk = pk.to_str().unwrap().to_owned();
     // What an import that adds nothing leaves in a store (locks, links...).
-    let baseline = {
-        let out = sandoff_import(&s, "base", &[], &[0u8; 8]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        store_entries(&s.path("base"))
-    };
+    let baseline = entries_of_an_empty_import(&s, "base");
     // In the first NAR, in foo's metadata, in baz's NAR: nothing of the
     // entry being read stays. In the end marker: both entries were complete.
     let foo_meta = nth_occurrence(&archive, b"NIXE", 0);
@@ -479,10 +465,7 @@ fn truncated_archives_are_refused() {
             expected,
             "cut at {cut}"
         );
-        let left: BTreeSet<String> = store_entries(&s.path(&root))
-            .difference(&baseline)
-            .cloned()
-            .collect();
+        let left = entries_since(&s, &root, &baseline);
         let kept: BTreeSet<String> = [FOO, BAZ][..complete]
             .iter()
             .map(|p| p.trim_start_matches("/nix/store/").to_owned())
@@ -496,19 +479,13 @@ fn truncated_archives_are_refused() {
 
 #[test]
 fn verify_reports_corrupted_and_untrusted_paths() {
-    if !needs_nix("verify_reports_corrupted_and_untrusted_paths") {
+    let Some((s, archive)) = nix_export_ready(this_test!()) else {
         return;
-    }
-    let s = Scratch::new();
-    let archive = nix_export(&s);
+    };
     assert!(sandoff_import(&s, "a", &["--no-check-sigs"], &archive)
         .status
         .success());
-    let out = s
-        .sandoff("a")
-        .args(["store", "verify", "--sigs-needed", "1", FOO])
-        .output()
-        .unwrap();
+    let out = verify(&s, "a", &["--sigs-needed", "1", FOO]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains(&format!("path '{FOO}': untrusted")),
@@ -522,11 +499,7 @@ fn verify_reports_corrupted_and_untrusted_paths() {
     perms.set_readonly(false);
     std::fs::set_permissions(&file, perms).unwrap();
     std::fs::write(&file, "baz").unwrap();
-    let out = s
-        .sandoff("a")
-        .args(["store", "verify", FOO, BAZ])
-        .output()
-        .unwrap();
+    let out = verify(&s, "a", &[FOO, BAZ]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains(&format!("path '{FOO}': corrupted")), "{err}");
@@ -545,32 +518,20 @@ fn key_authorize_makes_import_trust_the_key_by_default() {
             .arg(&sk)
             .arg(&pk),
     );
+    let in_state = || {
+        let mut c = support::sandoff();
+        c.arg("--state-dir").arg(&state);
+        c
+    };
     // No machine key yet: a clear error that says what to do.
-    let out = support::sandoff()
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["key", "show"])
-        .output()
-        .unwrap();
+    let out = in_state().args(["key", "show"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("sandoff setup"));
-    support::run_ok(
-        support::sandoff()
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["key", "authorize"])
-            .arg(&pk),
-    );
+    support::run_ok(in_state().args(["key", "authorize"]).arg(&pk));
     let trusted = std::fs::read_to_string(state.join("trusted-keys")).unwrap();
     assert_eq!(trusted.trim_end(), std::fs::read_to_string(&pk).unwrap());
     // Authorizing again adds nothing.
-    support::run_ok(
-        support::sandoff()
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["key", "authorize"])
-            .arg(&pk),
-    );
+    support::run_ok(in_state().args(["key", "authorize"]).arg(&pk));
     assert_eq!(
         std::fs::read_to_string(state.join("trusted-keys")).unwrap(),
         trusted

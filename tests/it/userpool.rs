@@ -9,10 +9,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::build::{ready, text, Spec, Store};
+use crate::this_test;
 
 #[test]
 fn two_stores_with_their_own_state_share_the_build_users_locks() {
-    if !ready("two_stores_with_their_own_state_share_the_build_users_locks") {
+    if !ready(this_test!()) {
         return;
     }
     let (a, b) = (Store::new(), Store::new());
