@@ -1,4 +1,5 @@
-//! Realising derivations on this machine: from `.drv` paths to valid outputs.
+//! Realising derivations: from `.drv` paths to valid outputs, built here
+//! in the sandbox or on a build machine.
 //!
 //! - [`graph`]: loads the closure of the requested derivations that still
 //!   has outputs to build, and schedules it: dependency order, up to `jobs`
@@ -8,6 +9,11 @@
 //!   lease a build user, run the sandbox, check and copy the outputs into
 //!   the store, scan their references, check fixed-output hashes, register
 //!   them all in one transaction.
+//! - [`somewhere`]: the one failover policy of `sandoff build` and the
+//!   hook: place, build on a machine, on the machine's fault place again,
+//!   else build here.
+//! - [`error`]: [`BuildError`], one derivation around what went wrong, and
+//!   [`GraphError`] for what stops a whole graph.
 //!
 //! # Choices
 //!
@@ -38,10 +44,11 @@
 //!   never taken for a leftover).
 //! - Where a derivation is built is asked of [`crate::decide`] for each one
 //!   that has to be built (the local system and extra platforms, features,
-//!   local-build, machines). Until offloading exists, a remote or postponed
-//!   decision fails the build, saying so. Built-in builders
+//!   local-build, machines), through the offloader when there are machines
+//!   (which sees their true slots and backoff); without machines a remote
+//!   or postponed decision fails the build, saying so. Built-in builders
 //!   (`builtin:fetchurl`) and content-addressed (floating, impure) outputs
-//!   are refused for now.
+//!   are refused with a clear error: sandoff does not implement them.
 
 pub mod error;
 pub mod graph;

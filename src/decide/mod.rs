@@ -7,7 +7,7 @@
 //! [`Decision`]; it does no IO and keeps no state, so the scheduler calls it
 //! once per ready derivation and again after any slot frees up, and tests
 //! cover every rule with tables. What it needs from the world comes from
-//! elsewhere: the machines from [`file`] (Nix's `machines` format in
+//! elsewhere: the machines from [`file`](mod@file) (Nix's `machines` format in
 //! [`nix_format`], Guix's `machines.scm` in [`guix_format`], both into the
 //! one model of [`machines`]), the local facts from [`LocalFacts::detect`],
 //! slots and backoff from the offloader.

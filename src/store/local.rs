@@ -32,7 +32,7 @@
 //! check is passed in; a store opened without one refuses every `.drv`
 //! rather than trusting it.
 //!
-//! Adds are not (yet) as careful as Nix about extended attributes and ACLs:
+//! Adds are not as careful as Nix about extended attributes and ACLs:
 //! canonicalisation does not strip them.
 
 use std::collections::{BTreeMap, BTreeSet};

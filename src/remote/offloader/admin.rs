@@ -51,7 +51,7 @@ pub(super) fn normalize_load(load: Option<f64>, cores: Option<u32>) -> Option<f6
 pub(super) const STATUS_COMMAND: &str =
     "cat /proc/loadavg; nproc; df -Pk \"${SANDOFF_STORE_ROOT:-/}\" | tail -n 1";
 
-/// Parses what [`STATUS_COMMAND`] printed: (load, cores, free bytes).
+/// Parses what the status command printed: (load, cores, free bytes).
 pub fn parse_status(out: &str) -> (Option<f64>, Option<u32>, Option<u64>) {
     let mut lines = out.lines();
     let load = lines
