@@ -661,7 +661,7 @@ impl Served {
     /// deadline only keeps a broken server from hanging the test).
     fn stderr_has(&self, needle: &str) -> bool {
         let (buf, read) = &*self.stderr;
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(300);
         let mut seen = buf.lock().expect("lock");
         loop {
             if text(&seen).contains(needle) {

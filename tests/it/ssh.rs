@@ -439,7 +439,7 @@ fn ssh_cat_round_trips_10_mib() {
         channel.flush().expect("flush");
         let mut log = Vec::new();
         channel
-            .wait_reply(&mut log, Some(Instant::now() + Duration::from_secs(30)))
+            .wait_reply(&mut log, Some(Instant::now() + Duration::from_secs(300)))
             .expect("reply");
         channel.read_exact(out).expect("read back");
         assert!(log.is_empty());
@@ -458,7 +458,7 @@ fn ssh_wait_reply_copies_5_mib_of_stderr_without_deadlock() {
         .expect("exec");
     let mut log = Vec::new();
     channel
-        .wait_reply(&mut log, Some(Instant::now() + Duration::from_secs(60)))
+        .wait_reply(&mut log, Some(Instant::now() + Duration::from_secs(300)))
         .expect("reply");
     assert_eq!(log.len(), 5 << 20);
     assert!(log.iter().all(|&b| b == b'x'));

@@ -208,7 +208,7 @@ pub fn derivation_add(cmd: &mut Command, drv: &serde_json::Value) -> String {
 
 /// How long [`output_or_kill`] lets a command run: far more than it needs,
 /// so only a hang reaches it (it is not a timing assertion).
-pub const WATCHDOG: std::time::Duration = std::time::Duration::from_secs(60);
+pub const WATCHDOG: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Runs `cmd` (stdin closed) to completion like `Command::output`, but
 /// kills it and panics if it is still running after [`WATCHDOG`], so that a
