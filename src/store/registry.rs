@@ -85,6 +85,64 @@ create table if not exists DerivationOutputs (
 create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
 "#;
 
+/// The schema version guix-daemon (and Nix 1.x up to 1.11) writes: no
+/// `ultimate`, `sigs` or `ca` columns.
+pub const GUIX_SCHEMA_VERSION: u32 = 7;
+
+/// Which of the optional `ValidPaths` columns a database has: Nix 2.8's
+/// schema 10 has all three, guix-daemon's schema 7 none. Told from the
+/// database itself (`pragma table_info`), never assumed from its version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Columns {
+    /// `ultimate`: built here rather than substituted.
+    pub ultimate: bool,
+    /// `sigs`: the path's signatures.
+    pub sigs: bool,
+    /// `ca`: the path's content address.
+    pub ca: bool,
+}
+
+impl Columns {
+    /// Every column (Nix 2.8).
+    pub const ALL: Columns = Columns {
+        ultimate: true,
+        sigs: true,
+        ca: true,
+    };
+}
+
+/// The SQL of a registry for its columns: what a missing column would
+/// hold is NULL when reading and is not written.
+#[derive(Debug)]
+struct Statements {
+    query_info: String,
+    insert: String,
+}
+
+impl Statements {
+    fn for_columns(c: Columns) -> Statements {
+        let col = |present: bool, name: &'static str| if present { name } else { "null" };
+        let query_info = format!(
+            "select id, hash, registrationTime, deriver, narSize, {}, {}, {} from ValidPaths where path = ?",
+            col(c.ultimate, "ultimate"),
+            col(c.sigs, "sigs"),
+            col(c.ca, "ca")
+        );
+        let mut names = vec!["path", "hash", "registrationTime", "deriver", "narSize"];
+        for (present, name) in [(c.ultimate, "ultimate"), (c.sigs, "sigs"), (c.ca, "ca")] {
+            if present {
+                names.push(name);
+            }
+        }
+        let marks = vec!["?"; names.len()].join(", ");
+        let insert = format!(
+            "insert into ValidPaths ({}) values ({marks})",
+            names.join(", ")
+        );
+        Statements { query_info, insert }
+    }
+}
+
 /// How long a connection waits for another process's write lock (Nix: one hour).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
@@ -108,6 +166,12 @@ pub enum RegistryError {
     CorruptSchemaFile { path: PathBuf, content: String },
     #[error("{path}: schema version {found} is not supported (sandoff reads and writes version {SCHEMA_VERSION}, as Nix 2.8)")]
     UnsupportedSchema { path: PathBuf, found: u32 },
+    #[error("{path}: schema version {found} is not one sandoff reads and writes in a daemon's database ({GUIX_SCHEMA_VERSION}, guix-daemon; {SCHEMA_VERSION}, Nix 2.8); it is never migrated")]
+    UnsupportedForeignSchema { path: PathBuf, found: u32 },
+    #[error("{path} is not a store database (no schema file next to it): a daemon's database is never created")]
+    NoForeignDatabase { path: PathBuf },
+    #[error("database {db}: table ValidPaths has columns ({columns}), not Nix's or Guix's")]
+    UnknownColumns { db: PathBuf, columns: String },
     #[error("database {db}: corrupt {field} '{value}' in the entry of '{path}'")]
     Corrupt {
         db: PathBuf,
@@ -127,6 +191,8 @@ pub struct Registry {
     conn: Mutex<Connection>,
     db: PathBuf,
     dir: StoreDir,
+    columns: Columns,
+    statements: Statements,
 }
 
 impl std::fmt::Debug for Registry {
@@ -215,11 +281,61 @@ impl Registry {
         }
         conn.execute_batch("pragma wal_autocheckpoint = 40000;")
             .map_err(sql("setting autocheckpoint interval"))?;
+        let columns = read_columns(&conn, &db)?;
         Ok(Registry {
             conn: Mutex::new(conn),
             db,
             dir,
+            columns,
+            statements: Statements::for_columns(columns),
         })
+    }
+
+    /// Opens a daemon's existing database, `<db_dir>/db.sqlite` (guix-daemon's
+    /// schema 7 or Nix 2.8's schema 10), as the daemon's other clients do:
+    /// never created, migrated or upgraded, its journal mode left as the
+    /// daemon set it (WAL by default), with the same busy timeout, so the
+    /// daemon keeps working while sandoff reads and registers paths.
+    pub fn open_existing(db_dir: &Path, dir: StoreDir) -> Result<Registry, RegistryError> {
+        let schema_path = db_dir.join("schema");
+        let db = db_dir.join("db.sqlite");
+        let Some(found) = read_schema_version(&schema_path)? else {
+            return Err(RegistryError::NoForeignDatabase { path: db });
+        };
+        if found != SCHEMA_VERSION && found != GUIX_SCHEMA_VERSION {
+            return Err(RegistryError::UnsupportedForeignSchema {
+                path: schema_path,
+                found,
+            });
+        }
+        let db_ref = &db;
+        let sql = |what| {
+            move |source| RegistryError::Sqlite {
+                db: db_ref.clone(),
+                what,
+                source,
+            }
+        };
+        // No CREATE: a missing file is an error, not a new database.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&db, flags).map_err(sql("opening"))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(sql("setting busy timeout"))?;
+        conn.execute_batch("pragma foreign_keys = 1; pragma synchronous = normal;")
+            .map_err(sql("setting pragmas"))?;
+        let columns = read_columns(&conn, &db)?;
+        Ok(Registry {
+            conn: Mutex::new(conn),
+            db,
+            dir,
+            columns,
+            statements: Statements::for_columns(columns),
+        })
+    }
+
+    /// Which optional columns this database has.
+    pub fn columns(&self) -> Columns {
+        self.columns
     }
 
     /// The database file.
@@ -289,12 +405,19 @@ impl Registry {
             Option<String>,
         );
         let row: Option<Row> = conn
-            .prepare_cached(
-                "select id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca from ValidPaths where path = ?",
-            )
+            .prepare_cached(&self.statements.query_info)
             .and_then(|mut s| {
                 s.query_row([&full], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                    ))
                 })
                 .optional()
             })
@@ -457,23 +580,27 @@ impl Registry {
         full: &str,
         info: &ValidPathInfo,
     ) -> Result<i64, RegistryError> {
-        tx.prepare_cached(
-            "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) \
-             values (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                full,
-                info.nar_hash.to_base16_prefixed(),
-                info.registration_time,
-                info.deriver.as_ref().map(|d| self.dir.display(d)),
-                i64::try_from(info.nar_size).ok().filter(|&n| n != 0),
-                info.ultimate.then_some(1i64),
-                sigs_column(&info.signatures),
-                info.ca.as_ref().map(|c| c.to_string()),
-            ])
-        })
-        .map_err(self.sql("registering path"))?;
+        let mut values: Vec<Box<dyn rusqlite::ToSql>> = vec![
+            Box::new(full.to_owned()),
+            Box::new(info.nar_hash.to_base16_prefixed()),
+            Box::new(info.registration_time),
+            Box::new(info.deriver.as_ref().map(|d| self.dir.display(d))),
+            Box::new(i64::try_from(info.nar_size).ok().filter(|&n| n != 0)),
+        ];
+        // A column the database lacks is not written: guix-daemon keeps no
+        // signatures or content addresses in its database.
+        if self.columns.ultimate {
+            values.push(Box::new(info.ultimate.then_some(1i64)));
+        }
+        if self.columns.sigs {
+            values.push(Box::new(sigs_column(&info.signatures)));
+        }
+        if self.columns.ca {
+            values.push(Box::new(info.ca.as_ref().map(|c| c.to_string())));
+        }
+        tx.prepare_cached(&self.statements.insert)
+            .and_then(|mut s| s.execute(rusqlite::params_from_iter(values.iter())))
+            .map_err(self.sql("registering path"))?;
         Ok(tx.last_insert_rowid())
     }
 
@@ -554,6 +681,10 @@ impl Registry {
         sigs: &BTreeSet<Signature>,
     ) -> Result<(), RegistryError> {
         if sigs.is_empty() {
+            return Ok(());
+        }
+        if !self.columns.sigs {
+            tracing::debug!(path = full, "this database keeps no signatures");
             return Ok(());
         }
         let old: Option<String> = tx
@@ -662,6 +793,50 @@ fn insert_outputs(
     Ok(())
 }
 
+/// The optional columns of `ValidPaths` in the database at `db`: all three
+/// (Nix 2.8) or none (guix-daemon); anything else is refused.
+fn read_columns(conn: &Connection, db: &Path) -> Result<Columns, RegistryError> {
+    let names: Vec<String> = conn
+        .prepare("select name from pragma_table_info('ValidPaths')")
+        .and_then(|mut s| {
+            s.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(|source| RegistryError::Sqlite {
+            db: db.to_owned(),
+            what: "reading the columns of ValidPaths",
+            source,
+        })?;
+    let has = |n: &str| names.iter().any(|c| c == n);
+    let base = [
+        "id",
+        "path",
+        "hash",
+        "registrationTime",
+        "deriver",
+        "narSize",
+    ];
+    let columns = Columns {
+        ultimate: has("ultimate"),
+        sigs: has("sigs"),
+        ca: has("ca"),
+    };
+    let known = columns == Columns::ALL
+        || columns
+            == (Columns {
+                ultimate: false,
+                sigs: false,
+                ca: false,
+            });
+    if !base.iter().all(|b| has(b)) || !known {
+        return Err(RegistryError::UnknownColumns {
+            db: db.to_owned(),
+            columns: names.join(", "),
+        });
+    }
+    Ok(columns)
+}
+
 /// `sigs` as Nix writes it: the signature strings, sorted, space-separated;
 /// NULL when there are none.
 fn sigs_column(sigs: &BTreeSet<Signature>) -> Option<String> {
@@ -732,6 +907,120 @@ mod tests {
     const B: &str = "q6dq4cjk6aw4cz1whdksas0153xcyk1b-b";
     const DRV: &str = "4l9f4nj9kcc5vs3rd6n6dpavm0faid7m-hello.drv";
     const OUT: &str = "2qgfy89v28340cr9d9z471zfi5iczv5l-hello";
+
+    /// A guix-daemon database (schema 7) at `<dir>/db`, made from Guix
+    /// 1.4.0's own schema, as the daemon creates it.
+    fn guix_db(dir: &Path) -> PathBuf {
+        let db_dir = dir.join("db");
+        fs::create_dir_all(&db_dir).unwrap();
+        let sql = fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/db/guix-1.4.0-schema.sql"),
+        )
+        .unwrap();
+        let conn = Connection::open(db_dir.join("db.sqlite")).unwrap();
+        conn.execute_batch("pragma journal_mode = wal;").unwrap();
+        conn.execute_batch(&sql).unwrap();
+        fs::write(db_dir.join("schema"), "7").unwrap();
+        db_dir
+    }
+
+    #[test]
+    fn guix_database_is_read_and_written_without_the_columns_it_lacks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db_dir = guix_db(tmp.path());
+        let gnu = StoreDir::new("/gnu/store").unwrap();
+        let reg = Registry::open_existing(&db_dir, gnu.clone()).unwrap();
+        assert_eq!(
+            reg.columns(),
+            Columns {
+                ultimate: false,
+                sigs: false,
+                ca: false
+            }
+        );
+        let key = crate::store::signature::SecretKey::generate("k").unwrap();
+        let mut a = info(A, &[]);
+        a.ultimate = true;
+        a.ca = Some(ContentAddress::Text(HashAlgo::Sha256.digest(b"x")));
+        a.signatures.insert(key.sign_path(&a, &gnu).unwrap());
+        assert!(reg.register(&a, &BTreeMap::new()).unwrap());
+        let mut b = info(B, &[A, B]);
+        b.deriver = Some(sp(DRV));
+        reg.register_many(&[b.clone()]).unwrap();
+        let outs = BTreeMap::from([("out".to_owned(), sp(OUT))]);
+        reg.register(&info(DRV, &[A]), &outs).unwrap();
+        // What the database can hold comes back; the rest is not invented.
+        let got = reg.query_path_info(&sp(A)).unwrap().unwrap();
+        assert_eq!(
+            (got.nar_hash, got.nar_size),
+            (a.nar_hash.clone(), a.nar_size)
+        );
+        assert!(!got.ultimate && got.signatures.is_empty() && got.ca.is_none());
+        assert_eq!(reg.query_path_info(&sp(B)).unwrap().unwrap(), b);
+        assert_eq!(reg.derivation_outputs(&sp(DRV)).unwrap(), outs);
+        reg.add_signatures(&sp(A), &a.signatures).unwrap();
+        // The rows are the daemon's own format: `sha256:<base16>` and full paths.
+        let conn = Connection::open(db_dir.join("db.sqlite")).unwrap();
+        let (path, hash): (String, String) = conn
+            .query_row("select path, hash from ValidPaths where id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(path, gnu.display(&sp(A)));
+        assert_eq!(hash, a.nar_hash.to_base16_prefixed());
+        // Never migrated: the schema file and the columns are the daemon's.
+        assert_eq!(fs::read(db_dir.join("schema")).unwrap(), b"7");
+        let cols: i64 = conn
+            .query_row(
+                "select count(*) from pragma_table_info('ValidPaths')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(cols, 6);
+    }
+
+    #[test]
+    fn a_daemon_database_is_never_created_or_upgraded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("none");
+        let err = Registry::open_existing(&missing, StoreDir::default()).unwrap_err();
+        assert!(
+            matches!(err, RegistryError::NoForeignDatabase { .. }),
+            "{err}"
+        );
+        assert!(!missing.exists(), "nothing created");
+        let db_dir = guix_db(tmp.path());
+        // Our own opener does not take a Guix database for its own.
+        let err = Registry::open(&db_dir, StoreDir::default()).unwrap_err();
+        assert!(
+            matches!(err, RegistryError::UnsupportedSchema { found: 7, .. }),
+            "{err}"
+        );
+        fs::write(db_dir.join("schema"), "9").unwrap();
+        let err = Registry::open_existing(&db_dir, StoreDir::default()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RegistryError::UnsupportedForeignSchema { found: 9, .. }
+            ),
+            "{err}"
+        );
+        assert_eq!(fs::read(db_dir.join("schema")).unwrap(), b"9");
+    }
+
+    #[test]
+    fn a_nix_database_opened_as_a_daemon_s_has_every_column() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db_dir = tmp.path().join("db");
+        drop(Registry::open(&db_dir, StoreDir::default()).unwrap());
+        let reg = Registry::open_existing(&db_dir, StoreDir::default()).unwrap();
+        assert_eq!(reg.columns(), Columns::ALL);
+        let mut a = info(A, &[]);
+        a.ultimate = true;
+        reg.register(&a, &BTreeMap::new()).unwrap();
+        assert_eq!(reg.query_path_info(&sp(A)).unwrap().unwrap(), a);
+    }
 
     #[test]
     fn creates_nix_schema_and_version_file() {
