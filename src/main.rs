@@ -23,6 +23,18 @@ struct Cli {
     /// State directory (database, logs, keys, locks); default <root>/nix/var/sandoff.
     #[arg(long, global = true, env = "SANDOFF_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Work on a daemon's store: `guix` (/gnu/store, database in
+    /// $GUIX_STATE_DIRECTORY/db, default /var/guix/db) or `nix` (/nix/store,
+    /// database in $NIX_STATE_DIR/db, default <root>/nix/var/nix/db). Validity
+    /// then lives in the daemon's database; sandoff's own state stays in the
+    /// state directory.
+    #[arg(
+        long,
+        global = true,
+        env = "SANDOFF_DAEMON_STORE",
+        value_name = "DAEMON"
+    )]
+    daemon_store: Option<cli::DaemonStore>,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,14 +81,21 @@ enum Command {
 
 impl Cli {
     fn location(&self) -> StoreLocation {
-        let dir = self.store_dir.clone().unwrap_or_default();
         let root = self
             .store_root
             .clone()
             .unwrap_or_else(|| PathBuf::from("/"));
+        let dir = self
+            .store_dir
+            .clone()
+            .or_else(|| self.daemon_store.map(|d| d.store_dir()))
+            .unwrap_or_default();
         let mut loc = StoreLocation::new(dir, root);
         if let Some(state) = &self.state_dir {
             loc.state = state.clone();
+        }
+        if let Some(daemon) = self.daemon_store {
+            loc.daemon_db = Some(daemon.db_dir(&loc.root));
         }
         loc
     }

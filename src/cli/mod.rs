@@ -12,3 +12,49 @@ pub mod serve;
 pub mod setup;
 pub mod store;
 pub mod transfer;
+
+use std::path::{Path, PathBuf};
+
+use sandoff::store::StoreDir;
+
+/// A daemon whose store sandoff can work on directly (`--daemon-store`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DaemonStore {
+    /// guix-daemon: `/gnu/store`, its database (schema 7) in
+    /// `$GUIX_STATE_DIRECTORY/db` (default `/var/guix/db`).
+    Guix,
+    /// nix-daemon: `/nix/store`, its database (schema 10) in
+    /// `$NIX_STATE_DIR/db` (default `/nix/var/nix/db` under the store root,
+    /// as a chroot store `<root>` keeps it).
+    Nix,
+}
+
+impl DaemonStore {
+    /// The daemon's store directory.
+    pub fn store_dir(self) -> StoreDir {
+        let dir = match self {
+            DaemonStore::Guix => "/gnu/store",
+            DaemonStore::Nix => "/nix/store",
+        };
+        StoreDir::new(dir).expect("a valid store directory")
+    }
+
+    /// The daemon's database directory for a store under `root`. The
+    /// daemons' own variables name it as the daemon sees it; the hook
+    /// inherits the daemon's environment, so it sees the same.
+    pub fn db_dir(self, root: &Path) -> PathBuf {
+        let var = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        match self {
+            DaemonStore::Guix => var("GUIX_STATE_DIRECTORY")
+                .unwrap_or_else(|| root.join("var/guix"))
+                .join("db"),
+            DaemonStore::Nix => var("NIX_STATE_DIR")
+                .unwrap_or_else(|| root.join("nix/var/nix"))
+                .join("db"),
+        }
+    }
+}

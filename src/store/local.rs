@@ -280,23 +280,36 @@ impl std::fmt::Debug for StagedPath {
 
 impl LocalStore {
     /// Opens (creating if needed) the store at `loc`: directories and database.
+    /// A daemon's store (`loc.daemon_db`) is opened as it is: nothing created.
     pub fn open(loc: StoreLocation) -> Result<LocalStore, StoreError> {
-        let store_dir = loc.real_store_dir();
-        fs::create_dir_all(&store_dir).map_err(io_err("creating store directory", &store_dir))?;
-        let db_dir = loc.state.join("db");
-        fs::create_dir_all(&db_dir).map_err(io_err("creating database directory", &db_dir))?;
+        let db_dir = loc.db_dir();
+        if loc.daemon_db.is_none() {
+            let store_dir = loc.real_store_dir();
+            fs::create_dir_all(&store_dir)
+                .map_err(io_err("creating store directory", &store_dir))?;
+            fs::create_dir_all(&db_dir).map_err(io_err("creating database directory", &db_dir))?;
+        }
+        // A daemon's database must exist, and says so before anything else.
+        let daemon_registry = match loc.daemon_db {
+            Some(_) => Some(Registry::open_existing(&db_dir, loc.dir.clone())?),
+            None => None,
+        };
         let lock_path = db_dir.join("big-lock");
+        // A daemon's lock file is the daemon's to create; ours is created.
         let lock_file = fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(loc.daemon_db.is_none())
             .truncate(false)
             .mode(0o600)
             .open(&lock_path)
             .map_err(io_err("opening", &lock_path))?;
         let big_lock = Flock::lock(lock_file, FlockArg::LockShared)
             .map_err(|(_, e)| sys_err("locking", &lock_path)(e))?;
-        let registry = Registry::open(&db_dir, loc.dir.clone())?;
+        let registry = match daemon_registry {
+            Some(r) => r,
+            None => Registry::open(&db_dir, loc.dir.clone())?,
+        };
         Ok(LocalStore {
             loc,
             registry,

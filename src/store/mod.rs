@@ -32,15 +32,34 @@ pub struct StoreLocation {
     pub dir: StoreDir,
     /// The physical root: `<root>/<dir>` holds the files.
     pub root: PathBuf,
-    /// Database, logs, keys and locks.
+    /// sandoff's own state: its database (unless `daemon_db`), logs, keys,
+    /// locks, slots and backoff.
     pub state: PathBuf,
+    /// The database directory of the daemon whose store this is
+    /// (guix-daemon's `/var/guix/db`, nix-daemon's `/nix/var/nix/db`): then
+    /// validity lives there, never in a second registry of sandoff's, and
+    /// the database is never created or migrated. `None`: sandoff's own,
+    /// `<state>/db`.
+    pub daemon_db: Option<PathBuf>,
 }
 
 impl StoreLocation {
     /// A location with the default state directory `<root>/nix/var/sandoff`.
     pub fn new(dir: StoreDir, root: PathBuf) -> StoreLocation {
         let state = root.join("nix/var/sandoff");
-        StoreLocation { dir, root, state }
+        StoreLocation {
+            dir,
+            root,
+            state,
+            daemon_db: None,
+        }
+    }
+
+    /// Where the registry's database is: the daemon's, or `<state>/db`.
+    pub fn db_dir(&self) -> PathBuf {
+        self.daemon_db
+            .clone()
+            .unwrap_or_else(|| self.state.join("db"))
     }
 
     /// Where the files of the store directory are on this machine.

@@ -3,6 +3,7 @@
 mod build;
 mod claims;
 mod client;
+mod daemon_store;
 mod decide;
 mod derivation;
 mod hook;
