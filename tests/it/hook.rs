@@ -313,19 +313,208 @@ fn hook_rejects_malformed_lines_naming_them() {
         assert_no_reply_on_stderr(&out);
     }
 
-    // A derivation the store does not have.
+    // A derivation the store does not have: a request to answer, so it is
+    // declined with the reason (see hook_declines_with_the_reason_*).
     let missing = "/nix/store/00000000000000000000000000000000-missing.drv";
     let out = talk(
         &mut s.hook(Some(&machines)),
         &request(true, "x86_64-linux", missing, &[]),
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(text(&out.stdout), "# decline\n");
     let err = text(&out.stderr);
     assert!(err.contains(missing) && err.contains("not valid"), "{err}");
 
     // Bad arguments are usage errors.
     let out = talk(s.cmd().args(["hook", "x86_64-linux", "0", "2", "0"]), "");
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Runs `cmd` as the daemon does, stderr joined with stdout (one pipe),
+/// with `input` on stdin: what the daemon reads, in order.
+fn talk_joined(cmd: &Command, input: &str) -> Output {
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(r#"exec "$0" "$@" 2>&1"#)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => sh.env(k, v),
+            None => sh.env_remove(k),
+        };
+    }
+    talk(&mut sh, input)
+}
+
+/// The hook's joined output for one request is `sandoff: ...` lines
+/// (one of them holding `reason`) followed by `# decline`, and it exits 0.
+fn assert_declined_because(out: &Output, reason: &str) {
+    let all = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    let lines: Vec<&str> = all.lines().collect();
+    let (reply, before) = lines.split_last().expect("a reply");
+    assert_eq!(*reply, "# decline", "{all}");
+    assert!(
+        !before.is_empty(),
+        "the reason comes before the reply: {all}"
+    );
+    assert!(
+        before.iter().all(|l| l.starts_with("sandoff: ")),
+        "only reason lines before the reply: {all}"
+    );
+    assert!(
+        before.iter().any(|l| l.contains(reason)),
+        "{reason:?} in {all}"
+    );
+}
+
+#[test]
+fn hook_declines_with_the_reason_when_it_cannot_answer() {
+    let s = Local::new();
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    let req = request(true, "x86_64-linux", &x86, &[]);
+
+    // A machines file that is not there, or not a file.
+    let gone = s.tmp.path().join("no-such-machines");
+    let out = talk_joined(&s.hook(Some(&gone)), &req);
+    assert_declined_because(&out, "cannot use machines file");
+    let out = talk_joined(&s.hook(Some(s.tmp.path())), &req);
+    assert_declined_because(&out, "cannot use machines file");
+    // One that cannot be parsed.
+    let bad = s.machines("ssh://x86.invalid x86_64-linux - many\n");
+    let out = talk_joined(&s.hook(Some(&bad)), &req);
+    assert_declined_because(&out, "maxJobs");
+    // A relative NIX_REMOTE_SYSTEMS, which Nix 1.x forbids.
+    let out = talk_joined(s.hook(None).env("NIX_REMOTE_SYSTEMS", "machines"), &req);
+    assert_declined_because(&out, "NIX_REMOTE_SYSTEMS must be an absolute path");
+
+    // A derivation the store does not have; one that it cannot read.
+    let machines = s.machines("ssh://x86.invalid x86_64-linux - 1 1\n");
+    let missing = "/nix/store/00000000000000000000000000000000-missing.drv";
+    let out = talk_joined(
+        &s.hook(Some(&machines)),
+        &request(true, "x86_64-linux", missing, &[]),
+    );
+    assert_declined_because(&out, "not valid in the store");
+    let gnu = "/gnu/store/00000000000000000000000000000000-other-store.drv";
+    let out = talk_joined(
+        &s.hook(Some(&machines)),
+        &request(true, "x86_64-linux", gnu, &[]),
+    );
+    assert_declined_because(&out, gnu);
+    let drv_file = s
+        .loc()
+        .real_path(&StoreDir::default().parse_path(&x86).expect("drv path"));
+    let store_dir = drv_file.parent().expect("store directory");
+    let mode = std::fs::metadata(store_dir).expect("stat").permissions();
+    let mut writable = mode.clone();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut writable, 0o755);
+    std::fs::set_permissions(store_dir, writable).expect("chmod");
+    std::fs::remove_file(&drv_file).expect("remove .drv");
+    std::fs::set_permissions(store_dir, mode).expect("chmod back");
+    let out = talk_joined(&s.hook(Some(&machines)), &req);
+    assert_declined_because(&out, "x86.drv");
+
+    // Every request of the session is answered, each after its reason.
+    let out = talk_joined(&s.hook(Some(&gone)), &[req.clone(), req.clone()].concat());
+    let all = text(&out.stdout);
+    let replies: Vec<&str> = all.lines().filter(|l| l.starts_with("# ")).collect();
+    assert_eq!(replies, ["# decline", "# decline"], "{all}");
+    assert!(
+        all.lines()
+            .next()
+            .is_some_and(|l| l.starts_with("sandoff: ")),
+        "{all}"
+    );
+
+    // A store that cannot be opened: every request is still answered.
+    let file_root = s.tmp.path().join("not-a-directory");
+    std::fs::write(&file_root, "").expect("write");
+    let mut c = s.hook(Some(&machines));
+    c.arg("--store-root").arg(&file_root);
+    let out = talk_joined(&c, &req);
+    assert_declined_because(&out, "not-a-directory");
+}
+
+#[test]
+fn hook_reads_nix_remote_systems_and_counts_slots_in_nix_current_load() {
+    let s = Local::new();
+    let darwin = s.drv("darwin", "x86_64-darwin", &[]);
+    let perf = s.drv("perf", "i686-linux", &["perf"]);
+    let mips = s.drv("mips", "mips64-linux", &[]);
+    // Nix 1.x's example, as its manual gives it.
+    let conf = support::fixtures().join("etc/nix/remote-systems.conf");
+    let listed = sandoff::decide::file::load_as(
+        &conf,
+        Some(sandoff::decide::MachineFormat::Nix),
+        "x86_64-linux",
+    )
+    .expect("remote-systems.conf");
+    let names: Vec<&str> = listed.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "ssh://nix@mcflurry.labs.cs.uu.nl",
+            "ssh://nix@scratchy.labs.cs.uu.nl",
+            "ssh://nix@itchy.labs.cs.uu.nl",
+            "ssh://nix@poochie.labs.cs.uu.nl"
+        ]
+    );
+    // Every slot of mcflurry (x86_64-darwin, 2) and poochie (the only one
+    // for "perf", 8) is held in the shared directory, as by other hooks.
+    let shared = s.tmp.path().join("current-load");
+    let slots = SlotDir::at(shared.clone());
+    let mut held = Vec::new();
+    for m in [&listed[0], &listed[3]] {
+        while let Some(slot) = slots.try_acquire(m).expect("slot files") {
+            held.push(slot);
+        }
+    }
+    assert_eq!(held.len(), 10);
+    let hook = || {
+        let mut c = s.hook(None);
+        c.env("NIX_REMOTE_SYSTEMS", &conf)
+            .env("NIX_CURRENT_LOAD", &shared);
+        c
+    };
+    let input = [
+        request(false, "x86_64-darwin", &darwin, &[]),
+        request(true, "x86_64-darwin", &darwin, &[]),
+        request(false, "i686-linux", &perf, &["perf"]),
+        request(true, "mips64-linux", &mips, &[]),
+    ]
+    .concat();
+    let out = talk(&mut hook(), &input);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // This host cannot build for darwin: willing or not, it waits.
+    assert_eq!(
+        text(&out.stdout),
+        "# postpone\n# postpone\n# postpone\n# decline\n"
+    );
+    assert_no_reply_on_stderr(&out);
+    // The store's own slot directory was not used.
+    assert!(!s.loc().state.join("current-load").exists());
+
+    // SANDOFF_MACHINES comes first: with none there, the daemon builds.
+    let empty = s.machines("");
+    let out = talk(hook().env("SANDOFF_MACHINES", &empty), &input);
+    assert_eq!(
+        text(&out.stdout),
+        "# decline\n# decline\n# decline\n# decline\n",
+        "{}",
+        text(&out.stderr)
+    );
+    // Empty variables are unset ones, not a usage error without a reply.
+    let out = talk(
+        s.hook(Some(&empty))
+            .env("NIX_REMOTE_SYSTEMS", "")
+            .env("NIX_CURRENT_LOAD", ""),
+        &input,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 4);
+    drop(held);
 }
 
 #[test]
