@@ -6,7 +6,8 @@
 //! under a temporary directory, and machines files name hosts that cannot
 //! be reached or are never chosen. The `hook_builds_*` tests and the checks
 //! after an accept use real sshd test hosts (root), since the hook connects
-//! before it accepts.
+//! before it accepts. The `guix_*` tests run sandoff through a symlink named
+//! `guix`, as guix-daemon's `GUIX` variable would point at it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -797,6 +798,14 @@ fn hook_builds_on_a_machine_with_the_log_on_fd_4() {
         "log: {:?}",
         run.log
     );
+    // The note on where it builds is in the log too, before the log.
+    let note = format!("sandoff: building '{drv}' on '");
+    assert!(
+        run.log.find(&note) < run.log.find("hello from the machine"),
+        "log: {:?}",
+        run.log
+    );
+    assert!(run.stderr.contains(&note), "{}", run.stderr);
     assert!(
         run.stderr.contains(&format!("@ build-remote {drv} ")),
         "{}",
@@ -907,4 +916,219 @@ fn hook_builds_fail_over_to_another_machine_before_accepting() {
         "the dead machine is in backoff"
     );
     assert!(state(&listed[1]).is_none(), "the live one is not");
+}
+
+#[test]
+fn hook_builds_two_hooks_sharing_nix_current_load_take_turns() {
+    let Some((host, s)) = trusted_host(this_test!(), 42) else {
+        return;
+    };
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    // The host with one slot.
+    let mut fields: Vec<String> = host
+        .machine_line()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    fields[3] = "1".to_owned();
+    let machines = s.machines(&format!("{}\n", fields.join(" ")));
+    let shared = s.tmp.path().join("current-load");
+    let hook = |shared_dir: bool| {
+        let mut c = s.hook(Some(&machines));
+        if shared_dir {
+            c.env("NIX_CURRENT_LOAD", &shared);
+        }
+        c
+    };
+    let req = request(false, "x86_64-linux", &x86, &[]);
+
+    // The first hook accepts: it holds the slot while it waits for the
+    // inputs and outputs lines.
+    let mut first = hook(true)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hook");
+    let mut stdin = first.stdin.take().expect("stdin");
+    stdin.write_all(req.as_bytes()).expect("request");
+    stdin.flush().expect("flush");
+    let mut reply = String::new();
+    BufReader::new(first.stdout.take().expect("stdout"))
+        .read_line(&mut reply)
+        .expect("reply");
+    assert_eq!(reply, "# accept\n");
+
+    // A second one given the same directory sees the slot taken and waits.
+    let out = talk(&mut hook(true), &req);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# postpone\n");
+    // One counting in the store's own directory does not see it (it
+    // accepts, then fails for want of the lines).
+    let out = talk(&mut hook(false), &req);
+    assert_eq!(text(&out.stdout), "# accept\n", "{}", text(&out.stderr));
+
+    // The first ends (the daemon closed its input): the slot is free again
+    // and the next hook takes it.
+    drop(stdin);
+    let first = first.wait_with_output().expect("wait hook");
+    assert_eq!(first.status.code(), Some(1), "{}", text(&first.stderr));
+    let out = talk(&mut hook(true), &req);
+    assert_eq!(text(&out.stdout), "# accept\n", "{}", text(&out.stderr));
+}
+
+// ---------------------------------------------------------------------------
+// As `guix`: a symlink named guix, as guix-daemon's GUIX points at.
+
+/// A `guix` symlink to sandoff in `s`, and a command running it with only
+/// the variables the test sets.
+fn as_guix(s: &Local) -> (PathBuf, impl Fn(&[&str]) -> Command + '_) {
+    let bin = s.tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    let guix = bin.join("guix");
+    if !guix.exists() {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sandoff"), &guix).expect("symlink");
+    }
+    let link = guix.clone();
+    let cmd = move |args: &[&str]| {
+        let mut c = Command::new(&link);
+        c.args(args).env("SANDOFF_STORE_ROOT", s.root());
+        for var in [
+            "SANDOFF_STORE_DIR",
+            "SANDOFF_STATE_DIR",
+            "SANDOFF_MACHINES",
+            "SANDOFF_GUIX",
+            "NIX_STORE_DIR",
+            "NIX_REMOTE_SYSTEMS",
+            "NIX_CURRENT_LOAD",
+            "GUIX_CONFIGURATION_DIRECTORY",
+        ] {
+            c.env_remove(var);
+        }
+        c
+    };
+    (guix, cmd)
+}
+
+#[test]
+fn guix_offload_is_the_hook_with_guix_machines_and_store() {
+    let s = Local::new();
+    // In /gnu/store, which `guix offload` expects without being told.
+    let drv = support::derivation_add(
+        s.cmd().args(["--store-dir", "/gnu/store"]),
+        &json!({
+            "outputs": {"out": {"path": ""}},
+            "inputSrcs": [],
+            "inputDrvs": {},
+            "system": "x86_64-linux",
+            "builder": "/bin/sh",
+            "args": ["-c", "exit 1"],
+            "env": {"name": "x", "builder": "/bin/sh", "system": "x86_64-linux", "out": ""},
+        }),
+    );
+    assert!(drv.starts_with("/gnu/store/"), "{drv}");
+    // machines.scm in Guix's configuration directory, its one slot busy.
+    let etc = s.tmp.path().join("etc");
+    std::fs::create_dir_all(&etc).expect("mkdir");
+    std::fs::write(
+        etc.join("machines.scm"),
+        "(list (build-machine (name \"busy.invalid\") (systems '(\"x86_64-linux\")) \
+         (user \"root\") (parallel-builds 1) \
+         (host-key \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq2fX0nq9pZf1vLrJmXh3D7kY1w2n5m0fWQm9p4b1sT\")))\n",
+    )
+    .expect("machines.scm");
+    let machine = sandoff::decide::file::load(&etc.join("machines.scm"), "x86_64-linux")
+        .expect("machines.scm")
+        .remove(0);
+    let slots = SlotDir::new(&s.loc().state);
+    let slot = slots
+        .try_acquire(&machine)
+        .expect("slot files")
+        .expect("a free slot");
+
+    let (_, guix) = as_guix(&s);
+    let offload = ["offload", "x86_64-linux", "0", "0", "0"];
+    let input = [
+        request(false, "x86_64-linux", &drv, &[]),
+        request(true, "x86_64-linux", &drv, &[]),
+    ]
+    .concat();
+    let out = talk(
+        guix(&offload).env("GUIX_CONFIGURATION_DIRECTORY", &etc),
+        &input,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# postpone\n# decline\n");
+    assert_no_reply_on_stderr(&out);
+
+    // No machines.scm: no machines, as for guix offload, without a word.
+    let out = talk(
+        guix(&offload).env("GUIX_CONFIGURATION_DIRECTORY", s.tmp.path().join("none")),
+        &input,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# decline\n# decline\n");
+    assert_eq!(text(&out.stderr), "");
+    // SANDOFF_MACHINES still comes first.
+    let empty = s.machines("");
+    let out = talk(
+        guix(&offload)
+            .env("GUIX_CONFIGURATION_DIRECTORY", &etc)
+            .env("SANDOFF_MACHINES", &empty),
+        &input,
+    );
+    assert_eq!(text(&out.stdout), "# decline\n# decline\n");
+    drop(slot);
+}
+
+#[test]
+fn guix_other_subcommands_run_the_real_guix_or_say_why_not() {
+    let s = Local::new();
+    let (_, guix) = as_guix(&s);
+    let args = ["substitute", "--query"];
+    let out = guix(&args).output().expect("run guix");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("SANDOFF_GUIX") && err.contains("guix substitute"),
+        "{err}"
+    );
+
+    // The real guix gets the arguments, its own path as argv[0], stdin,
+    // and gives its exit status.
+    let real = s.tmp.path().join("real-guix");
+    std::fs::write(
+        &real,
+        "#!/bin/sh\nread line\necho \"$0|$*|$line\"\nexit 7\n",
+    )
+    .expect("script");
+    let mut perms = std::fs::metadata(&real).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&real, perms).expect("chmod");
+    let out = talk(guix(&args).env("SANDOFF_GUIX", &real), "have\n");
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("{}|substitute --query|have\n", real.display())
+    );
+    let out = talk(guix(&["offload", "test"]).env("SANDOFF_GUIX", &real), "x\n");
+    assert_eq!(
+        text(&out.stdout),
+        format!("{}|offload test|x\n", real.display())
+    );
+
+    // A real guix that cannot be run is one line too.
+    let out = guix(&args)
+        .env("SANDOFF_GUIX", s.tmp.path().join("nothing"))
+        .output()
+        .expect("run guix");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr).lines().count(),
+        1,
+        "{}",
+        text(&out.stderr)
+    );
 }
