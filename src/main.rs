@@ -112,7 +112,13 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // Invoked as `guix` (guix-daemon's `GUIX`): `guix offload` becomes
+    // `sandoff hook`, other subcommands go to the real guix.
+    let argv = match cli::guix::dispatch() {
+        Ok(argv) => argv,
+        Err(code) => return code,
+    };
+    let cli = Cli::parse_from(argv);
     match run(cli) {
         Ok(code) => code,
         Err(err) => {

@@ -4,6 +4,11 @@
 //! that exists of [`DEFAULT_LOCATIONS`]. Its format is told from its name
 //! and content ([`detect_format`]), so a Guix file works wherever it lives.
 //! No file means no machines: everything builds locally.
+//!
+//! A build hook looks further ([`resolve_for_hook`]): Nix 1.x gives its
+//! hook the machines in `NIX_REMOTE_SYSTEMS` (its `remote-systems.conf`,
+//! Nix's format without the host-key field), and `guix offload` reads
+//! `machines.scm` in Guix's configuration directory or nothing.
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +38,8 @@ pub enum MachinesFileError {
         #[source]
         source: BoundedError,
     },
+    #[error("NIX_REMOTE_SYSTEMS must be an absolute path, not '{}'", path.display())]
+    RelativeRemoteSystems { path: PathBuf },
     #[error(transparent)]
     Nix(#[from] NixMachinesError),
     #[error(transparent)]
@@ -55,6 +62,53 @@ pub fn resolve(
         .map(Path::new)
         .find(|p| exists(p))
         .map(Path::to_owned)
+}
+
+/// A build hook's machines file, and its format when not told from the
+/// file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookMachines {
+    /// The file.
+    pub path: PathBuf,
+    /// `Some(Nix)` for `NIX_REMOTE_SYSTEMS`, whatever it looks like.
+    pub format: Option<MachineFormat>,
+}
+
+/// The machines file of a build hook: `given` (`--machines`,
+/// `$SANDOFF_MACHINES`), else `remote_systems` (`$NIX_REMOTE_SYSTEMS`,
+/// which must be absolute, as Nix 1.x requires; read as Nix's format),
+/// else the first of `defaults` for which `exists` holds. `Ok(None)`: no
+/// machines file.
+pub fn resolve_for_hook(
+    given: Option<&Path>,
+    remote_systems: Option<&Path>,
+    defaults: &[PathBuf],
+    exists: impl Fn(&Path) -> bool,
+) -> Result<Option<HookMachines>, MachinesFileError> {
+    if let Some(path) = given {
+        return Ok(Some(HookMachines {
+            path: path.to_owned(),
+            format: None,
+        }));
+    }
+    if let Some(path) = remote_systems {
+        if !path.is_absolute() {
+            return Err(MachinesFileError::RelativeRemoteSystems {
+                path: path.to_owned(),
+            });
+        }
+        return Ok(Some(HookMachines {
+            path: path.to_owned(),
+            format: Some(MachineFormat::Nix),
+        }));
+    }
+    Ok(defaults
+        .iter()
+        .find(|p| exists(p))
+        .map(|path| HookMachines {
+            path: path.clone(),
+            format: None,
+        }))
 }
 
 /// Guix when the name ends in `.scm` or the first thing that is not blank or
@@ -91,8 +145,20 @@ pub fn parse(
     includes: &dyn IncludeReader,
     env: &dyn Env,
 ) -> Result<Vec<Machine>, MachinesFileError> {
+    parse_as(path, text, None, default_system, includes, env)
+}
+
+/// [`parse`] in `format`, or the detected one when `None`.
+pub fn parse_as(
+    path: &Path,
+    text: &str,
+    format: Option<MachineFormat>,
+    default_system: &str,
+    includes: &dyn IncludeReader,
+    env: &dyn Env,
+) -> Result<Vec<Machine>, MachinesFileError> {
     let name = path.display().to_string();
-    Ok(match detect_format(path, text) {
+    Ok(match format.unwrap_or_else(|| detect_format(path, text)) {
         MachineFormat::Guix => guix_format::parse(text, &name, env)?,
         MachineFormat::Nix => nix_format::parse(text, &name, default_system, includes)?,
     })
@@ -103,15 +169,25 @@ pub fn parse(
 /// be a regular file of at most [`MACHINES_FILE_LIMIT`] bytes: a FIFO or a
 /// device is refused at once instead of hanging or filling memory.
 pub fn load(path: &Path, default_system: &str) -> Result<Vec<Machine>, MachinesFileError> {
+    load_as(path, None, default_system)
+}
+
+/// [`load`] in `format`, or the detected one when `None`.
+pub fn load_as(
+    path: &Path,
+    format: Option<MachineFormat>,
+    default_system: &str,
+) -> Result<Vec<Machine>, MachinesFileError> {
     let text = bounded::read_file_to_string(path, MACHINES_FILE_LIMIT).map_err(|source| {
         MachinesFileError::Read {
             path: path.to_owned(),
             source,
         }
     })?;
-    parse(
+    parse_as(
         path,
         &text,
+        format,
         default_system,
         &nix_format::FsIncludes,
         &guix_format::ProcessEnv,
@@ -134,6 +210,37 @@ mod tests {
             Some(PathBuf::from("/etc/guix/machines.scm"))
         );
         assert_eq!(resolve(None, None, |_| false), None);
+    }
+
+    #[test]
+    fn a_hook_takes_given_then_nix_remote_systems_then_defaults() {
+        let given = Path::new("/given");
+        let nix = Path::new("/etc/remote-systems.conf");
+        let defaults = [PathBuf::from("/d1"), PathBuf::from("/d2")];
+        let found = |given, nix, exists: &dyn Fn(&Path) -> bool| {
+            resolve_for_hook(given, nix, &defaults, exists).expect("resolved")
+        };
+        let at = |p: &str, format| {
+            Some(HookMachines {
+                path: PathBuf::from(p),
+                format,
+            })
+        };
+        assert_eq!(found(Some(given), Some(nix), &|_| true), at("/given", None));
+        assert_eq!(
+            found(None, Some(nix), &|_| true),
+            at("/etc/remote-systems.conf", Some(MachineFormat::Nix))
+        );
+        assert_eq!(found(None, None, &|p| p.ends_with("d2")), at("/d2", None));
+        assert_eq!(found(None, None, &|_| false), None);
+        // Nix 1.x requires an absolute path; a relative one is refused
+        // rather than read from wherever the daemon runs.
+        let e = resolve_for_hook(None, Some(Path::new("machines")), &defaults, |_| true)
+            .expect_err("relative");
+        assert_eq!(
+            e.to_string(),
+            "NIX_REMOTE_SYSTEMS must be an absolute path, not 'machines'"
+        );
     }
 
     #[test]

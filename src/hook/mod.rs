@@ -42,7 +42,16 @@
 //!   wants to do the build"); Guix postpones regardless. AM-WILLING is
 //!   therefore the policy's `local_when_busy`: with it 0 (no free local
 //!   slot) a busy machine is waited for rather than handing the build back
-//!   to a daemon that cannot start it now.
+//!   to a daemon that cannot start it now;
+//! - anything fails while answering (the machines file cannot be read, the
+//!   `.drv` is not valid here or cannot be read, slot or backoff files):
+//!   `decline`, after a line `sandoff: REASON` for the daemon's user
+//!   ([`offload::answer_or_decline`]). guix-daemon fails the build of a
+//!   hook that exits before replying ("unexpected EOF"); a decline lets
+//!   it build the derivation itself or say why it cannot.
+//!
+//! A malformed request line and the end of input are the only ways the
+//! hook ends without replying: there is then no request to answer.
 //!
 //! After the accept [`offload::build`] builds it, with the failover policy
 //! of `sandoff build`, and the caller exits with [`exit_code`]: 0

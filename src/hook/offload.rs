@@ -1,5 +1,6 @@
 //! What the hook does with the daemon's requests: [`answer`] one (the
-//! rules are in the parent module's docs), and [`build`] the one accepted,
+//! rules are in the parent module's docs; [`answer_or_decline`] turns its
+//! failures into declines), and [`build`] the one accepted,
 //! with the failover policy `sandoff build` uses
 //! ([`crate::build::somewhere`]). The caller does the IO: the daemon's
 //! lines, the log descriptor, the machines file.
@@ -23,7 +24,7 @@ use crate::decide::{Machine, Placement};
 use crate::derivation::check::{read_derivation, ReadError};
 use crate::derivation::Derivation;
 use crate::remote::offloader::{Attempt, OffloadError, Offloader, Placed, RemoteJob};
-use crate::remote::slots::Slot;
+use crate::remote::slots::{Slot, SlotDir};
 use crate::remote::ssh::SshOptions;
 use crate::serve_protocol::BuildOptions;
 use crate::store::local::{LocalStore, StoreError};
@@ -43,6 +44,9 @@ pub struct Settings {
     pub options: BuildOptions,
     /// Print `@ build-remote DRV MACHINE` trace lines.
     pub print_build_trace: bool,
+    /// The slot directory shared by every hook on this host (Nix 1.x's
+    /// `NIX_CURRENT_LOAD`); `None`: the store's `<state>/current-load`.
+    pub slot_dir: Option<PathBuf>,
 }
 
 /// An accepted request: the machine, its slot (held) and what the build
@@ -133,7 +137,10 @@ pub fn answer(
         tracing::debug!(drv = %req.drv_path, reason = idle.reason(), "{reply}");
         return Ok(Answer::Decline);
     }
-    let offloader = Offloader::new(loc, placement.machines.clone(), 1, settings.ssh.clone())?;
+    let mut offloader = Offloader::new(loc, placement.machines.clone(), 1, settings.ssh.clone())?;
+    if let Some(dir) = &settings.slot_dir {
+        offloader = offloader.with_slots(SlotDir::at(dir.clone()));
+    }
     // Accept only once the machine answers: a machine that cannot be
     // reached goes into backoff and the request is decided again, so the
     // daemon builds locally or waits instead of seeing a hook failure.
@@ -173,6 +180,48 @@ pub fn answer(
     }))
 }
 
+/// [`answer`], with a failure declined ([`decline_because`]): before the
+/// accept the daemon can still build the derivation itself or report why
+/// not, while a hook that exits without a reply fails the build with
+/// "unexpected EOF".
+pub fn answer_or_decline(
+    store: &LocalStore,
+    settings: &Settings,
+    machines: &mut dyn FnMut() -> Result<Vec<Machine>, Box<dyn std::error::Error + Send + Sync>>,
+    req: &Request,
+    messages: &mut dyn Write,
+) -> Answer<Accepted> {
+    answer(store, settings, machines, req, messages)
+        .unwrap_or_else(|e| decline_because(&e, messages))
+}
+
+/// A decline for `reason`, told to the daemon's user first: one line
+/// `sandoff: <reason and its causes>` on `messages`, flushed, so that it
+/// comes before the `# decline` the caller writes next (the daemon reads
+/// both from one pipe). The line is filtered and never starts with `# `,
+/// so the daemon cannot take it for a reply.
+pub fn decline_because<T>(reason: &dyn std::error::Error, messages: &mut dyn Write) -> Answer<T> {
+    let text = termsafe::filter(error_chain(reason).as_bytes());
+    let _ = writeln!(messages, "sandoff: {text}; declined");
+    let _ = messages.flush();
+    Answer::Decline
+}
+
+/// One line: `error` and its causes, joined by ": ", each left out when
+/// the one before already says it (a message that quotes its cause).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let s = e.to_string();
+        if !parts.last().is_some_and(|last| last.contains(&s)) {
+            parts.push(s);
+        }
+        next = e.source();
+    }
+    parts.join(": ").replace(['\n', '\r'], " ")
+}
+
 /// Tells the daemon's user that `machine` failed, filtered (the machine's
 /// words may hold anything), as a warning when it may be an attack.
 fn refused(messages: &mut dyn Write, machine: &Machine, error: &OffloadError, then: &str) {
@@ -193,15 +242,20 @@ fn refused(messages: &mut dyn Write, machine: &Machine, error: &OffloadError, th
 }
 
 /// Builds the accepted derivation, whose missing outputs the daemon listed
-/// in `wanted`; the remote log goes to `log`. Returns the exit status for
-/// the daemon: 0 when the outputs are valid here, else
-/// [`super::exit_code`] of the machine's result.
+/// in `wanted`; the remote log goes to `log`. When `log_apart` (the log is
+/// the daemon's fd 4, not `messages` again), the notes for the user (which
+/// machine builds it, a machine that failed, the failure) go to the log
+/// too: the daemon keeps fd 4 as the build's log file and shows it to a
+/// client that follows the build, while the hook's stderr is only shown.
+/// Returns the exit status for the daemon: 0 when the outputs are valid
+/// here, else [`super::exit_code`] of the machine's result.
 pub fn build(
     store: &LocalStore,
     accepted: Accepted,
     settings: &Settings,
     wanted: &BTreeSet<StorePath>,
     log: &mut dyn Write,
+    log_apart: bool,
     messages: &mut dyn Write,
 ) -> Result<u8, HookRunError> {
     let Accepted {
@@ -241,11 +295,12 @@ pub fn build(
     placement.policy.local_when_busy = false;
     let mut progress = |p: Progress<'_>, log: &mut dyn Write| match p {
         Progress::Building { machine } => {
-            let _ = writeln!(
-                messages,
-                "sandoff: building '{drv_name}' on '{}'",
-                machine.name
-            );
+            let note = format!("sandoff: building '{drv_name}' on '{}'", machine.name);
+            let _ = writeln!(messages, "{note}");
+            if log_apart {
+                let _ = writeln!(log, "{note}");
+                let _ = log.flush();
+            }
             if settings.print_build_trace {
                 let _ = writeln!(messages, "@ build-remote {drv_name} {}", machine.name);
             }
@@ -286,12 +341,16 @@ pub fn build(
         Err(SomewhereError::RemoteFailed { machine, result }) => {
             // The machine's message (with its log tail) is the build's
             // text: filtered before it reaches a terminal.
-            let _ = writeln!(
-                messages,
+            let note = format!(
                 "sandoff: build of '{drv_name}' on '{machine}' failed ({:?}): {}",
                 result.status,
                 termsafe::filter(result.error_msg.as_bytes())
             );
+            let _ = writeln!(messages, "{note}");
+            if log_apart {
+                let _ = writeln!(log, "{note}");
+                let _ = log.flush();
+            }
             // `RemoteFailed` never holds a success; keep it a failure anyway.
             Ok(super::exit_code(result.status).max(1))
         }
@@ -299,5 +358,39 @@ pub fn build(
             drv: drv_name,
             source: Box::new(source),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Error)]
+    #[error("cannot use machines file 'm'")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn a_failure_is_declined_with_its_reason_on_one_line_of_its_own() {
+        let cause = std::io::Error::other("no\nsuch\x1b]0;t\x07 file");
+        let mut messages = Vec::new();
+        let answer: Answer<()> = decline_because(&Outer(cause), &mut messages);
+        assert!(matches!(answer, Answer::Decline));
+        let text = String::from_utf8(messages).expect("utf-8");
+        assert_eq!(text.lines().count(), 1, "{text:?}");
+        assert!(
+            text.starts_with("sandoff: cannot use machines file 'm': no such"),
+            "{text:?}"
+        );
+        assert!(text.ends_with("; declined\n"), "{text:?}");
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+    }
+
+    #[test]
+    fn a_cause_the_message_already_quotes_is_said_once() {
+        let e = HookRunError::Machines(Box::new(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "gone",
+        )));
+        assert_eq!(error_chain(&e), "cannot read the machines: gone");
     }
 }

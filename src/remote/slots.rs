@@ -6,6 +6,9 @@
 //! `<state>/current-load/main-lock`, so two processes cannot both take the
 //! last slot on the strength of the same count.
 //!
+//! The directory can be another one ([`SlotDir::at`]): Nix 1.x's
+//! `NIX_CURRENT_LOAD` names one that every build hook on the host shares.
+//!
 //! `flock` locks belong to open file descriptions, not processes, so two
 //! [`SlotDir`]s in one process exclude each other exactly as two processes
 //! do, and a lock dies with the process that held it: a crashed build never
@@ -37,7 +40,7 @@ pub struct SlotError {
     pub source: io::Error,
 }
 
-/// `<state>/current-load`.
+/// The directory of slot files, `<state>/current-load` unless given.
 #[derive(Clone, Debug)]
 pub struct SlotDir {
     dir: PathBuf,
@@ -143,7 +146,13 @@ impl SlotDir {
         }
     }
 
-    /// The directory, `<state>/current-load`.
+    /// The slot directory `dir`, shared with every process given the same
+    /// one (Nix 1.x's `NIX_CURRENT_LOAD`).
+    pub fn at(dir: PathBuf) -> SlotDir {
+        SlotDir { dir }
+    }
+
+    /// The directory.
     pub fn path(&self) -> &Path {
         &self.dir
     }

@@ -6,7 +6,8 @@
 //! under a temporary directory, and machines files name hosts that cannot
 //! be reached or are never chosen. The `hook_builds_*` tests and the checks
 //! after an accept use real sshd test hosts (root), since the hook connects
-//! before it accepts.
+//! before it accepts. The `guix_*` tests run sandoff through a symlink named
+//! `guix`, as guix-daemon's `GUIX` variable would point at it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -313,19 +314,208 @@ fn hook_rejects_malformed_lines_naming_them() {
         assert_no_reply_on_stderr(&out);
     }
 
-    // A derivation the store does not have.
+    // A derivation the store does not have: a request to answer, so it is
+    // declined with the reason (see hook_declines_with_the_reason_*).
     let missing = "/nix/store/00000000000000000000000000000000-missing.drv";
     let out = talk(
         &mut s.hook(Some(&machines)),
         &request(true, "x86_64-linux", missing, &[]),
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(text(&out.stdout), "# decline\n");
     let err = text(&out.stderr);
     assert!(err.contains(missing) && err.contains("not valid"), "{err}");
 
     // Bad arguments are usage errors.
     let out = talk(s.cmd().args(["hook", "x86_64-linux", "0", "2", "0"]), "");
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Runs `cmd` as the daemon does, stderr joined with stdout (one pipe),
+/// with `input` on stdin: what the daemon reads, in order.
+fn talk_joined(cmd: &Command, input: &str) -> Output {
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(r#"exec "$0" "$@" 2>&1"#)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => sh.env(k, v),
+            None => sh.env_remove(k),
+        };
+    }
+    talk(&mut sh, input)
+}
+
+/// The hook's joined output for one request is `sandoff: ...` lines
+/// (one of them holding `reason`) followed by `# decline`, and it exits 0.
+fn assert_declined_because(out: &Output, reason: &str) {
+    let all = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    let lines: Vec<&str> = all.lines().collect();
+    let (reply, before) = lines.split_last().expect("a reply");
+    assert_eq!(*reply, "# decline", "{all}");
+    assert!(
+        !before.is_empty(),
+        "the reason comes before the reply: {all}"
+    );
+    assert!(
+        before.iter().all(|l| l.starts_with("sandoff: ")),
+        "only reason lines before the reply: {all}"
+    );
+    assert!(
+        before.iter().any(|l| l.contains(reason)),
+        "{reason:?} in {all}"
+    );
+}
+
+#[test]
+fn hook_declines_with_the_reason_when_it_cannot_answer() {
+    let s = Local::new();
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    let req = request(true, "x86_64-linux", &x86, &[]);
+
+    // A machines file that is not there, or not a file.
+    let gone = s.tmp.path().join("no-such-machines");
+    let out = talk_joined(&s.hook(Some(&gone)), &req);
+    assert_declined_because(&out, "cannot use machines file");
+    let out = talk_joined(&s.hook(Some(s.tmp.path())), &req);
+    assert_declined_because(&out, "cannot use machines file");
+    // One that cannot be parsed.
+    let bad = s.machines("ssh://x86.invalid x86_64-linux - many\n");
+    let out = talk_joined(&s.hook(Some(&bad)), &req);
+    assert_declined_because(&out, "maxJobs");
+    // A relative NIX_REMOTE_SYSTEMS, which Nix 1.x forbids.
+    let out = talk_joined(s.hook(None).env("NIX_REMOTE_SYSTEMS", "machines"), &req);
+    assert_declined_because(&out, "NIX_REMOTE_SYSTEMS must be an absolute path");
+
+    // A derivation the store does not have; one that it cannot read.
+    let machines = s.machines("ssh://x86.invalid x86_64-linux - 1 1\n");
+    let missing = "/nix/store/00000000000000000000000000000000-missing.drv";
+    let out = talk_joined(
+        &s.hook(Some(&machines)),
+        &request(true, "x86_64-linux", missing, &[]),
+    );
+    assert_declined_because(&out, "not valid in the store");
+    let gnu = "/gnu/store/00000000000000000000000000000000-other-store.drv";
+    let out = talk_joined(
+        &s.hook(Some(&machines)),
+        &request(true, "x86_64-linux", gnu, &[]),
+    );
+    assert_declined_because(&out, gnu);
+    let drv_file = s
+        .loc()
+        .real_path(&StoreDir::default().parse_path(&x86).expect("drv path"));
+    let store_dir = drv_file.parent().expect("store directory");
+    let mode = std::fs::metadata(store_dir).expect("stat").permissions();
+    let mut writable = mode.clone();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut writable, 0o755);
+    std::fs::set_permissions(store_dir, writable).expect("chmod");
+    std::fs::remove_file(&drv_file).expect("remove .drv");
+    std::fs::set_permissions(store_dir, mode).expect("chmod back");
+    let out = talk_joined(&s.hook(Some(&machines)), &req);
+    assert_declined_because(&out, "x86.drv");
+
+    // Every request of the session is answered, each after its reason.
+    let out = talk_joined(&s.hook(Some(&gone)), &[req.clone(), req.clone()].concat());
+    let all = text(&out.stdout);
+    let replies: Vec<&str> = all.lines().filter(|l| l.starts_with("# ")).collect();
+    assert_eq!(replies, ["# decline", "# decline"], "{all}");
+    assert!(
+        all.lines()
+            .next()
+            .is_some_and(|l| l.starts_with("sandoff: ")),
+        "{all}"
+    );
+
+    // A store that cannot be opened: every request is still answered.
+    let file_root = s.tmp.path().join("not-a-directory");
+    std::fs::write(&file_root, "").expect("write");
+    let mut c = s.hook(Some(&machines));
+    c.arg("--store-root").arg(&file_root);
+    let out = talk_joined(&c, &req);
+    assert_declined_because(&out, "not-a-directory");
+}
+
+#[test]
+fn hook_reads_nix_remote_systems_and_counts_slots_in_nix_current_load() {
+    let s = Local::new();
+    let darwin = s.drv("darwin", "x86_64-darwin", &[]);
+    let perf = s.drv("perf", "i686-linux", &["perf"]);
+    let mips = s.drv("mips", "mips64-linux", &[]);
+    // Nix 1.x's example, as its manual gives it.
+    let conf = support::fixtures().join("etc/nix/remote-systems.conf");
+    let listed = sandoff::decide::file::load_as(
+        &conf,
+        Some(sandoff::decide::MachineFormat::Nix),
+        "x86_64-linux",
+    )
+    .expect("remote-systems.conf");
+    let names: Vec<&str> = listed.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "ssh://nix@mcflurry.labs.cs.uu.nl",
+            "ssh://nix@scratchy.labs.cs.uu.nl",
+            "ssh://nix@itchy.labs.cs.uu.nl",
+            "ssh://nix@poochie.labs.cs.uu.nl"
+        ]
+    );
+    // Every slot of mcflurry (x86_64-darwin, 2) and poochie (the only one
+    // for "perf", 8) is held in the shared directory, as by other hooks.
+    let shared = s.tmp.path().join("current-load");
+    let slots = SlotDir::at(shared.clone());
+    let mut held = Vec::new();
+    for m in [&listed[0], &listed[3]] {
+        while let Some(slot) = slots.try_acquire(m).expect("slot files") {
+            held.push(slot);
+        }
+    }
+    assert_eq!(held.len(), 10);
+    let hook = || {
+        let mut c = s.hook(None);
+        c.env("NIX_REMOTE_SYSTEMS", &conf)
+            .env("NIX_CURRENT_LOAD", &shared);
+        c
+    };
+    let input = [
+        request(false, "x86_64-darwin", &darwin, &[]),
+        request(true, "x86_64-darwin", &darwin, &[]),
+        request(false, "i686-linux", &perf, &["perf"]),
+        request(true, "mips64-linux", &mips, &[]),
+    ]
+    .concat();
+    let out = talk(&mut hook(), &input);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // This host cannot build for darwin: willing or not, it waits.
+    assert_eq!(
+        text(&out.stdout),
+        "# postpone\n# postpone\n# postpone\n# decline\n"
+    );
+    assert_no_reply_on_stderr(&out);
+    // The store's own slot directory was not used.
+    assert!(!s.loc().state.join("current-load").exists());
+
+    // SANDOFF_MACHINES comes first: with none there, the daemon builds.
+    let empty = s.machines("");
+    let out = talk(hook().env("SANDOFF_MACHINES", &empty), &input);
+    assert_eq!(
+        text(&out.stdout),
+        "# decline\n# decline\n# decline\n# decline\n",
+        "{}",
+        text(&out.stderr)
+    );
+    // Empty variables are unset ones, not a usage error without a reply.
+    let out = talk(
+        s.hook(Some(&empty))
+            .env("NIX_REMOTE_SYSTEMS", "")
+            .env("NIX_CURRENT_LOAD", ""),
+        &input,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 4);
+    drop(held);
 }
 
 #[test]
@@ -608,6 +798,14 @@ fn hook_builds_on_a_machine_with_the_log_on_fd_4() {
         "log: {:?}",
         run.log
     );
+    // The note on where it builds is in the log too, before the log.
+    let note = format!("sandoff: building '{drv}' on '");
+    assert!(
+        run.log.find(&note) < run.log.find("hello from the machine"),
+        "log: {:?}",
+        run.log
+    );
+    assert!(run.stderr.contains(&note), "{}", run.stderr);
     assert!(
         run.stderr.contains(&format!("@ build-remote {drv} ")),
         "{}",
@@ -718,4 +916,219 @@ fn hook_builds_fail_over_to_another_machine_before_accepting() {
         "the dead machine is in backoff"
     );
     assert!(state(&listed[1]).is_none(), "the live one is not");
+}
+
+#[test]
+fn hook_builds_two_hooks_sharing_nix_current_load_take_turns() {
+    let Some((host, s)) = trusted_host(this_test!(), 42) else {
+        return;
+    };
+    let x86 = s.drv("x86", "x86_64-linux", &[]);
+    // The host with one slot.
+    let mut fields: Vec<String> = host
+        .machine_line()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    fields[3] = "1".to_owned();
+    let machines = s.machines(&format!("{}\n", fields.join(" ")));
+    let shared = s.tmp.path().join("current-load");
+    let hook = |shared_dir: bool| {
+        let mut c = s.hook(Some(&machines));
+        if shared_dir {
+            c.env("NIX_CURRENT_LOAD", &shared);
+        }
+        c
+    };
+    let req = request(false, "x86_64-linux", &x86, &[]);
+
+    // The first hook accepts: it holds the slot while it waits for the
+    // inputs and outputs lines.
+    let mut first = hook(true)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hook");
+    let mut stdin = first.stdin.take().expect("stdin");
+    stdin.write_all(req.as_bytes()).expect("request");
+    stdin.flush().expect("flush");
+    let mut reply = String::new();
+    BufReader::new(first.stdout.take().expect("stdout"))
+        .read_line(&mut reply)
+        .expect("reply");
+    assert_eq!(reply, "# accept\n");
+
+    // A second one given the same directory sees the slot taken and waits.
+    let out = talk(&mut hook(true), &req);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# postpone\n");
+    // One counting in the store's own directory does not see it (it
+    // accepts, then fails for want of the lines).
+    let out = talk(&mut hook(false), &req);
+    assert_eq!(text(&out.stdout), "# accept\n", "{}", text(&out.stderr));
+
+    // The first ends (the daemon closed its input): the slot is free again
+    // and the next hook takes it.
+    drop(stdin);
+    let first = first.wait_with_output().expect("wait hook");
+    assert_eq!(first.status.code(), Some(1), "{}", text(&first.stderr));
+    let out = talk(&mut hook(true), &req);
+    assert_eq!(text(&out.stdout), "# accept\n", "{}", text(&out.stderr));
+}
+
+// ---------------------------------------------------------------------------
+// As `guix`: a symlink named guix, as guix-daemon's GUIX points at.
+
+/// A `guix` symlink to sandoff in `s`, and a command running it with only
+/// the variables the test sets.
+fn as_guix(s: &Local) -> (PathBuf, impl Fn(&[&str]) -> Command + '_) {
+    let bin = s.tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    let guix = bin.join("guix");
+    if !guix.exists() {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sandoff"), &guix).expect("symlink");
+    }
+    let link = guix.clone();
+    let cmd = move |args: &[&str]| {
+        let mut c = Command::new(&link);
+        c.args(args).env("SANDOFF_STORE_ROOT", s.root());
+        for var in [
+            "SANDOFF_STORE_DIR",
+            "SANDOFF_STATE_DIR",
+            "SANDOFF_MACHINES",
+            "SANDOFF_GUIX",
+            "NIX_STORE_DIR",
+            "NIX_REMOTE_SYSTEMS",
+            "NIX_CURRENT_LOAD",
+            "GUIX_CONFIGURATION_DIRECTORY",
+        ] {
+            c.env_remove(var);
+        }
+        c
+    };
+    (guix, cmd)
+}
+
+#[test]
+fn guix_offload_is_the_hook_with_guix_machines_and_store() {
+    let s = Local::new();
+    // In /gnu/store, which `guix offload` expects without being told.
+    let drv = support::derivation_add(
+        s.cmd().args(["--store-dir", "/gnu/store"]),
+        &json!({
+            "outputs": {"out": {"path": ""}},
+            "inputSrcs": [],
+            "inputDrvs": {},
+            "system": "x86_64-linux",
+            "builder": "/bin/sh",
+            "args": ["-c", "exit 1"],
+            "env": {"name": "x", "builder": "/bin/sh", "system": "x86_64-linux", "out": ""},
+        }),
+    );
+    assert!(drv.starts_with("/gnu/store/"), "{drv}");
+    // machines.scm in Guix's configuration directory, its one slot busy.
+    let etc = s.tmp.path().join("etc");
+    std::fs::create_dir_all(&etc).expect("mkdir");
+    std::fs::write(
+        etc.join("machines.scm"),
+        "(list (build-machine (name \"busy.invalid\") (systems '(\"x86_64-linux\")) \
+         (user \"root\") (parallel-builds 1) \
+         (host-key \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq2fX0nq9pZf1vLrJmXh3D7kY1w2n5m0fWQm9p4b1sT\")))\n",
+    )
+    .expect("machines.scm");
+    let machine = sandoff::decide::file::load(&etc.join("machines.scm"), "x86_64-linux")
+        .expect("machines.scm")
+        .remove(0);
+    let slots = SlotDir::new(&s.loc().state);
+    let slot = slots
+        .try_acquire(&machine)
+        .expect("slot files")
+        .expect("a free slot");
+
+    let (_, guix) = as_guix(&s);
+    let offload = ["offload", "x86_64-linux", "0", "0", "0"];
+    let input = [
+        request(false, "x86_64-linux", &drv, &[]),
+        request(true, "x86_64-linux", &drv, &[]),
+    ]
+    .concat();
+    let out = talk(
+        guix(&offload).env("GUIX_CONFIGURATION_DIRECTORY", &etc),
+        &input,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# postpone\n# decline\n");
+    assert_no_reply_on_stderr(&out);
+
+    // No machines.scm: no machines, as for guix offload, without a word.
+    let out = talk(
+        guix(&offload).env("GUIX_CONFIGURATION_DIRECTORY", s.tmp.path().join("none")),
+        &input,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# decline\n# decline\n");
+    assert_eq!(text(&out.stderr), "");
+    // SANDOFF_MACHINES still comes first.
+    let empty = s.machines("");
+    let out = talk(
+        guix(&offload)
+            .env("GUIX_CONFIGURATION_DIRECTORY", &etc)
+            .env("SANDOFF_MACHINES", &empty),
+        &input,
+    );
+    assert_eq!(text(&out.stdout), "# decline\n# decline\n");
+    drop(slot);
+}
+
+#[test]
+fn guix_other_subcommands_run_the_real_guix_or_say_why_not() {
+    let s = Local::new();
+    let (_, guix) = as_guix(&s);
+    let args = ["substitute", "--query"];
+    let out = guix(&args).output().expect("run guix");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("SANDOFF_GUIX") && err.contains("guix substitute"),
+        "{err}"
+    );
+
+    // The real guix gets the arguments, its own path as argv[0], stdin,
+    // and gives its exit status.
+    let real = s.tmp.path().join("real-guix");
+    std::fs::write(
+        &real,
+        "#!/bin/sh\nread line\necho \"$0|$*|$line\"\nexit 7\n",
+    )
+    .expect("script");
+    let mut perms = std::fs::metadata(&real).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&real, perms).expect("chmod");
+    let out = talk(guix(&args).env("SANDOFF_GUIX", &real), "have\n");
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("{}|substitute --query|have\n", real.display())
+    );
+    let out = talk(guix(&["offload", "test"]).env("SANDOFF_GUIX", &real), "x\n");
+    assert_eq!(
+        text(&out.stdout),
+        format!("{}|offload test|x\n", real.display())
+    );
+
+    // A real guix that cannot be run is one line too.
+    let out = guix(&args)
+        .env("SANDOFF_GUIX", s.tmp.path().join("nothing"))
+        .output()
+        .expect("run guix");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr).lines().count(),
+        1,
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -273,6 +273,13 @@ impl Offloader {
         })
     }
 
+    /// The same offloader counting slots in `slots` instead of
+    /// `<state>/current-load` (a directory other processes share).
+    pub fn with_slots(mut self, slots: SlotDir) -> Offloader {
+        self.slots = slots;
+        self
+    }
+
     /// The machines.
     pub fn machines(&self) -> &[Machine] {
         &self.machines
