@@ -88,14 +88,14 @@ impl Cli {
         let dir = self
             .store_dir
             .clone()
-            .or_else(|| self.daemon_store.map(|d| d.store_dir()))
+            .or_else(|| self.daemon_store.and_then(|d| d.store_dir()))
             .unwrap_or_default();
         let mut loc = StoreLocation::new(dir, root);
         if let Some(state) = &self.state_dir {
             loc.state = state.clone();
         }
         if let Some(daemon) = self.daemon_store {
-            loc.daemon_db = Some(daemon.db_dir(&loc.root));
+            loc.daemon_db = daemon.db_dir(&loc.root);
         }
         loc
     }

@@ -9,7 +9,10 @@
 //!
 //! `guix offload` is `sandoff hook` with Guix's defaults: the store
 //! directory `/gnu/store` (or `$NIX_STORE_DIR`, as Guix reads it) unless
-//! `$SANDOFF_STORE_DIR` says otherwise, and the machines in
+//! `$SANDOFF_STORE_DIR` says otherwise, guix-daemon's database
+//! (`--daemon-store guix`: `$GUIX_STATE_DIRECTORY/db`, default
+//! `/var/guix/db`) unless `$SANDOFF_DAEMON_STORE` says otherwise, and the
+//! machines in
 //! `$GUIX_CONFIGURATION_DIRECTORY/machines.scm` (default
 //! `/etc/guix/machines.scm`; a missing file is no machines, as for
 //! `guix offload`) unless `$SANDOFF_MACHINES` or `$NIX_REMOTE_SYSTEMS`
@@ -63,6 +66,12 @@ pub fn route(argv: Vec<OsString>, env: impl Fn(&str) -> Option<OsString>) -> Rou
     if env("SANDOFF_STORE_DIR").is_none() {
         out.push("--store-dir".into());
         out.push(env("NIX_STORE_DIR").unwrap_or_else(|| "/gnu/store".into()));
+    }
+    // The daemon's store is the store: validity lives in guix-daemon's
+    // database, never in a registry of ours the daemon does not know.
+    if env("SANDOFF_DAEMON_STORE").is_none() {
+        out.push("--daemon-store".into());
+        out.push("guix".into());
     }
     out.push("hook".into());
     let config = env("GUIX_CONFIGURATION_DIRECTORY").unwrap_or_else(|| "/etc/guix".into());
@@ -134,6 +143,8 @@ mod tests {
                 "/t/guix",
                 "--store-dir",
                 "/gnu/store",
+                "--daemon-store",
+                "guix",
                 "hook",
                 "--default-machines",
                 "/etc/guix/machines.scm",
@@ -147,6 +158,7 @@ mod tests {
         let vars = [
             ("GUIX_CONFIGURATION_DIRECTORY", "/t/etc"),
             ("SANDOFF_STORE_DIR", "/x/store"),
+            ("SANDOFF_DAEMON_STORE", "nix"),
         ];
         let Route::Sandoff(out) = route(a.clone(), env(&vars)) else {
             panic!("the hook");

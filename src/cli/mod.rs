@@ -28,34 +28,40 @@ pub enum DaemonStore {
     /// `$NIX_STATE_DIR/db` (default `/nix/var/nix/db` under the store root,
     /// as a chroot store `<root>` keeps it).
     Nix,
+    /// No daemon: sandoff's own registry in its state directory (the
+    /// default; spelled out to override what a daemon's hook would pick).
+    Sandoff,
 }
 
 impl DaemonStore {
-    /// The daemon's store directory.
-    pub fn store_dir(self) -> StoreDir {
+    /// The daemon's store directory (`None`: sandoff's own default).
+    pub fn store_dir(self) -> Option<StoreDir> {
         let dir = match self {
             DaemonStore::Guix => "/gnu/store",
             DaemonStore::Nix => "/nix/store",
+            DaemonStore::Sandoff => return None,
         };
-        StoreDir::new(dir).expect("a valid store directory")
+        Some(StoreDir::new(dir).expect("a valid store directory"))
     }
 
-    /// The daemon's database directory for a store under `root`. The
+    /// The daemon's database directory for a store under `root` (`None`:
+    /// sandoff's own). The
     /// daemons' own variables name it as the daemon sees it; the hook
     /// inherits the daemon's environment, so it sees the same.
-    pub fn db_dir(self, root: &Path) -> PathBuf {
+    pub fn db_dir(self, root: &Path) -> Option<PathBuf> {
         let var = |name: &str| {
             std::env::var_os(name)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         };
-        match self {
+        Some(match self {
             DaemonStore::Guix => var("GUIX_STATE_DIRECTORY")
                 .unwrap_or_else(|| root.join("var/guix"))
                 .join("db"),
             DaemonStore::Nix => var("NIX_STATE_DIR")
                 .unwrap_or_else(|| root.join("nix/var/nix"))
                 .join("db"),
-        }
+            DaemonStore::Sandoff => return None,
+        })
     }
 }

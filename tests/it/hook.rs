@@ -992,7 +992,11 @@ fn as_guix(s: &Local) -> (PathBuf, impl Fn(&[&str]) -> Command + '_) {
     let link = guix.clone();
     let cmd = move |args: &[&str]| {
         let mut c = Command::new(&link);
-        c.args(args).env("SANDOFF_STORE_ROOT", s.root());
+        // This test store is sandoff's own registry, not a guix-daemon's
+        // database (the real daemon's case has tests of its own).
+        c.args(args)
+            .env("SANDOFF_STORE_ROOT", s.root())
+            .env("SANDOFF_DAEMON_STORE", "sandoff");
         for var in [
             "SANDOFF_STORE_DIR",
             "SANDOFF_STATE_DIR",
