@@ -23,7 +23,9 @@
 # Either way DIR/hostI/signing-key.pub holds the host's public signing key
 # (`name:base64`) for clients to trust, DIR/hostI/machine its machines line,
 # and DIR/hostI/serve is the remote program (Nix runs `<program> --serve
-# --write`; the script ignores its arguments).
+# --write`; on sandoff hosts the script ignores its arguments, on Nix hosts
+# it passes them to nix-store, so that a client can also ask it
+# `--print-fixed-path` to learn its store directory).
 #
 # Host i listens on 127.0.0.(1+i), port $TESTHOSTS_PORT (default 2222), or on
 # 127.0.0.1 port $TESTHOSTS_PORT+i-1 if not on Linux.
@@ -47,9 +49,18 @@
 #   TESTHOSTS_FEATURES   supported features, comma-separated (default none)
 #   TESTHOSTS_MANDATORY  mandatory features, comma-separated (default none)
 #
+# TESTHOSTS_STORE_DIR (default /nix/store) is the logical store directory the
+# hosts name their paths in, e.g. /gnu/store: sandoff hosts get it as
+# SANDOFF_STORE_DIR, Nix hosts serve the chroot store
+# `local?root=DIR/hostI/root&store=<dir>&real=DIR/hostI/root<dir>` with
+# NIX_STORE_DIR=<dir> (a Nix chroot store otherwise keeps its files in
+# <root>/nix/store whatever its directory). A client must use the same
+# directory: sandoff clients check it before sending anything.
+#
 # Sessions get, through sshd_config's SetEnv (OpenSSH >= 8.7), so ~/.ssh
 # and the real /nix/store are never touched:
-#   SANDOFF_STORE_ROOT=DIR/hostI/root (sandoff hosts), NIX_CONF_DIR (nix hosts)
+#   SANDOFF_STORE_ROOT=DIR/hostI/root and SANDOFF_STORE_DIR (sandoff hosts),
+#   NIX_CONF_DIR and NIX_STORE_DIR (nix hosts)
 #   PATH starting with DIR/bin, where `sandoff` ($SANDOFF, or the one on PATH)
 #       is linked
 #       (on sandoff hosts DIR/hostI/bin comes first: its `nix-store` runs
@@ -115,6 +126,9 @@ start() {
     features=$(field "${TESTHOSTS_FEATURES:-}")
     mandatory=$(field "${TESTHOSTS_MANDATORY:-}")
     local max_jobs=${TESTHOSTS_MAX_JOBS:-2} speed=${TESTHOSTS_SPEED:-1}
+    local store_dir=${TESTHOSTS_STORE_DIR:-/nix/store}
+    [[ $store_dir =~ ^(/[A-Za-z0-9._+-]+)+$ ]] ||
+        die "TESTHOSTS_STORE_DIR must be an absolute directory without a trailing slash, not '$store_dir'"
     [[ $max_jobs =~ ^[0-9]+$ ]] || die "TESTHOSTS_MAX_JOBS must be a number, not '$max_jobs'"
     local pool=${SANDOFF_USER_POOL_DIR:-/run/sandoff/userpool}
     mkdir -p "$dir" /run/sshd "$pool"
@@ -151,13 +165,15 @@ start() {
             mkdir -p "$h/bin"
             printf '#!/bin/sh\n# testhosts.sh: a sandoff host serves Nix clients that run "nix-store --serve [--write]".\ncase "$1" in --serve) ;; *) echo "this host runs sandoff, not nix-store" >&2; exit 1 ;; esac\nshift\nexec sandoff serve --stdio "$@"\n' >"$h/bin/nix-store"
             chmod 755 "$h/bin/nix-store"
-            setenv="SANDOFF_STORE_ROOT=$h/root PATH=$h/bin:$path_common $setenv_common"
+            setenv="SANDOFF_STORE_ROOT=$h/root SANDOFF_STORE_DIR=$store_dir PATH=$h/bin:$path_common $setenv_common"
         else
-            local keys=$h/root/nix/var/nix/keys
+            local keys=$h/root/nix/var/nix/keys store=$h/root
+            [[ $store_dir == /nix/store ]] ||
+                store="local?root=$h/root&store=$store_dir&real=$h/root$store_dir"
             mkdir -p "$keys" "$h/nixconf"
             cat >"$h/nixconf/nix.conf" <<CONF
 # testhosts.sh: a Nix 2.8 build host on its own chroot store.
-store = $h/root
+store = $store
 sandbox = true
 build-users-group =
 substituters =
@@ -168,13 +184,13 @@ system-features = benchmark big-parallel nixos-test kvm ${TESTHOSTS_FEATURES:+${
 experimental-features = nix-command
 CONF
             [[ -f $keys/signing-key.sec ]] ||
-                NIX_CONF_DIR=$h/nixconf nix-store --generate-binary-cache-key \
+                NIX_CONF_DIR=$h/nixconf NIX_STORE_DIR=$store_dir nix-store --generate-binary-cache-key \
                     "host$i-1" "$keys/signing-key.sec" "$keys/signing-key.pub"
             chmod 600 "$keys/signing-key.sec"
             cp "$keys/signing-key.pub" "$h/signing-key.pub"
-            printf '#!/bin/sh\n# Nix runs "<remote-program> --serve --write"; whatever the arguments, serve this store.\nexport NIX_CONF_DIR=%s\nunset NIX_REMOTE\nexec nix-store --serve --write --store %s\n' \
-                "$h/nixconf" "$h/root" >"$h/serve"
-            setenv="NIX_CONF_DIR=$h/nixconf PATH=$path_common $setenv_common"
+            printf '#!/bin/sh\n# Nix runs "<remote-program> --serve --write"; sandoff may ask "--print-fixed-path ..." first.\nexport NIX_CONF_DIR=%s NIX_STORE_DIR=%s\nunset NIX_REMOTE\nexec nix-store "$@" --store '"'"'%s'"'"'\n' \
+                "$h/nixconf" "$store_dir" "$store" >"$h/serve"
+            setenv="NIX_CONF_DIR=$h/nixconf NIX_STORE_DIR=$store_dir PATH=$path_common $setenv_common"
         fi
         chmod 755 "$h/serve"
         rm -f "$h/netns"

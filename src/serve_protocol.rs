@@ -186,6 +186,39 @@ pub fn wire_err<E: WireContext>(what: &'static str) -> impl FnOnce(WireError) ->
     move |source| E::wire(what, source)
 }
 
+/// A client whose store directory is not the server's: every path either
+/// sends would be misnamed on the other side (Nix's protocol never says
+/// which directory a side uses). `sandoff serve --expect-store-dir` prints
+/// it as one line on stderr, before the handshake, and exits; the client
+/// finds it with [`StoreDirMismatch::find`] in what the server printed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("store directory mismatch: the server's store is {server}, the client's is {client}")]
+pub struct StoreDirMismatch {
+    /// Where the server's store paths are.
+    pub server: StoreDir,
+    /// Where the client's store paths are.
+    pub client: StoreDir,
+}
+
+impl StoreDirMismatch {
+    /// The mismatch that `text` (a server's stderr) reports for a client
+    /// whose store directory is `client`, if it reports one. The client
+    /// knows its own directory, so the server's is what lies between the
+    /// fixed words, whatever it holds (a directory may hold `, `).
+    pub fn find(text: &str, client: &StoreDir) -> Option<StoreDirMismatch> {
+        const HEAD: &str = "store directory mismatch: the server's store is ";
+        let tail = format!(", the client's is {client}");
+        text.lines().find_map(|line| {
+            let (_, rest) = line.split_once(HEAD)?;
+            let server = rest.trim_end().strip_suffix(tail.as_str())?;
+            Some(StoreDirMismatch {
+                server: StoreDir::new(server).ok()?,
+                client: client.clone(),
+            })
+        })
+    }
+}
+
 /// The major number of a protocol version (`0x207` is 2.7).
 pub fn major(version: u64) -> u64 {
     version >> 8
@@ -515,6 +548,43 @@ mod tests {
     use crate::derivation::testdata::{nix, HELLO};
     use crate::derivation::DerivationOutput;
     use crate::store::{FileIngestionMethod, HashAlgo};
+
+    #[test]
+    fn store_dir_mismatch_is_found_in_what_the_server_printed() {
+        let dir = |d: &str| StoreDir::new(d).expect("store dir");
+        let m = StoreDirMismatch {
+            server: dir("/nix/store"),
+            client: dir("/gnu/store"),
+        };
+        let line = format!("sandoff: {m}\n");
+        assert_eq!(
+            line,
+            "sandoff: store directory mismatch: the server's store is /nix/store, \
+             the client's is /gnu/store\n"
+        );
+        let printed = format!("some warning\n{line}");
+        assert_eq!(StoreDirMismatch::find(&printed, &m.client), Some(m.clone()));
+        // Only a line naming this client's directory counts.
+        assert_eq!(StoreDirMismatch::find(&printed, &dir("/other/store")), None);
+        assert_eq!(
+            StoreDirMismatch::find("error: no such option", &m.client),
+            None
+        );
+        assert_eq!(StoreDirMismatch::find("", &m.client), None);
+        // A directory with the separator in it still parses.
+        let odd = StoreDirMismatch {
+            server: dir("/a, the client's is /b"),
+            client: dir("/gnu/store"),
+        };
+        assert_eq!(
+            StoreDirMismatch::find(&odd.to_string(), &odd.client),
+            Some(odd.clone())
+        );
+        // Not a store directory: no mismatch found (the refusal still is one).
+        let bad =
+            "store directory mismatch: the server's store is relative, the client's is /gnu/store";
+        assert_eq!(StoreDirMismatch::find(bad, &m.client), None);
+    }
 
     /// A wire u64.
     fn n(v: u64) -> Vec<u8> {

@@ -4,6 +4,14 @@
 //! (`BuildDerivation`, `BuildPaths`) in the local sandbox as the build users
 //! of `--build-users-group`, streaming build logs on stderr, which ssh
 //! carries to the client; see `sandoff::serve`.
+//!
+//! `--expect-store-dir DIR` is how a sandoff client makes sure, before any
+//! path crosses, that both sides name paths in the same store directory:
+//! Nix's protocol never says which one a side uses, so a `/gnu/store`
+//! client talking to a `/nix/store` server would otherwise fail late, on
+//! its first path, with a confusing message. On a mismatch the server
+//! prints one line ([`StoreDirMismatch`], which the client recognises) and
+//! exits before the handshake, without opening its store.
 
 use std::io::{self, BufReader, BufWriter};
 use std::os::fd::AsFd;
@@ -12,7 +20,8 @@ use std::process::ExitCode;
 use anyhow::bail;
 use clap::Args;
 use sandoff::serve::{serve_with_builds, BuildSetup, ServeOptions};
-use sandoff::store::StoreLocation;
+use sandoff::serve_protocol::StoreDirMismatch;
+use sandoff::store::{StoreDir, StoreLocation};
 
 use super::build::{BuildUsersArgs, SandboxLimitsArgs};
 
@@ -26,6 +35,10 @@ pub struct ServeArgs {
     /// (BuildDerivation, BuildPaths).
     #[arg(long)]
     write: bool,
+    /// Refuse, before the handshake, a client whose store directory is not
+    /// this store's (what sandoff's client passes: its own directory).
+    #[arg(long, value_name = "DIR", value_parser = parse_store_dir)]
+    expect_store_dir: Option<StoreDir>,
     #[command(flatten)]
     users: BuildUsersArgs,
     #[command(flatten)]
@@ -35,6 +48,15 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     if !args.stdio {
         bail!("serve: --stdio is required (it is the only transport so far)");
+    }
+    if let Some(client) = args.expect_store_dir {
+        if client != loc.dir {
+            return Err(StoreDirMismatch {
+                server: loc.dir.clone(),
+                client,
+            }
+            .into());
+        }
     }
     let store = sandoff::derivation::check::open_store(loc.clone())?;
     // Needed only if something is to be built; the error is kept until then.
@@ -61,4 +83,9 @@ pub fn run(args: ServeArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         setup,
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Checked at parse time, as the global `--store-dir`.
+fn parse_store_dir(s: &str) -> Result<StoreDir, String> {
+    StoreDir::new(s).map_err(|e| e.to_string())
 }

@@ -6,6 +6,8 @@
 //! into a small tail kept here. A Nix serve process that fails prints
 //! `error: …` on stderr and exits, so when a reply does not come the tail is
 //! the diagnosis ([`ClientError::Refused`]) rather than a bare end of stream.
+//! A sandoff server that refuses the client's store directory before the
+//! handshake says so in a line recognised here ([`ClientError::StoreDir`]).
 
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
@@ -14,8 +16,8 @@ use std::time::{Duration, Instant};
 use super::transport::Transport;
 use crate::derivation::Derivation;
 use crate::serve_protocol::{
-    self, write_basic_derivation, BuildOptions, BuildResult, ProtocolError, WireContext,
-    MAX_ERROR_MSG, MAX_ITEMS, MAX_STRING,
+    self, write_basic_derivation, BuildOptions, BuildResult, ProtocolError, StoreDirMismatch,
+    WireContext, MAX_ERROR_MSG, MAX_ITEMS, MAX_STRING,
 };
 use crate::serve_protocol::{SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION};
 use crate::store::signature::Signature;
@@ -29,6 +31,10 @@ pub enum ClientError {
     /// (a shell banner? not a serve server?); `got` holds what it sent.
     #[error("the remote program does not speak the serve protocol (got {got:?})")]
     Handshake { got: String },
+    /// The server refused before the handshake because its store directory
+    /// is not the client's (`sandoff serve --expect-store-dir`).
+    #[error(transparent)]
+    StoreDir(StoreDirMismatch),
     /// The server speaks a major version other than 2, or older than 2.4.
     #[error("unsupported serve protocol version {major}.{minor}")]
     Version { major: u64, minor: u64 },
@@ -209,6 +215,9 @@ impl<T: Transport> ServeClient<T> {
         let _ = self.transport.drain_log(&mut tee);
         let mut text = String::from_utf8_lossy(&got).trim().to_owned();
         let stderr = String::from_utf8_lossy(&self.tail).trim().to_owned();
+        if let Some(mismatch) = StoreDirMismatch::find(&stderr, &self.dir) {
+            return ClientError::StoreDir(mismatch);
+        }
         if !stderr.is_empty() {
             if text.is_empty() {
                 text = format!("nothing; stderr: {stderr}");

@@ -54,6 +54,8 @@ pub(crate) fn assert_stderr_has(out: &std::process::Output, needle: &str) {
 pub(crate) struct Store {
     pub(crate) tmp: tempfile::TempDir,
     pub(crate) bb: String,
+    /// Its store directory (`/nix/store` unless made with [`Store::with_dir`]).
+    pub(crate) dir: StoreDir,
 }
 
 /// How a derivation is given to `drv`.
@@ -73,6 +75,11 @@ pub(crate) struct Spec<'a> {
 
 impl Store {
     pub(crate) fn new() -> Store {
+        Store::with_dir(StoreDir::default())
+    }
+
+    /// A store whose paths are named in `dir` (such as `/gnu/store`).
+    pub(crate) fn with_dir(dir: StoreDir) -> Store {
         let tmp = tempfile::tempdir().expect("tempdir");
         let src = tmp.path().join("src/busybox/bin");
         std::fs::create_dir_all(&src).expect("mkdir");
@@ -80,6 +87,7 @@ impl Store {
         let mut s = Store {
             tmp,
             bb: String::new(),
+            dir,
         };
         let out = support::run_ok(
             s.cmd()
@@ -95,7 +103,7 @@ impl Store {
     }
 
     pub(crate) fn loc(&self) -> StoreLocation {
-        StoreLocation::new(StoreDir::default(), self.root())
+        StoreLocation::new(self.dir.clone(), self.root())
     }
 
     pub(crate) fn cmd(&self) -> Command {
@@ -105,6 +113,9 @@ impl Store {
             .env_remove("SANDOFF_USER_POOL_DIR")
             .env_remove("SANDOFF_STORE_DIR")
             .env_remove("SANDOFF_STATE_DIR");
+        if self.dir != StoreDir::default() {
+            c.arg("--store-dir").arg(self.dir.as_str());
+        }
         c
     }
 
@@ -182,7 +193,7 @@ impl Store {
     }
 
     pub(crate) fn path(&self, full: &str) -> StorePath {
-        StoreDir::default().parse_path(full).expect("store path")
+        self.dir.parse_path(full).expect("store path")
     }
 
     /// The output paths of a `.drv`, by output name.

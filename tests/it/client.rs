@@ -182,6 +182,33 @@ fn refused_by(script: &str) -> ClientError {
 }
 
 #[test]
+fn client_recognises_a_server_of_another_store_dir() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let gnu = StoreDir::new("/gnu/store").expect("store dir");
+    let mut cmd = support::sandoff();
+    cmd.args([
+        "serve",
+        "--stdio",
+        "--write",
+        "--expect-store-dir",
+        "/gnu/store",
+    ])
+    .env("SANDOFF_STORE_ROOT", tmp.path())
+    .env_remove("SANDOFF_STORE_DIR")
+    .env_remove("SANDOFF_STATE_DIR");
+    let err = ServeClient::open(ChildTransport::spawn(cmd).expect("spawn"), gnu.clone())
+        .err()
+        .expect("refused");
+    match err {
+        ClientError::StoreDir(m) => {
+            assert_eq!(m.server, StoreDir::default());
+            assert_eq!(m.client, gnu);
+        }
+        e => panic!("wrong error: {e}"),
+    }
+}
+
+#[test]
 fn client_refuses_what_is_not_a_serve_server() {
     // A login banner where the magic should be.
     let err = refused_by("echo 'Welcome to host'; exec cat >/dev/null");

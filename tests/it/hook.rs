@@ -29,12 +29,20 @@ use crate::this_test;
 /// A store under a temporary directory.
 struct Local {
     tmp: TempDir,
+    /// Its store directory (`/nix/store` unless made with [`Local::with_dir`]).
+    dir: StoreDir,
 }
 
 impl Local {
     fn new() -> Local {
+        Local::with_dir(StoreDir::default())
+    }
+
+    /// A store whose paths are named in `dir` (Guix's `/gnu/store`).
+    fn with_dir(dir: StoreDir) -> Local {
         Local {
             tmp: tempfile::tempdir().expect("tempdir"),
+            dir,
         }
     }
 
@@ -43,7 +51,7 @@ impl Local {
     }
 
     fn loc(&self) -> StoreLocation {
-        StoreLocation::new(StoreDir::default(), self.root())
+        StoreLocation::new(self.dir.clone(), self.root())
     }
 
     fn cmd(&self) -> Command {
@@ -53,6 +61,9 @@ impl Local {
             .env_remove("SANDOFF_STORE_DIR")
             .env_remove("SANDOFF_STATE_DIR")
             .env_remove("SANDOFF_MACHINES");
+        if self.dir != StoreDir::default() {
+            c.arg("--store-dir").arg(self.dir.as_str());
+        }
         c
     }
 
@@ -108,9 +119,8 @@ impl Local {
     }
 
     fn out(&self, drv: &str) -> StorePath {
-        let dir = StoreDir::default();
         self.store()
-            .derivation_outputs(&dir.parse_path(drv).expect("drv path"))
+            .derivation_outputs(&self.dir.parse_path(drv).expect("drv path"))
             .expect("outputs")
             .remove("out")
             .expect("out")
@@ -1135,4 +1145,55 @@ fn guix_other_subcommands_run_the_real_guix_or_say_why_not() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn hook_declines_when_the_only_machine_has_another_store_dir() {
+    // A guix-daemon's hook (/gnu/store) and a machine serving /nix/store.
+    if !offload_ready(this_test!()) {
+        return;
+    }
+    let host = TestHost::start(45);
+    let s = Local::with_dir(StoreDir::new("/gnu/store").expect("store dir"));
+    trust(&s, &host);
+    let (drv, bb) = busybox_drv(&s, "gnu-hook", "echo x > $out");
+    let machines = s.machines(&format!("{}\n", host.machine_line()));
+    let machine = host.machine();
+    // The hook connects before it accepts: the machine refuses this
+    // client's store directory, goes into backoff, and the daemon gets
+    // the build back.
+    let out = talk(
+        &mut s.hook(Some(&machines)),
+        &request(true, "x86_64-linux", &drv, &[]),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# decline\n");
+    let err = text(&out.stderr);
+    assert!(err.contains("trying elsewhere"), "{err}");
+    assert!(
+        err.contains(
+            "store directory mismatch: the server's store is /nix/store, the client's is /gnu/store"
+        ),
+        "{err}"
+    );
+    let backoff = Backoff::new(&s.loc().state)
+        .state(&machine.name)
+        .expect("backoff")
+        .expect("in backoff");
+    assert!(backoff.active(std::time::SystemTime::now()));
+    assert!(
+        backoff.last_error.contains("/gnu/store"),
+        "{}",
+        backoff.last_error
+    );
+    assert_eq!(
+        SlotDir::new(&s.loc().state)
+            .in_use(&machine)
+            .expect("in use"),
+        0
+    );
+    // Nothing reached the machine's store.
+    assert!(!host.root().join("gnu").exists());
+    let bb = s.dir.parse_path(&bb).expect("store path");
+    assert!(!host.root().join("nix/store").join(bb.base_name()).exists());
 }

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 
 use sandoff::decide::nix_format::{self, NoIncludes};
 use sandoff::decide::Machine;
+use sandoff::store::StoreDir;
 use tempfile::TempDir;
 
 use crate::support::{self, Need};
@@ -66,6 +67,9 @@ pub struct HostConfig {
     /// Run sshd in network namespace `sandoff-th<index>` behind a veth pair
     /// (address 10.77.<index>.2), so the link can be cut.
     pub netns: bool,
+    /// The store directory the host names its paths in
+    /// (`TESTHOSTS_STORE_DIR`).
+    pub store_dir: StoreDir,
 }
 
 impl Default for HostConfig {
@@ -78,6 +82,7 @@ impl Default for HostConfig {
             features: Vec::new(),
             mandatory: Vec::new(),
             netns: false,
+            store_dir: StoreDir::default(),
         }
     }
 }
@@ -126,6 +131,12 @@ impl HostConfig {
         self.netns = true;
         self
     }
+
+    /// The same with its store in `dir` (such as `/gnu/store`).
+    pub fn store_dir(mut self, dir: &str) -> HostConfig {
+        self.store_dir = StoreDir::new(dir).expect("a store directory");
+        self
+    }
 }
 
 /// One sshd on 127.0.0.(1+index) with its own host key and store root;
@@ -143,6 +154,8 @@ pub struct TestHost {
     pub kind: HostKind,
     /// Its network namespace, if it has one.
     pub netns: Option<String>,
+    /// The store directory it names its paths in.
+    pub store_dir: StoreDir,
     index: u8,
 }
 
@@ -196,7 +209,8 @@ impl TestHost {
             .env("TESTHOSTS_SPEED", config.speed.to_string())
             .env("TESTHOSTS_FEATURES", config.features.join(","))
             .env("TESTHOSTS_MANDATORY", config.mandatory.join(","))
-            .env("TESTHOSTS_NETNS", if config.netns { "1" } else { "" });
+            .env("TESTHOSTS_NETNS", if config.netns { "1" } else { "" })
+            .env("TESTHOSTS_STORE_DIR", config.store_dir.as_str());
         support::run_ok(&mut cmd);
         let hosts = std::fs::read_to_string(dir.path().join("hosts")).expect("hosts file");
         let fields: Vec<&str> = hosts.split_whitespace().collect();
@@ -211,6 +225,7 @@ impl TestHost {
             port: fields[2].parse().expect("port"),
             kind: config.kind,
             netns,
+            store_dir: config.store_dir.clone(),
             index,
             dir,
         }
@@ -790,4 +805,31 @@ fn hosts_nix_host_builds_and_signs_for_a_nix_client() {
     let key_name = host.signing_public_key();
     let key_name = key_name.split(':').next().expect("name");
     assert!(info.contains(&format!(" {key_name}:")), "{info}");
+}
+
+#[test]
+fn hosts_serve_the_store_dir_they_are_given() {
+    if !support::require(this_test!(), NIX_NEEDS) {
+        return;
+    }
+    let gnu = HostConfig::default().store_dir("/gnu/store");
+    let host = TestHost::start_with(46, &gnu);
+    assert_eq!(host.store_dir.as_str(), "/gnu/store");
+    let out = support::run_ok(&mut host.ssh("echo $SANDOFF_STORE_DIR"));
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "/gnu/store");
+
+    // A Nix host's serve program passes its arguments on, so a client can
+    // ask where its store is.
+    let nix = TestHost::start_with(47, &HostConfig::nix().store_dir("/gnu/store"));
+    let probe = format!(
+        "{} --print-fixed-path sha256 {} sandoff-store-dir-probe",
+        nix.serve_program().display(),
+        "0".repeat(64)
+    );
+    let out = support::run_ok(&mut nix.ssh(&probe));
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        // As `NIX_STORE_DIR=/gnu/store nix-store --print-fixed-path ...` prints it.
+        "/gnu/store/i1f2fbgrqqcw1g54y32qk3cmzj5hscgj-sandoff-store-dir-probe"
+    );
 }

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use sandoff::store::StorePath;
+use sandoff::store::{StoreDir, StorePath};
 
 use crate::build::{
     assert_stderr_has, assert_terminal_safe, hostile_log_script, logical, ready, text, Spec, Store,
@@ -752,4 +752,179 @@ fn a_fixed_output_built_remotely_is_checked_and_keeps_its_content_address() {
         Some(format!("fixed:{}", hash.to_nix32_prefixed()))
     );
     assert_eq!(signers(&s, &s.out(&d)), [key_name(&h)].into());
+}
+
+/// `/gnu/store`.
+fn gnu() -> StoreDir {
+    StoreDir::new("/gnu/store").expect("store dir")
+}
+
+/// `sandoff machines test` over `machines`: its exit code and report.
+fn machines_test(s: &Store, machines: &Path) -> (Option<i32>, String) {
+    let t = s
+        .cmd()
+        .args(["machines", "test", "--machines", machines_arg(machines)])
+        .output()
+        .expect("run");
+    (t.status.code(), text(&t.stdout))
+}
+
+/// The mismatch names both directories, the machine's first.
+fn assert_names_both(text: &str, host: &str, client: &str) {
+    let said =
+        format!("store directory mismatch: the server's store is {host}, the client's is {client}");
+    assert!(text.contains(&said), "{said:?} not in: {text}");
+}
+
+/// Nothing of the client's store reached the host's: no `gnu/store` under
+/// its root, and none of `paths` in its `nix/store`.
+fn assert_nothing_sent(host: &TestHost, paths: &[&StorePath]) {
+    assert!(!host.root().join("gnu").exists(), "a /gnu/store appeared");
+    for p in paths {
+        assert!(
+            !host.root().join("nix/store").join(p.base_name()).exists(),
+            "{} was sent",
+            p.base_name()
+        );
+    }
+}
+
+#[test]
+fn a_gnu_store_client_sends_nothing_to_a_nix_store_host_and_builds_elsewhere() {
+    if !offload_ready(this_test!()) {
+        return;
+    }
+    let h = TestHost::start(41);
+    let s = Store::with_dir(gnu());
+    trust(&s, &h);
+    let machines = write_machines(&s, &[Entry::new(&h)]);
+
+    let (code, report) = machines_test(&s, &machines);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(report.contains("FAILED"), "{report}");
+    assert_names_both(&report, "/nix/store", "/gnu/store");
+
+    // The build goes local, the machine into backoff, and the log says why.
+    let d = leaf(&s, "gnu-leaf", &[]);
+    let out = build_with(&s, &machines, &d);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let built = s.out(&d);
+    assert!(signers(&s, &built).is_empty(), "built here");
+    assert!(s.real(&built).starts_with(s.root().join("gnu/store")));
+    let log = std::fs::read_to_string(s.loc().state.join("log").join(s.path(&d).base_name()))
+        .expect("log");
+    assert_names_both(&log, "/nix/store", "/gnu/store");
+    assert!(log.contains("placing the build again"), "{log}");
+    let status = machines_status(&s, &machines);
+    let b = &status[0]["backoff"];
+    assert_eq!(b["failures"], 1, "{status}");
+    assert_names_both(
+        b["lastError"].as_str().unwrap_or(""),
+        "/nix/store",
+        "/gnu/store",
+    );
+
+    let bb = s.path(&s.bb);
+    assert_nothing_sent(&h, &[&bb, &built, &s.path(&d)]);
+}
+
+#[test]
+fn a_gnu_store_host_builds_for_a_gnu_store_client() {
+    if !offload_ready(this_test!()) {
+        return;
+    }
+    let h = TestHost::start_with(42, &hosts::HostConfig::default().store_dir("/gnu/store"));
+    assert_eq!(h.store_dir, gnu());
+    let s = Store::with_dir(gnu());
+    trust(&s, &h);
+    let machines = write_machines(&s, &[Entry::new(&h)]);
+
+    let (code, report) = machines_test(&s, &machines);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(
+        report.contains(
+            "store directory /gnu/store, the same as here (checked by the machine's sandoff)"
+        ),
+        "{report}"
+    );
+    assert!(report.contains("--expect-store-dir /gnu/store"), "{report}");
+
+    let d = leaf(&s, "gnu-remote", &[]);
+    let out = build_with(&s, &machines, &d);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let built = s.out(&d);
+    assert_eq!(signers(&s, &built), [key_name(&h)].into());
+    assert_eq!(
+        std::fs::read_to_string(s.real(&built)).expect("read"),
+        "gnu-remote\n"
+    );
+    // It was built there, in the host's /gnu/store.
+    assert!(h.root().join("gnu/store").join(built.base_name()).exists());
+    let status = machines_status(&s, &machines);
+    assert!(status[0]["backoff"].is_null(), "{status}");
+}
+
+#[test]
+fn a_stock_nix_host_store_dir_is_learned_and_a_mismatch_refused() {
+    let test = this_test!();
+    if !offload_ready(test) || !support::require(test, hosts::NIX_NEEDS) {
+        return;
+    }
+    let nix_host = TestHost::start_nix(43);
+    let nix_key = |s: &Store| {
+        let key = s.tmp.path().join("nix-host.pub");
+        std::fs::write(&key, nix_host.signing_public_key()).expect("write key");
+        support::run_ok(s.cmd().args(["key", "authorize"]).arg(&key));
+    };
+    let probe = format!("{} --print-fixed-path", nix_host.serve_program().display());
+
+    // A client of the same directory: learned, and the test passes.
+    let same = Store::new();
+    nix_key(&same);
+    let machines = same.tmp.path().join("machines");
+    std::fs::write(&machines, nix_host.machine_line()).expect("write machines");
+    let (code, report) = machines_test(&same, &machines);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(
+        report.contains("store directory /nix/store, the same as here (learned with '"),
+        "{report}"
+    );
+    assert!(report.contains(&probe), "{report}");
+
+    // A /gnu/store client: refused before anything is sent, naming both.
+    let s = Store::with_dir(gnu());
+    nix_key(&s);
+    let machines = s.tmp.path().join("machines");
+    std::fs::write(&machines, nix_host.machine_line()).expect("write machines");
+    let (code, report) = machines_test(&s, &machines);
+    assert_eq!(code, Some(1), "{report}");
+    assert_names_both(&report, "/nix/store", "/gnu/store");
+    let d = leaf(&s, "not-on-nix", &[]);
+    let out = build_with(&s, &machines, &d);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let built = s.out(&d);
+    assert!(signers(&s, &built).is_empty(), "built here");
+    let status = machines_status(&s, &machines);
+    assert_eq!(status[0]["backoff"]["failures"], 1, "{status}");
+    assert_names_both(
+        status[0]["backoff"]["lastError"].as_str().unwrap_or(""),
+        "/nix/store",
+        "/gnu/store",
+    );
+    let bb = s.path(&s.bb);
+    assert_nothing_sent(&nix_host, &[&bb, &built, &s.path(&d)]);
+
+    // A Nix host serving /gnu/store: its directory learned, the test passes.
+    let gnu_host = TestHost::start_with(44, &hosts::HostConfig::nix().store_dir("/gnu/store"));
+    let key = s.tmp.path().join("gnu-host.pub");
+    std::fs::write(&key, gnu_host.signing_public_key()).expect("write key");
+    support::run_ok(s.cmd().args(["key", "authorize"]).arg(&key));
+    let machines = s.tmp.path().join("machines-gnu");
+    std::fs::write(&machines, gnu_host.machine_line()).expect("write machines");
+    let (code, report) = machines_test(&s, &machines);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(
+        report.contains("store directory /gnu/store, the same as here (learned with '"),
+        "{report}"
+    );
 }

@@ -1019,3 +1019,41 @@ fn serve_builds_for_nix_2_8_build_remote() {
         .expect("valid on the host");
     assert_eq!(info.signatures.len(), 1, "{:?}", info.signatures);
 }
+
+#[test]
+fn serve_refuses_a_client_of_another_store_dir_before_the_handshake() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("root");
+    let mut hello = Vec::new();
+    wire::write_u64(&mut hello, SERVE_MAGIC_1).expect("vec");
+    wire::write_u64(&mut hello, 0x207).expect("vec");
+    let serve = |dir: &str| {
+        let mut c = support::sandoff();
+        c.env_remove("SANDOFF_STORE_DIR")
+            .arg("--store-root")
+            .arg(&root)
+            .args(["serve", "--stdio", "--write", "--expect-store-dir", dir]);
+        support::output_with_input(&mut c, &hello)
+    };
+    let out = serve("/gnu/store");
+    assert_eq!(out.status.code(), Some(1));
+    // Not a byte of the protocol, one line naming both directories, and
+    // the store was not even opened.
+    assert!(out.stdout.is_empty(), "{:x?}", out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err,
+        "sandoff: store directory mismatch: the server's store is /nix/store, \
+         the client's is /gnu/store\n"
+    );
+    assert!(!root.exists(), "opened the store");
+
+    // The same directory: served as ever.
+    let out = serve("/nix/store");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(after_handshake(&out.stdout).is_empty());
+}

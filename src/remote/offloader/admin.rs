@@ -104,7 +104,8 @@ impl Offloader {
     }
 
     /// Checks that `machine` can take builds, as `guix offload test`:
-    /// connect (host key verified), start its serve program, send a fresh
+    /// connect (host key verified), agree on the store directory (a
+    /// mismatch fails the test, naming both), start its serve program, send a fresh
     /// small path signed with this machine's key, see it valid there, and
     /// fetch it back intact.
     pub fn test_machine(
@@ -118,9 +119,19 @@ impl Offloader {
         report.passed.push(format!(
             "connected to {} (host key verified) and started '{}' (serve protocol 2.{})",
             conn.session.host(),
-            remote_command(machine),
+            remote_command(machine, &self.dir),
             conn.client.minor()
         ));
+        report.passed.push(match &conn.store_dir_check {
+            StoreDirCheck::ByServer => format!(
+                "store directory {}, the same as here (checked by the machine's sandoff)",
+                self.dir
+            ),
+            StoreDirCheck::Probed { command } => format!(
+                "store directory {}, the same as here (learned with '{command}')",
+                self.dir
+            ),
+        });
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()

@@ -9,7 +9,9 @@
 //! there:
 //!
 //! 1. reuse an idle connection to the machine, or connect (SSH, host key
-//!    verified) and start its serve program;
+//!    verified), agree on the store directory (see
+//!    [`remote_command`](crate::remote::ssh::remote_command)) and start its
+//!    serve program;
 //! 2. ask which paths of the input closure it lacks, and send those in one
 //!    export stream, dependencies first, each signed with this machine's key;
 //! 3. `BuildDerivation` with the input closure, the same max-silent-time and
@@ -19,7 +21,8 @@
 //!    hashes, and register all outputs in one transaction.
 //!
 //! Failures are classified ([`OffloadError::retry_elsewhere`]): the
-//! machine could not be reached, refused us, or the link died — the machine
+//! machine could not be reached, refused us, has another store directory,
+//! or the link died — the machine
 //! goes into backoff and the derivation is placed again (another machine,
 //! or local); the build itself failed there, or its outputs were refused —
 //! the build fails, with the remote log.
@@ -36,10 +39,10 @@ use std::time::{Duration, Instant};
 use super::backoff::{Backoff, BackoffError};
 use super::client::ClientError;
 use super::slots::{Slot, SlotDir, SlotError};
-use super::ssh::{SshError, SshOptions};
+use super::ssh::{ProbeError, SshError, SshOptions};
 use crate::decide::{Machine, MachineName};
 use crate::derivation::Derivation;
-use crate::serve_protocol::{BuildOptions, BuildResult};
+use crate::serve_protocol::{BuildOptions, BuildResult, StoreDirMismatch};
 use crate::store::export::ExportError;
 use crate::store::keyring::{Keyring, KeyringError};
 use crate::store::local::{LocalStore, PathLocks, StoreError};
@@ -71,6 +74,23 @@ pub enum OffloadError {
         command: String,
         #[source]
         source: ClientError,
+    },
+    /// The machine's store directory is not this client's: every path
+    /// would be misnamed there, so nothing was sent.
+    #[error("'{machine}' cannot build for this store: {source} (list it only for clients of {})", source.server)]
+    StoreDir {
+        machine: MachineName,
+        #[source]
+        source: Box<StoreDirMismatch>,
+    },
+    /// The store directory of a stock Nix machine could not be learned,
+    /// so nothing was sent.
+    #[error("cannot learn the store directory of '{machine}' with '{command}': {source}")]
+    StoreDirProbe {
+        machine: MachineName,
+        command: String,
+        #[source]
+        source: Box<ProbeError>,
     },
     /// The session broke while the build was under way.
     #[error("lost the connection to '{machine}' while {during}: {source}")]
@@ -135,7 +155,13 @@ impl OffloadError {
     pub fn retry_elsewhere(&self) -> bool {
         match self {
             OffloadError::Ssh(e) => e.is_machine_failure(),
-            OffloadError::Session { .. } | OffloadError::Lost { .. } => true,
+            // A machine of another store directory is as useless to this
+            // client as one that is down: backoff, and the build goes
+            // elsewhere (or, in the hook, the request is declined).
+            OffloadError::Session { .. }
+            | OffloadError::Lost { .. }
+            | OffloadError::StoreDir { .. }
+            | OffloadError::StoreDirProbe { .. } => true,
             _ => false,
         }
     }
@@ -310,7 +336,7 @@ mod pool;
 
 pub use admin::{parse_status, MachineStatus, TestReport};
 pub use placement::observed_state;
-pub use pool::Conn;
+pub use pool::{Conn, StoreDirCheck};
 
 #[cfg(test)]
 mod tests {

@@ -1,8 +1,12 @@
 //! Connections to machines, kept idle between builds and reused.
 
 use crate::decide::Machine;
-use crate::remote::client::ServeClient;
-use crate::remote::ssh::{remote_command, SshChannel, SshOptions, SshSession};
+use crate::remote::client::{ClientError, ServeClient};
+use crate::remote::ssh::{
+    parse_store_dir_probe, remote_command, store_dir_probe, ProbeError, SshChannel, SshOptions,
+    SshSession,
+};
+use crate::serve_protocol::StoreDirMismatch;
 use crate::store::StoreDir;
 
 use super::*;
@@ -13,21 +17,83 @@ pub struct Conn {
     pub client: ServeClient<SshChannel>,
     /// The SSH connection it runs over.
     pub session: SshSession,
+    /// How the machine's store directory was found to be the client's.
+    pub store_dir_check: StoreDirCheck,
+}
+
+/// How a connection made sure that the machine's store directory is the
+/// client's, before anything was sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreDirCheck {
+    /// sandoff on the machine checked it (`--expect-store-dir`).
+    ByServer,
+    /// This command, run first, printed it (a stock Nix machine).
+    Probed { command: String },
 }
 
 /// Connects to `machine` and opens a serve session with its serve program,
-/// for paths in the store directory `dir`.
+/// for paths in the store directory `dir`, once the machine's store
+/// directory is known to be `dir`.
 fn connect(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Conn, OffloadError> {
     let session = SshSession::connect(machine, ssh)?;
-    let command = remote_command(machine);
+    let store_dir_check = match store_dir_probe(machine) {
+        Some(probe) => {
+            let theirs = probe_store_dir(&session, machine, &probe)?;
+            if &theirs != dir {
+                return Err(OffloadError::StoreDir {
+                    machine: machine.name.clone(),
+                    source: Box::new(StoreDirMismatch {
+                        server: theirs,
+                        client: dir.clone(),
+                    }),
+                });
+            }
+            StoreDirCheck::Probed { command: probe }
+        }
+        None => StoreDirCheck::ByServer,
+    };
+    let command = remote_command(machine, dir);
     let channel = session.exec(&command)?;
-    let client =
-        ServeClient::open(channel, dir.clone()).map_err(|source| OffloadError::Session {
+    let client = ServeClient::open(channel, dir.clone()).map_err(|source| match source {
+        ClientError::StoreDir(source) => OffloadError::StoreDir {
+            machine: machine.name.clone(),
+            source: Box::new(source),
+        },
+        source => OffloadError::Session {
             machine: machine.name.clone(),
             command: command.clone(),
             source,
-        })?;
-    Ok(Conn { client, session })
+        },
+    })?;
+    Ok(Conn {
+        client,
+        session,
+        store_dir_check,
+    })
+}
+
+/// The store directory of `machine`'s serve program, from what `probe`
+/// (see [`store_dir_probe`]) prints there.
+fn probe_store_dir(
+    session: &SshSession,
+    machine: &Machine,
+    probe: &str,
+) -> Result<StoreDir, OffloadError> {
+    let failed = |source| OffloadError::StoreDirProbe {
+        machine: machine.name.clone(),
+        command: probe.to_owned(),
+        source: Box::new(source),
+    };
+    let (out, err, status) = session.run(probe)?;
+    if status != 0 {
+        let err = String::from_utf8_lossy(&err);
+        let lines: Vec<&str> = err.trim().lines().collect();
+        return Err(failed(ProbeError::Failed {
+            status,
+            stderr: lines[lines.len().saturating_sub(3)..].join("; "),
+        }));
+    }
+    parse_store_dir_probe(&out).map_err(failed)
 }
 
 impl Offloader {

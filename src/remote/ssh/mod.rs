@@ -25,7 +25,8 @@
 //! One file per job: `session` connects, checks the host key and logs
 //! in; `channel` carries one remote process's stdio; `host_key` is the
 //! pure side of host keys (parsing, known_hosts lines, the mismatch
-//! message); `command` is the remote command line and its quoting.
+//! message); `command` is the remote command line and its quoting, and
+//! how the store directory is agreed before the serve session starts.
 
 use std::io;
 use std::path::PathBuf;
@@ -39,7 +40,7 @@ mod host_key;
 mod session;
 
 pub use channel::SshChannel;
-pub use command::remote_command;
+pub use command::{parse_store_dir_probe, remote_command, store_dir_probe, ProbeError};
 pub use session::SshSession;
 
 /// The most stdout (and stderr) [`SshSession::run`] takes from a command.
