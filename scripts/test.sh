@@ -21,6 +21,16 @@ else
     echo "not root or no apt-get: not installing ${packages[*]}; tests needing them print SKIP" >&2
 fi
 
+# A real guix-daemon 1.4.0 for the hook tests, built once from the kit in
+# ../shared (with the Guile client modules it needs) and cached.
+kit_script=../shared/guix-daemon/build.sh
+export SANDOFF_GUIX_KIT=${SANDOFF_GUIX_KIT:-/var/tmp/guix-kit}
+if [ "$(id -u)" = 0 ] && [ -f "$kit_script" ]; then
+    bash "$kit_script" "$SANDOFF_GUIX_KIT" >/dev/null
+else
+    echo "no $kit_script or not root: not building guix-daemon; its tests print SKIP" >&2
+fi
+
 cargo build --locked --all-targets
 # The fuzz targets (cargo-fuzz crate) must keep compiling against the library.
 cargo check --quiet --manifest-path fuzz/Cargo.toml

@@ -6,6 +6,7 @@ mod client;
 mod daemon_store;
 mod decide;
 mod derivation;
+mod guix_daemon;
 mod hook;
 mod hosts;
 mod keyring;
