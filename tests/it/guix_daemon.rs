@@ -238,4 +238,67 @@ fn guix_daemon_offloads_to_sandoff_and_gets_valid_outputs() {
         )
         .expect("query");
     assert_eq!(count, 1);
+    drop(daemon);
+
+    // A host that dies mid-build: the build finishes on the other one.
+    let other = TestHost::start_with(61, &HostConfig::default().store_dir("/gnu/store"));
+    support::run_ok(
+        support::sandoff()
+            .arg("--state-dir")
+            .arg(dir.join("sandoff"))
+            .args(["key", "authorize"])
+            .arg(other.home.join("signing-key.pub")),
+    );
+    // The first host is preferred (faster), one build at a time each.
+    let line = |h: &TestHost, speed: &str| {
+        let mut f: Vec<String> = h
+            .machine_line()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        f[3] = "1".to_owned();
+        f[4] = speed.to_owned();
+        f.join(" ")
+    };
+    std::fs::write(
+        &machines,
+        format!("{}\n{}\n", line(&host, "4"), line(&other, "1")),
+    )
+    .expect("machines");
+    let daemon = Daemon::start(dir, 0, &machines);
+    let t = tag("failover");
+    let script = "echo started; sleep 20; mkdir $out; echo done > $out/greeting";
+    let client = std::thread::scope(|scope| {
+        let client = scope.spawn(|| daemon.build(&t, script));
+        // Started on the first host once its build directory exists; then
+        // the host dies (sshd and the build with it).
+        let builds = host.root().join("nix/var/sandoff/builds");
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !std::fs::read_dir(&builds).is_ok_and(|mut d| d.next().is_some()) {
+            assert!(
+                Instant::now() < deadline,
+                "the build never started on the first host"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        host.kill();
+        client.join().expect("client")
+    });
+    let (out, output) = client;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    let base = Path::new(&output).file_name().expect("name").to_owned();
+    assert!(
+        other.root().join("gnu/store").join(&base).exists(),
+        "built on the other host: {said}"
+    );
+    let count: i64 = daemon
+        .db()
+        .query_row(
+            "select count(*) from ValidPaths where path = ?",
+            [&output],
+            |r| r.get(0),
+        )
+        .expect("query");
+    assert_eq!(count, 1);
 }
