@@ -143,3 +143,57 @@ fn a_nix_daemon_store_is_shared_with_nix_without_a_state_directory_of_its_own() 
     assert!(String::from_utf8_lossy(&hash).starts_with("sha256:"));
     assert!(!tmp.path().join("sandoff-state/db").exists());
 }
+
+#[test]
+fn sandoff_builds_into_a_guix_daemon_store() {
+    if !crate::build::ready(this_test!()) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("root");
+    let state = guix_daemon_state(&root);
+    let cmd = || {
+        let mut c = sandoff_on_guix(&root, &state);
+        c.env_remove("SANDOFF_USER_POOL_DIR");
+        c
+    };
+    let src = tmp.path().join("busybox");
+    fs::create_dir_all(src.join("bin")).expect("mkdir");
+    fs::copy("/bin/busybox", src.join("bin/busybox")).expect("busybox");
+    let bb = support::run_ok(cmd().args(["store", "add"]).arg(&src));
+    let bb = String::from_utf8(bb).expect("utf8").trim().to_owned();
+    let builder = format!("{bb}/bin/busybox");
+    let drv = support::derivation_add(
+        &mut cmd(),
+        &serde_json::json!({
+            "outputs": {"out": {"path": ""}},
+            "inputSrcs": [bb],
+            "inputDrvs": {},
+            "system": "x86_64-linux",
+            "builder": builder,
+            "args": ["sh", "-c", "echo built-in-a-guix-store > $out"],
+            "env": {"name": "in-guix", "builder": builder, "system": "x86_64-linux", "out": ""},
+        }),
+    );
+    let out = support::run_ok(cmd().args(["build", &drv]));
+    let out = String::from_utf8(out).expect("utf8").trim().to_owned();
+    assert!(out.starts_with("/gnu/store/"), "{out}");
+    let conn = rusqlite::Connection::open(state.join("db/db.sqlite")).expect("db");
+    let deriver: String = conn
+        .query_row(
+            "select deriver from ValidPaths where path = ?",
+            [&out],
+            |r| r.get(0),
+        )
+        .expect("the output is valid in guix-daemon's database");
+    assert_eq!(deriver, drv);
+    let outputs: i64 = conn
+        .query_row(
+            "select count(*) from DerivationOutputs where path = ?",
+            [&out],
+            |r| r.get(0),
+        )
+        .expect("query");
+    assert_eq!(outputs, 1, "the derivation's outputs are recorded");
+    assert!(!root.join("sandoff/db").exists());
+}
