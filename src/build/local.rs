@@ -107,22 +107,10 @@ fn realise_one_here(
     r.map(|()| StepOutcome::Built)
 }
 
-/// Builds `drv` under `locks` (which must cover its outputs) and registers
-/// its outputs; see the module docs of [`crate::build`]. Warnings about
-/// machines go to `events`.
-pub fn build_locked(
-    ctx: &BuildContext<'_>,
-    drv_path: &StorePath,
-    drv: &Derivation,
-    locks: &PathLocks,
-    log: &mut LogSink,
-    events: &Sender<Event>,
-) -> Result<(), BuildError> {
-    build_somewhere_locked(ctx, drv_path, drv, locks, log, events)
-        .map_err(|kind| BuildError::new(&ctx.store.location().dir, drv_path, kind))
-}
-
-/// [`build_locked`], its failure without the derivation it is about.
+/// Builds `drv` under `locks` (which must cover its outputs), here or on a
+/// machine, and registers its outputs; see the module docs of
+/// [`crate::build`]. Warnings about machines go to `events`. The failure
+/// leaves out the derivation it is about: [`realise_one`] adds it.
 fn build_somewhere_locked(
     ctx: &BuildContext<'_>,
     drv_path: &StorePath,

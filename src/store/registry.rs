@@ -231,16 +231,7 @@ impl Registry {
                 source,
             }
         };
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let mut conn = Connection::open_with_flags(&db, flags).map_err(sql("opening"))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(sql("setting busy timeout"))?;
-        // The same pragmas as Nix 2.8's openDB (fsync-metadata and
-        // use-sqlite-wal at their defaults).
-        conn.execute_batch("pragma foreign_keys = 1; pragma synchronous = normal;")
-            .map_err(sql("setting pragmas"))?;
+        let mut conn = connect(&db, true)?;
         let is_wal = |conn: &Connection| -> Result<bool, RegistryError> {
             let mode: String = conn
                 .query_row("pragma main.journal_mode", [], |r| r.get(0))
@@ -308,21 +299,8 @@ impl Registry {
                 found,
             });
         }
-        let db_ref = &db;
-        let sql = |what| {
-            move |source| RegistryError::Sqlite {
-                db: db_ref.clone(),
-                what,
-                source,
-            }
-        };
         // No CREATE: a missing file is an error, not a new database.
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(&db, flags).map_err(sql("opening"))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(sql("setting busy timeout"))?;
-        conn.execute_batch("pragma foreign_keys = 1; pragma synchronous = normal;")
-            .map_err(sql("setting pragmas"))?;
+        let conn = connect(&db, false)?;
         let columns = read_columns(&conn, &db)?;
         Ok(Registry {
             conn: Mutex::new(conn),
@@ -791,6 +769,29 @@ fn insert_outputs(
         .execute(params![drv_id, name, dir.display(out)])?;
     }
     Ok(())
+}
+
+/// A connection to the database at `db` (created when `create`) with the
+/// busy timeout and pragmas of Nix 2.8's `openDB` (fsync-metadata and
+/// use-sqlite-wal at their defaults), which guix-daemon's are too.
+fn connect(db: &Path, create: bool) -> Result<Connection, RegistryError> {
+    let sql = |what| {
+        move |source| RegistryError::Sqlite {
+            db: db.to_owned(),
+            what,
+            source,
+        }
+    };
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn = Connection::open_with_flags(db, flags).map_err(sql("opening"))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(sql("setting busy timeout"))?;
+    conn.execute_batch("pragma foreign_keys = 1; pragma synchronous = normal;")
+        .map_err(sql("setting pragmas"))?;
+    Ok(conn)
 }
 
 /// The optional columns of `ValidPaths` in the database at `db`: all three

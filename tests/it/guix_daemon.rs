@@ -137,6 +137,18 @@ fn guix_setup(dir: &Path) {
     std::fs::copy("/bin/busybox", bb.join("busybox")).expect("busybox");
 }
 
+/// Trusts `host`'s signing key in the hook's state (the daemon's
+/// `SANDOFF_STATE_DIR`).
+fn trust(dir: &Path, host: &TestHost) {
+    support::run_ok(
+        support::sandoff()
+            .arg("--state-dir")
+            .arg(dir.join("sandoff"))
+            .args(["key", "authorize"])
+            .arg(host.home.join("signing-key.pub")),
+    );
+}
+
 /// A tag no earlier run used: `/gnu/store` outlives the test's daemon.
 fn tag(what: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -157,13 +169,7 @@ fn guix_daemon_offloads_to_sandoff_and_gets_valid_outputs() {
     let host = TestHost::start_with(60, &HostConfig::default().store_dir("/gnu/store"));
     let machines = dir.join("machines");
     std::fs::write(&machines, format!("{}\n", host.machine_line())).expect("machines");
-    support::run_ok(
-        support::sandoff()
-            .arg("--state-dir")
-            .arg(dir.join("sandoff"))
-            .args(["key", "authorize"])
-            .arg(host.home.join("signing-key.pub")),
-    );
+    trust(dir, &host);
 
     // --max-jobs=0: the daemon relies on its hook.
     let daemon = Daemon::start(dir, 0, &machines);
@@ -242,13 +248,7 @@ fn guix_daemon_offloads_to_sandoff_and_gets_valid_outputs() {
 
     // A host that dies mid-build: the build finishes on the other one.
     let other = TestHost::start_with(61, &HostConfig::default().store_dir("/gnu/store"));
-    support::run_ok(
-        support::sandoff()
-            .arg("--state-dir")
-            .arg(dir.join("sandoff"))
-            .args(["key", "authorize"])
-            .arg(other.home.join("signing-key.pub")),
-    );
+    trust(dir, &other);
     // The first host is preferred (faster), one build at a time each.
     let line = |h: &TestHost, speed: &str| {
         let mut f: Vec<String> = h
