@@ -272,14 +272,7 @@ impl Registry {
         }
         conn.execute_batch("pragma wal_autocheckpoint = 40000;")
             .map_err(sql("setting autocheckpoint interval"))?;
-        let columns = read_columns(&conn, &db)?;
-        Ok(Registry {
-            conn: Mutex::new(conn),
-            db,
-            dir,
-            columns,
-            statements: Statements::for_columns(columns),
-        })
+        Registry::over(conn, db, dir)
     }
 
     /// Opens a daemon's existing database, `<db_dir>/db.sqlite` (guix-daemon's
@@ -301,6 +294,12 @@ impl Registry {
         }
         // No CREATE: a missing file is an error, not a new database.
         let conn = connect(&db, false)?;
+        Registry::over(conn, db, dir)
+    }
+
+    /// The registry over an open connection to `db`, with the statements
+    /// for the columns it has.
+    fn over(conn: Connection, db: PathBuf, dir: StoreDir) -> Result<Registry, RegistryError> {
         let columns = read_columns(&conn, &db)?;
         Ok(Registry {
             conn: Mutex::new(conn),

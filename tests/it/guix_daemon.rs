@@ -97,6 +97,18 @@ impl Daemon {
         (out, output)
     }
 
+    /// Whether `path` is valid in the daemon's database.
+    fn is_valid(&self, path: &str) -> bool {
+        self.db()
+            .query_row(
+                "select count(*) from ValidPaths where path = ?",
+                [path],
+                |r| r.get::<_, i64>(0),
+            )
+            .expect("query")
+            == 1
+    }
+
     /// The daemon's database.
     fn db(&self) -> rusqlite::Connection {
         rusqlite::Connection::open(self.dir.join("var/db/db.sqlite")).expect("guix-daemon's db")
@@ -235,15 +247,10 @@ fn guix_daemon_offloads_to_sandoff_and_gets_valid_outputs() {
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{said}");
     assert!(!said.contains("on 'ssh://"), "{said}");
-    let count: i64 = daemon
-        .db()
-        .query_row(
-            "select count(*) from ValidPaths where path = ?",
-            [&output],
-            |r| r.get(0),
-        )
-        .expect("query");
-    assert_eq!(count, 1);
+    assert!(
+        daemon.is_valid(&output),
+        "{output} is not valid in the daemon's database"
+    );
     drop(daemon);
 
     // A host that dies mid-build: the build finishes on the other one.
@@ -292,13 +299,8 @@ fn guix_daemon_offloads_to_sandoff_and_gets_valid_outputs() {
         other.root().join("gnu/store").join(&base).exists(),
         "built on the other host: {said}"
     );
-    let count: i64 = daemon
-        .db()
-        .query_row(
-            "select count(*) from ValidPaths where path = ?",
-            [&output],
-            |r| r.get(0),
-        )
-        .expect("query");
-    assert_eq!(count, 1);
+    assert!(
+        daemon.is_valid(&output),
+        "{output} is not valid in the daemon's database"
+    );
 }
