@@ -640,13 +640,25 @@ impl Registry {
         path: &StorePath,
         sigs: &BTreeSet<Signature>,
     ) -> Result<(), RegistryError> {
+        self.update_valid(path, |tx, id, full| {
+            self.merge_signatures(tx, id, full, sigs)
+        })
+    }
+
+    /// Runs `update` on the valid `path` (its id and full path) in one write
+    /// transaction, committed when it succeeds.
+    fn update_valid(
+        &self,
+        path: &StorePath,
+        update: impl FnOnce(&Transaction<'_>, i64, &str) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
         let full = self.dir.display(path);
         let mut conn = self.lock();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sql("starting transaction"))?;
         let id = self.valid_id(&tx, &full)?;
-        self.merge_signatures(&tx, id, &full, sigs)?;
+        update(&tx, id, &full)?;
         tx.commit().map_err(self.sql("committing transaction"))
     }
 
@@ -719,15 +731,9 @@ impl Registry {
         drv: &StorePath,
         outputs: &BTreeMap<String, StorePath>,
     ) -> Result<(), RegistryError> {
-        let full = self.dir.display(drv);
-        let mut conn = self.lock();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(self.sql("starting transaction"))?;
-        let id = self.valid_id(&tx, &full)?;
-        insert_outputs(&tx, id, &self.dir, outputs)
-            .map_err(self.sql("adding derivation output"))?;
-        tx.commit().map_err(self.sql("committing transaction"))
+        self.update_valid(drv, |tx, id, _| {
+            insert_outputs(tx, id, &self.dir, outputs).map_err(self.sql("adding derivation output"))
+        })
     }
 
     /// Removes `path` from the registry (its files are left alone). Fails

@@ -534,15 +534,8 @@ fn hook_postpones_when_every_slot_is_busy_and_the_daemon_is_not_willing() {
     let x86 = s.drv("x86", "x86_64-linux", &[]);
     let gpu = s.drv("gpu", "x86_64-linux", &["gpu"]);
     let machines = s.machines("ssh://busy.invalid x86_64-linux - 1 1 gpu\n");
-    let machine = sandoff::decide::file::load(&machines, "x86_64-linux")
-        .expect("machines")
-        .remove(0);
     // Its one slot is held by this process, as a running build would.
-    let slots = SlotDir::new(&s.loc().state);
-    let slot = slots
-        .try_acquire(&machine)
-        .expect("slot files")
-        .expect("a free slot");
+    let (slots, machine, slot) = hold_first_slot(&s, &machines);
     let input = [
         // Not willing: wait for the machine.
         request(false, "x86_64-linux", &x86, &[]),
@@ -624,10 +617,7 @@ fn hook_declines_when_the_only_machine_cannot_be_reached() {
         &mut s.hook(Some(&machines)),
         &request(true, "x86_64-linux", &x86, &[]),
     );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "# decline\n");
-    let err = text(&out.stderr);
-    assert!(err.contains("trying elsewhere"), "{err}");
+    assert_declined_after_trying(&out);
     let backoff = Backoff::new(&s.loc().state);
     assert!(backoff
         .state(&machine.name)
@@ -990,6 +980,38 @@ fn hook_builds_two_hooks_sharing_nix_current_load_take_turns() {
 // ---------------------------------------------------------------------------
 // As `guix`: a symlink named guix, as guix-daemon's GUIX points at.
 
+/// Takes a slot of the first machine of the machines file `file`, in
+/// `s`'s slot directory, as a running build holds it; with the directory
+/// and the machine.
+fn hold_first_slot(
+    s: &Local,
+    file: &Path,
+) -> (
+    SlotDir,
+    sandoff::decide::Machine,
+    sandoff::remote::slots::Slot,
+) {
+    let machine = sandoff::decide::file::load(file, "x86_64-linux")
+        .expect("machines")
+        .remove(0);
+    let slots = SlotDir::new(&s.loc().state);
+    let slot = slots
+        .try_acquire(&machine)
+        .expect("slot files")
+        .expect("a free slot");
+    (slots, machine, slot)
+}
+
+/// The hook declined after its machine failed it (so the daemon builds it
+/// or asks again); what it said.
+fn assert_declined_after_trying(out: &std::process::Output) -> String {
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "# decline\n");
+    let err = text(&out.stderr);
+    assert!(err.contains("trying elsewhere"), "{err}");
+    err
+}
+
 /// A `guix` symlink to sandoff in `s`, and a command running it with only
 /// the variables the test sets.
 fn as_guix(s: &Local) -> (PathBuf, impl Fn(&[&str]) -> Command + '_) {
@@ -1051,14 +1073,7 @@ fn guix_offload_is_the_hook_with_guix_machines_and_store() {
          (host-key \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq2fX0nq9pZf1vLrJmXh3D7kY1w2n5m0fWQm9p4b1sT\")))\n",
     )
     .expect("machines.scm");
-    let machine = sandoff::decide::file::load(&etc.join("machines.scm"), "x86_64-linux")
-        .expect("machines.scm")
-        .remove(0);
-    let slots = SlotDir::new(&s.loc().state);
-    let slot = slots
-        .try_acquire(&machine)
-        .expect("slot files")
-        .expect("a free slot");
+    let (_, _, slot) = hold_first_slot(&s, &etc.join("machines.scm"));
 
     let (_, guix) = as_guix(&s);
     let offload = ["offload", "x86_64-linux", "0", "0", "0"];
@@ -1166,10 +1181,7 @@ fn hook_declines_when_the_only_machine_has_another_store_dir() {
         &mut s.hook(Some(&machines)),
         &request(true, "x86_64-linux", &drv, &[]),
     );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "# decline\n");
-    let err = text(&out.stderr);
-    assert!(err.contains("trying elsewhere"), "{err}");
+    let err = assert_declined_after_trying(&out);
     assert!(
         err.contains(
             "store directory mismatch: the server's store is /nix/store, the client's is /gnu/store"
