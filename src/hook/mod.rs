@@ -59,6 +59,7 @@
 //! failed remote build, [`EXIT_TIMED_OUT`] (101) for a timeout, 1 for
 //! anything else (the daemon's transient "hook failure").
 
+pub mod nix;
 pub mod offload;
 
 use std::collections::BTreeSet;
