@@ -79,6 +79,8 @@ pub enum HookRunError {
     Offload(#[from] OffloadError),
     #[error(transparent)]
     Build(#[from] Box<BuildError>),
+    #[error("the daemon wants output '{name}', which '{drv}' does not have")]
+    NotAnOutputName { name: String, drv: String },
     #[error("'{path}' in the outputs line is not an output of '{drv}'")]
     NotAnOutput { path: String, drv: String },
     #[error("'{path}' is not valid after building '{drv}' on '{machine}'")]
@@ -97,6 +99,34 @@ pub enum HookRunError {
         #[source]
         source: Box<SomewhereError>,
     },
+}
+
+impl Accepted {
+    /// The chosen machine's store URI (nix-daemon 2.x shows it).
+    pub fn store_uri(&self) -> &str {
+        &self.machine.store_uri
+    }
+
+    /// The store paths of the outputs `names` (nix-daemon 2.x names the
+    /// outputs it wants; Nix 1.x and Guix send their paths).
+    pub fn outputs_named(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeSet<StorePath>, HookRunError> {
+        let paths = self.drv.output_paths();
+        names
+            .iter()
+            .map(|name| {
+                paths
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| HookRunError::NotAnOutputName {
+                        name: name.clone(),
+                        drv: self.drv_path.to_string(),
+                    })
+            })
+            .collect()
+    }
 }
 
 /// The answer to one request. `machines` reads the machines file, again
