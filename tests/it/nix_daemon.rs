@@ -110,6 +110,17 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// `nix-store -r DRV`, its output.
+    fn realise(&self, drv: &str) -> std::process::Output {
+        support::output_or_kill(
+            self.client("nix-store")
+                .args(["-r", drv])
+                .stdin(Stdio::null()),
+        )
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -155,12 +166,7 @@ fn nix_daemon_2_8_offloads_to_sandoff_and_gets_signed_valid_outputs() {
         "offloaded",
         "echo hello from the machine; echo built > $out",
     );
-    let out = daemon
-        .client("nix-store")
-        .args(["-r", &drv, "--max-jobs", "0"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("nix-store -r");
+    let out = daemon.realise(&drv);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     let daemon_err = std::fs::read_to_string(dir.join("daemon.err")).unwrap_or_default();
     assert!(out.status.success(), "{said}\ndaemon: {daemon_err}");
@@ -183,6 +189,29 @@ fn nix_daemon_2_8_offloads_to_sandoff_and_gets_signed_valid_outputs() {
     let sigs = info[0]["signatures"].to_string();
     assert!(sigs.contains(&format!("\"{key_name}:")), "{info}");
     assert_eq!(info[0]["deriver"].as_str(), Some(drv.as_str()), "{info}");
+
+    // A build that fails on the host fails the client's build, with its log.
+    let drv = daemon.drv("fails", "echo the-remote-build-says-no; exit 1");
+    let out = daemon.realise(&drv);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("the-remote-build-says-no"), "{said}");
+    drop(daemon);
+
+    // No builders: the hook declines (permanently) and the daemon builds
+    // it itself.
+    let daemon = Daemon::start(dir, "", 1);
+    let drv = daemon.drv("local", "echo built here > $out");
+    let out = daemon.realise(&drv);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    assert!(!said.contains("on 'ssh://"), "{said}");
+    let output = text(&out.stdout);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("root").join(output.trim_start_matches('/')))
+            .expect("output"),
+        "built here\n"
+    );
 }
 
 /// The settings block and one request as nix-daemon 2.8 sends them, with
