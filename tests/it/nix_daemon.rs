@@ -189,6 +189,10 @@ fn nix_daemon_2_8_offloads_to_sandoff_and_gets_signed_valid_outputs() {
     let sigs = info[0]["signatures"].to_string();
     assert!(sigs.contains(&format!("\"{key_name}:")), "{info}");
     assert_eq!(info[0]["deriver"].as_str(), Some(drv.as_str()), "{info}");
+    // The remote log (the hook's fd 4) is the daemon's log of the build.
+    let log = support::run_ok(daemon.client("nix").args(["log", &drv]));
+    let log = String::from_utf8_lossy(&log);
+    assert!(log.contains("hello from the machine"), "{log}");
 
     // A build that fails on the host fails the client's build, with its log.
     let drv = daemon.drv("fails", "echo the-remote-build-says-no; exit 1");
