@@ -127,6 +127,7 @@ pub fn run(args: HookArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     let settings = Settings {
         system: args.system.clone(),
         kvm: LocalFacts::detect().features.contains("kvm"),
+        local: None,
         ssh: args.ssh.options(),
         options: BuildOptions {
             max_silent_time: args.max_silent_time,

@@ -26,7 +26,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Args;
-use sandoff::decide::{file, Machine, MachineFormat};
+use sandoff::decide::{file, LocalFacts, Machine, MachineFormat};
 use sandoff::hook::nix::{
     self as proto, Builders, Config, DaemonStoreSetting, JsonMessages, Reply,
 };
@@ -109,6 +109,13 @@ pub fn run(
     let hook_settings = Settings {
         system: config.system.clone(),
         kvm: config.system_features.contains("kvm"),
+        local: Some(LocalFacts {
+            system: config.system.clone(),
+            extra_platforms: config.extra_platforms.iter().cloned().collect(),
+            features: config.system_features.clone(),
+            free_slot: false,
+            disabled: config.max_jobs == 0,
+        }),
         ssh: args.ssh.options(),
         options: BuildOptions {
             max_silent_time: config.max_silent_time,

@@ -257,6 +257,8 @@ pub struct Config {
     pub extra_platforms: Vec<String>,
     /// `system-features`.
     pub system_features: BTreeSet<String>,
+    /// `max-jobs` (0: the daemon builds nothing itself; absent: 1).
+    pub max_jobs: u64,
     /// `max-silent-time`, seconds (0: none).
     pub max_silent_time: u64,
     /// `timeout`, seconds (0: none).
@@ -307,6 +309,11 @@ impl Config {
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect(),
+            // Nix's default is 1; `auto` is the number of cores.
+            max_jobs: match get("max-jobs") {
+                "" | "auto" => 1,
+                _ => number("max-jobs")?,
+            },
             max_silent_time: number("max-silent-time")?,
             timeout: number("timeout")?,
             max_log_size: number("max-build-log-size")?,
@@ -476,6 +483,8 @@ mod tests {
         assert_eq!(c.extra_platforms, ["i686-linux", "x86_64-v1-linux"]);
         assert!(c.system_features.contains("kvm"));
         assert_eq!((c.max_silent_time, c.timeout), (30, 60));
+        assert_eq!(c.max_jobs, 1, "Nix's default");
+        assert_eq!(config(&[("max-jobs", "0")]).expect("config").max_jobs, 0);
         assert_eq!(c.store, DaemonStoreSetting::Local { root: "/".into() });
         assert!(matches!(
             config(&[("timeout", "soon")]),

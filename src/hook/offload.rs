@@ -20,7 +20,7 @@ use super::{placement, screen, Answer, HookError, Request};
 use crate::build::local::input_paths;
 use crate::build::somewhere::{build_somewhere, Progress, Somewhere, SomewhereError};
 use crate::build::BuildError;
-use crate::decide::{Machine, Placement};
+use crate::decide::{LocalFacts, Machine, Placement};
 use crate::derivation::check::{read_derivation, ReadError};
 use crate::derivation::Derivation;
 use crate::remote::offloader::{Attempt, OffloadError, Offloader, Placed, RemoteJob};
@@ -38,6 +38,10 @@ pub struct Settings {
     pub system: String,
     /// Whether this host has KVM (a local fact for the decision).
     pub kvm: bool,
+    /// The daemon's own facts (nix-daemon 2.x sends its `extra-platforms`
+    /// and `system-features`; `free_slot` is taken from each request);
+    /// `None`: Nix's defaults for `system` and `kvm`.
+    pub local: Option<LocalFacts>,
     /// How machines are reached.
     pub ssh: SshOptions,
     /// The daemon's time limits, as the machine's build gets them.
@@ -161,7 +165,13 @@ pub fn answer(
         tracing::debug!(drv = %req.drv_path, "declined: no build machines");
         return Ok(Answer::Decline);
     }
-    let placement = placement(machines, &settings.system, settings.kvm, req.am_willing);
+    let mut placement = placement(machines, &settings.system, settings.kvm, req.am_willing);
+    if let Some(local) = &settings.local {
+        placement.local = LocalFacts {
+            free_slot: req.am_willing,
+            ..local.clone()
+        };
+    }
     let idle = placement.decide(&drv);
     if let Some(reply) = screen(&idle) {
         tracing::debug!(drv = %req.drv_path, reason = idle.reason(), "{reply}");
