@@ -94,7 +94,26 @@ fn reply(reply: &Reply) -> io::Result<()> {
 }
 
 /// `location(root)`: where the store is when the daemon's is under `root`.
+/// A failure is told to the daemon's client as an `@nix` message (a plain
+/// stderr line would stay in the daemon's own log) and ends the hook with
+/// status 1, as Nix's own `build-remote` does.
 pub fn run(
+    args: NixHookArgs,
+    location: &dyn Fn(PathBuf) -> StoreLocation,
+) -> anyhow::Result<ExitCode> {
+    match serve(args, location) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            let text = sandoff::termsafe::filter(format!("{e:#}").replace('\n', " ").as_bytes());
+            let mut err = io::stderr().lock();
+            err.write_all(proto::message_line(&format!("sandoff: {text}")).as_bytes())?;
+            err.flush()?;
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn serve(
     args: NixHookArgs,
     location: &dyn Fn(PathBuf) -> StoreLocation,
 ) -> anyhow::Result<ExitCode> {

@@ -242,32 +242,60 @@ fn request_bytes(builders: &str, store: &str, drv: &str) -> Vec<u8> {
     b
 }
 
+/// The hook at `tmp/sandoff-build-hook`, fed `input`: its exit status
+/// and stderr.
+fn run_hook(tmp: &Path, input: &[u8]) -> (std::process::ExitStatus, String) {
+    let hook = tmp.join("sandoff-build-hook");
+    if !hook.exists() {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sandoff"), &hook).expect("symlink");
+    }
+    let mut child = Command::new(&hook)
+        .arg("3")
+        .env_remove("SANDOFF_STORE_ROOT")
+        .env_remove("SANDOFF_DAEMON_STORE")
+        .env("SANDOFF_STATE_DIR", tmp.join("state"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hook");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input).expect("write");
+    let out = child.wait_with_output().expect("hook");
+    assert!(out.stdout.is_empty(), "the daemon does not read stdout");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn nix_build_hook_failures_reach_the_client_as_nix_messages() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let drv = "/nix/store/gdby02j6d2l6whfyagff2lff2k2cb0dn-x.drv";
+    let input = request_bytes("ssh://h x86_64-linux", "daemon", drv);
+    let (status, stderr) = run_hook(tmp.path(), &input);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let line = stderr.strip_prefix("@nix ").expect("a JSON message");
+    let msg: serde_json::Value = serde_json::from_str(line.trim_end()).expect("json");
+    assert_eq!(msg["action"], "msg");
+    assert!(
+        msg["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("invalid setting 'store' = 'daemon'")),
+        "{msg}"
+    );
+}
+
 #[test]
 fn nix_build_hook_without_builders_declines_permanently() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("root");
     let drv = "/nix/store/gdby02j6d2l6whfyagff2lff2k2cb0dn-x.drv";
-    for builders in ["", &format!("@{}", tmp.path().join("missing").display())] {
+    let missing = format!("@{}", tmp.path().join("missing").display());
+    for builders in ["", missing.as_str()] {
         let input = request_bytes(builders, &root.display().to_string(), drv);
-        let hook = tmp.path().join("sandoff-build-hook");
-        if !hook.exists() {
-            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sandoff"), &hook).expect("symlink");
-        }
-        let mut child = Command::new(&hook)
-            .arg("3")
-            .env_remove("SANDOFF_STORE_ROOT")
-            .env_remove("SANDOFF_DAEMON_STORE")
-            .env("SANDOFF_STATE_DIR", tmp.path().join("state"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("hook");
-        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), &input).expect("write");
-        let out = child.wait_with_output().expect("hook");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{stderr}");
+        let (status, stderr) = run_hook(tmp.path(), &input);
+        assert!(status.success(), "{stderr}");
         assert_eq!(stderr, "# decline-permanently\n", "{builders:?}");
-        assert!(out.stdout.is_empty());
     }
 }
