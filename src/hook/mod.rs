@@ -1,5 +1,7 @@
 //! The build-hook line protocol of guix-daemon and Nix 1.x, for
-//! `sandoff hook SYSTEM MAX-SILENT-TIME PRINT-BUILD-TRACE BUILD-TIMEOUT`.
+//! `sandoff hook SYSTEM MAX-SILENT-TIME PRINT-BUILD-TRACE BUILD-TIMEOUT`
+//! (nix-daemon 2.x's wire protocol is in [`nix`]; both answer and build
+//! through [`offload`]).
 //!
 //! The daemon writes one request per line on the hook's stdin,
 //! `AM-WILLING SYSTEM DRV-PATH FEATURES` (features comma-separated, so an
