@@ -85,6 +85,13 @@ impl Daemon {
 
     /// A derivation in the daemon's store running `script` with busybox.
     fn drv(&self, name: &str, script: &str) -> String {
+        self.instantiate(&format!("mk \"{name}\" ''{script}''"))
+    }
+
+    /// The derivation of the Nix expression `body`, in which `bb` is
+    /// busybox's store path and `mk NAME SCRIPT` a derivation running
+    /// SCRIPT with busybox's `sh`.
+    fn instantiate(&self, body: &str) -> String {
         let src = self.dir.join("busybox/bin");
         if !src.join("busybox").exists() {
             std::fs::create_dir_all(&src).expect("mkdir");
@@ -100,17 +107,16 @@ impl Daemon {
                 .arg(self.dir.join("busybox")),
         ));
         let expr = format!(
-            "derivation {{ name = \"{name}\"; system = \"x86_64-linux\"; \
-             builder = \"${{builtins.storePath \"{bb}\"}}/bin/busybox\"; \
-             args = [ \"sh\" \"-c\" ''{script}'' ]; }}"
+            "let bb = builtins.storePath \"{bb}\"; \
+             mk = name: script: derivation {{ inherit name; system = \"x86_64-linux\"; \
+             builder = \"${{bb}}/bin/busybox\"; args = [ \"sh\" \"-c\" script ]; }}; \
+             in {body}"
         );
         text(&support::run_ok(
             self.client("nix-instantiate").args(["--expr", &expr]),
         ))
     }
-}
 
-impl Daemon {
     /// `nix-store -r DRV`, its output.
     fn realise(&self, drv: &str) -> std::process::Output {
         support::output_or_kill(
@@ -193,6 +199,22 @@ fn nix_daemon_2_8_offloads_to_sandoff_and_gets_signed_valid_outputs() {
     let log = support::run_ok(daemon.client("nix").args(["log", &drv]));
     let log = String::from_utf8_lossy(&log);
     assert!(log.contains("hello from the machine"), "{log}");
+
+    // A derivation whose input is another's output: both built there, the
+    // first one's output sent back for the second.
+    let drv = daemon.instantiate(
+        "let dep = mk \"dep\" ''echo dep > $out''; \
+         in mk \"top\" ''${bb}/bin/busybox cat ${dep} > $out; echo top >> $out''",
+    );
+    let out = daemon.realise(&drv);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    let output = text(&out.stdout);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("root").join(output.trim_start_matches('/')))
+            .expect("output"),
+        "dep\ntop\n"
+    );
 
     // A build that fails on the host fails the client's build, with its log.
     let drv = daemon.drv("fails", "echo the-remote-build-says-no; exit 1");
