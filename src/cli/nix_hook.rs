@@ -117,7 +117,7 @@ fn serve(
     args: NixHookArgs,
     location: &dyn Fn(PathBuf) -> StoreLocation,
 ) -> anyhow::Result<ExitCode> {
-    let (mut log, log_apart) = super::hook::build_log();
+    let (mut log, _) = super::hook::build_log();
     let mut input = BufReader::new(io::stdin().lock());
     let settings = proto::read_settings(&mut input)?;
     let config = Config::from_settings(&settings)?;
@@ -188,7 +188,10 @@ fn serve(
         &hook_settings,
         &wanted,
         &mut log,
-        log_apart,
+        // nix-daemon 2.x shows its client both the log and the messages:
+        // the notes (which machine, a failure) go to the messages only, or
+        // the client would read each twice.
+        false,
         &mut messages,
     )?;
     Ok(ExitCode::from(code))

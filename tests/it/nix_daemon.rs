@@ -22,7 +22,9 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(dir: &Path, builders: &str, max_jobs: u32) -> Daemon {
+    /// The daemon with `builders` and `max_jobs`, more nix.conf lines in
+    /// `extra`.
+    fn start(dir: &Path, builders: &str, max_jobs: u32, extra: &str) -> Daemon {
         let bin = dir.join("bin");
         std::fs::create_dir_all(&bin).expect("mkdir");
         let hook = bin.join("sandoff-build-hook");
@@ -35,7 +37,7 @@ impl Daemon {
             conf.join("nix.conf"),
             format!(
                 "build-hook = {}\nbuilders = {builders}\nmax-jobs = {max_jobs}\nsandbox = false\n\
-                 substituters =\nexperimental-features = nix-command\n",
+                 substituters =\nexperimental-features = nix-command\n{extra}",
                 hook.display()
             ),
         )
@@ -167,7 +169,7 @@ fn nix_daemon_2_8_offloads_to_sandoff_and_gets_signed_valid_outputs() {
             .args(["key", "authorize"])
             .arg(host.home.join("signing-key.pub")),
     );
-    let daemon = Daemon::start(dir, &format!("@{}", machines.display()), 0);
+    let daemon = Daemon::start(dir, &format!("@{}", machines.display()), 0, "");
     let drv = daemon.drv(
         "offloaded",
         "echo hello from the machine; echo built > $out",
@@ -226,7 +228,7 @@ fn nix_daemon_2_8_offloads_to_sandoff_and_gets_signed_valid_outputs() {
 
     // No builders: the hook declines (permanently) and the daemon builds
     // it itself.
-    let daemon = Daemon::start(dir, "", 1);
+    let daemon = Daemon::start(dir, "", 1, "");
     let drv = daemon.drv("local", "echo built here > $out");
     let out = daemon.realise(&drv);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -238,6 +240,31 @@ fn nix_daemon_2_8_offloads_to_sandoff_and_gets_signed_valid_outputs() {
             .expect("output"),
         "built here\n"
     );
+}
+
+#[test]
+fn nix_daemon_2_8_timeout_setting_limits_the_remote_build() {
+    if !ready(this_test!()) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let host = TestHost::start(62);
+    let machines = dir.join("machines");
+    std::fs::write(&machines, format!("{}\n", host.machine_line())).expect("machines");
+    let builders = format!("@{}", machines.display());
+    let daemon = Daemon::start(dir, &builders, 0, "timeout = 2\n");
+    let drv = daemon.drv("slow", "echo started; sleep 600; echo never > $out");
+    let out = daemon.realise(&drv);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{said}");
+    // The host's timeout, as the hook tells it; nix-daemon 2.8 itself
+    // only reports the hook's exit status (101, as for Nix 1.x).
+    assert!(said.contains("timed out after 2 seconds"), "{said}");
+    assert!(said.contains("failed with exit code 101"), "{said}");
+    // Each note once: the daemon shows its client both the log and the
+    // hook's messages.
+    assert_eq!(said.matches("sandoff: building").count(), 1, "{said}");
 }
 
 /// The settings block and one request as nix-daemon 2.8 sends them, with
