@@ -25,6 +25,18 @@ impl Daemon {
     /// The daemon with `builders` and `max_jobs`, more nix.conf lines in
     /// `extra`.
     fn start(dir: &Path, builders: &str, max_jobs: u32, extra: &str) -> Daemon {
+        Daemon::start_on(
+            dir,
+            &dir.join("root").display().to_string(),
+            builders,
+            max_jobs,
+            extra,
+        )
+    }
+
+    /// [`Daemon::start`] with the store spelled `store` (its chroot store
+    /// `dir/root` all the same).
+    fn start_on(dir: &Path, store: &str, builders: &str, max_jobs: u32, extra: &str) -> Daemon {
         let bin = dir.join("bin");
         std::fs::create_dir_all(&bin).expect("mkdir");
         let hook = bin.join("sandoff-build-hook");
@@ -51,8 +63,7 @@ impl Daemon {
             .env("NIX_CONF_DIR", &conf)
             .env("NIX_DAEMON_SOCKET_PATH", &socket)
             .env("SANDOFF_STATE_DIR", dir.join("sandoff"))
-            .arg("--store")
-            .arg(dir.join("root"))
+            .args(["--store", store])
             .stdout(std::fs::File::create(dir.join("daemon.log")).expect("log"))
             .stderr(std::fs::File::create(dir.join("daemon.err")).expect("log"))
             .spawn()
@@ -253,7 +264,9 @@ fn nix_daemon_2_8_timeout_setting_limits_the_remote_build() {
     let machines = dir.join("machines");
     std::fs::write(&machines, format!("{}\n", host.machine_line())).expect("machines");
     let builders = format!("@{}", machines.display());
-    let daemon = Daemon::start(dir, &builders, 0, "timeout = 2\n");
+    // The store as `local?root=`, which the daemon passes on as it is.
+    let store = format!("local?root={}", dir.join("root").display());
+    let daemon = Daemon::start_on(dir, &store, &builders, 0, "timeout = 2\n");
     let drv = daemon.drv("slow", "echo started; sleep 600; echo never > $out");
     let out = daemon.realise(&drv);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
