@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::hosts::{TestHost, NEEDS};
+use crate::hosts::{HostConfig, TestHost, NEEDS};
 use crate::support::{self, Need};
 use crate::this_test;
 
@@ -278,6 +278,43 @@ fn nix_daemon_2_8_timeout_setting_limits_the_remote_build() {
     // Each note once: the daemon shows its client both the log and the
     // hook's messages.
     assert_eq!(said.matches("sandoff: building").count(), 1, "{said}");
+}
+
+#[test]
+fn nix_daemon_2_8_waits_on_a_postpone_while_the_machine_is_busy() {
+    if !ready(this_test!()) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let host = TestHost::start_with(63, &HostConfig::default().max_jobs(1));
+    let machines = dir.join("machines");
+    std::fs::write(&machines, format!("{}\n", host.machine_line())).expect("machines");
+    support::run_ok(
+        support::sandoff()
+            .arg("--state-dir")
+            .arg(dir.join("sandoff"))
+            .args(["key", "authorize"])
+            .arg(host.home.join("signing-key.pub")),
+    );
+    let daemon = Daemon::start(dir, &format!("@{}", machines.display()), 0, "");
+    // Two independent derivations, one slot: the second is postponed
+    // until the first is done, then built there too.
+    let a = daemon.drv("first", "sleep 1; echo a > $out");
+    let b = daemon.drv("second", "echo b > $out");
+    let out = support::output_or_kill(
+        daemon
+            .client("nix-store")
+            .args(["-r", &a, &b])
+            .stdin(Stdio::null()),
+    );
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    // The daemon asks about the second as soon as the first is accepted
+    // (it reads the reply before going on), so the slot is still taken.
+    assert!(said.contains("waiting for a machine to build"), "{said}");
+    assert_eq!(said.matches("sandoff: building").count(), 2, "{said}");
+    assert_eq!(text(&out.stdout).lines().count(), 2, "{said}");
 }
 
 /// The settings block and one request as nix-daemon 2.8 sends them, with
