@@ -288,8 +288,6 @@ fn nix_daemon_2_8_waits_on_a_postpone_while_the_machine_is_busy() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let host = TestHost::start_with(63, &HostConfig::default().max_jobs(1));
-    let machines = dir.join("machines");
-    std::fs::write(&machines, format!("{}\n", host.machine_line())).expect("machines");
     support::run_ok(
         support::sandoff()
             .arg("--state-dir")
@@ -297,7 +295,8 @@ fn nix_daemon_2_8_waits_on_a_postpone_while_the_machine_is_busy() {
             .args(["key", "authorize"])
             .arg(host.home.join("signing-key.pub")),
     );
-    let daemon = Daemon::start(dir, &format!("@{}", machines.display()), 0, "");
+    // The machine inline in `builders`, as `;`-separated lines.
+    let daemon = Daemon::start(dir, &format!("{};", host.machine_line()), 0, "");
     // Two independent derivations, one slot: the second is postponed
     // until the first is done, then built there too.
     let a = daemon.drv("first", "sleep 1; echo a > $out");
