@@ -31,7 +31,8 @@
 //!   scheduled in dependency order, each placed by `decide` and built here
 //!   in the sandbox or on a machine, its outputs checked and registered.
 //! - [`serve`] and [`hook`]: front ends over `build` for the daemon side of
-//!   each protocol (`sandoff serve`, `sandoff hook`).
+//!   each protocol (`sandoff serve`, `sandoff hook`, `sandoff
+//!   nix-build-hook`).
 //!
 //! Two leaf modules, below the store, serve them all:
 //!

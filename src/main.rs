@@ -77,24 +77,55 @@ enum Command {
     /// Be the build hook of guix-daemon (as `guix offload`) or Nix 1.x: answer
     /// its requests on stdin, build accepted ones on the machines.
     Hook(cli::hook::HookArgs),
+    /// Be nix-daemon 2.x's build hook (what a symlink named
+    /// `sandoff-build-hook` runs): settings and requests on stdin, replies
+    /// on stderr, the daemon's store from its `store` setting.
+    NixBuildHook(cli::nix_hook::NixHookArgs),
 }
 
 impl Cli {
     fn location(&self) -> StoreLocation {
+        self.flags().location(None, None)
+    }
+
+    fn flags(&self) -> LocationFlags {
+        LocationFlags {
+            store_root: self.store_root.clone(),
+            store_dir: self.store_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            daemon_store: self.daemon_store,
+        }
+    }
+}
+
+/// The global options that say where the store is.
+struct LocationFlags {
+    store_root: Option<PathBuf>,
+    store_dir: Option<StoreDir>,
+    state_dir: Option<PathBuf>,
+    daemon_store: Option<cli::DaemonStore>,
+}
+
+impl LocationFlags {
+    /// The store, with `root` and `daemon` where the options leave them
+    /// open (a hook learns its daemon's store only from the daemon).
+    fn location(&self, root: Option<PathBuf>, daemon: Option<cli::DaemonStore>) -> StoreLocation {
         let root = self
             .store_root
             .clone()
+            .or(root)
             .unwrap_or_else(|| PathBuf::from("/"));
+        let daemon_store = self.daemon_store.or(daemon);
         let dir = self
             .store_dir
             .clone()
-            .or_else(|| self.daemon_store.and_then(|d| d.store_dir()))
+            .or_else(|| daemon_store.and_then(|d| d.store_dir()))
             .unwrap_or_default();
         let mut loc = StoreLocation::new(dir, root);
         if let Some(state) = &self.state_dir {
             loc.state = state.clone();
         }
-        if let Some(daemon) = self.daemon_store {
+        if let Some(daemon) = daemon_store {
             loc.daemon_db = daemon.db_dir(&loc.root);
         }
         loc
@@ -118,6 +149,8 @@ fn main() -> ExitCode {
         Ok(argv) => argv,
         Err(code) => return code,
     };
+    // Invoked as `sandoff-build-hook` (nix-daemon 2.x's `build-hook`).
+    let argv = cli::nix_hook::route(argv);
     let cli = Cli::parse_from(argv);
     match run(cli) {
         Ok(code) => code,
@@ -136,6 +169,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let loc = cli.location();
+    let flags = cli.flags();
     match cli.command {
         Command::Nar(c) => cli::nar::run_nar(c, &loc),
         Command::Hash(c) => cli::nar::run_hash(c),
@@ -150,6 +184,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Copy(c) => cli::copy::run(c, &loc),
         Command::Serve(c) => cli::serve::run(c, &loc),
         Command::Hook(c) => cli::hook::run(c, &loc),
+        Command::NixBuildHook(c) => cli::nix_hook::run(c, &|root| {
+            flags.location(Some(root), Some(cli::DaemonStore::Nix))
+        }),
     }
 }
 

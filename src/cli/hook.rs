@@ -127,6 +127,7 @@ pub fn run(args: HookArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     let settings = Settings {
         system: args.system.clone(),
         kvm: LocalFacts::detect().features.contains("kvm"),
+        local: None,
         ssh: args.ssh.options(),
         options: BuildOptions {
             max_silent_time: args.max_silent_time,
@@ -180,7 +181,7 @@ pub fn run(args: HookArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
 /// The daemon's log pipe, fd 4, opened anew through /proc (the crate has no
 /// `unsafe` to adopt a raw descriptor), and `true`; stderr when fd 4 is not
 /// open, and `false` (the log is then where the messages go).
-fn build_log() -> (Box<dyn Write>, bool) {
+pub fn build_log() -> (Box<dyn Write>, bool) {
     match OpenOptions::new().append(true).open("/proc/self/fd/4") {
         Ok(f) => (Box::new(f), true),
         Err(e) => {

@@ -9,6 +9,7 @@ pub mod hook;
 pub mod key;
 pub mod machines;
 pub mod nar;
+pub mod nix_hook;
 pub mod serve;
 pub mod setup;
 pub mod store;

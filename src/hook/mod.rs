@@ -1,5 +1,7 @@
 //! The build-hook line protocol of guix-daemon and Nix 1.x, for
-//! `sandoff hook SYSTEM MAX-SILENT-TIME PRINT-BUILD-TRACE BUILD-TIMEOUT`.
+//! `sandoff hook SYSTEM MAX-SILENT-TIME PRINT-BUILD-TRACE BUILD-TIMEOUT`
+//! (nix-daemon 2.x's wire protocol is in [`nix`]; both answer and build
+//! through [`offload`]).
 //!
 //! The daemon writes one request per line on the hook's stdin,
 //! `AM-WILLING SYSTEM DRV-PATH FEATURES` (features comma-separated, so an
@@ -59,6 +61,7 @@
 //! failed remote build, [`EXIT_TIMED_OUT`] (101) for a timeout, 1 for
 //! anything else (the daemon's transient "hook failure").
 
+pub mod nix;
 pub mod offload;
 
 use std::collections::BTreeSet;

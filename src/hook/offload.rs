@@ -20,7 +20,7 @@ use super::{placement, screen, Answer, HookError, Request};
 use crate::build::local::input_paths;
 use crate::build::somewhere::{build_somewhere, Progress, Somewhere, SomewhereError};
 use crate::build::BuildError;
-use crate::decide::{Machine, Placement};
+use crate::decide::{LocalFacts, Machine, Placement};
 use crate::derivation::check::{read_derivation, ReadError};
 use crate::derivation::Derivation;
 use crate::remote::offloader::{Attempt, OffloadError, Offloader, Placed, RemoteJob};
@@ -38,6 +38,10 @@ pub struct Settings {
     pub system: String,
     /// Whether this host has KVM (a local fact for the decision).
     pub kvm: bool,
+    /// The daemon's own facts (nix-daemon 2.x sends its `extra-platforms`
+    /// and `system-features`; `free_slot` is taken from each request);
+    /// `None`: Nix's defaults for `system` and `kvm`.
+    pub local: Option<LocalFacts>,
     /// How machines are reached.
     pub ssh: SshOptions,
     /// The daemon's time limits, as the machine's build gets them.
@@ -79,6 +83,8 @@ pub enum HookRunError {
     Offload(#[from] OffloadError),
     #[error(transparent)]
     Build(#[from] Box<BuildError>),
+    #[error("the daemon wants output '{name}', which '{drv}' does not have")]
+    NotAnOutputName { name: String, drv: String },
     #[error("'{path}' in the outputs line is not an output of '{drv}'")]
     NotAnOutput { path: String, drv: String },
     #[error("'{path}' is not valid after building '{drv}' on '{machine}'")]
@@ -97,6 +103,34 @@ pub enum HookRunError {
         #[source]
         source: Box<SomewhereError>,
     },
+}
+
+impl Accepted {
+    /// The chosen machine's store URI (nix-daemon 2.x shows it).
+    pub fn store_uri(&self) -> &str {
+        &self.machine.store_uri
+    }
+
+    /// The store paths of the outputs `names` (nix-daemon 2.x names the
+    /// outputs it wants; Nix 1.x and Guix send their paths).
+    pub fn outputs_named(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeSet<StorePath>, HookRunError> {
+        let paths = self.drv.output_paths();
+        names
+            .iter()
+            .map(|name| {
+                paths
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| HookRunError::NotAnOutputName {
+                        name: name.clone(),
+                        drv: self.drv_path.to_string(),
+                    })
+            })
+            .collect()
+    }
 }
 
 /// The answer to one request. `machines` reads the machines file, again
@@ -131,7 +165,13 @@ pub fn answer(
         tracing::debug!(drv = %req.drv_path, "declined: no build machines");
         return Ok(Answer::Decline);
     }
-    let placement = placement(machines, &settings.system, settings.kvm, req.am_willing);
+    let mut placement = placement(machines, &settings.system, settings.kvm, req.am_willing);
+    if let Some(local) = &settings.local {
+        placement.local = LocalFacts {
+            free_slot: req.am_willing,
+            ..local.clone()
+        };
+    }
     let idle = placement.decide(&drv);
     if let Some(reply) = screen(&idle) {
         tracing::debug!(drv = %req.drv_path, reason = idle.reason(), "{reply}");

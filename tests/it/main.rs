@@ -11,6 +11,7 @@ mod hook;
 mod hosts;
 mod keyring;
 mod nar;
+mod nix_daemon;
 mod offload;
 mod registry;
 mod sandbox;
