@@ -8,9 +8,10 @@
 //! `/var/tmp/guix-kit`), guile and what the test hosts need.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use crate::daemons::{sandoff_as, trust, Running};
 use crate::hosts::{HostConfig, TestHost, NEEDS};
 use crate::support::{self, Need};
 use crate::this_test;
@@ -23,51 +24,35 @@ fn kit() -> PathBuf {
 }
 
 /// A running guix-daemon with its state, logs and socket under one
-/// directory; stopped by its pid when dropped.
+/// directory.
 struct Daemon {
-    child: Child,
-    dir: PathBuf,
+    running: Running,
 }
 
 impl Daemon {
     /// guix-daemon with `max_jobs` local builds, its hook `guix` the sandoff
     /// binary, machines from `machines`, sandoff's own state in `dir/sandoff`.
     fn start(dir: &Path, max_jobs: u32, machines: &Path) -> Daemon {
-        let bin = dir.join("bin");
-        std::fs::create_dir_all(&bin).expect("mkdir");
-        let guix = bin.join("guix");
-        if !guix.exists() {
-            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sandoff"), &guix).expect("symlink");
-        }
+        let guix = sandoff_as(dir, "guix");
         let socket = dir.join("socket");
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new(kit().join("guix-daemon"))
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("HOME", "/root")
-            .env("GUIX", &guix)
-            .env("GUIX_STATE_DIRECTORY", dir.join("var"))
-            .env("GUIX_LOG_DIRECTORY", dir.join("log"))
-            .env("GUIX_CONFIGURATION_DIRECTORY", dir.join("etc"))
-            .env("SANDOFF_STATE_DIR", dir.join("sandoff"))
-            .env("SANDOFF_MACHINES", machines)
-            .arg("--build-users-group=guixbuild")
-            .arg(format!("--listen={}", socket.display()))
-            .arg(format!("--max-jobs={max_jobs}"))
-            .stdout(std::fs::File::create(dir.join("daemon.log")).expect("log"))
-            .stderr(std::fs::File::create(dir.join("daemon.err")).expect("log"))
-            .spawn()
-            .expect("start guix-daemon");
-        // A deadline on waiting for the socket, not a measurement.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "guix-daemon did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon {
-            child,
-            dir: dir.to_owned(),
-        }
+        let running = Running::spawn(
+            Command::new(kit().join("guix-daemon"))
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env("HOME", "/root")
+                .env("GUIX", &guix)
+                .env("GUIX_STATE_DIRECTORY", dir.join("var"))
+                .env("GUIX_LOG_DIRECTORY", dir.join("log"))
+                .env("GUIX_CONFIGURATION_DIRECTORY", dir.join("etc"))
+                .env("SANDOFF_STATE_DIR", dir.join("sandoff"))
+                .env("SANDOFF_MACHINES", machines)
+                .arg("--build-users-group=guixbuild")
+                .arg(format!("--listen={}", socket.display()))
+                .arg(format!("--max-jobs={max_jobs}")),
+            dir,
+            &socket,
+        );
+        Daemon { running }
     }
 
     /// Guix's client: the derivation `tag` running `script`, built.
@@ -75,12 +60,12 @@ impl Daemon {
         let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/guix/client.scm");
         let out = support::output_or_kill(
             Command::new("guile")
-                .env("GUIX_DAEMON_SOCKET", self.dir.join("socket"))
+                .env("GUIX_DAEMON_SOCKET", self.running.dir.join("socket"))
                 .args(["--no-auto-compile", "-L"])
                 .arg(kit().join("src"))
                 .arg(client)
                 .arg(tag)
-                .arg(self.dir.join("bb"))
+                .arg(self.running.dir.join("bb"))
                 .arg(script)
                 .arg("--build"),
         );
@@ -111,14 +96,8 @@ impl Daemon {
 
     /// The daemon's database.
     fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(self.dir.join("var/db/db.sqlite")).expect("guix-daemon's db")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        rusqlite::Connection::open(self.running.dir.join("var/db/db.sqlite"))
+            .expect("guix-daemon's db")
     }
 }
 
@@ -147,18 +126,6 @@ fn guix_setup(dir: &Path) {
     let bb = dir.join("bb/bin");
     std::fs::create_dir_all(&bb).expect("mkdir");
     std::fs::copy("/bin/busybox", bb.join("busybox")).expect("busybox");
-}
-
-/// Trusts `host`'s signing key in the hook's state (the daemon's
-/// `SANDOFF_STATE_DIR`).
-fn trust(dir: &Path, host: &TestHost) {
-    support::run_ok(
-        support::sandoff()
-            .arg("--state-dir")
-            .arg(dir.join("sandoff"))
-            .args(["key", "authorize"])
-            .arg(host.home.join("signing-key.pub")),
-    );
 }
 
 /// A tag no earlier run used: `/gnu/store` outlives the test's daemon.
@@ -254,7 +221,7 @@ fn guix_daemon_offloads_to_sandoff_and_gets_valid_outputs() {
     drop(daemon);
 
     // A host that dies mid-build: the build finishes on the other one.
-    let other = TestHost::start_with(61, &HostConfig::default().store_dir("/gnu/store"));
+    let other = TestHost::start_with(64, &HostConfig::default().store_dir("/gnu/store"));
     trust(dir, &other);
     // The first host is preferred (faster), one build at a time each.
     let line = |h: &TestHost, speed: &str| {

@@ -4,6 +4,7 @@ mod build;
 mod claims;
 mod client;
 mod daemon_store;
+mod daemons;
 mod decide;
 mod derivation;
 mod guix_daemon;

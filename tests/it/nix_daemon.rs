@@ -6,10 +6,10 @@
 //! database. The hook's protocol without a daemon is tested too, on the
 //! bytes the daemon sends.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
+use crate::daemons::{sandoff_as, trust, Running};
 use crate::hosts::{HostConfig, TestHost, NEEDS};
 use crate::support::{self, Need};
 use crate::this_test;
@@ -17,8 +17,7 @@ use crate::this_test;
 /// A running nix-daemon on the chroot store `dir/root`, listening on
 /// `dir/socket`; stopped by its pid when dropped.
 struct Daemon {
-    child: Child,
-    dir: PathBuf,
+    running: Running,
 }
 
 impl Daemon {
@@ -37,12 +36,7 @@ impl Daemon {
     /// [`Daemon::start`] with the store spelled `store` (its chroot store
     /// `dir/root` all the same).
     fn start_on(dir: &Path, store: &str, builders: &str, max_jobs: u32, extra: &str) -> Daemon {
-        let bin = dir.join("bin");
-        std::fs::create_dir_all(&bin).expect("mkdir");
-        let hook = bin.join("sandoff-build-hook");
-        if !hook.exists() {
-            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sandoff"), &hook).expect("symlink");
-        }
+        let hook = sandoff_as(dir, "sandoff-build-hook");
         let conf = dir.join("conf");
         std::fs::create_dir_all(&conf).expect("mkdir");
         std::fs::write(
@@ -55,29 +49,19 @@ impl Daemon {
         )
         .expect("nix.conf");
         let socket = dir.join("socket");
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new("nix-daemon")
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("HOME", "/root")
-            .env("NIX_CONF_DIR", &conf)
-            .env("NIX_DAEMON_SOCKET_PATH", &socket)
-            .env("SANDOFF_STATE_DIR", dir.join("sandoff"))
-            .args(["--store", store])
-            .stdout(std::fs::File::create(dir.join("daemon.log")).expect("log"))
-            .stderr(std::fs::File::create(dir.join("daemon.err")).expect("log"))
-            .spawn()
-            .expect("start nix-daemon");
-        // A deadline on waiting for the socket, not a measurement.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "nix-daemon did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon {
-            child,
-            dir: dir.to_owned(),
-        }
+        let running = Running::spawn(
+            Command::new("nix-daemon")
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env("HOME", "/root")
+                .env("NIX_CONF_DIR", &conf)
+                .env("NIX_DAEMON_SOCKET_PATH", &socket)
+                .env("SANDOFF_STATE_DIR", dir.join("sandoff"))
+                .args(["--store", store]),
+            dir,
+            &socket,
+        );
+        Daemon { running }
     }
 
     /// A Nix client command on the daemon's store. The client reads
@@ -86,12 +70,12 @@ impl Daemon {
     /// after the build with "opening file '/nix/store/….drv'".
     fn client(&self, program: &str) -> Command {
         let mut c = Command::new(program);
-        c.env("NIX_CONF_DIR", self.dir.join("conf"))
+        c.env("NIX_CONF_DIR", self.running.dir.join("conf"))
             .arg("--store")
             .arg(format!(
                 "unix://{}?root={}",
-                self.dir.join("socket").display(),
-                self.dir.join("root").display()
+                self.running.dir.join("socket").display(),
+                self.running.dir.join("root").display()
             ));
         c
     }
@@ -105,7 +89,7 @@ impl Daemon {
     /// busybox's store path and `mk NAME SCRIPT` a derivation running
     /// SCRIPT with busybox's `sh`.
     fn instantiate(&self, body: &str) -> String {
-        let src = self.dir.join("busybox/bin");
+        let src = self.running.dir.join("busybox/bin");
         if !src.join("busybox").exists() {
             std::fs::create_dir_all(&src).expect("mkdir");
             std::fs::copy(
@@ -117,7 +101,7 @@ impl Daemon {
         let bb = text(&support::run_ok(
             self.client("nix-store")
                 .arg("--add")
-                .arg(self.dir.join("busybox")),
+                .arg(self.running.dir.join("busybox")),
         ));
         let expr = format!(
             "let bb = builtins.storePath \"{bb}\"; \
@@ -137,13 +121,6 @@ impl Daemon {
                 .args(["-r", drv])
                 .stdin(Stdio::null()),
         )
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -173,13 +150,7 @@ fn nix_daemon_2_8_offloads_to_sandoff_and_gets_signed_valid_outputs() {
     let host = TestHost::start(61);
     let machines = dir.join("machines");
     std::fs::write(&machines, format!("{}\n", host.machine_line())).expect("machines");
-    support::run_ok(
-        support::sandoff()
-            .arg("--state-dir")
-            .arg(dir.join("sandoff"))
-            .args(["key", "authorize"])
-            .arg(host.home.join("signing-key.pub")),
-    );
+    trust(dir, &host);
     let daemon = Daemon::start(dir, &format!("@{}", machines.display()), 0, "");
     let drv = daemon.drv(
         "offloaded",
@@ -288,13 +259,7 @@ fn nix_daemon_2_8_waits_on_a_postpone_while_the_machine_is_busy() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let host = TestHost::start_with(63, &HostConfig::default().max_jobs(1));
-    support::run_ok(
-        support::sandoff()
-            .arg("--state-dir")
-            .arg(dir.join("sandoff"))
-            .args(["key", "authorize"])
-            .arg(host.home.join("signing-key.pub")),
-    );
+    trust(dir, &host);
     // The machine inline in `builders`, as `;`-separated lines.
     let daemon = Daemon::start(dir, &format!("{};", host.machine_line()), 0, "");
     // Two independent derivations, one slot: the second is postponed
