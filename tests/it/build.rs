@@ -11,7 +11,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use sandoff::sandbox::setup::{ensure_build_users, BuildUsers};
 use sandoff::store::local::LocalStore;
@@ -764,14 +763,11 @@ fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
         .expect("spawn");
     // Wait until the builder has started (its log says so).
     let log = sandoff::build::log_path(&s.loc(), &s.path(&d));
-    let start = Instant::now();
-    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("started")) {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "build did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::wait_for("the build to start", || {
+        std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains("started"))
+            .then_some(())
+    });
     child.kill().expect("kill -9");
     child.wait().expect("wait");
     let p = s.out(&d);

@@ -179,21 +179,14 @@ fn sandoff_builds_into_a_guix_daemon_store() {
     let out = String::from_utf8(out).expect("utf8").trim().to_owned();
     assert!(out.starts_with("/gnu/store/"), "{out}");
     let conn = rusqlite::Connection::open(state.join("db/db.sqlite")).expect("db");
-    let deriver: String = conn
-        .query_row(
-            "select deriver from ValidPaths where path = ?",
-            [&out],
-            |r| r.get(0),
-        )
-        .expect("the output is valid in guix-daemon's database");
-    assert_eq!(deriver, drv);
-    let outputs: i64 = conn
-        .query_row(
-            "select count(*) from DerivationOutputs where path = ?",
-            [&out],
-            |r| r.get(0),
-        )
-        .expect("query");
-    assert_eq!(outputs, 1, "the derivation's outputs are recorded");
+    let of_out = |sql: &str| -> rusqlite::types::Value {
+        conn.query_row(sql, [&out], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    };
+    // Valid in guix-daemon's database, with its deriver and as an output.
+    let deriver = of_out("select deriver from ValidPaths where path = ?");
+    assert_eq!(deriver, rusqlite::types::Value::Text(drv));
+    let outputs = of_out("select count(*) from DerivationOutputs where path = ?");
+    assert_eq!(outputs, rusqlite::types::Value::Integer(1));
     assert!(!root.join("sandoff/db").exists());
 }

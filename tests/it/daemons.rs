@@ -74,3 +74,14 @@ pub fn trust(dir: &Path, host: &TestHost) {
             .arg(host.home.join("signing-key.pub")),
     );
 }
+
+/// `dir/machines`, a Nix machines file with one line per host.
+pub fn machines_file(dir: &Path, hosts: &[&TestHost]) -> PathBuf {
+    let file = dir.join("machines");
+    let lines: String = hosts
+        .iter()
+        .map(|h| format!("{}\n", h.machine_line()))
+        .collect();
+    std::fs::write(&file, lines).expect("machines");
+    file
+}

@@ -9,9 +9,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
-use crate::daemons::{sandoff_as, trust, Running};
+use crate::daemons::{machines_file, sandoff_as, trust, Running};
 use crate::hosts::{HostConfig, TestHost, NEEDS};
 use crate::support::{self, Need};
 use crate::this_test;
@@ -146,8 +145,7 @@ fn guix_daemon_offloads_to_sandoff_and_gets_valid_outputs() {
     let dir = tmp.path();
     guix_setup(dir);
     let host = TestHost::start_with(60, &HostConfig::default().store_dir("/gnu/store"));
-    let machines = dir.join("machines");
-    std::fs::write(&machines, format!("{}\n", host.machine_line())).expect("machines");
+    let machines = machines_file(dir, &[&host]);
     trust(dir, &host);
 
     // --max-jobs=0: the daemon relies on its hook.
@@ -224,19 +222,13 @@ fn guix_daemon_offloads_to_sandoff_and_gets_valid_outputs() {
     let other = TestHost::start_with(64, &HostConfig::default().store_dir("/gnu/store"));
     trust(dir, &other);
     // The first host is preferred (faster), one build at a time each.
-    let line = |h: &TestHost, speed: &str| {
-        let mut f: Vec<String> = h
-            .machine_line()
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect();
-        f[3] = "1".to_owned();
-        f[4] = speed.to_owned();
-        f.join(" ")
-    };
     std::fs::write(
         &machines,
-        format!("{}\n{}\n", line(&host, "4"), line(&other, "1")),
+        format!(
+            "{}\n{}\n",
+            host.machine_line_with(1, 4),
+            other.machine_line_with(1, 1)
+        ),
     )
     .expect("machines");
     let daemon = Daemon::start(dir, 0, &machines);
@@ -247,14 +239,11 @@ fn guix_daemon_offloads_to_sandoff_and_gets_valid_outputs() {
         // Started on the first host once its build directory exists; then
         // the host dies (sshd and the build with it).
         let builds = host.root().join("nix/var/sandoff/builds");
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while !std::fs::read_dir(&builds).is_ok_and(|mut d| d.next().is_some()) {
-            assert!(
-                Instant::now() < deadline,
-                "the build never started on the first host"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        support::wait_for("the build to start on the first host", || {
+            std::fs::read_dir(&builds)
+                .is_ok_and(|mut d| d.next().is_some())
+                .then_some(())
+        });
         host.kill();
         client.join().expect("client")
     });

@@ -925,13 +925,7 @@ fn hook_builds_two_hooks_sharing_nix_current_load_take_turns() {
     };
     let x86 = s.drv("x86", "x86_64-linux", &[]);
     // The host with one slot.
-    let mut fields: Vec<String> = host
-        .machine_line()
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
-    fields[3] = "1".to_owned();
-    let machines = s.machines(&format!("{}\n", fields.join(" ")));
+    let machines = s.machines(&format!("{}\n", host.machine_line_with(1, 1)));
     let shared = s.tmp.path().join("current-load");
     let hook = |shared_dir: bool| {
         let mut c = s.hook(Some(&machines));

@@ -251,6 +251,19 @@ impl TestHost {
             .to_owned()
     }
 
+    /// [`TestHost::machine_line`] with `max_jobs` slots and speed factor
+    /// `speed`.
+    pub fn machine_line_with(&self, max_jobs: u32, speed: u32) -> String {
+        let mut fields: Vec<String> = self
+            .machine_line()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        fields[3] = max_jobs.to_string();
+        fields[4] = speed.to_string();
+        fields.join(" ")
+    }
+
     /// The host's machine line, parsed.
     pub fn machine(&self) -> Machine {
         let mut ms = nix_format::parse(

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::daemons::{sandoff_as, trust, Running};
+use crate::daemons::{machines_file, sandoff_as, trust, Running};
 use crate::hosts::{HostConfig, TestHost, NEEDS};
 use crate::support::{self, Need};
 use crate::this_test;
@@ -148,8 +148,7 @@ fn nix_daemon_2_8_offloads_to_sandoff_and_gets_signed_valid_outputs() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let host = TestHost::start(61);
-    let machines = dir.join("machines");
-    std::fs::write(&machines, format!("{}\n", host.machine_line())).expect("machines");
+    let machines = machines_file(dir, &[&host]);
     trust(dir, &host);
     let daemon = Daemon::start(dir, &format!("@{}", machines.display()), 0, "");
     let drv = daemon.drv(
@@ -232,8 +231,7 @@ fn nix_daemon_2_8_timeout_setting_limits_the_remote_build() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let host = TestHost::start(62);
-    let machines = dir.join("machines");
-    std::fs::write(&machines, format!("{}\n", host.machine_line())).expect("machines");
+    let machines = machines_file(dir, &[&host]);
     let builders = format!("@{}", machines.display());
     // The store as `local?root=`, which the daemon passes on as it is.
     let store = format!("local?root={}", dir.join("root").display());

@@ -5,7 +5,6 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use sandoff::store::{StoreDir, StorePath};
@@ -112,19 +111,11 @@ fn machines_arg(path: &Path) -> &str {
 fn wait_until_started_on(s: &Store, drv: &str, host: &TestHost) -> PathBuf {
     let log = s.loc().state.join("log").join(s.path(drv).base_name());
     let on_host = format!("on '{}'", uri(host));
-    let start = Instant::now();
-    loop {
+    support::wait_for(&format!("the build to start on {}", uri(host)), || {
         let l = std::fs::read_to_string(&log).unwrap_or_default();
-        if l.contains(&on_host) && l.contains("started") {
-            return log;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "never started on {}: {l}",
-            uri(host)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        (l.contains(&on_host) && l.contains("started")).then_some(())
+    });
+    log
 }
 
 /// `sandoff build --machines <machines> <drv>` in the client's store.

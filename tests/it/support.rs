@@ -276,3 +276,19 @@ fn this_test_names_the_enclosing_fn_even_inside_closures() {
     }
     assert_eq!(nested(), "nested", "the innermost fn is the one named");
 }
+
+/// Polls `ready` until it gives a value, as long as a loaded machine may
+/// need (a guard against a hang, not a measurement); panics with `what`.
+pub fn wait_for<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        if let Some(v) = ready() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited in vain: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
