@@ -100,9 +100,10 @@ impl Daemon {
     }
 }
 
-fn ready(test: &str) -> bool {
+/// A temporary directory for the test, when what it needs is here.
+fn ready(test: &str) -> Option<tempfile::TempDir> {
     let built = kit().join("guix-daemon").is_file();
-    support::require(test, NEEDS)
+    let ok = support::require(test, NEEDS)
         && support::require(
             test,
             &[
@@ -113,7 +114,8 @@ fn ready(test: &str) -> bool {
                     met: built,
                 },
             ],
-        )
+        );
+    ok.then(|| tempfile::tempdir().expect("tempdir"))
 }
 
 /// guix-daemon's build users and `/gnu/store`, as its README says.
@@ -138,10 +140,9 @@ fn tag(what: &str) -> String {
 
 #[test]
 fn guix_daemon_offloads_to_sandoff_and_gets_valid_outputs() {
-    if !ready(this_test!()) {
+    let Some(tmp) = ready(this_test!()) else {
         return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
+    };
     let dir = tmp.path();
     guix_setup(dir);
     let host = TestHost::start_with(60, &HostConfig::default().store_dir("/gnu/store"));

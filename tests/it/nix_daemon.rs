@@ -128,8 +128,9 @@ fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).trim().to_owned()
 }
 
-fn ready(test: &str) -> bool {
-    support::require(test, NEEDS)
+/// A temporary directory for the test, when what it needs is here.
+fn ready(test: &str) -> Option<tempfile::TempDir> {
+    let ok = support::require(test, NEEDS)
         && support::require(
             test,
             &[
@@ -137,15 +138,15 @@ fn ready(test: &str) -> bool {
                 Need::Program("nix-instantiate"),
                 Need::Program("busybox"),
             ],
-        )
+        );
+    ok.then(|| tempfile::tempdir().expect("tempdir"))
 }
 
 #[test]
 fn nix_daemon_2_8_offloads_to_sandoff_and_gets_signed_valid_outputs() {
-    if !ready(this_test!()) {
+    let Some(tmp) = ready(this_test!()) else {
         return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
+    };
     let dir = tmp.path();
     let host = TestHost::start(61);
     let machines = machines_file(dir, &[&host]);
@@ -225,10 +226,9 @@ fn nix_daemon_2_8_offloads_to_sandoff_and_gets_signed_valid_outputs() {
 
 #[test]
 fn nix_daemon_2_8_timeout_setting_limits_the_remote_build() {
-    if !ready(this_test!()) {
+    let Some(tmp) = ready(this_test!()) else {
         return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
+    };
     let dir = tmp.path();
     let host = TestHost::start(62);
     let machines = machines_file(dir, &[&host]);
@@ -251,10 +251,9 @@ fn nix_daemon_2_8_timeout_setting_limits_the_remote_build() {
 
 #[test]
 fn nix_daemon_2_8_waits_on_a_postpone_while_the_machine_is_busy() {
-    if !ready(this_test!()) {
+    let Some(tmp) = ready(this_test!()) else {
         return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
+    };
     let dir = tmp.path();
     let host = TestHost::start_with(63, &HostConfig::default().max_jobs(1));
     trust(dir, &host);
