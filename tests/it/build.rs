@@ -183,6 +183,16 @@ impl Store {
         support::derivation_add(&mut self.cmd(), &drv)
     }
 
+    /// `cmd build DRV` started, its output thrown away (for a test that
+    /// stops it midway).
+    pub(crate) fn spawn_build(&self, cmd: &mut Command, drv: &str) -> std::process::Child {
+        cmd.args(["build", drv])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sandoff build")
+    }
+
     pub(crate) fn build(&self, args: &[&str]) -> Output {
         self.cmd().arg("build").args(args).output().expect("run")
     }
@@ -754,13 +764,7 @@ fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
         "slow",
         "mkdir $out; echo started; sleep 2; echo done > $out/f",
     );
-    let mut child = s
-        .cmd()
-        .args(["build", &d])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = s.spawn_build(&mut s.cmd(), &d);
     // Wait until the builder has started (its log says so).
     let log = sandoff::build::log_path(&s.loc(), &s.path(&d));
     support::wait_for("the build to start", || {

@@ -5,7 +5,6 @@
 //!
 //! Needs what `build::ready` needs (root, busybox, build users).
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::build::{ready, text, Spec, Store};
@@ -33,14 +32,7 @@ fn two_stores_with_their_own_state_share_the_build_users_locks() {
         },
     );
     // The machine-wide default, not the test suite's own directory.
-    let mut first = a
-        .cmd()
-        .env_remove("SANDOFF_USER_POOL_DIR")
-        .args(["build", &long])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut first = a.spawn_build(a.cmd().env_remove("SANDOFF_USER_POOL_DIR"), &long);
     let log = sandoff::build::log_path(&a.loc(), &a.path(&long));
     // Generous: a deadline on waiting, not a measurement.
     let deadline = Instant::now() + Duration::from_secs(120);
