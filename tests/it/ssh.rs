@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sandoff::decide::nix_format::{self, NoIncludes};
-use sandoff::decide::{Machine, MachineFormat, MachineName};
+use sandoff::decide::Machine;
 use sandoff::remote::ssh::{SshError, SshOptions, SshSession};
 use sandoff::remote::transport::Transport;
 
@@ -37,23 +37,10 @@ fn opts() -> SshOptions {
 
 /// A machine on `addr:port` with nothing else set.
 fn bare_machine(addr: &str, port: u16) -> Machine {
-    let uri = format!("ssh://root@{addr}:{port}");
-    Machine {
-        name: MachineName::new(&uri).expect("name"),
-        format: MachineFormat::Nix,
-        store_uri: uri,
-        host: Some(addr.to_owned()),
-        systems: Default::default(),
-        user: Some("root".to_owned()),
-        port: Some(port),
-        private_key: None,
-        max_jobs: 1,
-        speed_factor: 1.0,
-        supported_features: Default::default(),
-        mandatory_features: Default::default(),
-        host_key: None,
-        guix: None,
-    }
+    let line = format!("ssh://root@{addr}:{port} x86_64-linux\n");
+    nix_format::parse(&line, "machines", "x86_64-linux", &NoIncludes)
+        .expect("parses")
+        .remove(0)
 }
 
 /// A fresh ed25519 key pair at `path`; returns the public-key line.

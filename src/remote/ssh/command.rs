@@ -201,25 +201,13 @@ fn shell_quote(word: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decide::{MachineFormat, MachineName};
+    use crate::decide::nix_format::{self, NoIncludes};
 
     fn machine(uri: &str) -> Machine {
-        Machine {
-            name: MachineName::new(uri).expect("name"),
-            format: MachineFormat::Nix,
-            store_uri: uri.to_owned(),
-            host: Some("host".to_owned()),
-            systems: Default::default(),
-            user: None,
-            port: None,
-            private_key: None,
-            max_jobs: 1,
-            speed_factor: 1.0,
-            supported_features: Default::default(),
-            mandatory_features: Default::default(),
-            host_key: None,
-            guix: None,
-        }
+        let line = format!("{uri} x86_64-linux\n");
+        nix_format::parse(&line, "machines", "x86_64-linux", &NoIncludes)
+            .expect("parses")
+            .remove(0)
     }
 
     fn nix() -> StoreDir {
