@@ -98,13 +98,7 @@ impl Server<'_, '_> {
             tracing::warn!("cannot remove stale build directories: {e}");
         }
         let placement = placement_for(&mut self.placement, drv.required_system_features());
-        let ctx = BuildContext {
-            store: self.store,
-            pool: self.setup.pool.clone(),
-            options: build_options(options, &self.setup, true),
-            placement,
-            offload: None,
-        };
+        let ctx = local_context(self.store, &self.setup, options, placement);
         let log = &mut *self.setup.log;
         let hangup = self.setup.hangup;
         let outcome = std::thread::scope(|s| {
@@ -238,13 +232,7 @@ impl Server<'_, '_> {
             }
         }
         let placement = placement_for(&mut self.placement, features);
-        let ctx = BuildContext {
-            store: self.store,
-            pool: self.setup.pool.clone(),
-            options: build_options(options, &self.setup, true),
-            placement,
-            offload: None,
-        };
+        let ctx = local_context(self.store, &self.setup, options, placement);
         let log = &mut *self.setup.log;
         let mut built = Vec::new();
         let realised = while_watching(self.setup.hangup, || {
@@ -363,6 +351,23 @@ fn check_basic(
 }
 
 /// The build options of one serve build.
+/// What a build of this session needs: builds here never go on to other
+/// machines (the client chose this one).
+fn local_context<'c, 's: 'c>(
+    store: &'c LocalStore,
+    setup: &BuildSetup<'s>,
+    options: &BuildOptions,
+    placement: &'c Placement,
+) -> BuildContext<'c> {
+    BuildContext {
+        store,
+        pool: setup.pool.clone(),
+        options: build_options(options, setup, true),
+        placement,
+        offload: None,
+    }
+}
+
 fn build_options(options: &BuildOptions, setup: &BuildSetup<'_>, stream_logs: bool) -> Options {
     let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
     Options {
