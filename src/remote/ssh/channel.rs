@@ -172,18 +172,22 @@ impl SshChannel {
     /// Copies the stderr available now into `log`; whether there was any.
     /// The session must be in non-blocking mode.
     fn copy_stderr(&mut self, log: &mut dyn Write) -> io::Result<bool> {
-        let mut stderr = self.channel.stderr();
         let mut any = false;
-        loop {
-            match stderr.read(&mut self.scratch) {
-                Ok(0) => return Ok(any),
-                Ok(n) => {
-                    log.write_all(&self.scratch[..n])?;
-                    any = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(any),
-                Err(e) => return Err(self.io_err(e)),
-            }
+        while let Some(n) = self.read_stderr()? {
+            log.write_all(&self.scratch[..n])?;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    /// Reads what stderr has now into the scratch buffer: how much, or
+    /// `None` when nothing is there (or it ended). Non-blocking mode.
+    fn read_stderr(&mut self) -> io::Result<Option<usize>> {
+        match self.channel.stderr().read(&mut self.scratch) {
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(self.io_err(e)),
         }
     }
 
@@ -370,21 +374,14 @@ impl SshChannel {
     /// Moves the stderr available now into the backlog; whether there was
     /// any. The session must be in non-blocking mode.
     fn stderr_to_backlog(&mut self) -> io::Result<bool> {
-        let mut stderr = self.channel.stderr();
         let mut any = false;
-        loop {
-            match stderr.read(&mut self.scratch) {
-                Ok(0) => return Ok(any),
-                Ok(n) => {
-                    any = true;
-                    let room = MAX_BACKLOG.saturating_sub(self.backlog.len()).min(n);
-                    self.backlog.extend_from_slice(&self.scratch[..room]);
-                    self.dropped += (n - room) as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(any),
-                Err(e) => return Err(self.io_err(e)),
-            }
+        while let Some(n) = self.read_stderr()? {
+            any = true;
+            let room = MAX_BACKLOG.saturating_sub(self.backlog.len()).min(n);
+            self.backlog.extend_from_slice(&self.scratch[..room]);
+            self.dropped += (n - room) as u64;
         }
+        Ok(any)
     }
 
     /// Hands the backlog to `log`.
