@@ -632,23 +632,19 @@ mod tests {
             kind: crate::sandbox::TimeoutKind::Silent,
             after: Duration::from_secs(1),
         };
-        assert_eq!(
-            failure_status(&failed(timeout), false),
-            BuildStatus::TimedOut
-        );
-        assert_eq!(
-            failure_status(&failed(timeout), true),
-            BuildStatus::TimedOut
-        );
         let exit = BuildOutcome::Exited(1);
-        assert_eq!(
-            failure_status(&failed(exit), false),
-            BuildStatus::PermanentFailure
-        );
-        assert_eq!(
-            failure_status(&failed(exit), true),
-            BuildStatus::TransientFailure
-        );
+        for (outcome, fixed_output, status) in [
+            (timeout, false, BuildStatus::TimedOut),
+            (timeout, true, BuildStatus::TimedOut),
+            (exit, false, BuildStatus::PermanentFailure),
+            (exit, true, BuildStatus::TransientFailure),
+        ] {
+            assert_eq!(
+                failure_status(&failed(outcome), fixed_output),
+                status,
+                "{outcome:?}, fixed output: {fixed_output}"
+            );
+        }
         let kept = BuildErrorKind::Kept {
             error: Box::new(failed(exit)),
             dir: "/tmp/x".into(),

@@ -176,13 +176,15 @@ mod tests {
         assert!(matches!(err, WireError::TooLong { .. }));
     }
 
+    /// What reading `bytes` as a byte string fails with.
+    fn bytes_error(bytes: &[u8]) -> WireError {
+        read_bytes(&mut &bytes[..], 64).expect_err("refused")
+    }
+
     #[test]
     fn nonzero_padding_is_refused() {
-        let bytes = b"\x01\0\0\0\0\0\0\0a\0\0\0\0\0\0\x01";
-        assert!(matches!(
-            read_bytes(&mut &bytes[..], 64),
-            Err(WireError::BadPadding)
-        ));
+        let err = bytes_error(b"\x01\0\0\0\0\0\0\0a\0\0\0\0\0\0\x01");
+        assert!(matches!(err, WireError::BadPadding), "{err}");
     }
 
     #[test]
@@ -191,17 +193,11 @@ mod tests {
             read_u64(&mut &[1u8, 2][..]),
             Err(WireError::Truncated)
         ));
-        let bytes = b"\x05\0\0\0\0\0\0\0ab";
-        assert!(matches!(
-            read_bytes(&mut &bytes[..], 64),
-            Err(WireError::Truncated)
-        ));
-        // Missing padding is a truncation too.
-        let bytes = b"\x01\0\0\0\0\0\0\0a";
-        assert!(matches!(
-            read_bytes(&mut &bytes[..], 64),
-            Err(WireError::Truncated)
-        ));
+        // Short contents, and missing padding, are truncations.
+        for bytes in [&b"\x05\0\0\0\0\0\0\0ab"[..], b"\x01\0\0\0\0\0\0\0a"] {
+            let err = bytes_error(bytes);
+            assert!(matches!(err, WireError::Truncated), "{err}");
+        }
     }
 
     #[test]
