@@ -472,25 +472,33 @@ mod tests {
 
     // Vectors from Nix 2.8.0 (see ../shared/reference/formats.md §4).
     #[test]
-    fn source_path_of_test_tree() {
-        let nar = Hash::parse_bare(
+    fn fixed_output_paths() {
+        let tree_nar = Hash::parse_bare(
             "6c01ab4fdd85148deb9764095d88cda92c8d190101b28046748bf5c6ffbd231c",
             HashAlgo::Sha256,
         )
         .unwrap();
-        let p = nix()
-            .make_fixed_output_path(FileIngestionMethod::Recursive, &nar, "d", [], false)
-            .unwrap();
-        assert_eq!(p.base_name(), "q6dq4cjk6aw4cz1whdksas0153xcyk1b-d");
-    }
-
-    #[test]
-    fn flat_fixed_path() {
-        let h = HashAlgo::Sha256.digest(b"hello\n");
-        let p = nix()
-            .make_fixed_output_path(FileIngestionMethod::Flat, &h, "a.txt", [], false)
-            .unwrap();
-        assert_eq!(p.base_name(), "fdwm55r4skpypx1gwzb7x69ckav1rv09-a.txt");
+        // The source path of the test tree (`nix-store --add`), and a flat
+        // file (`--add-fixed`).
+        for (method, hash, name, base) in [
+            (
+                FileIngestionMethod::Recursive,
+                tree_nar,
+                "d",
+                "q6dq4cjk6aw4cz1whdksas0153xcyk1b-d",
+            ),
+            (
+                FileIngestionMethod::Flat,
+                HashAlgo::Sha256.digest(b"hello\n"),
+                "a.txt",
+                "fdwm55r4skpypx1gwzb7x69ckav1rv09-a.txt",
+            ),
+        ] {
+            let p = nix()
+                .make_fixed_output_path(method, &hash, name, [], false)
+                .unwrap();
+            assert_eq!(p.base_name(), base);
+        }
     }
 
     #[test]
