@@ -359,3 +359,39 @@ fn nix_build_hook_without_builders_declines_permanently() {
         assert_eq!(stderr, "# decline-permanently\n", "{builders:?}");
     }
 }
+
+#[test]
+fn nix_daemon_2_8_offloads_to_a_stock_nix_host() {
+    let Some(tmp) = ready(this_test!()) else {
+        return;
+    };
+    if !support::require(this_test!(), crate::hosts::NIX_NEEDS) {
+        return;
+    }
+    let dir = tmp.path();
+    // A stock `nix-store --serve --write` host, which signs what it builds.
+    let host = TestHost::start_nix(65);
+    let machines = machines_file(dir, &[&host]);
+    trust(dir, &host);
+    let daemon = Daemon::start(dir, &format!("@{}", machines.display()), 0, "");
+    let drv = daemon.drv("on-stock-nix", "echo built by nix > $out");
+    let out = daemon.realise(&drv);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("on 'ssh://"), "built on the host: {said}");
+    let output = text(&out.stdout);
+    let info = support::run_ok(daemon.client("nix").args(["path-info", "--json", &output]));
+    let info: serde_json::Value = serde_json::from_slice(&info).expect("json");
+    let key_name = host
+        .signing_public_key()
+        .split(':')
+        .next()
+        .expect("key name")
+        .to_owned();
+    assert!(
+        info[0]["signatures"]
+            .to_string()
+            .contains(&format!("\"{key_name}:")),
+        "{info}"
+    );
+}
