@@ -71,20 +71,28 @@ type Loaded = (BTreeMap<StorePath, Node>, BTreeMap<StorePath, Derivation>);
 /// one that claims another's outputs would otherwise "build" at once, or
 /// write what the real derivation later reuses. A cycle is named.
 fn load(store: &LocalStore, roots: &[StorePath]) -> Result<Loaded, GraphError> {
-    let (nodes, root_drvs, read) = walk(store, roots)?;
+    let (nodes, read) = walk(store, roots)?;
     if let Some(cycle) = find_cycle(&nodes) {
         return Err(GraphError::Cycle {
             cycle: cycle.iter().map(|p| store.location().logical(p)).collect(),
         });
     }
+    // Input derivations the walk read already are not read again.
     let mut hasher = DrvHasher::new(store.location().dir.clone(), |p: &StorePath| {
-        read_derivation(store, p)
+        match read.get(p) {
+            Some(drv) => Ok(drv.clone()),
+            None => read_derivation(store, p),
+        }
     });
     for (path, drv) in &read {
         check::check_outputs(drv, path, &mut hasher).map_err(|source| {
             BuildError::new(&store.location().dir, path, BuildErrorKind::Refused(source))
         })?;
     }
+    let root_drvs = roots
+        .iter()
+        .filter_map(|r| read.get(r).map(|d| (r.clone(), d.clone())))
+        .collect();
     Ok((nodes, root_drvs))
 }
 
@@ -127,30 +135,22 @@ fn find_cycle(nodes: &BTreeMap<StorePath, Node>) -> Option<Vec<StorePath>> {
     }
 }
 
-/// [`Loaded`], and every derivation read on the way.
-type Walked = (
-    BTreeMap<StorePath, Node>,
-    BTreeMap<StorePath, Derivation>,
-    Vec<(StorePath, Derivation)>,
-);
-
 /// Every derivation read from `roots` down (stopping at those whose
-/// outputs are all valid), as [`Loaded`] plus all of them by path.
-fn walk(store: &LocalStore, roots: &[StorePath]) -> Result<Walked, GraphError> {
+/// outputs are all valid): the nodes to build with their edges, and all of
+/// them by path.
+fn walk(
+    store: &LocalStore,
+    roots: &[StorePath],
+) -> Result<(BTreeMap<StorePath, Node>, BTreeMap<StorePath, Derivation>), GraphError> {
     let mut nodes: BTreeMap<StorePath, Node> = BTreeMap::new();
-    let mut root_drvs = BTreeMap::new();
-    let mut read = Vec::new();
-    let mut seen = BTreeSet::new();
+    let mut read: BTreeMap<StorePath, Derivation> = BTreeMap::new();
     let mut stack: Vec<StorePath> = roots.to_vec();
     while let Some(path) = stack.pop() {
-        if !seen.insert(path.clone()) {
+        if read.contains_key(&path) {
             continue;
         }
         let drv = read_derivation(store, &path)?;
-        read.push((path.clone(), drv.clone()));
-        if roots.contains(&path) {
-            root_drvs.insert(path.clone(), drv.clone());
-        }
+        read.insert(path.clone(), drv.clone());
         let outputs = drv.output_paths();
         if outputs.len() != drv.outputs.len() {
             return Err(BuildError::new(
@@ -197,7 +197,7 @@ fn walk(store: &LocalStore, roots: &[StorePath]) -> Result<Walked, GraphError> {
             n.dependents.insert(p);
         }
     }
-    Ok((nodes, root_drvs, read))
+    Ok((nodes, read))
 }
 
 enum Msg {
