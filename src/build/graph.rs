@@ -62,7 +62,8 @@ pub fn read_derivation(store: &LocalStore, path: &StorePath) -> Result<Derivatio
     check::read_derivation(store, path)
 }
 
-/// The nodes to build by `.drv` path, and every root's parsed derivation.
+/// The nodes to build by `.drv` path, and parsed derivations by path (every
+/// root's from [`load`], every one read from [`walk`]).
 type Loaded = (BTreeMap<StorePath, Node>, BTreeMap<StorePath, Derivation>);
 
 /// The derivations among `roots`' closure with an invalid output, and their
@@ -138,10 +139,7 @@ fn find_cycle(nodes: &BTreeMap<StorePath, Node>) -> Option<Vec<StorePath>> {
 /// Every derivation read from `roots` down (stopping at those whose
 /// outputs are all valid): the nodes to build with their edges, and all of
 /// them by path.
-fn walk(
-    store: &LocalStore,
-    roots: &[StorePath],
-) -> Result<(BTreeMap<StorePath, Node>, BTreeMap<StorePath, Derivation>), GraphError> {
+fn walk(store: &LocalStore, roots: &[StorePath]) -> Result<Loaded, GraphError> {
     let mut nodes: BTreeMap<StorePath, Node> = BTreeMap::new();
     let mut read: BTreeMap<StorePath, Derivation> = BTreeMap::new();
     let mut stack: Vec<StorePath> = roots.to_vec();
