@@ -81,10 +81,20 @@ pub fn size(bytes: u64) -> String {
 /// once instead of waiting for a writer, and checked to be a regular file
 /// on the descriptor that is then read (no race with a rename).
 pub fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, BoundedError> {
+    read_opened(path, limit, 0)
+}
+
+/// [`read_file`] that does not follow a symlink at `path` (it fails to
+/// open, `ELOOP`): for files whose place is their identity, as store paths.
+pub fn read_file_no_follow(path: &Path, limit: u64) -> Result<Vec<u8>, BoundedError> {
+    read_opened(path, limit, libc::O_NOFOLLOW)
+}
+
+fn read_opened(path: &Path, limit: u64, flags: libc::c_int) -> Result<Vec<u8>, BoundedError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         // std adds O_CLOEXEC itself.
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | flags)
         .open(path)?;
     let meta = file.metadata()?;
     let kind = meta.file_type();

@@ -19,8 +19,6 @@
 //! Floating content-addressed and impure outputs have no path to check.
 
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -28,6 +26,7 @@ use thiserror::Error;
 use super::aterm::AtermError;
 use super::modulo::expected_output_paths;
 use super::{Derivation, DerivationError, DerivationKind, DerivationOutput, DrvHasher};
+use crate::bounded::{self, BoundedError};
 use crate::store::local::{DrvCheck, LocalStore, StoreError};
 use crate::store::{HashAlgo, StoreDir, StoreLocation, StorePath, ValidPathInfo};
 
@@ -42,7 +41,7 @@ pub enum CheckError {
     Read {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: BoundedError,
     },
     #[error("'{path}' is not a regular file")]
     NotRegularFile { path: PathBuf },
@@ -118,30 +117,12 @@ pub fn read_derivation(store: &LocalStore, path: &StorePath) -> Result<Derivatio
 /// Reads and parses a `.drv` file, refusing anything but a regular file of
 /// at most [`MAX_DRV_SIZE`] bytes.
 pub fn read_drv_file(file: &Path, dir: &StoreDir) -> Result<(Vec<u8>, Derivation), CheckError> {
-    let read = |source| CheckError::Read {
-        path: file.to_owned(),
-        source,
-    };
-    // O_NONBLOCK: opening a FIFO must not wait for a writer.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(file)
-        .map_err(read)?;
-    if !f.metadata().map_err(read)?.is_file() {
-        return Err(CheckError::NotRegularFile {
-            path: file.to_owned(),
-        });
-    }
-    let mut bytes = Vec::new();
-    f.take(MAX_DRV_SIZE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read)?;
-    if bytes.len() as u64 > MAX_DRV_SIZE {
-        return Err(CheckError::TooLarge {
-            path: file.to_owned(),
-        });
-    }
+    let path = file.to_owned();
+    let bytes = bounded::read_file_no_follow(file, MAX_DRV_SIZE).map_err(|e| match e {
+        BoundedError::NotRegular { .. } => CheckError::NotRegularFile { path },
+        BoundedError::TooLarge { .. } => CheckError::TooLarge { path },
+        source => CheckError::Read { path, source },
+    })?;
     let drv = Derivation::from_aterm(&bytes, dir)?;
     Ok((bytes, drv))
 }
