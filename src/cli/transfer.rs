@@ -122,7 +122,7 @@ fn check_path(
             info.nar_size
         ));
     }
-    if let Err(e) = store.check_claims(&info) {
+    if let Err(e) = store.check_claims(&info, &hash) {
         problems.push(format!("not what its name claims: {e}"));
     }
     if sigs_needed > 0 {

@@ -145,13 +145,13 @@ pub fn answer(
 ) -> Result<Answer<Accepted>, HookRunError> {
     let loc = store.location();
     let drv_path = loc.dir.parse_path(&req.drv_path)?;
-    if !store.is_valid(&drv_path)? {
-        return Err(HookRunError::NotValid {
+    let drv = read_derivation(store, &drv_path).map_err(|e| match e {
+        ReadError::NotValid { .. } => HookRunError::NotValid {
             drv: req.drv_path.clone(),
             root: loc.root.clone(),
-        });
-    }
-    let drv = read_derivation(store, &drv_path)?;
+        },
+        e => e.into(),
+    })?;
     if drv.system != req.system.as_bytes() {
         tracing::warn!(
             drv = %req.drv_path,

@@ -332,12 +332,12 @@ impl LocalStore {
     /// That a valid path is what its name claims, as it would be checked on
     /// entering the store: the files match its content address, which gives
     /// its path, and a `.drv` passes the derivation check (`store verify`).
-    /// The NAR hash is taken from the files, not the registry.
-    pub fn check_claims(&self, info: &ValidPathInfo) -> Result<(), StoreError> {
+    /// `nar_hash` is the hash of the files as they are now (the caller has
+    /// it), not the registry's.
+    pub fn check_claims(&self, info: &ValidPathInfo, nar_hash: &Hash) -> Result<(), StoreError> {
         let real = self.loc.real_path(&info.path);
         if let Some(ca) = &info.ca {
-            let (nar_hash, _) = nar::hash_path(&real).map_err(nar_err(&real))?;
-            self.check_content_address(&real, &nar_hash, info, ca)?;
+            self.check_content_address(&real, nar_hash, info, ca)?;
         }
         self.check_derivations(&[(info, &real)])
     }
