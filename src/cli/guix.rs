@@ -41,11 +41,7 @@ pub enum Route {
 
 /// Where `argv` goes, with `env` for the environment.
 pub fn route(argv: Vec<OsString>, env: impl Fn(&str) -> Option<OsString>) -> Route {
-    let as_guix = argv
-        .first()
-        .and_then(|a| Path::new(a).file_name())
-        .is_some_and(|n| n == "guix");
-    if !as_guix {
+    if !super::invoked_as(&argv, "guix") {
         return Route::Sandoff(argv);
     }
     let env = |k: &str| env(k).filter(|v| !v.is_empty());

@@ -66,3 +66,11 @@ impl DaemonStore {
         })
     }
 }
+
+/// Whether the program was run under the file name `name` (argv[0], e.g. a
+/// symlink a daemon runs by that name).
+pub fn invoked_as(argv: &[std::ffi::OsString], name: &str) -> bool {
+    argv.first()
+        .and_then(|a| Path::new(a).file_name())
+        .is_some_and(|n| n == name)
+}

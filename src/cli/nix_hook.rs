@@ -51,11 +51,7 @@ pub struct NixHookArgs {
 /// `argv` for clap: invoked as [`HOOK_NAME`], `NAME VERBOSITY` becomes
 /// `NAME nix-build-hook -- VERBOSITY`; any other name is left alone.
 pub fn route(argv: Vec<OsString>) -> Vec<OsString> {
-    let as_hook = argv
-        .first()
-        .and_then(|a| Path::new(a).file_name())
-        .is_some_and(|n| n == HOOK_NAME);
-    if !as_hook {
+    if !super::invoked_as(&argv, HOOK_NAME) {
         return argv;
     }
     let mut out = vec![argv[0].clone(), "nix-build-hook".into(), "--".into()];
