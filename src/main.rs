@@ -139,10 +139,6 @@ fn parse_store_dir(s: &str) -> Result<StoreDir, String> {
 
 fn main() -> ExitCode {
     // Rust ignores SIGPIPE; a closed stdout then shows up as EPIPE, handled below.
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     // Invoked as `guix` (guix-daemon's `GUIX`): `guix offload` becomes
     // `sandoff hook`, other subcommands go to the real guix.
     let argv = match cli::guix::dispatch() {
@@ -152,6 +148,14 @@ fn main() -> ExitCode {
     // Invoked as `sandoff-build-hook` (nix-daemon 2.x's `build-hook`).
     let argv = cli::nix_hook::route(argv);
     let cli = Cli::parse_from(argv);
+    match &cli.command {
+        // The daemon shows its client what its hook writes as `@nix` lines.
+        Command::NixBuildHook(args) => cli::nix_hook::init_tracing(args),
+        _ => tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {

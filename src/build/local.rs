@@ -310,6 +310,7 @@ fn place_or_offload<'o>(
             max_log_size: 0,
             keep_failed: ctx.options.keep_failed,
         },
+        substitute: ctx.options.builders_use_substitutes,
     };
     let mut progress = |p: Progress<'_>, log: &mut dyn Write| match p {
         Progress::Building { machine } => {

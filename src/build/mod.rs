@@ -156,6 +156,9 @@ pub struct Options {
     /// besides [`crate::sandbox::plan::DEFAULT_IMPURE_ENV_ALLOW`] (names,
     /// or prefixes ending in `*`; `SANDOFF_*` never passes).
     pub impure_env_allow: Vec<String>,
+    /// Build machines substitute the inputs they lack before any is sent
+    /// (Nix's `builders-use-substitutes`).
+    pub builders_use_substitutes: bool,
 }
 
 impl Default for Options {
@@ -170,6 +173,7 @@ impl Default for Options {
             stream_logs: false,
             limits: Limits::default(),
             impure_env_allow: Vec::new(),
+            builders_use_substitutes: false,
         }
     }
 }

@@ -145,6 +145,10 @@ pub struct BuildArgs {
     limits: SandboxLimitsArgs,
     #[command(flatten)]
     ssh: super::machines::SshArgs,
+    /// Let build machines substitute the inputs they lack from their own
+    /// substituters before sandoff sends them (Nix's setting of that name).
+    #[arg(long)]
+    builders_use_substitutes: bool,
     /// The derivations (full .drv store paths).
     #[arg(required = true, value_name = "DRV")]
     drvs: Vec<String>,
@@ -190,6 +194,7 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
             stream_logs: args.print_build_logs,
             limits: args.limits.limits(),
             impure_env_allow: args.limits.impure_env_allow.clone(),
+            builders_use_substitutes: args.builders_use_substitutes,
         },
         placement: &placement,
         offload: offloader.as_ref(),

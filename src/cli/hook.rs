@@ -140,6 +140,8 @@ pub fn run(args: HookArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
             .current_load
             .clone()
             .or_else(|| env_path("NIX_CURRENT_LOAD")),
+        // Neither guix-daemon nor Nix 1.x asks its hook for this.
+        substitute_on_machines: false,
     };
     let mut machines = || {
         args.load_machines()

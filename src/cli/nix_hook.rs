@@ -82,11 +82,97 @@ fn machines(config: &Config) -> anyhow::Result<Vec<Machine>> {
     }
 }
 
+/// Where the machines' slots are counted: `NIX_CURRENT_LOAD` when set (Nix
+/// 1.x, shared by every hook on the host), else `current-load` in the
+/// daemon's state directory, where Nix 2.8's own `build-remote` keeps them
+/// (same file names, same `flock`s): a host that runs both hooks, or moves
+/// from one to the other with builds running, never overcommits a machine.
+fn slot_dir(loc: &StoreLocation) -> PathBuf {
+    if let Some(dir) = std::env::var_os("NIX_CURRENT_LOAD").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let db = loc.db_dir();
+    db.parent().unwrap_or(&db).join("current-load")
+}
+
 /// Writes `reply` on stderr, flushed: the daemon waits for it.
 fn reply(reply: &Reply) -> io::Result<()> {
     let mut err = io::stderr().lock();
     err.write_all(reply.text().as_bytes())?;
     err.flush()
+}
+
+/// Logs of the hook as `@nix` messages at their Nix level, shown up to the
+/// daemon's verbosity (the hook's argument) unless `RUST_LOG` says more:
+/// the daemon passes them to its client, who sees them as `nix-build -v`
+/// shows build-remote's own. A plain stderr line would stay in the daemon's
+/// log.
+pub fn init_tracing(args: &NixHookArgs) {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) => tracing_subscriber::EnvFilter::new(directives),
+        Err(_) => tracing_subscriber::EnvFilter::new(proto::tracing_level(args.verbosity).as_str()),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .with_writer(NixLog)
+        .init();
+}
+
+/// Makes a [`NixLine`] for each event, at the event's level.
+struct NixLog;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for NixLog {
+    type Writer = NixLine;
+
+    fn make_writer(&'a self) -> NixLine {
+        NixLine::at(tracing::Level::INFO)
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> NixLine {
+        NixLine::at(*meta.level())
+    }
+}
+
+/// One event's text, written as `@nix` message lines to stderr when done
+/// (one `write` each, so lines of threads do not interleave).
+struct NixLine {
+    level: u8,
+    text: Vec<u8>,
+}
+
+impl NixLine {
+    fn at(level: tracing::Level) -> NixLine {
+        NixLine {
+            level: proto::nix_level(level),
+            text: Vec::new(),
+        }
+    }
+}
+
+impl Write for NixLine {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for NixLine {
+    fn drop(&mut self) {
+        let text = sandoff::termsafe::filter(&self.text);
+        let lines: String = text
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| proto::message_line_at(self.level, l))
+            .collect();
+        let _ = io::stderr().lock().write_all(lines.as_bytes());
+    }
 }
 
 /// `location(root)`: where the store is when the daemon's is under `root`.
@@ -139,9 +225,8 @@ fn serve(
             keep_failed: false,
         },
         print_build_trace: false,
-        slot_dir: std::env::var_os("NIX_CURRENT_LOAD")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from),
+        slot_dir: Some(slot_dir(&loc)),
+        substitute_on_machines: config.builders_use_substitutes,
     };
     let mut messages = JsonMessages::new(io::stderr());
     let accepted = loop {

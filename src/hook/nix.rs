@@ -178,8 +178,41 @@ impl Reply {
 /// `text` as one `@nix` message line that the daemon passes to its
 /// client (a plain stderr line stays in the daemon's own log).
 pub fn message_line(text: &str) -> String {
-    let json = serde_json::json!({"action": "msg", "level": 0, "msg": text});
+    message_line_at(0, text)
+}
+
+/// [`message_line`] at Nix's verbosity `level` (0 error, 1 warn, 2 notice,
+/// 3 info, 4 talkative, 5 chatty, 6 debug, 7 vomit): the daemon shows it to
+/// a client whose verbosity is at least that.
+pub fn message_line_at(level: u8, text: &str) -> String {
+    let json = serde_json::json!({"action": "msg", "level": level, "msg": text});
     format!("@nix {json}\n")
+}
+
+/// Nix's verbosity level of a `tracing` level: error 0, warn 1, info 4
+/// (lvlTalkative: sandoff's info events say what it is doing, as Nix's
+/// build-remote does at that level, "copying dependencies to …", and a
+/// client sees them with `-v`), debug 6 (lvlDebug), trace 7 (lvlVomit).
+pub fn nix_level(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 0,
+        tracing::Level::WARN => 1,
+        tracing::Level::INFO => 4,
+        tracing::Level::DEBUG => 6,
+        tracing::Level::TRACE => 7,
+    }
+}
+
+/// The most verbose `tracing` level shown at Nix verbosity `verbosity`
+/// (the hook's only argument): events whose [`nix_level`] is at most it.
+pub fn tracing_level(verbosity: u8) -> tracing::Level {
+    match verbosity {
+        0 => tracing::Level::ERROR,
+        1..=3 => tracing::Level::WARN,
+        4 | 5 => tracing::Level::INFO,
+        6 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    }
 }
 
 /// A writer that sends every complete line written to it on as a
@@ -265,6 +298,9 @@ pub struct Config {
     pub timeout: u64,
     /// `max-build-log-size`, bytes (0: none).
     pub max_log_size: u64,
+    /// `builders-use-substitutes`: the machine substitutes the inputs it
+    /// lacks from its own substituters before they are sent to it.
+    pub builders_use_substitutes: bool,
     pub store: DaemonStoreSetting,
 }
 
@@ -284,6 +320,18 @@ impl Config {
                 value: v.to_owned(),
                 reason: "not a number",
             })
+        };
+        // Nix's spellings of a boolean setting; absent is false.
+        let boolean = |name: &'static str| -> Result<bool, NixHookError> {
+            match get(name) {
+                "" | "false" | "no" | "0" => Ok(false),
+                "true" | "yes" | "1" => Ok(true),
+                v => Err(NixHookError::BadSetting {
+                    name,
+                    value: v.to_owned(),
+                    reason: "not a boolean",
+                }),
+            }
         };
         let system = get("system");
         if system.is_empty() {
@@ -317,6 +365,7 @@ impl Config {
             max_silent_time: number("max-silent-time")?,
             timeout: number("timeout")?,
             max_log_size: number("max-build-log-size")?,
+            builders_use_substitutes: boolean("builders-use-substitutes")?,
             store: parse_store(get("store"))?,
         })
     }
@@ -370,6 +419,48 @@ mod tests {
     /// hook for `derivation { system = "x86_64-linux"; requiredSystemFeatures
     /// = ["big" "kvm"]; … }` with `max-jobs = 0`, settings abridged: after
     /// the settings, `try`, AM-WILLING 0, the system, the .drv, the set.
+    #[test]
+    fn verbosity_shows_the_events_whose_nix_level_it_reaches() {
+        use tracing::Level;
+        for verbosity in 0..=9u8 {
+            let most = tracing_level(verbosity);
+            for level in [
+                Level::ERROR,
+                Level::WARN,
+                Level::INFO,
+                Level::DEBUG,
+                Level::TRACE,
+            ] {
+                // tracing orders levels by verbosity, ERROR < … < TRACE.
+                let shown = level <= most;
+                assert_eq!(shown, nix_level(level) <= verbosity, "{verbosity} {level}");
+            }
+        }
+        assert_eq!(
+            message_line_at(6, "a \"b\""),
+            "@nix {\"action\":\"msg\",\"level\":6,\"msg\":\"a \\\"b\\\"\"}\n"
+        );
+    }
+
+    #[test]
+    fn builders_use_substitutes_takes_nix_spellings_of_a_boolean() {
+        let config = |v: &str| {
+            let settings = [("system", "x86_64-linux"), ("builders-use-substitutes", v)]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            Config::from_settings(&settings)
+        };
+        for v in ["true", "yes", "1"] {
+            assert!(config(v).expect(v).builders_use_substitutes, "{v}");
+        }
+        for v in ["", "false", "no", "0"] {
+            assert!(!config(v).expect(v).builders_use_substitutes, "{v}");
+        }
+        let e = config("sometimes").expect_err("not a boolean");
+        assert!(e.to_string().contains("builders-use-substitutes"), "{e}");
+    }
+
     #[test]
     fn recorded_request_from_nix_daemon_2_8() {
         let mut bytes = Vec::new();

@@ -51,6 +51,9 @@ pub struct Settings {
     /// The slot directory shared by every hook on this host (Nix 1.x's
     /// `NIX_CURRENT_LOAD`); `None`: the store's `<state>/current-load`.
     pub slot_dir: Option<PathBuf>,
+    /// Machines substitute the inputs they lack before any is sent
+    /// (nix-daemon's `builders-use-substitutes`).
+    pub substitute_on_machines: bool,
 }
 
 /// An accepted request: the machine, its slot (held) and what the build
@@ -329,6 +332,7 @@ pub fn build(
         inputs: &inputs,
         locks: &locks,
         options: settings.options.clone(),
+        substitute: settings.substitute_on_machines,
     };
     // After the accept a busy machine is waited for: handing the build
     // back is not possible any more.

@@ -380,6 +380,8 @@ fn build_options(options: &BuildOptions, setup: &BuildSetup<'_>, stream_logs: bo
         stream_logs,
         limits: setup.limits,
         impure_env_allow: setup.impure_env_allow.clone(),
+        // A serve host's builds have no build machines of their own.
+        builders_use_substitutes: false,
     }
 }
 

@@ -395,3 +395,143 @@ fn nix_daemon_2_8_offloads_to_a_stock_nix_host() {
         "{info}"
     );
 }
+
+#[test]
+fn nix_daemon_2_8_builders_use_substitutes_lets_the_machine_substitute_inputs() {
+    let Some(tmp) = ready(this_test!()) else {
+        return;
+    };
+    if !support::require(this_test!(), crate::hosts::NIX_NEEDS) {
+        return;
+    }
+    let dir = tmp.path();
+    let host = TestHost::start_nix(66);
+    let machines = machines_file(dir, &[&host]);
+    trust(dir, &host);
+    let daemon = Daemon::start(
+        dir,
+        &format!("@{}", machines.display()),
+        0,
+        "builders-use-substitutes = true\n",
+    );
+    let drv = daemon.drv("substituted-input", "echo built > $out");
+    let bb = text(&support::run_ok(daemon.client("nix-store").args([
+        "-q",
+        "--references",
+        &drv,
+    ])))
+    .lines()
+    .find(|l| l.ends_with("-busybox"))
+    .expect("busybox input")
+    .to_owned();
+    // A binary cache holding the input, signed by a key the host trusts
+    // (the daemon's copy, added with nix-store --add, carries no signature).
+    let cache = dir.join("cache");
+    let key = dir.join("cache-key");
+    support::run_ok(
+        Command::new("nix-store")
+            .args(["--generate-binary-cache-key", "cache-1"])
+            .arg(key.with_extension("sec"))
+            .arg(key.with_extension("pub")),
+    );
+    support::run_ok(
+        daemon
+            .client("nix")
+            .args(["copy", "--to"])
+            .arg(format!(
+                "file://{}?secret-key={}",
+                cache.display(),
+                key.with_extension("sec").display()
+            ))
+            .arg(&bb),
+    );
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("key");
+    let conf = host.nix_conf_dir().join("nix.conf");
+    let mut lines = std::fs::read_to_string(&conf).expect("nix.conf");
+    lines.push_str(&format!(
+        "substituters = file://{}\ntrusted-public-keys = {}\n",
+        cache.display(),
+        public.trim()
+    ));
+    std::fs::write(&conf, lines).expect("nix.conf");
+
+    // `-v`: the hook's info events reach the client at Nix's talkative level.
+    let out = support::output_or_kill(
+        daemon
+            .client("nix-store")
+            .args(["-r", "-v", &drv])
+            .stdin(Stdio::null()),
+    );
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("building remotely"), "{said}");
+    // The host substituted the input from the cache: its copy carries the
+    // cache's signature, which the daemon's copy never had.
+    let info = support::run_ok(
+        Command::new("nix")
+            .env("NIX_CONF_DIR", host.nix_conf_dir())
+            .args(["path-info", "--json", "--store"])
+            .arg(host.root())
+            .arg(&bb),
+    );
+    let info = String::from_utf8_lossy(&info);
+    assert!(info.contains("\"cache-1:"), "{info}");
+}
+
+#[test]
+fn nix_build_hook_shares_slots_with_nix_build_remote() {
+    let Some(tmp) = ready(this_test!()) else {
+        return;
+    };
+    let dir = tmp.path();
+    let host = TestHost::start_with(67, &HostConfig::default().max_jobs(1));
+    trust(dir, &host);
+    let line = host.machine_line();
+    let daemon = Daemon::start(dir, &format!("{line};"), 0, "");
+    let drv = daemon.drv("after-nix", "echo b > $out");
+    // The machine's only slot, taken as Nix 2.8's build-remote takes it:
+    // `<state>/current-load/<store URI with '/' as '_'>-0`, flock'ed.
+    let current_load = dir.join("root/nix/var/nix/current-load");
+    std::fs::create_dir_all(&current_load).expect("mkdir");
+    let uri = line.split_whitespace().next().expect("uri");
+    let slot = std::fs::File::create(current_load.join(format!("{}-0", uri.replace('/', "_"))))
+        .expect("slot file");
+    let held = nix::fcntl::Flock::lock(slot, nix::fcntl::FlockArg::LockExclusive).expect("flock");
+    let mut child = daemon
+        .client("nix-store")
+        .args(["-r", &drv])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nix-store");
+    let stderr = child.stderr.take().expect("stderr");
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let said = std::sync::Arc::clone(&said);
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut s = said.lock().expect("lock");
+                s.push_str(&line);
+                s.push('\n');
+            }
+        })
+    };
+    support::wait_for("the hook to postpone on the busy machine", || {
+        said.lock()
+            .expect("lock")
+            .contains("waiting for a machine to build")
+            .then_some(())
+    });
+    drop(held);
+    let out = support::output_or_kill_child(child, "nix-store -r");
+    reader.join().expect("reader");
+    let said = said.lock().expect("lock").clone();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("sandoff: building"), "{said}");
+    assert_eq!(text(&out.stdout).lines().count(), 1, "{said}");
+}

@@ -224,21 +224,29 @@ pub fn feed_or_kill(
     cmd: &mut Command,
     feed: impl FnOnce(std::process::ChildStdin) + Send + 'static,
 ) -> std::process::Output {
-    use std::io::Read as _;
     let mut child = spawn_piped(cmd);
     let stdin = child.stdin.take().expect("piped stdin");
     // Not joined: a feeder blocked on a full pipe ends with EPIPE once the
     // command is gone.
     std::thread::spawn(move || feed(stdin));
-    let drain = |mut r: Box<dyn std::io::Read + Send>| {
+    output_or_kill_child(child, &format!("{cmd:?}"))
+}
+
+/// The output of `child` (what is left of its piped stdout and stderr),
+/// killed if it runs longer than the watchdog allows.
+pub fn output_or_kill_child(mut child: std::process::Child, what: &str) -> std::process::Output {
+    use std::io::Read as _;
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
-            let _ = r.read_to_end(&mut buf);
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
             buf
         })
     };
-    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
-    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as _));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as _));
     let deadline = std::time::Instant::now() + WATCHDOG;
     // Polled rather than waited for in another thread: the child is only
     // killed while it is still ours (not yet reaped), never a reused pid.
@@ -249,7 +257,7 @@ pub fn feed_or_kill(
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} still running after {WATCHDOG:?}: it hangs");
+            panic!("{what} still running after {WATCHDOG:?}: it hangs");
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };

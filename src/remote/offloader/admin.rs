@@ -215,7 +215,7 @@ impl Offloader {
     ) -> Result<(usize, u64), OffloadError> {
         let closure = store.closure(paths)?;
         let mut conn = self.connect(machine)?;
-        let missing = query_missing(&mut conn, &closure)
+        let missing = query_missing(&mut conn, &closure, false)
             .map_err(lost(machine, "asking for missing paths"))?;
         let mut bytes = 0;
         for p in &missing {

@@ -33,23 +33,24 @@ impl Offloader {
             inputs,
             locks,
             options,
+            substitute,
         } = job;
         let closure = store.closure(inputs)?;
         // A pooled connection may have died since; one fresh try then.
-        let pooled =
-            self.take_idle(machine)
-                .and_then(|mut conn| match query_missing(&mut conn, &closure) {
-                    Ok(missing) => Some((conn, missing)),
-                    Err(e) => {
-                        tracing::debug!(machine = %machine.name, "idle connection is gone: {e}");
-                        None
-                    }
-                });
+        let pooled = self.take_idle(machine).and_then(|mut conn| {
+            match query_missing(&mut conn, &closure, *substitute) {
+                Ok(missing) => Some((conn, missing)),
+                Err(e) => {
+                    tracing::debug!(machine = %machine.name, "idle connection is gone: {e}");
+                    None
+                }
+            }
+        });
         let (mut conn, missing) = match pooled {
             Some(found) => found,
             None => {
                 let mut conn = self.connect(machine)?;
-                let missing = query_missing(&mut conn, &closure)
+                let missing = query_missing(&mut conn, &closure, *substitute)
                     .map_err(lost(machine, "asking for missing inputs"))?;
                 (conn, missing)
             }
@@ -229,13 +230,15 @@ impl Offloader {
     }
 }
 
-/// The paths of `closure` the machine lacks.
+/// The paths of `closure` the machine lacks, after it substituted what it
+/// could when `substitute` (a machine without substituters ignores it).
 pub(super) fn query_missing(
     conn: &mut Conn,
     closure: &BTreeSet<StorePath>,
+    substitute: bool,
 ) -> Result<BTreeSet<StorePath>, ClientError> {
     // lock: keep them from the remote's garbage collector until we are done.
-    let valid = conn.client.query_valid_paths(closure, true, false)?;
+    let valid = conn.client.query_valid_paths(closure, true, substitute)?;
     Ok(closure.difference(&valid).cloned().collect())
 }
 

@@ -192,6 +192,10 @@ pub struct RemoteJob<'a> {
     pub locks: &'a PathLocks,
     /// Time limits and the rest, as the machine's build gets them.
     pub options: BuildOptions,
+    /// Ask the machine to substitute the inputs it lacks from its own
+    /// substituters before any is sent (Nix's `builders-use-substitutes`);
+    /// what it cannot substitute is sent as usual.
+    pub substitute: bool,
 }
 
 /// How a remote build ended, when it ran.
