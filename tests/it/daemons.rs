@@ -22,11 +22,19 @@ impl Running {
     /// `dir/daemon.err`, and waits until it listens on `socket`.
     pub fn spawn(cmd: &mut Command, dir: &Path, socket: &Path) -> Running {
         let _ = std::fs::remove_file(socket);
+        Running::spawn_then(cmd, dir, |_| socket.to_owned())
+    }
+
+    /// [`Running::spawn`] with the socket's path known only from the
+    /// daemon's pid (a socket in a mount namespace of its own, reached
+    /// through `/proc/PID/root`).
+    pub fn spawn_then(cmd: &mut Command, dir: &Path, socket: impl Fn(u32) -> PathBuf) -> Running {
         let child = cmd
             .stdout(std::fs::File::create(dir.join("daemon.log")).expect("log"))
             .stderr(std::fs::File::create(dir.join("daemon.err")).expect("log"))
             .spawn()
             .expect("start the daemon");
+        let socket = socket(child.id());
         let running = Running {
             child,
             dir: dir.to_owned(),
@@ -42,6 +50,13 @@ impl Running {
             std::thread::sleep(Duration::from_millis(20));
         }
         running
+    }
+}
+
+impl Running {
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

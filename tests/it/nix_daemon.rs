@@ -6,7 +6,7 @@
 //! database. The hook's protocol without a daemon is tested too, on the
 //! bytes the daemon sends.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::daemons::{machines_file, sandoff_as, trust, Running};
@@ -18,6 +18,9 @@ use crate::this_test;
 /// `dir/socket`; stopped by its pid when dropped.
 struct Daemon {
     running: Running,
+    /// Started as Debian's nix-daemon.service starts it, on `/nix` and
+    /// `/etc/nix` of a mount namespace of its own: clients enter it.
+    packaged: bool,
 }
 
 impl Daemon {
@@ -61,7 +64,54 @@ impl Daemon {
             dir,
             &socket,
         );
-        Daemon { running }
+        Daemon {
+            running,
+            packaged: false,
+        }
+    }
+
+    /// nix-daemon as Debian's nix-daemon.service runs it (`nix-daemon
+    /// --daemon`: the store `auto`, `/nix/store` on `/`, nix.conf in
+    /// `/etc/nix`), with `nix.conf` as given, in a mount namespace whose
+    /// `/nix` is an empty tmpfs and whose `/etc/nix` is `dir/etc-nix`: the
+    /// real `/nix` and `/etc/nix` of this machine are never touched.
+    fn start_packaged(dir: &Path, nix_conf: &str) -> Daemon {
+        let etc = dir.join("etc-nix");
+        std::fs::create_dir_all(&etc).expect("mkdir");
+        std::fs::write(etc.join("nix.conf"), nix_conf).expect("nix.conf");
+        let running = Running::spawn_then(
+            Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                .arg(
+                    "mount -t tmpfs tmpfs /nix && mount --bind \"$1\" /etc/nix && \
+                     exec nix-daemon --daemon",
+                )
+                .arg("sh")
+                .arg(&etc)
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env("HOME", "/root")
+                .env("SANDOFF_STATE_DIR", dir.join("sandoff")),
+            dir,
+            |pid| PathBuf::from(format!("/proc/{pid}/root/nix/var/nix/daemon-socket/socket")),
+        );
+        Daemon {
+            running,
+            packaged: true,
+        }
+    }
+
+    /// Where `path` (a store path or a file under `/nix`) is on this
+    /// machine's file system.
+    fn file(&self, path: &str) -> PathBuf {
+        if self.packaged {
+            PathBuf::from(format!("/proc/{}/root{path}", self.running.pid()))
+        } else {
+            self.running
+                .dir
+                .join("root")
+                .join(path.trim_start_matches('/'))
+        }
     }
 
     /// A Nix client command on the daemon's store. The client reads
@@ -69,6 +119,13 @@ impl Daemon {
     /// to Nix 2.8): `root=` says where they are, or `nix-store -r` fails
     /// after the build with "opening file '/nix/store/….drv'".
     fn client(&self, program: &str) -> Command {
+        if self.packaged {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--mount=/proc/{}/ns/mnt", self.running.pid()))
+                .args(["--", program])
+                .env("NIX_REMOTE", "daemon");
+            return c;
+        }
         let mut c = Command::new(program);
         c.env("NIX_CONF_DIR", self.running.dir.join("conf"))
             .arg("--store")
@@ -534,4 +591,55 @@ fn nix_build_hook_shares_slots_with_nix_build_remote() {
     assert!(out.status.success(), "{said}");
     assert!(said.contains("sandoff: building"), "{said}");
     assert_eq!(text(&out.stdout).lines().count(), 1, "{said}");
+}
+
+#[test]
+fn nix_daemon_2_8_as_debian_runs_it_on_the_real_root_offloads_to_sandoff() {
+    let Some(tmp) = ready(this_test!()) else {
+        return;
+    };
+    if !support::require(
+        this_test!(),
+        &[Need::Program("unshare"), Need::Program("nsenter")],
+    ) {
+        return;
+    }
+    let dir = tmp.path();
+    let host = TestHost::start(68);
+    let machines = machines_file(dir, &[&host]);
+    trust(dir, &host);
+    // The README's nix.conf lines, and what a test daemon needs besides.
+    let daemon = Daemon::start_packaged(
+        dir,
+        &format!(
+            "build-hook = {}\nbuilders = @{}\nmax-jobs = 0\nsandbox = false\nsubstituters =\n\
+             experimental-features = nix-command\n",
+            sandoff_as(dir, "sandoff-build-hook").display(),
+            machines.display()
+        ),
+    );
+    let drv = daemon.drv("on-real-root", "echo built > $out");
+    let out = daemon.realise(&drv);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    let daemon_err = std::fs::read_to_string(dir.join("daemon.err")).unwrap_or_default();
+    assert!(out.status.success(), "{said}\ndaemon: {daemon_err}");
+    assert!(said.contains("on 'ssh://"), "built on the host: {said}");
+    let output = text(&out.stdout);
+    assert_eq!(
+        std::fs::read_to_string(daemon.file(&output)).expect("output"),
+        "built\n"
+    );
+    // Registered in /nix/var/nix/db (the store `auto`), signed by the host.
+    let info = support::run_ok(daemon.client("nix").args(["path-info", "--json", &output]));
+    let info: serde_json::Value = serde_json::from_slice(&info).expect("json");
+    let key_name = host.signing_public_key();
+    let key_name = key_name.split(':').next().expect("key name");
+    assert!(
+        info[0]["signatures"]
+            .to_string()
+            .contains(&format!("\"{key_name}:")),
+        "{info}"
+    );
+    // The slots are where Nix's build-remote keeps them for that store.
+    assert!(daemon.file("/nix/var/nix/current-load/main-lock").exists());
 }
