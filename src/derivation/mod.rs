@@ -21,6 +21,7 @@
 //! fields Nix writes unescaped, hashes not in lowercase hex, trailing bytes).
 
 pub mod aterm;
+pub mod attrs;
 pub mod check;
 pub mod json;
 pub mod modulo;
