@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::derivation::attrs::{AttrsError, CheckError as OutputCheckError};
 use crate::derivation::check::{CheckError, ReadError};
 use crate::derivation::DerivationError;
 use crate::remote::offloader::OffloadError;
@@ -146,6 +147,12 @@ pub enum BuildErrorKind {
     },
     /// Choosing where to build failed (slot or backoff files).
     Placement(Box<OffloadError>),
+    /// The derivation's structured attributes, references graphs or output
+    /// checks cannot be used (refused before the build).
+    Attributes(AttrsError),
+    /// The outputs failed their checks (`allowedReferences`,
+    /// `outputChecks`…); nothing was registered.
+    OutputCheck(OutputCheckError),
 }
 
 impl BuildError {
@@ -267,6 +274,11 @@ impl BuildErrorKind {
                 write!(f, "cannot build '{drv}' on '{machine}': {source}")
             }
             K::Placement(e) => write!(f, "cannot place '{drv}': {e}"),
+            K::Attributes(e) => write!(f, "cannot build '{drv}': {e}"),
+            K::OutputCheck(e) => write!(
+                f,
+                "outputs of '{drv}' fail their checks, nothing was registered: {e}"
+            ),
         }
     }
 
@@ -285,6 +297,8 @@ impl BuildErrorKind {
             K::Kept { error, .. } => error.source(),
             K::Offload { source, .. } => Some(&**source),
             K::Placement(e) => Some(&**e),
+            K::Attributes(e) => Some(e),
+            K::OutputCheck(e) => Some(e),
             _ => None,
         }
     }

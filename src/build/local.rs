@@ -10,6 +10,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::attrs;
 use super::somewhere::{build_somewhere, Progress, Somewhere, SomewhereError};
 use super::{builds_dir, log_path, BuildError, BuildErrorKind, Event, Options};
 use crate::decide::{Decision, Placement};
@@ -164,7 +165,9 @@ fn build_somewhere_locked(
     if drv.builder.starts_with(b"builtin:") {
         return Err(unsupported("built-in builders (builtin:...)"));
     }
-    let closure = store.closure(&inputs)?;
+    let mut closure = store.closure(&inputs)?;
+    let prepared = attrs::prepare(store, drv, &closure, &sandbox_build_dir())?;
+    closure.extend(prepared.extra_inputs.iter().cloned());
 
     let pool = ctx
         .pool
@@ -173,12 +176,14 @@ fn build_somewhere_locked(
     let lease = pool.acquire(USER_POLL).map_err(BuildErrorKind::Users)?;
     let slot = BuildSlot::create(&builds_dir(loc))?;
     let dirs = HostDirs::create(&slot.dir, lease.user()).map_err(BuildErrorKind::Sandbox)?;
+    let user = lease.user();
+    attrs::write_files(&dirs.dirs().build, &prepared.files, user.uid(), user.gid())?;
     let fixed = kind == DerivationKind::Fixed;
     let spec = SandboxSpec {
         store_dir: loc.dir.clone(),
         builder: drv.builder.clone(),
         args: drv.args.clone(),
-        env: drv.env.clone(),
+        env: prepared.env.clone(),
         inputs: closure
             .iter()
             .map(|p| InputPath {
@@ -224,6 +229,8 @@ fn build_somewhere_locked(
             &closure,
         )
         .and_then(|staged| {
+            let infos: Vec<&ValidPathInfo> = staged.iter().map(|(_, info)| info).collect();
+            attrs::check_built_outputs(store, drv, &prepared.checks, &infos)?;
             store
                 .register_built_outputs(locks, staged)
                 .map_err(Into::into)
@@ -255,6 +262,12 @@ fn build_somewhere_locked(
     };
     drop(lease);
     result
+}
+
+/// The build directory's path inside the sandbox (see
+/// [`crate::sandbox::plan`]), which `NIX_ATTRS_*_FILE` name.
+fn sandbox_build_dir() -> String {
+    format!("/tmp/{DEFAULT_BUILD_DIR_NAME}")
 }
 
 /// The paths a build of `drv` reads, whose closure it needs: its sources and

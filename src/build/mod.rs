@@ -50,6 +50,7 @@
 //!   (`builtin:fetchurl`) and content-addressed (floating, impure) outputs
 //!   are refused with a clear error: sandoff does not implement them.
 
+pub mod attrs;
 pub mod error;
 pub mod graph;
 pub mod local;

@@ -258,9 +258,7 @@ mod tests {
         ]);
         assert_eq!(
             validity_registration(&dir, &graph),
-            format!(
-                "/nix/store/{B}\n\n0\n/nix/store/{A}\n\n2\n/nix/store/{B}\n/nix/store/{A}\n"
-            )
+            format!("/nix/store/{B}\n\n0\n/nix/store/{A}\n\n2\n/nix/store/{B}\n/nix/store/{A}\n")
         );
     }
 

@@ -79,7 +79,9 @@ pub enum AttrsError {
     },
     /// A graph's file name could escape the build directory or clash with
     /// the files Nix puts there.
-    #[error("invalid file name '{name}' in 'exportReferencesGraph' (expected [A-Za-z_][A-Za-z0-9_.-]*)")]
+    #[error(
+        "invalid file name '{name}' in 'exportReferencesGraph' (expected [A-Za-z_][A-Za-z0-9_.-]*)"
+    )]
     BadGraphName {
         /// The name.
         name: String,
@@ -91,7 +93,9 @@ pub enum AttrsError {
         path: String,
     },
     /// A graph's value in structured attributes holds a non-string.
-    #[error("'exportReferencesGraph.{name}' must be a store path or a list of store paths, not {value}")]
+    #[error(
+        "'exportReferencesGraph.{name}' must be a store path or a list of store paths, not {value}"
+    )]
     GraphNotString {
         /// The graph's name.
         name: String,
@@ -223,6 +227,79 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The `.attrs.json` and `.attrs.sh` Nix 2.8 wrote for
+    /// `fixtures/attrs/graph.nix`'s `structured` (see its README), from that
+    /// derivation's `__json` and the facts of its graph `g` (as Nix listed
+    /// them), byte for byte.
+    #[test]
+    fn files_are_byte_for_byte_what_nix_wrote() {
+        use crate::store::{ContentAddress, Hash, StoreDir, StorePath};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/attrs");
+        let read = |n: &str| std::fs::read_to_string(dir.join(n)).expect("fixture");
+        let drv: Value = serde_json::from_str(&read("structured.drv.json")).expect("json");
+        let (_, drv) = drv
+            .as_object()
+            .expect("obj")
+            .iter()
+            .next()
+            .expect("one drv");
+        let env: BTreeMap<Vec<u8>, Vec<u8>> = drv["env"]
+            .as_object()
+            .expect("env")
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_bytes().to_vec(),
+                    v.as_str().expect("str").as_bytes().to_vec(),
+                )
+            })
+            .collect();
+        let attrs = structured_attrs(&env).expect("parse").expect("structured");
+        let outputs: BTreeMap<String, String> = drv["outputs"]
+            .as_object()
+            .expect("outputs")
+            .iter()
+            .map(|(k, v)| (k.clone(), v["path"].as_str().expect("path").to_owned()))
+            .collect();
+        let want_json = read("structured.attrs.json");
+        let nix: Value = serde_json::from_str(&want_json).expect("json");
+        let sd = StoreDir::default();
+        let facts: Vec<GraphPath> = nix["g"]
+            .as_array()
+            .expect("graph")
+            .iter()
+            .map(|p| {
+                let path = |v: &Value| sd.parse_path(v.as_str().expect("str")).expect("path");
+                GraphPath {
+                    path: path(&p["path"]),
+                    references: p["references"]
+                        .as_array()
+                        .expect("refs")
+                        .iter()
+                        .map(path)
+                        .collect::<std::collections::BTreeSet<StorePath>>(),
+                    nar_hash: Hash::parse_any_prefixed(p["narHash"].as_str().expect("hash"))
+                        .expect("hash"),
+                    nar_size: p["narSize"].as_u64().expect("size"),
+                    ca: p.get("ca").map(|c| {
+                        c.as_str()
+                            .expect("ca")
+                            .parse::<ContentAddress>()
+                            .expect("ca")
+                    }),
+                    closure_size: p["closureSize"].as_u64().expect("size"),
+                }
+            })
+            .collect();
+        let files = attrs_files(
+            &attrs,
+            &outputs,
+            BTreeMap::from([("g".to_owned(), graph::graph_json(&sd, &facts))]),
+        );
+        assert_eq!(files.json, want_json);
+        assert_eq!(files.sh, read("structured.attrs.sh"));
+    }
+
     #[test]
     fn structured_attrs_come_from_json_objects_only() {
         let env = |v: &str| BTreeMap::from([(b"__json".to_vec(), v.as_bytes().to_vec())]);
@@ -236,7 +313,9 @@ mod tests {
             Err(AttrsError::JsonNotObject)
         ));
         let err = structured_attrs(&env("{\"a\": ")).expect_err("bad");
-        assert!(err.to_string().starts_with("cannot process __json attribute: "));
+        assert!(err
+            .to_string()
+            .starts_with("cannot process __json attribute: "));
     }
 
     #[test]
