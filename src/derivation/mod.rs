@@ -26,6 +26,7 @@ pub mod check;
 pub mod json;
 pub mod modulo;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -391,16 +392,34 @@ impl Derivation {
         })
     }
 
-    /// The derivation's name: `env.name`, a valid store path name.
-    pub fn name(&self) -> Result<&str, DerivationError> {
-        let raw = self
-            .env
-            .get(b"name".as_slice())
-            .ok_or_else(|| DerivationError::BadName("no 'name' variable".to_owned()))?;
-        let name = std::str::from_utf8(raw)
-            .map_err(|_| DerivationError::BadName("not UTF-8".to_owned()))?;
-        check_name(name).map_err(|e| DerivationError::BadName(e.to_string()))?;
+    /// The derivation's name, a valid store path name: `env.name`, or with
+    /// structured attributes (where the environment holds only `__json`
+    /// and the outputs) the `name` of `__json`.
+    pub fn name(&self) -> Result<Cow<'_, str>, DerivationError> {
+        let name = match self.env.get(b"name".as_slice()) {
+            Some(raw) => Cow::Borrowed(
+                std::str::from_utf8(raw)
+                    .map_err(|_| DerivationError::BadName("not UTF-8".to_owned()))?,
+            ),
+            None => Cow::Owned(self.structured_name()?),
+        };
+        check_name(&name).map_err(|e| DerivationError::BadName(e.to_string()))?;
         Ok(name)
+    }
+
+    /// The `name` string of `__json`.
+    fn structured_name(&self) -> Result<String, DerivationError> {
+        let no_name = || DerivationError::BadName("no 'name' variable".to_owned());
+        let json = self.env.get(b"__json".as_slice()).ok_or_else(no_name)?;
+        let attrs: serde_json::Value = serde_json::from_slice(json)
+            .map_err(|e| DerivationError::BadName(format!("cannot read __json: {e}")))?;
+        match attrs.get("name") {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(DerivationError::BadName(
+                "the 'name' of __json is not a string".to_owned(),
+            )),
+            None => Err(no_name()),
+        }
     }
 
     /// The store path this derivation is written to: a `text` path named
@@ -633,6 +652,22 @@ mod tests {
         assert!(d.name().is_err());
         d.env.insert(b"name".to_vec(), b"hello".to_vec());
         assert_eq!(d.name().unwrap(), "hello");
+    }
+
+    #[test]
+    fn name_of_structured_attrs_comes_from_json() {
+        let mut d = drv_with(&[("out", DerivationOutput::Deferred)]);
+        d.env
+            .insert(b"__json".to_vec(), br#"{"name": "hello-2.10"}"#.to_vec());
+        assert_eq!(d.name().unwrap(), "hello-2.10");
+        d.env.insert(b"name".to_vec(), b"env-wins".to_vec());
+        assert_eq!(d.name().unwrap(), "env-wins");
+        d.env.remove(b"name".as_slice());
+        d.env
+            .insert(b"__json".to_vec(), br#"{"name": "a/b"}"#.to_vec());
+        assert!(d.name().is_err());
+        d.env.insert(b"__json".to_vec(), br#"{"name": 1}"#.to_vec());
+        assert!(d.name().is_err());
     }
 }
 

@@ -148,7 +148,7 @@ fn hash_with_known_inputs(
                     let path = dir.make_fixed_output_path(
                         *method,
                         hash,
-                        &output_path_name(drv.name()?, name.as_str()),
+                        &output_path_name(&drv.name()?, name.as_str()),
                         [],
                         false,
                     )?;
@@ -271,7 +271,7 @@ impl Derivation {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let dir = hasher.store_dir().clone();
-        let name = self.name()?.to_owned();
+        let name = self.name()?.into_owned();
         let mut done = self.clone();
         let all_ia = self.outputs.values().all(|o| {
             matches!(
