@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per area.
 
+mod attrs;
 mod build;
 mod claims;
 mod client;

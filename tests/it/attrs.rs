@@ -1,0 +1,498 @@
+//! References graphs, structured attributes and output checks in real
+//! builds (busybox derivations built by `sandoff build` as root), and the
+//! same derivations built by Nix 2.8 as the oracle when it is installed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use sandoff::store::StorePath;
+use serde_json::{json, Value};
+
+use crate::build::{logical, text, Spec, Store};
+use crate::support::{self, Need};
+use crate::this_test;
+
+/// `c`: an output that refers to busybox (so its closure has two paths).
+fn referring_drv(s: &Store) -> (String, StorePath) {
+    let c = s.drv(
+        "c",
+        Spec {
+            script: "mkdir $out; echo $bb > $out/ref",
+            env: &[("bb", &s.bb)],
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&[&c]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let c_out = s.out(&c);
+    (c, c_out)
+}
+
+/// The text form of a graph, from what sandoff's store says (Nix's
+/// `makeValidityRegistration(paths, false, false)` format).
+fn registration(s: &Store, paths: &[&StorePath]) -> String {
+    let mut sorted = paths.to_vec();
+    sorted.sort();
+    let mut want = String::new();
+    for p in sorted {
+        let refs = s.info(p).expect("valid").references;
+        want.push_str(&format!("{}\n\n{}\n", logical(p), refs.len()));
+        for r in &refs {
+            want.push_str(&format!("{}\n", logical(r)));
+        }
+    }
+    want
+}
+
+#[test]
+fn references_graph_file_lists_the_closure_in_nix_text_format() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let (c, c_out) = referring_drv(&s);
+    let graphs = format!("graph {} bb {}/bin/busybox", logical(&c_out), s.bb);
+    let a = s.drv(
+        "a",
+        Spec {
+            // The files are the builder's (0600), and it can read the paths
+            // the graph lists.
+            script: "mkdir $out; cp graph bb $out/; stat -c %a graph > $out/mode; cat $c/ref > $out/read",
+            inputs: &[(&c, "out")],
+            env: &[("exportReferencesGraph", &graphs), ("c", &logical(&c_out))],
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&[&a]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let a_out = s.real(&s.out(&a));
+    let bb = s.path(&s.bb);
+    let read = |n: &str| std::fs::read_to_string(a_out.join(n)).expect("read");
+    assert_eq!(read("graph"), registration(&s, &[&c_out, &bb]));
+    assert_eq!(read("bb"), registration(&s, &[&bb]));
+    assert_eq!(read("mode"), "600\n");
+    assert!(!read("read").is_empty());
+}
+
+#[test]
+fn references_graphs_of_paths_outside_the_input_closure_are_refused() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let (_, c_out) = referring_drv(&s);
+    for (graphs, needle) in [
+        (
+            format!("g {}", logical(&c_out)),
+            format!(
+                "cannot export references of path '{}' because it is not in the input closure of the derivation",
+                logical(&c_out)
+            ),
+        ),
+        (
+            "g /etc/passwd".to_owned(),
+            "'exportReferencesGraph' contains a non-store path '/etc/passwd'".to_owned(),
+        ),
+        (
+            format!("../g {}", s.bb),
+            "invalid file name '../g' in 'exportReferencesGraph'".to_owned(),
+        ),
+        (
+            format!("g {} h", s.bb),
+            "odd number of tokens in 'exportReferencesGraph'".to_owned(),
+        ),
+    ] {
+        let a = s.drv(
+            "a",
+            Spec {
+                script: "mkdir $out",
+                env: &[("exportReferencesGraph", &graphs)],
+                ..Spec::default()
+            },
+        );
+        let out = s.build(&[&a]);
+        assert!(!out.status.success(), "{graphs}");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(&needle), "{graphs}: {stderr}");
+        assert!(s.info(&s.out(&a)).is_none(), "{graphs}: registered");
+    }
+}
+
+/// A structured-attributes derivation: `__json` holds `attrs`; the script
+/// finds its output in `.attrs.json`, as a builder without `$out` must.
+fn structured_drv(
+    s: &Store,
+    name: &str,
+    attrs: Value,
+    script: &str,
+    inputs: &[(&str, &str)],
+) -> String {
+    let script = format!(
+        "out=$(sed -n 's/.*\"outputs\":{{\"out\":\"\\([^\"]*\\)\".*/\\1/p' .attrs.json)\n{script}"
+    );
+    s.drv(
+        name,
+        Spec {
+            script: &script,
+            inputs,
+            env: &[("__json", &attrs.to_string())],
+            ..Spec::default()
+        },
+    )
+}
+
+#[test]
+fn structured_attrs_reach_the_builder_as_files_and_nothing_else() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let (c, c_out) = referring_drv(&s);
+    let attrs = json!({
+        "flags": ["a b", "it's", 1, true],
+        "str": "line1\nline2 $HOME `x`",
+        "exportReferencesGraph": {"g": [logical(&c_out)]},
+    });
+    let a = structured_drv(
+        &s,
+        "a",
+        attrs,
+        "mkdir $out; cp $NIX_ATTRS_JSON_FILE $NIX_ATTRS_SH_FILE $out/; env | sort > $out/env; ls -A > $out/files",
+        &[(&c, "out")],
+    );
+    let out = s.build(&[&a]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let a_out = s.out(&a);
+    let dir = s.real(&a_out);
+    let read = |n: &str| std::fs::read_to_string(dir.join(n)).expect("read");
+
+    let got: Value = serde_json::from_str(&read(".attrs.json")).expect("json");
+    assert_eq!(got["outputs"], json!({"out": logical(&a_out)}));
+    assert_eq!(got["flags"], json!(["a b", "it's", 1, true]));
+    let graph = got["g"].as_array().expect("graph");
+    let paths: Vec<&str> = graph
+        .iter()
+        .map(|p| p["path"].as_str().expect("path"))
+        .collect();
+    let mut want = vec![logical(&c_out), s.bb.clone()];
+    want.sort_by_key(|p| s.path(p));
+    assert_eq!(paths, want);
+    let info = s.info(&c_out).expect("valid");
+    let entry = graph
+        .iter()
+        .find(|p| p["path"] == json!(logical(&c_out)))
+        .expect("c");
+    assert_eq!(entry["narHash"], json!(info.nar_hash.to_nix32_prefixed()));
+    assert_eq!(entry["narSize"], json!(info.nar_size));
+    assert_eq!(entry["references"], json!([s.bb]));
+    let bb_size = s.info(&s.path(&s.bb)).expect("valid").nar_size;
+    assert_eq!(entry["closureSize"], json!(info.nar_size + bb_size));
+
+    let sh = read(".attrs.sh");
+    assert!(
+        sh.contains("declare -a flags=('a b' 'it'\\''s' 1 1 )\n"),
+        "{sh}"
+    );
+    assert!(
+        sh.contains(&format!(
+            "declare -A outputs=(['out']='{}' )\n",
+            logical(&a_out)
+        )),
+        "{sh}"
+    );
+    assert!(
+        sh.contains("declare str='line1\nline2 $HOME `x`'\n"),
+        "{sh}"
+    );
+
+    let env = read("env");
+    let names: Vec<&str> = env
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    for absent in [
+        "out",
+        "__json",
+        "name",
+        "builder",
+        "system",
+        "exportReferencesGraph",
+    ] {
+        assert!(!names.contains(&absent), "{absent} passed: {env}");
+    }
+    assert!(
+        env.contains("NIX_ATTRS_JSON_FILE=/tmp/sandoff-build/.attrs.json\n"),
+        "{env}"
+    );
+    assert!(
+        env.contains("NIX_ATTRS_SH_FILE=/tmp/sandoff-build/.attrs.sh\n"),
+        "{env}"
+    );
+    assert!(read("files").contains(".attrs.json\n.attrs.sh\n"));
+}
+
+/// `stderr` says that `output` may not refer to `bad` by `check` (the
+/// message's line breaks reach the terminal as spaces).
+fn assert_refers(stderr: &str, output: &str, check: &str, bad: &str) {
+    let head = format!(
+        "output '{output}' is not allowed to refer to the following paths ({check} of output 'out'):"
+    );
+    let at = stderr
+        .find(&head)
+        .unwrap_or_else(|| panic!("{check}: {stderr}"));
+    let rest = &stderr[at + head.len()..];
+    assert!(
+        rest.trim_start().starts_with(bad),
+        "{check}: expected {bad}: {stderr}"
+    );
+}
+
+/// `x`: outputs `out` (referring to `dev` and `c_out`) and `dev` (to
+/// nothing), with `env` added.
+fn checked_drv(s: &Store, c: &str, c_out: &StorePath, env: &[(&str, &str)]) -> String {
+    let c_out = logical(c_out);
+    let mut all = vec![("c", c_out.as_str())];
+    all.extend_from_slice(env);
+    s.drv(
+        "x",
+        Spec {
+            script: "mkdir $out $dev; echo $dev $c > $out/refs; echo nothing > $dev/f",
+            inputs: &[(c, "out")],
+            outputs: &["dev", "out"],
+            env: &all,
+            ..Spec::default()
+        },
+    )
+}
+
+#[test]
+fn each_reference_check_fails_naming_the_path_and_registers_nothing() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let (c, c_out) = referring_drv(&s);
+    let (cs, bbs) = (logical(&c_out), s.bb.clone());
+    for (check, list, bad) in [
+        ("allowedReferences", "dev".to_owned(), &cs),
+        ("allowedRequisites", format!("dev {cs}"), &bbs),
+        ("disallowedReferences", cs.clone(), &cs),
+        ("disallowedRequisites", bbs.clone(), &bbs),
+    ] {
+        let x = checked_drv(&s, &c, &c_out, &[(check, &list)]);
+        let out = s.build(&[&x]);
+        assert!(!out.status.success(), "{check}");
+        let stderr = text(&out.stderr);
+        let outs = s.outputs(&x);
+        assert_refers(&stderr, &logical(&outs["out"]), check, bad);
+        assert!(stderr.contains("nothing was registered"), "{stderr}");
+        for (name, p) in &outs {
+            assert!(s.info(p).is_none(), "{check}: output {name} registered");
+            assert!(
+                !s.real(p).exists(),
+                "{check}: output {name} left in the store"
+            );
+        }
+    }
+}
+
+#[test]
+fn reference_checks_that_hold_let_the_build_through() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let (c, c_out) = referring_drv(&s);
+    let (cs, bbs) = (logical(&c_out), s.bb.clone());
+    let x = checked_drv(
+        &s,
+        &c,
+        &c_out,
+        &[
+            ("allowedReferences", &format!("dev {cs}")),
+            // `out` is no requisite of itself here (Nix's ignoreSelfRefs
+            // without structured attributes).
+            ("allowedRequisites", &format!("dev {cs} {bbs}")),
+            ("disallowedReferences", &bbs),
+            ("disallowedRequisites", "out"),
+        ],
+    );
+    let out = s.build(&[&x]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for p in s.outputs(&x).values() {
+        assert!(s.info(p).is_some());
+    }
+}
+
+#[test]
+fn structured_output_checks_bound_sizes_per_output() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let (c, c_out) = referring_drv(&s);
+    let script = format!("mkdir $out; echo {} > $out/ref", logical(&c_out));
+    let build = |checks: Value| {
+        let x = structured_drv(
+            &s,
+            "sized",
+            json!({"outputChecks": {"out": checks}}),
+            &script,
+            &[(&c, "out")],
+        );
+        (s.build(&[&x]), s.out(&x))
+    };
+    let (out, x_out) = build(json!({"maxSize": 1}));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("path '{}' is too large at ", logical(&x_out)))
+            && stderr.contains("bytes; limit is 1 bytes (maxSize of output 'out')"),
+        "{stderr}"
+    );
+    assert!(s.info(&x_out).is_none());
+
+    let c_closure =
+        s.info(&c_out).expect("valid").nar_size + s.info(&s.path(&s.bb)).expect("valid").nar_size;
+    let (out, x_out) = build(json!({"maxClosureSize": c_closure}));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "closure of path '{}' is too large at ",
+            logical(&x_out)
+        )) && stderr.contains(&format!(
+            "limit is {c_closure} bytes (maxClosureSize of output 'out')"
+        )),
+        "{stderr}"
+    );
+    assert!(s.info(&x_out).is_none());
+
+    // Structured lists do not skip the output itself: `out` must be allowed.
+    let (out, x_out) = build(json!({"maxSize": 1_000_000, "maxClosureSize": 100_000_000,
+        "allowedRequisites": [logical(&c_out), s.bb]}));
+    assert!(!out.status.success());
+    let x = logical(&x_out);
+    assert_refers(&text(&out.stderr), &x, "allowedRequisites", &x);
+    let (out, x_out) = build(json!({"maxSize": 1_000_000, "maxClosureSize": 100_000_000,
+        "allowedRequisites": ["out", logical(&c_out), s.bb]}));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(s.info(&x_out).is_some());
+}
+
+/// Adds the derivations of `nix show-derivation -r` output to `s`, inputs
+/// first; returns their paths.
+fn add_nix_derivations(s: &Store, shown: &Value) -> Vec<String> {
+    let mut left: BTreeMap<&String, &Value> = shown.as_object().expect("object").iter().collect();
+    let mut added = Vec::new();
+    while !left.is_empty() {
+        let ready: Vec<&String> = left
+            .iter()
+            .filter(|(_, d)| {
+                d["inputDrvs"]
+                    .as_object()
+                    .map_or(true, |m| m.keys().all(|k| added.contains(k)))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        assert!(!ready.is_empty(), "derivations depend on each other");
+        for path in ready {
+            let drv = left.remove(path).expect("present");
+            let got = support::derivation_add(&mut s.cmd(), &json!({ path.clone(): drv }));
+            assert_eq!(&got, path);
+            added.push(path.clone());
+        }
+    }
+    added
+}
+
+/// Nix 2.8 builds `fixtures/attrs/graph.nix` now; sandoff builds the same
+/// `.drv` files; the builders saw the same graph files and the same
+/// `.attrs.json` and `.attrs.sh`, byte for byte, the same environment
+/// variable names, and the outputs have the same references.
+#[test]
+fn references_graphs_and_structured_attrs_match_live_nix() {
+    if !crate::build::ready(this_test!())
+        || !support::require(
+            this_test!(),
+            &[
+                Need::Program("nix-build"),
+                Need::Program("nix"),
+                Need::Program("nix-instantiate"),
+            ],
+        )
+    {
+        return;
+    }
+    let s = Store::new();
+    let conf = s.tmp.path().join("nix-conf");
+    let nix_root = s.tmp.path().join("nix");
+    let src = s.tmp.path().join("src/busybox");
+    let expr = support::fixtures().join("attrs/graph.nix");
+    let nix = |program: &str| {
+        let mut c = support::nix_cmd(program, &conf);
+        c.arg("--store").arg(&nix_root);
+        c
+    };
+    let lines = |b: Vec<u8>| -> Vec<String> { text(&b).lines().map(str::to_owned).collect() };
+    let attr_args = |c: &mut std::process::Command| {
+        c.arg(&expr)
+            .arg("--arg")
+            .arg("src")
+            .arg(&src)
+            .args(["-A", "plain", "-A", "structured"]);
+    };
+    let mut build = nix("nix-build");
+    attr_args(&mut build);
+    let nix_outs = lines(support::run_ok(build.arg("--no-out-link")));
+    let mut inst = nix("nix-instantiate");
+    attr_args(&mut inst);
+    let drvs = lines(support::run_ok(&mut inst));
+    let shown: Value = serde_json::from_slice(&support::run_ok(
+        nix("nix").arg("show-derivation").arg("-r").args(&drvs),
+    ))
+    .expect("json");
+    assert!(
+        shown.to_string().contains(&s.bb),
+        "Nix's busybox is not sandoff's {}",
+        s.bb
+    );
+    add_nix_derivations(&s, &shown);
+    let out = s.build(&[&drvs[0], &drvs[1]]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ours = lines(out.stdout);
+    assert_eq!(ours, nix_outs, "same derivations, same output paths");
+
+    let nix_real = |p: &str| nix_root.join(p.trim_start_matches('/'));
+    let ours_real = |p: &str| s.real(&s.path(p));
+    let same = |out: &str, file: &str| {
+        let want = std::fs::read(nix_real(out).join(file)).expect("nix's file");
+        let got = std::fs::read(ours_real(out).join(file)).expect("our file");
+        assert_eq!(text(&got), text(&want), "{file}");
+    };
+    same(&nix_outs[0], "g");
+    same(&nix_outs[0], "g2");
+    same(&nix_outs[1], ".attrs.json");
+    same(&nix_outs[1], ".attrs.sh");
+
+    let names = |dir: &Path| -> Vec<String> {
+        let env = std::fs::read_to_string(dir.join("env")).expect("env");
+        env.lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        names(&ours_real(&nix_outs[1])),
+        names(&nix_real(&nix_outs[1]))
+    );
+
+    for o in &nix_outs {
+        let mut q = nix("nix-store");
+        let theirs = lines(support::run_ok(q.args(["-q", "--references", o])));
+        let mut mine: Vec<String> = s
+            .info(&s.path(o))
+            .expect("valid")
+            .references
+            .iter()
+            .map(logical)
+            .collect();
+        mine.sort();
+        let mut theirs = theirs;
+        theirs.sort();
+        assert_eq!(mine, theirs, "references of {o}");
+    }
+}
