@@ -612,12 +612,8 @@ fn check_owner(path: &Path, build_uid: u32) -> Result<(), BuildErrorKind> {
 /// sandoff's own settings or any secret of the caller's environment.
 fn impure_env(drv: &Derivation, allow: &[String]) -> BTreeMap<Vec<u8>, Vec<u8>> {
     use std::os::unix::ffi::OsStrExt;
-    let Some(names) = drv.env.get(b"impureEnvVars".as_slice()) else {
-        return BTreeMap::new();
-    };
-    names
-        .split(|b| b.is_ascii_whitespace())
-        .filter(|n| !n.is_empty())
+    drv.impure_env_vars()
+        .into_iter()
         .filter(|n| {
             let ok = impure_env_allowed(n, allow);
             if !ok {
@@ -630,8 +626,8 @@ fn impure_env(drv: &Derivation, allow: &[String]) -> BTreeMap<Vec<u8>, Vec<u8>> 
             ok
         })
         .filter_map(|n| {
-            let name = std::ffi::OsStr::from_bytes(n);
-            std::env::var_os(name).map(|v| (n.to_vec(), v.as_bytes().to_vec()))
+            let value = std::env::var_os(std::ffi::OsStr::from_bytes(&n))?;
+            Some((n, value.as_bytes().to_vec()))
         })
         .collect()
 }

@@ -442,26 +442,64 @@ impl Derivation {
         matches!(self.kind(), Ok(DerivationKind::Fixed))
     }
 
-    /// `preferLocalBuild = true` (`env.preferLocalBuild == "1"`): build here
-    /// rather than offload.
+    /// `preferLocalBuild = true` (`env.preferLocalBuild == "1"`, or `true`
+    /// in structured attributes): build here rather than offload.
     pub fn prefer_local_build(&self) -> bool {
-        self.env
-            .get(b"preferLocalBuild".as_slice())
-            .is_some_and(|v| v == b"1")
+        match self.structured_attr("preferLocalBuild") {
+            Some(v) => v == Some(serde_json::Value::Bool(true)),
+            None => self
+                .env
+                .get(b"preferLocalBuild".as_slice())
+                .is_some_and(|v| v == b"1"),
+        }
     }
 
     /// `requiredSystemFeatures`: the features a machine needs to build this,
-    /// split on whitespace as Nix does.
+    /// split on whitespace as Nix does (a list in structured attributes).
     pub fn required_system_features(&self) -> BTreeSet<String> {
-        self.env
-            .get(b"requiredSystemFeatures".as_slice())
-            .map(|v| {
-                v.split(|b| b" \t\n\r".contains(b))
-                    .filter(|f| !f.is_empty())
-                    .map(|f| String::from_utf8_lossy(f).into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.strings_attr("requiredSystemFeatures")
+            .into_iter()
+            .map(|f| String::from_utf8_lossy(&f).into_owned())
+            .collect()
+    }
+
+    /// `impureEnvVars`: the names of the variables a fixed-output build
+    /// may take from the caller's environment (before any allowlist).
+    pub fn impure_env_vars(&self) -> Vec<Vec<u8>> {
+        self.strings_attr("impureEnvVars")
+    }
+
+    /// Nix's `getStringsAttr`: the variable `name` split on whitespace, or
+    /// with structured attributes the strings of its list (anything else
+    /// there reads as nothing; such a derivation fails before its build,
+    /// when its attributes are read in full).
+    fn strings_attr(&self, name: &str) -> Vec<Vec<u8>> {
+        match self.structured_attr(name) {
+            Some(Some(serde_json::Value::Array(items))) => items
+                .iter()
+                .filter_map(|i| i.as_str().map(|s| s.as_bytes().to_vec()))
+                .collect(),
+            Some(_) => Vec::new(),
+            None => self
+                .env
+                .get(name.as_bytes())
+                .map(|v| {
+                    v.split(|b| b" \t\n\r".contains(b))
+                        .filter(|f| !f.is_empty())
+                        .map(<[u8]>::to_vec)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// With structured attributes (`__json`), `Some` of the attribute
+    /// `name` (`None` when absent or `__json` cannot be read): there, the
+    /// environment's variables of that name mean nothing, as in Nix.
+    fn structured_attr(&self, name: &str) -> Option<Option<serde_json::Value>> {
+        let json = self.env.get(b"__json".as_slice())?;
+        let attrs: serde_json::Value = serde_json::from_slice(json).ok()?;
+        Some(attrs.get(name).cloned())
     }
 
     /// The output paths that are known, by output name.
@@ -652,6 +690,29 @@ mod tests {
         assert!(d.name().is_err());
         d.env.insert(b"name".to_vec(), b"hello".to_vec());
         assert_eq!(d.name().unwrap(), "hello");
+    }
+
+    #[test]
+    fn attributes_of_structured_attrs_come_from_json() {
+        let mut d = drv_with(&[("out", fixed())]);
+        d.env.insert(b"preferLocalBuild".to_vec(), b"1".to_vec());
+        d.env
+            .insert(b"requiredSystemFeatures".to_vec(), b"kvm".to_vec());
+        d.env.insert(
+            b"__json".to_vec(),
+            br#"{"requiredSystemFeatures": ["big-parallel", "nixos-test"], "impureEnvVars": ["http_proxy"]}"#.to_vec(),
+        );
+        // In structured mode the variables mean nothing.
+        assert!(!d.prefer_local_build());
+        let want: BTreeSet<String> = ["big-parallel".to_owned(), "nixos-test".to_owned()].into();
+        assert_eq!(d.required_system_features(), want);
+        assert_eq!(d.impure_env_vars(), vec![b"http_proxy".to_vec()]);
+        d.env.insert(
+            b"__json".to_vec(),
+            br#"{"preferLocalBuild": true}"#.to_vec(),
+        );
+        assert!(d.prefer_local_build());
+        assert!(d.required_system_features().is_empty());
     }
 
     #[test]
