@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use sandoff::store::StorePath;
+use sandoff::store::{StoreDir, StorePath};
 use serde_json::{json, Value};
 
 use crate::build::{logical, text, Spec, Store};
@@ -36,41 +36,131 @@ fn registration(s: &Store, paths: &[&StorePath]) -> String {
     let mut want = String::new();
     for p in sorted {
         let refs = s.info(p).expect("valid").references;
-        want.push_str(&format!("{}\n\n{}\n", logical(p), refs.len()));
+        want.push_str(&format!("{}\n\n{}\n", s.dir.display(p), refs.len()));
         for r in &refs {
-            want.push_str(&format!("{}\n", logical(r)));
+            want.push_str(&format!("{}\n", s.dir.display(r)));
         }
     }
     want
 }
 
+/// In a Nix and a Guix store: the graph files hold the closures, the
+/// builder owns them and can read every path they list.
 #[test]
 fn references_graph_file_lists_the_closure_in_nix_text_format() {
+    if !crate::build::ready(this_test!()) {
+        return;
+    }
+    let guix = StoreDir::new("/gnu/store").expect("store dir");
+    for s in [Store::new(), Store::with_dir(guix)] {
+        let (c, c_out) = referring_drv(&s);
+        let c_full = s.dir.display(&c_out);
+        let graphs = format!("graph {c_full} bb {}/bin/busybox", s.bb);
+        let a = s.drv(
+            "a",
+            Spec {
+                script: "mkdir $out; cp graph bb $out/; stat -c %a graph > $out/mode; cat $c/ref > $out/read",
+                inputs: &[(&c, "out")],
+                env: &[("exportReferencesGraph", &graphs), ("c", &c_full)],
+                ..Spec::default()
+            },
+        );
+        let out = s.build(&[&a]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let a_out = s.real(&s.out(&a));
+        let bb = s.path(&s.bb);
+        let read = |n: &str| std::fs::read_to_string(a_out.join(n)).expect("read");
+        assert_eq!(read("graph"), registration(&s, &[&c_out, &bb]));
+        assert_eq!(read("bb"), registration(&s, &[&bb]));
+        assert_eq!(read("mode"), "600\n");
+        assert_eq!(read("read"), format!("{}\n", s.bb));
+    }
+}
+
+/// A derivation whose input sources are `sources` (besides busybox),
+/// running `script` as [`Store::drv`] does.
+fn drv_with_sources(
+    s: &Store,
+    name: &str,
+    script: &str,
+    sources: &[&str],
+    env: &[(&str, &str)],
+) -> String {
+    let bb = format!("{}/bin/busybox", s.bb);
+    let script = format!(
+        "set -eu\n{bb} mkdir -p $TMPDIR/bin\n{bb} --install -s $TMPDIR/bin\nexport PATH=$TMPDIR/bin\n{script}"
+    );
+    let mut srcs = vec![s.bb.clone()];
+    srcs.extend(sources.iter().map(|p| p.to_string()));
+    let mut vars = serde_json::Map::new();
+    for (k, v) in [
+        ("name", name),
+        ("builder", &bb),
+        ("system", "x86_64-linux"),
+        ("out", ""),
+    ]
+    .into_iter()
+    .chain(env.iter().copied())
+    {
+        vars.insert(k.to_owned(), json!(v));
+    }
+    let drv = json!({
+        "outputs": {"out": {"path": ""}},
+        "inputSrcs": srcs,
+        "inputDrvs": {},
+        "system": "x86_64-linux",
+        "builder": bb,
+        "args": ["sh", "-c", script],
+        "env": vars,
+    });
+    support::derivation_add(&mut s.cmd(), &drv)
+}
+
+/// A graph of a `.drv` holds the closures of its outputs too (as Nix and
+/// Guix), which the builder can then read; an output that is not valid
+/// is refused, named.
+#[test]
+fn references_graph_of_a_derivation_includes_its_outputs() {
     let Some(s) = Store::ready(this_test!()) else {
         return;
     };
     let (c, c_out) = referring_drv(&s);
-    let graphs = format!("graph {} bb {}/bin/busybox", logical(&c_out), s.bb);
-    let a = s.drv(
+    let c_full = logical(&c_out);
+    let graphs = format!("g {c}");
+    let a = drv_with_sources(
+        &s,
         "a",
-        Spec {
-            // The files are the builder's (0600), and it can read the paths
-            // the graph lists.
-            script: "mkdir $out; cp graph bb $out/; stat -c %a graph > $out/mode; cat $c/ref > $out/read",
-            inputs: &[(&c, "out")],
-            env: &[("exportReferencesGraph", &graphs), ("c", &logical(&c_out))],
-            ..Spec::default()
-        },
+        "mkdir $out; cp g $out/; cat $c/ref > $out/read",
+        &[&c],
+        &[("exportReferencesGraph", &graphs), ("c", &c_full)],
     );
     let out = s.build(&[&a]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let a_out = s.real(&s.out(&a));
     let bb = s.path(&s.bb);
     let read = |n: &str| std::fs::read_to_string(a_out.join(n)).expect("read");
-    assert_eq!(read("graph"), registration(&s, &[&c_out, &bb]));
-    assert_eq!(read("bb"), registration(&s, &[&bb]));
-    assert_eq!(read("mode"), "600\n");
-    assert!(!read("read").is_empty());
+    assert_eq!(read("g"), registration(&s, &[&s.path(&c), &c_out, &bb]));
+    assert_eq!(read("read"), format!("{}\n", s.bb));
+
+    let unbuilt = s.script_drv("unbuilt", "mkdir $out");
+    let graphs = format!("g {unbuilt}");
+    let a = drv_with_sources(
+        &s,
+        "a",
+        "mkdir $out",
+        &[&unbuilt],
+        &[("exportReferencesGraph", &graphs)],
+    );
+    let out = s.build(&[&a]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot export the references graph 'g': output 'out' ({}) of '{unbuilt}', in the graph, is not valid; build it first",
+            logical(&s.out(&unbuilt))
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]
