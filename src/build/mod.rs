@@ -7,8 +7,11 @@
 //!   caller's thread schedules and receives every [`Event`].
 //! - [`local`]: one build whose inputs are valid: under the outputs' locks,
 //!   lease a build user, run the sandbox, check and copy the outputs into
-//!   the store, scan their references, check fixed-output hashes, register
-//!   them all in one transaction.
+//!   the store, scan their references, check fixed-output hashes and the
+//!   derivation's output checks, register them all in one transaction.
+//! - [`attrs`]: what a derivation's attributes add to a local build:
+//!   references graphs, structured attributes (`.attrs.json`,
+//!   `.attrs.sh`), and the output checks run before registration.
 //! - [`somewhere`]: the one failover policy of `sandoff build` and the
 //!   hook: place, build on a machine, on the machine's fault place again,
 //!   else build here.
