@@ -14,6 +14,11 @@
 //!   nlohmann finds the digits with Grisu2 and we with Rust's shortest
 //!   round-trip formatting: they agree but for rare doubles where Grisu2
 //!   is not the shortest, which structured attributes practically never hold.
+//!
+//! Reading `__json` with `serde_json` rather than nlohmann differs on two
+//! inputs Nix's evaluator never writes: `-0` reads as the float `-0.0`
+//! (nlohmann: the integer `0`), and a number beyond a double's range is an
+//! error (nlohmann: infinity, written back as `null`).
 
 use serde_json::Value;
 
