@@ -586,3 +586,143 @@ fn references_graphs_and_structured_attrs_match_live_nix() {
         assert_eq!(mine, theirs, "references of {o}");
     }
 }
+
+/// How a build ended, as far as the output checks go.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    /// `output` may not refer to `paths`.
+    Refers {
+        output: String,
+        paths: Vec<String>,
+    },
+    /// `what` ("path" or "closure of path") `path` is `size` bytes.
+    TooLarge {
+        what: String,
+        path: String,
+        size: u64,
+    },
+}
+
+/// The verdict in a failed build's `stderr` (Nix's or ours).
+fn verdict(ok: bool, stderr: &str) -> Verdict {
+    if ok {
+        return Verdict::Pass;
+    }
+    let quoted_before = |at: usize, prefix: &str| -> String {
+        let start = stderr[..at].rfind(prefix).expect("prefix") + prefix.len();
+        let end = start + stderr[start..].find('\'').expect("quote");
+        stderr[start..end].to_owned()
+    };
+    if let Some(at) = stderr.find("is not allowed to refer to the following paths") {
+        let paths = stderr[at..]
+            .split_whitespace()
+            .skip_while(|t| !t.starts_with("/nix/store/"))
+            .take_while(|t| t.starts_with("/nix/store/"))
+            .map(str::to_owned)
+            .collect();
+        return Verdict::Refers {
+            output: quoted_before(at, "output '"),
+            paths,
+        };
+    }
+    let at = stderr
+        .find("is too large at ")
+        .unwrap_or_else(|| panic!("no check failed: {stderr}"));
+    let size = stderr[at + "is too large at ".len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("size");
+    let what = if stderr[..at].contains("closure of path '") {
+        "closure of path"
+    } else {
+        "path"
+    };
+    Verdict::TooLarge {
+        what: what.to_owned(),
+        path: quoted_before(at, "path '"),
+        size,
+    }
+}
+
+/// Each output check of `fixtures/attrs/checks.nix` built by Nix 2.8 now
+/// and by sandoff: both pass, or both fail naming the same output, the
+/// same paths, the same sizes. The one documented difference
+/// (`ignoreSelfRefs` in `outputChecks`) is not exercised here.
+#[test]
+fn output_checks_agree_with_live_nix() {
+    if !crate::build::ready(this_test!())
+        || !support::require(
+            this_test!(),
+            &[
+                Need::Program("nix-build"),
+                Need::Program("nix"),
+                Need::Program("nix-instantiate"),
+            ],
+        )
+    {
+        return;
+    }
+    let s = Store::new();
+    let conf = s.tmp.path().join("nix-conf");
+    let nix_root = s.tmp.path().join("nix");
+    let src = s.tmp.path().join("src/busybox");
+    let expr = support::fixtures().join("attrs/checks.nix");
+    let nix = |program: &str| {
+        let mut c = support::nix_cmd(program, &conf);
+        c.arg("--store")
+            .arg(&nix_root)
+            .arg(&expr)
+            .arg("--arg")
+            .arg("src")
+            .arg(&src);
+        c
+    };
+    let attrs = [
+        "allowed-references",
+        "allowed-references-self",
+        "allowed-requisites",
+        "disallowed-references",
+        "disallowed-requisites",
+        "disallowed-requisites-output",
+        "all-pass",
+        "structured-max-size",
+        "structured-max-closure-size",
+        "structured-requisites-self",
+        "structured-pass",
+    ];
+    let mut inst = nix("nix-instantiate");
+    for a in attrs {
+        inst.args(["-A", a]);
+    }
+    let drvs: Vec<String> = text(&support::run_ok(&mut inst))
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(drvs.len(), attrs.len());
+    let mut show = support::nix_cmd("nix", &conf);
+    show.arg("--store")
+        .arg(&nix_root)
+        .args(["show-derivation", "-r"])
+        .args(&drvs);
+    let shown: Value = serde_json::from_slice(&support::run_ok(&mut show)).expect("json");
+    add_nix_derivations(&s, &shown);
+
+    let mut passes = 0;
+    for (attr, drv) in attrs.iter().zip(&drvs) {
+        let theirs = nix("nix-build")
+            .args(["--no-out-link", "-A", attr])
+            .output()
+            .expect("nix-build");
+        let theirs = verdict(theirs.status.success(), &text(&theirs.stderr));
+        let ours = s.build(&[drv]);
+        let ours_ok = ours.status.success();
+        assert_eq!(verdict(ours_ok, &text(&ours.stderr)), theirs, "{attr}");
+        for p in s.outputs(drv).values() {
+            assert_eq!(s.info(p).is_some(), ours_ok, "{attr}: registered or not");
+        }
+        passes += usize::from(ours_ok);
+    }
+    assert_eq!(passes, 2, "all-pass and structured-pass");
+}

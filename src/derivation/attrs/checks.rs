@@ -10,10 +10,12 @@
 //! - with structured attributes, `outputChecks.<output>` with the same four
 //!   lists, `maxSize`, `maxClosureSize` (NAR bytes) and `ignoreSelfRefs`
 //!   (a Boolean, default false: an output's own path is then part of its
-//!   requisites, as in Nix). Nix 2.8 (and every later Nix) does not read
-//!   `ignoreSelfRefs` from `outputChecks` at all; we honour it when set,
-//!   since all it can do is let a self-reference pass a requisites list.
-//!   A derivation that does not set it is judged exactly as Nix judges it.
+//!   requisites, as in Nix). The Nix manual documents `ignoreSelfRefs`
+//!   there, but no Nix reads it (2.8 through 2.35 leave it false); we
+//!   honour it as documented, since all it can do is let a self-reference
+//!   pass a requisites list. A derivation that does not set it is judged
+//!   exactly as Nix judges it (`tests/it/attrs.rs` checks that against
+//!   Nix 2.8).
 //!
 //! An item of a list is a store path or the name of an output of this
 //! derivation; anything else fails the build. "References" are an output's
