@@ -277,3 +277,45 @@ pub fn check_built_outputs(
     check_outputs(&store.location().dir, checks, &outputs, &valid)
         .map_err(BuildErrorKind::OutputCheck)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn files_are_private_to_the_build_user_and_never_follow_links() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let me = std::fs::metadata(tmp.path()).expect("stat");
+        let files = BTreeMap::from([
+            ("g".to_owned(), b"graph\n".to_vec()),
+            (attrs::ATTRS_JSON.to_owned(), b"{}".to_vec()),
+        ]);
+        write_files(tmp.path(), &files, me.uid(), me.gid()).expect("write");
+        for (name, contents) in &files {
+            let p = tmp.path().join(name);
+            assert_eq!(&std::fs::read(&p).expect("read"), contents);
+            let meta = std::fs::metadata(&p).expect("stat");
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+            assert_eq!((meta.uid(), meta.gid()), (me.uid(), me.gid()));
+        }
+        // A name already taken (here by a symlink out of the directory) is
+        // an error, not a write through the link.
+        let other = tempfile::tempdir().expect("tempdir");
+        let target = other.path().join("target");
+        std::os::unix::fs::symlink(&target, tmp.path().join("h")).expect("symlink");
+        let files = BTreeMap::from([("h".to_owned(), b"x".to_vec())]);
+        let err = write_files(tmp.path(), &files, me.uid(), me.gid()).expect_err("taken");
+        assert!(
+            matches!(
+                err,
+                BuildErrorKind::Io {
+                    action: "create",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(!target.exists());
+    }
+}
