@@ -726,3 +726,58 @@ fn output_checks_agree_with_live_nix() {
     }
     assert_eq!(passes, 2, "all-pass and structured-pass");
 }
+
+/// `.attrs.sh` read back by bash gives every string byte for byte, odd
+/// ones included (quotes, newlines, `$`, backquotes, backslashes, globs).
+#[test]
+fn attrs_sh_reads_back_in_bash_byte_for_byte() {
+    if !support::require_programs(this_test!(), &["bash"]) {
+        return;
+    }
+    let odd = [
+        "it's",
+        "''",
+        "'",
+        "a\nb\n",
+        "$HOME ${x} $(id) `id`",
+        "back\\slash\\",
+        "* ? [a] ~",
+        "\"double\"",
+        "tab\there",
+        "é ☃ \u{7f}",
+        "",
+        " lead and trail ",
+    ];
+    let attrs = json!({
+        "one": odd[0],
+        "list": odd,
+        "map": odd.iter().enumerate().map(|(i, s)| (format!("k{i} '{s}"), json!(s))).collect::<serde_json::Map<_, _>>(),
+    });
+    let sh = sandoff::derivation::attrs::shell::attrs_sh(attrs.as_object().expect("obj"));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join(".attrs.sh");
+    std::fs::write(&file, &sh).expect("write");
+    let mut script = String::from("source \"$1\"\nprintf '%s\\0' \"$one\" \"${list[@]}\"\n");
+    for (i, s) in odd.iter().enumerate() {
+        let key = format!("k{i} '{s}");
+        // The key, quoted for bash by the writer under test, as a subscript.
+        script.push_str(&format!(
+            "printf '%s\\0' \"${{map[{}]}}\"\n",
+            sandoff::derivation::attrs::shell::shell_escape(&key)
+        ));
+    }
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .arg("bash")
+        .arg(&file)
+        .output()
+        .expect("bash");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got: Vec<String> = text(&out.stdout).split('\0').map(str::to_owned).collect();
+    let mut want = vec![odd[0].to_owned()];
+    want.extend(odd.iter().map(|s| s.to_string()));
+    want.extend(odd.iter().map(|s| s.to_string()));
+    want.push(String::new()); // after the last NUL
+    assert_eq!(got, want, "{sh}");
+}
