@@ -43,8 +43,11 @@ use crate::store::{StorePath, ValidPathInfo};
 #[derive(Debug)]
 pub struct Prepared {
     /// The derivation's part of the builder's environment: its variables,
-    /// or with structured attributes only `NIX_ATTRS_*_FILE`.
+    /// or with structured attributes only `NIX_ATTRS_*_FILE`; output
+    /// placeholders replaced by the output paths, as Nix does.
     pub env: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The builder's arguments, placeholders replaced likewise.
+    pub args: Vec<Vec<u8>>,
     /// Files to write into the build directory, by name.
     pub files: BTreeMap<String, Vec<u8>>,
     /// Paths of references graphs outside the input closure, which the
@@ -82,14 +85,20 @@ pub fn prepare(
         graphs.push((request.name.clone(), infos));
     }
 
+    let outputs: BTreeMap<String, String> = drv
+        .output_paths()
+        .into_iter()
+        .map(|(name, p)| (name, dir.display(&p)))
+        .collect();
+    let rewrites = attrs::placeholder_rewrites(&outputs);
+    let args = drv
+        .args
+        .iter()
+        .map(|a| attrs::rewrite_bytes(a, &rewrites))
+        .collect();
     let mut files = BTreeMap::new();
     let (env, checks) = match &structured {
         Some(a) => {
-            let outputs = drv
-                .output_paths()
-                .into_iter()
-                .map(|(name, p)| (name, dir.display(&p)))
-                .collect();
             let json_graphs = graphs
                 .iter()
                 .map(|(name, infos)| (name.clone(), graph::graph_json(dir, &graph_paths(infos))))
@@ -110,11 +119,22 @@ pub fn prepare(
                 // as Nix's writeFile does.
                 files.insert(name.clone(), text.into_bytes());
             }
-            (drv.env.clone(), OutputChecks::from_env(&drv.env))
+            let env = drv
+                .env
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        attrs::rewrite_bytes(k, &rewrites),
+                        attrs::rewrite_bytes(v, &rewrites),
+                    )
+                })
+                .collect();
+            (env, OutputChecks::from_env(&drv.env))
         }
     };
     Ok(Prepared {
         env,
+        args,
         files,
         extra_inputs,
         checks,

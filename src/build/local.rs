@@ -182,7 +182,7 @@ fn build_somewhere_locked(
     let spec = SandboxSpec {
         store_dir: loc.dir.clone(),
         builder: drv.builder.clone(),
-        args: drv.args.clone(),
+        args: prepared.args.clone(),
         env: prepared.env.clone(),
         inputs: closure
             .iter()

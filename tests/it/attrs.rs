@@ -781,3 +781,39 @@ fn attrs_sh_reads_back_in_bash_byte_for_byte() {
     want.push(String::new()); // after the last NUL
     assert_eq!(got, want, "{sh}");
 }
+
+/// Output placeholders (`builtins.placeholder`) in the arguments, the
+/// environment and `passAsFile` files reach the builder as the output
+/// paths, as Nix rewrites them.
+#[test]
+fn placeholders_become_output_paths() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    use sandoff::derivation::attrs::hash_placeholder;
+    let (out_ph, dev_ph) = (hash_placeholder("out"), hash_placeholder("dev"));
+    let script = format!(
+        "mkdir $out $dev; echo {out_ph} > $out/arg; echo $x > $out/env; cat $yPath > $out/file"
+    );
+    let x = s.drv(
+        "ph",
+        Spec {
+            script: &script,
+            outputs: &["dev", "out"],
+            env: &[
+                ("x", &format!("{dev_ph}/lib")),
+                ("y", &format!("--prefix={out_ph}")),
+                ("passAsFile", "y"),
+            ],
+            ..Spec::default()
+        },
+    );
+    let out = s.build(&[&x]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let outs = s.outputs(&x);
+    let (o, d) = (logical(&outs["out"]), logical(&outs["dev"]));
+    let read = |n: &str| std::fs::read_to_string(s.real(&outs["out"]).join(n)).expect("read");
+    assert_eq!(read("arg"), format!("{o}\n"));
+    assert_eq!(read("env"), format!("{d}/lib\n"));
+    assert_eq!(read("file"), format!("--prefix={o}"));
+}

@@ -28,7 +28,10 @@
 //!   `outputs` included, as in Nix), written as nlohmann writes it;
 //! - `.attrs.sh` next to it ([`shell`]);
 //! - in both, Nix's output placeholders (`hashPlaceholder`, what
-//!   `builtins.placeholder "out"` gives) replaced by the output paths.
+//!   `builtins.placeholder "out"` gives) replaced by the output paths, as
+//!   in the arguments of every build and the environment (and so the
+//!   `passAsFile` files) of one without structured attributes
+//!   ([`placeholder_rewrites`], [`rewrite_bytes`]).
 //!
 //! One deliberate difference: Nix 2.8 sets `NIX_ATTRS_JSON_FILE` and
 //! `NIX_ATTRS_SH_FILE` to the files' paths on the *host* (`/tmp/nix-build-
@@ -166,6 +169,40 @@ fn rewrite(mut s: String, rewrites: &BTreeMap<String, String>) -> String {
     s
 }
 
+/// The rewrites of a build whose outputs (name to full path) are known:
+/// each output's placeholder to its path (Nix's `inputRewrites` for a
+/// sandboxed build).
+pub fn placeholder_rewrites(outputs: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    outputs
+        .iter()
+        .map(|(name, path)| (hash_placeholder(name), path.clone()))
+        .collect()
+}
+
+/// [`rewrite`] over bytes (derivation strings need not be UTF-8).
+pub fn rewrite_bytes(s: &[u8], rewrites: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut s = s.to_vec();
+    for (from, to) in rewrites {
+        let (from, to) = (from.as_bytes(), to.as_bytes());
+        if from.is_empty() || !s.windows(from.len()).any(|w| w == from) {
+            continue;
+        }
+        let mut out = Vec::with_capacity(s.len());
+        let mut i = 0;
+        while i < s.len() {
+            if s[i..].starts_with(from) {
+                out.extend_from_slice(to);
+                i += from.len();
+            } else {
+                out.push(s[i]);
+                i += 1;
+            }
+        }
+        s = out;
+    }
+    s
+}
+
 /// The two files of a structured-attributes build.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttrsFiles {
@@ -196,10 +233,7 @@ pub fn attrs_files(
     for (name, graph) in graphs {
         attrs.insert(name, graph);
     }
-    let rewrites: BTreeMap<String, String> = outputs
-        .iter()
-        .map(|(name, path)| (hash_placeholder(name), path.clone()))
-        .collect();
+    let rewrites = placeholder_rewrites(outputs);
     AttrsFiles {
         json: rewrite(json::dump(&Value::Object(attrs.clone())), &rewrites),
         sh: rewrite(shell::attrs_sh(&attrs), &rewrites),
@@ -316,6 +350,23 @@ mod tests {
         assert!(err
             .to_string()
             .starts_with("cannot process __json attribute: "));
+    }
+
+    #[test]
+    fn rewriting_replaces_every_placeholder_in_bytes() {
+        let outputs = BTreeMap::from([
+            ("out".to_owned(), "/nix/store/o-x".to_owned()),
+            ("dev".to_owned(), "/nix/store/d-x-dev".to_owned()),
+        ]);
+        let r = placeholder_rewrites(&outputs);
+        let (out, dev) = (hash_placeholder("out"), hash_placeholder("dev"));
+        let s = format!("a{out}b{dev}{out}\u{e9}");
+        let mut bytes = s.into_bytes();
+        bytes.push(0xff);
+        let mut want = b"a/nix/store/o-xb/nix/store/d-x-dev/nix/store/o-x\xc3\xa9".to_vec();
+        want.push(0xff);
+        assert_eq!(rewrite_bytes(&bytes, &r), want);
+        assert_eq!(rewrite_bytes(b"plain", &r), b"plain");
     }
 
     #[test]
