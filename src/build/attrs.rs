@@ -22,9 +22,18 @@
 //!   reference instead of holding a dangling one.
 //! - The files are written by sandoff (root) into the fresh host build
 //!   directory before the builder starts, `O_EXCL | O_NOFOLLOW`, mode 0600
-//!   and owned by the build user, as `passAsFile` files are. Nothing of the
-//!   build user's can run yet, and the directory's parent is root-only, so
-//!   nothing can be raced.
+//!   and owned by the build user, as `passAsFile` files are (Nix leaves
+//!   graph files root's, 0644; either way the builder reads them and can
+//!   replace them in its own directory). Nothing of the build user's can
+//!   run yet, and the directory's parent is root-only, so nothing can be
+//!   raced.
+//! - Output placeholders are replaced by the output paths in the
+//!   arguments, the environment and the attribute files, as Nix's
+//!   `inputRewrites` do for a sandboxed build with known output paths.
+//! - The output checks run after every output is copied, scanned and (if
+//!   fixed) hash-checked, before anything is registered: a failure drops
+//!   every staged output, those that passed included (Nix registers none
+//!   either).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
