@@ -817,3 +817,139 @@ fn placeholders_become_output_paths() {
     assert_eq!(read("env"), format!("{d}/lib\n"));
     assert_eq!(read("file"), format!("--prefix={o}"));
 }
+
+/// guix-daemon 1.4.0 (built from `../shared/guix-daemon`) builds a
+/// derivation with `#:references-graphs` made by Guix's own client; the
+/// graph files its builder got are what sandoff writes for the same paths,
+/// their references read from the daemon's database, byte for byte.
+/// (Building Guix's `.drv` files with sandoff itself needs them imported
+/// with their outputs recorded, which `store import` does not do yet.)
+#[test]
+fn references_graph_files_match_a_live_guix_daemon() {
+    let kit = std::env::var_os("SANDOFF_GUIX_KIT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp/guix-kit".into());
+    if !crate::build::ready(this_test!())
+        || !support::require(
+            this_test!(),
+            &[
+                Need::Program("guile"),
+                Need::Condition {
+                    what: "guix-daemon built from ../shared/guix-daemon (scripts/test.sh does it)",
+                    met: kit.join("guix-daemon").is_file(),
+                },
+            ],
+        )
+    {
+        return;
+    }
+    for cmd in [
+        "getent group guixbuild >/dev/null || groupadd --system guixbuild",
+        "getent passwd guixbuilder01 >/dev/null || useradd -g guixbuild -G guixbuild --system guixbuilder01",
+        "mkdir -p /gnu/store && chgrp guixbuild /gnu/store && chmod 1775 /gnu/store",
+    ] {
+        support::run_ok(std::process::Command::new("sh").args(["-c", cmd]));
+    }
+    let gnu = StoreDir::new("/gnu/store").expect("store dir");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let bb_dir = dir.join("src/busybox");
+    std::fs::create_dir_all(bb_dir.join("bin")).expect("mkdir");
+    std::fs::copy("/bin/busybox", bb_dir.join("bin/busybox")).expect("busybox");
+    let socket = dir.join("socket");
+    // The daemon runs `$GUIX offload` first: sandoff's hook, with no
+    // machines, declines, and the daemon builds the derivation itself.
+    let guix = crate::daemons::sandoff_as(dir, "guix");
+    let machines = dir.join("machines");
+    std::fs::write(&machines, "").expect("machines");
+    let _daemon = crate::daemons::Running::spawn(
+        std::process::Command::new(kit.join("guix-daemon"))
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("HOME", "/root")
+            .env("GUIX_STATE_DIRECTORY", dir.join("var"))
+            .env("GUIX_LOG_DIRECTORY", dir.join("log"))
+            .env("GUIX_CONFIGURATION_DIRECTORY", dir.join("etc"))
+            .env("GUIX", &guix)
+            .env("SANDOFF_STATE_DIR", dir.join("sandoff"))
+            .env("SANDOFF_MACHINES", &machines)
+            .arg("--build-users-group=guixbuild")
+            .arg(format!("--listen={}", socket.display()))
+            .arg("--max-jobs=1"),
+        dir,
+        &socket,
+    );
+    // `/gnu/store` outlives the daemon: a tag no earlier run used.
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    );
+    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/guix/graph.scm");
+    let out = support::output_or_kill(
+        std::process::Command::new("guile")
+            .env("GUIX_DAEMON_SOCKET", &socket)
+            .args(["--no-auto-compile", "-L"])
+            .arg(kit.join("src"))
+            .arg(client)
+            .arg(&tag)
+            .arg(&bb_dir),
+    );
+    let said = text(&out.stdout) + &text(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let outs: Vec<&str> = said
+        .lines()
+        .filter_map(|l| l.strip_prefix("out "))
+        .collect();
+    let [dep_out, graph_out] = outs[..] else {
+        panic!("{said}");
+    };
+
+    // The references of every valid path, from the daemon's database.
+    let db = rusqlite::Connection::open(dir.join("var/db/db.sqlite")).expect("guix-daemon's db");
+    let refs = |p: &str| -> std::collections::BTreeSet<StorePath> {
+        let mut q = db
+            .prepare(
+                "select v2.path from Refs join ValidPaths v1 on v1.id = Refs.referrer \
+                 join ValidPaths v2 on v2.id = Refs.reference where v1.path = ?",
+            )
+            .expect("query");
+        q.query_map([p], |r| r.get::<_, String>(0))
+            .expect("refs")
+            .map(|r| gnu.parse_path(&r.expect("row")).expect("store path"))
+            .collect()
+    };
+    let closure = |root: &str| -> BTreeMap<StorePath, std::collections::BTreeSet<StorePath>> {
+        let mut graph = BTreeMap::new();
+        let mut todo = vec![gnu.parse_path(root).expect("store path")];
+        while let Some(p) = todo.pop() {
+            if graph.contains_key(&p) {
+                continue;
+            }
+            let r = refs(&gnu.display(&p));
+            todo.extend(r.iter().cloned());
+            graph.insert(p, r);
+        }
+        graph
+    };
+    let bb = said
+        .lines()
+        .find_map(|l| l.strip_prefix("drv "))
+        .and_then(|d| std::fs::read_to_string(d).ok())
+        .and_then(|drv| {
+            drv.split('"')
+                .find(|w| w.starts_with("/gnu/store/") && w.ends_with("-busybox"))
+                .map(str::to_owned)
+        })
+        .expect("busybox in dep's .drv");
+    for (file, root, size) in [("g", dep_out, 2), ("bb", bb.as_str(), 1)] {
+        let graph = closure(root);
+        assert_eq!(graph.len(), size, "{file}: {graph:?}");
+        let ours = sandoff::derivation::attrs::graph::validity_registration(&gnu, graph.iter());
+        let theirs = std::fs::read_to_string(Path::new(graph_out).join(file)).expect("guix's file");
+        assert_eq!(ours, theirs, "{file}");
+    }
+}
