@@ -73,7 +73,7 @@ where
         mask_outputs: bool,
     ) -> Result<DrvHash, DerivationError> {
         self.memoise_inputs(drv)?;
-        hash_with_known_inputs(drv, &self.dir, mask_outputs, &self.memo)
+        hash_with_known_inputs(drv, None, &self.dir, mask_outputs, &self.memo)
     }
 
     /// The (unmasked, memoised) modulo hash of the derivation at `path`.
@@ -122,7 +122,10 @@ where
                     let Some((path, drv, _)) = stack.pop() else {
                         return Ok(());
                     };
-                    let h = hash_with_known_inputs(&drv, &self.dir, false, &self.memo)?;
+                    // Named by its file, as Nix names a derivation it reads
+                    // (a Guix derivation has no `name` variable).
+                    let name = path.name().strip_suffix(".drv").unwrap_or(path.name());
+                    let h = hash_with_known_inputs(&drv, Some(name), &self.dir, false, &self.memo)?;
                     on_stack.remove(&path);
                     self.memo.insert(path, h);
                 }
@@ -132,8 +135,11 @@ where
 }
 
 /// One step of `hashDerivationModulo`, with every input's hash in `memo`.
+/// `name` is the derivation's name when it was read from a `.drv` file
+/// (its file name), else [`Derivation::name`] is.
 fn hash_with_known_inputs(
     drv: &Derivation,
+    name: Option<&str>,
     dir: &StoreDir,
     mask_outputs: bool,
     memo: &HashMap<StorePath, DrvHash>,
@@ -141,6 +147,10 @@ fn hash_with_known_inputs(
     let kind = drv.kind()?;
     match kind {
         DerivationKind::Fixed => {
+            let drv_name = match name {
+                Some(n) => std::borrow::Cow::Borrowed(n),
+                None => drv.name()?,
+            };
             let mut hashes = BTreeMap::new();
             for (name, output) in &drv.outputs {
                 if let DerivationOutput::CAFixed { method, hash, .. } = output {
@@ -148,7 +158,7 @@ fn hash_with_known_inputs(
                     let path = dir.make_fixed_output_path(
                         *method,
                         hash,
-                        &output_path_name(&drv.name()?, name.as_str()),
+                        &output_path_name(&drv_name, name.as_str()),
                         [],
                         false,
                     )?;
@@ -511,6 +521,40 @@ mod tests {
             foo.drv_path(&nix()).unwrap().base_name(),
             "4wvvbi4jwn0prsdxb7vs673qa5h9gr7x-foo.drv"
         );
+    }
+
+    /// A fixed-output input is named by its `.drv` file, as in Nix: a
+    /// Guix derivation has no `name` variable, and one whose variable
+    /// disagrees with its file name is hashed by the file name.
+    #[test]
+    fn fixed_output_inputs_are_named_by_their_drv_file() {
+        let mut bar = bar();
+        bar.fill_output_paths(&mut DrvHasher::new(nix(), no_lookup as NoLookup))
+            .unwrap();
+        let bar_path = bar.drv_path(&nix()).unwrap();
+        let mut foo = Derivation {
+            system: b":".to_vec(),
+            builder: b":".to_vec(),
+            ..Default::default()
+        };
+        foo.env.insert(b"name".to_vec(), b"foo".to_vec());
+        foo.outputs
+            .insert(OutputName::out(), DerivationOutput::Deferred);
+        foo.input_derivations
+            .insert(bar_path.clone(), [OutputName::out()].into());
+        let hash_with = |input: Derivation| {
+            hash_derivation_modulo(&foo, &nix(), false, |_: &StorePath| {
+                Ok::<_, std::io::Error>(input.clone())
+            })
+            .unwrap()
+        };
+        let want = hash_with(bar.clone());
+        let mut nameless = bar.clone();
+        nameless.env.remove(b"name".as_slice());
+        assert_eq!(hash_with(nameless), want);
+        let mut misnamed = bar.clone();
+        misnamed.env.insert(b"name".to_vec(), b"baz".to_vec());
+        assert_eq!(hash_with(misnamed), want);
     }
 
     #[test]
