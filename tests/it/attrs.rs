@@ -1,6 +1,8 @@
 //! References graphs, structured attributes and output checks in real
 //! builds (busybox derivations built by `sandoff build` as root), and the
-//! same derivations built by Nix 2.8 as the oracle when it is installed.
+//! same derivations built by Nix 2.8 as the oracle when it is installed;
+//! Guix's `#:references-graphs` and derivations against a real guix-daemon
+//! 1.4.0 when one is built (`../shared/guix-daemon`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -818,6 +820,109 @@ fn placeholders_become_output_paths() {
     assert_eq!(read("file"), format!("--prefix={o}"));
 }
 
+/// A guix-daemon 1.4.0 (built from `../shared/guix-daemon`) building
+/// locally (its offload hook, sandoff with no machines, declines), with
+/// its state under a directory of the test's, and Guix's own Guile client.
+struct Guix {
+    kit: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    _daemon: crate::daemons::Running,
+}
+
+impl Guix {
+    /// Starts one in `dir`, if the machine has what it needs (see the
+    /// README of `../shared/guix-daemon`).
+    fn start(test: &str, dir: &Path) -> Option<Guix> {
+        let kit = std::env::var_os("SANDOFF_GUIX_KIT")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/var/tmp/guix-kit".into());
+        if !crate::build::ready(test)
+            || !support::require(
+                test,
+                &[
+                    Need::Program("guile"),
+                    Need::Condition {
+                        what:
+                            "guix-daemon built from ../shared/guix-daemon (scripts/test.sh does it)",
+                        met: kit.join("guix-daemon").is_file(),
+                    },
+                ],
+            )
+        {
+            return None;
+        }
+        for cmd in [
+            "getent group guixbuild >/dev/null || groupadd --system guixbuild",
+            "getent passwd guixbuilder01 >/dev/null || useradd -g guixbuild -G guixbuild --system guixbuilder01",
+            "mkdir -p /gnu/store && chgrp guixbuild /gnu/store && chmod 1775 /gnu/store",
+        ] {
+            support::run_ok(std::process::Command::new("sh").args(["-c", cmd]));
+        }
+        let socket = dir.join("socket");
+        let guix = crate::daemons::sandoff_as(dir, "guix");
+        let machines = dir.join("machines");
+        std::fs::write(&machines, "").expect("machines");
+        let daemon = crate::daemons::Running::spawn(
+            std::process::Command::new(kit.join("guix-daemon"))
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env("HOME", "/root")
+                .env("GUIX_STATE_DIRECTORY", dir.join("var"))
+                .env("GUIX_LOG_DIRECTORY", dir.join("log"))
+                .env("GUIX_CONFIGURATION_DIRECTORY", dir.join("etc"))
+                .env("GUIX", &guix)
+                .env("SANDOFF_STATE_DIR", dir.join("sandoff"))
+                .env("SANDOFF_MACHINES", &machines)
+                .arg("--build-users-group=guixbuild")
+                .arg(format!("--listen={}", socket.display()))
+                .arg("--max-jobs=1"),
+            dir,
+            &socket,
+        );
+        Some(Guix {
+            kit,
+            socket,
+            _daemon: daemon,
+        })
+    }
+
+    /// Runs `tests/it/guix/<script>` with a tag no earlier run used
+    /// (`/gnu/store` outlives the daemon), then `args`; returns what it said.
+    fn client(&self, script: &str, args: &[&Path]) -> String {
+        let tag = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        let client = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/it/guix")
+            .join(script);
+        let out = support::output_or_kill(
+            std::process::Command::new("guile")
+                .env("GUIX_DAEMON_SOCKET", &self.socket)
+                .args(["--no-auto-compile", "-L"])
+                .arg(self.kit.join("src"))
+                .arg(client)
+                .arg(&tag)
+                .args(args),
+        );
+        let said = text(&out.stdout) + &text(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        said
+    }
+}
+
+/// A directory `busybox` holding `bin/busybox`, under `dir`.
+fn busybox_dir(dir: &Path) -> std::path::PathBuf {
+    let bb_dir = dir.join("src/busybox");
+    std::fs::create_dir_all(bb_dir.join("bin")).expect("mkdir");
+    std::fs::copy("/bin/busybox", bb_dir.join("bin/busybox")).expect("busybox");
+    bb_dir
+}
+
 /// guix-daemon 1.4.0 (built from `../shared/guix-daemon`) builds a
 /// derivation with `#:references-graphs` made by Guix's own client; the
 /// graph files its builder got are what sandoff writes for the same paths,
@@ -826,80 +931,13 @@ fn placeholders_become_output_paths() {
 /// with their outputs recorded, which `store import` does not do yet.)
 #[test]
 fn references_graph_files_match_a_live_guix_daemon() {
-    let kit = std::env::var_os("SANDOFF_GUIX_KIT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| "/var/tmp/guix-kit".into());
-    if !crate::build::ready(this_test!())
-        || !support::require(
-            this_test!(),
-            &[
-                Need::Program("guile"),
-                Need::Condition {
-                    what: "guix-daemon built from ../shared/guix-daemon (scripts/test.sh does it)",
-                    met: kit.join("guix-daemon").is_file(),
-                },
-            ],
-        )
-    {
-        return;
-    }
-    for cmd in [
-        "getent group guixbuild >/dev/null || groupadd --system guixbuild",
-        "getent passwd guixbuilder01 >/dev/null || useradd -g guixbuild -G guixbuild --system guixbuilder01",
-        "mkdir -p /gnu/store && chgrp guixbuild /gnu/store && chmod 1775 /gnu/store",
-    ] {
-        support::run_ok(std::process::Command::new("sh").args(["-c", cmd]));
-    }
-    let gnu = StoreDir::new("/gnu/store").expect("store dir");
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let bb_dir = dir.join("src/busybox");
-    std::fs::create_dir_all(bb_dir.join("bin")).expect("mkdir");
-    std::fs::copy("/bin/busybox", bb_dir.join("bin/busybox")).expect("busybox");
-    let socket = dir.join("socket");
-    // The daemon runs `$GUIX offload` first: sandoff's hook, with no
-    // machines, declines, and the daemon builds the derivation itself.
-    let guix = crate::daemons::sandoff_as(dir, "guix");
-    let machines = dir.join("machines");
-    std::fs::write(&machines, "").expect("machines");
-    let _daemon = crate::daemons::Running::spawn(
-        std::process::Command::new(kit.join("guix-daemon"))
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("HOME", "/root")
-            .env("GUIX_STATE_DIRECTORY", dir.join("var"))
-            .env("GUIX_LOG_DIRECTORY", dir.join("log"))
-            .env("GUIX_CONFIGURATION_DIRECTORY", dir.join("etc"))
-            .env("GUIX", &guix)
-            .env("SANDOFF_STATE_DIR", dir.join("sandoff"))
-            .env("SANDOFF_MACHINES", &machines)
-            .arg("--build-users-group=guixbuild")
-            .arg(format!("--listen={}", socket.display()))
-            .arg("--max-jobs=1"),
-        dir,
-        &socket,
-    );
-    // `/gnu/store` outlives the daemon: a tag no earlier run used.
-    let tag = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default()
-    );
-    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/guix/graph.scm");
-    let out = support::output_or_kill(
-        std::process::Command::new("guile")
-            .env("GUIX_DAEMON_SOCKET", &socket)
-            .args(["--no-auto-compile", "-L"])
-            .arg(kit.join("src"))
-            .arg(client)
-            .arg(&tag)
-            .arg(&bb_dir),
-    );
-    let said = text(&out.stdout) + &text(&out.stderr);
-    assert!(out.status.success(), "{said}");
+    let Some(guix) = Guix::start(this_test!(), dir) else {
+        return;
+    };
+    let gnu = StoreDir::new("/gnu/store").expect("store dir");
+    let said = guix.client("graph.scm", &[&busybox_dir(dir)]);
     let outs: Vec<&str> = said
         .lines()
         .filter_map(|l| l.strip_prefix("out "))
@@ -952,4 +990,31 @@ fn references_graph_files_match_a_live_guix_daemon() {
         let theirs = std::fs::read_to_string(Path::new(graph_out).join(file)).expect("guix's file");
         assert_eq!(ours, theirs, "{file}");
     }
+}
+
+/// Guix's derivations have no `name` variable: one whose input is a
+/// fixed-output derivation (every Guix package has such inputs, its
+/// sources) passes sandoff's `.drv` check when imported, its output path
+/// being the one Guix computed.
+#[test]
+fn guix_derivations_with_fixed_output_inputs_pass_the_drv_check() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let Some(guix) = Guix::start(this_test!(), dir) else {
+        return;
+    };
+    let export = dir.join("drvs.export");
+    let said = guix.client("fixed.scm", &[&busybox_dir(dir), &export]);
+    let drvs: Vec<&str> = said
+        .lines()
+        .filter_map(|l| l.strip_prefix("drv "))
+        .collect();
+    assert_eq!(drvs.len(), 2, "{said}");
+    let s = Store::with_dir(StoreDir::new("/gnu/store").expect("store dir"));
+    let imported = support::output_with_input(
+        s.cmd().args(["store", "import", "--no-check-sigs"]),
+        &std::fs::read(&export).expect("export"),
+    );
+    assert!(imported.status.success(), "{}", text(&imported.stderr));
+    assert_eq!(text(&imported.stdout).lines().collect::<Vec<_>>(), drvs);
 }
