@@ -179,7 +179,8 @@ pub fn placeholder_rewrites(outputs: &BTreeMap<String, String>) -> BTreeMap<Stri
         .collect()
 }
 
-/// [`rewrite`] over bytes (derivation strings need not be UTF-8).
+/// Nix's `rewriteStrings` over bytes (derivation strings need not be
+/// UTF-8): each `from` replaced by its `to`, in key order.
 pub fn rewrite_bytes(s: &[u8], rewrites: &BTreeMap<String, String>) -> Vec<u8> {
     let mut s = s.to_vec();
     for (from, to) in rewrites {
