@@ -38,8 +38,8 @@ use thiserror::Error;
 use super::AttrsError;
 use crate::store::{StoreDir, StorePath};
 
-/// The four reference checks, in the order they run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The four reference checks, in the order they run (their `Ord`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RefCheck {
     /// Direct references must all be listed.
     AllowedReferences,
@@ -100,18 +100,10 @@ pub struct Checks {
     /// The largest closure size (sum of NAR sizes) allowed.
     pub max_closure_size: Option<u64>,
     /// The lists, by check; a check without a list is not made.
-    pub lists: BTreeMap<u8, (RefCheck, Vec<String>)>,
+    pub lists: BTreeMap<RefCheck, Vec<String>>,
 }
 
 impl Checks {
-    fn set(&mut self, check: RefCheck, items: Vec<String>) {
-        let order = RefCheck::ALL
-            .iter()
-            .position(|c| *c == check)
-            .expect("every check is in ALL") as u8;
-        self.lists.insert(order, (check, items));
-    }
-
     fn is_empty(&self) -> bool {
         self.max_size.is_none() && self.max_closure_size.is_none() && self.lists.is_empty()
     }
@@ -140,7 +132,7 @@ impl OutputChecks {
                     .filter(|t| !t.is_empty())
                     .map(str::to_owned)
                     .collect();
-                checks.set(check, items);
+                checks.lists.insert(check, items);
             }
         }
         OutputChecks::All(checks)
@@ -198,7 +190,7 @@ impl OutputChecks {
                         }),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                checks.set(check, items);
+                checks.lists.insert(check, items);
             }
             per_output.insert(output.clone(), checks);
         }
@@ -351,7 +343,7 @@ pub fn check_outputs(
                 });
             }
         }
-        for (check, items) in checks.lists.values() {
+        for (check, items) in &checks.lists {
             let mut spec = BTreeSet::new();
             for item in items {
                 if let Ok(p) = dir.parse_path(item) {
