@@ -27,7 +27,7 @@ use super::aterm::AtermError;
 use super::modulo::expected_output_paths;
 use super::{Derivation, DerivationError, DerivationKind, DerivationOutput, DrvHasher};
 use crate::bounded::{self, BoundedError};
-use crate::store::local::{DrvCheck, LocalStore, StoreError};
+use crate::store::local::{DrvCheck, DrvOutputs, LocalStore, StoreError};
 use crate::store::{HashAlgo, StoreDir, StoreLocation, StorePath, ValidPathInfo};
 
 /// The largest `.drv` file read: real ones are at most a few MiB (Nixpkgs'
@@ -179,13 +179,13 @@ where
 /// Checks a `.drv` about to become valid as `info.path` with its file at
 /// `file`: a text path of its bytes and references, references that are
 /// exactly its inputs, and [`check_outputs`], with input derivations read
-/// through `find`.
+/// through `find`. Returns its known output paths, by output name.
 pub fn check_drv_file(
     dir: &StoreDir,
     info: &ValidPathInfo,
     file: &Path,
     find: &dyn Fn(&StorePath) -> Option<PathBuf>,
-) -> Result<(), CheckError> {
+) -> Result<DrvOutputs, CheckError> {
     let (bytes, drv) = read_drv_file(file, dir)?;
     let computed = dir.make_text_path(
         info.path.name(),
@@ -216,7 +216,8 @@ pub fn check_drv_file(
         })?;
         read_drv_file(&file, dir).map(|(_, d)| d)
     });
-    check_outputs(&drv, &info.path, &mut hasher)
+    check_outputs(&drv, &info.path, &mut hasher)?;
+    Ok(drv.output_paths())
 }
 
 /// The store's [`DrvCheck`]: [`check_drv_file`].
@@ -230,7 +231,7 @@ impl DrvCheck for StoreDrvCheck {
         info: &ValidPathInfo,
         files: &Path,
         find: &dyn Fn(&StorePath) -> Option<PathBuf>,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<DrvOutputs, Box<dyn std::error::Error + Send + Sync>> {
         check_drv_file(dir, info, files, find).map_err(Into::into)
     }
 }
@@ -298,7 +299,7 @@ mod tests {
         let file = tmp.path().join("drv");
         std::fs::write(&file, bytes).expect("write");
         let find = |p: &StorePath| Some(fixtures(store).join(p.base_name()));
-        check_drv_file(dir, &info(&path, drv.references()), &file, &find)
+        check_drv_file(dir, &info(&path, drv.references()), &file, &find).map(drop)
     }
 
     #[test]

@@ -155,8 +155,8 @@ impl DrvCheck for AcceptAnyDrv {
         _: &ValidPathInfo,
         _: &Path,
         _: &dyn Fn(&StorePath) -> Option<PathBuf>,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        Ok(())
+    ) -> Result<DrvOutputs, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(DrvOutputs::new())
     }
 }
 
@@ -168,13 +168,33 @@ pub trait DrvCheck: Send + Sync {
     /// `files` is where `info.path`'s file is now; `find` says where the file
     /// of another path is, for paths that are valid or that become valid
     /// together with this one (input derivations imported in one batch).
+    /// Returns the derivation's known output paths by output name, which
+    /// the store records with it (`DerivationOutputs`, as Nix's
+    /// `registerValidPath` does for every `.drv`, whatever route it took).
     fn check(
         &self,
         dir: &super::StoreDir,
         info: &ValidPathInfo,
         files: &Path,
         find: &dyn Fn(&StorePath) -> Option<PathBuf>,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    ) -> Result<DrvOutputs, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// A derivation's output paths by output name.
+pub type DrvOutputs = BTreeMap<String, StorePath>;
+
+/// The outputs to record with `path`: those the caller gives, else those
+/// the derivation check found (for a `.drv` that came by another route
+/// than `add_text`).
+fn recorded_outputs<'a>(
+    given: &'a DrvOutputs,
+    checked: &'a BTreeMap<StorePath, DrvOutputs>,
+    path: &StorePath,
+) -> &'a DrvOutputs {
+    match checked.get(path) {
+        Some(found) if given.is_empty() => found,
+        _ => given,
+    }
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -339,12 +359,17 @@ impl LocalStore {
         if let Some(ca) = &info.ca {
             self.check_content_address(&real, nar_hash, info, ca)?;
         }
-        self.check_derivations(&[(info, &real)])
+        self.check_derivations(&[(info, &real)]).map(drop)
     }
 
     /// Runs the derivation check on each `.drv` among `items` (a path and
-    /// where its files are now), which become valid together.
-    fn check_derivations(&self, items: &[(&ValidPathInfo, &Path)]) -> Result<(), StoreError> {
+    /// where its files are now), which become valid together; returns the
+    /// outputs of each.
+    fn check_derivations(
+        &self,
+        items: &[(&ValidPathInfo, &Path)],
+    ) -> Result<BTreeMap<StorePath, DrvOutputs>, StoreError> {
+        let mut outputs = BTreeMap::new();
         for (info, files) in items.iter().filter(|(i, _)| i.path.is_derivation()) {
             let path = self.loc.logical(&info.path);
             let Some(check) = &self.drv_check else {
@@ -356,11 +381,12 @@ impl LocalStore {
                 }
                 matches!(self.registry.is_valid(p), Ok(true)).then(|| self.loc.real_path(p))
             };
-            check
+            let outs = check
                 .check(&self.loc.dir, info, files, &find)
                 .map_err(|source| StoreError::BadDerivation { path, source })?;
+            outputs.insert(info.path.clone(), outs);
         }
-        Ok(())
+        Ok(outputs)
     }
 
     /// Where the store is.
@@ -752,7 +778,8 @@ impl LocalStore {
     ) -> Result<(), StoreError> {
         self.check_staged(&staged, info, check_ca)?;
         self.check_references(info)?;
-        self.check_derivations(&[(info, &staged.tmp)])?;
+        let checked = self.check_derivations(&[(info, &staged.tmp)])?;
+        let derivation_outputs = recorded_outputs(derivation_outputs, &checked, &info.path);
         let real = self.loc.real_path(&info.path);
         let _lock = PathLock::acquire(&real)?;
         if self.merge_if_valid(info)? {
@@ -899,7 +926,8 @@ impl LocalStore {
         if let Some(ca) = &info.ca {
             self.check_content_address(&real, &hash, info, ca)?;
         }
-        self.check_derivations(&[(info, &real)])?;
+        let checked = self.check_derivations(&[(info, &real)])?;
+        let derivation_outputs = recorded_outputs(derivation_outputs, &checked, &info.path);
         self.register_in_place(info, derivation_outputs, &real, false)
     }
 
@@ -1027,7 +1055,7 @@ impl LocalStore {
         }
         let items: Vec<(&ValidPathInfo, &Path)> =
             todo.iter().map(|(s, i)| (i, s.tmp.as_path())).collect();
-        self.check_derivations(&items)?;
+        let checked = self.check_derivations(&items)?;
         let mut moved: Vec<PathBuf> = Vec::new();
         let result = (|| {
             let now = now();
@@ -1053,7 +1081,14 @@ impl LocalStore {
                     StoreError::InvalidReference { path, reference }
                 }
                 e => e.into(),
-            })
+            })?;
+            // A crash between the two leaves a valid `.drv` without its
+            // outputs recorded, as an older sandoff did: builds of it then
+            // find no outputs; importing it again records them.
+            for (drv, outputs) in &checked {
+                self.registry.set_derivation_outputs(drv, outputs)?;
+            }
+            Ok(())
         })();
         if result.is_err() {
             for real in &moved {
@@ -1343,7 +1378,7 @@ mod tests {
                 _: &ValidPathInfo,
                 _: &Path,
                 _: &dyn Fn(&StorePath) -> Option<PathBuf>,
-            ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            ) -> Result<DrvOutputs, Box<dyn std::error::Error + Send + Sync>> {
                 Err("no".into())
             }
         }
@@ -1364,6 +1399,59 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    /// Whatever route a `.drv` takes in (`add_text` without outputs, a
+    /// batch as imports commit), the outputs its check found are recorded.
+    #[test]
+    fn a_drv_records_the_outputs_its_check_found_by_every_route() {
+        struct Outputs;
+        impl DrvCheck for Outputs {
+            fn check(
+                &self,
+                _: &StoreDir,
+                _: &ValidPathInfo,
+                _: &Path,
+                _: &dyn Fn(&StorePath) -> Option<PathBuf>,
+            ) -> Result<DrvOutputs, Box<dyn std::error::Error + Send + Sync>> {
+                Ok(want())
+            }
+        }
+        fn want() -> DrvOutputs {
+            let out = StorePath::from_base_name("2qgfy89v28340cr9d9z471zfi5iczv5l-hello").unwrap();
+            BTreeMap::from([("out".to_owned(), out)])
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let s = LocalStore::open_with_drv_check(
+            StoreLocation::new(StoreDir::default(), tmp.path().join("r")),
+            Box::new(Outputs),
+        )
+        .unwrap();
+        let a = s
+            .add_text("a.drv", b"Derive(a)", &BTreeSet::new(), &BTreeMap::new())
+            .unwrap();
+        assert_eq!(s.derivation_outputs(&a).unwrap(), want());
+
+        let file = tmp.path().join("b.drv");
+        fs::write(&file, b"Derive(b)").unwrap();
+        let staged = s.stage_path(&file).unwrap();
+        let hash = HashAlgo::Sha256.digest(b"Derive(b)");
+        let path = StoreDir::default()
+            .make_text_path("b.drv", &hash, &BTreeSet::new())
+            .unwrap();
+        let info = ValidPathInfo {
+            path: path.clone(),
+            deriver: None,
+            nar_hash: staged.nar_hash.clone(),
+            nar_size: staged.nar_size,
+            references: BTreeSet::new(),
+            registration_time: 0,
+            ultimate: false,
+            signatures: BTreeSet::new(),
+            ca: Some(ContentAddress::Text(hash)),
+        };
+        s.commit_staged_batch(vec![(staged, info)]).unwrap();
+        assert_eq!(s.derivation_outputs(&path).unwrap(), want());
     }
 
     fn tree(dir: &Path) -> PathBuf {
