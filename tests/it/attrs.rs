@@ -926,9 +926,9 @@ fn busybox_dir(dir: &Path) -> std::path::PathBuf {
 /// guix-daemon 1.4.0 (built from `../shared/guix-daemon`) builds a
 /// derivation with `#:references-graphs` made by Guix's own client; the
 /// graph files its builder got are what sandoff writes for the same paths,
-/// their references read from the daemon's database, byte for byte.
-/// (Building Guix's `.drv` files with sandoff itself needs them imported
-/// with their outputs recorded, which `store import` does not do yet.)
+/// their references read from the daemon's database, byte for byte; and
+/// sandoff, given Guix's `.drv` files as Guix exports them, builds the
+/// same output with the same graph files.
 #[test]
 fn references_graph_files_match_a_live_guix_daemon() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -937,7 +937,8 @@ fn references_graph_files_match_a_live_guix_daemon() {
         return;
     };
     let gnu = StoreDir::new("/gnu/store").expect("store dir");
-    let said = guix.client("graph.scm", &[&busybox_dir(dir)]);
+    let export = dir.join("drvs.export");
+    let said = guix.client("graph.scm", &[&busybox_dir(dir), &export]);
     let outs: Vec<&str> = said
         .lines()
         .filter_map(|l| l.strip_prefix("out "))
@@ -989,6 +990,26 @@ fn references_graph_files_match_a_live_guix_daemon() {
         let ours = sandoff::derivation::attrs::graph::validity_registration(&gnu, graph.iter());
         let theirs = std::fs::read_to_string(Path::new(graph_out).join(file)).expect("guix's file");
         assert_eq!(ours, theirs, "{file}");
+    }
+
+    let s = Store::with_dir(gnu.clone());
+    let imported = support::output_with_input(
+        s.cmd().args(["store", "import", "--no-check-sigs"]),
+        &std::fs::read(&export).expect("export"),
+    );
+    assert!(imported.status.success(), "{}", text(&imported.stderr));
+    let drvs: Vec<String> = said
+        .lines()
+        .filter_map(|l| l.strip_prefix("drv "))
+        .map(str::to_owned)
+        .collect();
+    let out = s.build(&[&drvs[1]]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), graph_out);
+    for file in ["g", "bb"] {
+        let theirs = std::fs::read(Path::new(graph_out).join(file)).expect("guix's file");
+        let ours = std::fs::read(s.real(&s.path(graph_out)).join(file)).expect("our file");
+        assert_eq!(text(&ours), text(&theirs), "{file}");
     }
 }
 

@@ -3,12 +3,14 @@
 ;; busybox) and `graph-TAG`, which copies its graph files `g` (of dep's
 ;; output) and `bb` (of busybox, named by a path inside it) to its output.
 ;; Prints "drv PATH" for both, dep first, then "out PATH" of dep-TAG and
-;; of graph-TAG.
-;;   GUIX_DAEMON_SOCKET=SOCKET guile --no-auto-compile -L KIT/src graph.scm TAG BUSYBOX-DIR
+;; of graph-TAG, and writes both .drv files to EXPORT-FILE as an unsigned
+;; export archive.
+;;   GUIX_DAEMON_SOCKET=SOCKET guile --no-auto-compile -L KIT/src graph.scm TAG BUSYBOX-DIR EXPORT-FILE
 (use-modules (guix store) (guix derivations))
 (define args (cdr (command-line)))
 (define tag (car args))
 (define busybox-dir (cadr args))
+(define export-file (caddr args))
 (with-store store
   (let* ((bb  (add-to-store store "busybox" #t "sha256" busybox-dir))
          (sh  (string-append bb "/bin/busybox"))
@@ -28,4 +30,8 @@
             (derivation->output-path dep) (derivation->output-path drv))
     (force-output)
     (set-build-options store #:use-substitutes? #f)
-    (build-derivations store (list drv))))
+    (build-derivations store (list drv))
+    (call-with-output-file export-file
+      (lambda (port)
+        (export-paths store (list (derivation-file-name dep) (derivation-file-name drv))
+                      port #:sign? #f)))))
