@@ -1082,11 +1082,14 @@ impl LocalStore {
                 }
                 e => e.into(),
             })?;
-            // A crash between the two leaves a valid `.drv` without its
-            // outputs recorded, as an older sandoff did: builds of it then
-            // find no outputs; importing it again records them.
+            // The paths are valid now, so a failure here must not undo
+            // them (the files would go): a `.drv` then lacks its outputs,
+            // as after a crash between the two, and builds of it find none
+            // until it is imported again.
             for (drv, outputs) in &checked {
-                self.registry.set_derivation_outputs(drv, outputs)?;
+                if let Err(e) = self.registry.set_derivation_outputs(drv, outputs) {
+                    tracing::warn!(drv = %self.loc.logical(drv), "cannot record the outputs of a derivation: {e}");
+                }
             }
             Ok(())
         })();
