@@ -30,7 +30,9 @@
 //! `registerValidPaths` runs `checkDerivationOutputs` at the same place).
 //! The store cannot parse derivations itself (it sits below them), so the
 //! check is passed in; a store opened without one refuses every `.drv`
-//! rather than trusting it.
+//! rather than trusting it. The check also gives the derivation's output
+//! paths, which are recorded with it (`DerivationOutputs`) whatever the
+//! route, so builds of an imported `.drv` find its outputs, as in Nix.
 //!
 //! Adds are not as careful as Nix about extended attributes and ACLs:
 //! canonicalisation does not strip them.
