@@ -401,7 +401,8 @@ fn failure_status(e: &BuildErrorKind, fixed_output: bool) -> BuildStatus {
         | K::UnsupportedType { .. }
         | K::HashMismatch { .. }
         | K::FlatNotRegular
-        | K::FixedReferences { .. } => BuildStatus::OutputRejected,
+        | K::FixedReferences { .. }
+        | K::OutputCheck(_) => BuildStatus::OutputRejected,
         _ => BuildStatus::MiscFailure,
     }
 }
@@ -657,6 +658,14 @@ mod tests {
             path: "p".to_owned(),
         };
         assert_eq!(failure_status(&missing, false), BuildStatus::OutputRejected);
+        // Output checks fail after the builder succeeded: rejected, as Nix.
+        let refers = BuildErrorKind::OutputCheck(crate::derivation::attrs::CheckError::TooLarge {
+            output: "out".to_owned(),
+            path: "p".to_owned(),
+            size: 2,
+            limit: 1,
+        });
+        assert_eq!(failure_status(&refers, false), BuildStatus::OutputRejected);
         let no_users =
             BuildErrorKind::NoUsers(std::sync::Arc::new(crate::sandbox::UserError::NotGiven {
                 why: "none",
