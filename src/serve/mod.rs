@@ -30,8 +30,8 @@
 //!   `maxSilentTime`/`buildTimeout` → `TimedOut`, the builder succeeded but
 //!   an output is refused (missing, not owned by the build user, wrong
 //!   fixed hash, an output check) → `OutputRejected`, anything else →
-//!   `MiscFailure`. The
-//!   message is the build error, with the last lines of the log.
+//!   `MiscFailure`. The message is the build error, with the last lines
+//!   of the log.
 //! - The `drvHash` keying the 2.6/2.7 realisations is, as Nix 2.8's
 //!   `staticOutputHashes`, the hashDerivationModulo of the
 //!   `BasicDerivation` as received (its inputs are all sources) with its
