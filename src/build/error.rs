@@ -250,7 +250,7 @@ impl BuildErrorKind {
             } => write!(f, "cannot {action} '{}': {source}", path.display()),
             K::Kept { error, dir } => {
                 error.describe(drv, f)?;
-                write!(f, "; build directory kept at {}", dir.display())
+                write!(f, "{}", kept_note(&Some(dir.clone())))
             }
             K::RemoteFailed {
                 machine,
@@ -317,9 +317,17 @@ impl From<BuildError> for GraphError {
     }
 }
 
+/// Where a kept build directory is, and the command that enters its
+/// sandbox (see [`super::enter`]).
 fn kept_note(kept: &Option<PathBuf>) -> String {
     kept.as_ref()
-        .map(|k| format!("; build directory kept at {}", k.display()))
+        .map(|k| {
+            format!(
+                "; build directory kept at {}; to investigate in its sandbox: sandoff enter {}",
+                k.display(),
+                k.display()
+            )
+        })
         .unwrap_or_default()
 }
 

@@ -12,6 +12,8 @@
 //! - [`somewhere`]: the one failover policy of `sandoff build` and the
 //!   hook: place, build on a machine, on the machine's fault place again,
 //!   else build here.
+//! - [`enter`]: a failed build's sandbox saved with its kept directory, and
+//!   set up again around a shell (`sandoff enter`).
 //! - [`error`]: [`BuildError`], one derivation around what went wrong, and
 //!   [`GraphError`] for what stops a whole graph.
 //!
@@ -50,6 +52,7 @@
 //!   (`builtin:fetchurl`) and content-addressed (floating, impure) outputs
 //!   are refused with a clear error: sandoff does not implement them.
 
+pub mod enter;
 pub mod error;
 pub mod graph;
 pub mod local;
