@@ -290,3 +290,53 @@ fn proxy(master: &OwnedFd, signals: &SignalFd) -> io::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::exec::run_steps;
+    use super::super::plan::tests::spec;
+    use super::super::recording::{Call, RecordingSyscalls};
+    use super::*;
+
+    fn run(stdio: InteractiveStdio) -> Interactive {
+        Interactive {
+            program: b"/bin/sh".to_vec(),
+            argv: vec![b"sh".to_vec()],
+            env: Default::default(),
+            stdio,
+        }
+    }
+
+    #[test]
+    fn the_terminal_is_attached_once_in_a_new_session_and_the_log_never() {
+        let plan = plan_interactive(&spec(), &run(InteractiveStdio::Terminal)).expect("plan");
+        let exec = PreparedExec::new(&plan);
+        let mut sys = RecordingSyscalls::default();
+        let fds = ChildFds { log: 5, error: 9 };
+        run_steps(&plan.ops, &mut sys, fds, &exec).expect("runs");
+        let at = |call: &Call| sys.calls.iter().position(|c| c == call);
+        let setsid = at(&Call::Setsid).expect("setsid");
+        let attach = at(&Call::AttachTerminal(5)).expect("terminal attached");
+        assert!(setsid < attach);
+        assert_eq!(
+            sys.calls
+                .iter()
+                .filter(|c| matches!(c, Call::AttachTerminal(_)))
+                .count(),
+            1
+        );
+        assert!(!sys
+            .calls
+            .iter()
+            .any(|c| matches!(c, Call::RedirectStdio(_))));
+
+        let plan = plan_interactive(&spec(), &run(InteractiveStdio::Inherit)).expect("plan");
+        let exec = PreparedExec::new(&plan);
+        let mut sys = RecordingSyscalls::default();
+        run_steps(&plan.ops, &mut sys, fds, &exec).expect("runs");
+        assert!(!sys
+            .calls
+            .iter()
+            .any(|c| matches!(c, Call::RedirectStdio(_) | Call::AttachTerminal(_))));
+    }
+}

@@ -1216,7 +1216,7 @@ fn plan_with(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn sp(base: &str) -> StorePath {

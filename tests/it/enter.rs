@@ -102,6 +102,17 @@ impl Tmux {
         support::run_ok(self.tmux().args(["send-keys", "Enter"]));
     }
 
+    /// Resizes the window (as a user resizing their terminal).
+    fn resize(&self, columns: u32, lines: u32) {
+        support::run_ok(self.tmux().args([
+            "resize-window",
+            "-x",
+            &columns.to_string(),
+            "-y",
+            &lines.to_string(),
+        ]));
+    }
+
     /// The pane's screen and history, wrapped lines joined.
     fn screen(&self) -> String {
         text(&support::run_ok(self.tmux().args([
@@ -125,11 +136,19 @@ impl Tmux {
     /// Types `commands` between two markers and returns the lines they
     /// printed (the markers are typed quoted, so only their output matches).
     fn run(&self, commands: &str) -> Vec<String> {
+        let ends = |screen: &str| screen.lines().filter(|l| l.trim_end() == "END").count();
+        let before = ends(&self.screen());
         self.type_line(&format!("echo BEG''IN; {commands}; echo EN''D"));
-        let screen = self.wait_for_screen("\nEND");
+        let screen = support::wait_for("the commands' output", || {
+            let screen = self.screen();
+            (ends(&screen) > before).then_some(screen)
+        });
         let lines: Vec<&str> = screen.lines().map(str::trim_end).collect();
-        let begin = lines.iter().rposition(|l| *l == "BEGIN").expect("BEGIN");
         let end = lines.iter().rposition(|l| *l == "END").expect("END");
+        let begin = lines[..end]
+            .iter()
+            .rposition(|l| *l == "BEGIN")
+            .expect("BEGIN");
         lines[begin + 1..end]
             .iter()
             .map(|l| l.to_string())
@@ -226,6 +245,13 @@ fn enter_gives_a_shell_in_the_failed_builds_own_world_on_a_terminal() {
         "{}",
         tmux.screen()
     );
+    // The window's size, at the start and after a resize (tmux applies a
+    // resize on its next round, so the size is asked until it changes).
+    assert_eq!(tmux.run("stty size"), ["50 200"]);
+    tmux.resize(150, 40);
+    support::wait_for("the new size in the sandbox", || {
+        (tmux.run("stty size") == ["40 150"]).then_some(())
+    });
     tmux.type_line("exit 3");
     assert_eq!(tmux.status(), 3, "the shell's status is enter's");
 }
@@ -277,8 +303,14 @@ fn enter_refuses_a_kept_build_whose_input_left_the_store() {
     // As a garbage collection would: the .drv (which refers to busybox)
     // first, then busybox, files and all.
     let store = s.open();
-    store.registry().invalidate(&s.path(&d)).expect("invalidate the drv");
-    store.registry().invalidate(&bb).expect("invalidate busybox");
+    store
+        .registry()
+        .invalidate(&s.path(&d))
+        .expect("invalidate the drv");
+    store
+        .registry()
+        .invalidate(&bb)
+        .expect("invalidate busybox");
     drop(store);
     std::fs::remove_dir_all(s.real(&bb)).expect("delete busybox");
     let out = support::output_or_kill(s.cmd().arg("enter").arg(&kept).args(["--", "true"]));
