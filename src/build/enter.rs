@@ -156,6 +156,12 @@ pub enum EnterError {
         /// How many input paths were searched.
         inputs: usize,
     },
+    /// `--shell` is not a path inside the sandbox.
+    #[error("--shell '{shell}' is not an absolute path (it names a program inside the sandbox, such as /tmp/sandoff-build/bin/sh)")]
+    RelativeShell {
+        /// What was given.
+        shell: String,
+    },
     /// The build user could not be leased.
     #[error(transparent)]
     Users(#[from] UserError),
@@ -495,6 +501,7 @@ impl KeptBuild {
             }
         }
         let (loc, user, spec) = saved.spec(dirs).map_err(invalid)?;
+        check_mount_points(&spec)?;
         check_user(&user)?;
         Ok(KeptBuild {
             top: top.to_owned(),
@@ -543,6 +550,11 @@ impl KeptBuild {
     /// store path first), else `busybox sh`; see the module docs.
     pub fn shell(&self, chosen: Option<&[u8]>) -> Result<Shell, EnterError> {
         if let Some(path) = chosen {
+            if !path.starts_with(b"/") {
+                return Err(EnterError::RelativeShell {
+                    shell: String::from_utf8_lossy(path).into_owned(),
+                });
+            }
             return Ok(Shell::at(path, &[]));
         }
         let builder_path = self.spec.inputs.iter().find(|i| {
@@ -641,6 +653,34 @@ impl Shell {
             argv,
         }
     }
+}
+
+/// In the scratch store, which the builder could write, an input's name
+/// can only be the mount point the build's setup made (root's, and busy
+/// while the build ran): anything else (a symlink the setup's bind would
+/// follow) is refused rather than mounted on.
+fn check_mount_points(spec: &SandboxSpec) -> Result<(), EnterError> {
+    for input in &spec.inputs {
+        let point = spec.dirs.store.join(input.path.base_name());
+        let meta = match fs::symlink_metadata(&point) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(EnterError::Io {
+                    action: "read",
+                    path: point,
+                    source,
+                })
+            }
+        };
+        if meta.file_type().is_symlink() || meta.uid() != 0 {
+            return Err(EnterError::Unsafe {
+                path: point,
+                reason: "an input's mount point in the scratch store is not the one the build's setup made".to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The build user must still be the account the build ran as: same name,
@@ -853,6 +893,10 @@ mod tests {
         // --shell chooses, whatever the closure holds.
         let chosen = k.shell(Some(b"/tmp/sandoff-build/bin/sh")).expect("chosen");
         assert_eq!(chosen.argv, vec![b"sh".to_vec()]);
+        assert!(matches!(
+            k.shell(Some(b"sh")),
+            Err(EnterError::RelativeShell { .. })
+        ));
     }
 
     #[test]

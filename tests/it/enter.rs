@@ -348,6 +348,14 @@ fn enter_refuses_a_saved_sandbox_others_could_have_changed() {
         .expect("chmod");
     let out = enter();
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // An input's mount point in the scratch store that the setup did not
+    // make (a symlink its bind would follow) is refused, not mounted on.
+    let point = kept.join("store").join(s.path(&s.bb).base_name());
+    std::fs::remove_dir(&point).expect("remove the mount point");
+    std::os::unix::fs::symlink("/etc", &point).expect("symlink");
+    let out = enter();
+    assert_eq!(out.status.code(), Some(1));
+    crate::build::assert_stderr_has(&out, "mount point in the scratch store is not the one");
     // A directory without one is not a kept build.
     let out = support::output_or_kill(s.cmd().arg("enter").arg(s.root()).args(["--", "true"]));
     assert_eq!(out.status.code(), Some(1));
