@@ -37,7 +37,8 @@
 //! - Build directories: `<state>/builds/<random>/sandoff-build-XXXXXX`
 //!   ([`crate::sandbox::HostDirs`]), with `<state>/builds/<random>.lock`
 //!   held while the build runs. `--keep-failed` keeps the directory (and
-//!   drops its lock file, so it is never taken for a leftover).
+//!   drops its lock file, so it is never taken for a leftover), with the
+//!   build's sandbox saved in it for `sandoff enter` ([`enter`]).
 //! - A crash (`kill -9`) leaves no valid output. At worst it leaves an
 //!   unregistered path at an output's place, which the next build replaces
 //!   under the lock; a staging copy and a build directory whose lock is

@@ -16,6 +16,9 @@
 //!   the lists of what failed and why).
 //! - `-L`: every log line on stderr, prefixed `<name>> ` (as `nix build -L`),
 //!   or as `{"event":"log",...}` with `--json`.
+//! - `-K`: a failure names its kept directory and `sandoff enter DIR`;
+//!   `--shell-on-failure` (implies `-K`) runs that at once, on a terminal,
+//!   for the first failed build, after the failures are reported.
 //!
 //! Each derivation to build is placed by `sandoff::decide`, with the same
 //! options as `sandoff decide` (`--machines`, `--local-only` and its
