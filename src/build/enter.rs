@@ -930,4 +930,20 @@ mod tests {
         assert_eq!(run.argv, shell.argv);
         assert!(!run.env.contains_key(b"TERM".as_slice()));
     }
+
+    #[test]
+    fn a_build_user_gone_or_changed_since_the_build_is_refused_naming_it() {
+        let gone =
+            BuildUser::new(30001, 30000, "sandoff-no-such-user", "sandoffbld").expect("user");
+        let err = check_user(&gone).expect_err("gone");
+        assert!(
+            err.to_string()
+                .contains("'sandoff-no-such-user' (uid 30001"),
+            "{err}"
+        );
+        assert!(err.to_string().ends_with("no longer exists"), "{err}");
+        let moved = BuildUser::new(12345, 12345, "root", "root").expect("user");
+        let err = check_user(&moved).expect_err("changed");
+        assert!(err.to_string().ends_with("now has uid 0"), "{err}");
+    }
 }

@@ -290,6 +290,68 @@ fn enter_runs_a_command_without_a_terminal() {
         "test -t 0 || echo no-terminal",
     ]));
     assert_eq!(text(&out.stdout), "no-terminal\n", "{}", text(&out.stderr));
+    // --shell chooses: here the `sh` the build installed in its directory.
+    let out = support::output_or_kill(s.cmd().arg("enter").arg(&kept).args([
+        "--shell",
+        "/tmp/sandoff-build/bin/sh",
+        "--",
+        "sh",
+        "-c",
+        "echo $0 via the chosen shell",
+    ]));
+    assert_eq!(
+        text(&out.stdout),
+        "sh via the chosen shell\n",
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn enter_waits_for_its_build_user_or_fails_with_no_wait() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let kept = build_and_keep(&s, &failing_drv(&s));
+    let uid = build_uid(&kept);
+    // A build running as that user holds its lock (the default pool's).
+    let lock_file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(Path::new("/run/sandoff/userpool").join(uid.to_string()))
+        .expect("the user's lock file");
+    let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("lock the build user");
+    let out = support::output_or_kill(
+        s.cmd()
+            .arg("enter")
+            .arg("--no-wait")
+            .arg(&kept)
+            .args(["--", "true"]),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    crate::build::assert_stderr_has(&out, &format!("(uid {uid}) is in use by a build"));
+
+    let stderr = tempfile::NamedTempFile::new().expect("tempfile");
+    let mut waiting = s
+        .cmd()
+        .arg("enter")
+        .arg(&kept)
+        .args(["--", "sh", "-c", "exit 7"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr.reopen().expect("reopen"))
+        .spawn()
+        .expect("spawn");
+    support::wait_for("enter to say it waits", || {
+        let said = std::fs::read_to_string(stderr.path()).expect("read");
+        said.contains("waiting for build user").then_some(())
+    });
+    assert_eq!(waiting.try_wait().expect("try_wait"), None, "it waits");
+    drop(lock);
+    let status = support::wait_for("enter to end", || waiting.try_wait().expect("try_wait"));
+    assert_eq!(status.code(), Some(7));
 }
 
 #[test]
