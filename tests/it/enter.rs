@@ -274,6 +274,23 @@ fn enter_runs_a_command_without_a_terminal() {
         text(&out.stdout),
         format!("{uid}\n/tmp/sandoff-build\ndev\netc\nnix\nproc\ntmp\n")
     );
+    // Locked down as the builder was: no capabilities, no_new_privs, the
+    // seccomp filter, only loopback, the sandbox's host name.
+    let out = support::output_or_kill(s.cmd().arg("enter").arg(&kept).args([
+        "--",
+        "sh",
+        "-c",
+        "grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status; \
+         grep -c : /proc/net/dev; hostname",
+    ]));
+    assert_eq!(
+        text(&out.stdout),
+        "CapInh:\t0000000000000000\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n\
+         CapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\nNoNewPrivs:\t1\nSeccomp:\t2\n\
+         1\nlocalhost\n",
+        "{}",
+        text(&out.stderr)
+    );
     let out = support::output_or_kill(
         s.cmd()
             .arg("enter")
