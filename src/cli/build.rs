@@ -272,6 +272,9 @@ fn shell_on_failure(loc: &StoreLocation, result: &build::Realisation) {
         let drv = loc.logical(drv);
         build::enter::find_kept(loc, &drv).map(|dir| (drv, dir))
     }) else {
+        eprintln!(
+            "sandoff: no failed build was kept here to enter (it failed on a build machine, or before its sandbox was set up)"
+        );
         return;
     };
     if let Err(e) = super::enter::enter(&dir, None, &[], true) {
