@@ -58,6 +58,9 @@ enum Command {
     Derivation(cli::derivation::DerivationCommand),
     /// Build derivations (every missing output, in dependency order) and print their output paths.
     Build(cli::build::BuildArgs),
+    /// Open a shell (or run a command) in the sandbox of a failed build
+    /// kept with --keep-failed, set up as the build's was.
+    Enter(cli::enter::EnterArgs),
     /// Print the build log of a derivation.
     Log {
         /// The derivation (a full .drv store path).
@@ -183,6 +186,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Setup(c) => cli::setup::run(c, &loc),
         Command::Build(c) => cli::build::run(c, &loc),
         Command::Log { drv } => cli::build::log(&drv, &loc),
+        Command::Enter(c) => cli::enter::run(c),
         Command::Decide(c) => cli::decide::run(c, &loc),
         Command::Machines(c) => cli::machines::run(c, &loc),
         Command::Copy(c) => cli::copy::run(c, &loc),

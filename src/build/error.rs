@@ -250,7 +250,7 @@ impl BuildErrorKind {
             } => write!(f, "cannot {action} '{}': {source}", path.display()),
             K::Kept { error, dir } => {
                 error.describe(drv, f)?;
-                write!(f, "; build directory kept at {}", dir.display())
+                write!(f, "{}", kept_note(&Some(dir.clone())))
             }
             K::RemoteFailed {
                 machine,
@@ -317,10 +317,29 @@ impl From<BuildError> for GraphError {
     }
 }
 
+/// Where a kept build directory is, and the command that enters its
+/// sandbox (see [`super::enter`]).
 fn kept_note(kept: &Option<PathBuf>) -> String {
     kept.as_ref()
-        .map(|k| format!("; build directory kept at {}", k.display()))
+        .map(|k| {
+            format!(
+                "; build directory kept at {}; to investigate in its sandbox: sandoff enter {}",
+                k.display(),
+                shell_word(&k.to_string_lossy())
+            )
+        })
         .unwrap_or_default()
+}
+
+/// `word` as one word for a POSIX shell: as it is when it holds only
+/// characters no shell reads specially, else in single quotes.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@%=".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
 }
 
 fn remote_message(status: &BuildStatus, message: &str) -> String {
@@ -336,5 +355,20 @@ fn tail_note(tail: &[String]) -> String {
         String::new()
     } else {
         format!("; last log lines: {}", tail.join(" | "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_enter_command_quotes_a_directory_only_when_a_shell_needs_it() {
+        assert_eq!(
+            shell_word("/var/b/.tmpA1/sandoff-build-x_Y"),
+            "/var/b/.tmpA1/sandoff-build-x_Y"
+        );
+        assert_eq!(shell_word("/my builds/x"), "'/my builds/x'");
+        assert_eq!(shell_word("/a'b;c"), r"'/a'\''b;c'");
     }
 }

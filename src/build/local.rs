@@ -236,6 +236,7 @@ fn build_somewhere_locked(
             let top = dirs.top().to_path_buf();
             // Root-only until now; 0755 as Nix, for inspection.
             let _ = fs::set_permissions(&top, fs::Permissions::from_mode(0o755));
+            super::enter::save_or_warn(&top, drv_path, loc, pool, &spec);
             slot.keep();
             match e {
                 e @ BuildErrorKind::Failed { .. } => Err(e),

@@ -12,6 +12,8 @@
 //! - [`somewhere`]: the one failover policy of `sandoff build` and the
 //!   hook: place, build on a machine, on the machine's fault place again,
 //!   else build here.
+//! - [`enter`]: a failed build's sandbox saved with its kept directory, and
+//!   set up again around a shell (`sandoff enter`).
 //! - [`error`]: [`BuildError`], one derivation around what went wrong, and
 //!   [`GraphError`] for what stops a whole graph.
 //!
@@ -35,7 +37,8 @@
 //! - Build directories: `<state>/builds/<random>/sandoff-build-XXXXXX`
 //!   ([`crate::sandbox::HostDirs`]), with `<state>/builds/<random>.lock`
 //!   held while the build runs. `--keep-failed` keeps the directory (and
-//!   drops its lock file, so it is never taken for a leftover).
+//!   drops its lock file, so it is never taken for a leftover), with the
+//!   build's sandbox saved in it for `sandoff enter` ([`enter`]).
 //! - A crash (`kill -9`) leaves no valid output. At worst it leaves an
 //!   unregistered path at an output's place, which the next build replaces
 //!   under the lock; a staging copy and a build directory whose lock is
@@ -50,6 +53,7 @@
 //!   (`builtin:fetchurl`) and content-addressed (floating, impure) outputs
 //!   are refused with a clear error: sandoff does not implement them.
 
+pub mod enter;
 pub mod error;
 pub mod graph;
 pub mod local;

@@ -16,6 +16,9 @@
 //!   the lists of what failed and why).
 //! - `-L`: every log line on stderr, prefixed `<name>> ` (as `nix build -L`),
 //!   or as `{"event":"log",...}` with `--json`.
+//! - `-K`: a failure names its kept directory and `sandoff enter DIR`;
+//!   `--shell-on-failure` (implies `-K`) runs that at once, on a terminal,
+//!   for the first failed build, after the failures are reported.
 //!
 //! Each derivation to build is placed by `sandoff::decide`, with the same
 //! options as `sandoff decide` (`--machines`, `--local-only` and its
@@ -119,9 +122,15 @@ pub struct BuildArgs {
     /// Keep building what does not depend on a failed build.
     #[arg(short = 'k', long)]
     keep_going: bool,
-    /// Keep the build directory of a failed build, and say where.
+    /// Keep the build directory of a failed build, and say where (and how
+    /// to enter its sandbox: `sandoff enter DIR`).
     #[arg(short = 'K', long)]
     keep_failed: bool,
+    /// When a build fails, open a shell in its sandbox at once (implies
+    /// --keep-failed; on a terminal only, else the failure names the
+    /// `sandoff enter` command). The exit status stays the build's.
+    #[arg(long)]
+    shell_on_failure: bool,
     /// Kill a build that prints nothing for this many seconds (0: never; so
     /// is a value past what the clock holds, such as 18446744073709551615).
     #[arg(long, value_name = "S", default_value_t = 0)]
@@ -187,7 +196,7 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         options: Options {
             jobs,
             keep_going: args.keep_going,
-            keep_failed: args.keep_failed,
+            keep_failed: args.keep_failed || args.shell_on_failure,
             max_silent: secs(args.max_silent_time),
             timeout: secs(args.timeout),
             cores: args.cores.unwrap_or(cores as u32),
@@ -213,6 +222,9 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         });
         eprintln!("{done}");
         if !result.success() {
+            if args.shell_on_failure {
+                shell_on_failure(loc, &result);
+            }
             return Ok(ExitCode::from(1));
         }
     } else if !result.success() {
@@ -239,6 +251,9 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
                 loc.logical(drv)
             );
         }
+        if args.shell_on_failure {
+            shell_on_failure(loc, &result);
+        }
         return Ok(ExitCode::from(1));
     }
     let mut out = std::io::stdout().lock();
@@ -249,6 +264,27 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--shell-on-failure`: on a terminal, a shell in the sandbox of the first
+/// failed build whose directory was kept (the failure messages name the
+/// others' `sandoff enter` commands).
+fn shell_on_failure(loc: &StoreLocation, result: &build::Realisation) {
+    if !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()) {
+        return;
+    }
+    let Some((drv, dir)) = result.failed.iter().find_map(|(drv, _)| {
+        let drv = loc.logical(drv);
+        build::enter::find_kept(loc, &drv).map(|dir| (drv, dir))
+    }) else {
+        eprintln!(
+            "sandoff: no failed build was kept here to enter (it failed on a build machine, or before its sandbox was set up)"
+        );
+        return;
+    };
+    if let Err(e) = super::enter::enter(&dir, None, &[], true) {
+        eprintln!("error: cannot enter the sandbox of '{drv}': {e:#}");
+    }
 }
 
 /// Renders [`Event`]s on stderr.

@@ -4,6 +4,7 @@ pub mod build;
 pub mod copy;
 pub mod decide;
 pub mod derivation;
+pub mod enter;
 pub mod guix;
 pub mod hook;
 pub mod key;

@@ -273,6 +273,17 @@ impl Syscall for LinuxSyscalls {
         check(unsafe { libc::dup2(log_fd, 2) })
     }
 
+    fn attach_terminal(&mut self, tty_fd: i32) -> Result<(), Errno> {
+        for target in 0..=2 {
+            // SAFETY: tty_fd is the open terminal the parent passed; dup2
+            // clears close-on-exec on the target.
+            check(unsafe { libc::dup2(tty_fd, target) })?;
+        }
+        // SAFETY: TIOCSCTTY takes an integer; 0 means "do not steal a
+        // terminal that is another session's controlling terminal".
+        check(unsafe { libc::ioctl(0, libc::TIOCSCTTY as _, 0 as libc::c_int) })
+    }
+
     fn cloexec_from(&mut self, first: u32) -> Result<(), Errno> {
         // SAFETY: close_range only changes fd flags.
         check_long(unsafe {

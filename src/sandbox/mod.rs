@@ -10,6 +10,9 @@
 //!   fixed-output), IPC and UTS namespaces; the child runs the steps and
 //!   execs, or reports the failing step and exits (fail closed); the parent
 //!   streams the log and enforces `--max-silent-time` and `--timeout`.
+//! - [`interactive`]: a build's sandbox again with a shell or command in
+//!   place of its builder, on a fresh pty proxied to the user's terminal
+//!   (`sandoff enter`).
 //! - [`seccomp`]: the builder's seccomp filter (Nix's: no setuid/setgid
 //!   `chmod`, no xattrs), a hand-written BPF program checked by an interpreter.
 //! - [`users`]: the build-user pool (flock per uid) and killing a uid's
@@ -78,6 +81,7 @@
 
 pub mod exec;
 pub mod host;
+pub mod interactive;
 mod linux;
 pub mod plan;
 #[cfg(test)]
@@ -92,9 +96,10 @@ use std::path::PathBuf;
 
 pub use exec::{BuildOutcome, TimeoutKind};
 pub use host::HostDirs;
+pub use interactive::run_interactive;
 pub use plan::{
-    BuildUser, InputPath, Limits, SandboxDirs, SandboxPlan, SandboxSpec, SetupOp, Timeouts,
-    TmpfsSize,
+    BuildUser, InputPath, Interactive, InteractiveStdio, Limits, SandboxDirs, SandboxPlan,
+    SandboxSpec, SetupOp, Timeouts, TmpfsSize,
 };
 pub use syscall::Syscall;
 pub use users::{UserError, UserLease, UserPool};
@@ -168,6 +173,17 @@ pub fn run_build(
     spec: &SandboxSpec,
     log: &mut dyn Write,
 ) -> Result<BuildOutcome, SandboxError> {
+    let plan = plan::plan(spec)?;
+    with_user(lease, spec, || exec::run(&plan, log))
+}
+
+/// Runs `run` (which runs a planned sandbox to its end) as `lease`'s user,
+/// the spec's, killing that user's processes before and after.
+fn with_user(
+    lease: &UserLease,
+    spec: &SandboxSpec,
+    run: impl FnOnce() -> Result<BuildOutcome, SandboxError>,
+) -> Result<BuildOutcome, SandboxError> {
     if &spec.user != lease.user() {
         return Err(SandboxError::InvalidSpec {
             field: "user",
@@ -178,12 +194,11 @@ pub fn run_build(
             ),
         });
     }
-    let plan = plan::plan(spec)?;
     lease.kill_processes()?;
     // A panic while the build runs must not leave the user's processes
     // behind either (exec::run kills the builder's PID namespace itself).
     let guard = KillUserOnUnwind(Some(lease));
-    let result = exec::run(&plan, log);
+    let result = run();
     guard.disarm();
     match (result, lease.kill_processes()) {
         (r, Ok(())) => r,

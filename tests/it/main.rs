@@ -7,6 +7,7 @@ mod daemon_store;
 mod daemons;
 mod decide;
 mod derivation;
+mod enter;
 mod guix_daemon;
 mod hook;
 mod hosts;
