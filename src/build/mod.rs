@@ -12,6 +12,9 @@
 //! - [`somewhere`]: the one failover policy of `sandoff build` and the
 //!   hook: place, build on a machine, on the machine's fault place again,
 //!   else build here.
+//! - [`check`]: `--check`, building valid outputs again and comparing.
+//! - [`log`]: where build logs are kept, per kind of store, and
+//!   `--max-log-size`.
 //! - [`error`]: [`BuildError`], one derivation around what went wrong, and
 //!   [`GraphError`] for what stops a whole graph.
 //!
@@ -30,8 +33,9 @@
 //!   the build does not own (`ln /etc/shadow $out`), as Nix's
 //!   "invalid ownership" check.
 //! - Logs: `<state>/log/<drv base name>`, plain text, written as the build
-//!   streams (Nix keeps `<logDir>/drvs/<2 chars>/<rest>.bz2`; `nix-store -l`
-//!   cannot read ours, and we do not pretend it can).
+//!   streams; on a Nix or Guix daemon's store, the daemon's own
+//!   `<log dir>/drvs/<2 chars>/<rest>.bz2`, so that `nix-store -l` reads
+//!   it ([`log`]). `--max-log-size` kills a build whose log passes it.
 //! - Build directories: `<state>/builds/<random>/sandoff-build-XXXXXX`
 //!   ([`crate::sandbox::HostDirs`]), with `<state>/builds/<random>.lock`
 //!   held while the build runs. `--keep-failed` keeps the directory (and
@@ -50,9 +54,11 @@
 //!   (`builtin:fetchurl`) and content-addressed (floating, impure) outputs
 //!   are refused with a clear error: sandoff does not implement them.
 
+pub mod check;
 pub mod error;
 pub mod graph;
 pub mod local;
+pub mod log;
 pub mod somewhere;
 
 use std::path::PathBuf;
@@ -64,6 +70,7 @@ use crate::store::{StoreLocation, StorePath};
 pub use error::{BuildError, BuildErrorKind, GraphError};
 pub use graph::{realise, Realisation};
 pub use local::BuildContext;
+pub use log::log_path;
 
 /// What happened during [`realise`], in order, delivered on the caller's thread.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,6 +163,12 @@ pub struct Options {
     /// besides [`crate::sandbox::plan::DEFAULT_IMPURE_ENV_ALLOW`] (names,
     /// or prefixes ending in `*`; `SANDOFF_*` never passes).
     pub impure_env_allow: Vec<String>,
+    /// Kill a build whose log passes this many bytes (`--max-log-size`;
+    /// `None`: no limit).
+    pub max_log_size: Option<u64>,
+    /// `--check`: build the requested derivations again though their
+    /// outputs are valid, and fail if the result differs ([`check`]).
+    pub check: bool,
 }
 
 impl Default for Options {
@@ -170,13 +183,10 @@ impl Default for Options {
             stream_logs: false,
             limits: Limits::default(),
             impure_env_allow: Vec::new(),
+            max_log_size: None,
+            check: false,
         }
     }
-}
-
-/// Where the log of `drv` is kept: `<state>/log/<drv base name>`.
-pub fn log_path(loc: &StoreLocation, drv: &StorePath) -> PathBuf {
-    loc.state.join("log").join(drv.base_name())
 }
 
 /// Where build directories are created: `<state>/builds`.

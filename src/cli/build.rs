@@ -14,6 +14,9 @@
 //!   `planned`, `started`, `waiting-for-lock`, `log`, `built`, `reused`,
 //!   `failed`, `dependency-failed`, and last `done` (with `success` and
 //!   the lists of what failed and why).
+//! - `--check`: a derivation built again and found bit-identical is
+//!   reported `checked (bit-identical) ...` (`"checked":true` in its
+//!   `built` event); a difference is a failure naming the outputs.
 //! - `-L`: every log line on stderr, prefixed `<name>> ` (as `nix build -L`),
 //!   or as `{"event":"log",...}` with `--json`.
 //!
@@ -130,6 +133,16 @@ pub struct BuildArgs {
     /// a value past what the clock holds).
     #[arg(long, value_name = "S", default_value_t = 0)]
     timeout: u64,
+    /// Kill a build whose log passes this many bytes (0: no limit), as
+    /// Nix's `--max-build-log-size`; passed on to build machines.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    max_log_size: u64,
+    /// Build the given derivations again, though their outputs are valid,
+    /// and fail if the result is not bit-identical (their inputs are
+    /// realised as usual); with -K a differing output is kept as
+    /// `<output>.check`. Nothing registered changes.
+    #[arg(long)]
+    check: bool,
     /// Print the build logs on stderr.
     #[arg(short = 'L', long = "print-build-logs")]
     print_build_logs: bool,
@@ -190,11 +203,16 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
             stream_logs: args.print_build_logs,
             limits: args.limits.limits(),
             impure_env_allow: args.limits.impure_env_allow.clone(),
+            max_log_size: (args.max_log_size > 0).then_some(args.max_log_size),
+            check: args.check,
         },
         placement: &placement,
         offload: offloader.as_ref(),
     };
     let mut progress = Progress::new(loc, args.json);
+    if args.check {
+        progress.checked = drvs.iter().cloned().collect();
+    }
     let result = build::realise(&ctx, &drvs, &mut |e| progress.event(e))?;
     progress.clear();
     if args.json {
@@ -257,6 +275,8 @@ struct Progress {
     total: usize,
     /// Whether a status line is on screen (to be erased before other output).
     status_shown: bool,
+    /// The derivations built again to check them (`--check`).
+    checked: std::collections::BTreeSet<StorePath>,
 }
 
 impl Progress {
@@ -270,6 +290,7 @@ impl Progress {
             done: 0,
             total: 0,
             status_shown: false,
+            checked: Default::default(),
         }
     }
 
@@ -296,7 +317,12 @@ impl Progress {
             }
             Event::Built { drv, elapsed } => {
                 self.finish(drv);
-                let text = format!("built {} in {:.1}s", self.name(drv), elapsed.as_secs_f64());
+                let verb = if self.checked.contains(drv) {
+                    "checked (bit-identical)"
+                } else {
+                    "built"
+                };
+                let text = format!("{verb} {} in {:.1}s", self.name(drv), elapsed.as_secs_f64());
                 self.line(&text);
             }
             Event::Reused { drv } => {
@@ -361,7 +387,12 @@ impl Progress {
                 json!({"event": "log", "drv": l(drv), "line": String::from_utf8_lossy(line)})
             }
             Event::Built { drv, elapsed } => {
-                json!({"event": "built", "drv": l(drv), "seconds": elapsed.as_secs_f64()})
+                let mut v =
+                    json!({"event": "built", "drv": l(drv), "seconds": elapsed.as_secs_f64()});
+                if self.checked.contains(drv) {
+                    v["checked"] = json!(true);
+                }
+                v
             }
             Event::Reused { drv } => json!({"event": "reused", "drv": l(drv)}),
             Event::Failed { drv, error } => {
@@ -428,7 +459,7 @@ pub fn log(drv: &str, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     );
     let file = build::log_path(loc, &path);
     // Streamed, not read whole: a build decides how long its log is.
-    let mut log = match std::fs::File::open(&file) {
+    let mut log = match build::log::open_log(&file) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             anyhow::bail!(

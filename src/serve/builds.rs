@@ -380,6 +380,8 @@ fn build_options(options: &BuildOptions, setup: &BuildSetup<'_>, stream_logs: bo
         stream_logs,
         limits: setup.limits,
         impure_env_allow: setup.impure_env_allow.clone(),
+        max_log_size: (options.max_log_size > 0).then_some(options.max_log_size),
+        check: false,
     }
 }
 
@@ -388,6 +390,7 @@ fn failure_status(e: &BuildErrorKind, fixed_output: bool) -> BuildStatus {
     use BuildErrorKind as K;
     match e {
         K::Kept { error, .. } => failure_status(error, fixed_output),
+        K::LogLimit { .. } => BuildStatus::LogLimitExceeded,
         K::Failed {
             outcome: BuildOutcome::TimedOut { .. },
             ..
