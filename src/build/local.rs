@@ -18,7 +18,9 @@ use crate::decide::{Decision, Placement};
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::remote::offloader::{LocalPermit, Offloader, RemoteJob};
 use crate::sandbox::plan::{impure_env_allowed, DEFAULT_BUILD_DIR_NAME};
-use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserError, UserPool};
+use crate::sandbox::{
+    run_build_measured, HostDirs, InputPath, SandboxSpec, Timeouts, UserError, UserPool,
+};
 use crate::serve_protocol::BuildOptions;
 use crate::store::local::{LocalStore, PathLocks, StagedPath};
 use crate::store::refscan;
@@ -226,7 +228,15 @@ fn build_somewhere_locked(
         },
     };
     tracing::debug!(drv = %drv_name, user = lease.user().user_name(), "building");
-    let ran = run_build(&lease, &spec, log);
+    let ran = run_build_measured(&lease, &spec, log).map(|(outcome, usage)| {
+        if let Some(usage) = usage {
+            let _ = events.send(Event::Usage {
+                drv: drv_path.clone(),
+                usage,
+            });
+        }
+        outcome
+    });
 
     let result = match ran {
         Err(_) if log.exceeded().is_some() => Err(BuildErrorKind::LogLimit {

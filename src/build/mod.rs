@@ -64,7 +64,7 @@ pub mod somewhere;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::sandbox::Limits;
+use crate::sandbox::{Limits, ResourceUsage};
 use crate::store::{StoreLocation, StorePath};
 
 pub use error::{BuildError, BuildErrorKind, GraphError};
@@ -134,6 +134,14 @@ pub enum Event {
         machine: String,
         /// Why, naming both keys for a host key mismatch.
         message: String,
+    },
+    /// What the local build of `drv` used (when measured: see
+    /// [`crate::sandbox::cgroup`]); sent before its `Built` or `Failed`.
+    Usage {
+        /// The derivation.
+        drv: StorePath,
+        /// CPU time and peak memory, as far as known.
+        usage: ResourceUsage,
     },
     /// Nothing happened for a while; lets a progress line update its clock.
     Tick,

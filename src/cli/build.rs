@@ -13,7 +13,11 @@
 //!   `{"event":"built","drv":"/nix/store/...drv","seconds":1.2}`; events
 //!   `planned`, `started`, `waiting-for-lock`, `log`, `built`, `reused`,
 //!   `failed`, `dependency-failed`, and last `done` (with `success` and
-//!   the lists of what failed and why).
+//!   the lists of what failed and why). A local build run in a cgroup
+//!   reports what it used: `built ... in 1.2s (CPU 0.9s, peak memory
+//!   12.0 MiB)`, `"cpuSeconds"` and `"peakMemoryBytes"` in its `built` or
+//!   `failed` event (each only where measured: see
+//!   `sandoff::sandbox::cgroup`).
 //! - `--check`: a derivation built again and found bit-identical is
 //!   reported `checked (bit-identical) ...` (`"checked":true` in its
 //!   `built` event); a difference is a failure naming the outputs.
@@ -277,6 +281,8 @@ struct Progress {
     status_shown: bool,
     /// The derivations built again to check them (`--check`).
     checked: std::collections::BTreeSet<StorePath>,
+    /// What each local build used, where measured.
+    usage: std::collections::BTreeMap<StorePath, sandoff::sandbox::ResourceUsage>,
 }
 
 impl Progress {
@@ -291,10 +297,16 @@ impl Progress {
             total: 0,
             status_shown: false,
             checked: Default::default(),
+            usage: Default::default(),
         }
     }
 
     fn event(&mut self, e: &Event) {
+        if let Event::Usage { drv, usage } = e {
+            // Shown with the build's `built` or `failed` line.
+            self.usage.insert(drv.clone(), *usage);
+            return;
+        }
         if self.json {
             if let Some(v) = self.to_json(e) {
                 eprintln!("{v}");
@@ -322,7 +334,12 @@ impl Progress {
                 } else {
                     "built"
                 };
-                let text = format!("{verb} {} in {:.1}s", self.name(drv), elapsed.as_secs_f64());
+                let text = format!(
+                    "{verb} {} in {:.1}s{}",
+                    self.name(drv),
+                    elapsed.as_secs_f64(),
+                    self.usage_note(drv)
+                );
                 self.line(&text);
             }
             Event::Reused { drv } => {
@@ -332,7 +349,7 @@ impl Progress {
             }
             Event::Failed { drv, .. } => {
                 self.finish(drv);
-                let text = format!("failed {}", self.name(drv));
+                let text = format!("failed {}{}", self.name(drv), self.usage_note(drv));
                 self.line(&text);
             }
             Event::DependencyFailed { drv, dependency } => {
@@ -358,7 +375,7 @@ impl Progress {
                 );
                 self.line(&text);
             }
-            Event::Tick => {}
+            Event::Usage { .. } | Event::Tick => {}
         }
         self.status();
     }
@@ -392,17 +409,52 @@ impl Progress {
                 if self.checked.contains(drv) {
                     v["checked"] = json!(true);
                 }
+                self.add_usage(&mut v, drv);
                 v
             }
             Event::Reused { drv } => json!({"event": "reused", "drv": l(drv)}),
             Event::Failed { drv, error } => {
-                json!({"event": "failed", "drv": l(drv), "error": error})
+                let mut v = json!({"event": "failed", "drv": l(drv), "error": error});
+                self.add_usage(&mut v, drv);
+                v
             }
             Event::DependencyFailed { drv, dependency } => {
                 json!({"event": "dependency-failed", "drv": l(drv), "dependency": l(dependency)})
             }
-            Event::Tick => return None,
+            Event::Usage { .. } | Event::Tick => return None,
         })
+    }
+
+    /// ` (CPU 1.2s, peak memory 3.4 MiB)`, as far as measured.
+    fn usage_note(&self, drv: &StorePath) -> String {
+        let Some(u) = self.usage.get(drv) else {
+            return String::new();
+        };
+        let mut parts = Vec::new();
+        if let Some(cpu) = u.cpu {
+            parts.push(format!("CPU {:.1}s", cpu.as_secs_f64()));
+        }
+        if let Some(peak) = u.peak_memory {
+            parts.push(format!("peak memory {:.1} MiB", peak as f64 / 1048576.0));
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", parts.join(", "))
+        }
+    }
+
+    /// `cpuSeconds` and `peakMemoryBytes` of `drv`'s build, where measured.
+    fn add_usage(&self, v: &mut serde_json::Value, drv: &StorePath) {
+        let Some(u) = self.usage.get(drv) else {
+            return;
+        };
+        if let Some(cpu) = u.cpu {
+            v["cpuSeconds"] = json!(cpu.as_secs_f64());
+        }
+        if let Some(peak) = u.peak_memory {
+            v["peakMemoryBytes"] = json!(peak);
+        }
     }
 
     /// Prints a line above the status line.

@@ -12,6 +12,8 @@
 //!   streams the log and enforces `--max-silent-time` and `--timeout`.
 //! - [`seccomp`]: the builder's seccomp filter (Nix's: no setuid/setgid
 //!   `chmod`, no xattrs), a hand-written BPF program checked by an interpreter.
+//! - [`cgroup`]: each build in a cgroup of its own when cgroup v2 is
+//!   usable (kill everything at once; CPU time and peak memory).
 //! - [`users`]: the build-user pool (flock per uid) and killing a uid's
 //!   processes; [`host`]: the per-build host directories; [`setup`]:
 //!   `sandoff setup`.
@@ -76,6 +78,7 @@
 //!   a file being written by another thread while a sandbox is being set up
 //!   cannot be executed (`ETXTBSY`) until that sandbox has exec'd.
 
+pub mod cgroup;
 pub mod exec;
 pub mod host;
 mod linux;
@@ -90,6 +93,7 @@ pub mod users;
 use std::io::Write;
 use std::path::PathBuf;
 
+pub use cgroup::ResourceUsage;
 pub use exec::{BuildOutcome, TimeoutKind};
 pub use host::HostDirs;
 pub use plan::{
@@ -168,6 +172,17 @@ pub fn run_build(
     spec: &SandboxSpec,
     log: &mut dyn Write,
 ) -> Result<BuildOutcome, SandboxError> {
+    run_build_measured(lease, spec, log).map(|(outcome, _)| outcome)
+}
+
+/// [`run_build`] in a cgroup of its own when cgroup v2 is usable
+/// ([`cgroup`]): everything the build started is killed when the builder
+/// has exited, and what it used is returned (`None`: no cgroup).
+pub fn run_build_measured(
+    lease: &UserLease,
+    spec: &SandboxSpec,
+    log: &mut dyn Write,
+) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError> {
     if &spec.user != lease.user() {
         return Err(SandboxError::InvalidSpec {
             field: "user",
@@ -178,13 +193,24 @@ pub fn run_build(
             ),
         });
     }
-    let plan = plan::plan(spec)?;
+    let mut plan = plan::plan(spec)?;
+    // Dropped on every way out (a panic too): kills what is left, removes it.
+    let cgroup = cgroup::BuildCgroup::create(lease.user().uid());
+    if let Some(cg) = &cgroup {
+        plan.join_cgroups(&cg.procs_files())?;
+    }
     lease.kill_processes()?;
     // A panic while the build runs must not leave the user's processes
     // behind either (exec::run kills the builder's PID namespace itself).
     let guard = KillUserOnUnwind(Some(lease));
     let result = exec::run(&plan, log);
     guard.disarm();
+    let usage = cgroup.as_ref().map(|cg| {
+        cg.kill();
+        cg.usage()
+    });
+    drop(cgroup);
+    let result = result.map(|outcome| (outcome, usage));
     match (result, lease.kill_processes()) {
         (r, Ok(())) => r,
         (Ok(_), Err(e)) => Err(e.into()),

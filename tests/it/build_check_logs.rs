@@ -236,3 +236,114 @@ fn nix_store_reads_the_log_of_a_sandoff_build_on_a_nix_chroot_store() {
     assert_eq!(text(&by_sandoff), "line one\nline two\n");
     assert!(!tmp.path().join("sandoff-state/log").exists());
 }
+
+/// Whether builds here get a cgroup: a cgroup2 hierarchy is mounted.
+fn cgroup2_available() -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|m| sandoff::sandbox::cgroup::cgroup2_mount(&m))
+        .is_some()
+}
+
+/// Whether a peak memory figure can be had: the memory controller in the
+/// cgroup2 tree (`memory.peak`), or a v1 memory hierarchy.
+fn peak_memory_available() -> bool {
+    let Ok(m) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let v2 = sandoff::sandbox::cgroup::cgroup2_mount(&m).is_some_and(|d| {
+        fs::read_to_string(d.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
+    });
+    v2 || sandoff::sandbox::cgroup::v1_mount(&m, "memory").is_some()
+}
+
+/// The pids of processes whose command line holds `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").expect("/proc").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmd) = fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) {
+                found.push(format!("{name}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_timeout_kills_a_daemonized_process_of_the_build_too() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    // setsid in a double fork: its own session and process group, and its
+    // parent gone; it only ends when killed.
+    let marker = "77731";
+    let d = s.script_drv(
+        "daemonizes",
+        &format!(
+            "(setsid sh -c 'touch $TMPDIR/up; exec sleep {marker}' </dev/null >/dev/null 2>&1 &)\n\
+             while [ ! -e $TMPDIR/up ]; do sleep 0.1; done\n\
+             echo daemon up\n\
+             sleep 1000; echo > $out"
+        ),
+    );
+    assert!(processes_with(&format!("sleep {marker}")).is_empty());
+    let out = s.build(&["-L", "--timeout", "2", &d]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_stderr_has(&out, "daemonizes> daemon up");
+    assert_stderr_has(&out, "timed out after 2 seconds");
+    // sandoff returns once the build's cgroup is empty (or, without one,
+    // once the PID namespace and the build user's processes are killed).
+    let left = processes_with(&format!("sleep {marker}"));
+    assert!(left.is_empty(), "still running: {left:?}");
+    assert!(s.info(&s.out(&d)).is_none());
+}
+
+#[test]
+fn the_report_gives_cpu_time_and_peak_memory_of_a_build() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    if !support::require(
+        this_test!(),
+        &[Need::Condition {
+            what: "a cgroup2 hierarchy",
+            met: cgroup2_available(),
+        }],
+    ) {
+        return;
+    }
+    let d = s.script_drv(
+        "busy",
+        "i=0; while [ $i -lt 300000 ]; do i=$((i + 1)); done; echo $i > $out",
+    );
+    let out = s.build(&["--json", &d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let built = events(&out)
+        .into_iter()
+        .find(|e| e["event"] == "built")
+        .expect("a built event");
+    eprintln!("{built}");
+    let cpu = built["cpuSeconds"].as_f64().expect("CPU time reported");
+    assert!(cpu > 0.0, "{built}");
+    if peak_memory_available() {
+        let peak = built["peakMemoryBytes"]
+            .as_u64()
+            .expect("peak memory reported");
+        assert!(peak > 0, "{built}");
+    }
+    // The human report says the same.
+    let again = s.script_drv(
+        "busy2",
+        "i=0; while [ $i -lt 1000 ]; do i=$((i + 1)); done; echo $i > $out",
+    );
+    let out = s.build(&[&again]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_stderr_has(&out, "(CPU ");
+}
