@@ -120,8 +120,7 @@ fn realise_one_here(
         ctx.options
             .stream_logs
             .then(|| (events.clone(), drv_path.clone())),
-    )?
-    .with_limit(ctx.options.max_log_size);
+    )?;
     let r = build_somewhere_locked(ctx, drv_path, drv, &locks, mode, &mut log, events);
     log.finish();
     r.map(|()| StepOutcome::Built)
@@ -228,6 +227,7 @@ fn build_somewhere_locked(
         },
     };
     tracing::debug!(drv = %drv_name, user = lease.user().user_name(), "building");
+    log.set_limit(ctx.options.max_log_size);
     let ran = run_build_measured(&lease, &spec, log).map(|(outcome, usage)| {
         if let Some(usage) = usage {
             let _ = events.send(Event::Usage {

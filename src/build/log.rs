@@ -104,8 +104,8 @@ pub struct LogSink {
     tail: VecDeque<Vec<u8>>,
     /// Bytes of builder output accepted so far.
     written: u64,
-    /// `--max-log-size`.
-    limit: Option<u64>,
+    /// `--max-log-size`, and how much had been written when it was set.
+    limit: Option<(u64, u64)>,
     /// Set once a write would have passed `limit`.
     exceeded: bool,
 }
@@ -152,16 +152,18 @@ impl LogSink {
         })
     }
 
-    /// Accepts at most `limit` bytes (`None` or 0: no limit, as Nix's 0).
-    pub fn with_limit(mut self, limit: Option<u64>) -> LogSink {
-        self.limit = limit.filter(|&l| l > 0);
-        self
+    /// From now on accepts at most `limit` more bytes (`None` or 0: no
+    /// limit, as Nix's 0). Set for local builds only: a build machine
+    /// enforces the limit it is sent, and a remote log cut here would look
+    /// like the machine's fault.
+    pub fn set_limit(&mut self, limit: Option<u64>) {
+        self.limit = limit.filter(|&l| l > 0).map(|l| (self.written, l));
     }
 
     /// The limit, if one was passed (the build must then fail with
     /// [`BuildErrorKind::LogLimit`]).
     pub fn exceeded(&self) -> Option<u64> {
-        self.limit.filter(|_| self.exceeded)
+        self.limit.filter(|_| self.exceeded).map(|(_, l)| l)
     }
 
     /// The last lines (lossily decoded).
@@ -211,7 +213,9 @@ impl LogSink {
 
 impl Write for LogSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let room = self.limit.map_or(u64::MAX, |l| l - self.written);
+        let room = self.limit.map_or(u64::MAX, |(from, l)| {
+            (from + l).saturating_sub(self.written)
+        });
         let (buf, over) = if buf.len() as u64 > room {
             // What fits is kept, for the tail of the message.
             (&buf[..room as usize], true)
@@ -238,10 +242,7 @@ impl Write for LogSink {
         }
         if over {
             self.exceeded = true;
-            return Err(io::Error::other(format!(
-                "more than {} bytes of log output",
-                self.written
-            )));
+            return Err(io::Error::other("the log passed --max-log-size"));
         }
         Ok(buf.len())
     }
@@ -335,19 +336,24 @@ mod tests {
     fn the_write_that_passes_the_limit_fails_and_keeps_what_fits() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = tmp.path().join("log");
-        let mut sink = LogSink::create(&path, None)
-            .expect("create")
-            .with_limit(Some(10));
+        let mut sink = LogSink::create(&path, None).expect("create");
+        sink.set_limit(Some(10));
         sink.write_all(b"12345\n").expect("fits");
         assert_eq!(sink.exceeded(), None);
         assert!(sink.write_all(b"6789\nabc").is_err());
         assert_eq!(sink.exceeded(), Some(10));
         sink.finish();
         assert_eq!(fs::read(&path).expect("read"), b"12345\n6789");
+        // Counted from when it is set (a machine's log before does not count).
+        let mut sink = LogSink::create(&path, None).expect("create");
+        sink.write_all(b"sandoff: building on a machine\n")
+            .expect("no limit yet");
+        sink.set_limit(Some(3));
+        sink.write_all(b"abc").expect("fits");
+        assert!(sink.write_all(b"d").is_err());
         // No limit: 0, as Nix.
-        let mut sink = LogSink::create(&path, None)
-            .expect("create")
-            .with_limit(Some(0));
+        let mut sink = LogSink::create(&path, None).expect("create");
+        sink.set_limit(Some(0));
         sink.write_all(&[b'x'; 100_000]).expect("no limit");
         assert_eq!(sink.exceeded(), None);
     }

@@ -347,3 +347,33 @@ fn the_report_gives_cpu_time_and_peak_memory_of_a_build() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_stderr_has(&out, "(CPU ");
 }
+
+#[test]
+fn max_log_size_reaches_the_build_machine() {
+    let Some((h, s, machines)) = crate::offload::one_trusted_host(this_test!(), 91) else {
+        return;
+    };
+    let d = s.script_drv(
+        "chatty-remote",
+        "mkdir $out; while true; do echo 0123456789abcdef0123456789abcdef; done",
+    );
+    let out = s.build(&[
+        "--max-log-size",
+        "10000",
+        "--machines",
+        machines.to_str().expect("utf-8"),
+        &d,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("failed on '{}'", crate::offload::uri(&h))),
+        "{err}"
+    );
+    assert!(err.contains("LogLimitExceeded"), "{err}");
+    assert!(
+        err.contains("killed after writing more than 10000 bytes of log output"),
+        "{err}"
+    );
+    assert!(s.info(&s.out(&d)).is_none());
+}
