@@ -70,6 +70,26 @@ pub fn open_log(path: &Path) -> io::Result<Box<dyn Read>> {
     })
 }
 
+/// Removes the other logs a daemon may have left for the same derivation
+/// beside `<rest>.bz2`: Nix reads a plain `<rest>` before it, Guix a
+/// `<rest>.gz`, and either would show an older build's log.
+fn remove_older_logs(bz2: &Path) {
+    let plain = bz2.with_extension("");
+    let gz = plain.with_extension(match plain.extension() {
+        Some(e) => format!("{}.gz", e.to_string_lossy()),
+        None => "gz".to_owned(),
+    });
+    for old in [plain, gz] {
+        match fs::remove_file(&old) {
+            Ok(()) => tracing::debug!(path = %old.display(), "removed an older build log"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %old.display(), "cannot remove an older build log: {e}")
+            }
+        }
+    }
+}
+
 /// The file under a [`LogSink`].
 enum LogFile {
     Plain(File),
@@ -133,6 +153,9 @@ impl LogSink {
         };
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        }
+        if is_compressed(path) {
+            remove_older_logs(path);
         }
         let file = File::create(path).map_err(io_err("create", path))?;
         let file = if is_compressed(path) {
@@ -330,6 +353,14 @@ mod tests {
             .expect("decompress");
         assert_eq!(text.lines().count(), 1000);
         assert!(text.ends_with("line 999\n"));
+        // An older log of the daemon's, which Nix or Guix would read first,
+        // is gone once sandoff writes one.
+        let plain = tmp.path().join("drvs/7h/rest.drv");
+        let gz = tmp.path().join("drvs/7h/rest.drv.gz");
+        fs::write(&plain, "old").expect("write");
+        fs::write(&gz, "old").expect("write");
+        LogSink::create(&path.with_file_name("rest.drv.bz2"), None).expect("create");
+        assert!(!plain.exists() && !gz.exists());
     }
 
     #[test]

@@ -276,16 +276,12 @@ fn processes_with(marker: &str) -> Vec<String> {
     found
 }
 
-#[test]
-fn a_timeout_kills_a_daemonized_process_of_the_build_too() {
-    let Some(s) = Store::ready(this_test!()) else {
-        return;
-    };
-    // setsid in a double fork: its own session and process group, and its
-    // parent gone; it only ends when killed.
-    let marker = "77731";
+/// A derivation that starts `sleep <marker>` as a daemon (setsid in a
+/// double fork: its own session and process group, its parent gone; it
+/// only ends when killed), says "daemon up", then waits forever.
+fn daemonizing_drv(s: &Store, marker: &'static str) -> (String, &'static str) {
     let d = s.script_drv(
-        "daemonizes",
+        &format!("daemonizes-{marker}"),
         &format!(
             "(setsid sh -c 'touch $TMPDIR/up; exec sleep {marker}' </dev/null >/dev/null 2>&1 &)\n\
              while [ ! -e $TMPDIR/up ]; do sleep 0.1; done\n\
@@ -293,10 +289,19 @@ fn a_timeout_kills_a_daemonized_process_of_the_build_too() {
              sleep 1000; echo > $out"
         ),
     );
+    (d, marker)
+}
+
+#[test]
+fn a_timeout_kills_a_daemonized_process_of_the_build_too() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let (d, marker) = daemonizing_drv(&s, "77731");
     assert!(processes_with(&format!("sleep {marker}")).is_empty());
     let out = s.build(&["-L", "--timeout", "2", &d]);
     assert_eq!(out.status.code(), Some(1));
-    assert_stderr_has(&out, "daemonizes> daemon up");
+    assert_stderr_has(&out, &format!("daemonizes-{marker}> daemon up"));
     assert_stderr_has(&out, "timed out after 2 seconds");
     // sandoff returns once the build's cgroup is empty (or, without one,
     // once the PID namespace and the build user's processes are killed).
@@ -376,4 +381,66 @@ fn max_log_size_reaches_the_build_machine() {
         "{err}"
     );
     assert!(s.info(&s.out(&d)).is_none());
+}
+
+/// `cmd` run in a mount namespace of its own without the cgroup2 mount, so
+/// that sandoff finds no cgroup2 hierarchy (as on a machine without one).
+fn without_cgroup2(cmd: &std::process::Command) -> std::process::Command {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let mount = sandoff::sandbox::cgroup::cgroup2_mount(&mountinfo).expect("cgroup2 mounted");
+    let mut c = std::process::Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("umount -l \"$0\" && exec \"$@\"")
+        .arg(mount)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+#[test]
+fn without_cgroup2_builds_run_as_before_and_a_timeout_still_kills_everything() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    if !support::require(
+        this_test!(),
+        &[
+            Need::Program("unshare"),
+            Need::Condition {
+                what: "a cgroup2 hierarchy (to take away)",
+                met: cgroup2_available(),
+            },
+        ],
+    ) {
+        return;
+    }
+    let d = s.script_drv("no-cgroup", "echo x > $out");
+    let mut build = s.cmd();
+    build.args(["build", "--json", &d]);
+    let out = without_cgroup2(&build).output().expect("run");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let built = events(&out)
+        .into_iter()
+        .find(|e| e["event"] == "built")
+        .expect("a built event");
+    assert!(
+        built.get("cpuSeconds").is_none(),
+        "no cgroup, no measure: {built}"
+    );
+    // The PID namespace and the build user's cleanup still kill a daemon.
+    let (d, marker) = daemonizing_drv(&s, "77732");
+    let mut build = s.cmd();
+    build.args(["build", "-L", "--timeout", "2", &d]);
+    let out = without_cgroup2(&build).output().expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert_stderr_has(&out, &format!("daemonizes-{marker}> daemon up"));
+    assert_stderr_has(&out, "timed out after 2 seconds");
+    let left = processes_with(&format!("sleep {marker}"));
+    assert!(left.is_empty(), "still running: {left:?}");
 }
