@@ -444,3 +444,45 @@ fn without_cgroup2_builds_run_as_before_and_a_timeout_still_kills_everything() {
     let left = processes_with(&format!("sleep {marker}"));
     assert!(left.is_empty(), "still running: {left:?}");
 }
+
+#[test]
+fn a_build_cgroup_measures_kills_and_removes_what_is_in_it() {
+    if !support::require(
+        this_test!(),
+        &[
+            Need::Root,
+            Need::Condition {
+                what: "a cgroup2 hierarchy",
+                met: cgroup2_available(),
+            },
+        ],
+    ) {
+        return;
+    }
+    // A uid no build user has: this cgroup is this test's alone.
+    let cg = sandoff::sandbox::cgroup::BuildCgroup::create(3_999_999).expect("a cgroup");
+    let dir = cg.dir().to_owned();
+    let mut child = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "i=0; while [ $i -lt 20000 ]; do i=$((i + 1)); done; exec sleep 1000",
+        ])
+        .spawn()
+        .expect("spawn");
+    for procs in cg.procs_files() {
+        fs::write(&procs, child.id().to_string()).expect("join the cgroup");
+    }
+    assert!(
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .expect("read")
+            .lines()
+            .any(|p| p == child.id().to_string()),
+        "the child is in the cgroup"
+    );
+    assert!(cg.usage().cpu.is_some(), "cpu.stat is read");
+    drop(cg);
+    let status = child.wait().expect("wait");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "killed with the cgroup");
+    assert!(!dir.exists(), "removed");
+}
