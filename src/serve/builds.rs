@@ -391,6 +391,7 @@ fn failure_status(e: &BuildErrorKind, fixed_output: bool) -> BuildStatus {
     match e {
         K::Kept { error, .. } => failure_status(error, fixed_output),
         K::LogLimit { .. } => BuildStatus::LogLimitExceeded,
+        K::NotDeterministic { .. } => BuildStatus::NotDeterministic,
         K::Failed {
             outcome: BuildOutcome::TimedOut { .. },
             ..
@@ -663,6 +664,14 @@ mod tests {
                 why: "none",
             }));
         assert_eq!(failure_status(&no_users, false), BuildStatus::MiscFailure);
+        let log_limit = BuildErrorKind::LogLimit {
+            limit: 10,
+            kept: None,
+        };
+        assert_eq!(
+            failure_status(&log_limit, false),
+            BuildStatus::LogLimitExceeded
+        );
     }
 
     #[test]
