@@ -26,6 +26,8 @@ use std::fs;
 use std::path::PathBuf;
 
 use super::BuildErrorKind;
+use crate::decide::{Decision, Placement, Policy};
+use crate::derivation::Derivation;
 use crate::store::local::{canonicalise_path, LocalStore, StagedPath};
 use crate::store::{StorePath, ValidPathInfo};
 
@@ -37,6 +39,20 @@ pub enum Mode {
     Build,
     /// Build again and compare (`--check`; the outputs are all valid).
     Check,
+}
+
+/// Whether `drv` can be checked here: `placement` without its machines
+/// (`Local`, or `Fail` saying why not, e.g. another system).
+pub fn decide_here(placement: &Placement, drv: &Derivation) -> Decision {
+    let here = Placement {
+        machines: Vec::new(),
+        local: placement.local.clone(),
+        policy: Policy {
+            local_only: true,
+            ..placement.policy
+        },
+    };
+    here.decide(drv)
 }
 
 /// An output whose new build differs from the registered path.

@@ -10,7 +10,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::check::{compare_outputs, Mode};
+use super::check::{compare_outputs, decide_here, Mode};
 pub use super::log::LogSink;
 use super::somewhere::{build_somewhere, Progress, Somewhere, SomewhereError};
 use super::{builds_dir, log_path, BuildError, BuildErrorKind, Event, Options};
@@ -162,7 +162,11 @@ fn build_somewhere_locked(
     let offload = ctx.offload.filter(|_| mode == Mode::Build);
     let _permit = match offload {
         None => {
-            match ctx.placement.decide(drv) {
+            let decision = match mode {
+                Mode::Build => ctx.placement.decide(drv),
+                Mode::Check => decide_here(ctx.placement, drv),
+            };
+            match decision {
                 Decision::Local { reason } => {
                     tracing::debug!(drv = %drv_name, %reason, "building locally");
                 }

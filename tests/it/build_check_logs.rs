@@ -486,3 +486,25 @@ fn a_build_cgroup_measures_kills_and_removes_what_is_in_it() {
     assert_eq!(status.signal(), Some(9), "killed with the cgroup");
     assert!(!dir.exists(), "removed");
 }
+
+#[test]
+fn check_builds_here_even_with_build_machines() {
+    let Some((h, s, machines)) = crate::offload::one_trusted_host(this_test!(), 92) else {
+        return;
+    };
+    let d = s.script_drv("checked-here", "echo same > $out");
+    assert!(s.build(&[&d]).status.success());
+    let out = s.build(&[
+        "--check",
+        "--machines",
+        machines.to_str().expect("utf-8"),
+        &d,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_stderr_has(&out, "checked (bit-identical)");
+    let log = text(&support::run_ok(s.cmd().args(["log", &d])));
+    assert!(
+        !log.contains(&crate::offload::uri(&h)),
+        "built on the machine: {log}"
+    );
+}
