@@ -72,29 +72,60 @@ pub struct ResourceUsage {
     pub peak_memory: Option<u64>,
 }
 
-/// The mount point of the cgroup2 hierarchy in a `/proc/self/mountinfo`.
-pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+/// A mounted cgroup hierarchy: which of its cgroups is mounted (`root`,
+/// `/` unless a container mounted only its own part) and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Mounted {
+    root: PathBuf,
+    point: PathBuf,
+}
+
+impl Mounted {
+    /// Where the cgroup `path` (as `/proc/self/cgroup` names it) is, if it
+    /// is inside the mounted part.
+    fn dir_of(&self, path: &str) -> Option<PathBuf> {
+        let rest = Path::new(path).strip_prefix(&self.root).ok()?;
+        Some(self.point.join(rest))
+    }
+}
+
+/// The first mount of `/proc/self/mountinfo` whose filesystem type and
+/// super options `want` accepts.
+fn find_mount(mountinfo: &str, want: impl Fn(&str, &str) -> bool) -> Option<Mounted> {
     mountinfo.lines().find_map(|line| {
         let (pre, post) = line.split_once(" - ")?;
-        let fstype = post.split_whitespace().next()?;
-        (fstype == "cgroup2").then(|| unescape(pre.split_whitespace().nth(4)?))?
+        let mut post = post.split_whitespace();
+        let fstype = post.next()?;
+        let options = post.nth(1).unwrap_or("");
+        if !want(fstype, options) {
+            return None;
+        }
+        let mut pre = pre.split_whitespace();
+        Some(Mounted {
+            root: unescape(pre.nth(3)?)?,
+            point: unescape(pre.next()?)?,
+        })
     })
+}
+
+fn find_cgroup2(mountinfo: &str) -> Option<Mounted> {
+    find_mount(mountinfo, |fstype, _| fstype == "cgroup2")
+}
+
+fn find_v1(mountinfo: &str, controller: &str) -> Option<Mounted> {
+    find_mount(mountinfo, |fstype, options| {
+        fstype == "cgroup" && options.split(',').any(|o| o == controller)
+    })
+}
+
+/// The mount point of the cgroup2 hierarchy in a `/proc/self/mountinfo`.
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    find_cgroup2(mountinfo).map(|m| m.point)
 }
 
 /// The mount point of the cgroup v1 hierarchy holding `controller`.
 pub fn v1_mount(mountinfo: &str, controller: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (pre, post) = line.split_once(" - ")?;
-        let mut fields = post.split_whitespace();
-        if fields.next()? != "cgroup" {
-            return None;
-        }
-        let options = fields.nth(1)?;
-        options
-            .split(',')
-            .any(|o| o == controller)
-            .then(|| unescape(pre.split_whitespace().nth(4)?))?
-    })
+    find_v1(mountinfo, controller).map(|m| m.point)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -169,19 +200,18 @@ impl BuildCgroup {
         let read = |p: &str| fs::read_to_string(p).map_err(cg_err("read", Path::new(p)));
         let mountinfo = read("/proc/self/mountinfo")?;
         let own = read("/proc/self/cgroup")?;
-        let Some(mount) = cgroup2_mount(&mountinfo) else {
-            return Ok(None);
-        };
-        let Some(parent) = own_cgroup(&own, None) else {
+        let Some(parent) =
+            find_cgroup2(&mountinfo).and_then(|m| m.dir_of(&own_cgroup(&own, None)?))
+        else {
             return Ok(None);
         };
         let name = format!("sandoff-build-uid-{uid}");
-        let dir = mount.join(parent.trim_start_matches('/')).join(&name);
+        let dir = parent.join(&name);
         fresh_dir(&dir)?;
-        let memory_v1 = v1_mount(&mountinfo, "memory")
-            .zip(own_cgroup(&own, Some("memory")))
-            .and_then(|(m, p)| {
-                let d = m.join(p.trim_start_matches('/')).join(&name);
+        let memory_v1 = find_v1(&mountinfo, "memory")
+            .and_then(|m| m.dir_of(&own_cgroup(&own, Some("memory"))?))
+            .and_then(|parent| {
+                let d = parent.join(&name);
                 fresh_dir(&d)
                     .inspect_err(|e| tracing::debug!("no v1 memory cgroup for the build: {e}"))
                     .ok()
@@ -325,6 +355,30 @@ mod tests {
         );
         assert_eq!(v1_mount(UNIFIED, "memory"), None);
         assert_eq!(v1_mount(HYBRID, "mem"), None, "whole option names only");
+    }
+
+    #[test]
+    fn own_cgroups_are_found_under_the_mounted_part_only() {
+        let own = "0::/docker/abc/inner\n";
+        let path = own_cgroup(own, None).expect("v2 line");
+        let whole = find_cgroup2(UNIFIED).expect("mounted");
+        assert_eq!(
+            whole.dir_of(&path),
+            Some(PathBuf::from("/sys/fs/cgroup/docker/abc/inner"))
+        );
+        // A container that mounts only its own part of the tree.
+        let part = find_cgroup2("30 25 0:26 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+            .expect("mounted");
+        assert_eq!(
+            part.dir_of(&path),
+            Some(PathBuf::from("/sys/fs/cgroup/inner"))
+        );
+        assert_eq!(part.dir_of("/elsewhere"), None, "not reachable");
+        let v1 = find_v1(HYBRID, "memory").expect("mounted");
+        assert_eq!(
+            v1.dir_of("/process_api/69"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/process_api/69"))
+        );
     }
 
     #[test]
