@@ -89,9 +89,18 @@ fn check_of_a_nondeterministic_build_fails_naming_the_output_and_keeps_the_new_c
     // Nothing registered changed, and the copy is not a store path.
     assert_eq!(s.info(&p).expect("still valid"), before);
     assert_eq!(fs::read(real.join("random")).expect("read"), random);
+    let check_path = s.path(&format!("{}.check", logical(&p)));
+    assert!(s.info(&check_path).is_none(), "not registered");
     // As for any failure with -K (and as Nix), the build directory too.
     assert_stderr_has(&out, "build directory kept at");
     assert_eq!(s.build_dirs().len(), 1, "{:?}", s.build_dirs());
+    // Checking again replaces the read-only copy of the last check.
+    let first = fs::read(check_copy.join("random")).expect("read");
+    let out = s.build(&["--check", "-K", &d]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_stderr_has(&out, "may not be deterministic");
+    assert_ne!(fs::read(check_copy.join("random")).expect("read"), first);
+    assert_eq!(s.info(&p).expect("still valid"), before);
 }
 
 #[test]
