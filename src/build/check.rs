@@ -18,9 +18,18 @@
 //!   kept as `<output>.check` beside the output in the real store directory
 //!   (Nix's `checkSuffix`), canonical and root-owned as the output itself,
 //!   not registered, replacing an older one; the message then adds
-//!   "from '<output>.check'", as Nix's.
+//!   "from '<output>.check'", as Nix's. As for any failure with
+//!   `--keep-failed`, the build directory is kept too (Nix keeps its
+//!   `tmpDir` as well).
+//! - The log of the check replaces the derivation's log, as Nix's.
+//! - A machines file does not matter: the check is decided as if there
+//!   were none ([`decide_here`]), so a derivation this machine cannot build
+//!   (another system) fails the check, saying why.
 //! - A check is always built here, never offloaded: a machine registers
-//!   what it builds in its own store and sends it back as valid paths.
+//!   what it builds in its own store and sends it back as valid paths. Nix's
+//!   serve protocol has no build mode to ask a machine for a check
+//!   (`BuildDerivation` sends time and log limits, repeats and
+//!   `keepFailed` only), so `sandoff serve` has none to honour either.
 
 use std::fs;
 use std::path::PathBuf;
