@@ -130,6 +130,7 @@ impl LocationFlags {
         }
         if let Some(daemon) = daemon_store {
             loc.daemon_db = daemon.db_dir(&loc.root);
+            loc.daemon_log_dir = daemon.log_dir(&loc.root);
         }
         loc
     }

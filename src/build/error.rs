@@ -67,6 +67,21 @@ pub enum BuildErrorKind {
         /// The last lines of the log.
         tail: Vec<String>,
     },
+    /// The build was killed for writing more than `limit` bytes of log
+    /// (`--max-log-size`).
+    LogLimit {
+        /// The limit.
+        limit: u64,
+        /// The build directory, when kept (`--keep-failed`).
+        kept: Option<PathBuf>,
+    },
+    /// `--check` of a derivation whose outputs are not all valid.
+    CheckInvalid,
+    /// `--check`: building again gave different outputs.
+    NotDeterministic {
+        /// Each output that differs.
+        differences: Vec<super::check::Difference>,
+    },
     /// An output was not produced.
     MissingOutput {
         /// The output name.
@@ -210,6 +225,28 @@ impl BuildErrorKind {
                 kept_note(kept),
                 tail_note(tail)
             ),
+            K::LogLimit { limit, kept } => write!(
+                f,
+                "building '{drv}' killed after writing more than {limit} bytes of log output{}",
+                kept_note(kept)
+            ),
+            K::CheckInvalid => write!(
+                f,
+                "some outputs of '{drv}' are not valid, so checking is not possible"
+            ),
+            K::NotDeterministic { differences } => {
+                write!(f, "derivation '{drv}' may not be deterministic: ")?;
+                for (i, d) in differences.iter().enumerate() {
+                    if i > 0 {
+                        write!(f, "; ")?;
+                    }
+                    write!(f, "output '{}' differs", d.output.display())?;
+                    if let Some(kept) = &d.kept {
+                        write!(f, " from '{}'", kept.display())?;
+                    }
+                }
+                Ok(())
+            }
             K::MissingOutput { output, path } => write!(
                 f,
                 "builder for '{drv}' did not produce output '{output}' ({path})"

@@ -66,6 +66,29 @@ impl DaemonStore {
             DaemonStore::Sandoff => return None,
         })
     }
+
+    /// The daemon's log directory for a store under `root` (`None`:
+    /// sandoff's own), where it keeps `drvs/<2 chars>/<rest>.bz2`: as Nix
+    /// 2.8's local store, `<root>/nix/var/log/nix` for a chroot store and
+    /// `$NIX_LOG_DIR` (default `/nix/var/log/nix`) for `/`; guix-daemon's
+    /// `$GUIX_LOG_DIRECTORY` (default `<root>/var/log/guix`).
+    pub fn log_dir(self, root: &Path) -> Option<PathBuf> {
+        let var = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        Some(match self {
+            DaemonStore::Guix => {
+                var("GUIX_LOG_DIRECTORY").unwrap_or_else(|| root.join("var/log/guix"))
+            }
+            DaemonStore::Nix if root == Path::new("/") => {
+                var("NIX_LOG_DIR").unwrap_or_else(|| root.join("nix/var/log/nix"))
+            }
+            DaemonStore::Nix => root.join("nix/var/log/nix"),
+            DaemonStore::Sandoff => return None,
+        })
+    }
 }
 
 /// Whether the program was run under the file name `name` (argv[0], e.g. a

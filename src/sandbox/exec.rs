@@ -275,6 +275,7 @@ pub fn apply(
             Err(Errno(libc::ENOSYS)) => Ok(()),
             r => r,
         },
+        SetupOp::JoinCgroup(procs) => sys.join_cgroup(procs),
         SetupOp::NoNewPrivs => sys.no_new_privs(),
         SetupOp::Seccomp(program) => sys.seccomp_filter(program),
         SetupOp::ResetSignals => sys.reset_signals(),
@@ -713,6 +714,38 @@ mod tests {
                 data: None
             }
         );
+    }
+
+    #[test]
+    fn the_child_joins_its_cgroups_before_anything_else() {
+        let mut p = test_plan();
+        let procs = [
+            PathBuf::from("/sys/fs/cgroup/unified/sandoff-build-uid-1/cgroup.procs"),
+            PathBuf::from("/sys/fs/cgroup/memory/sandoff-build-uid-1/cgroup.procs"),
+        ];
+        p.join_cgroups(&procs).expect("plain paths");
+        let exec = PreparedExec::new(&p);
+        let mut sys = RecordingSyscalls::default();
+        assert_eq!(run_steps(&p.ops, &mut sys, FDS, &exec), Ok(()));
+        assert_eq!(
+            sys.calls[..3],
+            [
+                Call::JoinCgroup(s("/sys/fs/cgroup/unified/sandoff-build-uid-1/cgroup.procs")),
+                Call::JoinCgroup(s("/sys/fs/cgroup/memory/sandoff-build-uid-1/cgroup.procs")),
+                Call::DieWithParent,
+            ]
+        );
+        // A failure to join is a setup failure like any other: no exec.
+        let mut sys = RecordingSyscalls {
+            fail_at: Some((0, Errno(libc::EACCES))),
+            ..Default::default()
+        };
+        assert_eq!(
+            run_steps(&p.ops, &mut sys, FDS, &exec),
+            Err((0, Errno(libc::EACCES)))
+        );
+        drop(exec);
+        assert!(p.join_cgroups(&[PathBuf::from("/a\0b")]).is_err());
     }
 
     #[test]

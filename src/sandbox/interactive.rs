@@ -51,16 +51,17 @@ pub fn run_interactive(
     spec: &SandboxSpec,
     run: &Interactive,
 ) -> Result<BuildOutcome, SandboxError> {
-    let plan = plan_interactive(spec, run)?;
-    with_user(lease, spec, || match run.stdio {
-        InteractiveStdio::Terminal => with_terminal(&plan),
+    let mut plan = plan_interactive(spec, run)?;
+    with_user(lease, spec, &mut plan, |plan| match run.stdio {
+        InteractiveStdio::Terminal => with_terminal(plan),
         InteractiveStdio::Inherit => {
-            let (pid, guard) = spawn(&plan, -1)?;
+            let (pid, guard) = spawn(plan, -1)?;
             let outcome = wait(pid);
             guard.disarm();
             outcome
         }
     })
+    .map(|(outcome, _)| outcome)
 }
 
 /// Clones the child that runs `plan` (with `tty` as its terminal, if the

@@ -329,6 +329,19 @@ impl Syscall for LinuxSyscalls {
         })
     }
 
+    fn join_cgroup(&mut self, procs: &CStr) -> Result<(), Errno> {
+        let flags = libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid C string; no O_CREAT, so no mode argument.
+        let fd = unsafe { libc::open(procs.as_ptr(), flags) };
+        if fd == -1 {
+            return Err(errno());
+        }
+        // "0" is the writing process itself (cgroup v1 and v2 alike).
+        let result = self.write_all(fd, b"0");
+        close(fd);
+        result
+    }
+
     fn umask(&mut self, mask: u32) {
         // SAFETY: umask cannot fail.
         unsafe {

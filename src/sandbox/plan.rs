@@ -449,6 +449,10 @@ impl fmt::Display for MountFlags {
 /// child allocates nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SetupOp {
+    /// Join the build's cgroup (write `0` to this `cgroup.procs`), first of
+    /// all, so that everything the build starts is in it (see
+    /// [`super::cgroup`]; added by [`SandboxPlan::join_cgroups`]).
+    JoinCgroup(CString),
     /// `PR_SET_PDEATHSIG(SIGKILL)`: the build dies with sandoff. Set again
     /// after the uid change, which clears it.
     DieWithParent,
@@ -558,6 +562,7 @@ impl fmt::Display for SetupOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = |c: &CString| c.to_string_lossy().into_owned();
         match self {
+            SetupOp::JoinCgroup(p) => write!(f, "join cgroup ({})", s(p)),
             SetupOp::DieWithParent => write!(f, "set parent-death signal"),
             SetupOp::NewSession => write!(f, "setsid"),
             SetupOp::Stdio => write!(f, "redirect stdio to the log"),
@@ -647,6 +652,28 @@ pub struct SandboxPlan {
     pub outputs: Vec<(String, PathBuf)>,
     /// Time limits, carried through for the runner.
     pub timeouts: Timeouts,
+}
+
+impl SandboxPlan {
+    /// Makes the child join the cgroups whose `cgroup.procs` files are
+    /// `procs` before any other step, so that nothing it starts is outside
+    /// them. A path that is not a C string (a NUL byte) is refused.
+    pub fn join_cgroups(&mut self, procs: &[PathBuf]) -> Result<(), super::SandboxError> {
+        use std::os::unix::ffi::OsStrExt;
+        let ops = procs
+            .iter()
+            .map(|p| {
+                CString::new(p.as_os_str().as_bytes())
+                    .map(SetupOp::JoinCgroup)
+                    .map_err(|_| super::SandboxError::InvalidSpec {
+                        field: "cgroup",
+                        reason: format!("{}: a NUL byte in the path", p.display()),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.ops.splice(0..0, ops);
+        Ok(())
+    }
 }
 
 /// `/etc/passwd` in the sandbox: the build user and `nobody`, no root (as

@@ -382,6 +382,8 @@ fn build_options(options: &BuildOptions, setup: &BuildSetup<'_>, stream_logs: bo
         impure_env_allow: setup.impure_env_allow.clone(),
         // A serve host's builds have no build machines of their own.
         builders_use_substitutes: false,
+        max_log_size: (options.max_log_size > 0).then_some(options.max_log_size),
+        check: false,
     }
 }
 
@@ -390,6 +392,8 @@ fn failure_status(e: &BuildErrorKind, fixed_output: bool) -> BuildStatus {
     use BuildErrorKind as K;
     match e {
         K::Kept { error, .. } => failure_status(error, fixed_output),
+        K::LogLimit { .. } => BuildStatus::LogLimitExceeded,
+        K::NotDeterministic { .. } => BuildStatus::NotDeterministic,
         K::Failed {
             outcome: BuildOutcome::TimedOut { .. },
             ..
@@ -662,6 +666,14 @@ mod tests {
                 why: "none",
             }));
         assert_eq!(failure_status(&no_users, false), BuildStatus::MiscFailure);
+        let log_limit = BuildErrorKind::LogLimit {
+            limit: 10,
+            kept: None,
+        };
+        assert_eq!(
+            failure_status(&log_limit, false),
+            BuildStatus::LogLimitExceeded
+        );
     }
 
     #[test]

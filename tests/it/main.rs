@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area.
 
 mod build;
+mod build_check_logs;
 mod claims;
 mod client;
 mod daemon_store;

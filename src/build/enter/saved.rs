@@ -159,6 +159,8 @@ impl Saved {
             root: self.store.root.clone(),
             state: self.store.state.clone(),
             daemon_db: self.store.daemon_db.clone(),
+            // A shell in a kept build writes no build log.
+            daemon_log_dir: None,
         };
         let user = BuildUser::new(
             self.user.uid,
