@@ -608,7 +608,7 @@ fn impure_env(drv: &Derivation, allow: &[String]) -> BTreeMap<Vec<u8>, Vec<u8>> 
             let ok = impure_env_allowed(n, allow);
             if !ok {
                 tracing::warn!(
-                    drv = drv.name().unwrap_or("?"),
+                    drv = drv.env_name().unwrap_or("?"),
                     var = %String::from_utf8_lossy(n),
                     "impureEnvVars: not passing a variable outside the allowlist (see --impure-env-allow)"
                 );
