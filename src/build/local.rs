@@ -10,6 +10,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::fetchurl::{self, FetchRequest, FetchurlError};
 use super::somewhere::{build_somewhere, Progress, Somewhere, SomewhereError};
 use super::{builds_dir, log_path, BuildError, BuildErrorKind, Event, Options};
 use crate::decide::{Decision, Placement};
@@ -161,9 +162,12 @@ fn build_somewhere_locked(
             }
         }
     };
-    if drv.builder.starts_with(b"builtin:") {
-        return Err(unsupported("built-in builders (builtin:...)"));
-    }
+    // A built-in builder is checked before a build user is taken.
+    let builtin = if drv.builder.starts_with(b"builtin:") {
+        Some(FetchRequest::from_derivation(drv).map_err(BuildErrorKind::Builtin)?)
+    } else {
+        None
+    };
     let closure = store.closure(&inputs)?;
 
     let pool = ctx
@@ -174,41 +178,48 @@ fn build_somewhere_locked(
     let slot = BuildSlot::create(&builds_dir(loc))?;
     let dirs = HostDirs::create(&slot.dir, lease.user()).map_err(BuildErrorKind::Sandbox)?;
     let fixed = kind == DerivationKind::Fixed;
-    let spec = SandboxSpec {
-        store_dir: loc.dir.clone(),
-        builder: drv.builder.clone(),
-        args: drv.args.clone(),
-        env: drv.env.clone(),
-        inputs: closure
-            .iter()
-            .map(|p| InputPath {
-                source: loc.real_path(p),
-                path: p.clone(),
-            })
-            .collect(),
-        outputs: outputs.values().cloned().collect(),
-        dirs: dirs.dirs().clone(),
-        build_dir_name: DEFAULT_BUILD_DIR_NAME.to_owned(),
-        user: lease.user().clone(),
-        fixed_output: fixed,
-        impure_env: if fixed {
-            impure_env(drv, &ctx.options.impure_env_allow)
-        } else {
-            BTreeMap::new()
-        },
-        impure_env_allow: ctx.options.impure_env_allow.clone(),
-        limits: ctx.options.limits,
-        cores: ctx.options.cores,
-        timeouts: Timeouts {
-            max_silent: ctx.options.max_silent,
-            total: ctx.options.timeout,
-        },
+    let impure = if fixed {
+        impure_env(drv, &ctx.options.impure_env_allow)
+    } else {
+        BTreeMap::new()
     };
-    tracing::debug!(drv = %drv_name, user = lease.user().user_name(), "building");
-    let ran = run_build(&lease, &spec, log);
+    let timeouts = Timeouts {
+        max_silent: ctx.options.max_silent,
+        total: ctx.options.timeout,
+    };
+    let ran = match &builtin {
+        Some(request) => run_fetchurl(request, lease.user(), &dirs, drv, &impure, timeouts, log),
+        None => {
+            let spec = SandboxSpec {
+                store_dir: loc.dir.clone(),
+                builder: drv.builder.clone(),
+                args: drv.args.clone(),
+                env: drv.env.clone(),
+                inputs: closure
+                    .iter()
+                    .map(|p| InputPath {
+                        source: loc.real_path(p),
+                        path: p.clone(),
+                    })
+                    .collect(),
+                outputs: outputs.values().cloned().collect(),
+                dirs: dirs.dirs().clone(),
+                build_dir_name: DEFAULT_BUILD_DIR_NAME.to_owned(),
+                user: lease.user().clone(),
+                fixed_output: fixed,
+                impure_env: impure,
+                impure_env_allow: ctx.options.impure_env_allow.clone(),
+                limits: ctx.options.limits,
+                cores: ctx.options.cores,
+                timeouts,
+            };
+            tracing::debug!(drv = %drv_name, user = lease.user().user_name(), "building");
+            run_build(&lease, &spec, log).map_err(BuildErrorKind::Sandbox)
+        }
+    };
 
     let result = match ran {
-        Err(source) => Err(BuildErrorKind::Sandbox(source)),
+        Err(e) => Err(e),
         Ok(outcome) if !outcome.success() => Err(BuildErrorKind::Failed {
             outcome,
             kept: ctx.options.keep_failed.then(|| dirs.top().to_path_buf()),
@@ -255,6 +266,41 @@ fn build_somewhere_locked(
     };
     drop(lease);
     result
+}
+
+/// Runs `builtin:fetchurl` ([`super::fetchurl`]) as the build user, its
+/// output written where a builder's is, in the scratch store of `dirs`.
+fn run_fetchurl(
+    request: &FetchRequest,
+    user: &crate::sandbox::plan::BuildUser,
+    dirs: &HostDirs,
+    drv: &Derivation,
+    impure: &BTreeMap<Vec<u8>, Vec<u8>>,
+    timeouts: Timeouts,
+    log: &mut LogSink,
+) -> Result<crate::sandbox::BuildOutcome, BuildErrorKind> {
+    let out = drv
+        .outputs
+        .values()
+        .find_map(DerivationOutput::path)
+        .ok_or(BuildErrorKind::Builtin(FetchurlError::NotFixedOutput))?;
+    // The running binary is sandoff's (the CLI, the hook, the serve
+    // command); its hidden subcommand is the helper.
+    let program = std::env::current_exe().map_err(io_err(
+        "find the sandoff binary",
+        Path::new("/proc/self/exe"),
+    ))?;
+    tracing::debug!(url = %request.urls[0], user = user.user_name(), "builtin:fetchurl");
+    let job = fetchurl::FetchJob {
+        program: &program,
+        request,
+        user,
+        out_dir: &dirs.dirs().store,
+        output: out.base_name(),
+        impure_env: impure,
+        timeouts,
+    };
+    fetchurl::run(&job, log).map_err(BuildErrorKind::Builtin)
 }
 
 /// The paths a build of `drv` reads, whose closure it needs: its sources and

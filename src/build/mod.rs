@@ -46,11 +46,16 @@
 //!   that has to be built (the local system and extra platforms, features,
 //!   local-build, machines), through the offloader when there are machines
 //!   (which sees their true slots and backoff); without machines a remote
-//!   or postponed decision fails the build, saying so. Built-in builders
-//!   (`builtin:fetchurl`) and content-addressed (floating, impure) outputs
-//!   are refused with a clear error: sandoff does not implement them.
+//!   or postponed decision fails the build, saying so. Content-addressed
+//!   (floating, impure) outputs are refused with a clear error: sandoff
+//!   does not implement them.
+//! - Built-in builders: `builtin:fetchurl` is run as Nix 2.8 runs it, by
+//!   sandoff itself under the build user outside the chroot, its output then
+//!   checked and registered as any fixed output ([`fetchurl`]); every other
+//!   `builtin:NAME` is refused, naming it.
 
 pub mod error;
+pub mod fetchurl;
 pub mod graph;
 pub mod local;
 pub mod somewhere;

@@ -7,6 +7,7 @@ mod daemon_store;
 mod daemons;
 mod decide;
 mod derivation;
+mod fetchurl;
 mod guix_daemon;
 mod hook;
 mod hosts;
