@@ -1,17 +1,18 @@
-//! The built-in builder `builtin:fetchurl`, as Nix 2.8 runs it
+//! The built-in builder `builtin:fetchurl`, after Nix 2.8
 //! (`libstore/builtins/fetchurl.cc`, `local-derivation-goal.cc`).
 //!
 //! Nix's `<nix/fetchurl.nix>` makes a fixed-output derivation whose builder
 //! is `builtin:fetchurl`: no program runs, Nix itself downloads `url` to
-//! `$out` in a child process that has dropped to the build user. sandoff
-//! does the same in two halves:
+//! `$out`, in its forked build child after that child dropped to the build
+//! user (and, with `sandbox = true`, after it entered the fixed-output
+//! chroot, which shares the host's network and holds nothing else of the
+//! host). sandoff does the same in two halves:
 //!
-//! - [`run`] (the build, as root) parses the request from the derivation
-//!   ([`FetchRequest::from_derivation`]) and execs sandoff's own binary as
-//!   the hidden command `sandoff __builtin-fetchurl` under the build user
-//!   (uid, gid, no supplementary groups: std's `Command` drops them when it
-//!   changes the uid), with an empty environment but the `impureEnvVars`
-//!   proxy variables the build may have, its output going to the build log,
+//! - [`run`] (the build, as root) execs sandoff's own binary as the hidden
+//!   command `sandoff __builtin-fetchurl` under the build user (uid, gid, no
+//!   supplementary groups: std's `Command` drops them when it changes the
+//!   uid), with an empty environment but the `impureEnvVars` proxy
+//!   variables the build may have, its output going to the build log,
 //!   killed at the build's `--timeout`/`--max-silent-time` like any builder.
 //!   The child's standard input is the build's scratch store directory,
 //!   opened by root: the child `fchdir`s into it, so it can reach that one
@@ -19,6 +20,12 @@
 //!   above it are root's alone, and writes the output there under its base
 //!   name, exactly where [`super::local`] collects a builder's output.
 //! - [`fetch`] (the child, as the build user) downloads and writes.
+//!
+//! The helper runs outside the chroot (as Nix with `sandbox = false`): it is
+//! sandoff's own code, its only input the URLs, and it needs nothing but the
+//! network, which a fixed-output build has anyway. For the same reason a
+//! derivation's `file://` URL is refused: outside a chroot it would read
+//! this machine's files (and a hash mismatch would tell their hash).
 //!
 //! What follows is the ordinary path of every build: the output must be
 //! owned by the build user, it is copied into a staging path of the store
@@ -28,12 +35,12 @@
 //!
 //! # What is supported, as Nix 2.8
 //!
-//! - `url`: `http://`, `https://` and `file://` (Nix's curl takes more; a
-//!   `mirror://` URL is Nixpkgs' business and refused, saying so). TLS
-//!   certificates are not verified, as Nix (`verifyTLS = false`): the trust
-//!   is in the fixed hash, which is checked before anything is registered.
-//!   Redirects are followed; `Content-Encoding` is not undone (Nix:
-//!   `decompress = false`), the bytes are the server's.
+//! - `url`: `http://` and `https://` (Nix's curl takes more; a `mirror://`
+//!   URL is Nixpkgs' business and refused, saying so). TLS certificates are
+//!   not verified, as Nix (`verifyTLS = false`): the trust is in the fixed
+//!   hash, which is checked before anything is registered. Redirects are
+//!   followed; `Content-Encoding` is not undone (Nix: `decompress = false`),
+//!   the bytes are the server's.
 //! - `unpack = "1"`: the download is a NAR, restored as the output (and
 //!   first xz-decompressed when `url` ends in `.xz`, as Nix).
 //! - `executable = "1"`: the output is made mode 0755.
@@ -94,10 +101,10 @@ pub enum FetchurlError {
     NotUtf8 { attr: &'static str },
     #[error("builtin:fetchurl: '{url}': mirror:// URLs are expanded by Nixpkgs' fetchurl, not by the built-in builder; give an http(s) URL")]
     Mirror { url: String },
-    #[error(
-        "builtin:fetchurl: '{url}': unsupported URL scheme (only http://, https:// and file://)"
-    )]
+    #[error("builtin:fetchurl: '{url}': unsupported URL scheme (only http:// and https://)")]
     Scheme { url: String },
+    #[error("builtin:fetchurl: '{url}': file:// URLs are refused: the download runs outside the sandbox, where it would read this machine's files")]
+    File { url: String },
     #[error("cannot download '{url}': {source}")]
     Download {
         url: String,
@@ -194,6 +201,9 @@ impl FetchRequest {
             }
         }
         for u in &urls {
+            if u.starts_with("file://") {
+                return Err(FetchurlError::File { url: u.clone() });
+            }
             check_url(u)?;
         }
         Ok(FetchRequest {
@@ -220,6 +230,9 @@ impl FetchRequest {
     }
 }
 
+/// Checks a URL's scheme. [`fetch`] itself also reads `file://` URLs (for
+/// tests, and for whoever runs the helper by hand, as themselves); a
+/// derivation cannot ask for one ([`FetchRequest::from_derivation`]).
 fn check_url(url: &str) -> Result<(), FetchurlError> {
     if url.starts_with("mirror://") {
         return Err(FetchurlError::Mirror {
@@ -608,6 +621,7 @@ mod tests {
         for (url, want) in [
             ("mirror://gnu/hello.tar.gz", "mirror:// URLs"),
             ("ftp://x/y", "unsupported URL scheme"),
+            ("file:///etc/shadow", "file:// URLs are refused"),
         ] {
             let mut d = hello();
             d.env.insert(b"url".to_vec(), url.as_bytes().to_vec());

@@ -395,3 +395,21 @@ fn fetchurl_derivation_of_nix_2_8_builds_at_nixs_path() {
         b"hello\n"
     );
 }
+
+/// The helper runs outside the chroot: a `file://` URL would read this
+/// machine's files (and a mismatch would print their hash), so it is refused
+/// before anything runs.
+#[test]
+fn fetchurl_refuses_file_urls() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let drv = add(
+        &s,
+        &Fetch::new("passwd", "file:///etc/passwd".to_owned(), sha256_hex(b"x")),
+    );
+    let out = s.build(&[&drv]);
+    assert!(!out.status.success());
+    assert_stderr_has(&out, "'file:///etc/passwd': file:// URLs are refused");
+    assert!(s.info(&s.out(&drv)).is_none());
+}
