@@ -19,6 +19,20 @@
 //! A parsed derivation prints back byte for byte: the parser refuses what the
 //! printer could not reproduce (unsorted or duplicate entries, escapes in the
 //! fields Nix writes unescaped, hashes not in lowercase hex, trailing bytes).
+//!
+//! # The name
+//!
+//! A `.drv` file does not hold its derivation's name: Nix names a derivation
+//! after the file (`<hash>-<name>.drv`, `nameFromPath`) whenever it reads
+//! one, and fixed output paths and hence `hashDerivationModulo` depend on it.
+//! The `name` environment variable is only what `derivationStrict` happens
+//! to write, and not always: structured-attrs derivations keep it inside
+//! `__json`, Guix derivations need not have it. So [`Derivation`] has no
+//! name field; whatever knows the path passes the name
+//! ([`name_from_drv_path`], the `…_named` methods, and [`DrvHasher`] names
+//! every input derivation after its path). Only a derivation that has no
+//! path yet is named after its `name` variable ([`Derivation::env_name`]),
+//! and [`json::from_json`] takes the name as Nix does (see there).
 
 pub mod aterm;
 pub mod bytejson;
@@ -236,8 +250,8 @@ pub enum DerivationKind {
     Impure,
 }
 
-/// A derivation as Nix 2.8 models it (`Derivation` minus the name, which
-/// lives in `env.name`).
+/// A derivation as Nix 2.8 models it, minus the name: what a `.drv` file
+/// holds. The name belongs to the path (see "The name" in the module docs).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Derivation {
     /// Outputs by name.

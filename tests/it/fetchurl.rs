@@ -413,3 +413,28 @@ fn fetchurl_refuses_file_urls() {
     assert_stderr_has(&out, "'file:///etc/passwd': file:// URLs are refused");
     assert!(s.info(&s.out(&drv)).is_none());
 }
+
+/// A server that never answers: the helper is killed at the build's
+/// `--timeout`, like any builder, and nothing is registered.
+#[test]
+fn fetchurl_is_killed_at_the_build_timeout() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    // Connections complete in the backlog and are never accepted or answered.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    let port = silent.local_addr().expect("addr").port();
+    let drv = add(
+        &s,
+        &Fetch::new(
+            "hang.txt",
+            format!("http://127.0.0.1:{port}/hang.txt"),
+            sha256_hex(b"x"),
+        ),
+    );
+    let out = s.build(&["--timeout", "1", &drv]);
+    assert!(!out.status.success());
+    assert_stderr_has(&out, "timed out after 1 seconds");
+    assert!(s.info(&s.out(&drv)).is_none());
+    drop(silent);
+}
