@@ -561,3 +561,57 @@ fn cli_show_then_add_round_trips() {
         );
     }
 }
+
+/// `sandoff build` of Nix 2.8's structured-attrs fixed-output derivation and
+/// of the derivation that depends on it: both added from Nix's JSON, built
+/// in the sandbox, valid at the paths Nix computed.
+#[test]
+fn builds_a_dependent_of_a_structured_attrs_fod_at_nixs_paths() {
+    if !crate::build::ready(this_test!()) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let nix = StoreDir::default();
+    let store = store_with_bb(tmp.path());
+    for f in [
+        fixture("structured-src.drv"),
+        fixture("uses-structured.drv"),
+    ] {
+        let out = add_via_cli(tmp.path(), &nix, &std::fs::read(f.file(".json")).unwrap());
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.path,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let top = fixture("uses-structured.drv");
+    let out = sandoff_in(tmp.path(), &nix)
+        .env_remove("SANDOFF_USER_POOL_DIR")
+        .args(["build", "--local-only"])
+        .arg(nix.display(&top.path))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Vec<String> = std::fs::read_to_string(top.file(".outputs"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .collect::<Vec<_>>(),
+        want
+    );
+    let src_out = fixture("structured-src.drv").drv().output_paths()["out"].clone();
+    assert!(store.is_valid(&src_out).unwrap());
+    let built = nix.parse_path(&want[0]).unwrap();
+    let loc = sandoff::store::StoreLocation::new(nix.clone(), tmp.path().to_owned());
+    assert_eq!(std::fs::read(loc.real_path(&built)).unwrap(), b"hello\n");
+}
