@@ -55,10 +55,10 @@ fn fixtures() -> Vec<Fixture> {
     all
 }
 
-/// The `.drv` files of tvix's nix-compat test suite (fixtures/drv/tvix,
-/// origin in its ORIGIN.md): no Nix JSON or output lists beside them.
-fn tvix_fixtures() -> Vec<Fixture> {
-    let folder = support::fixtures().join("drv/tvix");
+/// The `.drv` files of another implementation's test suite (fixtures/drv/
+/// `sub`, origin in its ORIGIN.md): no Nix JSON or output lists beside them.
+fn public_fixtures(sub: &str, count: usize) -> Vec<Fixture> {
+    let folder = support::fixtures().join("drv").join(sub);
     let mut names: Vec<_> = std::fs::read_dir(&folder)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -74,7 +74,19 @@ fn tvix_fixtures() -> Vec<Fixture> {
             folder: folder.clone(),
         })
         .collect();
-    assert_eq!(all.len(), 10, "tvix fixtures missing");
+    assert_eq!(all.len(), count, "{sub} fixtures missing");
+    all
+}
+
+/// tvix's nix-compat `.drv` files (fixtures/drv/tvix).
+fn tvix_fixtures() -> Vec<Fixture> {
+    public_fixtures("tvix", 10)
+}
+
+/// Every `.drv` from other implementations: tvix's and go-nix's.
+fn other_fixtures() -> Vec<Fixture> {
+    let mut all = tvix_fixtures();
+    all.extend(public_fixtures("go-nix", 5));
     all
 }
 
@@ -94,7 +106,7 @@ fn lookup_in(
 
 #[test]
 fn every_fixture_prints_back_byte_for_byte() {
-    for f in fixtures().into_iter().chain(tvix_fixtures()) {
+    for f in fixtures().into_iter().chain(other_fixtures()) {
         assert_eq!(f.drv().to_aterm(&f.dir), f.bytes, "{}", f.path);
     }
 }
@@ -103,7 +115,7 @@ fn every_fixture_prints_back_byte_for_byte() {
 /// variable (which structured-attrs derivations do not have).
 #[test]
 fn every_fixture_hashes_to_its_file_name() {
-    for f in fixtures().into_iter().chain(tvix_fixtures()) {
+    for f in fixtures().into_iter().chain(other_fixtures()) {
         let name = name_from_drv_path(&f.path).unwrap();
         assert_eq!(f.drv().drv_path_named(name, &f.dir).unwrap(), f.path);
     }
@@ -122,12 +134,23 @@ fn structured_attrs_derivations_have_no_name_variable() {
     }
 }
 
-/// tvix's outputs, recomputed from the derivations with their inputs read
-/// from the same folder (foo depends on the fixed-output bar).
+/// The other implementations' outputs, recomputed from the derivations
+/// with their inputs read from the same folder (tvix's foo depends on the
+/// fixed-output bar); go-nix's derivations whose inputs are not in the set
+/// are left out.
 #[test]
-fn tvix_output_paths_recompute() {
-    for f in tvix_fixtures() {
+fn public_output_paths_recompute() {
+    let mut checked = 0;
+    for f in other_fixtures() {
         let want = f.drv();
+        if want
+            .input_derivations
+            .keys()
+            .any(|p| !f.folder.join(p.base_name()).exists())
+        {
+            continue;
+        }
+        checked += 1;
         let mut drv = want.clone();
         for (name, output) in drv.outputs.iter_mut() {
             if matches!(output, DerivationOutput::InputAddressed { .. }) {
@@ -141,13 +164,37 @@ fn tvix_output_paths_recompute() {
             .unwrap_or_else(|e| panic!("{}: {e}", f.path));
         assert_eq!(drv, want, "{}", f.path);
     }
+    assert_eq!(
+        checked, 12,
+        "tvix's 10 and go-nix's 2 without missing inputs"
+    );
+}
+
+/// A Nixpkgs `builtin:fetchurl` derivation (go-nix's `bash44-023`) is a
+/// request sandoff can run: its `url`, flat, not executable.
+#[test]
+fn nixpkgs_fetchurl_derivation_is_a_fetch_request() {
+    use sandoff::build::fetchurl::FetchRequest;
+    let f = public_fixtures("go-nix", 5)
+        .into_iter()
+        .find(|f| f.path.name() == "bash44-023.drv")
+        .unwrap();
+    let request = FetchRequest::from_derivation(&f.drv()).unwrap();
+    assert_eq!(
+        request,
+        FetchRequest {
+            urls: vec!["https://ftpmirror.gnu.org/bash/bash-4.4-patches/bash44-023".to_owned()],
+            unpack: false,
+            executable: false,
+        }
+    );
 }
 
 /// Shown as JSON (bytes raw, as Nix 2.8) and read back: the same derivation
 /// and name, for every fixture, UTF-8 or not.
 #[test]
 fn every_fixture_round_trips_through_json() {
-    for f in fixtures().into_iter().chain(tvix_fixtures()) {
+    for f in fixtures().into_iter().chain(other_fixtures()) {
         let shown = json::show(&[(f.path.clone(), f.drv())].into(), &f.dir);
         let back = json::from_json(&shown, &f.dir).unwrap_or_else(|e| panic!("{}: {e}", f.path));
         assert_eq!(back.derivation, f.drv(), "{}", f.path);
