@@ -438,3 +438,30 @@ fn fetchurl_is_killed_at_the_build_timeout() {
     assert!(s.info(&s.out(&drv)).is_none());
     drop(silent);
 }
+
+/// `impureEnvVars` proxies reach the download: with `http_proxy` set for
+/// `sandoff build`, a URL whose host does not even resolve is fetched
+/// through the proxy (a server answering the absolute-form request).
+#[test]
+fn fetchurl_goes_through_the_http_proxy_of_impure_env_vars() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let url = "http://sandoff-test.invalid/hello.txt";
+    let proxy = served(&[(url, b"hello\n")]);
+    let drv = add(
+        &s,
+        &Fetch::new("hello.txt", url.to_owned(), sha256_hex(b"hello\n")),
+    );
+    let out = s
+        .cmd()
+        .env("http_proxy", format!("http://127.0.0.1:{}", proxy.port))
+        .args(["build", &drv])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read(s.real(&s.out(&drv))).expect("read"),
+        b"hello\n"
+    );
+}
