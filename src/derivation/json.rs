@@ -293,7 +293,7 @@ pub fn from_json(bytes: &[u8], dir: &StoreDir) -> Result<FromJson, JsonError> {
         }
     };
     check_name(&name).map_err(|e| DerivationError::BadName(e.to_string()))?;
-    let derivation = Derivation::from_raw(raw, dir, FixedPaths::MayCompute { name: Some(&name) })?;
+    let derivation = Derivation::from_raw(raw, dir, FixedPaths::MayCompute { name: &name })?;
     Ok(FromJson {
         key,
         name,

@@ -307,9 +307,8 @@ pub(crate) enum FixedPaths<'a> {
     /// As in a `.drv`: the path must be there (and is checked later).
     Required,
     /// As in JSON given to `derivation add`: empty means "compute it", from
-    /// the derivation's name (`None`: not known apart from the environment,
-    /// whose `name` variable is then used).
-    MayCompute { name: Option<&'a str> },
+    /// the derivation's name.
+    MayCompute { name: &'a str },
 }
 
 impl Derivation {
@@ -342,7 +341,7 @@ impl Derivation {
         let mut outputs = BTreeMap::new();
         for o in raw.outputs {
             let name = OutputName::from_bytes(&o.name)?;
-            let output = parse_output(&name, &o, dir, fixed, &env)?;
+            let output = parse_output(&name, &o, dir, fixed)?;
             outputs.insert(name, output);
         }
         let mut input_derivations = BTreeMap::new();
@@ -523,7 +522,6 @@ fn parse_output(
     o: &RawOutput,
     dir: &StoreDir,
     fixed: FixedPaths<'_>,
-    env: &BTreeMap<Vec<u8>, Vec<u8>>,
 ) -> Result<DerivationOutput, DerivationError> {
     let bad = |why: &str| DerivationError::BadOutput {
         output: name.to_string(),
@@ -575,24 +573,14 @@ fn parse_output(
         return Err(bad_hash());
     }
     let path = match fixed {
-        FixedPaths::MayCompute { name: drv_name } if o.path.is_empty() => {
-            let drv_name = match drv_name {
-                Some(n) => n,
-                None => env_name(env).map_err(|e| match e {
-                    DerivationError::BadName(why) => {
-                        DerivationError::BadName(format!("needed for the fixed output path: {why}"))
-                    }
-                    e => e,
-                })?,
-            };
-            dir.make_fixed_output_path(
+        FixedPaths::MayCompute { name: drv_name } if o.path.is_empty() => dir
+            .make_fixed_output_path(
                 method,
                 &hash,
                 &output_path_name(drv_name, name.as_str()),
                 [],
                 false,
-            )?
-        }
+            )?,
         _ => parse_store_path("output path", &o.path, dir)?,
     };
     Ok(DerivationOutput::CAFixed { method, hash, path })
