@@ -681,3 +681,48 @@ fn builds_a_dependent_of_a_structured_attrs_fod_at_nixs_paths() {
     let loc = sandoff::store::StoreLocation::new(nix.clone(), tmp.path().to_owned());
     assert_eq!(std::fs::read(loc.real_path(&built)).unwrap(), b"hello\n");
 }
+
+/// Guix's own derivations (no `name` variable) through `derivation show`
+/// and `derivation add` in a `/gnu/store` store: the same `.drv` files, the
+/// dependent's output path computed from its input named after its path.
+#[test]
+fn cli_show_then_add_round_trips_guix_derivations() {
+    use sandoff::store::{FileIngestionMethod, HashAlgo, StoreLocation};
+    let tmp = tempfile::tempdir().unwrap();
+    let gnu = StoreDir::new("/gnu/store").unwrap();
+    let loc = StoreLocation::new(gnu.clone(), tmp.path().to_owned());
+    let store = sandoff::derivation::check::open_store(loc.clone()).unwrap();
+    // As fixtures/drv/guix/regen.sh gives it to Guix's add-to-store.
+    let bb = tmp.path().join("src/busybox");
+    std::fs::create_dir_all(bb.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", bb.join("bin/busybox")).unwrap();
+    let bb_path = store
+        .add_path(&bb, FileIngestionMethod::Recursive, HashAlgo::Sha256)
+        .unwrap();
+    assert_eq!(
+        bb_path.base_name(),
+        "j8w906i3y759zw69k13mibp2v4n2plpy-busybox"
+    );
+    for f in guix_fixtures().into_iter().rev() {
+        // hjrk...-guix-hello-src sorts after 9ghl...-guix-hello: reversed,
+        // the input comes first.
+        let holder = store_root_with(&f.folder, &f.dir);
+        let shown = support::run_ok(
+            sandoff_in(holder.path(), &f.dir)
+                .args(["derivation", "show"])
+                .arg(f.dir.display(&f.path)),
+        );
+        let out = add_via_cli(tmp.path(), &gnu, &shown);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.path,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap().trim(),
+            gnu.display(&f.path)
+        );
+        assert_eq!(std::fs::read(loc.real_path(&f.path)).unwrap(), f.bytes);
+    }
+}
