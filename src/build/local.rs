@@ -17,7 +17,9 @@ use crate::decide::{Decision, Placement};
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::remote::offloader::{LocalPermit, Offloader, RemoteJob};
 use crate::sandbox::plan::{impure_env_allowed, DEFAULT_BUILD_DIR_NAME};
-use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserError, UserPool};
+use crate::sandbox::{
+    run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserError, UserLease, UserPool,
+};
 use crate::serve_protocol::BuildOptions;
 use crate::store::local::{LocalStore, PathLocks, StagedPath};
 use crate::store::refscan;
@@ -188,7 +190,7 @@ fn build_somewhere_locked(
         total: ctx.options.timeout,
     };
     let ran = match &builtin {
-        Some(request) => run_fetchurl(request, lease.user(), &dirs, drv, &impure, timeouts, log),
+        Some(request) => run_fetchurl(request, &lease, &dirs, drv, &impure, timeouts, log),
         None => {
             let spec = SandboxSpec {
                 store_dir: loc.dir.clone(),
@@ -270,9 +272,12 @@ fn build_somewhere_locked(
 
 /// Runs `builtin:fetchurl` ([`super::fetchurl`]) as the build user, its
 /// output written where a builder's is, in the scratch store of `dirs`.
+/// As around a sandboxed build, every process of the user is killed before
+/// (nothing left from an earlier build may touch this one's files through
+/// the helper) and after (the helper leaves nothing behind).
 fn run_fetchurl(
     request: &FetchRequest,
-    user: &crate::sandbox::plan::BuildUser,
+    lease: &UserLease,
     dirs: &HostDirs,
     drv: &Derivation,
     impure: &BTreeMap<Vec<u8>, Vec<u8>>,
@@ -290,6 +295,7 @@ fn run_fetchurl(
         "find the sandoff binary",
         Path::new("/proc/self/exe"),
     ))?;
+    let user = lease.user();
     tracing::debug!(url = %request.urls[0], user = user.user_name(), "builtin:fetchurl");
     let job = fetchurl::FetchJob {
         program: &program,
@@ -300,7 +306,12 @@ fn run_fetchurl(
         impure_env: impure,
         timeouts,
     };
-    fetchurl::run(&job, log).map_err(BuildErrorKind::Builtin)
+    lease.kill_processes().map_err(BuildErrorKind::Users)?;
+    let ran = fetchurl::run(&job, log).map_err(BuildErrorKind::Builtin);
+    let killed = lease.kill_processes().map_err(BuildErrorKind::Users);
+    let outcome = ran?;
+    killed?;
+    Ok(outcome)
 }
 
 /// The paths a build of `drv` reads, whose closure it needs: its sources and
