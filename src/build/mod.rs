@@ -49,10 +49,12 @@
 //!   or postponed decision fails the build, saying so. Content-addressed
 //!   (floating, impure) outputs are refused with a clear error: sandoff
 //!   does not implement them.
-//! - Built-in builders: `builtin:fetchurl` is run as Nix 2.8 runs it, by
-//!   sandoff itself under the build user outside the chroot, its output then
-//!   checked and registered as any fixed output ([`fetchurl`]); every other
-//!   `builtin:NAME` is refused, naming it.
+//! - Built-in builders: `builtin:fetchurl` is run, as in Nix 2.8, by
+//!   sandoff itself (no program of the derivation's) under the build user,
+//!   here outside the chroot (Nix with `sandbox = true` runs it in the
+//!   fixed-output chroot; see [`fetchurl`] for why that is safe and what it
+//!   refuses), its output then checked and registered as any fixed output;
+//!   every other `builtin:NAME` is refused, naming it.
 
 pub mod error;
 pub mod fetchurl;
