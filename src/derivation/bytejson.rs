@@ -15,6 +15,8 @@
 //! be a surprise). Nesting is bounded ([`MAX_DEPTH`]), so hostile input
 //! cannot overflow the stack.
 
+use std::collections::HashSet;
+
 use thiserror::Error;
 
 /// How deeply arrays and objects may nest. A derivation needs 4 levels.
@@ -137,6 +139,8 @@ impl Reader<'_> {
         }
         self.pos += 1;
         let mut members: Vec<(Vec<u8>, Value)> = Vec::new();
+        // Linear in the number of members, however many there are.
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
         self.ws();
         if self.peek()? == b'}' {
             self.pos += 1;
@@ -152,7 +156,7 @@ impl Reader<'_> {
             }
             let key_pos = self.pos;
             let key = self.string()?;
-            if members.iter().any(|(k, _)| *k == key) {
+            if !seen.insert(key.clone()) {
                 return Err(ByteJsonError::DuplicateKey {
                     key: String::from_utf8_lossy(&key).into_owned(),
                     pos: key_pos,
