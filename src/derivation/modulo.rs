@@ -368,7 +368,9 @@ impl Derivation {
     }
 }
 
-/// `hashDerivationModulo` of one derivation with a one-off hasher.
+/// `hashDerivationModulo` of one derivation with a one-off hasher, named
+/// after its `name` variable where that matters (a fixed-output one); with a
+/// name from elsewhere use [`DrvHasher::hash_modulo_named`].
 pub fn hash_derivation_modulo<F, E>(
     drv: &Derivation,
     dir: &StoreDir,
