@@ -84,6 +84,9 @@ enum Command {
     /// `sandoff-build-hook` runs): settings and requests on stdin, replies
     /// on stderr, the daemon's store from its `store` setting.
     NixBuildHook(cli::nix_hook::NixHookArgs),
+    /// The helper that `builtin:fetchurl` builds run as the build user.
+    #[command(name = "__builtin-fetchurl", hide = true)]
+    BuiltinFetchurl(cli::builtin::BuiltinFetchurlArgs),
 }
 
 impl Cli {
@@ -196,6 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::NixBuildHook(c) => cli::nix_hook::run(c, &|root| {
             flags.location(Some(root), Some(cli::DaemonStore::Nix))
         }),
+        Command::BuiltinFetchurl(c) => cli::builtin::run(c),
     }
 }
 

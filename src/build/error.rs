@@ -11,6 +11,8 @@ use thiserror::Error;
 
 use crate::derivation::check::{CheckError, ReadError};
 use crate::derivation::DerivationError;
+
+use super::fetchurl::FetchurlError;
 use crate::remote::offloader::OffloadError;
 use crate::sandbox::{BuildOutcome, SandboxError, UserError};
 use crate::serve_protocol::BuildStatus;
@@ -161,6 +163,10 @@ pub enum BuildErrorKind {
     },
     /// Choosing where to build failed (slot or backoff files).
     Placement(Box<OffloadError>),
+    /// A built-in builder is not supported, or `builtin:fetchurl` could not
+    /// start (a download that fails is a [`BuildErrorKind::Failed`] build,
+    /// its reason in the log).
+    Builtin(FetchurlError),
 }
 
 impl BuildError {
@@ -304,6 +310,7 @@ impl BuildErrorKind {
                 write!(f, "cannot build '{drv}' on '{machine}': {source}")
             }
             K::Placement(e) => write!(f, "cannot place '{drv}': {e}"),
+            K::Builtin(e) => write!(f, "cannot build '{drv}': {e}"),
         }
     }
 
@@ -322,6 +329,7 @@ impl BuildErrorKind {
             K::Kept { error, .. } => error.source(),
             K::Offload { source, .. } => Some(&**source),
             K::Placement(e) => Some(&**e),
+            K::Builtin(e) => Some(e),
             _ => None,
         }
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::check::{compare_outputs, decide_here, Mode};
+use super::fetchurl::{self, FetchRequest, FetchurlError};
 pub use super::log::LogSink;
 use super::somewhere::{build_somewhere, Progress, Somewhere, SomewhereError};
 use super::{builds_dir, log_path, BuildError, BuildErrorKind, Event, Options};
@@ -19,7 +20,7 @@ use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::remote::offloader::{LocalPermit, Offloader, RemoteJob};
 use crate::sandbox::plan::{impure_env_allowed, DEFAULT_BUILD_DIR_NAME};
 use crate::sandbox::{
-    run_build_measured, HostDirs, InputPath, SandboxSpec, Timeouts, UserError, UserPool,
+    run_build_measured, HostDirs, InputPath, SandboxSpec, Timeouts, UserError, UserLease, UserPool,
 };
 use crate::serve_protocol::BuildOptions;
 use crate::store::local::{LocalStore, PathLocks, StagedPath};
@@ -187,9 +188,12 @@ fn build_somewhere_locked(
             }
         }
     };
-    if drv.builder.starts_with(b"builtin:") {
-        return Err(unsupported("built-in builders (builtin:...)"));
-    }
+    // A built-in builder is checked before a build user is taken.
+    let builtin = if drv.builder.starts_with(b"builtin:") {
+        Some(FetchRequest::from_derivation(drv).map_err(BuildErrorKind::Builtin)?)
+    } else {
+        None
+    };
     let closure = store.closure(&inputs)?;
 
     let pool = ctx
@@ -200,6 +204,16 @@ fn build_somewhere_locked(
     let slot = BuildSlot::create(&builds_dir(loc))?;
     let dirs = HostDirs::create(&slot.dir, lease.user()).map_err(BuildErrorKind::Sandbox)?;
     let fixed = kind == DerivationKind::Fixed;
+    let impure = if fixed {
+        impure_env(drv, &ctx.options.impure_env_allow)
+    } else {
+        BTreeMap::new()
+    };
+    let timeouts = Timeouts {
+        max_silent: ctx.options.max_silent,
+        total: ctx.options.timeout,
+    };
+    // Kept with a failed build's directory for `sandoff enter`.
     let spec = SandboxSpec {
         store_dir: loc.dir.clone(),
         builder: drv.builder.clone(),
@@ -217,37 +231,37 @@ fn build_somewhere_locked(
         build_dir_name: DEFAULT_BUILD_DIR_NAME.to_owned(),
         user: lease.user().clone(),
         fixed_output: fixed,
-        impure_env: if fixed {
-            impure_env(drv, &ctx.options.impure_env_allow)
-        } else {
-            BTreeMap::new()
-        },
+        impure_env: impure.clone(),
         impure_env_allow: ctx.options.impure_env_allow.clone(),
         limits: ctx.options.limits,
         cores: ctx.options.cores,
-        timeouts: Timeouts {
-            max_silent: ctx.options.max_silent,
-            total: ctx.options.timeout,
-        },
+        timeouts,
     };
-    tracing::debug!(drv = %drv_name, user = lease.user().user_name(), "building");
     log.set_limit(ctx.options.max_log_size);
-    let ran = run_build_measured(&lease, &spec, log).map(|(outcome, usage)| {
-        if let Some(usage) = usage {
-            let _ = events.send(Event::Usage {
-                drv: drv_path.clone(),
-                usage,
-            });
+    let ran = match &builtin {
+        Some(request) => run_fetchurl(request, &lease, &dirs, drv, &impure, timeouts, log),
+        None => {
+            tracing::debug!(drv = %drv_name, user = lease.user().user_name(), "building");
+            run_build_measured(&lease, &spec, log)
+                .map(|(outcome, usage)| {
+                    if let Some(usage) = usage {
+                        let _ = events.send(Event::Usage {
+                            drv: drv_path.clone(),
+                            usage,
+                        });
+                    }
+                    outcome
+                })
+                .map_err(BuildErrorKind::Sandbox)
         }
-        outcome
-    });
+    };
 
     let result = match ran {
         Err(_) if log.exceeded().is_some() => Err(BuildErrorKind::LogLimit {
             limit: log.exceeded().unwrap_or_default(),
             kept: ctx.options.keep_failed.then(|| dirs.top().to_path_buf()),
         }),
-        Err(source) => Err(BuildErrorKind::Sandbox(source)),
+        Err(e) => Err(e),
         Ok(outcome) if !outcome.success() => Err(BuildErrorKind::Failed {
             outcome,
             kept: ctx.options.keep_failed.then(|| dirs.top().to_path_buf()),
@@ -276,7 +290,10 @@ fn build_somewhere_locked(
             let top = dirs.top().to_path_buf();
             // Root-only until now; 0755 as Nix, for inspection.
             let _ = fs::set_permissions(&top, fs::Permissions::from_mode(0o755));
-            super::enter::save_or_warn(&top, drv_path, loc, pool, &spec);
+            // A built-in builder ran no sandbox to enter.
+            if builtin.is_none() {
+                super::enter::save_or_warn(&top, drv_path, loc, pool, &spec);
+            }
             slot.keep();
             match e {
                 e @ (BuildErrorKind::Failed { .. } | BuildErrorKind::LogLimit { .. }) => Err(e),
@@ -296,6 +313,50 @@ fn build_somewhere_locked(
     };
     drop(lease);
     result
+}
+
+/// Runs `builtin:fetchurl` ([`super::fetchurl`]) as the build user, its
+/// output written where a builder's is, in the scratch store of `dirs`.
+/// As around a sandboxed build, every process of the user is killed before
+/// (nothing left from an earlier build may touch this one's files through
+/// the helper) and after (the helper leaves nothing behind).
+fn run_fetchurl(
+    request: &FetchRequest,
+    lease: &UserLease,
+    dirs: &HostDirs,
+    drv: &Derivation,
+    impure: &BTreeMap<Vec<u8>, Vec<u8>>,
+    timeouts: Timeouts,
+    log: &mut LogSink,
+) -> Result<crate::sandbox::BuildOutcome, BuildErrorKind> {
+    let out = drv
+        .outputs
+        .values()
+        .find_map(DerivationOutput::path)
+        .ok_or(BuildErrorKind::Builtin(FetchurlError::NotFixedOutput))?;
+    // The running binary is sandoff's (the CLI, the hook, the serve
+    // command); its hidden subcommand is the helper.
+    let program = std::env::current_exe().map_err(io_err(
+        "find the sandoff binary",
+        Path::new("/proc/self/exe"),
+    ))?;
+    let user = lease.user();
+    tracing::debug!(url = %request.urls[0], user = user.user_name(), "builtin:fetchurl");
+    let job = fetchurl::FetchJob {
+        program: &program,
+        request,
+        user,
+        out_dir: &dirs.dirs().store,
+        output: out.base_name(),
+        impure_env: impure,
+        timeouts,
+    };
+    lease.kill_processes().map_err(BuildErrorKind::Users)?;
+    let ran = fetchurl::run(&job, log).map_err(BuildErrorKind::Builtin);
+    let killed = lease.kill_processes().map_err(BuildErrorKind::Users);
+    let outcome = ran?;
+    killed?;
+    Ok(outcome)
 }
 
 /// The paths a build of `drv` reads, whose closure it needs: its sources and
@@ -650,7 +711,7 @@ fn impure_env(drv: &Derivation, allow: &[String]) -> BTreeMap<Vec<u8>, Vec<u8>> 
             let ok = impure_env_allowed(n, allow);
             if !ok {
                 tracing::warn!(
-                    drv = drv.name().unwrap_or("?"),
+                    drv = drv.env_name().unwrap_or("?"),
                     var = %String::from_utf8_lossy(n),
                     "impureEnvVars: not passing a variable outside the allowlist (see --impure-env-allow)"
                 );

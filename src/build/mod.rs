@@ -53,13 +53,20 @@
 //!   that has to be built (the local system and extra platforms, features,
 //!   local-build, machines), through the offloader when there are machines
 //!   (which sees their true slots and backoff); without machines a remote
-//!   or postponed decision fails the build, saying so. Built-in builders
-//!   (`builtin:fetchurl`) and content-addressed (floating, impure) outputs
-//!   are refused with a clear error: sandoff does not implement them.
+//!   or postponed decision fails the build, saying so. Content-addressed
+//!   (floating, impure) outputs are refused with a clear error: sandoff
+//!   does not implement them.
+//! - Built-in builders: `builtin:fetchurl` is run, as in Nix 2.8, by
+//!   sandoff itself (no program of the derivation's) under the build user,
+//!   here outside the chroot (Nix with `sandbox = true` runs it in the
+//!   fixed-output chroot; see [`fetchurl`] for why that is safe and what it
+//!   refuses), its output then checked and registered as any fixed output;
+//!   every other `builtin:NAME` is refused, naming it.
 
 pub mod check;
 pub mod enter;
 pub mod error;
+pub mod fetchurl;
 pub mod graph;
 pub mod local;
 pub mod log;

@@ -1,6 +1,7 @@
 //! One file per command group; each turns its arguments into library calls.
 
 pub mod build;
+pub mod builtin;
 pub mod copy;
 pub mod decide;
 pub mod derivation;

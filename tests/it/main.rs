@@ -9,6 +9,7 @@ mod daemons;
 mod decide;
 mod derivation;
 mod enter;
+mod fetchurl;
 mod guix_daemon;
 mod hook;
 mod hosts;
