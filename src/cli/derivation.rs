@@ -1,7 +1,7 @@
 //! `sandoff derivation ...`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -56,10 +56,10 @@ fn show(loc: &StoreLocation, args: &[String]) -> anyhow::Result<ExitCode> {
 }
 
 fn add(loc: &StoreLocation) -> anyhow::Result<ExitCode> {
-    let mut input = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut input)
-        .context("cannot read stdin")?;
+    // A .drv is at most MAX_DRV_SIZE bytes; its JSON escapes some of them.
+    let limit = 4 * sandoff::derivation::check::MAX_DRV_SIZE;
+    let input = sandoff::bounded::read_all(std::io::stdin().lock(), limit)
+        .context("cannot read the derivation's JSON on stdin")?;
     let json::FromJson {
         key: given_path,
         name,
