@@ -13,7 +13,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::aterm;
-use super::{Derivation, DerivationError, DerivationKind, DerivationOutput, OutputName};
+use super::{
+    name_from_drv_path, Derivation, DerivationError, DerivationKind, DerivationOutput, OutputName,
+};
 use crate::store::path::output_path_name;
 use crate::store::{Hash, HashAlgo, StoreDir, StorePath};
 
@@ -66,7 +68,9 @@ where
         &self.dir
     }
 
-    /// `hashDerivationModulo(drv, maskOutputs)`.
+    /// `hashDerivationModulo(drv, maskOutputs)` of a derivation named after
+    /// its `name` variable ([`Derivation::env_name`], needed only when it is
+    /// a fixed-output one); see [`DrvHasher::hash_modulo_named`].
     pub fn hash_modulo(
         &mut self,
         drv: &Derivation,
@@ -76,13 +80,25 @@ where
         hash_with_known_inputs(drv, None, &self.dir, mask_outputs, &self.memo)
     }
 
+    /// `hashDerivationModulo(drv, maskOutputs)` of a derivation named `name`.
+    /// Input derivations are named after their paths, as Nix reads them.
+    pub fn hash_modulo_named(
+        &mut self,
+        drv: &Derivation,
+        name: &str,
+        mask_outputs: bool,
+    ) -> Result<DrvHash, DerivationError> {
+        self.memoise_inputs(drv)?;
+        hash_with_known_inputs(drv, Some(name), &self.dir, mask_outputs, &self.memo)
+    }
+
     /// The (unmasked, memoised) modulo hash of the derivation at `path`.
     pub fn hash_of_path(&mut self, path: &StorePath) -> Result<DrvHash, DerivationError> {
         if let Some(h) = self.memo.get(path) {
             return Ok(h.clone());
         }
         let drv = self.read(path)?;
-        let h = self.hash_modulo(&drv, false)?;
+        let h = self.hash_modulo_named(&drv, name_from_drv_path(path)?, false)?;
         self.memo.insert(path.clone(), h.clone());
         Ok(h)
     }
@@ -122,9 +138,7 @@ where
                     let Some((path, drv, _)) = stack.pop() else {
                         return Ok(());
                     };
-                    // Named by its file, as Nix names a derivation it reads
-                    // (a Guix derivation has no `name` variable).
-                    let name = path.name().strip_suffix(".drv").unwrap_or(path.name());
+                    let name = name_from_drv_path(&path)?;
                     let h = hash_with_known_inputs(&drv, Some(name), &self.dir, false, &self.memo)?;
                     on_stack.remove(&path);
                     self.memo.insert(path, h);
@@ -135,8 +149,8 @@ where
 }
 
 /// One step of `hashDerivationModulo`, with every input's hash in `memo`.
-/// `name` is the derivation's name when it was read from a `.drv` file
-/// (its file name), else [`Derivation::name`] is.
+/// `name` is the derivation's (`None`: its `name` variable), which only a
+/// fixed output's path needs.
 fn hash_with_known_inputs(
     drv: &Derivation,
     name: Option<&str>,
@@ -148,8 +162,8 @@ fn hash_with_known_inputs(
     match kind {
         DerivationKind::Fixed => {
             let drv_name = match name {
-                Some(n) => std::borrow::Cow::Borrowed(n),
-                None => drv.name()?,
+                Some(n) => n,
+                None => drv.env_name()?,
             };
             let mut hashes = BTreeMap::new();
             for (name, output) in &drv.outputs {
@@ -158,7 +172,7 @@ fn hash_with_known_inputs(
                     let path = dir.make_fixed_output_path(
                         *method,
                         hash,
-                        &output_path_name(&drv_name, name.as_str()),
+                        &output_path_name(drv_name, name.as_str()),
                         [],
                         false,
                     )?;
@@ -234,7 +248,7 @@ where
     let mut expected = BTreeMap::new();
     match kind {
         DerivationKind::InputAddressed { .. } => {
-            let h = hasher.hash_modulo(drv, true)?;
+            let h = hasher.hash_modulo_named(drv, name, true)?;
             if h.kind == DrvHashKind::Deferred {
                 return Err(DerivationError::UnsupportedKind(
                     "input-addressed with content-addressed inputs",
@@ -271,7 +285,9 @@ impl Derivation {
     /// that already hold a value must hold the right one, otherwise this
     /// fails saying what was expected; empty ones (or [`DerivationOutput::Deferred`])
     /// are filled. Input-addressed paths hash the derivation with outputs
-    /// masked; a fixed output's path follows from its hash.
+    /// masked; a fixed output's path follows from its hash. The name is
+    /// the `name` variable ([`Derivation::env_name`]), as `derivationStrict`
+    /// takes it; see [`Derivation::fill_output_paths_named`].
     pub fn fill_output_paths<F, E>(
         &mut self,
         hasher: &mut DrvHasher<F>,
@@ -280,8 +296,21 @@ impl Derivation {
         F: FnMut(&StorePath) -> Result<Derivation, E>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let name = self.env_name()?.to_owned();
+        self.fill_output_paths_named(&name, hasher)
+    }
+
+    /// [`Derivation::fill_output_paths`] for a derivation named `name`.
+    pub fn fill_output_paths_named<F, E>(
+        &mut self,
+        name: &str,
+        hasher: &mut DrvHasher<F>,
+    ) -> Result<(), DerivationError>
+    where
+        F: FnMut(&StorePath) -> Result<Derivation, E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let dir = hasher.store_dir().clone();
-        let name = self.name()?.into_owned();
         let mut done = self.clone();
         let all_ia = self.outputs.values().all(|o| {
             matches!(
@@ -305,7 +334,7 @@ impl Derivation {
                 done.env.insert(o.as_str().as_bytes().to_vec(), Vec::new());
             }
         }
-        let expected = expected_output_paths(&done, kind, &name, hasher)?;
+        let expected = expected_output_paths(&done, kind, name, hasher)?;
         for (o, path) in expected {
             let full = dir.display(&path);
             if let Some(given) = self.outputs.get(&o).and_then(DerivationOutput::path) {
@@ -339,7 +368,9 @@ impl Derivation {
     }
 }
 
-/// `hashDerivationModulo` of one derivation with a one-off hasher.
+/// `hashDerivationModulo` of one derivation with a one-off hasher, named
+/// after its `name` variable where that matters (a fixed-output one); with a
+/// name from elsewhere use [`DrvHasher::hash_modulo_named`].
 pub fn hash_derivation_modulo<F, E>(
     drv: &Derivation,
     dir: &StoreDir,
@@ -521,40 +552,6 @@ mod tests {
             foo.drv_path(&nix()).unwrap().base_name(),
             "4wvvbi4jwn0prsdxb7vs673qa5h9gr7x-foo.drv"
         );
-    }
-
-    /// A fixed-output input is named by its `.drv` file, as in Nix: a
-    /// Guix derivation has no `name` variable, and one whose variable
-    /// disagrees with its file name is hashed by the file name.
-    #[test]
-    fn fixed_output_inputs_are_named_by_their_drv_file() {
-        let mut bar = bar();
-        bar.fill_output_paths(&mut DrvHasher::new(nix(), no_lookup as NoLookup))
-            .unwrap();
-        let bar_path = bar.drv_path(&nix()).unwrap();
-        let mut foo = Derivation {
-            system: b":".to_vec(),
-            builder: b":".to_vec(),
-            ..Default::default()
-        };
-        foo.env.insert(b"name".to_vec(), b"foo".to_vec());
-        foo.outputs
-            .insert(OutputName::out(), DerivationOutput::Deferred);
-        foo.input_derivations
-            .insert(bar_path.clone(), [OutputName::out()].into());
-        let hash_with = |input: Derivation| {
-            hash_derivation_modulo(&foo, &nix(), false, |_: &StorePath| {
-                Ok::<_, std::io::Error>(input.clone())
-            })
-            .unwrap()
-        };
-        let want = hash_with(bar.clone());
-        let mut nameless = bar.clone();
-        nameless.env.remove(b"name".as_slice());
-        assert_eq!(hash_with(nameless), want);
-        let mut misnamed = bar.clone();
-        misnamed.env.insert(b"name".to_vec(), b"baz".to_vec());
-        assert_eq!(hash_with(misnamed), want);
     }
 
     #[test]

@@ -80,7 +80,8 @@ impl std::fmt::Display for BuildOutcome {
 /// File descriptors the child uses during setup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChildFds {
-    /// Write end of the log pipe: becomes stdout and stderr.
+    /// Write end of the log pipe: becomes stdout and stderr; in an
+    /// interactive run with a terminal, the terminal (see [`SetupOp::Terminal`]).
     pub log: i32,
     /// Write end of the error pipe (close-on-exec).
     pub error: i32,
@@ -190,6 +191,7 @@ pub fn apply(
         SetupOp::DieWithParent => sys.die_with_parent(),
         SetupOp::NewSession => sys.setsid(),
         SetupOp::Stdio => sys.redirect_stdio(fds.log),
+        SetupOp::Terminal => sys.attach_terminal(fds.log),
         SetupOp::LoopbackUp => sys.loopback_up(),
         SetupOp::Hostname(h) => sys.sethostname(h),
         SetupOp::Domainname(d) => sys.setdomainname(d),
@@ -273,6 +275,7 @@ pub fn apply(
             Err(Errno(libc::ENOSYS)) => Ok(()),
             r => r,
         },
+        SetupOp::JoinCgroup(procs) => sys.join_cgroup(procs),
         SetupOp::NoNewPrivs => sys.no_new_privs(),
         SetupOp::Seccomp(program) => sys.seccomp_filter(program),
         SetupOp::ResetSignals => sys.reset_signals(),
@@ -319,7 +322,7 @@ pub fn child_main(
     127
 }
 
-fn spawn_error(action: &'static str) -> impl FnOnce(nix::Error) -> SandboxError {
+pub(super) fn spawn_error(action: &'static str) -> impl FnOnce(nix::Error) -> SandboxError {
     move |e| SandboxError::Spawn {
         action,
         source: std::io::Error::from(e),
@@ -340,15 +343,10 @@ pub fn run(plan: &SandboxPlan, log: &mut dyn Write) -> Result<BuildOutcome, Sand
         log: log_w.as_raw_fd(),
         error: err_w.as_raw_fd(),
     };
-    let mut flags =
-        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-    if plan.new_network {
-        flags |= libc::CLONE_NEWNET;
-    }
     let ops = plan.ops.as_slice();
     let mut child = || child_main(ops, &mut LinuxSyscalls, fds, &exec);
     let started = Instant::now();
-    let pid = clone_child(flags, &mut child).map_err(|e| SandboxError::Spawn {
+    let pid = clone_child(namespaces(plan), &mut child).map_err(|e| SandboxError::Spawn {
         action: "clone the sandboxed child",
         source: e.to_io(),
     })?;
@@ -365,6 +363,17 @@ pub fn run(plan: &SandboxPlan, log: &mut dyn Write) -> Result<BuildOutcome, Sand
     // reused now, so it must not be signalled again.
     guard.disarm();
     result
+}
+
+/// The namespaces a plan's child is cloned into: mount, PID, IPC, UTS, and
+/// network unless the plan shares the host's.
+pub(super) fn namespaces(plan: &SandboxPlan) -> libc::c_int {
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if plan.new_network {
+        flags |= libc::CLONE_NEWNET;
+    }
+    flags
 }
 
 /// Kills and reaps a child when dropped armed: when the thread supervising
@@ -434,7 +443,7 @@ fn supervise(
 }
 
 /// How the child's setup ended.
-enum Setup {
+pub(super) enum Setup {
     /// The builder was exec'd (the error pipe closed without a message).
     Execd,
     /// A step failed: its index and errno.
@@ -444,7 +453,7 @@ enum Setup {
 }
 
 /// Reads the error pipe until EOF or a message, within the total time limit.
-fn read_setup_result(
+pub(super) fn read_setup_result(
     err_r: OwnedFd,
     deadline: Option<(Instant, Duration)>,
 ) -> Result<Setup, SandboxError> {
@@ -491,7 +500,7 @@ fn read_setup_result(
 }
 
 /// Kills (the PID namespace dies with its PID 1) and waits.
-fn reap(pid: Pid) {
+pub(super) fn reap(pid: Pid) {
     let _ = kill(pid, Signal::SIGKILL);
     let _ = waitpid(pid, None);
 }
@@ -705,6 +714,38 @@ mod tests {
                 data: None
             }
         );
+    }
+
+    #[test]
+    fn the_child_joins_its_cgroups_before_anything_else() {
+        let mut p = test_plan();
+        let procs = [
+            PathBuf::from("/sys/fs/cgroup/unified/sandoff-build-uid-1/cgroup.procs"),
+            PathBuf::from("/sys/fs/cgroup/memory/sandoff-build-uid-1/cgroup.procs"),
+        ];
+        p.join_cgroups(&procs).expect("plain paths");
+        let exec = PreparedExec::new(&p);
+        let mut sys = RecordingSyscalls::default();
+        assert_eq!(run_steps(&p.ops, &mut sys, FDS, &exec), Ok(()));
+        assert_eq!(
+            sys.calls[..3],
+            [
+                Call::JoinCgroup(s("/sys/fs/cgroup/unified/sandoff-build-uid-1/cgroup.procs")),
+                Call::JoinCgroup(s("/sys/fs/cgroup/memory/sandoff-build-uid-1/cgroup.procs")),
+                Call::DieWithParent,
+            ]
+        );
+        // A failure to join is a setup failure like any other: no exec.
+        let mut sys = RecordingSyscalls {
+            fail_at: Some((0, Errno(libc::EACCES))),
+            ..Default::default()
+        };
+        assert_eq!(
+            run_steps(&p.ops, &mut sys, FDS, &exec),
+            Err((0, Errno(libc::EACCES)))
+        );
+        drop(exec);
+        assert!(p.join_cgroups(&[PathBuf::from("/a\0b")]).is_err());
     }
 
     #[test]

@@ -273,6 +273,17 @@ impl Syscall for LinuxSyscalls {
         check(unsafe { libc::dup2(log_fd, 2) })
     }
 
+    fn attach_terminal(&mut self, tty_fd: i32) -> Result<(), Errno> {
+        for target in 0..=2 {
+            // SAFETY: tty_fd is the open terminal the parent passed; dup2
+            // clears close-on-exec on the target.
+            check(unsafe { libc::dup2(tty_fd, target) })?;
+        }
+        // SAFETY: TIOCSCTTY takes an integer; 0 means "do not steal a
+        // terminal that is another session's controlling terminal".
+        check(unsafe { libc::ioctl(0, libc::TIOCSCTTY as _, 0 as libc::c_int) })
+    }
+
     fn cloexec_from(&mut self, first: u32) -> Result<(), Errno> {
         // SAFETY: close_range only changes fd flags.
         check_long(unsafe {
@@ -316,6 +327,19 @@ impl Syscall for LinuxSyscalls {
                 ptr::null::<libc::c_char>(),
             )
         })
+    }
+
+    fn join_cgroup(&mut self, procs: &CStr) -> Result<(), Errno> {
+        let flags = libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid C string; no O_CREAT, so no mode argument.
+        let fd = unsafe { libc::open(procs.as_ptr(), flags) };
+        if fd == -1 {
+            return Err(errno());
+        }
+        // "0" is the writing process itself (cgroup v1 and v2 alike).
+        let result = self.write_all(fd, b"0");
+        close(fd);
+        result
     }
 
     fn umask(&mut self, mask: u32) {

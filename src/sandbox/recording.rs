@@ -53,6 +53,8 @@ pub enum Call {
     Setsid,
     /// stdio onto the log fd.
     RedirectStdio(i32),
+    /// stdio onto a terminal, which becomes the controlling one.
+    AttachTerminal(i32),
     /// close-on-exec from fd.
     CloexecFrom(u32),
     /// `RLIMIT_CORE` 0.
@@ -61,6 +63,8 @@ pub enum Call {
     ProcessLimit(u64),
     /// A new anonymous session keyring.
     JoinSessionKeyring,
+    /// `join_cgroup(procs)`.
+    JoinCgroup(CString),
     /// `umask`.
     Umask(u32),
     /// `personality`.
@@ -218,6 +222,9 @@ impl Syscall for RecordingSyscalls {
     fn setsid(&mut self) -> Result<(), Errno> {
         self.record(Call::Setsid)
     }
+    fn attach_terminal(&mut self, tty_fd: i32) -> Result<(), Errno> {
+        self.record(Call::AttachTerminal(tty_fd))
+    }
     fn redirect_stdio(&mut self, log_fd: i32) -> Result<(), Errno> {
         self.record(Call::RedirectStdio(log_fd))
     }
@@ -232,6 +239,9 @@ impl Syscall for RecordingSyscalls {
     }
     fn join_session_keyring(&mut self) -> Result<(), Errno> {
         self.record(Call::JoinSessionKeyring)
+    }
+    fn join_cgroup(&mut self, procs: &CStr) -> Result<(), Errno> {
+        self.record(Call::JoinCgroup(procs.to_owned()))
     }
     fn umask(&mut self, mask: u32) {
         let _ = self.record(Call::Umask(mask));

@@ -181,6 +181,12 @@ impl UserPool {
         &self.users
     }
 
+    /// The directory of the users' lock files (recorded with a kept build,
+    /// so that `sandoff enter` locks its user where builds do).
+    pub fn lock_dir(&self) -> &Path {
+        &self.lock_dir
+    }
+
     /// Takes the first free user, or `None` if all are in use.
     pub fn try_acquire(&self) -> Result<Option<UserLease>, UserError> {
         for user in &self.users {

@@ -2,12 +2,15 @@
 
 mod attrs;
 mod build;
+mod build_check_logs;
 mod claims;
 mod client;
 mod daemon_store;
 mod daemons;
 mod decide;
 mod derivation;
+mod enter;
+mod fetchurl;
 mod guix_daemon;
 mod hook;
 mod hosts;

@@ -63,7 +63,7 @@ impl<'a> Entry<'a> {
     }
 }
 
-fn uri(host: &TestHost) -> String {
+pub(crate) fn uri(host: &TestHost) -> String {
     format!("ssh://root@{}:{}", host.addr, host.port)
 }
 
@@ -119,7 +119,7 @@ fn wait_until_started_on(s: &Store, drv: &str, host: &TestHost) -> PathBuf {
 }
 
 /// `sandoff build --machines <machines> <drv>` in the client's store.
-fn build_with(s: &Store, machines: &Path, drv: &str) -> std::process::Output {
+pub(crate) fn build_with(s: &Store, machines: &Path, drv: &str) -> std::process::Output {
     s.build(&["--machines", machines_arg(machines), drv])
 }
 
@@ -156,7 +156,7 @@ fn trusted_host(test: &str, index: u8) -> Option<(TestHost, Store)> {
 
 /// For tests with one host: after [`offload_ready`], host `index` started,
 /// a client store that trusts it, and a machines file naming it.
-fn one_trusted_host(test: &str, index: u8) -> Option<(TestHost, Store, PathBuf)> {
+pub(crate) fn one_trusted_host(test: &str, index: u8) -> Option<(TestHost, Store, PathBuf)> {
     let (h, s) = trusted_host(test, index)?;
     let machines = write_machines(&s, &[Entry::new(&h)]);
     Some((h, s, machines))
