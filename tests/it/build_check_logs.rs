@@ -431,9 +431,10 @@ fn without_cgroup2_builds_run_as_before_and_a_timeout_still_kills_everything() {
         .into_iter()
         .find(|e| e["event"] == "built")
         .expect("a built event");
+    // No cgroup: what wait4 saw of the builder is reported instead.
     assert!(
-        built.get("cpuSeconds").is_none(),
-        "no cgroup, no measure: {built}"
+        built.get("cpuSeconds").is_some() && built["peakMemoryBytes"].as_u64() > Some(0),
+        "measured by wait4: {built}"
     );
     // The PID namespace and the build user's cleanup still kill a daemon.
     let (d, marker) = daemonizing_drv(&s, "77732");
