@@ -15,6 +15,7 @@ use super::check::{compare_outputs, decide_here, Mode};
 use super::fetchurl::{self, FetchRequest, FetchurlError};
 pub use super::log::LogSink;
 use super::somewhere::{build_somewhere, Progress, Somewhere, SomewhereError};
+use super::timings::{Step, Timings};
 use super::{builds_dir, log_path, BuildError, BuildErrorKind, Event, Options};
 use crate::decide::{Decision, Placement};
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
@@ -97,6 +98,7 @@ fn realise_one_here(
     events: &Sender<Event>,
 ) -> Result<StepOutcome, BuildErrorKind> {
     let store = ctx.store;
+    let mut t = Timings::start();
     let outputs: BTreeSet<StorePath> = drv.output_paths().into_values().collect();
     let locks = match store.try_lock_paths(&outputs)? {
         Some(l) => l,
@@ -116,6 +118,7 @@ fn realise_one_here(
         Mode::Check if !all_valid => return Err(BuildErrorKind::CheckInvalid),
         _ => {}
     }
+    t.lap(Step::Lock);
     let path = log_path(store.location(), drv_path);
     let mut log = LogSink::create(
         &path,
@@ -123,15 +126,23 @@ fn realise_one_here(
             .stream_logs
             .then(|| (events.clone(), drv_path.clone())),
     )?;
-    let r = build_somewhere_locked(ctx, drv_path, drv, &locks, mode, &mut log, events);
+    t.lap(Step::Log);
+    let r = build_somewhere_locked(ctx, drv_path, drv, &locks, mode, &mut log, events, &mut t);
     log.finish();
+    t.lap(Step::Cleanup);
+    let _ = events.send(Event::Timings {
+        drv: drv_path.clone(),
+        times: t.times().clone(),
+    });
     r.map(|()| StepOutcome::Built)
 }
 
 /// Builds `drv` under `locks` (which must cover its outputs), here or on a
 /// machine, and registers its outputs; see the module docs of
 /// [`crate::build`]. Warnings about machines go to `events`. The failure
-/// leaves out the derivation it is about: [`realise_one`] adds it.
+/// leaves out the derivation it is about: [`realise_one`] adds it. Each
+/// step's time is charged to `t`.
+#[allow(clippy::too_many_arguments)]
 fn build_somewhere_locked(
     ctx: &BuildContext<'_>,
     drv_path: &StorePath,
@@ -140,6 +151,7 @@ fn build_somewhere_locked(
     mode: Mode,
     log: &mut LogSink,
     events: &Sender<Event>,
+    t: &mut Timings,
 ) -> Result<(), BuildErrorKind> {
     let store = ctx.store;
     let loc = store.location();
@@ -159,6 +171,7 @@ fn build_somewhere_locked(
     let outputs = drv.output_paths();
 
     let inputs = input_paths(store, drv)?;
+    t.lap(Step::Inputs);
     // Held for the whole local build, so that at most `jobs` run here.
     // A check is built here: a machine would register what it built.
     let offload = ctx.offload.filter(|_| mode == Mode::Build);
@@ -189,6 +202,7 @@ fn build_somewhere_locked(
             }
         }
     };
+    t.lap(Step::Place);
     // A built-in builder is checked before a build user is taken.
     let builtin = if drv.builder.starts_with(b"builtin:") {
         Some(FetchRequest::from_derivation(drv).map_err(BuildErrorKind::Builtin)?)
@@ -198,16 +212,19 @@ fn build_somewhere_locked(
     let mut closure = store.closure(&inputs)?;
     let prepared = attrs::prepare(store, drv, &closure, &sandbox_build_dir())?;
     closure.extend(prepared.extra_inputs.iter().cloned());
+    t.lap(Step::Inputs);
 
     let pool = ctx
         .pool
         .as_ref()
         .map_err(|e| BuildErrorKind::NoUsers(Arc::clone(e)))?;
     let lease = pool.acquire(USER_POLL).map_err(BuildErrorKind::Users)?;
+    t.lap(Step::User);
     let slot = BuildSlot::create(&builds_dir(loc))?;
     let dirs = HostDirs::create(&slot.dir, lease.user()).map_err(BuildErrorKind::Sandbox)?;
     let user = lease.user();
     attrs::write_files(&dirs.dirs().build, &prepared.files, user.uid(), user.gid())?;
+    t.lap(Step::Dirs);
     let fixed = kind == DerivationKind::Fixed;
     let impure = if fixed {
         impure_env(drv, &ctx.options.impure_env_allow)
@@ -260,6 +277,7 @@ fn build_somewhere_locked(
                 .map_err(BuildErrorKind::Sandbox)
         }
     };
+    t.lap(Step::Sandbox);
 
     let result = match ran {
         Err(_) if log.exceeded().is_some() => Err(BuildErrorKind::LogLimit {
@@ -280,17 +298,25 @@ fn build_somewhere_locked(
             &dirs,
             lease.user().uid(),
             &closure,
+            t,
         )
-        .and_then(|staged| match mode {
-            Mode::Build => {
-                // Nix checks outputs when it builds, not under --check.
-                let infos: Vec<&ValidPathInfo> = staged.iter().map(|(_, info)| info).collect();
-                attrs::check_built_outputs(store, drv, &prepared.checks, &infos)?;
-                store
-                    .register_built_outputs(locks, staged)
-                    .map_err(Into::into)
-            }
-            Mode::Check => compare_outputs(store, drv_path, staged, ctx.options.keep_failed),
+        .and_then(|staged| {
+            let r = match mode {
+                Mode::Build => {
+                    // Nix checks outputs when it builds, not under --check.
+                    let infos: Vec<&ValidPathInfo> = staged.iter().map(|(_, info)| info).collect();
+                    attrs::check_built_outputs(store, drv, &prepared.checks, &infos).and_then(
+                        |()| {
+                            store
+                                .register_built_outputs(locks, staged)
+                                .map_err(Into::into)
+                        },
+                    )
+                }
+                Mode::Check => compare_outputs(store, drv_path, staged, ctx.options.keep_failed),
+            };
+            t.lap(Step::Register);
+            r
         }),
     };
     // The lease is still held: no other build can run as this user until the
@@ -593,6 +619,7 @@ pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, StaleDirsError> {
 
 /// Checks each output the builder made, copies it into a staging path of the
 /// store, scans its references and, for a fixed output, checks its hash.
+#[allow(clippy::too_many_arguments)]
 fn collect_outputs(
     store: &LocalStore,
     drv_name: &str,
@@ -601,6 +628,7 @@ fn collect_outputs(
     dirs: &HostDirs,
     build_uid: u32,
     closure: &BTreeSet<StorePath>,
+    t: &mut Timings,
 ) -> Result<Vec<(StagedPath, ValidPathInfo)>, BuildErrorKind> {
     let loc = store.location();
     let mut candidates = closure.clone();
@@ -623,11 +651,13 @@ fn collect_outputs(
         }
         check_owner(&scratch, build_uid)?;
         let staged = store.stage_path(&scratch)?;
+        t.lap(Step::Stage);
         let references =
             refscan::scan_path(&staged.tmp, &candidates).map_err(|source| BuildErrorKind::Nar {
                 path: staged.tmp.clone(),
                 source,
             })?;
+        t.lap(Step::Scan);
         let ca = match output {
             DerivationOutput::CAFixed { method, hash, .. } => {
                 if let Some(r) = references.iter().find(|r| *r != path) {

@@ -75,6 +75,7 @@ pub mod graph;
 pub mod local;
 pub mod log;
 pub mod somewhere;
+pub mod timings;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -112,6 +113,14 @@ pub enum Event {
         drv: StorePath,
         /// The line's bytes.
         line: Vec<u8>,
+    },
+    /// Where the time of realising `drv` went ([`timings`]), sent after
+    /// every attempt that took its locks and found it to build.
+    Timings {
+        /// The derivation.
+        drv: StorePath,
+        /// Its steps' times.
+        times: timings::StepTimes,
     },
     /// `drv` was built; its outputs are valid.
     Built {

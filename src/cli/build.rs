@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use sandoff::build::timings::StepTimes;
 use sandoff::build::{self, BuildContext, Event, Options};
 use sandoff::remote::offloader::Offloader;
 use sandoff::sandbox::plan::{DEFAULT_MAX_PROCESSES, DEFAULT_SHM_SIZE, DEFAULT_TMP_SIZE};
@@ -162,6 +163,11 @@ pub struct BuildArgs {
     /// Report progress as one JSON object per line on stderr.
     #[arg(long)]
     json: bool,
+    /// At the end, print where the builds' time went, step by step (lock,
+    /// inputs, user, sandbox, stage, scan, register, ...); `--json` gives it
+    /// per build as "timings" events.
+    #[arg(long)]
+    timings: bool,
     /// NIX_BUILD_CORES given to each build (0: all; default: the number of cores).
     #[arg(long, value_name = "N")]
     cores: Option<u32>,
@@ -233,6 +239,9 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     }
     let result = build::realise(&ctx, &drvs, &mut |e| progress.event(e))?;
     progress.clear();
+    if args.timings && !args.json {
+        progress.print_timings();
+    }
     if args.json {
         let l = |p: &StorePath| loc.logical(p);
         let done = json!({
@@ -324,6 +333,8 @@ struct Progress {
     checked: std::collections::BTreeSet<StorePath>,
     /// What each local build used, where measured.
     usage: std::collections::BTreeMap<StorePath, sandoff::sandbox::ResourceUsage>,
+    /// The steps' times summed over every build, and how many builds.
+    times: (StepTimes, usize),
 }
 
 impl Progress {
@@ -339,10 +350,15 @@ impl Progress {
             status_shown: false,
             checked: Default::default(),
             usage: Default::default(),
+            times: Default::default(),
         }
     }
 
     fn event(&mut self, e: &Event) {
+        if let Event::Timings { times, .. } = e {
+            self.times.0.add(times);
+            self.times.1 += 1;
+        }
         if let Event::Usage { drv, usage } = e {
             // Shown with the build's `built` or `failed` line.
             self.usage.insert(drv.clone(), *usage);
@@ -416,7 +432,7 @@ impl Progress {
                 );
                 self.line(&text);
             }
-            Event::Usage { .. } | Event::Tick => {}
+            Event::Usage { .. } | Event::Timings { .. } | Event::Tick => {}
         }
         self.status();
     }
@@ -462,8 +478,32 @@ impl Progress {
             Event::DependencyFailed { drv, dependency } => {
                 json!({"event": "dependency-failed", "drv": l(drv), "dependency": l(dependency)})
             }
+            Event::Timings { drv, times } => {
+                let ms: serde_json::Map<String, serde_json::Value> = times
+                    .steps()
+                    .map(|(step, d)| (step.name().to_owned(), json!(d.as_secs_f64() * 1000.0)))
+                    .collect();
+                json!({"event": "timings", "drv": l(drv), "milliseconds": ms})
+            }
             Event::Usage { .. } | Event::Tick => return None,
         })
+    }
+
+    /// The steps' times over every build (`--timings`): total and mean.
+    fn print_timings(&mut self) {
+        self.clear();
+        let (sum, n) = &self.times;
+        if *n == 0 {
+            eprintln!("timings: nothing was built");
+            return;
+        }
+        eprintln!("timings over {n} build(s):   total ms   mean ms");
+        for (step, d) in sum.steps() {
+            let ms = d.as_secs_f64() * 1000.0;
+            eprintln!("  {:<22} {ms:>10.1} {:>9.2}", step.name(), ms / *n as f64);
+        }
+        let ms = sum.total().as_secs_f64() * 1000.0;
+        eprintln!("  {:<22} {ms:>10.1} {:>9.2}", "all steps", ms / *n as f64);
     }
 
     /// ` (CPU 1.2s, peak memory 3.4 MiB)`, as far as measured.

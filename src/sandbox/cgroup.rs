@@ -12,15 +12,21 @@
 //!   the build user as Nix's `nix-build-uid-<uid>`: the user's lease makes
 //!   the name unique among running builds, and a leftover of a crashed
 //!   build of that user is killed and removed by its next build.
-//! - The child joins the cgroup as the first setup step, before it can
-//!   start anything ([`super::plan::SetupOp::JoinCgroup`], writing `0` to
-//!   `cgroup.procs`), so no process of the build is ever outside it.
+//! - The child is cloned into the cgroup (`clone3` with
+//!   `CLONE_INTO_CGROUP`, kernel 5.7), so no process of the build is ever
+//!   outside it. Writing a pid to a `cgroup.procs` instead would move it,
+//!   and any move (v1 or v2) takes the cgroup threadgroup lock for
+//!   writing, whose release waits for an RCU grace period: 10-15 ms on
+//!   this machine, more than the rest of a trivial build. A kernel without
+//!   `clone3` runs the build outside the cgroup (a debug line).
 //! - CPU time: `usage_usec` of `cpu.stat`, which cgroup v2 keeps without
 //!   any controller enabled. Peak memory: `memory.peak` when the memory
-//!   controller is enabled for the cgroup (kernel 5.19 and later); else,
-//!   on a hybrid machine, a cgroup of the v1 memory hierarchy beside it,
-//!   with the same name, and its `memory.max_usage_in_bytes`; else none.
-//!   sandoff does not enable controllers: whether the build's cgroup gets
+//!   controller is enabled for the cgroup (kernel 5.19 and later), the
+//!   whole build's; else the largest single process's peak resident size
+//!   (`ru_maxrss` of the builder, which covers the descendants it reaped,
+//!   as GNU time reports it), from `wait4`. A v1 memory cgroup would give
+//!   the whole build's on a hybrid machine, but joining one is a move (see
+//!   above). sandoff does not enable controllers: whether the build's cgroup gets
 //!   the memory controller is up to how sandoff's own cgroup is delegated
 //!   (systemd `Delegate=yes`).
 //! - Killing: `cgroup.kill` (kernel 5.14); without it, `SIGKILL` to each
@@ -175,8 +181,6 @@ pub fn cpu_usage(cpu_stat: &str) -> Option<Duration> {
 pub struct BuildCgroup {
     /// The v2 cgroup's directory.
     dir: PathBuf,
-    /// The v1 memory cgroup's directory, if one could be made.
-    memory_v1: Option<PathBuf>,
 }
 
 impl BuildCgroup {
@@ -208,24 +212,8 @@ impl BuildCgroup {
         let name = format!("sandoff-build-uid-{uid}");
         let dir = parent.join(&name);
         fresh_dir(&dir)?;
-        let memory_v1 = find_v1(&mountinfo, "memory")
-            .and_then(|m| m.dir_of(&own_cgroup(&own, Some("memory"))?))
-            .and_then(|parent| {
-                let d = parent.join(&name);
-                fresh_dir(&d)
-                    .inspect_err(|e| tracing::debug!("no v1 memory cgroup for the build: {e}"))
-                    .ok()
-                    .map(|()| d)
-            });
         tracing::debug!(cgroup = %dir.display(), "build cgroup created");
-        Ok(Some(BuildCgroup { dir, memory_v1 }))
-    }
-
-    /// The `cgroup.procs` files the builder must join.
-    pub fn procs_files(&self) -> Vec<PathBuf> {
-        let mut v = vec![self.dir.join("cgroup.procs")];
-        v.extend(self.memory_v1.as_ref().map(|d| d.join("cgroup.procs")));
-        v
+        Ok(Some(BuildCgroup { dir }))
     }
 
     /// The v2 cgroup's directory.
@@ -246,11 +234,7 @@ impl BuildCgroup {
             .ok()
             .and_then(|s| cpu_usage(&s));
         let number = |p: PathBuf| fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
-        let peak_memory = number(self.dir.join("memory.peak")).or_else(|| {
-            self.memory_v1
-                .as_ref()
-                .and_then(|d| number(d.join("memory.max_usage_in_bytes")))
-        });
+        let peak_memory = number(self.dir.join("memory.peak"));
         ResourceUsage { cpu, peak_memory }
     }
 }
@@ -258,10 +242,8 @@ impl BuildCgroup {
 impl Drop for BuildCgroup {
     fn drop(&mut self) {
         self.kill();
-        for dir in std::iter::once(&self.dir).chain(self.memory_v1.as_ref()) {
-            if let Err(e) = remove(dir) {
-                tracing::warn!("{e} (the next build of this user removes it)");
-            }
+        if let Err(e) = remove(&self.dir) {
+            tracing::warn!("{e} (the next build of this user removes it)");
         }
     }
 }

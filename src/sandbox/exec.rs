@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
-use super::linux::{clone_child, LinuxSyscalls};
+use super::linux::{clone_child, wait4, LinuxSyscalls};
 use super::plan::{MountFlags, SandboxPlan, SetupOp};
 use super::syscall::{Errno, FileKind, Syscall};
 use super::SandboxError;
@@ -275,7 +275,6 @@ pub fn apply(
             Err(Errno(libc::ENOSYS)) => Ok(()),
             r => r,
         },
-        SetupOp::JoinCgroup(procs) => sys.join_cgroup(procs),
         SetupOp::NoNewPrivs => sys.no_new_privs(),
         SetupOp::Seccomp(program) => sys.seccomp_filter(program),
         SetupOp::ResetSignals => sys.reset_signals(),
@@ -334,6 +333,16 @@ pub(super) fn spawn_error(action: &'static str) -> impl FnOnce(nix::Error) -> Sa
 /// Processes of the build user outside the PID namespace are the caller's
 /// business (see [`super::users::UserLease::kill_processes`]).
 pub fn run(plan: &SandboxPlan, log: &mut dyn Write) -> Result<BuildOutcome, SandboxError> {
+    run_measured(plan, log).map(|(outcome, _)| outcome)
+}
+
+/// [`run`], with what the builder used as `wait4` reports it when it
+/// exited by itself: its CPU time and largest process's peak resident
+/// size, each covering the descendants it reaped.
+pub fn run_measured(
+    plan: &SandboxPlan,
+    log: &mut dyn Write,
+) -> Result<(BuildOutcome, Option<super::ResourceUsage>), SandboxError> {
     let exec = PreparedExec::new(plan);
     let (log_r, log_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(spawn_error("create the log pipe"))?;
@@ -346,10 +355,7 @@ pub fn run(plan: &SandboxPlan, log: &mut dyn Write) -> Result<BuildOutcome, Sand
     let ops = plan.ops.as_slice();
     let mut child = || child_main(ops, &mut LinuxSyscalls, fds, &exec);
     let started = Instant::now();
-    let pid = clone_child(namespaces(plan), &mut child).map_err(|e| SandboxError::Spawn {
-        action: "clone the sandboxed child",
-        source: e.to_io(),
-    })?;
+    let pid = clone_into_cgroup(plan, &mut child)?;
     let pid = Pid::from_raw(pid);
     // From here until the child is waited for, a panic (a bug, or a log
     // sink that panics) must not leave the builder running unsupervised:
@@ -363,6 +369,38 @@ pub fn run(plan: &SandboxPlan, log: &mut dyn Write) -> Result<BuildOutcome, Sand
     // reused now, so it must not be signalled again.
     guard.disarm();
     result
+}
+
+/// Clones the plan's child (running `child`) into its namespaces and, if
+/// the plan has one, its cgroup v2 directory. A kernel without `clone3`
+/// (before 5.3) or `CLONE_INTO_CGROUP` (before 5.7) gets the child outside
+/// the cgroup, as on a machine without cgroup2: never a failed build.
+pub(super) fn clone_into_cgroup(
+    plan: &SandboxPlan,
+    child: &mut dyn FnMut() -> i32,
+) -> Result<libc::pid_t, SandboxError> {
+    let spawn = |e: Errno| SandboxError::Spawn {
+        action: "clone the sandboxed child",
+        source: e.to_io(),
+    };
+    let dir = plan.cgroup.as_ref().and_then(|d| {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(d)
+            .inspect_err(
+                |e| tracing::debug!(cgroup = %d.display(), "cannot open the build's cgroup: {e}"),
+            )
+            .ok()
+    });
+    match clone_child(namespaces(plan), dir.as_ref().map(|d| d.as_fd()), child) {
+        Err(Errno(e)) if dir.is_some() && matches!(e, libc::ENOSYS | libc::E2BIG) => {
+            tracing::debug!("no clone3 into a cgroup here: the build runs outside its cgroup");
+            clone_child(namespaces(plan), None, child).map_err(spawn)
+        }
+        r => r.map_err(spawn),
+    }
 }
 
 /// The namespaces a plan's child is cloned into: mount, PID, IPC, UTS, and
@@ -416,7 +454,7 @@ fn supervise(
     plan: &SandboxPlan,
     started: Instant,
     log: &mut dyn Write,
-) -> Result<BuildOutcome, SandboxError> {
+) -> Result<(BuildOutcome, Option<super::ResourceUsage>), SandboxError> {
     let total = plan
         .timeouts
         .total
@@ -436,7 +474,7 @@ fn supervise(
                 source: errno.to_io(),
             });
         }
-        Setup::TimedOut(after) => return Ok(time_out(pid, TimeoutKind::Total, after)),
+        Setup::TimedOut(after) => return Ok((time_out(pid, TimeoutKind::Total, after), None)),
     }
     tracing::debug!(elapsed = ?started.elapsed(), "builder exec'd");
     stream(pid, log_r, plan, started, log)
@@ -511,7 +549,7 @@ fn stream(
     plan: &SandboxPlan,
     started: Instant,
     log: &mut dyn Write,
-) -> Result<BuildOutcome, SandboxError> {
+) -> Result<(BuildOutcome, Option<super::ResourceUsage>), SandboxError> {
     let limits = plan.timeouts;
     let mut last_output = started;
     let mut buf = vec![0u8; 64 * 1024];
@@ -521,7 +559,7 @@ fn stream(
         let deadline = next_deadline(limits, started, last_output);
         if let Some((at, kind, after)) = deadline {
             if at <= now {
-                return Ok(time_out(pid, kind, after));
+                return Ok((time_out(pid, kind, after), None));
             }
         }
         let timeout = match deadline {
@@ -571,17 +609,31 @@ fn stream(
     let deadline = next_deadline(limits, started, last_output);
     let mut nap = Duration::from_micros(200);
     loop {
-        let flags = deadline.map(|_| WaitPidFlag::WNOHANG);
-        match waitpid(pid, flags) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(BuildOutcome::Exited(code)),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(BuildOutcome::Signaled(sig as i32)),
-            Ok(_) | Err(nix::Error::EINTR) => {}
-            Err(e) => return Err(spawn_error("wait for the builder")(e)),
+        match wait4(pid.as_raw(), deadline.is_some()) {
+            Ok(Some(r)) if libc::WIFEXITED(r.status) || libc::WIFSIGNALED(r.status) => {
+                let outcome = if libc::WIFEXITED(r.status) {
+                    BuildOutcome::Exited(libc::WEXITSTATUS(r.status))
+                } else {
+                    BuildOutcome::Signaled(libc::WTERMSIG(r.status))
+                };
+                let usage = super::ResourceUsage {
+                    cpu: Some(r.cpu),
+                    peak_memory: Some(r.max_rss),
+                };
+                return Ok((outcome, Some(usage)));
+            }
+            Ok(_) | Err(Errno(libc::EINTR)) => {}
+            Err(e) => {
+                return Err(SandboxError::Spawn {
+                    action: "wait for the builder",
+                    source: e.to_io(),
+                })
+            }
         }
         if let Some((at, kind, after)) = deadline {
             let now = Instant::now();
             if at <= now {
-                return Ok(time_out(pid, kind, after));
+                return Ok((time_out(pid, kind, after), None));
             }
             std::thread::sleep(nap.min(at - now));
             nap = (nap * 2).min(Duration::from_millis(50));
@@ -717,35 +769,11 @@ mod tests {
     }
 
     #[test]
-    fn the_child_joins_its_cgroups_before_anything_else() {
+    fn a_cgroup_is_where_the_child_is_cloned_not_a_step() {
         let mut p = test_plan();
-        let procs = [
-            PathBuf::from("/sys/fs/cgroup/unified/sandoff-build-uid-1/cgroup.procs"),
-            PathBuf::from("/sys/fs/cgroup/memory/sandoff-build-uid-1/cgroup.procs"),
-        ];
-        p.join_cgroups(&procs).expect("plain paths");
-        let exec = PreparedExec::new(&p);
-        let mut sys = RecordingSyscalls::default();
-        assert_eq!(run_steps(&p.ops, &mut sys, FDS, &exec), Ok(()));
-        assert_eq!(
-            sys.calls[..3],
-            [
-                Call::JoinCgroup(s("/sys/fs/cgroup/unified/sandoff-build-uid-1/cgroup.procs")),
-                Call::JoinCgroup(s("/sys/fs/cgroup/memory/sandoff-build-uid-1/cgroup.procs")),
-                Call::DieWithParent,
-            ]
-        );
-        // A failure to join is a setup failure like any other: no exec.
-        let mut sys = RecordingSyscalls {
-            fail_at: Some((0, Errno(libc::EACCES))),
-            ..Default::default()
-        };
-        assert_eq!(
-            run_steps(&p.ops, &mut sys, FDS, &exec),
-            Err((0, Errno(libc::EACCES)))
-        );
-        drop(exec);
-        assert!(p.join_cgroups(&[PathBuf::from("/a\0b")]).is_err());
+        let before = p.ops.clone();
+        p.cgroup = Some(PathBuf::from("/sys/fs/cgroup/unified/sandoff-build-uid-1"));
+        assert_eq!(p.ops, before, "no process is moved by a step");
     }
 
     #[test]

@@ -36,10 +36,10 @@ use nix::unistd::Pid;
 use rustix::termios::{tcgetattr, tcgetwinsize, tcsetattr, tcsetwinsize, OptionalActions};
 
 use super::exec::{
-    child_main, namespaces, read_setup_result, reap, spawn_error, BuildOutcome, ChildFds,
+    child_main, clone_into_cgroup, read_setup_result, reap, spawn_error, BuildOutcome, ChildFds,
     KillOnDrop, PreparedExec, Setup,
 };
-use super::linux::{clone_child, LinuxSyscalls};
+use super::linux::LinuxSyscalls;
 use super::plan::{plan_interactive, Interactive, InteractiveStdio, SandboxPlan};
 use super::{with_user, SandboxError, SandboxSpec, UserLease};
 
@@ -52,14 +52,17 @@ pub fn run_interactive(
     run: &Interactive,
 ) -> Result<BuildOutcome, SandboxError> {
     let mut plan = plan_interactive(spec, run)?;
-    with_user(lease, spec, &mut plan, |plan| match run.stdio {
-        InteractiveStdio::Terminal => with_terminal(plan),
-        InteractiveStdio::Inherit => {
-            let (pid, guard) = spawn(plan, -1)?;
-            let outcome = wait(pid);
-            guard.disarm();
-            outcome
+    with_user(lease, spec, &mut plan, |plan| {
+        match run.stdio {
+            InteractiveStdio::Terminal => with_terminal(plan),
+            InteractiveStdio::Inherit => {
+                let (pid, guard) = spawn(plan, -1)?;
+                let outcome = wait(pid);
+                guard.disarm();
+                outcome
+            }
         }
+        .map(|outcome| (outcome, None))
     })
     .map(|(outcome, _)| outcome)
 }
@@ -76,10 +79,7 @@ fn spawn(plan: &SandboxPlan, tty: i32) -> Result<(Pid, KillOnDrop), SandboxError
     };
     let ops = plan.ops.as_slice();
     let mut child = || child_main(ops, &mut LinuxSyscalls, fds, &exec);
-    let pid = clone_child(namespaces(plan), &mut child).map_err(|e| SandboxError::Spawn {
-        action: "clone the sandboxed child",
-        source: e.to_io(),
-    })?;
+    let pid = clone_into_cgroup(plan, &mut child)?;
     let pid = Pid::from_raw(pid);
     let guard = KillOnDrop::new(pid);
     drop(err_w);

@@ -189,7 +189,7 @@ pub fn run_build_measured(
     log: &mut dyn Write,
 ) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError> {
     let mut plan = plan::plan(spec)?;
-    with_user(lease, spec, &mut plan, |plan| exec::run(plan, log))
+    with_user(lease, spec, &mut plan, |plan| exec::run_measured(plan, log))
 }
 
 /// Runs `run` (which runs `plan`, a planned sandbox, to its end) as
@@ -200,7 +200,7 @@ fn with_user(
     lease: &UserLease,
     spec: &SandboxSpec,
     plan: &mut SandboxPlan,
-    run: impl FnOnce(&SandboxPlan) -> Result<BuildOutcome, SandboxError>,
+    run: impl FnOnce(&SandboxPlan) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError>,
 ) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError> {
     if &spec.user != lease.user() {
         return Err(SandboxError::InvalidSpec {
@@ -215,7 +215,7 @@ fn with_user(
     // Dropped on every way out (a panic too): kills what is left, removes it.
     let cgroup = cgroup::BuildCgroup::create(lease.user().uid());
     if let Some(cg) = &cgroup {
-        plan.join_cgroups(&cg.procs_files())?;
+        plan.cgroup = Some(cg.dir().to_path_buf());
     }
     lease.kill_processes()?;
     // A panic while the build runs must not leave the user's processes
@@ -223,12 +223,23 @@ fn with_user(
     let guard = KillUserOnUnwind(Some(lease));
     let result = run(plan);
     guard.disarm();
-    let usage = cgroup.as_ref().map(|cg| {
+    // The cgroup's figures cover every process of the build (daemons too);
+    // what wait4 saw of the builder fills in what the cgroup cannot give.
+    let measured = cgroup.as_ref().map(|cg| {
         cg.kill();
         cg.usage()
     });
     drop(cgroup);
-    let result = result.map(|outcome| (outcome, usage));
+    let result = result.map(|(outcome, reaped)| {
+        let usage = match (measured, reaped) {
+            (Some(m), Some(r)) => Some(ResourceUsage {
+                cpu: m.cpu.or(r.cpu),
+                peak_memory: m.peak_memory.or(r.peak_memory),
+            }),
+            (m, r) => m.or(r),
+        };
+        (outcome, usage)
+    });
     match (result, lease.kill_processes()) {
         (r, Ok(())) => r,
         (Ok(_), Err(e)) => Err(e.into()),

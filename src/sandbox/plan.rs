@@ -449,10 +449,6 @@ impl fmt::Display for MountFlags {
 /// child allocates nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SetupOp {
-    /// Join the build's cgroup (write `0` to this `cgroup.procs`), first of
-    /// all, so that everything the build starts is in it (see
-    /// [`super::cgroup`]; added by [`SandboxPlan::join_cgroups`]).
-    JoinCgroup(CString),
     /// `PR_SET_PDEATHSIG(SIGKILL)`: the build dies with sandoff. Set again
     /// after the uid change, which clears it.
     DieWithParent,
@@ -562,7 +558,6 @@ impl fmt::Display for SetupOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = |c: &CString| c.to_string_lossy().into_owned();
         match self {
-            SetupOp::JoinCgroup(p) => write!(f, "join cgroup ({})", s(p)),
             SetupOp::DieWithParent => write!(f, "set parent-death signal"),
             SetupOp::NewSession => write!(f, "setsid"),
             SetupOp::Stdio => write!(f, "redirect stdio to the log"),
@@ -652,28 +647,11 @@ pub struct SandboxPlan {
     pub outputs: Vec<(String, PathBuf)>,
     /// Time limits, carried through for the runner.
     pub timeouts: Timeouts,
-}
-
-impl SandboxPlan {
-    /// Makes the child join the cgroups whose `cgroup.procs` files are
-    /// `procs` before any other step, so that nothing it starts is outside
-    /// them. A path that is not a C string (a NUL byte) is refused.
-    pub fn join_cgroups(&mut self, procs: &[PathBuf]) -> Result<(), super::SandboxError> {
-        use std::os::unix::ffi::OsStrExt;
-        let ops = procs
-            .iter()
-            .map(|p| {
-                CString::new(p.as_os_str().as_bytes())
-                    .map(SetupOp::JoinCgroup)
-                    .map_err(|_| super::SandboxError::InvalidSpec {
-                        field: "cgroup",
-                        reason: format!("{}: a NUL byte in the path", p.display()),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.ops.splice(0..0, ops);
-        Ok(())
-    }
+    /// The cgroup v2 directory the child is cloned into (`clone3` with
+    /// `CLONE_INTO_CGROUP`), if any: it is in it from its first
+    /// instruction, and no process is moved (moving one takes a lock
+    /// whose release waits for an RCU grace period, ~10 ms a build).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// `/etc/passwd` in the sandbox: the build user and `nobody`, no root (as
@@ -1234,6 +1212,7 @@ fn plan_with(
                 )
             })
             .collect(),
+        cgroup: None,
         timeouts: if interactive.is_some() {
             Timeouts::default()
         } else {

@@ -63,8 +63,6 @@ pub enum Call {
     ProcessLimit(u64),
     /// A new anonymous session keyring.
     JoinSessionKeyring,
-    /// `join_cgroup(procs)`.
-    JoinCgroup(CString),
     /// `umask`.
     Umask(u32),
     /// `personality`.
@@ -239,9 +237,6 @@ impl Syscall for RecordingSyscalls {
     }
     fn join_session_keyring(&mut self) -> Result<(), Errno> {
         self.record(Call::JoinSessionKeyring)
-    }
-    fn join_cgroup(&mut self, procs: &CStr) -> Result<(), Errno> {
-        self.record(Call::JoinCgroup(procs.to_owned()))
     }
     fn umask(&mut self, mask: u32) {
         let _ = self.record(Call::Umask(mask));

@@ -103,9 +103,6 @@ pub trait Syscall {
     fn set_process_limit(&mut self, n: u64) -> Result<(), Errno>;
     /// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`: a new anonymous session keyring.
     fn join_session_keyring(&mut self) -> Result<(), Errno>;
-    /// Writes `0` to an existing `cgroup.procs` file: moves the calling
-    /// process into that cgroup.
-    fn join_cgroup(&mut self, procs: &CStr) -> Result<(), Errno>;
     /// `umask(2)`.
     fn umask(&mut self, mask: u32);
     /// `personality(ADDR_NO_RANDOMIZE)`.

@@ -288,7 +288,7 @@ fn kill_user(uid: u32) -> Result<(), UserError> {
             }
         }
     };
-    let pid = clone_child(0, &mut child).map_err(|e| fail(format!("fork: {e}")))?;
+    let pid = clone_child(0, None, &mut child).map_err(|e| fail(format!("fork: {e}")))?;
     match waitpid(Pid::from_raw(pid), None) {
         Ok(WaitStatus::Exited(_, 0)) => Ok(()),
         Ok(WaitStatus::Exited(_, 2)) => Err(fail("setuid failed".to_owned())),

@@ -254,17 +254,10 @@ fn cgroup2_available() -> bool {
         .is_some()
 }
 
-/// Whether a peak memory figure can be had: the memory controller in the
-/// cgroup2 tree (`memory.peak`), or a v1 memory hierarchy.
+/// Whether a peak memory figure can be had: always (the cgroup's
+/// `memory.peak`, else the builder's `ru_maxrss` from wait4).
 fn peak_memory_available() -> bool {
-    let Ok(m) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let v2 = sandoff::sandbox::cgroup::cgroup2_mount(&m).is_some_and(|d| {
-        fs::read_to_string(d.join("cgroup.subtree_control"))
-            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
-    });
-    v2 || sandoff::sandbox::cgroup::v1_mount(&m, "memory").is_some()
+    true
 }
 
 /// The pids of processes whose command line holds `marker`.
@@ -438,9 +431,10 @@ fn without_cgroup2_builds_run_as_before_and_a_timeout_still_kills_everything() {
         .into_iter()
         .find(|e| e["event"] == "built")
         .expect("a built event");
+    // No cgroup: what wait4 saw of the builder is reported instead.
     assert!(
-        built.get("cpuSeconds").is_none(),
-        "no cgroup, no measure: {built}"
+        built.get("cpuSeconds").is_some() && built["peakMemoryBytes"].as_u64() > Some(0),
+        "measured by wait4: {built}"
     );
     // The PID namespace and the build user's cleanup still kill a daemon.
     let (d, marker) = daemonizing_drv(&s, "77732");
@@ -478,9 +472,8 @@ fn a_build_cgroup_measures_kills_and_removes_what_is_in_it() {
         ])
         .spawn()
         .expect("spawn");
-    for procs in cg.procs_files() {
-        fs::write(&procs, child.id().to_string()).expect("join the cgroup");
-    }
+    // Moved in from outside, as a test may (builds are cloned into it).
+    fs::write(dir.join("cgroup.procs"), child.id().to_string()).expect("join the cgroup");
     assert!(
         fs::read_to_string(dir.join("cgroup.procs"))
             .expect("read")
