@@ -338,9 +338,9 @@ mod build;
 mod placement;
 mod pool;
 
-pub use admin::{parse_status, MachineStatus, TestReport};
+pub use admin::{parse_status, CopyReport, MachineStatus, TestReport};
 pub use placement::observed_state;
-pub use pool::{Conn, StoreDirCheck};
+pub use pool::{Conn, StoreDirCheck, Stream};
 
 #[cfg(test)]
 mod tests {

@@ -40,7 +40,9 @@ mod host_key;
 mod session;
 
 pub use channel::SshChannel;
-pub use command::{parse_store_dir_probe, remote_command, store_dir_probe, ProbeError};
+pub use command::{
+    parse_store_dir_probe, remote_command, store_dir_probe, wire_compression, ProbeError,
+};
 pub use session::SshSession;
 
 /// The most stdout (and stderr) [`SshSession::run`] takes from a command.
