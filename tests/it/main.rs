@@ -3,6 +3,7 @@
 mod build;
 mod claims;
 mod client;
+mod compress;
 mod daemon_store;
 mod daemons;
 mod decide;
