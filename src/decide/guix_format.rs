@@ -727,7 +727,8 @@ impl Fields {
                 .unwrap_or(defaults.compression_level),
             daemon_socket: string("daemon-socket")?.unwrap_or(defaults.daemon_socket),
         };
-        let compression = Compression::from_guix(&extras.compression, extras.compression_level)
+        let given_level = self.take("compression-level").map(|_| extras.compression_level);
+        let compression = Compression::from_guix(&extras.compression, given_level)
             .map_err(|source| GuixMachinesError::Machine {
                 file: file.to_owned(),
                 line: level_line,
@@ -832,8 +833,14 @@ mod tests {
         assert!(m.supported_features.is_empty());
         assert_eq!(m.private_key.as_deref(), Some("/root/.ssh/id_rsa"));
         assert_eq!(m.guix, Some(GuixExtras::default()));
-        // Guix's default: zlib at level 3, which is zstd 3 with sandoff.
-        assert_eq!(m.compression, Compression::On { level: 3 });
+        // Guix's default is on (zlib level 3 for libssh): zstd at sandoff's
+        // default level.
+        assert_eq!(
+            m.compression,
+            Compression::On {
+                level: Compression::DEFAULT_LEVEL
+            }
+        );
         assert_eq!(m.store_uri, "ssh://u@a:22");
     }
 

@@ -129,20 +129,22 @@ pub enum MachineFormat {
 ///
 /// The default for a Nix entry without `compress=` is [`Compression::Unset`]:
 /// zstd at [`Compression::DEFAULT_LEVEL`] with sandoff, nothing with stock
-/// Nix (Nix's own default). At that level zstd compresses faster than a
-/// 1 Gbit/s link carries the result on one core of a 2-core machine (see
-/// `bench/offload/README.md`), so it does not slow such a link and shrinks
-/// typical closures to about a third, which is what a slower link gains.
-/// SSH zlib is about ten times slower per core: it would slow a fast link,
-/// so it is used only when asked for.
+/// Nix (Nix's own default). At that level (1) zstd compresses about 2.5
+/// times as fast as a 1 Gbit/s link carries on one core, loaded (300 MB/s
+/// against 125), so it does not slow such a link even in the client's one
+/// sending thread, which also encrypts, and shrinks real closures to about
+/// 40%, which is what a slower link gains; level 3 shrinks them only to 36%
+/// and has about half the speed, too little headroom on a busy 2-core
+/// machine (figures: `bench/offload/README.md`). SSH zlib is slower per
+/// byte still: it is used only when asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
     /// Never compress (`compress=false`; Guix `compression "none"`).
     Off,
     /// Compress (`compress=true`; Guix's default `"zlib@openssh.com,zlib"`,
     /// or any `compression` but `"none"`), zstd at `level` between sandoff
-    /// peers (Guix's `compression-level`; [`Compression::DEFAULT_LEVEL`]
-    /// for Nix entries).
+    /// peers (Guix's `compression-level` when given, else
+    /// [`Compression::DEFAULT_LEVEL`]).
     On { level: i32 },
     /// Nothing asked (a Nix entry without `compress=`): zstd at
     /// [`Compression::DEFAULT_LEVEL`] between sandoff peers, none with a
@@ -152,8 +154,9 @@ pub enum Compression {
 
 impl Compression {
     /// The zstd level used when an entry names none: measured to keep up
-    /// with 1 Gbit/s on one core (`bench/offload/README.md`).
-    pub const DEFAULT_LEVEL: i32 = 3;
+    /// with 1 Gbit/s on one core with room to spare
+    /// (`bench/offload/README.md`).
+    pub const DEFAULT_LEVEL: i32 = 1;
     /// The lowest level accepted (zstd's negative "fast" levels are left
     /// out: they trade most of the ratio away).
     pub const MIN_LEVEL: i32 = 1;
@@ -187,16 +190,20 @@ impl Compression {
     }
 
     /// Guix's `compression` and `compression-level` fields: libssh's list
-    /// of methods (`"none"` alone, or empty, or `"no"`, is off) and a level.
-    pub fn from_guix(methods: &str, level: i64) -> Result<Compression, MachineError> {
+    /// of methods (`"none"` alone, or empty, or `"no"`, is off) and a level
+    /// if one was given (Guix's own default, zlib level 3, is a zlib
+    /// level for libssh: without one, zstd gets [`Compression::DEFAULT_LEVEL`]).
+    pub fn from_guix(methods: &str, level: Option<i64>) -> Result<Compression, MachineError> {
         let off = methods
             .split(',')
             .map(str::trim)
             .all(|m| m.is_empty() || m == "none" || m == "no");
-        if off {
-            Ok(Compression::Off)
-        } else {
-            Compression::on(level)
+        match (off, level) {
+            (true, _) => Ok(Compression::Off),
+            (false, Some(level)) => Compression::on(level),
+            (false, None) => Ok(Compression::On {
+                level: Self::DEFAULT_LEVEL,
+            }),
         }
     }
 }
@@ -323,7 +330,7 @@ struct MachineJson<'a> {
 }
 
 /// `compression` in `sandoff machines list --json`: `{"mode": "off"}`,
-/// `{"mode": "on", "level": 3}` or `{"mode": "default", "level": 3}`.
+/// `{"mode": "on", "level": 3}` or `{"mode": "default", "level": 1}`.
 #[derive(Serialize)]
 struct CompressionJson {
     mode: &'static str,
@@ -424,25 +431,28 @@ mod tests {
     #[test]
     fn guix_compression_fields_map_to_compression() {
         let d = GuixExtras::default();
+        // No level given: sandoff's default, not Guix's zlib level.
         assert_eq!(
-            Compression::from_guix(&d.compression, d.compression_level),
-            Ok(Compression::On { level: 3 })
+            Compression::from_guix(&d.compression, None),
+            Ok(Compression::On {
+                level: Compression::DEFAULT_LEVEL
+            })
         );
         for off in ["none", "", "no", "none,none"] {
-            assert_eq!(Compression::from_guix(off, 3), Ok(Compression::Off), "{off:?}");
+            assert_eq!(Compression::from_guix(off, Some(3)), Ok(Compression::Off), "{off:?}");
         }
         assert_eq!(
-            Compression::from_guix("zlib", 9),
+            Compression::from_guix("zlib", Some(9)),
             Ok(Compression::On { level: 9 })
         );
         // A level zstd has not is refused, unless compression is off.
         for level in [0, -1, 20, i64::MAX] {
             assert_eq!(
-                Compression::from_guix("zlib", level),
+                Compression::from_guix("zlib", Some(level)),
                 Err(MachineError::BadCompressionLevel { level })
             );
         }
-        assert_eq!(Compression::from_guix("none", 0), Ok(Compression::Off));
+        assert_eq!(Compression::from_guix("none", Some(0)), Ok(Compression::Off));
     }
 
     #[test]

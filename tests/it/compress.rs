@@ -1,13 +1,23 @@
 //! Compressed transfers against real sshd test hosts: zstd between sandoff
 //! peers (on by default, off on request), SSH zlib with a stock Nix host
-//! that asks for compression, and a corrupted compressed stream refused.
+//! that asks for compression, and a corrupted compressed stream refused;
+//! and the client with a local `sandoff serve --compress`.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use sandoff::remote::client::{ClientError, ServeClient};
+use sandoff::remote::compress::{ByteCount, ZstdTransport};
+use sandoff::remote::transport::ChildTransport;
+use sandoff::store::export::write_export;
+use sandoff::store::hash::HashingReader;
+use sandoff::store::nar::{self, NullVisitor};
+use sandoff::store::{HashAlgo, StoreDir, StorePath};
 use serde_json::Value;
 
 use crate::build::{text, Store};
+use crate::serve::foo_baz;
 use crate::hosts::{self, TestHost};
 use crate::support;
 use crate::this_test;
@@ -130,19 +140,20 @@ fn a_closure_copied_to_a_sandoff_host_travels_as_zstd_by_default() {
     let machines = c.write_machines(&line);
     // The listing says what the entry means for this peer.
     let list = support::run_ok(c.cmd().args(["machines", "list", "--machines"]).arg(&machines));
-    assert!(text(&list).contains("compress=zstd:3"), "{}", text(&list));
+    assert!(text(&list).contains("compress=zstd:1"), "{}", text(&list));
 
     let report = c.copy_to_ok(&machines, name(&line));
     assert_eq!(report["compression"], "zstd", "{report}");
-    assert_eq!(report["level"], 3, "{report}");
+    assert_eq!(report["level"], 1, "{report}");
     assert_eq!(report["paths"], 1, "{report}");
     let (plain, wire) = (
         report["sent"]["plain"].as_u64().expect("plain"),
         report["sent"]["wire"].as_u64().expect("wire"),
     );
     // The NAR (and the protocol around it) crossed compressed: programs
-    // shrink to well under 3/4 with zstd 3. The host decoded it, or the
-    // path would not be valid there, with the NAR hash checked.
+    // shrink to well under 3/4 with zstd 1. The host decoded it, or the
+    // path would not be valid there, with the NAR hash checked. (The
+    // default level, 1.)
     assert!(plain > report["narBytes"].as_u64().expect("narBytes"));
     assert!(wire * 4 < plain * 3, "{report}");
     assert!(valid_on(&host, &c.path));
@@ -261,7 +272,7 @@ fn a_derivation_builds_on_a_sandoff_host_with_zstd_and_without() {
         .expect("key name")
         .to_owned();
     for (param, says) in [
-        ("compress=true", "compression=zstd level 3"),
+        ("compress=true", "compression=zstd level 1"),
         ("compress=false", "compression=none"),
     ] {
         let machines = s.tmp.path().join("machines");
@@ -290,4 +301,74 @@ fn a_derivation_builds_on_a_sandoff_host_with_zstd_and_without() {
             "{param}: built elsewhere"
         );
     }
+}
+
+/// `sandoff serve --stdio --write --compress zstd:3` on the store at `root`,
+/// as a local child.
+fn zstd_serve(root: &Path) -> ZstdTransport<ChildTransport> {
+    let mut cmd = support::sandoff();
+    cmd.args(["serve", "--stdio", "--write", "--compress", "zstd:3"])
+        .env("SANDOFF_STORE_ROOT", root)
+        .env_remove("SANDOFF_STORE_DIR")
+        .env_remove("SANDOFF_STATE_DIR");
+    ZstdTransport::new(ChildTransport::spawn(cmd).expect("spawn sandoff serve"))
+}
+
+#[test]
+fn the_client_and_a_local_server_speak_zstd_after_the_handshake() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, leaf, top) = foo_baz(&tmp.path().join("src"));
+    let both = BTreeSet::from([leaf.clone(), top.clone()]);
+    let mut client = ServeClient::open(zstd_serve(&tmp.path().join("root")), StoreDir::default())
+        .expect("handshake (plain)");
+    client.transport().start(3).expect("zstd");
+    assert!(client
+        .query_valid_paths(&both, false, false)
+        .expect("QueryValidPaths")
+        .is_empty());
+    let loc = src.location();
+    client
+        .import_paths(|w| {
+            let entries: Vec<_> = src
+                .topo_sort(&both)
+                .expect("topo sort")
+                .into_iter()
+                .map(|p| (src.query_path_info(&p).unwrap().expect("valid"), loc.real_path(&p)))
+                .collect();
+            write_export(w, &loc.dir, entries.iter().map(|(i, p)| (i, p.as_path())))
+        })
+        .expect("ImportPaths")
+        .expect("export");
+    assert_eq!(client.query_valid_paths(&both, false, false).unwrap(), both);
+    // Exactly one NAR is read, checked against the hash it had here.
+    let (hash, size) = client
+        .dump_store_path(&top, |r| {
+            let mut reader = HashingReader::new(r, HashAlgo::Sha256);
+            nar::parse(&mut reader, &mut NullVisitor).map(|_| {
+                let (hash, size, _) = reader.finish();
+                (hash, size)
+            })
+        })
+        .expect("DumpStorePath")
+        .expect("a NAR");
+    let want = src.query_path_info(&top).unwrap().expect("valid");
+    assert_eq!((hash, size), (want.nar_hash, want.nar_size));
+    let (sent, received) = client.transport().counts();
+    assert!(sent.plain > 0 && received.plain > 0);
+    assert_ne!(sent, ByteCount { plain: sent.plain, wire: sent.plain }, "nothing was compressed");
+
+    // A refusal still comes through, on stderr, and ends the session.
+    let missing = StorePath::from_base_name("00000000000000000000000000000000-missing").unwrap();
+    let err = client
+        .dump_store_path(&missing, |r| {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(r, &mut v).map(|_| v)
+        })
+        .expect_err("refused");
+    assert!(
+        matches!(&err, ClientError::Refused { reason, .. } if reason.contains("is not valid")),
+        "{err}"
+    );
+    let status = client.into_transport().into_inner().close().expect("close");
+    assert!(!status.success());
 }

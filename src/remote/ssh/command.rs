@@ -281,17 +281,17 @@ mod tests {
     fn sandoff_peers_are_asked_for_zstd_and_stock_nix_never() {
         // Unset: zstd at the default level with sandoff, nothing with Nix.
         let m = machine("ssh://root@host");
-        assert_eq!(wire_compression(&m), WireCompression::Zstd { level: 3 });
+        assert_eq!(wire_compression(&m), WireCompression::Zstd { level: 1 });
         assert_eq!(
             remote_command(&m, &nix()),
-            "sandoff serve --stdio --write --expect-store-dir /nix/store --compress zstd:3"
+            "sandoff serve --stdio --write --expect-store-dir /nix/store --compress zstd:1"
         );
         let m = machine("ssh://h?remote-program=/bin/nix-store");
         assert_eq!(wire_compression(&m), WireCompression::None);
         // Asked for: zstd with sandoff, SSH zlib with Nix.
         let m = machine("ssh://h?compress=true&remote-program=/opt/bin/sandoff");
-        assert_eq!(wire_compression(&m), WireCompression::Zstd { level: 3 });
-        assert!(remote_command(&m, &nix()).ends_with(" --compress zstd:3"));
+        assert_eq!(wire_compression(&m), WireCompression::Zstd { level: 1 });
+        assert!(remote_command(&m, &nix()).ends_with(" --compress zstd:1"));
         let m = machine("ssh://h?compress=true&remote-program=/bin/nix-store");
         assert_eq!(wire_compression(&m), WireCompression::SshZlib);
         assert_eq!(remote_command(&m, &nix()), "/bin/nix-store --serve --write");
@@ -307,7 +307,7 @@ mod tests {
         assert_eq!(
             remote_command(&m, &gnu),
             "/opt/sandoff/bin/sandoff --store-root /srv serve --stdio --write \
-             --expect-store-dir /gnu/store --compress zstd:3"
+             --expect-store-dir /gnu/store --compress zstd:1"
         );
         assert_eq!(store_dir_probe(&m), None);
         // A name that merely contains "sandoff" is not sandoff.
