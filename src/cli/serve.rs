@@ -23,8 +23,8 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::Args;
-use sandoff::serve::{serve_with_builds, BuildSetup, ServeOptions};
 use sandoff::remote::compress::parse_compress_arg;
+use sandoff::serve::{serve_with_builds, BuildSetup, ServeOptions};
 use sandoff::serve_protocol::StoreDirMismatch;
 use sandoff::store::{StoreDir, StoreLocation};
 

@@ -20,7 +20,9 @@ use std::collections::BTreeSet;
 
 use thiserror::Error;
 
-use super::machines::{self, Compression, GuixExtras, Machine, MachineError, MachineFormat, MachineName};
+use super::machines::{
+    self, Compression, GuixExtras, Machine, MachineError, MachineFormat, MachineName,
+};
 use crate::termsafe;
 
 /// How deeply lists may nest; deeper input is refused instead of risking
@@ -727,12 +729,16 @@ impl Fields {
                 .unwrap_or(defaults.compression_level),
             daemon_socket: string("daemon-socket")?.unwrap_or(defaults.daemon_socket),
         };
-        let given_level = self.take("compression-level").map(|_| extras.compression_level);
-        let compression = Compression::from_guix(&extras.compression, given_level)
-            .map_err(|source| GuixMachinesError::Machine {
-                file: file.to_owned(),
-                line: level_line,
-                source,
+        let given_level = self
+            .take("compression-level")
+            .map(|_| extras.compression_level);
+        let compression =
+            Compression::from_guix(&extras.compression, given_level).map_err(|source| {
+                GuixMachinesError::Machine {
+                    file: file.to_owned(),
+                    line: level_line,
+                    source,
+                }
             })?;
         let machine_name =
             MachineName::new(&name).map_err(|source| GuixMachinesError::Machine {

@@ -25,7 +25,11 @@ pub enum MachineError {
     BadUser,
     #[error("machine {machine}: speed factor {speed} is not a positive finite number")]
     BadSpeed { machine: String, speed: f64 },
-    #[error("compression level {level} is not a zstd level from {} to {}", Compression::MIN_LEVEL, Compression::MAX_LEVEL)]
+    #[error(
+        "compression level {level} is not a zstd level from {} to {}",
+        Compression::MIN_LEVEL,
+        Compression::MAX_LEVEL
+    )]
     BadCompressionLevel { level: i64 },
 }
 
@@ -439,7 +443,11 @@ mod tests {
             })
         );
         for off in ["none", "", "no", "none,none"] {
-            assert_eq!(Compression::from_guix(off, Some(3)), Ok(Compression::Off), "{off:?}");
+            assert_eq!(
+                Compression::from_guix(off, Some(3)),
+                Ok(Compression::Off),
+                "{off:?}"
+            );
         }
         assert_eq!(
             Compression::from_guix("zlib", Some(9)),
@@ -452,14 +460,20 @@ mod tests {
                 Err(MachineError::BadCompressionLevel { level })
             );
         }
-        assert_eq!(Compression::from_guix("none", Some(0)), Ok(Compression::Off));
+        assert_eq!(
+            Compression::from_guix("none", Some(0)),
+            Ok(Compression::Off)
+        );
     }
 
     #[test]
     fn compression_levels_per_peer() {
         assert_eq!(Compression::Off.zstd_level(), None);
         assert!(!Compression::Off.ssh_zlib());
-        assert_eq!(Compression::Unset.zstd_level(), Some(Compression::DEFAULT_LEVEL));
+        assert_eq!(
+            Compression::Unset.zstd_level(),
+            Some(Compression::DEFAULT_LEVEL)
+        );
         assert!(!Compression::Unset.ssh_zlib());
         assert_eq!(Compression::On { level: 7 }.zstd_level(), Some(7));
         assert!(Compression::On { level: 7 }.ssh_zlib());

@@ -626,7 +626,10 @@ mod tests {
         );
         let e = c("ssh://h?compress=maybe").unwrap_err();
         assert!(e.to_string().contains("compress= parameter"), "{e}");
-        assert!(matches!(e, NixMachinesError::BadUri { line: 1, .. }), "{e:?}");
+        assert!(
+            matches!(e, NixMachinesError::BadUri { line: 1, .. }),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -153,7 +153,7 @@ impl Deflater {
         while src.pos() < data.len() {
             self.make_room(wire)?;
             let pos = self.out.len();
-                let mut dst = OutBuffer::around_pos(&mut self.out, pos);
+            let mut dst = OutBuffer::around_pos(&mut self.out, pos);
             self.encoder.run(&mut src, &mut dst)?;
         }
         self.in_frame |= !data.is_empty();

@@ -5,13 +5,13 @@ use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 
 use crate::decide::Placement;
+use crate::remote::compress::{ZstdReader, ZstdWriter};
 use crate::sandbox::{Limits, UserError};
 use crate::serve_protocol::{self, MAX_ITEMS, MAX_STRING};
 use crate::store::export::{import_paths, write_export, SignaturePolicy};
 use crate::store::local::LocalStore;
 use crate::store::nar::{self};
 use crate::store::signature::Signature;
-use crate::remote::compress::{ZstdReader, ZstdWriter};
 use crate::store::wire::{self, WireError};
 use crate::store::{ContentAddress, Hash, HashAlgo, StorePath, ValidPathInfo};
 

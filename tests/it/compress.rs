@@ -17,8 +17,8 @@ use sandoff::store::{HashAlgo, StoreDir, StorePath};
 use serde_json::Value;
 
 use crate::build::{text, Store};
-use crate::serve::foo_baz;
 use crate::hosts::{self, TestHost};
+use crate::serve::foo_baz;
 use crate::support;
 use crate::this_test;
 
@@ -139,7 +139,11 @@ fn a_closure_copied_to_a_sandoff_host_travels_as_zstd_by_default() {
     let line = host.machine_line();
     let machines = c.write_machines(&line);
     // The listing says what the entry means for this peer.
-    let list = support::run_ok(c.cmd().args(["machines", "list", "--machines"]).arg(&machines));
+    let list = support::run_ok(
+        c.cmd()
+            .args(["machines", "list", "--machines"])
+            .arg(&machines),
+    );
     assert!(text(&list).contains("compress=zstd:1"), "{}", text(&list));
 
     let report = c.copy_to_ok(&machines, name(&line));
@@ -172,7 +176,11 @@ fn compress_false_copies_plain_bytes() {
     let c = Client::new();
     let line = with_param(&host.machine_line(), "compress=false");
     let machines = c.write_machines(&line);
-    let list = support::run_ok(c.cmd().args(["machines", "list", "--machines"]).arg(&machines));
+    let list = support::run_ok(
+        c.cmd()
+            .args(["machines", "list", "--machines"])
+            .arg(&machines),
+    );
     assert!(text(&list).contains("compress=off"), "{}", text(&list));
     let report = c.copy_to_ok(&machines, name(&line));
     assert_eq!(report["compression"], "none", "{report}");
@@ -189,7 +197,11 @@ fn a_stock_nix_host_asked_to_compress_gets_ssh_zlib() {
     let c = Client::new();
     let line = with_param(&host.machine_line(), "compress=true");
     let machines = c.write_machines(&line);
-    let list = support::run_ok(c.cmd().args(["machines", "list", "--machines"]).arg(&machines));
+    let list = support::run_ok(
+        c.cmd()
+            .args(["machines", "list", "--machines"])
+            .arg(&machines),
+    );
     assert!(text(&list).contains("compress=ssh-zlib"), "{}", text(&list));
     // Negotiated with the real sshd: `ssh-zlib` is reported only when
     // libssh2 and sshd agreed on a zlib method.
@@ -333,7 +345,12 @@ fn the_client_and_a_local_server_speak_zstd_after_the_handshake() {
                 .topo_sort(&both)
                 .expect("topo sort")
                 .into_iter()
-                .map(|p| (src.query_path_info(&p).unwrap().expect("valid"), loc.real_path(&p)))
+                .map(|p| {
+                    (
+                        src.query_path_info(&p).unwrap().expect("valid"),
+                        loc.real_path(&p),
+                    )
+                })
                 .collect();
             write_export(w, &loc.dir, entries.iter().map(|(i, p)| (i, p.as_path())))
         })
@@ -355,7 +372,14 @@ fn the_client_and_a_local_server_speak_zstd_after_the_handshake() {
     assert_eq!((hash, size), (want.nar_hash, want.nar_size));
     let (sent, received) = client.transport().counts();
     assert!(sent.plain > 0 && received.plain > 0);
-    assert_ne!(sent, ByteCount { plain: sent.plain, wire: sent.plain }, "nothing was compressed");
+    assert_ne!(
+        sent,
+        ByteCount {
+            plain: sent.plain,
+            wire: sent.plain
+        },
+        "nothing was compressed"
+    );
 
     // A refusal still comes through, on stderr, and ends the session.
     let missing = StorePath::from_base_name("00000000000000000000000000000000-missing").unwrap();

@@ -71,7 +71,9 @@ fn a_flipped_byte_is_refused() {
         let mut bad = wire.clone();
         bad[i] ^= 0x10;
         let mut got = Vec::new();
-        let res = ZstdReader::new(&bad[..]).expect("decoder").read_to_end(&mut got);
+        let res = ZstdReader::new(&bad[..])
+            .expect("decoder")
+            .read_to_end(&mut got);
         assert!(
             res.is_err(),
             "a flipped byte at {i} of {} went unnoticed",
@@ -85,7 +87,11 @@ fn plain_bytes_are_not_taken_for_zstd() {
     let mut r = ZstdReader::new(&b"Welcome to our build server!\n"[..]).expect("decoder");
     let e = r.read_to_end(&mut Vec::new()).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::InvalidData);
-    assert!(e.to_string().contains("zstd stream from the peer is corrupt"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("zstd stream from the peer is corrupt"),
+        "{e}"
+    );
 }
 
 #[test]

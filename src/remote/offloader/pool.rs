@@ -92,9 +92,7 @@ fn connect(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Conn, 
             WireCompression::Zstd { level }
         }
         // What the server agreed to: it may compress nothing.
-        WireCompression::SshZlib if session.ssh_compression().is_some() => {
-            WireCompression::SshZlib
-        }
+        WireCompression::SshZlib if session.ssh_compression().is_some() => WireCompression::SshZlib,
         WireCompression::SshZlib | WireCompression::None => WireCompression::None,
     };
     tracing::debug!(machine = %machine.name, %compression, "serve session ready");

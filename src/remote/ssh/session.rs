@@ -11,12 +11,12 @@ use ssh2::{CheckResult, KnownHostFileKind, MethodType};
 use zeroize::Zeroizing;
 
 use super::channel::{retry_keepalive_timeouts, SshChannel};
-use super::host_key::{self, host_port, hostkey_algorithms, PublicKey};
 use super::command::wire_compression;
+use super::host_key::{self, host_port, hostkey_algorithms, PublicKey};
 use super::{SshError, SshOptions, RUN_OUTPUT_LIMIT};
-use crate::remote::compress::WireCompression;
 use crate::bounded;
 use crate::decide::Machine;
+use crate::remote::compress::WireCompression;
 
 /// Ciphers in order of preference, fastest first as measured against
 /// OpenSSH's sshd (AES-NI machine, 200 MiB to `cat > /dev/null`): libssh2
