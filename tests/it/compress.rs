@@ -396,3 +396,67 @@ fn the_client_and_a_local_server_speak_zstd_after_the_handshake() {
     let status = client.into_transport().into_inner().close().expect("close");
     assert!(!status.success());
 }
+
+#[test]
+fn a_corrupted_reply_stream_fails_the_download_and_stages_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, _, _) = foo_baz(&tmp.path().join("src"));
+    // 200 KB of hex from a simple generator: it compresses about 2x, so
+    // its NAR is by far the largest reply, and byte 3000 of the replies
+    // after the handshake falls inside it.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let big_text: String = (0..25_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            format!("{:08x}", x as u32)
+        })
+        .collect();
+    let big = src
+        .add_text(
+            "big",
+            big_text.as_bytes(),
+            &BTreeSet::new(),
+            &Default::default(),
+        )
+        .expect("add big");
+    let one = BTreeSet::from([big.clone()]);
+    // The server's stdout goes through a flipper of byte 16 + 3000 (past
+    // the plain handshake); sandoff is exec'd so that its exit ends it.
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(
+            "exec \"$0\" serve --stdio --write --compress zstd:1 > >({ dd bs=1 count=3016; \
+             dd bs=1 count=1 | tr '\\000-\\377' '\\377\\000-\\376'; exec cat; } 2>/dev/null)",
+        )
+        .arg(env!("CARGO_BIN_EXE_sandoff"))
+        .env("SANDOFF_STORE_ROOT", tmp.path().join("root"))
+        .env_remove("SANDOFF_STORE_DIR")
+        .env_remove("SANDOFF_STATE_DIR");
+    let transport = ZstdTransport::new(ChildTransport::spawn(cmd).expect("spawn"));
+    let mut client = ServeClient::open(transport, StoreDir::default()).expect("handshake");
+    client.transport().start(1).expect("zstd");
+    let loc = src.location();
+    client
+        .import_paths(|w| {
+            let info = src.query_path_info(&big).unwrap().expect("valid");
+            let path = loc.real_path(&big);
+            write_export(w, &loc.dir, [(&info, path.as_path())])
+        })
+        .expect("ImportPaths")
+        .expect("export");
+    assert_eq!(client.query_valid_paths(&one, false, false).unwrap(), one);
+    let dst = crate::serve::open(&tmp.path().join("dst"));
+    let res = client.dump_store_path(&big, |r| dst.stage_nar(r));
+    let err = match res {
+        Ok(Ok(_)) => panic!("a corrupted NAR stream was read without error"),
+        Ok(Err(e)) => e.to_string() + &format!("{:?}", e),
+        Err(e) => e.to_string() + &format!("{:?}", e),
+    };
+    assert!(
+        err.contains("zstd stream from the peer is corrupt") || err.contains("hash"),
+        "{err}"
+    );
+    assert!(!dst.is_valid(&big).unwrap());
+}
