@@ -72,6 +72,19 @@ impl Client {
         serde_json::from_slice(&out.stdout).expect("copy --json")
     }
 
+    /// `sandoff machines test` of the machines in `machines`, which must
+    /// pass; what it printed.
+    fn machines_test(&self, machines: &Path) -> String {
+        let out = self
+            .cmd()
+            .args(["machines", "test", "--machines"])
+            .arg(machines)
+            .output()
+            .expect("run sandoff machines test");
+        assert!(out.status.success(), "machines test: {}", text(&out.stderr));
+        text(&out.stdout)
+    }
+
     fn write_machines(&self, line: &str) -> PathBuf {
         let path = self.tmp.path().join("machines");
         std::fs::write(&path, format!("{line}\n")).expect("write machines");
@@ -166,6 +179,11 @@ fn a_closure_copied_to_a_sandoff_host_travels_as_zstd_by_default() {
             .args(["store", "verify", "--sigs-needed", "0"])
             .arg(&c.path),
     );
+    // `machines test` sends a path and fetches it back, compressed, and
+    // says so.
+    let report = c.machines_test(&machines);
+    assert!(report.contains("streams compressed: zstd level 1"), "{report}");
+    assert!(report.contains("NAR hash intact"), "{report}");
 }
 
 #[test]
@@ -214,6 +232,8 @@ fn a_stock_nix_host_asked_to_compress_gets_ssh_zlib() {
         .output()
         .expect("run nix-store --check-validity");
     assert!(check.status.success(), "{}", text(&check.stderr));
+    let report = c.machines_test(&machines);
+    assert!(report.contains("streams compressed: SSH zlib"), "{report}");
 
     // Without compress=, a stock Nix host gets nothing, as with Nix.
     let plain = c.write_machines(&host.machine_line());
