@@ -203,3 +203,33 @@ fn requests_and_replies_cross_a_pipe_pair_without_deadlock() {
     drop(t);
     assert_eq!(server.join().expect("server thread").expect("server"), 5);
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn messages_flushed_anywhere_decode_back(
+            messages in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..3000), 0..12),
+            level in 1i32..=19,
+        ) {
+            let mut wire = Vec::new();
+            let mut w = ZstdWriter::new(&mut wire, level).expect("encoder");
+            for m in &messages {
+                w.write_all(m).unwrap();
+                w.flush().unwrap();
+            }
+            drop(w);
+            let mut back = Vec::new();
+            ZstdReader::new(&wire[..]).expect("decoder").read_to_end(&mut back).unwrap();
+            prop_assert_eq!(back, messages.concat());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let mut out = Vec::new();
+            let _ = ZstdReader::new(&data[..]).expect("decoder").take(1 << 20).read_to_end(&mut out);
+        }
+    }
+}
