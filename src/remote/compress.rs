@@ -6,8 +6,8 @@
 //! asked for where the client already knows its peer is sandoff: on the
 //! remote command line ([`crate::remote::ssh::remote_command`] adds
 //! `--compress zstd:LEVEL`). A sandoff too old to know the option refuses
-//! it on stderr before the handshake, which the client reports as a failed
-//! session (never as garbled data). A stock Nix peer never gets zstd; when
+//! it on stderr before the handshake (never garbled data); the offloader
+//! then starts it again without the option, on the same connection. A stock Nix peer never gets zstd; when
 //! its entry asks for compression the SSH transport compresses instead
 //! (zlib, [`WireCompression::SshZlib`]).
 //!

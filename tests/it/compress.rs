@@ -182,7 +182,10 @@ fn a_closure_copied_to_a_sandoff_host_travels_as_zstd_by_default() {
     // `machines test` sends a path and fetches it back, compressed, and
     // says so.
     let report = c.machines_test(&machines);
-    assert!(report.contains("streams compressed: zstd level 1"), "{report}");
+    assert!(
+        report.contains("streams compressed: zstd level 1"),
+        "{report}"
+    );
     assert!(report.contains("NAR hash intact"), "{report}");
 }
 
@@ -203,6 +206,46 @@ fn compress_false_copies_plain_bytes() {
     let report = c.copy_to_ok(&machines, name(&line));
     assert_eq!(report["compression"], "none", "{report}");
     assert_eq!(report["sent"]["plain"], report["sent"]["wire"], "{report}");
+    assert!(valid_on(&host, &c.path));
+}
+
+#[test]
+fn a_sandoff_that_does_not_know_compress_is_asked_again_without_it() {
+    let Some(host) = TestHost::start_if_ready(this_test!(), 75) else {
+        return;
+    };
+    // A sandoff older than --compress, as clap refuses an unknown option.
+    let dir = host.home.join("old");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let wrapper = dir.join("sandoff");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\n\
+         for a; do case $a in --compress) \
+         echo \"error: unexpected argument '--compress' found\" >&2; exit 2;; esac; done\n\
+         exec sandoff \"$@\"\n",
+    )
+    .expect("write wrapper");
+    support::run_ok(Command::new("chmod").arg("755").arg(&wrapper));
+    let c = Client::new();
+    let line = with_param(
+        &host.machine_line(),
+        &format!("remote-program={}", wrapper.display()),
+    );
+    let machines = c.write_machines(&line);
+    let out = c
+        .cmd()
+        .env("RUST_LOG", "sandoff=warn")
+        .args(["copy", "--json", "--machines"])
+        .arg(&machines)
+        .args(["--to", name(&line), &c.path])
+        .output()
+        .expect("run sandoff copy");
+    assert!(out.status.success(), "copy: {}", text(&out.stderr));
+    let err = without_colours(&text(&out.stderr));
+    assert!(err.contains("does not know --compress"), "{err}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("copy --json");
+    assert_eq!(report["compression"], "none", "{report}");
     assert!(valid_on(&host, &c.path));
 }
 

@@ -3,7 +3,7 @@
 
 use crate::decide::Machine;
 use crate::remote::compress::{ByteCount, WireCompression};
-use crate::remote::ssh::{remote_command, SshSession};
+use crate::remote::ssh::SshSession;
 use crate::store::hash::HashingReader;
 use crate::store::local::{LocalStore, StoreError};
 use crate::store::nar::{self, NullVisitor};
@@ -137,7 +137,7 @@ impl Offloader {
         report.passed.push(format!(
             "connected to {} (host key verified) and started '{}' (serve protocol 2.{})",
             conn.session.host(),
-            remote_command(machine, &self.dir),
+            conn.command,
             conn.client.minor()
         ));
         report

@@ -73,9 +73,20 @@ pub enum ProbeError {
 /// sandoff also gets `--compress zstd:LEVEL` (see
 /// [`crate::remote::compress`]); a stock Nix program never does.
 pub fn remote_command(machine: &Machine, dir: &StoreDir) -> String {
-    let compress = match wire_compression(machine) {
-        WireCompression::Zstd { level } => format!(" --compress {}", compress_arg(level)),
-        WireCompression::None | WireCompression::SshZlib => String::new(),
+    let zstd = match wire_compression(machine) {
+        WireCompression::Zstd { level } => Some(level),
+        WireCompression::None | WireCompression::SshZlib => None,
+    };
+    remote_command_with(machine, dir, zstd)
+}
+
+/// [`remote_command`] asking a sandoff program for zstd at `zstd` (or not
+/// at all), whatever the entry says: for a second try without `--compress`
+/// at a sandoff too old to know it.
+pub fn remote_command_with(machine: &Machine, dir: &StoreDir, zstd: Option<i32>) -> String {
+    let compress = match zstd {
+        Some(level) => format!(" --compress {}", compress_arg(level)),
+        None => String::new(),
     };
     let sandoff = |program: &str| {
         format!(
@@ -298,6 +309,11 @@ mod tests {
         // Off: neither.
         let m = machine("ssh://h?compress=false");
         assert_eq!(wire_compression(&m), WireCompression::None);
+        // The second try at an old sandoff, without --compress.
+        assert_eq!(
+            remote_command_with(&machine("ssh://h"), &nix(), None),
+            "sandoff serve --stdio --write --expect-store-dir /nix/store"
+        );
     }
 
     #[test]

@@ -50,7 +50,8 @@ mod session;
 
 pub use channel::SshChannel;
 pub use command::{
-    parse_store_dir_probe, remote_command, store_dir_probe, wire_compression, ProbeError,
+    parse_store_dir_probe, remote_command, remote_command_with, store_dir_probe, wire_compression,
+    ProbeError,
 };
 pub use session::SshSession;
 
