@@ -129,7 +129,8 @@ pub enum MachineFormat {
 /// the protocol streams are zstd at `level` (negotiated on sandoff's
 /// command line); a stock `nix-store --serve` speaks only plain bytes, so
 /// with it "on" means SSH's own zlib compression, as Nix's `-C` and Guix's
-/// guile-ssh do, and the level is libssh2's (zlib 6), not this one.
+/// guile-ssh do, and the level is libssh2's fixed one (zlib's fastest), not
+/// this one.
 ///
 /// The default for a Nix entry without `compress=` is [`Compression::Unset`]:
 /// zstd at [`Compression::DEFAULT_LEVEL`] with sandoff, nothing with stock
