@@ -73,6 +73,7 @@ fn bench(c: &mut Criterion) {
             slots_in_use: (i % 5) as u32,
             load: (i % 3 == 0).then_some((i % 10) as f64 / 10.0),
             in_backoff: i % 17 == 0,
+            held_bytes: 0,
         })
         .collect();
     let drv = DrvFacts {

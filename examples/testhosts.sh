@@ -42,6 +42,13 @@
 # timeouts and keepalives; `up` restores it. DIR/hostI/netns holds the
 # namespace's name. Needs I <= 255.
 #
+# TESTHOSTS_LINK=RATE:RTT (e.g. 100mbit:40ms; implies TESTHOSTS_NETNS) joins
+# the namespace by a shaped link instead: examples/delayline.py carries the
+# packets between two TUN devices (`slIa` here with 10.77.I.1, `slIb` inside
+# with 10.77.I.2) after the serialisation time at RATE plus half of RTT each
+# way, as netem would (this kernel may lack netem). Its pid is in
+# DIR/hostI/delayline.pid; `stop` kills it.
+#
 # The machines lines take these from the environment (one value for all N):
 #   TESTHOSTS_SYSTEMS    system types, comma-separated (default x86_64-linux)
 #   TESTHOSTS_MAX_JOBS   slots (default 2)
@@ -84,6 +91,27 @@ die() { echo "testhosts: $*" >&2; exit 1; }
 
 # A machines-file field from a comma-separated list: "-" when empty.
 field() { if [[ -n $1 ]]; then printf '%s' "$1"; else printf -- '-'; fi; }
+
+# Creates namespace sandoff-th$1 joined by a link shaped as $2 (RATE:RTT) by
+# examples/delayline.py, whose pid and log go to host directory $3; prints
+# the inside address.
+make_shaped_netns() {
+    local i=$1 link=$2 h=$3 ns=sandoff-th$1
+    ((i <= 255)) || die "TESTHOSTS_LINK needs host numbers <= 255, not $i"
+    command -v python3 >/dev/null || die "TESTHOSTS_LINK needs python3"
+    ip netns del "$ns" 2>/dev/null || true
+    ip netns add "$ns"
+    local fifo
+    fifo=$(mktemp -u)
+    mkfifo "$fifo"
+    python3 "$(dirname "$0")/delayline.py" "$ns" "$i" "${link%%:*}" "${link##*:}" >"$fifo" 2>"$h/delayline.log" &
+    echo $! >"$h/delayline.pid"
+    local ready
+    read -r ready <"$fifo" || true
+    rm -f "$fifo"
+    [[ $ready == ready ]] || die "the shaped link for host $i did not come up: $(cat "$h/delayline.log")"
+    echo "10.77.$i.2"
+}
 
 # Creates namespace sandoff-th$1 with its veth pair; prints the inside address.
 make_netns() {
@@ -195,7 +223,11 @@ CONF
         chmod 755 "$h/serve"
         rm -f "$h/netns"
         local run=()
-        if [[ -n $netns ]]; then
+        if [[ -n ${TESTHOSTS_LINK:-} ]]; then
+            addr=$(make_shaped_netns "$i" "$TESTHOSTS_LINK" "$h")
+            echo "sandoff-th$i" >"$h/netns"
+            run=(ip netns exec "sandoff-th$i")
+        elif [[ -n $netns ]]; then
             addr=$(make_netns "$i")
             echo "sandoff-th$i" >"$h/netns"
             run=(ip netns exec "sandoff-th$i")
@@ -278,6 +310,13 @@ stop() {
             # A stale pid file may name a reused pid: only ever kill an sshd.
             [[ $comm != sshd ]] || kill_tree "$pid"
             rm -f "$h/sshd.pid"
+        fi
+        if [[ -s $h/delayline.pid ]]; then
+            local dpid
+            dpid=$(cat "$h/delayline.pid")
+            # Only ever the delay line this script started.
+            grep -q delayline.py "/proc/$dpid/cmdline" 2>/dev/null && kill "$dpid" 2>/dev/null || true
+            rm -f "$h/delayline.pid"
         fi
         if [[ -s $h/netns ]]; then
             local ns i

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nix-bin busybox-static sqlite3 pkg-config libssl-dev jq guile-3.0 openssh-server iproute2 gcc libc6-dev)
+packages=(nix-bin busybox-static sqlite3 pkg-config libssl-dev jq guile-3.0 openssh-server iproute2 gcc libc6-dev tmux)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${packages[@]}"; do

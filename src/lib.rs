@@ -23,14 +23,17 @@
 //! - [`decide`]: where a derivation is built; Nix and Guix machines files
 //!   read into one machine model, and one pure `decide()` for every caller.
 //! - [`sandbox`]: the local build sandbox: a pure plan of setup steps, run
-//!   by one forked child in fresh namespaces as a pooled build user.
+//!   by one forked child in fresh namespaces as a pooled build user, in a
+//!   cgroup of its own where cgroup v2 allows (killed whole, measured).
 //! - [`serve_protocol`]: what both ends of Nix's serve protocol share.
 //! - [`remote`]: other machines: SSH, the serve client (zstd-compressed
 //!   between sandoff peers), per-machine slots and
 //!   backoff, and the offloader that builds one derivation on a machine.
 //! - [`build`]: realising derivations: the graph of what is missing,
 //!   scheduled in dependency order, each placed by `decide` and built here
-//!   in the sandbox or on a machine, its outputs checked and registered.
+//!   in the sandbox or on a machine, its outputs checked and registered (or,
+//!   with `--check`, compared with the valid ones); its log kept in
+//!   sandoff's layout or, on a daemon's store, the daemon's.
 //! - [`serve`] and [`hook`]: front ends over `build` for the daemon side of
 //!   each protocol (`sandoff serve`, `sandoff hook`, `sandoff
 //!   nix-build-hook`).

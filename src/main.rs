@@ -58,6 +58,9 @@ enum Command {
     Derivation(cli::derivation::DerivationCommand),
     /// Build derivations (every missing output, in dependency order) and print their output paths.
     Build(cli::build::BuildArgs),
+    /// Open a shell (or run a command) in the sandbox of a failed build
+    /// kept with --keep-failed, set up as the build's was.
+    Enter(cli::enter::EnterArgs),
     /// Print the build log of a derivation.
     Log {
         /// The derivation (a full .drv store path).
@@ -81,6 +84,9 @@ enum Command {
     /// `sandoff-build-hook` runs): settings and requests on stdin, replies
     /// on stderr, the daemon's store from its `store` setting.
     NixBuildHook(cli::nix_hook::NixHookArgs),
+    /// The helper that `builtin:fetchurl` builds run as the build user.
+    #[command(name = "__builtin-fetchurl", hide = true)]
+    BuiltinFetchurl(cli::builtin::BuiltinFetchurlArgs),
 }
 
 impl Cli {
@@ -127,6 +133,7 @@ impl LocationFlags {
         }
         if let Some(daemon) = daemon_store {
             loc.daemon_db = daemon.db_dir(&loc.root);
+            loc.daemon_log_dir = daemon.log_dir(&loc.root);
         }
         loc
     }
@@ -183,6 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Setup(c) => cli::setup::run(c, &loc),
         Command::Build(c) => cli::build::run(c, &loc),
         Command::Log { drv } => cli::build::log(&drv, &loc),
+        Command::Enter(c) => cli::enter::run(c),
         Command::Decide(c) => cli::decide::run(c, &loc),
         Command::Machines(c) => cli::machines::run(c, &loc),
         Command::Copy(c) => cli::copy::run(c, &loc),
@@ -191,6 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::NixBuildHook(c) => cli::nix_hook::run(c, &|root| {
             flags.location(Some(root), Some(cli::DaemonStore::Nix))
         }),
+        Command::BuiltinFetchurl(c) => cli::builtin::run(c),
     }
 }
 

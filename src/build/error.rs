@@ -11,6 +11,8 @@ use thiserror::Error;
 
 use crate::derivation::check::{CheckError, ReadError};
 use crate::derivation::DerivationError;
+
+use super::fetchurl::FetchurlError;
 use crate::remote::offloader::OffloadError;
 use crate::sandbox::{BuildOutcome, SandboxError, UserError};
 use crate::serve_protocol::BuildStatus;
@@ -66,6 +68,21 @@ pub enum BuildErrorKind {
         kept: Option<PathBuf>,
         /// The last lines of the log.
         tail: Vec<String>,
+    },
+    /// The build was killed for writing more than `limit` bytes of log
+    /// (`--max-log-size`).
+    LogLimit {
+        /// The limit.
+        limit: u64,
+        /// The build directory, when kept (`--keep-failed`).
+        kept: Option<PathBuf>,
+    },
+    /// `--check` of a derivation whose outputs are not all valid.
+    CheckInvalid,
+    /// `--check`: building again gave different outputs.
+    NotDeterministic {
+        /// Each output that differs.
+        differences: Vec<super::check::Difference>,
     },
     /// An output was not produced.
     MissingOutput {
@@ -146,6 +163,10 @@ pub enum BuildErrorKind {
     },
     /// Choosing where to build failed (slot or backoff files).
     Placement(Box<OffloadError>),
+    /// A built-in builder is not supported, or `builtin:fetchurl` could not
+    /// start (a download that fails is a [`BuildErrorKind::Failed`] build,
+    /// its reason in the log).
+    Builtin(FetchurlError),
 }
 
 impl BuildError {
@@ -210,6 +231,28 @@ impl BuildErrorKind {
                 kept_note(kept),
                 tail_note(tail)
             ),
+            K::LogLimit { limit, kept } => write!(
+                f,
+                "building '{drv}' killed after writing more than {limit} bytes of log output{}",
+                kept_note(kept)
+            ),
+            K::CheckInvalid => write!(
+                f,
+                "some outputs of '{drv}' are not valid, so checking is not possible"
+            ),
+            K::NotDeterministic { differences } => {
+                write!(f, "derivation '{drv}' may not be deterministic: ")?;
+                for (i, d) in differences.iter().enumerate() {
+                    if i > 0 {
+                        write!(f, "; ")?;
+                    }
+                    write!(f, "output '{}' differs", d.output.display())?;
+                    if let Some(kept) = &d.kept {
+                        write!(f, " from '{}'", kept.display())?;
+                    }
+                }
+                Ok(())
+            }
             K::MissingOutput { output, path } => write!(
                 f,
                 "builder for '{drv}' did not produce output '{output}' ({path})"
@@ -250,7 +293,7 @@ impl BuildErrorKind {
             } => write!(f, "cannot {action} '{}': {source}", path.display()),
             K::Kept { error, dir } => {
                 error.describe(drv, f)?;
-                write!(f, "; build directory kept at {}", dir.display())
+                write!(f, "{}", kept_note(&Some(dir.clone())))
             }
             K::RemoteFailed {
                 machine,
@@ -267,6 +310,7 @@ impl BuildErrorKind {
                 write!(f, "cannot build '{drv}' on '{machine}': {source}")
             }
             K::Placement(e) => write!(f, "cannot place '{drv}': {e}"),
+            K::Builtin(e) => write!(f, "cannot build '{drv}': {e}"),
         }
     }
 
@@ -285,6 +329,7 @@ impl BuildErrorKind {
             K::Kept { error, .. } => error.source(),
             K::Offload { source, .. } => Some(&**source),
             K::Placement(e) => Some(&**e),
+            K::Builtin(e) => Some(e),
             _ => None,
         }
     }
@@ -317,10 +362,29 @@ impl From<BuildError> for GraphError {
     }
 }
 
+/// Where a kept build directory is, and the command that enters its
+/// sandbox (see [`super::enter`]).
 fn kept_note(kept: &Option<PathBuf>) -> String {
     kept.as_ref()
-        .map(|k| format!("; build directory kept at {}", k.display()))
+        .map(|k| {
+            format!(
+                "; build directory kept at {}; to investigate in its sandbox: sandoff enter {}",
+                k.display(),
+                shell_word(&k.to_string_lossy())
+            )
+        })
         .unwrap_or_default()
+}
+
+/// `word` as one word for a POSIX shell: as it is when it holds only
+/// characters no shell reads specially, else in single quotes.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@%=".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
 }
 
 fn remote_message(status: &BuildStatus, message: &str) -> String {
@@ -336,5 +400,20 @@ fn tail_note(tail: &[String]) -> String {
         String::new()
     } else {
         format!("; last log lines: {}", tail.join(" | "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_enter_command_quotes_a_directory_only_when_a_shell_needs_it() {
+        assert_eq!(
+            shell_word("/var/b/.tmpA1/sandoff-build-x_Y"),
+            "/var/b/.tmpA1/sandoff-build-x_Y"
+        );
+        assert_eq!(shell_word("/my builds/x"), "'/my builds/x'");
+        assert_eq!(shell_word("/a'b;c"), r"'/a'\''b;c'");
     }
 }

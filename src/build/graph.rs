@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::local::{realise_one, remove_stale_build_dirs, BuildContext, StepOutcome};
+use super::local::{check_one, realise_one, remove_stale_build_dirs, BuildContext, StepOutcome};
 use super::{builds_dir, BuildError, BuildErrorKind, Event, GraphError};
 use crate::derivation::check::{self, ReadError};
 use crate::derivation::{Derivation, DrvHasher};
@@ -71,8 +71,12 @@ type Loaded = (BTreeMap<StorePath, Node>, BTreeMap<StorePath, Derivation>);
 /// checked to give the output paths it names ([`check::check_outputs`]):
 /// one that claims another's outputs would otherwise "build" at once, or
 /// write what the real derivation later reuses. A cycle is named.
-fn load(store: &LocalStore, roots: &[StorePath]) -> Result<Loaded, GraphError> {
-    let (nodes, read) = walk(store, roots)?;
+fn load(
+    store: &LocalStore,
+    roots: &[StorePath],
+    check: &BTreeSet<StorePath>,
+) -> Result<Loaded, GraphError> {
+    let (nodes, read) = walk(store, roots, check)?;
     if let Some(cycle) = find_cycle(&nodes) {
         return Err(GraphError::Cycle {
             cycle: cycle.iter().map(|p| store.location().logical(p)).collect(),
@@ -137,9 +141,13 @@ fn find_cycle(nodes: &BTreeMap<StorePath, Node>) -> Option<Vec<StorePath>> {
 }
 
 /// Every derivation read from `roots` down (stopping at those whose
-/// outputs are all valid): the nodes to build with their edges, and all of
-/// them by path.
-fn walk(store: &LocalStore, roots: &[StorePath]) -> Result<Loaded, GraphError> {
+/// outputs are all valid, unless in `check`, which are built again): the
+/// nodes to build with their edges, and all of them by path.
+fn walk(
+    store: &LocalStore,
+    roots: &[StorePath],
+    check: &BTreeSet<StorePath>,
+) -> Result<Loaded, GraphError> {
     let mut nodes: BTreeMap<StorePath, Node> = BTreeMap::new();
     let mut read: BTreeMap<StorePath, Derivation> = BTreeMap::new();
     let mut stack: Vec<StorePath> = roots.to_vec();
@@ -164,7 +172,7 @@ fn walk(store: &LocalStore, roots: &[StorePath]) -> Result<Loaded, GraphError> {
         for p in outputs.values() {
             missing |= !store.is_valid(p)?;
         }
-        if !missing {
+        if !missing && !check.contains(&path) {
             continue;
         }
         stack.extend(drv.input_derivations.keys().cloned());
@@ -237,15 +245,28 @@ pub fn realise(
     if let Err(e) = ctx.store.remove_stale_stages() {
         tracing::warn!("cannot remove stale staging directories: {e}");
     }
+    // `--check` applies to the requested derivations only.
+    let check: BTreeSet<StorePath> = if ctx.options.check {
+        roots.iter().cloned().collect()
+    } else {
+        BTreeSet::new()
+    };
     schedule(
         ctx.store,
         roots,
+        &check,
         // With machines, workers beyond `jobs` wait for remote slots; the
         // offloader keeps local builds to `jobs`.
         ctx.options.jobs + ctx.offload.map_or(0, |o| o.remote_capacity()),
         ctx.options.keep_going,
         on_event,
-        &|path, drv, events| realise_one(ctx, path, drv, events),
+        &|path, drv, events| {
+            if check.contains(path) {
+                check_one(ctx, path, drv, events)
+            } else {
+                realise_one(ctx, path, drv, events)
+            }
+        },
     )
 }
 
@@ -259,12 +280,13 @@ type Step<'s> = dyn Fn(&StorePath, &Derivation, &mpsc::Sender<Event>) -> Result<
 fn schedule(
     store: &LocalStore,
     roots: &[StorePath],
+    check: &BTreeSet<StorePath>,
     jobs: usize,
     keep_going: bool,
     on_event: &mut dyn FnMut(&Event),
     step: &Step<'_>,
 ) -> Result<Realisation, GraphError> {
-    let (mut nodes, root_drvs) = load(store, roots)?;
+    let (mut nodes, root_drvs) = load(store, roots, check)?;
     let mut result = Realisation::default();
     on_event(&Event::Planned {
         to_build: nodes.len(),
@@ -488,6 +510,7 @@ mod tests {
         let r = schedule(
             store,
             roots,
+            &BTreeSet::new(),
             jobs,
             keep_going,
             &mut |e| {
@@ -540,6 +563,7 @@ mod tests {
             schedule(
                 &s,
                 &[bad.clone(), good],
+                &BTreeSet::new(),
                 1,
                 true,
                 &mut |e| events.push(e.clone()),

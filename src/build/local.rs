@@ -1,7 +1,7 @@
 //! One local build: a derivation whose inputs are all valid becomes valid
 //! outputs, or nothing at all.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -10,13 +10,19 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::check::{compare_outputs, decide_here, Mode};
+use super::fetchurl::{self, FetchRequest, FetchurlError};
+pub use super::log::LogSink;
 use super::somewhere::{build_somewhere, Progress, Somewhere, SomewhereError};
+use super::timings::{Step, Timings};
 use super::{builds_dir, log_path, BuildError, BuildErrorKind, Event, Options};
 use crate::decide::{Decision, Placement};
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::remote::offloader::{LocalPermit, Offloader, RemoteJob};
 use crate::sandbox::plan::{impure_env_allowed, DEFAULT_BUILD_DIR_NAME};
-use crate::sandbox::{run_build, HostDirs, InputPath, SandboxSpec, Timeouts, UserError, UserPool};
+use crate::sandbox::{
+    run_build_measured, HostDirs, InputPath, SandboxSpec, Timeouts, UserError, UserLease, UserPool,
+};
 use crate::serve_protocol::BuildOptions;
 use crate::store::local::{LocalStore, PathLocks, StagedPath};
 use crate::store::refscan;
@@ -24,9 +30,6 @@ use crate::store::{ContentAddress, FileIngestionMethod, HashAlgo, StorePath, Val
 
 /// How often a build waiting for a free build user checks again.
 const USER_POLL: Duration = Duration::from_millis(500);
-
-/// How many log lines a failure message quotes.
-const TAIL_LINES: usize = 10;
 
 /// What builds need: the store, the build users, the options.
 pub struct BuildContext<'a> {
@@ -66,18 +69,35 @@ pub fn realise_one(
     drv: &Derivation,
     events: &Sender<Event>,
 ) -> Result<StepOutcome, BuildError> {
-    realise_one_here(ctx, drv_path, drv, events)
+    realise_one_here(ctx, drv_path, drv, Mode::Build, events)
         .map_err(|kind| BuildError::new(&ctx.store.location().dir, drv_path, kind))
 }
 
-/// [`realise_one`], its failure without the derivation it is about.
-fn realise_one_here(
+/// Builds `drv` (at `drv_path`), whose outputs must all be valid, here
+/// once more and compares the results with them (`--check`, see
+/// [`super::check`]); nothing registered changes. [`StepOutcome::Built`]:
+/// bit-identical.
+pub fn check_one(
     ctx: &BuildContext<'_>,
     drv_path: &StorePath,
     drv: &Derivation,
     events: &Sender<Event>,
+) -> Result<StepOutcome, BuildError> {
+    realise_one_here(ctx, drv_path, drv, Mode::Check, events)
+        .map_err(|kind| BuildError::new(&ctx.store.location().dir, drv_path, kind))
+}
+
+/// [`realise_one`] or [`check_one`], its failure without the derivation it
+/// is about.
+fn realise_one_here(
+    ctx: &BuildContext<'_>,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    mode: Mode,
+    events: &Sender<Event>,
 ) -> Result<StepOutcome, BuildErrorKind> {
     let store = ctx.store;
+    let mut t = Timings::start();
     let outputs: BTreeSet<StorePath> = drv.output_paths().into_values().collect();
     let locks = match store.try_lock_paths(&outputs)? {
         Some(l) => l,
@@ -92,9 +112,12 @@ fn realise_one_here(
     for o in &outputs {
         all_valid &= store.is_valid(o)?;
     }
-    if all_valid {
-        return Ok(StepOutcome::Reused);
+    match mode {
+        Mode::Build if all_valid => return Ok(StepOutcome::Reused),
+        Mode::Check if !all_valid => return Err(BuildErrorKind::CheckInvalid),
+        _ => {}
     }
+    t.lap(Step::Lock);
     let path = log_path(store.location(), drv_path);
     let mut log = LogSink::create(
         &path,
@@ -102,22 +125,32 @@ fn realise_one_here(
             .stream_logs
             .then(|| (events.clone(), drv_path.clone())),
     )?;
-    let r = build_somewhere_locked(ctx, drv_path, drv, &locks, &mut log, events);
+    t.lap(Step::Log);
+    let r = build_somewhere_locked(ctx, drv_path, drv, &locks, mode, &mut log, events, &mut t);
     log.finish();
+    t.lap(Step::Cleanup);
+    let _ = events.send(Event::Timings {
+        drv: drv_path.clone(),
+        times: t.times().clone(),
+    });
     r.map(|()| StepOutcome::Built)
 }
 
 /// Builds `drv` under `locks` (which must cover its outputs), here or on a
 /// machine, and registers its outputs; see the module docs of
 /// [`crate::build`]. Warnings about machines go to `events`. The failure
-/// leaves out the derivation it is about: [`realise_one`] adds it.
+/// leaves out the derivation it is about: [`realise_one`] adds it. Each
+/// step's time is charged to `t`.
+#[allow(clippy::too_many_arguments)]
 fn build_somewhere_locked(
     ctx: &BuildContext<'_>,
     drv_path: &StorePath,
     drv: &Derivation,
     locks: &PathLocks,
+    mode: Mode,
     log: &mut LogSink,
     events: &Sender<Event>,
+    t: &mut Timings,
 ) -> Result<(), BuildErrorKind> {
     let store = ctx.store;
     let loc = store.location();
@@ -137,10 +170,17 @@ fn build_somewhere_locked(
     let outputs = drv.output_paths();
 
     let inputs = input_paths(store, drv)?;
+    t.lap(Step::Inputs);
     // Held for the whole local build, so that at most `jobs` run here.
-    let _permit = match ctx.offload {
+    // A check is built here: a machine would register what it built.
+    let offload = ctx.offload.filter(|_| mode == Mode::Build);
+    let _permit = match offload {
         None => {
-            match ctx.placement.decide(drv) {
+            let decision = match mode {
+                Mode::Build => ctx.placement.decide(drv),
+                Mode::Check => decide_here(ctx.placement, drv),
+            };
+            match decision {
                 Decision::Local { reason } => {
                     tracing::debug!(drv = %drv_name, %reason, "building locally");
                 }
@@ -161,19 +201,36 @@ fn build_somewhere_locked(
             }
         }
     };
-    if drv.builder.starts_with(b"builtin:") {
-        return Err(unsupported("built-in builders (builtin:...)"));
-    }
+    t.lap(Step::Place);
+    // A built-in builder is checked before a build user is taken.
+    let builtin = if drv.builder.starts_with(b"builtin:") {
+        Some(FetchRequest::from_derivation(drv).map_err(BuildErrorKind::Builtin)?)
+    } else {
+        None
+    };
     let closure = store.closure(&inputs)?;
+    t.lap(Step::Inputs);
 
     let pool = ctx
         .pool
         .as_ref()
         .map_err(|e| BuildErrorKind::NoUsers(Arc::clone(e)))?;
     let lease = pool.acquire(USER_POLL).map_err(BuildErrorKind::Users)?;
+    t.lap(Step::User);
     let slot = BuildSlot::create(&builds_dir(loc))?;
     let dirs = HostDirs::create(&slot.dir, lease.user()).map_err(BuildErrorKind::Sandbox)?;
+    t.lap(Step::Dirs);
     let fixed = kind == DerivationKind::Fixed;
+    let impure = if fixed {
+        impure_env(drv, &ctx.options.impure_env_allow)
+    } else {
+        BTreeMap::new()
+    };
+    let timeouts = Timeouts {
+        max_silent: ctx.options.max_silent,
+        total: ctx.options.timeout,
+    };
+    // Kept with a failed build's directory for `sandoff enter`.
     let spec = SandboxSpec {
         store_dir: loc.dir.clone(),
         builder: drv.builder.clone(),
@@ -191,24 +248,38 @@ fn build_somewhere_locked(
         build_dir_name: DEFAULT_BUILD_DIR_NAME.to_owned(),
         user: lease.user().clone(),
         fixed_output: fixed,
-        impure_env: if fixed {
-            impure_env(drv, &ctx.options.impure_env_allow)
-        } else {
-            BTreeMap::new()
-        },
+        impure_env: impure.clone(),
         impure_env_allow: ctx.options.impure_env_allow.clone(),
         limits: ctx.options.limits,
         cores: ctx.options.cores,
-        timeouts: Timeouts {
-            max_silent: ctx.options.max_silent,
-            total: ctx.options.timeout,
-        },
+        timeouts,
     };
-    tracing::debug!(drv = %drv_name, user = lease.user().user_name(), "building");
-    let ran = run_build(&lease, &spec, log);
+    log.set_limit(ctx.options.max_log_size);
+    let ran = match &builtin {
+        Some(request) => run_fetchurl(request, &lease, &dirs, drv, &impure, timeouts, log),
+        None => {
+            tracing::debug!(drv = %drv_name, user = lease.user().user_name(), "building");
+            run_build_measured(&lease, &spec, log)
+                .map(|(outcome, usage)| {
+                    if let Some(usage) = usage {
+                        let _ = events.send(Event::Usage {
+                            drv: drv_path.clone(),
+                            usage,
+                        });
+                    }
+                    outcome
+                })
+                .map_err(BuildErrorKind::Sandbox)
+        }
+    };
+    t.lap(Step::Sandbox);
 
     let result = match ran {
-        Err(source) => Err(BuildErrorKind::Sandbox(source)),
+        Err(_) if log.exceeded().is_some() => Err(BuildErrorKind::LogLimit {
+            limit: log.exceeded().unwrap_or_default(),
+            kept: ctx.options.keep_failed.then(|| dirs.top().to_path_buf()),
+        }),
+        Err(e) => Err(e),
         Ok(outcome) if !outcome.success() => Err(BuildErrorKind::Failed {
             outcome,
             kept: ctx.options.keep_failed.then(|| dirs.top().to_path_buf()),
@@ -222,11 +293,17 @@ fn build_somewhere_locked(
             &dirs,
             lease.user().uid(),
             &closure,
+            t,
         )
         .and_then(|staged| {
-            store
-                .register_built_outputs(locks, staged)
-                .map_err(Into::into)
+            let r = match mode {
+                Mode::Build => store
+                    .register_built_outputs(locks, staged)
+                    .map_err(Into::into),
+                Mode::Check => compare_outputs(store, drv_path, staged, ctx.options.keep_failed),
+            };
+            t.lap(Step::Register);
+            r
         }),
     };
     // The lease is still held: no other build can run as this user until the
@@ -236,9 +313,13 @@ fn build_somewhere_locked(
             let top = dirs.top().to_path_buf();
             // Root-only until now; 0755 as Nix, for inspection.
             let _ = fs::set_permissions(&top, fs::Permissions::from_mode(0o755));
+            // A built-in builder ran no sandbox to enter.
+            if builtin.is_none() {
+                super::enter::save_or_warn(&top, drv_path, loc, pool, &spec);
+            }
             slot.keep();
             match e {
-                e @ BuildErrorKind::Failed { .. } => Err(e),
+                e @ (BuildErrorKind::Failed { .. } | BuildErrorKind::LogLimit { .. }) => Err(e),
                 e => Err(BuildErrorKind::Kept {
                     error: Box::new(e),
                     dir: top,
@@ -255,6 +336,50 @@ fn build_somewhere_locked(
     };
     drop(lease);
     result
+}
+
+/// Runs `builtin:fetchurl` ([`super::fetchurl`]) as the build user, its
+/// output written where a builder's is, in the scratch store of `dirs`.
+/// As around a sandboxed build, every process of the user is killed before
+/// (nothing left from an earlier build may touch this one's files through
+/// the helper) and after (the helper leaves nothing behind).
+fn run_fetchurl(
+    request: &FetchRequest,
+    lease: &UserLease,
+    dirs: &HostDirs,
+    drv: &Derivation,
+    impure: &BTreeMap<Vec<u8>, Vec<u8>>,
+    timeouts: Timeouts,
+    log: &mut LogSink,
+) -> Result<crate::sandbox::BuildOutcome, BuildErrorKind> {
+    let out = drv
+        .outputs
+        .values()
+        .find_map(DerivationOutput::path)
+        .ok_or(BuildErrorKind::Builtin(FetchurlError::NotFixedOutput))?;
+    // The running binary is sandoff's (the CLI, the hook, the serve
+    // command); its hidden subcommand is the helper.
+    let program = std::env::current_exe().map_err(io_err(
+        "find the sandoff binary",
+        Path::new("/proc/self/exe"),
+    ))?;
+    let user = lease.user();
+    tracing::debug!(url = %request.urls[0], user = user.user_name(), "builtin:fetchurl");
+    let job = fetchurl::FetchJob {
+        program: &program,
+        request,
+        user,
+        out_dir: &dirs.dirs().store,
+        output: out.base_name(),
+        impure_env: impure,
+        timeouts,
+    };
+    lease.kill_processes().map_err(BuildErrorKind::Users)?;
+    let ran = fetchurl::run(&job, log).map_err(BuildErrorKind::Builtin);
+    let killed = lease.kill_processes().map_err(BuildErrorKind::Users);
+    let outcome = ran?;
+    killed?;
+    Ok(outcome)
 }
 
 /// The paths a build of `drv` reads, whose closure it needs: its sources and
@@ -307,7 +432,7 @@ fn place_or_offload<'o>(
         options: BuildOptions {
             max_silent_time: secs(ctx.options.max_silent),
             build_timeout: secs(ctx.options.timeout),
-            max_log_size: 0,
+            max_log_size: ctx.options.max_log_size.unwrap_or(0),
             keep_failed: ctx.options.keep_failed,
         },
         substitute: ctx.options.builders_use_substitutes,
@@ -475,6 +600,7 @@ pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, StaleDirsError> {
 
 /// Checks each output the builder made, copies it into a staging path of the
 /// store, scans its references and, for a fixed output, checks its hash.
+#[allow(clippy::too_many_arguments)]
 fn collect_outputs(
     store: &LocalStore,
     drv_name: &str,
@@ -483,6 +609,7 @@ fn collect_outputs(
     dirs: &HostDirs,
     build_uid: u32,
     closure: &BTreeSet<StorePath>,
+    t: &mut Timings,
 ) -> Result<Vec<(StagedPath, ValidPathInfo)>, BuildErrorKind> {
     let loc = store.location();
     let mut candidates = closure.clone();
@@ -505,11 +632,13 @@ fn collect_outputs(
         }
         check_owner(&scratch, build_uid)?;
         let staged = store.stage_path(&scratch)?;
+        t.lap(Step::Stage);
         let references =
             refscan::scan_path(&staged.tmp, &candidates).map_err(|source| BuildErrorKind::Nar {
                 path: staged.tmp.clone(),
                 source,
             })?;
+        t.lap(Step::Scan);
         let ca = match output {
             DerivationOutput::CAFixed { method, hash, .. } => {
                 if let Some(r) = references.iter().find(|r| *r != path) {
@@ -609,7 +738,7 @@ fn impure_env(drv: &Derivation, allow: &[String]) -> BTreeMap<Vec<u8>, Vec<u8>> 
             let ok = impure_env_allowed(n, allow);
             if !ok {
                 tracing::warn!(
-                    drv = drv.name().unwrap_or("?"),
+                    drv = drv.env_name().unwrap_or("?"),
                     var = %String::from_utf8_lossy(n),
                     "impureEnvVars: not passing a variable outside the allowlist (see --impure-env-allow)"
                 );
@@ -631,112 +760,6 @@ fn io_err<'a>(
         action,
         path: path.to_owned(),
         source,
-    }
-}
-
-/// A build's log: written to its file as it comes, the last lines kept for
-/// the failure message, each line also sent as an [`Event::Log`] when asked.
-pub struct LogSink {
-    file: File,
-    path: PathBuf,
-    stream: Option<(Sender<Event>, StorePath)>,
-    partial: Vec<u8>,
-    tail: VecDeque<Vec<u8>>,
-}
-
-impl std::fmt::Debug for LogSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogSink").field("path", &self.path).finish()
-    }
-}
-
-impl LogSink {
-    /// Creates (truncating) the log file at `path`.
-    pub fn create(
-        path: &Path,
-        stream: Option<(Sender<Event>, StorePath)>,
-    ) -> Result<LogSink, BuildErrorKind> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-        }
-        let file = File::create(path).map_err(io_err("create", path))?;
-        Ok(LogSink {
-            file,
-            path: path.to_owned(),
-            stream,
-            partial: Vec::new(),
-            tail: VecDeque::new(),
-        })
-    }
-
-    /// The last lines (lossily decoded).
-    pub fn tail(&self) -> Vec<String> {
-        let mut lines: Vec<String> = self
-            .tail
-            .iter()
-            .map(|l| String::from_utf8_lossy(l).into_owned())
-            .collect();
-        if !self.partial.is_empty() {
-            lines.push(String::from_utf8_lossy(&self.partial).into_owned());
-            if lines.len() > TAIL_LINES {
-                lines.remove(0);
-            }
-        }
-        lines
-    }
-
-    /// Flushes the file and sends a last unterminated line.
-    pub fn finish(&mut self) {
-        if let Err(e) = self.file.flush() {
-            tracing::warn!(path = %self.path.display(), "cannot write build log: {e}");
-        }
-        if !self.partial.is_empty() {
-            if let Some((tx, drv)) = &self.stream {
-                let _ = tx.send(Event::Log {
-                    drv: drv.clone(),
-                    line: std::mem::take(&mut self.partial),
-                });
-            }
-        }
-    }
-
-    fn line(&mut self, line: Vec<u8>) {
-        if let Some((tx, drv)) = &self.stream {
-            let _ = tx.send(Event::Log {
-                drv: drv.clone(),
-                line: line.clone(),
-            });
-        }
-        self.tail.push_back(line);
-        if self.tail.len() > TAIL_LINES {
-            self.tail.pop_front();
-        }
-    }
-}
-
-impl Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // Unbuffered: each write is one chunk read from the builder's pipe,
-        // and `sandoff log` during the build shows everything so far.
-        self.file.write_all(buf)?;
-        let mut rest = buf;
-        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
-            let mut line = std::mem::take(&mut self.partial);
-            line.extend_from_slice(&rest[..i]);
-            self.line(line);
-            rest = &rest[i + 1..];
-        }
-        self.partial.extend_from_slice(rest);
-        // A builder printing no newline must not grow this without bound.
-        if self.partial.len() > 64 * 1024 {
-            let line = std::mem::take(&mut self.partial);
-            self.line(line);
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
     }
 }
 
@@ -815,38 +838,5 @@ mod tests {
         let live_dir = live.dir.clone();
         drop(live);
         assert!(!live_dir.exists());
-    }
-
-    #[test]
-    fn log_sink_writes_everything_and_keeps_the_last_lines() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let path = tmp.path().join("log/x.drv");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let drv =
-            StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x.drv").expect("path");
-        let mut sink = LogSink::create(&path, Some((tx, drv.clone()))).expect("create");
-        for i in 0..15 {
-            write!(sink, "line {i}\nhalf").expect("write");
-            writeln!(sink, "-{i}").expect("write");
-        }
-        sink.write_all(b"no newline").expect("write");
-        let tail = sink.tail();
-        assert_eq!(tail.len(), TAIL_LINES);
-        assert_eq!(tail.last().map(String::as_str), Some("no newline"));
-        assert_eq!(tail[0], "half-10");
-        sink.finish();
-        drop(sink);
-        let lines: Vec<Vec<u8>> = rx
-            .iter()
-            .map(|e| match e {
-                Event::Log { line, drv: d } if d == drv => line,
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        assert_eq!(lines.len(), 31);
-        assert_eq!(lines[1], b"half-0");
-        assert_eq!(lines[30], b"no newline");
-        let written = fs::read_to_string(&path).expect("read");
-        assert!(written.starts_with("line 0\nhalf-0\n") && written.ends_with("no newline"));
     }
 }

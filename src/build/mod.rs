@@ -12,6 +12,11 @@
 //! - [`somewhere`]: the one failover policy of `sandoff build` and the
 //!   hook: place, build on a machine, on the machine's fault place again,
 //!   else build here.
+//! - [`enter`]: a failed build's sandbox saved with its kept directory, and
+//!   set up again around a shell (`sandoff enter`).
+//! - [`check`]: `--check`, building valid outputs again and comparing.
+//! - [`log`]: where build logs are kept, per kind of store, and
+//!   `--max-log-size`.
 //! - [`error`]: [`BuildError`], one derivation around what went wrong, and
 //!   [`GraphError`] for what stops a whole graph.
 //!
@@ -30,12 +35,14 @@
 //!   the build does not own (`ln /etc/shadow $out`), as Nix's
 //!   "invalid ownership" check.
 //! - Logs: `<state>/log/<drv base name>`, plain text, written as the build
-//!   streams (Nix keeps `<logDir>/drvs/<2 chars>/<rest>.bz2`; `nix-store -l`
-//!   cannot read ours, and we do not pretend it can).
+//!   streams; on a Nix or Guix daemon's store, the daemon's own
+//!   `<log dir>/drvs/<2 chars>/<rest>.bz2`, so that `nix-store -l` reads
+//!   it ([`log`]). `--max-log-size` kills a build whose log passes it.
 //! - Build directories: `<state>/builds/<random>/sandoff-build-XXXXXX`
 //!   ([`crate::sandbox::HostDirs`]), with `<state>/builds/<random>.lock`
 //!   held while the build runs. `--keep-failed` keeps the directory (and
-//!   drops its lock file, so it is never taken for a leftover).
+//!   drops its lock file, so it is never taken for a leftover), with the
+//!   build's sandbox saved in it for `sandoff enter` ([`enter`]).
 //! - A crash (`kill -9`) leaves no valid output. At worst it leaves an
 //!   unregistered path at an output's place, which the next build replaces
 //!   under the lock; a staging copy and a build directory whose lock is
@@ -46,24 +53,36 @@
 //!   that has to be built (the local system and extra platforms, features,
 //!   local-build, machines), through the offloader when there are machines
 //!   (which sees their true slots and backoff); without machines a remote
-//!   or postponed decision fails the build, saying so. Built-in builders
-//!   (`builtin:fetchurl`) and content-addressed (floating, impure) outputs
-//!   are refused with a clear error: sandoff does not implement them.
+//!   or postponed decision fails the build, saying so. Content-addressed
+//!   (floating, impure) outputs are refused with a clear error: sandoff
+//!   does not implement them.
+//! - Built-in builders: `builtin:fetchurl` is run, as in Nix 2.8, by
+//!   sandoff itself (no program of the derivation's) under the build user,
+//!   here outside the chroot (Nix with `sandbox = true` runs it in the
+//!   fixed-output chroot; see [`fetchurl`] for why that is safe and what it
+//!   refuses), its output then checked and registered as any fixed output;
+//!   every other `builtin:NAME` is refused, naming it.
 
+pub mod check;
+pub mod enter;
 pub mod error;
+pub mod fetchurl;
 pub mod graph;
 pub mod local;
+pub mod log;
 pub mod somewhere;
+pub mod timings;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::sandbox::Limits;
+use crate::sandbox::{Limits, ResourceUsage};
 use crate::store::{StoreLocation, StorePath};
 
 pub use error::{BuildError, BuildErrorKind, GraphError};
 pub use graph::{realise, Realisation};
 pub use local::BuildContext;
+pub use log::log_path;
 
 /// What happened during [`realise`], in order, delivered on the caller's thread.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +109,14 @@ pub enum Event {
         drv: StorePath,
         /// The line's bytes.
         line: Vec<u8>,
+    },
+    /// Where the time of realising `drv` went ([`timings`]), sent after
+    /// every attempt that took its locks and found it to build.
+    Timings {
+        /// The derivation.
+        drv: StorePath,
+        /// Its steps' times.
+        times: timings::StepTimes,
     },
     /// `drv` was built; its outputs are valid.
     Built {
@@ -128,6 +155,14 @@ pub enum Event {
         /// Why, naming both keys for a host key mismatch.
         message: String,
     },
+    /// What the local build of `drv` used (when measured: see
+    /// [`crate::sandbox::cgroup`]); sent before its `Built` or `Failed`.
+    Usage {
+        /// The derivation.
+        drv: StorePath,
+        /// CPU time and peak memory, as far as known.
+        usage: ResourceUsage,
+    },
     /// Nothing happened for a while; lets a progress line update its clock.
     Tick,
 }
@@ -159,6 +194,12 @@ pub struct Options {
     /// Build machines substitute the inputs they lack before any is sent
     /// (Nix's `builders-use-substitutes`).
     pub builders_use_substitutes: bool,
+    /// Kill a build whose log passes this many bytes (`--max-log-size`;
+    /// `None`: no limit).
+    pub max_log_size: Option<u64>,
+    /// `--check`: build the requested derivations again though their
+    /// outputs are valid, and fail if the result differs ([`check`]).
+    pub check: bool,
 }
 
 impl Default for Options {
@@ -174,13 +215,10 @@ impl Default for Options {
             limits: Limits::default(),
             impure_env_allow: Vec::new(),
             builders_use_substitutes: false,
+            max_log_size: None,
+            check: false,
         }
     }
-}
-
-/// Where the log of `drv` is kept: `<state>/log/<drv base name>`.
-pub fn log_path(loc: &StoreLocation, drv: &StorePath) -> PathBuf {
-    loc.state.join("log").join(drv.base_name())
 }
 
 /// Where build directories are created: `<state>/builds`.

@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use crate::decide::{Machine, MachineName, Placement};
 use crate::remote::offloader::{
-    LocalPermit, OffloadError, Offloader, Placed, RemoteJob, RemoteOutcome,
+    InputClosure, LocalPermit, OffloadError, Offloader, Placed, RemoteJob, RemoteOutcome,
 };
 use crate::remote::slots::Slot;
 use crate::serve_protocol::BuildResult;
@@ -97,11 +97,13 @@ pub fn build_somewhere<'o>(
     progress: &mut dyn FnMut(Progress<'_>, &mut dyn Write),
 ) -> Result<Somewhere<'o>, SomewhereError> {
     let mut next = first;
+    // Weighs the machines by what they hold of it (computed once).
+    let mut inputs = None;
     loop {
         let (machine, slot) = match next.take() {
             Some(chosen) => chosen,
             None => match off
-                .place(placement, job.drv)
+                .place(placement, job.drv, closure_of(job, &mut inputs)?)
                 .map_err(SomewhereError::Placement)?
             {
                 Placed::Local(permit) => return Ok(Somewhere::Here(permit)),
@@ -147,4 +149,17 @@ pub fn build_somewhere<'o>(
             }
         }
     }
+}
+
+/// The input closure of `job`, computed on first use into `cache`.
+fn closure_of<'c>(
+    job: &RemoteJob<'_>,
+    cache: &'c mut Option<InputClosure>,
+) -> Result<&'c InputClosure, SomewhereError> {
+    if cache.is_none() {
+        let closure = InputClosure::of(job.store, job.inputs)
+            .map_err(|e| SomewhereError::Placement(e.into()))?;
+        *cache = Some(closure);
+    }
+    Ok(cache.as_ref().expect("just filled"))
 }

@@ -13,9 +13,19 @@
 //!   `{"event":"built","drv":"/nix/store/...drv","seconds":1.2}`; events
 //!   `planned`, `started`, `waiting-for-lock`, `log`, `built`, `reused`,
 //!   `failed`, `dependency-failed`, and last `done` (with `success` and
-//!   the lists of what failed and why).
+//!   the lists of what failed and why). A local build run in a cgroup
+//!   reports what it used: `built ... in 1.2s (CPU 0.9s, peak memory
+//!   12.0 MiB)`, `"cpuSeconds"` and `"peakMemoryBytes"` in its `built` or
+//!   `failed` event (each only where measured: see
+//!   `sandoff::sandbox::cgroup`).
+//! - `--check`: a derivation built again and found bit-identical is
+//!   reported `checked (bit-identical) ...` (`"checked":true` in its
+//!   `built` event); a difference is a failure naming the outputs.
 //! - `-L`: every log line on stderr, prefixed `<name>> ` (as `nix build -L`),
 //!   or as `{"event":"log",...}` with `--json`.
+//! - `-K`: a failure names its kept directory and `sandoff enter DIR`;
+//!   `--shell-on-failure` (implies `-K`) runs that at once, on a terminal,
+//!   for the first failed build, after the failures are reported.
 //!
 //! Each derivation to build is placed by `sandoff::decide`, with the same
 //! options as `sandoff decide` (`--machines`, `--local-only` and its
@@ -31,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use sandoff::build::timings::StepTimes;
 use sandoff::build::{self, BuildContext, Event, Options};
 use sandoff::remote::offloader::Offloader;
 use sandoff::sandbox::plan::{DEFAULT_MAX_PROCESSES, DEFAULT_SHM_SIZE, DEFAULT_TMP_SIZE};
@@ -119,9 +130,15 @@ pub struct BuildArgs {
     /// Keep building what does not depend on a failed build.
     #[arg(short = 'k', long)]
     keep_going: bool,
-    /// Keep the build directory of a failed build, and say where.
+    /// Keep the build directory of a failed build, and say where (and how
+    /// to enter its sandbox: `sandoff enter DIR`).
     #[arg(short = 'K', long)]
     keep_failed: bool,
+    /// When a build fails, open a shell in its sandbox at once (implies
+    /// --keep-failed; on a terminal only, else the failure names the
+    /// `sandoff enter` command). The exit status stays the build's.
+    #[arg(long)]
+    shell_on_failure: bool,
     /// Kill a build that prints nothing for this many seconds (0: never; so
     /// is a value past what the clock holds, such as 18446744073709551615).
     #[arg(long, value_name = "S", default_value_t = 0)]
@@ -130,12 +147,27 @@ pub struct BuildArgs {
     /// a value past what the clock holds).
     #[arg(long, value_name = "S", default_value_t = 0)]
     timeout: u64,
+    /// Kill a build whose log passes this many bytes (0: no limit), as
+    /// Nix's `--max-build-log-size`; passed on to build machines.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    max_log_size: u64,
+    /// Build the given derivations again, though their outputs are valid,
+    /// and fail if the result is not bit-identical (their inputs are
+    /// realised as usual); with -K a differing output is kept as
+    /// `<output>.check`. Nothing registered changes.
+    #[arg(long)]
+    check: bool,
     /// Print the build logs on stderr.
     #[arg(short = 'L', long = "print-build-logs")]
     print_build_logs: bool,
     /// Report progress as one JSON object per line on stderr.
     #[arg(long)]
     json: bool,
+    /// At the end, print where the builds' time went, step by step (lock,
+    /// inputs, user, sandbox, stage, scan, register, ...); `--json` gives it
+    /// per build as "timings" events.
+    #[arg(long)]
+    timings: bool,
     /// NIX_BUILD_CORES given to each build (0: all; default: the number of cores).
     #[arg(long, value_name = "N")]
     cores: Option<u32>,
@@ -187,7 +219,7 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         options: Options {
             jobs,
             keep_going: args.keep_going,
-            keep_failed: args.keep_failed,
+            keep_failed: args.keep_failed || args.shell_on_failure,
             max_silent: secs(args.max_silent_time),
             timeout: secs(args.timeout),
             cores: args.cores.unwrap_or(cores as u32),
@@ -195,13 +227,21 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
             limits: args.limits.limits(),
             impure_env_allow: args.limits.impure_env_allow.clone(),
             builders_use_substitutes: args.builders_use_substitutes,
+            max_log_size: (args.max_log_size > 0).then_some(args.max_log_size),
+            check: args.check,
         },
         placement: &placement,
         offload: offloader.as_ref(),
     };
     let mut progress = Progress::new(loc, args.json);
+    if args.check {
+        progress.checked = drvs.iter().cloned().collect();
+    }
     let result = build::realise(&ctx, &drvs, &mut |e| progress.event(e))?;
     progress.clear();
+    if args.timings && !args.json {
+        progress.print_timings();
+    }
     if args.json {
         let l = |p: &StorePath| loc.logical(p);
         let done = json!({
@@ -213,6 +253,9 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         });
         eprintln!("{done}");
         if !result.success() {
+            if args.shell_on_failure {
+                shell_on_failure(loc, &result);
+            }
             return Ok(ExitCode::from(1));
         }
     } else if !result.success() {
@@ -239,6 +282,9 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
                 loc.logical(drv)
             );
         }
+        if args.shell_on_failure {
+            shell_on_failure(loc, &result);
+        }
         return Ok(ExitCode::from(1));
     }
     let mut out = std::io::stdout().lock();
@@ -249,6 +295,27 @@ pub fn run(args: BuildArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--shell-on-failure`: on a terminal, a shell in the sandbox of the first
+/// failed build whose directory was kept (the failure messages name the
+/// others' `sandoff enter` commands).
+fn shell_on_failure(loc: &StoreLocation, result: &build::Realisation) {
+    if !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()) {
+        return;
+    }
+    let Some((drv, dir)) = result.failed.iter().find_map(|(drv, _)| {
+        let drv = loc.logical(drv);
+        build::enter::find_kept(loc, &drv).map(|dir| (drv, dir))
+    }) else {
+        eprintln!(
+            "sandoff: no failed build was kept here to enter (it failed on a build machine, or before its sandbox was set up)"
+        );
+        return;
+    };
+    if let Err(e) = super::enter::enter(&dir, None, &[], true) {
+        eprintln!("error: cannot enter the sandbox of '{drv}': {e:#}");
+    }
 }
 
 /// Renders [`Event`]s on stderr.
@@ -262,6 +329,12 @@ struct Progress {
     total: usize,
     /// Whether a status line is on screen (to be erased before other output).
     status_shown: bool,
+    /// The derivations built again to check them (`--check`).
+    checked: std::collections::BTreeSet<StorePath>,
+    /// What each local build used, where measured.
+    usage: std::collections::BTreeMap<StorePath, sandoff::sandbox::ResourceUsage>,
+    /// The steps' times summed over every build, and how many builds.
+    times: (StepTimes, usize),
 }
 
 impl Progress {
@@ -275,10 +348,22 @@ impl Progress {
             done: 0,
             total: 0,
             status_shown: false,
+            checked: Default::default(),
+            usage: Default::default(),
+            times: Default::default(),
         }
     }
 
     fn event(&mut self, e: &Event) {
+        if let Event::Timings { times, .. } = e {
+            self.times.0.add(times);
+            self.times.1 += 1;
+        }
+        if let Event::Usage { drv, usage } = e {
+            // Shown with the build's `built` or `failed` line.
+            self.usage.insert(drv.clone(), *usage);
+            return;
+        }
         if self.json {
             if let Some(v) = self.to_json(e) {
                 eprintln!("{v}");
@@ -301,7 +386,17 @@ impl Progress {
             }
             Event::Built { drv, elapsed } => {
                 self.finish(drv);
-                let text = format!("built {} in {:.1}s", self.name(drv), elapsed.as_secs_f64());
+                let verb = if self.checked.contains(drv) {
+                    "checked (bit-identical)"
+                } else {
+                    "built"
+                };
+                let text = format!(
+                    "{verb} {} in {:.1}s{}",
+                    self.name(drv),
+                    elapsed.as_secs_f64(),
+                    self.usage_note(drv)
+                );
                 self.line(&text);
             }
             Event::Reused { drv } => {
@@ -311,7 +406,7 @@ impl Progress {
             }
             Event::Failed { drv, .. } => {
                 self.finish(drv);
-                let text = format!("failed {}", self.name(drv));
+                let text = format!("failed {}{}", self.name(drv), self.usage_note(drv));
                 self.line(&text);
             }
             Event::DependencyFailed { drv, dependency } => {
@@ -337,7 +432,7 @@ impl Progress {
                 );
                 self.line(&text);
             }
-            Event::Tick => {}
+            Event::Usage { .. } | Event::Timings { .. } | Event::Tick => {}
         }
         self.status();
     }
@@ -366,17 +461,81 @@ impl Progress {
                 json!({"event": "log", "drv": l(drv), "line": String::from_utf8_lossy(line)})
             }
             Event::Built { drv, elapsed } => {
-                json!({"event": "built", "drv": l(drv), "seconds": elapsed.as_secs_f64()})
+                let mut v =
+                    json!({"event": "built", "drv": l(drv), "seconds": elapsed.as_secs_f64()});
+                if self.checked.contains(drv) {
+                    v["checked"] = json!(true);
+                }
+                self.add_usage(&mut v, drv);
+                v
             }
             Event::Reused { drv } => json!({"event": "reused", "drv": l(drv)}),
             Event::Failed { drv, error } => {
-                json!({"event": "failed", "drv": l(drv), "error": error})
+                let mut v = json!({"event": "failed", "drv": l(drv), "error": error});
+                self.add_usage(&mut v, drv);
+                v
             }
             Event::DependencyFailed { drv, dependency } => {
                 json!({"event": "dependency-failed", "drv": l(drv), "dependency": l(dependency)})
             }
-            Event::Tick => return None,
+            Event::Timings { drv, times } => {
+                let ms: serde_json::Map<String, serde_json::Value> = times
+                    .steps()
+                    .map(|(step, d)| (step.name().to_owned(), json!(d.as_secs_f64() * 1000.0)))
+                    .collect();
+                json!({"event": "timings", "drv": l(drv), "milliseconds": ms})
+            }
+            Event::Usage { .. } | Event::Tick => return None,
         })
+    }
+
+    /// The steps' times over every build (`--timings`): total and mean.
+    fn print_timings(&mut self) {
+        self.clear();
+        let (sum, n) = &self.times;
+        if *n == 0 {
+            eprintln!("timings: nothing was built");
+            return;
+        }
+        eprintln!("timings over {n} build(s):   total ms   mean ms");
+        for (step, d) in sum.steps() {
+            let ms = d.as_secs_f64() * 1000.0;
+            eprintln!("  {:<22} {ms:>10.1} {:>9.2}", step.name(), ms / *n as f64);
+        }
+        let ms = sum.total().as_secs_f64() * 1000.0;
+        eprintln!("  {:<22} {ms:>10.1} {:>9.2}", "all steps", ms / *n as f64);
+    }
+
+    /// ` (CPU 1.2s, peak memory 3.4 MiB)`, as far as measured.
+    fn usage_note(&self, drv: &StorePath) -> String {
+        let Some(u) = self.usage.get(drv) else {
+            return String::new();
+        };
+        let mut parts = Vec::new();
+        if let Some(cpu) = u.cpu {
+            parts.push(format!("CPU {:.1}s", cpu.as_secs_f64()));
+        }
+        if let Some(peak) = u.peak_memory {
+            parts.push(format!("peak memory {:.1} MiB", peak as f64 / 1048576.0));
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", parts.join(", "))
+        }
+    }
+
+    /// `cpuSeconds` and `peakMemoryBytes` of `drv`'s build, where measured.
+    fn add_usage(&self, v: &mut serde_json::Value, drv: &StorePath) {
+        let Some(u) = self.usage.get(drv) else {
+            return;
+        };
+        if let Some(cpu) = u.cpu {
+            v["cpuSeconds"] = json!(cpu.as_secs_f64());
+        }
+        if let Some(peak) = u.peak_memory {
+            v["peakMemoryBytes"] = json!(peak);
+        }
     }
 
     /// Prints a line above the status line.
@@ -433,7 +592,7 @@ pub fn log(drv: &str, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     );
     let file = build::log_path(loc, &path);
     // Streamed, not read whole: a build decides how long its log is.
-    let mut log = match std::fs::File::open(&file) {
+    let mut log = match build::log::open_log(&file) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             anyhow::bail!(

@@ -8,7 +8,7 @@ use clap::Args;
 use sandoff::decide::{self, DrvFacts, LocalFacts, MachineState, Placement, Policy};
 use sandoff::derivation::check::read_drv_file;
 use sandoff::remote::backoff::Backoff;
-use sandoff::remote::offloader::observed_state;
+use sandoff::remote::offloader::{observed_state, InputClosure, Offloader};
 use sandoff::remote::slots::SlotDir;
 use sandoff::store::StoreLocation;
 
@@ -20,9 +20,17 @@ pub struct DecideArgs {
     drv: String,
     #[command(flatten)]
     placement: PlacementArgs,
-    /// Print JSON: decision, machine, reason, machines [{name, eligible, reason}].
+    /// Print JSON: decision, machine, reason, machines [{name, eligible, reason, held_bytes}].
     #[arg(long)]
     json: bool,
+    /// Ask each eligible machine which paths of the input closure it holds
+    /// (over SSH; the inputs must be valid in the store): among equally
+    /// good machines the one holding more is chosen, as `sandoff build`
+    /// does with what it learns from the machines.
+    #[arg(long)]
+    ask_machines: bool,
+    #[command(flatten)]
+    ssh: super::machines::SshArgs,
 }
 
 /// Where derivations may be built: shared by `sandoff decide` and
@@ -90,11 +98,21 @@ pub fn run(args: DecideArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     // and backoff after failures.
     let (slots, backoff) = (SlotDir::new(&loc.state), Backoff::new(&loc.state));
     let now = SystemTime::now();
-    let states: Vec<MachineState<'_>> = placement
+    let mut states: Vec<MachineState<'_>> = placement
         .machines
         .iter()
         .map(|m| observed_state(&slots, &backoff, m, now))
         .collect::<Result<_, _>>()?;
+    if args.ask_machines {
+        ask_machines(
+            loc,
+            &placement,
+            (&path, &drv),
+            &facts,
+            &mut states,
+            &args.ssh,
+        )?;
+    }
     let decision = decide::decide(&facts, &states, &placement.local, &placement.policy);
     let verdicts = decide::explain(&facts, &states);
 
@@ -107,6 +125,7 @@ pub fn run(args: DecideArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
                 "name": v.name.as_str(),
                 "eligible": v.eligible,
                 "reason": v.reason,
+                "held_bytes": v.held_bytes,
             })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
@@ -119,6 +138,38 @@ pub fn run(args: DecideArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Fills in the bytes of the input closure each eligible machine holds,
+/// asking it. A machine that cannot be asked holds nothing known; why is
+/// said on stderr.
+fn ask_machines(
+    loc: &StoreLocation,
+    placement: &Placement,
+    (drv_path, drv): (&sandoff::store::StorePath, &sandoff::derivation::Derivation),
+    facts: &DrvFacts,
+    states: &mut [MachineState<'_>],
+    ssh: &super::machines::SshArgs,
+) -> anyhow::Result<()> {
+    let store = sandoff::derivation::check::open_store(loc.clone())?;
+    let inputs = sandoff::build::local::input_paths(&store, drv)
+        .map_err(|kind| sandoff::build::BuildError::new(&loc.dir, drv_path, kind))?;
+    let closure = InputClosure::of(&store, &inputs)?;
+    let off = Offloader::new(loc, placement.machines.clone(), 1, ssh.options())?;
+    for state in states.iter_mut() {
+        if !decide::assess(facts, state).is_eligible() {
+            continue;
+        }
+        match off.query_held(state.machine, &closure) {
+            Ok(bytes) => state.held_bytes = bytes,
+            Err(e) => eprintln!(
+                "sandoff: cannot ask '{}' what it holds: {}",
+                state.machine.name,
+                sandoff::termsafe::filter(e.to_string().as_bytes())
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// `--system-features ''` means none, not one empty feature.

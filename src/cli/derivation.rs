@@ -1,7 +1,7 @@
 //! `sandoff derivation ...`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -18,6 +18,10 @@ pub enum DerivationCommand {
         drvs: Vec<String>,
     },
     /// Read one derivation as JSON (one entry of `nix show-derivation`) on stdin, write it to the store, print its path.
+    ///
+    /// The input may hold raw non-UTF-8 bytes in strings, as `show` prints
+    /// them. The derivation is named after its JSON "name" member (Nix ≥
+    /// 2.15), else the .drv path it is keyed by, else its `name` variable.
     Add,
 }
 
@@ -52,11 +56,15 @@ fn show(loc: &StoreLocation, args: &[String]) -> anyhow::Result<ExitCode> {
 }
 
 fn add(loc: &StoreLocation) -> anyhow::Result<ExitCode> {
-    let mut input = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut input)
-        .context("cannot read stdin")?;
-    let (given_path, mut drv) = json::from_json(&input, &loc.dir)?;
+    // A .drv is at most MAX_DRV_SIZE bytes; its JSON escapes some of them.
+    let limit = 4 * sandoff::derivation::check::MAX_DRV_SIZE;
+    let input = sandoff::bounded::read_all(std::io::stdin().lock(), limit)
+        .context("cannot read the derivation's JSON on stdin")?;
+    let json::FromJson {
+        key: given_path,
+        name,
+        derivation: mut drv,
+    } = json::from_json(&input, &loc.dir)?;
     let store = sandoff::derivation::check::open_store(loc.clone())?;
     for src in &drv.input_sources {
         anyhow::ensure!(
@@ -73,8 +81,8 @@ fn add(loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         );
     }
     let mut hasher = DrvHasher::new(loc.dir.clone(), |p: &StorePath| read_drv(loc, p));
-    drv.fill_output_paths(&mut hasher)?;
-    let drv_path = drv.drv_path(&loc.dir)?;
+    drv.fill_output_paths_named(&name, &mut hasher)?;
+    let drv_path = drv.drv_path_named(&name, &loc.dir)?;
     if let Some(given) = given_path {
         let expected = loc.logical(&drv_path);
         anyhow::ensure!(
@@ -82,9 +90,8 @@ fn add(loc: &StoreLocation) -> anyhow::Result<ExitCode> {
             "derivation path: expected {expected}, given {given}"
         );
     }
-    let name = format!("{}.drv", drv.name()?);
     let added = store.add_text(
-        &name,
+        &format!("{name}.drv"),
         &drv.to_aterm(&loc.dir),
         &drv.references(),
         &drv.output_paths(),

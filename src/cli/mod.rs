@@ -1,9 +1,11 @@
 //! One file per command group; each turns its arguments into library calls.
 
 pub mod build;
+pub mod builtin;
 pub mod copy;
 pub mod decide;
 pub mod derivation;
+pub mod enter;
 pub mod guix;
 pub mod hook;
 pub mod key;
@@ -62,6 +64,29 @@ impl DaemonStore {
             DaemonStore::Nix => var("NIX_STATE_DIR")
                 .unwrap_or_else(|| root.join("nix/var/nix"))
                 .join("db"),
+            DaemonStore::Sandoff => return None,
+        })
+    }
+
+    /// The daemon's log directory for a store under `root` (`None`:
+    /// sandoff's own), where it keeps `drvs/<2 chars>/<rest>.bz2`: as Nix
+    /// 2.8's local store, `<root>/nix/var/log/nix` for a chroot store and
+    /// `$NIX_LOG_DIR` (default `/nix/var/log/nix`) for `/`; guix-daemon's
+    /// `$GUIX_LOG_DIRECTORY` (default `<root>/var/log/guix`).
+    pub fn log_dir(self, root: &Path) -> Option<PathBuf> {
+        let var = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        Some(match self {
+            DaemonStore::Guix => {
+                var("GUIX_LOG_DIRECTORY").unwrap_or_else(|| root.join("var/log/guix"))
+            }
+            DaemonStore::Nix if root == Path::new("/") => {
+                var("NIX_LOG_DIR").unwrap_or_else(|| root.join("nix/var/log/nix"))
+            }
+            DaemonStore::Nix => root.join("nix/var/log/nix"),
             DaemonStore::Sandoff => return None,
         })
     }

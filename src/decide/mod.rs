@@ -25,8 +25,10 @@
 //!    backoff after a failure.
 //! 3. Among eligible machines with a free slot and not overloaded (a known
 //!    load at or above Guix's overload threshold): the lowest
-//!    slots-in-use / speed factor, then the higher speed factor, then fewer
-//!    slots in use, then the name.
+//!    slots-in-use / speed factor, then the higher speed factor, then the
+//!    one that already holds more bytes of the input closure (less to
+//!    send; the caller learns it from the machines), then fewer slots in
+//!    use, then the name.
 //! 4. No eligible machine: local if the local machine can build it, else
 //!    fail with a reason naming the missing system or features.
 //! 5. Eligible machines, all busy: postpone, unless `--local-when-busy` and
@@ -79,6 +81,10 @@ pub struct MachineState<'m> {
     pub load: Option<f64>,
     /// It failed recently and must not be tried until its backoff expires.
     pub in_backoff: bool,
+    /// Bytes (NAR sizes) of the derivation's input closure that the machine
+    /// is known to hold already, so they need not be sent: learned by the
+    /// caller from the machine (0: none, or not known).
+    pub held_bytes: u64,
 }
 
 impl<'m> MachineState<'m> {
@@ -89,6 +95,7 @@ impl<'m> MachineState<'m> {
             slots_in_use: 0,
             load: None,
             in_backoff: false,
+            held_bytes: 0,
         }
     }
 }
@@ -418,10 +425,24 @@ pub fn describe(drv: &DrvFacts, state: &MachineState<'_>, standing: &Standing) -
             format!("overloaded: load {load:.2} >= threshold {threshold:.2}")
         }
         Standing::Available => format!(
-            "eligible: {}/{} slot(s) in use, speed factor {}",
-            state.slots_in_use, m.max_jobs, m.speed_factor
+            "eligible: {}/{} slot(s) in use, speed factor {}{}",
+            state.slots_in_use,
+            m.max_jobs,
+            m.speed_factor,
+            holds(state.held_bytes)
         ),
     }
+}
+
+/// ", holds N MiB of the inputs" when the machine is known to hold any.
+fn holds(bytes: u64) -> String {
+    if bytes == 0 {
+        return String::new();
+    }
+    format!(
+        ", holds {:.1} MiB of the input closure",
+        bytes as f64 / (1024.0 * 1024.0)
+    )
 }
 
 fn join(set: &BTreeSet<String>) -> String {
@@ -444,6 +465,8 @@ pub struct Verdict {
     pub eligible: bool,
     /// Why (not).
     pub reason: String,
+    /// Bytes of the input closure it is known to hold.
+    pub held_bytes: u64,
 }
 
 /// Every machine's verdict, in the order given.
@@ -456,6 +479,7 @@ pub fn explain(drv: &DrvFacts, machines: &[MachineState<'_>]) -> Vec<Verdict> {
                 name: s.machine.name.clone(),
                 eligible: standing.is_eligible(),
                 reason: describe(drv, s, &standing),
+                held_bytes: s.held_bytes,
             }
         })
         .collect()
@@ -511,8 +535,11 @@ pub fn decide(
         return Decision::Remote {
             machine: m.name.clone(),
             reason: format!(
-                "best of {eligible} eligible machine(s): {}/{} slot(s) in use, speed factor {}",
-                b.slots_in_use, m.max_jobs, m.speed_factor
+                "best of {eligible} eligible machine(s): {}/{} slot(s) in use, speed factor {}{}",
+                b.slots_in_use,
+                m.max_jobs,
+                m.speed_factor,
+                holds(b.held_bytes)
             ),
         };
     }
@@ -561,8 +588,9 @@ pub fn decide(
 }
 
 /// Whether `a` is a better choice than `b`: lower load per speed, then
-/// faster, then less loaded, then the smaller name. Load is compared by
-/// cross-multiplying so that no division rounds two machines into a tie.
+/// faster, then holding more of the inputs, then less loaded, then the
+/// smaller name. Load is compared by cross-multiplying so that no division
+/// rounds two machines into a tie.
 fn better(a: &MachineState<'_>, b: &MachineState<'_>) -> bool {
     let (la, sa) = (f64::from(a.slots_in_use), a.machine.speed_factor);
     let (lb, sb) = (f64::from(b.slots_in_use), b.machine.speed_factor);
@@ -573,6 +601,9 @@ fn better(a: &MachineState<'_>, b: &MachineState<'_>) -> bool {
     }
     if sa != sb {
         return sa > sb;
+    }
+    if a.held_bytes != b.held_bytes {
+        return a.held_bytes > b.held_bytes;
     }
     if a.slots_in_use != b.slots_in_use {
         return a.slots_in_use < b.slots_in_use;

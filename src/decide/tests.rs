@@ -137,6 +137,7 @@ fn eligibility_table() {
     for (m, d, backoff, want) in cases {
         let st = MachineState {
             in_backoff: *backoff,
+            held_bytes: 0,
             ..MachineState::idle(m)
         };
         let got = assess(d, &st);
@@ -445,6 +446,7 @@ proptest! {
                 slots_in_use: *used,
                 load: *load,
                 in_backoff: *backoff,
+                held_bytes: 0,
             })
             .collect();
         let mut l = local();
@@ -513,7 +515,7 @@ proptest! {
         (m, used, load, backoff) in arb_machine(),
         d in arb_drv(),
     ) {
-        let st = MachineState { machine: &m, slots_in_use: used, load, in_backoff: backoff };
+        let st = MachineState { machine: &m, slots_in_use: used, load, in_backoff: backoff, held_bytes: 0 };
         let slow = match assess(&d, &st) {
             Standing::Ineligible(_) => "ineligible",
             Standing::Full | Standing::Overloaded { .. } => "busy",
@@ -553,4 +555,47 @@ fn max_jobs_zero_offloads_or_fails() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn among_equally_good_machines_the_one_holding_more_inputs_wins() {
+    let ms = [
+        machine("a", &["x86_64-linux"], 2, 1.0),
+        machine("b", &["x86_64-linux"], 2, 1.0),
+        machine("c", &["x86_64-linux"], 2, 2.0),
+    ];
+    let held = |a: u64, b: u64, c_used: u32| {
+        [
+            MachineState {
+                held_bytes: a,
+                ..MachineState::idle(&ms[0])
+            },
+            MachineState {
+                held_bytes: b,
+                ..MachineState::idle(&ms[1])
+            },
+            MachineState {
+                slots_in_use: c_used,
+                ..MachineState::idle(&ms[2])
+            },
+        ]
+    };
+    let pick = |st: &[MachineState<'_>]| {
+        decide(&drv("x86_64-linux", &[]), st, &local(), &Policy::default())
+    };
+    // c is faster and idle: held bytes never beat a better machine.
+    assert_eq!(remote(&pick(&held(0, 5 << 20, 0))), "c");
+    // c full: a and b tie, and b holds more.
+    let d = pick(&held(0, 5 << 20, 2));
+    assert_eq!(remote(&d), "b", "{d}");
+    assert!(
+        d.reason().contains("holds 5.0 MiB of the input closure"),
+        "{d}"
+    );
+    assert_eq!(remote(&pick(&held(7, 5, 2))), "a");
+    // Nothing known: the name decides, as before.
+    assert_eq!(remote(&pick(&held(0, 0, 2))), "a");
+    let v = explain(&drv("x86_64-linux", &[]), &held(0, 5 << 20, 2));
+    assert_eq!(v[1].held_bytes, 5 << 20);
+    assert!(v[1].reason.contains("holds 5.0 MiB"), "{}", v[1].reason);
 }

@@ -401,7 +401,7 @@ mod tests {
             drv.args,
             [b"sh".to_vec(), b"-c".to_vec(), b"echo hi > $out".to_vec()]
         );
-        assert_eq!(drv.name().unwrap(), "hello");
+        assert_eq!(drv.env_name().unwrap(), "hello");
     }
 
     #[test]

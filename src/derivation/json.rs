@@ -25,26 +25,50 @@
 //! to Nix over repairing the output, since a lossy escape would silently
 //! change the derivation for anyone who reads it back.
 //!
-//! # Reading: UTF-8 JSON only
+//! # Reading: what `show` writes, byte for byte
 //!
-//! [`from_json`] reads standard JSON with `serde_json`, so it refuses input
-//! that is not UTF-8 (with the line and column). Derivations holding
-//! non-UTF-8 bytes therefore cannot be added from JSON; their `.drv` files
-//! still parse, print and hash exactly.
+//! [`from_json`] reads JSON whose strings are bytes ([`super::bytejson`]):
+//! raw non-UTF-8 bytes inside string literals stand for themselves, escapes
+//! mean what JSON says. So whatever [`show`] (or Nix 2.8's
+//! `nix show-derivation`) prints reads back as the same derivation, latin1
+//! env values and all, and `derivation add` gives the same `.drv`.
+//!
+//! The derivation's name is not part of the 2.8 JSON (nor of the `.drv`):
+//! [`from_json`] takes it as Nix does, see there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Deserialize;
 use thiserror::Error;
 
-use super::{Derivation, DerivationError, DerivationOutput, FixedPaths, RawDerivation, RawOutput};
+use super::bytejson::{self, ByteJsonError, Value};
+use super::{
+    name_from_drv_path, Derivation, DerivationError, DerivationOutput, FixedPaths, RawDerivation,
+    RawOutput,
+};
+use crate::store::path::check_name;
 use crate::store::{StoreDir, StorePath};
 
 /// Why derivation JSON was refused.
 #[derive(Debug, Error)]
 pub enum JsonError {
     #[error("derivation JSON: {0}")]
-    Syntax(#[from] serde_json::Error),
+    Syntax(#[from] ByteJsonError),
+    #[error("derivation JSON: unknown field '{0}'")]
+    UnknownField(String),
+    #[error("derivation JSON: missing field '{0}'")]
+    MissingField(&'static str),
+    #[error("derivation JSON: '{field}' is {got}, expected {expected}")]
+    WrongType {
+        field: String,
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("derivation JSON: the .drv path key is not UTF-8: {0:?}")]
+    KeyNotUtf8(Vec<u8>),
+    #[error(
+        "derivation JSON: \"name\" is '{name}' but the .drv path it is keyed by names '{key}'"
+    )]
+    NameMismatch { name: String, key: String },
     #[error("derivation JSON: expected a derivation object (with \"outputs\") or a map with one entry from a .drv path to it")]
     Shape,
     #[error("derivation JSON: {0}")]
@@ -205,89 +229,186 @@ fn write_derivation(w: &mut Writer, drv: &Derivation, dir: &StoreDir) {
     w.close(b'}');
 }
 
-/// One derivation as JSON: the permissive form (every output field optional).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonDerivation {
-    outputs: BTreeMap<String, JsonOutput>,
-    #[serde(rename = "inputSrcs")]
-    input_srcs: Vec<String>,
-    #[serde(rename = "inputDrvs")]
-    input_drvs: BTreeMap<String, Vec<String>>,
-    system: String,
-    builder: String,
-    args: Vec<String>,
-    env: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonOutput {
-    #[serde(default)]
-    path: String,
-    #[serde(default, rename = "hashAlgo")]
-    hash_algo: String,
-    #[serde(default)]
-    hash: String,
-    #[serde(default)]
-    impure: bool,
-}
-
-impl From<JsonDerivation> for RawDerivation {
-    fn from(j: JsonDerivation) -> RawDerivation {
-        let b = |s: String| s.into_bytes();
-        RawDerivation {
-            outputs: j
-                .outputs
-                .into_iter()
-                .map(|(name, o)| RawOutput {
-                    name: b(name),
-                    path: b(o.path),
-                    hash_algo: b(o.hash_algo),
-                    hash: if o.impure {
-                        b"impure".to_vec()
-                    } else {
-                        b(o.hash)
-                    },
-                })
-                .collect(),
-            input_derivations: j
-                .input_drvs
-                .into_iter()
-                .map(|(p, outs)| (b(p), outs.into_iter().map(b).collect()))
-                .collect(),
-            input_sources: j.input_srcs.into_iter().map(b).collect(),
-            system: b(j.system),
-            builder: b(j.builder),
-            args: j.args.into_iter().map(b).collect(),
-            env: j.env.into_iter().map(|(k, v)| (b(k), b(v))).collect(),
-        }
-    }
+/// One derivation read from JSON by [`from_json`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FromJson {
+    /// The `.drv` path the JSON was keyed by, as given (a whole
+    /// `nix show-derivation` map), to be checked against the computed one.
+    pub key: Option<String>,
+    /// The derivation's name; see [`from_json`] for where it comes from.
+    pub name: String,
+    /// The derivation, output paths possibly still to fill in.
+    pub derivation: Derivation,
 }
 
 /// Reads one derivation from JSON: either the derivation object itself
 /// (`{"outputs": …}`) or a whole `nix show-derivation` map with exactly one
-/// entry, whose key is returned too. Output paths may be empty (fixed ones
+/// entry, whose key is returned too. Strings are bytes, as [`show`] writes
+/// them (see [`super::bytejson`]). Output paths may be empty (fixed ones
 /// are computed here; input-addressed ones become
 /// [`DerivationOutput::Deferred`], to be filled by
-/// [`Derivation::fill_output_paths`]).
-pub fn from_json(bytes: &[u8], dir: &StoreDir) -> Result<(Option<String>, Derivation), JsonError> {
-    let value: serde_json::Value = serde_json::from_slice(bytes)?;
-    let serde_json::Value::Object(map) = value else {
+/// [`Derivation::fill_output_paths_named`]).
+///
+/// The name is the one Nix would use: the object's `"name"` member if it
+/// has one (Nix ≥ 2.15 writes and reads it: `Derivation::fromJSON`), else
+/// the name of the `.drv` path it is keyed by (`nameFromPath`, as for any
+/// derivation Nix reads), else the `name` variable of its environment (what
+/// `derivationStrict` names it after). A name given twice must agree.
+pub fn from_json(bytes: &[u8], dir: &StoreDir) -> Result<FromJson, JsonError> {
+    let Value::Object(map) = bytejson::parse(bytes)? else {
         return Err(JsonError::Shape);
     };
-    let (key, value) = if map.contains_key("outputs") {
-        (None, serde_json::Value::Object(map))
+    let (key, members) = if map.iter().any(|(k, _)| k == b"outputs") {
+        (None, map)
     } else {
         let mut entries = map.into_iter();
         match (entries.next(), entries.next()) {
-            (Some((k, v @ serde_json::Value::Object(_))), None) => (Some(k), v),
+            (Some((k, Value::Object(members))), None) => {
+                let k = String::from_utf8(k).map_err(|e| JsonError::KeyNotUtf8(e.into_bytes()))?;
+                (Some(k), members)
+            }
             _ => return Err(JsonError::Shape),
         }
     };
-    let json: JsonDerivation = serde_json::from_value(value)?;
-    let drv = Derivation::from_raw(json.into(), dir, FixedPaths::MayCompute)?;
-    Ok((key, drv))
+    let (given_name, raw) = read_derivation(members)?;
+    let key_name = match &key {
+        None => None,
+        Some(k) => {
+            let path = dir
+                .parse_path(k)
+                .map_err(|source| DerivationError::BadStorePath {
+                    what: "derivation path",
+                    path: k.clone(),
+                    source,
+                })?;
+            Some(name_from_drv_path(&path)?.to_owned())
+        }
+    };
+    let name = match (given_name, key_name) {
+        (Some(n), Some(k)) if n != k => return Err(JsonError::NameMismatch { name: n, key: k }),
+        (Some(n), _) | (None, Some(n)) => n,
+        (None, None) => {
+            let env: BTreeMap<Vec<u8>, Vec<u8>> = raw.env.iter().cloned().collect();
+            super::env_name(&env)?.to_owned()
+        }
+    };
+    check_name(&name).map_err(|e| DerivationError::BadName(e.to_string()))?;
+    let derivation = Derivation::from_raw(raw, dir, FixedPaths::MayCompute { name: &name })?;
+    Ok(FromJson {
+        key,
+        name,
+        derivation,
+    })
+}
+
+/// The permissive form: every field a byte string, every output field
+/// optional, unknown members refused. Returns the `name` member too.
+fn read_derivation(
+    members: Vec<(Vec<u8>, Value)>,
+) -> Result<(Option<String>, RawDerivation), JsonError> {
+    let mut raw = RawDerivation::default();
+    let mut name = None;
+    let mut seen = BTreeSet::new();
+    for (k, v) in members {
+        let field = String::from_utf8_lossy(&k).into_owned();
+        match k.as_slice() {
+            b"name" => {
+                let n = string(&field, v)?;
+                name = Some(
+                    String::from_utf8(n)
+                        .map_err(|_| DerivationError::BadName("not UTF-8".to_owned()))?,
+                );
+            }
+            b"outputs" => {
+                for (out, o) in object(&field, v)? {
+                    let what = format!("outputs.{}", String::from_utf8_lossy(&out));
+                    let mut output = RawOutput {
+                        name: out,
+                        ..RawOutput::default()
+                    };
+                    let mut impure = false;
+                    for (ok, ov) in object(&what, o)? {
+                        let f = format!("{what}.{}", String::from_utf8_lossy(&ok));
+                        match ok.as_slice() {
+                            b"path" => output.path = string(&f, ov)?,
+                            b"hashAlgo" => output.hash_algo = string(&f, ov)?,
+                            b"hash" => output.hash = string(&f, ov)?,
+                            b"impure" => match ov {
+                                Value::Bool(b) => impure = b,
+                                other => return Err(wrong(&f, "a boolean", &other)),
+                            },
+                            _ => return Err(JsonError::UnknownField(f)),
+                        }
+                    }
+                    if impure {
+                        output.hash = b"impure".to_vec();
+                    }
+                    raw.outputs.push(output);
+                }
+            }
+            b"inputSrcs" => raw.input_sources = strings(&field, v)?,
+            b"inputDrvs" => {
+                for (p, outs) in object(&field, v)? {
+                    let f = format!("inputDrvs.{}", String::from_utf8_lossy(&p));
+                    raw.input_derivations.push((p, strings(&f, outs)?));
+                }
+            }
+            b"system" => raw.system = string(&field, v)?,
+            b"builder" => raw.builder = string(&field, v)?,
+            b"args" => raw.args = strings(&field, v)?,
+            b"env" => {
+                for (ek, ev) in object(&field, v)? {
+                    let f = format!("env.{}", String::from_utf8_lossy(&ek));
+                    raw.env.push((ek, string(&f, ev)?));
+                }
+            }
+            _ => return Err(JsonError::UnknownField(field)),
+        }
+        seen.insert(k);
+    }
+    for required in [
+        "outputs",
+        "inputSrcs",
+        "inputDrvs",
+        "system",
+        "builder",
+        "args",
+        "env",
+    ] {
+        if !seen.contains(required.as_bytes()) {
+            return Err(JsonError::MissingField(required));
+        }
+    }
+    Ok((name, raw))
+}
+
+fn wrong(field: &str, expected: &'static str, got: &Value) -> JsonError {
+    JsonError::WrongType {
+        field: field.to_owned(),
+        expected,
+        got: got.kind(),
+    }
+}
+
+fn string(field: &str, v: Value) -> Result<Vec<u8>, JsonError> {
+    match v {
+        Value::String(s) => Ok(s),
+        other => Err(wrong(field, "a string", &other)),
+    }
+}
+
+fn strings(field: &str, v: Value) -> Result<Vec<Vec<u8>>, JsonError> {
+    match v {
+        Value::Array(items) => items.into_iter().map(|i| string(field, i)).collect(),
+        other => Err(wrong(field, "an array of strings", &other)),
+    }
+}
+
+fn object(field: &str, v: Value) -> Result<Vec<(Vec<u8>, Value)>, JsonError> {
+    match v {
+        Value::Object(m) => Ok(m),
+        other => Err(wrong(field, "an object", &other)),
+    }
 }
 
 #[cfg(test)]
@@ -318,12 +439,57 @@ mod tests {
         let drv = Derivation::from_aterm(HELLO, &nix()).unwrap();
         let path = drv.drv_path(&nix()).unwrap();
         let json = show(&[(path.clone(), drv.clone())].into(), &nix());
-        let (key, back) = from_json(&json, &nix()).unwrap();
-        assert_eq!(key.as_deref(), Some(nix().display(&path).as_str()));
-        assert_eq!(back, drv);
+        let back = from_json(&json, &nix()).unwrap();
+        assert_eq!(back.key.as_deref(), Some(nix().display(&path).as_str()));
+        assert_eq!(back.name, "hello");
+        assert_eq!(back.derivation, drv);
         let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
         let inner = serde_json::to_vec(&value[nix().display(&path)]).unwrap();
-        assert_eq!(from_json(&inner, &nix()).unwrap(), (None, drv));
+        let back = from_json(&inner, &nix()).unwrap();
+        assert_eq!((back.key, back.name.as_str()), (None, "hello"));
+        assert_eq!(back.derivation, drv);
+    }
+
+    #[test]
+    fn non_utf8_json_round_trips() {
+        let mut drv = Derivation::from_aterm(HELLO, &nix()).unwrap();
+        drv.env.insert(
+            b"caf\xe9".to_vec(),
+            b"\xff\xfe latin1 \xe9\x01\x7f".to_vec(),
+        );
+        drv.args.push(b"\xe9t\xe9".to_vec());
+        let path = drv.drv_path(&nix()).unwrap();
+        let json = show(&[(path.clone(), drv.clone())].into(), &nix());
+        assert!(std::str::from_utf8(&json).is_err(), "raw bytes, as Nix 2.8");
+        let back = from_json(&json, &nix()).unwrap();
+        assert_eq!(back.derivation, drv);
+        assert_eq!(back.derivation.to_aterm(&nix()), drv.to_aterm(&nix()));
+    }
+
+    #[test]
+    fn name_comes_from_json_then_key_then_env() {
+        let drv = Derivation::from_aterm(HELLO, &nix()).unwrap();
+        let mut no_name = drv.clone();
+        no_name.env.remove(b"name".as_slice());
+        let path = no_name.drv_path_named("other", &nix()).unwrap();
+        // Keyed by its path: the name is the path's, whatever the env says.
+        let json = show(&[(path.clone(), no_name.clone())].into(), &nix());
+        assert_eq!(from_json(&json, &nix()).unwrap().name, "other");
+        // A bare object without a name member: only the env can tell.
+        let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let mut inner = value[nix().display(&path)].clone();
+        let err = from_json(&serde_json::to_vec(&inner).unwrap(), &nix()).unwrap_err();
+        assert!(err.to_string().contains("no 'name' variable"), "{err}");
+        // Nix ≥ 2.15's "name" member.
+        inner["name"] = "other".into();
+        let back = from_json(&serde_json::to_vec(&inner).unwrap(), &nix()).unwrap();
+        assert_eq!((back.name.as_str(), back.derivation), ("other", no_name));
+        let mut keyed = serde_json::Map::new();
+        keyed.insert(nix().display(&path), inner.clone());
+        inner["name"] = "hello".into();
+        keyed.insert(nix().display(&path), inner);
+        let err = from_json(&serde_json::to_vec(&keyed).unwrap(), &nix()).unwrap_err();
+        assert!(matches!(err, JsonError::NameMismatch { .. }), "{err}");
     }
 
     #[test]
@@ -338,7 +504,7 @@ mod tests {
         let err = from_json(b"{\"outputs\": {}, \"bogus\": 1}", &nix()).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
         assert!(matches!(
-            from_json(b"{\"x\": \"\xe9\"}", &nix()),
+            from_json(b"{\"x\": \"\xe9\n\"}", &nix()),
             Err(JsonError::Syntax(_))
         ));
     }

@@ -19,8 +19,23 @@
 //! A parsed derivation prints back byte for byte: the parser refuses what the
 //! printer could not reproduce (unsorted or duplicate entries, escapes in the
 //! fields Nix writes unescaped, hashes not in lowercase hex, trailing bytes).
+//!
+//! # The name
+//!
+//! A `.drv` file does not hold its derivation's name: Nix names a derivation
+//! after the file (`<hash>-<name>.drv`, `nameFromPath`) whenever it reads
+//! one, and fixed output paths and hence `hashDerivationModulo` depend on it.
+//! The `name` environment variable is only what `derivationStrict` happens
+//! to write, and not always: structured-attrs derivations keep it inside
+//! `__json`, Guix derivations need not have it. So [`Derivation`] has no
+//! name field; whatever knows the path passes the name
+//! ([`name_from_drv_path`], the `…_named` methods, and [`DrvHasher`] names
+//! every input derivation after its path). Only a derivation that has no
+//! path yet is named after its `name` variable ([`Derivation::env_name`]),
+//! and [`json::from_json`] takes the name as Nix does (see there).
 
 pub mod aterm;
+pub mod bytejson;
 pub mod check;
 pub mod json;
 pub mod modulo;
@@ -73,7 +88,7 @@ pub enum DerivationError {
     MixedOutputs(String),
     #[error("a fixed-output derivation must have exactly one output, named 'out' (found {0})")]
     BadFixedOutputs(String),
-    #[error("derivation has no valid 'name' in its environment ({0})")]
+    #[error("derivation has no valid name: {0}")]
     BadName(String),
     #[error(
         "the {field} contains '{byte}', which Nix writes unescaped and so cannot be read back"
@@ -235,8 +250,8 @@ pub enum DerivationKind {
     Impure,
 }
 
-/// A derivation as Nix 2.8 models it (`Derivation` minus the name, which
-/// lives in `env.name`).
+/// A derivation as Nix 2.8 models it, minus the name: what a `.drv` file
+/// holds. The name belongs to the path (see "The name" in the module docs).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Derivation {
     /// Outputs by name.
@@ -288,11 +303,12 @@ pub struct RawDerivation {
 
 /// Whether a raw fixed output may leave its path empty, to be computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum FixedPaths {
+pub(crate) enum FixedPaths<'a> {
     /// As in a `.drv`: the path must be there (and is checked later).
     Required,
-    /// As in JSON given to `derivation add`: empty means "compute it".
-    MayCompute,
+    /// As in JSON given to `derivation add`: empty means "compute it", from
+    /// the derivation's name.
+    MayCompute { name: &'a str },
 }
 
 impl Derivation {
@@ -313,7 +329,7 @@ impl Derivation {
     pub(crate) fn from_raw(
         raw: RawDerivation,
         dir: &StoreDir,
-        fixed: FixedPaths,
+        fixed: FixedPaths<'_>,
     ) -> Result<Derivation, DerivationError> {
         if let Some(&b) = raw.system.iter().find(|&&b| b == b'"' || b == b'\\') {
             return Err(DerivationError::Unprintable {
@@ -325,7 +341,7 @@ impl Derivation {
         let mut outputs = BTreeMap::new();
         for o in raw.outputs {
             let name = OutputName::from_bytes(&o.name)?;
-            let output = parse_output(&name, &o, dir, fixed, &env)?;
+            let output = parse_output(&name, &o, dir, fixed)?;
             outputs.insert(name, output);
         }
         let mut input_derivations = BTreeMap::new();
@@ -354,7 +370,7 @@ impl Derivation {
             args: raw.args,
             env,
         };
-        if fixed == FixedPaths::Required {
+        if matches!(fixed, FixedPaths::Required) {
             drv.kind()?;
         }
         Ok(drv)
@@ -390,22 +406,31 @@ impl Derivation {
         })
     }
 
-    /// The derivation's name: `env.name`, a valid store path name.
-    pub fn name(&self) -> Result<&str, DerivationError> {
-        let raw = self
-            .env
-            .get(b"name".as_slice())
-            .ok_or_else(|| DerivationError::BadName("no 'name' variable".to_owned()))?;
-        let name = std::str::from_utf8(raw)
-            .map_err(|_| DerivationError::BadName("not UTF-8".to_owned()))?;
-        check_name(name).map_err(|e| DerivationError::BadName(e.to_string()))?;
-        Ok(name)
+    /// The `name` environment variable, when it is a valid store path name.
+    ///
+    /// This is *not* the derivation's name in general: Nix names a
+    /// derivation after its `.drv` file (`<name>.drv`, [`name_from_drv_path`]),
+    /// and a structured-attrs derivation keeps `name` inside `__json` while a
+    /// Guix derivation need not have the variable at all. It is the name only
+    /// where no path is known yet (a derivation being created, as
+    /// `derivationStrict` does from its `name` attribute); every `…_named`
+    /// method takes the name explicitly instead.
+    pub fn env_name(&self) -> Result<&str, DerivationError> {
+        env_name(&self.env)
     }
 
-    /// The store path this derivation is written to: a `text` path named
-    /// `<name>.drv` whose references are the inputs (never the outputs).
+    /// The store path this derivation is written to, named after its `name`
+    /// variable ([`Derivation::env_name`]); see [`Derivation::drv_path_named`].
     pub fn drv_path(&self, dir: &StoreDir) -> Result<StorePath, DerivationError> {
-        let name = format!("{}.drv", self.name()?);
+        self.drv_path_named(self.env_name()?, dir)
+    }
+
+    /// The store path this derivation is written to under the name `name`: a
+    /// `text` path named `<name>.drv` whose references are the inputs (never
+    /// the outputs).
+    pub fn drv_path_named(&self, name: &str, dir: &StoreDir) -> Result<StorePath, DerivationError> {
+        check_name(name).map_err(|e| DerivationError::BadName(e.to_string()))?;
+        let name = format!("{name}.drv");
         let contents = HashAlgo::Sha256.digest(&self.to_aterm(dir));
         Ok(dir.make_text_path(&name, &contents, &self.references())?)
     }
@@ -453,6 +478,30 @@ impl Derivation {
     }
 }
 
+/// The `name` variable of `env`, checked: [`Derivation::env_name`].
+fn env_name(env: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<&str, DerivationError> {
+    let raw = env.get(b"name".as_slice()).ok_or_else(|| {
+        DerivationError::BadName(
+            "no 'name' variable, and no .drv path or JSON \"name\" to take it from".to_owned(),
+        )
+    })?;
+    let name =
+        std::str::from_utf8(raw).map_err(|_| DerivationError::BadName("not UTF-8".to_owned()))?;
+    check_name(name).map_err(|e| DerivationError::BadName(e.to_string()))?;
+    Ok(name)
+}
+
+/// The name of the derivation stored at `path`: its base name minus the
+/// `<hash>-` prefix and the `.drv` suffix, as Nix's `nameFromPath`. This is
+/// the name Nix gives a derivation it reads (`readDerivation`), whatever its
+/// environment holds.
+pub fn name_from_drv_path(path: &StorePath) -> Result<&str, DerivationError> {
+    path.name()
+        .strip_suffix(".drv")
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| DerivationError::InputNotDerivation(path.base_name().to_owned()))
+}
+
 fn parse_store_path(
     what: &'static str,
     bytes: &[u8],
@@ -472,8 +521,7 @@ fn parse_output(
     name: &OutputName,
     o: &RawOutput,
     dir: &StoreDir,
-    fixed: FixedPaths,
-    env: &BTreeMap<Vec<u8>, Vec<u8>>,
+    fixed: FixedPaths<'_>,
 ) -> Result<DerivationOutput, DerivationError> {
     let bad = |why: &str| DerivationError::BadOutput {
         output: name.to_string(),
@@ -524,22 +572,16 @@ fn parse_output(
     if hash.to_base16().as_bytes() != o.hash.as_slice() {
         return Err(bad_hash());
     }
-    let path = if o.path.is_empty() && fixed == FixedPaths::MayCompute {
-        let drv_name = env
-            .get(b"name".as_slice())
-            .and_then(|n| std::str::from_utf8(n).ok())
-            .ok_or_else(|| {
-                DerivationError::BadName("needed for the fixed output path".to_owned())
-            })?;
-        dir.make_fixed_output_path(
-            method,
-            &hash,
-            &output_path_name(drv_name, name.as_str()),
-            [],
-            false,
-        )?
-    } else {
-        parse_store_path("output path", &o.path, dir)?
+    let path = match fixed {
+        FixedPaths::MayCompute { name: drv_name } if o.path.is_empty() => dir
+            .make_fixed_output_path(
+                method,
+                &hash,
+                &output_path_name(drv_name, name.as_str()),
+                [],
+                false,
+            )?,
+        _ => parse_store_path("output path", &o.path, dir)?,
     };
     Ok(DerivationOutput::CAFixed { method, hash, path })
 }
@@ -625,13 +667,33 @@ mod tests {
     }
 
     #[test]
-    fn name_comes_from_env() {
+    fn env_name_is_checked() {
         let mut d = drv_with(&[("out", DerivationOutput::Deferred)]);
-        assert!(d.name().is_err());
+        assert!(d.env_name().is_err());
         d.env.insert(b"name".to_vec(), b"a b".to_vec());
-        assert!(d.name().is_err());
+        assert!(d.env_name().is_err());
         d.env.insert(b"name".to_vec(), b"hello".to_vec());
-        assert_eq!(d.name().unwrap(), "hello");
+        assert_eq!(d.env_name().unwrap(), "hello");
+    }
+
+    #[test]
+    fn name_from_drv_path_strips_hash_and_extension() {
+        let p = StorePath::from_base_name("4l9f4nj9kcc5vs3rd6n6dpavm0faid7m-hello.drv").unwrap();
+        assert_eq!(name_from_drv_path(&p).unwrap(), "hello");
+        let p = StorePath::from_base_name("4l9f4nj9kcc5vs3rd6n6dpavm0faid7m-hello").unwrap();
+        assert!(name_from_drv_path(&p).is_err());
+    }
+
+    #[test]
+    fn drv_path_named_ignores_the_env() {
+        let drv = Derivation::from_aterm(testdata::HELLO, &testdata::nix()).unwrap();
+        let mut no_name = drv.clone();
+        no_name.env.remove(b"name".as_slice());
+        assert!(no_name.drv_path(&testdata::nix()).is_err());
+        // Same bytes as without the variable, named as asked.
+        let p = no_name.drv_path_named("hello", &testdata::nix()).unwrap();
+        assert!(p.base_name().ends_with("-hello.drv"));
+        assert_ne!(p, drv.drv_path(&testdata::nix()).unwrap());
     }
 }
 

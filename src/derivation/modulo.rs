@@ -13,7 +13,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::aterm;
-use super::{Derivation, DerivationError, DerivationKind, DerivationOutput, OutputName};
+use super::{
+    name_from_drv_path, Derivation, DerivationError, DerivationKind, DerivationOutput, OutputName,
+};
 use crate::store::path::output_path_name;
 use crate::store::{Hash, HashAlgo, StoreDir, StorePath};
 
@@ -66,14 +68,28 @@ where
         &self.dir
     }
 
-    /// `hashDerivationModulo(drv, maskOutputs)`.
+    /// `hashDerivationModulo(drv, maskOutputs)` of a derivation named after
+    /// its `name` variable ([`Derivation::env_name`], needed only when it is
+    /// a fixed-output one); see [`DrvHasher::hash_modulo_named`].
     pub fn hash_modulo(
         &mut self,
         drv: &Derivation,
         mask_outputs: bool,
     ) -> Result<DrvHash, DerivationError> {
         self.memoise_inputs(drv)?;
-        hash_with_known_inputs(drv, &self.dir, mask_outputs, &self.memo)
+        hash_with_known_inputs(drv, None, &self.dir, mask_outputs, &self.memo)
+    }
+
+    /// `hashDerivationModulo(drv, maskOutputs)` of a derivation named `name`.
+    /// Input derivations are named after their paths, as Nix reads them.
+    pub fn hash_modulo_named(
+        &mut self,
+        drv: &Derivation,
+        name: &str,
+        mask_outputs: bool,
+    ) -> Result<DrvHash, DerivationError> {
+        self.memoise_inputs(drv)?;
+        hash_with_known_inputs(drv, Some(name), &self.dir, mask_outputs, &self.memo)
     }
 
     /// The (unmasked, memoised) modulo hash of the derivation at `path`.
@@ -82,7 +98,7 @@ where
             return Ok(h.clone());
         }
         let drv = self.read(path)?;
-        let h = self.hash_modulo(&drv, false)?;
+        let h = self.hash_modulo_named(&drv, name_from_drv_path(path)?, false)?;
         self.memo.insert(path.clone(), h.clone());
         Ok(h)
     }
@@ -122,7 +138,8 @@ where
                     let Some((path, drv, _)) = stack.pop() else {
                         return Ok(());
                     };
-                    let h = hash_with_known_inputs(&drv, &self.dir, false, &self.memo)?;
+                    let name = name_from_drv_path(&path)?;
+                    let h = hash_with_known_inputs(&drv, Some(name), &self.dir, false, &self.memo)?;
                     on_stack.remove(&path);
                     self.memo.insert(path, h);
                 }
@@ -132,8 +149,11 @@ where
 }
 
 /// One step of `hashDerivationModulo`, with every input's hash in `memo`.
+/// `name` is the derivation's (`None`: its `name` variable), which only a
+/// fixed output's path needs.
 fn hash_with_known_inputs(
     drv: &Derivation,
+    name: Option<&str>,
     dir: &StoreDir,
     mask_outputs: bool,
     memo: &HashMap<StorePath, DrvHash>,
@@ -141,6 +161,10 @@ fn hash_with_known_inputs(
     let kind = drv.kind()?;
     match kind {
         DerivationKind::Fixed => {
+            let drv_name = match name {
+                Some(n) => n,
+                None => drv.env_name()?,
+            };
             let mut hashes = BTreeMap::new();
             for (name, output) in &drv.outputs {
                 if let DerivationOutput::CAFixed { method, hash, .. } = output {
@@ -148,7 +172,7 @@ fn hash_with_known_inputs(
                     let path = dir.make_fixed_output_path(
                         *method,
                         hash,
-                        &output_path_name(drv.name()?, name.as_str()),
+                        &output_path_name(drv_name, name.as_str()),
                         [],
                         false,
                     )?;
@@ -224,7 +248,7 @@ where
     let mut expected = BTreeMap::new();
     match kind {
         DerivationKind::InputAddressed { .. } => {
-            let h = hasher.hash_modulo(drv, true)?;
+            let h = hasher.hash_modulo_named(drv, name, true)?;
             if h.kind == DrvHashKind::Deferred {
                 return Err(DerivationError::UnsupportedKind(
                     "input-addressed with content-addressed inputs",
@@ -261,7 +285,9 @@ impl Derivation {
     /// that already hold a value must hold the right one, otherwise this
     /// fails saying what was expected; empty ones (or [`DerivationOutput::Deferred`])
     /// are filled. Input-addressed paths hash the derivation with outputs
-    /// masked; a fixed output's path follows from its hash.
+    /// masked; a fixed output's path follows from its hash. The name is
+    /// the `name` variable ([`Derivation::env_name`]), as `derivationStrict`
+    /// takes it; see [`Derivation::fill_output_paths_named`].
     pub fn fill_output_paths<F, E>(
         &mut self,
         hasher: &mut DrvHasher<F>,
@@ -270,8 +296,21 @@ impl Derivation {
         F: FnMut(&StorePath) -> Result<Derivation, E>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let name = self.env_name()?.to_owned();
+        self.fill_output_paths_named(&name, hasher)
+    }
+
+    /// [`Derivation::fill_output_paths`] for a derivation named `name`.
+    pub fn fill_output_paths_named<F, E>(
+        &mut self,
+        name: &str,
+        hasher: &mut DrvHasher<F>,
+    ) -> Result<(), DerivationError>
+    where
+        F: FnMut(&StorePath) -> Result<Derivation, E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let dir = hasher.store_dir().clone();
-        let name = self.name()?.to_owned();
         let mut done = self.clone();
         let all_ia = self.outputs.values().all(|o| {
             matches!(
@@ -295,7 +334,7 @@ impl Derivation {
                 done.env.insert(o.as_str().as_bytes().to_vec(), Vec::new());
             }
         }
-        let expected = expected_output_paths(&done, kind, &name, hasher)?;
+        let expected = expected_output_paths(&done, kind, name, hasher)?;
         for (o, path) in expected {
             let full = dir.display(&path);
             if let Some(given) = self.outputs.get(&o).and_then(DerivationOutput::path) {
@@ -329,7 +368,9 @@ impl Derivation {
     }
 }
 
-/// `hashDerivationModulo` of one derivation with a one-off hasher.
+/// `hashDerivationModulo` of one derivation with a one-off hasher, named
+/// after its `name` variable where that matters (a fixed-output one); with a
+/// name from elsewhere use [`DrvHasher::hash_modulo_named`].
 pub fn hash_derivation_modulo<F, E>(
     drv: &Derivation,
     dir: &StoreDir,

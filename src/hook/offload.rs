@@ -23,7 +23,7 @@ use crate::build::BuildError;
 use crate::decide::{LocalFacts, Machine, Placement};
 use crate::derivation::check::{read_derivation, ReadError};
 use crate::derivation::Derivation;
-use crate::remote::offloader::{Attempt, OffloadError, Offloader, Placed, RemoteJob};
+use crate::remote::offloader::{Attempt, InputClosure, OffloadError, Offloader, Placed, RemoteJob};
 use crate::remote::slots::{Slot, SlotDir};
 use crate::remote::ssh::SshOptions;
 use crate::serve_protocol::BuildOptions;
@@ -188,7 +188,8 @@ pub fn answer(
     // reached goes into backoff and the request is decided again, so the
     // daemon builds locally or waits instead of seeing a hook failure.
     let (machine, slot) = loop {
-        let (machine, slot) = match offloader.try_place(&placement, &drv)? {
+        // A fresh offloader knows nothing of what machines hold: no weights.
+        let (machine, slot) = match offloader.try_place(&placement, &drv, &InputClosure::none())? {
             Attempt::Placed(Placed::Remote { machine, slot }) => (machine.clone(), slot),
             Attempt::Placed(Placed::Local(_)) => {
                 tracing::debug!(drv = %req.drv_path, "declined: build it locally");

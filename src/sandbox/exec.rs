@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
-use super::linux::{clone_child, LinuxSyscalls};
+use super::linux::{clone_child, wait4, LinuxSyscalls};
 use super::plan::{MountFlags, SandboxPlan, SetupOp};
 use super::syscall::{Errno, FileKind, Syscall};
 use super::SandboxError;
@@ -80,7 +80,8 @@ impl std::fmt::Display for BuildOutcome {
 /// File descriptors the child uses during setup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChildFds {
-    /// Write end of the log pipe: becomes stdout and stderr.
+    /// Write end of the log pipe: becomes stdout and stderr; in an
+    /// interactive run with a terminal, the terminal (see [`SetupOp::Terminal`]).
     pub log: i32,
     /// Write end of the error pipe (close-on-exec).
     pub error: i32,
@@ -190,6 +191,7 @@ pub fn apply(
         SetupOp::DieWithParent => sys.die_with_parent(),
         SetupOp::NewSession => sys.setsid(),
         SetupOp::Stdio => sys.redirect_stdio(fds.log),
+        SetupOp::Terminal => sys.attach_terminal(fds.log),
         SetupOp::LoopbackUp => sys.loopback_up(),
         SetupOp::Hostname(h) => sys.sethostname(h),
         SetupOp::Domainname(d) => sys.setdomainname(d),
@@ -319,7 +321,7 @@ pub fn child_main(
     127
 }
 
-fn spawn_error(action: &'static str) -> impl FnOnce(nix::Error) -> SandboxError {
+pub(super) fn spawn_error(action: &'static str) -> impl FnOnce(nix::Error) -> SandboxError {
     move |e| SandboxError::Spawn {
         action,
         source: std::io::Error::from(e),
@@ -331,6 +333,16 @@ fn spawn_error(action: &'static str) -> impl FnOnce(nix::Error) -> SandboxError 
 /// Processes of the build user outside the PID namespace are the caller's
 /// business (see [`super::users::UserLease::kill_processes`]).
 pub fn run(plan: &SandboxPlan, log: &mut dyn Write) -> Result<BuildOutcome, SandboxError> {
+    run_measured(plan, log).map(|(outcome, _)| outcome)
+}
+
+/// [`run`], with what the builder used as `wait4` reports it when it
+/// exited by itself: its CPU time and largest process's peak resident
+/// size, each covering the descendants it reaped.
+pub fn run_measured(
+    plan: &SandboxPlan,
+    log: &mut dyn Write,
+) -> Result<(BuildOutcome, Option<super::ResourceUsage>), SandboxError> {
     let exec = PreparedExec::new(plan);
     let (log_r, log_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(spawn_error("create the log pipe"))?;
@@ -340,18 +352,10 @@ pub fn run(plan: &SandboxPlan, log: &mut dyn Write) -> Result<BuildOutcome, Sand
         log: log_w.as_raw_fd(),
         error: err_w.as_raw_fd(),
     };
-    let mut flags =
-        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-    if plan.new_network {
-        flags |= libc::CLONE_NEWNET;
-    }
     let ops = plan.ops.as_slice();
     let mut child = || child_main(ops, &mut LinuxSyscalls, fds, &exec);
     let started = Instant::now();
-    let pid = clone_child(flags, &mut child).map_err(|e| SandboxError::Spawn {
-        action: "clone the sandboxed child",
-        source: e.to_io(),
-    })?;
+    let pid = clone_into_cgroup(plan, &mut child)?;
     let pid = Pid::from_raw(pid);
     // From here until the child is waited for, a panic (a bug, or a log
     // sink that panics) must not leave the builder running unsupervised:
@@ -365,6 +369,49 @@ pub fn run(plan: &SandboxPlan, log: &mut dyn Write) -> Result<BuildOutcome, Sand
     // reused now, so it must not be signalled again.
     guard.disarm();
     result
+}
+
+/// Clones the plan's child (running `child`) into its namespaces and, if
+/// the plan has one, its cgroup v2 directory. A kernel without `clone3`
+/// (before 5.3) or `CLONE_INTO_CGROUP` (before 5.7) gets the child outside
+/// the cgroup, as on a machine without cgroup2: never a failed build.
+pub(super) fn clone_into_cgroup(
+    plan: &SandboxPlan,
+    child: &mut dyn FnMut() -> i32,
+) -> Result<libc::pid_t, SandboxError> {
+    let spawn = |e: Errno| SandboxError::Spawn {
+        action: "clone the sandboxed child",
+        source: e.to_io(),
+    };
+    let dir = plan.cgroup.as_ref().and_then(|d| {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(d)
+            .inspect_err(
+                |e| tracing::debug!(cgroup = %d.display(), "cannot open the build's cgroup: {e}"),
+            )
+            .ok()
+    });
+    match clone_child(namespaces(plan), dir.as_ref().map(|d| d.as_fd()), child) {
+        Err(Errno(e)) if dir.is_some() && matches!(e, libc::ENOSYS | libc::E2BIG) => {
+            tracing::debug!("no clone3 into a cgroup here: the build runs outside its cgroup");
+            clone_child(namespaces(plan), None, child).map_err(spawn)
+        }
+        r => r.map_err(spawn),
+    }
+}
+
+/// The namespaces a plan's child is cloned into: mount, PID, IPC, UTS, and
+/// network unless the plan shares the host's.
+pub(super) fn namespaces(plan: &SandboxPlan) -> libc::c_int {
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if plan.new_network {
+        flags |= libc::CLONE_NEWNET;
+    }
+    flags
 }
 
 /// Kills and reaps a child when dropped armed: when the thread supervising
@@ -407,7 +454,7 @@ fn supervise(
     plan: &SandboxPlan,
     started: Instant,
     log: &mut dyn Write,
-) -> Result<BuildOutcome, SandboxError> {
+) -> Result<(BuildOutcome, Option<super::ResourceUsage>), SandboxError> {
     let total = plan
         .timeouts
         .total
@@ -427,14 +474,14 @@ fn supervise(
                 source: errno.to_io(),
             });
         }
-        Setup::TimedOut(after) => return Ok(time_out(pid, TimeoutKind::Total, after)),
+        Setup::TimedOut(after) => return Ok((time_out(pid, TimeoutKind::Total, after), None)),
     }
     tracing::debug!(elapsed = ?started.elapsed(), "builder exec'd");
     stream(pid, log_r, plan, started, log)
 }
 
 /// How the child's setup ended.
-enum Setup {
+pub(super) enum Setup {
     /// The builder was exec'd (the error pipe closed without a message).
     Execd,
     /// A step failed: its index and errno.
@@ -444,7 +491,7 @@ enum Setup {
 }
 
 /// Reads the error pipe until EOF or a message, within the total time limit.
-fn read_setup_result(
+pub(super) fn read_setup_result(
     err_r: OwnedFd,
     deadline: Option<(Instant, Duration)>,
 ) -> Result<Setup, SandboxError> {
@@ -491,7 +538,7 @@ fn read_setup_result(
 }
 
 /// Kills (the PID namespace dies with its PID 1) and waits.
-fn reap(pid: Pid) {
+pub(super) fn reap(pid: Pid) {
     let _ = kill(pid, Signal::SIGKILL);
     let _ = waitpid(pid, None);
 }
@@ -502,7 +549,7 @@ fn stream(
     plan: &SandboxPlan,
     started: Instant,
     log: &mut dyn Write,
-) -> Result<BuildOutcome, SandboxError> {
+) -> Result<(BuildOutcome, Option<super::ResourceUsage>), SandboxError> {
     let limits = plan.timeouts;
     let mut last_output = started;
     let mut buf = vec![0u8; 64 * 1024];
@@ -512,7 +559,7 @@ fn stream(
         let deadline = next_deadline(limits, started, last_output);
         if let Some((at, kind, after)) = deadline {
             if at <= now {
-                return Ok(time_out(pid, kind, after));
+                return Ok((time_out(pid, kind, after), None));
             }
         }
         let timeout = match deadline {
@@ -562,17 +609,31 @@ fn stream(
     let deadline = next_deadline(limits, started, last_output);
     let mut nap = Duration::from_micros(200);
     loop {
-        let flags = deadline.map(|_| WaitPidFlag::WNOHANG);
-        match waitpid(pid, flags) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(BuildOutcome::Exited(code)),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(BuildOutcome::Signaled(sig as i32)),
-            Ok(_) | Err(nix::Error::EINTR) => {}
-            Err(e) => return Err(spawn_error("wait for the builder")(e)),
+        match wait4(pid.as_raw(), deadline.is_some()) {
+            Ok(Some(r)) if libc::WIFEXITED(r.status) || libc::WIFSIGNALED(r.status) => {
+                let outcome = if libc::WIFEXITED(r.status) {
+                    BuildOutcome::Exited(libc::WEXITSTATUS(r.status))
+                } else {
+                    BuildOutcome::Signaled(libc::WTERMSIG(r.status))
+                };
+                let usage = super::ResourceUsage {
+                    cpu: Some(r.cpu),
+                    peak_memory: Some(r.max_rss),
+                };
+                return Ok((outcome, Some(usage)));
+            }
+            Ok(_) | Err(Errno(libc::EINTR)) => {}
+            Err(e) => {
+                return Err(SandboxError::Spawn {
+                    action: "wait for the builder",
+                    source: e.to_io(),
+                })
+            }
         }
         if let Some((at, kind, after)) = deadline {
             let now = Instant::now();
             if at <= now {
-                return Ok(time_out(pid, kind, after));
+                return Ok((time_out(pid, kind, after), None));
             }
             std::thread::sleep(nap.min(at - now));
             nap = (nap * 2).min(Duration::from_millis(50));
@@ -705,6 +766,14 @@ mod tests {
                 data: None
             }
         );
+    }
+
+    #[test]
+    fn a_cgroup_is_where_the_child_is_cloned_not_a_step() {
+        let mut p = test_plan();
+        let before = p.ops.clone();
+        p.cgroup = Some(PathBuf::from("/sys/fs/cgroup/unified/sandoff-build-uid-1"));
+        assert_eq!(p.ops, before, "no process is moved by a step");
     }
 
     #[test]

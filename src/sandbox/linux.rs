@@ -7,6 +7,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr;
 
 use super::exec::PreparedExec;
@@ -273,6 +274,17 @@ impl Syscall for LinuxSyscalls {
         check(unsafe { libc::dup2(log_fd, 2) })
     }
 
+    fn attach_terminal(&mut self, tty_fd: i32) -> Result<(), Errno> {
+        for target in 0..=2 {
+            // SAFETY: tty_fd is the open terminal the parent passed; dup2
+            // clears close-on-exec on the target.
+            check(unsafe { libc::dup2(tty_fd, target) })?;
+        }
+        // SAFETY: TIOCSCTTY takes an integer; 0 means "do not steal a
+        // terminal that is another session's controlling terminal".
+        check(unsafe { libc::ioctl(0, libc::TIOCSCTTY as _, 0 as libc::c_int) })
+    }
+
     fn cloexec_from(&mut self, first: u32) -> Result<(), Errno> {
         // SAFETY: close_range only changes fd flags.
         check_long(unsafe {
@@ -530,22 +542,106 @@ impl Syscall for LinuxSyscalls {
     }
 }
 
+/// What `wait4` reports of a reaped child: its status, and its CPU time and
+/// peak resident size (each covering the descendants it reaped itself).
+pub(crate) struct Reaped {
+    pub(crate) status: libc::c_int,
+    pub(crate) cpu: std::time::Duration,
+    /// Bytes (the kernel counts KiB).
+    pub(crate) max_rss: u64,
+}
+
+/// `wait4(pid, WNOHANG if nohang)`: `None` when `nohang` and the child is
+/// still running.
+pub(crate) fn wait4(pid: libc::pid_t, nohang: bool) -> Result<Option<Reaped>, Errno> {
+    let mut status = 0;
+    // SAFETY: rusage is a plain C struct of integers, for which all-zero
+    // bytes are a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let options = if nohang { libc::WNOHANG } else { 0 };
+    // SAFETY: both pointers are to live, writable locals of the right types.
+    let r = unsafe { libc::wait4(pid, &mut status, options, &mut ru) };
+    match r {
+        -1 => Err(errno()),
+        0 => Ok(None),
+        _ => {
+            let tv = |t: libc::timeval| {
+                std::time::Duration::from_secs(t.tv_sec.max(0) as u64)
+                    + std::time::Duration::from_micros(t.tv_usec.max(0) as u64)
+            };
+            Ok(Some(Reaped {
+                status,
+                cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+                max_rss: (ru.ru_maxrss.max(0) as u64) * 1024,
+            }))
+        }
+    }
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7): the child starts in the cgroup whose
+/// directory `clone_args.cgroup` is open on.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// The kernel's `struct clone_args` up to `cgroup` (its version 2 layout).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
 /// Forks a child into new namespaces (`clone_flags`: `CLONE_NEW*` bits) that
 /// runs `child` and `_exit`s with its result. This is the only fork in
-/// sandoff. Returns the child's pid (in our PID namespace).
+/// sandoff. Returns the child's pid (in our PID namespace). With `cgroup`
+/// (an open cgroup v2 directory) the child starts in that cgroup (`clone3`).
 ///
 /// `child` runs in a copy of a possibly multi-threaded process: it must be
 /// async-signal-safe (no allocation, locks or logging) and must not panic.
 pub(crate) fn clone_child(
     clone_flags: libc::c_int,
+    cgroup: Option<BorrowedFd<'_>>,
     child: &mut dyn FnMut() -> i32,
 ) -> Result<libc::pid_t, Errno> {
-    let flags = (clone_flags | libc::SIGCHLD) as libc::c_ulong;
-    // SAFETY: clone with a NULL stack behaves like fork: the child runs on a
-    // copy of this stack. No CLONE_VM/CLONE_THREAD, so memory is copied;
-    // the child only runs `child`, which the caller guarantees is
-    // async-signal-safe, then _exit without running destructors or atexit.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    let pid = match cgroup {
+        None => {
+            let flags = (clone_flags | libc::SIGCHLD) as libc::c_ulong;
+            // SAFETY: clone with a NULL stack behaves like fork: the child
+            // runs on a copy of this stack. No CLONE_VM/CLONE_THREAD, so
+            // memory is copied; the child only runs `child`, which the
+            // caller guarantees is async-signal-safe, then _exit without
+            // running destructors or atexit.
+            unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) }
+        }
+        Some(cgroup) => {
+            let args = CloneArgs {
+                flags: clone_flags as u32 as u64 | CLONE_INTO_CGROUP,
+                exit_signal: libc::SIGCHLD as u64,
+                cgroup: cgroup.as_raw_fd() as u64,
+                ..CloneArgs::default()
+            };
+            // SAFETY: as the clone above: a zero stack and stack size make
+            // clone3 behave like fork, on a copy of this stack, and the
+            // child only runs the async-signal-safe `child`, then _exit.
+            // `args` is a valid clone_args (version 2, with `cgroup`) that
+            // lives across the call, and its size is passed with it.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_clone3,
+                    &args as *const CloneArgs,
+                    std::mem::size_of::<CloneArgs>(),
+                )
+            }
+        }
+    };
     if pid == -1 {
         return Err(errno());
     }

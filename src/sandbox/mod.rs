@@ -10,8 +10,13 @@
 //!   fixed-output), IPC and UTS namespaces; the child runs the steps and
 //!   execs, or reports the failing step and exits (fail closed); the parent
 //!   streams the log and enforces `--max-silent-time` and `--timeout`.
+//! - [`interactive`]: a build's sandbox again with a shell or command in
+//!   place of its builder, on a fresh pty proxied to the user's terminal
+//!   (`sandoff enter`).
 //! - [`seccomp`]: the builder's seccomp filter (Nix's: no setuid/setgid
 //!   `chmod`, no xattrs), a hand-written BPF program checked by an interpreter.
+//! - [`cgroup`]: each build in a cgroup of its own when cgroup v2 is
+//!   usable (kill everything at once; CPU time and peak memory).
 //! - [`users`]: the build-user pool (flock per uid) and killing a uid's
 //!   processes; [`host`]: the per-build host directories; [`setup`]:
 //!   `sandoff setup`.
@@ -76,8 +81,10 @@
 //!   a file being written by another thread while a sandbox is being set up
 //!   cannot be executed (`ETXTBSY`) until that sandbox has exec'd.
 
+pub mod cgroup;
 pub mod exec;
 pub mod host;
+pub mod interactive;
 mod linux;
 pub mod plan;
 #[cfg(test)]
@@ -90,11 +97,13 @@ pub mod users;
 use std::io::Write;
 use std::path::PathBuf;
 
+pub use cgroup::ResourceUsage;
 pub use exec::{BuildOutcome, TimeoutKind};
 pub use host::HostDirs;
+pub use interactive::run_interactive;
 pub use plan::{
-    BuildUser, InputPath, Limits, SandboxDirs, SandboxPlan, SandboxSpec, SetupOp, Timeouts,
-    TmpfsSize,
+    BuildUser, InputPath, Interactive, InteractiveStdio, Limits, SandboxDirs, SandboxPlan,
+    SandboxSpec, SetupOp, Timeouts, TmpfsSize,
 };
 pub use syscall::Syscall;
 pub use users::{UserError, UserLease, UserPool};
@@ -168,6 +177,31 @@ pub fn run_build(
     spec: &SandboxSpec,
     log: &mut dyn Write,
 ) -> Result<BuildOutcome, SandboxError> {
+    run_build_measured(lease, spec, log).map(|(outcome, _)| outcome)
+}
+
+/// [`run_build`] in a cgroup of its own when cgroup v2 is usable
+/// ([`cgroup`]): everything the build started is killed when the builder
+/// has exited, and what it used is returned (`None`: no cgroup).
+pub fn run_build_measured(
+    lease: &UserLease,
+    spec: &SandboxSpec,
+    log: &mut dyn Write,
+) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError> {
+    let mut plan = plan::plan(spec)?;
+    with_user(lease, spec, &mut plan, |plan| exec::run_measured(plan, log))
+}
+
+/// Runs `run` (which runs `plan`, a planned sandbox, to its end) as
+/// `lease`'s user, the spec's, in a cgroup of its own when cgroup v2 is
+/// usable, killing that user's processes before and after and everything
+/// left in the cgroup; returns what it used (`None`: no cgroup).
+fn with_user(
+    lease: &UserLease,
+    spec: &SandboxSpec,
+    plan: &mut SandboxPlan,
+    run: impl FnOnce(&SandboxPlan) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError>,
+) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError> {
     if &spec.user != lease.user() {
         return Err(SandboxError::InvalidSpec {
             field: "user",
@@ -178,13 +212,34 @@ pub fn run_build(
             ),
         });
     }
-    let plan = plan::plan(spec)?;
+    // Dropped on every way out (a panic too): kills what is left, removes it.
+    let cgroup = cgroup::BuildCgroup::create(lease.user().uid());
+    if let Some(cg) = &cgroup {
+        plan.cgroup = Some(cg.dir().to_path_buf());
+    }
     lease.kill_processes()?;
     // A panic while the build runs must not leave the user's processes
     // behind either (exec::run kills the builder's PID namespace itself).
     let guard = KillUserOnUnwind(Some(lease));
-    let result = exec::run(&plan, log);
+    let result = run(plan);
     guard.disarm();
+    // The cgroup's figures cover every process of the build (daemons too);
+    // what wait4 saw of the builder fills in what the cgroup cannot give.
+    let measured = cgroup.as_ref().map(|cg| {
+        cg.kill();
+        cg.usage()
+    });
+    drop(cgroup);
+    let result = result.map(|(outcome, reaped)| {
+        let usage = match (measured, reaped) {
+            (Some(m), Some(r)) => Some(ResourceUsage {
+                cpu: m.cpu.or(r.cpu),
+                peak_memory: m.peak_memory.or(r.peak_memory),
+            }),
+            (m, r) => m.or(r),
+        };
+        (outcome, usage)
+    });
     match (result, lease.kill_processes()) {
         (r, Ok(())) => r,
         (Ok(_), Err(e)) => Err(e.into()),

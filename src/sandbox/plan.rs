@@ -456,6 +456,11 @@ pub enum SetupOp {
     NewSession,
     /// stdin from `/dev/null`, stdout and stderr to the log pipe.
     Stdio,
+    /// Interactive runs only ([`plan_interactive`]): stdin, stdout and
+    /// stderr onto the terminal the caller passed (a pty slave whose master
+    /// it holds), which becomes the controlling terminal (`TIOCSCTTY`, after
+    /// [`SetupOp::NewSession`]).
+    Terminal,
     /// Bring up `lo` in the new network namespace.
     LoopbackUp,
     /// `sethostname`.
@@ -556,6 +561,7 @@ impl fmt::Display for SetupOp {
             SetupOp::DieWithParent => write!(f, "set parent-death signal"),
             SetupOp::NewSession => write!(f, "setsid"),
             SetupOp::Stdio => write!(f, "redirect stdio to the log"),
+            SetupOp::Terminal => write!(f, "attach the terminal"),
             SetupOp::LoopbackUp => write!(f, "bring up loopback"),
             SetupOp::Hostname(h) => write!(f, "set hostname '{}'", s(h)),
             SetupOp::Domainname(d) => write!(f, "set domain name '{}'", s(d)),
@@ -641,6 +647,11 @@ pub struct SandboxPlan {
     pub outputs: Vec<(String, PathBuf)>,
     /// Time limits, carried through for the runner.
     pub timeouts: Timeouts,
+    /// The cgroup v2 directory the child is cloned into (`clone3` with
+    /// `CLONE_INTO_CGROUP`), if any: it is in it from its first
+    /// instruction, and no process is moved (moving one takes a lock
+    /// whose release waits for an RCU grace period, ~10 ms a build).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// `/etc/passwd` in the sandbox: the build user and `nobody`, no root (as
@@ -857,8 +868,57 @@ fn check_spec(spec: &SandboxSpec) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// What runs in a build's sandbox instead of its builder, for `sandoff
+/// enter` ([`plan_interactive`]): a shell or a command, as the build user,
+/// in the build directory, with the build's environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interactive {
+    /// The program, a logical path inside the sandbox.
+    pub program: Vec<u8>,
+    /// Its `argv`, `argv[0]` included.
+    pub argv: Vec<Vec<u8>>,
+    /// Variables set over the build's environment (`TERM`, `PS1`).
+    pub env: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// How the program's stdin, stdout and stderr are given.
+    pub stdio: InteractiveStdio,
+}
+
+/// The standard fds of an [`Interactive`] run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InteractiveStdio {
+    /// A terminal the runner passes (a fresh pty it proxies to the user's
+    /// terminal): stdin, stdout and stderr, and the controlling terminal.
+    Terminal,
+    /// The caller's own fds, as they are (pipes, files): no controlling
+    /// terminal, as for a build.
+    Inherit,
+}
+
 /// Plans the sandbox for one build. Pure: the result depends only on `spec`.
 pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
+    plan_with(spec, None)
+}
+
+/// Plans the sandbox of a build that ran already (its build directory and
+/// scratch store as it left them) with `run` in place of the builder: the
+/// same steps as [`plan`] (namespaces, mounts, `/etc`, ids, capabilities,
+/// seccomp), except that
+/// - stdio is `run.stdio` instead of the log pipe;
+/// - `passAsFile` files are not written: the build wrote them, and its
+///   directory is as it was left (the builder may have changed them);
+/// - the environment is the builder's with `run.env` over it;
+/// - there are no time limits: a person is at the keyboard.
+pub fn plan_interactive(
+    spec: &SandboxSpec,
+    run: &Interactive,
+) -> Result<SandboxPlan, SandboxError> {
+    plan_with(spec, Some(run))
+}
+
+fn plan_with(
+    spec: &SandboxSpec,
+    interactive: Option<&Interactive>,
+) -> Result<SandboxPlan, SandboxError> {
     check_spec(spec)?;
     let root = spec.dirs.root.as_path();
     let build_dir = format!("/tmp/{}", spec.build_dir_name);
@@ -1043,7 +1103,11 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
 
     // passAsFile, written as root through the bind (O_EXCL, O_NOFOLLOW) and
     // handed to the build user, as Nix's chownToBuilder.
-    let (env, files) = builder_env(spec, &build_dir);
+    let (mut env, mut files) = builder_env(spec, &build_dir);
+    if let Some(run) = interactive {
+        files.clear();
+        env.extend(run.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
     for (name, contents) in files {
         o.push(SetupOp::WriteFile {
             path: cpath("path", &build_target.join(name))?,
@@ -1059,8 +1123,13 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
     });
     o.push(SetupOp::RemountRootReadOnly);
     // After the pivot, so stdin is the sandbox's /dev/null, not an fd on a
-    // host mount outside the new root.
-    o.push(SetupOp::Stdio);
+    // host mount outside the new root. An interactive run gets what its
+    // caller chose instead.
+    match interactive.map(|r| r.stdio) {
+        None => o.push(SetupOp::Stdio),
+        Some(InteractiveStdio::Terminal) => o.push(SetupOp::Terminal),
+        Some(InteractiveStdio::Inherit) => {}
+    }
     o.push(SetupOp::Chdir(cstring("build dir", build_dir.as_str())?));
     o.push(SetupOp::CloseFds);
     o.push(SetupOp::NoCoreDumps);
@@ -1084,16 +1153,38 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
     o.push(SetupOp::ResetSignals);
     o.push(SetupOp::Exec);
 
-    let base = spec
-        .builder
-        .rsplit(|b| *b == b'/')
-        .next()
-        .unwrap_or_default()
-        .to_vec();
-    let mut argv = vec![cstring("builder", base)?];
-    for a in &spec.args {
-        argv.push(cstring("args", a.clone())?);
-    }
+    let (path, argv) = match interactive {
+        None => {
+            let base = spec
+                .builder
+                .rsplit(|b| *b == b'/')
+                .next()
+                .unwrap_or_default()
+                .to_vec();
+            let mut argv = vec![cstring("builder", base)?];
+            for a in &spec.args {
+                argv.push(cstring("args", a.clone())?);
+            }
+            (cstring("builder", spec.builder.clone())?, argv)
+        }
+        Some(run) => {
+            if !run.program.starts_with(b"/") || run.argv.is_empty() {
+                return Err(SandboxError::InvalidSpec {
+                    field: "interactive program",
+                    reason: format!(
+                        "'{}' needs an absolute path and an argv[0]",
+                        String::from_utf8_lossy(&run.program)
+                    ),
+                });
+            }
+            let argv = run
+                .argv
+                .iter()
+                .map(|a| cstring("interactive argv", a.clone()))
+                .collect::<Result<Vec<_>, _>>()?;
+            (cstring("interactive program", run.program.clone())?, argv)
+        }
+    };
     let mut envp = Vec::with_capacity(env.len());
     for (k, v) in &env {
         let mut kv = k.clone();
@@ -1105,7 +1196,7 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
         new_network: !spec.fixed_output,
         ops: o.ops,
         exec: ExecSpec {
-            path: cstring("builder", spec.builder.clone())?,
+            path,
             argv,
             env: envp,
         },
@@ -1121,12 +1212,17 @@ pub fn plan(spec: &SandboxSpec) -> Result<SandboxPlan, SandboxError> {
                 )
             })
             .collect(),
-        timeouts: spec.timeouts,
+        cgroup: None,
+        timeouts: if interactive.is_some() {
+            Timeouts::default()
+        } else {
+            spec.timeouts
+        },
     })
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn sp(base: &str) -> StorePath {
@@ -1657,5 +1753,86 @@ mod tests {
             .filter(|o| matches!(o, SetupOp::Bind { flags, .. } if *flags == MountFlags::INPUT))
             .count();
         assert_eq!(n, 1);
+    }
+
+    fn shell(stdio: InteractiveStdio) -> Interactive {
+        Interactive {
+            program: format!("/nix/store/{BUSYBOX}/bin/busybox").into_bytes(),
+            argv: vec![b"busybox".to_vec(), b"sh".to_vec()],
+            env: BTreeMap::from([
+                (b"TERM".to_vec(), b"screen".to_vec()),
+                (b"PS1".to_vec(), b"$ ".to_vec()),
+            ]),
+            stdio,
+        }
+    }
+
+    #[test]
+    fn an_interactive_plan_is_the_builds_with_only_stdio_exec_and_limits_changed() {
+        let mut sp = spec();
+        sp.env.insert(b"passAsFile".to_vec(), b"text".to_vec());
+        sp.env.insert(b"text".to_vec(), b"x".to_vec());
+        sp.timeouts = Timeouts {
+            max_silent: Some(Duration::from_secs(1)),
+            total: Some(Duration::from_secs(2)),
+        };
+        let build = plan(&sp).expect("plan");
+        let enter = plan_interactive(&sp, &shell(InteractiveStdio::Terminal)).expect("plan");
+        // Every step of the build but its stdio and the passAsFile file
+        // (left in the build directory by the build) is taken over as is:
+        // the same mounts, ids, capabilities and seccomp filter.
+        let expected: Vec<SetupOp> = build
+            .ops
+            .iter()
+            .filter(|op| !matches!(op, SetupOp::WriteFile { owner: Some(_), .. }))
+            .map(|op| match op {
+                SetupOp::Stdio => SetupOp::Terminal,
+                op => op.clone(),
+            })
+            .collect();
+        assert_eq!(enter.ops, expected);
+        assert_eq!(enter.new_network, build.new_network);
+        let new_session = index(&enter, |o| *o == SetupOp::NewSession);
+        let terminal = index(&enter, |o| *o == SetupOp::Terminal);
+        let pivot = index(&enter, |o| matches!(o, SetupOp::PivotRoot { .. }));
+        let setuid = index(&enter, |o| *o == SetupOp::SetUid(30001));
+        assert!(new_session < pivot && pivot < terminal && terminal < setuid);
+        assert_eq!(
+            enter.exec.path,
+            s(&format!("/nix/store/{BUSYBOX}/bin/busybox"))
+        );
+        assert_eq!(enter.exec.argv, vec![s("busybox"), s("sh")]);
+        assert_eq!(enter.timeouts, Timeouts::default());
+        // The build's environment, with the caller's TERM and PS1 over it.
+        let mut env = build.env.clone();
+        env.insert(b"TERM".to_vec(), b"screen".to_vec());
+        env.insert(b"PS1".to_vec(), b"$ ".to_vec());
+        assert_eq!(enter.env, env);
+        assert!(enter.exec.env.contains(&s("TERM=screen")));
+    }
+
+    #[test]
+    fn an_interactive_run_without_a_terminal_keeps_the_callers_fds_and_no_terminal() {
+        let enter = plan_interactive(&spec(), &shell(InteractiveStdio::Inherit)).expect("plan");
+        assert!(!enter.ops.contains(&SetupOp::Stdio));
+        assert!(!enter.ops.contains(&SetupOp::Terminal));
+        // Still its own session: no controlling terminal to inject input into.
+        assert!(enter.ops.contains(&SetupOp::NewSession));
+    }
+
+    #[test]
+    fn an_interactive_program_needs_an_absolute_path_and_argv0() {
+        let mut run = shell(InteractiveStdio::Inherit);
+        run.program = b"sh".to_vec();
+        assert!(matches!(
+            plan_interactive(&spec(), &run),
+            Err(SandboxError::InvalidSpec {
+                field: "interactive program",
+                ..
+            })
+        ));
+        let mut run = shell(InteractiveStdio::Inherit);
+        run.argv.clear();
+        assert!(plan_interactive(&spec(), &run).is_err());
     }
 }

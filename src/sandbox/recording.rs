@@ -53,6 +53,8 @@ pub enum Call {
     Setsid,
     /// stdio onto the log fd.
     RedirectStdio(i32),
+    /// stdio onto a terminal, which becomes the controlling one.
+    AttachTerminal(i32),
     /// close-on-exec from fd.
     CloexecFrom(u32),
     /// `RLIMIT_CORE` 0.
@@ -217,6 +219,9 @@ impl Syscall for RecordingSyscalls {
     }
     fn setsid(&mut self) -> Result<(), Errno> {
         self.record(Call::Setsid)
+    }
+    fn attach_terminal(&mut self, tty_fd: i32) -> Result<(), Errno> {
+        self.record(Call::AttachTerminal(tty_fd))
     }
     fn redirect_stdio(&mut self, log_fd: i32) -> Result<(), Errno> {
         self.record(Call::RedirectStdio(log_fd))

@@ -91,6 +91,10 @@ pub trait Syscall {
     fn setsid(&mut self) -> Result<(), Errno>;
     /// stdin from `/dev/null`, stdout and stderr onto `log_fd`.
     fn redirect_stdio(&mut self, log_fd: i32) -> Result<(), Errno>;
+    /// stdin, stdout and stderr onto the terminal `tty_fd`, then
+    /// `ioctl(0, TIOCSCTTY, 0)`: it becomes the controlling terminal of the
+    /// session this process leads (never stolen from another session).
+    fn attach_terminal(&mut self, tty_fd: i32) -> Result<(), Errno>;
     /// Marks every fd from 3 up close-on-exec.
     fn cloexec_from(&mut self, first: u32) -> Result<(), Errno>;
     /// `setrlimit(RLIMIT_CORE, 0)`.

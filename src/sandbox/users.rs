@@ -181,6 +181,12 @@ impl UserPool {
         &self.users
     }
 
+    /// The directory of the users' lock files (recorded with a kept build,
+    /// so that `sandoff enter` locks its user where builds do).
+    pub fn lock_dir(&self) -> &Path {
+        &self.lock_dir
+    }
+
     /// Takes the first free user, or `None` if all are in use.
     pub fn try_acquire(&self) -> Result<Option<UserLease>, UserError> {
         for user in &self.users {
@@ -282,7 +288,7 @@ fn kill_user(uid: u32) -> Result<(), UserError> {
             }
         }
     };
-    let pid = clone_child(0, &mut child).map_err(|e| fail(format!("fork: {e}")))?;
+    let pid = clone_child(0, None, &mut child).map_err(|e| fail(format!("fork: {e}")))?;
     match waitpid(Pid::from_raw(pid), None) {
         Ok(WaitStatus::Exited(_, 0)) => Ok(()),
         Ok(WaitStatus::Exited(_, 2)) => Err(fail("setuid failed".to_owned())),

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::build::local::{realise_one, remove_stale_build_dirs, StepOutcome};
 use crate::build::{self, builds_dir, BuildContext, BuildErrorKind, Event, Options};
 use crate::decide::Placement;
-use crate::derivation::modulo::hash_derivation_modulo;
+use crate::derivation::DrvHasher;
 use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::sandbox::BuildOutcome;
 use crate::serve_protocol::{self, BuildOptions, BuildResult, BuildStatus, MAX_ITEMS, MAX_STRING};
@@ -49,7 +49,7 @@ impl Server<'_, '_> {
                 self.output,
                 self.client_minor,
                 &dir,
-                &basic_drv_hash(&drv, &dir),
+                &basic_drv_hash(&drv, drv_name, &dir),
             )
             .map_err(ServeError::Protocol)
     }
@@ -382,6 +382,8 @@ fn build_options(options: &BuildOptions, setup: &BuildSetup<'_>, stream_logs: bo
         impure_env_allow: setup.impure_env_allow.clone(),
         // A serve host's builds have no build machines of their own.
         builders_use_substitutes: false,
+        max_log_size: (options.max_log_size > 0).then_some(options.max_log_size),
+        check: false,
     }
 }
 
@@ -390,6 +392,8 @@ fn failure_status(e: &BuildErrorKind, fixed_output: bool) -> BuildStatus {
     use BuildErrorKind as K;
     match e {
         K::Kept { error, .. } => failure_status(error, fixed_output),
+        K::LogLimit { .. } => BuildStatus::LogLimitExceeded,
+        K::NotDeterministic { .. } => BuildStatus::NotDeterministic,
         K::Failed {
             outcome: BuildOutcome::TimedOut { .. },
             ..
@@ -409,14 +413,17 @@ fn failure_status(e: &BuildErrorKind, fixed_output: bool) -> BuildStatus {
 /// The hashDerivationModulo of a `BasicDerivation` with its outputs masked
 /// (it has no input derivations, so nothing is looked up), as Nix 2.8 keys
 /// realisations with it, `sha256:<base16>`.
-fn basic_drv_hash(drv: &Derivation, dir: &crate::store::StoreDir) -> String {
+/// `drv_name` is its name (from its `.drv` path, as Nix's), which a
+/// fixed-output derivation's hash needs.
+fn basic_drv_hash(drv: &Derivation, drv_name: &str, dir: &crate::store::StoreDir) -> String {
     let no_lookup = |p: &StorePath| {
         Err::<Derivation, _>(io::Error::new(
             io::ErrorKind::NotFound,
             format!("a BasicDerivation has no input derivation ({p})"),
         ))
     };
-    let hash = hash_derivation_modulo(drv, dir, true, no_lookup)
+    let hash = DrvHasher::new(dir.clone(), no_lookup)
+        .hash_modulo_named(drv, drv_name, true)
         .ok()
         .and_then(|h| h.hashes.into_values().next())
         // Not computable (e.g. no outputs): still a stable string.
@@ -662,6 +669,14 @@ mod tests {
                 why: "none",
             }));
         assert_eq!(failure_status(&no_users, false), BuildStatus::MiscFailure);
+        let log_limit = BuildErrorKind::LogLimit {
+            limit: 10,
+            kept: None,
+        };
+        assert_eq!(
+            failure_status(&log_limit, false),
+            BuildStatus::LogLimitExceeded
+        );
     }
 
     #[test]
@@ -676,11 +691,11 @@ mod tests {
             &[],
         );
         let dir = crate::store::StoreDir::default();
-        let h = basic_drv_hash(&d, &dir);
+        let h = basic_drv_hash(&d, "hello", &dir);
         assert!(h.starts_with("sha256:") && h.len() == 7 + 64, "{h}");
-        assert_eq!(h, basic_drv_hash(&d, &dir));
+        assert_eq!(h, basic_drv_hash(&d, "hello", &dir));
         let mut other = d.clone();
         other.builder = b"/bin/bash".to_vec();
-        assert_ne!(h, basic_drv_hash(&other, &dir));
+        assert_ne!(h, basic_drv_hash(&other, "hello", &dir));
     }
 }

@@ -16,7 +16,8 @@
 //! Files are restored into a staging path, checked against the expected NAR
 //! hash, size and content address, canonicalised (owner = this process, mode
 //! 0444 or 0555, mtime 1, only regular files, directories and symlinks),
-//! renamed into place under the path's lock, flushed to disk (`syncfs`), and
+//! renamed into place under the path's lock, flushed to disk (`fsync` of
+//! each file of a small path, `syncfs` for many files), and
 //! only then registered, in one transaction together with their references
 //! and derivation outputs. A crash at any point leaves at worst an
 //! unregistered directory at the target, which the next add of that path
@@ -777,7 +778,7 @@ impl LocalStore {
         real: &Path,
         remove_on_failure: bool,
     ) -> Result<(), StoreError> {
-        let result = sync_filesystem(real).and_then(|()| {
+        let result = sync_paths(&[real.to_owned()]).and_then(|()| {
             let mut info = info.clone();
             if info.registration_time == 0 {
                 info.registration_time = now();
@@ -1045,9 +1046,7 @@ impl LocalStore {
                 }
                 infos.push(info);
             }
-            if let Some(first) = moved.first() {
-                sync_filesystem(first)?;
-            }
+            sync_paths(&moved)?;
             self.registry.register_many(&infos).map_err(|e| match e {
                 RegistryError::InvalidReference { path, reference } => {
                     StoreError::InvalidReference { path, reference }
@@ -1262,13 +1261,59 @@ fn canonicalise_entry(path: &Path, uid: Uid, gid: Gid) -> Result<(), StoreError>
     Ok(())
 }
 
-/// Flushes the filesystem holding `path`, so that its files and the rename
-/// that put them there are on disk before the registry says they are valid.
-fn sync_filesystem(path: &Path) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(path);
-    let f = File::open(dir).map_err(io_err("opening", dir))?;
-    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f.as_fd()))
-        .map_err(sys_err("syncing", dir))
+/// Up to this many files and directories in the paths being made valid
+/// are flushed one by one; more, and the whole filesystem is.
+const FSYNC_EACH_MAX: usize = 64;
+
+/// Flushes the files of `paths` (in one store directory) and the renames
+/// that put them there, so that they are on disk before the registry says
+/// they are valid. A few files (a typical small output) are `fsync`ed one
+/// by one, then their directory: `syncfs` would also wait for everything
+/// else written to the filesystem meanwhile (other builds, compilers), a
+/// wait of tens of milliseconds on a busy machine. Many files are flushed
+/// with one `syncfs`, cheaper than thousands of `fsync`s.
+fn sync_paths(paths: &[PathBuf]) -> Result<(), StoreError> {
+    let Some(first) = paths.first() else {
+        return Ok(());
+    };
+    let store_dir = first.parent().unwrap_or(first);
+    let mut entries = Vec::new();
+    let few = paths
+        .iter()
+        .all(|p| collect_entries(p, &mut entries, FSYNC_EACH_MAX).is_ok_and(|fits| fits));
+    if !few {
+        let f = File::open(store_dir).map_err(io_err("opening", store_dir))?;
+        return nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f.as_fd()))
+            .map_err(sys_err("syncing", store_dir));
+    }
+    for e in entries.iter().map(PathBuf::as_path).chain([store_dir]) {
+        // Symlinks cannot be opened; their directory's flush covers them.
+        File::open(e)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("flushing", e))?;
+    }
+    Ok(())
+}
+
+/// Adds the regular files and directories of the tree at `path` to `out`;
+/// `Ok(false)` as soon as there would be more than `max`.
+fn collect_entries(path: &Path, out: &mut Vec<PathBuf>, max: usize) -> io::Result<bool> {
+    let meta = fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(true);
+    }
+    if out.len() >= max {
+        return Ok(false);
+    }
+    out.push(path.to_owned());
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            if !collect_entries(&entry?.path(), out, max)? {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Removes a file or tree, making read-only directories writable first;
@@ -1295,6 +1340,30 @@ fn remove_tree(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_trees_are_flushed_file_by_file_and_large_ones_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        fs::create_dir_all(out.join("bin")).unwrap();
+        fs::write(out.join("bin/a"), b"a").unwrap();
+        fs::write(out.join("b"), b"b").unwrap();
+        std::os::unix::fs::symlink("b", out.join("c")).unwrap();
+        let mut entries = Vec::new();
+        assert!(collect_entries(&out, &mut entries, 10).unwrap());
+        // The tree, its directory, two files; not the symlink.
+        assert_eq!(entries.len(), 4, "{entries:?}");
+        let mut entries = Vec::new();
+        assert!(!collect_entries(&out, &mut entries, 3).unwrap());
+        // Both ways flush without error.
+        sync_paths(&[out.clone()]).unwrap();
+        let many = d.path().join("many");
+        fs::create_dir(&many).unwrap();
+        for i in 0..=FSYNC_EACH_MAX {
+            fs::write(many.join(i.to_string()), b"x").unwrap();
+        }
+        sync_paths(&[out, many]).unwrap();
+    }
     use crate::store::StoreDir;
 
     fn store(tmp: &Path) -> LocalStore {

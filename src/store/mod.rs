@@ -41,6 +41,12 @@ pub struct StoreLocation {
     /// the database is never created or migrated. `None`: sandoff's own,
     /// `<state>/db`.
     pub daemon_db: Option<PathBuf>,
+    /// The log directory of the daemon whose store this is (nix-daemon's
+    /// `<root>/nix/var/log/nix`, guix-daemon's `/var/log/guix`): build logs
+    /// are written there in the daemons' own layout, so that `nix-store -l`
+    /// and `guix build --log-file` read them. `None`: `<state>/log`, in
+    /// sandoff's (see `crate::build::log`).
+    pub daemon_log_dir: Option<PathBuf>,
 }
 
 impl StoreLocation {
@@ -52,6 +58,7 @@ impl StoreLocation {
             root,
             state,
             daemon_db: None,
+            daemon_log_dir: None,
         }
     }
 

@@ -242,7 +242,7 @@ pub(crate) fn logical(p: &StorePath) -> String {
 }
 
 /// The JSON events of a `--json` run.
-fn events(out: &Output) -> Vec<serde_json::Value> {
+pub(crate) fn events(out: &Output) -> Vec<serde_json::Value> {
     text(&out.stderr)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())

@@ -558,7 +558,7 @@ fn client_build_paths_on_nix() {
     let bad = failing_drv(&dir, &bb, "client-fails");
     let mut drv_paths = Vec::new();
     for d in [&good, &bad] {
-        let name = format!("{}.drv", d.name().unwrap());
+        let name = format!("{}.drv", d.env_name().unwrap());
         let p = src
             .add_text(&name, &d.to_aterm(&dir), &d.references(), &d.output_paths())
             .expect("add .drv");

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sandoff::derivation::{json, Derivation, DerivationOutput, DrvHasher, OutputName};
+use sandoff::derivation::{
+    json, name_from_drv_path, Derivation, DerivationOutput, DrvHasher, OutputName,
+};
 use sandoff::store::{StoreDir, StorePath};
 
 use crate::support;
@@ -49,7 +51,54 @@ fn fixtures() -> Vec<Fixture> {
             });
         }
     }
-    assert!(all.len() >= 15, "fixtures missing: {}", all.len());
+    assert!(all.len() >= 20, "fixtures missing: {}", all.len());
+    all
+}
+
+/// The `.drv` files of another implementation (fixtures/drv/`sub`, origin
+/// in its ORIGIN.md or regen.sh), in store directory `dir`: no Nix JSON or
+/// output lists beside them.
+fn public_fixtures_in(sub: &str, dir: &str, count: usize) -> Vec<Fixture> {
+    let folder = support::fixtures().join("drv").join(sub);
+    let mut names: Vec<_> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".drv"))
+        .collect();
+    names.sort();
+    let all: Vec<Fixture> = names
+        .into_iter()
+        .map(|name| Fixture {
+            dir: StoreDir::new(dir).unwrap(),
+            bytes: std::fs::read(folder.join(&name)).unwrap(),
+            path: StorePath::from_base_name(&name).unwrap(),
+            folder: folder.clone(),
+        })
+        .collect();
+    assert_eq!(all.len(), count, "{sub} fixtures missing");
+    all
+}
+
+fn public_fixtures(sub: &str, count: usize) -> Vec<Fixture> {
+    public_fixtures_in(sub, "/nix/store", count)
+}
+
+/// tvix's nix-compat `.drv` files (fixtures/drv/tvix).
+fn tvix_fixtures() -> Vec<Fixture> {
+    public_fixtures("tvix", 10)
+}
+
+/// Derivations written by Guix 1.4.0's own client and daemon
+/// (fixtures/drv/guix/regen.sh): no `name` variable at all.
+fn guix_fixtures() -> Vec<Fixture> {
+    public_fixtures_in("guix", "/gnu/store", 2)
+}
+
+/// Every `.drv` from other implementations: tvix's, go-nix's and Guix's.
+fn other_fixtures() -> Vec<Fixture> {
+    let mut all = tvix_fixtures();
+    all.extend(public_fixtures("go-nix", 5));
+    all.extend(guix_fixtures());
     all
 }
 
@@ -69,15 +118,110 @@ fn lookup_in(
 
 #[test]
 fn every_fixture_prints_back_byte_for_byte() {
-    for f in fixtures() {
+    for f in fixtures().into_iter().chain(other_fixtures()) {
         assert_eq!(f.drv().to_aterm(&f.dir), f.bytes, "{}", f.path);
     }
 }
 
+/// Named after its `.drv` path as Nix names it, not after a `name`
+/// variable (which structured-attrs derivations do not have).
 #[test]
 fn every_fixture_hashes_to_its_file_name() {
-    for f in fixtures() {
-        assert_eq!(f.drv().drv_path(&f.dir).unwrap(), f.path);
+    for f in fixtures().into_iter().chain(other_fixtures()) {
+        let name = name_from_drv_path(&f.path).unwrap();
+        assert_eq!(f.drv().drv_path_named(name, &f.dir).unwrap(), f.path);
+    }
+}
+
+#[test]
+fn structured_attrs_and_guix_derivations_have_no_name_variable() {
+    let mut cases = vec![
+        fixture("structured-src.drv"),
+        tvix_fixture("structured-attrs.drv"),
+    ];
+    cases.extend(guix_fixtures());
+    for f in cases {
+        let drv = f.drv();
+        let guix = f.dir.as_str() == "/gnu/store";
+        assert!(
+            guix || drv.env.contains_key(b"__json".as_slice()),
+            "{}",
+            f.path
+        );
+        assert!(drv.env_name().is_err(), "{}", f.path);
+        assert!(drv.drv_path(&f.dir).is_err(), "{}", f.path);
+    }
+}
+
+/// The other implementations' outputs, recomputed from the derivations
+/// with their inputs read from the same folder (tvix's foo depends on the
+/// fixed-output bar); go-nix's derivations whose inputs are not in the set
+/// are left out.
+#[test]
+fn public_output_paths_recompute() {
+    let mut checked = 0;
+    for f in other_fixtures() {
+        let want = f.drv();
+        if want
+            .input_derivations
+            .keys()
+            .any(|p| !f.folder.join(p.base_name()).exists())
+        {
+            continue;
+        }
+        checked += 1;
+        let mut drv = want.clone();
+        for (name, output) in drv.outputs.iter_mut() {
+            if matches!(output, DerivationOutput::InputAddressed { .. }) {
+                *output = DerivationOutput::Deferred;
+            }
+            drv.env
+                .insert(name.as_str().as_bytes().to_vec(), Vec::new());
+        }
+        let mut hasher = DrvHasher::new(f.dir.clone(), lookup_in(&f.folder, &f.dir));
+        drv.fill_output_paths_named(name_from_drv_path(&f.path).unwrap(), &mut hasher)
+            .unwrap_or_else(|e| panic!("{}: {e}", f.path));
+        assert_eq!(drv, want, "{}", f.path);
+    }
+    assert_eq!(
+        checked, 14,
+        "tvix's 10, go-nix's 2 without missing inputs, Guix's 2"
+    );
+}
+
+/// A Nixpkgs `builtin:fetchurl` derivation (go-nix's `bash44-023`) is a
+/// request sandoff can run: its `url`, flat, not executable.
+#[test]
+fn nixpkgs_fetchurl_derivation_is_a_fetch_request() {
+    use sandoff::build::fetchurl::FetchRequest;
+    let f = public_fixtures("go-nix", 5)
+        .into_iter()
+        .find(|f| f.path.name() == "bash44-023.drv")
+        .unwrap();
+    let request = FetchRequest::from_derivation(&f.drv()).unwrap();
+    assert_eq!(
+        request,
+        FetchRequest {
+            urls: vec!["https://ftpmirror.gnu.org/bash/bash-4.4-patches/bash44-023".to_owned()],
+            unpack: false,
+            executable: false,
+        }
+    );
+}
+
+/// Shown as JSON (bytes raw, as Nix 2.8) and read back: the same derivation
+/// and name, for every fixture, UTF-8 or not.
+#[test]
+fn every_fixture_round_trips_through_json() {
+    for f in fixtures().into_iter().chain(other_fixtures()) {
+        let shown = json::show(&[(f.path.clone(), f.drv())].into(), &f.dir);
+        let back = json::from_json(&shown, &f.dir).unwrap_or_else(|e| panic!("{}: {e}", f.path));
+        assert_eq!(back.derivation, f.drv(), "{}", f.path);
+        assert_eq!(back.name, name_from_drv_path(&f.path).unwrap());
+        assert_eq!(
+            back.derivation.drv_path_named(&back.name, &f.dir).unwrap(),
+            f.path
+        );
     }
 }
 
@@ -94,7 +238,7 @@ fn recomputed_output_paths_equal_nixs() {
                 .insert(name.as_str().as_bytes().to_vec(), Vec::new());
         }
         let mut hasher = DrvHasher::new(f.dir.clone(), lookup_in(&f.folder, &f.dir));
-        drv.fill_output_paths(&mut hasher)
+        drv.fill_output_paths_named(name_from_drv_path(&f.path).unwrap(), &mut hasher)
             .unwrap_or_else(|e| panic!("{}: {e}", f.path));
         assert_eq!(drv, want, "{}", f.path);
 
@@ -124,13 +268,13 @@ fn json_equals_nix_show_derivation() {
             f.path
         );
         assert_eq!(ours, want, "{}", f.path);
-        // Where the JSON is valid (UTF-8), it also reads back to the same derivation.
+        // Nix's JSON reads back to the same derivation, UTF-8 or not.
+        let back = json::from_json(&want, &f.dir).unwrap();
+        assert_eq!(back.key, Some(f.dir.display(&f.path)));
+        assert_eq!(back.derivation, f.drv(), "{}", f.path);
         if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&want) {
             let ours_value: serde_json::Value = serde_json::from_slice(&ours).unwrap();
             assert_eq!(ours_value, value);
-            let (key, back) = json::from_json(&want, &f.dir).unwrap();
-            assert_eq!(key, Some(f.dir.display(&f.path)));
-            assert_eq!(back, f.drv(), "{}", f.path);
         } else {
             assert!(
                 f.path.name().contains("nasty"),
@@ -145,6 +289,13 @@ fn fixture(name: &str) -> Fixture {
         .into_iter()
         .find(|f| f.path.name() == name)
         .unwrap_or_else(|| panic!("no fixture {name}"))
+}
+
+fn tvix_fixture(name: &str) -> Fixture {
+    tvix_fixtures()
+        .into_iter()
+        .find(|f| f.path.name() == name)
+        .unwrap_or_else(|| panic!("no tvix fixture {name}"))
 }
 
 #[test]
@@ -410,5 +561,168 @@ fn cli_add_writes_what_nix_instantiate_wrote() {
         assert_eq!(std::fs::read(loc.real_path(&f.path)).unwrap(), f.bytes);
         let outs: BTreeMap<String, StorePath> = store.derivation_outputs(&f.path).unwrap();
         assert_eq!(outs, f.drv().output_paths());
+    }
+}
+
+/// A store (under a temporary root) where `bb` (the fixtures' builder
+/// directory, as regen.sh makes it) is valid.
+fn store_with_bb(root: &Path) -> sandoff::store::local::LocalStore {
+    use sandoff::store::{FileIngestionMethod, HashAlgo, StoreLocation};
+    let loc = StoreLocation::new(StoreDir::default(), root.to_owned());
+    let store = sandoff::derivation::check::open_store(loc).unwrap();
+    let bb = root.join("src/bb");
+    std::fs::create_dir_all(bb.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", bb.join("bin/busybox")).unwrap();
+    let bb_path = store
+        .add_path(&bb, FileIngestionMethod::Recursive, HashAlgo::Sha256)
+        .unwrap();
+    assert_eq!(bb_path.base_name(), "d0x4sjwksanirbaxlb05009gy5lvia3q-bb");
+    store
+}
+
+/// `derivation show` then `derivation add` gives the same `.drv`, byte for
+/// byte: for non-UTF-8 derivations (Nix's raw JSON bytes), a structured-attrs
+/// fixed-output derivation (no `name` variable: the name comes from the
+/// path the JSON is keyed by) and one that depends on it (its output path
+/// needs the other's modulo hash), and a `builtin:fetchurl` one.
+#[test]
+fn cli_show_then_add_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nix = StoreDir::default();
+    let _store = store_with_bb(tmp.path());
+    let cases = [
+        fixture("nasty.drv"),
+        fixture("structured-src.drv"),
+        fixture("uses-structured.drv"),
+        fixture("hello.txt.drv"),
+        tvix_fixture("cp1252.drv"),
+        tvix_fixture("latin1.drv"),
+        tvix_fixture("bar.drv"),
+    ];
+    let loc = sandoff::store::StoreLocation::new(nix.clone(), tmp.path().to_owned());
+    for f in cases {
+        // What `show` prints of the fixture file (put where a store has it).
+        let holder = store_root_with(&f.folder, &f.dir);
+        let shown = support::run_ok(
+            sandoff_in(holder.path(), &f.dir)
+                .args(["derivation", "show"])
+                .arg(f.dir.display(&f.path)),
+        );
+        let out = add_via_cli(tmp.path(), &nix, &shown);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.path,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap().trim(),
+            nix.display(&f.path)
+        );
+        assert_eq!(
+            std::fs::read(loc.real_path(&f.path)).unwrap(),
+            f.bytes,
+            "{}",
+            f.path
+        );
+    }
+}
+
+/// `sandoff build` of Nix 2.8's structured-attrs fixed-output derivation and
+/// of the derivation that depends on it: both added from Nix's JSON, built
+/// in the sandbox, valid at the paths Nix computed.
+#[test]
+fn builds_a_dependent_of_a_structured_attrs_fod_at_nixs_paths() {
+    if !crate::build::ready(this_test!()) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let nix = StoreDir::default();
+    let store = store_with_bb(tmp.path());
+    for f in [
+        fixture("structured-src.drv"),
+        fixture("uses-structured.drv"),
+    ] {
+        let out = add_via_cli(tmp.path(), &nix, &std::fs::read(f.file(".json")).unwrap());
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.path,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let top = fixture("uses-structured.drv");
+    let out = sandoff_in(tmp.path(), &nix)
+        .env_remove("SANDOFF_USER_POOL_DIR")
+        .args(["build", "--local-only"])
+        .arg(nix.display(&top.path))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Vec<String> = std::fs::read_to_string(top.file(".outputs"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .collect::<Vec<_>>(),
+        want
+    );
+    let src_out = fixture("structured-src.drv").drv().output_paths()["out"].clone();
+    assert!(store.is_valid(&src_out).unwrap());
+    let built = nix.parse_path(&want[0]).unwrap();
+    let loc = sandoff::store::StoreLocation::new(nix.clone(), tmp.path().to_owned());
+    assert_eq!(std::fs::read(loc.real_path(&built)).unwrap(), b"hello\n");
+}
+
+/// Guix's own derivations (no `name` variable) through `derivation show`
+/// and `derivation add` in a `/gnu/store` store: the same `.drv` files, the
+/// dependent's output path computed from its input named after its path.
+#[test]
+fn cli_show_then_add_round_trips_guix_derivations() {
+    use sandoff::store::{FileIngestionMethod, HashAlgo, StoreLocation};
+    let tmp = tempfile::tempdir().unwrap();
+    let gnu = StoreDir::new("/gnu/store").unwrap();
+    let loc = StoreLocation::new(gnu.clone(), tmp.path().to_owned());
+    let store = sandoff::derivation::check::open_store(loc.clone()).unwrap();
+    // As fixtures/drv/guix/regen.sh gives it to Guix's add-to-store.
+    let bb = tmp.path().join("src/busybox");
+    std::fs::create_dir_all(bb.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", bb.join("bin/busybox")).unwrap();
+    let bb_path = store
+        .add_path(&bb, FileIngestionMethod::Recursive, HashAlgo::Sha256)
+        .unwrap();
+    assert_eq!(
+        bb_path.base_name(),
+        "j8w906i3y759zw69k13mibp2v4n2plpy-busybox"
+    );
+    for f in guix_fixtures().into_iter().rev() {
+        // hjrk...-guix-hello-src sorts after 9ghl...-guix-hello: reversed,
+        // the input comes first.
+        let holder = store_root_with(&f.folder, &f.dir);
+        let shown = support::run_ok(
+            sandoff_in(holder.path(), &f.dir)
+                .args(["derivation", "show"])
+                .arg(f.dir.display(&f.path)),
+        );
+        let out = add_via_cli(tmp.path(), &gnu, &shown);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.path,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap().trim(),
+            gnu.display(&f.path)
+        );
+        assert_eq!(std::fs::read(loc.real_path(&f.path)).unwrap(), f.bytes);
     }
 }

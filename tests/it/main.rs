@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area.
 
 mod build;
+mod build_check_logs;
 mod claims;
 mod client;
 mod compress;
@@ -8,6 +9,8 @@ mod daemon_store;
 mod daemons;
 mod decide;
 mod derivation;
+mod enter;
+mod fetchurl;
 mod guix_daemon;
 mod hook;
 mod hosts;

@@ -63,7 +63,7 @@ impl<'a> Entry<'a> {
     }
 }
 
-fn uri(host: &TestHost) -> String {
+pub(crate) fn uri(host: &TestHost) -> String {
     format!("ssh://root@{}:{}", host.addr, host.port)
 }
 
@@ -119,7 +119,7 @@ fn wait_until_started_on(s: &Store, drv: &str, host: &TestHost) -> PathBuf {
 }
 
 /// `sandoff build --machines <machines> <drv>` in the client's store.
-fn build_with(s: &Store, machines: &Path, drv: &str) -> std::process::Output {
+pub(crate) fn build_with(s: &Store, machines: &Path, drv: &str) -> std::process::Output {
     s.build(&["--machines", machines_arg(machines), drv])
 }
 
@@ -156,7 +156,7 @@ fn trusted_host(test: &str, index: u8) -> Option<(TestHost, Store)> {
 
 /// For tests with one host: after [`offload_ready`], host `index` started,
 /// a client store that trusts it, and a machines file naming it.
-fn one_trusted_host(test: &str, index: u8) -> Option<(TestHost, Store, PathBuf)> {
+pub(crate) fn one_trusted_host(test: &str, index: u8) -> Option<(TestHost, Store, PathBuf)> {
     let (h, s) = trusted_host(test, index)?;
     let machines = write_machines(&s, &[Entry::new(&h)]);
     Some((h, s, machines))
@@ -917,5 +917,128 @@ fn a_stock_nix_host_store_dir_is_learned_and_a_mismatch_refused() {
     assert!(
         report.contains("store directory /gnu/store, the same as here (learned with '"),
         "{report}"
+    );
+}
+
+#[test]
+fn a_machine_that_has_the_outputs_already_is_fetched_from_not_built() {
+    let Some((h, first, machines)) = one_trusted_host(this_test!(), 80) else {
+        return;
+    };
+    // Each build of it gives other bytes: a fetch is told from a rebuild.
+    let script = "cat /proc/sys/kernel/random/uuid > $out";
+    let d = first.script_drv("built-once", script);
+    let out = build_with(&first, &machines, &d);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let built = std::fs::read(first.real(&first.out(&d))).expect("output");
+
+    // Another client of the same machine, with the same derivation.
+    let second = Store::new();
+    trust(&second, &h);
+    let machines = write_machines(&second, &[Entry::new(&h)]);
+    let d2 = second.script_drv("built-once", script);
+    assert_eq!(d2, d, "the same derivation in both stores");
+    let out = build_with(&second, &machines, &d2);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read(second.real(&second.out(&d2))).expect("output"),
+        built,
+        "fetched, not built again"
+    );
+    assert_eq!(signers(&second, &second.out(&d2)), [key_name(&h)].into());
+    let log = support::run_ok(second.cmd().args(["log", &d2]));
+    let log = String::from_utf8_lossy(&log);
+    assert!(log.contains("has the outputs of"), "{log}");
+
+    // Outputs it holds but signed by nobody this client trusts are not
+    // taken: the build fails as any untrusted output does.
+    let third = Store::new();
+    let machines = write_machines(&third, &[Entry::new(&h)]);
+    let d3 = third.script_drv("built-once", script);
+    let out = build_with(&third, &machines, &d3);
+    assert!(!out.status.success());
+    assert_stderr_has(&out, "not signed by a trusted key");
+    assert!(third.info(&third.out(&d3)).is_none());
+}
+
+#[test]
+fn among_equal_machines_the_one_holding_the_inputs_builds() {
+    if !offload_ready(this_test!()) {
+        return;
+    }
+    // `first` sorts before `holder` by name, so without what machines hold
+    // the name would choose it.
+    let (first, holder) = (TestHost::start(81), TestHost::start(82));
+    assert!(uri(&first) < uri(&holder));
+    let s = Store::new();
+    trust(&s, &first);
+    trust(&s, &holder);
+    let machines = write_machines(
+        &s,
+        &[
+            Entry::new(&first),
+            Entry {
+                features: "big",
+                ..Entry::new(&holder)
+            },
+        ],
+    );
+    // Only `holder` builds the input; then both can build the top.
+    let dep = s.drv(
+        "held-dep",
+        Spec {
+            script: "head -c 100000 /dev/zero > $out",
+            env: &[("requiredSystemFeatures", "big")],
+            ..Spec::default()
+        },
+    );
+    let dep_out = logical(&s.out(&dep));
+    let script = format!("wc -c < {dep_out} > $out");
+    let top = s.drv(
+        "held-top",
+        Spec {
+            script: &script,
+            inputs: &[(dep.as_str(), "out")],
+            ..Spec::default()
+        },
+    );
+    let out = build_with(&s, &machines, &top);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(signers(&s, &s.out(&dep)), [key_name(&holder)].into());
+    assert_eq!(signers(&s, &s.out(&top)), [key_name(&holder)].into());
+
+    // `sandoff decide --ask-machines` shows what each holds, and chooses
+    // the same way.
+    let json = support::run_ok(s.cmd().args([
+        "decide",
+        "--json",
+        "--ask-machines",
+        "--machines",
+        machines_arg(&machines),
+        &top,
+    ]));
+    let json: serde_json::Value = serde_json::from_slice(&json).expect("json");
+    assert_eq!(
+        json["machine"].as_str(),
+        Some(uri(&holder).as_str()),
+        "{json}"
+    );
+    let held = |name: &str| {
+        json["machines"]
+            .as_array()
+            .expect("machines")
+            .iter()
+            .find(|m| m["name"] == name)
+            .and_then(|m| m["held_bytes"].as_u64())
+            .expect("held_bytes")
+    };
+    assert_eq!(held(&uri(&first)), 0, "{json}");
+    assert!(held(&uri(&holder)) > 100_000, "{json}");
+    assert!(
+        json["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("MiB of the input closure"),
+        "{json}"
     );
 }

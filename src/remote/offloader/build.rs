@@ -36,9 +36,14 @@ impl Offloader {
             substitute,
         } = job;
         let closure = store.closure(inputs)?;
+        let outputs: BTreeSet<StorePath> = drv.output_paths().into_values().collect();
+        // One question for both: which inputs it lacks, and whether it has
+        // the outputs already (then they are fetched, not built: the
+        // machine as a substituter).
+        let asked: BTreeSet<StorePath> = closure.union(&outputs).cloned().collect();
         // A pooled connection may have died since; one fresh try then.
         let pooled = self.take_idle(machine).and_then(|mut conn| {
-            match query_missing(&mut conn, &closure, *substitute) {
+            match query_missing(&mut conn, &asked, *substitute) {
                 Ok(missing) => Some((conn, missing)),
                 Err(e) => {
                     tracing::debug!(machine = %machine.name, "idle connection is gone: {e}");
@@ -46,17 +51,33 @@ impl Offloader {
                 }
             }
         });
-        let (mut conn, missing) = match pooled {
+        let (mut conn, lacking) = match pooled {
             Some(found) => found,
             None => {
                 let mut conn = self.connect(machine)?;
-                let missing = query_missing(&mut conn, &closure, *substitute)
+                let missing = query_missing(&mut conn, &asked, *substitute)
                     .map_err(lost(machine, "asking for missing inputs"))?;
                 (conn, missing)
             }
         };
+        self.learn(machine, asked.difference(&lacking));
+        if !outputs.is_empty() && lacking.is_disjoint(&outputs) {
+            // Fetched only if signed by a trusted key, and checked against
+            // the signed hashes and the derivation, as after a build.
+            let _ = writeln!(
+                log,
+                "sandoff: '{}' has the outputs of '{}' already; fetching them instead of building",
+                machine.name,
+                store.location().logical(drv_path)
+            );
+            self.fetch_outputs(store, machine, &mut conn.client, locks, drv_path, drv)?;
+            self.put_idle(machine, conn);
+            return Ok(RemoteOutcome::Built);
+        }
+        let missing: BTreeSet<StorePath> = lacking.difference(&outputs).cloned().collect();
         if !missing.is_empty() {
             self.send_paths(store, machine, &mut conn.client, &missing)?;
+            self.learn(machine, &missing);
         }
         // A timeout past what an Instant holds (u64::MAX: "forever") is no
         // deadline, not a panic.
@@ -77,6 +98,7 @@ impl Offloader {
             | BuildStatus::AlreadyValid
             | BuildStatus::ResolvesToAlreadyValid => {
                 self.fetch_outputs(store, machine, &mut conn.client, locks, drv_path, drv)?;
+                self.learn(machine, &outputs);
                 RemoteOutcome::Built
             }
             _ => RemoteOutcome::Failed(result),

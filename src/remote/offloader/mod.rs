@@ -264,6 +264,8 @@ pub struct Offloader {
     /// Normalized loads measured on machines that have an overload
     /// threshold (Guix machines), and when.
     loads: Mutex<BTreeMap<MachineName, (Instant, f64)>>,
+    /// The paths each machine is known to hold (see `held`).
+    known: Mutex<BTreeMap<MachineName, BTreeSet<StorePath>>>,
 }
 
 impl Offloader {
@@ -300,6 +302,7 @@ impl Offloader {
             wake: Condvar::new(),
             dir: loc.dir.clone(),
             loads: Mutex::new(BTreeMap::new()),
+            known: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -335,8 +338,11 @@ impl Offloader {
 
 mod admin;
 mod build;
+mod held;
 mod placement;
 mod pool;
+
+pub use held::InputClosure;
 
 pub use admin::{parse_status, CopyReport, MachineStatus, TestReport};
 pub use placement::observed_state;

@@ -24,17 +24,20 @@ pub fn observed_state<'m>(
         slots_in_use: slots.in_use(machine)?,
         load: None,
         in_backoff: backoff.state(&machine.name)?.is_some_and(|b| b.active(now)),
+        held_bytes: 0,
     })
 }
 
 impl Offloader {
-    /// The machines with their slots in use and backoff now.
-    fn states(&self) -> Result<Vec<MachineState<'_>>, OffloadError> {
+    /// The machines with their slots in use and backoff now, and how much
+    /// of `inputs` each is known to hold.
+    fn states(&self, inputs: &InputClosure) -> Result<Vec<MachineState<'_>>, OffloadError> {
         let now = SystemTime::now();
         let mut states = Vec::with_capacity(self.machines.len());
         for m in &self.machines {
             let mut state = observed_state(&self.slots, &self.backoff, m, now)?;
             state.load = self.fresh_load(m);
+            state.held_bytes = self.known_bytes(m, inputs);
             states.push(state);
         }
         Ok(states)
@@ -47,9 +50,10 @@ impl Offloader {
         &self,
         placement: &Placement,
         drv: &Derivation,
+        inputs: &InputClosure,
     ) -> Result<Placed<'_>, OffloadError> {
         loop {
-            if let Attempt::Placed(p) = self.try_place(placement, drv)? {
+            if let Attempt::Placed(p) = self.try_place(placement, drv, inputs)? {
                 return Ok(p);
             }
             // Wait for a permit or slot of this process to be released, or
@@ -59,17 +63,19 @@ impl Offloader {
         }
     }
 
-    /// One decision for `drv` without waiting: [`Attempt::Wait`] when it is
-    /// to be postponed, or built here with every local permit taken.
+    /// One decision for `drv`, whose input closure is `inputs`, without
+    /// waiting: [`Attempt::Wait`] when it is to be postponed, or built here
+    /// with every local permit taken.
     pub fn try_place(
         &self,
         placement: &Placement,
         drv: &Derivation,
+        inputs: &InputClosure,
     ) -> Result<Attempt<'_>, OffloadError> {
         let facts = DrvFacts::from_derivation(drv);
         loop {
             let _choice = self.slots.lock_choice()?;
-            let states = self.states()?;
+            let states = self.states(inputs)?;
             let mut local = placement.local.clone();
             local.free_slot = self.lock_state().local_running < self.local_jobs;
             match decide::decide(&facts, &states, &local, &placement.policy) {
