@@ -56,6 +56,7 @@ fn machines(n: usize) -> Vec<Machine> {
                 supported_features: supported,
                 mandatory_features: mandatory,
                 host_key: None,
+                compression: sandoff::decide::machines::Compression::Unset,
                 guix: (i % 3 == 0).then(GuixExtras::default),
             }
         })

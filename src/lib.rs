@@ -26,7 +26,8 @@
 //!   by one forked child in fresh namespaces as a pooled build user, in a
 //!   cgroup of its own where cgroup v2 allows (killed whole, measured).
 //! - [`serve_protocol`]: what both ends of Nix's serve protocol share.
-//! - [`remote`]: other machines: SSH, the serve client, per-machine slots and
+//! - [`remote`]: other machines: SSH, the serve client (zstd-compressed
+//!   between sandoff peers), per-machine slots and
 //!   backoff, and the offloader that builds one derivation on a machine.
 //! - [`build`]: realising derivations: the graph of what is missing,
 //!   scheduled in dependency order, each placed by `decide` and built here

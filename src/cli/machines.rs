@@ -9,8 +9,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use sandoff::decide::{self, file, Machine};
+use sandoff::remote::compress::WireCompression;
 use sandoff::remote::offloader::Offloader;
-use sandoff::remote::ssh::SshOptions;
+use sandoff::remote::ssh::{wire_compression, SshOptions};
 use sandoff::store::StoreLocation;
 use sandoff::termsafe;
 
@@ -233,10 +234,17 @@ fn list(items: &std::collections::BTreeSet<String>) -> String {
     }
 }
 
-/// One line per machine, in the order of Nix's fields.
+/// One line per machine, in the order of Nix's fields, then how its
+/// streams are compressed (`zstd:LEVEL`, `ssh-zlib` or `off`: what the
+/// entry means for its serve program).
 fn human(m: &Machine) -> String {
+    let compress = match wire_compression(m) {
+        WireCompression::Zstd { level } => format!("zstd:{level}"),
+        WireCompression::SshZlib => "ssh-zlib".to_owned(),
+        WireCompression::None => "off".to_owned(),
+    };
     format!(
-        "{}  systems={} jobs={} speed={} features={} mandatory={}",
+        "{}  systems={} jobs={} speed={} features={} mandatory={} compress={compress}",
         m.name,
         list(&m.systems),
         m.max_jobs,

@@ -12,6 +12,10 @@
 //! its first path, with a confusing message. On a mismatch the server
 //! prints one line ([`StoreDirMismatch`], which the client recognises) and
 //! exits before the handshake, without opening its store.
+//!
+//! `--compress zstd:LEVEL` is how a sandoff client asks for compressed
+//! streams: both directions are zstd from the first command on (see
+//! `sandoff::remote::compress`).
 
 use std::io::{self, BufReader, BufWriter};
 use std::os::fd::AsFd;
@@ -19,6 +23,7 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::Args;
+use sandoff::remote::compress::parse_compress_arg;
 use sandoff::serve::{serve_with_builds, BuildSetup, ServeOptions};
 use sandoff::serve_protocol::StoreDirMismatch;
 use sandoff::store::{StoreDir, StoreLocation};
@@ -39,6 +44,11 @@ pub struct ServeArgs {
     /// this store's (what sandoff's client passes: its own directory).
     #[arg(long, value_name = "DIR", value_parser = parse_store_dir)]
     expect_store_dir: Option<StoreDir>,
+    /// Speak zstd after the handshake, compressing at LEVEL (1 to 19): what
+    /// a sandoff client asks of a sandoff machine whose entry does not turn
+    /// compression off. Stderr stays plain.
+    #[arg(long, value_name = "zstd:LEVEL", value_parser = parse_compress_arg)]
+    compress: Option<i32>,
     #[command(flatten)]
     users: BuildUsersArgs,
     #[command(flatten)]
@@ -79,7 +89,10 @@ pub fn run(args: ServeArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         &store,
         &mut input,
         &mut output,
-        ServeOptions { write: args.write },
+        ServeOptions {
+            write: args.write,
+            zstd_level: args.compress,
+        },
         setup,
     )?;
     Ok(ExitCode::SUCCESS)

@@ -20,7 +20,9 @@ use std::collections::BTreeSet;
 
 use thiserror::Error;
 
-use super::machines::{self, GuixExtras, Machine, MachineError, MachineFormat, MachineName};
+use super::machines::{
+    self, Compression, GuixExtras, Machine, MachineError, MachineFormat, MachineName,
+};
 use crate::termsafe;
 
 /// How deeply lists may nest; deeper input is refused instead of risking
@@ -718,6 +720,8 @@ impl Fields {
         };
         let features = strings("features")?.unwrap_or_default();
         let defaults = GuixExtras::default();
+        // A bad level is reported at its own line.
+        let level_line = self.take("compression-level").map_or(line, |(l, _)| l);
         let extras = GuixExtras {
             overload_threshold,
             compression: string("compression")?.unwrap_or(defaults.compression),
@@ -725,6 +729,17 @@ impl Fields {
                 .unwrap_or(defaults.compression_level),
             daemon_socket: string("daemon-socket")?.unwrap_or(defaults.daemon_socket),
         };
+        let given_level = self
+            .take("compression-level")
+            .map(|_| extras.compression_level);
+        let compression =
+            Compression::from_guix(&extras.compression, given_level).map_err(|source| {
+                GuixMachinesError::Machine {
+                    file: file.to_owned(),
+                    line: level_line,
+                    source,
+                }
+            })?;
         let machine_name =
             MachineName::new(&name).map_err(|source| GuixMachinesError::Machine {
                 file: file.to_owned(),
@@ -750,6 +765,7 @@ impl Fields {
             supported_features: features,
             mandatory_features: BTreeSet::new(),
             host_key: Some(host_key),
+            compression,
             guix: Some(extras),
         };
         machine
@@ -823,6 +839,14 @@ mod tests {
         assert!(m.supported_features.is_empty());
         assert_eq!(m.private_key.as_deref(), Some("/root/.ssh/id_rsa"));
         assert_eq!(m.guix, Some(GuixExtras::default()));
+        // Guix's default is on (zlib level 3 for libssh): zstd at sandoff's
+        // default level.
+        assert_eq!(
+            m.compression,
+            Compression::On {
+                level: Compression::DEFAULT_LEVEL
+            }
+        );
         assert_eq!(m.store_uri, "ssh://u@a:22");
     }
 
@@ -849,7 +873,43 @@ mod tests {
         let g = m.guix.as_ref().unwrap();
         assert_eq!(g.overload_threshold, None);
         assert_eq!((g.compression.as_str(), g.compression_level), ("none", 9));
+        assert_eq!(m.compression, Compression::Off);
         assert_eq!(g.daemon_socket, "/s");
+    }
+
+    #[test]
+    fn compression_fields_set_compression() {
+        let with = |fields: &str| {
+            p(&MINIMAL.replace(
+                "(host-key \"ssh-ed25519 AAAA\")",
+                &format!("(host-key \"ssh-ed25519 AAAA\") {fields}"),
+            ))
+        };
+        assert_eq!(
+            with("(compression-level 1)").unwrap()[0].compression,
+            Compression::On { level: 1 }
+        );
+        assert_eq!(
+            with("(compression \"zlib\") (compression-level 12)").unwrap()[0].compression,
+            Compression::On { level: 12 }
+        );
+        assert_eq!(
+            with("(compression \"none\")").unwrap()[0].compression,
+            Compression::Off
+        );
+        let e = with("\n(compression-level 0)").unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                GuixMachinesError::Machine {
+                    line: 2,
+                    source: MachineError::BadCompressionLevel { level: 0 },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("zstd level from 1 to 19"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,12 @@ pub enum MachineError {
     BadUser,
     #[error("machine {machine}: speed factor {speed} is not a positive finite number")]
     BadSpeed { machine: String, speed: f64 },
+    #[error(
+        "compression level {level} is not a zstd level from {} to {}",
+        Compression::MIN_LEVEL,
+        Compression::MAX_LEVEL
+    )]
+    BadCompressionLevel { level: i64 },
 }
 
 /// A machine's identity: the Nix store URI as written (`ssh://nix@host`), or
@@ -115,15 +121,120 @@ pub enum MachineFormat {
     Guix,
 }
 
+/// Whether the streams to a machine are compressed, as its entry asks.
+///
+/// What that means on the wire depends on the machine's serve program,
+/// which only the remote layer knows
+/// ([`crate::remote::compress::WireCompression`]): between sandoff peers
+/// the protocol streams are zstd at `level` (negotiated on sandoff's
+/// command line); a stock `nix-store --serve` speaks only plain bytes, so
+/// with it "on" means SSH's own zlib compression, as Nix's `-C` and Guix's
+/// guile-ssh do, and the level is libssh2's fixed one (zlib's fastest), not
+/// this one.
+///
+/// The default for a Nix entry without `compress=` is [`Compression::Unset`]:
+/// zstd at [`Compression::DEFAULT_LEVEL`] with sandoff, nothing with stock
+/// Nix (Nix's own default). At that level (1) zstd compresses about 2.5
+/// times as fast as a 1 Gbit/s link carries on one core, loaded (300 MB/s
+/// against 125), so it does not slow such a link even in the client's one
+/// sending thread, which also encrypts, and shrinks real closures to about
+/// 40%, which is what a slower link gains; level 3 shrinks them only to 36%
+/// and has about half the speed, too little headroom on a busy 2-core
+/// machine (figures: `bench/offload/README.md`). SSH zlib is slower per
+/// byte still: it is used only when asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Never compress (`compress=false`; Guix `compression "none"`).
+    Off,
+    /// Compress (`compress=true`; Guix's default `"zlib@openssh.com,zlib"`,
+    /// or any `compression` but `"none"`), zstd at `level` between sandoff
+    /// peers (Guix's `compression-level` when given, else
+    /// [`Compression::DEFAULT_LEVEL`]).
+    On { level: i32 },
+    /// Nothing asked (a Nix entry without `compress=`): zstd at
+    /// [`Compression::DEFAULT_LEVEL`] between sandoff peers, none with a
+    /// stock Nix serve program.
+    Unset,
+}
+
+impl Compression {
+    /// The zstd level used when an entry names none: measured to keep up
+    /// with 1 Gbit/s on one core with room to spare
+    /// (`bench/offload/README.md`).
+    pub const DEFAULT_LEVEL: i32 = 1;
+    /// The lowest level accepted (zstd's negative "fast" levels are left
+    /// out: they trade most of the ratio away).
+    pub const MIN_LEVEL: i32 = 1;
+    /// The highest level accepted: past 19 zstd's "ultra" levels need
+    /// windows of up to 128 MiB on both sides.
+    pub const MAX_LEVEL: i32 = 19;
+
+    /// [`Compression::On`] at `level`, if zstd has that level.
+    pub fn on(level: i64) -> Result<Compression, MachineError> {
+        match i32::try_from(level) {
+            Ok(l) if (Self::MIN_LEVEL..=Self::MAX_LEVEL).contains(&l) => {
+                Ok(Compression::On { level: l })
+            }
+            _ => Err(MachineError::BadCompressionLevel { level }),
+        }
+    }
+
+    /// The zstd level between sandoff peers, `None` when off.
+    pub fn zstd_level(self) -> Option<i32> {
+        match self {
+            Compression::Off => None,
+            Compression::On { level } => Some(level),
+            Compression::Unset => Some(Self::DEFAULT_LEVEL),
+        }
+    }
+
+    /// Whether a stock Nix serve program is reached over SSH compression:
+    /// only when asked for explicitly (Nix's default is off).
+    pub fn ssh_zlib(self) -> bool {
+        matches!(self, Compression::On { .. })
+    }
+
+    /// Guix's `compression` and `compression-level` fields: libssh's list
+    /// of methods (`"none"` alone, or empty, or `"no"`, is off) and a level
+    /// if one was given (Guix's own default, zlib level 3, is a zlib
+    /// level for libssh: without one, zstd gets [`Compression::DEFAULT_LEVEL`]).
+    pub fn from_guix(methods: &str, level: Option<i64>) -> Result<Compression, MachineError> {
+        let off = methods
+            .split(',')
+            .map(str::trim)
+            .all(|m| m.is_empty() || m == "none" || m == "no");
+        match (off, level) {
+            (true, _) => Ok(Compression::Off),
+            (false, Some(level)) => Compression::on(level),
+            (false, None) => Ok(Compression::On {
+                level: Self::DEFAULT_LEVEL,
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    /// `off`, `on:LEVEL`, or `default:LEVEL` (zstd at that level with
+    /// sandoff, none with stock Nix).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Compression::Off => f.write_str("off"),
+            Compression::On { level } => write!(f, "on:{level}"),
+            Compression::Unset => write!(f, "default:{}", Self::DEFAULT_LEVEL),
+        }
+    }
+}
+
 /// Fields only Guix's `build-machine` record has, with Guix's defaults.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GuixExtras {
     /// Normalized remote load (0.0 to 1.0) at or above which the machine is
     /// skipped; `None` (`#f`) disables the check. Guix's default is 0.8.
     pub overload_threshold: Option<f64>,
-    /// libssh compression methods, default `"zlib@openssh.com,zlib"`.
+    /// libssh compression methods, default `"zlib@openssh.com,zlib"`, as
+    /// written (what sandoff does with it is [`Machine::compression`]).
     pub compression: String,
-    /// libssh compression level, default 3.
+    /// libssh compression level, default 3, as written.
     pub compression_level: i64,
     /// The remote guix-daemon socket, default `/var/guix/daemon-socket/socket`.
     pub daemon_socket: String,
@@ -173,6 +284,9 @@ pub struct Machine {
     /// The expected SSH host key as an OpenSSH public-key line
     /// (`ssh-ed25519 AAAA... comment`); `None` trusts `known_hosts`.
     pub host_key: Option<String>,
+    /// Whether and how hard the streams to it are compressed (Nix's
+    /// `?compress=`, Guix's `compression` and `compression-level`).
+    pub compression: Compression,
     /// Guix-only fields; `None` for Nix machines.
     pub guix: Option<GuixExtras>,
 }
@@ -217,11 +331,36 @@ struct MachineJson<'a> {
     supported_features: &'a BTreeSet<String>,
     mandatory_features: &'a BTreeSet<String>,
     host_key: &'a Option<String>,
+    compression: CompressionJson,
+}
+
+/// `compression` in `sandoff machines list --json`: `{"mode": "off"}`,
+/// `{"mode": "on", "level": 3}` or `{"mode": "default", "level": 1}`.
+#[derive(Serialize)]
+struct CompressionJson {
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    level: Option<i32>,
+}
+
+impl From<Compression> for CompressionJson {
+    fn from(c: Compression) -> CompressionJson {
+        let mode = match c {
+            Compression::Off => "off",
+            Compression::On { .. } => "on",
+            Compression::Unset => "default",
+        };
+        CompressionJson {
+            mode,
+            level: c.zstd_level(),
+        }
+    }
 }
 
 /// The machines as the JSON array of `sandoff machines list --json`, with the
 /// keys `name`, `systems`, `user`, `port`, `privateKey`, `maxJobs`,
-/// `speedFactor`, `supportedFeatures`, `mandatoryFeatures`, `hostKey`.
+/// `speedFactor`, `supportedFeatures`, `mandatoryFeatures`, `hostKey`,
+/// `compression` (`{"mode": "off"|"on"|"default", "level": N}`).
 pub fn to_json(machines: &[Machine]) -> serde_json::Value {
     let list: Vec<MachineJson<'_>> = machines
         .iter()
@@ -236,6 +375,7 @@ pub fn to_json(machines: &[Machine]) -> serde_json::Value {
             supported_features: &m.supported_features,
             mandatory_features: &m.mandatory_features,
             host_key: &m.host_key,
+            compression: m.compression.into(),
         })
         .collect();
     serde_json::to_value(list).expect("machine JSON has only string keys and finite numbers")
@@ -291,6 +431,53 @@ mod tests {
         for user in ["", "-oX", "a/b", "a:b", "a b", "a\x07"] {
             assert_eq!(check_user(user), Err(MachineError::BadUser), "{user:?}");
         }
+    }
+
+    #[test]
+    fn guix_compression_fields_map_to_compression() {
+        let d = GuixExtras::default();
+        // No level given: sandoff's default, not Guix's zlib level.
+        assert_eq!(
+            Compression::from_guix(&d.compression, None),
+            Ok(Compression::On {
+                level: Compression::DEFAULT_LEVEL
+            })
+        );
+        for off in ["none", "", "no", "none,none"] {
+            assert_eq!(
+                Compression::from_guix(off, Some(3)),
+                Ok(Compression::Off),
+                "{off:?}"
+            );
+        }
+        assert_eq!(
+            Compression::from_guix("zlib", Some(9)),
+            Ok(Compression::On { level: 9 })
+        );
+        // A level zstd has not is refused, unless compression is off.
+        for level in [0, -1, 20, i64::MAX] {
+            assert_eq!(
+                Compression::from_guix("zlib", Some(level)),
+                Err(MachineError::BadCompressionLevel { level })
+            );
+        }
+        assert_eq!(
+            Compression::from_guix("none", Some(0)),
+            Ok(Compression::Off)
+        );
+    }
+
+    #[test]
+    fn compression_levels_per_peer() {
+        assert_eq!(Compression::Off.zstd_level(), None);
+        assert!(!Compression::Off.ssh_zlib());
+        assert_eq!(
+            Compression::Unset.zstd_level(),
+            Some(Compression::DEFAULT_LEVEL)
+        );
+        assert!(!Compression::Unset.ssh_zlib());
+        assert_eq!(Compression::On { level: 7 }.zstd_level(), Some(7));
+        assert!(Compression::On { level: 7 }.ssh_zlib());
     }
 
     #[test]

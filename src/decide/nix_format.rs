@@ -27,7 +27,7 @@ use std::path::Path;
 use base64::Engine as _;
 use thiserror::Error;
 
-use super::machines::{self, Machine, MachineError, MachineFormat, MachineName};
+use super::machines::{self, Compression, Machine, MachineError, MachineFormat, MachineName};
 use crate::bounded::{self, BoundedError};
 use crate::termsafe;
 
@@ -340,6 +340,14 @@ fn parse_entry(
         Some(s) => Some(decode_host_key(s).map_err(|why| bad(7, s, why))?),
         None => None,
     };
+    let compression = store
+        .compression()
+        .map_err(|why| NixMachinesError::BadUri {
+            file: file.to_owned(),
+            line,
+            uri: store.uri.clone(),
+            why,
+        })?;
     let name = MachineName::new(&store.uri).map_err(|source| NixMachinesError::Machine {
         file: file.to_owned(),
         line,
@@ -359,6 +367,7 @@ fn parse_entry(
         supported_features: field(5).map(comma_set).unwrap_or_default(),
         mandatory_features: field(6).map(comma_set).unwrap_or_default(),
         host_key,
+        compression,
         guix: None,
     };
     machine
@@ -520,6 +529,25 @@ impl StoreUri {
     }
 }
 
+impl StoreUri {
+    /// The `compress` parameter, read as Nix reads a Boolean setting
+    /// (`true`/`yes`/`1`, `false`/`no`/`0`; the first one counts, as in
+    /// Nix's `decodeQuery`): [`Compression::On`] at the default level,
+    /// [`Compression::Off`], or [`Compression::Unset`] when absent.
+    pub fn compression(&self) -> Result<Compression, &'static str> {
+        let Some((_, value)) = self.params.iter().find(|(k, _)| k == "compress") else {
+            return Ok(Compression::Unset);
+        };
+        match value.as_str() {
+            "true" | "yes" | "1" => Ok(Compression::On {
+                level: Compression::DEFAULT_LEVEL,
+            }),
+            "false" | "no" | "0" => Ok(Compression::Off),
+            _ => Err("its compress= parameter is not a Boolean (true or false)"),
+        }
+    }
+}
+
 fn parse_query(q: &str) -> Vec<(String, String)> {
     q.split('&')
         .filter(|kv| !kv.is_empty())
@@ -570,6 +598,38 @@ mod tests {
         assert!(m.supported_features.contains("kvm"));
         assert!(m.mandatory_features.contains("benchmark"));
         assert_eq!(m.host_key.as_deref(), Some("ssh-ed25519 AAAAC3 root@b"));
+    }
+
+    #[test]
+    fn compress_parameter_sets_compression() {
+        let c = |uri: &str| p(&format!("{uri} x86_64-linux")).map(|m| m[0].compression);
+        assert_eq!(c("ssh://h").unwrap(), Compression::Unset);
+        assert_eq!(c("h").unwrap(), Compression::Unset);
+        for on in ["true", "yes", "1"] {
+            assert_eq!(
+                c(&format!("ssh://h?compress={on}")).unwrap(),
+                Compression::On {
+                    level: Compression::DEFAULT_LEVEL
+                }
+            );
+        }
+        for off in ["false", "no", "0"] {
+            assert_eq!(
+                c(&format!("ssh-ng://h?remote-program=x&compress={off}")).unwrap(),
+                Compression::Off
+            );
+        }
+        // The first one counts, as in Nix.
+        assert_eq!(
+            c("ssh://h?compress=false&compress=true").unwrap(),
+            Compression::Off
+        );
+        let e = c("ssh://h?compress=maybe").unwrap_err();
+        assert!(e.to_string().contains("compress= parameter"), "{e}");
+        assert!(
+            matches!(e, NixMachinesError::BadUri { line: 1, .. }),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ fn machine(name: &str, systems: &[&str], max_jobs: u32, speed: f64) -> Machine {
         supported_features: BTreeSet::new(),
         mandatory_features: BTreeSet::new(),
         host_key: None,
+        compression: machines::Compression::Unset,
         guix: None,
     }
 }

@@ -3,6 +3,8 @@
 //!
 //! - [`transport`]: what a client talks over; [`ssh`] is the SSH one
 //!   (`ssh2`, host key always verified), a child process the local one.
+//! - [`compress`]: zstd over the protocol streams between sandoff peers
+//!   (negotiated on the remote command line, framed per message).
 //! - [`client`]: the client side of the protocol: queries, transfers,
 //!   builds ([`crate::serve_protocol`] holds what both sides share).
 //! - [`slots`] and [`backoff`]: per-machine state shared by every sandoff
@@ -18,6 +20,7 @@
 
 pub mod backoff;
 pub mod client;
+pub mod compress;
 pub mod offloader;
 pub mod slots;
 pub mod ssh;

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 
 use crate::decide::Placement;
+use crate::remote::compress::{ZstdReader, ZstdWriter};
 use crate::sandbox::{Limits, UserError};
 use crate::serve_protocol::{self, MAX_ITEMS, MAX_STRING};
 use crate::store::export::{import_paths, write_export, SignaturePolicy};
@@ -84,6 +85,41 @@ pub fn serve_with_builds(
     wire("flushing", output.flush().map_err(WireError::Io))?;
     let client_version = wire("reading the client version", wire::read_u64(input))?;
     tracing::debug!(client_version, "serve session opened");
+    match opts.zstd_level {
+        None => session(store, input, output, opts, client_version, setup),
+        Some(level) => {
+            // The compressed streams start here, after the client's version
+            // (see `crate::remote::compress`).
+            let zstd = |e| ServeError::Wire {
+                what: "starting zstd",
+                source: WireError::Io(e),
+            };
+            let mut input = ZstdReader::new(input).map_err(zstd)?;
+            let mut output = ZstdWriter::new(output, level).map_err(zstd)?;
+            let res = session(store, &mut input, &mut output, opts, client_version, setup);
+            let (read, written) = (input.count(), output.count());
+            tracing::debug!(
+                level,
+                read_plain = read.plain,
+                read_wire = read.wire,
+                written_plain = written.plain,
+                written_wire = written.wire,
+                "zstd session ended"
+            );
+            res
+        }
+    }
+}
+
+/// The command loop of a session whose handshake is done.
+fn session(
+    store: &LocalStore,
+    input: &mut dyn Read,
+    output: &mut dyn Write,
+    opts: ServeOptions,
+    client_version: u64,
+    setup: BuildSetup<'_>,
+) -> Result<(), ServeError> {
     let mut server = Server {
         store,
         input,

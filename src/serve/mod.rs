@@ -66,6 +66,14 @@
 //!   every derivation in the closure, and their closures, as Nix's
 //!   `computeFSClosure(includeOutputs)`.
 //!
+//! # Compression
+//!
+//! A sandoff client that wants the streams compressed says so on the
+//! command line (`sandoff serve --compress zstd:LEVEL`, a stock Nix client
+//! never does): after the handshake, stdin is read as zstd frames and each
+//! reply is one frame, flushed as it is now ([`crate::remote::compress`]).
+//! The checks are the same either way, on the uncompressed bytes.
+//!
 //! # Files
 //!
 //! `dispatch` runs the session (handshake, the command loop) and answers
@@ -97,6 +105,10 @@ pub use dispatch::{serve, serve_with_builds};
 pub struct ServeOptions {
     /// Allow commands that add paths (`ImportPaths`, `AddToStoreNar`), as `--write`.
     pub write: bool,
+    /// Speak zstd after the handshake, compressing at this level
+    /// (`--compress zstd:LEVEL`, asked by a sandoff client; see
+    /// [`crate::remote::compress`] for where the compressed streams start).
+    pub zstd_level: Option<i32>,
 }
 
 /// What building (`BuildDerivation`, `BuildPaths`) needs from the caller.

@@ -152,7 +152,10 @@ fn a_derivation_claiming_another_output_is_refused_by_every_route() {
         &store,
         &mut &input[..],
         &mut output,
-        ServeOptions { write: true },
+        ServeOptions {
+            write: true,
+            ..Default::default()
+        },
     );
     let err = res.expect_err("serve accepted a forged .drv");
     let mut chain = err.to_string();

@@ -174,10 +174,13 @@ fn machines_list_json_has_the_documented_keys() {
             "speedFactor",
             "supportedFeatures",
             "mandatoryFeatures",
-            "hostKey"
+            "hostKey",
+            "compression"
         ]
     );
     assert_eq!(v, to_json(&parse_guix(&fixture("etc/guix/machines.scm"))));
+    // Guix's default compression: on; no level given, so sandoff's default.
+    assert_eq!(first["compression"], json!({"mode": "on", "level": 1}));
     // The environment variable names the file too, and Nix files work.
     let out = support::run_ok(
         support::sandoff()
@@ -186,6 +189,8 @@ fn machines_list_json_has_the_documented_keys() {
     );
     let v: Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v[3]["mandatoryFeatures"], json!(["perf"]));
+    // No compress= in the URI: zstd at the default level with sandoff.
+    assert_eq!(v[3]["compression"], json!({"mode": "default", "level": 1}));
     assert_eq!(v[4]["port"], Value::Null);
 }
 

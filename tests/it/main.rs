@@ -5,6 +5,7 @@ mod build;
 mod build_check_logs;
 mod claims;
 mod client;
+mod compress;
 mod daemon_store;
 mod daemons;
 mod decide;

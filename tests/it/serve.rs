@@ -53,7 +53,15 @@ fn session(store: &LocalStore, write: bool, body: &[u8]) -> (Result<(), ServeErr
     wire::write_u64(&mut input, 0x207).expect("vec");
     input.extend_from_slice(body);
     let mut output = Vec::new();
-    let res = serve(store, &mut &input[..], &mut output, ServeOptions { write });
+    let res = serve(
+        store,
+        &mut &input[..],
+        &mut output,
+        ServeOptions {
+            write,
+            ..Default::default()
+        },
+    );
     (res, output)
 }
 

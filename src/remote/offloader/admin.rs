@@ -2,7 +2,8 @@
 //! test` and `copy --to`.
 
 use crate::decide::Machine;
-use crate::remote::ssh::{remote_command, SshSession};
+use crate::remote::compress::{ByteCount, WireCompression};
+use crate::remote::ssh::SshSession;
 use crate::store::hash::HashingReader;
 use crate::store::local::{LocalStore, StoreError};
 use crate::store::nar::{self, NullVisitor};
@@ -69,6 +70,23 @@ pub fn parse_status(out: &str) -> (Option<f64>, Option<u32>, Option<u64>) {
     (load, cores, free)
 }
 
+/// What [`Offloader::copy_to`] did.
+#[derive(Clone, Debug)]
+pub struct CopyReport {
+    /// Paths sent (those the machine lacked).
+    pub paths: usize,
+    /// Their NAR bytes.
+    pub nar_bytes: u64,
+    /// How the streams were compressed.
+    pub compression: WireCompression,
+    /// Bytes the session sent: as the protocol wrote them, and on the wire
+    /// after zstd (SSH zlib, below the channel, is not counted: there the
+    /// two are equal).
+    pub sent: ByteCount,
+    /// Bytes the session received, the same way.
+    pub received: ByteCount,
+}
+
 /// What `sandoff machines test` found on one machine, step by step.
 #[derive(Clone, Debug, Default)]
 pub struct TestReport {
@@ -119,9 +137,12 @@ impl Offloader {
         report.passed.push(format!(
             "connected to {} (host key verified) and started '{}' (serve protocol 2.{})",
             conn.session.host(),
-            remote_command(machine, &self.dir),
+            conn.command,
             conn.client.minor()
         ));
+        report
+            .passed
+            .push(format!("streams compressed: {}", conn.compression));
         report.passed.push(match &conn.store_dir_check {
             StoreDirCheck::ByServer => format!(
                 "store directory {}, the same as here (checked by the machine's sandoff)",
@@ -205,14 +226,13 @@ impl Offloader {
     }
 
     /// Copies the closure of `paths` (valid here) to `machine`: the paths it
-    /// lacks, in one signed stream. Returns how many were sent and their
-    /// NAR bytes.
+    /// lacks, in one signed stream. Returns what was sent and how.
     pub fn copy_to(
         &self,
         store: &LocalStore,
         machine: &Machine,
         paths: &BTreeSet<StorePath>,
-    ) -> Result<(usize, u64), OffloadError> {
+    ) -> Result<CopyReport, OffloadError> {
         let closure = store.closure(paths)?;
         let mut conn = self.connect(machine)?;
         let missing = query_missing(&mut conn, &closure, false)
@@ -226,6 +246,13 @@ impl Offloader {
         if !missing.is_empty() {
             self.send_paths(store, machine, &mut conn.client, &missing)?;
         }
-        Ok((missing.len(), bytes))
+        let (sent, received) = conn.client.transport().counts();
+        Ok(CopyReport {
+            paths: missing.len(),
+            nar_bytes: bytes,
+            compression: conn.compression,
+            sent,
+            received,
+        })
     }
 }

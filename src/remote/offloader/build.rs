@@ -4,7 +4,6 @@
 use crate::decide::Machine;
 use crate::derivation::{Derivation, DerivationOutput};
 use crate::remote::client::{ClientError, ServeClient};
-use crate::remote::ssh::SshChannel;
 use crate::remote::transport::Transport;
 use crate::serve_protocol::BuildStatus;
 use crate::store::export::{ExportError, ExportWriter};
@@ -14,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};
 
+use super::pool::Stream;
 use super::*;
 
 impl Offloader {
@@ -117,7 +117,7 @@ impl Offloader {
         &self,
         store: &LocalStore,
         machine: &Machine,
-        client: &mut ServeClient<SshChannel>,
+        client: &mut ServeClient<Stream>,
         missing: &BTreeSet<StorePath>,
     ) -> Result<(), OffloadError> {
         let loc = store.location();
@@ -178,7 +178,7 @@ impl Offloader {
         &self,
         store: &LocalStore,
         machine: &Machine,
-        client: &mut ServeClient<SshChannel>,
+        client: &mut ServeClient<Stream>,
         locks: &PathLocks,
         drv_path: &StorePath,
         drv: &Derivation,

@@ -344,9 +344,9 @@ mod pool;
 
 pub use held::InputClosure;
 
-pub use admin::{parse_status, MachineStatus, TestReport};
+pub use admin::{parse_status, CopyReport, MachineStatus, TestReport};
 pub use placement::observed_state;
-pub use pool::{Conn, StoreDirCheck};
+pub use pool::{Conn, StoreDirCheck, Stream};
 
 #[cfg(test)]
 mod tests {

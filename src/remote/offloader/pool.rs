@@ -2,23 +2,34 @@
 
 use crate::decide::Machine;
 use crate::remote::client::{ClientError, ServeClient};
+use crate::remote::compress::{WireCompression, ZstdTransport};
 use crate::remote::ssh::{
-    parse_store_dir_probe, remote_command, store_dir_probe, ProbeError, SshChannel, SshOptions,
-    SshSession,
+    parse_store_dir_probe, remote_command, remote_command_with, store_dir_probe, wire_compression,
+    ProbeError, SshChannel, SshOptions, SshSession,
 };
 use crate::serve_protocol::StoreDirMismatch;
 use crate::store::StoreDir;
 
 use super::*;
 
+/// What a session's protocol runs over: the remote program's stdio on an
+/// SSH channel, zstd after the handshake with a sandoff peer that was
+/// asked for it.
+pub type Stream = ZstdTransport<SshChannel>;
+
 /// A serve session on a machine.
 pub struct Conn {
     /// The session.
-    pub client: ServeClient<SshChannel>,
+    pub client: ServeClient<Stream>,
     /// The SSH connection it runs over.
     pub session: SshSession,
     /// How the machine's store directory was found to be the client's.
     pub store_dir_check: StoreDirCheck,
+    /// How its streams are compressed (as negotiated: SSH zlib only if the
+    /// server agreed to it).
+    pub compression: WireCompression,
+    /// The remote command the session runs.
+    pub command: String,
 }
 
 /// How a connection made sure that the machine's store directory is the
@@ -52,23 +63,69 @@ fn connect(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Conn, 
         }
         None => StoreDirCheck::ByServer,
     };
-    let command = remote_command(machine, dir);
-    let channel = session.exec(&command)?;
-    let client = ServeClient::open(channel, dir.clone()).map_err(|source| match source {
-        ClientError::StoreDir(source) => OffloadError::StoreDir {
-            machine: machine.name.clone(),
-            source: Box::new(source),
-        },
-        source => OffloadError::Session {
-            machine: machine.name.clone(),
-            command: command.clone(),
-            source,
-        },
-    })?;
+    let mut wire = wire_compression(machine);
+    let mut command = remote_command(machine, dir);
+    let mut client = loop {
+        let channel = ZstdTransport::new(session.exec(&command)?);
+        match ServeClient::open(channel, dir.clone()) {
+            Ok(client) => break client,
+            // A sandoff older than `--compress` refuses it before the
+            // handshake (clap: "unexpected argument '--compress'"): ask
+            // again without it, on the same connection.
+            Err(ClientError::Handshake { got })
+                if matches!(wire, WireCompression::Zstd { .. })
+                    && got.contains("unexpected argument '--compress'") =>
+            {
+                tracing::warn!(
+                    machine = %machine.name,
+                    "its sandoff does not know --compress: talking to it uncompressed (upgrade it)"
+                );
+                wire = WireCompression::None;
+                command = remote_command_with(machine, dir, None);
+            }
+            Err(ClientError::StoreDir(source)) => {
+                return Err(OffloadError::StoreDir {
+                    machine: machine.name.clone(),
+                    source: Box::new(source),
+                })
+            }
+            Err(source) => {
+                return Err(OffloadError::Session {
+                    machine: machine.name.clone(),
+                    command,
+                    source,
+                })
+            }
+        }
+    };
+    let compression = match wire {
+        WireCompression::Zstd { level } => {
+            // The server (told with `--compress`) switches after reading
+            // the client's version, which `open` has sent.
+            client
+                .transport()
+                .start(level)
+                .map_err(|e| OffloadError::Session {
+                    machine: machine.name.clone(),
+                    command: command.clone(),
+                    source: ClientError::Wire {
+                        what: "starting zstd",
+                        source: e.into(),
+                    },
+                })?;
+            WireCompression::Zstd { level }
+        }
+        // What the server agreed to: it may compress nothing.
+        WireCompression::SshZlib if session.ssh_compression().is_some() => WireCompression::SshZlib,
+        WireCompression::SshZlib | WireCompression::None => WireCompression::None,
+    };
+    tracing::debug!(machine = %machine.name, %compression, "serve session ready");
     Ok(Conn {
         client,
         session,
         store_dir_check,
+        compression,
+        command,
     })
 }
 

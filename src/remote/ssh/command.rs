@@ -34,6 +34,7 @@
 //!   answers by dying.
 
 use crate::decide::Machine;
+use crate::remote::compress::{compress_arg, WireCompression};
 use crate::store::{FileIngestionMethod, Hash, HashAlgo, StoreDir};
 
 /// The name of the path [`store_dir_probe`] asks for.
@@ -67,10 +68,29 @@ pub enum ProbeError {
 /// module docs). The program's words are shell-quoted one by one, so a
 /// program with arguments still works (as the value was pasted unquoted
 /// into a command line in Nix 2.8).
+///
+/// When the streams are to be zstd-compressed ([`wire_compression`]),
+/// sandoff also gets `--compress zstd:LEVEL` (see
+/// [`crate::remote::compress`]); a stock Nix program never does.
 pub fn remote_command(machine: &Machine, dir: &StoreDir) -> String {
+    let zstd = match wire_compression(machine) {
+        WireCompression::Zstd { level } => Some(level),
+        WireCompression::None | WireCompression::SshZlib => None,
+    };
+    remote_command_with(machine, dir, zstd)
+}
+
+/// [`remote_command`] asking a sandoff program for zstd at `zstd` (or not
+/// at all), whatever the entry says: for a second try without `--compress`
+/// at a sandoff too old to know it.
+pub fn remote_command_with(machine: &Machine, dir: &StoreDir, zstd: Option<i32>) -> String {
+    let compress = match zstd {
+        Some(level) => format!(" --compress {}", compress_arg(level)),
+        None => String::new(),
+    };
     let sandoff = |program: &str| {
         format!(
-            "{program} serve --stdio --write --expect-store-dir {}",
+            "{program} serve --stdio --write --expect-store-dir {}{compress}",
             shell_quote(dir.as_str())
         )
     };
@@ -79,6 +99,14 @@ pub fn remote_command(machine: &Machine, dir: &StoreDir) -> String {
         Some(words) => format!("{} --serve --write", quoted(&words)),
         None => sandoff("sandoff"),
     }
+}
+
+/// How the streams to `machine` are compressed: zstd when its serve
+/// program is sandoff (unless its entry turns compression off), SSH zlib
+/// when it is a stock Nix program and its entry asks for compression.
+pub fn wire_compression(machine: &Machine) -> WireCompression {
+    let sandoff_peer = remote_program(&machine.store_uri).map_or(true, |w| is_sandoff(&w));
+    WireCompression::choose(machine.compression, sandoff_peer)
 }
 
 /// The command that prints the store directory of `machine`'s serve
@@ -217,16 +245,12 @@ mod tests {
     #[test]
     fn remote_command_defaults_to_sandoff_serve_checking_the_store_dir() {
         assert_eq!(
-            remote_command(&machine("ssh://root@host"), &nix()),
-            "sandoff serve --stdio --write --expect-store-dir /nix/store"
-        );
-        assert_eq!(
-            remote_command(&machine("ssh://root@host?compress=true"), &nix()),
+            remote_command(&machine("ssh://root@host?compress=false"), &nix()),
             "sandoff serve --stdio --write --expect-store-dir /nix/store"
         );
         let odd = StoreDir::new("/my store/it's").expect("store dir");
         assert_eq!(
-            remote_command(&machine("ssh://root@host"), &odd),
+            remote_command(&machine("ssh://root@host?compress=0"), &odd),
             r"sandoff serve --stdio --write --expect-store-dir '/my store/it'\''s'"
         );
         assert_eq!(store_dir_probe(&machine("ssh://root@host")), None);
@@ -259,7 +283,35 @@ mod tests {
         );
         // An empty value is no program.
         assert_eq!(
-            remote_command(&machine("ssh://h?remote-program="), &nix()),
+            remote_command(&machine("ssh://h?remote-program=&compress=false"), &nix()),
+            "sandoff serve --stdio --write --expect-store-dir /nix/store"
+        );
+    }
+
+    #[test]
+    fn sandoff_peers_are_asked_for_zstd_and_stock_nix_never() {
+        // Unset: zstd at the default level with sandoff, nothing with Nix.
+        let m = machine("ssh://root@host");
+        assert_eq!(wire_compression(&m), WireCompression::Zstd { level: 1 });
+        assert_eq!(
+            remote_command(&m, &nix()),
+            "sandoff serve --stdio --write --expect-store-dir /nix/store --compress zstd:1"
+        );
+        let m = machine("ssh://h?remote-program=/bin/nix-store");
+        assert_eq!(wire_compression(&m), WireCompression::None);
+        // Asked for: zstd with sandoff, SSH zlib with Nix.
+        let m = machine("ssh://h?compress=true&remote-program=/opt/bin/sandoff");
+        assert_eq!(wire_compression(&m), WireCompression::Zstd { level: 1 });
+        assert!(remote_command(&m, &nix()).ends_with(" --compress zstd:1"));
+        let m = machine("ssh://h?compress=true&remote-program=/bin/nix-store");
+        assert_eq!(wire_compression(&m), WireCompression::SshZlib);
+        assert_eq!(remote_command(&m, &nix()), "/bin/nix-store --serve --write");
+        // Off: neither.
+        let m = machine("ssh://h?compress=false");
+        assert_eq!(wire_compression(&m), WireCompression::None);
+        // The second try at an old sandoff, without --compress.
+        assert_eq!(
+            remote_command_with(&machine("ssh://h"), &nix(), None),
             "sandoff serve --stdio --write --expect-store-dir /nix/store"
         );
     }
@@ -271,7 +323,7 @@ mod tests {
         assert_eq!(
             remote_command(&m, &gnu),
             "/opt/sandoff/bin/sandoff --store-root /srv serve --stdio --write \
-             --expect-store-dir /gnu/store"
+             --expect-store-dir /gnu/store --compress zstd:1"
         );
         assert_eq!(store_dir_probe(&m), None);
         // A name that merely contains "sandoff" is not sandoff.

@@ -22,6 +22,15 @@
 //! channels of one session are used one at a time, from one thread at a
 //! time: concurrent builds on one machine take one session each.
 //!
+//! Compression: a stock Nix serve program speaks plain bytes, so when its
+//! machine entry asks for compression (`?compress=true`) the session asks
+//! sshd for SSH's zlib (`zlib@openssh.com`, compressing after the login,
+//! then `zlib`), as Nix's `ssh -C` and Guix's guile-ssh do; a server that
+//! offers neither still connects, uncompressed.
+//! [`SshSession::ssh_compression`] says what was agreed. A sandoff peer is
+//! compressed with zstd above SSH instead ([`crate::remote::compress`]),
+//! never both: [`wire_compression`] chooses.
+//!
 //! One file per job: `session` connects, checks the host key and logs
 //! in; `channel` carries one remote process's stdio; `host_key` is the
 //! pure side of host keys (parsing, known_hosts lines, the mismatch
@@ -40,7 +49,10 @@ mod host_key;
 mod session;
 
 pub use channel::SshChannel;
-pub use command::{parse_store_dir_probe, remote_command, store_dir_probe, ProbeError};
+pub use command::{
+    parse_store_dir_probe, remote_command, remote_command_with, store_dir_probe, wire_compression,
+    ProbeError,
+};
 pub use session::SshSession;
 
 /// The most stdout (and stderr) [`SshSession::run`] takes from a command.

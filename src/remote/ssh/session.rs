@@ -11,10 +11,12 @@ use ssh2::{CheckResult, KnownHostFileKind, MethodType};
 use zeroize::Zeroizing;
 
 use super::channel::{retry_keepalive_timeouts, SshChannel};
+use super::command::wire_compression;
 use super::host_key::{self, host_port, hostkey_algorithms, PublicKey};
 use super::{SshError, SshOptions, RUN_OUTPUT_LIMIT};
 use crate::bounded;
 use crate::decide::Machine;
+use crate::remote::compress::WireCompression;
 
 /// Ciphers in order of preference, fastest first as measured against
 /// OpenSSH's sshd (AES-NI machine, 200 MiB to `cat > /dev/null`): libssh2
@@ -89,6 +91,14 @@ impl SshSession {
         // connect timeout; afterwards the link's health is the keepalives' job.
         session.set_timeout(duration_ms(opts.connect_timeout));
         set_method_prefs(&session, expected.as_ref(), &host);
+        // A stock Nix serve program speaks plain bytes: when the entry asks
+        // for compression, SSH compresses (zlib, as Nix's `ssh -C` and
+        // Guix's guile-ssh). A sandoff peer gets zstd instead (cheaper per
+        // byte), never both.
+        if wire_compression(machine) == WireCompression::SshZlib {
+            session.set_compress(true);
+            prefer_compression(&session, &host);
+        }
         session.handshake().map_err(handshake_err)?;
 
         let offered = offered_key(&session, &addr)?;
@@ -124,6 +134,7 @@ impl SshSession {
             host = %addr,
             cipher = session.methods(MethodType::CryptCs).unwrap_or("?"),
             mac = session.methods(MethodType::MacCs).unwrap_or("?"),
+            compression = session.methods(MethodType::CompCs).unwrap_or("?"),
             "SSH session established"
         );
         Ok(SshSession {
@@ -137,6 +148,15 @@ impl SshSession {
     /// The host connected to.
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// The SSH compression negotiated for what this side sends
+    /// (`zlib@openssh.com`, `zlib`), `None` when it sends plain packets.
+    pub fn ssh_compression(&self) -> Option<String> {
+        self.session
+            .methods(MethodType::CompCs)
+            .filter(|m| *m != "none")
+            .map(str::to_owned)
     }
 
     /// Runs `command` (a shell command line) and returns its stdio.
@@ -311,6 +331,23 @@ fn set_method_prefs(session: &ssh2::Session, expected: Option<&PublicKey>, host:
             if let Err(e) = session.method_pref(MethodType::HostKey, &list.join(",")) {
                 tracing::debug!(host, "host key preference: {e}");
             }
+        }
+    }
+}
+
+/// SSH compression methods in order of preference: OpenSSH's delayed
+/// zlib first (compression starts after authentication, so nothing
+/// unauthenticated reaches zlib), then plain zlib, then none, so that a
+/// server that compresses nothing still connects.
+fn prefer_compression(session: &ssh2::Session, host: &str) {
+    for method in [MethodType::CompCs, MethodType::CompSc] {
+        let supported = session.supported_algs(method).unwrap_or_default();
+        let list: Vec<&str> = ["zlib@openssh.com", "zlib", "none"]
+            .into_iter()
+            .filter(|p| supported.contains(p))
+            .collect();
+        if let Err(e) = session.method_pref(method, &list.join(",")) {
+            tracing::debug!(host, "compression preference {}: {e}", list.join(","));
         }
     }
 }
