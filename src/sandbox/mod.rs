@@ -229,7 +229,7 @@ fn with_user(
         cg.kill();
         cg.usage()
     });
-    drop(cgroup);
+    let killed_in_cgroup = cgroup.is_some_and(cgroup::BuildCgroup::close);
     let result = result.map(|(outcome, reaped)| {
         let usage = match (measured, reaped) {
             (Some(m), Some(r)) => Some(ResourceUsage {
@@ -240,7 +240,16 @@ fn with_user(
         };
         (outcome, usage)
     });
-    match (result, lease.kill_processes()) {
+    // The cgroup held every process of the build (each was cloned into it,
+    // and a build user can write to no cgroup.procs) and is killed: killing
+    // the uid's processes once more would only cost a fork. Without one,
+    // the uid is all there is to go by (Nix's killUser).
+    let after = if killed_in_cgroup {
+        Ok(())
+    } else {
+        lease.kill_processes()
+    };
+    match (result, after) {
         (r, Ok(())) => r,
         (Ok(_), Err(e)) => Err(e.into()),
         (Err(error), Err(cleanup)) => Err(SandboxError::WithCleanup {

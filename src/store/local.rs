@@ -659,6 +659,14 @@ impl LocalStore {
     /// Stages `src` by streaming its NAR through a pipe into `stage_nar`, so
     /// the staged copy is exactly what was hashed.
     fn stage_tree(&self, src: &Path) -> Result<StagedPath, StoreError> {
+        // A small tree (most build outputs of small derivations) is
+        // serialised in memory on this thread: a thread and a pipe cost
+        // more than the copy itself.
+        if is_small_tree(src, SMALL_TREE_BYTES, FSYNC_EACH_MAX) {
+            let mut nar = Vec::new();
+            nar::dump(src, &mut nar).map_err(nar_err(src))?;
+            return self.stage_nar(&mut nar.as_slice());
+        }
         let (r, w) = nix::unistd::pipe().map_err(sys_err("creating pipe for", src))?;
         // Buffering is safe here: the pipe carries exactly one NAR.
         let mut reader = io::BufReader::with_capacity(1 << 16, File::from(r));
@@ -1299,6 +1307,25 @@ fn canonicalise_entry(path: &Path, uid: Uid, gid: Gid) -> Result<(), StoreError>
         .map_err(sys_err("changing modification time of", path))?;
     }
     Ok(())
+}
+
+/// A tree whose files hold at most this many bytes (and that has at most
+/// [`FSYNC_EACH_MAX`] entries) is staged through memory.
+const SMALL_TREE_BYTES: u64 = 1 << 20;
+
+/// Whether the tree at `path` has at most `max_entries` entries and
+/// `max_bytes` bytes in its regular files.
+fn is_small_tree(path: &Path, max_bytes: u64, max_entries: usize) -> bool {
+    let mut entries = Vec::new();
+    collect_entries(path, &mut entries, max_entries).is_ok_and(|fits| fits)
+        && entries
+            .iter()
+            .try_fold(0u64, |sum, e| {
+                let meta = fs::symlink_metadata(e).ok()?;
+                let sum = sum + if meta.is_file() { meta.len() } else { 0 };
+                (sum <= max_bytes).then_some(sum)
+            })
+            .is_some()
 }
 
 /// Up to this many files and directories in the paths being made valid
