@@ -993,3 +993,34 @@ fn streamed_build_log_reaches_stderr_without_terminal_escapes() {
     let log = support::run_ok(s.cmd().args(["log", &d]));
     assert_eq!(log, HOSTILE_LOG, "the log on disk is as the build wrote it");
 }
+
+#[test]
+fn timings_account_for_every_step_of_a_build() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let d = s.script_drv("timed", "echo timed > $out");
+    let out = s.build(&["--json", &d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let timings = events(&out)
+        .into_iter()
+        .find(|e| e["event"] == "timings")
+        .expect("a timings event");
+    let ms = timings["milliseconds"].as_object().expect("milliseconds");
+    let steps = [
+        "lock", "log", "inputs", "place", "user", "dirs", "sandbox", "stage", "scan", "register",
+        "cleanup",
+    ];
+    for step in steps {
+        assert!(ms[step].as_f64().is_some_and(|v| v >= 0.0), "{timings}");
+    }
+    // A local build runs its builder: the sandbox step took time.
+    assert!(ms["sandbox"].as_f64() > Some(0.0), "{timings}");
+    // The table, once everything is built.
+    let d = s.script_drv("timed-table", "echo table > $out");
+    let out = s.build(&["--timings", &d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("timings over 1 build(s)"), "{stderr}");
+    assert!(stderr.contains("all steps"), "{stderr}");
+}
