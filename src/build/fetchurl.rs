@@ -45,7 +45,10 @@
 //!   first xz-decompressed when `url` ends in `.xz`, as Nix).
 //! - `executable = "1"`: the output is made mode 0755.
 //! - `impureEnvVars` proxies (`http_proxy`, `https_proxy`, `all_proxy`,
-//!   upper or lower case; `no_proxy` is not honoured).
+//!   upper or lower case), and `no_proxy` as curl reads it: a
+//!   comma-separated list of host names, domains (a leading dot optional:
+//!   `example.org` also covers `a.example.org`) and addresses, ports
+//!   ignored, `*` for every host; a URL whose host is listed goes direct.
 //!
 //! # Where sandoff differs
 //!
@@ -421,16 +424,27 @@ pub fn fetch(request: &FetchRequest, out: &Path, log: &mut dyn Write) -> Result<
         .danger_accept_invalid_hostnames(true)
         .build()
         .map_err(FetchurlError::Tls)?;
-    let agent = ureq::AgentBuilder::new()
-        .tls_connector(std::sync::Arc::new(tls))
-        .timeout_connect(CONNECT_TIMEOUT)
-        .timeout_read(STALL_TIMEOUT)
-        .try_proxy_from_env(true)
-        .build();
+    let tls = std::sync::Arc::new(tls);
+    let agent = |proxied: bool| {
+        ureq::AgentBuilder::new()
+            .tls_connector(std::sync::Arc::clone(&tls))
+            .timeout_connect(CONNECT_TIMEOUT)
+            .timeout_read(STALL_TIMEOUT)
+            .try_proxy_from_env(proxied)
+            .build()
+    };
+    let (proxied, direct) = (agent(true), agent(false));
+    let no_proxy = std::env::var("no_proxy")
+        .or_else(|_| std::env::var("NO_PROXY"))
+        .unwrap_or_default();
     let mut last = None;
     for (i, url) in request.urls.iter().enumerate() {
         let _ = writeln!(log, "downloading '{url}'...");
-        match fetch_one(&agent, request, url, out) {
+        let agent = match url_host(url) {
+            Some(host) if no_proxy_covers(&no_proxy, &host) => &direct,
+            _ => &proxied,
+        };
+        match fetch_one(agent, request, url, out) {
             Ok(()) => return Ok(()),
             Err(e) => {
                 remove_partial(out);
@@ -443,6 +457,40 @@ pub fn fetch(request: &FetchRequest, out: &Path, log: &mut dyn Write) -> Result<
         }
     }
     Err(last.unwrap_or(FetchurlError::MissingAttr("url")))
+}
+
+/// The host of an `http(s)://[user@]host[:port]/...` URL, lower case,
+/// without the brackets of an IPv6 address.
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split_once(']')?.0,
+        None => host_port.split(':').next()?,
+    };
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+/// Whether curl's `no_proxy` list `list` covers `host` (see the module
+/// docs).
+fn no_proxy_covers(list: &str, host: &str) -> bool {
+    list.split(',').map(str::trim).any(|entry| {
+        if entry == "*" {
+            return true;
+        }
+        let entry = entry.trim_start_matches('.').to_ascii_lowercase();
+        // A port in the entry ("host:8080") is ignored, as curl does; an
+        // IPv6 address keeps its colons.
+        let entry = match entry.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or("").to_owned(),
+            None if entry.matches(':').count() == 1 => {
+                entry.split(':').next().unwrap_or("").to_owned()
+            }
+            None => entry,
+        };
+        !entry.is_empty() && (host == entry || host.ends_with(&format!(".{entry}")))
+    })
 }
 
 fn remove_partial(out: &Path) {
@@ -562,6 +610,27 @@ fn unpack(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_proxy_is_read_as_curl_reads_it() {
+        assert_eq!(
+            url_host("http://a.Example.org:8080/x").as_deref(),
+            Some("a.example.org")
+        );
+        assert_eq!(url_host("https://u:p@h/x?q").as_deref(), Some("h"));
+        assert_eq!(url_host("http://[::1]:80/").as_deref(), Some("::1"));
+        assert_eq!(url_host("no scheme"), None);
+        let covers = |list: &str, host: &str| no_proxy_covers(list, host);
+        assert!(covers("example.org", "example.org"));
+        assert!(covers("example.org", "a.example.org"));
+        assert!(covers(".example.org", "a.example.org"));
+        assert!(!covers("example.org", "badexample.org"));
+        assert!(covers("localhost, 127.0.0.1:8080", "127.0.0.1"));
+        assert!(covers("[::1]", "::1"));
+        assert!(covers("*", "anything"));
+        assert!(!covers("", "example.org"));
+        assert!(!covers(" , ", "example.org"));
+    }
     use crate::derivation::testdata::nix;
 
     /// Nix 2.8's `<nix/fetchurl.nix>` derivation (fixtures/drv, `hello.txt`).

@@ -465,3 +465,32 @@ fn fetchurl_goes_through_the_http_proxy_of_impure_env_vars() {
         b"hello\n"
     );
 }
+
+#[test]
+fn fetchurl_goes_direct_to_the_hosts_of_no_proxy() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let server = served(&[("hello.txt", b"hello\n")]);
+    let drv = add(
+        &s,
+        &Fetch::new("hello.txt", server.url("hello.txt"), sha256_hex(b"hello\n")),
+    );
+    // A proxy nobody listens on: only a direct download can succeed.
+    let build = |no_proxy: Option<&str>| {
+        let mut cmd = s.cmd();
+        cmd.env("http_proxy", "http://127.0.0.1:1");
+        if let Some(v) = no_proxy {
+            cmd.env("no_proxy", v);
+        }
+        cmd.args(["build", &drv]).output().expect("run")
+    };
+    let out = build(None);
+    assert!(!out.status.success(), "went through the dead proxy");
+    let out = build(Some("localhost,127.0.0.1"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read(s.real(&s.out(&drv))).expect("read"),
+        b"hello\n"
+    );
+}
