@@ -99,10 +99,7 @@ impl Offloader {
         machine: &Machine,
         inputs: &InputClosure,
     ) -> Result<u64, OffloadError> {
-        let mut conn = match self.take_idle(machine) {
-            Some(c) => c,
-            None => self.connect(machine)?,
-        };
+        let mut conn = self.idle_or_connect(machine)?;
         let closure: BTreeSet<StorePath> = inputs.paths().cloned().collect();
         let missing = query_missing(&mut conn, &closure, false)
             .map_err(super::build::lost(machine, "asking which inputs it holds"))?;

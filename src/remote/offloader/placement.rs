@@ -139,10 +139,7 @@ impl Offloader {
     /// processor, at most 1, as Guix) over a pooled or new connection,
     /// which stays pooled for the build.
     fn measure_load(&self, machine: &Machine) -> Result<(), OffloadError> {
-        let conn = match self.take_idle(machine) {
-            Some(c) => c,
-            None => self.connect(machine)?,
-        };
+        let conn = self.idle_or_connect(machine)?;
         let (out, _, _) = conn.session.run(STATUS_COMMAND)?;
         let (load, cores, _) = parse_status(&String::from_utf8_lossy(&out));
         // A machine that does not say counts as fully loaded, as in Guix.

@@ -171,6 +171,14 @@ impl Offloader {
         self.lock_state().idle.get_mut(&machine.name)?.pop()
     }
 
+    /// An idle connection to `machine`, else a new one.
+    pub(super) fn idle_or_connect(&self, machine: &Machine) -> Result<Conn, OffloadError> {
+        match self.take_idle(machine) {
+            Some(c) => Ok(c),
+            None => self.connect(machine),
+        }
+    }
+
     pub(super) fn put_idle(&self, machine: &Machine, conn: Conn) {
         self.lock_state()
             .idle
