@@ -1316,16 +1316,9 @@ const SMALL_TREE_BYTES: u64 = 1 << 20;
 /// Whether the tree at `path` has at most `max_entries` entries and
 /// `max_bytes` bytes in its regular files.
 fn is_small_tree(path: &Path, max_bytes: u64, max_entries: usize) -> bool {
-    let mut entries = Vec::new();
-    collect_entries(path, &mut entries, max_entries).is_ok_and(|fits| fits)
-        && entries
-            .iter()
-            .try_fold(0u64, |sum, e| {
-                let meta = fs::symlink_metadata(e).ok()?;
-                let sum = sum + if meta.is_file() { meta.len() } else { 0 };
-                (sum <= max_bytes).then_some(sum)
-            })
-            .is_some()
+    let (mut entries, mut bytes) = (Vec::new(), 0);
+    collect_entries(path, &mut entries, &mut bytes, max_entries).is_ok_and(|fits| fits)
+        && bytes <= max_bytes
 }
 
 /// Up to this many files and directories in the paths being made valid
@@ -1347,7 +1340,7 @@ fn sync_paths(paths: &[PathBuf]) -> Result<(), StoreError> {
     let mut entries = Vec::new();
     let few = paths
         .iter()
-        .all(|p| collect_entries(p, &mut entries, FSYNC_EACH_MAX).is_ok_and(|fits| fits));
+        .all(|p| collect_entries(p, &mut entries, &mut 0, FSYNC_EACH_MAX).is_ok_and(|fits| fits));
     if !few {
         let f = File::open(store_dir).map_err(io_err("opening", store_dir))?;
         return nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f.as_fd()))
@@ -1362,9 +1355,15 @@ fn sync_paths(paths: &[PathBuf]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Adds the regular files and directories of the tree at `path` to `out`;
-/// `Ok(false)` as soon as there would be more than `max`.
-fn collect_entries(path: &Path, out: &mut Vec<PathBuf>, max: usize) -> io::Result<bool> {
+/// Adds the regular files and directories of the tree at `path` to `out`,
+/// and the regular files' sizes to `bytes`; `Ok(false)` as soon as there
+/// would be more than `max`.
+fn collect_entries(
+    path: &Path,
+    out: &mut Vec<PathBuf>,
+    bytes: &mut u64,
+    max: usize,
+) -> io::Result<bool> {
     let meta = fs::symlink_metadata(path)?;
     if meta.file_type().is_symlink() {
         return Ok(true);
@@ -1373,9 +1372,12 @@ fn collect_entries(path: &Path, out: &mut Vec<PathBuf>, max: usize) -> io::Resul
         return Ok(false);
     }
     out.push(path.to_owned());
+    if meta.is_file() {
+        *bytes += meta.len();
+    }
     if meta.is_dir() {
         for entry in fs::read_dir(path)? {
-            if !collect_entries(&entry?.path(), out, max)? {
+            if !collect_entries(&entry?.path(), out, bytes, max)? {
                 return Ok(false);
             }
         }
@@ -1407,6 +1409,7 @@ fn remove_tree(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreDir;
 
     #[test]
     fn small_trees_are_flushed_file_by_file_and_large_ones_whole() {
@@ -1417,11 +1420,13 @@ mod tests {
         fs::write(out.join("b"), b"b").unwrap();
         std::os::unix::fs::symlink("b", out.join("c")).unwrap();
         let mut entries = Vec::new();
-        assert!(collect_entries(&out, &mut entries, 10).unwrap());
+        let mut bytes = 0;
+        assert!(collect_entries(&out, &mut entries, &mut bytes, 10).unwrap());
         // The tree, its directory, two files; not the symlink.
         assert_eq!(entries.len(), 4, "{entries:?}");
+        assert_eq!(bytes, 2, "the two files' sizes");
         let mut entries = Vec::new();
-        assert!(!collect_entries(&out, &mut entries, 3).unwrap());
+        assert!(!collect_entries(&out, &mut entries, &mut 0, 3).unwrap());
         // Both ways flush without error.
         sync_paths(&[out.clone()]).unwrap();
         let many = d.path().join("many");
@@ -1431,7 +1436,6 @@ mod tests {
         }
         sync_paths(&[out, many]).unwrap();
     }
-    use crate::store::StoreDir;
 
     fn store(tmp: &Path) -> LocalStore {
         LocalStore::open_with_drv_check(
