@@ -249,20 +249,21 @@ impl BuildCgroup {
 }
 
 impl BuildCgroup {
-    /// Kills what is left and removes the cgroup; `true` when it is gone,
-    /// so that no process of the build is left anywhere.
-    pub fn close(mut self) -> bool {
+    /// Kills what is left, reads what the build used, and removes the
+    /// cgroup; the flag is `true` when it is gone, so that no process of
+    /// the build is left anywhere.
+    pub fn close(mut self) -> (ResourceUsage, bool) {
+        self.kill();
+        let usage = self.usage();
         let dir = std::mem::take(&mut self.dir);
-        if let Err(e) = kill(&dir) {
-            tracing::warn!("cannot kill the build's cgroup: {e}");
-        }
-        match remove(&dir) {
+        let gone = match remove(&dir) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!("{e} (the next build of this user removes it)");
                 false
             }
-        }
+        };
+        (usage, gone)
     }
 }
 

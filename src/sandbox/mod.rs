@@ -182,7 +182,8 @@ pub fn run_build(
 
 /// [`run_build`] in a cgroup of its own when cgroup v2 is usable
 /// ([`cgroup`]): everything the build started is killed when the builder
-/// has exited, and what it used is returned (`None`: no cgroup).
+/// has exited, and what it used is returned (from the cgroup, else as
+/// `wait4` saw the builder; `None`: neither measured it).
 pub fn run_build_measured(
     lease: &UserLease,
     spec: &SandboxSpec,
@@ -192,10 +193,11 @@ pub fn run_build_measured(
     with_user(lease, spec, &mut plan, |plan| exec::run_measured(plan, log))
 }
 
-/// Runs `run` (which runs `plan`, a planned sandbox, to its end) as
-/// `lease`'s user, the spec's, in a cgroup of its own when cgroup v2 is
-/// usable, killing that user's processes before and after and everything
-/// left in the cgroup; returns what it used (`None`: no cgroup).
+/// Runs `run` (which runs `plan`, a planned sandbox, to its end, and may
+/// report what the builder used) as `lease`'s user, the spec's, in a
+/// cgroup of its own when cgroup v2 is usable, killing that user's
+/// processes before, and after unless the cgroup was killed and removed;
+/// returns what the build used as far as the cgroup or `run` measured it.
 fn with_user(
     lease: &UserLease,
     spec: &SandboxSpec,
@@ -225,11 +227,10 @@ fn with_user(
     guard.disarm();
     // The cgroup's figures cover every process of the build (daemons too);
     // what wait4 saw of the builder fills in what the cgroup cannot give.
-    let measured = cgroup.as_ref().map(|cg| {
-        cg.kill();
-        cg.usage()
-    });
-    let killed_in_cgroup = cgroup.is_some_and(cgroup::BuildCgroup::close);
+    let (measured, killed_in_cgroup) = match cgroup.map(cgroup::BuildCgroup::close) {
+        Some((usage, gone)) => (Some(usage), gone),
+        None => (None, false),
+    };
     let result = result.map(|(outcome, reaped)| {
         let usage = match (measured, reaped) {
             (Some(m), Some(r)) => Some(ResourceUsage {
