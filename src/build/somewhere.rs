@@ -97,7 +97,8 @@ pub fn build_somewhere<'o>(
     progress: &mut dyn FnMut(Progress<'_>, &mut dyn Write),
 ) -> Result<Somewhere<'o>, SomewhereError> {
     let mut next = first;
-    // Weighs the machines by what they hold of it (computed once).
+    // Weighs the machines by what they hold of it, and is what a machine
+    // is sent (computed once, on first use).
     let mut inputs = None;
     loop {
         let (machine, slot) = match next.take() {
@@ -117,7 +118,7 @@ pub fn build_somewhere<'o>(
             machine = %machine.name,
             "building remotely"
         );
-        let r = off.build_on(&machine, job, log);
+        let r = off.build_on(&machine, job, closure_of(job, &mut inputs)?, log);
         off.release(slot);
         match r {
             Ok(RemoteOutcome::Built) => {

@@ -17,25 +17,27 @@ use super::pool::Stream;
 use super::*;
 
 impl Offloader {
-    /// Builds `job` on `machine` and makes its outputs valid in the job's
+    /// Builds `job`, whose input closure is `inputs` ([`InputClosure::of`]
+    /// its inputs), on `machine` and makes its outputs valid in the job's
     /// store under its locks, or reports why not. The remote log goes to
     /// `log`.
     pub fn build_on(
         &self,
         machine: &Machine,
         job: &RemoteJob<'_>,
+        inputs: &InputClosure,
         log: &mut dyn Write,
     ) -> Result<RemoteOutcome, OffloadError> {
         let RemoteJob {
             store,
             drv_path,
             drv,
-            inputs,
+            inputs: _,
             locks,
             options,
             substitute,
         } = job;
-        let closure = store.closure(inputs)?;
+        let closure: BTreeSet<StorePath> = inputs.paths().cloned().collect();
         let outputs: BTreeSet<StorePath> = drv.output_paths().into_values().collect();
         // One question for both: which inputs it lacks, and whether it has
         // the outputs already (then they are fetched, not built: the
