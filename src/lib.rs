@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! {termsafe, bounded} < store < derivation < {decide, sandbox, serve_protocol}
-//!     < remote < build < {serve, hook} < (cli)
+//!     < remote < build < {serve, hook, coordinator} < (cli)
 //! ```
 //!
 //! - [`store`]: the store model, byte-compatible with Nix 2.8: store paths and
@@ -37,6 +37,9 @@
 //! - [`serve`] and [`hook`]: front ends over `build` for the daemon side of
 //!   each protocol (`sandoff serve`, `sandoff hook`, `sandoff
 //!   nix-build-hook`).
+//! - [`coordinator`]: the build coordinator: a persistent queue, agents
+//!   that dial in over HTTP and build with the same sandbox, and a signed
+//!   binary cache of the results.
 //!
 //! Two leaf modules, below the store, serve them all:
 //!
@@ -49,6 +52,7 @@
 
 pub mod bounded;
 pub mod build;
+pub mod coordinator;
 pub mod decide;
 pub mod derivation;
 pub mod hook;
@@ -79,6 +83,7 @@ mod layers {
         ("build", 5),
         ("serve", 6),
         ("hook", 6),
+        ("coordinator", 6),
     ];
 
     /// The top-level modules named by `crate::` paths in `src`, with the

@@ -1,0 +1,258 @@
+//! Where the coordinator keeps everything that must survive a restart: the
+//! derivations it knows, the builds and their dependencies, the agents,
+//! the tokens (hashed) and the index of the cache. One interface,
+//! [`Datastore`]; SQLite behind it ([`sqlite`]), a PostgreSQL backend can
+//! implement it next.
+//!
+//! Scheduling decisions are made here, each in one transaction, so that a
+//! crash between two steps cannot lose or duplicate a build: which builds
+//! a submission creates, effective priorities and critical paths, which
+//! builds an agent gets, lease expiry, retries with backoff.
+//!
+//! Calls are blocking; the server runs them on tokio's blocking pool.
+
+use std::collections::BTreeSet;
+
+use thiserror::Error;
+
+use super::model::{
+    AgentId, AgentOffer, AgentRecord, BuildId, BuildRecord, BuildState, CachedPath, DrvRecord,
+    Expiry, NewBuild, Principal, Setback, Submitted, TokenRecord,
+};
+
+/// Why a datastore call failed. Every variant but `Sqlite`/`Corrupt` is the
+/// caller's mistake and changed nothing.
+#[derive(Debug, Error)]
+pub enum DatastoreError {
+    #[error("datastore: {source}")]
+    Sqlite {
+        #[from]
+        source: rusqlite::Error,
+    },
+    #[error("datastore: cannot open '{path}': {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("datastore: unsupported URL '{0}' (use sqlite:///PATH)")]
+    Url(String),
+    #[error("datastore: schema version {found} is newer than this sandoff knows ({known})")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("datastore: corrupt row: {0}")]
+    Corrupt(String),
+    #[error("no build {0}")]
+    NoBuild(BuildId),
+    #[error("no agent '{0}'")]
+    NoAgent(AgentId),
+    #[error("agent '{0}' exists already")]
+    AgentExists(AgentId),
+    #[error("unknown derivation '{0}': upload it first")]
+    NoDerivation(String),
+    #[error("build {id} is {state}, not {wanted}")]
+    WrongState {
+        id: BuildId,
+        state: &'static str,
+        wanted: &'static str,
+    },
+    #[error("build {id} is not leased to agent '{agent}' (its lease expired or it was canceled)")]
+    NotLeased { id: BuildId, agent: AgentId },
+    #[error("no token '{0}'")]
+    NoToken(String),
+}
+
+/// How infrastructure failures are retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// The first backoff, in seconds; each further failure triples it.
+    pub base_secs: i64,
+    /// The longest backoff.
+    pub max_secs: i64,
+    /// After this many infrastructure failures the build fails for good.
+    pub max_attempts: i64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        // Hydra retries 5 times, 60 s x 3^n; a smaller base suits the
+        // lost-lease case, where the build was never wrong.
+        RetryPolicy {
+            base_secs: 10,
+            max_secs: 3600,
+            max_attempts: 6,
+        }
+    }
+}
+
+/// Which builds `builds list` shows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BuildFilter {
+    /// Only these states (all when empty).
+    pub states: BTreeSet<BuildState>,
+    /// Only builds with this tag (`key`, `value`).
+    pub tag: Option<(String, String)>,
+    /// Only builds of this derivation.
+    pub drv: Option<String>,
+    /// At most this many, newest first.
+    pub limit: usize,
+}
+
+/// A build handed to an agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    pub id: BuildId,
+    pub drv: DrvRecord,
+    pub lease_deadline: i64,
+}
+
+/// Queue figures for `builds list` summaries and the benchmark.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub queued: i64,
+    /// Queued and waiting for nothing.
+    pub ready: i64,
+    pub allocated: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub canceled: i64,
+}
+
+/// The coordinator's persistent state. Every method is one transaction.
+pub trait Datastore: Send + Sync {
+    // --- derivations -----------------------------------------------------
+
+    /// Records checked derivations (idempotent: a known one is left as is).
+    fn put_derivations(&self, drvs: &[DrvRecord]) -> Result<(), DatastoreError>;
+    /// A recorded derivation.
+    fn derivation(&self, drv: &str) -> Result<Option<DrvRecord>, DatastoreError>;
+
+    // --- the cache index -------------------------------------------------
+
+    /// Records paths that entered the cache (their files are in place).
+    fn cache_add(&self, paths: &[CachedPath]) -> Result<(), DatastoreError>;
+    /// A path in the cache.
+    fn cache_get(&self, path: &str) -> Result<Option<CachedPath>, DatastoreError>;
+    /// Which of `paths` the cache does not hold.
+    fn cache_missing(&self, paths: &[String]) -> Result<BTreeSet<String>, DatastoreError>;
+
+    // --- builds ----------------------------------------------------------
+
+    /// Submits builds. For each, the closure of its input derivations is
+    /// walked (every one must be recorded, else `NoDerivation` and nothing
+    /// changes): an input whose outputs are all in the cache needs nothing;
+    /// one with an active build becomes a dependency of it; one whose last
+    /// build failed makes this build fail at once ("dependency failed"),
+    /// unless `retry`; otherwise a build is created for it too. A
+    /// derivation with an active build is not built twice: its build is
+    /// returned (`created: false`) with the higher priority of the two.
+    /// Effective priorities and critical paths are updated down the
+    /// dependencies. A build whose outputs are all in the cache succeeds at
+    /// once.
+    fn submit(&self, builds: &[NewBuild], now: i64) -> Result<Vec<Submitted>, DatastoreError>;
+    /// One build.
+    fn build(&self, id: BuildId) -> Result<BuildRecord, DatastoreError>;
+    /// Builds matching `filter`, newest first.
+    fn builds(&self, filter: &BuildFilter) -> Result<Vec<BuildRecord>, DatastoreError>;
+    /// The ids of the active builds `id` waits for.
+    fn dependencies(&self, id: BuildId) -> Result<Vec<BuildId>, DatastoreError>;
+    /// Cancels an active build, and every active build that needs it.
+    /// Returns the canceled ids.
+    fn cancel(&self, id: BuildId, now: i64) -> Result<Vec<BuildId>, DatastoreError>;
+    /// Sets an active build's own priority and recomputes the effective
+    /// priorities it affects.
+    fn set_priority(&self, id: BuildId, priority: i64) -> Result<BuildRecord, DatastoreError>;
+    /// Counts by state.
+    fn queue_stats(&self) -> Result<QueueStats, DatastoreError>;
+
+    // --- agents and leases -------------------------------------------------
+
+    /// Creates an (enabled) agent.
+    fn agent_new(&self, id: &AgentId, now: i64) -> Result<(), DatastoreError>;
+    /// Enables or disables an agent; a disabled agent gets no work and its
+    /// tokens are refused.
+    fn agent_set_enabled(&self, id: &AgentId, enabled: bool) -> Result<(), DatastoreError>;
+    /// Every agent.
+    fn agents(&self) -> Result<Vec<AgentRecord>, DatastoreError>;
+    /// Records what the agent offers (`last_seen = now`) and leases it up
+    /// to `offer.free_slots` builds it can do: queued, waiting for nothing,
+    /// past their `defer_until` and backoff, of one of its systems (or
+    /// `builtin`) with every required feature among its features; highest
+    /// effective priority first, then longest critical path, then oldest.
+    /// A build whose last setback was on this agent goes to it only when no
+    /// other enabled agent seen in the last `lease_secs` could take it.
+    fn allocate(
+        &self,
+        agent: &AgentId,
+        offer: &AgentOffer,
+        lease_secs: i64,
+        now: i64,
+    ) -> Result<Vec<Allocation>, DatastoreError>;
+    /// The builds still leased to `agent` (an agent that restarts resumes
+    /// these and only these).
+    fn leases(&self, agent: &AgentId) -> Result<Vec<Allocation>, DatastoreError>;
+    /// Extends the leases of those of `builds` still leased to `agent` to
+    /// `now + lease_secs`; returns the others, which the agent must stop.
+    fn heartbeat(
+        &self,
+        agent: &AgentId,
+        builds: &[BuildId],
+        lease_secs: i64,
+        now: i64,
+    ) -> Result<Vec<BuildId>, DatastoreError>;
+    /// Marks a leased build started (first time only).
+    fn start(&self, agent: &AgentId, id: BuildId, now: i64) -> Result<(), DatastoreError>;
+    /// A leased build succeeded: in one transaction its outputs enter the
+    /// cache index, it becomes `succeeded`, and its dependents stop waiting
+    /// for it. `NotLeased` (and nothing changes) if it is not leased to
+    /// `agent` any more.
+    fn succeed(
+        &self,
+        agent: &AgentId,
+        id: BuildId,
+        outputs: &[CachedPath],
+        now: i64,
+    ) -> Result<(), DatastoreError>;
+    /// A leased build came back without a result: a build failure is final
+    /// and fails the active builds that need it; an infrastructure failure
+    /// requeues it with backoff (or fails it past `max_attempts`).
+    fn setback(
+        &self,
+        agent: &AgentId,
+        id: BuildId,
+        setback: &Setback,
+        now: i64,
+    ) -> Result<BuildRecord, DatastoreError>;
+    /// Requeues every allocated build whose lease ended before `now`, as an
+    /// infrastructure failure on its agent; returns them.
+    fn expire_leases(&self, now: i64) -> Result<Vec<BuildId>, DatastoreError>;
+
+    // --- tokens ------------------------------------------------------------
+
+    /// Stores a token by its SHA-256; returns its public id.
+    fn token_add(
+        &self,
+        hash: &[u8; 32],
+        principal: &Principal,
+        expires_at: Expiry,
+        now: i64,
+    ) -> Result<String, DatastoreError>;
+    /// Whose token this is: `None` if unknown, revoked, expired, or of a
+    /// disabled or deleted agent.
+    fn token_lookup(&self, hash: &[u8; 32], now: i64) -> Result<Option<Principal>, DatastoreError>;
+    /// Revokes a token by its public id.
+    fn token_revoke(&self, id: &str) -> Result<(), DatastoreError>;
+    /// Every token (never the secret).
+    fn tokens(&self) -> Result<Vec<TokenRecord>, DatastoreError>;
+}
+
+/// Opens the datastore a `--datastore` URL names (`sqlite:///PATH`),
+/// creating or migrating its schema.
+pub fn open(url: &str, retry: RetryPolicy) -> Result<Box<dyn Datastore>, DatastoreError> {
+    match url.strip_prefix("sqlite://") {
+        Some(path) if path.starts_with('/') => {
+            let _ = (path, retry);
+            Err(DatastoreError::Url(url.to_owned()))
+        }
+        _ => Err(DatastoreError::Url(url.to_owned())),
+    }
+}

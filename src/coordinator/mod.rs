@@ -1,0 +1,30 @@
+//! The build coordinator: a persistent queue of builds, agents that dial in
+//! for work, and a Nix binary cache of the results (the Guix Build
+//! Coordinator's design, `../shared/seeds/`, made stricter: every API
+//! authenticated, dependency-aware dispatch, leases, results verified on
+//! arrival).
+//!
+//! - [`model`]: the coordinator's vocabulary (build ids, states, roles,
+//!   what it knows of a derivation), plain data shared by the rest.
+//! - [`datastore`]: where the queue, the agents, the tokens and the index
+//!   of the cache live: one [`datastore::Datastore`] interface, SQLite
+//!   behind it ([`datastore::sqlite`]); scheduling (effective priorities,
+//!   critical paths, leases, retries) is decided there in transactions.
+//! - [`cache`]: the binary cache under `--cache-dir` and the checks every
+//!   NAR passes before it enters it (uploads from clients and agents,
+//!   zstd-compressed and resumable).
+//! - [`substitute`]: fetching a closure from such a cache into a local
+//!   store, checking every signature and hash (agents use it for inputs).
+//! - [`server`]: the coordinator process: the agent and client HTTP APIs
+//!   (axum on tokio, TLS with rustls), authentication, the lease reaper.
+//! - [`client`]: the HTTP client both the CLI and agents use.
+//! - [`agent`]: the agent loop: lease builds, fetch inputs, build them with
+//!   sandoff's own sandbox, upload log and outputs, report.
+
+pub mod agent;
+pub mod cache;
+pub mod client;
+pub mod datastore;
+pub mod model;
+pub mod server;
+pub mod substitute;
