@@ -84,6 +84,11 @@ enum Command {
     /// `sandoff-build-hook` runs): settings and requests on stdin, replies
     /// on stderr, the daemon's store from its `store` setting.
     NixBuildHook(cli::nix_hook::NixHookArgs),
+    /// Run a build coordinator (a persistent queue, agents that dial in, a
+    /// binary cache of the results), or talk to one.
+    Coordinator(cli::coordinator::CoordinatorArgs),
+    /// Build what a coordinator hands out, in this machine's sandbox.
+    Agent(cli::coordinator::AgentArgs),
     /// The helper that `builtin:fetchurl` builds run as the build user.
     #[command(name = "__builtin-fetchurl", hide = true)]
     BuiltinFetchurl(cli::builtin::BuiltinFetchurlArgs),
@@ -199,6 +204,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::NixBuildHook(c) => cli::nix_hook::run(c, &|root| {
             flags.location(Some(root), Some(cli::DaemonStore::Nix))
         }),
+        Command::Coordinator(c) => cli::coordinator::run(c, &loc),
+        Command::Agent(c) => cli::coordinator::run_agent(c, &loc),
         Command::BuiltinFetchurl(c) => cli::builtin::run(c),
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod build;
 pub mod builtin;
+pub mod coordinator;
 pub mod copy;
 pub mod decide;
 pub mod derivation;

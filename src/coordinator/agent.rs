@@ -1,1 +1,407 @@
-//! See the module docs of [`super`].
+//! The agent: asks the coordinator for builds it can do, fetches their
+//! inputs from the coordinator's cache (every narinfo signed by the
+//! coordinator's key, every NAR hash checked), builds each with sandoff's
+//! own sandbox ([`crate::build::realise_one`], as `sandoff build` and
+//! `sandoff serve` do), and sends back the log and the outputs as
+//! zstd-compressed NARs (spooled to disk first, so a broken upload resumes
+//! from the byte the coordinator holds).
+//!
+//! Leases: the agent sends a heartbeat with the builds it runs every third
+//! of a lease; builds the coordinator says it lost (the lease expired
+//! while the agent was cut off, or they were canceled) are not uploaded.
+//! On start it asks for the builds still leased to it and builds them
+//! again (a restarted agent lost their sandboxes).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+
+use super::api::{BuildResult, Heartbeat, HeartbeatAnswer, Info, Job, Jobs, OutputClaim};
+use super::client::{Client, ClientError};
+use super::model::{AgentOffer, BuildId, Setback};
+use super::substitute::HttpCache;
+use crate::build::{self, BuildContext, BuildErrorKind, Event};
+use crate::derivation::check::MAX_DRV_SIZE;
+use crate::derivation::Derivation;
+use crate::store::hash::{HashAlgo, HashSink};
+use crate::store::local::LocalStore;
+use crate::store::signature::{PublicKey, TrustedKeys};
+use crate::store::{nar, StorePath};
+
+/// How an agent runs.
+#[derive(Debug)]
+pub struct AgentConfig {
+    pub client: Client,
+    pub systems: BTreeSet<String>,
+    pub features: BTreeSet<String>,
+    pub max_parallel_builds: usize,
+    /// How long to wait between requests for work when there was none.
+    pub poll: Duration,
+    /// Where compressed NARs and logs wait for their upload.
+    pub spool: PathBuf,
+    /// zstd level of uploads.
+    pub zstd_level: i32,
+    /// The key the cache's narinfos must be signed with; `None`: the one
+    /// the coordinator announces (over its authenticated connection).
+    pub coordinator_key: Option<PublicKey>,
+    /// The largest log sent.
+    pub max_log_bytes: u64,
+}
+
+/// Why the agent could not start or a job could not finish.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("coordinator: {0}")]
+    Client(#[from] ClientError),
+    #[error("the coordinator's key '{key}': {source}")]
+    Key {
+        key: String,
+        #[source]
+        source: crate::store::signature::SignatureError,
+    },
+    #[error("spool directory '{path}': {source}")]
+    Spool {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Runs the agent until `stop` is set.
+pub fn run(config: &AgentConfig, ctx: &BuildContext<'_>, stop: &AtomicBool) -> Result<(), AgentError> {
+    fs::create_dir_all(&config.spool).map_err(|source| AgentError::Spool {
+        path: config.spool.clone(),
+        source,
+    })?;
+    let info: Info = config.client.get("/agent/v1/info")?;
+    let key = match &config.coordinator_key {
+        Some(k) => k.clone(),
+        None => PublicKey::parse(&info.public_key, "the coordinator").map_err(|source| {
+            AgentError::Key {
+                key: info.public_key.clone(),
+                source,
+            }
+        })?,
+    };
+    let mut trusted = TrustedKeys::new();
+    trusted
+        .insert(key, "the coordinator")
+        .map_err(|source| AgentError::Key {
+            key: info.public_key.clone(),
+            source,
+        })?;
+    let cache = HttpCache::new(
+        format!("{}/cache", config.client.base()),
+        config.client.http().clone(),
+        Some(config.client.authorization().to_owned()),
+        trusted,
+    );
+    let running: Mutex<BTreeMap<BuildId, Arc<AtomicBool>>> = Mutex::new(BTreeMap::new());
+    let lease = Duration::from_secs(info.lease_secs.max(3) as u64);
+    std::thread::scope(|s| {
+        let jobs_of = |jobs: Jobs| {
+            for job in jobs.jobs {
+                let lost = Arc::new(AtomicBool::new(false));
+                {
+                    let mut r = running.lock().expect("no job thread panics holding it");
+                    if r.contains_key(&job.id) {
+                        continue;
+                    }
+                    r.insert(job.id, lost.clone());
+                }
+                let (cache, running) = (&cache, &running);
+                s.spawn(move || {
+                    let id = job.id;
+                    run_job(config, ctx, cache, job, &lost);
+                    running.lock().expect("no job thread panics holding it").remove(&id);
+                });
+            }
+        };
+        // Builds leased before a restart are ours to do again.
+        match config.client.get::<Jobs>("/agent/v1/leases") {
+            Ok(jobs) => {
+                if !jobs.jobs.is_empty() {
+                    tracing::info!(count = jobs.jobs.len(), "resuming builds still leased to this agent");
+                }
+                jobs_of(jobs);
+            }
+            Err(e) => tracing::warn!("asking for this agent's leases: {e}"),
+        }
+        s.spawn(|| heartbeats(config, &running, lease / 3, stop));
+        while !stop.load(Ordering::Relaxed) {
+            let busy = running.lock().expect("no job thread panics holding it").len();
+            let free = config.max_parallel_builds.saturating_sub(busy);
+            let mut got = false;
+            if free > 0 {
+                let offer = AgentOffer {
+                    systems: config.systems.clone(),
+                    features: config.features.clone(),
+                    free_slots: free as i64,
+                    max_parallel_builds: config.max_parallel_builds as i64,
+                };
+                match config.client.post::<_, Jobs>("/agent/v1/allocate", &offer) {
+                    Ok(jobs) => {
+                        got = !jobs.jobs.is_empty();
+                        for j in &jobs.jobs {
+                            tracing::info!(build = %j.id, drv = %j.drv.drv, "leased");
+                        }
+                        jobs_of(jobs);
+                    }
+                    Err(e) => tracing::warn!("asking for work: {e}"),
+                }
+            }
+            if !got {
+                std::thread::sleep(config.poll);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Tells the coordinator which builds run here, every `every`; marks
+/// those it says are lost.
+fn heartbeats(
+    config: &AgentConfig,
+    running: &Mutex<BTreeMap<BuildId, Arc<AtomicBool>>>,
+    every: Duration,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(every.max(Duration::from_millis(500)));
+        let builds: Vec<BuildId> = running
+            .lock()
+            .expect("no job thread panics holding it")
+            .keys()
+            .copied()
+            .collect();
+        if builds.is_empty() {
+            continue;
+        }
+        match config
+            .client
+            .post::<_, HeartbeatAnswer>("/agent/v1/heartbeat", &Heartbeat { builds })
+        {
+            Ok(answer) => {
+                let r = running.lock().expect("no job thread panics holding it");
+                for id in answer.lost {
+                    if let Some(flag) = r.get(&id) {
+                        tracing::warn!(build = %id, "lease lost; its result will not be sent");
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("heartbeat: {e}"),
+        }
+    }
+}
+
+/// Does one job and reports its result; every failure ends in a report
+/// (or, for a lost lease, in silence).
+fn run_job(config: &AgentConfig, ctx: &BuildContext<'_>, cache: &HttpCache, job: Job, lost: &AtomicBool) {
+    let id = job.id;
+    let report = match do_job(config, ctx, cache, &job, lost) {
+        Ok(Some(outputs)) => BuildResult::Success { outputs },
+        Ok(None) => return,
+        Err(setback) => BuildResult::Setback { setback },
+    };
+    if lost.load(Ordering::Relaxed) {
+        return;
+    }
+    let path = format!("/agent/v1/builds/{id}/result");
+    for attempt in 0..5u32 {
+        match config.client.post_only(&path, Some(&report)) {
+            Ok(()) => {
+                tracing::info!(build = %id, "reported {}", outcome_name(&report));
+                return;
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(build = %id, "reporting: {e}; trying again");
+                std::thread::sleep(Duration::from_secs(1 << attempt));
+            }
+            Err(e) => {
+                tracing::error!(build = %id, "reporting: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn outcome_name(r: &BuildResult) -> &'static str {
+    match r {
+        BuildResult::Success { .. } => "success",
+        BuildResult::Setback {
+            setback: Setback::BuildFailure { .. },
+        } => "build failure",
+        BuildResult::Setback { .. } => "infrastructure failure",
+    }
+}
+
+fn infra(message: impl std::fmt::Display) -> Setback {
+    Setback::Infrastructure {
+        message: message.to_string(),
+    }
+}
+
+/// Fetches, builds, uploads. `Ok(None)`: the lease was lost.
+fn do_job(
+    config: &AgentConfig,
+    ctx: &BuildContext<'_>,
+    cache: &HttpCache,
+    job: &Job,
+    lost: &AtomicBool,
+) -> Result<Option<BTreeMap<String, OutputClaim>>, Setback> {
+    let id = job.id;
+    let client = &config.client;
+    let store = ctx.store;
+    let dir = &store.location().dir;
+    client
+        .post_only::<()>(&format!("/agent/v1/builds/{id}/start"), None)
+        .map_err(infra)?;
+    let drv_path = dir.parse_path(&job.drv.drv).map_err(infra)?;
+    let bytes = client
+        .get_bytes(&format!("/agent/v1/builds/{id}/drv"), MAX_DRV_SIZE)
+        .map_err(infra)?;
+    let mut drv = Derivation::from_aterm(&bytes, dir).map_err(|e| infra(format!("'{}': {e}", job.drv.drv)))?;
+    let mut inputs = BTreeSet::new();
+    for p in &job.inputs {
+        inputs.insert(dir.parse_path(p).map_err(infra)?);
+    }
+    cache
+        .fetch_closure(store, &inputs)
+        .map_err(|e| infra(format!("fetching inputs: {e}")))?;
+    // A basic derivation, as the serve protocol's BuildDerivation: the
+    // inputs are resolved, their derivations are not needed here.
+    drv.input_derivations.clear();
+    drv.input_sources = inputs;
+    let (log, outcome) = build_logged(ctx, &drv_path, &drv, config.max_log_bytes);
+    if lost.load(Ordering::Relaxed) {
+        return Ok(None);
+    }
+    // The log goes first: a failure's log is what its user reads.
+    if let Err(e) = client.put_bytes(&format!("/agent/v1/builds/{id}/log"), &log) {
+        tracing::warn!(build = %id, "sending the log: {e}");
+    }
+    if let Err(e) = outcome {
+        return Err(if is_build_failure(&e.kind) {
+            Setback::BuildFailure {
+                message: e.to_string(),
+            }
+        } else {
+            infra(e)
+        });
+    }
+    let mut claims = BTreeMap::new();
+    for (name, path) in drv.output_paths() {
+        if lost.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let spooled = config.spool.join(format!("b{id}-{name}.nar.zst"));
+        let claim = spool_output(store, &path, &spooled, config.zstd_level)
+            .map_err(|e| infra(format!("compressing output '{name}': {e}")))?;
+        let sent = client.upload(&format!("/agent/v1/builds/{id}/outputs/{name}"), &spooled);
+        let _ = fs::remove_file(&spooled);
+        sent.map_err(|e| infra(format!("uploading output '{name}': {e}")))?;
+        claims.insert(name, claim);
+    }
+    Ok(Some(claims))
+}
+
+/// Builds `drv`, collecting its log (at most `max` bytes kept).
+fn build_logged(
+    ctx: &BuildContext<'_>,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    max: u64,
+) -> (Vec<u8>, Result<build::local::StepOutcome, build::BuildError>) {
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel::<Event>();
+        let collect = s.spawn(move || {
+            let mut log = Vec::new();
+            for event in rx {
+                if let Event::Log { line, .. } = event {
+                    if ((log.len() + line.len()) as u64) < max {
+                        log.extend_from_slice(&line);
+                        log.push(b'\n');
+                    }
+                }
+            }
+            log
+        });
+        let outcome = build::local::realise_one(ctx, drv_path, drv, &tx);
+        drop(tx);
+        let log = collect.join().unwrap_or_default();
+        (log, outcome)
+    })
+}
+
+/// Whether a failure is the derivation's (final) rather than this
+/// machine's (retried elsewhere).
+fn is_build_failure(kind: &BuildErrorKind) -> bool {
+    use BuildErrorKind as K;
+    match kind {
+        K::Kept { error, .. } => is_build_failure(error),
+        K::Failed { .. }
+        | K::LogLimit { .. }
+        | K::MissingOutput { .. }
+        | K::ForeignFile { .. }
+        | K::UnsupportedType { .. }
+        | K::HashMismatch { .. }
+        | K::FlatNotRegular
+        | K::FixedReferences { .. }
+        | K::OutputCheck(_)
+        | K::Refused(_)
+        | K::Unsupported { .. }
+        | K::Attributes(_) => true,
+        _ => false,
+    }
+}
+
+/// Writes the zstd-compressed NAR of `path` to `to`, returning its NAR
+/// hash and size.
+fn spool_output(
+    store: &LocalStore,
+    path: &StorePath,
+    to: &Path,
+    level: i32,
+) -> Result<OutputClaim, io::Error> {
+    let real = store.location().real_path(path);
+    let file = File::create(to)?;
+    let mut enc = zstd::stream::write::Encoder::new(BufWriter::with_capacity(1 << 16, file), level)?;
+    let mut tee = Tee {
+        hash: HashSink::new(HashAlgo::Sha256),
+        inner: &mut enc,
+    };
+    nar::dump(&real, &mut tee).map_err(io::Error::other)?;
+    let (hash, size) = tee.hash.finish();
+    let mut out = enc.finish()?;
+    out.flush()?;
+    Ok(OutputClaim {
+        nar_hash: hash.to_nix32_prefixed(),
+        nar_size: size,
+    })
+}
+
+/// Writes to `inner` and hashes what it writes.
+struct Tee<'a, W: Write> {
+    hash: HashSink,
+    inner: &'a mut W,
+}
+
+impl<W: Write> Write for Tee<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.write_all(&buf[..n])?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -17,14 +17,18 @@
 //!   store, checking every signature and hash (agents use it for inputs).
 //! - [`server`]: the coordinator process: the agent and client HTTP APIs
 //!   (axum on tokio, TLS with rustls), authentication, the lease reaper.
+//! - [`api`]: the JSON bodies of both APIs, shared by server and client.
 //! - [`client`]: the HTTP client both the CLI and agents use.
+//! - [`submit`]: the client side of a submission (uploads, then builds).
 //! - [`agent`]: the agent loop: lease builds, fetch inputs, build them with
 //!   sandoff's own sandbox, upload log and outputs, report.
 
 pub mod agent;
+pub mod api;
 pub mod cache;
 pub mod client;
 pub mod datastore;
 pub mod model;
 pub mod server;
+pub mod submit;
 pub mod substitute;

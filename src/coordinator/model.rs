@@ -157,7 +157,7 @@ pub enum Principal {
 }
 
 /// Where a build is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BuildState {
     /// Waiting: for its dependencies, its `defer_until`, a retry's backoff,

@@ -1,0 +1,118 @@
+//! The binary cache over HTTP (`/cache/…`, on both listeners): what Nix's
+//! `http://` binary cache store and agents read. Only the names a cache
+//! serves are answered (`nix-cache-info`, `<hash>.narinfo`,
+//! `nar/<file hash>.nar.zst`, `log/<drv>`); anything else is 404, so no
+//! request can reach another file under `--cache-dir`.
+
+use std::path::PathBuf;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures_util::stream;
+use tokio::io::AsyncReadExt;
+
+use super::{authenticate, ApiError, App};
+
+pub(super) fn router() -> Router<App> {
+    Router::new()
+        .route("/cache/nix-cache-info", get(cache_info))
+        .route("/cache/{file}", get(narinfo))
+        .route("/cache/nar/{file}", get(nar))
+        .route("/cache/log/{file}", get(log))
+}
+
+/// Nix's base-32 alphabet.
+fn is_nix32(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s
+            .bytes()
+            .all(|b| b"0123456789abcdfghijklmnpqrsvwxyz".contains(&b))
+}
+
+async fn cache_info(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authenticate(&app, &headers).await?;
+    send(app.cache.dir().join("nix-cache-info"), "text/x-nix-cache-info").await
+}
+
+async fn narinfo(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
+    authenticate(&app, &headers).await?;
+    match file.strip_suffix(".narinfo") {
+        Some(hash) if is_nix32(hash, 32) => {
+            send(app.cache.dir().join(&file), "text/x-nix-narinfo").await
+        }
+        _ => Err(ApiError::not_found(format!("no '{file}' in the cache"))),
+    }
+}
+
+async fn nar(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
+    authenticate(&app, &headers).await?;
+    match file.strip_suffix(".nar.zst") {
+        Some(hash) if is_nix32(hash, 52) => {
+            send(app.cache.dir().join("nar").join(&file), "application/x-nix-nar").await
+        }
+        _ => Err(ApiError::not_found(format!("no 'nar/{file}' in the cache"))),
+    }
+}
+
+async fn log(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
+    authenticate(&app, &headers).await?;
+    let full = format!("{}/{file}", app.store_dir.as_str());
+    match app.store_dir.parse_path(&full) {
+        Ok(p) if p.is_derivation() => {
+            send(app.cache.dir().join("log").join(&file), "text/plain; charset=utf-8").await
+        }
+        _ => Err(ApiError::not_found(format!("no 'log/{file}' in the cache"))),
+    }
+}
+
+/// Streams a file, 404 if it is not there.
+async fn send(path: PathBuf, content_type: &'static str) -> Result<Response, ApiError> {
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            return Err(ApiError::not_found(format!(
+                "no '{}' in the cache",
+                name.unwrap_or_default()
+            )));
+        }
+        Err(e) => return Err(ApiError::internal(format!("reading '{}': {e}", path.display()))),
+    };
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::internal(format!("reading '{}': {e}", path.display())))?
+        .len();
+    let chunks = stream::unfold(file, |mut f| async move {
+        let mut buf = vec![0u8; 1 << 16];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(buf), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    });
+    let mut r = (StatusCode::OK, Body::from_stream(chunks)).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    Ok(r)
+}

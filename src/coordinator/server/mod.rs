@@ -1,0 +1,360 @@
+//! The coordinator process: two HTTP/1.1 listeners (axum on tokio), TLS
+//! with rustls when a certificate is given, and the lease reaper.
+//!
+//! - the **agent API** (`/agent/v1/…`, default `0.0.0.0:8745`): agents
+//!   lease builds, send heartbeats, upload logs and outputs, report;
+//! - the **client API** (`/client/v1/…`, default `127.0.0.1:8746`):
+//!   uploads of `.drv` files and sources, submissions, queries, agents and
+//!   tokens;
+//! - the **cache** (`/cache/…`) on both: the binary cache under
+//!   `--cache-dir`, for agents' inputs and for Nix (`substituters =
+//!   http://…/cache`, the token as the password of a `netrc-file` entry).
+//!
+//! Every endpoint needs a token (see [`auth`]); unlike the Guix Build
+//! Coordinator's client API, none is open. The datastore is blocking: its
+//! calls run on tokio's blocking pool, as do the checks of uploaded NARs.
+
+pub mod auth;
+mod agent_api;
+mod cache_http;
+mod client_api;
+mod tls;
+mod uploads;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use thiserror::Error;
+
+use super::api::{ErrorBody, Info};
+use super::cache::{Cache, CacheError};
+use super::datastore::{Datastore, DatastoreError, RetryPolicy};
+use super::model::{AgentId, Principal, Role};
+use crate::store::signature::SecretKey;
+use crate::store::StoreDir;
+
+/// How the coordinator is run (`sandoff coordinator`).
+#[derive(Debug)]
+pub struct ServerConfig {
+    /// `sqlite:///PATH`.
+    pub datastore: String,
+    pub agent_listen: SocketAddr,
+    pub client_listen: SocketAddr,
+    pub cache_dir: PathBuf,
+    pub store_dir: StoreDir,
+    /// Signs the cache's narinfos.
+    pub key: SecretKey,
+    /// Certificate chain and key, PEM.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// A lease lasts this long without a heartbeat.
+    pub lease_secs: i64,
+    /// The largest upload (compressed bytes) and log accepted.
+    pub max_upload_bytes: u64,
+    pub retry: RetryPolicy,
+}
+
+/// Why the coordinator could not start or stopped.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Datastore(#[from] DatastoreError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("serving: {0}")]
+    Serve(#[source] io::Error),
+}
+
+/// What every handler shares.
+pub(crate) struct Inner {
+    pub(crate) ds: Box<dyn Datastore>,
+    pub(crate) cache: Cache,
+    pub(crate) store_dir: StoreDir,
+    pub(crate) lease_secs: i64,
+    pub(crate) max_upload_bytes: u64,
+    pub(crate) info: Info,
+}
+
+/// The state of both routers.
+pub(crate) type App = Arc<Inner>;
+
+/// Where the listeners are, once bound (port 0 picks a free one).
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub agent: SocketAddr,
+    pub client: SocketAddr,
+}
+
+/// Runs the coordinator until SIGINT or SIGTERM; `ready` is told where
+/// it listens once both listeners are bound (and the datastore is open).
+pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), ServerError> {
+    let ServerConfig {
+        datastore,
+        agent_listen,
+        client_listen,
+        cache_dir,
+        store_dir,
+        key,
+        tls,
+        lease_secs,
+        max_upload_bytes,
+        retry,
+    } = config;
+    let info = Info {
+        store_dir: store_dir.as_str().to_owned(),
+        public_key: key.to_public().to_string(),
+        lease_secs,
+        max_upload_bytes,
+    };
+    let app: App = tokio::task::spawn_blocking(move || -> Result<App, ServerError> {
+        let ds = super::datastore::open(&datastore, retry)?;
+        let cache = Cache::open(&cache_dir, store_dir.clone(), key)?;
+        Ok(Arc::new(Inner {
+            ds,
+            cache,
+            store_dir,
+            lease_secs,
+            max_upload_bytes,
+            info,
+        }))
+    })
+    .await
+    .map_err(|e| ServerError::Serve(io::Error::other(e)))??;
+    let tls = tls.map(|(c, k)| tls::acceptor(&c, &k)).transpose()?;
+    let agent = listen(agent_listen).await?;
+    let client = listen(client_listen).await?;
+    let bound = Bound {
+        agent: agent.local_addr().map_err(ServerError::Serve)?,
+        client: client.local_addr().map_err(ServerError::Serve)?,
+    };
+    let agent_router = agent_api::router()
+        .merge(cache_http::router())
+        .with_state(app.clone());
+    let client_router = client_api::router()
+        .merge(cache_http::router())
+        .with_state(app.clone());
+    tokio::spawn(reap_leases(app.clone()));
+    ready(bound);
+    let shutdown = async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stopping");
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let serve_agent = serve(agent, tls.clone(), agent_router, wait(stop_rx.clone()));
+    let serve_client = serve(client, tls, client_router, wait(stop_rx));
+    let stopper = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        Ok::<(), ServerError>(())
+    };
+    tokio::try_join!(serve_agent, serve_client, stopper)?;
+    Ok(())
+}
+
+async fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServerError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Listen { addr, source })
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<tls::Acceptor>,
+    router: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    match tls {
+        None => axum::serve(listener, router)
+            .with_graceful_shutdown(stop)
+            .await
+            .map_err(ServerError::Serve),
+        Some(acceptor) => axum::serve(tls::TlsListener::new(listener, acceptor), router)
+            .with_graceful_shutdown(stop)
+            .await
+            .map_err(ServerError::Serve),
+    }
+}
+
+/// Returns builds whose lease ended to the queue, a few times a lease.
+async fn reap_leases(app: App) {
+    let every = Duration::from_secs((app.lease_secs / 4).clamp(1, 30) as u64);
+    loop {
+        tokio::time::sleep(every).await;
+        let expired = blocking(&app, |a| Ok(a.ds.expire_leases(now())?)).await;
+        match expired {
+            Ok(ids) if !ids.is_empty() => {
+                tracing::warn!(builds = ?ids, "leases expired; builds requeued");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("expiring leases: {}", e.message),
+        }
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Runs `f` on the blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(
+    app: &App,
+    f: impl FnOnce(&Inner) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let app = app.clone();
+    tokio::task::spawn_blocking(move || f(&app))
+        .await
+        .map_err(|e| ApiError::internal(format!("worker: {e}")))?
+}
+
+/// An error answer: a status and one line, as `{"error": …}`.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
+    /// Sent with 401, so that HTTP clients (curl for Nix) send credentials.
+    challenge: bool,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            challenge: false,
+        }
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub(crate) fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub(crate) fn unprocessable(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+    }
+
+    pub(crate) fn internal(message: impl Into<String>) -> ApiError {
+        let message = message.into();
+        tracing::error!("{message}");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    fn unauthorized(message: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.to_owned(),
+            challenge: true,
+        }
+    }
+
+    fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response();
+        if self.challenge {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"sandoff coordinator\""),
+            );
+        }
+        r
+    }
+}
+
+impl From<DatastoreError> for ApiError {
+    fn from(e: DatastoreError) -> ApiError {
+        use DatastoreError as E;
+        let status = match &e {
+            E::NoBuild(_) | E::NoAgent(_) | E::NoToken(_) => StatusCode::NOT_FOUND,
+            E::AgentExists(_) | E::WrongState { .. } | E::NotLeased { .. } => StatusCode::CONFLICT,
+            E::NoDerivation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => return ApiError::internal(e.to_string()),
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<CacheError> for ApiError {
+    fn from(e: CacheError) -> ApiError {
+        if e.is_bad_input() {
+            ApiError::unprocessable(e.to_string())
+        } else {
+            ApiError::internal(e.to_string())
+        }
+    }
+}
+
+/// The principal of a request's token; 401 without a valid one.
+pub(crate) async fn authenticate(app: &App, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let Some(token) = auth::presented(headers) else {
+        return Err(ApiError::unauthorized("a token is needed (Authorization: Bearer TOKEN)"));
+    };
+    let hash = auth::hash_token(&token);
+    let found = blocking(app, move |a| Ok(a.ds.token_lookup(&hash, now())?)).await?;
+    found.ok_or_else(|| ApiError::unauthorized("unknown, revoked or expired token"))
+}
+
+/// The agent a request comes from; 403 for a client token.
+pub(crate) async fn agent_of(app: &App, headers: &HeaderMap) -> Result<AgentId, ApiError> {
+    match authenticate(app, headers).await? {
+        Principal::Agent { agent } => Ok(agent),
+        Principal::Client { .. } => Err(ApiError::forbidden("this is the agent API; a client token cannot use it")),
+    }
+}
+
+/// Checks that a client's token has at least `role`; 403 otherwise.
+pub(crate) async fn client_with(
+    app: &App,
+    headers: &HeaderMap,
+    role: Role,
+) -> Result<Role, ApiError> {
+    match authenticate(app, headers).await? {
+        Principal::Client { role: has } if has >= role => Ok(has),
+        Principal::Client { role: has } => Err(ApiError::forbidden(format!(
+            "this needs a {} token; this one is {}",
+            role.as_str(),
+            has.as_str()
+        ))),
+        Principal::Agent { .. } => Err(ApiError::forbidden("this is the client API; an agent token cannot use it")),
+    }
+}
