@@ -1,0 +1,638 @@
+//! The build coordinator end to end: a `sandoff coordinator` process,
+//! `sandoff agent` processes (each with its own store root, sharing the
+//! `sandoffbld` build users), and clients (`sandoff coordinator submit`,
+//! `builds`, `agents`, `tokens`), all on loopback; Nix 2.8 as a consumer of
+//! the cache.
+//!
+//! Needs root, busybox and namespaces (agents build in the sandbox); the
+//! Nix part needs `nix-store`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::build::{text, Spec, Store};
+use crate::support::{self, Need};
+use crate::this_test;
+
+/// A coordinator, its agents and their files, under one temporary
+/// directory; every process is killed (by pid) when dropped.
+pub(crate) struct Farm {
+    pub(crate) tmp: tempfile::TempDir,
+    agent_port: u16,
+    client_port: u16,
+    lease_secs: u32,
+    coordinator: Option<Child>,
+    pub(crate) key: String,
+    agents: Vec<(String, Child)>,
+    /// Token files by role.
+    pub(crate) admin: PathBuf,
+    pub(crate) submitter: PathBuf,
+    pub(crate) reader: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Farm {
+    /// Starts a coordinator whose leases last `lease_secs`.
+    pub(crate) fn start(lease_secs: u32) -> Farm {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut farm = Farm {
+            admin: tmp.path().join("admin.token"),
+            submitter: tmp.path().join("submit.token"),
+            reader: tmp.path().join("read.token"),
+            tmp,
+            agent_port: free_port(),
+            client_port: free_port(),
+            lease_secs,
+            coordinator: None,
+            key: String::new(),
+            agents: Vec::new(),
+        };
+        for (role, file) in [("admin", &farm.admin), ("submit", &farm.submitter), ("read", &farm.reader)] {
+            let out = support::run_ok(support::sandoff().args([
+                "coordinator",
+                "tokens",
+                "new",
+                "--role",
+                role,
+                "--datastore",
+                &farm.datastore(),
+            ]));
+            std::fs::write(file, out).expect("write token");
+        }
+        farm.start_coordinator();
+        farm
+    }
+
+    fn datastore(&self) -> String {
+        format!("sqlite://{}/coordinator.db", self.tmp.path().display())
+    }
+
+    pub(crate) fn client_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub(crate) fn agent_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.agent_port)
+    }
+
+    pub(crate) fn cache_dir(&self) -> PathBuf {
+        self.tmp.path().join("cache")
+    }
+
+    /// (Re)starts the coordinator on the farm's ports and waits until it
+    /// listens.
+    pub(crate) fn start_coordinator(&mut self) {
+        assert!(self.coordinator.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.path().join("coordinator.log"))
+            .expect("log");
+        let mut child = support::sandoff()
+            .args(["coordinator", "--datastore", &self.datastore()])
+            .arg("--agent-listen")
+            .arg(format!("127.0.0.1:{}", self.agent_port))
+            .arg("--client-listen")
+            .arg(format!("127.0.0.1:{}", self.client_port))
+            .arg("--cache-dir")
+            .arg(self.cache_dir())
+            .arg("--secret-key-file")
+            .arg(self.tmp.path().join("coordinator.sec"))
+            .args(["--lease-seconds", &self.lease_secs.to_string()])
+            .args(["--retry-base-seconds", "1"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn coordinator");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        for _ in 0..3 {
+            let line = lines
+                .next()
+                .unwrap_or_else(|| panic!("coordinator stopped: {}", self.log("coordinator")))
+                .expect("read");
+            if let Some(k) = line.strip_prefix("cache key: ") {
+                self.key = k.to_owned();
+            }
+        }
+        // Keeps the pipe drained.
+        std::thread::spawn(move || lines.for_each(drop));
+        self.coordinator = Some(child);
+    }
+
+    /// kill -9 the coordinator.
+    pub(crate) fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    /// A process's log, for failure messages.
+    pub(crate) fn log(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.tmp.path().join(format!("{name}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// `sandoff coordinator ARGS… --url … --token-file TOKEN`.
+    pub(crate) fn client(&self, token: &Path, args: &[&str]) -> Command {
+        let mut c = support::sandoff();
+        c.arg("coordinator")
+            .args(args)
+            .arg("--url")
+            .arg(self.client_url())
+            .arg("--token-file")
+            .arg(token);
+        c
+    }
+
+    /// Creates agent `name` and starts it with `slots` build slots.
+    pub(crate) fn add_agent(&mut self, name: &str, slots: u32) {
+        let out = support::run_ok(&mut self.client(&self.admin.clone(), &["agents", "new", name]));
+        let token = self.tmp.path().join(format!("{name}.token"));
+        std::fs::write(&token, out).expect("write token");
+        self.start_agent(name, slots);
+    }
+
+    /// Starts (again) an existing agent.
+    pub(crate) fn start_agent(&mut self, name: &str, slots: u32) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.path().join(format!("{name}.log")))
+            .expect("log");
+        let child = support::sandoff()
+            .arg("--store-root")
+            .arg(self.tmp.path().join("agents").join(name))
+            .env_remove("SANDOFF_USER_POOL_DIR")
+            .env_remove("SANDOFF_STORE_DIR")
+            .env_remove("SANDOFF_STATE_DIR")
+            .args(["agent", "--coordinator", &self.agent_url()])
+            .arg("--token-file")
+            .arg(self.tmp.path().join(format!("{name}.token")))
+            .args(["--max-parallel-builds", &slots.to_string()])
+            .args(["--poll-seconds", "0.2", "--system", "x86_64-linux"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        self.agents.push((name.to_owned(), child));
+    }
+
+    /// kill -9 agent `name`.
+    pub(crate) fn kill_agent(&mut self, name: &str) {
+        if let Some(i) = self.agents.iter().position(|(n, _)| n == name) {
+            let (_, mut c) = self.agents.remove(i);
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    /// Every build, as `builds list --json` shows them.
+    pub(crate) fn builds(&self) -> Vec<Value> {
+        let out = support::run_ok(&mut self.client(
+            &self.reader,
+            &["builds", "list", "--json", "--limit", "100000"],
+        ));
+        let v: Value = serde_json::from_slice(&out).expect("json");
+        v["builds"].as_array().expect("builds").clone()
+    }
+
+    /// Waits until no build is active; returns them all.
+    pub(crate) fn wait_idle(&self) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let builds = self.builds();
+            let active = builds
+                .iter()
+                .filter(|b| matches!(b["state"].as_str(), Some("queued" | "allocated")))
+                .count();
+            if active == 0 {
+                return builds;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{active} builds still active\ncoordinator:\n{}",
+                self.log("coordinator")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Submits `drvs` from `store`; returns the JSON answer.
+    pub(crate) fn submit(&self, store: &Store, drvs: &[&str], extra: &[&str]) -> Value {
+        let mut c = store.cmd();
+        c.args(["coordinator", "submit", "--json"])
+            .args(extra)
+            .arg("--url")
+            .arg(self.client_url())
+            .arg("--token-file")
+            .arg(&self.submitter)
+            .args(drvs);
+        let out = support::run_ok(&mut c);
+        serde_json::from_slice(&out).expect("json")
+    }
+
+    /// A raw HTTP request to `url` with an optional bearer token: the status.
+    pub(crate) fn status(method: &str, url: &str, token: Option<&str>) -> u16 {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .build();
+        let mut req = agent.request(method, url);
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let res = if matches!(method, "POST" | "PUT") {
+            req.set("Content-Type", "application/json").send_string("{}")
+        } else {
+            req.call()
+        };
+        match res {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(s, _)) => s,
+            Err(e) => panic!("{method} {url}: {e}"),
+        }
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.agents.iter().map(|(n, _)| n.clone()).collect();
+        for n in names {
+            self.kill_agent(&n);
+        }
+        self.kill_coordinator();
+        if std::thread::panicking() {
+            eprintln!("--- coordinator log ---\n{}", self.log("coordinator"));
+            for n in ["a1", "a2", "a3"] {
+                eprintln!("--- {n} log ---\n{}", self.log(n));
+            }
+        }
+    }
+}
+
+/// Root, busybox, namespaces and build users (agents build).
+fn ready(test: &str) -> bool {
+    crate::build::ready(test)
+}
+
+/// A layered graph of `layers` x `width` derivations in `store`: each one
+/// reads the outputs of two of the layer below (so a build that ran before
+/// its dependencies fails). Returns the `.drv` paths, layer by layer.
+fn graph(store: &Store, tag: &str, layers: usize, width: usize, sleep: &str) -> Vec<Vec<String>> {
+    let mut all: Vec<Vec<String>> = Vec::new();
+    for l in 0..layers {
+        let mut layer = Vec::new();
+        for i in 0..width {
+            let deps: Vec<String> = match all.last() {
+                Some(below) => vec![below[i].clone(), below[(i + 1) % width].clone()],
+                None => Vec::new(),
+            };
+            let mut script = format!("sleep {sleep}\necho {tag}-{l}-{i} > $out\n");
+            for d in &deps {
+                let out = store.dir.display(&store.out(d));
+                script.push_str(&format!("cat {out} >> $out\n"));
+            }
+            let inputs: Vec<(&str, &str)> = deps.iter().map(|d| (d.as_str(), "out")).collect();
+            layer.push(store.drv(
+                &format!("{tag}-{l}-{i}"),
+                Spec {
+                    script: &script,
+                    inputs: &inputs,
+                    ..Spec::default()
+                },
+            ));
+        }
+        all.push(layer);
+    }
+    all
+}
+
+fn by_drv(builds: &[Value]) -> BTreeMap<String, Value> {
+    builds
+        .iter()
+        .map(|b| (b["drv"].as_str().expect("drv").to_owned(), b.clone()))
+        .collect()
+}
+
+#[test]
+fn fifty_derivations_build_over_three_agents_in_order_and_nix_substitutes_the_results() {
+    let test = this_test!();
+    if !ready(test) {
+        return;
+    }
+    let store = Store::new();
+    let layers = graph(&store, "g", 5, 10, "0");
+    let tops: Vec<&str> = layers[4].iter().map(String::as_str).collect();
+    let mut farm = Farm::start(30);
+    // Submitted before any agent exists: the builds wait, saying why.
+    let low: Vec<&str> = tops[..5].to_vec();
+    let answer = farm.submit(&store, &low, &["--priority", "1"]);
+    let high = farm.submit(&store, &tops[5..], &["--priority", "50", "--tag", "job=high"]);
+    assert_eq!(answer["builds"].as_array().expect("builds").len(), 5);
+    let builds = by_drv(&farm.builds());
+    assert_eq!(builds.len(), 50, "dependencies get builds of their own");
+    // A dependency of a priority-50 build inherits 50; the bottom layer's
+    // critical path is the graph's depth.
+    let shared = &builds[&layers[3][5]];
+    assert_eq!(shared["effective_priority"], 50, "{shared}");
+    assert_eq!(builds[&layers[0][5]]["critical_path"], 5);
+    assert_eq!(builds[&layers[0][5]]["waiting_on"], 0);
+    assert_eq!(builds[&layers[1][5]]["waiting_on"], 2);
+    let id = high["builds"][0]["id"].to_string();
+    let show = text(&support::run_ok(&mut farm.client(&farm.reader, &["builds", "show", &id])));
+    assert!(show.contains("cannot start: no enabled agent builds x86_64-linux"), "{show}");
+
+    for a in ["a1", "a2", "a3"] {
+        farm.add_agent(a, 2);
+    }
+    let done = farm.wait_idle();
+    let failed: Vec<&Value> = done.iter().filter(|b| b["state"] != "succeeded").collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let agents: BTreeSet<&str> = done.iter().filter_map(|b| b["agent"].as_str()).collect();
+    assert!(agents.len() >= 2, "work is spread: {agents:?}");
+    // Dependency order: every build started after its dependencies ended.
+    let done = by_drv(&done);
+    for (l, layer) in layers.iter().enumerate().skip(1) {
+        for (i, d) in layer.iter().enumerate() {
+            for dep in [&layers[l - 1][i], &layers[l - 1][(i + 1) % 10]] {
+                assert!(done[d]["started_at"].as_i64() >= done[dep]["finished_at"].as_i64());
+            }
+        }
+    }
+
+    // Nix 2.8 substitutes a result from the cache over HTTP, with the
+    // coordinator's key and a read token in its netrc file.
+    if !support::require_programs(test, &["nix-store"]) {
+        return;
+    }
+    let top = store.out(tops[9]);
+    let full = store.dir.display(&top);
+    let nix = farm.tmp.path().join("nix");
+    let netrc = farm.tmp.path().join("netrc");
+    let token = std::fs::read_to_string(&farm.reader).expect("token");
+    std::fs::write(&netrc, format!("machine 127.0.0.1 login nix password {}\n", token.trim())).expect("netrc");
+    let nix_store = |args: &[&str]| {
+        let mut c = support::nix_cmd("nix-store", &nix.join("conf"));
+        c.arg("--store")
+            .arg(nix.join("root"))
+            .args(["--option", "substituters"])
+            .arg(format!("{}/cache", farm.client_url()))
+            .args(["--option", "trusted-public-keys", &farm.key])
+            .args(["--option", "netrc-file"])
+            .arg(&netrc)
+            .args(["--option", "require-sigs", "true"])
+            .args(args);
+        c
+    };
+    support::run_ok(&mut nix_store(&["--realise", &full]));
+    support::run_ok(&mut nix_store(&["--verify-path", &full]));
+    let got = std::fs::read_to_string(nix.join("root").join(full.trim_start_matches('/'))).expect("output");
+    assert!(got.starts_with("g-4-9\n"), "{got}");
+    // Without the token, the cache is closed.
+    let url = format!("{}/cache/nix-cache-info", farm.client_url());
+    assert_eq!(Farm::status("GET", &url, None), 401);
+}
+
+#[test]
+fn an_agent_killed_mid_build_loses_nothing_and_the_build_completes_elsewhere() {
+    let test = this_test!();
+    if !ready(test) {
+        return;
+    }
+    let store = Store::new();
+    let drv = store.script_drv("slow", "sleep 4\necho slow > $out\n");
+    let mut farm = Farm::start(4);
+    farm.add_agent("a1", 1);
+    farm.submit(&store, &[&drv], &[]);
+    support::wait_for("the build to be leased to a1", || {
+        let b = farm.builds();
+        (b[0]["state"] == "allocated").then_some(())
+    });
+    farm.kill_agent("a1");
+    farm.add_agent("a2", 1);
+    let done = farm.wait_idle();
+    assert_eq!(done[0]["state"], "succeeded", "{:?}", done[0]);
+    assert_eq!(done[0]["agent"], "a2");
+    assert!(done[0]["attempts"].as_i64() >= Some(1), "the lost lease counts: {:?}", done[0]);
+    // a1 comes back: it gets nothing of what a2 finished.
+    farm.start_agent("a1", 1);
+    std::thread::sleep(Duration::from_secs(2));
+    let again = farm.builds();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0]["state"], "succeeded");
+    assert_eq!(again[0]["finished_at"], done[0]["finished_at"]);
+}
+
+#[test]
+fn a_killed_coordinator_restarts_with_nothing_lost_and_nothing_built_twice() {
+    let test = this_test!();
+    if !ready(test) {
+        return;
+    }
+    let store = Store::new();
+    let layers = graph(&store, "r", 3, 4, "1");
+    let tops: Vec<&str> = layers[2].iter().map(String::as_str).collect();
+    let mut farm = Farm::start(10);
+    farm.submit(&store, &tops, &[]);
+    farm.add_agent("a1", 2);
+    support::wait_for("a first success", || {
+        farm.builds()
+            .iter()
+            .any(|b| b["state"] == "succeeded")
+            .then_some(())
+    });
+    let before = by_drv(&farm.builds());
+    farm.kill_coordinator();
+    std::thread::sleep(Duration::from_secs(1));
+    farm.start_coordinator();
+    let after = by_drv(&farm.wait_idle());
+    assert_eq!(after.len(), 12, "no submitted build lost");
+    for (drv, b) in &before {
+        if b["state"] == "succeeded" {
+            assert_eq!(after[drv]["finished_at"], b["finished_at"], "not built again: {drv}");
+        }
+    }
+    assert!(after.values().all(|b| b["state"] == "succeeded"), "{after:?}");
+}
+
+#[test]
+fn bad_tokens_are_refused_on_every_endpoint() {
+    let test = this_test!();
+    if !support::require(test, &[Need::Root]) {
+        return;
+    }
+    let mut farm = Farm::start(30);
+    let expiring = text(&support::run_ok(&mut farm.client(
+        &farm.admin.clone(),
+        &["tokens", "new", "--role", "admin", "--expires-in", "1"],
+    )));
+    let agent_token = text(&support::run_ok(&mut farm.client(&farm.admin.clone(), &["agents", "new", "x"])));
+    std::thread::sleep(Duration::from_millis(2100));
+    let client = [
+        ("GET", "/client/v1/info"),
+        ("POST", "/client/v1/missing"),
+        ("HEAD", "/client/v1/uploads/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz"),
+        ("PUT", "/client/v1/uploads/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz"),
+        ("POST", "/client/v1/uploads/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz/finish"),
+        ("POST", "/client/v1/builds"),
+        ("GET", "/client/v1/builds"),
+        ("GET", "/client/v1/builds/1"),
+        ("POST", "/client/v1/builds/1/cancel"),
+        ("POST", "/client/v1/builds/1/priority"),
+        ("GET", "/client/v1/agents"),
+        ("POST", "/client/v1/agents"),
+        ("POST", "/client/v1/agents/x/token"),
+        ("POST", "/client/v1/agents/x/disable"),
+        ("POST", "/client/v1/agents/x/enable"),
+        ("GET", "/client/v1/tokens"),
+        ("POST", "/client/v1/tokens"),
+        ("POST", "/client/v1/tokens/abc/revoke"),
+        ("GET", "/cache/nix-cache-info"),
+        ("GET", "/cache/5xd714cbfnkz02h2vbsj4fm03x3f15nf.narinfo"),
+        ("GET", "/cache/nar/1111111111111111111111111111111111111111111111111111.nar.zst"),
+        ("GET", "/cache/log/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz.drv"),
+    ];
+    let agent = [
+        ("GET", "/agent/v1/info"),
+        ("POST", "/agent/v1/allocate"),
+        ("GET", "/agent/v1/leases"),
+        ("POST", "/agent/v1/heartbeat"),
+        ("POST", "/agent/v1/builds/1/start"),
+        ("GET", "/agent/v1/builds/1/drv"),
+        ("HEAD", "/agent/v1/builds/1/outputs/out"),
+        ("PUT", "/agent/v1/builds/1/outputs/out"),
+        ("PUT", "/agent/v1/builds/1/log"),
+        ("POST", "/agent/v1/builds/1/result"),
+        ("GET", "/cache/nix-cache-info"),
+    ];
+    let wrong = "sandoff_0000000000000000000000000000000000000000000000000000000000000000";
+    for (base, routes) in [(farm.client_url(), &client[..]), (farm.agent_url(), &agent[..])] {
+        for (method, path) in routes {
+            let url = format!("{base}{path}");
+            for (what, token) in [("no", None), ("a wrong", Some(wrong)), ("an expired", Some(expiring.trim()))] {
+                assert_eq!(Farm::status(method, &url, token), 401, "{method} {path} with {what} token");
+            }
+        }
+    }
+    // Roles and kinds: a read token cannot submit, an agent token is not a
+    // client's, a client token is not an agent's.
+    let read = std::fs::read_to_string(&farm.reader).expect("token");
+    let submit = format!("{}/client/v1/builds", farm.client_url());
+    assert_eq!(Farm::status("POST", &submit, Some(read.trim())), 403);
+    assert_eq!(Farm::status("GET", &submit, Some(agent_token.trim())), 403);
+    let alloc = format!("{}/agent/v1/leases", farm.agent_url());
+    assert_eq!(Farm::status("GET", &alloc, Some(read.trim())), 403);
+    assert_eq!(Farm::status("GET", &alloc, Some(agent_token.trim())), 200);
+    // A disabled agent's token is refused.
+    support::run_ok(&mut farm.client(&farm.admin.clone(), &["agents", "disable", "x"]));
+    assert_eq!(Farm::status("GET", &alloc, Some(agent_token.trim())), 401);
+    farm.kill_coordinator();
+}
+
+/// Sends the first `n` bytes of `body` as a `PUT` that claims the whole
+/// length, then closes the connection: an upload cut in the middle.
+fn cut_upload(host: &str, path: &str, token: &str, body: &[u8], n: usize) {
+    let mut s = TcpStream::connect(host).expect("connect");
+    write!(
+        s,
+        "PUT {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nUpload-Offset: 0\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .expect("write");
+    s.write_all(&body[..n]).expect("write body");
+    s.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+}
+
+#[test]
+fn an_upload_cut_in_the_middle_resumes_and_a_tampered_nar_is_refused() {
+    let test = this_test!();
+    if !ready(test) {
+        return;
+    }
+    let store = Store::new();
+    // A source of a few MiB of incompressible bytes.
+    let src = store.tmp.path().join("blob");
+    let mut bytes = vec![0u8; 4 << 20];
+    let mut x: u64 = 88172645463325252;
+    for b in bytes.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(&src, &bytes).expect("write");
+    let added = text(&support::run_ok(store.cmd().args(["store", "add"]).arg(&src)));
+    let path = store.path(added.trim());
+    let farm = Farm::start(30);
+    let token = std::fs::read_to_string(&farm.submitter).expect("token");
+    // The compressed NAR, as `submit` sends it.
+    let mut nar = Vec::new();
+    sandoff::store::nar::dump(&store.loc().real_path(&path), &mut nar).expect("nar");
+    let zst = zstd::encode_all(nar.as_slice(), 1).expect("zstd");
+    let upload = format!("/client/v1/uploads/{}", path.base_name());
+    let host = format!("127.0.0.1:{}", farm.client_port);
+    cut_upload(&host, &upload, token.trim(), &zst, zst.len() / 2);
+    let client = sandoff::coordinator::client::Client::new(&farm.client_url(), token.trim(), None).expect("client");
+    let held = client.upload_offset(&upload).expect("offset");
+    assert!(held > 0 && held < zst.len() as u64, "the first half is kept: {held}");
+    let spool = farm.tmp.path().join("blob.nar.zst");
+    std::fs::write(&spool, &zst).expect("write");
+    let sent = client.upload(&upload, &spool).expect("resume");
+    assert_eq!(sent, zst.len() as u64 - held, "only the rest is sent");
+    // A false claim (another NAR hash) is refused and nothing enters.
+    let info = store.info(&path).expect("valid");
+    let claim = |hash: &str| {
+        serde_json::json!({"kind": "source", "references": [], "nar_hash": hash, "nar_size": info.nar_size})
+    };
+    let lie = "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
+    let err = client
+        .post_only(&format!("{upload}/finish"), Some(&claim(lie)))
+        .expect_err("a false NAR hash is refused");
+    assert_eq!(err.status(), Some(422), "{err}");
+    let missing: sandoff::coordinator::api::Paths = client
+        .post("/client/v1/missing", &sandoff::coordinator::api::Paths { paths: vec![added.trim().to_owned()] })
+        .expect("missing");
+    assert_eq!(missing.paths.len(), 1, "nothing entered the cache");
+    // Tampered bytes (one flipped in the middle of the file's contents)
+    // under the true claim: refused too.
+    let mut bad = nar.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 1;
+    let bad_zst = zstd::encode_all(bad.as_slice(), 1).expect("zstd");
+    std::fs::write(&spool, &bad_zst).expect("write");
+    client.upload(&upload, &spool).expect("upload");
+    let err = client
+        .post_only(&format!("{upload}/finish"), Some(&claim(&info.nar_hash.to_nix32_prefixed())))
+        .expect_err("a tampered NAR is refused");
+    assert_eq!(err.status(), Some(422), "{err}");
+    // The true bytes under the true claim enter.
+    std::fs::write(&spool, &zst).expect("write");
+    client.upload(&upload, &spool).expect("upload");
+    client
+        .post_only(&format!("{upload}/finish"), Some(&claim(&info.nar_hash.to_nix32_prefixed())))
+        .expect("accepted");
+    let missing: sandoff::coordinator::api::Paths = client
+        .post("/client/v1/missing", &sandoff::coordinator::api::Paths { paths: vec![added.trim().to_owned()] })
+        .expect("missing");
+    assert!(missing.paths.is_empty());
+}
