@@ -2,12 +2,13 @@
 # Runs sandoff's whole test suite. On a fresh Debian 12 machine as root it
 # first installs what the tests need: Nix 2.8 (the oracle), busybox, sqlite3,
 # Guile (the oracle for machines.scm), OpenSSL headers (for libssh2), sshd and
-# iproute2 (test build hosts, some in network namespaces), gcc and libc6-dev
+# iproute2 (test build hosts, some in network namespaces), openssl (a test
+# certificate for the coordinator), gcc and libc6-dev
 # (static probes compiled for the sandbox tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nix-bin busybox-static sqlite3 pkg-config libssl-dev jq guile-3.0 openssh-server iproute2 gcc libc6-dev tmux)
+packages=(nix-bin busybox-static sqlite3 pkg-config libssl-dev openssl jq guile-3.0 openssh-server iproute2 gcc libc6-dev tmux curl bc)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${packages[@]}"; do

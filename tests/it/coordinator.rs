@@ -636,3 +636,67 @@ fn an_upload_cut_in_the_middle_resumes_and_a_tampered_nar_is_refused() {
         .expect("missing");
     assert!(missing.paths.is_empty());
 }
+
+#[test]
+fn with_a_certificate_both_apis_speak_tls_and_clients_check_it() {
+    let test = this_test!();
+    if !support::require(test, &[Need::Root, Need::Program("openssl")]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    support::run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    let db = format!("sqlite://{}/db", tmp.path().display());
+    let token = text(&support::run_ok(support::sandoff().args([
+        "coordinator", "tokens", "new", "--role", "read", "--datastore", &db,
+    ])));
+    let mut child = support::sandoff()
+        .args(["coordinator", "--datastore", &db, "--agent-listen", "127.0.0.1:0", "--client-listen", "127.0.0.1:0"])
+        .arg("--cache-dir")
+        .arg(tmp.path().join("cache"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let agent_line = lines.next().expect("line").expect("read");
+    let client_line = lines.next().expect("line").expect("read");
+    let url = client_line.strip_prefix("client API: ").expect("client API line").to_owned();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    assert!(agent_line.starts_with("agent API: https://"), "{agent_line}");
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, &token).expect("write");
+    let list = |ca: Option<&Path>| {
+        let mut c = support::sandoff();
+        c.args(["coordinator", "agents", "list", "--json", "--url", &url]).arg("--token-file").arg(&token_file);
+        if let Some(ca) = ca {
+            c.arg("--ca-cert").arg(ca);
+        }
+        c.output().expect("run")
+    };
+    let trusted = list(Some(&cert));
+    assert!(trusted.status.success(), "{}", text(&trusted.stderr));
+    assert_eq!(text(&trusted.stdout).trim(), r#"{"agents":[]}"#);
+    // Without the CA, the self-signed certificate is refused.
+    let untrusted = list(None);
+    assert!(!untrusted.status.success());
+    assert!(text(&untrusted.stderr).contains("certificate"), "{}", text(&untrusted.stderr));
+    // Plain HTTP to the TLS port gets nothing.
+    let plain = url.replace("https://", "http://");
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+    assert!(agent.get(&format!("{plain}/client/v1/info")).call().is_err());
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+    let _ = child.wait();
+}
