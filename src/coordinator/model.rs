@@ -156,8 +156,9 @@ pub enum Principal {
     },
 }
 
-/// Where a build is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Where a build is in its life. Ordered as declared (so that a
+/// `BTreeSet<BuildState>`, as in the datastore's build filter, can exist).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BuildState {
     /// Waiting: for its dependencies, its `defer_until`, a retry's backoff,

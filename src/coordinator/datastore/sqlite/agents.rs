@@ -34,8 +34,16 @@ pub(super) fn create(conn: &Connection, id: &AgentId, now: i64) -> Result<(), Da
     Ok(())
 }
 
-pub(super) fn set_enabled(conn: &Connection, id: &AgentId, enabled: bool) -> Result<(), DatastoreError> {
-    if conn.execute("update agents set enabled = ?2 where id = ?1", params![id.as_str(), enabled])? == 0 {
+pub(super) fn set_enabled(
+    conn: &Connection,
+    id: &AgentId,
+    enabled: bool,
+) -> Result<(), DatastoreError> {
+    if conn.execute(
+        "update agents set enabled = ?2 where id = ?1",
+        params![id.as_str(), enabled],
+    )? == 0
+    {
         return Err(DatastoreError::NoAgent(id.clone()));
     }
     Ok(())
@@ -43,7 +51,10 @@ pub(super) fn set_enabled(conn: &Connection, id: &AgentId, enabled: bool) -> Res
 
 /// Records that the agent was heard from; returns whether it is enabled.
 pub(super) fn touch(conn: &Connection, id: &AgentId, now: i64) -> Result<bool, DatastoreError> {
-    conn.execute("update agents set last_seen = ?2 where id = ?1", params![id.as_str(), now])?;
+    conn.execute(
+        "update agents set last_seen = ?2 where id = ?1",
+        params![id.as_str(), now],
+    )?;
     require(conn, id)
 }
 
@@ -69,12 +80,18 @@ pub(super) fn record_offer(
 }
 
 /// The enabled agents other than `id` heard from at or after `since`.
-pub(super) fn others_seen_since(conn: &Connection, id: &AgentId, since: i64) -> Result<Vec<Seen>, DatastoreError> {
+pub(super) fn others_seen_since(
+    conn: &Connection,
+    id: &AgentId,
+    since: i64,
+) -> Result<Vec<Seen>, DatastoreError> {
     let mut stmt = conn.prepare_cached(
         "select systems, features from agents where enabled = 1 and id <> ?1 and last_seen >= ?2",
     )?;
     let raw = stmt
-        .query_map(params![id.as_str(), since], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .query_map(params![id.as_str(), since], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?
         .collect::<Result<Vec<_>, _>>()?;
     raw.into_iter()
         .map(|(s, f)| {

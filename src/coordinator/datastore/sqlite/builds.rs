@@ -65,19 +65,23 @@ struct Row<'a> {
 
 fn insert_build(conn: &Connection, b: Row<'_>) -> Result<i64, DatastoreError> {
     let finished_at = (!b.state.is_active()).then_some(b.now);
+    let held_until = b.nb.defer_until.filter(|&t| t > b.now);
     conn.prepare_cached(
-        "insert into builds (drv, system, state, priority, effective_priority, critical_path, \
-         tags, created_at, defer_until, waiting_on, finished_at, message) \
-         values (?1, ?2, ?3, ?4, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "insert into builds (drv, system, required_features, state, priority, \
+         effective_priority, critical_path, tags, created_at, defer_until, held_until, \
+         waiting_on, finished_at, message) \
+         values (?1, ?2, ?3, ?4, ?5, ?5, 1, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?
     .execute(params![
         b.drv.drv,
         b.drv.system,
+        to_json(&b.drv.required_features)?,
         b.state.as_str(),
         b.nb.priority,
         to_json(&b.nb.tags)?,
         b.now,
         b.nb.defer_until,
+        held_until,
         b.waiting_on,
         finished_at,
         b.message,
@@ -86,7 +90,11 @@ fn insert_build(conn: &Connection, b: Row<'_>) -> Result<i64, DatastoreError> {
 }
 
 /// Submits one build (see the module docs and the trait).
-pub(super) fn submit_one(conn: &Connection, nb: &NewBuild, now: i64) -> Result<Submitted, DatastoreError> {
+pub(super) fn submit_one(
+    conn: &Connection,
+    nb: &NewBuild,
+    now: i64,
+) -> Result<Submitted, DatastoreError> {
     let root = rows::derivation(conn, &nb.drv)?
         .ok_or_else(|| DatastoreError::NoDerivation(nb.drv.clone()))?;
     let answer = |id: i64, created: bool, state: BuildState| -> Result<Submitted, DatastoreError> {
@@ -100,7 +108,10 @@ pub(super) fn submit_one(conn: &Connection, nb: &NewBuild, now: i64) -> Result<S
     if let Some(id) = rows::active_build(conn, &root.drv)? {
         let current = rows::build(conn, build_id(id)?)?;
         if nb.priority > current.priority {
-            conn.execute("update builds set priority = ?2 where id = ?1", params![id, nb.priority])?;
+            conn.execute(
+                "update builds set priority = ?2 where id = ?1",
+                params![id, nb.priority],
+            )?;
             graph::recompute(conn, &[id])?;
         }
         return answer(id, false, current.state);
@@ -182,7 +193,8 @@ pub(super) fn submit_one(conn: &Connection, nb: &NewBuild, now: i64) -> Result<S
         )?;
         ids.insert(&d.drv, id);
     }
-    let mut edge = conn.prepare_cached("insert into build_deps (build, dependency) values (?1, ?2)")?;
+    let mut edge =
+        conn.prepare_cached("insert into build_deps (build, dependency) values (?1, ?2)")?;
     let mut set_waiting = conn.prepare_cached("update builds set waiting_on = ?2 where id = ?1")?;
     for d in &order {
         let id = ids[d.drv.as_str()];
@@ -208,7 +220,10 @@ pub(super) fn submit_one(conn: &Connection, nb: &NewBuild, now: i64) -> Result<S
 /// Builds matching `filter`, newest first. A `limit` of 0 means no limit.
 /// The tag is matched in Rust, over the rows the other conditions select
 /// (tags are a JSON column, which PostgreSQL and SQLite query differently).
-pub(super) fn list(conn: &Connection, filter: &BuildFilter) -> Result<Vec<BuildRecord>, DatastoreError> {
+pub(super) fn list(
+    conn: &Connection,
+    filter: &BuildFilter,
+) -> Result<Vec<BuildRecord>, DatastoreError> {
     let mut sql = format!("select {BUILD_COLUMNS} from builds where 1 = 1");
     let mut args: Vec<String> = Vec::new();
     if !filter.states.is_empty() {
@@ -267,7 +282,11 @@ fn require_active(b: &BuildRecord) -> Result<(), DatastoreError> {
 }
 
 /// Cancels an active build and everything waiting for it.
-pub(super) fn cancel(conn: &Connection, id: BuildId, now: i64) -> Result<Vec<BuildId>, DatastoreError> {
+pub(super) fn cancel(
+    conn: &Connection,
+    id: BuildId,
+    now: i64,
+) -> Result<Vec<BuildId>, DatastoreError> {
     let b = rows::build(conn, id)?;
     require_active(&b)?;
     let message = format!("dependency canceled: {}", b.drv);
@@ -287,10 +306,17 @@ pub(super) fn cancel(conn: &Connection, id: BuildId, now: i64) -> Result<Vec<Bui
 }
 
 /// Sets an active build's own priority and recomputes its cone.
-pub(super) fn set_priority(conn: &Connection, id: BuildId, priority: i64) -> Result<BuildRecord, DatastoreError> {
+pub(super) fn set_priority(
+    conn: &Connection,
+    id: BuildId,
+    priority: i64,
+) -> Result<BuildRecord, DatastoreError> {
     let b = rows::build(conn, id)?;
     require_active(&b)?;
-    conn.execute("update builds set priority = ?2 where id = ?1", params![id.get(), priority])?;
+    conn.execute(
+        "update builds set priority = ?2 where id = ?1",
+        params![id.get(), priority],
+    )?;
     graph::recompute(conn, &[id.get()])?;
     rows::build(conn, id)
 }

@@ -23,7 +23,8 @@ use crate::coordinator::datastore::DatastoreError;
 
 /// The builds `id` waits for.
 pub(super) fn dependencies_of(conn: &Connection, id: i64) -> Result<Vec<i64>, DatastoreError> {
-    let mut stmt = conn.prepare_cached("select dependency from build_deps where build = ?1 order by dependency")?;
+    let mut stmt = conn
+        .prepare_cached("select dependency from build_deps where build = ?1 order by dependency")?;
     let ids = stmt
         .query_map(params![id], |r| r.get(0))?
         .collect::<Result<Vec<i64>, _>>()?;
@@ -32,7 +33,8 @@ pub(super) fn dependencies_of(conn: &Connection, id: i64) -> Result<Vec<i64>, Da
 
 /// The builds waiting for `id`.
 pub(super) fn dependents_of(conn: &Connection, id: i64) -> Result<Vec<i64>, DatastoreError> {
-    let mut stmt = conn.prepare_cached("select build from build_deps where dependency = ?1 order by build")?;
+    let mut stmt =
+        conn.prepare_cached("select build from build_deps where dependency = ?1 order by build")?;
     let ids = stmt
         .query_map(params![id], |r| r.get(0))?
         .collect::<Result<Vec<i64>, _>>()?;
@@ -88,7 +90,13 @@ pub(super) fn recompute(conn: &Connection, starts: &[i64]) -> Result<(), Datasto
     let ids: Vec<i64> = nodes.keys().copied().collect();
     for id in &ids {
         let rows = waiters
-            .query_map(params![id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?
+            .query_map(params![id], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
             .collect::<Result<Vec<_>, _>>()?;
         let mut inside = 0;
         let (mut eff, mut cp) = (i64::MIN, 0);
@@ -124,7 +132,9 @@ pub(super) fn recompute(conn: &Connection, starts: &[i64]) -> Result<(), Datasto
             (n.eff, n.cp, n.deps.clone())
         };
         for d in deps {
-            let dep = nodes.get_mut(&d).expect("the cone is closed under dependencies");
+            let dep = nodes
+                .get_mut(&d)
+                .expect("the cone is closed under dependencies");
             dep.eff = dep.eff.max(eff);
             dep.cp = dep.cp.max(cp.saturating_add(1));
             dep.pending -= 1;
@@ -170,15 +180,24 @@ pub(super) fn end_with_dependents(
     }
     let mut survivors: Vec<i64> = Vec::new();
     for &id in &ended {
-        survivors.extend(dependencies_of(conn, id)?.into_iter().filter(|d| !seen.contains(d)));
+        survivors.extend(
+            dependencies_of(conn, id)?
+                .into_iter()
+                .filter(|d| !seen.contains(d)),
+        );
     }
     let mut end = conn.prepare_cached(
         "update builds set state = ?2, message = ?3, finished_at = ?4, lease_deadline = null, \
          waiting_on = 0 where id = ?1",
     )?;
-    let mut unlink = conn.prepare_cached("delete from build_deps where build = ?1 or dependency = ?1")?;
+    let mut unlink =
+        conn.prepare_cached("delete from build_deps where build = ?1 or dependency = ?1")?;
     for &id in &ended {
-        let message = if id == root { root_message } else { Some(dependent_message) };
+        let message = if id == root {
+            root_message
+        } else {
+            Some(dependent_message)
+        };
         end.execute(params![id, state, message, now])?;
         unlink.execute(params![id])?;
     }

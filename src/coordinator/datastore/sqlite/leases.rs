@@ -10,22 +10,33 @@ use super::agents::{self, Seen};
 use super::graph;
 use super::rows::{self, from_json, to_json};
 use crate::coordinator::datastore::{Allocation, DatastoreError, RetryPolicy};
-use crate::coordinator::model::{AgentId, AgentOffer, BuildId, BuildRecord, BuildState, CachedPath, Setback};
+use crate::coordinator::model::{
+    AgentId, AgentOffer, BuildId, BuildRecord, BuildState, CachedPath, Setback,
+};
 
 /// The system every agent can build (Nix's `systemSupported`).
 const BUILTIN: &str = "builtin";
 
-/// Ready builds of one system, best first. The partial index
-/// `builds_ready` serves it without sorting (the `state` and `waiting_on`
-/// conditions imply the index's); deferred and backing-off builds are
-/// skipped while walking it.
-const READY: &str = "select b.id, b.effective_priority, b.critical_path, b.avoid_agent, b.drv, \
-    d.required_features \
-    from builds b join derivations d on d.drv = b.drv \
-    where b.system = ?1 and b.state = 'queued' and b.waiting_on = 0 \
-    and (b.defer_until is null or b.defer_until <= ?2) \
-    and (b.next_attempt_at is null or b.next_attempt_at <= ?2) \
-    order by b.effective_priority desc, b.critical_path desc, b.id asc";
+/// The feature sets (JSON) of the ready builds of one system, each found
+/// by one seek in `builds_ready` (a loose index scan: SQLite and
+/// PostgreSQL would otherwise read every entry to answer `distinct`).
+pub(super) const FEATURE_SETS: &str = "with recursive sets(f) as ( \
+    select min(required_features) from builds \
+    where system = ?1 and state = 'queued' and waiting_on = 0 and held_until is null \
+    union all \
+    select (select min(required_features) from builds \
+        where system = ?1 and state = 'queued' and waiting_on = 0 and held_until is null \
+        and required_features > sets.f) \
+    from sets where sets.f is not null) \
+    select f from sets where f is not null";
+
+/// Ready builds of one system and feature set, best first: a walk of
+/// `builds_ready` without sorting (the conditions imply the index's).
+pub(super) const READY: &str = "select id, effective_priority, critical_path, avoid_agent, drv \
+    from builds \
+    where system = ?1 and required_features = ?2 \
+    and state = 'queued' and waiting_on = 0 and held_until is null \
+    order by effective_priority desc, critical_path desc, id asc";
 
 /// A ready build considered for an agent.
 struct Candidate {
@@ -34,8 +45,8 @@ struct Candidate {
     cp: i64,
     avoid_agent: Option<String>,
     drv: String,
-    system: String,
-    required_features: BTreeSet<String>,
+    /// Which stream it came from.
+    stream: usize,
 }
 
 impl Candidate {
@@ -45,28 +56,57 @@ impl Candidate {
     }
 }
 
-fn next_candidate(rows: &mut Rows<'_>, system: &str) -> Result<Option<Candidate>, DatastoreError> {
+fn next_candidate(rows: &mut Rows<'_>, stream: usize) -> Result<Option<Candidate>, DatastoreError> {
     let Some(r) = rows.next()? else {
         return Ok(None);
     };
-    let features: String = r.get(5)?;
     Ok(Some(Candidate {
         id: r.get(0)?,
         eff: r.get(1)?,
         cp: r.get(2)?,
         avoid_agent: r.get(3)?,
         drv: r.get(4)?,
-        system: system.to_owned(),
-        required_features: from_json("derivations.required_features", &features)?,
+        stream,
     }))
 }
 
-/// Whether an agent offering `systems` and `features` can build `c`: the
-/// rule of `decide::assess` (a system of its own or `builtin`, every
-/// required feature offered; the coordinator's agents have no mandatory
-/// features).
-fn can_do(systems: &BTreeSet<String>, features: &BTreeSet<String>, c: &Candidate) -> bool {
-    (c.system == BUILTIN || systems.contains(&c.system)) && c.required_features.is_subset(features)
+/// Builds of one system and feature set.
+struct Kind {
+    system: String,
+    features_json: String,
+    features: BTreeSet<String>,
+}
+
+/// Whether an agent offering `systems` and `features` can build a kind:
+/// the rule of `decide::assess` (a system of its own or `builtin`, every
+/// required feature offered; the coordinator's agents declare no
+/// mandatory features).
+fn can_do(systems: &BTreeSet<String>, features: &BTreeSet<String>, k: &Kind) -> bool {
+    (k.system == BUILTIN || systems.contains(&k.system)) && k.features.is_subset(features)
+}
+
+/// The kinds of ready builds the offer can do.
+fn kinds(conn: &Connection, offer: &AgentOffer) -> Result<Vec<Kind>, DatastoreError> {
+    let mut systems: BTreeSet<&str> = offer.systems.iter().map(String::as_str).collect();
+    systems.insert(BUILTIN);
+    let mut stmt = conn.prepare_cached(FEATURE_SETS)?;
+    let mut out = Vec::new();
+    for system in systems {
+        let sets = stmt
+            .query_map(params![system], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        for features_json in sets {
+            let kind = Kind {
+                system: system.to_owned(),
+                features: from_json("builds.required_features", &features_json)?,
+                features_json,
+            };
+            if can_do(&offer.systems, &offer.features, &kind) {
+                out.push(kind);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The ready builds `agent` should get, best first, at most `slots`.
@@ -76,24 +116,21 @@ fn choose(
     offer: &AgentOffer,
     others: &[Seen],
     slots: usize,
-    now: i64,
 ) -> Result<Vec<Candidate>, DatastoreError> {
-    let mut systems: BTreeSet<&str> = offer.systems.iter().map(String::as_str).collect();
-    systems.insert(BUILTIN);
-    let systems: Vec<&str> = systems.into_iter().collect();
-    let mut stmts = Vec::with_capacity(systems.len());
-    for _ in &systems {
+    let kinds = kinds(conn, offer)?;
+    let mut stmts = Vec::with_capacity(kinds.len());
+    for _ in &kinds {
         stmts.push(conn.prepare(READY)?);
     }
-    let mut streams = Vec::with_capacity(systems.len());
-    for (stmt, system) in stmts.iter_mut().zip(&systems) {
-        streams.push(stmt.query(params![system, now])?);
+    let mut streams = Vec::with_capacity(kinds.len());
+    for (stmt, k) in stmts.iter_mut().zip(&kinds) {
+        streams.push(stmt.query(params![k.system, k.features_json])?);
     }
-    let mut heads = Vec::with_capacity(systems.len());
-    for (rows, system) in streams.iter_mut().zip(&systems) {
-        heads.push(next_candidate(rows, system)?);
+    let mut heads = Vec::with_capacity(kinds.len());
+    for (i, rows) in streams.iter_mut().enumerate() {
+        heads.push(next_candidate(rows, i)?);
     }
-    // A merge of the per-system streams, each already in order.
+    // A merge of the streams, each already in order.
     let mut chosen = Vec::new();
     while chosen.len() < slots {
         let best = heads
@@ -104,14 +141,13 @@ fn choose(
             .map(|(i, _)| i);
         let Some(i) = best else { break };
         let c = heads[i].take().expect("best is a stream with a head");
-        heads[i] = next_candidate(&mut streams[i], systems[i])?;
-        if !can_do(&offer.systems, &offer.features, &c) {
-            continue;
-        }
+        heads[i] = next_candidate(&mut streams[i], i)?;
         // A build that came back from this agent goes elsewhere when
         // another live agent can take it.
         if c.avoid_agent.as_deref() == Some(agent.as_str())
-            && others.iter().any(|o| can_do(&o.systems, &o.features, &c))
+            && others
+                .iter()
+                .any(|o| can_do(&o.systems, &o.features, &kinds[c.stream]))
         {
             continue;
         }
@@ -133,8 +169,11 @@ pub(super) fn allocate(
     if !enabled || slots == 0 {
         return Ok(Vec::new());
     }
+    // Builds whose defer time or backoff has passed join the ready index.
+    conn.prepare_cached("update builds set held_until = null where held_until <= ?1")?
+        .execute(params![now])?;
     let others = agents::others_seen_since(conn, agent, now.saturating_sub(lease_secs))?;
-    let chosen = choose(conn, agent, offer, &others, slots, now)?;
+    let chosen = choose(conn, agent, offer, &others, slots)?;
     let deadline = now.saturating_add(lease_secs);
     let mut lease = conn.prepare_cached(
         "update builds set state = 'allocated', agent = ?2, lease_deadline = ?3, started_at = null \
@@ -152,7 +191,10 @@ pub(super) fn allocate(
 }
 
 /// The builds leased to `agent` now.
-pub(super) fn leases(conn: &Connection, agent: &AgentId) -> Result<Vec<Allocation>, DatastoreError> {
+pub(super) fn leases(
+    conn: &Connection,
+    agent: &AgentId,
+) -> Result<Vec<Allocation>, DatastoreError> {
     agents::require(conn, agent)?;
     let mut stmt = conn.prepare_cached(
         "select id, drv, lease_deadline from builds where state = 'allocated' and agent = ?1 \
@@ -160,7 +202,11 @@ pub(super) fn leases(conn: &Connection, agent: &AgentId) -> Result<Vec<Allocatio
     )?;
     let found = stmt
         .query_map(params![agent.as_str()], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     found
@@ -205,7 +251,12 @@ pub(super) fn heartbeat(
 }
 
 /// Marks a leased build started, the first time.
-pub(super) fn start(conn: &Connection, agent: &AgentId, id: BuildId, now: i64) -> Result<(), DatastoreError> {
+pub(super) fn start(
+    conn: &Connection,
+    agent: &AgentId,
+    id: BuildId,
+    now: i64,
+) -> Result<(), DatastoreError> {
     leased(conn, agent, id)?;
     conn.execute(
         "update builds set started_at = ?2 where id = ?1 and started_at is null",
@@ -226,7 +277,8 @@ pub(super) fn cache_add(conn: &Connection, paths: &[CachedPath]) -> Result<(), D
     )?;
     for p in paths {
         let size = |what: &str, n: u64| {
-            i64::try_from(n).map_err(|_| DatastoreError::Corrupt(format!("{what} {n} of '{}'", p.path)))
+            i64::try_from(n)
+                .map_err(|_| DatastoreError::Corrupt(format!("{what} {n} of '{}'", p.path)))
         };
         stmt.execute(params![
             p.path,
@@ -262,7 +314,10 @@ pub(super) fn succeed(
          where id in (select build from build_deps where dependency = ?1)",
         params![id.get()],
     )?;
-    conn.execute("delete from build_deps where dependency = ?1", params![id.get()])?;
+    conn.execute(
+        "delete from build_deps where dependency = ?1",
+        params![id.get()],
+    )?;
     Ok(())
 }
 
@@ -302,14 +357,17 @@ fn infrastructure(
 ) -> Result<(), DatastoreError> {
     let attempts = b.attempts.saturating_add(1);
     if attempts >= policy.max_attempts {
-        conn.execute("update builds set attempts = ?2 where id = ?1", params![b.id.get(), attempts])?;
+        conn.execute(
+            "update builds set attempts = ?2 where id = ?1",
+            params![b.id.get(), attempts],
+        )?;
         let message = format!("gave up after {attempts} infrastructure failures: {message}");
         return fail(conn, b, &message, now);
     }
     let next = now.saturating_add(backoff(policy, attempts));
     conn.execute(
-        "update builds set state = 'queued', attempts = ?2, next_attempt_at = ?3, avoid_agent = ?4, \
-         message = ?5, lease_deadline = null, started_at = null where id = ?1",
+        "update builds set state = 'queued', attempts = ?2, next_attempt_at = ?3, held_until = ?3, \
+         avoid_agent = ?4, message = ?5, lease_deadline = null, started_at = null where id = ?1",
         params![b.id.get(), attempts, next, agent.as_str(), message],
     )?;
     tracing::info!(build = %b.id, agent = %agent, attempts, retry_at = next, message, "datastore: build requeued");
@@ -328,13 +386,19 @@ pub(super) fn setback(
     let b = leased(conn, agent, id)?;
     match setback {
         Setback::BuildFailure { message } => fail(conn, &b, message, now)?,
-        Setback::Infrastructure { message } => infrastructure(conn, &b, agent, message, policy, now)?,
+        Setback::Infrastructure { message } => {
+            infrastructure(conn, &b, agent, message, policy, now)?
+        }
     }
     rows::build(conn, id)
 }
 
 /// Requeues (or fails) every build whose lease ended before `now`.
-pub(super) fn expire(conn: &Connection, policy: &RetryPolicy, now: i64) -> Result<Vec<BuildId>, DatastoreError> {
+pub(super) fn expire(
+    conn: &Connection,
+    policy: &RetryPolicy,
+    now: i64,
+) -> Result<Vec<BuildId>, DatastoreError> {
     let mut stmt = conn.prepare_cached(
         "select id from builds where state = 'allocated' and lease_deadline < ?1 order by id",
     )?;
@@ -348,7 +412,14 @@ pub(super) fn expire(conn: &Connection, policy: &RetryPolicy, now: i64) -> Resul
             .agent
             .clone()
             .ok_or_else(|| DatastoreError::Corrupt(format!("allocated build {id} has no agent")))?;
-        infrastructure(conn, &b, &agent, &format!("lease expired on agent {agent}"), policy, now)?;
+        infrastructure(
+            conn,
+            &b,
+            &agent,
+            &format!("lease expired on agent {agent}"),
+            policy,
+            now,
+        )?;
         out.push(b.id);
     }
     Ok(out)

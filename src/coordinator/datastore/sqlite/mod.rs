@@ -21,9 +21,9 @@ mod graph;
 mod leases;
 mod rows;
 pub mod schema;
-mod tokens;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -151,14 +151,22 @@ impl Datastore for SqliteDatastore {
                      where path = ?1",
                 )?
                 .query_row(params![path], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
                 })
                 .optional()?;
             let Some((nar_hash, nar_size, refs, deriver, url, file_size)) = raw else {
                 return Ok(None);
             };
             let size = |what: &str, n: i64| {
-                u64::try_from(n).map_err(|_| DatastoreError::Corrupt(format!("{what} {n} of '{path}'")))
+                u64::try_from(n)
+                    .map_err(|_| DatastoreError::Corrupt(format!("{what} {n} of '{path}'")))
             };
             Ok(Some(CachedPath {
                 path: path.to_owned(),
@@ -186,7 +194,12 @@ impl Datastore for SqliteDatastore {
     }
 
     fn submit(&self, builds: &[NewBuild], now: i64) -> Result<Vec<Submitted>, DatastoreError> {
-        self.write(|tx| builds.iter().map(|nb| builds::submit_one(tx, nb, now)).collect())
+        self.write(|tx| {
+            builds
+                .iter()
+                .map(|nb| builds::submit_one(tx, nb, now))
+                .collect()
+        })
     }
 
     fn build(&self, id: BuildId) -> Result<BuildRecord, DatastoreError> {

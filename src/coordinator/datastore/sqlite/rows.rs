@@ -19,8 +19,7 @@ pub(super) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String, Datast
 
 /// Parses a JSON column; `what` names it in the error.
 pub(super) fn from_json<T: DeserializeOwned>(what: &str, text: &str) -> Result<T, DatastoreError> {
-    serde_json::from_str(text)
-        .map_err(|e| DatastoreError::Corrupt(format!("{what}: {e}: {text}")))
+    serde_json::from_str(text).map_err(|e| DatastoreError::Corrupt(format!("{what}: {e}: {text}")))
 }
 
 pub(super) fn build_id(n: i64) -> Result<BuildId, DatastoreError> {
@@ -70,7 +69,8 @@ pub(super) fn build_from_row(r: &Row<'_>) -> Result<BuildRecord, DatastoreError>
 
 /// One build, or `NoBuild`.
 pub(super) fn build(conn: &Connection, id: BuildId) -> Result<BuildRecord, DatastoreError> {
-    let mut stmt = conn.prepare_cached(&format!("select {BUILD_COLUMNS} from builds where id = ?1"))?;
+    let mut stmt =
+        conn.prepare_cached(&format!("select {BUILD_COLUMNS} from builds where id = ?1"))?;
     let mut rows = stmt.query(params![id.get()])?;
     match rows.next()? {
         Some(r) => build_from_row(r),
@@ -104,7 +104,10 @@ pub(super) fn put_derivation(conn: &Connection, d: &DrvRecord) -> Result<(), Dat
 }
 
 /// A recorded derivation.
-pub(super) fn derivation(conn: &Connection, drv: &str) -> Result<Option<DrvRecord>, DatastoreError> {
+pub(super) fn derivation(
+    conn: &Connection,
+    drv: &str,
+) -> Result<Option<DrvRecord>, DatastoreError> {
     type Raw = (String, String, String, String, String);
     let raw: Option<Raw> = conn
         .prepare_cached(
@@ -121,7 +124,10 @@ pub(super) fn derivation(conn: &Connection, drv: &str) -> Result<Option<DrvRecor
     Ok(Some(DrvRecord {
         drv: drv.to_owned(),
         system,
-        required_features: from_json::<BTreeSet<String>>("derivations.required_features", &features)?,
+        required_features: from_json::<BTreeSet<String>>(
+            "derivations.required_features",
+            &features,
+        )?,
         outputs: from_json::<BTreeMap<String, String>>("derivations.outputs", &outputs)?,
         input_drvs: from_json("derivations.input_drvs", &input_drvs)?,
         input_srcs: from_json("derivations.input_srcs", &input_srcs)?,
@@ -129,9 +135,13 @@ pub(super) fn derivation(conn: &Connection, drv: &str) -> Result<Option<DrvRecor
 }
 
 /// A recorded derivation that must exist (a build refers to it).
-pub(super) fn derivation_of_build(conn: &Connection, drv: &str) -> Result<DrvRecord, DatastoreError> {
-    derivation(conn, drv)?
-        .ok_or_else(|| DatastoreError::Corrupt(format!("a build refers to unknown derivation '{drv}'")))
+pub(super) fn derivation_of_build(
+    conn: &Connection,
+    drv: &str,
+) -> Result<DrvRecord, DatastoreError> {
+    derivation(conn, drv)?.ok_or_else(|| {
+        DatastoreError::Corrupt(format!("a build refers to unknown derivation '{drv}'"))
+    })
 }
 
 /// Whether every output of `drv` is in the cache. All outputs, not only

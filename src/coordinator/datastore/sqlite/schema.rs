@@ -52,6 +52,7 @@ create table builds (
     id                 integer primary key autoincrement not null,
     drv                text not null references derivations(drv),
     system             text not null, -- the derivation's, kept here for the allocation index
+    required_features  text not null, -- the derivation's (JSON, sorted), for the same reason
     state              text not null,
     priority           integer not null,
     effective_priority integer not null,
@@ -64,15 +65,22 @@ create table builds (
     lease_deadline     integer,
     attempts           integer not null default 0,
     next_attempt_at    integer,
+    -- defer_until or next_attempt_at while it is in the future, else null:
+    -- allocation clears it once passed, so the ready index holds only
+    -- builds that can go now and is never walked past held ones.
+    held_until         integer,
     avoid_agent        text,
     started_at         integer,
     finished_at        integer,
     message            text
 );
--- Allocation walks this index per system, best first, and stops after the
--- agent's free slots: it never sorts the queue.
-create index builds_ready on builds(system, effective_priority desc, critical_path desc, id)
-    where state = 'queued' and waiting_on = 0;
+-- Allocation walks this index once per (system, feature set) the agent can
+-- do, best first, and stops after the agent's free slots: it never sorts
+-- the queue nor reads builds the agent cannot take.
+create index builds_ready on builds(system, required_features, effective_priority desc,
+    critical_path desc, id)
+    where state = 'queued' and waiting_on = 0 and held_until is null;
+create index builds_held on builds(held_until) where held_until is not null;
 create index builds_drv on builds(drv, id);
 create index builds_allocated on builds(agent, lease_deadline) where state = 'allocated';
 create index builds_state on builds(state, id);
@@ -140,12 +148,14 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), DatastoreError> {
         if found == known {
             return Ok(());
         }
-        let index = usize::try_from(found).map_err(|_| {
-            DatastoreError::Corrupt(format!("schema_version holds {found}"))
-        })?;
+        let index = usize::try_from(found)
+            .map_err(|_| DatastoreError::Corrupt(format!("schema_version holds {found}")))?;
         tx.execute_batch(MIGRATIONS[index])?;
         tx.execute("delete from schema_version", [])?;
-        tx.execute("insert into schema_version (version) values (?1)", params![found + 1])?;
+        tx.execute(
+            "insert into schema_version (version) values (?1)",
+            params![found + 1],
+        )?;
         tx.commit()?;
         tracing::info!(version = found + 1, "datastore: schema migrated");
     }

@@ -26,7 +26,11 @@ fn principal_columns(p: &Principal) -> (&'static str, Option<&str>, Option<&'sta
     }
 }
 
-fn principal_from(kind: &str, agent: Option<String>, role: Option<String>) -> Result<Principal, DatastoreError> {
+fn principal_from(
+    kind: &str,
+    agent: Option<String>,
+    role: Option<String>,
+) -> Result<Principal, DatastoreError> {
     match (kind, agent, role) {
         ("agent", Some(a), None) => Ok(Principal::Agent {
             agent: rows::agent_id(&a)?,
@@ -62,7 +66,11 @@ pub(super) fn add(
     Ok(id)
 }
 
-pub(super) fn lookup(conn: &Connection, hash: &[u8; 32], now: i64) -> Result<Option<Principal>, DatastoreError> {
+pub(super) fn lookup(
+    conn: &Connection,
+    hash: &[u8; 32],
+    now: i64,
+) -> Result<Option<Principal>, DatastoreError> {
     // An agent token counts only while its agent exists and is enabled.
     let row: Option<(String, Option<String>, Option<String>)> = conn
         .prepare_cached(
@@ -70,7 +78,9 @@ pub(super) fn lookup(conn: &Connection, hash: &[u8; 32], now: i64) -> Result<Opt
              where t.hash = ?1 and t.revoked = 0 and (t.expires_at is null or t.expires_at > ?2) \
              and (t.kind <> 'agent' or a.enabled = 1)",
         )?
-        .query_row(params![&hash[..], now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row(params![&hash[..], now], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     row.map(|(kind, agent, role)| principal_from(&kind, agent, role))
         .transpose()
@@ -84,14 +94,30 @@ pub(super) fn revoke(conn: &Connection, id: &str) -> Result<(), DatastoreError> 
 }
 
 pub(super) fn list(conn: &Connection) -> Result<Vec<TokenRecord>, DatastoreError> {
-    type Raw = (String, String, Option<String>, Option<String>, i64, Option<i64>, bool);
+    type Raw = (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        i64,
+        Option<i64>,
+        bool,
+    );
     let raw: Vec<Raw> = conn
         .prepare_cached(
             "select id, kind, agent, role, created_at, expires_at, revoked from tokens \
              order by created_at, id",
         )?
         .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
         })?
         .collect::<Result<_, _>>()?;
     raw.into_iter()
