@@ -109,10 +109,11 @@ pub(super) fn submit_one(
         let current = rows::build(conn, build_id(id)?)?;
         if nb.priority > current.priority {
             conn.execute(
-                "update builds set priority = ?2 where id = ?1",
+                "update builds set priority = ?2, \
+                 effective_priority = max(effective_priority, ?2) where id = ?1",
                 params![id, nb.priority],
             )?;
-            graph::recompute(conn, &[id])?;
+            graph::raise(conn, &[id])?;
         }
         return answer(id, false, current.state);
     }
@@ -213,7 +214,8 @@ pub(super) fn submit_one(
         }
     }
     let created: Vec<i64> = order.iter().map(|d| ids[d.drv.as_str()]).collect();
-    graph::recompute(conn, &created)?;
+    // New builds only add waiters: values can only grow.
+    graph::raise(conn, &created)?;
     answer(created[0], true, BuildState::Queued)
 }
 

@@ -11,9 +11,17 @@
 //!
 //! Both only depend on a build's waiters, so a change at some builds
 //! affects exactly their "cone": them and everything they transitively
-//! wait for. [`recompute`] recomputes a cone exactly (raising and lowering
-//! alike) in topological order, taking the values of waiters outside the
-//! cone as they are stored.
+//! wait for. Two ways to bring a cone up to date:
+//! - [`raise`], when values can only have grown (a submission adds waiters
+//!   and raises priorities): it follows dependencies only while it still
+//!   raises something, so submitting one more build over a popular
+//!   dependency does not read all of that dependency's waiters;
+//! - [`recompute`], when values may drop (a priority lowered, waiters
+//!   canceled or failed): the cone exactly, in topological order, taking
+//!   the values of waiters outside it as they are stored.
+//!
+//! Both are kept exact this way (not left stale-high after cancels), as
+//! long as every change to the graph goes through one of them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -39,6 +47,39 @@ pub(super) fn dependents_of(conn: &Connection, id: i64) -> Result<Vec<i64>, Data
         .query_map(params![id], |r| r.get(0))?
         .collect::<Result<Vec<i64>, _>>()?;
     Ok(ids)
+}
+
+/// Propagates the values of `starts` (just created or raised) down their
+/// dependencies, raising each effective priority and critical path that
+/// is below what its waiter now implies.
+pub(super) fn raise(conn: &Connection, starts: &[i64]) -> Result<(), DatastoreError> {
+    let mut values =
+        conn.prepare_cached("select effective_priority, critical_path from builds where id = ?1")?;
+    let mut update = conn.prepare_cached(
+        "update builds set effective_priority = ?2, critical_path = ?3 where id = ?1",
+    )?;
+    // (dependency, effective priority and critical path its waiter implies)
+    let mut work: Vec<(i64, i64, i64)> = Vec::new();
+    for &id in starts {
+        let (eff, cp): (i64, i64) =
+            values.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        for d in dependencies_of(conn, id)? {
+            work.push((d, eff, cp.saturating_add(1)));
+        }
+    }
+    while let Some((id, eff, cp)) = work.pop() {
+        let (old_eff, old_cp): (i64, i64) =
+            values.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if eff <= old_eff && cp <= old_cp {
+            continue;
+        }
+        let (eff, cp) = (eff.max(old_eff), cp.max(old_cp));
+        update.execute(params![id, eff, cp])?;
+        for d in dependencies_of(conn, id)? {
+            work.push((d, eff, cp.saturating_add(1)));
+        }
+    }
+    Ok(())
 }
 
 /// A build of the cone while it is recomputed.

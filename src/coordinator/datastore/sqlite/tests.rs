@@ -1134,3 +1134,162 @@ fn allocate_past_100k_builds_the_agent_cannot_take() {
         assert!(g.drv.drv.contains("/bulk-"), "{}", g.drv.drv);
     }
 }
+
+// --- invariants under random operations -------------------------------------------
+
+/// A small deterministic generator (xorshift64*), so a failing sequence
+/// can be replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        usize::try_from(x % u64::try_from(n).unwrap()).unwrap()
+    }
+}
+
+/// Checks every stored value against its definition, computed from scratch:
+/// effective priorities, critical paths, `waiting_on`, edges only between
+/// active builds, one active build per derivation.
+fn check_invariants(ds: &SqliteDatastore, context: &str) {
+    let all = ds.builds(&BuildFilter::default()).unwrap();
+    let edges: Vec<(i64, i64)> = ds.with_conn(|c| {
+        let mut s = c
+            .prepare("select build, dependency from build_deps")
+            .unwrap();
+        let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    });
+    let by_id: BTreeMap<i64, &BuildRecord> = all.iter().map(|b| (b.id.get(), b)).collect();
+    let mut waiters: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for &(b, d) in &edges {
+        assert!(
+            by_id[&b].state.is_active() && by_id[&d].state.is_active(),
+            "{context}: edge {b}->{d} between finished builds"
+        );
+        waiters.entry(d).or_default().push(b);
+    }
+    let mut active_drvs = BTreeSet::new();
+    for b in all.iter().filter(|b| b.state.is_active()) {
+        assert!(
+            active_drvs.insert(&b.drv),
+            "{context}: two active builds of {}",
+            b.drv
+        );
+        let waits = edges.iter().filter(|(w, _)| *w == b.id.get()).count();
+        assert_eq!(
+            b.waiting_on,
+            i64::try_from(waits).unwrap(),
+            "{context}: waiting_on of {}",
+            b.id
+        );
+    }
+    // Definitions, by memoised walks up the waiters (the graph is small).
+    fn value(
+        id: i64,
+        by_id: &BTreeMap<i64, &BuildRecord>,
+        waiters: &BTreeMap<i64, Vec<i64>>,
+        memo: &mut BTreeMap<i64, (i64, i64)>,
+    ) -> (i64, i64) {
+        if let Some(v) = memo.get(&id) {
+            return *v;
+        }
+        let mut eff = by_id[&id].priority;
+        let mut cp = 1;
+        for &w in waiters.get(&id).map(Vec::as_slice).unwrap_or(&[]) {
+            let (we, wc) = value(w, by_id, waiters, memo);
+            eff = eff.max(we);
+            cp = cp.max(wc + 1);
+        }
+        memo.insert(id, (eff, cp));
+        (eff, cp)
+    }
+    let mut memo = BTreeMap::new();
+    for b in all.iter().filter(|b| b.state.is_active()) {
+        let (eff, cp) = value(b.id.get(), &by_id, &waiters, &mut memo);
+        assert_eq!(
+            (b.effective_priority, b.critical_path),
+            (eff, cp),
+            "{context}: build {} ({})",
+            b.id,
+            b.drv
+        );
+    }
+}
+
+#[test]
+fn priorities_paths_and_edges_stay_exact_under_random_operations() {
+    for seed in 1..=12_u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let ds = ds();
+        let a = agent(&ds, "a1");
+        // A random DAG: node i may use any node below it.
+        let n = 25;
+        let drvs: Vec<DrvRecord> = (0..n)
+            .map(|i| {
+                let inputs: Vec<String> = (0..i)
+                    .filter(|_| rng.below(6) == 0)
+                    .map(|j| format!("n{j}"))
+                    .collect();
+                let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                drv(&format!("n{i}"), &inputs)
+            })
+            .collect();
+        ds.put_derivations(&drvs).unwrap();
+        let mut now = 0;
+        for step in 0..80 {
+            now += 1;
+            let context = format!("seed {seed} step {step}");
+            let active: Vec<BuildRecord> = ds
+                .builds(&BuildFilter::default())
+                .unwrap()
+                .into_iter()
+                .filter(|b| b.state.is_active())
+                .collect();
+            let priority = i64::try_from(rng.below(15)).unwrap() - 5;
+            match rng.below(7) {
+                0..=2 => {
+                    let name = format!("n{}", rng.below(n));
+                    let retry = rng.below(3) == 0;
+                    ds.submit(
+                        &[NewBuild {
+                            retry,
+                            ..new_build(&name, priority)
+                        }],
+                        now,
+                    )
+                    .unwrap();
+                }
+                3 if !active.is_empty() => {
+                    let b = &active[rng.below(active.len())];
+                    ds.set_priority(b.id, priority).unwrap();
+                }
+                4 if !active.is_empty() => {
+                    let b = &active[rng.below(active.len())];
+                    ds.cancel(b.id, now).unwrap();
+                }
+                _ => {
+                    let got = ds
+                        .allocate(&a, &offer(&[SYSTEM], &[], 2), LEASE, now)
+                        .unwrap();
+                    for g in got {
+                        match rng.below(4) {
+                            0 => drop(ds.setback(&a, g.id, &build_failure("no"), now).unwrap()),
+                            1 => drop(ds.setback(&a, g.id, &infra("flaky"), now).unwrap()),
+                            _ => {
+                                let outs: Vec<CachedPath> =
+                                    g.drv.outputs.values().cloned().map(cached).collect();
+                                ds.succeed(&a, g.id, &outs, now).unwrap();
+                            }
+                        }
+                    }
+                    now += 30; // past the backoff of most setbacks
+                }
+            }
+            check_invariants(&ds, &context);
+        }
+    }
+}
