@@ -986,6 +986,36 @@ fn reopening_a_file_keeps_everything() {
 }
 
 #[test]
+fn a_file_database_is_durable_wal_with_foreign_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = SqliteDatastore::open(&dir.path().join("db.sqlite"), policy()).unwrap();
+    let (mode, sync, fk): (String, i64, i64) = ds.with_conn(|c| {
+        let q = |sql: &str| {
+            c.query_row(sql, [], |r| r.get::<_, rusqlite::types::Value>(0))
+                .unwrap()
+        };
+        let text = |v| match v {
+            rusqlite::types::Value::Text(t) => t,
+            other => panic!("{other:?}"),
+        };
+        let int = |v| match v {
+            rusqlite::types::Value::Integer(i) => i,
+            other => panic!("{other:?}"),
+        };
+        (
+            text(q("pragma journal_mode")),
+            int(q("pragma synchronous")),
+            int(q("pragma foreign_keys")),
+        )
+    });
+    assert_eq!(
+        (mode.as_str(), sync, fk),
+        ("wal", 2, 1),
+        "wal, synchronous=FULL, foreign keys"
+    );
+}
+
+#[test]
 fn a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("db.sqlite");
