@@ -240,6 +240,11 @@ fn submitting_an_active_drv_returns_its_build_with_the_higher_priority() {
         3,
         "a lower priority never lowers"
     );
+    let twice = ds
+        .submit(&[new_build("base", 4), new_build("base", 2)], 4)
+        .unwrap();
+    assert!(twice.iter().all(|s| s.id == base.id && !s.created));
+    assert_eq!(get(&ds, base.id).priority, 4);
     assert_eq!(ds.builds(&BuildFilter::default()).unwrap().len(), 2);
 }
 
