@@ -16,6 +16,13 @@
 //! - When the closure (without `retry`) holds a derivation whose latest
 //!   build failed, only the submitted build is created, failed at once with
 //!   "dependency failed: <that drv>"; nothing else is queued for it.
+//!   Submitted again while that is still so, the same failed build is
+//!   the answer (`created: false`).
+//! - A build failed only because a dependency failed (`failed_dependency`)
+//!   is no verdict on its own derivation: submitting that derivation again
+//!   (or one that needs it) looks at its closure afresh, so once the
+//!   dependency has been rebuilt with `retry`, no further `retry` is
+//!   needed above it.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -47,8 +54,10 @@ fn need_of(conn: &Connection, drv: &str, retry: bool) -> Result<Need, DatastoreE
     if rows::outputs_cached(conn, drv)? {
         return Ok(Need::Nothing);
     }
+    // A build failed by one of its own dependencies is no verdict on this
+    // derivation: walk into it, where the walk meets the real failure.
     match rows::last_build(conn, drv)? {
-        Some((_, BuildState::Failed)) if !retry => Ok(Need::Failed),
+        Some(last) if last.failed_itself() && !retry => Ok(Need::Failed),
         _ => Ok(Need::Build),
     }
 }
@@ -60,6 +69,7 @@ struct Row<'a> {
     nb: &'a NewBuild,
     waiting_on: i64,
     message: Option<&'a str>,
+    failed_dependency: Option<&'a str>,
     now: i64,
 }
 
@@ -69,8 +79,8 @@ fn insert_build(conn: &Connection, b: Row<'_>) -> Result<i64, DatastoreError> {
     conn.prepare_cached(
         "insert into builds (drv, system, required_features, state, priority, \
          effective_priority, critical_path, tags, created_at, defer_until, held_until, \
-         waiting_on, finished_at, message) \
-         values (?1, ?2, ?3, ?4, ?5, ?5, 1, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+         waiting_on, finished_at, message, failed_dependency) \
+         values (?1, ?2, ?3, ?4, ?5, ?5, 1, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
         b.drv.drv,
@@ -85,6 +95,7 @@ fn insert_build(conn: &Connection, b: Row<'_>) -> Result<i64, DatastoreError> {
         b.waiting_on,
         finished_at,
         b.message,
+        b.failed_dependency,
     ])?;
     Ok(conn.last_insert_rowid())
 }
@@ -118,8 +129,10 @@ pub(super) fn submit_one(
         return answer(id, false, current.state);
     }
     if rows::outputs_cached(conn, &root.drv)? {
-        if let Some((id, BuildState::Succeeded)) = rows::last_build(conn, &root.drv)? {
-            return answer(id, false, BuildState::Succeeded);
+        if let Some(last) = rows::last_build(conn, &root.drv)? {
+            if last.state == BuildState::Succeeded {
+                return answer(last.id, false, BuildState::Succeeded);
+            }
         }
         let id = insert_build(
             conn,
@@ -129,14 +142,16 @@ pub(super) fn submit_one(
                 nb,
                 waiting_on: 0,
                 message: Some("outputs already in the cache"),
+                failed_dependency: None,
                 now,
             },
         )?;
         return answer(id, true, BuildState::Succeeded);
     }
-    if let Some((id, BuildState::Failed)) = rows::last_build(conn, &root.drv)? {
-        if !nb.retry {
-            return answer(id, false, BuildState::Failed);
+    let last = rows::last_build(conn, &root.drv)?;
+    if let Some(last) = &last {
+        if last.failed_itself() && !nb.retry {
+            return answer(last.id, false, BuildState::Failed);
         }
     }
 
@@ -164,6 +179,12 @@ pub(super) fn submit_one(
         order.push(d);
     }
     if let Some(dep) = failed {
+        // Still blocked by the same failure: that answer stands.
+        if let Some(last) = &last {
+            if last.failed_dependency.as_deref() == Some(dep.as_str()) {
+                return answer(last.id, false, BuildState::Failed);
+            }
+        }
         let message = format!("dependency failed: {dep}");
         let id = insert_build(
             conn,
@@ -173,6 +194,7 @@ pub(super) fn submit_one(
                 nb,
                 waiting_on: 0,
                 message: Some(&message),
+                failed_dependency: Some(&dep),
                 now,
             },
         )?;
@@ -189,6 +211,7 @@ pub(super) fn submit_one(
                 nb,
                 waiting_on: 0,
                 message: None,
+                failed_dependency: None,
                 now,
             },
         )?;
@@ -298,6 +321,7 @@ pub(super) fn cancel(
         BuildState::Canceled.as_str(),
         Some("canceled"),
         &message,
+        None,
         now,
     )?;
     let mut out = vec![id];

@@ -197,7 +197,8 @@ pub(super) fn recompute(conn: &Connection, starts: &[i64]) -> Result<(), Datasto
 
 /// Ends `root` and every active build that transitively waits for it:
 /// `root` gets `state` and `root_message`, its dependents `state` and
-/// `dependent_message`. Their edges are removed and the builds they waited
+/// `dependent_message` (and `dependent_cause` as their
+/// `failed_dependency`). Their edges are removed and the builds they waited
 /// for (still active) are recomputed, since fewer builds now need them.
 /// Returns the dependents, nearest first.
 pub(super) fn end_with_dependents(
@@ -206,6 +207,7 @@ pub(super) fn end_with_dependents(
     state: &str,
     root_message: Option<&str>,
     dependent_message: &str,
+    dependent_cause: Option<&str>,
     now: i64,
 ) -> Result<Vec<i64>, DatastoreError> {
     let mut ended: Vec<i64> = vec![root];
@@ -229,17 +231,17 @@ pub(super) fn end_with_dependents(
     }
     let mut end = conn.prepare_cached(
         "update builds set state = ?2, message = ?3, finished_at = ?4, lease_deadline = null, \
-         waiting_on = 0 where id = ?1",
+         waiting_on = 0, failed_dependency = ?5 where id = ?1",
     )?;
     let mut unlink =
         conn.prepare_cached("delete from build_deps where build = ?1 or dependency = ?1")?;
     for &id in &ended {
-        let message = if id == root {
-            root_message
+        let (message, cause) = if id == root {
+            (root_message, None)
         } else {
-            Some(dependent_message)
+            (Some(dependent_message), dependent_cause)
         };
-        end.execute(params![id, state, message, now])?;
+        end.execute(params![id, state, message, now, cause])?;
         unlink.execute(params![id])?;
     }
     survivors.sort_unstable();

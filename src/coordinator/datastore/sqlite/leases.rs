@@ -329,6 +329,7 @@ fn fail(conn: &Connection, b: &BuildRecord, message: &str, now: i64) -> Result<(
         BuildState::Failed.as_str(),
         Some(message),
         &format!("dependency failed: {}", b.drv),
+        Some(&b.drv),
         now,
     )?;
     tracing::info!(build = %b.id, drv = %b.drv, dependents = dependents.len(), message, "datastore: build failed");

@@ -167,16 +167,41 @@ pub(super) fn active_build(conn: &Connection, drv: &str) -> Result<Option<i64>, 
         .optional()?)
 }
 
-/// The most recent build of `drv` and its state.
+/// The most recent build of a derivation.
+pub(super) struct LastBuild {
+    pub(super) id: i64,
+    pub(super) state: BuildState,
+    /// The dependency whose failure failed it, if that is why it failed.
+    pub(super) failed_dependency: Option<String>,
+}
+
+impl LastBuild {
+    /// Failed by its own builder (or past its retries): final until retried.
+    pub(super) fn failed_itself(&self) -> bool {
+        self.state == BuildState::Failed && self.failed_dependency.is_none()
+    }
+}
+
+/// The most recent build of `drv`.
 pub(super) fn last_build(
     conn: &Connection,
     drv: &str,
-) -> Result<Option<(i64, BuildState)>, DatastoreError> {
-    let row: Option<(i64, String)> = conn
-        .prepare_cached("select id, state from builds where drv = ?1 order by id desc limit 1")?
-        .query_row(params![drv], |r| Ok((r.get(0)?, r.get(1)?)))
+) -> Result<Option<LastBuild>, DatastoreError> {
+    let row: Option<(i64, String, Option<String>)> = conn
+        .prepare_cached(
+            "select id, state, failed_dependency from builds where drv = ?1 \
+             order by id desc limit 1",
+        )?
+        .query_row(params![drv], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    row.map(|(id, s)| Ok((id, state(&s)?))).transpose()
+    row.map(|(id, s, failed_dependency)| {
+        Ok(LastBuild {
+            id,
+            state: state(&s)?,
+            failed_dependency,
+        })
+    })
+    .transpose()
 }
 
 /// The lease of an allocated build, as the agent receives it.

@@ -72,7 +72,11 @@ create table builds (
     avoid_agent        text,
     started_at         integer,
     finished_at        integer,
-    message            text
+    message            text,
+    -- For a build failed because a dependency failed: that derivation. Not
+    -- the derivation's own failure, so a later submission looks again
+    -- rather than answer with this build.
+    failed_dependency  text
 );
 -- Allocation walks this index once per (system, feature set) the agent can
 -- do, best first, and stops after the agent's free slots: it never sorts

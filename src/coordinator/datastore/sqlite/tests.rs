@@ -329,6 +329,48 @@ fn a_failed_dependency_fails_the_submission_unless_retry() {
     assert_eq!(ds.dependencies(retried.id).unwrap(), vec![new_base.id]);
 }
 
+#[test]
+fn a_failure_by_dependency_is_not_the_dependents_own() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    ds.put_derivations(&[
+        drv("base", &[]),
+        drv("lib", &["base"]),
+        drv("app", &["lib"]),
+    ])
+    .unwrap();
+    let app = submit(&ds, "app", 0, 0);
+    let base = lease_one(&ds, &a, 1);
+    ds.setback(&a, base, &build_failure("flaky test"), 2)
+        .unwrap();
+    assert_eq!(get(&ds, app.id).state, BuildState::Failed);
+
+    // Still blocked by the same failure: the same answer.
+    let again = submit(&ds, "app", 0, 3);
+    assert_eq!(
+        (again.id, again.created, again.state),
+        (app.id, false, BuildState::Failed)
+    );
+
+    // Once base is retried, app and lib need no `retry` of their own.
+    let retried = ds
+        .submit(
+            &[NewBuild {
+                retry: true,
+                ..new_build("base", 0)
+            }],
+            4,
+        )
+        .unwrap()
+        .remove(0);
+    assert!(retried.created);
+    let app2 = submit(&ds, "app", 0, 5);
+    assert_eq!((app2.created, app2.state), (true, BuildState::Queued));
+    let lib2 = active(&ds, "lib");
+    assert_eq!(ds.dependencies(app2.id).unwrap(), vec![lib2.id]);
+    assert_eq!(ds.dependencies(lib2.id).unwrap(), vec![retried.id]);
+}
+
 // --- priorities and critical paths ----------------------------------------------
 
 #[test]
