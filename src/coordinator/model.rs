@@ -156,7 +156,8 @@ pub enum Principal {
     },
 }
 
-/// Where a build is in its life.
+/// Where a build is in its life. Ordered as declared (so that a
+/// `BTreeSet<BuildState>`, as in the datastore's build filter, can exist).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BuildState {

@@ -15,6 +15,8 @@ use std::collections::BTreeSet;
 
 use thiserror::Error;
 
+pub mod sqlite;
+
 use super::model::{
     AgentId, AgentOffer, AgentRecord, BuildId, BuildRecord, BuildState, CachedPath, DrvRecord,
     Expiry, NewBuild, Principal, Setback, Submitted, TokenRecord,
@@ -249,10 +251,10 @@ pub trait Datastore: Send + Sync {
 /// creating or migrating its schema.
 pub fn open(url: &str, retry: RetryPolicy) -> Result<Box<dyn Datastore>, DatastoreError> {
     match url.strip_prefix("sqlite://") {
-        Some(path) if path.starts_with('/') => {
-            let _ = (path, retry);
-            Err(DatastoreError::Url(url.to_owned()))
-        }
+        Some(path) if path.starts_with('/') => Ok(Box::new(sqlite::SqliteDatastore::open(
+            std::path::Path::new(path),
+            retry,
+        )?)),
         _ => Err(DatastoreError::Url(url.to_owned())),
     }
 }

@@ -1,0 +1,251 @@
+//! The dependency graph of active builds: effective priorities, critical
+//! paths, and what a failure or a cancellation takes with it.
+//!
+//! `build_deps(build, dependency)` says `build` waits for `dependency`; its
+//! rows exist only while both are active, so every walk here stays among
+//! active builds. Derivation graphs are acyclic and may be deep, so every
+//! walk is iterative.
+//!
+//! - eff(b) = max(own(b), eff(w) for every w waiting on b)
+//! - cp(b) = 1 + max(cp(w) for every w waiting on b), 1 when none waits.
+//!
+//! Both only depend on a build's waiters, so a change at some builds
+//! affects exactly their "cone": them and everything they transitively
+//! wait for. Two ways to bring a cone up to date:
+//! - [`raise`], when values can only have grown (a submission adds waiters
+//!   and raises priorities): it follows dependencies only while it still
+//!   raises something, so submitting one more build over a popular
+//!   dependency does not read all of that dependency's waiters;
+//! - [`recompute`], when values may drop (a priority lowered, waiters
+//!   canceled or failed): the cone exactly, in topological order, taking
+//!   the values of waiters outside it as they are stored.
+//!
+//! Both are kept exact this way (not left stale-high after cancels), as
+//! long as every change to the graph goes through one of them.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use rusqlite::{params, Connection};
+
+use crate::coordinator::datastore::DatastoreError;
+
+/// The builds `id` waits for.
+pub(super) fn dependencies_of(conn: &Connection, id: i64) -> Result<Vec<i64>, DatastoreError> {
+    let mut stmt = conn
+        .prepare_cached("select dependency from build_deps where build = ?1 order by dependency")?;
+    let ids = stmt
+        .query_map(params![id], |r| r.get(0))?
+        .collect::<Result<Vec<i64>, _>>()?;
+    Ok(ids)
+}
+
+/// The builds waiting for `id`.
+pub(super) fn dependents_of(conn: &Connection, id: i64) -> Result<Vec<i64>, DatastoreError> {
+    let mut stmt =
+        conn.prepare_cached("select build from build_deps where dependency = ?1 order by build")?;
+    let ids = stmt
+        .query_map(params![id], |r| r.get(0))?
+        .collect::<Result<Vec<i64>, _>>()?;
+    Ok(ids)
+}
+
+/// Propagates the values of `starts` (just created or raised) down their
+/// dependencies, raising each effective priority and critical path that
+/// is below what its waiter now implies.
+pub(super) fn raise(conn: &Connection, starts: &[i64]) -> Result<(), DatastoreError> {
+    let mut values =
+        conn.prepare_cached("select effective_priority, critical_path from builds where id = ?1")?;
+    let mut update = conn.prepare_cached(
+        "update builds set effective_priority = ?2, critical_path = ?3 where id = ?1",
+    )?;
+    // (dependency, effective priority and critical path its waiter implies)
+    let mut work: Vec<(i64, i64, i64)> = Vec::new();
+    for &id in starts {
+        let (eff, cp): (i64, i64) =
+            values.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        for d in dependencies_of(conn, id)? {
+            work.push((d, eff, cp.saturating_add(1)));
+        }
+    }
+    while let Some((id, eff, cp)) = work.pop() {
+        let (old_eff, old_cp): (i64, i64) =
+            values.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if eff <= old_eff && cp <= old_cp {
+            continue;
+        }
+        let (eff, cp) = (eff.max(old_eff), cp.max(old_cp));
+        update.execute(params![id, eff, cp])?;
+        for d in dependencies_of(conn, id)? {
+            work.push((d, eff, cp.saturating_add(1)));
+        }
+    }
+    Ok(())
+}
+
+/// A build of the cone while it is recomputed.
+struct Node {
+    deps: Vec<i64>,
+    /// Waiters inside the cone not processed yet.
+    pending: usize,
+    eff: i64,
+    cp: i64,
+    old_eff: i64,
+    old_cp: i64,
+}
+
+/// Recomputes effective priorities and critical paths of `starts` and of
+/// everything they transitively wait for.
+pub(super) fn recompute(conn: &Connection, starts: &[i64]) -> Result<(), DatastoreError> {
+    // The cone, closed under "waits for".
+    let mut nodes: HashMap<i64, Node> = HashMap::new();
+    let mut stack: Vec<i64> = starts.to_vec();
+    let mut own_stmt = conn.prepare_cached(
+        "select priority, effective_priority, critical_path from builds where id = ?1",
+    )?;
+    while let Some(id) = stack.pop() {
+        if nodes.contains_key(&id) {
+            continue;
+        }
+        let (own, old_eff, old_cp): (i64, i64, i64) =
+            own_stmt.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let deps = dependencies_of(conn, id)?;
+        stack.extend(deps.iter().copied().filter(|d| !nodes.contains_key(d)));
+        nodes.insert(
+            id,
+            Node {
+                deps,
+                pending: 0,
+                eff: own,
+                cp: 1,
+                old_eff,
+                old_cp,
+            },
+        );
+    }
+    // Waiters outside the cone count with their stored values; those inside
+    // are waited for, in topological order.
+    let mut waiters = conn.prepare_cached(
+        "select w.id, w.effective_priority, w.critical_path \
+         from build_deps e join builds w on w.id = e.build where e.dependency = ?1",
+    )?;
+    let ids: Vec<i64> = nodes.keys().copied().collect();
+    for id in &ids {
+        let rows = waiters
+            .query_map(params![id], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut inside = 0;
+        let (mut eff, mut cp) = (i64::MIN, 0);
+        for (w, w_eff, w_cp) in rows {
+            if nodes.contains_key(&w) {
+                inside += 1;
+            } else {
+                eff = eff.max(w_eff);
+                cp = cp.max(w_cp.saturating_add(1));
+            }
+        }
+        let node = nodes.get_mut(id).expect("ids are the cone's keys");
+        node.pending = inside;
+        node.eff = node.eff.max(eff);
+        node.cp = node.cp.max(cp);
+    }
+    let mut ready: VecDeque<i64> = ids
+        .iter()
+        .copied()
+        .filter(|id| nodes[id].pending == 0)
+        .collect();
+    let mut done: HashSet<i64> = HashSet::new();
+    let mut update = conn.prepare_cached(
+        "update builds set effective_priority = ?2, critical_path = ?3 where id = ?1",
+    )?;
+    while let Some(id) = ready.pop_front() {
+        done.insert(id);
+        let (eff, cp, deps) = {
+            let n = &nodes[&id];
+            if n.eff != n.old_eff || n.cp != n.old_cp {
+                update.execute(params![id, n.eff, n.cp])?;
+            }
+            (n.eff, n.cp, n.deps.clone())
+        };
+        for d in deps {
+            let dep = nodes
+                .get_mut(&d)
+                .expect("the cone is closed under dependencies");
+            dep.eff = dep.eff.max(eff);
+            dep.cp = dep.cp.max(cp.saturating_add(1));
+            dep.pending -= 1;
+            if dep.pending == 0 {
+                ready.push_back(d);
+            }
+        }
+    }
+    if done.len() != nodes.len() {
+        // Only a cycle leaves builds unprocessed, and derivations cannot
+        // form one; say so rather than loop.
+        tracing::warn!(
+            left = nodes.len() - done.len(),
+            "datastore: dependency cycle among active builds; their priorities were not recomputed"
+        );
+    }
+    Ok(())
+}
+
+/// Ends `root` and every active build that transitively waits for it:
+/// `root` gets `state` and `root_message`, its dependents `state` and
+/// `dependent_message` (and `dependent_cause` as their
+/// `failed_dependency`). Their edges are removed and the builds they waited
+/// for (still active) are recomputed, since fewer builds now need them.
+/// Returns the dependents, nearest first.
+pub(super) fn end_with_dependents(
+    conn: &Connection,
+    root: i64,
+    state: &str,
+    root_message: Option<&str>,
+    dependent_message: &str,
+    dependent_cause: Option<&str>,
+    now: i64,
+) -> Result<Vec<i64>, DatastoreError> {
+    let mut ended: Vec<i64> = vec![root];
+    let mut seen: HashSet<i64> = HashSet::from([root]);
+    let mut i = 0;
+    while i < ended.len() {
+        for w in dependents_of(conn, ended[i])? {
+            if seen.insert(w) {
+                ended.push(w);
+            }
+        }
+        i += 1;
+    }
+    let mut survivors: Vec<i64> = Vec::new();
+    for &id in &ended {
+        survivors.extend(
+            dependencies_of(conn, id)?
+                .into_iter()
+                .filter(|d| !seen.contains(d)),
+        );
+    }
+    let mut end = conn.prepare_cached(
+        "update builds set state = ?2, message = ?3, finished_at = ?4, lease_deadline = null, \
+         waiting_on = 0, failed_dependency = ?5 where id = ?1",
+    )?;
+    let mut unlink =
+        conn.prepare_cached("delete from build_deps where build = ?1 or dependency = ?1")?;
+    for &id in &ended {
+        let (message, cause) = if id == root {
+            (root_message, None)
+        } else {
+            (Some(dependent_message), dependent_cause)
+        };
+        end.execute(params![id, state, message, now, cause])?;
+        unlink.execute(params![id])?;
+    }
+    survivors.sort_unstable();
+    survivors.dedup();
+    recompute(conn, &survivors)?;
+    Ok(ended.split_off(1))
+}

@@ -1,0 +1,1372 @@
+//! The datastore's behaviour, against real SQLite (in memory, or a file
+//! where restarts matter).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use super::*;
+use crate::coordinator::datastore::open;
+use crate::coordinator::model::{BuildState, Role};
+
+const SYSTEM: &str = "x86_64-linux";
+const LEASE: i64 = 60;
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        base_secs: 10,
+        max_secs: 25,
+        max_attempts: 3,
+    }
+}
+
+fn ds() -> SqliteDatastore {
+    SqliteDatastore::open_in_memory(policy()).expect("in-memory datastore")
+}
+
+fn path(name: &str) -> String {
+    format!("/gnu/store/{name}.drv")
+}
+
+fn out(name: &str) -> String {
+    format!("/gnu/store/{name}-out")
+}
+
+/// A derivation `name` of `system`, needing `features`, with input
+/// derivations `inputs` (their `out`).
+fn drv_of(name: &str, system: &str, features: &[&str], inputs: &[&str]) -> DrvRecord {
+    DrvRecord {
+        drv: path(name),
+        system: system.to_owned(),
+        required_features: features.iter().map(|f| f.to_string()).collect(),
+        outputs: BTreeMap::from([("out".to_owned(), out(name))]),
+        input_drvs: inputs
+            .iter()
+            .map(|i| (path(i), BTreeSet::from(["out".to_owned()])))
+            .collect(),
+        input_srcs: BTreeSet::new(),
+    }
+}
+
+fn drv(name: &str, inputs: &[&str]) -> DrvRecord {
+    drv_of(name, SYSTEM, &[], inputs)
+}
+
+fn new_build(name: &str, priority: i64) -> NewBuild {
+    NewBuild {
+        drv: path(name),
+        priority,
+        tags: BTreeMap::new(),
+        defer_until: None,
+        retry: false,
+    }
+}
+
+fn submit(ds: &SqliteDatastore, name: &str, priority: i64, now: i64) -> Submitted {
+    let mut s = ds
+        .submit(&[new_build(name, priority)], now)
+        .expect("submit");
+    s.pop().expect("one answer per build")
+}
+
+fn cached(path: String) -> CachedPath {
+    CachedPath {
+        path,
+        nar_hash: "sha256:0000000000000000000000000000000000000000000000000000".to_owned(),
+        nar_size: 100,
+        references: BTreeSet::new(),
+        deriver: None,
+        url: "nar/x.nar.zst".to_owned(),
+        file_size: 50,
+    }
+}
+
+fn agent(ds: &SqliteDatastore, name: &str) -> AgentId {
+    let id = AgentId::new(name).expect("agent name");
+    ds.agent_new(&id, 0).expect("new agent");
+    id
+}
+
+fn offer(systems: &[&str], features: &[&str], free_slots: i64) -> AgentOffer {
+    AgentOffer {
+        systems: systems.iter().map(|s| s.to_string()).collect(),
+        features: features.iter().map(|f| f.to_string()).collect(),
+        free_slots,
+        max_parallel_builds: free_slots,
+    }
+}
+
+/// The derivation names of what `agent` gets, in order.
+fn allocate(
+    ds: &SqliteDatastore,
+    agent: &AgentId,
+    o: &AgentOffer,
+    now: i64,
+) -> Vec<(BuildId, String)> {
+    ds.allocate(agent, o, LEASE, now)
+        .expect("allocate")
+        .into_iter()
+        .map(|a| {
+            let name = a
+                .drv
+                .drv
+                .trim_start_matches("/gnu/store/")
+                .trim_end_matches(".drv")
+                .to_owned();
+            (a.id, name)
+        })
+        .collect()
+}
+
+fn names(allocs: &[(BuildId, String)]) -> Vec<&str> {
+    allocs.iter().map(|(_, n)| n.as_str()).collect()
+}
+
+fn get(ds: &SqliteDatastore, id: BuildId) -> BuildRecord {
+    ds.build(id).expect("build")
+}
+
+/// The only active build of `name`.
+fn active(ds: &SqliteDatastore, name: &str) -> BuildRecord {
+    let found = ds
+        .builds(&BuildFilter {
+            drv: Some(path(name)),
+            states: BTreeSet::from([BuildState::Queued, BuildState::Allocated]),
+            ..BuildFilter::default()
+        })
+        .expect("builds");
+    assert_eq!(found.len(), 1, "active builds of {name}: {found:?}");
+    found.into_iter().next().expect("one build")
+}
+
+fn only_build(ds: &SqliteDatastore, name: &str) -> BuildRecord {
+    let found = ds
+        .builds(&BuildFilter {
+            drv: Some(path(name)),
+            ..BuildFilter::default()
+        })
+        .expect("builds");
+    assert_eq!(found.len(), 1, "builds of {name}: {found:?}");
+    found.into_iter().next().expect("one build")
+}
+
+/// Allocates `name` alone to `agent` (it must be the best ready build).
+fn lease_one(ds: &SqliteDatastore, agent: &AgentId, now: i64) -> BuildId {
+    let got = allocate(ds, agent, &offer(&[SYSTEM], &[], 1), now);
+    assert_eq!(got.len(), 1, "{got:?}");
+    got[0].0
+}
+
+fn build_failure(msg: &str) -> Setback {
+    Setback::BuildFailure {
+        message: msg.to_owned(),
+    }
+}
+
+fn infra(msg: &str) -> Setback {
+    Setback::Infrastructure {
+        message: msg.to_owned(),
+    }
+}
+
+// --- submission -----------------------------------------------------------
+
+#[test]
+fn submit_creates_builds_for_missing_dependencies() {
+    let ds = ds();
+    ds.put_derivations(&[
+        drv("base", &[]),
+        drv("tool", &[]),
+        drv("lib", &["base"]),
+        drv("app", &["lib", "tool", "base"]),
+    ])
+    .unwrap();
+    ds.cache_add(&[cached(out("tool"))]).unwrap();
+    let s = submit(&ds, "app", 3, 100);
+    assert!(s.created);
+    assert_eq!(s.state, BuildState::Queued);
+    let app = get(&ds, s.id);
+    let lib = active(&ds, "lib");
+    let base = active(&ds, "base");
+    assert_eq!(app.waiting_on, 2);
+    assert_eq!(lib.waiting_on, 1);
+    assert_eq!(base.waiting_on, 0);
+    assert_eq!(
+        ds.dependencies(app.id).unwrap(),
+        vec![lib.id, base.id]
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(ds.dependencies(lib.id).unwrap(), vec![base.id]);
+    // The cached input needs no build.
+    assert!(ds
+        .builds(&BuildFilter {
+            drv: Some(path("tool")),
+            ..Default::default()
+        })
+        .unwrap()
+        .is_empty());
+    // Dependencies inherit the submission's priority.
+    assert_eq!((base.priority, base.effective_priority), (3, 3));
+    let stats = ds.queue_stats().unwrap();
+    assert_eq!((stats.queued, stats.ready), (3, 1));
+}
+
+#[test]
+fn submitting_an_active_drv_returns_its_build_with_the_higher_priority() {
+    let ds = ds();
+    ds.put_derivations(&[drv("base", &[]), drv("app", &["base"])])
+        .unwrap();
+    let base = submit(&ds, "base", 1, 0);
+    let app = submit(&ds, "app", 5, 1);
+    assert!(app.created);
+    assert_eq!(
+        active(&ds, "base").id,
+        base.id,
+        "the active build is reused as a dependency"
+    );
+    assert_eq!(get(&ds, base.id).effective_priority, 5);
+    assert_eq!(get(&ds, base.id).priority, 1);
+    let again = submit(&ds, "base", 3, 2);
+    assert_eq!(
+        (again.id, again.created, again.state),
+        (base.id, false, BuildState::Queued)
+    );
+    assert_eq!(get(&ds, base.id).priority, 3);
+    submit(&ds, "base", 0, 3);
+    assert_eq!(
+        get(&ds, base.id).priority,
+        3,
+        "a lower priority never lowers"
+    );
+    let twice = ds
+        .submit(&[new_build("base", 4), new_build("base", 2)], 4)
+        .unwrap();
+    assert!(twice.iter().all(|s| s.id == base.id && !s.created));
+    assert_eq!(get(&ds, base.id).priority, 4);
+    assert_eq!(ds.builds(&BuildFilter::default()).unwrap().len(), 2);
+}
+
+#[test]
+fn a_build_whose_outputs_are_cached_succeeds_at_once() {
+    let ds = ds();
+    ds.put_derivations(&[drv("base", &[]), drv("app", &["base"])])
+        .unwrap();
+    ds.cache_add(&[cached(out("base"))]).unwrap();
+    let first = submit(&ds, "base", 0, 0);
+    assert_eq!((first.created, first.state), (true, BuildState::Succeeded));
+    let second = submit(&ds, "base", 0, 1);
+    assert_eq!(
+        (second.id, second.created, second.state),
+        (first.id, false, BuildState::Succeeded)
+    );
+    let app = submit(&ds, "app", 0, 2);
+    assert_eq!(get(&ds, app.id).waiting_on, 0);
+    assert!(ds.dependencies(app.id).unwrap().is_empty());
+}
+
+#[test]
+fn an_unknown_derivation_in_the_closure_changes_nothing() {
+    let ds = ds();
+    ds.put_derivations(&[drv("base", &[]), drv("app", &["base", "missing"])])
+        .unwrap();
+    let err = ds
+        .submit(&[new_build("base", 0), new_build("app", 0)], 0)
+        .unwrap_err();
+    assert!(
+        matches!(&err, DatastoreError::NoDerivation(d) if *d == path("missing")),
+        "{err}"
+    );
+    assert_eq!(ds.queue_stats().unwrap(), QueueStats::default());
+    assert!(ds.builds(&BuildFilter::default()).unwrap().is_empty());
+    let err = ds.submit(&[new_build("nowhere", 0)], 0).unwrap_err();
+    assert!(matches!(err, DatastoreError::NoDerivation(_)));
+}
+
+#[test]
+fn a_failed_dependency_fails_the_submission_unless_retry() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    ds.put_derivations(&[drv("base", &[]), drv("app", &["base"])])
+        .unwrap();
+    let base = submit(&ds, "base", 0, 0);
+    assert_eq!(lease_one(&ds, &a, 1), base.id);
+    ds.setback(&a, base.id, &build_failure("make: error 2"), 2)
+        .unwrap();
+
+    let app = submit(&ds, "app", 0, 3);
+    assert_eq!((app.created, app.state), (true, BuildState::Failed));
+    assert_eq!(
+        get(&ds, app.id).message.as_deref(),
+        Some(format!("dependency failed: {}", path("base")).as_str())
+    );
+    assert_eq!(
+        ds.queue_stats().unwrap().queued,
+        0,
+        "nothing queued for a doomed build"
+    );
+
+    let again = submit(&ds, "app", 0, 4);
+    assert_eq!(
+        (again.id, again.created, again.state),
+        (app.id, false, BuildState::Failed)
+    );
+
+    let retried = ds
+        .submit(
+            &[NewBuild {
+                retry: true,
+                ..new_build("app", 0)
+            }],
+            5,
+        )
+        .unwrap()
+        .remove(0);
+    assert_eq!((retried.created, retried.state), (true, BuildState::Queued));
+    let new_base = active(&ds, "base");
+    assert_ne!(new_base.id, base.id);
+    assert_eq!(ds.dependencies(retried.id).unwrap(), vec![new_base.id]);
+}
+
+#[test]
+fn a_failure_by_dependency_is_not_the_dependents_own() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    ds.put_derivations(&[
+        drv("base", &[]),
+        drv("lib", &["base"]),
+        drv("app", &["lib"]),
+    ])
+    .unwrap();
+    let app = submit(&ds, "app", 0, 0);
+    let base = lease_one(&ds, &a, 1);
+    ds.setback(&a, base, &build_failure("flaky test"), 2)
+        .unwrap();
+    assert_eq!(get(&ds, app.id).state, BuildState::Failed);
+
+    // Still blocked by the same failure: the same answer.
+    let again = submit(&ds, "app", 0, 3);
+    assert_eq!(
+        (again.id, again.created, again.state),
+        (app.id, false, BuildState::Failed)
+    );
+
+    // Once base is retried, app and lib need no `retry` of their own.
+    let retried = ds
+        .submit(
+            &[NewBuild {
+                retry: true,
+                ..new_build("base", 0)
+            }],
+            4,
+        )
+        .unwrap()
+        .remove(0);
+    assert!(retried.created);
+    let app2 = submit(&ds, "app", 0, 5);
+    assert_eq!((app2.created, app2.state), (true, BuildState::Queued));
+    let lib2 = active(&ds, "lib");
+    assert_eq!(ds.dependencies(app2.id).unwrap(), vec![lib2.id]);
+    assert_eq!(ds.dependencies(lib2.id).unwrap(), vec![retried.id]);
+}
+
+// --- priorities and critical paths ----------------------------------------------
+
+#[test]
+fn effective_priority_propagates_and_lowering_recomputes_the_cone() {
+    let ds = ds();
+    ds.put_derivations(&[
+        drv("base", &[]),
+        drv("a", &["base"]),
+        drv("b", &["base"]),
+        drv("top", &["a", "b"]),
+        drv("other", &["base"]),
+    ])
+    .unwrap();
+    for n in ["base", "a", "b"] {
+        submit(&ds, n, 0, 0);
+    }
+    submit(&ds, "other", 4, 1);
+    let top = submit(&ds, "top", 10, 2);
+    let eff = |n: &str| active(&ds, n).effective_priority;
+    assert_eq!(
+        [eff("top"), eff("a"), eff("b"), eff("base"), eff("other")],
+        [10, 10, 10, 10, 4]
+    );
+
+    let lowered = ds.set_priority(top.id, 1).unwrap();
+    assert_eq!((lowered.priority, lowered.effective_priority), (1, 1));
+    assert_eq!(
+        [eff("a"), eff("b"), eff("base")],
+        [1, 1, 4],
+        "base keeps other's 4"
+    );
+
+    ds.set_priority(active(&ds, "a").id, 7).unwrap();
+    assert_eq!([eff("top"), eff("a"), eff("b"), eff("base")], [1, 7, 1, 7]);
+    let other = active(&ds, "other");
+    ds.set_priority(other.id, -5).unwrap();
+    assert_eq!(eff("base"), 7);
+}
+
+#[test]
+fn critical_path_counts_the_longest_chain_waiting() {
+    let ds = ds();
+    ds.put_derivations(&[
+        drv("c3", &[]),
+        drv("c2", &["c3"]),
+        drv("c1", &["c2"]),
+        drv("x", &["c3"]),
+        drv("y", &["x"]),
+        drv("z", &["y"]),
+        drv("w", &["z"]),
+    ])
+    .unwrap();
+    submit(&ds, "c1", 0, 0);
+    let cp = |n: &str| active(&ds, n).critical_path;
+    assert_eq!([cp("c1"), cp("c2"), cp("c3")], [1, 2, 3]);
+    submit(&ds, "w", 0, 1);
+    assert_eq!(
+        [cp("w"), cp("z"), cp("y"), cp("x"), cp("c3"), cp("c2")],
+        [1, 2, 3, 4, 5, 2]
+    );
+    // Canceling the head of the long chain shortens what it made long.
+    ds.cancel(active(&ds, "w").id, 2).unwrap();
+    assert_eq!(
+        [cp("z"), cp("y"), cp("x"), cp("c3"), cp("c2")],
+        [1, 2, 3, 4, 2]
+    );
+}
+
+// --- allocation -------------------------------------------------------------
+
+#[test]
+fn allocation_order_is_priority_then_critical_path_then_age() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    ds.put_derivations(&[
+        drv("low", &[]),
+        drv("d1", &[]),
+        drv("w", &["d1"]),
+        drv("d2", &[]),
+        drv("d3", &[]),
+        drv("high", &[]),
+    ])
+    .unwrap();
+    submit(&ds, "low", 1, 0);
+    submit(&ds, "d2", 3, 1);
+    submit(&ds, "w", 3, 2);
+    submit(&ds, "d3", 3, 3);
+    submit(&ds, "high", 5, 4);
+    let got = allocate(&ds, &a, &offer(&[SYSTEM], &[], 10), 10);
+    assert_eq!(
+        names(&got),
+        ["high", "d1", "d2", "d3", "low"],
+        "w waits for d1"
+    );
+    for (id, _) in &got {
+        let b = get(&ds, *id);
+        assert_eq!(
+            (b.state, b.agent.as_ref(), b.lease_deadline),
+            (BuildState::Allocated, Some(&a), Some(10 + LEASE))
+        );
+    }
+}
+
+#[test]
+fn allocation_stops_at_free_slots_and_respects_defer_until() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    ds.put_derivations(&[drv("p", &[]), drv("q", &[]), drv("later", &[])])
+        .unwrap();
+    submit(&ds, "p", 2, 0);
+    submit(&ds, "q", 1, 0);
+    ds.submit(
+        &[NewBuild {
+            defer_until: Some(100),
+            ..new_build("later", 9)
+        }],
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        names(&allocate(&ds, &a, &offer(&[SYSTEM], &[], 1), 10)),
+        ["p"]
+    );
+    assert!(allocate(&ds, &a, &offer(&[SYSTEM], &[], 0), 10).is_empty());
+    assert_eq!(
+        names(&allocate(&ds, &a, &offer(&[SYSTEM], &[], 5), 10)),
+        ["q"]
+    );
+    assert_eq!(
+        names(&allocate(&ds, &a, &offer(&[SYSTEM], &[], 5), 100)),
+        ["later"]
+    );
+}
+
+#[test]
+fn allocation_matches_systems_features_and_builtin() {
+    let ds = ds();
+    let plain = agent(&ds, "plain");
+    let kvm = agent(&ds, "kvm");
+    let arm = agent(&ds, "arm");
+    ds.put_derivations(&[
+        drv_of("needs-kvm", SYSTEM, &["kvm"], &[]),
+        drv_of("x86", SYSTEM, &[], &[]),
+        drv_of("arm-build", "aarch64-linux", &[], &[]),
+        drv_of("fetch", "builtin", &[], &[]),
+        drv_of("big", SYSTEM, &["kvm", "big-parallel"], &[]),
+    ])
+    .unwrap();
+    for (n, p) in [
+        ("needs-kvm", 5),
+        ("x86", 4),
+        ("arm-build", 3),
+        ("fetch", 2),
+        ("big", 6),
+    ] {
+        submit(&ds, n, p, 0);
+    }
+    assert_eq!(
+        names(&allocate(&ds, &plain, &offer(&[SYSTEM], &[], 10), 1)),
+        ["x86", "fetch"]
+    );
+    assert_eq!(
+        names(&allocate(
+            &ds,
+            &kvm,
+            &offer(&[SYSTEM], &["kvm", "nixos-test"], 10),
+            1
+        )),
+        ["needs-kvm"]
+    );
+    assert_eq!(
+        names(&allocate(
+            &ds,
+            &arm,
+            &offer(&["aarch64-linux"], &["kvm", "big-parallel"], 10),
+            1
+        )),
+        ["arm-build"]
+    );
+    assert_eq!(active(&ds, "big").state, BuildState::Queued);
+}
+
+#[test]
+fn a_disabled_agent_gets_nothing() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    ds.put_derivations(&[drv("p", &[])]).unwrap();
+    submit(&ds, "p", 0, 0);
+    ds.agent_set_enabled(&a, false).unwrap();
+    assert!(allocate(&ds, &a, &offer(&[SYSTEM], &[], 4), 1).is_empty());
+    let listed = ds.agents().unwrap();
+    assert_eq!((listed[0].enabled, listed[0].last_seen), (false, Some(1)));
+    ds.agent_set_enabled(&a, true).unwrap();
+    assert_eq!(
+        names(&allocate(&ds, &a, &offer(&[SYSTEM], &[], 4), 2)),
+        ["p"]
+    );
+    let listed = ds.agents().unwrap();
+    assert_eq!(listed[0].allocated, vec![active(&ds, "p").id]);
+    assert_eq!(listed[0].systems, BTreeSet::from([SYSTEM.to_owned()]));
+    let missing = AgentId::new("ghost").unwrap();
+    assert!(matches!(
+        ds.allocate(&missing, &offer(&[SYSTEM], &[], 1), LEASE, 3),
+        Err(DatastoreError::NoAgent(_))
+    ));
+    assert!(matches!(
+        ds.agent_new(&a, 4),
+        Err(DatastoreError::AgentExists(_))
+    ));
+    assert!(matches!(
+        ds.agent_set_enabled(&missing, true),
+        Err(DatastoreError::NoAgent(_))
+    ));
+}
+
+#[test]
+fn allocation_uses_the_ready_index_without_sorting() {
+    let ds = ds();
+    for (sql, args) in [
+        (leases::READY, vec!["x", "[]"]),
+        (leases::FEATURE_SETS, vec!["x"]),
+    ] {
+        let plan: Vec<String> = ds.with_conn(|c| {
+            let mut stmt = c.prepare(&format!("explain query plan {sql}")).unwrap();
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .unwrap();
+            rows.collect::<Result<_, _>>().unwrap()
+        });
+        let plan = plan.join("\n");
+        assert!(plan.contains("builds_ready"), "{plan}");
+        assert!(
+            !plan.contains("TEMP B-TREE") && !plan.contains("SCAN builds"),
+            "{plan}"
+        );
+    }
+}
+
+// --- results ----------------------------------------------------------------
+
+#[test]
+fn a_build_waiting_on_dependencies_is_allocated_only_after_they_succeed() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    ds.put_derivations(&[drv("base", &[]), drv("app", &["base"])])
+        .unwrap();
+    let app = submit(&ds, "app", 0, 0);
+    let got = allocate(&ds, &a, &offer(&[SYSTEM], &[], 10), 1);
+    assert_eq!(names(&got), ["base"]);
+    assert!(allocate(&ds, &a, &offer(&[SYSTEM], &[], 10), 2).is_empty());
+    ds.start(&a, got[0].0, 3).unwrap();
+    ds.start(&a, got[0].0, 4).unwrap();
+    assert_eq!(
+        get(&ds, got[0].0).started_at,
+        Some(3),
+        "only the first start counts"
+    );
+    ds.succeed(&a, got[0].0, &[cached(out("base"))], 5).unwrap();
+    let base = get(&ds, got[0].0);
+    assert_eq!(
+        (base.state, base.finished_at),
+        (BuildState::Succeeded, Some(5))
+    );
+    assert!(ds.cache_get(&out("base")).unwrap().is_some());
+    let app_now = get(&ds, app.id);
+    assert_eq!(app_now.waiting_on, 0);
+    assert!(ds.dependencies(app.id).unwrap().is_empty());
+    assert_eq!(
+        names(&allocate(&ds, &a, &offer(&[SYSTEM], &[], 10), 6)),
+        ["app"]
+    );
+}
+
+#[test]
+fn a_build_failure_fails_everything_that_needs_it() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    ds.put_derivations(&[
+        drv("base", &[]),
+        drv("side", &[]),
+        drv("lib", &["base"]),
+        drv("app", &["lib", "side"]),
+        drv("solo", &[]),
+    ])
+    .unwrap();
+    submit(&ds, "side", 0, 0);
+    submit(&ds, "app", 9, 1);
+    submit(&ds, "solo", 0, 2);
+    assert_eq!(active(&ds, "side").effective_priority, 9);
+    let base = lease_one(&ds, &a, 3);
+    assert_eq!(get(&ds, base).drv, path("base"));
+    let after = ds
+        .setback(&a, base, &build_failure("make: error 2"), 4)
+        .unwrap();
+    assert_eq!(
+        (after.state, after.message.as_deref(), after.finished_at),
+        (BuildState::Failed, Some("make: error 2"), Some(4))
+    );
+    let dep_msg = format!("dependency failed: {}", path("base"));
+    for n in ["lib", "app"] {
+        let b = only_build(&ds, n);
+        assert_eq!(
+            (b.state, b.message.as_deref()),
+            (BuildState::Failed, Some(dep_msg.as_str())),
+            "{n}"
+        );
+    }
+    let side = active(&ds, "side");
+    assert_eq!(
+        (side.effective_priority, side.critical_path),
+        (0, 1),
+        "nothing needs side any more"
+    );
+    assert_eq!(active(&ds, "solo").state, BuildState::Queued);
+    assert_eq!(ds.queue_stats().unwrap().failed, 3);
+}
+
+#[test]
+fn an_infrastructure_failure_backs_off_and_avoids_the_agent() {
+    let ds = ds();
+    let a1 = agent(&ds, "a1");
+    let a2 = agent(&ds, "a2");
+    ds.put_derivations(&[drv("p", &[])]).unwrap();
+    submit(&ds, "p", 0, 0);
+    assert!(
+        allocate(&ds, &a2, &offer(&[SYSTEM], &[], 0), 100).is_empty(),
+        "a2 is seen"
+    );
+    let id = lease_one(&ds, &a1, 100);
+    let b = ds.setback(&a1, id, &infra("disk full"), 100).unwrap();
+    assert_eq!(
+        (
+            b.state,
+            b.attempts,
+            b.next_attempt_at,
+            b.message.as_deref(),
+            b.lease_deadline
+        ),
+        (BuildState::Queued, 1, Some(110), Some("disk full"), None)
+    );
+    assert!(
+        allocate(&ds, &a1, &offer(&[SYSTEM], &[], 1), 105).is_empty(),
+        "backing off"
+    );
+    assert!(
+        allocate(&ds, &a1, &offer(&[SYSTEM], &[], 1), 111).is_empty(),
+        "a2 can take it"
+    );
+    assert_eq!(lease_one(&ds, &a2, 112), id);
+    let b = ds.setback(&a2, id, &infra("upload failed"), 112).unwrap();
+    assert_eq!(
+        (b.attempts, b.next_attempt_at),
+        (2, Some(112 + 25)),
+        "30 s capped at 25"
+    );
+    assert_eq!(lease_one(&ds, &a1, 140), id, "avoids a2 now, not a1");
+    let b = ds.setback(&a1, id, &infra("disk full"), 141).unwrap();
+    assert_eq!(
+        (b.state, b.attempts, b.message.as_deref()),
+        (
+            BuildState::Failed,
+            3,
+            Some("gave up after 3 infrastructure failures: disk full")
+        )
+    );
+}
+
+#[test]
+fn an_agent_gets_its_setback_back_when_no_other_can_take_it() {
+    let ds = ds();
+    let a1 = agent(&ds, "a1");
+    let arm = agent(&ds, "arm");
+    let old = agent(&ds, "old");
+    ds.put_derivations(&[drv("p", &[])]).unwrap();
+    submit(&ds, "p", 0, 0);
+    // Seen long ago, or unable to build it: neither counts.
+    allocate(&ds, &old, &offer(&[SYSTEM], &[], 0), 1);
+    allocate(&ds, &arm, &offer(&["aarch64-linux"], &[], 0), 100);
+    let id = lease_one(&ds, &a1, 100);
+    ds.setback(&a1, id, &infra("network"), 100).unwrap();
+    assert_eq!(lease_one(&ds, &a1, 200), id);
+}
+
+#[test]
+fn backoff_triples_up_to_the_maximum() {
+    let p = RetryPolicy {
+        base_secs: 10,
+        max_secs: 3600,
+        max_attempts: 100,
+    };
+    let waits: Vec<i64> = (1..=7).map(|n| leases::backoff(&p, n)).collect();
+    assert_eq!(waits, [10, 30, 90, 270, 810, 2430, 3600]);
+    assert_eq!(leases::backoff(&p, 99), 3600, "no overflow");
+}
+
+#[test]
+fn an_expired_lease_requeues_and_the_returning_agent_learns_it() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    ds.put_derivations(&[drv("p", &[]), drv("q", &[])]).unwrap();
+    submit(&ds, "p", 1, 0);
+    submit(&ds, "q", 0, 0);
+    let got = allocate(&ds, &a, &offer(&[SYSTEM], &[], 2), 0);
+    let (p, q) = (got[0].0, got[1].0);
+    assert!(ds.heartbeat(&a, &[p], LEASE, 30).unwrap().is_empty());
+    assert_eq!(get(&ds, p).lease_deadline, Some(30 + LEASE));
+    assert_eq!(ds.expire_leases(61).unwrap(), vec![q]);
+    assert!(ds.expire_leases(89).unwrap().is_empty());
+    assert_eq!(ds.expire_leases(91).unwrap(), vec![p]);
+    let b = get(&ds, p);
+    assert_eq!(
+        (b.state, b.attempts, b.message.as_deref()),
+        (BuildState::Queued, 1, Some("lease expired on agent a1"))
+    );
+    assert!(ds.leases(&a).unwrap().is_empty());
+    assert_eq!(ds.heartbeat(&a, &[p, q], LEASE, 95).unwrap(), vec![p, q]);
+    let err = ds.succeed(&a, p, &[cached(out("p"))], 96).unwrap_err();
+    assert!(
+        matches!(err, DatastoreError::NotLeased { id, .. } if id == p),
+        "{err}"
+    );
+    assert!(
+        ds.cache_get(&out("p")).unwrap().is_none(),
+        "a refused result changes nothing"
+    );
+    assert_eq!(get(&ds, p).state, BuildState::Queued);
+    assert!(matches!(
+        ds.start(&a, p, 96),
+        Err(DatastoreError::NotLeased { .. })
+    ));
+    assert!(matches!(
+        ds.setback(&a, p, &infra("x"), 96),
+        Err(DatastoreError::NotLeased { .. })
+    ));
+}
+
+#[test]
+fn leases_are_the_builds_still_held_and_only_by_their_agent() {
+    let ds = ds();
+    let a1 = agent(&ds, "a1");
+    let a2 = agent(&ds, "a2");
+    ds.put_derivations(&[drv("p", &["q"]), drv("q", &[])])
+        .unwrap();
+    submit(&ds, "p", 0, 0);
+    let q = lease_one(&ds, &a1, 0);
+    let leases = ds.leases(&a1).unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(
+        (
+            leases[0].id,
+            leases[0].drv.drv.as_str(),
+            leases[0].lease_deadline
+        ),
+        (q, path("q").as_str(), LEASE)
+    );
+    assert!(ds.leases(&a2).unwrap().is_empty());
+    assert!(matches!(
+        ds.succeed(&a2, q, &[], 1),
+        Err(DatastoreError::NotLeased { .. })
+    ));
+    assert_eq!(ds.heartbeat(&a2, &[q], LEASE, 1).unwrap(), vec![q]);
+    assert_eq!(
+        get(&ds, q).lease_deadline,
+        Some(LEASE),
+        "another agent's heartbeat extends nothing"
+    );
+}
+
+// --- cancel and listing -------------------------------------------------------
+
+#[test]
+fn cancel_takes_the_builds_that_need_it() {
+    let ds = ds();
+    ds.put_derivations(&[
+        drv("base", &[]),
+        drv("lib", &["base"]),
+        drv("app", &["lib"]),
+    ])
+    .unwrap();
+    submit(&ds, "base", 0, 0);
+    let app = submit(&ds, "app", 5, 1);
+    let lib = active(&ds, "lib");
+    assert_eq!(active(&ds, "base").effective_priority, 5);
+    let canceled = ds.cancel(lib.id, 2).unwrap();
+    assert_eq!(canceled, vec![lib.id, app.id]);
+    assert_eq!(get(&ds, app.id).state, BuildState::Canceled);
+    assert_eq!(get(&ds, lib.id).message.as_deref(), Some("canceled"));
+    let base = active(&ds, "base");
+    assert_eq!((base.effective_priority, base.critical_path), (0, 1));
+    let err = ds.cancel(lib.id, 3).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DatastoreError::WrongState {
+                state: "canceled",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(matches!(
+        ds.set_priority(lib.id, 3),
+        Err(DatastoreError::WrongState { .. })
+    ));
+    let ghost = BuildId::new(999).unwrap();
+    assert!(matches!(
+        ds.cancel(ghost, 3),
+        Err(DatastoreError::NoBuild(_))
+    ));
+    assert!(matches!(
+        ds.dependencies(ghost),
+        Err(DatastoreError::NoBuild(_))
+    ));
+}
+
+#[test]
+fn builds_lists_newest_first_with_filters() {
+    let ds = ds();
+    ds.put_derivations(&[drv("p", &[]), drv("q", &[]), drv("r", &[])])
+        .unwrap();
+    let tagged = |n: &str, v: &str| NewBuild {
+        tags: BTreeMap::from([("jobset".to_owned(), v.to_owned())]),
+        ..new_build(n, 0)
+    };
+    let s = ds
+        .submit(&[tagged("p", "a"), tagged("q", "b"), tagged("r", "a")], 0)
+        .unwrap();
+    ds.cancel(s[1].id, 1).unwrap();
+    let ids = |f: BuildFilter| {
+        ds.builds(&f)
+            .unwrap()
+            .into_iter()
+            .map(|b| b.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(BuildFilter::default()), [s[2].id, s[1].id, s[0].id]);
+    assert_eq!(
+        ids(BuildFilter {
+            limit: 2,
+            ..Default::default()
+        }),
+        [s[2].id, s[1].id]
+    );
+    assert_eq!(
+        ids(BuildFilter {
+            tag: Some(("jobset".into(), "a".into())),
+            ..Default::default()
+        }),
+        [s[2].id, s[0].id]
+    );
+    assert_eq!(
+        ids(BuildFilter {
+            states: BTreeSet::from([BuildState::Canceled]),
+            ..Default::default()
+        }),
+        [s[1].id]
+    );
+    assert_eq!(
+        ids(BuildFilter {
+            drv: Some(path("p")),
+            ..Default::default()
+        }),
+        [s[0].id]
+    );
+    let stats = ds.queue_stats().unwrap();
+    assert_eq!((stats.queued, stats.ready, stats.canceled), (2, 2, 1));
+}
+
+// --- tokens -------------------------------------------------------------------
+
+#[test]
+fn tokens_are_found_by_hash_until_expired_revoked_or_disabled() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    let client_hash = [0xab_u8; 32];
+    let agent_hash = [0x01_u8; 32];
+    let client = Principal::Client { role: Role::Submit };
+    let agent_p = Principal::Agent { agent: a.clone() };
+    let id = ds.token_add(&client_hash, &client, Some(100), 10).unwrap();
+    assert_eq!(id, "abababababab");
+    ds.token_add(&agent_hash, &agent_p, None, 11).unwrap();
+    assert_eq!(
+        ds.token_lookup(&client_hash, 99).unwrap(),
+        Some(client.clone())
+    );
+    assert_eq!(ds.token_lookup(&client_hash, 100).unwrap(), None, "expired");
+    assert_eq!(ds.token_lookup(&[0x02; 32], 0).unwrap(), None, "unknown");
+    assert_eq!(
+        ds.token_lookup(&agent_hash, 1_000_000).unwrap(),
+        Some(agent_p.clone())
+    );
+    ds.agent_set_enabled(&a, false).unwrap();
+    assert_eq!(
+        ds.token_lookup(&agent_hash, 12).unwrap(),
+        None,
+        "disabled agent"
+    );
+    ds.agent_set_enabled(&a, true).unwrap();
+    assert_eq!(
+        ds.token_lookup(&agent_hash, 12).unwrap(),
+        Some(agent_p.clone())
+    );
+    ds.token_revoke("010101010101").unwrap();
+    assert_eq!(ds.token_lookup(&agent_hash, 13).unwrap(), None, "revoked");
+    assert!(matches!(
+        ds.token_revoke("ffffffffffff"),
+        Err(DatastoreError::NoToken(_))
+    ));
+    let listed = ds.tokens().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        (
+            listed[0].id.as_str(),
+            &listed[0].principal,
+            listed[0].expires_at,
+            listed[0].revoked
+        ),
+        ("abababababab", &client, Some(100), false)
+    );
+    assert_eq!((&listed[1].principal, listed[1].revoked), (&agent_p, true));
+    let ghost = Principal::Agent {
+        agent: AgentId::new("ghost").unwrap(),
+    };
+    assert!(matches!(
+        ds.token_add(&[3; 32], &ghost, None, 0),
+        Err(DatastoreError::NoAgent(_))
+    ));
+}
+
+// --- files, restarts, migrations -------------------------------------------------
+
+#[test]
+fn reopening_a_file_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("coordinator.sqlite");
+    let (p, q) = {
+        let ds = SqliteDatastore::open(&file, policy()).unwrap();
+        let a = agent(&ds, "a1");
+        ds.put_derivations(&[drv("p", &[]), drv("q", &["p"])])
+            .unwrap();
+        ds.token_add(&[7; 32], &Principal::Client { role: Role::Admin }, None, 0)
+            .unwrap();
+        let q = submit(&ds, "q", 2, 0).id;
+        let p = lease_one(&ds, &a, 1);
+        (p, q)
+        // Dropped without any shutdown step, as after kill -9.
+    };
+    let ds = open(&format!("sqlite://{}", file.display()), policy()).unwrap();
+    let a = AgentId::new("a1").unwrap();
+    assert_eq!(ds.build(p).unwrap().state, BuildState::Allocated);
+    assert_eq!(ds.build(q).unwrap().waiting_on, 1);
+    assert_eq!(ds.leases(&a).unwrap().len(), 1);
+    assert_eq!(
+        ds.token_lookup(&[7; 32], 1).unwrap(),
+        Some(Principal::Client { role: Role::Admin })
+    );
+    ds.succeed(&a, p, &[cached(out("p"))], 2).unwrap();
+    assert_eq!(ds.build(q).unwrap().waiting_on, 0);
+    assert!(ds.derivation(&path("q")).unwrap().is_some());
+}
+
+#[test]
+fn a_file_database_is_durable_wal_with_foreign_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = SqliteDatastore::open(&dir.path().join("db.sqlite"), policy()).unwrap();
+    let (mode, sync, fk): (String, i64, i64) = ds.with_conn(|c| {
+        let q = |sql: &str| {
+            c.query_row(sql, [], |r| r.get::<_, rusqlite::types::Value>(0))
+                .unwrap()
+        };
+        let text = |v| match v {
+            rusqlite::types::Value::Text(t) => t,
+            other => panic!("{other:?}"),
+        };
+        let int = |v| match v {
+            rusqlite::types::Value::Integer(i) => i,
+            other => panic!("{other:?}"),
+        };
+        (
+            text(q("pragma journal_mode")),
+            int(q("pragma synchronous")),
+            int(q("pragma foreign_keys")),
+        )
+    });
+    assert_eq!(
+        (mode.as_str(), sync, fk),
+        ("wal", 2, 1),
+        "wal, synchronous=FULL, foreign keys"
+    );
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("db.sqlite");
+    drop(SqliteDatastore::open(&file, policy()).unwrap());
+    // Opening again at the same version applies nothing.
+    let ds = SqliteDatastore::open(&file, policy()).unwrap();
+    assert_eq!(
+        ds.with_conn(|c| schema::version(c).unwrap()),
+        schema::known_version()
+    );
+    drop(ds);
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    conn.execute("update schema_version set version = 99", [])
+        .unwrap();
+    drop(conn);
+    let err = SqliteDatastore::open(&file, policy()).unwrap_err();
+    assert!(
+        matches!(err, DatastoreError::SchemaTooNew { found: 99, known } if known == schema::known_version()),
+        "{err}"
+    );
+}
+
+#[test]
+fn open_accepts_only_sqlite_urls() {
+    assert!(matches!(
+        open("postgres://db/x", policy()),
+        Err(DatastoreError::Url(_))
+    ));
+    assert!(matches!(
+        open("sqlite://relative.db", policy()),
+        Err(DatastoreError::Url(_))
+    ));
+    assert!(matches!(
+        open("sqlite:///nonexistent-dir/x/y.db", policy()),
+        Err(DatastoreError::Open { .. })
+    ));
+}
+
+// --- scale --------------------------------------------------------------------
+
+/// Fills the datastore with `n` ready builds of `SYSTEM` (one derivation
+/// each, spread over 50 priorities) in one transaction, as fast as SQLite
+/// takes rows, bypassing `submit`.
+fn fill_queue(ds: &SqliteDatastore, n: usize) {
+    fill_queue_with(ds, "bulk", n, 0, "[]", None);
+}
+
+/// [`fill_queue`] with names `{prefix}-{i}`, priorities from `base`,
+/// required features (JSON) and a `defer_until`.
+fn fill_queue_with(
+    ds: &SqliteDatastore,
+    prefix: &str,
+    n: usize,
+    base: i64,
+    features: &str,
+    defer_until: Option<i64>,
+) {
+    ds.with_conn(|c| {
+        let tx = c.transaction().unwrap();
+        {
+            let mut d = tx
+                .prepare(
+                    "insert into derivations (drv, system, required_features, outputs, input_drvs, input_srcs) \
+                     values (?1, ?2, ?3, '{}', '{}', '[]')",
+                )
+                .unwrap();
+            let mut b = tx
+                .prepare(
+                    "insert into builds (drv, system, required_features, state, priority, \
+                     effective_priority, critical_path, tags, created_at, defer_until, held_until) \
+                     values (?1, ?2, ?3, 'queued', ?4, ?4, 1, '{}', 0, ?5, ?5)",
+                )
+                .unwrap();
+            for i in 0..n {
+                let name = format!("/gnu/store/{prefix}-{i}.drv");
+                let priority = base + i64::try_from(i % 50).unwrap();
+                d.execute(rusqlite::params![name, SYSTEM, features]).unwrap();
+                b.execute(rusqlite::params![name, SYSTEM, features, priority, defer_until]).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    });
+}
+
+/// Prints how long one `allocate` takes over 100,000 queued builds (the
+/// issue's target is under 50 ms; `bench/coordinator/alloc.sh` runs this
+/// in release mode). Asserts order, never time.
+#[test]
+#[ignore = "fills 100,000 builds; run by bench/coordinator/alloc.sh"]
+fn allocate_from_100k_queued_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = SqliteDatastore::open(&dir.path().join("bench.sqlite"), policy()).unwrap();
+    let a = agent(&ds, "a1");
+    let fill = Instant::now();
+    fill_queue(&ds, 100_000);
+    println!("filled 100000 queued builds in {:?}", fill.elapsed());
+    for round in 0..3 {
+        let t = Instant::now();
+        let got = ds
+            .allocate(&a, &offer(&[SYSTEM, "aarch64-linux"], &[], 4), LEASE, 1)
+            .unwrap();
+        let elapsed = t.elapsed();
+        println!(
+            "allocate #{round}: 4 builds of 100000 queued in {:?} ({:.2} ms)",
+            elapsed,
+            elapsed.as_secs_f64() * 1000.0
+        );
+        assert_eq!(got.len(), 4);
+        for g in &got {
+            assert_eq!(ds.build(g.id).unwrap().effective_priority, 49);
+        }
+    }
+    // An agent of a system nobody needs must not scan the queue either.
+    let t = Instant::now();
+    assert!(ds
+        .allocate(&a, &offer(&["riscv64-linux"], &[], 4), LEASE, 2)
+        .unwrap()
+        .is_empty());
+    println!("allocate for an unneeded system: {:?}", t.elapsed());
+}
+
+/// The worst case of the walk: the best 100,000 ready builds are ones this
+/// agent cannot take (a feature it lacks, or deferred), so allocation reads
+/// past all of them before it finds work. Prints the time; asserts order.
+#[test]
+#[ignore = "fills 200,000 builds; run by bench/coordinator/alloc.sh"]
+fn allocate_past_100k_builds_the_agent_cannot_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = SqliteDatastore::open(&dir.path().join("bench.sqlite"), policy()).unwrap();
+    let a = agent(&ds, "a1");
+    fill_queue(&ds, 100_000);
+    fill_queue_with(&ds, "kvm", 50_000, 100, r#"["kvm"]"#, None);
+    fill_queue_with(&ds, "deferred", 50_000, 100, "[]", Some(1_000));
+    let t = Instant::now();
+    let got = ds
+        .allocate(&a, &offer(&[SYSTEM], &[], 4), LEASE, 1)
+        .unwrap();
+    let elapsed = t.elapsed();
+    println!(
+        "allocate past 100000 unsuitable builds (of 200000 queued): {:?} ({:.2} ms)",
+        elapsed,
+        elapsed.as_secs_f64() * 1000.0
+    );
+    assert_eq!(got.len(), 4);
+    for g in &got {
+        assert!(g.drv.drv.contains("/bulk-"), "{}", g.drv.drv);
+    }
+}
+
+// --- invariants under random operations -------------------------------------------
+
+/// A small deterministic generator (xorshift64*), so a failing sequence
+/// can be replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        usize::try_from(x % u64::try_from(n).unwrap()).unwrap()
+    }
+}
+
+/// Checks every stored value against its definition, computed from scratch:
+/// effective priorities, critical paths, `waiting_on`, edges only between
+/// active builds, one active build per derivation.
+fn check_invariants(ds: &SqliteDatastore, context: &str) {
+    let all = ds.builds(&BuildFilter::default()).unwrap();
+    let edges: Vec<(i64, i64)> = ds.with_conn(|c| {
+        let mut s = c
+            .prepare("select build, dependency from build_deps")
+            .unwrap();
+        let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    });
+    let by_id: BTreeMap<i64, &BuildRecord> = all.iter().map(|b| (b.id.get(), b)).collect();
+    let mut waiters: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for &(b, d) in &edges {
+        assert!(
+            by_id[&b].state.is_active() && by_id[&d].state.is_active(),
+            "{context}: edge {b}->{d} between finished builds"
+        );
+        waiters.entry(d).or_default().push(b);
+    }
+    let mut active_drvs = BTreeSet::new();
+    for b in all.iter().filter(|b| b.state.is_active()) {
+        assert!(
+            active_drvs.insert(&b.drv),
+            "{context}: two active builds of {}",
+            b.drv
+        );
+        let waits = edges.iter().filter(|(w, _)| *w == b.id.get()).count();
+        assert_eq!(
+            b.waiting_on,
+            i64::try_from(waits).unwrap(),
+            "{context}: waiting_on of {}",
+            b.id
+        );
+    }
+    // Definitions, by memoised walks up the waiters (the graph is small).
+    fn value(
+        id: i64,
+        by_id: &BTreeMap<i64, &BuildRecord>,
+        waiters: &BTreeMap<i64, Vec<i64>>,
+        memo: &mut BTreeMap<i64, (i64, i64)>,
+    ) -> (i64, i64) {
+        if let Some(v) = memo.get(&id) {
+            return *v;
+        }
+        let mut eff = by_id[&id].priority;
+        let mut cp = 1;
+        for &w in waiters.get(&id).map(Vec::as_slice).unwrap_or(&[]) {
+            let (we, wc) = value(w, by_id, waiters, memo);
+            eff = eff.max(we);
+            cp = cp.max(wc + 1);
+        }
+        memo.insert(id, (eff, cp));
+        (eff, cp)
+    }
+    let mut memo = BTreeMap::new();
+    for b in all.iter().filter(|b| b.state.is_active()) {
+        let (eff, cp) = value(b.id.get(), &by_id, &waiters, &mut memo);
+        assert_eq!(
+            (b.effective_priority, b.critical_path),
+            (eff, cp),
+            "{context}: build {} ({})",
+            b.id,
+            b.drv
+        );
+    }
+}
+
+#[test]
+fn priorities_paths_and_edges_stay_exact_under_random_operations() {
+    for seed in 1..=12_u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let ds = ds();
+        let a = agent(&ds, "a1");
+        // A random DAG: node i may use any node below it.
+        let n = 25;
+        let drvs: Vec<DrvRecord> = (0..n)
+            .map(|i| {
+                let inputs: Vec<String> = (0..i)
+                    .filter(|_| rng.below(6) == 0)
+                    .map(|j| format!("n{j}"))
+                    .collect();
+                let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                drv(&format!("n{i}"), &inputs)
+            })
+            .collect();
+        ds.put_derivations(&drvs).unwrap();
+        let mut now = 0;
+        for step in 0..80 {
+            now += 1;
+            let context = format!("seed {seed} step {step}");
+            let active: Vec<BuildRecord> = ds
+                .builds(&BuildFilter::default())
+                .unwrap()
+                .into_iter()
+                .filter(|b| b.state.is_active())
+                .collect();
+            let priority = i64::try_from(rng.below(15)).unwrap() - 5;
+            match rng.below(7) {
+                0..=2 => {
+                    let name = format!("n{}", rng.below(n));
+                    let retry = rng.below(3) == 0;
+                    ds.submit(
+                        &[NewBuild {
+                            retry,
+                            ..new_build(&name, priority)
+                        }],
+                        now,
+                    )
+                    .unwrap();
+                }
+                3 if !active.is_empty() => {
+                    let b = &active[rng.below(active.len())];
+                    ds.set_priority(b.id, priority).unwrap();
+                }
+                4 if !active.is_empty() => {
+                    let b = &active[rng.below(active.len())];
+                    ds.cancel(b.id, now).unwrap();
+                }
+                _ => {
+                    let got = ds
+                        .allocate(&a, &offer(&[SYSTEM], &[], 2), LEASE, now)
+                        .unwrap();
+                    for g in got {
+                        match rng.below(4) {
+                            0 => drop(ds.setback(&a, g.id, &build_failure("no"), now).unwrap()),
+                            1 => drop(ds.setback(&a, g.id, &infra("flaky"), now).unwrap()),
+                            _ => {
+                                let outs: Vec<CachedPath> =
+                                    g.drv.outputs.values().cloned().map(cached).collect();
+                                ds.succeed(&a, g.id, &outs, now).unwrap();
+                            }
+                        }
+                    }
+                    now += 30; // past the backoff of most setbacks
+                }
+            }
+            check_invariants(&ds, &context);
+        }
+    }
+}
