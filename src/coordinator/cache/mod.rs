@@ -65,10 +65,16 @@ pub enum CacheError {
     #[error("'{id}' is not an upload id (1-128 letters, digits, '-', '_' or '.', starting with a letter or digit)")]
     BadUploadId { id: String },
     #[error("upload '{id}' is at byte {current}, not {offset}: ask for its offset and resume from there")]
-    OffsetMismatch { id: String, offset: u64, current: u64 },
+    OffsetMismatch {
+        id: String,
+        offset: u64,
+        current: u64,
+    },
     #[error("upload '{id}' is larger than the limit of {max} bytes; it was discarded")]
     TooLarge { id: String, max: u64 },
-    #[error("upload '{id}' was cut at byte {offset} (that much is kept: resume from there): {source}")]
+    #[error(
+        "upload '{id}' was cut at byte {offset} (that much is kept: resume from there): {source}"
+    )]
     Interrupted {
         id: String,
         offset: u64,
@@ -228,13 +234,9 @@ impl Cache {
         max_total: u64,
     ) -> Result<u64, CacheError> {
         let path = self.partial_path(id);
-        let mut file = open_locked(&path, true)?.ok_or_else(|| CacheError::NoUpload {
-            id: id.0.clone(),
-        })?;
-        let current = file
-            .metadata()
-            .map_err(io_err("inspect", &path))?
-            .len();
+        let mut file =
+            open_locked(&path, true)?.ok_or_else(|| CacheError::NoUpload { id: id.0.clone() })?;
+        let current = file.metadata().map_err(io_err("inspect", &path))?.len();
         if current != offset {
             return Err(CacheError::OffsetMismatch {
                 id: id.0.clone(),
@@ -305,9 +307,8 @@ impl Cache {
     /// the checks), as Nix's binary caches keep the first copy.
     pub fn finish(&self, id: &UploadId, claim: &Claim) -> Result<Accepted, CacheError> {
         let path = self.partial_path(id);
-        let file = open_locked(&path, false)?.ok_or_else(|| CacheError::NoUpload {
-            id: id.0.clone(),
-        })?;
+        let file =
+            open_locked(&path, false)?.ok_or_else(|| CacheError::NoUpload { id: id.0.clone() })?;
         let result = self.finish_locked(&path, file, claim);
         if result.is_err() {
             if let Err(e) = remove_if_there(&path) {
@@ -602,6 +603,17 @@ impl Cache {
             }));
         }
         let drv_dir = self.dir.join("drv");
+        // Said here rather than from deep inside the output path check,
+        // which meets a missing input only once it hashes that far.
+        if let Some(missing) = drv
+            .input_derivations
+            .keys()
+            .find(|p| !drv_dir.join(p.base_name()).is_file())
+        {
+            return Err(reject(Rejection::MissingInputDrv {
+                input: dir.display(missing),
+            }));
+        }
         let mut tmp = tempfile::NamedTempFile::new_in(&drv_dir)
             .map_err(io_err("create a temporary file in", &drv_dir))?;
         tmp.write_all(bytes)
@@ -697,12 +709,11 @@ impl Cache {
                 return Err(io_err("read", &file)(io::Error::other(e.to_string())));
             }
         };
-        let info = NarInfo::parse(&text, &self.store_dir).map_err(|source| {
-            CacheError::BadNarInfo {
+        let info =
+            NarInfo::parse(&text, &self.store_dir).map_err(|source| CacheError::BadNarInfo {
                 path: self.store_dir.display(path),
                 source,
-            }
-        })?;
+            })?;
         // Another path with the same hash part cannot be this one.
         if info.path != *path {
             return Ok(None);
@@ -712,7 +723,12 @@ impl Cache {
 
     /// Stores the build log of `drv` at `log/<drv base name>` (replacing
     /// any earlier one at once, never partly), reading at most `max` bytes.
-    pub fn write_log(&self, drv: &StorePath, data: &mut dyn Read, max: u64) -> Result<(), CacheError> {
+    pub fn write_log(
+        &self,
+        drv: &StorePath,
+        data: &mut dyn Read,
+        max: u64,
+    ) -> Result<(), CacheError> {
         let dest = self.dir.join("log").join(drv.base_name());
         write_atomically(&dest, data, max).map_err(|e| match e {
             CacheError::TooLarge { max, .. } => CacheError::LogTooLarge {
@@ -846,3 +862,5 @@ fn write_atomically(dest: &Path, data: &mut dyn Read, max: u64) -> Result<(), Ca
     sync_dir(dir)
 }
 
+#[cfg(test)]
+mod tests;

@@ -222,8 +222,11 @@ fn once<T>(
 }
 
 fn sha256(line: usize, field: &'static str, value: &str) -> Result<Hash, NarInfoError> {
-    let h = Hash::parse_any_prefixed(value)
-        .map_err(|source| NarInfoError::BadHash { line, field, source })?;
+    let h = Hash::parse_any_prefixed(value).map_err(|source| NarInfoError::BadHash {
+        line,
+        field,
+        source,
+    })?;
     if h.algo() != HashAlgo::Sha256 {
         return Err(NarInfoError::NotSha256 { line, field });
     }
@@ -247,7 +250,11 @@ fn bad(line: usize, field: &'static str, value: &str) -> NarInfoError {
 }
 
 fn base_name(line: usize, field: &'static str, value: &str) -> Result<StorePath, NarInfoError> {
-    StorePath::from_base_name(value).map_err(|source| NarInfoError::BadPath { line, field, source })
+    StorePath::from_base_name(value).map_err(|source| NarInfoError::BadPath {
+        line,
+        field,
+        source,
+    })
 }
 
 /// A URL the client may join to the cache's base: a relative path of
@@ -260,8 +267,7 @@ fn check_url(line: usize, url: &str) -> Result<(), NarInfoError> {
             !c.is_empty()
                 && c != "."
                 && c != ".."
-                && c
-                    .bytes()
+                && c.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
         });
     if ok {
@@ -284,11 +290,13 @@ impl Partial {
     ) -> Result<(), NarInfoError> {
         match name {
             "StorePath" => {
-                let p = dir.parse_path(value).map_err(|source| NarInfoError::BadPath {
-                    line,
-                    field: "StorePath",
-                    source,
-                })?;
+                let p = dir
+                    .parse_path(value)
+                    .map_err(|source| NarInfoError::BadPath {
+                        line,
+                        field: "StorePath",
+                        source,
+                    })?;
                 once(&mut self.path, line, "StorePath", p)
             }
             "URL" => {
@@ -466,7 +474,10 @@ CA: fixed:r:sha256:1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h
                 "not a plain relative path",
             ),
             (NIX_WROTE.replace("NarSize: 120", "NarSize: 0"), "NarSize"),
-            (NIX_WROTE.replace("NarSize: 120", "NarSize: +12"), "bad NarSize"),
+            (
+                NIX_WROTE.replace("NarSize: 120", "NarSize: +12"),
+                "bad NarSize",
+            ),
             (
                 format!("{NIX_WROTE}NarSize: 120\n"),
                 "'NarSize' given twice",
@@ -476,10 +487,7 @@ CA: fixed:r:sha256:1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h
                 "NarHash",
             ),
             (NIX_WROTE.trim_end().to_owned(), "ending in a newline"),
-            (
-                NIX_WROTE.replace("/nix/store/", "/gnu/store/"),
-                "StorePath",
-            ),
+            (NIX_WROTE.replace("/nix/store/", "/gnu/store/"), "StorePath"),
             (
                 NIX_WROTE.replace("References: ", "References: ../x"),
                 "References",

@@ -12,7 +12,7 @@ use std::io::{self, BufRead, BufReader, Read};
 use thiserror::Error;
 
 use crate::derivation::check::{CheckError, MAX_DRV_SIZE};
-use crate::store::hash::{HashingReader, Hasher};
+use crate::store::hash::{Hasher, HashingReader};
 use crate::store::nar::{self, NarError, NarVisitor};
 use crate::store::refscan::RefScanner;
 use crate::store::{FileIngestionMethod, Hash, HashAlgo, StorePath};
@@ -204,10 +204,12 @@ pub(super) fn inspect(
     // (a decoder at the end of a frame does not read what follows).
     let mut rest = tap.inner.into_inner();
     let mut byte = [0u8; 1];
-    let extra = rest.read(&mut byte).map_err(|source| Rejection::Decompress {
-        pos: tap.size,
-        source,
-    })?;
+    let extra = rest
+        .read(&mut byte)
+        .map_err(|source| Rejection::Decompress {
+            pos: tap.size,
+            source,
+        })?;
     if extra != 0 {
         return Err(Rejection::TrailingCompressed);
     }
