@@ -6,6 +6,7 @@ mod build_check_logs;
 mod claims;
 mod client;
 mod compress;
+mod coordinator_cache;
 mod daemon_store;
 mod daemons;
 mod decide;
