@@ -121,10 +121,10 @@ pub enum SubstituteError {
         base: String,
         path: String,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("cannot query the local store")]
-    Local(#[source] StoreError),
+    Local(#[source] Box<StoreError>),
 }
 
 /// A binary cache served over HTTP(S): the coordinator's (`<url>/cache`)
@@ -267,7 +267,11 @@ impl HttpCache {
         let mut infos: BTreeMap<StorePath, NarInfo> = BTreeMap::new();
         let mut todo: Vec<StorePath> = paths.iter().cloned().collect();
         while let Some(p) = todo.pop() {
-            if infos.contains_key(&p) || store.is_valid(&p).map_err(SubstituteError::Local)? {
+            if infos.contains_key(&p)
+                || store
+                    .is_valid(&p)
+                    .map_err(|e| SubstituteError::Local(Box::new(e)))?
+            {
                 continue;
             }
             let info = self.query(&dir, &p)?;
@@ -299,7 +303,7 @@ impl HttpCache {
                     .map(|p| dir.display(p))
                     .collect::<Vec<_>>()
                     .join(", "),
-                source,
+                source: Box::new(source),
             })?;
         tracing::info!(cache = %self.base, paths = n, "substituted");
         Ok(n)
@@ -381,7 +385,7 @@ impl HttpCache {
         let store_err = |source| SubstituteError::Store {
             base: self.base.clone(),
             path: full.clone(),
-            source,
+            source: Box::new(source),
         };
         let resp = self.get(&info.url, Some(&full))?;
         // One byte more than announced is enough to know it is too long.

@@ -238,6 +238,10 @@ impl Cache {
             open_locked(&path, true)?.ok_or_else(|| CacheError::NoUpload { id: id.0.clone() })?;
         let current = file.metadata().map_err(io_err("inspect", &path))?.len();
         if current != offset {
+            if current == 0 {
+                // Created just now by this call: not an upload yet.
+                remove_if_there(&path)?;
+            }
             return Err(CacheError::OffsetMismatch {
                 id: id.0.clone(),
                 offset,
@@ -295,6 +299,48 @@ impl Cache {
             return Ok(());
         };
         remove_if_there(&path)
+    }
+
+    /// Discards the uploads not appended to for `age` or longer (uploaders
+    /// that never came back); returns how many. Uploads in use are skipped.
+    pub fn remove_stale_uploads(&self, age: std::time::Duration) -> Result<usize, CacheError> {
+        let dir = self.dir.join("uploads");
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for entry in fs::read_dir(&dir).map_err(io_err("read directory", &dir))? {
+            let entry = entry.map_err(io_err("read directory", &dir))?;
+            let name = entry.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".part"))
+                .and_then(|n| UploadId::new(n).ok())
+            else {
+                continue;
+            };
+            let modified = match entry.metadata().and_then(|m| m.modified()) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("inspect", &entry.path())(e)),
+            };
+            if now.duration_since(modified).is_ok_and(|d| d >= age) {
+                let path = self.partial_path(&id);
+                let file = match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err("open", &path)(e)),
+                };
+                // A lock held means an append or finish is under way; a
+                // file no longer at `path` was finished meanwhile.
+                let Ok(held) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+                    continue;
+                };
+                if same_file(&held, &path)? {
+                    remove_if_there(&path)?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Checks upload `id` against `claim` and, when it is what it claims,
@@ -730,13 +776,14 @@ impl Cache {
         max: u64,
     ) -> Result<(), CacheError> {
         let dest = self.dir.join("log").join(drv.base_name());
-        write_atomically(&dest, data, max).map_err(|e| match e {
-            CacheError::TooLarge { max, .. } => CacheError::LogTooLarge {
+        if write_atomically(&dest, data, max)? {
+            Ok(())
+        } else {
+            Err(CacheError::LogTooLarge {
                 drv: self.store_dir.display(drv),
                 max,
-            },
-            e => e,
-        })
+            })
+        }
     }
 
     /// The file for an untrusted request name `<hash part>.narinfo`.
@@ -806,20 +853,22 @@ fn open_locked(path: &Path, create: bool) -> Result<Option<Flock<File>>, CacheEr
         let locked = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
             io_err("lock", path)(io::Error::from_raw_os_error(errno as i32))
         })?;
-        let held = locked.metadata().map_err(io_err("inspect", path))?;
-        match fs::symlink_metadata(path) {
-            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
-                return Ok(Some(locked))
-            }
-            Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if create {
-                    continue;
-                }
-                return Ok(None);
-            }
-            Err(e) => return Err(io_err("inspect", path)(e)),
+        if same_file(&locked, path)? {
+            return Ok(Some(locked));
         }
+        if !create && !path.exists() {
+            return Ok(None);
+        }
+    }
+}
+
+/// Whether `file` is (still) the file at `path`.
+fn same_file(file: &File, path: &Path) -> Result<bool, CacheError> {
+    let held = file.metadata().map_err(io_err("inspect", path))?;
+    match fs::symlink_metadata(path) {
+        Ok(now) => Ok(now.ino() == held.ino() && now.dev() == held.dev()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err("inspect", path)(e)),
     }
 }
 
@@ -837,20 +886,19 @@ fn sync_dir(dir: &Path) -> Result<(), CacheError> {
         .map_err(io_err("sync directory", dir))
 }
 
-/// Writes at most `max` bytes of `data` to `dest` (mode 0644) under a
-/// temporary name, syncs and renames it, then syncs the directory: readers
-/// see the old file or the new one, and a crash leaves no half file.
-fn write_atomically(dest: &Path, data: &mut dyn Read, max: u64) -> Result<(), CacheError> {
+/// Writes `data` to `dest` (mode 0644) under a temporary name, syncs and
+/// renames it, then syncs the directory: readers see the old file or the
+/// new one, and a crash leaves no half file. Returns false, writing
+/// nothing, when `data` holds more than `max` bytes.
+fn write_atomically(dest: &Path, data: &mut dyn Read, max: u64) -> Result<bool, CacheError> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     let mut tmp =
         tempfile::NamedTempFile::new_in(dir).map_err(io_err("create a temporary file in", dir))?;
     let n = io::copy(&mut data.take(max.saturating_add(1)), tmp.as_file_mut())
         .map_err(io_err("write", tmp.path()))?;
     if n > max {
-        return Err(CacheError::TooLarge {
-            id: dest.display().to_string(),
-            max,
-        });
+        // Dropping `tmp` removes it.
+        return Ok(false);
     }
     tmp.as_file()
         .sync_all()
@@ -859,7 +907,8 @@ fn write_atomically(dest: &Path, data: &mut dyn Read, max: u64) -> Result<(), Ca
         .map_err(io_err("set permissions of", tmp.path()))?;
     tmp.persist(dest)
         .map_err(|e| io_err("move into place", dest)(e.error))?;
-    sync_dir(dir)
+    sync_dir(dir)?;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -780,3 +780,26 @@ fn logs_are_written_whole_or_not_at_all() {
     assert_eq!(std::fs::read(&file).unwrap(), b"building\ndone\n");
     assert_eq!(names(&c.dir().join("log")), [DEP_DRV]);
 }
+
+#[test]
+fn stale_uploads_are_removed_and_fresh_ones_kept() {
+    let f = cache();
+    let c = &f.cache;
+    let id = UploadId::new("old").unwrap();
+    c.append(&id, 0, &mut &b"abc"[..], 100).unwrap();
+    // A wrong first offset leaves nothing behind.
+    let other = UploadId::new("never").unwrap();
+    assert!(c.append(&other, 5, &mut &b"abc"[..], 100).is_err());
+    assert_eq!(names(&c.dir().join("uploads")), ["old.part"]);
+    assert_eq!(
+        c.remove_stale_uploads(std::time::Duration::from_secs(3600))
+            .unwrap(),
+        0
+    );
+    assert_eq!(c.upload_offset(&id).unwrap(), 3);
+    assert_eq!(
+        c.remove_stale_uploads(std::time::Duration::ZERO).unwrap(),
+        1
+    );
+    assert_eq!(c.upload_offset(&id).unwrap(), 0);
+}
