@@ -190,17 +190,17 @@ impl HttpCache {
         }
         match req.call() {
             Ok(r) => Ok(r),
-            Err(ureq::Error::Status(404, _)) if missing.is_some() => {
-                Err(SubstituteError::NotFound {
+            Err(ureq::Error::Status(status, _)) => match missing {
+                Some(path) if status == 404 => Err(SubstituteError::NotFound {
                     base: self.base.clone(),
-                    path: missing.unwrap_or_default().to_owned(),
-                })
-            }
-            Err(ureq::Error::Status(status, _)) => Err(SubstituteError::Status {
-                base: self.base.clone(),
-                url,
-                status,
-            }),
+                    path: path.to_owned(),
+                }),
+                _ => Err(SubstituteError::Status {
+                    base: self.base.clone(),
+                    url,
+                    status,
+                }),
+            },
             Err(ureq::Error::Transport(t)) => Err(SubstituteError::Transport {
                 base: self.base.clone(),
                 url,

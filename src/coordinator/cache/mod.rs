@@ -93,6 +93,12 @@ pub enum CacheError {
     LogTooLarge { drv: String, max: u64 },
     #[error("'{name}' is not a file of this cache")]
     BadName { name: String },
+    #[error("cannot read '{}': {source}", file.display())]
+    ReadNarInfo {
+        file: PathBuf,
+        #[source]
+        source: crate::bounded::BoundedError,
+    },
     #[error("the narinfo of '{path}' in the cache is unreadable: {source}")]
     BadNarInfo {
         path: String,
@@ -182,7 +188,8 @@ impl Cache {
         let path = dir.join("nix-cache-info");
         // Rewritten only when different, so that opening is read-only on an
         // existing cache (and a changed store directory is corrected).
-        if fs::read(&path).ok().as_deref() != Some(info.as_bytes()) {
+        let now = crate::bounded::read_file(&path, 4096).ok();
+        if now.as_deref() != Some(info.as_bytes()) {
             write_atomically(&path, &mut info.as_bytes(), u64::MAX)?;
         }
         Ok(cache)
@@ -436,7 +443,17 @@ impl Cache {
         let file_name = format!("{}.nar.zst", found.file_hash.to_nix32());
         let url = format!("nar/{file_name}");
         let drv_record = drv.as_ref().map(|(r, _)| r.clone());
-        if let Some(existing) = self.lookup(&claim.path)? {
+        let existing = match self.lookup(&claim.path) {
+            Ok(e) => e,
+            // Never left by this code (narinfos are written whole); one
+            // put there by hand is replaced rather than blocking the path.
+            Err(e @ CacheError::BadNarInfo { .. }) => {
+                tracing::warn!("replacing an unreadable narinfo: {e}");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(existing) = existing {
             // Already cached: keep the first copy; this one was checked,
             // and is dropped.
             drop(file);
@@ -751,9 +768,7 @@ impl Cache {
         let text = match crate::bounded::read_file(&file, narinfo::MAX_NARINFO_SIZE as u64) {
             Ok(t) => t,
             Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => {
-                return Err(io_err("read", &file)(io::Error::other(e.to_string())));
-            }
+            Err(source) => return Err(CacheError::ReadNarInfo { file, source }),
         };
         let info =
             NarInfo::parse(&text, &self.store_dir).map_err(|source| CacheError::BadNarInfo {
