@@ -288,6 +288,10 @@ impl Cache {
         // Synced before the offset is reported, so that an offset the
         // uploader learnt survives a crash.
         file.sync_data().map_err(io_err("sync", &path))?;
+        if offset == 0 {
+            // A new file: its directory entry must survive a crash too.
+            sync_dir(&self.dir.join("uploads"))?;
+        }
         match result {
             Ok(()) => Ok(written),
             Err(source) => Err(CacheError::Interrupted {
@@ -360,10 +364,12 @@ impl Cache {
     /// the checks), as Nix's binary caches keep the first copy.
     pub fn finish(&self, id: &UploadId, claim: &Claim) -> Result<Accepted, CacheError> {
         let path = self.partial_path(id);
-        let file =
+        let mut file =
             open_locked(&path, false)?.ok_or_else(|| CacheError::NoUpload { id: id.0.clone() })?;
-        let result = self.finish_locked(&path, file, claim);
-        if result.is_err() {
+        let result = self.finish_locked(&path, &mut file, claim);
+        // Discarded under its lock, unless it was moved into `nar/` already
+        // (then a file at `path` is a new upload of someone else's).
+        if result.is_err() && same_file(&file, &path).unwrap_or(false) {
             if let Err(e) = remove_if_there(&path) {
                 tracing::warn!("cannot discard a refused upload: {e}");
             }
@@ -374,7 +380,7 @@ impl Cache {
     fn finish_locked(
         &self,
         part: &Path,
-        mut file: Flock<File>,
+        file: &mut Flock<File>,
         claim: &Claim,
     ) -> Result<Accepted, CacheError> {
         let full = self.store_dir.display(&claim.path);
@@ -405,7 +411,7 @@ impl Cache {
         candidates.insert(claim.path.clone());
         file.seek(SeekFrom::Start(0))
             .map_err(io_err("seek in", part))?;
-        let found = verify::inspect(&mut io::BufReader::new(&mut *file), &candidates, wants)
+        let found = verify::inspect(&mut io::BufReader::new(&mut **file), &candidates, wants)
             .map_err(reject)?;
         if let Some(h) = &claim.nar_hash {
             if *h != found.nar_hash {
@@ -456,7 +462,6 @@ impl Cache {
         if let Some(existing) = existing {
             // Already cached: keep the first copy; this one was checked,
             // and is dropped.
-            drop(file);
             remove_if_there(part)?;
             if let Some((_, copy)) = drv {
                 self.keep_drv_copy(&claim.path, copy)?;
@@ -473,9 +478,11 @@ impl Cache {
         file.set_permissions(fs::Permissions::from_mode(0o644))
             .map_err(io_err("set permissions of", part))?;
         file.sync_all().map_err(io_err("sync", part))?;
+        // Should anything below fail, this file stays in `nar/` without a
+        // narinfo: invisible to clients, and possibly the same file as
+        // another path's (same compressed bytes), so not removed.
         fs::rename(part, &nar_path).map_err(io_err("move into place", &nar_path))?;
         sync_dir(&nar_dir)?;
-        drop(file);
         // The .drv copy before the narinfo: a cached .drv always has one.
         if let Some((_, copy)) = drv {
             self.keep_drv_copy(&claim.path, copy)?;

@@ -520,7 +520,11 @@ CA: fixed:r:sha256:1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h
             let mut text = NIX_WROTE.as_bytes()[..cut].to_vec();
             text.extend_from_slice(junk.as_bytes());
             text.extend_from_slice(&NIX_WROTE.as_bytes()[cut..]);
-            let _ = NarInfo::parse(&text, &dir());
+            // What parses prints back to text that parses the same.
+            if let Ok(info) = NarInfo::parse(&text, &dir()) {
+                let again = NarInfo::parse(info.to_text(&dir()).as_bytes(), &dir());
+                prop_assert_eq!(again.ok(), Some(info));
+            }
         }
     }
 }
