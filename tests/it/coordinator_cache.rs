@@ -126,6 +126,16 @@ fn nix_substitutes_from_the_coordinator_cache_and_verifies() {
         nix("nix-store", &conf, &src_store).arg("--add").arg(&work),
     ));
     let tree = dir.parse_path(&tree_full).expect("tree");
+    // And a derivation whose input source is `baz`.
+    let drv_full = text(support::run_ok(
+        nix("nix-instantiate", &conf, &src_store).args([
+            "-E",
+            r#"let foo = builtins.toFile "foo" "bar"; baz = builtins.toFile "baz" "${foo}";
+               in derivation { name = "uses-baz"; system = "x86_64-linux"; builder = "/bin/sh";
+                               args = [ "-c" "cat ${baz} > $out" ]; }"#,
+        ]),
+    ));
+    let drv = dir.parse_path(&drv_full).expect("drv");
     let real = |p: &StorePath| src_store.join("nix/store").join(p.base_name());
 
     let key = SecretKey::generate("coordinator-it-1").expect("key");
@@ -158,6 +168,58 @@ fn nix_substitutes_from_the_coordinator_cache_and_verifies() {
     as_output.deriver =
         Some(StorePath::from_base_name("4l9f4nj9kcc5vs3rd6n6dpavm0faid7m-hello.drv").expect("drv"));
     upload(&cache, "b1-out", &real(&tree), &as_output);
+    let record = {
+        let mut nar_bytes = Vec::new();
+        nar::dump(&real(&drv), &mut nar_bytes).expect("dump");
+        let id = UploadId::new("drv-uses-baz").expect("id");
+        let bytes = zstd::encode_all(&nar_bytes[..], 3).expect("zstd");
+        cache
+            .append(&id, 0, &mut &bytes[..], 1 << 30)
+            .expect("append");
+        let accepted = cache
+            .finish(&id, &claim(&drv, ClaimKind::Derivation, &[&baz]))
+            .expect("finish");
+        accepted.drv.expect("a derivation record")
+    };
+    let nix_out = text(support::run_ok(nix("nix-store", &conf, &src_store).args([
+        "-q",
+        "--outputs",
+        &drv_full,
+    ])));
+    assert_eq!(record.outputs["out"], nix_out);
+    assert_eq!(
+        record.input_srcs,
+        [support::NIX_BAZ.to_owned()].into_iter().collect()
+    );
+
+    // Nix's own cache of the same paths: its narinfos agree with ours on
+    // everything but the file (compression level), the signature, and
+    // what was claimed differently (the tree's deriver, its CA).
+    let nix_cache = tmp.path().join("nix-cache");
+    let to = format!("file://{}?compression=zstd", nix_cache.display());
+    // The .drv with its closure (`foo`, `baz`), then the tree.
+    support::run_ok(
+        nix("nix", &conf, &src_store)
+            .args(["copy", "--derivation", "--to", &to])
+            .arg(&drv_full),
+    );
+    support::run_ok(nix("nix", &conf, &src_store).args(["copy", "--to", &to, &tree_full]));
+    for p in [&foo, &baz, &tree, &drv] {
+        let fields = |d: &Path| -> Vec<String> {
+            let t = std::fs::read_to_string(d.join(format!("{}.narinfo", p.hash_part())))
+                .expect("narinfo");
+            t.lines()
+                .filter(|l| {
+                    ["StorePath:", "NarHash:", "NarSize:", "References:", "CA:"]
+                        .iter()
+                        .any(|f| l.starts_with(f))
+                })
+                .filter(|l| !(p == &tree && l.starts_with("CA:")))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(fields(&cache_dir), fields(&nix_cache), "{p}");
+    }
 
     // A path without a content address and no trusted signature: Nix
     // refuses it, so the successes below are the signatures' doing.
@@ -223,6 +285,14 @@ fn nix_substitutes_from_the_coordinator_cache_and_verifies() {
             &tree_full,
         ])));
         assert!(deriver.ends_with("-hello.drv"), "{deriver}");
+        // The .drv itself (its file, not its outputs).
+        let mut copy = nix("nix", &conf, &dest);
+        subst(&mut copy);
+        support::run_ok(
+            copy.args(["copy", "--derivation", "--from", &substituter])
+                .arg(&drv_full),
+        );
+        support::run_ok(nix("nix-store", &conf, &dest).args(["--verify-path", &drv_full]));
     }
 
     // sandoff's substituter, over HTTP, into a store of its own: the NAR
