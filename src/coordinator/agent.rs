@@ -98,7 +98,7 @@ pub fn run(config: &AgentConfig, ctx: &BuildContext<'_>, stop: &AtomicBool) -> R
             source,
         })?;
     let cache = HttpCache::new(
-        format!("{}/cache", config.client.base()),
+        &format!("{}/cache", config.client.base()),
         config.client.http().clone(),
         Some(config.client.authorization().to_owned()),
         trusted,

@@ -7,6 +7,7 @@ mod claims;
 mod client;
 mod compress;
 mod coordinator;
+mod coordinator_cache;
 mod daemon_store;
 mod daemons;
 mod decide;

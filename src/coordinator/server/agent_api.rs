@@ -17,11 +17,12 @@ use axum::{Json, Router};
 use super::uploads::{append_body, offset_answer, requested_offset};
 use super::{agent_of, blocking, now, ApiError, App, Inner};
 use crate::coordinator::api::{BuildResult, Heartbeat, HeartbeatAnswer, Job, Jobs, OutputClaim};
-use crate::coordinator::cache::{Claim, ClaimKind, UploadId};
+use crate::coordinator::cache::{Claim, ClaimKind, FixedOutput, UploadId};
 use crate::coordinator::datastore::{Allocation, DatastoreError};
 use crate::coordinator::model::{AgentId, AgentOffer, BuildId, BuildState, CachedPath, Setback};
-use crate::derivation::Derivation;
-use crate::store::Hash;
+use crate::derivation::check::MAX_DRV_SIZE;
+use crate::derivation::{Derivation, DerivationOutput};
+use crate::store::{Hash, StorePath};
 
 pub(super) fn router() -> Router<App> {
     Router::new()
@@ -180,7 +181,7 @@ async fn drv_file(
     let bytes = blocking(&app, move |a| {
         let b = leased(a, &agent, id)?;
         let drv = a.store_dir.parse_path(&b.drv).map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(a.cache.read_drv(&drv)?)
+        read_drv(a, &drv)
     })
     .await?;
     Ok(bytes.into_response())
@@ -288,7 +289,7 @@ fn accept_outputs(
     let dir = &a.store_dir;
     let parse = |p: &str| dir.parse_path(p).map_err(|e| ApiError::internal(e.to_string()));
     let drv_path = parse(&b.drv)?;
-    let drv = Derivation::from_aterm(&a.cache.read_drv(&drv_path)?, dir)
+    let drv = Derivation::from_aterm(&read_drv(a, &drv_path)?, dir)
         .map_err(|e| ApiError::internal(format!("'{}': {e}", b.drv)))?;
     for name in claims.keys() {
         if !record.outputs.contains_key(name) {
@@ -317,7 +318,7 @@ fn accept_outputs(
             .map_err(|e| ApiError::unprocessable(format!("output '{name}': {e}")))?;
         let claim = Claim {
             path: parse(path)?,
-            kind: ClaimKind::output(&drv, name),
+            kind: output_kind(&drv, name),
             candidates: candidates.clone(),
             nar_hash: Some(nar_hash),
             nar_size: Some(claim.nar_size),
@@ -327,6 +328,25 @@ fn accept_outputs(
         cached.push(accepted.cached);
     }
     Ok(cached)
+}
+
+/// How an output is checked: a fixed output against its declared hash.
+fn output_kind(drv: &Derivation, name: &str) -> ClaimKind {
+    let fixed = drv.outputs.iter().find_map(|(n, o)| match o {
+        DerivationOutput::CAFixed { method, hash, .. } if n.as_str() == name => Some(FixedOutput {
+            method: *method,
+            hash: hash.clone(),
+        }),
+        _ => None,
+    });
+    ClaimKind::Output { fixed }
+}
+
+/// The `.drv` file the coordinator kept when it accepted it.
+fn read_drv(a: &Inner, drv: &StorePath) -> Result<Vec<u8>, ApiError> {
+    let file = a.cache.dir().join("drv").join(drv.base_name());
+    crate::bounded::read_file(&file, MAX_DRV_SIZE)
+        .map_err(|e| ApiError::internal(format!("the kept copy of '{}': {e}", a.store_dir.display(drv))))
 }
 
 /// The closure of `roots` through the cache's references.

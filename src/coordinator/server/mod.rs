@@ -316,10 +316,19 @@ impl From<DatastoreError> for ApiError {
 
 impl From<CacheError> for ApiError {
     fn from(e: CacheError) -> ApiError {
-        if e.is_bad_input() {
-            ApiError::unprocessable(e.to_string())
-        } else {
-            ApiError::internal(e.to_string())
+        use CacheError as E;
+        match &e {
+            E::OffsetMismatch { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            E::TooLarge { .. } | E::LogTooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
+            E::NoUpload { .. } | E::BadName { .. } => ApiError::not_found(e.to_string()),
+            E::BadUploadId { .. } => ApiError::bad_request(e.to_string()),
+            E::Interrupted { .. } => ApiError::bad_request(e.to_string()),
+            E::Rejected { .. } => ApiError::unprocessable(e.to_string()),
+            E::Io { .. } | E::ReadNarInfo { .. } | E::BadNarInfo { .. } => {
+                ApiError::internal(e.to_string())
+            }
         }
     }
 }
