@@ -697,6 +697,8 @@ mod tests {
 
     #[test]
     fn fetches_a_closure_references_first_and_only_once() {
+        fn shared<T: Send + Sync>() {}
+        shared::<HttpCache>();
         let c = closure();
         let server = Server::start(c.cache.dir().to_owned(), "s3cret");
         let http = client(&server, "s3cret", &c.cache.public_key());

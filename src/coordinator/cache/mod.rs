@@ -107,6 +107,18 @@ pub enum CacheError {
     },
 }
 
+impl CacheError {
+    /// Whether the caller's request is at fault (a bad id or name, a wrong
+    /// offset, too much data, a refused upload), as opposed to the cache's
+    /// own storage: the server answers 4xx for these, 5xx for the rest.
+    pub fn is_caller_error(&self) -> bool {
+        !matches!(
+            self,
+            CacheError::Io { .. } | CacheError::ReadNarInfo { .. } | CacheError::BadNarInfo { .. }
+        )
+    }
+}
+
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
     move |source| CacheError::Io {
         action,

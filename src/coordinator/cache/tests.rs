@@ -803,3 +803,31 @@ fn stale_uploads_are_removed_and_fresh_ones_kept() {
     );
     assert_eq!(c.upload_offset(&id).unwrap(), 0);
 }
+
+#[test]
+fn concurrent_appends_at_one_offset_let_exactly_one_through() {
+    fn shared<T: Send + Sync>() {}
+    shared::<Cache>();
+    let f = cache();
+    let c = &f.cache;
+    let id = UploadId::new("raced").unwrap();
+    let results: Vec<Result<u64, CacheError>> = std::thread::scope(|s| {
+        let a = s.spawn(|| c.append(&id, 0, &mut &[1u8; 1000][..], 1 << 20));
+        let b = s.spawn(|| c.append(&id, 0, &mut &[2u8; 1000][..], 1 << 20));
+        vec![a.join().unwrap(), b.join().unwrap()]
+    });
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 1, "{results:?}");
+    let err = results.into_iter().find_map(Result::err).unwrap();
+    assert!(
+        matches!(err, CacheError::OffsetMismatch { current: 1000, .. }),
+        "{err}"
+    );
+    assert!(err.is_caller_error());
+    assert_eq!(c.upload_offset(&id).unwrap(), 1000);
+    let bytes = std::fs::read(c.partial_path(&id)).unwrap();
+    assert!(
+        bytes.iter().all(|&b| b == bytes[0]),
+        "the pieces were mixed"
+    );
+}
