@@ -113,22 +113,24 @@ impl Client {
             // A stalled server is noticed; a large upload is not cut.
             .timeout_read(Duration::from_secs(300))
             .timeout_write(Duration::from_secs(300));
+        // ureq needs its TLS connector set even for the system's roots.
+        let mut tls = native_tls::TlsConnector::builder();
         if let Some(path) = ca_cert {
-            let tls_err = |source| ClientError::Tls {
-                path: path.to_owned(),
-                source,
-            };
             let pem = std::fs::read(path).map_err(|source| ClientError::File {
                 path: path.to_owned(),
                 source,
             })?;
-            let cert = native_tls::Certificate::from_pem(&pem).map_err(tls_err)?;
-            let connector = native_tls::TlsConnector::builder()
-                .add_root_certificate(cert)
-                .build()
-                .map_err(tls_err)?;
-            builder = builder.tls_connector(Arc::new(connector));
+            let cert = native_tls::Certificate::from_pem(&pem).map_err(|source| ClientError::Tls {
+                path: path.to_owned(),
+                source,
+            })?;
+            tls.add_root_certificate(cert);
         }
+        let connector = tls.build().map_err(|source| ClientError::Tls {
+            path: ca_cert.map(Path::to_owned).unwrap_or_default(),
+            source,
+        })?;
+        builder = builder.tls_connector(Arc::new(connector));
         Ok(Client {
             base,
             auth: format!("Bearer {}", token.trim()),

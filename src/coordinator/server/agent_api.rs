@@ -15,11 +15,13 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
 use super::uploads::{append_body, offset_answer, requested_offset};
-use super::{agent_of, blocking, now, ApiError, App, Inner};
+use super::{blocking, now, AgentToken, ApiError, App, Inner};
 use crate::coordinator::api::{BuildResult, Heartbeat, HeartbeatAnswer, Job, Jobs, OutputClaim};
 use crate::coordinator::cache::{Claim, ClaimKind, FixedOutput, UploadId};
 use crate::coordinator::datastore::{Allocation, DatastoreError};
-use crate::coordinator::model::{AgentId, AgentOffer, BuildId, BuildState, CachedPath, Setback};
+use crate::coordinator::model::{
+    AgentId, AgentOffer, BuildId, BuildState, CachedPath, Setback,
+};
 use crate::derivation::check::MAX_DRV_SIZE;
 use crate::derivation::{Derivation, DerivationOutput};
 use crate::store::{Hash, StorePath};
@@ -40,17 +42,15 @@ pub(super) fn router() -> Router<App> {
         .route("/agent/v1/builds/{id}/result", post(result))
 }
 
-async fn info(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
-    agent_of(&app, &headers).await?;
+async fn info(State(app): State<App>, _: AgentToken) -> Result<Response, ApiError> {
     Ok(Json(app.info.clone()).into_response())
 }
 
 async fn allocate(
     State(app): State<App>,
-    headers: HeaderMap,
+    AgentToken(agent): AgentToken,
     Json(offer): Json<AgentOffer>,
 ) -> Result<Json<Jobs>, ApiError> {
-    let agent = agent_of(&app, &headers).await?;
     if offer.free_slots < 0 || offer.max_parallel_builds < 0 {
         return Err(ApiError::bad_request("free_slots and max_parallel_builds must be >= 0"));
     }
@@ -108,8 +108,7 @@ fn job_inputs(a: &Inner, alloc: &Allocation) -> Result<BTreeSet<String>, ApiErro
     Ok(inputs)
 }
 
-async fn leases(State(app): State<App>, headers: HeaderMap) -> Result<Json<Jobs>, ApiError> {
-    let agent = agent_of(&app, &headers).await?;
+async fn leases(State(app): State<App>, AgentToken(agent): AgentToken) -> Result<Json<Jobs>, ApiError> {
     blocking(&app, move |a| {
         let mut jobs = Vec::new();
         for alloc in a.ds.leases(&agent)? {
@@ -124,10 +123,9 @@ async fn leases(State(app): State<App>, headers: HeaderMap) -> Result<Json<Jobs>
 
 async fn heartbeat(
     State(app): State<App>,
-    headers: HeaderMap,
+    AgentToken(agent): AgentToken,
     Json(beat): Json<Heartbeat>,
 ) -> Result<Json<HeartbeatAnswer>, ApiError> {
-    let agent = agent_of(&app, &headers).await?;
     blocking(&app, move |a| {
         let lost = a.ds.heartbeat(&agent, &beat.builds, a.lease_secs, now())?;
         Ok(Json(HeartbeatAnswer {
@@ -157,10 +155,9 @@ fn leased(a: &Inner, agent: &AgentId, id: BuildId) -> Result<crate::coordinator:
 
 async fn start(
     State(app): State<App>,
-    headers: HeaderMap,
+    AgentToken(agent): AgentToken,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let agent = agent_of(&app, &headers).await?;
     let id = build_id(&id)?;
     blocking(&app, move |a| {
         a.ds.start(&agent, id, now())?;
@@ -173,10 +170,9 @@ async fn start(
 /// and the coordinator checked it.
 async fn drv_file(
     State(app): State<App>,
-    headers: HeaderMap,
+    AgentToken(agent): AgentToken,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let agent = agent_of(&app, &headers).await?;
     let id = build_id(&id)?;
     let bytes = blocking(&app, move |a| {
         let b = leased(a, &agent, id)?;
@@ -193,10 +189,9 @@ fn output_upload(id: BuildId, output: &str) -> Result<UploadId, ApiError> {
 
 async fn head_output(
     State(app): State<App>,
-    headers: HeaderMap,
+    AgentToken(agent): AgentToken,
     Path((id, output)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let agent = agent_of(&app, &headers).await?;
     let id = build_id(&id)?;
     let upload = output_upload(id, &output)?;
     let offset = blocking(&app, move |a| {
@@ -209,11 +204,11 @@ async fn head_output(
 
 async fn put_output(
     State(app): State<App>,
+    AgentToken(agent): AgentToken,
     headers: HeaderMap,
     Path((id, output)): Path<(String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let agent = agent_of(&app, &headers).await?;
     let id = build_id(&id)?;
     let upload = output_upload(id, &output)?;
     let offset = requested_offset(&headers)?;
@@ -223,11 +218,10 @@ async fn put_output(
 
 async fn put_log(
     State(app): State<App>,
-    headers: HeaderMap,
+    AgentToken(agent): AgentToken,
     Path(id): Path<String>,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let agent = agent_of(&app, &headers).await?;
     let id = build_id(&id)?;
     let drv = blocking(&app, move |a| {
         let b = leased(a, &agent, id)?;
@@ -240,11 +234,10 @@ async fn put_log(
 
 async fn result(
     State(app): State<App>,
-    headers: HeaderMap,
+    AgentToken(agent): AgentToken,
     Path(id): Path<String>,
     Json(result): Json<BuildResult>,
 ) -> Result<StatusCode, ApiError> {
-    let agent = agent_of(&app, &headers).await?;
     let id = build_id(&id)?;
     blocking(&app, move |a| match result {
         BuildResult::Setback { setback } => {

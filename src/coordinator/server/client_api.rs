@@ -15,14 +15,14 @@ use serde::Deserialize;
 
 use super::auth::{hash_token, new_token};
 use super::uploads::{append_body, offset_answer, requested_offset};
-use super::{blocking, client_with, now, ApiError, App, Inner};
+use super::{blocking, now, AdminToken, ApiError, App, Inner, ReadToken, SubmitToken};
 use crate::coordinator::api::{
     AgentList, BuildDetail, BuildList, Canceled, FinishUpload, IssuedToken, NewAgent, NewToken,
     Paths, SetPriority, Submit, SubmitAnswer, TokenList, UploadKind,
 };
 use crate::coordinator::cache::{Claim, ClaimKind, UploadId};
 use crate::coordinator::datastore::BuildFilter;
-use crate::coordinator::model::{AgentId, BuildId, BuildState, Principal, Role};
+use crate::coordinator::model::{AgentId, BuildId, BuildState, Principal};
 use crate::store::{Hash, StorePath};
 
 pub(super) fn router() -> Router<App> {
@@ -43,17 +43,15 @@ pub(super) fn router() -> Router<App> {
         .route("/client/v1/tokens/{id}/revoke", post(revoke_token))
 }
 
-async fn info(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
-    client_with(&app, &headers, Role::Read).await?;
+async fn info(State(app): State<App>, _: ReadToken) -> Result<Response, ApiError> {
     Ok(Json(app.info.clone()).into_response())
 }
 
 async fn missing(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: ReadToken,
     Json(paths): Json<Paths>,
 ) -> Result<Json<Paths>, ApiError> {
-    client_with(&app, &headers, Role::Read).await?;
     if paths.paths.len() > 1_000_000 {
         return Err(ApiError::bad_request("at most 1,000,000 paths per request"));
     }
@@ -86,10 +84,9 @@ fn upload_of(path: &StorePath) -> Result<UploadId, ApiError> {
 
 async fn head_upload(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: SubmitToken,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    client_with(&app, &headers, Role::Submit).await?;
     let offset = blocking(&app, move |a| {
         let path = path_of_name(a, &name)?;
         Ok(a.cache.upload_offset(&upload_of(&path)?)?)
@@ -100,11 +97,11 @@ async fn head_upload(
 
 async fn put_upload(
     State(app): State<App>,
+    _: SubmitToken,
     headers: HeaderMap,
     Path(name): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    client_with(&app, &headers, Role::Submit).await?;
     let offset = requested_offset(&headers)?;
     let id = blocking(&app, move |a| upload_of(&path_of_name(a, &name)?)).await?;
     append_body(&app, id, offset, body).await
@@ -115,11 +112,10 @@ async fn put_upload(
 /// dependency order), so the cache never holds a path without its closure.
 async fn finish_upload(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: SubmitToken,
     Path(name): Path<String>,
     Json(claim): Json<FinishUpload>,
 ) -> Result<StatusCode, ApiError> {
-    client_with(&app, &headers, Role::Submit).await?;
     blocking(&app, move |a| {
         let path = path_of_name(a, &name)?;
         let full = a.store_dir.display(&path);
@@ -174,10 +170,9 @@ async fn finish_upload(
 
 async fn submit(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: SubmitToken,
     Json(submit): Json<Submit>,
 ) -> Result<Json<SubmitAnswer>, ApiError> {
-    client_with(&app, &headers, Role::Submit).await?;
     blocking(&app, move |a| {
         for b in &submit.builds {
             let p = parse_full(a, &b.drv)?;
@@ -206,10 +201,9 @@ struct ListQuery {
 
 async fn list_builds(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: ReadToken,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<BuildList>, ApiError> {
-    client_with(&app, &headers, Role::Read).await?;
     let mut filter = BuildFilter {
         limit: q.limit.unwrap_or(1000).min(100_000),
         drv: q.drv,
@@ -234,10 +228,9 @@ fn build_id(s: &str) -> Result<BuildId, ApiError> {
 
 async fn show_build(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: ReadToken,
     Path(id): Path<String>,
 ) -> Result<Json<BuildDetail>, ApiError> {
-    client_with(&app, &headers, Role::Read).await?;
     let id = build_id(&id)?;
     blocking(&app, move |a| {
         let build = a.ds.build(id)?;
@@ -283,27 +276,24 @@ fn unbuildable(a: &Inner, drv: &crate::coordinator::model::DrvRecord) -> Result<
 
 async fn cancel(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: SubmitToken,
     Path(id): Path<String>,
 ) -> Result<Json<Canceled>, ApiError> {
-    client_with(&app, &headers, Role::Submit).await?;
     let id = build_id(&id)?;
     blocking(&app, move |a| Ok(Json(Canceled { canceled: a.ds.cancel(id, now())? }))).await
 }
 
 async fn set_priority(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: SubmitToken,
     Path(id): Path<String>,
     Json(p): Json<SetPriority>,
 ) -> Result<Json<crate::coordinator::model::BuildRecord>, ApiError> {
-    client_with(&app, &headers, Role::Submit).await?;
     let id = build_id(&id)?;
     blocking(&app, move |a| Ok(Json(a.ds.set_priority(id, p.priority)?))).await
 }
 
-async fn list_agents(State(app): State<App>, headers: HeaderMap) -> Result<Json<AgentList>, ApiError> {
-    client_with(&app, &headers, Role::Read).await?;
+async fn list_agents(State(app): State<App>, _: ReadToken) -> Result<Json<AgentList>, ApiError> {
     blocking(&app, move |a| Ok(Json(AgentList { agents: a.ds.agents()? }))).await
 }
 
@@ -328,10 +318,9 @@ pub(crate) fn issue(a: &Inner, principal: &Principal, expires_at: Option<i64>) -
 
 async fn new_agent(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: AdminToken,
     Json(req): Json<NewAgent>,
 ) -> Result<Json<IssuedToken>, ApiError> {
-    client_with(&app, &headers, Role::Admin).await?;
     let agent = agent_id(&req.id)?;
     let expires_at = expiry(req.expires_in)?;
     blocking(&app, move |a| {
@@ -349,11 +338,10 @@ struct ExpiresIn {
 
 async fn agent_token(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: AdminToken,
     Path(id): Path<String>,
     body: Option<Json<ExpiresIn>>,
 ) -> Result<Json<IssuedToken>, ApiError> {
-    client_with(&app, &headers, Role::Admin).await?;
     let agent = agent_id(&id)?;
     let expires_at = expiry(body.map(|b| b.0).unwrap_or_default().expires_in)?;
     blocking(&app, move |a| {
@@ -367,22 +355,21 @@ async fn agent_token(
 
 async fn disable_agent(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: AdminToken,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    set_enabled(app, headers, id, false).await
+    set_enabled(app, id, false).await
 }
 
 async fn enable_agent(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: AdminToken,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    set_enabled(app, headers, id, true).await
+    set_enabled(app, id, true).await
 }
 
-async fn set_enabled(app: App, headers: HeaderMap, id: String, enabled: bool) -> Result<StatusCode, ApiError> {
-    client_with(&app, &headers, Role::Admin).await?;
+async fn set_enabled(app: App, id: String, enabled: bool) -> Result<StatusCode, ApiError> {
     let agent = agent_id(&id)?;
     blocking(&app, move |a| {
         a.ds.agent_set_enabled(&agent, enabled)?;
@@ -391,27 +378,24 @@ async fn set_enabled(app: App, headers: HeaderMap, id: String, enabled: bool) ->
     .await
 }
 
-async fn list_tokens(State(app): State<App>, headers: HeaderMap) -> Result<Json<TokenList>, ApiError> {
-    client_with(&app, &headers, Role::Admin).await?;
+async fn list_tokens(State(app): State<App>, _: AdminToken) -> Result<Json<TokenList>, ApiError> {
     blocking(&app, move |a| Ok(Json(TokenList { tokens: a.ds.tokens()? }))).await
 }
 
 async fn new_client_token(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: AdminToken,
     Json(req): Json<NewToken>,
 ) -> Result<Json<IssuedToken>, ApiError> {
-    client_with(&app, &headers, Role::Admin).await?;
     let expires_at = expiry(req.expires_in)?;
     blocking(&app, move |a| Ok(Json(issue(a, &Principal::Client { role: req.role }, expires_at)?))).await
 }
 
 async fn revoke_token(
     State(app): State<App>,
-    headers: HeaderMap,
+    _: AdminToken,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    client_with(&app, &headers, Role::Admin).await?;
     blocking(&app, move |a| {
         a.ds.token_revoke(&id)?;
         Ok(StatusCode::NO_CONTENT)

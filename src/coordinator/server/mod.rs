@@ -27,7 +27,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use thiserror::Error;
@@ -140,11 +143,14 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
         agent: agent.local_addr().map_err(ServerError::Serve)?,
         client: client.local_addr().map_err(ServerError::Serve)?,
     };
+    let guard = || middleware::from_fn_with_state(app.clone(), require_token);
     let agent_router = agent_api::router()
         .merge(cache_http::router())
+        .route_layer(guard())
         .with_state(app.clone());
     let client_router = client_api::router()
         .merge(cache_http::router())
+        .route_layer(guard())
         .with_state(app.clone());
     tokio::spawn(reap_leases(app.clone()));
     ready(bound);
@@ -343,27 +349,74 @@ pub(crate) async fn authenticate(app: &App, headers: &HeaderMap) -> Result<Princ
     found.ok_or_else(|| ApiError::unauthorized("unknown, revoked or expired token"))
 }
 
-/// The agent a request comes from; 403 for a client token.
-pub(crate) async fn agent_of(app: &App, headers: &HeaderMap) -> Result<AgentId, ApiError> {
-    match authenticate(app, headers).await? {
-        Principal::Agent { agent } => Ok(agent),
-        Principal::Client { .. } => Err(ApiError::forbidden("this is the agent API; a client token cannot use it")),
+/// Refuses, before anything of the request is read, a request without a
+/// valid token; hands the token's principal to the handler.
+async fn require_token(
+    State(app): State<App>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let principal = authenticate(&app, req.headers()).await?;
+    req.extensions_mut().insert(principal);
+    Ok(next.run(req).await)
+}
+
+/// The agent a request comes from (403 for a client token): an extractor
+/// that reads only the request's head, so it runs before any body is read.
+pub(crate) struct AgentToken(pub(crate) AgentId);
+
+/// A client token with at least the `read` role.
+pub(crate) struct ReadToken;
+/// A client token with at least the `submit` role.
+pub(crate) struct SubmitToken;
+/// A client token with the `admin` role.
+pub(crate) struct AdminToken;
+
+/// The principal the guard found.
+fn principal(parts: &Parts) -> Result<&Principal, ApiError> {
+    parts
+        .extensions
+        .get::<Principal>()
+        .ok_or_else(|| ApiError::unauthorized("a token is needed (Authorization: Bearer TOKEN)"))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for AgentToken {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        match principal(parts)? {
+            Principal::Agent { agent } => Ok(AgentToken(agent.clone())),
+            Principal::Client { .. } => Err(ApiError::forbidden(
+                "this is the agent API; a client token cannot use it",
+            )),
+        }
     }
 }
 
-/// Checks that a client's token has at least `role`; 403 otherwise.
-pub(crate) async fn client_with(
-    app: &App,
-    headers: &HeaderMap,
-    role: Role,
-) -> Result<Role, ApiError> {
-    match authenticate(app, headers).await? {
-        Principal::Client { role: has } if has >= role => Ok(has),
+/// Checks that the request's client token has at least `role`.
+fn client_role(parts: &Parts, role: Role) -> Result<(), ApiError> {
+    match *principal(parts)? {
+        Principal::Client { role: has } if has >= role => Ok(()),
         Principal::Client { role: has } => Err(ApiError::forbidden(format!(
             "this needs a {} token; this one is {}",
             role.as_str(),
             has.as_str()
         ))),
-        Principal::Agent { .. } => Err(ApiError::forbidden("this is the client API; an agent token cannot use it")),
+        Principal::Agent { .. } => Err(ApiError::forbidden(
+            "this is the client API; an agent token cannot use it",
+        )),
     }
 }
+
+macro_rules! client_token {
+    ($t:ident, $role:expr) => {
+        impl<S: Send + Sync> FromRequestParts<S> for $t {
+            type Rejection = ApiError;
+            async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+                client_role(parts, $role).map(|()| $t)
+            }
+        }
+    };
+}
+client_token!(ReadToken, Role::Read);
+client_token!(SubmitToken, Role::Submit);
+client_token!(AdminToken, Role::Admin);
