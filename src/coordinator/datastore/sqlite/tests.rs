@@ -1063,6 +1063,47 @@ fn a_file_database_is_durable_wal_with_foreign_keys() {
 }
 
 #[test]
+fn two_connections_never_lease_one_build_twice() {
+    // Two datastores over one file behave as two coordinator processes
+    // would: each allocation is one IMMEDIATE transaction, so a build is
+    // read-and-leased by one of them only.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("db.sqlite");
+    let first = SqliteDatastore::open(&file, policy()).unwrap();
+    let names: Vec<String> = (0..60).map(|i| format!("p{i}")).collect();
+    let drvs: Vec<DrvRecord> = names.iter().map(|n| drv(n, &[])).collect();
+    first.put_derivations(&drvs).unwrap();
+    let builds: Vec<NewBuild> = names.iter().map(|n| new_build(n, 0)).collect();
+    first.submit(&builds, 0).unwrap();
+    let second = SqliteDatastore::open(&file, policy()).unwrap();
+    let (a1, a2) = (agent(&first, "a1"), AgentId::new("a2").unwrap());
+    second.agent_new(&a2, 0).unwrap();
+    let leased: Vec<Vec<BuildId>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = [(&first, &a1), (&second, &a2)]
+            .into_iter()
+            .map(|(ds, agent)| {
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    loop {
+                        let got = ds
+                            .allocate(agent, &offer(&[SYSTEM], &[], 1), LEASE, 1)
+                            .unwrap();
+                        if got.is_empty() {
+                            return mine;
+                        }
+                        mine.extend(got.into_iter().map(|a| a.id));
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let all: Vec<BuildId> = leased.concat();
+    let distinct: BTreeSet<BuildId> = all.iter().copied().collect();
+    assert_eq!((all.len(), distinct.len()), (60, 60), "{leased:?}");
+}
+
+#[test]
 fn a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("db.sqlite");
