@@ -120,9 +120,8 @@ pub(super) fn submit_one(
         let current = rows::build(conn, build_id(id)?)?;
         if nb.priority > current.priority {
             conn.execute(
-                "update builds set priority = ?2, \
-                 effective_priority = max(effective_priority, ?2) where id = ?1",
-                params![id, nb.priority],
+                "update builds set priority = ?2, effective_priority = ?3 where id = ?1",
+                params![id, nb.priority, current.effective_priority.max(nb.priority)],
             )?;
             graph::raise(conn, &[id])?;
         }
