@@ -439,6 +439,52 @@ fn critical_path_counts_the_longest_chain_waiting() {
     );
 }
 
+#[test]
+fn a_deep_chain_is_walked_without_recursion_or_rework() {
+    // c0 needs c1 needs ... needs c2999: every walk (closure, priorities,
+    // paths, cascade) is iterative and linear in the chain.
+    let depth = 3000;
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    let drvs: Vec<DrvRecord> = (0..depth)
+        .map(|i| {
+            let below = format!("c{}", i + 1);
+            let inputs: Vec<&str> = if i + 1 < depth {
+                vec![below.as_str()]
+            } else {
+                vec![]
+            };
+            drv(&format!("c{i}"), &inputs)
+        })
+        .collect();
+    ds.put_derivations(&drvs).unwrap();
+    let top = submit(&ds, "c0", 2, 0);
+    let bottom = active(&ds, &format!("c{}", depth - 1));
+    assert_eq!(
+        (bottom.effective_priority, bottom.critical_path),
+        (2, i64::try_from(depth).unwrap())
+    );
+    ds.set_priority(top.id, 8).unwrap();
+    assert_eq!(
+        active(&ds, &format!("c{}", depth - 1)).effective_priority,
+        8
+    );
+    // A second chain head over the middle makes nothing longer.
+    ds.put_derivations(&[drv("head", &["c1500"])]).unwrap();
+    submit(&ds, "head", 9, 1);
+    let bottom = active(&ds, &format!("c{}", depth - 1));
+    assert_eq!(
+        (bottom.effective_priority, bottom.critical_path),
+        (9, i64::try_from(depth).unwrap())
+    );
+    assert_eq!(lease_one(&ds, &a, 2), bottom.id);
+    ds.setback(&a, bottom.id, &build_failure("no"), 3).unwrap();
+    assert_eq!(
+        ds.queue_stats().unwrap().failed,
+        i64::try_from(depth).unwrap() + 1
+    );
+}
+
 // --- allocation -------------------------------------------------------------
 
 #[test]
