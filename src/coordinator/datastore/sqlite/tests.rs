@@ -443,7 +443,7 @@ fn critical_path_counts_the_longest_chain_waiting() {
 fn a_deep_chain_is_walked_without_recursion_or_rework() {
     // c0 needs c1 needs ... needs c2999: every walk (closure, priorities,
     // paths, cascade) is iterative and linear in the chain.
-    let depth = 3000;
+    let depth: i64 = 3000;
     let ds = ds();
     let a = agent(&ds, "a1");
     let drvs: Vec<DrvRecord> = (0..depth)
@@ -462,7 +462,7 @@ fn a_deep_chain_is_walked_without_recursion_or_rework() {
     let bottom = active(&ds, &format!("c{}", depth - 1));
     assert_eq!(
         (bottom.effective_priority, bottom.critical_path),
-        (2, i64::try_from(depth).unwrap())
+        (2, depth)
     );
     ds.set_priority(top.id, 8).unwrap();
     assert_eq!(
@@ -475,14 +475,11 @@ fn a_deep_chain_is_walked_without_recursion_or_rework() {
     let bottom = active(&ds, &format!("c{}", depth - 1));
     assert_eq!(
         (bottom.effective_priority, bottom.critical_path),
-        (9, i64::try_from(depth).unwrap())
+        (9, depth)
     );
     assert_eq!(lease_one(&ds, &a, 2), bottom.id);
     ds.setback(&a, bottom.id, &build_failure("no"), 3).unwrap();
-    assert_eq!(
-        ds.queue_stats().unwrap().failed,
-        i64::try_from(depth).unwrap() + 1
-    );
+    assert_eq!(ds.queue_stats().unwrap().failed, depth + 1);
 }
 
 // --- allocation -------------------------------------------------------------
