@@ -120,11 +120,15 @@ pub(super) fn submit_one(
         let current = rows::build(conn, build_id(id)?)?;
         if nb.priority > current.priority {
             conn.execute(
-                "update builds set priority = ?2, \
-                 effective_priority = max(effective_priority, ?2) where id = ?1",
-                params![id, nb.priority],
+                "update builds set priority = ?2, effective_priority = ?3 where id = ?1",
+                params![id, nb.priority, current.effective_priority.max(nb.priority)],
             )?;
-            graph::raise(conn, &[id])?;
+            let eff = current.effective_priority.max(nb.priority);
+            let work = graph::dependencies_of(conn, id)?
+                .into_iter()
+                .map(|d| (d, eff, current.critical_path.saturating_add(1)))
+                .collect();
+            graph::raise(conn, work)?;
         }
         return answer(id, false, current.state);
     }
@@ -217,29 +221,60 @@ pub(super) fn submit_one(
         )?;
         ids.insert(&d.drv, id);
     }
+    // The new builds' own values, computed here in topological order: they
+    // all have the submitted priority, and only new builds wait for them, so
+    // their effective priority is that priority and their critical path the
+    // longest chain of new builds from the root down to them.
+    let mut new_waiters: HashMap<&str, usize> = HashMap::new();
+    for d in &order {
+        for input in d.input_drvs.keys() {
+            if needs.get(input) == Some(&Need::Build) {
+                *new_waiters.entry(input.as_str()).or_default() += 1;
+            }
+        }
+    }
+    let mut cp: HashMap<&str, i64> = HashMap::new();
+    let mut ready: Vec<&DrvRecord> = vec![&order[0]];
+    let by_drv: HashMap<&str, &DrvRecord> = order.iter().map(|d| (d.drv.as_str(), d)).collect();
     let mut edge =
         conn.prepare_cached("insert into build_deps (build, dependency) values (?1, ?2)")?;
-    let mut set_waiting = conn.prepare_cached("update builds set waiting_on = ?2 where id = ?1")?;
-    for d in &order {
+    let mut set_values =
+        conn.prepare_cached("update builds set waiting_on = ?2, critical_path = ?3 where id = ?1")?;
+    // Claims on active builds, raised below once the new builds are done.
+    let mut claims: Vec<(i64, i64, i64)> = Vec::new();
+    while let Some(d) = ready.pop() {
         let id = ids[d.drv.as_str()];
+        let path = *cp.entry(d.drv.as_str()).or_insert(1);
         let mut waiting_on = 0;
         for input in d.input_drvs.keys() {
             let dependency = match needs.get(input) {
-                Some(Need::Active(dep)) => *dep,
-                Some(Need::Build) => ids[input.as_str()],
+                Some(Need::Active(dep)) => {
+                    claims.push((*dep, nb.priority, path.saturating_add(1)));
+                    *dep
+                }
+                Some(Need::Build) => {
+                    let below = cp.entry(input.as_str()).or_insert(1);
+                    *below = (*below).max(path.saturating_add(1));
+                    let left = new_waiters
+                        .get_mut(input.as_str())
+                        .expect("every new input was counted above");
+                    *left -= 1;
+                    if *left == 0 {
+                        ready.push(by_drv[input.as_str()]);
+                    }
+                    ids[input.as_str()]
+                }
                 _ => continue,
             };
             edge.execute(params![id, dependency])?;
             waiting_on += 1;
         }
-        if waiting_on > 0 {
-            set_waiting.execute(params![id, waiting_on])?;
+        if waiting_on > 0 || path > 1 {
+            set_values.execute(params![id, waiting_on, path])?;
         }
     }
-    let created: Vec<i64> = order.iter().map(|d| ids[d.drv.as_str()]).collect();
-    // New builds only add waiters: values can only grow.
-    graph::raise(conn, &created)?;
-    answer(created[0], true, BuildState::Queued)
+    graph::raise(conn, claims)?;
+    answer(ids[order[0].drv.as_str()], true, BuildState::Queued)
 }
 
 /// Builds matching `filter`, newest first. A `limit` of 0 means no limit.

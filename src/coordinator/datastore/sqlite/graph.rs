@@ -49,24 +49,22 @@ pub(super) fn dependents_of(conn: &Connection, id: i64) -> Result<Vec<i64>, Data
     Ok(ids)
 }
 
-/// Propagates the values of `starts` (just created or raised) down their
-/// dependencies, raising each effective priority and critical path that
-/// is below what its waiter now implies.
-pub(super) fn raise(conn: &Connection, starts: &[i64]) -> Result<(), DatastoreError> {
+/// Propagates raised values down the dependencies: each item of `work`
+/// is (dependency, effective priority, critical path its waiter now
+/// implies); every build below what its waiters imply is raised, and the
+/// walk goes on below it. Items with the longest paths are taken first, so
+/// that a deep chain is not walked again for each shorter claim on it.
+pub(super) fn raise(
+    conn: &Connection,
+    mut work: Vec<(i64, i64, i64)>,
+) -> Result<(), DatastoreError> {
     let mut values =
         conn.prepare_cached("select effective_priority, critical_path from builds where id = ?1")?;
     let mut update = conn.prepare_cached(
         "update builds set effective_priority = ?2, critical_path = ?3 where id = ?1",
     )?;
-    // (dependency, effective priority and critical path its waiter implies)
-    let mut work: Vec<(i64, i64, i64)> = Vec::new();
-    for &id in starts {
-        let (eff, cp): (i64, i64) =
-            values.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        for d in dependencies_of(conn, id)? {
-            work.push((d, eff, cp.saturating_add(1)));
-        }
-    }
+    // A stack: the last item is taken first.
+    work.sort_by_key(|&(_, eff, cp)| (cp, eff));
     while let Some((id, eff, cp)) = work.pop() {
         let (old_eff, old_cp): (i64, i64) =
             values.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;

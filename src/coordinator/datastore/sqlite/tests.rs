@@ -439,6 +439,49 @@ fn critical_path_counts_the_longest_chain_waiting() {
     );
 }
 
+#[test]
+fn a_deep_chain_is_walked_without_recursion_or_rework() {
+    // c0 needs c1 needs ... needs c2999: every walk (closure, priorities,
+    // paths, cascade) is iterative and linear in the chain.
+    let depth: i64 = 3000;
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    let drvs: Vec<DrvRecord> = (0..depth)
+        .map(|i| {
+            let below = format!("c{}", i + 1);
+            let inputs: Vec<&str> = if i + 1 < depth {
+                vec![below.as_str()]
+            } else {
+                vec![]
+            };
+            drv(&format!("c{i}"), &inputs)
+        })
+        .collect();
+    ds.put_derivations(&drvs).unwrap();
+    let top = submit(&ds, "c0", 2, 0);
+    let bottom = active(&ds, &format!("c{}", depth - 1));
+    assert_eq!(
+        (bottom.effective_priority, bottom.critical_path),
+        (2, depth)
+    );
+    ds.set_priority(top.id, 8).unwrap();
+    assert_eq!(
+        active(&ds, &format!("c{}", depth - 1)).effective_priority,
+        8
+    );
+    // A second chain head over the middle makes nothing longer.
+    ds.put_derivations(&[drv("head", &["c1500"])]).unwrap();
+    submit(&ds, "head", 9, 1);
+    let bottom = active(&ds, &format!("c{}", depth - 1));
+    assert_eq!(
+        (bottom.effective_priority, bottom.critical_path),
+        (9, depth)
+    );
+    assert_eq!(lease_one(&ds, &a, 2), bottom.id);
+    ds.setback(&a, bottom.id, &build_failure("no"), 3).unwrap();
+    assert_eq!(ds.queue_stats().unwrap().failed, depth + 1);
+}
+
 // --- allocation -------------------------------------------------------------
 
 #[test]
@@ -1060,6 +1103,47 @@ fn a_file_database_is_durable_wal_with_foreign_keys() {
         ("wal", 2, 1),
         "wal, synchronous=FULL, foreign keys"
     );
+}
+
+#[test]
+fn two_connections_never_lease_one_build_twice() {
+    // Two datastores over one file behave as two coordinator processes
+    // would: each allocation is one IMMEDIATE transaction, so a build is
+    // read-and-leased by one of them only.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("db.sqlite");
+    let first = SqliteDatastore::open(&file, policy()).unwrap();
+    let names: Vec<String> = (0..60).map(|i| format!("p{i}")).collect();
+    let drvs: Vec<DrvRecord> = names.iter().map(|n| drv(n, &[])).collect();
+    first.put_derivations(&drvs).unwrap();
+    let builds: Vec<NewBuild> = names.iter().map(|n| new_build(n, 0)).collect();
+    first.submit(&builds, 0).unwrap();
+    let second = SqliteDatastore::open(&file, policy()).unwrap();
+    let (a1, a2) = (agent(&first, "a1"), AgentId::new("a2").unwrap());
+    second.agent_new(&a2, 0).unwrap();
+    let leased: Vec<Vec<BuildId>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = [(&first, &a1), (&second, &a2)]
+            .into_iter()
+            .map(|(ds, agent)| {
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    loop {
+                        let got = ds
+                            .allocate(agent, &offer(&[SYSTEM], &[], 1), LEASE, 1)
+                            .unwrap();
+                        if got.is_empty() {
+                            return mine;
+                        }
+                        mine.extend(got.into_iter().map(|a| a.id));
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let all: Vec<BuildId> = leased.concat();
+    let distinct: BTreeSet<BuildId> = all.iter().copied().collect();
+    assert_eq!((all.len(), distinct.len()), (60, 60), "{leased:?}");
 }
 
 #[test]
