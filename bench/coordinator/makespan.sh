@@ -19,7 +19,7 @@ cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
 sandoff="$repo/target/release/sandoff"
 work=$(mktemp -d /tmp/sandoff-bench-coordinator.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 now() { date +%s.%N; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -39,8 +39,8 @@ done
 
 agent_port=$(free_port); client_port=$(free_port)
 db="sqlite://$work/coordinator.db"
-"$sandoff" coordinator tokens new --role admin --datastore "$db" > "$work/admin"
-"$sandoff" coordinator tokens new --role submit --datastore "$db" > "$work/submit"
+"$sandoff" coordinator tokens new --role admin --datastore "$db" > "$work/admin" 2>/dev/null
+"$sandoff" coordinator tokens new --role submit --datastore "$db" > "$work/submit" 2>/dev/null
 "$sandoff" coordinator --datastore "$db" --agent-listen "127.0.0.1:$agent_port" \
     --client-listen "127.0.0.1:$client_port" --cache-dir "$work/cache" \
     --secret-key-file "$work/key" > "$work/coordinator.out" 2> "$work/coordinator.log" &
@@ -48,7 +48,7 @@ pids+=($!)
 url="http://127.0.0.1:$client_port"
 until grep -q "cache key" "$work/coordinator.out"; do sleep 0.1; done
 for a in a1 a2 a3; do
-    "$sandoff" coordinator agents new "$a" --url "$url" --token-file "$work/admin" > "$work/$a.token"
+    "$sandoff" coordinator agents new "$a" --url "$url" --token-file "$work/admin" > "$work/$a.token" 2>/dev/null
     "$sandoff" --store-root "$work/$a" agent --coordinator "http://127.0.0.1:$agent_port" \
         --token-file "$work/$a.token" --max-parallel-builds 2 --poll-seconds 0.2 \
         --system x86_64-linux 2> "$work/$a.log" &

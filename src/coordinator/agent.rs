@@ -18,7 +18,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -104,6 +104,9 @@ pub fn run(config: &AgentConfig, ctx: &BuildContext<'_>, stop: &AtomicBool) -> R
         trusted,
     );
     let running: Mutex<BTreeMap<BuildId, Arc<AtomicBool>>> = Mutex::new(BTreeMap::new());
+    // Signalled when a job ends, so that a free slot is offered at once
+    // rather than after the poll interval.
+    let slot_freed = Condvar::new();
     let lease = Duration::from_secs(info.lease_secs.max(3) as u64);
     std::thread::scope(|s| {
         let jobs_of = |jobs: Jobs| {
@@ -116,11 +119,12 @@ pub fn run(config: &AgentConfig, ctx: &BuildContext<'_>, stop: &AtomicBool) -> R
                     }
                     r.insert(job.id, lost.clone());
                 }
-                let (cache, running) = (&cache, &running);
+                let (cache, running, slot_freed) = (&cache, &running, &slot_freed);
                 s.spawn(move || {
                     let id = job.id;
                     run_job(config, ctx, cache, job, &lost);
                     running.lock().expect("no job thread panics holding it").remove(&id);
+                    slot_freed.notify_all();
                 });
             }
         };
@@ -158,7 +162,12 @@ pub fn run(config: &AgentConfig, ctx: &BuildContext<'_>, stop: &AtomicBool) -> R
                 }
             }
             if !got {
-                std::thread::sleep(config.poll);
+                let r = running.lock().expect("no job thread panics holding it");
+                // Waits for the poll interval, or less if a job ends (and
+                // at once if one ended since the offer).
+                if r.len() >= busy {
+                    let _ = slot_freed.wait_timeout(r, config.poll);
+                }
             }
         }
     });

@@ -700,3 +700,34 @@ fn with_a_certificate_both_apis_speak_tls_and_clients_check_it() {
     let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
     let _ = child.wait();
 }
+
+#[test]
+fn a_restarted_agent_resumes_the_builds_still_leased_to_it() {
+    let test = this_test!();
+    if !ready(test) {
+        return;
+    }
+    let store = Store::new();
+    let drv = store.script_drv("resumed", "sleep 3\necho resumed > $out\n");
+    let mut farm = Farm::start(60);
+    farm.add_agent("a1", 1);
+    farm.submit(&store, &[&drv], &[]);
+    support::wait_for("the build to start on a1", || {
+        let b = farm.builds();
+        b[0]["started_at"].is_i64().then_some(())
+    });
+    // Killed and back well within its lease: the build is still a1's, so
+    // a1 takes it up again; no lease expired, nothing counts as a failure.
+    farm.kill_agent("a1");
+    farm.start_agent("a1", 1);
+    let done = farm.wait_idle();
+    assert_eq!(done[0]["state"], "succeeded", "{:?}", done[0]);
+    assert_eq!(done[0]["agent"], "a1");
+    assert_eq!(done[0]["attempts"], 0, "{:?}", done[0]);
+    let log = text(&support::run_ok(&mut farm.client(
+        &farm.reader,
+        &["builds", "log", &done[0]["id"].to_string()],
+    )));
+    assert!(log.is_empty() || !log.contains("error"), "{log}");
+    assert!(farm.log("a1").contains("resuming builds still leased to this agent"), "{}", farm.log("a1"));
+}

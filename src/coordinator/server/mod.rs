@@ -205,9 +205,16 @@ async fn serve(
     }
 }
 
-/// Returns builds whose lease ended to the queue, a few times a lease.
+/// How long an upload nobody appends to is kept (an uploader that never
+/// came back).
+const STALE_UPLOAD: Duration = Duration::from_secs(24 * 3600);
+
+/// Returns builds whose lease ended to the queue, a few times a lease;
+/// sweeps abandoned uploads about once an hour.
 async fn reap_leases(app: App) {
     let every = Duration::from_secs((app.lease_secs / 4).clamp(1, 30) as u64);
+    let sweep_every = (3600 / every.as_secs()).max(1);
+    let mut round: u64 = 0;
     loop {
         tokio::time::sleep(every).await;
         let expired = blocking(&app, |a| Ok(a.ds.expire_leases(now())?)).await;
@@ -217,6 +224,14 @@ async fn reap_leases(app: App) {
             }
             Ok(_) => {}
             Err(e) => tracing::error!("expiring leases: {}", e.message),
+        }
+        round += 1;
+        if round % sweep_every == 0 {
+            match blocking(&app, |a| Ok(a.cache.remove_stale_uploads(STALE_UPLOAD)?)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("removed {n} abandoned uploads"),
+                Err(e) => tracing::error!("sweeping uploads: {}", e.message),
+            }
         }
     }
 }

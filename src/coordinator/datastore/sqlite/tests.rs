@@ -1238,7 +1238,11 @@ fn fill_queue_with(
 #[ignore = "fills 100,000 builds; run by bench/coordinator/alloc.sh"]
 fn allocate_from_100k_queued_builds() {
     let dir = tempfile::tempdir().unwrap();
-    let ds = SqliteDatastore::open(&dir.path().join("bench.sqlite"), policy()).unwrap();
+    // bench/coordinator/alloc.sh keeps the database to ask a real
+    // coordinator over HTTP next.
+    let file = std::env::var_os("SANDOFF_BENCH_KEEP_DB")
+        .map_or_else(|| dir.path().join("bench.sqlite"), std::path::PathBuf::from);
+    let ds = SqliteDatastore::open(&file, policy()).unwrap();
     let a = agent(&ds, "a1");
     let fill = Instant::now();
     fill_queue(&ds, 100_000);
