@@ -731,3 +731,87 @@ fn a_restarted_agent_resumes_the_builds_still_leased_to_it() {
     assert!(log.is_empty() || !log.contains("error"), "{log}");
     assert!(farm.log("a1").contains("resuming builds still leased to this agent"), "{}", farm.log("a1"));
 }
+
+#[test]
+fn builds_are_reprioritised_canceled_and_explained_from_the_cli() {
+    let test = this_test!();
+    if !ready(test) {
+        return;
+    }
+    let store = Store::new();
+    let layers = graph(&store, "c", 3, 2, "0");
+    let farm = Farm::start(30);
+    let first = farm.submit(&store, &[&layers[1][0]], &[]);
+    let uploaded = first["uploaded"]["paths"].as_i64().expect("paths");
+    // busybox, the two bottom .drv files and the middle one.
+    assert_eq!(uploaded, 4, "{first}");
+    // Only what the coordinator lacks is sent the second time.
+    let second = farm.submit(&store, &[&layers[2][0]], &["--tag", "job=x"]);
+    assert_eq!(second["uploaded"]["paths"], 2, "{second}");
+    let id_of = |drv: &str| -> String {
+        let b = by_drv(&farm.builds());
+        b[drv]["id"].to_string()
+    };
+    let top = id_of(&layers[2][0]);
+    let bottom = id_of(&layers[0][0]);
+    let json = |args: &[&str]| -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_slice(&support::run_ok(&mut farm.client(&farm.submitter, &a))).expect("json")
+    };
+    let raised = json(&["builds", "set-priority", &top, "70"]);
+    assert_eq!(raised["priority"], 70);
+    assert_eq!(json(&["builds", "show", &bottom])["effective_priority"], 70);
+    let lowered = json(&["builds", "set-priority", &top, "-5"]);
+    assert_eq!(lowered["effective_priority"], -5);
+    assert_eq!(json(&["builds", "show", &bottom])["effective_priority"], 0);
+    let tagged = json(&["builds", "list", "--tag", "job=x"]);
+    // The new builds carry the tag: c-2-0 and c-1-1 (the rest were active).
+    assert_eq!(tagged["builds"].as_array().expect("builds").len(), 2, "{tagged}");
+    // Canceling a dependency cancels what needs it, and nothing else.
+    let canceled = json(&["builds", "cancel", &id_of(&layers[0][1])]);
+    let canceled: BTreeSet<i64> = canceled["canceled"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
+    assert_eq!(canceled.len(), 4, "c-0-1, both of layer 1, c-2-0: {canceled:?}");
+    assert_eq!(json(&["builds", "show", &bottom])["state"], "queued");
+    // Bad input is one clear line and changes nothing.
+    let unknown = farm.client(&farm.reader, &["builds", "show", "999"]).output().expect("run");
+    assert!(!unknown.status.success());
+    assert!(text(&unknown.stderr).contains("no build 999"), "{}", text(&unknown.stderr));
+    let bad = farm.client(&farm.reader, &["builds", "show", "abc"]).output().expect("run");
+    assert!(text(&bad.stderr).contains("is not a build id"), "{}", text(&bad.stderr));
+    let mut c = store.cmd();
+    c.args(["coordinator", "submit", "--url", &farm.client_url()])
+        .arg("--token-file")
+        .arg(&farm.submitter)
+        .arg(&store.bb);
+    let not_drv = c.output().expect("run");
+    assert!(text(&not_drv.stderr).contains("is not a derivation"), "{}", text(&not_drv.stderr));
+    // A revoked token is refused from then on.
+    let tokens: Value = serde_json::from_slice(&support::run_ok(&mut farm.client(
+        &farm.admin,
+        &["tokens", "list", "--json"],
+    )))
+    .expect("json");
+    let reader_hash = {
+        use sha2::Digest;
+        let t = std::fs::read_to_string(&farm.reader).expect("token");
+        let h = sha2::Sha256::digest(t.trim().as_bytes());
+        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let id = tokens["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .filter_map(|t| t["id"].as_str())
+        .find(|id| reader_hash.starts_with(id))
+        .expect("the read token is listed")
+        .to_owned();
+    support::run_ok(&mut farm.client(&farm.admin, &["tokens", "revoke", &id]));
+    let refused = farm.client(&farm.reader, &["builds", "list"]).output().expect("run");
+    assert!(text(&refused.stderr).contains("HTTP 401"), "{}", text(&refused.stderr));
+}

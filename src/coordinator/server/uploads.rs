@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{ApiError, App};
+use super::{ApiError, App, Inner};
 use crate::coordinator::api::UPLOAD_OFFSET;
-use crate::coordinator::cache::UploadId;
+use crate::coordinator::cache::{CacheError, UploadId};
 use crate::store::StorePath;
 
 /// An answer carrying the upload's offset.
@@ -43,26 +43,24 @@ pub(super) async fn append_body(
     offset: u64,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
-    let inner = app.clone();
-    let writer = tokio::task::spawn_blocking(move || {
-        let mut reader = ChannelReader {
-            rx,
-            chunk: Bytes::new(),
-        };
-        inner
-            .cache
-            .append(&id, offset, &mut reader, inner.max_upload_bytes)
-    });
-    forward(body, tx).await;
-    let new_offset = writer
-        .await
-        .map_err(|e| ApiError::internal(format!("upload worker: {e}")))??;
+    let new_offset = with_body(app, body, move |a, r| {
+        a.cache.append(&id, offset, r, a.max_upload_bytes)
+    })
+    .await?;
     Ok(offset_answer(StatusCode::OK, new_offset))
 }
 
 /// Stores a build's log (at most the upload limit).
 pub(super) async fn write_log(app: &App, drv: StorePath, body: Body) -> Result<(), ApiError> {
+    with_body(app, body, move |a, r| a.cache.write_log(&drv, r, a.max_upload_bytes)).await
+}
+
+/// Runs `write` on the blocking pool, reading `body` as it arrives.
+async fn with_body<T: Send + 'static>(
+    app: &App,
+    body: Body,
+    write: impl FnOnce(&Inner, &mut dyn Read) -> Result<T, CacheError> + Send + 'static,
+) -> Result<T, ApiError> {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
     let inner = app.clone();
     let writer = tokio::task::spawn_blocking(move || {
@@ -70,15 +68,12 @@ pub(super) async fn write_log(app: &App, drv: StorePath, body: Body) -> Result<(
             rx,
             chunk: Bytes::new(),
         };
-        inner
-            .cache
-            .write_log(&drv, &mut reader, inner.max_upload_bytes)
+        write(&inner, &mut reader)
     });
     forward(body, tx).await;
-    writer
+    Ok(writer
         .await
-        .map_err(|e| ApiError::internal(format!("log worker: {e}")))??;
-    Ok(())
+        .map_err(|e| ApiError::internal(format!("upload worker: {e}")))??)
 }
 
 /// Sends the body's chunks to the blocking writer until either ends.
