@@ -43,7 +43,11 @@ pub struct CoordinatorArgs {
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// The datastore: sqlite:///PATH.
-    #[arg(long, env = "SANDOFF_COORDINATOR_DATASTORE", default_value = "sqlite:///var/lib/sandoff/coordinator.db")]
+    #[arg(
+        long,
+        env = "SANDOFF_COORDINATOR_DATASTORE",
+        default_value = "sqlite:///var/lib/sandoff/coordinator.db"
+    )]
     datastore: String,
     /// Where agents connect (the agent API and the cache).
     #[arg(long, default_value = "0.0.0.0:8745")]
@@ -82,7 +86,11 @@ pub struct RunArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ConnectArgs {
     /// The coordinator's client API.
-    #[arg(long, env = "SANDOFF_COORDINATOR_URL", default_value = "http://127.0.0.1:8746")]
+    #[arg(
+        long,
+        env = "SANDOFF_COORDINATOR_URL",
+        default_value = "http://127.0.0.1:8746"
+    )]
     url: String,
     /// A file holding the token.
     #[arg(long, env = "SANDOFF_COORDINATOR_TOKEN_FILE")]
@@ -293,7 +301,10 @@ fn run_coordinator(args: RunArgs, loc: &StoreLocation) -> anyhow::Result<ExitCod
             std::fs::create_dir_all(parent)?;
         }
         key.write_file(&key_file)?;
-        eprintln!("created the cache's signing key in '{}'", key_file.display());
+        eprintln!(
+            "created the cache's signing key in '{}'",
+            key_file.display()
+        );
         key
     };
     let public = key.to_public().to_string();
@@ -335,9 +346,18 @@ fn parse_time(s: &str) -> anyhow::Result<i64> {
     if let Ok(n) = s.parse::<i64>() {
         return Ok(n);
     }
-    let bad = || anyhow::anyhow!("'{s}' is not a time (seconds since the epoch, or YYYY-MM-DDTHH:MM:SSZ)");
+    let bad = || {
+        anyhow::anyhow!("'{s}' is not a time (seconds since the epoch, or YYYY-MM-DDTHH:MM:SSZ)")
+    };
     let b = s.as_bytes();
-    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' || b[19] != b'Z' {
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
         return Err(bad());
     }
     let num = |r: std::ops::Range<usize>| s[r].parse::<i64>().map_err(|_| bad());
@@ -370,7 +390,10 @@ fn submit(args: SubmitArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     let mut builds = Vec::new();
     for d in &args.drvs {
         let p = loc.dir.parse_path(d)?;
-        anyhow::ensure!(p.is_derivation(), "'{d}' is not a derivation (a .drv store path)");
+        anyhow::ensure!(
+            p.is_derivation(),
+            "'{d}' is not a derivation (a .drv store path)"
+        );
         builds.push(NewBuild {
             drv: loc.logical(&p),
             priority: args.priority,
@@ -381,7 +404,8 @@ fn submit(args: SubmitArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     }
     let store = sandoff::derivation::check::open_store(loc.clone())?;
     let spool = tempfile::tempdir().context("creating a spool directory")?;
-    let (sent, answer) = sandoff::coordinator::submit::submit(&client, &store, builds, spool.path())?;
+    let (sent, answer) =
+        sandoff::coordinator::submit::submit(&client, &store, builds, spool.path())?;
     if args.connect.json {
         println!(
             "{}",
@@ -412,7 +436,12 @@ fn print_build_line(b: &BuildRecord) {
 
 fn builds(c: BuildsCommand) -> anyhow::Result<ExitCode> {
     match c {
-        BuildsCommand::List { connect, state, tag, limit } => {
+        BuildsCommand::List {
+            connect,
+            state,
+            tag,
+            limit,
+        } => {
             let client = connect.client()?;
             let mut q = format!("/client/v1/builds?limit={limit}");
             if let Some(s) = state {
@@ -438,7 +467,10 @@ fn builds(c: BuildsCommand) -> anyhow::Result<ExitCode> {
                 println!("build {}: {}", b.id, b.state.as_str());
                 println!("derivation: {}", b.drv);
                 println!("system: {}", b.system);
-                println!("priority: {} (effective {}), critical path {}", b.priority, b.effective_priority, b.critical_path);
+                println!(
+                    "priority: {} (effective {}), critical path {}",
+                    b.priority, b.effective_priority, b.critical_path
+                );
                 for (name, path) in &d.outputs {
                     println!("output {name}: {path}");
                 }
@@ -462,7 +494,10 @@ fn builds(c: BuildsCommand) -> anyhow::Result<ExitCode> {
         }
         BuildsCommand::Cancel { connect, id } => {
             let client = connect.client()?;
-            let c: Canceled = client.post(&format!("/client/v1/builds/{}/cancel", urlencode(&id)), &json!({}))?;
+            let c: Canceled = client.post(
+                &format!("/client/v1/builds/{}/cancel", urlencode(&id)),
+                &json!({}),
+            )?;
             if connect.json {
                 println!("{}", serde_json::to_string(&c)?);
             } else {
@@ -470,7 +505,11 @@ fn builds(c: BuildsCommand) -> anyhow::Result<ExitCode> {
                 println!("canceled: {}", ids.join(" "));
             }
         }
-        BuildsCommand::SetPriority { connect, id, priority } => {
+        BuildsCommand::SetPriority {
+            connect,
+            id,
+            priority,
+        } => {
             let client = connect.client()?;
             let b: BuildRecord = client.post(
                 &format!("/client/v1/builds/{}/priority", urlencode(&id)),
@@ -485,7 +524,13 @@ fn builds(c: BuildsCommand) -> anyhow::Result<ExitCode> {
         BuildsCommand::Log { connect, id } => {
             let client = connect.client()?;
             let d: BuildDetail = client.get(&format!("/client/v1/builds/{}", urlencode(&id)))?;
-            let name = d.build.drv.rsplit('/').next().unwrap_or_default().to_owned();
+            let name = d
+                .build
+                .drv
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
             let log = client.get_bytes(&format!("/cache/log/{name}"), 1 << 30)?;
             std::io::stdout().write_all(&sandoff::termsafe::filter(&log).into_bytes())?;
         }
@@ -497,7 +542,10 @@ fn print_token(t: &IssuedToken, json_out: bool) -> anyhow::Result<()> {
     if json_out {
         println!("{}", serde_json::to_string(t)?);
     } else {
-        eprintln!("token {} (shown once; keep it in a file only its user reads):", t.id);
+        eprintln!(
+            "token {} (shown once; keep it in a file only its user reads):",
+            t.id
+        );
         println!("{}", t.token);
     }
     Ok(())
@@ -524,12 +572,26 @@ fn agents(c: AgentsCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        AgentsCommand::New { connect, name, expires_in } => {
+        AgentsCommand::New {
+            connect,
+            name,
+            expires_in,
+        } => {
             let client = connect.client()?;
-            let t: IssuedToken = client.post("/client/v1/agents", &NewAgent { id: name, expires_in })?;
+            let t: IssuedToken = client.post(
+                "/client/v1/agents",
+                &NewAgent {
+                    id: name,
+                    expires_in,
+                },
+            )?;
             print_token(&t, connect.json)?;
         }
-        AgentsCommand::Token { connect, name, expires_in } => {
+        AgentsCommand::Token {
+            connect,
+            name,
+            expires_in,
+        } => {
             let client = connect.client()?;
             let t: IssuedToken = client.post(
                 &format!("/client/v1/agents/{}/token", urlencode(&name)),
@@ -538,14 +600,16 @@ fn agents(c: AgentsCommand) -> anyhow::Result<ExitCode> {
             print_token(&t, connect.json)?;
         }
         AgentsCommand::Disable { connect, name } => {
-            connect
-                .client()?
-                .post_only::<()>(&format!("/client/v1/agents/{}/disable", urlencode(&name)), None)?;
+            connect.client()?.post_only::<()>(
+                &format!("/client/v1/agents/{}/disable", urlencode(&name)),
+                None,
+            )?;
         }
         AgentsCommand::Enable { connect, name } => {
-            connect
-                .client()?
-                .post_only::<()>(&format!("/client/v1/agents/{}/enable", urlencode(&name)), None)?;
+            connect.client()?.post_only::<()>(
+                &format!("/client/v1/agents/{}/enable", urlencode(&name)),
+                None,
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -553,8 +617,16 @@ fn agents(c: AgentsCommand) -> anyhow::Result<ExitCode> {
 
 fn tokens(c: TokensCommand) -> anyhow::Result<ExitCode> {
     match c {
-        TokensCommand::New { connect, role, expires_in, datastore: Some(url) } => {
-            anyhow::ensure!(expires_in.is_none_or(|s| s > 0), "--expires-in must be positive");
+        TokensCommand::New {
+            connect,
+            role,
+            expires_in,
+            datastore: Some(url),
+        } => {
+            anyhow::ensure!(
+                !matches!(expires_in, Some(s) if s <= 0),
+                "--expires-in must be positive"
+            );
             let ds = datastore::open(&url, RetryPolicy::default())?;
             let token = auth::new_token();
             let now = server::now();
@@ -566,8 +638,15 @@ fn tokens(c: TokensCommand) -> anyhow::Result<ExitCode> {
             )?;
             print_token(&IssuedToken { id, token }, connect.json)?;
         }
-        TokensCommand::New { connect, role, expires_in, datastore: None } => {
-            let t: IssuedToken = connect.client()?.post("/client/v1/tokens", &NewToken { role, expires_in })?;
+        TokensCommand::New {
+            connect,
+            role,
+            expires_in,
+            datastore: None,
+        } => {
+            let t: IssuedToken = connect
+                .client()?
+                .post("/client/v1/tokens", &NewToken { role, expires_in })?;
             print_token(&t, connect.json)?;
         }
         TokensCommand::List { connect } => {
@@ -581,14 +660,19 @@ fn tokens(c: TokensCommand) -> anyhow::Result<ExitCode> {
                         Principal::Client { role } => format!("client {}", role.as_str()),
                     };
                     let state = if t.revoked { "revoked" } else { "valid" };
-                    println!("{}\t{who}\t{state}\texpires {}", t.id, t.expires_at.map_or("never".into(), |e| e.to_string()));
+                    println!(
+                        "{}\t{who}\t{state}\texpires {}",
+                        t.id,
+                        t.expires_at.map_or("never".into(), |e| e.to_string())
+                    );
                 }
             }
         }
         TokensCommand::Revoke { connect, id } => {
-            connect
-                .client()?
-                .post_only::<()>(&format!("/client/v1/tokens/{}/revoke", urlencode(&id)), None)?;
+            connect.client()?.post_only::<()>(
+                &format!("/client/v1/tokens/{}/revoke", urlencode(&id)),
+                None,
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -75,7 +75,11 @@ pub enum AgentError {
 }
 
 /// Runs the agent until `stop` is set.
-pub fn run(config: &AgentConfig, ctx: &BuildContext<'_>, stop: &AtomicBool) -> Result<(), AgentError> {
+pub fn run(
+    config: &AgentConfig,
+    ctx: &BuildContext<'_>,
+    stop: &AtomicBool,
+) -> Result<(), AgentError> {
     fs::create_dir_all(&config.spool).map_err(|source| AgentError::Spool {
         path: config.spool.clone(),
         source,
@@ -123,7 +127,10 @@ pub fn run(config: &AgentConfig, ctx: &BuildContext<'_>, stop: &AtomicBool) -> R
                 s.spawn(move || {
                     let id = job.id;
                     run_job(config, ctx, cache, job, &lost);
-                    running.lock().expect("no job thread panics holding it").remove(&id);
+                    running
+                        .lock()
+                        .expect("no job thread panics holding it")
+                        .remove(&id);
                     slot_freed.notify_all();
                 });
             }
@@ -132,7 +139,10 @@ pub fn run(config: &AgentConfig, ctx: &BuildContext<'_>, stop: &AtomicBool) -> R
         match config.client.get::<Jobs>("/agent/v1/leases") {
             Ok(jobs) => {
                 if !jobs.jobs.is_empty() {
-                    tracing::info!(count = jobs.jobs.len(), "resuming builds still leased to this agent");
+                    tracing::info!(
+                        count = jobs.jobs.len(),
+                        "resuming builds still leased to this agent"
+                    );
                 }
                 jobs_of(jobs);
             }
@@ -140,7 +150,10 @@ pub fn run(config: &AgentConfig, ctx: &BuildContext<'_>, stop: &AtomicBool) -> R
         }
         s.spawn(|| heartbeats(config, &running, lease / 3, stop));
         while !stop.load(Ordering::Relaxed) {
-            let busy = running.lock().expect("no job thread panics holding it").len();
+            let busy = running
+                .lock()
+                .expect("no job thread panics holding it")
+                .len();
             let free = config.max_parallel_builds.saturating_sub(busy);
             let mut got = false;
             if free > 0 {
@@ -213,7 +226,13 @@ fn heartbeats(
 
 /// Does one job and reports its result; every failure ends in a report
 /// (or, for a lost lease, in silence).
-fn run_job(config: &AgentConfig, ctx: &BuildContext<'_>, cache: &HttpCache, job: Job, lost: &AtomicBool) {
+fn run_job(
+    config: &AgentConfig,
+    ctx: &BuildContext<'_>,
+    cache: &HttpCache,
+    job: Job,
+    lost: &AtomicBool,
+) {
     let id = job.id;
     let report = match do_job(config, ctx, cache, &job, lost) {
         Ok(Some(outputs)) => BuildResult::Success { outputs },
@@ -277,7 +296,8 @@ fn do_job(
     let bytes = client
         .get_bytes(&format!("/agent/v1/builds/{id}/drv"), MAX_DRV_SIZE)
         .map_err(infra)?;
-    let mut drv = Derivation::from_aterm(&bytes, dir).map_err(|e| infra(format!("'{}': {e}", job.drv.drv)))?;
+    let mut drv = Derivation::from_aterm(&bytes, dir)
+        .map_err(|e| infra(format!("'{}': {e}", job.drv.drv)))?;
     let mut inputs = BTreeSet::new();
     for p in &job.inputs {
         inputs.insert(dir.parse_path(p).map_err(infra)?);
@@ -328,7 +348,10 @@ fn build_logged(
     drv_path: &StorePath,
     drv: &Derivation,
     max: u64,
-) -> (Vec<u8>, Result<build::local::StepOutcome, build::BuildError>) {
+) -> (
+    Vec<u8>,
+    Result<build::local::StepOutcome, build::BuildError>,
+) {
     std::thread::scope(|s| {
         let (tx, rx) = mpsc::channel::<Event>();
         let collect = s.spawn(move || {
@@ -382,7 +405,8 @@ fn spool_output(
 ) -> Result<OutputClaim, io::Error> {
     let real = store.location().real_path(path);
     let file = File::create(to)?;
-    let mut enc = zstd::stream::write::Encoder::new(BufWriter::with_capacity(1 << 16, file), level)?;
+    let mut enc =
+        zstd::stream::write::Encoder::new(BufWriter::with_capacity(1 << 16, file), level)?;
     let mut tee = Tee {
         hash: HashSink::new(HashAlgo::Sha256),
         inner: &mut enc,

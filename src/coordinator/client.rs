@@ -120,10 +120,11 @@ impl Client {
                 path: path.to_owned(),
                 source,
             })?;
-            let cert = native_tls::Certificate::from_pem(&pem).map_err(|source| ClientError::Tls {
-                path: path.to_owned(),
-                source,
-            })?;
+            let cert =
+                native_tls::Certificate::from_pem(&pem).map_err(|source| ClientError::Tls {
+                    path: path.to_owned(),
+                    source,
+                })?;
             tls.add_root_certificate(cert);
         }
         let connector = tls.build().map_err(|source| ClientError::Tls {
@@ -160,7 +161,10 @@ impl Client {
 
     fn request(&self, method: &str, path: &str) -> (String, ureq::Request) {
         let url = self.url(path);
-        let req = self.agent.request(method, &url).set("Authorization", &self.auth);
+        let req = self
+            .agent
+            .request(method, &url)
+            .set("Authorization", &self.auth);
         (url, req)
     }
 
@@ -274,7 +278,10 @@ fn send_json<B: Serialize>(
 }
 
 /// An error answer as a `ClientError` with the server's message.
-fn answer(url: &str, res: Result<ureq::Response, ureq::Error>) -> Result<ureq::Response, ClientError> {
+fn answer(
+    url: &str,
+    res: Result<ureq::Response, ureq::Error>,
+) -> Result<ureq::Response, ClientError> {
     match res {
         Ok(r) => Ok(r),
         Err(ureq::Error::Status(status, r)) => {

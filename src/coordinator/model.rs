@@ -70,8 +70,7 @@ impl AgentId {
         let ok = !s.is_empty()
             && s.len() <= 64
             && !s.starts_with('.')
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         if ok {
             Ok(AgentId(s.to_owned()))

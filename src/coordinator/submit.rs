@@ -121,7 +121,8 @@ pub fn submit(
 /// Writes the zstd-compressed NAR of `src` to `to`.
 fn compress(src: &Path, to: &Path, level: i32) -> io::Result<()> {
     let file = std::fs::File::create(to)?;
-    let mut enc = zstd::stream::write::Encoder::new(BufWriter::with_capacity(1 << 16, file), level)?;
+    let mut enc =
+        zstd::stream::write::Encoder::new(BufWriter::with_capacity(1 << 16, file), level)?;
     nar::dump(src, &mut enc).map_err(io::Error::other)?;
     enc.finish()?.flush()
 }

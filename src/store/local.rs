@@ -1428,7 +1428,7 @@ mod tests {
         let mut entries = Vec::new();
         assert!(!collect_entries(&out, &mut entries, &mut 0, 3).unwrap());
         // Both ways flush without error.
-        sync_paths(&[out.clone()]).unwrap();
+        sync_paths(std::slice::from_ref(&out)).unwrap();
         let many = d.path().join("many");
         fs::create_dir(&many).unwrap();
         for i in 0..=FSYNC_EACH_MAX {

@@ -62,7 +62,11 @@ impl Farm {
             key: String::new(),
             agents: Vec::new(),
         };
-        for (role, file) in [("admin", &farm.admin), ("submit", &farm.submitter), ("read", &farm.reader)] {
+        for (role, file) in [
+            ("admin", &farm.admin),
+            ("submit", &farm.submitter),
+            ("read", &farm.reader),
+        ] {
             let out = support::run_ok(support::sandoff().args([
                 "coordinator",
                 "tokens",
@@ -145,7 +149,8 @@ impl Farm {
 
     /// A process's log, for failure messages.
     pub(crate) fn log(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.tmp.path().join(format!("{name}.log"))).unwrap_or_default();
+        let text = std::fs::read_to_string(self.tmp.path().join(format!("{name}.log")))
+            .unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(40).collect();
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
@@ -260,7 +265,8 @@ impl Farm {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }
         let res = if matches!(method, "POST" | "PUT") {
-            req.set("Content-Type", "application/json").send_string("{}")
+            req.set("Content-Type", "application/json")
+                .send_string("{}")
         } else {
             req.call()
         };
@@ -345,7 +351,11 @@ fn fifty_derivations_build_over_three_agents_in_order_and_nix_substitutes_the_re
     // Submitted before any agent exists: the builds wait, saying why.
     let low: Vec<&str> = tops[..5].to_vec();
     let answer = farm.submit(&store, &low, &["--priority", "1"]);
-    let high = farm.submit(&store, &tops[5..], &["--priority", "50", "--tag", "job=high"]);
+    let high = farm.submit(
+        &store,
+        &tops[5..],
+        &["--priority", "50", "--tag", "job=high"],
+    );
     assert_eq!(answer["builds"].as_array().expect("builds").len(), 5);
     let builds = by_drv(&farm.builds());
     assert_eq!(builds.len(), 50, "dependencies get builds of their own");
@@ -357,8 +367,13 @@ fn fifty_derivations_build_over_three_agents_in_order_and_nix_substitutes_the_re
     assert_eq!(builds[&layers[0][5]]["waiting_on"], 0);
     assert_eq!(builds[&layers[1][5]]["waiting_on"], 2);
     let id = high["builds"][0]["id"].to_string();
-    let show = text(&support::run_ok(&mut farm.client(&farm.reader, &["builds", "show", &id])));
-    assert!(show.contains("cannot start: no enabled agent builds x86_64-linux"), "{show}");
+    let show = text(&support::run_ok(
+        &mut farm.client(&farm.reader, &["builds", "show", &id]),
+    ));
+    assert!(
+        show.contains("cannot start: no enabled agent builds x86_64-linux"),
+        "{show}"
+    );
 
     for a in ["a1", "a2", "a3"] {
         farm.add_agent(a, 2);
@@ -388,7 +403,11 @@ fn fifty_derivations_build_over_three_agents_in_order_and_nix_substitutes_the_re
     let nix = farm.tmp.path().join("nix");
     let netrc = farm.tmp.path().join("netrc");
     let token = std::fs::read_to_string(&farm.reader).expect("token");
-    std::fs::write(&netrc, format!("machine 127.0.0.1 login nix password {}\n", token.trim())).expect("netrc");
+    std::fs::write(
+        &netrc,
+        format!("machine 127.0.0.1 login nix password {}\n", token.trim()),
+    )
+    .expect("netrc");
     let nix_store = |args: &[&str]| {
         let mut c = support::nix_cmd("nix-store", &nix.join("conf"));
         c.arg("--store")
@@ -404,7 +423,8 @@ fn fifty_derivations_build_over_three_agents_in_order_and_nix_substitutes_the_re
     };
     support::run_ok(&mut nix_store(&["--realise", &full]));
     support::run_ok(&mut nix_store(&["--verify-path", &full]));
-    let got = std::fs::read_to_string(nix.join("root").join(full.trim_start_matches('/'))).expect("output");
+    let got = std::fs::read_to_string(nix.join("root").join(full.trim_start_matches('/')))
+        .expect("output");
     assert!(got.starts_with("g-4-9\n"), "{got}");
     // Without the token, the cache is closed.
     let url = format!("{}/cache/nix-cache-info", farm.client_url());
@@ -431,7 +451,11 @@ fn an_agent_killed_mid_build_loses_nothing_and_the_build_completes_elsewhere() {
     let done = farm.wait_idle();
     assert_eq!(done[0]["state"], "succeeded", "{:?}", done[0]);
     assert_eq!(done[0]["agent"], "a2");
-    assert!(done[0]["attempts"].as_i64() >= Some(1), "the lost lease counts: {:?}", done[0]);
+    assert!(
+        done[0]["attempts"].as_i64() >= Some(1),
+        "the lost lease counts: {:?}",
+        done[0]
+    );
     // a1 comes back: it gets nothing of what a2 finished.
     farm.start_agent("a1", 1);
     std::thread::sleep(Duration::from_secs(2));
@@ -467,10 +491,16 @@ fn a_killed_coordinator_restarts_with_nothing_lost_and_nothing_built_twice() {
     assert_eq!(after.len(), 12, "no submitted build lost");
     for (drv, b) in &before {
         if b["state"] == "succeeded" {
-            assert_eq!(after[drv]["finished_at"], b["finished_at"], "not built again: {drv}");
+            assert_eq!(
+                after[drv]["finished_at"], b["finished_at"],
+                "not built again: {drv}"
+            );
         }
     }
-    assert!(after.values().all(|b| b["state"] == "succeeded"), "{after:?}");
+    assert!(
+        after.values().all(|b| b["state"] == "succeeded"),
+        "{after:?}"
+    );
 }
 
 #[test]
@@ -484,14 +514,25 @@ fn bad_tokens_are_refused_on_every_endpoint() {
         &farm.admin.clone(),
         &["tokens", "new", "--role", "admin", "--expires-in", "1"],
     )));
-    let agent_token = text(&support::run_ok(&mut farm.client(&farm.admin.clone(), &["agents", "new", "x"])));
+    let agent_token = text(&support::run_ok(
+        &mut farm.client(&farm.admin.clone(), &["agents", "new", "x"]),
+    ));
     std::thread::sleep(Duration::from_millis(2100));
     let client = [
         ("GET", "/client/v1/info"),
         ("POST", "/client/v1/missing"),
-        ("HEAD", "/client/v1/uploads/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz"),
-        ("PUT", "/client/v1/uploads/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz"),
-        ("POST", "/client/v1/uploads/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz/finish"),
+        (
+            "HEAD",
+            "/client/v1/uploads/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz",
+        ),
+        (
+            "PUT",
+            "/client/v1/uploads/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz",
+        ),
+        (
+            "POST",
+            "/client/v1/uploads/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz/finish",
+        ),
         ("POST", "/client/v1/builds"),
         ("GET", "/client/v1/builds"),
         ("GET", "/client/v1/builds/1"),
@@ -507,7 +548,10 @@ fn bad_tokens_are_refused_on_every_endpoint() {
         ("POST", "/client/v1/tokens/abc/revoke"),
         ("GET", "/cache/nix-cache-info"),
         ("GET", "/cache/5xd714cbfnkz02h2vbsj4fm03x3f15nf.narinfo"),
-        ("GET", "/cache/nar/1111111111111111111111111111111111111111111111111111.nar.zst"),
+        (
+            "GET",
+            "/cache/nar/1111111111111111111111111111111111111111111111111111.nar.zst",
+        ),
         ("GET", "/cache/log/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz.drv"),
     ];
     let agent = [
@@ -524,11 +568,22 @@ fn bad_tokens_are_refused_on_every_endpoint() {
         ("GET", "/cache/nix-cache-info"),
     ];
     let wrong = "sandoff_0000000000000000000000000000000000000000000000000000000000000000";
-    for (base, routes) in [(farm.client_url(), &client[..]), (farm.agent_url(), &agent[..])] {
+    for (base, routes) in [
+        (farm.client_url(), &client[..]),
+        (farm.agent_url(), &agent[..]),
+    ] {
         for (method, path) in routes {
             let url = format!("{base}{path}");
-            for (what, token) in [("no", None), ("a wrong", Some(wrong)), ("an expired", Some(expiring.trim()))] {
-                assert_eq!(Farm::status(method, &url, token), 401, "{method} {path} with {what} token");
+            for (what, token) in [
+                ("no", None),
+                ("a wrong", Some(wrong)),
+                ("an expired", Some(expiring.trim())),
+            ] {
+                assert_eq!(
+                    Farm::status(method, &url, token),
+                    401,
+                    "{method} {path} with {what} token"
+                );
             }
         }
     }
@@ -581,7 +636,9 @@ fn an_upload_cut_in_the_middle_resumes_and_a_tampered_nar_is_refused() {
         *b = x as u8;
     }
     std::fs::write(&src, &bytes).expect("write");
-    let added = text(&support::run_ok(store.cmd().args(["store", "add"]).arg(&src)));
+    let added = text(&support::run_ok(
+        store.cmd().args(["store", "add"]).arg(&src),
+    ));
     let path = store.path(added.trim());
     let farm = Farm::start(30);
     let token = std::fs::read_to_string(&farm.submitter).expect("token");
@@ -592,25 +649,32 @@ fn an_upload_cut_in_the_middle_resumes_and_a_tampered_nar_is_refused() {
     let upload = format!("/client/v1/uploads/{}", path.base_name());
     let host = format!("127.0.0.1:{}", farm.client_port);
     cut_upload(&host, &upload, token.trim(), &zst, zst.len() / 2);
-    let client = sandoff::coordinator::client::Client::new(&farm.client_url(), token.trim(), None).expect("client");
+    let client = sandoff::coordinator::client::Client::new(&farm.client_url(), token.trim(), None)
+        .expect("client");
     let held = client.upload_offset(&upload).expect("offset");
-    assert!(held > 0 && held < zst.len() as u64, "the first half is kept: {held}");
+    assert!(
+        held > 0 && held < zst.len() as u64,
+        "the first half is kept: {held}"
+    );
     let spool = farm.tmp.path().join("blob.nar.zst");
     std::fs::write(&spool, &zst).expect("write");
     let sent = client.upload(&upload, &spool).expect("resume");
     assert_eq!(sent, zst.len() as u64 - held, "only the rest is sent");
     // A false claim (another NAR hash) is refused and nothing enters.
     let info = store.info(&path).expect("valid");
-    let claim = |hash: &str| {
-        serde_json::json!({"kind": "source", "references": [], "nar_hash": hash, "nar_size": info.nar_size})
-    };
+    let claim = |hash: &str| serde_json::json!({"kind": "source", "references": [], "nar_hash": hash, "nar_size": info.nar_size});
     let lie = "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
     let err = client
         .post_only(&format!("{upload}/finish"), Some(&claim(lie)))
         .expect_err("a false NAR hash is refused");
     assert_eq!(err.status(), Some(422), "{err}");
     let missing: sandoff::coordinator::api::Paths = client
-        .post("/client/v1/missing", &sandoff::coordinator::api::Paths { paths: vec![added.trim().to_owned()] })
+        .post(
+            "/client/v1/missing",
+            &sandoff::coordinator::api::Paths {
+                paths: vec![added.trim().to_owned()],
+            },
+        )
         .expect("missing");
     assert_eq!(missing.paths.len(), 1, "nothing entered the cache");
     // Tampered bytes (one flipped in the middle of the file's contents)
@@ -622,17 +686,28 @@ fn an_upload_cut_in_the_middle_resumes_and_a_tampered_nar_is_refused() {
     std::fs::write(&spool, &bad_zst).expect("write");
     client.upload(&upload, &spool).expect("upload");
     let err = client
-        .post_only(&format!("{upload}/finish"), Some(&claim(&info.nar_hash.to_nix32_prefixed())))
+        .post_only(
+            &format!("{upload}/finish"),
+            Some(&claim(&info.nar_hash.to_nix32_prefixed())),
+        )
         .expect_err("a tampered NAR is refused");
     assert_eq!(err.status(), Some(422), "{err}");
     // The true bytes under the true claim enter.
     std::fs::write(&spool, &zst).expect("write");
     client.upload(&upload, &spool).expect("upload");
     client
-        .post_only(&format!("{upload}/finish"), Some(&claim(&info.nar_hash.to_nix32_prefixed())))
+        .post_only(
+            &format!("{upload}/finish"),
+            Some(&claim(&info.nar_hash.to_nix32_prefixed())),
+        )
         .expect("accepted");
     let missing: sandoff::coordinator::api::Paths = client
-        .post("/client/v1/missing", &sandoff::coordinator::api::Paths { paths: vec![added.trim().to_owned()] })
+        .post(
+            "/client/v1/missing",
+            &sandoff::coordinator::api::Paths {
+                paths: vec![added.trim().to_owned()],
+            },
+        )
         .expect("missing");
     assert!(missing.paths.is_empty());
 }
@@ -647,8 +722,23 @@ fn with_a_certificate_both_apis_speak_tls_and_clients_check_it() {
     let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
     support::run_ok(
         Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
-            .args(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -656,10 +746,24 @@ fn with_a_certificate_both_apis_speak_tls_and_clients_check_it() {
     );
     let db = format!("sqlite://{}/db", tmp.path().display());
     let token = text(&support::run_ok(support::sandoff().args([
-        "coordinator", "tokens", "new", "--role", "read", "--datastore", &db,
+        "coordinator",
+        "tokens",
+        "new",
+        "--role",
+        "read",
+        "--datastore",
+        &db,
     ])));
     let mut child = support::sandoff()
-        .args(["coordinator", "--datastore", &db, "--agent-listen", "127.0.0.1:0", "--client-listen", "127.0.0.1:0"])
+        .args([
+            "coordinator",
+            "--datastore",
+            &db,
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--client-listen",
+            "127.0.0.1:0",
+        ])
         .arg("--cache-dir")
         .arg(tmp.path().join("cache"))
         .arg("--tls-cert")
@@ -673,14 +777,22 @@ fn with_a_certificate_both_apis_speak_tls_and_clients_check_it() {
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let agent_line = lines.next().expect("line").expect("read");
     let client_line = lines.next().expect("line").expect("read");
-    let url = client_line.strip_prefix("client API: ").expect("client API line").to_owned();
+    let url = client_line
+        .strip_prefix("client API: ")
+        .expect("client API line")
+        .to_owned();
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
-    assert!(agent_line.starts_with("agent API: https://"), "{agent_line}");
+    assert!(
+        agent_line.starts_with("agent API: https://"),
+        "{agent_line}"
+    );
     let token_file = tmp.path().join("token");
     std::fs::write(&token_file, &token).expect("write");
     let list = |ca: Option<&Path>| {
         let mut c = support::sandoff();
-        c.args(["coordinator", "agents", "list", "--json", "--url", &url]).arg("--token-file").arg(&token_file);
+        c.args(["coordinator", "agents", "list", "--json", "--url", &url])
+            .arg("--token-file")
+            .arg(&token_file);
         if let Some(ca) = ca {
             c.arg("--ca-cert").arg(ca);
         }
@@ -692,11 +804,20 @@ fn with_a_certificate_both_apis_speak_tls_and_clients_check_it() {
     // Without the CA, the self-signed certificate is refused.
     let untrusted = list(None);
     assert!(!untrusted.status.success());
-    assert!(text(&untrusted.stderr).contains("certificate"), "{}", text(&untrusted.stderr));
+    assert!(
+        text(&untrusted.stderr).contains("certificate"),
+        "{}",
+        text(&untrusted.stderr)
+    );
     // Plain HTTP to the TLS port gets nothing.
     let plain = url.replace("https://", "http://");
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
-    assert!(agent.get(&format!("{plain}/client/v1/info")).call().is_err());
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    assert!(agent
+        .get(&format!("{plain}/client/v1/info"))
+        .call()
+        .is_err());
     let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
     let _ = child.wait();
 }
@@ -724,12 +845,16 @@ fn a_restarted_agent_resumes_the_builds_still_leased_to_it() {
     assert_eq!(done[0]["state"], "succeeded", "{:?}", done[0]);
     assert_eq!(done[0]["agent"], "a1");
     assert_eq!(done[0]["attempts"], 0, "{:?}", done[0]);
-    let log = text(&support::run_ok(&mut farm.client(
-        &farm.reader,
-        &["builds", "log", &done[0]["id"].to_string()],
-    )));
+    let log = text(&support::run_ok(
+        &mut farm.client(&farm.reader, &["builds", "log", &done[0]["id"].to_string()]),
+    ));
     assert!(log.is_empty() || !log.contains("error"), "{log}");
-    assert!(farm.log("a1").contains("resuming builds still leased to this agent"), "{}", farm.log("a1"));
+    assert!(
+        farm.log("a1")
+            .contains("resuming builds still leased to this agent"),
+        "{}",
+        farm.log("a1")
+    );
 }
 
 #[test]
@@ -757,7 +882,8 @@ fn builds_are_reprioritised_canceled_and_explained_from_the_cli() {
     let json = |args: &[&str]| -> Value {
         let mut a = args.to_vec();
         a.push("--json");
-        serde_json::from_slice(&support::run_ok(&mut farm.client(&farm.submitter, &a))).expect("json")
+        serde_json::from_slice(&support::run_ok(&mut farm.client(&farm.submitter, &a)))
+            .expect("json")
     };
     let raised = json(&["builds", "set-priority", &top, "70"]);
     assert_eq!(raised["priority"], 70);
@@ -767,7 +893,11 @@ fn builds_are_reprioritised_canceled_and_explained_from_the_cli() {
     assert_eq!(json(&["builds", "show", &bottom])["effective_priority"], 0);
     let tagged = json(&["builds", "list", "--tag", "job=x"]);
     // The new builds carry the tag: c-2-0 and c-1-1 (the rest were active).
-    assert_eq!(tagged["builds"].as_array().expect("builds").len(), 2, "{tagged}");
+    assert_eq!(
+        tagged["builds"].as_array().expect("builds").len(),
+        2,
+        "{tagged}"
+    );
     // Canceling a dependency cancels what needs it, and nothing else.
     let canceled = json(&["builds", "cancel", &id_of(&layers[0][1])]);
     let canceled: BTreeSet<i64> = canceled["canceled"]
@@ -776,26 +906,47 @@ fn builds_are_reprioritised_canceled_and_explained_from_the_cli() {
         .iter()
         .filter_map(Value::as_i64)
         .collect();
-    assert_eq!(canceled.len(), 4, "c-0-1, both of layer 1, c-2-0: {canceled:?}");
+    assert_eq!(
+        canceled.len(),
+        4,
+        "c-0-1, both of layer 1, c-2-0: {canceled:?}"
+    );
     assert_eq!(json(&["builds", "show", &bottom])["state"], "queued");
     // Bad input is one clear line and changes nothing.
-    let unknown = farm.client(&farm.reader, &["builds", "show", "999"]).output().expect("run");
+    let unknown = farm
+        .client(&farm.reader, &["builds", "show", "999"])
+        .output()
+        .expect("run");
     assert!(!unknown.status.success());
-    assert!(text(&unknown.stderr).contains("no build 999"), "{}", text(&unknown.stderr));
-    let bad = farm.client(&farm.reader, &["builds", "show", "abc"]).output().expect("run");
-    assert!(text(&bad.stderr).contains("is not a build id"), "{}", text(&bad.stderr));
+    assert!(
+        text(&unknown.stderr).contains("no build 999"),
+        "{}",
+        text(&unknown.stderr)
+    );
+    let bad = farm
+        .client(&farm.reader, &["builds", "show", "abc"])
+        .output()
+        .expect("run");
+    assert!(
+        text(&bad.stderr).contains("is not a build id"),
+        "{}",
+        text(&bad.stderr)
+    );
     let mut c = store.cmd();
     c.args(["coordinator", "submit", "--url", &farm.client_url()])
         .arg("--token-file")
         .arg(&farm.submitter)
         .arg(&store.bb);
     let not_drv = c.output().expect("run");
-    assert!(text(&not_drv.stderr).contains("is not a derivation"), "{}", text(&not_drv.stderr));
+    assert!(
+        text(&not_drv.stderr).contains("is not a derivation"),
+        "{}",
+        text(&not_drv.stderr)
+    );
     // A revoked token is refused from then on.
-    let tokens: Value = serde_json::from_slice(&support::run_ok(&mut farm.client(
-        &farm.admin,
-        &["tokens", "list", "--json"],
-    )))
+    let tokens: Value = serde_json::from_slice(&support::run_ok(
+        &mut farm.client(&farm.admin, &["tokens", "list", "--json"]),
+    ))
     .expect("json");
     let reader_hash = {
         use sha2::Digest;
@@ -812,6 +963,13 @@ fn builds_are_reprioritised_canceled_and_explained_from_the_cli() {
         .expect("the read token is listed")
         .to_owned();
     support::run_ok(&mut farm.client(&farm.admin, &["tokens", "revoke", &id]));
-    let refused = farm.client(&farm.reader, &["builds", "list"]).output().expect("run");
-    assert!(text(&refused.stderr).contains("HTTP 401"), "{}", text(&refused.stderr));
+    let refused = farm
+        .client(&farm.reader, &["builds", "list"])
+        .output()
+        .expect("run");
+    assert!(
+        text(&refused.stderr).contains("HTTP 401"),
+        "{}",
+        text(&refused.stderr)
+    );
 }

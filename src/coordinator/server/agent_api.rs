@@ -19,9 +19,7 @@ use super::{blocking, now, AgentToken, ApiError, App, Inner};
 use crate::coordinator::api::{BuildResult, Heartbeat, HeartbeatAnswer, Job, Jobs, OutputClaim};
 use crate::coordinator::cache::{Claim, ClaimKind, FixedOutput, UploadId};
 use crate::coordinator::datastore::{Allocation, DatastoreError};
-use crate::coordinator::model::{
-    AgentId, AgentOffer, BuildId, BuildState, CachedPath, Setback,
-};
+use crate::coordinator::model::{AgentId, AgentOffer, BuildId, BuildState, CachedPath, Setback};
 use crate::derivation::check::MAX_DRV_SIZE;
 use crate::derivation::{Derivation, DerivationOutput};
 use crate::store::{Hash, StorePath};
@@ -52,7 +50,9 @@ async fn allocate(
     Json(offer): Json<AgentOffer>,
 ) -> Result<Json<Jobs>, ApiError> {
     if offer.free_slots < 0 || offer.max_parallel_builds < 0 {
-        return Err(ApiError::bad_request("free_slots and max_parallel_builds must be >= 0"));
+        return Err(ApiError::bad_request(
+            "free_slots and max_parallel_builds must be >= 0",
+        ));
     }
     blocking(&app, move |a| {
         let allocated = a.ds.allocate(&agent, &offer, a.lease_secs, now())?;
@@ -94,10 +94,9 @@ fn checked_job(a: &Inner, agent: &AgentId, alloc: Allocation) -> Result<Option<J
 fn job_inputs(a: &Inner, alloc: &Allocation) -> Result<BTreeSet<String>, ApiError> {
     let mut inputs = alloc.drv.input_srcs.clone();
     for (drv, outputs) in &alloc.drv.input_drvs {
-        let record = a
-            .ds
-            .derivation(drv)?
-            .ok_or_else(|| DatastoreError::NoDerivation(drv.clone()))?;
+        let record =
+            a.ds.derivation(drv)?
+                .ok_or_else(|| DatastoreError::NoDerivation(drv.clone()))?;
         for o in outputs {
             let path = record.outputs.get(o).ok_or_else(|| {
                 ApiError::internal(format!("derivation '{drv}' has no output '{o}'"))
@@ -108,7 +107,10 @@ fn job_inputs(a: &Inner, alloc: &Allocation) -> Result<BTreeSet<String>, ApiErro
     Ok(inputs)
 }
 
-async fn leases(State(app): State<App>, AgentToken(agent): AgentToken) -> Result<Json<Jobs>, ApiError> {
+async fn leases(
+    State(app): State<App>,
+    AgentToken(agent): AgentToken,
+) -> Result<Json<Jobs>, ApiError> {
     blocking(&app, move |a| {
         let mut jobs = Vec::new();
         for alloc in a.ds.leases(&agent)? {
@@ -137,11 +139,16 @@ async fn heartbeat(
 }
 
 fn build_id(s: &str) -> Result<BuildId, ApiError> {
-    s.parse().map_err(|e: crate::coordinator::model::ModelError| ApiError::bad_request(e.to_string()))
+    s.parse()
+        .map_err(|e: crate::coordinator::model::ModelError| ApiError::bad_request(e.to_string()))
 }
 
 /// That `id` is leased to `agent` now; 409 otherwise.
-fn leased(a: &Inner, agent: &AgentId, id: BuildId) -> Result<crate::coordinator::model::BuildRecord, ApiError> {
+fn leased(
+    a: &Inner,
+    agent: &AgentId,
+    id: BuildId,
+) -> Result<crate::coordinator::model::BuildRecord, ApiError> {
     let b = a.ds.build(id)?;
     if b.state != BuildState::Allocated || b.agent.as_ref() != Some(agent) {
         return Err(DatastoreError::NotLeased {
@@ -176,7 +183,10 @@ async fn drv_file(
     let id = build_id(&id)?;
     let bytes = blocking(&app, move |a| {
         let b = leased(a, &agent, id)?;
-        let drv = a.store_dir.parse_path(&b.drv).map_err(|e| ApiError::internal(e.to_string()))?;
+        let drv = a
+            .store_dir
+            .parse_path(&b.drv)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         read_drv(a, &drv)
     })
     .await?;
@@ -225,7 +235,9 @@ async fn put_log(
     let id = build_id(&id)?;
     let drv = blocking(&app, move |a| {
         let b = leased(a, &agent, id)?;
-        a.store_dir.parse_path(&b.drv).map_err(|e| ApiError::internal(e.to_string()))
+        a.store_dir
+            .parse_path(&b.drv)
+            .map_err(|e| ApiError::internal(e.to_string()))
     })
     .await?;
     super::uploads::write_log(&app, drv, body).await?;
@@ -275,18 +287,23 @@ fn accept_outputs(
     claims: &BTreeMap<String, OutputClaim>,
 ) -> Result<Vec<CachedPath>, ApiError> {
     let b = leased(a, agent, id)?;
-    let record = a
-        .ds
-        .derivation(&b.drv)?
-        .ok_or_else(|| DatastoreError::NoDerivation(b.drv.clone()))?;
+    let record =
+        a.ds.derivation(&b.drv)?
+            .ok_or_else(|| DatastoreError::NoDerivation(b.drv.clone()))?;
     let dir = &a.store_dir;
-    let parse = |p: &str| dir.parse_path(p).map_err(|e| ApiError::internal(e.to_string()));
+    let parse = |p: &str| {
+        dir.parse_path(p)
+            .map_err(|e| ApiError::internal(e.to_string()))
+    };
     let drv_path = parse(&b.drv)?;
     let drv = Derivation::from_aterm(&read_drv(a, &drv_path)?, dir)
         .map_err(|e| ApiError::internal(format!("'{}': {e}", b.drv)))?;
     for name in claims.keys() {
         if !record.outputs.contains_key(name) {
-            return Err(ApiError::unprocessable(format!("'{}' has no output '{name}'", b.drv)));
+            return Err(ApiError::unprocessable(format!(
+                "'{}' has no output '{name}'",
+                b.drv
+            )));
         }
     }
     // What the outputs may refer to: the input closure and the outputs.
@@ -338,8 +355,12 @@ fn output_kind(drv: &Derivation, name: &str) -> ClaimKind {
 /// The `.drv` file the coordinator kept when it accepted it.
 fn read_drv(a: &Inner, drv: &StorePath) -> Result<Vec<u8>, ApiError> {
     let file = a.cache.dir().join("drv").join(drv.base_name());
-    crate::bounded::read_file(&file, MAX_DRV_SIZE)
-        .map_err(|e| ApiError::internal(format!("the kept copy of '{}': {e}", a.store_dir.display(drv))))
+    crate::bounded::read_file(&file, MAX_DRV_SIZE).map_err(|e| {
+        ApiError::internal(format!(
+            "the kept copy of '{}': {e}",
+            a.store_dir.display(drv)
+        ))
+    })
 }
 
 /// The closure of `roots` through the cache's references.
@@ -353,10 +374,9 @@ pub(super) fn closure_in_cache(
         if !seen.insert(p.clone()) {
             continue;
         }
-        let info = a
-            .ds
-            .cache_get(&p)?
-            .ok_or_else(|| ApiError::internal(format!("'{p}' is not in the cache")))?;
+        let info =
+            a.ds.cache_get(&p)?
+                .ok_or_else(|| ApiError::internal(format!("'{p}' is not in the cache")))?;
         todo.extend(info.references.into_iter().filter(|r| !seen.contains(r)));
     }
     Ok(seen)

@@ -60,10 +60,16 @@ mod tests {
         assert!(a.starts_with(TOKEN_PREFIX) && a.len() == TOKEN_PREFIX.len() + 64);
         let mut h = HeaderMap::new();
         assert_eq!(presented(&h), None);
-        h.insert(AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {a}")).unwrap());
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {a}")).unwrap(),
+        );
         assert_eq!(presented(&h).as_deref(), Some(a.as_str()));
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("nix:{a}"));
-        h.insert(AUTHORIZATION, HeaderValue::from_str(&format!("Basic {basic}")).unwrap());
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {basic}")).unwrap(),
+        );
         assert_eq!(presented(&h).as_deref(), Some(a.as_str()));
         h.insert(AUTHORIZATION, HeaderValue::from_static("Digest x"));
         assert_eq!(presented(&h), None);

@@ -29,19 +29,19 @@ pub(super) fn router() -> Router<App> {
 /// Nix's base-32 alphabet.
 fn is_nix32(s: &str, len: usize) -> bool {
     s.len() == len
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b"0123456789abcdfghijklmnpqrsvwxyz".contains(&b))
 }
 
 async fn cache_info(State(app): State<App>) -> Result<Response, ApiError> {
-    send(app.cache.dir().join("nix-cache-info"), "text/x-nix-cache-info").await
+    send(
+        app.cache.dir().join("nix-cache-info"),
+        "text/x-nix-cache-info",
+    )
+    .await
 }
 
-async fn narinfo(
-    State(app): State<App>,
-    Path(file): Path<String>,
-) -> Result<Response, ApiError> {
+async fn narinfo(State(app): State<App>, Path(file): Path<String>) -> Result<Response, ApiError> {
     match file.strip_suffix(".narinfo") {
         Some(hash) if is_nix32(hash, 32) => {
             send(app.cache.dir().join(&file), "text/x-nix-narinfo").await
@@ -50,26 +50,28 @@ async fn narinfo(
     }
 }
 
-async fn nar(
-    State(app): State<App>,
-    Path(file): Path<String>,
-) -> Result<Response, ApiError> {
+async fn nar(State(app): State<App>, Path(file): Path<String>) -> Result<Response, ApiError> {
     match file.strip_suffix(".nar.zst") {
         Some(hash) if is_nix32(hash, 52) => {
-            send(app.cache.dir().join("nar").join(&file), "application/x-nix-nar").await
+            send(
+                app.cache.dir().join("nar").join(&file),
+                "application/x-nix-nar",
+            )
+            .await
         }
         _ => Err(ApiError::not_found(format!("no 'nar/{file}' in the cache"))),
     }
 }
 
-async fn log(
-    State(app): State<App>,
-    Path(file): Path<String>,
-) -> Result<Response, ApiError> {
+async fn log(State(app): State<App>, Path(file): Path<String>) -> Result<Response, ApiError> {
     let full = format!("{}/{file}", app.store_dir.as_str());
     match app.store_dir.parse_path(&full) {
         Ok(p) if p.is_derivation() => {
-            send(app.cache.dir().join("log").join(&file), "text/plain; charset=utf-8").await
+            send(
+                app.cache.dir().join("log").join(&file),
+                "text/plain; charset=utf-8",
+            )
+            .await
         }
         _ => Err(ApiError::not_found(format!("no 'log/{file}' in the cache"))),
     }
@@ -86,7 +88,12 @@ async fn send(path: PathBuf, content_type: &'static str) -> Result<Response, Api
                 name.unwrap_or_default()
             )));
         }
-        Err(e) => return Err(ApiError::internal(format!("reading '{}': {e}", path.display()))),
+        Err(e) => {
+            return Err(ApiError::internal(format!(
+                "reading '{}': {e}",
+                path.display()
+            )))
+        }
     };
     let len = file
         .metadata()

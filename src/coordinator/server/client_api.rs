@@ -29,7 +29,10 @@ pub(super) fn router() -> Router<App> {
     Router::new()
         .route("/client/v1/info", get(info))
         .route("/client/v1/missing", post(missing))
-        .route("/client/v1/uploads/{name}", put(put_upload).head(head_upload))
+        .route(
+            "/client/v1/uploads/{name}",
+            put(put_upload).head(head_upload),
+        )
         .route("/client/v1/uploads/{name}/finish", post(finish_upload))
         .route("/client/v1/builds", post(submit).get(list_builds))
         .route("/client/v1/builds/{id}", get(show_build))
@@ -79,7 +82,8 @@ fn path_of_name(a: &Inner, name: &str) -> Result<StorePath, ApiError> {
 }
 
 fn upload_of(path: &StorePath) -> Result<UploadId, ApiError> {
-    UploadId::new(&format!("p-{}", path.hash_part())).map_err(|e| ApiError::bad_request(e.to_string()))
+    UploadId::new(&format!("p-{}", path.hash_part()))
+        .map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 async fn head_upload(
@@ -144,7 +148,9 @@ async fn finish_upload(
         let kind = match claim.kind {
             UploadKind::Derivation if path.is_derivation() => ClaimKind::Derivation,
             UploadKind::Derivation => {
-                return Err(ApiError::unprocessable(format!("'{full}' is not a .drv path")))
+                return Err(ApiError::unprocessable(format!(
+                    "'{full}' is not a .drv path"
+                )))
             }
             UploadKind::Source => ClaimKind::Source,
         };
@@ -177,7 +183,10 @@ async fn submit(
         for b in &submit.builds {
             let p = parse_full(a, &b.drv)?;
             if !p.is_derivation() {
-                return Err(ApiError::bad_request(format!("'{}' is not a .drv path", b.drv)));
+                return Err(ApiError::bad_request(format!(
+                    "'{}' is not a .drv path",
+                    b.drv
+                )));
             }
         }
         let builds = a.ds.submit(&submit.builds, now())?;
@@ -209,8 +218,17 @@ async fn list_builds(
         drv: q.drv,
         ..BuildFilter::default()
     };
-    for s in q.state.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
-        let state: BuildState = s.parse().map_err(|e: crate::coordinator::model::ModelError| ApiError::bad_request(e.to_string()))?;
+    for s in q
+        .state
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        let state: BuildState = s
+            .parse()
+            .map_err(|e: crate::coordinator::model::ModelError| {
+                ApiError::bad_request(e.to_string())
+            })?;
         filter.states.insert(state);
     }
     if let Some(tag) = q.tag {
@@ -219,11 +237,17 @@ async fn list_builds(
             .ok_or_else(|| ApiError::bad_request(format!("tag '{tag}' is not KEY=VALUE")))?;
         filter.tag = Some((k.to_owned(), v.to_owned()));
     }
-    blocking(&app, move |a| Ok(Json(BuildList { builds: a.ds.builds(&filter)? }))).await
+    blocking(&app, move |a| {
+        Ok(Json(BuildList {
+            builds: a.ds.builds(&filter)?,
+        }))
+    })
+    .await
 }
 
 fn build_id(s: &str) -> Result<BuildId, ApiError> {
-    s.parse().map_err(|e: crate::coordinator::model::ModelError| ApiError::bad_request(e.to_string()))
+    s.parse()
+        .map_err(|e: crate::coordinator::model::ModelError| ApiError::bad_request(e.to_string()))
 }
 
 async fn show_build(
@@ -253,7 +277,10 @@ async fn show_build(
 /// Why no enabled agent can do this derivation, if none can: the same
 /// rule as allocation (a system it offers, or `builtin`; every required
 /// feature among its features).
-fn unbuildable(a: &Inner, drv: &crate::coordinator::model::DrvRecord) -> Result<Option<String>, ApiError> {
+fn unbuildable(
+    a: &Inner,
+    drv: &crate::coordinator::model::DrvRecord,
+) -> Result<Option<String>, ApiError> {
     let agents = a.ds.agents()?;
     let able = agents.iter().filter(|ag| ag.enabled).any(|ag| {
         (drv.system == "builtin" || ag.systems.contains(&drv.system))
@@ -280,7 +307,12 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<Canceled>, ApiError> {
     let id = build_id(&id)?;
-    blocking(&app, move |a| Ok(Json(Canceled { canceled: a.ds.cancel(id, now())? }))).await
+    blocking(&app, move |a| {
+        Ok(Json(Canceled {
+            canceled: a.ds.cancel(id, now())?,
+        }))
+    })
+    .await
 }
 
 async fn set_priority(
@@ -294,7 +326,12 @@ async fn set_priority(
 }
 
 async fn list_agents(State(app): State<App>, _: ReadToken) -> Result<Json<AgentList>, ApiError> {
-    blocking(&app, move |a| Ok(Json(AgentList { agents: a.ds.agents()? }))).await
+    blocking(&app, move |a| {
+        Ok(Json(AgentList {
+            agents: a.ds.agents()?,
+        }))
+    })
+    .await
 }
 
 fn agent_id(s: &str) -> Result<AgentId, ApiError> {
@@ -303,16 +340,23 @@ fn agent_id(s: &str) -> Result<AgentId, ApiError> {
 
 fn expiry(expires_in: Option<i64>) -> Result<Option<i64>, ApiError> {
     match expires_in {
-        Some(s) if s <= 0 => Err(ApiError::bad_request("expires_in must be positive (seconds)")),
+        Some(s) if s <= 0 => Err(ApiError::bad_request(
+            "expires_in must be positive (seconds)",
+        )),
         Some(s) => Ok(Some(now().saturating_add(s))),
         None => Ok(None),
     }
 }
 
 /// Makes a token for `principal` and stores its hash.
-pub(crate) fn issue(a: &Inner, principal: &Principal, expires_at: Option<i64>) -> Result<IssuedToken, ApiError> {
+pub(crate) fn issue(
+    a: &Inner,
+    principal: &Principal,
+    expires_at: Option<i64>,
+) -> Result<IssuedToken, ApiError> {
     let token = new_token();
-    let id = a.ds.token_add(&hash_token(&token), principal, expires_at, now())?;
+    let id =
+        a.ds.token_add(&hash_token(&token), principal, expires_at, now())?;
     Ok(IssuedToken { id, token })
 }
 
@@ -379,7 +423,12 @@ async fn set_enabled(app: App, id: String, enabled: bool) -> Result<StatusCode, 
 }
 
 async fn list_tokens(State(app): State<App>, _: AdminToken) -> Result<Json<TokenList>, ApiError> {
-    blocking(&app, move |a| Ok(Json(TokenList { tokens: a.ds.tokens()? }))).await
+    blocking(&app, move |a| {
+        Ok(Json(TokenList {
+            tokens: a.ds.tokens()?,
+        }))
+    })
+    .await
 }
 
 async fn new_client_token(
@@ -388,7 +437,14 @@ async fn new_client_token(
     Json(req): Json<NewToken>,
 ) -> Result<Json<IssuedToken>, ApiError> {
     let expires_at = expiry(req.expires_in)?;
-    blocking(&app, move |a| Ok(Json(issue(a, &Principal::Client { role: req.role }, expires_at)?))).await
+    blocking(&app, move |a| {
+        Ok(Json(issue(
+            a,
+            &Principal::Client { role: req.role },
+            expires_at,
+        )?))
+    })
+    .await
 }
 
 async fn revoke_token(

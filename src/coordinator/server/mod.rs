@@ -14,8 +14,8 @@
 //! Coordinator's client API, none is open. The datastore is blocking: its
 //! calls run on tokio's blocking pool, as do the checks of uploaded NARs.
 
-pub mod auth;
 mod agent_api;
+pub mod auth;
 mod cache_http;
 mod client_api;
 mod tls;
@@ -155,11 +155,11 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
     tokio::spawn(reap_leases(app.clone()));
     ready(bound);
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -357,7 +357,9 @@ impl From<CacheError> for ApiError {
 /// The principal of a request's token; 401 without a valid one.
 pub(crate) async fn authenticate(app: &App, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let Some(token) = auth::presented(headers) else {
-        return Err(ApiError::unauthorized("a token is needed (Authorization: Bearer TOKEN)"));
+        return Err(ApiError::unauthorized(
+            "a token is needed (Authorization: Bearer TOKEN)",
+        ));
     };
     let hash = auth::hash_token(&token);
     let found = blocking(app, move |a| Ok(a.ds.token_lookup(&hash, now())?)).await?;

@@ -69,13 +69,14 @@ pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<Acceptor, TlsError> {
         key: key.to_owned(),
         source,
     };
-    let mut config =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(config_err)?
-            .with_no_client_auth()
-            .with_single_cert(certs, private)
-            .map_err(config_err)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(config_err)?
+    .with_no_client_auth()
+    .with_single_cert(certs, private)
+    .map_err(config_err)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

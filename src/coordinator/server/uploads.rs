@@ -31,7 +31,11 @@ pub(super) fn requested_offset(headers: &HeaderMap) -> Result<u64, ApiError> {
         .get(UPLOAD_OFFSET)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| ApiError::bad_request("an upload needs an Upload-Offset header (HEAD tells the current one)"))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "an upload needs an Upload-Offset header (HEAD tells the current one)",
+            )
+        })
 }
 
 /// Appends `body` to upload `id` at `offset`; answers the new offset.
@@ -52,7 +56,10 @@ pub(super) async fn append_body(
 
 /// Stores a build's log (at most the upload limit).
 pub(super) async fn write_log(app: &App, drv: StorePath, body: Body) -> Result<(), ApiError> {
-    with_body(app, body, move |a, r| a.cache.write_log(&drv, r, a.max_upload_bytes)).await
+    with_body(app, body, move |a, r| {
+        a.cache.write_log(&drv, r, a.max_upload_bytes)
+    })
+    .await
 }
 
 /// Runs `write` on the blocking pool, reading `body` as it arrives.
