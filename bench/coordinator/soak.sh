@@ -49,7 +49,7 @@ db="sqlite://$work/coordinator.db"
 url="http://127.0.0.1:$cp"
 hwm=0
 start_coordinator() {
-    "$sandoff" coordinator --datastore "$db" --agent-listen "127.0.0.1:$ap" --client-listen "127.0.0.1:$cp" \
+    RUST_LOG=info "$sandoff" coordinator --datastore "$db" --agent-listen "127.0.0.1:$ap" --client-listen "127.0.0.1:$cp" \
         --cache-dir "$work/cache" --secret-key-file "$work/key" --lease-seconds 5 --retry-base-seconds 1 \
         > "$work/coordinator.out" 2>> "$work/coordinator.log" &
     cpid=$!
@@ -60,7 +60,7 @@ peak() { # the coordinator's peak RSS so far, in kB
     [ "${h:-0}" -gt "$hwm" ] && hwm=$h; true
 }
 start_agent() {
-    "$sandoff" --store-root "$work/agents/$1" agent --coordinator "http://127.0.0.1:$ap" \
+    RUST_LOG=info "$sandoff" --store-root "$work/agents/$1" agent --coordinator "http://127.0.0.1:$ap" \
         --token-file "$work/$1.token" --max-parallel-builds 2 --poll-seconds 0.2 \
         --system x86_64-linux 2>> "$work/$1.log" &
     apid[$1]=$!
