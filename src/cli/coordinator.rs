@@ -20,10 +20,11 @@ use sandoff::coordinator::api::{
 };
 use sandoff::coordinator::client::Client;
 use sandoff::coordinator::datastore::{self, RetryPolicy};
-use sandoff::coordinator::model::{BuildRecord, NewBuild, Principal, Role};
+use sandoff::coordinator::model::{AgentId, BuildRecord, NewBuild, Principal, Role};
 use sandoff::coordinator::server::{self, auth, ServerConfig};
+use sandoff::coordinator::workers;
 use sandoff::decide::Placement;
-use sandoff::store::signature::{PublicKey, SecretKey};
+use sandoff::store::signature::{PublicKey, SecretKey, TrustedKeys};
 use sandoff::store::StoreLocation;
 use serde_json::json;
 
@@ -80,6 +81,20 @@ pub struct RunArgs {
     /// Infrastructure failures before a build fails for good.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i64).range(1..))]
     max_attempts: i64,
+    /// Also dispatch to the SSH machines of this file (Nix `machines` or
+    /// Guix `machines.scm`), as agentless workers `ssh-<machine>`.
+    #[arg(long, value_name = "FILE")]
+    machines: Option<PathBuf>,
+    /// Public keys (one per line, name:base64) whose signatures make the
+    /// machines' outputs acceptable.
+    #[arg(long, value_name = "FILE", requires = "machines")]
+    machines_trusted_keys: Option<PathBuf>,
+    /// Where the SSH workers keep inputs and outputs in transit
+    /// (default: <cache-dir>/../ssh-workers).
+    #[arg(long, value_name = "DIR", requires = "machines")]
+    workers_dir: Option<PathBuf>,
+    #[command(flatten)]
+    ssh: super::machines::SshArgs,
 }
 
 /// How a client reaches the coordinator.
@@ -308,6 +323,7 @@ fn run_coordinator(args: RunArgs, loc: &StoreLocation) -> anyhow::Result<ExitCod
         key
     };
     let public = key.to_public().to_string();
+    let workers = prepare_workers(&args, loc, &key.to_public())?;
     let tls = args.tls_cert.clone().zip(args.tls_key.clone());
     let scheme = if tls.is_some() { "https" } else { "http" };
     let config = ServerConfig {
@@ -325,7 +341,9 @@ fn run_coordinator(args: RunArgs, loc: &StoreLocation) -> anyhow::Result<ExitCod
             max_attempts: args.max_attempts,
             ..RetryPolicy::default()
         },
+        internal: !workers.is_empty(),
     };
+    let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -337,8 +355,72 @@ fn run_coordinator(args: RunArgs, loc: &StoreLocation) -> anyhow::Result<ExitCod
         let _ = writeln!(out, "client API: {scheme}://{}", bound.client);
         let _ = writeln!(out, "cache key: {public}");
         let _ = out.flush();
+        if let Some(internal) = bound.internal {
+            for mut w in workers {
+                w.url = format!("http://{internal}");
+                std::thread::spawn(move || {
+                    let name = w.machine.name.to_string();
+                    if let Err(e) = workers::run(w, stop) {
+                        tracing::error!(machine = name, "{e}");
+                    }
+                });
+            }
+        }
     }))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The SSH workers of `--machines`, each with a fresh token for its agent
+/// (made in the datastore before the coordinator starts; an agent that
+/// exists already is reused).
+fn prepare_workers(
+    args: &RunArgs,
+    loc: &StoreLocation,
+    cache_key: &PublicKey,
+) -> anyhow::Result<Vec<workers::Worker>> {
+    let Some(file) = &args.machines else {
+        return Ok(Vec::new());
+    };
+    let machines = sandoff::decide::file::load(file, &sandoff::decide::host_system())
+        .with_context(|| format!("cannot use machines file '{}'", file.display()))?;
+    let trusted = match &args.machines_trusted_keys {
+        Some(f) => TrustedKeys::read_file(f)?,
+        None => TrustedKeys::new(),
+    };
+    let root = args
+        .workers_dir
+        .clone()
+        .unwrap_or_else(|| workers::default_root(&args.cache_dir));
+    let ds = datastore::open(&args.datastore, RetryPolicy::default())?;
+    let now = server::now();
+    let mut out = Vec::new();
+    for machine in machines {
+        let name = workers::agent_name(&machine);
+        let agent = AgentId::new(&name)?;
+        match ds.agent_new(&agent, now) {
+            Ok(()) | Err(datastore::DatastoreError::AgentExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let token = auth::new_token();
+        // A week: the next start makes a new one.
+        ds.token_add(
+            &auth::hash_token(&token),
+            &Principal::Agent { agent },
+            Some(now + 7 * 86_400),
+            now,
+        )?;
+        out.push(workers::Worker {
+            root: root.join(&name),
+            store_dir: loc.dir.clone(),
+            url: String::new(),
+            token,
+            cache_key: cache_key.clone(),
+            trusted: trusted.clone(),
+            ssh: args.ssh.options(),
+            machine,
+        });
+    }
+    Ok(out)
 }
 
 /// `TIME` as seconds since the epoch: a number, or `YYYY-MM-DDTHH:MM:SSZ`.

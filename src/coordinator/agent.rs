@@ -30,6 +30,7 @@ use super::substitute::HttpCache;
 use crate::build::{self, BuildContext, BuildErrorKind, Event};
 use crate::derivation::check::MAX_DRV_SIZE;
 use crate::derivation::Derivation;
+use crate::serve_protocol::BuildStatus;
 use crate::store::hash::{HashAlgo, HashSink};
 use crate::store::local::LocalStore;
 use crate::store::signature::{PublicKey, TrustedKeys};
@@ -379,6 +380,12 @@ fn is_build_failure(kind: &BuildErrorKind) -> bool {
     use BuildErrorKind as K;
     match kind {
         K::Kept { error, .. } => is_build_failure(error),
+        // A machine's verdict on the derivation (an SSH worker's build);
+        // its transient and miscellaneous failures are the machine's.
+        K::RemoteFailed { status, .. } => !matches!(
+            status,
+            BuildStatus::TransientFailure | BuildStatus::MiscFailure
+        ),
         K::Failed { .. }
         | K::LogLimit { .. }
         | K::MissingOutput { .. }

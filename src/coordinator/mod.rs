@@ -20,6 +20,8 @@
 //! - [`api`]: the JSON bodies of both APIs, shared by server and client.
 //! - [`client`]: the HTTP client both the CLI and agents use.
 //! - [`submit`]: the client side of a submission (uploads, then builds).
+//! - [`workers`]: SSH machines (Nix `machines`, Guix `machines.scm`) as
+//!   agentless workers: an in-process agent per machine that offloads.
 //! - [`agent`]: the agent loop: lease builds, fetch inputs, build them with
 //!   sandoff's own sandbox, upload log and outputs, report.
 
@@ -32,3 +34,4 @@ pub mod model;
 pub mod server;
 pub mod submit;
 pub mod substitute;
+pub mod workers;

@@ -29,6 +29,8 @@ pub(crate) struct Farm {
     agent_port: u16,
     client_port: u16,
     lease_secs: u32,
+    /// More arguments for every start of the coordinator.
+    extra: Vec<std::ffi::OsString>,
     coordinator: Option<Child>,
     pub(crate) key: String,
     agents: Vec<(String, Child)>,
@@ -49,6 +51,11 @@ fn free_port() -> u16 {
 impl Farm {
     /// Starts a coordinator whose leases last `lease_secs`.
     pub(crate) fn start(lease_secs: u32) -> Farm {
+        Farm::start_with(lease_secs, &[])
+    }
+
+    /// [`Farm::start`] with more coordinator arguments.
+    pub(crate) fn start_with(lease_secs: u32, extra: &[std::ffi::OsString]) -> Farm {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut farm = Farm {
             admin: tmp.path().join("admin.token"),
@@ -58,6 +65,7 @@ impl Farm {
             agent_port: free_port(),
             client_port: free_port(),
             lease_secs,
+            extra: extra.to_vec(),
             coordinator: None,
             key: String::new(),
             agents: Vec::new(),
@@ -119,6 +127,7 @@ impl Farm {
             .arg(self.tmp.path().join("coordinator.sec"))
             .args(["--lease-seconds", &self.lease_secs.to_string()])
             .args(["--retry-base-seconds", "1"])
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -972,4 +981,83 @@ fn builds_are_reprioritised_canceled_and_explained_from_the_cli() {
         "{}",
         text(&refused.stderr)
     );
+}
+
+#[test]
+fn ssh_machines_take_builds_from_the_queue_as_agentless_workers() {
+    let test = this_test!();
+    if !(ready(test) && support::require(test, crate::hosts::NEEDS)) {
+        return;
+    }
+    // A sandoff host and a stock Nix 2.8 host, as a Nix machines file.
+    let hosts = [
+        crate::hosts::TestHost::start(93),
+        crate::hosts::TestHost::start_nix(94),
+    ];
+    let store = Store::new();
+    let layers = graph(&store, "w", 2, 3, "1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let machines = dir.path().join("machines");
+    let lines: String = hosts
+        .iter()
+        .map(|h| format!("{}\n", h.machine_line()))
+        .collect();
+    std::fs::write(&machines, lines).expect("machines");
+    let keys = dir.path().join("trusted");
+    let sandoff_key = hosts[0].root().join("nix/var/sandoff/keys/signing-key.pub");
+    let sandoff_key = std::fs::read_to_string(sandoff_key).expect("host key");
+    let nix_key = hosts[1].signing_public_key();
+    std::fs::write(&keys, format!("{}\n{nix_key}\n", sandoff_key.trim())).expect("keys");
+    let extra: Vec<std::ffi::OsString> = vec![
+        "--machines".into(),
+        machines.into(),
+        "--machines-trusted-keys".into(),
+        keys.into(),
+    ];
+    let mut farm = Farm::start_with(30, &extra);
+    // And an agent: one queue for both kinds.
+    farm.add_agent("a1", 1);
+    let tops: Vec<&str> = layers[1].iter().map(String::as_str).collect();
+    farm.submit(&store, &tops, &[]);
+    let done = farm.wait_idle();
+    assert_eq!(done.len(), 6);
+    let mut workers: Vec<String> = hosts
+        .iter()
+        .map(|h| sandoff::coordinator::workers::agent_name(&h.machine()))
+        .collect();
+    assert!(workers[0].starts_with("ssh-127.0.0.94-"), "{workers:?}");
+    workers.push("a1".to_owned());
+    for b in &done {
+        assert_eq!(b["state"], "succeeded", "{b}");
+        let agent = b["agent"].as_str().expect("agent");
+        assert!(workers.iter().any(|w| w == agent), "{b}");
+    }
+    // Both workers are listed beside the agent; each machine holds the
+    // outputs it built.
+    let agents: Value = serde_json::from_slice(&support::run_ok(
+        &mut farm.client(&farm.reader, &["agents", "list", "--json"]),
+    ))
+    .expect("json");
+    let listed: BTreeSet<&str> = agents["agents"]
+        .as_array()
+        .expect("agents")
+        .iter()
+        .filter_map(|a| a["id"].as_str())
+        .collect();
+    assert_eq!(
+        listed,
+        workers.iter().map(String::as_str).collect(),
+        "{agents}"
+    );
+    for b in done.iter().filter(|b| b["agent"] != "a1") {
+        let i = workers
+            .iter()
+            .position(|w| b["agent"] == w.as_str())
+            .expect("worker");
+        let out = store.out(b["drv"].as_str().expect("drv"));
+        let on_host = hosts[i]
+            .root()
+            .join(store.dir.display(&out).trim_start_matches('/'));
+        assert!(on_host.exists(), "{} built on {}", b["drv"], workers[i]);
+    }
 }

@@ -60,6 +60,9 @@ pub struct ServerConfig {
     /// The largest upload (compressed bytes) and log accepted.
     pub max_upload_bytes: u64,
     pub retry: RetryPolicy,
+    /// Also serve the agent API, without TLS, on a loopback port of its
+    /// own, for in-process agents (the SSH workers).
+    pub internal: bool,
 }
 
 /// Why the coordinator could not start or stopped.
@@ -99,6 +102,8 @@ pub(crate) type App = Arc<Inner>;
 pub struct Bound {
     pub agent: SocketAddr,
     pub client: SocketAddr,
+    /// The loopback agent listener for in-process agents, if asked for.
+    pub internal: Option<SocketAddr>,
 }
 
 /// Runs the coordinator until SIGINT or SIGTERM; `ready` is told where
@@ -115,6 +120,7 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
         lease_secs,
         max_upload_bytes,
         retry,
+        internal,
     } = config;
     let info = Info {
         store_dir: store_dir.as_str().to_owned(),
@@ -139,9 +145,17 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
     let tls = tls.map(|(c, k)| tls::acceptor(&c, &k)).transpose()?;
     let agent = listen(agent_listen).await?;
     let client = listen(client_listen).await?;
+    let internal = match internal {
+        true => Some(listen(SocketAddr::from(([127, 0, 0, 1], 0))).await?),
+        false => None,
+    };
     let bound = Bound {
         agent: agent.local_addr().map_err(ServerError::Serve)?,
         client: client.local_addr().map_err(ServerError::Serve)?,
+        internal: match &internal {
+            Some(l) => Some(l.local_addr().map_err(ServerError::Serve)?),
+            None => None,
+        },
     };
     let guard = || middleware::from_fn_with_state(app.clone(), require_token);
     let agent_router = agent_api::router()
@@ -171,13 +185,26 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
         let _ = rx.wait_for(|s| *s).await;
     };
     let serve_agent = serve(agent, tls.clone(), agent_router, wait(stop_rx.clone()));
+    let serve_internal = {
+        let router = agent_api::router()
+            .merge(cache_http::router())
+            .route_layer(guard())
+            .with_state(app.clone());
+        let stop = wait(stop_rx.clone());
+        async move {
+            match internal {
+                Some(l) => serve(l, None, router, stop).await,
+                None => Ok(()),
+            }
+        }
+    };
     let serve_client = serve(client, tls, client_router, wait(stop_rx));
     let stopper = async move {
         shutdown.await;
         let _ = stop_tx.send(true);
         Ok::<(), ServerError>(())
     };
-    tokio::try_join!(serve_agent, serve_client, stopper)?;
+    tokio::try_join!(serve_agent, serve_client, serve_internal, stopper)?;
     Ok(())
 }
 
