@@ -860,6 +860,7 @@ pub fn run_agent(args: AgentArgs, loc: &StoreLocation) -> anyhow::Result<ExitCod
         client,
         systems,
         features: args.features.iter().cloned().collect(),
+        mandatory_features: BTreeSet::new(),
         max_parallel_builds: args.max_parallel_builds as usize,
         poll: Duration::from_secs_f64(args.poll_seconds.clamp(0.05, 3600.0)),
         spool: loc.state.join("agent-spool"),

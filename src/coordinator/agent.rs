@@ -42,6 +42,9 @@ pub struct AgentConfig {
     pub client: Client,
     pub systems: BTreeSet<String>,
     pub features: BTreeSet<String>,
+    /// Only builds requiring all of these (an SSH machine's mandatory
+    /// features; empty for agents).
+    pub mandatory_features: BTreeSet<String>,
     pub max_parallel_builds: usize,
     /// How long to wait between requests for work when there was none.
     pub poll: Duration,
@@ -161,6 +164,7 @@ pub fn run(
                 let offer = AgentOffer {
                     systems: config.systems.clone(),
                     features: config.features.clone(),
+                    mandatory_features: config.mandatory_features.clone(),
                     free_slots: free as i64,
                     max_parallel_builds: config.max_parallel_builds as i64,
                 };

@@ -326,6 +326,10 @@ pub struct AgentRecord {
 pub struct AgentOffer {
     pub systems: BTreeSet<String>,
     pub features: BTreeSet<String>,
+    /// Features a build must require to go to it (an SSH machine's
+    /// mandatory features, as in Nix's machines files); agents have none.
+    #[serde(default)]
+    pub mandatory_features: BTreeSet<String>,
     /// Slots it has free now.
     pub free_slots: i64,
     pub max_parallel_builds: i64,

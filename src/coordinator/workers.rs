@@ -172,6 +172,7 @@ pub fn run(w: Worker, stop: &AtomicBool) -> Result<(), WorkerError> {
         client,
         systems: w.machine.systems.clone(),
         features,
+        mandatory_features: w.machine.mandatory_features.clone(),
         max_parallel_builds: jobs,
         poll: Duration::from_millis(500),
         spool: w.root.join("spool"),

@@ -79,8 +79,8 @@ struct Kind {
 
 /// Whether an agent offering `systems` and `features` can build a kind:
 /// the rule of `decide::assess` (a system of its own or `builtin`, every
-/// required feature offered; the coordinator's agents declare no
-/// mandatory features).
+/// required feature offered; mandatory features, which only SSH workers
+/// declare, are checked by `kinds`).
 fn can_do(systems: &BTreeSet<String>, features: &BTreeSet<String>, k: &Kind) -> bool {
     (k.system == BUILTIN || systems.contains(&k.system)) && k.features.is_subset(features)
 }
@@ -101,7 +101,9 @@ fn kinds(conn: &Connection, offer: &AgentOffer) -> Result<Vec<Kind>, DatastoreEr
                 features: from_json("builds.required_features", &features_json)?,
                 features_json,
             };
-            if can_do(&offer.systems, &offer.features, &kind) {
+            // Mandatory features (SSH workers): only builds that ask.
+            let wanted = offer.mandatory_features.is_subset(&kind.features);
+            if wanted && can_do(&offer.systems, &offer.features, &kind) {
                 out.push(kind);
             }
         }

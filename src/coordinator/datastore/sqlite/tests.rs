@@ -90,6 +90,7 @@ fn offer(systems: &[&str], features: &[&str], free_slots: i64) -> AgentOffer {
     AgentOffer {
         systems: systems.iter().map(|s| s.to_string()).collect(),
         features: features.iter().map(|f| f.to_string()).collect(),
+        mandatory_features: BTreeSet::new(),
         free_slots,
         max_parallel_builds: free_slots,
     }
@@ -1457,4 +1458,17 @@ fn priorities_paths_and_edges_stay_exact_under_random_operations() {
             check_invariants(&ds, &context);
         }
     }
+}
+
+#[test]
+fn a_worker_with_mandatory_features_gets_only_builds_that_require_them() {
+    let ds = SqliteDatastore::open_in_memory(policy()).unwrap();
+    let w = agent(&ds, "ssh-b1");
+    fill_queue_with(&ds, "plain", 2, 0, "[]", None);
+    fill_queue_with(&ds, "kvm", 2, 0, r#"["kvm"]"#, None);
+    let mut o = offer(&[SYSTEM], &["kvm"], 4);
+    o.mandatory_features.insert("kvm".into());
+    let got = ds.allocate(&w, &o, LEASE, 1).unwrap();
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|a| a.drv.drv.contains("/kvm-")), "{got:?}");
 }
