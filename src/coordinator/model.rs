@@ -20,6 +20,8 @@ pub enum ModelError {
     Role(String),
     #[error("'{0}' is not a build state")]
     State(String),
+    #[error("'{0}' is not an event (build-submitted, build-started, build-success, build-failure, build-canceled, build-missing-inputs or agent-lost)")]
+    EventKind(String),
 }
 
 /// A build's number, given by the datastore on submission.
@@ -273,6 +275,14 @@ pub enum Setback {
         /// One line.
         message: String,
     },
+    /// Inputs the build needs were missing from the cache when it was
+    /// handed out (the coordinator's own finding, never an agent's): an
+    /// infrastructure failure, retried the same way, that hooks hear of as
+    /// `build-missing-inputs`.
+    MissingInputs {
+        /// One line: which paths.
+        message: String,
+    },
 }
 
 /// A build as the client API shows it.
@@ -384,5 +394,86 @@ mod tests {
         let json = serde_json::to_string(&Principal::Client { role: Role::Submit }).unwrap();
         assert_eq!(json, r#"{"kind":"client","role":"submit"}"#);
         assert!(serde_json::from_str::<AgentId>("\"../x\"").is_err());
+    }
+}
+
+/// What an event of the outbox is about (`event` in its JSON).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EventKind {
+    BuildSubmitted,
+    BuildStarted,
+    BuildSuccess,
+    BuildFailure,
+    BuildCanceled,
+    BuildMissingInputs,
+    AgentLost,
+}
+
+impl EventKind {
+    /// Every kind, in the order of the docs.
+    pub const ALL: [EventKind; 7] = [
+        EventKind::BuildSubmitted,
+        EventKind::BuildStarted,
+        EventKind::BuildSuccess,
+        EventKind::BuildFailure,
+        EventKind::BuildCanceled,
+        EventKind::BuildMissingInputs,
+        EventKind::AgentLost,
+    ];
+
+    /// The name in JSON, the datastore, SSE and `--hook`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::BuildSubmitted => "build-submitted",
+            EventKind::BuildStarted => "build-started",
+            EventKind::BuildSuccess => "build-success",
+            EventKind::BuildFailure => "build-failure",
+            EventKind::BuildCanceled => "build-canceled",
+            EventKind::BuildMissingInputs => "build-missing-inputs",
+            EventKind::AgentLost => "agent-lost",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventKind {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<EventKind, ModelError> {
+        EventKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| ModelError::EventKind(s.to_owned()))
+    }
+}
+
+/// One event of the outbox. Its JSON (see [`Event::to_json`]) is
+/// `{"id": N, "event": KIND, "time": T, ...payload}`: `"build": {…}` for
+/// the build events, `"agent": ID, "builds": [IDS]` for `agent-lost`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// Increasing; the SSE `id:` and hooks' cursor.
+    pub id: i64,
+    pub kind: EventKind,
+    pub time: i64,
+    /// The event's own fields.
+    pub payload: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Event {
+    /// The event as one JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), self.id.into());
+        m.insert("event".into(), self.kind.as_str().into());
+        m.insert("time".into(), self.time.into());
+        for (k, v) in &self.payload {
+            m.insert(k.clone(), v.clone());
+        }
+        serde_json::Value::Object(m)
     }
 }
