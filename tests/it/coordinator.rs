@@ -555,6 +555,8 @@ fn bad_tokens_are_refused_on_every_endpoint() {
         ("GET", "/client/v1/tokens"),
         ("POST", "/client/v1/tokens"),
         ("POST", "/client/v1/tokens/abc/revoke"),
+        ("GET", "/client/v1/events"),
+        ("GET", "/metrics"),
         ("GET", "/cache/nix-cache-info"),
         ("GET", "/cache/5xd714cbfnkz02h2vbsj4fm03x3f15nf.narinfo"),
         (
@@ -574,6 +576,7 @@ fn bad_tokens_are_refused_on_every_endpoint() {
         ("PUT", "/agent/v1/builds/1/outputs/out"),
         ("PUT", "/agent/v1/builds/1/log"),
         ("POST", "/agent/v1/builds/1/result"),
+        ("GET", "/metrics"),
         ("GET", "/cache/nix-cache-info"),
     ];
     let wrong = "sandoff_0000000000000000000000000000000000000000000000000000000000000000";

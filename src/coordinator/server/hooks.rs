@@ -240,8 +240,10 @@ async fn run_hook(app: App, hook: Arc<HookSpec>, parallelism: usize, timeout: Du
             Ok(Step::Worked) => continue,
             Ok(Step::Idle) => {}
             Ok(Step::WaitUntil(t)) => {
+                // New events may be taken meanwhile (with a parallelism
+                // above the retries pending), so they wake it too.
                 let secs = u64::try_from(t.saturating_sub(now())).unwrap_or(0).max(1);
-                tokio::time::sleep(Duration::from_secs(secs)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(secs), wake.changed()).await;
                 continue;
             }
             Err(e) => tracing::error!(hook = %hook.name, "hook: {}", e.message),

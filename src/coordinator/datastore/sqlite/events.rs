@@ -159,20 +159,31 @@ pub(super) fn after(
 /// A hook's progress; a hook seen for the first time starts after the
 /// last event (it is told of what happens from now on, not of the past).
 pub(super) fn progress(conn: &Connection, hook: &str) -> Result<HookProgress, DatastoreError> {
+    if let Some(p) = known_progress(conn, hook)? {
+        return Ok(p);
+    }
+    let last = last_id(conn)?;
+    conn.execute(
+        "insert into hook_cursors (hook, after) values (?1, ?2)",
+        params![hook, last],
+    )?;
+    Ok(HookProgress {
+        cursor: last,
+        deliveries: BTreeMap::new(),
+    })
+}
+
+/// A hook's progress if it has a cursor (a read: hooks ask often).
+pub(super) fn known_progress(
+    conn: &Connection,
+    hook: &str,
+) -> Result<Option<HookProgress>, DatastoreError> {
     let cursor: Option<i64> = conn
         .prepare_cached("select after from hook_cursors where hook = ?1")?
         .query_row(params![hook], |r| r.get(0))
         .optional()?;
-    let cursor = match cursor {
-        Some(c) => c,
-        None => {
-            let last = last_id(conn)?;
-            conn.execute(
-                "insert into hook_cursors (hook, after) values (?1, ?2)",
-                params![hook, last],
-            )?;
-            last
-        }
+    let Some(cursor) = cursor else {
+        return Ok(None);
     };
     let mut stmt = conn.prepare_cached(
         "select event, attempts, next_try, delivered from hook_deliveries \
@@ -190,7 +201,7 @@ pub(super) fn progress(conn: &Connection, hook: &str) -> Result<HookProgress, Da
             ))
         })?
         .collect::<Result<BTreeMap<_, _>, _>>()?;
-    Ok(HookProgress { cursor, deliveries })
+    Ok(Some(HookProgress { cursor, deliveries }))
 }
 
 /// Records a delivery or a failed attempt of `event` to `hook`.

@@ -346,6 +346,11 @@ impl Datastore for SqliteDatastore {
     }
 
     fn hook_progress(&self, hook: &str) -> Result<HookProgress, DatastoreError> {
+        // A read first: the hooks ask every second, and only a new hook
+        // needs the write lock.
+        if let Some(p) = self.read(|tx| events::known_progress(tx, hook))? {
+            return Ok(p);
+        }
         self.write(|tx| events::progress(tx, hook))
     }
 
