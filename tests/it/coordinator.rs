@@ -986,12 +986,12 @@ fn builds_are_reprioritised_canceled_and_explained_from_the_cli() {
     );
 }
 
+/// What the webhook receiver got: (`X-Sandoff-Event`, body).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
+
 /// A tiny webhook receiver on 127.0.0.1: every POST's `X-Sandoff-Event`
 /// and body, answered 200. Its thread serves until the test process ends.
-fn webhook_receiver() -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>,
-) {
+fn webhook_receiver() -> (String, Received) {
     use std::io::Read;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}/hook", listener.local_addr().expect("addr"));

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::{blocking, now, App};
+use crate::coordinator::datastore::HookProgress;
 use crate::coordinator::model::{Event, EventKind, ModelError};
 
 /// How long a delivery may take by default (`--hook-timeout`).
@@ -263,24 +264,31 @@ enum Step {
     WaitUntil(i64),
 }
 
-async fn step(
-    app: &App,
-    hook: &Arc<HookSpec>,
+/// What a hook does with the events after its cursor.
+#[derive(Debug, PartialEq)]
+struct Plan {
+    /// The cursor passes every event up to the first one still owed to
+    /// this hook (events of other kinds, or delivered out of order).
+    advance_to: i64,
+    /// Owed events to deliver now: of the first `parallelism` owed ones,
+    /// those whose retry is due.
+    due: Vec<Event>,
+    /// When nothing is due: when the first of the owed ones is.
+    wait_until: Option<i64>,
+}
+
+fn plan(
+    progress: &HookProgress,
+    events: Vec<Event>,
+    kind: EventKind,
     parallelism: usize,
-    timeout: Duration,
-) -> Result<Step, super::ApiError> {
-    let name = hook.name.clone();
-    let progress = blocking(app, move |a| Ok(a.ds.hook_progress(&name)?)).await?;
-    let cursor = progress.cursor;
-    let events = blocking(app, move |a| Ok(a.ds.events_after(cursor, BATCH)?)).await?;
-    // The cursor passes every event up to the first one still owed to this
-    // hook; up to `parallelism` owed ones are taken.
-    let mut advance_to = cursor;
+    now: i64,
+) -> Plan {
+    let mut advance_to = progress.cursor;
     let mut owed: Vec<Event> = Vec::new();
     for e in events {
-        let done =
-            e.kind != hook.event || progress.deliveries.get(&e.id).is_some_and(|d| d.delivered);
-        if done {
+        let delivered = progress.deliveries.get(&e.id).is_some_and(|d| d.delivered);
+        if e.kind != kind || delivered {
             if owed.is_empty() {
                 advance_to = e.id;
             }
@@ -291,23 +299,43 @@ async fn step(
         }
         owed.push(e);
     }
-    if advance_to > cursor {
+    let due_at = |e: &Event| progress.deliveries.get(&e.id).map_or(now, |d| d.next_try);
+    let (due, later): (Vec<Event>, Vec<Event>) = owed.into_iter().partition(|e| due_at(e) <= now);
+    let wait_until = if due.is_empty() {
+        later.iter().map(due_at).min()
+    } else {
+        None
+    };
+    Plan {
+        advance_to,
+        due,
+        wait_until,
+    }
+}
+
+async fn step(
+    app: &App,
+    hook: &Arc<HookSpec>,
+    parallelism: usize,
+    timeout: Duration,
+) -> Result<Step, super::ApiError> {
+    let name = hook.name.clone();
+    let progress = blocking(app, move |a| Ok(a.ds.hook_progress(&name)?)).await?;
+    let cursor = progress.cursor;
+    let events = blocking(app, move |a| Ok(a.ds.events_after(cursor, BATCH)?)).await?;
+    let plan = plan(&progress, events, hook.event, parallelism, now());
+    if plan.advance_to > cursor {
         let name = hook.name.clone();
-        blocking(app, move |a| Ok(a.ds.hook_advance(&name, advance_to)?)).await?;
+        let to = plan.advance_to;
+        blocking(app, move |a| Ok(a.ds.hook_advance(&name, to)?)).await?;
     }
-    if owed.is_empty() {
-        return Ok(if advance_to > cursor {
-            Step::Worked
-        } else {
-            Step::Idle
-        });
-    }
-    let t = now();
-    let due_at = |e: &Event| progress.deliveries.get(&e.id).map_or(t, |d| d.next_try);
-    let (due, later): (Vec<Event>, Vec<Event>) = owed.into_iter().partition(|e| due_at(e) <= t);
+    let due = plan.due;
     if due.is_empty() {
-        let first = later.iter().map(due_at).min().unwrap_or(t);
-        return Ok(Step::WaitUntil(first));
+        return Ok(match plan.wait_until {
+            Some(t) => Step::WaitUntil(t),
+            None if plan.advance_to > cursor => Step::Worked,
+            None => Step::Idle,
+        });
     }
     let mut tasks = Vec::with_capacity(due.len());
     for e in due {
@@ -498,6 +526,69 @@ mod tests {
         assert_eq!(waits[..4], [1, 2, 4, 8]);
         assert_eq!(waits[11], 600);
         assert_eq!(backoff_secs(i64::MAX), 600);
+    }
+
+    fn ev(id: i64, kind: EventKind) -> Event {
+        Event {
+            id,
+            kind,
+            time: 0,
+            payload: serde_json::Map::new(),
+        }
+    }
+
+    fn ids(events: &[Event]) -> Vec<i64> {
+        events.iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn a_hook_passes_other_kinds_and_waits_in_order_for_a_failing_event() {
+        use crate::coordinator::datastore::Delivery;
+        use EventKind::{BuildStarted as S, BuildSuccess as K};
+        let events = || vec![ev(1, S), ev(2, K), ev(3, S), ev(4, K), ev(5, K)];
+        let fresh = HookProgress::default();
+        // In order: the first owed event alone; the cursor passes event 1.
+        let p = plan(&fresh, events(), K, 1, 100);
+        assert_eq!(
+            (p.advance_to, ids(&p.due), p.wait_until),
+            (1, vec![2], None)
+        );
+        // Event 2 failed, retry at 150: nothing else goes before it.
+        let mut failing = HookProgress::default();
+        failing.deliveries.insert(
+            2,
+            Delivery {
+                attempts: 1,
+                next_try: 150,
+                delivered: false,
+            },
+        );
+        let p = plan(&failing, events(), K, 1, 100);
+        assert_eq!((ids(&p.due), p.wait_until), (vec![], Some(150)));
+        assert_eq!(plan(&failing, events(), K, 1, 150).due[0].id, 2);
+        // With a parallelism of 3 the others go meanwhile...
+        let p = plan(&failing, events(), K, 3, 100);
+        assert_eq!((p.advance_to, ids(&p.due)), (1, vec![4, 5]));
+        // ...and once they are delivered, the cursor still waits for 2.
+        for id in [4, 5] {
+            failing.deliveries.insert(
+                id,
+                Delivery {
+                    attempts: 1,
+                    next_try: 0,
+                    delivered: true,
+                },
+            );
+        }
+        let p = plan(&failing, events(), K, 3, 100);
+        assert_eq!(
+            (p.advance_to, ids(&p.due), p.wait_until),
+            (1, vec![], Some(150))
+        );
+        // When 2 is delivered, the cursor passes all five.
+        failing.deliveries.get_mut(&2).unwrap().delivered = true;
+        let p = plan(&failing, events(), K, 3, 100);
+        assert_eq!((p.advance_to, ids(&p.due), p.wait_until), (5, vec![], None));
     }
 
     fn event() -> Event {
