@@ -6,6 +6,9 @@
 //! counters behind `/metrics` (builds by final state, the wait and
 //! duration histograms, lease expiries, bytes uploaded) are bumped the
 //! same way, so a scrape costs O(buckets), never a walk of the builds.
+//!
+//! The SQL keeps to what PostgreSQL accepts as well (qualified columns in
+//! upserts, `case` rather than SQLite's two-argument `max`).
 
 use std::collections::BTreeMap;
 
@@ -55,7 +58,7 @@ pub(super) fn build_event(
 pub(super) fn bump(conn: &Connection, name: &str, by: i64) -> Result<(), DatastoreError> {
     conn.prepare_cached(
         "insert into counters (name, value) values (?1, ?2) \
-         on conflict (name) do update set value = value + excluded.value",
+         on conflict (name) do update set value = counters.value + excluded.value",
     )?
     .execute(params![name, by])?;
     Ok(())
@@ -215,7 +218,7 @@ pub(super) fn record(
     conn.prepare_cached(
         "insert into hook_deliveries (hook, event, attempts, next_try, delivered) \
          values (?1, ?2, 1, ?3, ?4) \
-         on conflict (hook, event) do update set attempts = attempts + 1, \
+         on conflict (hook, event) do update set attempts = hook_deliveries.attempts + 1, \
          next_try = excluded.next_try, delivered = excluded.delivered",
     )?
     .execute(params![hook, event, next_try, delivered])?;
@@ -238,7 +241,8 @@ pub(super) fn record(
 pub(super) fn advance(conn: &Connection, hook: &str, cursor: i64) -> Result<(), DatastoreError> {
     conn.execute(
         "insert into hook_cursors (hook, after) values (?1, ?2) \
-         on conflict (hook) do update set after = max(after, excluded.after)",
+         on conflict (hook) do update set after = \
+         case when excluded.after > hook_cursors.after then excluded.after else hook_cursors.after end",
         params![hook, cursor],
     )?;
     conn.execute(
