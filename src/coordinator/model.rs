@@ -376,6 +376,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn setbacks_keep_their_json_and_missing_inputs_has_its_own() {
+        let infra = Setback::Infrastructure {
+            message: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&infra).unwrap(),
+            r#"{"kind":"infrastructure","message":"x"}"#
+        );
+        let failure: Setback =
+            serde_json::from_str(r#"{"kind":"build-failure","message":"y"}"#).unwrap();
+        assert_eq!(
+            failure,
+            Setback::BuildFailure {
+                message: "y".into()
+            }
+        );
+        let missing = Setback::MissingInputs {
+            message: "z".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&missing).unwrap(),
+            r#"{"kind":"missing-inputs","message":"z"}"#
+        );
+    }
+
+    #[test]
+    fn event_kinds_round_trip_and_events_are_flat_json() {
+        for k in EventKind::ALL {
+            assert_eq!(k.as_str().parse::<EventKind>().unwrap(), k);
+        }
+        assert!("build-done".parse::<EventKind>().is_err());
+        let e = Event {
+            id: 3,
+            kind: EventKind::AgentLost,
+            time: 9,
+            payload: serde_json::Map::from_iter([
+                ("agent".to_owned(), "a1".into()),
+                ("builds".to_owned(), serde_json::json!([1, 2])),
+            ]),
+        };
+        assert_eq!(
+            e.to_json().to_string(),
+            r#"{"id":3,"event":"agent-lost","time":9,"agent":"a1","builds":[1,2]}"#
+        );
+    }
+
+    #[test]
     fn ids_roles_and_states_parse_and_refuse() {
         assert_eq!("12".parse::<BuildId>().unwrap().get(), 12);
         assert!("0".parse::<BuildId>().is_err());
