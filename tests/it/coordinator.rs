@@ -465,6 +465,23 @@ fn an_agent_killed_mid_build_loses_nothing_and_the_build_completes_elsewhere() {
         "the lost lease counts: {:?}",
         done[0]
     );
+    // The expiry is an event (agent and builds) and a counter.
+    let reader = std::fs::read_to_string(&farm.reader).expect("token");
+    let events = read_events(&farm, reader.trim(), None, |got| {
+        got.iter().any(|(_, k, _)| k == "agent-lost")
+    });
+    let lost = events
+        .iter()
+        .find(|(_, k, _)| k == "agent-lost")
+        .map(|(_, _, d)| d)
+        .expect("agent-lost");
+    assert_eq!(lost["agent"], "a1", "{lost}");
+    assert_eq!(lost["builds"], serde_json::json!([done[0]["id"]]), "{lost}");
+    let (_, metrics) = scrape(&farm.client_url(), Some(reader.trim()));
+    assert_eq!(
+        metrics.get("sandoff_coordinator_lease_expiries_total"),
+        Some(&1.0)
+    );
     // a1 comes back: it gets nothing of what a2 finished.
     farm.start_agent("a1", 1);
     std::thread::sleep(Duration::from_secs(2));
