@@ -95,6 +95,36 @@ pub struct RunArgs {
     workers_dir: Option<PathBuf>,
     #[command(flatten)]
     ssh: super::machines::SshArgs,
+    /// Tell a program or a URL of every event of a kind: EVENT=PROGRAM
+    /// [ARGS...] (run without a shell, arguments split on whitespace; the
+    /// event JSON on stdin, SANDOFF_EVENT set; exit 0 = delivered) or
+    /// EVENT=http(s)://URL (the JSON POSTed; 2xx = delivered). Events:
+    /// build-submitted, build-started, build-success, build-failure,
+    /// build-canceled, build-missing-inputs, agent-lost. Repeatable;
+    /// failures are retried (1 s doubling, at most 10 min), across restarts.
+    #[arg(long = "hook", value_name = "EVENT=TARGET", value_parser = parse_hook)]
+    hooks: Vec<server::hooks::HookSpec>,
+    /// Deliver up to N events of a kind at once to each of its hooks
+    /// (default 1: in order).
+    #[arg(long, value_name = "EVENT=N", value_parser = parse_hook_parallelism)]
+    hook_parallelism: Vec<(sandoff::coordinator::model::EventKind, usize)>,
+    /// A hook program running longer is killed; a webhook waiting longer
+    /// gives up (the attempt failed, and is retried).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    hook_timeout: u64,
+    /// Serve /metrics without a token (every other route still needs one).
+    #[arg(long)]
+    public_metrics: bool,
+}
+
+fn parse_hook(s: &str) -> Result<server::hooks::HookSpec, String> {
+    server::hooks::HookSpec::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_hook_parallelism(
+    s: &str,
+) -> Result<(sandoff::coordinator::model::EventKind, usize), String> {
+    server::hooks::parse_parallelism(s).map_err(|e| e.to_string())
 }
 
 /// How a client reaches the coordinator.
@@ -342,6 +372,12 @@ fn run_coordinator(args: RunArgs, loc: &StoreLocation) -> anyhow::Result<ExitCod
             ..RetryPolicy::default()
         },
         internal: !workers.is_empty(),
+        hooks: server::hooks::HookSettings {
+            hooks: args.hooks,
+            parallelism: args.hook_parallelism.into_iter().collect(),
+            timeout: std::time::Duration::from_secs(args.hook_timeout),
+        },
+        public_metrics: args.public_metrics,
     };
     let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
     let runtime = tokio::runtime::Builder::new_multi_thread()

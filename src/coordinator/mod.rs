@@ -16,7 +16,9 @@
 //! - [`substitute`]: fetching a closure from such a cache into a local
 //!   store, checking every signature and hash (agents use it for inputs).
 //! - [`server`]: the coordinator process: the agent and client HTTP APIs
-//!   (axum on tokio, TLS with rustls), authentication, the lease reaper.
+//!   (axum on tokio, TLS with rustls), authentication, the lease reaper;
+//!   hooks and the live event stream over the datastore's event outbox,
+//!   Prometheus metrics.
 //! - [`api`]: the JSON bodies of both APIs, shared by server and client.
 //! - [`client`]: the HTTP client both the CLI and agents use.
 //! - [`submit`]: the client side of a submission (uploads, then builds).

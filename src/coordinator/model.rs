@@ -20,6 +20,8 @@ pub enum ModelError {
     Role(String),
     #[error("'{0}' is not a build state")]
     State(String),
+    #[error("'{0}' is not an event (build-submitted, build-started, build-success, build-failure, build-canceled, build-missing-inputs or agent-lost)")]
+    EventKind(String),
 }
 
 /// A build's number, given by the datastore on submission.
@@ -273,6 +275,14 @@ pub enum Setback {
         /// One line.
         message: String,
     },
+    /// Inputs the build needs were missing from the cache when it was
+    /// handed out (the coordinator's own finding, never an agent's): an
+    /// infrastructure failure, retried the same way, that hooks hear of as
+    /// `build-missing-inputs`.
+    MissingInputs {
+        /// One line: which paths.
+        message: String,
+    },
 }
 
 /// A build as the client API shows it.
@@ -370,6 +380,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn setbacks_keep_their_json_and_missing_inputs_has_its_own() {
+        let infra = Setback::Infrastructure {
+            message: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&infra).unwrap(),
+            r#"{"kind":"infrastructure","message":"x"}"#
+        );
+        let failure: Setback =
+            serde_json::from_str(r#"{"kind":"build-failure","message":"y"}"#).unwrap();
+        assert_eq!(
+            failure,
+            Setback::BuildFailure {
+                message: "y".into()
+            }
+        );
+        let missing = Setback::MissingInputs {
+            message: "z".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&missing).unwrap(),
+            r#"{"kind":"missing-inputs","message":"z"}"#
+        );
+    }
+
+    #[test]
+    fn event_kinds_round_trip_and_events_are_flat_json() {
+        for k in EventKind::ALL {
+            assert_eq!(k.as_str().parse::<EventKind>().unwrap(), k);
+        }
+        assert!("build-done".parse::<EventKind>().is_err());
+        let e = Event {
+            id: 3,
+            kind: EventKind::AgentLost,
+            time: 9,
+            payload: serde_json::Map::from_iter([
+                ("agent".to_owned(), "a1".into()),
+                ("builds".to_owned(), serde_json::json!([1, 2])),
+            ]),
+        };
+        assert_eq!(
+            e.to_json().to_string(),
+            r#"{"id":3,"event":"agent-lost","time":9,"agent":"a1","builds":[1,2]}"#
+        );
+    }
+
+    #[test]
     fn ids_roles_and_states_parse_and_refuse() {
         assert_eq!("12".parse::<BuildId>().unwrap().get(), 12);
         assert!("0".parse::<BuildId>().is_err());
@@ -388,5 +445,86 @@ mod tests {
         let json = serde_json::to_string(&Principal::Client { role: Role::Submit }).unwrap();
         assert_eq!(json, r#"{"kind":"client","role":"submit"}"#);
         assert!(serde_json::from_str::<AgentId>("\"../x\"").is_err());
+    }
+}
+
+/// What an event of the outbox is about (`event` in its JSON).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EventKind {
+    BuildSubmitted,
+    BuildStarted,
+    BuildSuccess,
+    BuildFailure,
+    BuildCanceled,
+    BuildMissingInputs,
+    AgentLost,
+}
+
+impl EventKind {
+    /// Every kind, in the order of the docs.
+    pub const ALL: [EventKind; 7] = [
+        EventKind::BuildSubmitted,
+        EventKind::BuildStarted,
+        EventKind::BuildSuccess,
+        EventKind::BuildFailure,
+        EventKind::BuildCanceled,
+        EventKind::BuildMissingInputs,
+        EventKind::AgentLost,
+    ];
+
+    /// The name in JSON, the datastore, SSE and `--hook`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::BuildSubmitted => "build-submitted",
+            EventKind::BuildStarted => "build-started",
+            EventKind::BuildSuccess => "build-success",
+            EventKind::BuildFailure => "build-failure",
+            EventKind::BuildCanceled => "build-canceled",
+            EventKind::BuildMissingInputs => "build-missing-inputs",
+            EventKind::AgentLost => "agent-lost",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventKind {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<EventKind, ModelError> {
+        EventKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| ModelError::EventKind(s.to_owned()))
+    }
+}
+
+/// One event of the outbox. Its JSON (see [`Event::to_json`]) is
+/// `{"id": N, "event": KIND, "time": T, ...payload}`: `"build": {…}` for
+/// the build events, `"agent": ID, "builds": [IDS]` for `agent-lost`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// Increasing; the SSE `id:` and hooks' cursor.
+    pub id: i64,
+    pub kind: EventKind,
+    pub time: i64,
+    /// The event's own fields.
+    pub payload: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Event {
+    /// The event as one JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), self.id.into());
+        m.insert("event".into(), self.kind.as_str().into());
+        m.insert("time".into(), self.time.into());
+        for (k, v) in &self.payload {
+            m.insert(k.clone(), v.clone());
+        }
+        serde_json::Value::Object(m)
     }
 }

@@ -29,8 +29,6 @@ pub(crate) struct Farm {
     agent_port: u16,
     client_port: u16,
     lease_secs: u32,
-    /// More arguments for every start of the coordinator.
-    extra: Vec<std::ffi::OsString>,
     coordinator: Option<Child>,
     pub(crate) key: String,
     agents: Vec<(String, Child)>,
@@ -38,6 +36,8 @@ pub(crate) struct Farm {
     pub(crate) admin: PathBuf,
     pub(crate) submitter: PathBuf,
     pub(crate) reader: PathBuf,
+    /// More arguments for the coordinator, used from its next start on.
+    pub(crate) extra_args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -54,8 +54,8 @@ impl Farm {
         Farm::start_with(lease_secs, &[])
     }
 
-    /// [`Farm::start`] with more coordinator arguments.
-    pub(crate) fn start_with(lease_secs: u32, extra: &[std::ffi::OsString]) -> Farm {
+    /// Starts a coordinator with more arguments (hooks, metrics).
+    pub(crate) fn start_with(lease_secs: u32, extra_args: &[String]) -> Farm {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut farm = Farm {
             admin: tmp.path().join("admin.token"),
@@ -65,10 +65,10 @@ impl Farm {
             agent_port: free_port(),
             client_port: free_port(),
             lease_secs,
-            extra: extra.to_vec(),
             coordinator: None,
             key: String::new(),
             agents: Vec::new(),
+            extra_args: extra_args.to_vec(),
         };
         for (role, file) in [
             ("admin", &farm.admin),
@@ -127,7 +127,7 @@ impl Farm {
             .arg(self.tmp.path().join("coordinator.sec"))
             .args(["--lease-seconds", &self.lease_secs.to_string()])
             .args(["--retry-base-seconds", "1"])
-            .args(&self.extra)
+            .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -465,6 +465,23 @@ fn an_agent_killed_mid_build_loses_nothing_and_the_build_completes_elsewhere() {
         "the lost lease counts: {:?}",
         done[0]
     );
+    // The expiry is an event (agent and builds) and a counter.
+    let reader = std::fs::read_to_string(&farm.reader).expect("token");
+    let events = read_events(&farm, reader.trim(), None, |got| {
+        got.iter().any(|(_, k, _)| k == "agent-lost")
+    });
+    let lost = events
+        .iter()
+        .find(|(_, k, _)| k == "agent-lost")
+        .map(|(_, _, d)| d)
+        .expect("agent-lost");
+    assert_eq!(lost["agent"], "a1", "{lost}");
+    assert_eq!(lost["builds"], serde_json::json!([done[0]["id"]]), "{lost}");
+    let (_, metrics) = scrape(&farm.client_url(), Some(reader.trim()));
+    assert_eq!(
+        metrics.get("sandoff_coordinator_lease_expiries_total"),
+        Some(&1.0)
+    );
     // a1 comes back: it gets nothing of what a2 finished.
     farm.start_agent("a1", 1);
     std::thread::sleep(Duration::from_secs(2));
@@ -555,6 +572,8 @@ fn bad_tokens_are_refused_on_every_endpoint() {
         ("GET", "/client/v1/tokens"),
         ("POST", "/client/v1/tokens"),
         ("POST", "/client/v1/tokens/abc/revoke"),
+        ("GET", "/client/v1/events"),
+        ("GET", "/metrics"),
         ("GET", "/cache/nix-cache-info"),
         ("GET", "/cache/5xd714cbfnkz02h2vbsj4fm03x3f15nf.narinfo"),
         (
@@ -574,6 +593,7 @@ fn bad_tokens_are_refused_on_every_endpoint() {
         ("PUT", "/agent/v1/builds/1/outputs/out"),
         ("PUT", "/agent/v1/builds/1/log"),
         ("POST", "/agent/v1/builds/1/result"),
+        ("GET", "/metrics"),
         ("GET", "/cache/nix-cache-info"),
     ];
     let wrong = "sandoff_0000000000000000000000000000000000000000000000000000000000000000";
@@ -1008,11 +1028,11 @@ fn ssh_machines_take_builds_from_the_queue_as_agentless_workers() {
     let sandoff_key = std::fs::read_to_string(sandoff_key).expect("host key");
     let nix_key = hosts[1].signing_public_key();
     std::fs::write(&keys, format!("{}\n{nix_key}\n", sandoff_key.trim())).expect("keys");
-    let extra: Vec<std::ffi::OsString> = vec![
+    let extra: Vec<String> = vec![
         "--machines".into(),
-        machines.into(),
+        machines.display().to_string(),
         "--machines-trusted-keys".into(),
-        keys.into(),
+        keys.display().to_string(),
     ];
     let mut farm = Farm::start_with(30, &extra);
     // And an agent: one queue for both kinds.
@@ -1060,4 +1080,358 @@ fn ssh_machines_take_builds_from_the_queue_as_agentless_workers() {
             .join(store.dir.display(&out).trim_start_matches('/'));
         assert!(on_host.exists(), "{} built on {}", b["drv"], workers[i]);
     }
+}
+/// What the webhook receiver got: (`X-Sandoff-Event`, body).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
+
+/// A tiny webhook receiver on 127.0.0.1: every POST's `X-Sandoff-Event`
+/// and body, answered 200. Its thread serves until the test process ends.
+fn webhook_receiver() -> (String, Received) {
+    use std::io::Read;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let mut reader = BufReader::new(conn);
+            let mut kind = String::new();
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let line = line.trim_end();
+                if line.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    match k.trim().to_ascii_lowercase().as_str() {
+                        "x-sandoff-event" => kind = v.trim().to_owned(),
+                        "content-length" => length = v.trim().parse().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            if let Ok(v) = serde_json::from_slice(&body) {
+                sink.lock().expect("lock").push((kind, v));
+            }
+            let _ = reader
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (url, got)
+}
+
+/// (event, build id) of JSON events.
+fn event_pairs<'a>(events: impl IntoIterator<Item = &'a Value>) -> BTreeSet<(String, i64)> {
+    events
+        .into_iter()
+        .map(|e| {
+            (
+                e["event"].as_str().expect("event").to_owned(),
+                e["build"]["id"].as_i64().expect("build id"),
+            )
+        })
+        .collect()
+}
+
+/// The JSON lines a hook program appended.
+fn json_lines(file: &Path) -> Vec<Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("a hook got JSON"))
+        .collect()
+}
+
+/// One scrape of `/metrics`: the status and the samples (name with
+/// labels, value).
+fn scrape(url: &str, token: Option<&str>) -> (u16, BTreeMap<String, f64>) {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build();
+    let mut req = agent.get(&format!("{url}/metrics"));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    match req.call() {
+        Ok(r) => {
+            assert!(
+                r.header("Content-Type")
+                    .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")),
+                "{:?}",
+                r.header("Content-Type")
+            );
+            let text = r.into_string().expect("text");
+            let samples = text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| {
+                    let (name, value) = l.rsplit_once(' ').expect("a sample line");
+                    (name.to_owned(), value.parse().expect("a number"))
+                })
+                .collect();
+            (200, samples)
+        }
+        Err(ureq::Error::Status(s, _)) => (s, BTreeMap::new()),
+        Err(e) => panic!("/metrics: {e}"),
+    }
+}
+
+/// Reads server-sent events from `/client/v1/events` until `until` says
+/// stop; returns (id, event, data) of each.
+fn read_events(
+    farm: &Farm,
+    token: &str,
+    last_event_id: Option<i64>,
+    mut until: impl FnMut(&[(i64, String, Value)]) -> bool,
+) -> Vec<(i64, String, Value)> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout_read(Duration::from_secs(120))
+        .build();
+    let mut req = agent
+        .get(&format!("{}/client/v1/events?after=0", farm.client_url()))
+        .set("Authorization", &format!("Bearer {token}"));
+    if let Some(id) = last_event_id {
+        req = req.set("Last-Event-ID", &id.to_string());
+    }
+    let r = req.call().expect("GET /client/v1/events");
+    assert_eq!(r.content_type(), "text/event-stream");
+    let mut lines = BufReader::new(r.into_reader()).lines();
+    let mut out = Vec::new();
+    let (mut id, mut kind, mut data) = (None, None, None);
+    while !until(&out) {
+        let line = lines.next().expect("the stream goes on").expect("read");
+        if line.is_empty() {
+            if let (Some(i), Some(k), Some(d)) = (id.take(), kind.take(), data.take()) {
+                out.push((i, k, d));
+            }
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("id:") {
+            id = Some(v.trim().parse::<i64>().expect("numeric id"));
+        } else if let Some(v) = line.strip_prefix("event:") {
+            kind = Some(v.trim().to_owned());
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data = Some(serde_json::from_str::<Value>(v.trim()).expect("JSON data"));
+        }
+    }
+    out
+}
+
+#[test]
+fn hooks_the_event_stream_and_metrics_follow_builds_across_a_coordinator_kill() {
+    let test = this_test!();
+    if !ready(test) {
+        return;
+    }
+    let store = Store::new();
+    let good = store.drv(
+        "hk-good",
+        Spec {
+            script: "echo good > $out\n",
+            ..Spec::default()
+        },
+    );
+    let bad = store.drv(
+        "hk-bad",
+        Spec {
+            script: "echo failing on purpose >&2\nexit 1\n",
+            ..Spec::default()
+        },
+    );
+    // A program hook that appends its stdin, one that fails until the
+    // test creates `flip`, and a webhook.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let append = d.join("append.sh");
+    std::fs::write(
+        &append,
+        format!(
+            "#!/bin/sh\n{{ cat; echo; }} >> {}/program.log\n",
+            d.display()
+        ),
+    )
+    .expect("write");
+    let flaky = d.join("flaky.sh");
+    std::fs::write(
+        &flaky,
+        format!(
+            "#!/bin/sh\nd={}\nif [ -e $d/flip ]; then {{ cat; echo; }} >> $d/flaky.log; exit 0; fi\necho \"$SANDOFF_EVENT\" >> $d/flaky.tries\nexit 1\n",
+            d.display()
+        ),
+    )
+    .expect("write");
+    let (webhook, received) = webhook_receiver();
+    let kinds = [
+        "build-submitted",
+        "build-started",
+        "build-success",
+        "build-failure",
+    ];
+    let mut args = Vec::new();
+    for k in kinds {
+        args.push("--hook".to_owned());
+        args.push(format!("{k}=/bin/sh {}", append.display()));
+        args.push("--hook".to_owned());
+        args.push(format!("{k}={webhook}"));
+    }
+    args.push("--hook".to_owned());
+    args.push(format!("build-failure=/bin/sh {}", flaky.display()));
+    args.extend([
+        "--hook-parallelism".to_owned(),
+        "build-submitted=4".to_owned(),
+    ]);
+    let mut farm = Farm::start_with(10, &args);
+    let read_token = std::fs::read_to_string(&farm.reader).expect("token");
+    let read_token = read_token.trim();
+
+    // Metrics need a read token; before any build, the counters are 0.
+    assert_eq!(scrape(&farm.client_url(), None).0, 401);
+    let (status, before) = scrape(&farm.client_url(), Some(read_token));
+    assert_eq!(status, 200);
+    let m = |s: &BTreeMap<String, f64>, k: &str| {
+        *s.get(&format!("sandoff_coordinator_{k}"))
+            .unwrap_or_else(|| panic!("no {k} in {s:?}"))
+    };
+    assert_eq!(
+        m(&before, "builds_finished_total{state=\"succeeded\"}"),
+        0.0
+    );
+    assert_eq!(m(&before, "build_duration_seconds_count"), 0.0);
+    assert_eq!(scrape(&farm.agent_url(), Some(read_token)).0, 200);
+
+    let good_id = farm.submit(&store, &[&good], &[])["builds"][0]["id"]
+        .as_i64()
+        .expect("id");
+    farm.add_agent("a1", 1);
+    farm.wait_idle();
+    let bad_id = farm.submit(&store, &[&bad], &[])["builds"][0]["id"]
+        .as_i64()
+        .expect("id");
+    let done = farm.wait_idle();
+    assert!(
+        done.iter()
+            .any(|b| b["id"] == bad_id && b["state"] == "failed"),
+        "{done:?}"
+    );
+
+    // The flaky hook has failed at least once: kill -9, let it succeed
+    // from now on, restart (metrics public from now on).
+    support::wait_for("the flaky hook to fail", || {
+        std::fs::read_to_string(d.join("flaky.tries"))
+            .ok()
+            .filter(|t| t.contains("build-failure"))
+    });
+    farm.kill_coordinator();
+    std::fs::write(d.join("flip"), "").expect("flip");
+    farm.extra_args.push("--public-metrics".to_owned());
+    farm.start_coordinator();
+    let failure = support::wait_for("the build-failure delivered after the restart", || {
+        json_lines(&d.join("flaky.log"))
+            .into_iter()
+            .find(|e| e["event"] == "build-failure")
+    });
+    assert_eq!(failure["build"]["id"], bad_id);
+    assert_eq!(failure["build"]["state"], "failed");
+
+    let wanted: BTreeSet<(String, i64)> = [
+        ("build-submitted", good_id),
+        ("build-started", good_id),
+        ("build-success", good_id),
+        ("build-submitted", bad_id),
+        ("build-started", bad_id),
+        ("build-failure", bad_id),
+    ]
+    .into_iter()
+    .map(|(k, i)| (k.to_owned(), i))
+    .collect();
+    support::wait_for("every event at the program hook", || {
+        let got = event_pairs(&json_lines(&d.join("program.log")));
+        wanted.is_subset(&got).then_some(())
+    });
+    support::wait_for("every event at the webhook", || {
+        let got = received.lock().expect("lock").clone();
+        for (kind, e) in &got {
+            assert_eq!(e["event"], kind.as_str(), "X-Sandoff-Event matches");
+        }
+        wanted
+            .is_subset(&event_pairs(got.iter().map(|(_, e)| e)))
+            .then_some(())
+    });
+    // Each hook gets only its own kind.
+    let program = json_lines(&d.join("program.log"));
+    assert!(
+        program
+            .iter()
+            .all(|e| kinds.contains(&e["event"].as_str().expect("event"))),
+        "{program:?}"
+    );
+
+    // The stream from the start: ids increase, kinds match the data.
+    let all = read_events(&farm, read_token, None, |got| {
+        got.iter()
+            .any(|(_, k, d)| k == "build-failure" && d["build"]["id"] == bad_id)
+    });
+    for w in all.windows(2) {
+        assert!(w[0].0 < w[1].0, "ids increase: {all:?}");
+    }
+    for (id, kind, data) in &all {
+        assert_eq!(data["id"], *id);
+        assert_eq!(data["event"], kind.as_str());
+    }
+    let good_kinds: Vec<&str> = all
+        .iter()
+        .filter(|(_, _, d)| d["build"]["id"] == good_id)
+        .map(|(_, k, _)| k.as_str())
+        .collect();
+    assert_eq!(
+        good_kinds,
+        ["build-submitted", "build-started", "build-success"]
+    );
+    // Resuming after the second event starts at the third.
+    let resumed = read_events(&farm, read_token, Some(all[1].0), |got| !got.is_empty());
+    assert_eq!(resumed[0].0, all[2].0);
+    // The stream needs a token.
+    assert_eq!(
+        Farm::status(
+            "GET",
+            &format!("{}/client/v1/events", farm.client_url()),
+            None
+        ),
+        401
+    );
+
+    // Metrics moved, survived the kill, and are public now; nothing else is.
+    let (status, after) = scrape(&farm.client_url(), None);
+    assert_eq!(status, 200);
+    assert_eq!(m(&after, "builds_finished_total{state=\"succeeded\"}"), 1.0);
+    assert_eq!(m(&after, "builds_finished_total{state=\"failed\"}"), 1.0);
+    assert_eq!(m(&after, "build_duration_seconds_count"), 2.0);
+    assert_eq!(m(&after, "build_wait_seconds_bucket{le=\"+Inf\"}"), 2.0);
+    assert!(m(&after, "cache_paths") >= 1.0, "{after:?}");
+    assert!(m(&after, "uploaded_bytes_total") > 0.0, "{after:?}");
+    assert_eq!(
+        m(&after, "agents{enabled=\"true\",seen=\"true\"}"),
+        1.0,
+        "{after:?}"
+    );
+    assert_eq!(scrape(&farm.agent_url(), None).0, 200);
+    assert_eq!(
+        Farm::status(
+            "GET",
+            &format!("{}/client/v1/builds", farm.client_url()),
+            None
+        ),
+        401
+    );
 }

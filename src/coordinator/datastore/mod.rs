@@ -11,7 +11,7 @@
 //!
 //! Calls are blocking; the server runs them on tokio's blocking pool.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
@@ -19,7 +19,7 @@ pub mod sqlite;
 
 use super::model::{
     AgentId, AgentOffer, AgentRecord, BuildId, BuildRecord, BuildState, CachedPath, DrvRecord,
-    Expiry, NewBuild, Principal, Setback, Submitted, TokenRecord,
+    Event, Expiry, NewBuild, Principal, Setback, Submitted, TokenRecord,
 };
 
 /// Why a datastore call failed. Every variant but `Sqlite`/`Corrupt` is the
@@ -117,6 +117,44 @@ pub struct QueueStats {
     pub succeeded: i64,
     pub failed: i64,
     pub canceled: i64,
+}
+
+/// The upper bounds (seconds) of the wait-time and build-duration
+/// histograms' buckets, `+Inf` aside.
+pub const HISTOGRAM_BUCKETS: [i64; 12] =
+    [1, 5, 10, 30, 60, 300, 900, 1800, 3600, 7200, 21600, 86400];
+
+/// Where one event stands with one hook, past the hook's cursor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// Attempts so far (the delivering one included).
+    pub attempts: i64,
+    /// Not tried again before this time.
+    pub next_try: i64,
+    pub delivered: bool,
+}
+
+/// A hook's delivery progress: every event up to `cursor` is done with;
+/// `deliveries` holds those after it that were tried (or delivered out of
+/// order, with a parallelism above 1).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HookProgress {
+    pub cursor: i64,
+    pub deliveries: BTreeMap<i64, Delivery>,
+}
+
+/// What `/metrics` reads from the datastore.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// Durable counters: `builds_finished:STATE`, `lease_expiries`,
+    /// `bytes_uploaded`, and `wait_seconds_…`/`duration_seconds_…` with
+    /// `_bucket:LE` (not cumulative), `_sum` and `_count`.
+    pub counters: BTreeMap<String, i64>,
+    /// Active builds: (system, state, count).
+    pub queue: Vec<(String, String, i64)>,
+    /// Paths in the cache index and their files' total size.
+    pub cache_paths: i64,
+    pub cache_bytes: i64,
 }
 
 /// The coordinator's persistent state. Every method is one transaction.
@@ -245,6 +283,47 @@ pub trait Datastore: Send + Sync {
     fn token_revoke(&self, id: &str) -> Result<(), DatastoreError>;
     /// Every token (never the secret).
     fn tokens(&self) -> Result<Vec<TokenRecord>, DatastoreError>;
+
+    // --- events and hooks ----------------------------------------------------
+    //
+    // Every method above that changes a build's state writes its event in
+    // the same transaction: `submit` (`build-submitted` for each build it
+    // creates, and `build-success`/`build-failure` for one created
+    // finished), `start` (`build-started`, the first time), `succeed`,
+    // `setback` and `cancel` (`build-success`, `build-failure`,
+    // `build-canceled` for every build that ends, dependents included;
+    // `build-missing-inputs` for [`Setback::MissingInputs`]) and
+    // `expire_leases` (one `agent-lost` per agent).
+
+    /// Up to `limit` events with ids above `after`, oldest first.
+    fn events_after(&self, after: i64, limit: usize) -> Result<Vec<Event>, DatastoreError>;
+    /// The id of the last event written (0 before any).
+    fn last_event_id(&self) -> Result<i64, DatastoreError>;
+    /// Where `hook` (any stable name of a configured hook) stands. A hook
+    /// never seen starts after the last event written.
+    fn hook_progress(&self, hook: &str) -> Result<HookProgress, DatastoreError>;
+    /// Records one attempt to deliver `event` to `hook`: delivered, or
+    /// failed and not to be tried again before `next_try`. Returns the
+    /// event's standing.
+    fn hook_attempt(
+        &self,
+        hook: &str,
+        event: i64,
+        delivered: bool,
+        next_try: i64,
+    ) -> Result<Delivery, DatastoreError>;
+    /// Moves `hook`'s cursor up to `cursor` (never back): every event up to
+    /// it was delivered or is not for this hook.
+    fn hook_advance(&self, hook: &str, cursor: i64) -> Result<(), DatastoreError>;
+    /// Deletes the events all of `hooks` have passed, but never the last
+    /// `keep`; forgets the progress of hooks not in `hooks`. Returns how
+    /// many events went.
+    fn prune_events(&self, hooks: &[String], keep: i64) -> Result<usize, DatastoreError>;
+
+    // --- metrics ---------------------------------------------------------------
+
+    /// The counters and gauges of `/metrics` (agents aside: [`Datastore::agents`]).
+    fn metrics(&self) -> Result<MetricsSnapshot, DatastoreError>;
 }
 
 /// Opens the datastore a `--datastore` URL names (`sqlite:///PATH`),

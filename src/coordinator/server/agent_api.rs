@@ -79,7 +79,8 @@ fn checked_job(a: &Inner, agent: &AgentId, alloc: Allocation) -> Result<Option<J
         let list: Vec<&str> = missing.iter().map(String::as_str).take(3).collect();
         let message = format!("inputs missing from the cache: {}", list.join(", "));
         tracing::error!(build = %alloc.id, "{message}");
-        a.ds.setback(agent, alloc.id, &Setback::Infrastructure { message }, now())?;
+        a.ds.setback(agent, alloc.id, &Setback::MissingInputs { message }, now())?;
+        a.wake();
         return Ok(None);
     }
     Ok(Some(Job {
@@ -168,6 +169,7 @@ async fn start(
     let id = build_id(&id)?;
     blocking(&app, move |a| {
         a.ds.start(&agent, id, now())?;
+        a.wake();
         Ok(StatusCode::NO_CONTENT)
     })
     .await
@@ -254,13 +256,21 @@ async fn result(
     blocking(&app, move |a| match result {
         BuildResult::Setback { setback } => {
             leased(a, &agent, id)?;
+            // Missing inputs are the coordinator's own finding; from an
+            // agent they are an infrastructure failure like any other.
+            let setback = match setback {
+                Setback::MissingInputs { message } => Setback::Infrastructure { message },
+                other => other,
+            };
             let b = a.ds.setback(&agent, id, &setback, now())?;
+            a.wake();
             tracing::info!(build = %id, agent = %agent, state = b.state.as_str(), "setback: {setback:?}");
             Ok(StatusCode::NO_CONTENT)
         }
         BuildResult::Success { outputs } => match accept_outputs(a, &agent, id, &outputs) {
             Ok(cached) => {
                 a.ds.succeed(&agent, id, &cached, now())?;
+                a.wake();
                 tracing::info!(build = %id, agent = %agent, "succeeded");
                 Ok(StatusCode::NO_CONTENT)
             }
@@ -270,6 +280,7 @@ async fn result(
                 let message = format!("outputs from agent '{agent}' refused: {}", e.message);
                 tracing::warn!(build = %id, "{message}");
                 a.ds.setback(&agent, id, &Setback::Infrastructure { message }, now())?;
+                a.wake();
                 Err(e)
             }
             Err(e) => Err(e),

@@ -190,6 +190,7 @@ async fn submit(
             }
         }
         let builds = a.ds.submit(&submit.builds, now())?;
+        a.wake();
         for s in builds.iter().filter(|s| s.created) {
             tracing::info!(build = %s.id, drv = %s.drv, "submitted");
         }
@@ -308,9 +309,9 @@ async fn cancel(
 ) -> Result<Json<Canceled>, ApiError> {
     let id = build_id(&id)?;
     blocking(&app, move |a| {
-        Ok(Json(Canceled {
-            canceled: a.ds.cancel(id, now())?,
-        }))
+        let canceled = a.ds.cancel(id, now())?;
+        a.wake();
+        Ok(Json(Canceled { canceled }))
     })
     .await
 }

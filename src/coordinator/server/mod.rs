@@ -10,7 +10,12 @@
 //!   `--cache-dir`, for agents' inputs and for Nix (`substituters =
 //!   http://…/cache`, the token as the password of a `netrc-file` entry).
 //!
-//! Every endpoint needs a token (see [`auth`]); unlike the Guix Build
+//! Events of the datastore's outbox go to the hooks ([`hooks`]) and, live,
+//! to clients of `GET /client/v1/events` (server-sent events); `/metrics`
+//! (both listeners) shows Prometheus metrics ([`metrics`]).
+//!
+//! Every endpoint needs a token (see [`auth`]), `/metrics` aside with
+//! `--public-metrics`; unlike the Guix Build
 //! Coordinator's client API, none is open. The datastore is blocking: its
 //! calls run on tokio's blocking pool, as do the checks of uploaded NARs.
 
@@ -18,6 +23,9 @@ mod agent_api;
 pub mod auth;
 mod cache_http;
 mod client_api;
+mod events_http;
+pub mod hooks;
+pub mod metrics;
 mod tls;
 mod uploads;
 
@@ -63,6 +71,10 @@ pub struct ServerConfig {
     /// Also serve the agent API, without TLS, on a loopback port of its
     /// own, for in-process agents (the SSH workers).
     pub internal: bool,
+    /// The hooks and how they run.
+    pub hooks: hooks::HookSettings,
+    /// `/metrics` open to requests without a token.
+    pub public_metrics: bool,
 }
 
 /// Why the coordinator could not start or stopped.
@@ -92,6 +104,17 @@ pub(crate) struct Inner {
     pub(crate) lease_secs: i64,
     pub(crate) max_upload_bytes: u64,
     pub(crate) info: Info,
+    pub(crate) public_metrics: bool,
+    /// Bumped after writes that may have added events, to wake the hooks
+    /// and the event streams (which also poll, should one be missed).
+    pub(crate) wake: tokio::sync::watch::Sender<u64>,
+}
+
+impl Inner {
+    /// Tells the hooks and event streams that events may have been written.
+    pub(crate) fn wake(&self) {
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 /// The state of both routers.
@@ -121,6 +144,8 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
         max_upload_bytes,
         retry,
         internal,
+        hooks,
+        public_metrics,
     } = config;
     let info = Info {
         store_dir: store_dir.as_str().to_owned(),
@@ -138,6 +163,8 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
             lease_secs,
             max_upload_bytes,
             info,
+            public_metrics,
+            wake: tokio::sync::watch::channel(0).0,
         }))
     })
     .await
@@ -160,13 +187,17 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
     let guard = || middleware::from_fn_with_state(app.clone(), require_token);
     let agent_router = agent_api::router()
         .merge(cache_http::router())
+        .merge(metrics::router())
         .route_layer(guard())
         .with_state(app.clone());
     let client_router = client_api::router()
         .merge(cache_http::router())
+        .merge(events_http::router())
+        .merge(metrics::router())
         .route_layer(guard())
         .with_state(app.clone());
     tokio::spawn(reap_leases(app.clone()));
+    hooks::start(&app, hooks);
     ready(bound);
     let shutdown = async {
         let mut term =
@@ -244,7 +275,14 @@ async fn reap_leases(app: App) {
     let mut round: u64 = 0;
     loop {
         tokio::time::sleep(every).await;
-        let expired = blocking(&app, |a| Ok(a.ds.expire_leases(now())?)).await;
+        let expired = blocking(&app, |a| {
+            let ids = a.ds.expire_leases(now())?;
+            if !ids.is_empty() {
+                a.wake();
+            }
+            Ok(ids)
+        })
+        .await;
         match expired {
             Ok(ids) if !ids.is_empty() => {
                 tracing::warn!(builds = ?ids, "leases expired; builds requeued");
@@ -400,6 +438,10 @@ async fn require_token(
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    // The one route an operator may open: nothing else is let through.
+    if app.public_metrics && req.uri().path() == metrics::PATH {
+        return Ok(next.run(req).await);
+    }
     let principal = authenticate(&app, req.headers()).await?;
     req.extensions_mut().insert(principal);
     Ok(next.run(req).await)

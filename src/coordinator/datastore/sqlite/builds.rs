@@ -363,6 +363,9 @@ pub(super) fn cancel(
     for d in dependents {
         out.push(build_id(d)?);
     }
+    for &b in &out {
+        super::events::ended(conn, b, now)?;
+    }
     Ok(out)
 }
 

@@ -7,11 +7,11 @@ use std::collections::BTreeSet;
 use rusqlite::{params, Connection, Rows};
 
 use super::agents::{self, Seen};
-use super::graph;
 use super::rows::{self, from_json, to_json};
+use super::{events, graph};
 use crate::coordinator::datastore::{Allocation, DatastoreError, RetryPolicy};
 use crate::coordinator::model::{
-    AgentId, AgentOffer, BuildId, BuildRecord, BuildState, CachedPath, Setback,
+    AgentId, AgentOffer, BuildId, BuildRecord, BuildState, CachedPath, EventKind, Setback,
 };
 
 /// The system every agent can build (Nix's `systemSupported`).
@@ -260,10 +260,13 @@ pub(super) fn start(
     now: i64,
 ) -> Result<(), DatastoreError> {
     leased(conn, agent, id)?;
-    conn.execute(
+    let first = conn.execute(
         "update builds set started_at = ?2 where id = ?1 and started_at is null",
         params![id.get(), now],
     )?;
+    if first == 1 {
+        events::build_event(conn, EventKind::BuildStarted, id, now)?;
+    }
     Ok(())
 }
 
@@ -277,6 +280,7 @@ pub(super) fn cache_add(conn: &Connection, paths: &[CachedPath]) -> Result<(), D
          nar_size = excluded.nar_size, refs = excluded.refs, deriver = excluded.deriver, \
          url = excluded.url, file_size = excluded.file_size",
     )?;
+    let mut bytes: i64 = 0;
     for p in paths {
         let size = |what: &str, n: u64| {
             i64::try_from(n)
@@ -291,6 +295,12 @@ pub(super) fn cache_add(conn: &Connection, paths: &[CachedPath]) -> Result<(), D
             p.url,
             size("file size", p.file_size)?,
         ])?;
+        bytes = bytes.saturating_add(size("file size", p.file_size)?);
+    }
+    // Every path enters the cache through here (client uploads and build
+    // outputs alike), so this counts the compressed bytes the cache took.
+    if bytes > 0 {
+        events::bump(conn, "bytes_uploaded", bytes)?;
     }
     Ok(())
 }
@@ -320,7 +330,7 @@ pub(super) fn succeed(
         "delete from build_deps where dependency = ?1",
         params![id.get()],
     )?;
-    Ok(())
+    events::ended(conn, id, now)
 }
 
 /// Fails `b` for good and everything waiting for it.
@@ -335,6 +345,10 @@ fn fail(conn: &Connection, b: &BuildRecord, message: &str, now: i64) -> Result<(
         now,
     )?;
     tracing::info!(build = %b.id, drv = %b.drv, dependents = dependents.len(), message, "datastore: build failed");
+    events::ended(conn, b.id, now)?;
+    for d in dependents {
+        events::ended(conn, rows::build_id(d)?, now)?;
+    }
     Ok(())
 }
 
@@ -392,6 +406,12 @@ pub(super) fn setback(
         Setback::Infrastructure { message } => {
             infrastructure(conn, &b, agent, message, policy, now)?
         }
+        Setback::MissingInputs { message } => {
+            infrastructure(conn, &b, agent, message, policy, now)?;
+            // After the requeue (or the final failure), so the event shows
+            // the build as it now stands.
+            events::build_event(conn, EventKind::BuildMissingInputs, id, now)?;
+        }
     }
     rows::build(conn, id)
 }
@@ -409,6 +429,7 @@ pub(super) fn expire(
         .query_map(params![now], |r| r.get::<_, i64>(0))?
         .collect::<Result<Vec<_>, _>>()?;
     let mut out = Vec::with_capacity(ids.len());
+    let mut lost: std::collections::BTreeMap<AgentId, Vec<BuildId>> = Default::default();
     for id in ids {
         let b = rows::build(conn, rows::build_id(id)?)?;
         let agent = b
@@ -423,7 +444,11 @@ pub(super) fn expire(
             policy,
             now,
         )?;
+        lost.entry(agent).or_default().push(b.id);
         out.push(b.id);
+    }
+    for (agent, builds) in &lost {
+        events::agent_lost(conn, agent, builds, now)?;
     }
     Ok(out)
 }

@@ -13,10 +13,12 @@
 //! - `graph`: effective priorities, critical paths, cascades.
 //! - `builds`: submission, listing, cancel, priorities.
 //! - `leases`: allocation, leases, results, setbacks.
+//! - `events`: the event outbox, hooks' progress, the metrics counters.
 //! - `agents`, `tokens`.
 
 mod agents;
 mod builds;
+mod events;
 mod graph;
 mod leases;
 mod rows;
@@ -32,9 +34,12 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use super::{Allocation, BuildFilter, Datastore, DatastoreError, QueueStats, RetryPolicy};
+use super::{
+    Allocation, BuildFilter, Datastore, DatastoreError, Delivery, HookProgress, MetricsSnapshot,
+    QueueStats, RetryPolicy,
+};
 use crate::coordinator::model::{
-    AgentId, AgentOffer, AgentRecord, BuildId, BuildRecord, CachedPath, DrvRecord, Expiry,
+    AgentId, AgentOffer, AgentRecord, BuildId, BuildRecord, CachedPath, DrvRecord, Event, Expiry,
     NewBuild, Principal, Setback, Submitted, TokenRecord,
 };
 
@@ -195,10 +200,30 @@ impl Datastore for SqliteDatastore {
 
     fn submit(&self, builds: &[NewBuild], now: i64) -> Result<Vec<Submitted>, DatastoreError> {
         self.write(|tx| {
-            builds
+            let before: i64 =
+                tx.query_row("select coalesce(max(id), 0) from builds", [], |r| r.get(0))?;
+            let out = builds
                 .iter()
                 .map(|nb| builds::submit_one(tx, nb, now))
-                .collect()
+                .collect::<Result<Vec<_>, _>>()?;
+            // Ids only grow (autoincrement), so the rows above `before` are
+            // exactly the builds this submission created; their events
+            // carry them as they stand once all are linked.
+            let created = tx
+                .prepare("select id from builds where id > ?1 order by id")?
+                .query_map(params![before], |r| r.get::<_, i64>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            for id in created {
+                let id = rows::build_id(id)?;
+                events::build_event(
+                    tx,
+                    crate::coordinator::model::EventKind::BuildSubmitted,
+                    id,
+                    now,
+                )?;
+                events::ended(tx, id, now)?;
+            }
+            Ok(out)
         })
     }
 
@@ -310,5 +335,44 @@ impl Datastore for SqliteDatastore {
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, DatastoreError> {
         self.read(|tx| tokens::list(tx))
+    }
+
+    fn events_after(&self, after: i64, limit: usize) -> Result<Vec<Event>, DatastoreError> {
+        self.read(|tx| events::after(tx, after, limit))
+    }
+
+    fn last_event_id(&self) -> Result<i64, DatastoreError> {
+        self.read(|tx| events::last_id(tx))
+    }
+
+    fn hook_progress(&self, hook: &str) -> Result<HookProgress, DatastoreError> {
+        // A read first: the hooks ask every second, and only a new hook
+        // needs the write lock.
+        if let Some(p) = self.read(|tx| events::known_progress(tx, hook))? {
+            return Ok(p);
+        }
+        self.write(|tx| events::progress(tx, hook))
+    }
+
+    fn hook_attempt(
+        &self,
+        hook: &str,
+        event: i64,
+        delivered: bool,
+        next_try: i64,
+    ) -> Result<Delivery, DatastoreError> {
+        self.write(|tx| events::record(tx, hook, event, delivered, next_try))
+    }
+
+    fn hook_advance(&self, hook: &str, cursor: i64) -> Result<(), DatastoreError> {
+        self.write(|tx| events::advance(tx, hook, cursor))
+    }
+
+    fn prune_events(&self, hooks: &[String], keep: i64) -> Result<usize, DatastoreError> {
+        self.write(|tx| events::prune(tx, hooks, keep))
+    }
+
+    fn metrics(&self) -> Result<MetricsSnapshot, DatastoreError> {
+        self.read(|tx| events::metrics(tx))
     }
 }

@@ -119,9 +119,44 @@ create table tokens (
 );
 "#;
 
+/// Version 2: the event outbox, each hook's delivery progress, and the
+/// durable counters behind `/metrics`.
+const V2: &str = r#"
+-- Written in the transaction of the state change that causes it.
+create table events (
+    id      integer primary key autoincrement not null,
+    kind    text not null,
+    time    integer not null,
+    payload text not null -- JSON object: the event's fields but id, event and time
+);
+
+-- Every event with id <= after has been delivered to (or skipped by) the hook.
+create table hook_cursors (
+    hook  text primary key not null,
+    after integer not null
+);
+
+-- Events past a hook's cursor that were tried or delivered out of order.
+create table hook_deliveries (
+    hook      text not null,
+    event     integer not null,
+    attempts  integer not null,
+    next_try  integer not null,
+    delivered integer not null,
+    primary key (hook, event)
+);
+
+-- Monotonic counters (lease expiries, bytes uploaded, builds by final
+-- state, histogram buckets), bumped in the transactions that count.
+create table counters (
+    name  text primary key not null,
+    value integer not null
+);
+"#;
+
 /// Every migration, in order; a database at version `n` has had the first
 /// `n` applied. Append only: never edit one that has shipped.
-pub(super) const MIGRATIONS: &[&str] = &[V1];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The version this sandoff writes.
 pub(super) fn known_version() -> i64 {

@@ -1472,3 +1472,248 @@ fn a_worker_with_mandatory_features_gets_only_builds_that_require_them() {
     assert_eq!(got.len(), 2);
     assert!(got.iter().all(|a| a.drv.drv.contains("/kvm-")), "{got:?}");
 }
+
+// --- events, hooks and counters ---------------------------------------------
+
+/// (kind, build id or agent) of every event after `after`.
+fn event_list(ds: &SqliteDatastore, after: i64) -> Vec<(String, String)> {
+    ds.events_after(after, 1000)
+        .expect("events")
+        .into_iter()
+        .map(|e| {
+            let json = e.to_json();
+            assert_eq!(json["id"], e.id);
+            assert_eq!(json["event"], e.kind.as_str());
+            let subject = match e.kind {
+                crate::coordinator::model::EventKind::AgentLost => {
+                    format!("{} {}", json["agent"], json["builds"])
+                }
+                _ => json["build"]["id"].to_string(),
+            };
+            (e.kind.as_str().to_owned(), subject)
+        })
+        .collect()
+}
+
+fn ev(kind: &str, subject: impl ToString) -> (String, String) {
+    (kind.to_owned(), subject.to_string())
+}
+
+#[test]
+fn each_state_change_writes_its_event() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    ds.put_derivations(&[
+        drv("p", &[]),
+        drv("q", &["p"]),
+        drv("r", &[]),
+        drv("s", &[]),
+        drv("t", &[]),
+    ])
+    .unwrap();
+    let q = submit(&ds, "q", 0, 10).id;
+    let p = active(&ds, "p").id;
+    assert_eq!(
+        event_list(&ds, 0),
+        // The submitted build is created first, then its dependencies.
+        [ev("build-submitted", q), ev("build-submitted", p)]
+    );
+    let mark = ds.last_event_id().unwrap();
+    assert_eq!(lease_one(&ds, &a, 11), p);
+    ds.start(&a, p, 12).unwrap();
+    // Started again (a resumed agent): no second event.
+    ds.start(&a, p, 13).unwrap();
+    ds.succeed(&a, p, &[cached(out("p"))], 20).unwrap();
+    assert_eq!(lease_one(&ds, &a, 21), q);
+    ds.setback(&a, q, &build_failure("boom"), 22).unwrap();
+    let r = submit(&ds, "r", 0, 23).id;
+    ds.cancel(r, 24).unwrap();
+    let s = submit(&ds, "s", 0, 25).id;
+    assert_eq!(lease_one(&ds, &a, 26), s);
+    let missing = Setback::MissingInputs {
+        message: "inputs missing from the cache: x".into(),
+    };
+    let back = ds.setback(&a, s, &missing, 27).unwrap();
+    assert_eq!(back.state, BuildState::Queued);
+    ds.cancel(s, 28).unwrap();
+    let t = submit(&ds, "t", 0, 29).id;
+    assert_eq!(lease_one(&ds, &a, 30), t);
+    assert_eq!(ds.expire_leases(30 + LEASE + 1).unwrap(), [t]);
+    assert_eq!(
+        event_list(&ds, mark),
+        [
+            ev("build-started", p),
+            ev("build-success", p),
+            ev("build-failure", q),
+            ev("build-submitted", r),
+            ev("build-canceled", r),
+            ev("build-submitted", s),
+            ev("build-missing-inputs", s),
+            ev("build-canceled", s),
+            ev("build-submitted", t),
+            ev("agent-lost", format!("\"a1\" [{t}]")),
+        ]
+    );
+    // The event carries the build as the change left it.
+    let events = ds.events_after(mark, 2).unwrap();
+    assert_eq!(events[1].to_json()["build"]["state"], "succeeded");
+    assert_eq!(events[1].time, 20);
+}
+
+#[test]
+fn a_dependency_failure_tells_of_every_build_it_ends() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    ds.put_derivations(&[drv("p", &[]), drv("q", &["p"])])
+        .unwrap();
+    let q = submit(&ds, "q", 0, 0).id;
+    let p = lease_one(&ds, &a, 1);
+    let mark = ds.last_event_id().unwrap();
+    ds.setback(&a, p, &build_failure("boom"), 2).unwrap();
+    assert_eq!(
+        event_list(&ds, mark),
+        [ev("build-failure", p), ev("build-failure", q)]
+    );
+}
+
+#[test]
+fn a_change_that_rolls_back_writes_no_event() {
+    let ds = ds();
+    let a = agent(&ds, "a1");
+    ds.put_derivations(&[drv("p", &[])]).unwrap();
+    // The first build is created inside the transaction, then the second
+    // fails it: neither the build nor its event remains.
+    let err = ds
+        .submit(&[new_build("p", 0), new_build("unknown", 0)], 0)
+        .unwrap_err();
+    assert!(matches!(err, DatastoreError::NoDerivation(_)), "{err}");
+    assert_eq!(ds.last_event_id().unwrap(), 0);
+    assert!(ds.builds(&BuildFilter::default()).unwrap().is_empty());
+    let p = submit(&ds, "p", 0, 1).id;
+    let mark = ds.last_event_id().unwrap();
+    // Not leased: refused, nothing written.
+    assert!(ds.succeed(&a, p, &[cached(out("p"))], 2).is_err());
+    assert!(ds.start(&a, p, 2).is_err());
+    assert_eq!(ds.last_event_id().unwrap(), mark);
+}
+
+#[test]
+fn each_hook_keeps_its_own_cursor_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("coordinator.sqlite");
+    let (e1, e2) = {
+        let ds = SqliteDatastore::open(&file, policy()).unwrap();
+        ds.put_derivations(&[drv("p", &[]), drv("q", &[])]).unwrap();
+        // A hook starts after the last event there is when first seen.
+        submit(&ds, "p", 0, 0);
+        let before = ds.last_event_id().unwrap();
+        assert_eq!(ds.hook_progress("a").unwrap().cursor, before);
+        assert_eq!(ds.hook_progress("b").unwrap().cursor, before);
+        submit(&ds, "q", 0, 1);
+        let events = ds.events_after(before, 10).unwrap();
+        assert_eq!(events.len(), 1);
+        let e1 = events[0].id;
+        // "a" fails twice, "b" delivers.
+        ds.hook_attempt("a", e1, false, 100).unwrap();
+        let d = ds.hook_attempt("a", e1, false, 200).unwrap();
+        assert_eq!((d.attempts, d.next_try, d.delivered), (2, 200, false));
+        ds.hook_attempt("b", e1, true, 0).unwrap();
+        ds.hook_advance("b", e1).unwrap();
+        let q = only_build(&ds, "q").id;
+        ds.cancel(q, 2).unwrap();
+        (e1, ds.last_event_id().unwrap())
+        // Dropped as after kill -9.
+    };
+    let ds = SqliteDatastore::open(&file, policy()).unwrap();
+    let a = ds.hook_progress("a").unwrap();
+    assert_eq!(a.cursor, e1 - 1);
+    assert_eq!(
+        a.deliveries
+            .get(&e1)
+            .map(|d| (d.attempts, d.next_try, d.delivered)),
+        Some((2, 200, false))
+    );
+    let b = ds.hook_progress("b").unwrap();
+    assert_eq!((b.cursor, b.deliveries.len()), (e1, 0));
+    assert_eq!(ds.events_after(b.cursor, 10).unwrap()[0].id, e2);
+    // A cursor never goes back.
+    ds.hook_advance("b", 0).unwrap();
+    assert_eq!(ds.hook_progress("b").unwrap().cursor, e1);
+}
+
+#[test]
+fn pruning_keeps_what_a_hook_owes_and_the_last_events() {
+    let ds = ds();
+    let names = ["p", "q", "r", "s", "t"];
+    ds.put_derivations(&names.map(|n| drv(n, &[]))).unwrap();
+    let hooks = vec!["a".to_owned()];
+    assert_eq!(ds.hook_progress("a").unwrap().cursor, 0);
+    for (i, n) in names.iter().enumerate() {
+        submit(&ds, n, 0, i as i64);
+    }
+    let ids: Vec<i64> = ds
+        .events_after(0, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids.len(), 5);
+    // "a" owes them all.
+    assert_eq!(ds.prune_events(&hooks, 2).unwrap(), 0);
+    ds.hook_advance("a", ids[3]).unwrap();
+    // Up to the cursor, but the last two stay.
+    assert_eq!(ds.prune_events(&hooks, 2).unwrap(), 3);
+    let left: Vec<i64> = ds
+        .events_after(0, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, ids[3..]);
+    // A hook no longer configured holds nothing back.
+    ds.hook_advance("a", 0).unwrap();
+    assert_eq!(ds.prune_events(&[], 0).unwrap(), 2);
+    assert!(ds.events_after(0, 10).unwrap().is_empty());
+    // Ids are never reused.
+    submit(&ds, "p", 0, 10);
+    let next = ds.events_after(0, 10).unwrap();
+    assert!(next.iter().all(|e| e.id > ids[4]), "{next:?}");
+}
+
+#[test]
+fn counters_move_with_the_changes_that_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("coordinator.sqlite");
+    {
+        let ds = SqliteDatastore::open(&file, policy()).unwrap();
+        let a = agent(&ds, "a1");
+        ds.put_derivations(&[drv("p", &[]), drv("q", &[]), drv("r", &[])])
+            .unwrap();
+        let p = submit(&ds, "p", 0, 100).id;
+        assert_eq!(lease_one(&ds, &a, 100), p);
+        ds.start(&a, p, 103).unwrap();
+        ds.succeed(&a, p, &[cached(out("p"))], 403).unwrap();
+        let q = submit(&ds, "q", 0, 500).id;
+        assert_eq!(lease_one(&ds, &a, 500), q);
+        ds.expire_leases(500 + LEASE + 1).unwrap();
+        ds.cancel(q, 600).unwrap();
+        let r = submit(&ds, "r", 0, 700).id;
+        let m = ds.metrics().unwrap();
+        assert_eq!(m.queue, [(SYSTEM.to_owned(), "queued".to_owned(), 1)]);
+        ds.cancel(r, 701).unwrap();
+    }
+    let ds = SqliteDatastore::open(&file, policy()).unwrap();
+    let m = ds.metrics().unwrap();
+    let c = |k: &str| m.counters.get(k).copied().unwrap_or(0);
+    assert_eq!(c("builds_finished:succeeded"), 1);
+    assert_eq!(c("builds_finished:canceled"), 2);
+    assert_eq!(c("lease_expiries"), 1);
+    assert_eq!(c("bytes_uploaded"), 50);
+    // p waited 3 s and ran 300 s; the canceled builds never ran.
+    assert_eq!(c("wait_seconds_bucket:5"), 1);
+    assert_eq!(c("wait_seconds_count"), 1);
+    assert_eq!(c("duration_seconds_bucket:300"), 1);
+    assert_eq!(c("duration_seconds_sum"), 300);
+    assert_eq!((m.cache_paths, m.cache_bytes), (1, 50));
+    assert!(m.queue.is_empty());
+}
