@@ -17,6 +17,11 @@ use super::model::{
 /// where the body starts.
 pub const UPLOAD_OFFSET: &str = "upload-offset";
 
+/// The header of a log answer (`GET /client/v1/builds/{id}/log`) that says
+/// whether the log is whole (`true`) or may still grow (`false`); its
+/// `Upload-Offset` says where the next request starts.
+pub const LOG_COMPLETE: &str = "log-complete";
+
 /// A build leased to an agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {

@@ -207,6 +207,21 @@ impl Client {
         answer(&url, req.send_bytes(body)).map(drop)
     }
 
+    /// `POST` raw bytes to be appended at `offset` (the `Upload-Offset`
+    /// header, as for uploads): a live log's new part. Returns the size the
+    /// coordinator now holds.
+    pub fn append_bytes(&self, path: &str, offset: u64, body: &[u8]) -> Result<u64, ClientError> {
+        let (url, req) = self.request("POST", path);
+        let req = req
+            .set(UPLOAD_OFFSET, &offset.to_string())
+            .set("Content-Type", "application/octet-stream");
+        let res = answer(&url, req.send_bytes(body))?;
+        Ok(res
+            .header(UPLOAD_OFFSET)
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(offset + body.len() as u64))
+    }
+
     /// How many bytes of the upload at `path` the coordinator holds.
     pub fn upload_offset(&self, path: &str) -> Result<u64, ClientError> {
         let (url, req) = self.request("HEAD", path);

@@ -18,6 +18,7 @@ mod agent_api;
 pub mod auth;
 mod cache_http;
 mod client_api;
+mod live_log;
 mod tls;
 mod uploads;
 
