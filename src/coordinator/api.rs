@@ -181,6 +181,18 @@ pub struct TokenList {
     pub tokens: Vec<TokenRecord>,
 }
 
+/// `POST /client/v1/ui-login-codes`: a one-time code that gives a browser
+/// a session of the web page (for scripts that open the page for a user).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UiLoginCode {
+    pub code: String,
+    /// Where a browser opens it, below the client API's URL
+    /// (`/ui/session/<code>`).
+    pub path: String,
+    /// Seconds it can be used in, once.
+    pub expires_in: i64,
+}
+
 /// Every error answer: `{"error": "one line"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -6,6 +6,8 @@
 //! - the **client API** (`/client/v1/…`, default `127.0.0.1:8746`):
 //!   uploads of `.drv` files and sources, submissions, queries, agents and
 //!   tokens;
+//! - the **web page** (`/`, `/ui/…`, `/login`) on the client listener,
+//!   read-only (see [`web`]);
 //! - the **cache** (`/cache/…`) on both: the binary cache under
 //!   `--cache-dir`, for agents' inputs and for Nix (`substituters =
 //!   http://…/cache`, the token as the password of a `netrc-file` entry).
@@ -21,6 +23,7 @@ mod client_api;
 mod live_log;
 mod tls;
 mod uploads;
+mod web;
 
 use std::io;
 use std::net::SocketAddr;
@@ -90,6 +93,8 @@ pub(crate) struct Inner {
     pub(crate) lease_secs: i64,
     pub(crate) max_upload_bytes: u64,
     pub(crate) info: Info,
+    /// Browser sessions of the web page.
+    pub(crate) sessions: web::session::Sessions,
 }
 
 /// The state of both routers.
@@ -123,6 +128,7 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
         lease_secs,
         max_upload_bytes,
     };
+    let sessions = web::session::Sessions::new(tls.is_some());
     let app: App = tokio::task::spawn_blocking(move || -> Result<App, ServerError> {
         let ds = super::datastore::open(&datastore, retry)?;
         let cache = Cache::open(&cache_dir, store_dir.clone(), key)?;
@@ -133,6 +139,7 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
             lease_secs,
             max_upload_bytes,
             info,
+            sessions,
         }))
     })
     .await
@@ -149,9 +156,12 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
         .merge(cache_http::router())
         .route_layer(guard())
         .with_state(app.clone());
+    // The web page has its own guard, which also takes a session cookie.
     let client_router = client_api::router()
+        .merge(web::api_router())
         .merge(cache_http::router())
         .route_layer(guard())
+        .merge(web::router(app.clone()))
         .with_state(app.clone());
     tokio::spawn(reap_leases(app.clone()));
     ready(bound);
