@@ -11,7 +11,8 @@
 //! routes accept (the APIs never do: a cookie rides along with requests
 //! a browser makes on its own, a header does not). `/login` (a form that
 //! takes a token) and `/ui/session/{code}` (a one-time login code minted
-//! with `POST /client/v1/ui-login-codes`) give a browser its cookie;
+//! with `POST /client/v1/ui-login-codes`; `?next=/ui/…` picks the page it
+//! opens) give a browser its cookie;
 //! `POST /logout` ends the session. A page asked for without either is
 //! redirected to `/login`.
 
@@ -117,10 +118,12 @@ async fn require_viewer(
 }
 
 /// A `303 See Other` to `to`, setting a cookie when given.
-fn redirect(to: &'static str, cookie: Option<String>) -> Response {
+fn redirect(to: &str, cookie: Option<String>) -> Response {
     let mut r = StatusCode::SEE_OTHER.into_response();
     let h = r.headers_mut();
-    h.insert(header::LOCATION, HeaderValue::from_static(to));
+    if let Ok(to) = HeaderValue::from_str(to) {
+        h.insert(header::LOCATION, to);
+    }
     if let Some(c) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         h.insert(header::SET_COOKIE, c);
     }
@@ -338,14 +341,14 @@ async fn open_session(app: &App, token_hash: [u8; 32]) -> Result<Result<String, 
 }
 
 /// The cookie of a new session, and where to go.
-fn logged_in(app: &App, id: &str) -> Response {
+fn logged_in(app: &App, id: &str, to: &str) -> Response {
     let cookie = session::set_cookie(id, session::SESSION_SECS, app.sessions.secure);
-    redirect("/", Some(cookie))
+    redirect(to, Some(cookie))
 }
 
 async fn login(State(app): State<App>, Form(form): Form<LoginForm>) -> Result<Response, ApiError> {
     match open_session(&app, hash_token(&form.token)).await? {
-        Ok(id) => Ok(logged_in(&app, &id)),
+        Ok(id) => Ok(logged_in(&app, &id, "/")),
         Err(why) => {
             let n = nonce();
             let page = page::layout("Log in", None, &n, None, &page::login(Some(&why)), None);
@@ -363,15 +366,37 @@ async fn logout(State(app): State<App>, headers: HeaderMap) -> Response {
     redirect("/login", Some(session::clear_cookie(app.sessions.secure)))
 }
 
+#[derive(Deserialize)]
+struct AfterLogin {
+    /// The page to show once logged in (one of this page's own).
+    next: Option<String>,
+}
+
+/// Whether `to` is a page of this web page (`/` or `/ui/…` with plain
+/// characters), so that a login code's `next` cannot send a browser
+/// elsewhere.
+fn is_own_page(to: &str) -> bool {
+    to == "/"
+        || to.strip_prefix("/ui/").is_some_and(|rest| {
+            rest.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_'))
+                && !rest.contains("//")
+        })
+}
+
 async fn session_from_code(
     State(app): State<App>,
     Path(code): Path<String>,
+    Query(next): Query<AfterLogin>,
 ) -> Result<Response, ApiError> {
     let Some(token_hash) = app.sessions.take_code(&code, now()) else {
         return Ok(redirect("/login", None));
     };
     match open_session(&app, token_hash).await? {
-        Ok(id) => Ok(logged_in(&app, &id)),
+        Ok(id) => {
+            let to = next.next.filter(|n| is_own_page(n));
+            Ok(logged_in(&app, &id, to.as_deref().unwrap_or("/")))
+        }
         Err(_) => Ok(redirect("/login", None)),
     }
 }
@@ -390,4 +415,26 @@ async fn new_login_code(
         code,
         expires_in: session::CODE_SECS,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_login_code_leads_only_to_this_page() {
+        for ok in ["/", "/ui/queue", "/ui/builds/12"] {
+            assert!(is_own_page(ok), "{ok}");
+        }
+        for bad in [
+            "//evil.example/",
+            "https://evil.example/",
+            "/ui//evil.example",
+            "/login",
+            "/ui/a?b",
+            "/ui/../client/v1/tokens",
+        ] {
+            assert!(!is_own_page(bad), "{bad}");
+        }
+    }
 }
