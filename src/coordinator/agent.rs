@@ -413,7 +413,8 @@ fn finish(live: &(Mutex<LiveLog>, Condvar)) {
 /// The first call (empty) starts a fresh live log on the coordinator, so
 /// that a log of an earlier attempt is not shown as this one's. A refused
 /// append (an offset the coordinator disagrees with, a lease it no longer
-/// knows) stops the streaming: the complete log is sent at the end anyway.
+/// knows) stops the streaming, as does a failed first one: the complete log
+/// is sent at the end anyway. A transient failure later is tried again.
 fn stream_log(live: &(Mutex<LiveLog>, Condvar), send: &mut SendLog<'_>, every: Duration) {
     let mut sent: u64 = 0;
     let mut first = true;
@@ -434,6 +435,11 @@ fn stream_log(live: &(Mutex<LiveLog>, Condvar), send: &mut SendLog<'_>, every: D
         if first || !chunk.is_empty() {
             match send(sent, &chunk) {
                 Ok(n) => sent = n,
+                // The coordinator restarts or the network hiccups: the
+                // same part goes again next time.
+                Err(e) if e.is_transient() && !first => {
+                    tracing::debug!("sending the live log: {e}; trying again");
+                }
                 Err(e) => {
                     tracing::warn!(
                         "sending the live log: {e}; the log is sent when the build ends"

@@ -225,7 +225,7 @@ fn the_web_page_shows_queue_running_results_and_agents_in_headless_chromium() {
     let tagged = plain("web-tagged", "echo tagged > $out\n");
     let slow = plain(
         "web-slow",
-        "echo first-live-line\nsleep 40\necho second-live-line\necho done > $out\n",
+        "echo first-live-line\nsleep 90\necho second-live-line\necho done > $out\n",
     );
     let unbuildable = store.drv(
         "web-needs-kvm",
@@ -376,7 +376,22 @@ fn the_web_page_shows_queue_running_results_and_agents_in_headless_chromium() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // What Chromium shows: the running build first, while it runs.
+    // The CLI follows it until the build ends.
+    let follow = farm
+        .client(
+            &farm.reader,
+            &["builds", "log", "--follow", &slow_id.to_string()],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn builds log --follow");
+    let now =
+        support::run_ok(&mut farm.client(&farm.reader, &["builds", "log", &slow_id.to_string()]));
+    assert_eq!(String::from_utf8_lossy(&now), "first-live-line\n");
+
+    // What Chromium shows: the views with the running build first, while
+    // it runs (it sleeps 90 s; these take a few seconds).
     let running = dom(&farm, "/ui/running");
     assert!(running.contains("first-live-line"), "{running}");
     assert!(running.contains("web-agent-1"), "{running}");
@@ -384,12 +399,32 @@ fn the_web_page_shows_queue_running_results_and_agents_in_headless_chromium() {
     let page = dom(&farm, &format!("/ui/builds/{slow_id}"));
     assert!(page.contains("first-live-line"), "{page}");
     assert!(page.contains("allocated"), "{page}");
+    // The page's script runs under its Content-Security-Policy and polls
+    // the live log (it counts its polls in `data-polls`).
+    let out = chromium(
+        farm.tmp.path(),
+        &["--dump-dom", "--virtual-time-budget=4000"],
+        &login_url(&farm, &format!("/ui/builds/{slow_id}")),
+    );
+    let polled = String::from_utf8_lossy(&out.stdout);
+    assert!(polled.contains("data-polls=\""), "{polled}");
     screenshot(&farm, "running", &login_url(&farm, "/ui/running"));
     screenshot(
         &farm,
         "build-live-log",
         &login_url(&farm, &format!("/ui/builds/{slow_id}")),
     );
+    let overview = dom(&farm, "/");
+    for part in ["Running (1)", "Queue (1)", "Agents (1)", "web-broken"] {
+        assert!(overview.contains(part), "{part}: {overview}");
+    }
+    screenshot(&farm, "overview", &login_url(&farm, "/"));
+    let agents = dom(&farm, "/ui/agents");
+    assert!(agents.contains("web-agent-1"), "{agents}");
+    assert!(agents.contains("x86_64-linux"), "{agents}");
+    assert!(agents.contains("1 / 2"), "one of two slots busy: {agents}");
+    screenshot(&farm, "agents", &login_url(&farm, "/ui/agents"));
+    // Everything after this holds whether the slow build still runs.
     let queue = dom(&farm, "/ui/queue");
     assert!(queue.contains("web-needs-kvm"), "{queue}");
     assert!(
@@ -419,16 +454,6 @@ fn the_web_page_shows_queue_running_results_and_agents_in_headless_chromium() {
     );
     assert!(!recent.contains("<script"), "no script on a list view");
     screenshot(&farm, "recent", &login_url(&farm, "/ui/recent"));
-    let agents = dom(&farm, "/ui/agents");
-    assert!(agents.contains("web-agent-1"), "{agents}");
-    assert!(agents.contains("x86_64-linux"), "{agents}");
-    assert!(agents.contains("1 / 2"), "one of two slots busy: {agents}");
-    screenshot(&farm, "agents", &login_url(&farm, "/ui/agents"));
-    let overview = dom(&farm, "/");
-    for part in ["Running (1)", "Queue (1)", "Agents (1)", "web-broken"] {
-        assert!(overview.contains(part), "{part}: {overview}");
-    }
-    screenshot(&farm, "overview", &login_url(&farm, "/"));
     screenshot(&farm, "login", &format!("{base}/login"));
     let failed_id = build_of(&builds, &fails).expect("failed")["id"]
         .as_i64()
@@ -450,5 +475,11 @@ fn the_web_page_shows_queue_running_results_and_agents_in_headless_chromium() {
     assert!(
         text.contains("first-live-line") && text.contains("second-live-line"),
         "{text}"
+    );
+    let followed = follow.wait_with_output().expect("builds log --follow");
+    assert!(followed.status.success(), "{followed:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&followed.stdout),
+        "first-live-line\nsecond-live-line\n"
     );
 }

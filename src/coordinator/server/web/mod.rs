@@ -378,9 +378,9 @@ struct AfterLogin {
 fn is_own_page(to: &str) -> bool {
     to == "/"
         || to.strip_prefix("/ui/").is_some_and(|rest| {
-            rest.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_'))
-                && !rest.contains("//")
+            rest.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'?' | b'=' | b'&')
+            }) && !rest.contains("//")
         })
 }
 
@@ -423,7 +423,7 @@ mod tests {
 
     #[test]
     fn a_login_code_leads_only_to_this_page() {
-        for ok in ["/", "/ui/queue", "/ui/builds/12"] {
+        for ok in ["/", "/ui/queue", "/ui/builds/12", "/ui/x?a=b&c=d"] {
             assert!(is_own_page(ok), "{ok}");
         }
         for bad in [
@@ -431,7 +431,8 @@ mod tests {
             "https://evil.example/",
             "/ui//evil.example",
             "/login",
-            "/ui/a?b",
+            "/ui/a#b",
+            "/ui/a b",
             "/ui/../client/v1/tokens",
         ] {
             assert!(!is_own_page(bad), "{bad}");
