@@ -308,6 +308,15 @@ pub(super) async fn log_answer(app: &App, id: BuildId, offset: u64) -> Result<Re
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    // Same-origin with the web page: never to be taken for HTML.
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; sandbox"),
+    );
     h.insert(
         LOG_COMPLETE,
         HeaderValue::from_static(if part.complete { "true" } else { "false" }),

@@ -93,8 +93,11 @@ pub(crate) fn read(
         .read_to_end(&mut bytes)
         .map_err(io_err)?;
     let next = start + bytes.len() as u64;
+    // A finished build whose agent never sent the whole log (its lease
+    // was lost, it was canceled) keeps the live one: nothing more comes.
+    let ended = final_log || !build.state.is_active();
     Ok(LogPart {
-        complete: final_log && next >= size,
+        complete: ended && next >= size,
         bytes,
         next,
         size,
