@@ -4,10 +4,10 @@
 //! headless Chromium shows it: a screenshot of each view (copied to
 //! `target/coordinator-web-screenshots/`) and checks on the DOM Chromium
 //! built. The login rules (form, cookie, login codes, logout, refused and
-//! revoked tokens) are checked over plain HTTP first, and the live log
-//! through the client API.
+//! revoked tokens) are checked over plain HTTP, and live logs through the
+//! client API and `builds log --follow`.
 //!
-//! Needs what the coordinator tests need, and `chromium`.
+//! Needs what the coordinator tests need, and `chromium` for the page.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -238,108 +238,7 @@ fn the_web_page_shows_queue_running_results_and_agents_in_headless_chromium() {
     let mut farm = Farm::start(30);
     farm.add_agent("web-agent-1", 2);
 
-    // Logging in, over plain HTTP.
     let base = farm.client_url();
-    let r = call(http().get(&format!("{base}/")).call());
-    assert_eq!((r.status(), r.header("location")), (303, Some("/login")));
-    let r = call(http().get(&format!("{base}/ui/agents")).call());
-    assert_eq!(r.status(), 303, "every view needs a login");
-    let form = call(http().get(&format!("{base}/login")).call());
-    assert_eq!(form.status(), 200);
-    let csp = form
-        .header("content-security-policy")
-        .expect("a CSP")
-        .to_owned();
-    assert!(csp.contains("default-src 'none'"), "{csp}");
-    assert!(form.into_string().expect("html").contains("name=\"token\""));
-    let agent_token = token(&farm.tmp.path().join("web-agent-1.token"));
-    for (bad, why) in [
-        ("sandoff_nonsense", "unknown, revoked or expired token"),
-        (agent_token.as_str(), "agent"),
-    ] {
-        let r = login(&farm, bad);
-        assert_eq!(r.status(), 401);
-        assert!(r.header("set-cookie").is_none());
-        assert!(r.into_string().expect("html").contains(why));
-    }
-    let r = login(&farm, &token(&farm.reader));
-    assert_eq!((r.status(), r.header("location")), (303, Some("/")));
-    let set = r.header("set-cookie").expect("cookie").to_owned();
-    for part in ["HttpOnly", "SameSite=Strict", "Path=/"] {
-        assert!(set.contains(part), "{set}");
-    }
-    let cookie = cookie_of(&r);
-    assert!(
-        !cookie.contains(&token(&farm.reader)),
-        "the cookie is a session id, not the token"
-    );
-    assert_eq!(get_with_cookie(&farm, "/ui/queue", &cookie).0, 200);
-    // The cookie opens the page only, never the APIs.
-    assert_eq!(get_with_cookie(&farm, "/client/v1/builds", &cookie).0, 401);
-    assert_eq!(
-        Farm::status(
-            "GET",
-            &format!("{base}/ui/agents"),
-            Some(&token(&farm.reader))
-        ),
-        200,
-        "a token in Authorization opens the page too"
-    );
-    let r = call(
-        http()
-            .post(&format!("{base}/logout"))
-            .set("Cookie", &cookie)
-            .call(),
-    );
-    assert_eq!((r.status(), r.header("location")), (303, Some("/login")));
-    assert_eq!(
-        get_with_cookie(&farm, "/", &cookie),
-        (303, "/login".to_owned()),
-        "logged out"
-    );
-    // Revoking a token ends its sessions.
-    let extra = String::from_utf8(support::run_ok(
-        &mut farm.client(&farm.admin, &["tokens", "new", "--role", "read"]),
-    ))
-    .expect("token")
-    .trim()
-    .to_owned();
-    let revoked_cookie = cookie_of(&login(&farm, &extra));
-    assert_eq!(get_with_cookie(&farm, "/", &revoked_cookie).0, 200);
-    let tokens: Value = serde_json::from_slice(&support::run_ok(
-        &mut farm.client(&farm.admin, &["tokens", "list", "--json"]),
-    ))
-    .expect("json");
-    let hash = {
-        use sha2::Digest;
-        let h = sha2::Sha256::digest(extra.as_bytes());
-        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
-    let id = tokens["tokens"]
-        .as_array()
-        .expect("tokens")
-        .iter()
-        .filter_map(|t| t["id"].as_str())
-        .find(|id| hash.starts_with(id))
-        .expect("listed")
-        .to_owned();
-    support::run_ok(&mut farm.client(&farm.admin, &["tokens", "revoke", &id]));
-    assert_eq!(
-        get_with_cookie(&farm, "/", &revoked_cookie),
-        (303, "/login".to_owned())
-    );
-    // A login code works once.
-    let url = login_url(&farm, "/ui/recent");
-    let r = call(http().get(&url).call());
-    assert_eq!(
-        (r.status(), r.header("location")),
-        (303, Some("/ui/recent"))
-    );
-    assert!(r.header("set-cookie").is_some());
-    let again = call(http().get(&url).call());
-    assert_eq!(again.header("location"), Some("/login"));
-    assert!(again.header("set-cookie").is_none());
-
     // The builds.
     farm.submit(&store, &[&ok, &fails, &unbuildable], &[]);
     farm.submit(
@@ -482,4 +381,175 @@ fn the_web_page_shows_queue_running_results_and_agents_in_headless_chromium() {
         String::from_utf8_lossy(&followed.stdout),
         "first-live-line\nsecond-live-line\n"
     );
+}
+
+/// The login rules over plain HTTP: every view redirects to the form
+/// without a login; bad, agent and revoked tokens are refused; the
+/// cookie is a session id that opens the page and never the APIs; logout
+/// and login codes.
+#[test]
+fn the_web_page_needs_a_login_and_its_cookie_opens_only_the_page() {
+    let farm = Farm::start(30);
+    let base = farm.client_url();
+    let r = call(http().get(&format!("{base}/")).call());
+    assert_eq!((r.status(), r.header("location")), (303, Some("/login")));
+    let r = call(http().get(&format!("{base}/ui/agents")).call());
+    assert_eq!(r.status(), 303, "every view needs a login");
+    let form = call(http().get(&format!("{base}/login")).call());
+    assert_eq!(form.status(), 200);
+    let csp = form
+        .header("content-security-policy")
+        .expect("a CSP")
+        .to_owned();
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(form.into_string().expect("html").contains("name=\"token\""));
+    let agent_token = String::from_utf8(support::run_ok(
+        &mut farm.client(&farm.admin, &["agents", "new", "web-agent-1"]),
+    ))
+    .expect("token")
+    .trim()
+    .to_owned();
+    for (bad, why) in [
+        ("sandoff_nonsense", "unknown, revoked or expired token"),
+        (agent_token.as_str(), "agent"),
+    ] {
+        let r = login(&farm, bad);
+        assert_eq!(r.status(), 401);
+        assert!(r.header("set-cookie").is_none());
+        assert!(r.into_string().expect("html").contains(why));
+    }
+    let r = login(&farm, &token(&farm.reader));
+    assert_eq!((r.status(), r.header("location")), (303, Some("/")));
+    let set = r.header("set-cookie").expect("cookie").to_owned();
+    for part in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(part), "{set}");
+    }
+    let cookie = cookie_of(&r);
+    assert!(
+        !cookie.contains(&token(&farm.reader)),
+        "the cookie is a session id, not the token"
+    );
+    assert_eq!(get_with_cookie(&farm, "/ui/queue", &cookie).0, 200);
+    // The cookie opens the page only, never the APIs.
+    assert_eq!(get_with_cookie(&farm, "/client/v1/builds", &cookie).0, 401);
+    assert_eq!(
+        Farm::status(
+            "GET",
+            &format!("{base}/ui/agents"),
+            Some(&token(&farm.reader))
+        ),
+        200,
+        "a token in Authorization opens the page too"
+    );
+    let r = call(
+        http()
+            .post(&format!("{base}/logout"))
+            .set("Cookie", &cookie)
+            .call(),
+    );
+    assert_eq!((r.status(), r.header("location")), (303, Some("/login")));
+    assert_eq!(
+        get_with_cookie(&farm, "/", &cookie),
+        (303, "/login".to_owned()),
+        "logged out"
+    );
+    // Revoking a token ends its sessions.
+    let extra = String::from_utf8(support::run_ok(
+        &mut farm.client(&farm.admin, &["tokens", "new", "--role", "read"]),
+    ))
+    .expect("token")
+    .trim()
+    .to_owned();
+    let revoked_cookie = cookie_of(&login(&farm, &extra));
+    assert_eq!(get_with_cookie(&farm, "/", &revoked_cookie).0, 200);
+    let tokens: Value = serde_json::from_slice(&support::run_ok(
+        &mut farm.client(&farm.admin, &["tokens", "list", "--json"]),
+    ))
+    .expect("json");
+    let hash = {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(extra.as_bytes());
+        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let id = tokens["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .filter_map(|t| t["id"].as_str())
+        .find(|id| hash.starts_with(id))
+        .expect("listed")
+        .to_owned();
+    support::run_ok(&mut farm.client(&farm.admin, &["tokens", "revoke", &id]));
+    assert_eq!(
+        get_with_cookie(&farm, "/", &revoked_cookie),
+        (303, "/login".to_owned())
+    );
+    // A login code works once.
+    let url = login_url(&farm, "/ui/recent");
+    let r = call(http().get(&url).call());
+    assert_eq!(
+        (r.status(), r.header("location")),
+        (303, Some("/ui/recent"))
+    );
+    assert!(r.header("set-cookie").is_some());
+    let again = call(http().get(&url).call());
+    assert_eq!(again.header("location"), Some("/login"));
+    assert!(again.header("set-cookie").is_none());
+}
+
+/// A build that prints a line, sleeps and prints another: the first line
+/// is read through the client API while it runs, and `builds log
+/// --follow` prints both and ends with the build.
+#[test]
+fn a_running_builds_log_is_read_while_it_runs_and_followed_to_its_end() {
+    let test = this_test!();
+    if !crate::build::ready(test) {
+        return;
+    }
+    let store = Store::new();
+    let slow = store.drv(
+        "live-log",
+        Spec {
+            script: "echo first-live-line\nsleep 20\necho second-live-line\necho done > $out\n",
+            ..Spec::default()
+        },
+    );
+    let mut farm = Farm::start(30);
+    farm.add_agent("a1", 1);
+    farm.submit(&store, &[&slow], &[]);
+    let builds = wait_for(&farm, "the build to run", |b| {
+        state_of(b, &slow) == "allocated"
+    });
+    let id = build_of(&builds, &slow).expect("build")["id"]
+        .as_i64()
+        .expect("id");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (text, complete) = log(&farm, id, 0);
+        if !text.is_empty() {
+            // The agent sends whole lines.
+            assert_eq!(text, "first-live-line\n");
+            assert!(!complete);
+            assert_eq!(state_of(&farm.builds(), &slow), "allocated");
+            assert_eq!(log(&farm, id, 6), ("live-line\n".to_owned(), false));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no live log");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let followed = support::run_ok(&mut farm.client(
+        &farm.reader,
+        &["builds", "log", "--follow", &id.to_string()],
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&followed),
+        "first-live-line\nsecond-live-line\n"
+    );
+    assert_eq!(
+        log(&farm, id, 0),
+        ("first-live-line\nsecond-live-line\n".to_owned(), true)
+    );
+    wait_for(&farm, "the build to succeed", |b| {
+        state_of(b, &slow) == "succeeded"
+    });
 }

@@ -472,7 +472,7 @@ mod tests {
     #[test]
     fn untrusted_strings_are_escaped_everywhere() {
         let b = record("/nix/store/00000000000000000000000000000000-x<script>.drv");
-        let html = recent(&[b.clone()], 10);
+        let html = recent(std::slice::from_ref(&b), 10);
         assert!(!html.contains("<script>"), "{html}");
         assert!(!html.contains("<b>"), "{html}");
         assert!(
