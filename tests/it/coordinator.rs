@@ -536,6 +536,8 @@ fn bad_tokens_are_refused_on_every_endpoint() {
         ("POST", "/client/v1/builds"),
         ("GET", "/client/v1/builds"),
         ("GET", "/client/v1/builds/1"),
+        ("GET", "/client/v1/builds/1/log"),
+        ("POST", "/client/v1/ui-login-codes"),
         ("POST", "/client/v1/builds/1/cancel"),
         ("POST", "/client/v1/builds/1/priority"),
         ("GET", "/client/v1/agents"),
@@ -564,6 +566,7 @@ fn bad_tokens_are_refused_on_every_endpoint() {
         ("HEAD", "/agent/v1/builds/1/outputs/out"),
         ("PUT", "/agent/v1/builds/1/outputs/out"),
         ("PUT", "/agent/v1/builds/1/log"),
+        ("POST", "/agent/v1/builds/1/log"),
         ("POST", "/agent/v1/builds/1/result"),
         ("GET", "/cache/nix-cache-info"),
     ];

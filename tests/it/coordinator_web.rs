@@ -441,6 +441,16 @@ fn the_web_page_needs_a_login_and_its_cookie_opens_only_the_page() {
         200,
         "a token in Authorization opens the page too"
     );
+    let wrong = "sandoff_0000000000000000000000000000000000000000000000000000000000000000";
+    assert_eq!(
+        Farm::status("GET", &format!("{base}/ui/queue"), Some(wrong)),
+        401
+    );
+    assert_eq!(
+        Farm::status("GET", &format!("{base}/ui/queue"), Some(&agent_token)),
+        403,
+        "an agent's token does not open the page"
+    );
     let r = call(
         http()
             .post(&format!("{base}/logout"))
