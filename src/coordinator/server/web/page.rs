@@ -197,7 +197,11 @@ pub(crate) fn queue(builds: &[Queued], now: i64) -> String {
             (None, n, ..) if n > 0 => format!("{n} build(s) it depends on"),
             (None, _, Some(t), _) if t > now => format!("deferred until {}", utc(t)),
             (None, _, _, Some(t)) if t > now => {
-                format!("retry {} after attempt {}", utc(t), b.attempts)
+                format!(
+                    "retry at {} UTC after {} infrastructure failure(s)",
+                    utc(t),
+                    b.attempts
+                )
             }
             _ => "a free agent slot".to_owned(),
         };
@@ -383,7 +387,7 @@ pub(crate) fn build(p: &BuildPage<'_>, now: i64) -> String {
     if let Some(t) = b.finished_at {
         row("Finished", format!("{} UTC", utc(t)));
     }
-    row("Attempts", b.attempts.to_string());
+    row("Infrastructure failures", b.attempts.to_string());
     if !p.dependencies.is_empty() {
         let deps: Vec<String> = p
             .dependencies
