@@ -2,7 +2,8 @@
 //! inputs from the coordinator's cache (every narinfo signed by the
 //! coordinator's key, every NAR hash checked), builds each with sandoff's
 //! own sandbox ([`crate::build::realise_one`], as `sandoff build` and
-//! `sandoff serve` do), and sends back the log and the outputs as
+//! `sandoff serve` do), streams the log while the build runs (the new
+//! lines about every second), and sends back the log and the outputs as
 //! zstd-compressed NARs (spooled to disk first, so a broken upload resumes
 //! from the byte the coordinator holds).
 //!

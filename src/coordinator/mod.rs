@@ -16,12 +16,14 @@
 //! - [`substitute`]: fetching a closure from such a cache into a local
 //!   store, checking every signature and hash (agents use it for inputs).
 //! - [`server`]: the coordinator process: the agent and client HTTP APIs
-//!   (axum on tokio, TLS with rustls), authentication, the lease reaper.
+//!   (axum on tokio, TLS with rustls), authentication, the lease reaper,
+//!   live build logs and the read-only web page.
 //! - [`api`]: the JSON bodies of both APIs, shared by server and client.
 //! - [`client`]: the HTTP client both the CLI and agents use.
 //! - [`submit`]: the client side of a submission (uploads, then builds).
 //! - [`agent`]: the agent loop: lease builds, fetch inputs, build them with
-//!   sandoff's own sandbox, upload log and outputs, report.
+//!   sandoff's own sandbox (streaming the log as it grows), upload log and
+//!   outputs, report.
 
 pub mod agent;
 pub mod api;

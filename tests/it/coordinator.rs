@@ -718,7 +718,10 @@ fn an_upload_cut_in_the_middle_resumes_and_a_tampered_nar_is_refused() {
 #[test]
 fn with_a_certificate_both_apis_speak_tls_and_clients_check_it() {
     let test = this_test!();
-    if !support::require(test, &[Need::Root, Need::Program("openssl")]) {
+    if !support::require(
+        test,
+        &[Need::Root, Need::Program("openssl"), Need::Program("curl")],
+    ) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -812,6 +815,20 @@ fn with_a_certificate_both_apis_speak_tls_and_clients_check_it() {
         "{}",
         text(&untrusted.stderr)
     );
+    // Over TLS, the web page's session cookie is `Secure`.
+    let headers = support::run_ok(
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-D", "-", "--cacert"])
+            .arg(&cert)
+            .args(["--data-urlencode", &format!("token={}", token.trim())])
+            .arg(format!("{url}/login")),
+    );
+    let set_cookie = text(&headers)
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {}", text(&headers)))
+        .to_owned();
+    assert!(set_cookie.contains("; Secure"), "{set_cookie}");
     // Plain HTTP to the TLS port gets nothing.
     let plain = url.replace("https://", "http://");
     let agent = ureq::AgentBuilder::new()
