@@ -9,6 +9,7 @@
 //!
 //! Needs what the coordinator tests need, and `chromium` for the page.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -197,7 +198,10 @@ fn screenshot(farm: &Farm, name: &str, url: &str) {
     std::fs::create_dir_all(&dir).expect("mkdir");
     let kept = dir.join(format!("{name}.png"));
     std::fs::copy(&file, &kept).expect("copy");
-    eprintln!(
+    // Past the harness's capture (as `support::require` does), so that
+    // the test's output lists the screenshots.
+    let _ = writeln!(
+        std::io::stderr(),
         "screenshot {name}: {} ({} bytes)",
         kept.display(),
         png.len()
