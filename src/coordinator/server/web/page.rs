@@ -434,12 +434,13 @@ pub(crate) fn build(p: &BuildPage<'_>, now: i64) -> String {
 /// appends new text (as text, never HTML), counts its polls in
 /// `data-polls` (which shows that it runs under the page's policy), and
 /// reloads the page once the log is complete so that the build's final
-/// state shows.
+/// state shows, or when the session ended (the log request was redirected
+/// to the login form, which is not log text).
 pub(crate) const FOLLOW_LOG: &str = r#"(function(){
 var pre=document.getElementById('log');if(!pre||pre.dataset.complete==='true')return;
 var next=pre.dataset.next;
 function poll(){fetch(pre.dataset.src+'?offset='+next,{credentials:'same-origin',cache:'no-store'})
-.then(function(r){if(!r.ok)throw new Error(r.status);var n=r.headers.get('upload-offset');var done=r.headers.get('log-complete')==='true';
+.then(function(r){if(r.redirected){location.reload();return;}if(!r.ok)throw new Error(r.status);var n=r.headers.get('upload-offset');var done=r.headers.get('log-complete')==='true';
 return r.text().then(function(t){if(t){var end=pre.scrollTop+pre.clientHeight>=pre.scrollHeight-4;pre.appendChild(document.createTextNode(t));if(end)pre.scrollTop=pre.scrollHeight;}
 if(n)next=n;pre.dataset.polls=(+(pre.dataset.polls||0)+1);if(done){location.reload();}else{setTimeout(poll,1000);}});})
 .catch(function(){setTimeout(poll,5000);});}
