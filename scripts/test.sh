@@ -4,11 +4,12 @@
 # Guile (the oracle for machines.scm), OpenSSL headers (for libssh2), sshd and
 # iproute2 (test build hosts, some in network namespaces), openssl (a test
 # certificate for the coordinator), gcc and libc6-dev
-# (static probes compiled for the sandbox tests).
+# (static probes compiled for the sandbox tests), chromium (headless, for the
+# coordinator's web page).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nix-bin busybox-static sqlite3 pkg-config libssl-dev openssl jq guile-3.0 openssh-server iproute2 gcc libc6-dev tmux curl bc)
+packages=(nix-bin busybox-static sqlite3 pkg-config libssl-dev openssl jq guile-3.0 openssh-server iproute2 gcc libc6-dev tmux curl bc chromium)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${packages[@]}"; do

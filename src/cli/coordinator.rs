@@ -240,11 +240,14 @@ enum BuildsCommand {
         #[arg(allow_negative_numbers = true)]
         priority: i64,
     },
-    /// Print a build's log.
+    /// Print a build's log (while it runs, what the agent has sent so far).
     Log {
         #[command(flatten)]
         connect: ConnectArgs,
         id: String,
+        /// Keep printing the log as it grows until the build ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
 }
 
@@ -639,18 +642,29 @@ fn builds(c: BuildsCommand) -> anyhow::Result<ExitCode> {
                 print_build_line(&b);
             }
         }
-        BuildsCommand::Log { connect, id } => {
+        BuildsCommand::Log {
+            connect,
+            id,
+            follow,
+        } => {
             let client = connect.client()?;
-            let d: BuildDetail = client.get(&format!("/client/v1/builds/{}", urlencode(&id)))?;
-            let name = d
-                .build
-                .drv
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            let log = client.get_bytes(&format!("/cache/log/{name}"), 1 << 30)?;
-            std::io::stdout().write_all(&sandoff::termsafe::filter(&log).into_bytes())?;
+            let id = urlencode(&id);
+            let mut offset = 0;
+            let mut out = std::io::stdout();
+            loop {
+                let chunk = client.build_log(&id, offset)?;
+                out.write_all(&sandoff::termsafe::filter(&chunk.bytes).into_bytes())?;
+                out.flush()?;
+                let progressed = chunk.next > offset;
+                offset = chunk.next;
+                if chunk.complete || (!follow && !progressed) {
+                    break;
+                }
+                if !progressed {
+                    // The agent sends a running build's log about every second.
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -2,7 +2,8 @@
 //! inputs from the coordinator's cache (every narinfo signed by the
 //! coordinator's key, every NAR hash checked), builds each with sandoff's
 //! own sandbox ([`crate::build::realise_one`], as `sandoff build` and
-//! `sandoff serve` do), and sends back the log and the outputs as
+//! `sandoff serve` do), streams the log while the build runs (the new
+//! lines about every second), and sends back the log and the outputs as
 //! zstd-compressed NARs (spooled to disk first, so a broken upload resumes
 //! from the byte the coordinator holds).
 //!
@@ -314,12 +315,15 @@ fn do_job(
     // inputs are resolved, their derivations are not needed here.
     drv.input_derivations.clear();
     drv.input_sources = inputs;
-    let (log, outcome) = build_logged(ctx, &drv_path, &drv, config.max_log_bytes);
+    let log_path = format!("/agent/v1/builds/{id}/log");
+    let mut send = |offset: u64, bytes: &[u8]| client.append_bytes(&log_path, offset, bytes);
+    let (log, outcome) = build_logged(ctx, &drv_path, &drv, config.max_log_bytes, &mut send);
     if lost.load(Ordering::Relaxed) {
         return Ok(None);
     }
-    // The log goes first: a failure's log is what its user reads.
-    if let Err(e) = client.put_bytes(&format!("/agent/v1/builds/{id}/log"), &log) {
+    // The log goes first: a failure's log is what its user reads. The
+    // whole of it replaces the live one (which may have missed a part).
+    if let Err(e) = client.put_bytes(&log_path, &log) {
         tracing::warn!(build = %id, "sending the log: {e}");
     }
     if let Err(e) = outcome {
@@ -347,35 +351,114 @@ fn do_job(
     Ok(Some(claims))
 }
 
-/// Builds `drv`, collecting its log (at most `max` bytes kept).
+/// How often a running build's new log lines are sent.
+const LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Appends a live log's new part at an offset; answers the size the
+/// coordinator holds (the agent's [`Client::append_bytes`], a recorder in
+/// tests).
+type SendLog<'a> = dyn FnMut(u64, &[u8]) -> Result<u64, ClientError> + Send + 'a;
+
+/// The log of a running build as it grows, and whether the build ended.
+#[derive(Default)]
+struct LiveLog {
+    bytes: Vec<u8>,
+    done: bool,
+}
+
+/// Builds `drv`, collecting its log (at most `max` bytes kept) and sending
+/// what is new of it through `send` every [`LOG_EVERY`], so that clients
+/// can follow a running build.
 fn build_logged(
     ctx: &BuildContext<'_>,
     drv_path: &StorePath,
     drv: &Derivation,
     max: u64,
+    send: &mut SendLog<'_>,
 ) -> (
     Vec<u8>,
     Result<build::local::StepOutcome, build::BuildError>,
 ) {
-    std::thread::scope(|s| {
+    let live = (Mutex::new(LiveLog::default()), Condvar::new());
+    let outcome = std::thread::scope(|s| {
         let (tx, rx) = mpsc::channel::<Event>();
-        let collect = s.spawn(move || {
-            let mut log = Vec::new();
+        let live = &live;
+        s.spawn(move || {
             for event in rx {
                 if let Event::Log { line, .. } = event {
-                    if ((log.len() + line.len()) as u64) < max {
-                        log.extend_from_slice(&line);
-                        log.push(b'\n');
-                    }
+                    append_line(live, &line, max);
                 }
             }
-            log
+            finish(live);
         });
+        s.spawn(move || stream_log(live, send, LOG_EVERY));
         let outcome = build::local::realise_one(ctx, drv_path, drv, &tx);
         drop(tx);
-        let log = collect.join().unwrap_or_default();
-        (log, outcome)
-    })
+        outcome
+    });
+    let log = live.0.into_inner().unwrap_or_else(|e| e.into_inner()).bytes;
+    (log, outcome)
+}
+
+/// Adds a line to the live log unless it would pass `max` bytes.
+fn append_line(live: &(Mutex<LiveLog>, Condvar), line: &[u8], max: u64) {
+    let mut l = live.0.lock().expect("no log thread panics holding it");
+    if ((l.bytes.len() + line.len()) as u64) < max {
+        l.bytes.extend_from_slice(line);
+        l.bytes.push(b'\n');
+    }
+}
+
+/// Marks the live log complete and wakes the sender.
+fn finish(live: &(Mutex<LiveLog>, Condvar)) {
+    live.0.lock().expect("no log thread panics holding it").done = true;
+    live.1.notify_all();
+}
+
+/// Sends the new part of the live log every `every` until it is complete.
+/// The first call (empty) starts a fresh live log on the coordinator, so
+/// that a log of an earlier attempt is not shown as this one's. A refused
+/// append (an offset the coordinator disagrees with, a lease it no longer
+/// knows) stops the streaming, as does a failed first one: the complete log
+/// is sent at the end anyway. A transient failure later is tried again.
+fn stream_log(live: &(Mutex<LiveLog>, Condvar), send: &mut SendLog<'_>, every: Duration) {
+    let mut sent: u64 = 0;
+    let mut first = true;
+    loop {
+        let (chunk, done) = {
+            let l = live.0.lock().expect("no log thread panics holding it");
+            let l = if first || l.done {
+                l
+            } else {
+                live.1
+                    .wait_timeout(l, every)
+                    .expect("no log thread panics holding it")
+                    .0
+            };
+            let start = (sent as usize).min(l.bytes.len());
+            (l.bytes[start..].to_vec(), l.done)
+        };
+        if first || !chunk.is_empty() {
+            match send(sent, &chunk) {
+                Ok(n) => sent = n,
+                // The coordinator restarts or the network hiccups: the
+                // same part goes again next time.
+                Err(e) if e.is_transient() && !first => {
+                    tracing::debug!("sending the live log: {e}; trying again");
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "sending the live log: {e}; the log is sent when the build ends"
+                    );
+                    return;
+                }
+            }
+            first = false;
+        }
+        if done {
+            return;
+        }
+    }
 }
 
 /// Whether a failure is the derivation's (final) rather than this
@@ -447,5 +530,70 @@ impl<W: Write> Write for Tee<'_, W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A live log is sent in contiguous parts from offset 0, and the last part is sent once the log is complete.
+    #[test]
+    fn live_log_is_sent_in_contiguous_parts_until_complete() {
+        let live = (Mutex::new(LiveLog::default()), Condvar::new());
+        let sent: Mutex<Vec<(u64, Vec<u8>)>> = Mutex::new(Vec::new());
+        let mut send = |offset: u64, bytes: &[u8]| -> Result<u64, ClientError> {
+            sent.lock().unwrap().push((offset, bytes.to_vec()));
+            Ok(offset + bytes.len() as u64)
+        };
+        std::thread::scope(|s| {
+            let live = &live;
+            let send = &mut send;
+            s.spawn(move || stream_log(live, send, Duration::from_millis(5)));
+            for i in 0..50 {
+                append_line(live, format!("line {i}").as_bytes(), 1 << 20);
+                if i % 10 == 0 {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            finish(live);
+        });
+        let sent = sent.into_inner().unwrap();
+        // The first part (at once, whatever the log holds) starts a fresh
+        // live log at offset 0.
+        assert_eq!(sent[0].0, 0);
+        let mut whole = Vec::new();
+        for (offset, bytes) in &sent {
+            assert_eq!(*offset, whole.len() as u64, "parts are contiguous");
+            whole.extend_from_slice(bytes);
+        }
+        let expected: String = (0..50).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(String::from_utf8(whole).unwrap(), expected);
+    }
+
+    /// A refused append stops the streaming (the whole log goes at the end).
+    #[test]
+    fn a_refused_append_stops_the_live_log() {
+        let live = (Mutex::new(LiveLog::default()), Condvar::new());
+        let mut calls = 0;
+        let mut send = |_: u64, _: &[u8]| -> Result<u64, ClientError> {
+            calls += 1;
+            Err(ClientError::Http {
+                url: "x".into(),
+                status: 409,
+                message: "not leased".into(),
+            })
+        };
+        append_line(&live, b"a", 100);
+        stream_log(&live, &mut send, Duration::from_millis(1));
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn the_live_log_keeps_at_most_max_bytes() {
+        let live = (Mutex::new(LiveLog::default()), Condvar::new());
+        append_line(&live, b"12345", 8);
+        append_line(&live, b"67890", 8);
+        assert_eq!(live.0.lock().unwrap().bytes, b"12345\n");
     }
 }

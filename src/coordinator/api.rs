@@ -17,6 +17,11 @@ use super::model::{
 /// where the body starts.
 pub const UPLOAD_OFFSET: &str = "upload-offset";
 
+/// The header of a log answer (`GET /client/v1/builds/{id}/log`) that says
+/// whether the log is whole (`true`) or may still grow (`false`); its
+/// `Upload-Offset` says where the next request starts.
+pub const LOG_COMPLETE: &str = "log-complete";
+
 /// A build leased to an agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
@@ -174,6 +179,18 @@ pub struct IssuedToken {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenList {
     pub tokens: Vec<TokenRecord>,
+}
+
+/// `POST /client/v1/ui-login-codes`: a one-time code that gives a browser
+/// a session of the web page (for scripts that open the page for a user).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UiLoginCode {
+    pub code: String,
+    /// Where a browser opens it, below the client API's URL
+    /// (`/ui/session/<code>`).
+    pub path: String,
+    /// Seconds it can be used in, once.
+    pub expires_in: i64,
 }
 
 /// Every error answer: `{"error": "one line"}`.

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
-use super::api::{ErrorBody, UPLOAD_OFFSET};
+use super::api::{ErrorBody, LOG_COMPLETE, UPLOAD_OFFSET};
 
 /// The largest JSON answer read (a list of 100,000 builds fits).
 const MAX_JSON: u64 = 256 << 20;
@@ -207,6 +207,39 @@ impl Client {
         answer(&url, req.send_bytes(body)).map(drop)
     }
 
+    /// `POST` raw bytes to be appended at `offset` (the `Upload-Offset`
+    /// header, as for uploads): a live log's new part. Returns the size the
+    /// coordinator now holds.
+    pub fn append_bytes(&self, path: &str, offset: u64, body: &[u8]) -> Result<u64, ClientError> {
+        let (url, req) = self.request("POST", path);
+        let req = req
+            .set(UPLOAD_OFFSET, &offset.to_string())
+            .set("Content-Type", "application/octet-stream");
+        let res = answer(&url, req.send_bytes(body))?;
+        Ok(res
+            .header(UPLOAD_OFFSET)
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(offset + body.len() as u64))
+    }
+
+    /// Build `id`'s log from `offset` (`GET /client/v1/builds/{id}/log`):
+    /// while the build runs, what the agent has sent so far.
+    pub fn build_log(&self, id: &str, offset: u64) -> Result<LogChunk, ClientError> {
+        let path = format!("/client/v1/builds/{id}/log?offset={offset}");
+        let (url, req) = self.request("GET", &path);
+        let res = answer(&url, req.call())?;
+        let next = res
+            .header(UPLOAD_OFFSET)
+            .and_then(|v| v.trim().parse().ok());
+        let complete = res.header(LOG_COMPLETE) == Some("true");
+        let bytes = read_limited(&url, res, MAX_LOG_PART)?;
+        Ok(LogChunk {
+            next: next.unwrap_or(offset + bytes.len() as u64),
+            bytes,
+            complete,
+        })
+    }
+
     /// How many bytes of the upload at `path` the coordinator holds.
     pub fn upload_offset(&self, path: &str) -> Result<u64, ClientError> {
         let (url, req) = self.request("HEAD", path);
@@ -261,6 +294,19 @@ impl Client {
             }
         }
     }
+}
+
+/// The most bytes one log answer carries (the server sends at most 1 MiB).
+const MAX_LOG_PART: u64 = 4 << 20;
+
+/// A part of a build's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogChunk {
+    pub bytes: Vec<u8>,
+    /// Where the next part starts.
+    pub next: u64,
+    /// The build ended and its log is whole: no more parts will come.
+    pub complete: bool,
 }
 
 fn send_json<B: Serialize>(

@@ -18,14 +18,15 @@
 //! - [`server`]: the coordinator process: the agent and client HTTP APIs
 //!   (axum on tokio, TLS with rustls), authentication, the lease reaper;
 //!   hooks and the live event stream over the datastore's event outbox,
-//!   Prometheus metrics.
+//!   Prometheus metrics, live build logs and the read-only web page.
 //! - [`api`]: the JSON bodies of both APIs, shared by server and client.
 //! - [`client`]: the HTTP client both the CLI and agents use.
 //! - [`submit`]: the client side of a submission (uploads, then builds).
 //! - [`workers`]: SSH machines (Nix `machines`, Guix `machines.scm`) as
 //!   agentless workers: an in-process agent per machine that offloads.
 //! - [`agent`]: the agent loop: lease builds, fetch inputs, build them with
-//!   sandoff's own sandbox, upload log and outputs, report.
+//!   sandoff's own sandbox (streaming the log as it grows), upload log and
+//!   outputs, report.
 
 pub mod agent;
 pub mod api;

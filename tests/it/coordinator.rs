@@ -562,6 +562,8 @@ fn bad_tokens_are_refused_on_every_endpoint() {
         ("POST", "/client/v1/builds"),
         ("GET", "/client/v1/builds"),
         ("GET", "/client/v1/builds/1"),
+        ("GET", "/client/v1/builds/1/log"),
+        ("POST", "/client/v1/ui-login-codes"),
         ("POST", "/client/v1/builds/1/cancel"),
         ("POST", "/client/v1/builds/1/priority"),
         ("GET", "/client/v1/agents"),
@@ -592,6 +594,7 @@ fn bad_tokens_are_refused_on_every_endpoint() {
         ("HEAD", "/agent/v1/builds/1/outputs/out"),
         ("PUT", "/agent/v1/builds/1/outputs/out"),
         ("PUT", "/agent/v1/builds/1/log"),
+        ("POST", "/agent/v1/builds/1/log"),
         ("POST", "/agent/v1/builds/1/result"),
         ("GET", "/metrics"),
         ("GET", "/cache/nix-cache-info"),
@@ -744,7 +747,10 @@ fn an_upload_cut_in_the_middle_resumes_and_a_tampered_nar_is_refused() {
 #[test]
 fn with_a_certificate_both_apis_speak_tls_and_clients_check_it() {
     let test = this_test!();
-    if !support::require(test, &[Need::Root, Need::Program("openssl")]) {
+    if !support::require(
+        test,
+        &[Need::Root, Need::Program("openssl"), Need::Program("curl")],
+    ) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -838,6 +844,20 @@ fn with_a_certificate_both_apis_speak_tls_and_clients_check_it() {
         "{}",
         text(&untrusted.stderr)
     );
+    // Over TLS, the web page's session cookie is `Secure`.
+    let headers = support::run_ok(
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-D", "-", "--cacert"])
+            .arg(&cert)
+            .args(["--data-urlencode", &format!("token={}", token.trim())])
+            .arg(format!("{url}/login")),
+    );
+    let set_cookie = text(&headers)
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {}", text(&headers)))
+        .to_owned();
+    assert!(set_cookie.contains("; Secure"), "{set_cookie}");
     // Plain HTTP to the TLS port gets nothing.
     let plain = url.replace("https://", "http://");
     let agent = ureq::AgentBuilder::new()

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
+use super::live_log;
 use super::uploads::{append_body, offset_answer, requested_offset};
 use super::{blocking, now, AgentToken, ApiError, App, Inner};
 use crate::coordinator::api::{BuildResult, Heartbeat, HeartbeatAnswer, Job, Jobs, OutputClaim};
@@ -36,7 +37,7 @@ pub(super) fn router() -> Router<App> {
             "/agent/v1/builds/{id}/outputs/{output}",
             put(put_output).head(head_output),
         )
-        .route("/agent/v1/builds/{id}/log", put(put_log))
+        .route("/agent/v1/builds/{id}/log", put(put_log).post(append_log))
         .route("/agent/v1/builds/{id}/result", post(result))
 }
 
@@ -243,7 +244,36 @@ async fn put_log(
     })
     .await?;
     super::uploads::write_log(&app, drv, body).await?;
+    // The whole log replaces the live one.
+    blocking(&app, move |a| {
+        Ok(a.cache.discard(&live_log::upload_id(id))?)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Appends the new part of a running build's log at `Upload-Offset`; an
+/// offset of 0 starts the live log afresh (a new attempt of the build).
+async fn append_log(
+    State(app): State<App>,
+    AgentToken(agent): AgentToken,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = build_id(&id)?;
+    let offset = requested_offset(&headers)?;
+    let upload = live_log::upload_id(id);
+    let fresh = upload.clone();
+    blocking(&app, move |a| {
+        leased(a, &agent, id)?;
+        if offset == 0 {
+            a.cache.discard(&fresh)?;
+        }
+        Ok(())
+    })
+    .await?;
+    append_body(&app, upload, offset, body).await
 }
 
 async fn result(

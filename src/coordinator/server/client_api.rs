@@ -7,18 +7,19 @@ use std::collections::BTreeSet;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::auth::{hash_token, new_token};
+use super::live_log;
 use super::uploads::{append_body, offset_answer, requested_offset};
 use super::{blocking, now, AdminToken, ApiError, App, Inner, ReadToken, SubmitToken};
 use crate::coordinator::api::{
     AgentList, BuildDetail, BuildList, Canceled, FinishUpload, IssuedToken, NewAgent, NewToken,
-    Paths, SetPriority, Submit, SubmitAnswer, TokenList, UploadKind,
+    Paths, SetPriority, Submit, SubmitAnswer, TokenList, UploadKind, LOG_COMPLETE,
 };
 use crate::coordinator::cache::{Claim, ClaimKind, UploadId};
 use crate::coordinator::datastore::BuildFilter;
@@ -36,6 +37,7 @@ pub(super) fn router() -> Router<App> {
         .route("/client/v1/uploads/{name}/finish", post(finish_upload))
         .route("/client/v1/builds", post(submit).get(list_builds))
         .route("/client/v1/builds/{id}", get(show_build))
+        .route("/client/v1/builds/{id}/log", get(build_log))
         .route("/client/v1/builds/{id}/cancel", post(cancel))
         .route("/client/v1/builds/{id}/priority", post(set_priority))
         .route("/client/v1/agents", get(list_agents).post(new_agent))
@@ -275,6 +277,55 @@ async fn show_build(
     .await
 }
 
+#[derive(Debug, Deserialize)]
+pub(super) struct LogQuery {
+    /// Where to start (0 when absent).
+    pub(super) offset: Option<u64>,
+}
+
+/// The bytes of a build's log from `offset` (the live log while the build
+/// runs): `Upload-Offset` says where the next request starts,
+/// `Log-Complete` (`true`/`false`) whether more will come.
+async fn build_log(
+    State(app): State<App>,
+    _: ReadToken,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
+    let id = build_id(&id)?;
+    log_answer(&app, id, q.offset.unwrap_or(0)).await
+}
+
+/// A log part as an answer (for the client API and the web page).
+pub(super) async fn log_answer(app: &App, id: BuildId, offset: u64) -> Result<Response, ApiError> {
+    let part = blocking(app, move |a| {
+        let build = a.ds.build(id)?;
+        live_log::read(a, &build, offset, live_log::MAX_PART)
+    })
+    .await?;
+    let mut r = offset_answer(StatusCode::OK, part.next);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    // Same-origin with the web page: never to be taken for HTML.
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; sandbox"),
+    );
+    h.insert(
+        LOG_COMPLETE,
+        HeaderValue::from_static(if part.complete { "true" } else { "false" }),
+    );
+    *r.body_mut() = Body::from(part.bytes);
+    Ok(r)
+}
+
 /// Why no enabled agent can do this derivation, if none can: the same
 /// rule as allocation (a system it offers, or `builtin`; every required
 /// feature among its features).
@@ -282,13 +333,20 @@ fn unbuildable(
     a: &Inner,
     drv: &crate::coordinator::model::DrvRecord,
 ) -> Result<Option<String>, ApiError> {
-    let agents = a.ds.agents()?;
+    Ok(unbuildable_among(&a.ds.agents()?, drv))
+}
+
+/// [`unbuildable`] among `agents`.
+pub(super) fn unbuildable_among(
+    agents: &[crate::coordinator::model::AgentRecord],
+    drv: &crate::coordinator::model::DrvRecord,
+) -> Option<String> {
     let able = agents.iter().filter(|ag| ag.enabled).any(|ag| {
         (drv.system == "builtin" || ag.systems.contains(&drv.system))
             && drv.required_features.is_subset(&ag.features)
     });
     if able {
-        return Ok(None);
+        return None;
     }
     let features = if drv.required_features.is_empty() {
         String::new()
@@ -296,10 +354,10 @@ fn unbuildable(
         let f: Vec<&str> = drv.required_features.iter().map(String::as_str).collect();
         format!(" with features {}", f.join(", "))
     };
-    Ok(Some(format!(
+    Some(format!(
         "no enabled agent builds {}{features} (agents tell their systems and features when they ask for work)",
         drv.system
-    )))
+    ))
 }
 
 async fn cancel(

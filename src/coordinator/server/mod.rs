@@ -6,6 +6,8 @@
 //! - the **client API** (`/client/v1/…`, default `127.0.0.1:8746`):
 //!   uploads of `.drv` files and sources, submissions, queries, agents and
 //!   tokens;
+//! - the **web page** (`/`, `/ui/…`, `/login`) on the client listener,
+//!   read-only (see [`web`]);
 //! - the **cache** (`/cache/…`) on both: the binary cache under
 //!   `--cache-dir`, for agents' inputs and for Nix (`substituters =
 //!   http://…/cache`, the token as the password of a `netrc-file` entry).
@@ -25,9 +27,11 @@ mod cache_http;
 mod client_api;
 mod events_http;
 pub mod hooks;
+mod live_log;
 pub mod metrics;
 mod tls;
 mod uploads;
+mod web;
 
 use std::io;
 use std::net::SocketAddr;
@@ -108,6 +112,8 @@ pub(crate) struct Inner {
     /// Bumped after writes that may have added events, to wake the hooks
     /// and the event streams (which also poll, should one be missed).
     pub(crate) wake: tokio::sync::watch::Sender<u64>,
+    /// Browser sessions of the web page.
+    pub(crate) sessions: web::session::Sessions,
 }
 
 impl Inner {
@@ -153,6 +159,7 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
         lease_secs,
         max_upload_bytes,
     };
+    let sessions = web::session::Sessions::new(tls.is_some());
     let app: App = tokio::task::spawn_blocking(move || -> Result<App, ServerError> {
         let ds = super::datastore::open(&datastore, retry)?;
         let cache = Cache::open(&cache_dir, store_dir.clone(), key)?;
@@ -165,6 +172,7 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
             info,
             public_metrics,
             wake: tokio::sync::watch::channel(0).0,
+            sessions,
         }))
     })
     .await
@@ -190,11 +198,14 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
         .merge(metrics::router())
         .route_layer(guard())
         .with_state(app.clone());
+    // The web page has its own guard, which also takes a session cookie.
     let client_router = client_api::router()
+        .merge(web::api_router())
         .merge(cache_http::router())
         .merge(events_http::router())
         .merge(metrics::router())
         .route_layer(guard())
+        .merge(web::router(app.clone()))
         .with_state(app.clone());
     tokio::spawn(reap_leases(app.clone()));
     hooks::start(&app, hooks);
