@@ -86,7 +86,7 @@ enum Command {
     NixBuildHook(cli::nix_hook::NixHookArgs),
     /// Run a build coordinator (a persistent queue, agents that dial in, a
     /// binary cache of the results), or talk to one.
-    Coordinator(cli::coordinator::CoordinatorArgs),
+    Coordinator(Box<cli::coordinator::CoordinatorArgs>),
     /// Build what a coordinator hands out, in this machine's sandbox.
     Agent(cli::coordinator::AgentArgs),
     /// The helper that `builtin:fetchurl` builds run as the build user.
@@ -204,7 +204,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::NixBuildHook(c) => cli::nix_hook::run(c, &|root| {
             flags.location(Some(root), Some(cli::DaemonStore::Nix))
         }),
-        Command::Coordinator(c) => cli::coordinator::run(c, &loc),
+        Command::Coordinator(c) => cli::coordinator::run(*c, &loc),
         Command::Agent(c) => cli::coordinator::run_agent(c, &loc),
         Command::BuiltinFetchurl(c) => cli::builtin::run(c),
     }

@@ -40,7 +40,7 @@ pub enum WorkerError {
     Store {
         machine: String,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("worker for '{machine}': {source}")]
     Keys {
@@ -52,7 +52,7 @@ pub enum WorkerError {
     Offload {
         machine: String,
         #[source]
-        source: OffloadError,
+        source: Box<OffloadError>,
     },
     #[error("worker for '{machine}': {source}")]
     Client {
@@ -116,7 +116,7 @@ pub fn run(w: Worker, stop: &AtomicBool) -> Result<(), WorkerError> {
     let store =
         crate::derivation::check::open_store(loc.clone()).map_err(|source| WorkerError::Store {
             machine: machine.clone(),
-            source,
+            source: Box::new(source),
         })?;
     let keys_err = |source| WorkerError::Keys {
         machine: machine.clone(),
@@ -133,7 +133,7 @@ pub fn run(w: Worker, stop: &AtomicBool) -> Result<(), WorkerError> {
         Offloader::new(&loc, vec![w.machine.clone()], jobs, w.ssh.clone()).map_err(|source| {
             WorkerError::Offload {
                 machine: machine.clone(),
-                source,
+                source: Box::new(source),
             }
         })?;
     let mut local = LocalFacts::detect();
@@ -184,6 +184,14 @@ pub fn run(w: Worker, stop: &AtomicBool) -> Result<(), WorkerError> {
     agent::run(&config, &ctx, stop).map_err(|source| WorkerError::Agent { machine, source })
 }
 
+/// Where the workers keep their stores by default: next to the cache.
+pub fn default_root(cache_dir: &Path) -> PathBuf {
+    cache_dir
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join("ssh-workers")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,12 +212,4 @@ mod tests {
             assert_eq!(agent_name(&ms[0]), name);
         }
     }
-}
-
-/// Where the workers keep their stores by default: next to the cache.
-pub fn default_root(cache_dir: &Path) -> PathBuf {
-    cache_dir
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .join("ssh-workers")
 }
