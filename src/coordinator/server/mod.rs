@@ -499,7 +499,7 @@ fn client_role(parts: &Parts, role: Role) -> Result<(), ApiError> {
             has.as_str()
         ))),
         Principal::Agent { .. } => Err(ApiError::forbidden(
-            "this is the client API; an agent token cannot use it",
+            "this needs a client token (an agent token is for the agent API only)",
         )),
     }
 }
