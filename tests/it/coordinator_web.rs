@@ -229,7 +229,10 @@ fn the_web_page_shows_queue_running_results_and_agents_in_headless_chromium() {
     let tagged = plain("web-tagged", "echo tagged > $out\n");
     let slow = plain(
         "web-slow",
-        "echo first-live-line\nsleep 90\necho second-live-line\necho done > $out\n",
+        &gated(
+            "echo first-live-line\n",
+            "echo second-live-line\necho done > $out\n",
+        ),
     );
     let unbuildable = store.drv(
         "web-needs-kvm",
@@ -294,7 +297,7 @@ fn the_web_page_shows_queue_running_results_and_agents_in_headless_chromium() {
     assert_eq!(String::from_utf8_lossy(&now), "first-live-line\n");
 
     // What Chromium shows: the views with the running build first, while
-    // it runs (it sleeps 90 s; these take a few seconds).
+    // it runs (it waits until the test releases it).
     let running = dom(&farm, "/ui/running");
     assert!(running.contains("first-live-line"), "{running}");
     assert!(running.contains("web-agent-1"), "{running}");
@@ -327,6 +330,7 @@ fn the_web_page_shows_queue_running_results_and_agents_in_headless_chromium() {
     assert!(agents.contains("x86_64-linux"), "{agents}");
     assert!(agents.contains("1 / 2"), "one of two slots busy: {agents}");
     screenshot(&farm, "agents", &login_url(&farm, "/ui/agents"));
+    release(&farm, "web-agent-1");
     // Everything after this holds whether the slow build still runs.
     let queue = dom(&farm, "/ui/queue");
     assert!(queue.contains("web-needs-kvm"), "{queue}");
@@ -511,7 +515,53 @@ fn the_web_page_needs_a_login_and_its_cookie_opens_only_the_page() {
     assert!(again.header("set-cookie").is_none());
 }
 
-/// A build that prints a line, sleeps and prints another: the first line
+/// A build script that runs `before`, waits until the test calls
+/// [`release`] (at most five minutes, so that a failed test leaves no
+/// build behind for long), then runs `after`: the window in which a test
+/// looks at a running build is the test's to close, not a sleep's.
+fn gated(before: &str, after: &str) -> String {
+    format!(
+        "{before}i=0\nwhile [ ! -e \"$TMPDIR/release\" ] && [ $i -lt 1500 ]; do sleep 0.2; i=$((i+1)); done\n{after}"
+    )
+}
+
+/// Lets the gated builds running on `agent` go on: writes `release` into
+/// each of its builds' build directories (`<builds>/<slot>/sandoff-build-*/build`,
+/// the builds' `$TMPDIR`).
+fn release(farm: &Farm, agent: &str) {
+    let builds = farm
+        .tmp
+        .path()
+        .join("agents")
+        .join(agent)
+        .join("nix/var/sandoff/builds");
+    let mut released = 0;
+    let dirs = |p: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect()
+    };
+    for slot in dirs(&builds) {
+        for top in dirs(&slot) {
+            let build = top.join("build");
+            if build.is_dir() {
+                std::fs::write(build.join("release"), b"").expect("release");
+                released += 1;
+            }
+        }
+    }
+    assert!(
+        released > 0,
+        "no build directory under {}",
+        builds.display()
+    );
+}
+
+/// A build that prints a line, waits and prints another: the first line
 /// is read through the client API while it runs, and `builds log
 /// --follow` prints both and ends with the build.
 #[test]
@@ -524,7 +574,10 @@ fn a_running_builds_log_is_read_while_it_runs_and_followed_to_its_end() {
     let slow = store.drv(
         "live-log",
         Spec {
-            script: "echo first-live-line\nsleep 20\necho second-live-line\necho done > $out\n",
+            script: &gated(
+                "echo first-live-line\n",
+                "echo second-live-line\necho done > $out\n",
+            ),
             ..Spec::default()
         },
     );
@@ -551,6 +604,7 @@ fn a_running_builds_log_is_read_while_it_runs_and_followed_to_its_end() {
         assert!(Instant::now() < deadline, "no live log");
         std::thread::sleep(Duration::from_millis(200));
     }
+    release(&farm, "a1");
     let followed = support::run_ok(&mut farm.client(
         &farm.reader,
         &["builds", "log", "--follow", &id.to_string()],
