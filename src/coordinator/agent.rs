@@ -249,18 +249,22 @@ fn run_job(
         return;
     }
     let path = format!("/agent/v1/builds/{id}/result");
-    for attempt in 0..5u32 {
+    // A coordinator restarting, or a link down, is waited out while the
+    // lease may still hold (about two minutes of tries); after that the
+    // lease has expired and the build is someone else's.
+    const TRIES: u32 = 12;
+    for attempt in 0..TRIES {
         match config.client.post_only(&path, Some(&report)) {
             Ok(()) => {
                 tracing::info!(build = %id, "reported {}", outcome_name(&report));
                 return;
             }
-            Err(e) if e.is_transient() => {
+            Err(e) if e.is_transient() && attempt + 1 < TRIES && !lost.load(Ordering::Relaxed) => {
                 tracing::warn!(build = %id, "reporting: {e}; trying again");
-                std::thread::sleep(Duration::from_secs(1 << attempt));
+                std::thread::sleep(Duration::from_secs((1u64 << attempt.min(4)).min(10)));
             }
             Err(e) => {
-                tracing::error!(build = %id, "reporting: {e}");
+                tracing::error!(build = %id, "reporting: {e}; giving up (the lease will expire and the build be done again)");
                 return;
             }
         }
