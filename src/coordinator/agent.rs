@@ -14,9 +14,9 @@
 //! again (a restarted agent lost their sandboxes).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -27,15 +27,14 @@ use thiserror::Error;
 use super::api::{BuildResult, Heartbeat, HeartbeatAnswer, Info, Job, Jobs, OutputClaim};
 use super::client::{Client, ClientError};
 use super::model::{AgentOffer, BuildId, Setback};
+use super::submit::compress_nar;
 use super::substitute::HttpCache;
 use crate::build::{self, BuildContext, BuildErrorKind, Event};
 use crate::derivation::check::MAX_DRV_SIZE;
 use crate::derivation::Derivation;
 use crate::serve_protocol::BuildStatus;
-use crate::store::hash::{HashAlgo, HashSink};
-use crate::store::local::LocalStore;
 use crate::store::signature::{PublicKey, TrustedKeys};
-use crate::store::{nar, StorePath};
+use crate::store::StorePath;
 
 /// How an agent runs.
 #[derive(Debug)]
@@ -345,8 +344,21 @@ fn do_job(
             return Ok(None);
         }
         let spooled = config.spool.join(format!("b{id}-{name}.nar.zst"));
-        let claim = spool_output(store, &path, &spooled, config.zstd_level)
-            .map_err(|e| infra(format!("compressing output '{name}': {e}")))?;
+        // Its NAR hash and size were computed when it was registered.
+        let info = store
+            .query_path_info(&path)
+            .map_err(infra)?
+            .ok_or_else(|| infra(format!("output '{name}' is not valid after its build")))?;
+        let claim = OutputClaim {
+            nar_hash: info.nar_hash.to_nix32_prefixed(),
+            nar_size: info.nar_size,
+        };
+        compress_nar(
+            &store.location().real_path(&path),
+            &spooled,
+            config.zstd_level,
+        )
+        .map_err(|e| infra(format!("compressing output '{name}': {e}")))?;
         let sent = client.upload(&format!("/agent/v1/builds/{id}/outputs/{name}"), &spooled);
         let _ = fs::remove_file(&spooled);
         sent.map_err(|e| infra(format!("uploading output '{name}': {e}")))?;
@@ -490,50 +502,6 @@ fn is_build_failure(kind: &BuildErrorKind) -> bool {
         | K::Unsupported { .. }
         | K::Attributes(_) => true,
         _ => false,
-    }
-}
-
-/// Writes the zstd-compressed NAR of `path` to `to`, returning its NAR
-/// hash and size.
-fn spool_output(
-    store: &LocalStore,
-    path: &StorePath,
-    to: &Path,
-    level: i32,
-) -> Result<OutputClaim, io::Error> {
-    let real = store.location().real_path(path);
-    let file = File::create(to)?;
-    let mut enc =
-        zstd::stream::write::Encoder::new(BufWriter::with_capacity(1 << 16, file), level)?;
-    let mut tee = Tee {
-        hash: HashSink::new(HashAlgo::Sha256),
-        inner: &mut enc,
-    };
-    nar::dump(&real, &mut tee).map_err(io::Error::other)?;
-    let (hash, size) = tee.hash.finish();
-    let mut out = enc.finish()?;
-    out.flush()?;
-    Ok(OutputClaim {
-        nar_hash: hash.to_nix32_prefixed(),
-        nar_size: size,
-    })
-}
-
-/// Writes to `inner` and hashes what it writes.
-struct Tee<'a, W: Write> {
-    hash: HashSink,
-    inner: &'a mut W,
-}
-
-impl<W: Write> Write for Tee<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.write_all(&buf[..n])?;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }
 

@@ -72,7 +72,7 @@ pub fn upload_closure(
             .query_path_info(&path)?
             .ok_or_else(|| SubmitError::NotValid(full.clone()))?;
         let file = spool.join(format!("{}.nar.zst", path.hash_part()));
-        compress(&loc.real_path(&path), &file, zstd_level).map_err(|source| {
+        compress_nar(&loc.real_path(&path), &file, zstd_level).map_err(|source| {
             SubmitError::Compress {
                 path: full.clone(),
                 source,
@@ -118,8 +118,9 @@ pub fn submit(
     Ok((sent, answer))
 }
 
-/// Writes the zstd-compressed NAR of `src` to `to`.
-fn compress(src: &Path, to: &Path, level: i32) -> io::Result<()> {
+/// Writes the zstd-compressed NAR of `src` to `to`: what a client or an
+/// agent uploads, spooled first so that an upload can resume.
+pub(crate) fn compress_nar(src: &Path, to: &Path, level: i32) -> io::Result<()> {
     let file = std::fs::File::create(to)?;
     let mut enc =
         zstd::stream::write::Encoder::new(BufWriter::with_capacity(1 << 16, file), level)?;
