@@ -349,21 +349,21 @@ fn answer(
 }
 
 fn read_limited(url: &str, res: ureq::Response, limit: u64) -> Result<Vec<u8>, ClientError> {
-    let mut buf = Vec::new();
-    res.into_reader()
-        .take(limit + 1)
-        .read_to_end(&mut buf)
-        .map_err(|source| ClientError::Read {
-            url: url.to_owned(),
-            source,
-        })?;
-    if buf.len() as u64 > limit {
-        return Err(ClientError::TooLarge {
+    use crate::bounded::BoundedError;
+    crate::bounded::read_all(res.into_reader(), limit).map_err(|e| match e {
+        BoundedError::TooLarge { limit } => ClientError::TooLarge {
             url: url.to_owned(),
             limit,
-        });
-    }
-    Ok(buf)
+        },
+        BoundedError::Io { source } => ClientError::Read {
+            url: url.to_owned(),
+            source,
+        },
+        other => ClientError::Read {
+            url: url.to_owned(),
+            source: std::io::Error::other(other),
+        },
+    })
 }
 
 fn json<T: DeserializeOwned>(url: &str, res: ureq::Response) -> Result<T, ClientError> {

@@ -690,7 +690,7 @@ impl Cache {
         if let Some(missing) = drv
             .input_derivations
             .keys()
-            .find(|p| !drv_dir.join(p.base_name()).is_file())
+            .find(|p| !self.drv_copy(p).is_file())
         {
             return Err(reject(Rejection::MissingInputDrv {
                 input: dir.display(missing),
@@ -713,7 +713,7 @@ impl Cache {
             ca: None,
         };
         let find = |p: &StorePath| -> Option<PathBuf> {
-            let f = drv_dir.join(p.base_name());
+            let f = self.drv_copy(p);
             f.is_file().then_some(f)
         };
         check_drv_file(dir, &info, tmp.path(), &find).map_err(|e| match e {
@@ -755,7 +755,7 @@ impl Cache {
         path: &StorePath,
         tmp: tempfile::NamedTempFile,
     ) -> Result<(), CacheError> {
-        let dest = self.dir.join("drv").join(path.base_name());
+        let dest = self.drv_copy(path);
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))
             .map_err(io_err("set permissions of", tmp.path()))?;
         tmp.persist(&dest)
@@ -818,6 +818,11 @@ impl Cache {
                 max,
             })
         }
+    }
+
+    /// Where the plain copy of an accepted `.drv` is kept.
+    pub fn drv_copy(&self, path: &StorePath) -> PathBuf {
+        self.dir.join("drv").join(path.base_name())
     }
 
     /// The file for an untrusted request name `<hash part>.narinfo`.

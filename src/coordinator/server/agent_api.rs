@@ -16,7 +16,7 @@ use axum::{Json, Router};
 
 use super::live_log;
 use super::uploads::{append_body, offset_answer, requested_offset};
-use super::{blocking, now, AgentToken, ApiError, App, Inner};
+use super::{blocking, build_id, now, AgentToken, ApiError, App, Inner};
 use crate::coordinator::api::{BuildResult, Heartbeat, HeartbeatAnswer, Job, Jobs, OutputClaim};
 use crate::coordinator::cache::{Claim, ClaimKind, FixedOutput, UploadId};
 use crate::coordinator::datastore::{Allocation, DatastoreError};
@@ -138,11 +138,6 @@ async fn heartbeat(
         }))
     })
     .await
-}
-
-fn build_id(s: &str) -> Result<BuildId, ApiError> {
-    s.parse()
-        .map_err(|e: crate::coordinator::model::ModelError| ApiError::bad_request(e.to_string()))
 }
 
 /// That `id` is leased to `agent` now; 409 otherwise.
@@ -395,7 +390,7 @@ fn output_kind(drv: &Derivation, name: &str) -> ClaimKind {
 
 /// The `.drv` file the coordinator kept when it accepted it.
 fn read_drv(a: &Inner, drv: &StorePath) -> Result<Vec<u8>, ApiError> {
-    let file = a.cache.dir().join("drv").join(drv.base_name());
+    let file = a.cache.drv_copy(drv);
     crate::bounded::read_file(&file, MAX_DRV_SIZE).map_err(|e| {
         ApiError::internal(format!(
             "the kept copy of '{}': {e}",

@@ -26,13 +26,6 @@ pub(super) fn router() -> Router<App> {
         .route("/cache/log/{file}", get(log))
 }
 
-/// Nix's base-32 alphabet.
-fn is_nix32(s: &str, len: usize) -> bool {
-    s.len() == len
-        && s.bytes()
-            .all(|b| b"0123456789abcdfghijklmnpqrsvwxyz".contains(&b))
-}
-
 async fn cache_info(State(app): State<App>) -> Result<Response, ApiError> {
     send(
         app.cache.dir().join("nix-cache-info"),
@@ -42,39 +35,15 @@ async fn cache_info(State(app): State<App>) -> Result<Response, ApiError> {
 }
 
 async fn narinfo(State(app): State<App>, Path(file): Path<String>) -> Result<Response, ApiError> {
-    match file.strip_suffix(".narinfo") {
-        Some(hash) if is_nix32(hash, 32) => {
-            send(app.cache.dir().join(&file), "text/x-nix-narinfo").await
-        }
-        _ => Err(ApiError::not_found(format!("no '{file}' in the cache"))),
-    }
+    send(app.cache.narinfo_path(&file)?, "text/x-nix-narinfo").await
 }
 
 async fn nar(State(app): State<App>, Path(file): Path<String>) -> Result<Response, ApiError> {
-    match file.strip_suffix(".nar.zst") {
-        Some(hash) if is_nix32(hash, 52) => {
-            send(
-                app.cache.dir().join("nar").join(&file),
-                "application/x-nix-nar",
-            )
-            .await
-        }
-        _ => Err(ApiError::not_found(format!("no 'nar/{file}' in the cache"))),
-    }
+    send(app.cache.nar_path(&file)?, "application/x-nix-nar").await
 }
 
 async fn log(State(app): State<App>, Path(file): Path<String>) -> Result<Response, ApiError> {
-    let full = format!("{}/{file}", app.store_dir.as_str());
-    match app.store_dir.parse_path(&full) {
-        Ok(p) if p.is_derivation() => {
-            send(
-                app.cache.dir().join("log").join(&file),
-                "text/plain; charset=utf-8",
-            )
-            .await
-        }
-        _ => Err(ApiError::not_found(format!("no 'log/{file}' in the cache"))),
-    }
+    send(app.cache.log_path(&file)?, "text/plain; charset=utf-8").await
 }
 
 /// Streams a file, 404 if it is not there.

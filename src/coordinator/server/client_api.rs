@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::auth::{hash_token, new_token};
 use super::live_log;
 use super::uploads::{append_body, offset_answer, requested_offset};
-use super::{blocking, now, AdminToken, ApiError, App, Inner, ReadToken, SubmitToken};
+use super::{blocking, build_id, now, AdminToken, ApiError, App, Inner, ReadToken, SubmitToken};
 use crate::coordinator::api::{
     AgentList, BuildDetail, BuildList, Canceled, FinishUpload, IssuedToken, NewAgent, NewToken,
     Paths, SetPriority, Submit, SubmitAnswer, TokenList, UploadKind, LOG_COMPLETE,
@@ -246,11 +246,6 @@ async fn list_builds(
         }))
     })
     .await
-}
-
-fn build_id(s: &str) -> Result<BuildId, ApiError> {
-    s.parse()
-        .map_err(|e: crate::coordinator::model::ModelError| ApiError::bad_request(e.to_string()))
 }
 
 async fn show_build(

@@ -50,7 +50,7 @@ use thiserror::Error;
 use super::api::{ErrorBody, Info};
 use super::cache::{Cache, CacheError};
 use super::datastore::{Datastore, DatastoreError, RetryPolicy};
-use super::model::{AgentId, Principal, Role};
+use super::model::{AgentId, BuildId, Principal, Role};
 use crate::store::signature::SecretKey;
 use crate::store::StoreDir;
 
@@ -310,6 +310,12 @@ async fn reap_leases(app: App) {
             }
         }
     }
+}
+
+/// A build id from a URL; 400 when it is not one.
+pub(crate) fn build_id(s: &str) -> Result<BuildId, ApiError> {
+    s.parse()
+        .map_err(|e: super::model::ModelError| ApiError::bad_request(e.to_string()))
 }
 
 /// Seconds since the epoch.
