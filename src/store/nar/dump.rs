@@ -1,6 +1,5 @@
 //! The NAR writer: [`dump`] and [`hash_path`].
 
-use std::cell::Cell;
 use std::ffi::{CStr, CString, OsStr};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -24,9 +23,7 @@ pub fn dump(path: &Path, sink: &mut dyn Write) -> Result<(), NarError> {
     })?;
     let mut d = Dumper {
         sink,
-        buf: SPARE_BUF
-            .with(Cell::take)
-            .unwrap_or_else(|| vec![0u8; WRITE_BUF_SIZE].into_boxed_slice()),
+        buf: take_spare_buf(),
         len: 0,
         dirents: Vec::with_capacity(DIRENT_BUF_SIZE),
         levels: Vec::new(),
@@ -41,8 +38,7 @@ pub fn dump(path: &Path, sink: &mut dyn Write) -> Result<(), NarError> {
         d.flush()?;
         d.sink.flush().map_err(NarError::Write)
     })();
-    let buf = std::mem::take(&mut d.buf);
-    SPARE_BUF.with(|spare| spare.set(Some(buf)));
+    give_back_buf(std::mem::take(&mut d.buf));
     result
 }
 
@@ -51,12 +47,33 @@ pub fn dump(path: &Path, sink: &mut dyn Write) -> Result<(), NarError> {
 /// dump costs).
 static PARALLEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
-thread_local! {
-    /// The write buffer of this thread's last dump, for the next one: a
-    /// fresh zeroed MiB per dump cost more than all the rest of dumping a
-    /// small build output (measured: page faults and memset were a tenth
-    /// of a trivial build's time).
-    static SPARE_BUF: Cell<Option<Box<[u8]>>> = const { Cell::new(None) };
+/// Write buffers of finished dumps, for the next ones: a fresh zeroed MiB
+/// per dump cost more than all the rest of dumping a small build output
+/// (measured: page faults and memset were a tenth of a trivial build's
+/// time). Process-wide, not per thread: every build runs on a new thread.
+static SPARE_BUFS: std::sync::Mutex<Vec<Box<[u8]>>> = std::sync::Mutex::new(Vec::new());
+
+/// How many spare buffers are kept: enough for the dumps that run at once
+/// on a busy machine, few enough that idle memory stays small.
+const SPARE_BUFS_KEPT: usize = 4;
+
+fn take_spare_buf() -> Box<[u8]> {
+    SPARE_BUFS
+        .lock()
+        .ok()
+        .and_then(|mut spare| spare.pop())
+        .unwrap_or_else(|| vec![0u8; WRITE_BUF_SIZE].into_boxed_slice())
+}
+
+fn give_back_buf(buf: Box<[u8]>) {
+    if buf.len() != WRITE_BUF_SIZE {
+        return;
+    }
+    if let Ok(mut spare) = SPARE_BUFS.lock() {
+        if spare.len() < SPARE_BUFS_KEPT {
+            spare.push(buf);
+        }
+    }
 }
 
 /// SHA-256 of the NAR of `path`, and the NAR's size.
