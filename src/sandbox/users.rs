@@ -18,6 +18,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
@@ -108,7 +109,26 @@ pub struct UserPool {
 #[derive(Debug)]
 pub struct UserLease {
     user: BuildUser,
-    _lock: Flock<File>,
+    // Taken out in `drop`, so that the lock is released before waiters
+    // are woken (fields would drop only after it).
+    lock: Option<Flock<File>>,
+}
+
+/// How many leases this process has returned, with a condition variable
+/// signalled at each: a build waiting for a user wakes as soon as another
+/// build of this process frees one, instead of at its next poll (other
+/// processes' leases are still seen by polling).
+static RETURNED: (Mutex<u64>, Condvar) = (Mutex::new(0), Condvar::new());
+
+impl Drop for UserLease {
+    fn drop(&mut self) {
+        drop(self.lock.take());
+        let (count, cv) = &RETURNED;
+        if let Ok(mut n) = count.lock() {
+            *n += 1;
+        }
+        cv.notify_all();
+    }
 }
 
 /// Where the build users' lock files are by default. The build users belong
@@ -212,7 +232,7 @@ impl UserPool {
                     );
                     return Ok(Some(UserLease {
                         user: user.clone(),
-                        _lock: lock,
+                        lock: Some(lock),
                     }));
                 }
                 Err((_, nix::Error::EWOULDBLOCK)) => continue,
@@ -227,10 +247,15 @@ impl UserPool {
         Ok(None)
     }
 
-    /// Takes a free user, waiting (checking every `poll`) while all are in use.
+    /// Takes a free user, waiting while all are in use: until this process
+    /// returns one, or `poll` passes (for users other processes hold).
     pub fn acquire(&self, poll: Duration) -> Result<UserLease, UserError> {
         let mut logged = false;
+        let (count, cv) = &RETURNED;
         loop {
+            // Read before trying, so that a lease returned in between is
+            // not missed.
+            let seen = count.lock().map_or(0, |n| *n);
             if let Some(lease) = self.try_acquire()? {
                 return Ok(lease);
             }
@@ -238,7 +263,11 @@ impl UserPool {
                 tracing::info!(users = self.users.len(), "waiting for a free build user");
                 logged = true;
             }
-            std::thread::sleep(poll);
+            if let Ok(n) = count.lock() {
+                let _ = cv.wait_timeout_while(n, poll, |n| *n == seen);
+            } else {
+                std::thread::sleep(poll);
+            }
         }
     }
 }
