@@ -3,7 +3,10 @@
 //! [`realise`] loads, from each requested `.drv`, the derivations that still
 //! have an invalid output (a derivation whose outputs are all valid is not
 //! entered, nor are its inputs), then runs them in dependency order, up to
-//! `jobs` at once, one thread each. The caller's thread schedules and gets
+//! `jobs` builders at once, one thread each; a worker whose builder exited
+//! ([`Event::BuilderExited`]) frees its job slot while it registers the
+//! outputs, and at most `jobs` more workers are in that phase. The caller's
+//! thread schedules and gets
 //! every [`Event`]. As Nix: after a failure no new build starts and the
 //! running ones finish, unless `keep_going`, which builds everything that
 //! does not depend on a failure and reports the rest as
@@ -301,9 +304,14 @@ fn schedule(
     // Events from workers come through their own channel, forwarded below.
     let mut stopping = false;
     std::thread::scope(|scope| {
+        // Workers whose builder may still run (each holds a job slot), and
+        // workers past their builder ([`Event::BuilderExited`]: checking,
+        // registering, cleaning up): at most `jobs` of the first kind, and
+        // `2 * jobs` together.
         let mut running = 0usize;
+        let mut finishing: BTreeSet<StorePath> = BTreeSet::new();
         loop {
-            while running < jobs && !stopping {
+            while running < jobs && running + finishing.len() < 2 * jobs && !stopping {
                 let Some(path) = ready.pop_first() else { break };
                 let Some(node) = nodes.get(&path) else {
                     continue;
@@ -336,7 +344,7 @@ fn schedule(
                     let _ = tx.send(Msg::Done(path, r, start.elapsed()));
                 });
             }
-            if running == 0 {
+            if running == 0 && finishing.is_empty() {
                 break;
             }
             let msg = match rx.recv_timeout(TICK) {
@@ -349,6 +357,11 @@ fn schedule(
             };
             let (path, r, elapsed) = match msg {
                 Msg::Event(e) => {
+                    if let Event::BuilderExited { drv } = &e {
+                        if nodes.contains_key(drv) && finishing.insert(drv.clone()) {
+                            running -= 1;
+                        }
+                    }
                     on_event(&e);
                     continue;
                 }
@@ -358,12 +371,16 @@ fn schedule(
                     // end; the scope then re-raises the panic, so the
                     // process exits non-zero instead of reporting success.
                     tracing::error!(drv = %path, "a build worker panicked");
-                    running -= 1;
+                    if !finishing.remove(&path) {
+                        running -= 1;
+                    }
                     stopping = true;
                     continue;
                 }
             };
-            running -= 1;
+            if !finishing.remove(&path) {
+                running -= 1;
+            }
             let Some(node) = nodes.remove(&path) else {
                 continue;
             };
@@ -544,6 +561,58 @@ mod tests {
         assert_eq!(names, vec![&top, &left], "outputs in argument order");
         let (_, _, _, most) = run(&s, &[top], 1, false, &[]);
         assert_eq!(most, 1);
+    }
+
+    #[test]
+    fn a_builder_that_exited_frees_its_slot_while_its_outputs_register() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = store(tmp.path());
+        let names = ["a", "b", "c", "d"];
+        let roots: Vec<StorePath> = names.iter().map(|n| add(&s, n, &[])).collect();
+        let (building, most_building) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let (alive, most_alive) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let step = |p: &StorePath, _: &Derivation, events: &mpsc::Sender<Event>| {
+            most_alive.fetch_max(alive.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            most_building.fetch_max(
+                building.fetch_add(1, Ordering::SeqCst) + 1,
+                Ordering::SeqCst,
+            );
+            std::thread::sleep(Duration::from_millis(20));
+            building.fetch_sub(1, Ordering::SeqCst);
+            events
+                .send(Event::BuilderExited { drv: p.clone() })
+                .expect("send");
+            // "Registering": long enough that the next build starts meanwhile.
+            std::thread::sleep(Duration::from_millis(60));
+            alive.fetch_sub(1, Ordering::SeqCst);
+            Ok(StepOutcome::Built)
+        };
+        let mut exited = 0;
+        let r = schedule(
+            &s,
+            &roots,
+            &BTreeSet::new(),
+            1,
+            false,
+            &mut |e| {
+                exited += usize::from(matches!(e, Event::BuilderExited { .. }));
+            },
+            &step,
+        )
+        .expect("schedule");
+        assert!(r.success());
+        assert_eq!(r.built, 4);
+        assert_eq!(exited, 4, "every BuilderExited reaches the caller");
+        assert_eq!(
+            most_building.load(Ordering::SeqCst),
+            1,
+            "one builder at a time (-j 1)"
+        );
+        assert_eq!(
+            most_alive.load(Ordering::SeqCst),
+            2,
+            "a build starts while the last one registers, and no more than jobs finish at once"
+        );
     }
 
     #[test]

@@ -172,10 +172,10 @@ fn build_somewhere_locked(
 
     let inputs = input_paths(store, drv)?;
     t.lap(Step::Inputs);
-    // Held for the whole local build, so that at most `jobs` run here.
+    // Held until the builder exits, so that at most `jobs` run here.
     // A check is built here: a machine would register what it built.
     let offload = ctx.offload.filter(|_| mode == Mode::Build);
-    let _permit = match offload {
+    let permit = match offload {
         None => {
             let decision = match mode {
                 Mode::Build => ctx.placement.decide(drv),
@@ -278,6 +278,13 @@ fn build_somewhere_locked(
         }
     };
     t.lap(Step::Sandbox);
+    // The builder is gone: its job slot is free for the next build while
+    // this one's outputs are checked, registered and its directories
+    // removed (Nix frees the slot at the same point, in `buildDone`).
+    drop(permit);
+    let _ = events.send(Event::BuilderExited {
+        drv: drv_path.clone(),
+    });
 
     let result = match ran {
         Err(_) if log.exceeded().is_some() => Err(BuildErrorKind::LogLimit {

@@ -167,6 +167,13 @@ pub enum Event {
         /// CPU time and peak memory, as far as known.
         usage: ResourceUsage,
     },
+    /// The builder of `drv` ended; its outputs are being checked and
+    /// registered. Its job slot is free from here: as Nix, which frees the
+    /// slot when the builder exits, before it registers the outputs.
+    BuilderExited {
+        /// The derivation.
+        drv: StorePath,
+    },
     /// Nothing happened for a while; lets a progress line update its clock.
     Tick,
 }

@@ -432,7 +432,10 @@ impl Progress {
                 );
                 self.line(&text);
             }
-            Event::Usage { .. } | Event::Timings { .. } | Event::Tick => {}
+            Event::Usage { .. }
+            | Event::Timings { .. }
+            | Event::BuilderExited { .. }
+            | Event::Tick => {}
         }
         self.status();
     }
@@ -485,7 +488,7 @@ impl Progress {
                     .collect();
                 json!({"event": "timings", "drv": l(drv), "milliseconds": ms})
             }
-            Event::Usage { .. } | Event::Tick => return None,
+            Event::Usage { .. } | Event::BuilderExited { .. } | Event::Tick => return None,
         })
     }
 
