@@ -85,6 +85,10 @@ pub struct ChildFds {
     pub log: i32,
     /// Write end of the error pipe (close-on-exec).
     pub error: i32,
+    /// A network namespace made ahead ([`super::netns`]) that the child
+    /// joins at its loopback step instead of having been cloned into a new
+    /// one (close-on-exec).
+    pub netns: Option<i32>,
 }
 
 /// `execve` arguments as NULL-terminated pointer arrays into the plan's
@@ -192,7 +196,11 @@ pub fn apply(
         SetupOp::NewSession => sys.setsid(),
         SetupOp::Stdio => sys.redirect_stdio(fds.log),
         SetupOp::Terminal => sys.attach_terminal(fds.log),
-        SetupOp::LoopbackUp => sys.loopback_up(),
+        SetupOp::LoopbackUp => match fds.netns {
+            // Its loopback is up already.
+            Some(fd) => sys.join_network(fd),
+            None => sys.loopback_up(),
+        },
         SetupOp::Hostname(h) => sys.sethostname(h),
         SetupOp::Domainname(d) => sys.setdomainname(d),
         SetupOp::MakeMountsPrivate => {
@@ -348,14 +356,23 @@ pub fn run_measured(
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(spawn_error("create the log pipe"))?;
     let (err_r, err_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(spawn_error("create the error pipe"))?;
+    let netns = if plan.new_network {
+        super::netns::take()
+    } else {
+        None
+    };
     let fds = ChildFds {
         log: log_w.as_raw_fd(),
         error: err_w.as_raw_fd(),
+        netns: netns.as_ref().map(|fd| fd.as_raw_fd()),
     };
     let ops = plan.ops.as_slice();
     let mut child = || child_main(ops, &mut LinuxSyscalls, fds, &exec);
     let started = Instant::now();
-    let pid = clone_into_cgroup(plan, &mut child)?;
+    let pid = clone_into_cgroup(plan, fds, &mut child)?;
+    // The child joined it or failed (it has exec'd or exited, or holds a
+    // copy of our descriptors): ours only kept it alive until then.
+    drop(netns);
     let pid = Pid::from_raw(pid);
     // From here until the child is waited for, a panic (a bug, or a log
     // sink that panics) must not leave the builder running unsupervised:
@@ -377,6 +394,7 @@ pub fn run_measured(
 /// the cgroup, as on a machine without cgroup2: never a failed build.
 pub(super) fn clone_into_cgroup(
     plan: &SandboxPlan,
+    fds: ChildFds,
     child: &mut dyn FnMut() -> i32,
 ) -> Result<libc::pid_t, SandboxError> {
     let spawn = |e: Errno| SandboxError::Spawn {
@@ -394,10 +412,14 @@ pub(super) fn clone_into_cgroup(
             )
             .ok()
     });
-    match clone_child(namespaces(plan), dir.as_ref().map(|d| d.as_fd()), child) {
+    let mut flags = namespaces(plan);
+    if fds.netns.is_some() {
+        flags &= !libc::CLONE_NEWNET;
+    }
+    match clone_child(flags, dir.as_ref().map(|d| d.as_fd()), child) {
         Err(Errno(e)) if dir.is_some() && matches!(e, libc::ENOSYS | libc::E2BIG) => {
             tracing::debug!("no clone3 into a cgroup here: the build runs outside its cgroup");
-            clone_child(namespaces(plan), None, child).map_err(spawn)
+            clone_child(flags, None, child).map_err(spawn)
         }
         r => r.map_err(spawn),
     }
@@ -731,7 +753,11 @@ mod tests {
         plan::plan(&spec).expect("plan")
     }
 
-    const FDS: ChildFds = ChildFds { log: 7, error: 9 };
+    const FDS: ChildFds = ChildFds {
+        log: 7,
+        error: 9,
+        netns: None,
+    };
 
     #[test]
     fn full_sequence_runs_every_step_and_ends_in_execve() {

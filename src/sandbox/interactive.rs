@@ -76,10 +76,11 @@ fn spawn(plan: &SandboxPlan, tty: i32) -> Result<(Pid, KillOnDrop), SandboxError
     let fds = ChildFds {
         log: tty,
         error: err_w.as_raw_fd(),
+        netns: None,
     };
     let ops = plan.ops.as_slice();
     let mut child = || child_main(ops, &mut LinuxSyscalls, fds, &exec);
-    let pid = clone_into_cgroup(plan, &mut child)?;
+    let pid = clone_into_cgroup(plan, fds, &mut child)?;
     let pid = Pid::from_raw(pid);
     let guard = KillOnDrop::new(pid);
     drop(err_w);
@@ -313,7 +314,11 @@ mod tests {
         let plan = plan_interactive(&spec(), &run(InteractiveStdio::Terminal)).expect("plan");
         let exec = PreparedExec::new(&plan);
         let mut sys = RecordingSyscalls::default();
-        let fds = ChildFds { log: 5, error: 9 };
+        let fds = ChildFds {
+            log: 5,
+            error: 9,
+            netns: None,
+        };
         run_steps(&plan.ops, &mut sys, fds, &exec).expect("runs");
         let at = |call: &Call| sys.calls.iter().position(|c| c == call);
         let setsid = at(&Call::Setsid).expect("setsid");

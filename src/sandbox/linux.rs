@@ -251,6 +251,11 @@ impl Syscall for LinuxSyscalls {
         r
     }
 
+    fn join_network(&mut self, fd: i32) -> Result<(), Errno> {
+        // SAFETY: integer arguments; a bad fd is an error, not UB.
+        check(unsafe { libc::setns(fd, libc::CLONE_NEWNET) })
+    }
+
     fn setsid(&mut self) -> Result<(), Errno> {
         // SAFETY: no arguments.
         check(unsafe { libc::setsid() })
@@ -479,11 +484,9 @@ impl Syscall for LinuxSyscalls {
     }
 
     fn reset_signals(&mut self) -> Result<(), Errno> {
-        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        // SAFETY: sigemptyset initialises `set`.
-        check(unsafe { libc::sigemptyset(set.as_mut_ptr()) })?;
-        // SAFETY: `set` was initialised by sigemptyset.
-        check(unsafe { libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), ptr::null_mut()) })?;
+        // Handlers first, the mask last: the child starts with every signal
+        // blocked (see `clone_child`), and one that is pending must meet
+        // the default action, never a handler of sandoff's.
         // The raw syscall, because glibc refuses to touch the signals it
         // reserves (32 and 33), and an ignored one would survive exec.
         let act = KernelSigaction {
@@ -509,7 +512,11 @@ impl Syscall for LinuxSyscalls {
                 )
             })?;
         }
-        Ok(())
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigemptyset initialises `set`.
+        check(unsafe { libc::sigemptyset(set.as_mut_ptr()) })?;
+        // SAFETY: `set` was initialised by sigemptyset.
+        check(unsafe { libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), ptr::null_mut()) })
     }
 
     fn execve(&mut self, exec: &PreparedExec<'_>) -> Errno {
@@ -540,6 +547,13 @@ impl Syscall for LinuxSyscalls {
         }
         Ok(())
     }
+}
+
+/// `unshare(CLONE_NEWNET)`: moves the calling thread (only it) into a new
+/// network namespace.
+pub(crate) fn unshare_network() -> Result<(), Errno> {
+    // SAFETY: an integer argument; it changes only this thread's namespace.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNET) })
 }
 
 /// What `wait4` reports of a reaped child: its status, and its CPU time and
@@ -599,14 +613,206 @@ struct CloneArgs {
     cgroup: u64,
 }
 
-/// Forks a child into new namespaces (`clone_flags`: `CLONE_NEW*` bits) that
-/// runs `child` and `_exit`s with its result. This is the only fork in
-/// sandoff. Returns the child's pid (in our PID namespace). With `cgroup`
-/// (an open cgroup v2 directory) the child starts in that cgroup (`clone3`).
+/// Starts a child in new namespaces (`clone_flags`: `CLONE_NEW*` bits) that
+/// runs `child` and `_exit`s with its result. This is the only place sandoff
+/// starts a process of its own. Returns the child's pid (in our PID
+/// namespace) once the child has exec'd or exited. With `cgroup` (an open
+/// cgroup v2 directory) the child starts in that cgroup (`clone3`).
 ///
-/// `child` runs in a copy of a possibly multi-threaded process: it must be
-/// async-signal-safe (no allocation, locks or logging) and must not panic.
+/// On x86-64 the child shares this process's memory until it execs, as
+/// `posix_spawn` and `vfork` do (`CLONE_VM | CLONE_VFORK`, on a stack of its
+/// own), and the calling thread waits meanwhile: copying the page tables of
+/// a large multi-threaded process, and the copy-on-write faults on both
+/// sides afterwards, cost more than a whole sandbox setup. Elsewhere the
+/// child runs on a copy of the process, as after `fork`.
+///
+/// `child` must be async-signal-safe (no allocation, locks or logging),
+/// must not panic, and must not change what belongs to the memory it
+/// shares (`PR_SET_DUMPABLE`, `mmap`, globals): only its own task's state
+/// (credentials, namespaces, root, signals, rlimits, fds) before `execve`.
+/// All signals are blocked in the child until it changes its mask itself.
 pub(crate) fn clone_child(
+    clone_flags: libc::c_int,
+    cgroup: Option<BorrowedFd<'_>>,
+    child: &mut dyn FnMut() -> i32,
+) -> Result<libc::pid_t, Errno> {
+    let _blocked = BlockSignals::all()?;
+    #[cfg(target_arch = "x86_64")]
+    match vfork::clone(clone_flags, cgroup, child) {
+        // No clone3 (before Linux 5.3): only without a cgroup can the
+        // child start otherwise (the caller retries without one).
+        Err(Errno(libc::ENOSYS)) if cgroup.is_none() => clone_copy(clone_flags, None, child),
+        r => r,
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    clone_copy(clone_flags, cgroup, child)
+}
+
+/// Blocks every signal in the calling thread until dropped, so that the
+/// child starts with every signal blocked: none of this process's handlers
+/// can run in it before it resets them.
+struct BlockSignals {
+    old: libc::sigset_t,
+}
+
+impl BlockSignals {
+    fn all() -> Result<BlockSignals, Errno> {
+        let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigfillset initialises `all`.
+        check(unsafe { libc::sigfillset(all.as_mut_ptr()) })?;
+        // SAFETY: `all` is initialised; `old` is written by the call when it
+        // succeeds (pthread_sigmask returns the error number, not -1).
+        let r = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr()) };
+        if r != 0 {
+            return Err(Errno(r));
+        }
+        // SAFETY: initialised by the successful pthread_sigmask above.
+        Ok(BlockSignals {
+            old: unsafe { old.assume_init() },
+        })
+    }
+}
+
+impl Drop for BlockSignals {
+    fn drop(&mut self) {
+        // SAFETY: `old` is the mask pthread_sigmask returned.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, ptr::null_mut());
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vfork {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    use std::ptr;
+
+    use super::{errno, CloneArgs, Errno, CLONE_INTO_CGROUP};
+
+    /// The child's stack: the setup steps need a few KiB (the largest
+    /// frame holds a 4 KiB symlink buffer); pages are only touched as used.
+    const STACK_SIZE: usize = 512 << 10;
+    const GUARD: usize = 4096;
+
+    /// The child's stack, unmapped when dropped (after the child exec'd or
+    /// exited: the calling thread waited for that in `clone3`).
+    struct Stack {
+        base: *mut libc::c_void,
+    }
+
+    impl Stack {
+        fn new() -> Result<Stack, Errno> {
+            // SAFETY: an anonymous private mapping at an address the kernel
+            // chooses; no existing memory is affected.
+            let base = unsafe {
+                libc::mmap(
+                    ptr::null_mut(),
+                    STACK_SIZE + GUARD,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                    -1,
+                    0,
+                )
+            };
+            if base == libc::MAP_FAILED {
+                return Err(errno());
+            }
+            let stack = Stack { base };
+            // SAFETY: the lowest page of the mapping just made: an overflow
+            // faults instead of writing below it.
+            if unsafe { libc::mprotect(base, GUARD, libc::PROT_NONE) } == -1 {
+                return Err(errno());
+            }
+            Ok(stack)
+        }
+    }
+
+    impl Drop for Stack {
+        fn drop(&mut self) {
+            // SAFETY: unmaps exactly the mapping `new` made, which nothing
+            // uses any more.
+            unsafe {
+                libc::munmap(self.base, STACK_SIZE + GUARD);
+            }
+        }
+    }
+
+    /// Where the child starts, on its own stack: runs the closure `arg`
+    /// points to.
+    extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `&mut &mut dyn FnMut` that `clone` passed,
+        // alive in the suspended parent's frame until the child is gone.
+        let child = unsafe { &mut *(arg as *mut &mut dyn FnMut() -> i32) };
+        child()
+    }
+
+    pub(super) fn clone(
+        clone_flags: libc::c_int,
+        cgroup: Option<BorrowedFd<'_>>,
+        mut child: &mut dyn FnMut() -> i32,
+    ) -> Result<libc::pid_t, Errno> {
+        let stack = Stack::new()?;
+        let flags = clone_flags as u32 as u64
+            | (libc::CLONE_VM | libc::CLONE_VFORK) as u64
+            | cgroup.map_or(0, |_| CLONE_INTO_CGROUP);
+        let args = CloneArgs {
+            flags,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: stack.base as u64 + GUARD as u64,
+            stack_size: STACK_SIZE as u64,
+            cgroup: cgroup.map_or(0, |c| c.as_raw_fd() as u64),
+            ..CloneArgs::default()
+        };
+        let arg: *mut &mut dyn FnMut() -> i32 = &mut child;
+        let ret: i64;
+        // SAFETY: clone3 with CLONE_VM | CLONE_VFORK and a stack: the child
+        // starts on the new stack (rsp = stack + stack_size, 16-byte
+        // aligned as mmap's result and STACK_SIZE are) with the parent's
+        // registers otherwise, so r12/r13 still hold the entry and its
+        // argument; it calls `child_entry` (the call leaves rsp as the ABI
+        // expects at a function's entry) and exits with its result by the
+        // raw `exit` system call, touching nothing of the parent's stack.
+        // The parent sleeps in the kernel until the child execs or exits,
+        // so the closure, `args` and the stack stay valid for as long as
+        // the child uses them. `args` is a valid clone_args (version 2, with
+        // `cgroup`) and its size is passed with it. rcx and r11 are
+        // clobbered by `syscall`.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                "test rax, rax",
+                "jnz 2f",
+                "xor ebp, ebp",
+                "mov rdi, r13",
+                "call r12",
+                "mov edi, eax",
+                "mov eax, {exit}",
+                "syscall",
+                "ud2",
+                "2:",
+                exit = const libc::SYS_exit,
+                inlateout("rax") libc::SYS_clone3 => ret,
+                in("rdi") &args as *const CloneArgs,
+                in("rsi") std::mem::size_of::<CloneArgs>(),
+                in("r12") child_entry as *const () as usize,
+                in("r13") arg as usize,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        drop(stack);
+        if ret < 0 {
+            return Err(Errno(-ret as i32));
+        }
+        Ok(ret as libc::pid_t)
+    }
+}
+
+/// [`clone_child`] as after `fork`: the child runs on a copy of this
+/// process's memory and stack.
+fn clone_copy(
     clone_flags: libc::c_int,
     cgroup: Option<BorrowedFd<'_>>,
     child: &mut dyn FnMut() -> i32,

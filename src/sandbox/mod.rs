@@ -86,6 +86,7 @@ pub mod exec;
 pub mod host;
 pub mod interactive;
 mod linux;
+mod netns;
 pub mod plan;
 #[cfg(test)]
 mod recording;

@@ -562,7 +562,12 @@ impl fmt::Display for SetupOp {
             SetupOp::NewSession => write!(f, "setsid"),
             SetupOp::Stdio => write!(f, "redirect stdio to the log"),
             SetupOp::Terminal => write!(f, "attach the terminal"),
-            SetupOp::LoopbackUp => write!(f, "bring up loopback"),
+            SetupOp::LoopbackUp => {
+                write!(
+                    f,
+                    "bring up loopback (or join a network namespace made ahead)"
+                )
+            }
             SetupOp::Hostname(h) => write!(f, "set hostname '{}'", s(h)),
             SetupOp::Domainname(d) => write!(f, "set domain name '{}'", s(d)),
             SetupOp::MakeMountsPrivate => write!(f, "make mounts private"),

@@ -19,9 +19,15 @@ pub enum Call {
         data: Option<CString>,
     },
     /// `umount2(target, flags)`.
-    Umount2 { target: CString, flags: i32 },
+    Umount2 {
+        target: CString,
+        flags: i32,
+    },
     /// `pivot_root(new_root, put_old)`.
-    PivotRoot { new_root: CString, put_old: CString },
+    PivotRoot {
+        new_root: CString,
+        put_old: CString,
+    },
     /// `chdir(path)`.
     Chdir(CString),
     /// `mkdir(path, mode)`.
@@ -40,7 +46,10 @@ pub enum Call {
     /// `readlink(path)`.
     Readlink(CString),
     /// `symlink(contents, link)`.
-    Symlink { contents: CString, link: CString },
+    Symlink {
+        contents: CString,
+        link: CString,
+    },
     /// `chmod(path, mode)`.
     Chmod(CString, u32),
     /// `sethostname`.
@@ -49,6 +58,7 @@ pub enum Call {
     Domainname(CString),
     /// `lo` up.
     LoopbackUp,
+    JoinNetwork(i32),
     /// `setsid`.
     Setsid,
     /// stdio onto the log fd.
@@ -216,6 +226,9 @@ impl Syscall for RecordingSyscalls {
     }
     fn loopback_up(&mut self) -> Result<(), Errno> {
         self.record(Call::LoopbackUp)
+    }
+    fn join_network(&mut self, fd: i32) -> Result<(), Errno> {
+        self.record(Call::JoinNetwork(fd))
     }
     fn setsid(&mut self) -> Result<(), Errno> {
         self.record(Call::Setsid)

@@ -87,6 +87,8 @@ pub trait Syscall {
     fn setdomainname(&mut self, name: &CStr) -> Result<(), Errno>;
     /// Sets `IFF_UP|IFF_LOOPBACK|IFF_RUNNING` on `lo` (the kernel then assigns 127.0.0.1 and ::1).
     fn loopback_up(&mut self) -> Result<(), Errno>;
+    /// `setns(fd, CLONE_NEWNET)`: joins the network namespace `fd` is open on.
+    fn join_network(&mut self, fd: i32) -> Result<(), Errno>;
     /// `setsid(2)`.
     fn setsid(&mut self) -> Result<(), Errno>;
     /// stdin from `/dev/null`, stdout and stderr onto `log_fd`.

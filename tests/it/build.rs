@@ -409,6 +409,65 @@ fn concurrent_builds_get_distinct_build_users() {
     assert_ne!(uid(&x).trim(), "0");
 }
 
+/// Network namespaces are made ahead of builds (`sandbox::netns`): each
+/// build must still get one of its own, never the host's nor an earlier
+/// build's, with only a loopback device, up. Each build leaves a TCP
+/// connection in TIME_WAIT (state that outlives its processes), which the
+/// next build would see if it shared the namespace.
+#[test]
+fn every_build_gets_a_fresh_network_namespace_with_only_loopback_up() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    // The server side may be an IPv6 socket: both tables count.
+    let script = "{ readlink /proc/self/ns/net; cat /proc/net/tcp /proc/net/tcp6 | grep -c ' 0[0-9A-F] ' || true; \
+        ip -o link show | sed 's/^[0-9]*: //' | cut -d' ' -f1-2; } > $out
+        nc -l -p 5000 > /dev/null &
+        i=0; until echo hi | nc 127.0.0.1 5000 2>/dev/null; do i=$((i+1)); [ $i -lt 50 ]; sleep 0.1; done
+        wait
+        cat /proc/net/tcp /proc/net/tcp6 | grep -q ' 06 '";
+    let drvs: Vec<String> = (0..4)
+        .map(|i| {
+            let n = i.to_string();
+            s.drv(
+                &format!("net{i}"),
+                Spec {
+                    script,
+                    env: &[("n", &n)],
+                    ..Spec::default()
+                },
+            )
+        })
+        .collect();
+    let args: Vec<&str> = ["-j", "1"]
+        .into_iter()
+        .chain(drvs.iter().map(String::as_str))
+        .collect();
+    let out = s.build(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let host = std::fs::read_link("/proc/self/ns/net").expect("host netns");
+    for d in &drvs {
+        let got = std::fs::read_to_string(s.real(&s.out(d))).expect("read output");
+        let lines: Vec<&str> = got.lines().collect();
+        assert_eq!(lines.len(), 3, "{got}");
+        assert!(lines[0].starts_with("net:["), "{got}");
+        assert_ne!(
+            Path::new(lines[0]),
+            host,
+            "a build ran in the host's network namespace"
+        );
+        assert_eq!(
+            lines[1].trim(),
+            "0",
+            "a build saw an earlier build's TCP state:\n{got}"
+        );
+        assert!(
+            lines[2].starts_with("lo: <LOOPBACK,UP"),
+            "only loopback, up: {got}"
+        );
+    }
+}
+
 #[test]
 fn two_processes_build_the_same_derivation_once() {
     let Some(s) = Store::ready(this_test!()) else {
