@@ -44,6 +44,8 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
@@ -233,6 +235,20 @@ pub struct LocalStore {
     _big_lock: Flock<File>,
     /// What checks a `.drv` before it becomes valid; `None` refuses them.
     drv_check: Option<Box<dyn DrvCheck>>,
+    /// The owner of the staged copies alive now, if any.
+    stager: Mutex<Weak<Stager>>,
+}
+
+/// The lock that marks staged copies as alive, one for all those alive at
+/// once (an import's batch): `<store>/.sandoff-stage-<owner>.lock`, the
+/// copies being `.sandoff-stage-<owner>-<n>`; it goes with the last of them.
+/// One lock per staged copy made every imported path create and delete a
+/// second file, and on ext4 without a journal every new inode skips those
+/// deleted in the last minute.
+struct Stager {
+    prefix: String,
+    _lock: PathLock,
+    next: AtomicU64,
 }
 
 /// A NAR restored into a temporary directory inside the store, not yet
@@ -245,7 +261,7 @@ pub struct StagedPath {
     pub nar_size: u64,
     /// Held while the staged copy exists, so that
     /// [`LocalStore::remove_stale_stages`] can tell it from a dead one.
-    _lock: Option<PathLock>,
+    _lock: Option<Arc<Stager>>,
 }
 
 impl Drop for StagedPath {
@@ -338,6 +354,7 @@ impl LocalStore {
             registry,
             _big_lock: big_lock,
             drv_check: None,
+            stager: Mutex::new(Weak::new()),
         })
     }
 
@@ -603,19 +620,35 @@ impl LocalStore {
 
     /// A staging path that does not exist yet, in the store directory.
     fn new_staged(&self) -> Result<StagedPath, StoreError> {
-        let mut rnd = [0u8; 12];
-        OsRng.fill_bytes(&mut rnd);
-        let suffix: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
-        let tmp = self
-            .loc
-            .real_store_dir()
-            .join(format!("{STAGE_PREFIX}{suffix}"));
-        let lock = PathLock::acquire(&tmp)?;
+        let dir = self.loc.real_store_dir();
+        let stager = {
+            let mut guard = self
+                .stager
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match guard.upgrade() {
+                Some(s) => s,
+                None => {
+                    let mut rnd = [0u8; 12];
+                    OsRng.fill_bytes(&mut rnd);
+                    let owner: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+                    let prefix = format!("{STAGE_PREFIX}{owner}");
+                    let stager = Arc::new(Stager {
+                        _lock: PathLock::acquire(&dir.join(&prefix))?,
+                        prefix,
+                        next: AtomicU64::new(0),
+                    });
+                    *guard = Arc::downgrade(&stager);
+                    stager
+                }
+            }
+        };
+        let n = stager.next.fetch_add(1, Ordering::Relaxed);
         Ok(StagedPath {
-            tmp,
+            tmp: dir.join(format!("{}-{n}", stager.prefix)),
             nar_hash: HashAlgo::Sha256.digest(b""),
             nar_size: 0,
-            _lock: Some(lock),
+            _lock: Some(stager),
         })
     }
 
@@ -625,21 +658,36 @@ impl LocalStore {
     /// rather than with every `open`.
     pub fn remove_stale_stages(&self) -> Result<usize, StoreError> {
         let dir = self.loc.real_store_dir();
-        let mut removed = 0;
+        // Staged copies by owner: `.sandoff-stage-<owner>[-<n>]`, locked by
+        // `.sandoff-stage-<owner>.lock` (one copy per owner before 2026-12).
+        let mut owners: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
         for entry in fs::read_dir(&dir).map_err(io_err("reading directory", &dir))? {
             let entry = entry.map_err(io_err("reading directory", &dir))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            let stage = name.strip_suffix(".lock").unwrap_or(name);
-            if !stage.starts_with(STAGE_PREFIX) || (stage != name && dir.join(stage).exists()) {
-                // A lock file whose stage exists is handled with the stage.
+            let Some(rest) = name.strip_prefix(STAGE_PREFIX) else {
                 continue;
+            };
+            let (owner, is_lock) = match rest.strip_suffix(".lock") {
+                Some(owner) => (owner, true),
+                None => (rest.split('-').next().unwrap_or(rest), false),
+            };
+            let stages = owners.entry(owner.to_owned()).or_default();
+            if !is_lock {
+                stages.push(dir.join(name));
             }
-            let path = dir.join(stage);
-            if let Some(_lock) = PathLock::try_acquire(&path)? {
-                remove_tree(&path).map_err(io_err("removing stale", &path))?;
-                removed += 1;
+        }
+        let mut removed = 0;
+        for (owner, stages) in owners {
+            let Some(_lock) = PathLock::try_acquire(&dir.join(format!("{STAGE_PREFIX}{owner}")))?
+            else {
+                continue;
+            };
+            for path in &stages {
+                remove_tree(path).map_err(io_err("removing stale", path))?;
             }
+            // A lock file left alone counts as one.
+            removed += stages.len().max(1);
         }
         Ok(removed)
     }
@@ -1937,11 +1985,17 @@ mod tests {
         assert_eq!(s.remove_stale_stages().unwrap(), 2);
         assert!(live.tmp.join("sub/empty").is_file());
         assert_eq!(stage_dirs(&s), vec![live.tmp.clone()]);
-        let lock = PathBuf::from(format!("{}.lock", live.tmp.display()));
+        // One lock for every copy this store stages, held while it is open.
+        let name = live.tmp.file_name().unwrap().to_str().unwrap();
+        let owner = name.rsplit_once('-').unwrap().0;
+        let lock = dir.join(format!("{owner}.lock"));
         assert!(lock.exists());
-        drop(live);
+        let second = s.stage_nar(&mut nar_of(&src).as_slice()).unwrap();
+        assert!(second.tmp.file_name().unwrap().to_str().unwrap().starts_with(owner));
+        assert_eq!(s.remove_stale_stages().unwrap(), 0, "live copies are kept");
+        drop((live, second));
         assert!(stage_dirs(&s).is_empty());
-        assert!(!lock.exists());
+        assert!(!lock.exists(), "the lock goes with the last copy");
     }
 
     #[test]
