@@ -178,6 +178,9 @@ struct ReadState {
     /// Buffers of written files, for reuse.
     spare: Vec<Vec<u8>>,
     stop: bool,
+    /// A reader panicked (a bug): the files it took are not coming, and the
+    /// dumping thread reads them itself rather than wait forever.
+    reader_lost: bool,
     /// The file the dumping thread waits for, if it waits.
     writer_waits: Option<u64>,
     idle_readers: usize,
@@ -202,8 +205,8 @@ impl Reads {
     }
 
     fn lock(&self) -> MutexGuard<'_, ReadState> {
-        // Every update under the lock is a single push, pop or store, so the
-        // state is consistent even if a holder panicked.
+        // Nothing under the lock panics short of a broken invariant (the
+        // `expect`s), so a poisoned state is still the last consistent one.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -216,7 +219,9 @@ impl Reads {
             st.done.push_back(None);
         }
         let wake = st.idle_readers.min(n.div_ceil(PREFETCH_CHUNK));
-        if wake == st.idle_readers {
+        if wake == 0 {
+            // Nobody sleeps: no futex call.
+        } else if wake == st.idle_readers {
             self.queued.notify_all();
         } else {
             for _ in 0..wake {
@@ -250,12 +255,16 @@ impl Reads {
 
     /// Stores what a chunk read; wakes the dumping thread if it waits for it.
     fn store(&self, st: &mut ReadState, chunk: &mut Chunk) {
-        // The chunk's files are still in `done`: the dumping thread pops
-        // only outcomes that are there.
-        let at = usize::try_from(chunk.first - st.first).expect("a taken file's slot");
         let n = chunk.read.len();
-        for (k, got) in chunk.read.drain(..).enumerate() {
-            st.done[at + k] = Some(got);
+        for (seq, got) in (chunk.first..).zip(chunk.read.drain(..)) {
+            // The dumping thread pops only outcomes that are there, unless a
+            // reader was lost: then it may have read this file itself.
+            if let Some(slot) = seq
+                .checked_sub(st.first)
+                .and_then(|k| st.done.get_mut(usize::try_from(k).ok()?))
+            {
+                *slot = Some(got);
+            }
         }
         if let Some(w) = st.writer_waits {
             if (chunk.first..chunk.first + n as u64).contains(&w) {
@@ -285,6 +294,11 @@ impl Reads {
                 self.store(&mut st, chunk);
                 continue;
             }
+            if st.reader_lost {
+                st.done.pop_front();
+                st.first += 1;
+                return Prefetched::Unread;
+            }
             st.writer_waits = Some(st.first);
             st = self.read.wait(st).unwrap_or_else(|e| e.into_inner());
             st.writer_waits = None;
@@ -293,6 +307,17 @@ impl Reads {
 
     /// Runs on each reader thread until the dump stops.
     fn reader(&self) {
+        /// Tells the dumping thread if this reader unwinds.
+        struct Lost<'a>(&'a Reads);
+        impl Drop for Lost<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.lock().reader_lost = true;
+                    self.0.read.notify_one();
+                }
+            }
+        }
+        let _lost = Lost(self);
         let mut chunk = Chunk::default();
         let mut st = self.lock();
         loop {
@@ -870,6 +895,33 @@ mod tests {
                     other => panic!("readers {readers}, {gone}: {other:?}"),
                 }
             }
+        }
+    }
+
+    /// A reader that dies (a bug) does not leave the dump waiting forever
+    /// for the files it took, nor breaks the readers that come after.
+    #[test]
+    fn files_of_a_lost_reader_are_left_to_the_dumping_thread() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..3 {
+            std::fs::write(tmp.path().join(format!("f{i}")), [i as u8; 5]).unwrap();
+        }
+        let cpath = CString::new(tmp.path().as_os_str().as_bytes()).unwrap();
+        let listed = open_dir(CWD, &cpath, &mut Vec::with_capacity(DIRENT_BUF_SIZE)).unwrap();
+        let reads = Reads::new();
+        reads.queue(&mut (0..3).map(|i| (Arc::clone(&listed), i)).collect());
+        // A reader takes all three and dies without storing them.
+        let mut taken = Chunk::default();
+        assert!(reads.take(&mut reads.lock(), &mut taken));
+        reads.lock().reader_lost = true;
+        let mut chunk = Chunk::default();
+        assert!(matches!(reads.next(None, &mut chunk), Prefetched::Unread));
+        // A late store of the same files lands only where still wanted.
+        reads.read_chunk(&mut taken);
+        reads.store(&mut reads.lock(), &mut taken);
+        match reads.next(None, &mut chunk) {
+            Prefetched::Read { data, .. } => assert_eq!(data, [1u8; 5]),
+            Prefetched::Unread => panic!("f1 was read"),
         }
     }
 }
