@@ -7,10 +7,11 @@
 //!
 //! * [`dump`] writes the NAR of a path, byte-identical to `nix-store --dump`.
 //!   It walks the tree with `openat`-relative calls on directory descriptors
-//!   (no path re-resolution per entry, no symlink ever followed), batches the
-//!   fixed tokens and small files into one large buffer, and reads file
-//!   contents straight into that buffer, so hashing a tree costs little more
-//!   than the system calls and the hash itself.
+//!   (no path re-resolution per entry, no symlink ever followed) and batches
+//!   the fixed tokens and small files into one large buffer; reader threads
+//!   read small files ahead in NAR order while the dumping thread writes and
+//!   hashes, so hashing a tree costs little more than the system calls,
+//!   spread over the cores, and the hash itself.
 //! * [`parse`] reads exactly one NAR from a stream, never a byte past its end
 //!   (a NAR is embedded in export streams and protocol messages), checks it
 //!   with the limits of current Nix (sorted names, name and target bounds,
@@ -62,12 +63,24 @@ const PIPELINE_MIN: u64 = 8 << 20;
 /// Chunk size and number of buffers of that pipeline.
 const PIPELINE_CHUNK: usize = 1 << 20;
 const PIPELINE_BUFS: usize = 3;
-/// Directories with at least this many regular files share the reading of
-/// files up to `PREFETCH_MAX_SIZE` with a helper thread, which stays at most
-/// `PREFETCH_AHEAD` files ahead.
+/// Reading ahead in a directory tree (see `dump.rs`): reader threads start
+/// once the walk has queued `PREFETCH_MIN_FILES` regular files (a small
+/// output is dumped on one thread); they read files of up to
+/// `PREFETCH_MAX_SIZE` bytes whole, taking `PREFETCH_CHUNK` files at a time,
+/// at most `PREFETCH_AHEAD` files ahead of the writing. Memory held for
+/// files read ahead is thus bounded by about (`PREFETCH_AHEAD` +
+/// `MAX_READERS` x `PREFETCH_CHUNK`) x `PREFETCH_MAX_SIZE` = 5 MiB.
 const PREFETCH_MIN_FILES: usize = 16;
-const PREFETCH_MAX_SIZE: usize = 64 << 10;
-const PREFETCH_AHEAD: usize = 64;
+const PREFETCH_MAX_SIZE: usize = 32 << 10;
+const PREFETCH_AHEAD: usize = 128;
+const PREFETCH_CHUNK: usize = 8;
+/// At most this many reader threads, whatever the number of cores.
+const MAX_READERS: usize = 3;
+/// The walk also stops ahead at this many directories not yet written (each
+/// holds a descriptor; the walk's own path of at most `MAX_DEPTH` aside) or
+/// this many queued events.
+const MAX_DIRS_AHEAD: usize = 32;
+const MAX_EVENTS: usize = 1024;
 /// `getdents64` buffer; entries are copied out before recursing.
 const DIRENT_BUF_SIZE: usize = 32 << 10;
 
@@ -489,6 +502,70 @@ mod tests {
         );
         materialise(&tmp.path().join("t"), &t);
         assert_eq!(dump_to_vec(&tmp.path().join("t")).unwrap(), nar(&t));
+    }
+
+    /// A tree shaped like a large package output, with what the read-ahead
+    /// must get right: many small and empty files, executables, symlinks,
+    /// empty and nested directories, files around the read-ahead size limit,
+    /// more files than are read ahead and more directories than are listed
+    /// ahead.
+    fn many_small_files() -> T {
+        let mut seed = 42u64;
+        let mut next = move |n: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % n
+        };
+        let mut top = Vec::new();
+        for d in 0..(MAX_DIRS_AHEAD + 9) {
+            let mut entries = Vec::new();
+            for f in 0..(d * 7 % 40) {
+                let size = match f % 13 {
+                    0 => 0,
+                    1 => PREFETCH_MAX_SIZE,
+                    2 if d % 5 == 0 => PREFETCH_MAX_SIZE + 1,
+                    _ => next(3000),
+                };
+                let data = (0..size).map(|_| next(256) as u8).collect();
+                entries.push((
+                    format!("f{f:02}"),
+                    T::File {
+                        exec: f % 4 == 0,
+                        data,
+                    },
+                ));
+            }
+            if d % 3 == 0 {
+                entries.push(("link".into(), T::Link(b"f00".to_vec())));
+                entries.push(("empty".into(), dir(&[])));
+            }
+            if d % 4 == 1 {
+                entries.push(("nested".into(), chain(d % 9 + 1)));
+            }
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            let entries = entries
+                .into_iter()
+                .map(|(n, t)| (n.into_bytes(), t))
+                .collect();
+            top.push((format!("d{d:02}").into_bytes(), T::Dir(entries)));
+        }
+        top.push((b"z-last".to_vec(), file(b"after all directories")));
+        T::Dir(top)
+    }
+
+    #[test]
+    fn dumps_many_small_files_the_same_with_and_without_readers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = many_small_files();
+        materialise(&tmp.path().join("t"), &t);
+        let want = nar(&t);
+        for readers in [0, 1, MAX_READERS] {
+            let mut got = Vec::new();
+            dump::dump_with(&tmp.path().join("t"), &mut got, readers).unwrap();
+            assert!(got == want, "readers: {readers}");
+        }
+        assert!(dump_to_vec(&tmp.path().join("t")).unwrap() == want);
     }
 
     #[test]
