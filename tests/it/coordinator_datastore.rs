@@ -486,6 +486,59 @@ fn infra(msg: &str) -> Setback {
     }
 }
 
+// --- PostgreSQL's own --------------------------------------------------------
+
+/// A connection the server ended (a restart, an administrator) is found
+/// out at the next call, which runs on a new one: no call fails for it.
+#[test]
+fn a_postgresql_connection_the_server_ended_is_replaced_at_the_next_call() {
+    let Some(db) = Db::new(Backend::Postgres, crate::this_test!()) else {
+        return;
+    };
+    let ds = db.open();
+    let a = agent(&ds, "a1");
+    let ended = db.int(
+        "select count(pg_terminate_backend(pid)) from pg_stat_activity \
+         where datname = current_database() and pid <> pg_backend_pid()",
+    );
+    assert_eq!(ended, 1, "the datastore's one connection");
+    assert_eq!(ds.agents().expect("a read after the end").len(), 1);
+    db.int(
+        "select count(pg_terminate_backend(pid)) from pg_stat_activity \
+         where datname = current_database() and pid <> pg_backend_pid()",
+    );
+    ds.agent_set_enabled(&a, false)
+        .expect("a write after the end");
+    assert!(!ds.agents().unwrap()[0].enabled);
+}
+
+/// The `postgres` client runs a small tokio runtime of its own; the
+/// datastore must still open on a blocking thread of the server's runtime
+/// and be dropped inside async code (where dropping a runtime panics).
+#[test]
+fn a_postgresql_datastore_opens_in_the_blocking_pool_and_drops_in_async_code() {
+    let Some(db) = Db::new(Backend::Postgres, crate::this_test!()) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let url = db.url.clone();
+        let ds = tokio::task::spawn_blocking(move || {
+            let ds = datastore::open(&url, policy()).expect("open");
+            ds.agent_new(&AgentId::new("a1").unwrap(), 0)
+                .expect("a call");
+            ds
+        })
+        .await
+        .expect("the blocking task");
+        drop(ds);
+    });
+}
+
 // --- submission -----------------------------------------------------------
 
 fn submit_creates_builds_for_missing_dependencies(db: &Db) {

@@ -147,7 +147,6 @@ impl Conn {
     /// Makes the connection anew if there is none or it broke.
     fn connect(&mut self) -> Result<(), postgres::Error> {
         if self.client.as_ref().is_some_and(Client::is_closed) {
-            tracing::warn!("datastore: the PostgreSQL connection closed; reconnecting");
             self.drop_client();
         }
         if self.client.is_none() {
@@ -201,31 +200,52 @@ fn run_on<T>(
     write: bool,
     f: impl FnOnce(&dyn Sql) -> Result<T, DatastoreError>,
 ) -> Result<T, DatastoreError> {
-    conn.connect()?;
-    let Conn {
-        client, statements, ..
-    } = conn;
-    let client = client.as_mut().expect("connected just above");
-    let mut tx = if write {
+    let mut retried = false;
+    loop {
+        conn.connect()?;
+        let Conn {
+            client, statements, ..
+        } = &mut *conn;
+        let client = client.as_mut().expect("connected just above");
+        let broke = match begin(client, write) {
+            Ok(mut tx) => {
+                let out = f(&Tx {
+                    tx: RefCell::new(&mut tx),
+                    statements: RefCell::new(statements),
+                })?;
+                tx.commit()?;
+                return Ok(out);
+            }
+            Err(e) => e,
+        };
+        // A connection that broke since the last call (the server
+        // restarted) shows only when used. Nothing of this call ran yet,
+        // so it is tried once more on a new connection.
+        if retried || !conn.client.as_ref().is_some_and(Client::is_closed) {
+            return Err(broke.into());
+        }
+        tracing::warn!(error = %broke, "datastore: the PostgreSQL connection broke; reconnecting");
+        conn.drop_client();
+        retried = true;
+    }
+}
+
+/// Begins a transaction: a writing one takes [`WRITE_LOCK`] first.
+fn begin(client: &mut Client, write: bool) -> Result<postgres::Transaction<'_>, postgres::Error> {
+    if write {
         let mut tx = client
             .build_transaction()
             .isolation_level(IsolationLevel::ReadCommitted)
             .start()?;
         tx.execute("select pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
-        tx
+        Ok(tx)
     } else {
         client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
             .read_only(true)
-            .start()?
-    };
-    let out = f(&Tx {
-        tx: RefCell::new(&mut tx),
-        statements: RefCell::new(statements),
-    })?;
-    tx.commit()?;
-    Ok(out)
+            .start()
+    }
 }
 
 impl Transactions for Postgres {
