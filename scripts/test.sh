@@ -40,36 +40,16 @@ cargo check --quiet --manifest-path fuzz/Cargo.toml
 # --all-targets: unit, integration and bin tests (there are no doc-tests), so
 # the last result line is a real suite, not an empty doc-test run.
 log=$(mktemp)
-pg_dir=
+# shellcheck source=scripts/lib/postgres.sh
+. scripts/lib/postgres.sh
 cleanup() {
-    # Stopped by its data directory (pg_ctl reads the postmaster's pid
-    # there), never by name: other servers on this machine stay up.
-    if [ -n "$pg_dir" ]; then
-        if [ -f "$pg_dir/data/postmaster.pid" ]; then
-            runuser -u postgres -- "$pg_bin/pg_ctl" stop -D "$pg_dir/data" -m immediate -s || true
-        fi
-        rm -rf "$pg_dir"
-    fi
+    pg_private_stop
     rm -f "$log"
 }
 trap cleanup EXIT
-
-# A private PostgreSQL server for this run: a fresh cluster in a temporary
-# directory, listening on a unix socket there only (no TCP), owned by the
-# `postgres` user (initdb refuses root). Debian's package may have created
-# and started a `main` cluster; the tests do not use it.
-pg_bin=/usr/lib/postgresql/15/bin
-if [ -z "${SANDOFF_TEST_POSTGRES:-}" ] && [ "$(id -u)" = 0 ] && [ -x "$pg_bin/initdb" ] && id postgres >/dev/null 2>&1; then
-    pg_dir=$(mktemp -d /tmp/sandoff-pg.XXXXXX)
-    chmod 755 "$pg_dir"
-    mkdir "$pg_dir/sock"
-    chown postgres: "$pg_dir/sock"
-    chown postgres: "$pg_dir"
-    runuser -u postgres -- "$pg_bin/initdb" -D "$pg_dir/data" -U postgres -A trust --no-instructions >/dev/null
-    runuser -u postgres -- "$pg_bin/pg_ctl" start -w -s -D "$pg_dir/data" -l "$pg_dir/server.log" \
-        -o "-c listen_addresses='' -k $pg_dir/sock -c max_connections=200"
-    export SANDOFF_TEST_POSTGRES="postgresql:///postgres?host=$pg_dir/sock&user=postgres"
-elif [ -z "${SANDOFF_TEST_POSTGRES:-}" ]; then
+# The coordinator's datastore tests run against SQLite and PostgreSQL: a
+# private server for this run, unless SANDOFF_TEST_POSTGRES names one.
+if [ -z "${SANDOFF_TEST_POSTGRES:-}" ] && ! pg_private_start; then
     echo "not root or no PostgreSQL 15: not starting a server; the PostgreSQL datastore tests print SKIP" >&2
 fi
 status=0

@@ -95,6 +95,11 @@ impl Db {
                     return None;
                 }
                 let server = server.expect("checked by require");
+                // bench/coordinator/alloc.sh --postgres names the
+                // benchmark's database, kept for a real coordinator next.
+                let keep = std::env::var("SANDOFF_BENCH_KEEP_DB")
+                    .ok()
+                    .filter(|_| test.contains("::allocate_from_"));
                 static NEXT: AtomicUsize = AtomicUsize::new(0);
                 let short: String = test
                     .rsplit("::")
@@ -103,19 +108,28 @@ impl Db {
                     .chars()
                     .take(32)
                     .collect();
-                let name = format!(
-                    "t{}_{}_{short}",
-                    std::process::id(),
-                    NEXT.fetch_add(1, Ordering::Relaxed)
-                );
-                pg_connect(&server)
-                    .batch_execute(&format!("create database \"{name}\""))
-                    .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+                let name = keep.clone().unwrap_or_else(|| {
+                    format!(
+                        "t{}_{}_{short}",
+                        std::process::id(),
+                        NEXT.fetch_add(1, Ordering::Relaxed)
+                    )
+                });
+                let mut admin = pg_connect(&server);
+                // One statement each: neither runs inside a transaction.
+                for sql in [
+                    format!("drop database if exists \"{name}\" with (force)"),
+                    format!("create database \"{name}\""),
+                ] {
+                    admin
+                        .batch_execute(&sql)
+                        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                }
                 Some(Db {
                     url: with_database(&server, &name),
                     backend,
                     _dir: None,
-                    created: Some((server, name)),
+                    created: keep.is_none().then_some((server, name)),
                 })
             }
         }
@@ -497,16 +511,17 @@ fn a_postgresql_connection_the_server_ended_is_replaced_at_the_next_call() {
     };
     let ds = db.open();
     let a = agent(&ds, "a1");
-    let ended = db.int(
-        "select count(pg_terminate_backend(pid)) from pg_stat_activity \
-         where datname = current_database() and pid <> pg_backend_pid()",
-    );
-    assert_eq!(ended, 1, "the datastore's one connection");
+    // With a timeout, pg_terminate_backend waits until the backend is gone
+    // (else the next call could begin before it went, and fail mid-way).
+    // (Materialised first, so that the test's own connection is never
+    // among those ended, whatever order the planner evaluates in.)
+    let end_it = "with others as materialized (select pid from pg_stat_activity \
+         where datname = current_database() and pid <> pg_backend_pid() \
+         and backend_type = 'client backend') \
+         select count(*) from others where pg_terminate_backend(pid, 60000)";
+    assert_eq!(db.int(end_it), 1, "the datastore's one connection");
     assert_eq!(ds.agents().expect("a read after the end").len(), 1);
-    db.int(
-        "select count(pg_terminate_backend(pid)) from pg_stat_activity \
-         where datname = current_database() and pid <> pg_backend_pid()",
-    );
+    assert_eq!(db.int(end_it), 1);
     ds.agent_set_enabled(&a, false)
         .expect("a write after the end");
     assert!(!ds.agents().unwrap()[0].enabled);
