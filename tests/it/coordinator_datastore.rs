@@ -330,6 +330,7 @@ conformance! {
     leases_are_the_builds_still_held_and_only_by_their_agent,
     cancel_takes_the_builds_that_need_it,
     builds_lists_newest_first_with_filters,
+    builds_lists_across_pages,
     tokens_are_found_by_hash_until_expired_revoked_or_disabled,
     reopening_a_file_keeps_everything,
     two_connections_never_lease_one_build_twice,
@@ -1258,6 +1259,42 @@ fn cancel_takes_the_builds_that_need_it(db: &Db) {
         ds.dependencies(ghost),
         Err(DatastoreError::NoBuild(_))
     ));
+}
+
+/// Listing reads pages of builds; a tag filter that skips most of them
+/// still finds the oldest, and limits cut across pages.
+fn builds_lists_across_pages(db: &Db) {
+    let ds = db.open();
+    ds.put_derivations(&[drv("tagged", &[])]).unwrap();
+    let tagged = ds
+        .submit(
+            &[NewBuild {
+                tags: BTreeMap::from([("job".to_owned(), "old".to_owned())]),
+                ..new_build("tagged", 0)
+            }],
+            0,
+        )
+        .unwrap()[0]
+        .id;
+    db.fill_queue(1_200);
+    let all = ds.builds(&BuildFilter::default()).unwrap();
+    assert_eq!(all.len(), 1_201);
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+    let some = ds
+        .builds(&BuildFilter {
+            limit: 700,
+            ..BuildFilter::default()
+        })
+        .unwrap();
+    assert_eq!(some, all[..700]);
+    let found = ds
+        .builds(&BuildFilter {
+            tag: Some(("job".to_owned(), "old".to_owned())),
+            limit: 1,
+            ..BuildFilter::default()
+        })
+        .unwrap();
+    assert_eq!(found.iter().map(|b| b.id).collect::<Vec<_>>(), [tagged]);
 }
 
 fn builds_lists_newest_first_with_filters(db: &Db) {

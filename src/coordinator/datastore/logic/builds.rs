@@ -303,16 +303,20 @@ pub(super) fn list(
         sql.push_str(&format!(" and drv = ?{}", args.len()));
     }
     // Keyset pages, newest first: a `limit` stops reading early even when
-    // the tag filter (applied here) skips rows.
-    let page = if filter.limit == 0 {
+    // the tag filter (applied here) skips rows; without a tag, the first
+    // page is the answer.
+    let page = if filter.limit == 0 || filter.tag.is_some() {
         PAGE
     } else {
         filter.limit.min(PAGE)
     };
+    // Both as parameters: PostgreSQL keeps each distinct SQL text prepared.
     args.push(i64::MAX.into());
     let before = args.len();
+    args.push(i64::try_from(page).unwrap_or(i64::MAX).into());
     sql.push_str(&format!(
-        " and id < ?{before} order by id desc limit {page}"
+        " and id < ?{before} order by id desc limit ?{}",
+        before + 1
     ));
     let mut out = Vec::new();
     loop {

@@ -30,6 +30,9 @@ use super::{DatastoreError, RetryPolicy};
 /// How long a call waits for another process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How many prepared statements the connection keeps.
+const STATEMENT_CACHE: usize = 128;
+
 /// The coordinator's datastore in SQLite.
 pub type SqliteDatastore = Store<Sqlite>;
 
@@ -60,6 +63,9 @@ impl SqliteDatastore {
 
     fn over(conn: Connection, retry: RetryPolicy) -> Result<SqliteDatastore, DatastoreError> {
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Every statement of the logic goes through the cache (rusqlite's
+        // default keeps 16); they are a few dozen.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         // FULL: in WAL mode NORMAL may lose the last transactions on power
         // loss, and a lost result would be built again (or a lost submission
         // never built).
