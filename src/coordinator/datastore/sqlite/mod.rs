@@ -4,7 +4,7 @@
 //!
 //! Durability: WAL with `synchronous = FULL`, so a transaction that
 //! returned is on disk and survives kill -9 and power loss; every
-//! [`Datastore`] method is one transaction (`BEGIN IMMEDIATE` when it
+//! [`Datastore`](super::Datastore) method is one transaction (`BEGIN IMMEDIATE` when it
 //! writes, so no read-check-write races another process), and an error
 //! rolls all of it back.
 //!
