@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
-mod logic;
+pub mod logic;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;

@@ -15,7 +15,7 @@
 //!   that build (`created: false`, `failed`) unless `retry`.
 //! - When the closure (without `retry`) holds a derivation whose latest
 //!   build failed, only the submitted build is created, failed at once with
-//!   "dependency failed: <that drv>"; nothing else is queued for it.
+//!   `dependency failed: <that drv>`; nothing else is queued for it.
 //!   Submitted again while that is still so, the same failed build is
 //!   the answer (`created: false`).
 //! - A build failed only because a dependency failed (`failed_dependency`)

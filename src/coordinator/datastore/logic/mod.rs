@@ -1,4 +1,4 @@
-//! The scheduling logic, written once over [`Sql`] for every backend:
+//! The scheduling logic, written once over [`Sql`](super::sql::Sql) for every backend:
 //! [`Store`] implements [`Datastore`] for any database that can run a
 //! closure as a transaction ([`Transactions`]).
 //!
