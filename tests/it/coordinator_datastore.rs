@@ -335,6 +335,7 @@ conformance! {
     reopening_a_file_keeps_everything,
     two_connections_never_lease_one_build_twice,
     a_newer_schema_is_refused,
+    a_version_1_database_is_migrated_keeping_its_rows,
     #[ignore = "fills 100,000 builds; run by bench/coordinator/alloc.sh"]
     allocate_from_100k_queued_builds,
     #[ignore = "fills 200,000 builds; run by bench/coordinator/alloc.sh"]
@@ -1474,6 +1475,41 @@ fn two_connections_never_lease_one_build_twice(db: &Db) {
     let all: Vec<BuildId> = leased.concat();
     let distinct: BTreeSet<BuildId> = all.iter().copied().collect();
     assert_eq!((all.len(), distinct.len()), (60, 60), "{leased:?}");
+}
+
+/// A database written at version 1 (before the event outbox) is brought to
+/// the current version on open, its rows kept, and works in full.
+fn a_version_1_database_is_migrated_keeping_its_rows(db: &Db) {
+    let migrations = match db.backend {
+        Backend::Sqlite => datastore::sqlite::schema::MIGRATIONS,
+        Backend::Postgres => datastore::postgres::schema::MIGRATIONS,
+    };
+    db.sql(&format!(
+        "{}; create table schema_version (version bigint not null); \
+         insert into schema_version (version) values (1); \
+         insert into agents (id, enabled, systems, features, max_parallel_builds, created_at) \
+         values ('old', true, '[]', '[]', 0, 7)",
+        migrations[0]
+    ));
+    let ds = db.open();
+    assert_eq!(
+        db.int("select max(version) from schema_version"),
+        db.known_version()
+    );
+    assert_eq!(db.int("select count(*) from schema_version"), 1);
+    let agents = ds.agents().unwrap();
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0].id.as_str(), "old");
+    // Version 2's tables work: an event, a hook's progress, a counter.
+    ds.put_derivations(&[drv("p", &[])]).unwrap();
+    submit(&ds, "p", 0, 1);
+    assert_eq!(ds.events_after(0, 10).unwrap().len(), 1);
+    assert_eq!(
+        ds.hook_progress("h").unwrap().cursor,
+        ds.last_event_id().unwrap()
+    );
+    ds.cache_add(&[cached(out("q"))]).unwrap();
+    assert_eq!(ds.metrics().unwrap().counters["bytes_uploaded"], 50);
 }
 
 fn a_newer_schema_is_refused(db: &Db) {
