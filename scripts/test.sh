@@ -5,11 +5,12 @@
 # iproute2 (test build hosts, some in network namespaces), openssl (a test
 # certificate for the coordinator), gcc and libc6-dev
 # (static probes compiled for the sandbox tests), chromium (headless, for the
-# coordinator's web page).
+# coordinator's web page), postgresql (the coordinator's datastore tests run
+# against SQLite and a private PostgreSQL server started below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nix-bin busybox-static sqlite3 pkg-config libssl-dev openssl jq guile-3.0 openssh-server iproute2 gcc libc6-dev tmux curl bc chromium)
+packages=(nix-bin busybox-static sqlite3 pkg-config libssl-dev openssl jq guile-3.0 openssh-server iproute2 gcc libc6-dev tmux curl bc chromium postgresql)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${packages[@]}"; do
@@ -39,7 +40,18 @@ cargo check --quiet --manifest-path fuzz/Cargo.toml
 # --all-targets: unit, integration and bin tests (there are no doc-tests), so
 # the last result line is a real suite, not an empty doc-test run.
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# shellcheck source=scripts/lib/postgres.sh
+. scripts/lib/postgres.sh
+cleanup() {
+    pg_private_stop
+    rm -f "$log"
+}
+trap cleanup EXIT
+# The coordinator's datastore tests run against SQLite and PostgreSQL: a
+# private server for this run, unless SANDOFF_TEST_POSTGRES names one.
+if [ -z "${SANDOFF_TEST_POSTGRES:-}" ] && ! pg_private_start; then
+    echo "not root or no PostgreSQL 15: not starting a server; the PostgreSQL datastore tests print SKIP" >&2
+fi
 status=0
 cargo test --locked --no-fail-fast --all-targets 2>&1 | tee "$log" || status=$?
 # One plain closing line over every test binary. Skipped: tests that printed

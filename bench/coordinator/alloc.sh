@@ -2,9 +2,11 @@
 # Issue 15's allocation benchmark: one agent request (allocate) against a
 # datastore of 100,000 queued builds, on a file database in WAL mode with
 # synchronous=FULL (as the coordinator runs it). Target: under 50 ms.
+# `--postgres`: the same on PostgreSQL 15 (issue 16), on a private server
+# this script starts (as root; or the one SANDOFF_TEST_POSTGRES names).
 #
 # 1. The datastore alone, in release mode (ignored tests in
-#    src/coordinator/datastore/sqlite/tests.rs):
+#    tests/it/coordinator_datastore.rs):
 #    - allocate_from_100k_queued_builds: 100,000 ready builds, 4 free slots,
 #      three requests in a row, then an agent of a system nobody needs;
 #    - allocate_past_100k_builds_the_agent_cannot_take: the best 100,000 are
@@ -19,14 +21,40 @@ cd "$repo"
 for p in curl jq; do
     command -v "$p" >/dev/null || { echo "needs $p (apt-get install curl jq)" >&2; exit 1; }
 done
+backend=sqlite
+if [ "${1:-}" = --postgres ]; then
+    backend=postgres
+    shift
+fi
 work=$(mktemp -d /tmp/sandoff-bench-alloc.XXXXXX)
 pid=
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+# shellcheck source=scripts/lib/postgres.sh
+. scripts/lib/postgres.sh
+cleanup() {
+    [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
+    wait 2>/dev/null
+    pg_private_stop
+    rm -rf "$work"
+}
 trap cleanup EXIT
 
-echo "== the datastore alone"
-SANDOFF_BENCH_KEEP_DB="$work/coordinator.db" cargo test --release --quiet --lib \
-    coordinator::datastore::sqlite::tests::allocate_ -- --ignored --nocapture --test-threads 1 "$@" \
+if [ "$backend" = postgres ]; then
+    if [ -z "${SANDOFF_TEST_POSTGRES:-}" ]; then
+        pg_private_start || { echo "needs root and PostgreSQL 15 (apt-get install postgresql), or SANDOFF_TEST_POSTGRES" >&2; exit 1; }
+    fi
+    # Kept after the run on a server named by SANDOFF_TEST_POSTGRES (drop it
+    # there by hand); a private server goes with its directory.
+    keep=sandoff_bench_alloc
+    # The benchmark's database on the same server (the URI's database swapped).
+    db=$(printf '%s' "$SANDOFF_TEST_POSTGRES" | sed -E "s|^(postgres(ql)?://[^/?]*)(/[^?]*)?|\1/$keep|")
+else
+    keep="$work/coordinator.db"
+    db="sqlite://$keep"
+fi
+
+echo "== the datastore alone ($backend)"
+SANDOFF_BENCH_KEEP_DB="$keep" cargo test --release --quiet --test it \
+    "coordinator_datastore::$backend::allocate_" -- --ignored --nocapture --test-threads 1 "$@" \
     2>&1 | grep -E "filled|allocate|ms"
 
 echo "== over HTTP, a coordinator on the same database"
@@ -34,7 +62,6 @@ cargo build --release --quiet
 sandoff="$repo/target/release/sandoff"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ap=$(free_port); cp=$(free_port)
-db="sqlite://$work/coordinator.db"
 "$sandoff" coordinator tokens new --role admin --datastore "$db" > "$work/admin" 2>/dev/null
 "$sandoff" --store-dir /gnu/store coordinator --datastore "$db" --agent-listen "127.0.0.1:$ap" \
     --client-listen "127.0.0.1:$cp" --cache-dir "$work/cache" --secret-key-file "$work/key" \

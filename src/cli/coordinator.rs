@@ -43,7 +43,8 @@ pub struct CoordinatorArgs {
 /// Options of the coordinator process.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// The datastore: sqlite:///PATH.
+    /// The datastore: sqlite:///PATH, or a PostgreSQL URI (postgresql://USER@HOST/DB,
+    /// postgresql:///DB?host=/run/postgresql; no TLS).
     #[arg(
         long,
         env = "SANDOFF_COORDINATOR_DATASTORE",
@@ -301,7 +302,7 @@ enum TokensCommand {
         role: Role,
         #[arg(long)]
         expires_in: Option<i64>,
-        /// sqlite:///PATH of the coordinator's datastore.
+        /// The coordinator's datastore (sqlite:///PATH or postgresql://…).
         #[arg(long)]
         datastore: Option<String>,
     },

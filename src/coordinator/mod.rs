@@ -8,7 +8,8 @@
 //!   what it knows of a derivation), plain data shared by the rest.
 //! - [`datastore`]: where the queue, the agents, the tokens and the index
 //!   of the cache live: one [`datastore::Datastore`] interface, SQLite
-//!   behind it ([`datastore::sqlite`]); scheduling (effective priorities,
+//!   ([`datastore::sqlite`]) or PostgreSQL ([`datastore::postgres`]) behind
+//!   it, one scheduling logic for both; scheduling (effective priorities,
 //!   critical paths, leases, retries) is decided there in transactions.
 //! - [`cache`]: the binary cache under `--cache-dir` and the checks every
 //!   NAR passes before it enters it (uploads from clients and agents,

@@ -38,6 +38,9 @@ pub(crate) struct Farm {
     pub(crate) reader: PathBuf,
     /// More arguments for the coordinator, used from its next start on.
     pub(crate) extra_args: Vec<String>,
+    /// A PostgreSQL database as the datastore (else a SQLite file); dropped
+    /// after the processes are killed.
+    database: Option<crate::coordinator_datastore::Db>,
 }
 
 fn free_port() -> u16 {
@@ -56,6 +59,15 @@ impl Farm {
 
     /// Starts a coordinator with more arguments (hooks, metrics).
     pub(crate) fn start_with(lease_secs: u32, extra_args: &[String]) -> Farm {
+        Farm::start_on(lease_secs, extra_args, None)
+    }
+
+    /// Starts a coordinator on `database` (else a SQLite file).
+    pub(crate) fn start_on(
+        lease_secs: u32,
+        extra_args: &[String],
+        database: Option<crate::coordinator_datastore::Db>,
+    ) -> Farm {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut farm = Farm {
             admin: tmp.path().join("admin.token"),
@@ -69,6 +81,7 @@ impl Farm {
             key: String::new(),
             agents: Vec::new(),
             extra_args: extra_args.to_vec(),
+            database,
         };
         for (role, file) in [
             ("admin", &farm.admin),
@@ -91,7 +104,10 @@ impl Farm {
     }
 
     fn datastore(&self) -> String {
-        format!("sqlite://{}/coordinator.db", self.tmp.path().display())
+        match &self.database {
+            Some(db) => db.url.clone(),
+            None => format!("sqlite://{}/coordinator.db", self.tmp.path().display()),
+        }
     }
 
     pub(crate) fn client_url(&self) -> String {
@@ -497,10 +513,30 @@ fn a_killed_coordinator_restarts_with_nothing_lost_and_nothing_built_twice() {
     if !ready(test) {
         return;
     }
+    killed_coordinator_loses_nothing(Farm::start(10));
+}
+
+/// The same on PostgreSQL: the coordinator process, its restart and the
+/// CLI's `tokens new` go through `--datastore postgresql://…`.
+#[test]
+fn a_killed_coordinator_on_postgresql_restarts_with_nothing_lost_and_nothing_built_twice() {
+    use crate::coordinator_datastore::{Backend, Db};
+    let test = this_test!();
+    if !ready(test) {
+        return;
+    }
+    let Some(db) = Db::new(Backend::Postgres, test) else {
+        return;
+    };
+    killed_coordinator_loses_nothing(Farm::start_on(10, &[], Some(db)));
+}
+
+/// A graph of 12 builds submitted, the coordinator killed -9 after a first
+/// success and restarted: every build completes, none is built twice.
+fn killed_coordinator_loses_nothing(mut farm: Farm) {
     let store = Store::new();
     let layers = graph(&store, "r", 3, 4, "1");
     let tops: Vec<&str> = layers[2].iter().map(String::as_str).collect();
-    let mut farm = Farm::start(10);
     farm.submit(&store, &tops, &[]);
     farm.add_agent("a1", 2);
     support::wait_for("a first success", || {

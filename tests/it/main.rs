@@ -8,6 +8,7 @@ mod client;
 mod compress;
 mod coordinator;
 mod coordinator_cache;
+mod coordinator_datastore;
 mod coordinator_web;
 mod daemon_store;
 mod daemons;

@@ -1,8 +1,11 @@
 //! Where the coordinator keeps everything that must survive a restart: the
 //! derivations it knows, the builds and their dependencies, the agents,
 //! the tokens (hashed) and the index of the cache. One interface,
-//! [`Datastore`]; SQLite behind it ([`sqlite`]), a PostgreSQL backend can
-//! implement it next.
+//! [`Datastore`], two backends: SQLite ([`sqlite`], one file) and
+//! PostgreSQL ([`postgres`], for farms that outgrow one file). The
+//! scheduling logic is written once ([`logic`]) over a small SQL interface
+//! ([`sql`]) each backend implements; each backend has its own schema
+//! migrations with the same version numbers.
 //!
 //! Scheduling decisions are made here, each in one transaction, so that a
 //! crash between two steps cannot lose or duplicate a build: which builds
@@ -15,15 +18,23 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
+pub mod logic;
+pub mod postgres;
+pub mod sql;
 pub mod sqlite;
+
+pub use logic::leases::{FEATURE_SETS, READY};
+pub use logic::schema::{known_version, version};
+pub use logic::Store;
 
 use super::model::{
     AgentId, AgentOffer, AgentRecord, BuildId, BuildRecord, BuildState, CachedPath, DrvRecord,
     Event, Expiry, NewBuild, Principal, Setback, Submitted, TokenRecord,
 };
 
-/// Why a datastore call failed. Every variant but `Sqlite`/`Corrupt` is the
-/// caller's mistake and changed nothing.
+/// Why a datastore call failed. The variants from `Sqlite` to `Corrupt` are
+/// the database's or the setup's; every other one is the caller's mistake
+/// and changed nothing.
 #[derive(Debug, Error)]
 pub enum DatastoreError {
     #[error("datastore: {source}")]
@@ -37,7 +48,27 @@ pub enum DatastoreError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("datastore: unsupported URL '{0}' (use sqlite:///PATH)")]
+    #[error("datastore: {source}")]
+    Postgres {
+        #[from]
+        source: ::postgres::Error,
+    },
+    #[error("datastore: cannot connect to '{url}': {source}")]
+    PostgresConnect {
+        /// The URL, its password hidden.
+        url: String,
+        #[source]
+        source: ::postgres::Error,
+    },
+    #[error("datastore: bad PostgreSQL URL '{url}': {source}")]
+    PostgresUrl {
+        url: String,
+        #[source]
+        source: ::postgres::Error,
+    },
+    #[error("datastore: '{url}' asks for TLS, which sandoff does not speak to PostgreSQL (use a local socket, e.g. postgresql:///DB?host=/run/postgresql, or a trusted network with sslmode=disable)")]
+    PostgresTls { url: String },
+    #[error("datastore: unsupported URL '{0}' (use sqlite:///PATH or postgresql://…)")]
     Url(String),
     #[error("datastore: schema version {found} is newer than this sandoff knows ({known})")]
     SchemaTooNew { found: i64, known: i64 },
@@ -326,14 +357,18 @@ pub trait Datastore: Send + Sync {
     fn metrics(&self) -> Result<MetricsSnapshot, DatastoreError>;
 }
 
-/// Opens the datastore a `--datastore` URL names (`sqlite:///PATH`),
-/// creating or migrating its schema.
+/// Opens the datastore a `--datastore` URL names (`sqlite:///PATH`, or a
+/// PostgreSQL URI `postgresql://…`/`postgres://…`), creating or migrating
+/// its schema. Blocking: call it outside async code.
 pub fn open(url: &str, retry: RetryPolicy) -> Result<Box<dyn Datastore>, DatastoreError> {
+    if url.starts_with("postgresql://") || url.starts_with("postgres://") {
+        return Ok(Box::new(postgres::PostgresDatastore::open(url, retry)?));
+    }
     match url.strip_prefix("sqlite://") {
         Some(path) if path.starts_with('/') => Ok(Box::new(sqlite::SqliteDatastore::open(
             std::path::Path::new(path),
             retry,
         )?)),
-        _ => Err(DatastoreError::Url(url.to_owned())),
+        _ => Err(DatastoreError::Url(postgres::redact(url))),
     }
 }

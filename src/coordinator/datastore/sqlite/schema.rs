@@ -1,20 +1,10 @@
-//! The datastore's schema, as an ordered list of migrations.
+//! The SQLite schema, as an ordered list of migrations (applied by
+//! [`logic::schema`](super::super::logic::schema); PostgreSQL's list has the
+//! same versions in its own SQL).
 //!
-//! A database records the number of migrations applied to it in
-//! `schema_version`; opening it applies the missing ones, each in its own
-//! transaction together with the new version number, so a crash mid-way
-//! leaves a database at a whole version. A database with more migrations
-//! than this sandoff knows is refused (`SchemaTooNew`) rather than written
-//! by code that does not understand it.
-//!
-//! The SQL stays close to what PostgreSQL also accepts (the backend that
-//! follows): JSON kept as text, times as integer seconds, partial indexes,
-//! `on conflict` upserts. `autoincrement` is SQLite's (PostgreSQL: a
-//! sequence); it keeps ids of deleted rows from being reused.
-
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-
-use crate::coordinator::datastore::DatastoreError;
+//! JSON kept as text, times as integer seconds, booleans as 0 or 1.
+//! `autoincrement` keeps ids of deleted rows from being reused
+//! (PostgreSQL: a sequence).
 
 /// Version 1: derivations, the cache index, builds and their dependencies,
 /// agents and tokens.
@@ -156,46 +146,4 @@ create table counters (
 
 /// Every migration, in order; a database at version `n` has had the first
 /// `n` applied. Append only: never edit one that has shipped.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
-
-/// The version this sandoff writes.
-pub(super) fn known_version() -> i64 {
-    i64::try_from(MIGRATIONS.len()).expect("a handful of migrations fits in i64")
-}
-
-/// The version recorded in the database (0 for a new one).
-pub(super) fn version(conn: &Connection) -> Result<i64, DatastoreError> {
-    let v: Option<i64> = conn
-        .query_row("select max(version) from schema_version", [], |r| r.get(0))
-        .optional()?
-        .flatten();
-    Ok(v.unwrap_or(0))
-}
-
-/// Brings the database to [`known_version`], or refuses a newer one.
-pub(super) fn migrate(conn: &mut Connection) -> Result<(), DatastoreError> {
-    conn.execute_batch("create table if not exists schema_version (version integer not null)")?;
-    let known = known_version();
-    loop {
-        // Each step re-reads the version under the write lock, so two
-        // processes opening a new database together apply each migration once.
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let found = version(&tx)?;
-        if found > known {
-            return Err(DatastoreError::SchemaTooNew { found, known });
-        }
-        if found == known {
-            return Ok(());
-        }
-        let index = usize::try_from(found)
-            .map_err(|_| DatastoreError::Corrupt(format!("schema_version holds {found}")))?;
-        tx.execute_batch(MIGRATIONS[index])?;
-        tx.execute("delete from schema_version", [])?;
-        tx.execute(
-            "insert into schema_version (version) values (?1)",
-            params![found + 1],
-        )?;
-        tx.commit()?;
-        tracing::info!(version = found + 1, "datastore: schema migrated");
-    }
-}
+pub const MIGRATIONS: &[&str] = &[V1, V2];

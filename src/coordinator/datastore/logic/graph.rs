@@ -25,28 +25,23 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use rusqlite::{params, Connection};
-
+use crate::coordinator::datastore::sql::{args, Sql};
 use crate::coordinator::datastore::DatastoreError;
 
 /// The builds `id` waits for.
-pub(super) fn dependencies_of(conn: &Connection, id: i64) -> Result<Vec<i64>, DatastoreError> {
-    let mut stmt = conn
-        .prepare_cached("select dependency from build_deps where build = ?1 order by dependency")?;
-    let ids = stmt
-        .query_map(params![id], |r| r.get(0))?
-        .collect::<Result<Vec<i64>, _>>()?;
-    Ok(ids)
+pub(super) fn dependencies_of(conn: &dyn Sql, id: i64) -> Result<Vec<i64>, DatastoreError> {
+    conn.column(
+        "select dependency from build_deps where build = ?1 order by dependency",
+        args![id],
+    )
 }
 
 /// The builds waiting for `id`.
-pub(super) fn dependents_of(conn: &Connection, id: i64) -> Result<Vec<i64>, DatastoreError> {
-    let mut stmt =
-        conn.prepare_cached("select build from build_deps where dependency = ?1 order by build")?;
-    let ids = stmt
-        .query_map(params![id], |r| r.get(0))?
-        .collect::<Result<Vec<i64>, _>>()?;
-    Ok(ids)
+pub(super) fn dependents_of(conn: &dyn Sql, id: i64) -> Result<Vec<i64>, DatastoreError> {
+    conn.column(
+        "select build from build_deps where dependency = ?1 order by build",
+        args![id],
+    )
 }
 
 /// Propagates raised values down the dependencies: each item of `work`
@@ -54,29 +49,32 @@ pub(super) fn dependents_of(conn: &Connection, id: i64) -> Result<Vec<i64>, Data
 /// implies); every build below what its waiters imply is raised, and the
 /// walk goes on below it. Items with the longest paths are taken first, so
 /// that a deep chain is not walked again for each shorter claim on it.
-pub(super) fn raise(
-    conn: &Connection,
-    mut work: Vec<(i64, i64, i64)>,
-) -> Result<(), DatastoreError> {
-    let mut values =
-        conn.prepare_cached("select effective_priority, critical_path from builds where id = ?1")?;
-    let mut update = conn.prepare_cached(
-        "update builds set effective_priority = ?2, critical_path = ?3 where id = ?1",
-    )?;
+pub(super) fn raise(conn: &dyn Sql, mut work: Vec<(i64, i64, i64)>) -> Result<(), DatastoreError> {
     // A stack: the last item is taken first.
     work.sort_by_key(|&(_, eff, cp)| (cp, eff));
     while let Some((id, eff, cp)) = work.pop() {
-        let (old_eff, old_cp): (i64, i64) =
-            values.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let r = conn.query_one(
+            "select effective_priority, critical_path from builds where id = ?1",
+            args![id],
+        )?;
+        let (old_eff, old_cp): (i64, i64) = r.to()?;
         if eff <= old_eff && cp <= old_cp {
             continue;
         }
         let (eff, cp) = (eff.max(old_eff), cp.max(old_cp));
-        update.execute(params![id, eff, cp])?;
+        set_values(conn, id, eff, cp)?;
         for d in dependencies_of(conn, id)? {
             work.push((d, eff, cp.saturating_add(1)));
         }
     }
+    Ok(())
+}
+
+fn set_values(conn: &dyn Sql, id: i64, eff: i64, cp: i64) -> Result<(), DatastoreError> {
+    conn.execute(
+        "update builds set effective_priority = ?2, critical_path = ?3 where id = ?1",
+        args![id, eff, cp],
+    )?;
     Ok(())
 }
 
@@ -93,19 +91,19 @@ struct Node {
 
 /// Recomputes effective priorities and critical paths of `starts` and of
 /// everything they transitively wait for.
-pub(super) fn recompute(conn: &Connection, starts: &[i64]) -> Result<(), DatastoreError> {
+pub(super) fn recompute(conn: &dyn Sql, starts: &[i64]) -> Result<(), DatastoreError> {
     // The cone, closed under "waits for".
     let mut nodes: HashMap<i64, Node> = HashMap::new();
     let mut stack: Vec<i64> = starts.to_vec();
-    let mut own_stmt = conn.prepare_cached(
-        "select priority, effective_priority, critical_path from builds where id = ?1",
-    )?;
     while let Some(id) = stack.pop() {
         if nodes.contains_key(&id) {
             continue;
         }
-        let (own, old_eff, old_cp): (i64, i64, i64) =
-            own_stmt.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let r = conn.query_one(
+            "select priority, effective_priority, critical_path from builds where id = ?1",
+            args![id],
+        )?;
+        let (own, old_eff, old_cp): (i64, i64, i64) = r.to()?;
         let deps = dependencies_of(conn, id)?;
         stack.extend(deps.iter().copied().filter(|d| !nodes.contains_key(d)));
         nodes.insert(
@@ -122,24 +120,17 @@ pub(super) fn recompute(conn: &Connection, starts: &[i64]) -> Result<(), Datasto
     }
     // Waiters outside the cone count with their stored values; those inside
     // are waited for, in topological order.
-    let mut waiters = conn.prepare_cached(
-        "select w.id, w.effective_priority, w.critical_path \
-         from build_deps e join builds w on w.id = e.build where e.dependency = ?1",
-    )?;
     let ids: Vec<i64> = nodes.keys().copied().collect();
     for id in &ids {
-        let rows = waiters
-            .query_map(params![id], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
+        let rows = conn.query(
+            "select w.id, w.effective_priority, w.critical_path \
+             from build_deps e join builds w on w.id = e.build where e.dependency = ?1",
+            args![*id],
+        )?;
         let mut inside = 0;
         let (mut eff, mut cp) = (i64::MIN, 0);
-        for (w, w_eff, w_cp) in rows {
+        for r in rows {
+            let (w, w_eff, w_cp): (i64, i64, i64) = r.to()?;
             if nodes.contains_key(&w) {
                 inside += 1;
             } else {
@@ -158,15 +149,12 @@ pub(super) fn recompute(conn: &Connection, starts: &[i64]) -> Result<(), Datasto
         .filter(|id| nodes[id].pending == 0)
         .collect();
     let mut done: HashSet<i64> = HashSet::new();
-    let mut update = conn.prepare_cached(
-        "update builds set effective_priority = ?2, critical_path = ?3 where id = ?1",
-    )?;
     while let Some(id) = ready.pop_front() {
         done.insert(id);
         let (eff, cp, deps) = {
             let n = &nodes[&id];
             if n.eff != n.old_eff || n.cp != n.old_cp {
-                update.execute(params![id, n.eff, n.cp])?;
+                set_values(conn, id, n.eff, n.cp)?;
             }
             (n.eff, n.cp, n.deps.clone())
         };
@@ -200,7 +188,7 @@ pub(super) fn recompute(conn: &Connection, starts: &[i64]) -> Result<(), Datasto
 /// for (still active) are recomputed, since fewer builds now need them.
 /// Returns the dependents, nearest first.
 pub(super) fn end_with_dependents(
-    conn: &Connection,
+    conn: &dyn Sql,
     root: i64,
     state: &str,
     root_message: Option<&str>,
@@ -227,20 +215,21 @@ pub(super) fn end_with_dependents(
                 .filter(|d| !seen.contains(d)),
         );
     }
-    let mut end = conn.prepare_cached(
-        "update builds set state = ?2, message = ?3, finished_at = ?4, lease_deadline = null, \
-         waiting_on = 0, failed_dependency = ?5 where id = ?1",
-    )?;
-    let mut unlink =
-        conn.prepare_cached("delete from build_deps where build = ?1 or dependency = ?1")?;
     for &id in &ended {
         let (message, cause) = if id == root {
             (root_message, None)
         } else {
             (Some(dependent_message), dependent_cause)
         };
-        end.execute(params![id, state, message, now, cause])?;
-        unlink.execute(params![id])?;
+        conn.execute(
+            "update builds set state = ?2, message = ?3, finished_at = ?4, lease_deadline = null, \
+             waiting_on = 0, failed_dependency = ?5 where id = ?1",
+            args![id, state, message, now, cause],
+        )?;
+        conn.execute(
+            "delete from build_deps where build = ?1 or dependency = ?1",
+            args![id],
+        )?;
     }
     survivors.sort_unstable();
     survivors.dedup();

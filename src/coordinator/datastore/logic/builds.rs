@@ -15,7 +15,7 @@
 //!   that build (`created: false`, `failed`) unless `retry`.
 //! - When the closure (without `retry`) holds a derivation whose latest
 //!   build failed, only the submitted build is created, failed at once with
-//!   "dependency failed: <that drv>"; nothing else is queued for it.
+//!   `dependency failed: <that drv>`; nothing else is queued for it.
 //!   Submitted again while that is still so, the same failed build is
 //!   the answer (`created: false`).
 //! - A build failed only because a dependency failed (`failed_dependency`)
@@ -26,10 +26,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use rusqlite::{params, params_from_iter, Connection};
-
 use super::graph;
 use super::rows::{self, build_id, to_json, BUILD_COLUMNS};
+use crate::coordinator::datastore::sql::{args, Sql, Value};
 use crate::coordinator::datastore::{BuildFilter, DatastoreError, QueueStats};
 use crate::coordinator::model::{BuildId, BuildRecord, BuildState, DrvRecord, NewBuild, Submitted};
 
@@ -47,7 +46,7 @@ enum Need {
 }
 
 /// How one derivation of the closure stands now.
-fn need_of(conn: &Connection, drv: &str, retry: bool) -> Result<Need, DatastoreError> {
+fn need_of(conn: &dyn Sql, drv: &str, retry: bool) -> Result<Need, DatastoreError> {
     if let Some(id) = rows::active_build(conn, drv)? {
         return Ok(Need::Active(id));
     }
@@ -73,36 +72,36 @@ struct Row<'a> {
     now: i64,
 }
 
-fn insert_build(conn: &Connection, b: Row<'_>) -> Result<i64, DatastoreError> {
+fn insert_build(conn: &dyn Sql, b: Row<'_>) -> Result<i64, DatastoreError> {
     let finished_at = (!b.state.is_active()).then_some(b.now);
     let held_until = b.nb.defer_until.filter(|&t| t > b.now);
-    conn.prepare_cached(
+    conn.query_one(
         "insert into builds (drv, system, required_features, state, priority, \
          effective_priority, critical_path, tags, created_at, defer_until, held_until, \
          waiting_on, finished_at, message, failed_dependency) \
-         values (?1, ?2, ?3, ?4, ?5, ?5, 1, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+         values (?1, ?2, ?3, ?4, ?5, ?5, 1, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) returning id",
+        args![
+            &b.drv.drv,
+            &b.drv.system,
+            to_json(&b.drv.required_features)?,
+            b.state.as_str(),
+            b.nb.priority,
+            to_json(&b.nb.tags)?,
+            b.now,
+            b.nb.defer_until,
+            held_until,
+            b.waiting_on,
+            finished_at,
+            b.message,
+            b.failed_dependency,
+        ],
     )?
-    .execute(params![
-        b.drv.drv,
-        b.drv.system,
-        to_json(&b.drv.required_features)?,
-        b.state.as_str(),
-        b.nb.priority,
-        to_json(&b.nb.tags)?,
-        b.now,
-        b.nb.defer_until,
-        held_until,
-        b.waiting_on,
-        finished_at,
-        b.message,
-        b.failed_dependency,
-    ])?;
-    Ok(conn.last_insert_rowid())
+    .get(0)
 }
 
 /// Submits one build (see the module docs and the trait).
 pub(super) fn submit_one(
-    conn: &Connection,
+    conn: &dyn Sql,
     nb: &NewBuild,
     now: i64,
 ) -> Result<Submitted, DatastoreError> {
@@ -121,7 +120,7 @@ pub(super) fn submit_one(
         if nb.priority > current.priority {
             conn.execute(
                 "update builds set priority = ?2, effective_priority = ?3 where id = ?1",
-                params![id, nb.priority, current.effective_priority.max(nb.priority)],
+                args![id, nb.priority, current.effective_priority.max(nb.priority)],
             )?;
             let eff = current.effective_priority.max(nb.priority);
             let work = graph::dependencies_of(conn, id)?
@@ -236,10 +235,6 @@ pub(super) fn submit_one(
     let mut cp: HashMap<&str, i64> = HashMap::new();
     let mut ready: Vec<&DrvRecord> = vec![&order[0]];
     let by_drv: HashMap<&str, &DrvRecord> = order.iter().map(|d| (d.drv.as_str(), d)).collect();
-    let mut edge =
-        conn.prepare_cached("insert into build_deps (build, dependency) values (?1, ?2)")?;
-    let mut set_values =
-        conn.prepare_cached("update builds set waiting_on = ?2, critical_path = ?3 where id = ?1")?;
     // Claims on active builds, raised below once the new builds are done.
     let mut claims: Vec<(i64, i64, i64)> = Vec::new();
     while let Some(d) = ready.pop() {
@@ -266,11 +261,17 @@ pub(super) fn submit_one(
                 }
                 _ => continue,
             };
-            edge.execute(params![id, dependency])?;
+            conn.execute(
+                "insert into build_deps (build, dependency) values (?1, ?2)",
+                args![id, dependency],
+            )?;
             waiting_on += 1;
         }
         if waiting_on > 0 || path > 1 {
-            set_values.execute(params![id, waiting_on, path])?;
+            conn.execute(
+                "update builds set waiting_on = ?2, critical_path = ?3 where id = ?1",
+                args![id, waiting_on, path],
+            )?;
         }
     }
     graph::raise(conn, claims)?;
@@ -281,47 +282,69 @@ pub(super) fn submit_one(
 /// The tag is matched in Rust, over the rows the other conditions select
 /// (tags are a JSON column, which PostgreSQL and SQLite query differently).
 pub(super) fn list(
-    conn: &Connection,
+    conn: &dyn Sql,
     filter: &BuildFilter,
 ) -> Result<Vec<BuildRecord>, DatastoreError> {
     let mut sql = format!("select {BUILD_COLUMNS} from builds where 1 = 1");
-    let mut args: Vec<String> = Vec::new();
+    let mut args: Vec<Value> = Vec::new();
     if !filter.states.is_empty() {
         let marks: Vec<String> = filter
             .states
             .iter()
             .map(|s| {
-                args.push(s.as_str().to_owned());
+                args.push(s.as_str().into());
                 format!("?{}", args.len())
             })
             .collect();
         sql.push_str(&format!(" and state in ({})", marks.join(", ")));
     }
     if let Some(drv) = &filter.drv {
-        args.push(drv.clone());
+        args.push(drv.into());
         sql.push_str(&format!(" and drv = ?{}", args.len()));
     }
-    sql.push_str(" order by id desc");
-    let mut stmt = conn.prepare(&sql)?;
-    let mut found = stmt.query(params_from_iter(args.iter()))?;
+    // Keyset pages, newest first: a `limit` stops reading early even when
+    // the tag filter (applied here) skips rows; without a tag, the first
+    // page is the answer.
+    let page = if filter.limit == 0 || filter.tag.is_some() {
+        PAGE
+    } else {
+        filter.limit.min(PAGE)
+    };
+    // Both as parameters: PostgreSQL keeps each distinct SQL text prepared.
+    args.push(i64::MAX.into());
+    let before = args.len();
+    args.push(i64::try_from(page).unwrap_or(i64::MAX).into());
+    sql.push_str(&format!(
+        " and id < ?{before} order by id desc limit ?{}",
+        before + 1
+    ));
     let mut out = Vec::new();
-    while let Some(r) = found.next()? {
-        let b = rows::build_from_row(r)?;
-        if let Some((k, v)) = &filter.tag {
-            if b.tags.get(k) != Some(v) {
-                continue;
+    loop {
+        let found = conn.query(&sql, &args)?;
+        for r in &found {
+            let b = rows::build_from_row(r)?;
+            args[before - 1] = b.id.get().into();
+            if let Some((k, v)) = &filter.tag {
+                if b.tags.get(k) != Some(v) {
+                    continue;
+                }
+            }
+            out.push(b);
+            if filter.limit != 0 && out.len() >= filter.limit {
+                return Ok(out);
             }
         }
-        out.push(b);
-        if filter.limit != 0 && out.len() >= filter.limit {
-            break;
+        if found.len() < page {
+            return Ok(out);
         }
     }
-    Ok(out)
 }
 
+/// How many builds [`list`] reads at a time.
+const PAGE: usize = 500;
+
 /// The active builds `id` waits for.
-pub(super) fn dependencies(conn: &Connection, id: BuildId) -> Result<Vec<BuildId>, DatastoreError> {
+pub(super) fn dependencies(conn: &dyn Sql, id: BuildId) -> Result<Vec<BuildId>, DatastoreError> {
     rows::build(conn, id)?;
     graph::dependencies_of(conn, id.get())?
         .into_iter()
@@ -343,7 +366,7 @@ fn require_active(b: &BuildRecord) -> Result<(), DatastoreError> {
 
 /// Cancels an active build and everything waiting for it.
 pub(super) fn cancel(
-    conn: &Connection,
+    conn: &dyn Sql,
     id: BuildId,
     now: i64,
 ) -> Result<Vec<BuildId>, DatastoreError> {
@@ -371,7 +394,7 @@ pub(super) fn cancel(
 
 /// Sets an active build's own priority and recomputes its cone.
 pub(super) fn set_priority(
-    conn: &Connection,
+    conn: &dyn Sql,
     id: BuildId,
     priority: i64,
 ) -> Result<BuildRecord, DatastoreError> {
@@ -379,18 +402,18 @@ pub(super) fn set_priority(
     require_active(&b)?;
     conn.execute(
         "update builds set priority = ?2 where id = ?1",
-        params![id.get(), priority],
+        args![id.get(), priority],
     )?;
     graph::recompute(conn, &[id.get()])?;
     rows::build(conn, id)
 }
 
 /// Counts by state; `ready` is queued builds waiting for no build.
-pub(super) fn stats(conn: &Connection) -> Result<QueueStats, DatastoreError> {
-    let mut stmt = conn.prepare_cached("select state, count(*) from builds group by state")?;
-    let counts = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
-        .collect::<Result<BTreeMap<String, i64>, _>>()?;
+pub(super) fn stats(conn: &dyn Sql) -> Result<QueueStats, DatastoreError> {
+    let counts: BTreeMap<String, i64> = conn
+        .rows("select state, count(*) from builds group by state", &[])?
+        .into_iter()
+        .collect();
     let mut s = QueueStats::default();
     for (name, n) in counts {
         match rows::state(&name)? {
@@ -401,10 +424,11 @@ pub(super) fn stats(conn: &Connection) -> Result<QueueStats, DatastoreError> {
             BuildState::Canceled => s.canceled = n,
         }
     }
-    s.ready = conn.query_row(
-        "select count(*) from builds where state = 'queued' and waiting_on = 0",
-        [],
-        |r| r.get(0),
-    )?;
+    s.ready = conn
+        .query_one(
+            "select count(*) from builds where state = 'queued' and waiting_on = 0",
+            &[],
+        )?
+        .get(0)?;
     Ok(s)
 }

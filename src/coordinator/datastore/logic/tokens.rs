@@ -1,10 +1,9 @@
 //! Tokens, stored by the SHA-256 of their secret (the secret itself is
 //! never stored), with a short public id for listing and revoking.
 
-use rusqlite::{params, Connection, OptionalExtension};
-
 use super::agents;
 use super::rows;
+use crate::coordinator::datastore::sql::{args, Sql};
 use crate::coordinator::datastore::DatastoreError;
 use crate::coordinator::model::{Expiry, Principal, Role, TokenRecord};
 
@@ -47,7 +46,7 @@ fn principal_from(
 }
 
 pub(super) fn add(
-    conn: &Connection,
+    conn: &dyn Sql,
     hash: &[u8; 32],
     principal: &Principal,
     expires_at: Expiry,
@@ -61,74 +60,49 @@ pub(super) fn add(
     conn.execute(
         "insert into tokens (hash, id, kind, agent, role, created_at, expires_at) \
          values (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![&hash[..], id, kind, agent, role, now, expires_at],
+        args![&hash[..], &id, kind, agent, role, now, expires_at],
     )?;
     Ok(id)
 }
 
 pub(super) fn lookup(
-    conn: &Connection,
+    conn: &dyn Sql,
     hash: &[u8; 32],
     now: i64,
 ) -> Result<Option<Principal>, DatastoreError> {
     // An agent token counts only while its agent exists and is enabled.
-    let row: Option<(String, Option<String>, Option<String>)> = conn
-        .prepare_cached(
-            "select t.kind, t.agent, t.role from tokens t left join agents a on a.id = t.agent \
-             where t.hash = ?1 and t.revoked = 0 and (t.expires_at is null or t.expires_at > ?2) \
-             and (t.kind <> 'agent' or a.enabled = 1)",
-        )?
-        .query_row(params![&hash[..], now], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .optional()?;
-    row.map(|(kind, agent, role)| principal_from(&kind, agent, role))
-        .transpose()
+    conn.query_opt(
+        "select t.kind, t.agent, t.role from tokens t left join agents a on a.id = t.agent \
+         where t.hash = ?1 and not t.revoked and (t.expires_at is null or t.expires_at > ?2) \
+         and (t.kind <> 'agent' or a.enabled)",
+        args![&hash[..], now],
+    )?
+    .map(|r| principal_from(&r.get::<String>(0)?, r.get(1)?, r.get(2)?))
+    .transpose()
 }
 
-pub(super) fn revoke(conn: &Connection, id: &str) -> Result<(), DatastoreError> {
-    if conn.execute("update tokens set revoked = 1 where id = ?1", params![id])? == 0 {
+pub(super) fn revoke(conn: &dyn Sql, id: &str) -> Result<(), DatastoreError> {
+    if conn.execute("update tokens set revoked = true where id = ?1", args![id])? == 0 {
         return Err(DatastoreError::NoToken(id.to_owned()));
     }
     Ok(())
 }
 
-pub(super) fn list(conn: &Connection) -> Result<Vec<TokenRecord>, DatastoreError> {
-    type Raw = (
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        i64,
-        Option<i64>,
-        bool,
-    );
-    let raw: Vec<Raw> = conn
-        .prepare_cached(
-            "select id, kind, agent, role, created_at, expires_at, revoked from tokens \
-             order by created_at, id",
-        )?
-        .query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-            ))
-        })?
-        .collect::<Result<_, _>>()?;
-    raw.into_iter()
-        .map(|(id, kind, agent, role, created_at, expires_at, revoked)| {
-            Ok(TokenRecord {
-                id,
-                principal: principal_from(&kind, agent, role)?,
-                created_at,
-                expires_at,
-                revoked,
-            })
+pub(super) fn list(conn: &dyn Sql) -> Result<Vec<TokenRecord>, DatastoreError> {
+    conn.query(
+        "select id, kind, agent, role, created_at, expires_at, revoked from tokens \
+         order by created_at, id",
+        &[],
+    )?
+    .iter()
+    .map(|r| {
+        Ok(TokenRecord {
+            id: r.get(0)?,
+            principal: principal_from(&r.get::<String>(1)?, r.get(2)?, r.get(3)?)?,
+            created_at: r.get(4)?,
+            expires_at: r.get(5)?,
+            revoked: r.get(6)?,
         })
-        .collect()
+    })
+    .collect()
 }

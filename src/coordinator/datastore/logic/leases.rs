@@ -4,11 +4,10 @@
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
 
-use rusqlite::{params, Connection, Rows};
-
 use super::agents::{self, Seen};
 use super::rows::{self, from_json, to_json};
 use super::{events, graph};
+use crate::coordinator::datastore::sql::{args, Row, Sql};
 use crate::coordinator::datastore::{Allocation, DatastoreError, RetryPolicy};
 use crate::coordinator::model::{
     AgentId, AgentOffer, BuildId, BuildRecord, BuildState, CachedPath, EventKind, Setback,
@@ -20,7 +19,7 @@ const BUILTIN: &str = "builtin";
 /// The feature sets (JSON) of the ready builds of one system, each found
 /// by one seek in `builds_ready` (a loose index scan: SQLite and
 /// PostgreSQL would otherwise read every entry to answer `distinct`).
-pub(super) const FEATURE_SETS: &str = "with recursive sets(f) as ( \
+pub const FEATURE_SETS: &str = "with recursive sets(f) as ( \
     select min(required_features) from builds \
     where system = ?1 and state = 'queued' and waiting_on = 0 and held_until is null \
     union all \
@@ -31,14 +30,19 @@ pub(super) const FEATURE_SETS: &str = "with recursive sets(f) as ( \
     select f from sets where f is not null";
 
 /// Ready builds of one system and feature set, best first: a walk of
-/// `builds_ready` without sorting (the conditions imply the index's).
-pub(super) const READY: &str = "select id, effective_priority, critical_path, avoid_agent, drv \
+/// `builds_ready` without sorting (the conditions imply the index's),
+/// stopped after `?3` rows.
+pub const READY: &str = "select id, effective_priority, critical_path, avoid_agent, drv \
     from builds \
     where system = ?1 and required_features = ?2 \
     and state = 'queued' and waiting_on = 0 and held_until is null \
-    order by effective_priority desc, critical_path desc, id asc";
+    order by effective_priority desc, critical_path desc, id asc limit ?3";
+
+/// Where a candidate stands in the allocation order (higher first).
+type Rank = (i64, i64, Reverse<i64>);
 
 /// A ready build considered for an agent.
+#[derive(Clone)]
 struct Candidate {
     id: i64,
     eff: i64,
@@ -51,23 +55,78 @@ struct Candidate {
 
 impl Candidate {
     /// The allocation order: priority, then critical path, then age.
-    fn rank(&self) -> (i64, i64, Reverse<i64>) {
+    fn rank(&self) -> Rank {
         (self.eff, self.cp, Reverse(self.id))
     }
 }
 
-fn next_candidate(rows: &mut Rows<'_>, stream: usize) -> Result<Option<Candidate>, DatastoreError> {
-    let Some(r) = rows.next()? else {
-        return Ok(None);
-    };
-    Ok(Some(Candidate {
+fn candidate(r: &Row, stream: usize) -> Result<Candidate, DatastoreError> {
+    Ok(Candidate {
         id: r.get(0)?,
         eff: r.get(1)?,
         cp: r.get(2)?,
         avoid_agent: r.get(3)?,
         drv: r.get(4)?,
         stream,
-    }))
+    })
+}
+
+/// The ready builds of one kind, best first, read a page at a time: the
+/// first page is as long as the agent's free slots, which is all an
+/// allocation reads unless it skips builds (the `avoid_agent` rule).
+struct Stream {
+    kind: usize,
+    page: Vec<Candidate>,
+    next: usize,
+    limit: usize,
+}
+
+impl Stream {
+    fn new(
+        conn: &dyn Sql,
+        kinds: &[Kind],
+        kind: usize,
+        limit: usize,
+    ) -> Result<Stream, DatastoreError> {
+        let mut s = Stream {
+            kind,
+            page: Vec::new(),
+            next: 0,
+            limit,
+        };
+        s.read(conn, kinds)?;
+        Ok(s)
+    }
+
+    fn read(&mut self, conn: &dyn Sql, kinds: &[Kind]) -> Result<(), DatastoreError> {
+        let k = &kinds[self.kind];
+        let limit = i64::try_from(self.limit).unwrap_or(i64::MAX);
+        self.page = conn
+            .query(
+                READY,
+                args![k.system.as_str(), k.features_json.as_str(), limit],
+            )?
+            .iter()
+            .map(|r| candidate(r, self.kind))
+            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
+    /// The best build not taken yet.
+    fn head(
+        &mut self,
+        conn: &dyn Sql,
+        kinds: &[Kind],
+    ) -> Result<Option<&Candidate>, DatastoreError> {
+        if self.next == self.page.len() && self.page.len() == self.limit {
+            // A full page used up: read a longer one. Nothing was written
+            // since the last read (leases are written once all are chosen),
+            // so its first rows are the ones already taken.
+            self.limit = self.limit.saturating_mul(4);
+            self.read(conn, kinds)?;
+        }
+        Ok(self.page.get(self.next))
+    }
 }
 
 /// Builds of one system and feature set.
@@ -86,15 +145,12 @@ fn can_do(systems: &BTreeSet<String>, features: &BTreeSet<String>, k: &Kind) -> 
 }
 
 /// The kinds of ready builds the offer can do.
-fn kinds(conn: &Connection, offer: &AgentOffer) -> Result<Vec<Kind>, DatastoreError> {
+fn kinds(conn: &dyn Sql, offer: &AgentOffer) -> Result<Vec<Kind>, DatastoreError> {
     let mut systems: BTreeSet<&str> = offer.systems.iter().map(String::as_str).collect();
     systems.insert(BUILTIN);
-    let mut stmt = conn.prepare_cached(FEATURE_SETS)?;
     let mut out = Vec::new();
     for system in systems {
-        let sets = stmt
-            .query_map(params![system], |r| r.get::<_, String>(0))?
-            .collect::<Result<Vec<_>, _>>()?;
+        let sets: Vec<String> = conn.column(FEATURE_SETS, args![system])?;
         for features_json in sets {
             let kind = Kind {
                 system: system.to_owned(),
@@ -113,37 +169,31 @@ fn kinds(conn: &Connection, offer: &AgentOffer) -> Result<Vec<Kind>, DatastoreEr
 
 /// The ready builds `agent` should get, best first, at most `slots`.
 fn choose(
-    conn: &Connection,
+    conn: &dyn Sql,
     agent: &AgentId,
     offer: &AgentOffer,
     others: &[Seen],
     slots: usize,
 ) -> Result<Vec<Candidate>, DatastoreError> {
     let kinds = kinds(conn, offer)?;
-    let mut stmts = Vec::with_capacity(kinds.len());
-    for _ in &kinds {
-        stmts.push(conn.prepare(READY)?);
-    }
-    let mut streams = Vec::with_capacity(kinds.len());
-    for (stmt, k) in stmts.iter_mut().zip(&kinds) {
-        streams.push(stmt.query(params![k.system, k.features_json])?);
-    }
-    let mut heads = Vec::with_capacity(kinds.len());
-    for (i, rows) in streams.iter_mut().enumerate() {
-        heads.push(next_candidate(rows, i)?);
-    }
+    let mut streams = (0..kinds.len())
+        .map(|k| Stream::new(conn, &kinds, k, slots))
+        .collect::<Result<Vec<_>, _>>()?;
     // A merge of the streams, each already in order.
     let mut chosen = Vec::new();
     while chosen.len() < slots {
-        let best = heads
-            .iter()
-            .enumerate()
-            .filter_map(|(i, h)| h.as_ref().map(|c| (i, c.rank())))
-            .max_by_key(|&(_, rank)| rank)
-            .map(|(i, _)| i);
-        let Some(i) = best else { break };
-        let c = heads[i].take().expect("best is a stream with a head");
-        heads[i] = next_candidate(&mut streams[i], i)?;
+        let mut best: Option<(usize, Rank)> = None;
+        for (i, s) in streams.iter_mut().enumerate() {
+            if let Some(c) = s.head(conn, &kinds)? {
+                if best.as_ref().map_or(true, |(_, rank)| c.rank() > *rank) {
+                    best = Some((i, c.rank()));
+                }
+            }
+        }
+        let Some((i, _)) = best else { break };
+        let s = &mut streams[i];
+        let c = s.page[s.next].clone();
+        s.next += 1;
         // A build that came back from this agent goes elsewhere when
         // another live agent can take it.
         if c.avoid_agent.as_deref() == Some(agent.as_str())
@@ -160,7 +210,7 @@ fn choose(
 
 /// See [`Datastore::allocate`](crate::coordinator::datastore::Datastore::allocate).
 pub(super) fn allocate(
-    conn: &Connection,
+    conn: &dyn Sql,
     agent: &AgentId,
     offer: &AgentOffer,
     lease_secs: i64,
@@ -172,18 +222,20 @@ pub(super) fn allocate(
         return Ok(Vec::new());
     }
     // Builds whose defer time or backoff has passed join the ready index.
-    conn.prepare_cached("update builds set held_until = null where held_until <= ?1")?
-        .execute(params![now])?;
+    conn.execute(
+        "update builds set held_until = null where held_until <= ?1",
+        args![now],
+    )?;
     let others = agents::others_seen_since(conn, agent, now.saturating_sub(lease_secs))?;
     let chosen = choose(conn, agent, offer, &others, slots)?;
     let deadline = now.saturating_add(lease_secs);
-    let mut lease = conn.prepare_cached(
-        "update builds set state = 'allocated', agent = ?2, lease_deadline = ?3, started_at = null \
-         where id = ?1",
-    )?;
     let mut out = Vec::with_capacity(chosen.len());
     for c in chosen {
-        lease.execute(params![c.id, agent.as_str(), deadline])?;
+        conn.execute(
+            "update builds set state = 'allocated', agent = ?2, lease_deadline = ?3, \
+             started_at = null where id = ?1",
+            args![c.id, agent.as_str(), deadline],
+        )?;
         out.push(rows::allocation(conn, c.id, &c.drv, deadline)?);
     }
     if !out.is_empty() {
@@ -193,32 +245,20 @@ pub(super) fn allocate(
 }
 
 /// The builds leased to `agent` now.
-pub(super) fn leases(
-    conn: &Connection,
-    agent: &AgentId,
-) -> Result<Vec<Allocation>, DatastoreError> {
+pub(super) fn leases(conn: &dyn Sql, agent: &AgentId) -> Result<Vec<Allocation>, DatastoreError> {
     agents::require(conn, agent)?;
-    let mut stmt = conn.prepare_cached(
+    conn.query(
         "select id, drv, lease_deadline from builds where state = 'allocated' and agent = ?1 \
          order by id",
-    )?;
-    let found = stmt
-        .query_map(params![agent.as_str()], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    found
-        .into_iter()
-        .map(|(id, drv, deadline)| rows::allocation(conn, id, &drv, deadline))
-        .collect()
+        args![agent.as_str()],
+    )?
+    .iter()
+    .map(|r| rows::allocation(conn, r.get(0)?, &r.get::<String>(1)?, r.get(2)?))
+    .collect()
 }
 
 /// The build `id`, if it is leased to `agent`; else `NotLeased`.
-fn leased(conn: &Connection, agent: &AgentId, id: BuildId) -> Result<BuildRecord, DatastoreError> {
+fn leased(conn: &dyn Sql, agent: &AgentId, id: BuildId) -> Result<BuildRecord, DatastoreError> {
     let b = rows::build(conn, id)?;
     if b.state == BuildState::Allocated && b.agent.as_ref() == Some(agent) {
         Ok(b)
@@ -232,20 +272,22 @@ fn leased(conn: &Connection, agent: &AgentId, id: BuildId) -> Result<BuildRecord
 
 /// Extends the leases still held; returns the builds that are not.
 pub(super) fn heartbeat(
-    conn: &Connection,
+    conn: &dyn Sql,
     agent: &AgentId,
     builds: &[BuildId],
     lease_secs: i64,
     now: i64,
 ) -> Result<Vec<BuildId>, DatastoreError> {
     agents::touch(conn, agent, now)?;
-    let mut extend = conn.prepare_cached(
-        "update builds set lease_deadline = ?3 where id = ?1 and state = 'allocated' and agent = ?2",
-    )?;
     let deadline = now.saturating_add(lease_secs);
     let mut lost = Vec::new();
     for &id in builds {
-        if extend.execute(params![id.get(), agent.as_str(), deadline])? == 0 {
+        let extended = conn.execute(
+            "update builds set lease_deadline = ?3 \
+             where id = ?1 and state = 'allocated' and agent = ?2",
+            args![id.get(), agent.as_str(), deadline],
+        )?;
+        if extended == 0 {
             lost.push(id);
         }
     }
@@ -254,7 +296,7 @@ pub(super) fn heartbeat(
 
 /// Marks a leased build started, the first time.
 pub(super) fn start(
-    conn: &Connection,
+    conn: &dyn Sql,
     agent: &AgentId,
     id: BuildId,
     now: i64,
@@ -262,7 +304,7 @@ pub(super) fn start(
     leased(conn, agent, id)?;
     let first = conn.execute(
         "update builds set started_at = ?2 where id = ?1 and started_at is null",
-        params![id.get(), now],
+        args![id.get(), now],
     )?;
     if first == 1 {
         events::build_event(conn, EventKind::BuildStarted, id, now)?;
@@ -272,29 +314,29 @@ pub(super) fn start(
 
 /// Records paths in the cache index (a path stored again replaces its
 /// entry: the newer upload is the one on disk).
-pub(super) fn cache_add(conn: &Connection, paths: &[CachedPath]) -> Result<(), DatastoreError> {
-    let mut stmt = conn.prepare_cached(
-        "insert into cache_paths (path, nar_hash, nar_size, refs, deriver, url, file_size) \
-         values (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-         on conflict (path) do update set nar_hash = excluded.nar_hash, \
-         nar_size = excluded.nar_size, refs = excluded.refs, deriver = excluded.deriver, \
-         url = excluded.url, file_size = excluded.file_size",
-    )?;
+pub(super) fn cache_add(conn: &dyn Sql, paths: &[CachedPath]) -> Result<(), DatastoreError> {
     let mut bytes: i64 = 0;
     for p in paths {
         let size = |what: &str, n: u64| {
             i64::try_from(n)
                 .map_err(|_| DatastoreError::Corrupt(format!("{what} {n} of '{}'", p.path)))
         };
-        stmt.execute(params![
-            p.path,
-            p.nar_hash,
-            size("nar size", p.nar_size)?,
-            to_json(&p.references)?,
-            p.deriver,
-            p.url,
-            size("file size", p.file_size)?,
-        ])?;
+        conn.execute(
+            "insert into cache_paths (path, nar_hash, nar_size, refs, deriver, url, file_size) \
+             values (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             on conflict (path) do update set nar_hash = excluded.nar_hash, \
+             nar_size = excluded.nar_size, refs = excluded.refs, deriver = excluded.deriver, \
+             url = excluded.url, file_size = excluded.file_size",
+            args![
+                &p.path,
+                &p.nar_hash,
+                size("nar size", p.nar_size)?,
+                to_json(&p.references)?,
+                p.deriver.as_deref(),
+                &p.url,
+                size("file size", p.file_size)?,
+            ],
+        )?;
         bytes = bytes.saturating_add(size("file size", p.file_size)?);
     }
     // Every path enters the cache through here (client uploads and build
@@ -308,7 +350,7 @@ pub(super) fn cache_add(conn: &Connection, paths: &[CachedPath]) -> Result<(), D
 /// A leased build succeeded: outputs into the cache index, dependents
 /// stop waiting for it.
 pub(super) fn succeed(
-    conn: &Connection,
+    conn: &dyn Sql,
     agent: &AgentId,
     id: BuildId,
     outputs: &[CachedPath],
@@ -319,22 +361,22 @@ pub(super) fn succeed(
     conn.execute(
         "update builds set state = 'succeeded', finished_at = ?2, lease_deadline = null, \
          message = null where id = ?1",
-        params![id.get(), now],
+        args![id.get(), now],
     )?;
     conn.execute(
         "update builds set waiting_on = waiting_on - 1 \
          where id in (select build from build_deps where dependency = ?1)",
-        params![id.get()],
+        args![id.get()],
     )?;
     conn.execute(
         "delete from build_deps where dependency = ?1",
-        params![id.get()],
+        args![id.get()],
     )?;
     events::ended(conn, id, now)
 }
 
 /// Fails `b` for good and everything waiting for it.
-fn fail(conn: &Connection, b: &BuildRecord, message: &str, now: i64) -> Result<(), DatastoreError> {
+fn fail(conn: &dyn Sql, b: &BuildRecord, message: &str, now: i64) -> Result<(), DatastoreError> {
     let dependents = graph::end_with_dependents(
         conn,
         b.id.get(),
@@ -365,7 +407,7 @@ pub(super) fn backoff(policy: &RetryPolicy, attempts: i64) -> i64 {
 /// An infrastructure failure of `b` on `agent`: requeued with backoff,
 /// away from that agent, or failed past the policy's attempts.
 fn infrastructure(
-    conn: &Connection,
+    conn: &dyn Sql,
     b: &BuildRecord,
     agent: &AgentId,
     message: &str,
@@ -376,7 +418,7 @@ fn infrastructure(
     if attempts >= policy.max_attempts {
         conn.execute(
             "update builds set attempts = ?2 where id = ?1",
-            params![b.id.get(), attempts],
+            args![b.id.get(), attempts],
         )?;
         let message = format!("gave up after {attempts} infrastructure failures: {message}");
         return fail(conn, b, &message, now);
@@ -385,7 +427,7 @@ fn infrastructure(
     conn.execute(
         "update builds set state = 'queued', attempts = ?2, next_attempt_at = ?3, held_until = ?3, \
          avoid_agent = ?4, message = ?5, lease_deadline = null, started_at = null where id = ?1",
-        params![b.id.get(), attempts, next, agent.as_str(), message],
+        args![b.id.get(), attempts, next, agent.as_str(), message],
     )?;
     tracing::info!(build = %b.id, agent = %agent, attempts, retry_at = next, message, "datastore: build requeued");
     Ok(())
@@ -393,7 +435,7 @@ fn infrastructure(
 
 /// A leased build came back without a result.
 pub(super) fn setback(
-    conn: &Connection,
+    conn: &dyn Sql,
     agent: &AgentId,
     id: BuildId,
     setback: &Setback,
@@ -418,16 +460,14 @@ pub(super) fn setback(
 
 /// Requeues (or fails) every build whose lease ended before `now`.
 pub(super) fn expire(
-    conn: &Connection,
+    conn: &dyn Sql,
     policy: &RetryPolicy,
     now: i64,
 ) -> Result<Vec<BuildId>, DatastoreError> {
-    let mut stmt = conn.prepare_cached(
+    let ids: Vec<i64> = conn.column(
         "select id from builds where state = 'allocated' and lease_deadline < ?1 order by id",
+        args![now],
     )?;
-    let ids = stmt
-        .query_map(params![now], |r| r.get::<_, i64>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
     let mut out = Vec::with_capacity(ids.len());
     let mut lost: std::collections::BTreeMap<AgentId, Vec<BuildId>> = Default::default();
     for id in ids {
@@ -451,4 +491,21 @@ pub(super) fn expire(
         events::agent_lost(conn, agent, builds, now)?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_triples_up_to_the_maximum() {
+        let p = RetryPolicy {
+            base_secs: 10,
+            max_secs: 3600,
+            max_attempts: 100,
+        };
+        let waits: Vec<i64> = (1..=7).map(|n| backoff(&p, n)).collect();
+        assert_eq!(waits, [10, 30, 90, 270, 810, 2430, 3600]);
+        assert_eq!(backoff(&p, 99), 3600, "no overflow");
+    }
 }

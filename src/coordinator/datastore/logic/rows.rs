@@ -4,10 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::coordinator::datastore::sql::{args, Row, Sql};
 use crate::coordinator::datastore::{Allocation, DatastoreError};
 use crate::coordinator::model::{AgentId, BuildId, BuildRecord, BuildState, DrvRecord};
 
@@ -41,7 +41,7 @@ pub(super) const BUILD_COLUMNS: &str = "id, drv, system, state, priority, effect
     next_attempt_at, started_at, finished_at, message";
 
 /// A build from a row selected with [`BUILD_COLUMNS`].
-pub(super) fn build_from_row(r: &Row<'_>) -> Result<BuildRecord, DatastoreError> {
+pub(super) fn build_from_row(r: &Row) -> Result<BuildRecord, DatastoreError> {
     let state_name: String = r.get(3)?;
     let tags: String = r.get(7)?;
     let agent: Option<String> = r.get(11)?;
@@ -68,59 +68,58 @@ pub(super) fn build_from_row(r: &Row<'_>) -> Result<BuildRecord, DatastoreError>
 }
 
 /// One build, or `NoBuild`.
-pub(super) fn build(conn: &Connection, id: BuildId) -> Result<BuildRecord, DatastoreError> {
-    let mut stmt =
-        conn.prepare_cached(&format!("select {BUILD_COLUMNS} from builds where id = ?1"))?;
-    let mut rows = stmt.query(params![id.get()])?;
-    match rows.next()? {
-        Some(r) => build_from_row(r),
+pub(super) fn build(conn: &dyn Sql, id: BuildId) -> Result<BuildRecord, DatastoreError> {
+    match conn.query_opt(
+        &format!("select {BUILD_COLUMNS} from builds where id = ?1"),
+        args![id.get()],
+    )? {
+        Some(r) => build_from_row(&r),
         None => Err(DatastoreError::NoBuild(id)),
     }
 }
 
 /// Records a derivation unless it is known already.
-pub(super) fn put_derivation(conn: &Connection, d: &DrvRecord) -> Result<(), DatastoreError> {
-    let inserted = conn.prepare_cached(
+pub(super) fn put_derivation(conn: &dyn Sql, d: &DrvRecord) -> Result<(), DatastoreError> {
+    let inserted = conn.execute(
         "insert into derivations (drv, system, required_features, outputs, input_drvs, input_srcs) \
          values (?1, ?2, ?3, ?4, ?5, ?6) on conflict (drv) do nothing",
-    )?
-    .execute(params![
-        d.drv,
-        d.system,
-        to_json(&d.required_features)?,
-        to_json(&d.outputs)?,
-        to_json(&d.input_drvs)?,
-        to_json(&d.input_srcs)?,
-    ])?;
+        args![
+            &d.drv,
+            &d.system,
+            to_json(&d.required_features)?,
+            to_json(&d.outputs)?,
+            to_json(&d.input_drvs)?,
+            to_json(&d.input_srcs)?,
+        ],
+    )?;
     if inserted == 1 {
-        let mut out = conn.prepare_cached(
-            "insert into derivation_outputs (drv, output, path) values (?1, ?2, ?3)",
-        )?;
         for (name, path) in &d.outputs {
-            out.execute(params![d.drv, name, path])?;
+            conn.execute(
+                "insert into derivation_outputs (drv, output, path) values (?1, ?2, ?3)",
+                args![&d.drv, name, path],
+            )?;
         }
     }
     Ok(())
 }
 
 /// A recorded derivation.
-pub(super) fn derivation(
-    conn: &Connection,
-    drv: &str,
-) -> Result<Option<DrvRecord>, DatastoreError> {
-    type Raw = (String, String, String, String, String);
-    let raw: Option<Raw> = conn
-        .prepare_cached(
-            "select system, required_features, outputs, input_drvs, input_srcs \
-             from derivations where drv = ?1",
-        )?
-        .query_row(params![drv], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })
-        .optional()?;
-    let Some((system, features, outputs, input_drvs, input_srcs)) = raw else {
+pub(super) fn derivation(conn: &dyn Sql, drv: &str) -> Result<Option<DrvRecord>, DatastoreError> {
+    let Some(r) = conn.query_opt(
+        "select system, required_features, outputs, input_drvs, input_srcs \
+         from derivations where drv = ?1",
+        args![drv],
+    )?
+    else {
         return Ok(None);
     };
+    let (system, features, outputs, input_drvs, input_srcs): (
+        String,
+        String,
+        String,
+        String,
+        String,
+    ) = r.to()?;
     Ok(Some(DrvRecord {
         drv: drv.to_owned(),
         system,
@@ -135,10 +134,7 @@ pub(super) fn derivation(
 }
 
 /// A recorded derivation that must exist (a build refers to it).
-pub(super) fn derivation_of_build(
-    conn: &Connection,
-    drv: &str,
-) -> Result<DrvRecord, DatastoreError> {
+pub(super) fn derivation_of_build(conn: &dyn Sql, drv: &str) -> Result<DrvRecord, DatastoreError> {
     derivation(conn, drv)?.ok_or_else(|| {
         DatastoreError::Corrupt(format!("a build refers to unknown derivation '{drv}'"))
     })
@@ -147,24 +143,24 @@ pub(super) fn derivation_of_build(
 /// Whether every output of `drv` is in the cache. All outputs, not only
 /// those a dependent uses: a build produces all of them anyway, and this
 /// keeps "done" one property of the derivation rather than of each edge.
-pub(super) fn outputs_cached(conn: &Connection, drv: &str) -> Result<bool, DatastoreError> {
-    Ok(conn
-        .prepare_cached(
-            "select not exists (select 1 from derivation_outputs o where o.drv = ?1 \
-             and not exists (select 1 from cache_paths c where c.path = o.path))",
-        )?
-        .query_row(params![drv], |r| r.get(0))?)
+pub(super) fn outputs_cached(conn: &dyn Sql, drv: &str) -> Result<bool, DatastoreError> {
+    conn.query_one(
+        "select not exists (select 1 from derivation_outputs o where o.drv = ?1 \
+         and not exists (select 1 from cache_paths c where c.path = o.path))",
+        args![drv],
+    )?
+    .get(0)
 }
 
 /// The active build of `drv`, if any (there is at most one).
-pub(super) fn active_build(conn: &Connection, drv: &str) -> Result<Option<i64>, DatastoreError> {
-    Ok(conn
-        .prepare_cached(
-            "select id from builds where drv = ?1 and state in ('queued', 'allocated') \
-             order by id desc limit 1",
-        )?
-        .query_row(params![drv], |r| r.get(0))
-        .optional()?)
+pub(super) fn active_build(conn: &dyn Sql, drv: &str) -> Result<Option<i64>, DatastoreError> {
+    conn.query_opt(
+        "select id from builds where drv = ?1 and state in ('queued', 'allocated') \
+         order by id desc limit 1",
+        args![drv],
+    )?
+    .map(|r| r.get(0))
+    .transpose()
 }
 
 /// The most recent build of a derivation.
@@ -183,22 +179,17 @@ impl LastBuild {
 }
 
 /// The most recent build of `drv`.
-pub(super) fn last_build(
-    conn: &Connection,
-    drv: &str,
-) -> Result<Option<LastBuild>, DatastoreError> {
-    let row: Option<(i64, String, Option<String>)> = conn
-        .prepare_cached(
-            "select id, state, failed_dependency from builds where drv = ?1 \
-             order by id desc limit 1",
-        )?
-        .query_row(params![drv], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    row.map(|(id, s, failed_dependency)| {
+pub(super) fn last_build(conn: &dyn Sql, drv: &str) -> Result<Option<LastBuild>, DatastoreError> {
+    conn.query_opt(
+        "select id, state, failed_dependency from builds where drv = ?1 \
+         order by id desc limit 1",
+        args![drv],
+    )?
+    .map(|r| {
         Ok(LastBuild {
-            id,
-            state: state(&s)?,
-            failed_dependency,
+            id: r.get(0)?,
+            state: state(&r.get::<String>(1)?)?,
+            failed_dependency: r.get(2)?,
         })
     })
     .transpose()
@@ -206,7 +197,7 @@ pub(super) fn last_build(
 
 /// The lease of an allocated build, as the agent receives it.
 pub(super) fn allocation(
-    conn: &Connection,
+    conn: &dyn Sql,
     id: i64,
     drv: &str,
     lease_deadline: i64,
