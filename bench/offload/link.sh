@@ -27,8 +27,9 @@
 # Usage: bench/offload/link.sh [--quick]   (--quick: 60 paths / 100 MiB,
 #   400 small paths; a smoke test)
 # Environment: BENCH_LINKS ("1gbit:10ms 100mbit:40ms"), BENCH_SETS ("big
-#   small"), BENCH_PATHS, BENCH_MB, BENCH_SMALL, BENCH_FS (ext4: the stores
-#   on a journaled ext4 image of BENCH_FS_GB (12) GiB, the default; tmp),
+#   small"), BENCH_PATHS, BENCH_MB, BENCH_SMALL, BENCH_FS (tmp, the
+#   default; ext4: the stores on a journaled ext4 image of BENCH_FS_GB (12)
+#   GiB on a loop device),
 #   SANDOFF (default: a release build of this tree), BENCH_KEEP=1 keeps the
 #   work directory.
 set -euo pipefail
@@ -69,13 +70,15 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-# Every store (the client's and each host's) is on a journaled ext4 image
-# by default (BENCH_FS=ext4; BENCH_FS=tmp: /tmp as it is), as a machine's
-# disk normally is. This VM's root is ext4 without a journal, where ext4
-# makes each new inode skip every inode deleted in the last minute: a store
-# made after another was deleted paid for it (6,000 inodes in 2.7 s instead
-# of 0.16 s), and each tool for the ones measured before it.
-if [[ ${BENCH_FS:-ext4} == ext4 ]]; then
+# BENCH_FS=ext4 puts every store (the client's and each host's) on a
+# journaled ext4 image on a loop device instead of /tmp. This VM's root is
+# ext4 without a journal, where each new inode skips every inode deleted in
+# the last minute (6,000 inodes in 2.7 s after a deletion, 0.16 s on a
+# journaled ext4), so a tool run after another pays for its deletions; but
+# on the loop device every flush goes through to the image file, which
+# costs sandoff (it flushes each path before registering it; Nix 2.8 does
+# not) more than the inodes (see bench/offload/README.md). Default: /tmp.
+if [[ ${BENCH_FS:-tmp} == ext4 ]]; then
     img=$(mktemp /var/tmp/sandoff-bench-link.XXXXXX.img)
     truncate -s "${BENCH_FS_GB:-12}G" "$img"
     mkfs.ext4 -q -F "$img"
