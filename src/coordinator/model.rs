@@ -331,6 +331,26 @@ pub struct AgentRecord {
     pub allocated: Vec<BuildId>,
 }
 
+/// The system of builds any agent can run (`builtin:fetchurl` and the like).
+pub const BUILTIN_SYSTEM: &str = "builtin";
+
+/// Whether an agent offering `systems` and `features`, and taking only
+/// builds that require all of `mandatory`, can build a derivation of
+/// `system` requiring `required`: the rule of `decide::assess` (a system of
+/// its own or `builtin`, every required feature offered, every mandatory
+/// feature required). The one rule of allocation and of "cannot start".
+pub fn agent_can_build(
+    systems: &BTreeSet<String>,
+    features: &BTreeSet<String>,
+    mandatory: &BTreeSet<String>,
+    system: &str,
+    required: &BTreeSet<String>,
+) -> bool {
+    (system == BUILTIN_SYSTEM || systems.contains(system))
+        && required.is_subset(features)
+        && mandatory.is_subset(required)
+}
+
 /// What an agent says about itself when it asks for work.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentOffer {
@@ -378,6 +398,30 @@ pub struct TokenRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agent_builds_its_systems_and_builtin_with_the_features_asked_and_its_mandatory_ones() {
+        let set = |v: &[&str]| -> BTreeSet<String> { v.iter().map(|s| s.to_string()).collect() };
+        let (systems, features) = (set(&["x86_64-linux"]), set(&["kvm", "big"]));
+        let none = set(&[]);
+        let can = |mandatory: &BTreeSet<String>, system: &str, required: &[&str]| {
+            agent_can_build(&systems, &features, mandatory, system, &set(required))
+        };
+        assert!(can(&none, "x86_64-linux", &[]));
+        assert!(can(&none, "builtin", &[]));
+        assert!(can(&none, "x86_64-linux", &["kvm"]));
+        assert!(!can(&none, "aarch64-linux", &[]), "another system");
+        assert!(
+            !can(&none, "x86_64-linux", &["gpu"]),
+            "a feature not offered"
+        );
+        // A worker with mandatory features takes only builds that ask for them.
+        let big = set(&["big"]);
+        assert!(!can(&big, "x86_64-linux", &[]));
+        assert!(!can(&big, "x86_64-linux", &["kvm"]));
+        assert!(can(&big, "x86_64-linux", &["big"]));
+        assert!(can(&big, "x86_64-linux", &["big", "kvm"]));
+    }
 
     #[test]
     fn setbacks_keep_their_json_and_missing_inputs_has_its_own() {

@@ -1991,7 +1991,13 @@ mod tests {
         let lock = dir.join(format!("{owner}.lock"));
         assert!(lock.exists());
         let second = s.stage_nar(&mut nar_of(&src).as_slice()).unwrap();
-        assert!(second.tmp.file_name().unwrap().to_str().unwrap().starts_with(owner));
+        assert!(second
+            .tmp
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with(owner));
         assert_eq!(s.remove_stale_stages().unwrap(), 0, "live copies are kept");
         drop((live, second));
         assert!(stage_dirs(&s).is_empty());

@@ -56,6 +56,13 @@ async fn allocate(
         ));
     }
     blocking(&app, move |a| {
+        if let Ok(mut m) = a.mandatory.lock() {
+            if offer.mandatory_features.is_empty() {
+                m.remove(&agent);
+            } else {
+                m.insert(agent.clone(), offer.mandatory_features.clone());
+            }
+        }
         let allocated = a.ds.allocate(&agent, &offer, a.lease_secs, now())?;
         let mut jobs = Vec::with_capacity(allocated.len());
         for alloc in allocated {

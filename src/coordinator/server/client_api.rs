@@ -23,7 +23,7 @@ use crate::coordinator::api::{
 };
 use crate::coordinator::cache::{Claim, ClaimKind, UploadId};
 use crate::coordinator::datastore::BuildFilter;
-use crate::coordinator::model::{AgentId, BuildId, BuildState, Principal};
+use crate::coordinator::model::{agent_can_build, AgentId, BuildId, BuildState, Principal};
 use crate::store::{Hash, StorePath};
 
 pub(super) fn router() -> Router<App> {
@@ -328,17 +328,30 @@ fn unbuildable(
     a: &Inner,
     drv: &crate::coordinator::model::DrvRecord,
 ) -> Result<Option<String>, ApiError> {
-    Ok(unbuildable_among(&a.ds.agents()?, drv))
+    Ok(unbuildable_among(a, &a.ds.agents()?, drv))
 }
 
-/// [`unbuildable`] among `agents`.
+/// [`unbuildable`] among `agents`, by the allocation's own rule
+/// ([`agent_can_build`]), with the mandatory features agents last told.
 pub(super) fn unbuildable_among(
+    a: &Inner,
     agents: &[crate::coordinator::model::AgentRecord],
     drv: &crate::coordinator::model::DrvRecord,
 ) -> Option<String> {
+    let mandatory = a.mandatory.lock().ok();
+    let none = BTreeSet::new();
     let able = agents.iter().filter(|ag| ag.enabled).any(|ag| {
-        (drv.system == "builtin" || ag.systems.contains(&drv.system))
-            && drv.required_features.is_subset(&ag.features)
+        let m = mandatory
+            .as_ref()
+            .and_then(|m| m.get(&ag.id))
+            .unwrap_or(&none);
+        agent_can_build(
+            &ag.systems,
+            &ag.features,
+            m,
+            &drv.system,
+            &drv.required_features,
+        )
     });
     if able {
         return None;

@@ -33,6 +33,7 @@ mod tls;
 mod uploads;
 mod web;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -114,6 +115,11 @@ pub(crate) struct Inner {
     pub(crate) wake: tokio::sync::watch::Sender<u64>,
     /// Browser sessions of the web page.
     pub(crate) sessions: web::session::Sessions,
+    /// Each agent's mandatory features, from its last request for work
+    /// (SSH workers have some; the datastore keeps only systems and
+    /// features): "cannot start" must know them. Empty for an agent not
+    /// heard from since the coordinator started.
+    pub(crate) mandatory: std::sync::Mutex<BTreeMap<AgentId, BTreeSet<String>>>,
 }
 
 impl Inner {
@@ -173,6 +179,7 @@ pub async fn run(config: ServerConfig, ready: impl FnOnce(Bound)) -> Result<(), 
             public_metrics,
             wake: tokio::sync::watch::channel(0).0,
             sessions,
+            mandatory: std::sync::Mutex::new(BTreeMap::new()),
         }))
     })
     .await

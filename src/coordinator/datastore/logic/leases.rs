@@ -14,7 +14,7 @@ use crate::coordinator::model::{
 };
 
 /// The system every agent can build (Nix's `systemSupported`).
-const BUILTIN: &str = "builtin";
+use crate::coordinator::model::{agent_can_build, BUILTIN_SYSTEM as BUILTIN};
 
 /// The feature sets (JSON) of the ready builds of one system, each found
 /// by one seek in `builds_ready` (a loose index scan: SQLite and
@@ -136,14 +136,6 @@ struct Kind {
     features: BTreeSet<String>,
 }
 
-/// Whether an agent offering `systems` and `features` can build a kind:
-/// the rule of `decide::assess` (a system of its own or `builtin`, every
-/// required feature offered; mandatory features, which only SSH workers
-/// declare, are checked by `kinds`).
-fn can_do(systems: &BTreeSet<String>, features: &BTreeSet<String>, k: &Kind) -> bool {
-    (k.system == BUILTIN || systems.contains(&k.system)) && k.features.is_subset(features)
-}
-
 /// The kinds of ready builds the offer can do.
 fn kinds(conn: &dyn Sql, offer: &AgentOffer) -> Result<Vec<Kind>, DatastoreError> {
     let mut systems: BTreeSet<&str> = offer.systems.iter().map(String::as_str).collect();
@@ -157,9 +149,13 @@ fn kinds(conn: &dyn Sql, offer: &AgentOffer) -> Result<Vec<Kind>, DatastoreError
                 features: from_json("builds.required_features", &features_json)?,
                 features_json,
             };
-            // Mandatory features (SSH workers): only builds that ask.
-            let wanted = offer.mandatory_features.is_subset(&kind.features);
-            if wanted && can_do(&offer.systems, &offer.features, &kind) {
+            if agent_can_build(
+                &offer.systems,
+                &offer.features,
+                &offer.mandatory_features,
+                &kind.system,
+                &kind.features,
+            ) {
                 out.push(kind);
             }
         }
@@ -195,11 +191,19 @@ fn choose(
         let c = s.page[s.next].clone();
         s.next += 1;
         // A build that came back from this agent goes elsewhere when
-        // another live agent can take it.
+        // another live agent can take it (other agents' mandatory features
+        // are not kept: they count as none).
+        let kind = &kinds[c.stream];
         if c.avoid_agent.as_deref() == Some(agent.as_str())
-            && others
-                .iter()
-                .any(|o| can_do(&o.systems, &o.features, &kinds[c.stream]))
+            && others.iter().any(|o| {
+                agent_can_build(
+                    &o.systems,
+                    &o.features,
+                    &BTreeSet::new(),
+                    &kind.system,
+                    &kind.features,
+                )
+            })
         {
             continue;
         }

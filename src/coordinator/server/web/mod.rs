@@ -189,7 +189,7 @@ fn queued(a: &Inner, limit: usize) -> Result<Vec<Queued>, ApiError> {
     let mut out = Vec::with_capacity(builds.len());
     for build in builds {
         let unbuildable = match a.ds.derivation(&build.drv)? {
-            Some(r) => unbuildable_among(&agents, &r),
+            Some(r) => unbuildable_among(a, &agents, &r),
             None => None,
         };
         out.push(Queued { build, unbuildable });
@@ -271,7 +271,7 @@ async fn build(State(app): State<App>, Path(id): Path<String>) -> Result<Respons
         let dependencies = a.ds.dependencies(id)?;
         let record = a.ds.derivation(&b.drv)?;
         let unbuildable = match &record {
-            Some(r) if b.state.is_active() => unbuildable_among(&a.ds.agents()?, r),
+            Some(r) if b.state.is_active() => unbuildable_among(a, &a.ds.agents()?, r),
             _ => None,
         };
         let tail = live_log::tail(a, &b, PAGE_LOG_BYTES)?;
