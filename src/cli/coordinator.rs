@@ -529,7 +529,7 @@ fn submit(args: SubmitArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     let (sent, answer) =
         sandoff::coordinator::submit::submit(&client, &store, builds, spool.path())?;
     if args.connect.json {
-        println!(
+        outln!(
             "{}",
             json!({"uploaded": {"paths": sent.paths, "bytes": sent.bytes}, "builds": answer.builds})
         );
@@ -537,15 +537,15 @@ fn submit(args: SubmitArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
         eprintln!("uploaded {} paths ({} bytes)", sent.paths, sent.bytes);
         for b in &answer.builds {
             let how = if b.created { "submitted" } else { "already" };
-            println!("{}\t{}\t{how} {}", b.id, b.drv, b.state.as_str());
+            outln!("{}\t{}\t{how} {}", b.id, b.drv, b.state.as_str());
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_build_line(b: &BuildRecord) {
+fn print_build_line(b: &BuildRecord) -> std::io::Result<()> {
     let agent = b.agent.as_ref().map_or("-", |a| a.as_str());
-    println!(
+    outln!(
         "{}\t{}\t{}\tpriority {} (effective {})\t{}",
         b.id,
         b.state.as_str(),
@@ -554,6 +554,7 @@ fn print_build_line(b: &BuildRecord) {
         b.effective_priority,
         agent
     );
+    Ok(())
 }
 
 fn builds(c: BuildsCommand) -> anyhow::Result<ExitCode> {
@@ -574,43 +575,45 @@ fn builds(c: BuildsCommand) -> anyhow::Result<ExitCode> {
             }
             let list: BuildList = client.get(&q)?;
             if connect.json {
-                println!("{}", serde_json::to_string(&list)?);
+                outln!("{}", serde_json::to_string(&list)?);
             } else {
-                list.builds.iter().for_each(print_build_line);
+                list.builds.iter().try_for_each(print_build_line)?;
             }
         }
         BuildsCommand::Show { connect, id } => {
             let client = connect.client()?;
             let d: BuildDetail = client.get(&format!("/client/v1/builds/{}", urlencode(&id)))?;
             if connect.json {
-                println!("{}", serde_json::to_string(&d)?);
+                outln!("{}", serde_json::to_string(&d)?);
             } else {
                 let b = &d.build;
-                println!("build {}: {}", b.id, b.state.as_str());
-                println!("derivation: {}", b.drv);
-                println!("system: {}", b.system);
-                println!(
+                outln!("build {}: {}", b.id, b.state.as_str());
+                outln!("derivation: {}", b.drv);
+                outln!("system: {}", b.system);
+                outln!(
                     "priority: {} (effective {}), critical path {}",
-                    b.priority, b.effective_priority, b.critical_path
+                    b.priority,
+                    b.effective_priority,
+                    b.critical_path
                 );
                 for (name, path) in &d.outputs {
-                    println!("output {name}: {path}");
+                    outln!("output {name}: {path}");
                 }
                 if !d.dependencies.is_empty() {
                     let deps: Vec<String> = d.dependencies.iter().map(|i| i.to_string()).collect();
-                    println!("waiting for builds: {}", deps.join(", "));
+                    outln!("waiting for builds: {}", deps.join(", "));
                 }
                 if let Some(a) = &b.agent {
-                    println!("agent: {a}");
+                    outln!("agent: {a}");
                 }
                 if b.attempts > 0 {
-                    println!("infrastructure failures: {}", b.attempts);
+                    outln!("infrastructure failures: {}", b.attempts);
                 }
                 if let Some(m) = &b.message {
-                    println!("message: {m}");
+                    outln!("message: {m}");
                 }
                 if let Some(u) = &d.unbuildable {
-                    println!("cannot start: {u}");
+                    outln!("cannot start: {u}");
                 }
             }
         }
@@ -621,10 +624,10 @@ fn builds(c: BuildsCommand) -> anyhow::Result<ExitCode> {
                 &json!({}),
             )?;
             if connect.json {
-                println!("{}", serde_json::to_string(&c)?);
+                outln!("{}", serde_json::to_string(&c)?);
             } else {
                 let ids: Vec<String> = c.canceled.iter().map(|i| i.to_string()).collect();
-                println!("canceled: {}", ids.join(" "));
+                outln!("canceled: {}", ids.join(" "));
             }
         }
         BuildsCommand::SetPriority {
@@ -638,9 +641,9 @@ fn builds(c: BuildsCommand) -> anyhow::Result<ExitCode> {
                 &SetPriority { priority },
             )?;
             if connect.json {
-                println!("{}", serde_json::to_string(&b)?);
+                outln!("{}", serde_json::to_string(&b)?);
             } else {
-                print_build_line(&b);
+                print_build_line(&b)?;
             }
         }
         BuildsCommand::Log {
@@ -673,13 +676,13 @@ fn builds(c: BuildsCommand) -> anyhow::Result<ExitCode> {
 
 fn print_token(t: &IssuedToken, json_out: bool) -> anyhow::Result<()> {
     if json_out {
-        println!("{}", serde_json::to_string(t)?);
+        outln!("{}", serde_json::to_string(t)?);
     } else {
         eprintln!(
             "token {} (shown once; keep it in a file only its user reads):",
             t.id
         );
-        println!("{}", t.token);
+        outln!("{}", t.token);
     }
     Ok(())
 }
@@ -690,11 +693,11 @@ fn agents(c: AgentsCommand) -> anyhow::Result<ExitCode> {
             let client = connect.client()?;
             let list: AgentList = client.get("/client/v1/agents")?;
             if connect.json {
-                println!("{}", serde_json::to_string(&list)?);
+                outln!("{}", serde_json::to_string(&list)?);
             } else {
                 for a in &list.agents {
                     let systems: Vec<&str> = a.systems.iter().map(String::as_str).collect();
-                    println!(
+                    outln!(
                         "{}\t{}\t{}\t{} of {} slots busy",
                         a.id,
                         if a.enabled { "enabled" } else { "disabled" },
@@ -785,7 +788,7 @@ fn tokens(c: TokensCommand) -> anyhow::Result<ExitCode> {
         TokensCommand::List { connect } => {
             let list: TokenList = connect.client()?.get("/client/v1/tokens")?;
             if connect.json {
-                println!("{}", serde_json::to_string(&list)?);
+                outln!("{}", serde_json::to_string(&list)?);
             } else {
                 for t in &list.tokens {
                     let who = match &t.principal {
@@ -793,7 +796,7 @@ fn tokens(c: TokensCommand) -> anyhow::Result<ExitCode> {
                         Principal::Client { role } => format!("client {}", role.as_str()),
                     };
                     let state = if t.revoked { "revoked" } else { "valid" };
-                    println!(
+                    outln!(
                         "{}\t{who}\t{state}\texpires {}",
                         t.id,
                         t.expires_at.map_or("never".into(), |e| e.to_string())

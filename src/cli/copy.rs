@@ -93,7 +93,7 @@ pub fn run(args: CopyArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
             "received": count(report.received),
             "seconds": seconds,
         });
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        outln!("{}", serde_json::to_string_pretty(&json)?);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -128,13 +128,13 @@ pub fn run(args: DecideArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
                 "held_bytes": v.held_bytes,
             })).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        outln!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         // Reasons quote the derivation's features, which its author chose.
         let safe = |text: String| sandoff::termsafe::filter(text.as_bytes());
-        println!("{}", safe(decision.to_string()));
+        outln!("{}", safe(decision.to_string()));
         for v in &verdicts {
-            println!("  {}: {}", v.name, safe(v.reason.to_string()));
+            outln!("  {}: {}", v.name, safe(v.reason.to_string()));
         }
     }
     Ok(ExitCode::SUCCESS)

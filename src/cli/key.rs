@@ -33,7 +33,7 @@ pub fn run(cmd: KeyCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     let ring = Keyring::new(&loc.state);
     match cmd {
         KeyCommand::Show => {
-            println!("{}", ring.public_key()?);
+            outln!("{}", ring.public_key()?);
             Ok(ExitCode::SUCCESS)
         }
         KeyCommand::Authorize { file } => {

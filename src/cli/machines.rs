@@ -121,15 +121,15 @@ pub fn run(cmd: MachinesCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode
             for m in &machines {
                 match off.test_machine(&store, m) {
                     Ok(report) => {
-                        println!("{}: ok", m.name);
+                        outln!("{}: ok", m.name);
                         for step in report.passed {
-                            println!("  {}", safe(&step));
+                            outln!("  {}", safe(&step));
                         }
                     }
                     Err(e) => {
                         failed += 1;
                         // What the machine printed is part of the error.
-                        println!("{}: FAILED: {}", m.name, safe(&error_chain(&e)));
+                        outln!("{}: FAILED: {}", m.name, safe(&error_chain(&e)));
                     }
                 }
             }
@@ -173,48 +173,48 @@ pub fn run(cmd: MachinesCommand, loc: &StoreLocation) -> anyhow::Result<ExitCode
                     }));
                     continue;
                 }
-                println!("{}", m.name);
+                outln!("{}", m.name);
                 match &st.reachable {
-                    Ok(()) => println!("  reachable: yes"),
-                    Err(e) => println!("  reachable: no ({})", safe(e)),
+                    Ok(()) => outln!("  reachable: yes"),
+                    Err(e) => outln!("  reachable: no ({})", safe(e)),
                 }
-                println!("  systems: {}", list(&m.systems));
+                outln!("  systems: {}", list(&m.systems));
                 if let (Some(l), Some(c)) = (st.load, st.cores) {
-                    println!(
+                    outln!(
                         "  load: {l:.2} on {c} cores (normalized {:.2})",
                         st.normalized_load().unwrap_or(0.0)
                     );
                 }
                 if let Some(f) = st.free_disk {
-                    println!("  free disk: {:.1} GiB", f as f64 / (1u64 << 30) as f64);
+                    outln!("  free disk: {:.1} GiB", f as f64 / (1u64 << 30) as f64);
                 }
-                println!("  slots in use: {}/{}", st.slots_in_use, m.max_jobs);
+                outln!("  slots in use: {}/{}", st.slots_in_use, m.max_jobs);
                 match backoff {
                     Some((n, left, e)) => {
-                        println!(
+                        outln!(
                             "  backoff: {left} s left after {n} failure(s): {}",
                             safe(&e)
                         )
                     }
-                    None => println!("  backoff: none"),
+                    None => outln!("  backoff: none"),
                 }
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                outln!("{}", serde_json::to_string_pretty(&all)?);
             }
             Ok(ExitCode::SUCCESS)
         }
         MachinesCommand::List { source, json } => {
             let machines = source.load(&decide::host_system())?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&decide::machines::to_json(&machines))?
                 );
             } else {
                 for m in &machines {
                     // Systems, features and paths are any token of the file.
-                    println!("{}", safe(&human(m)));
+                    outln!("{}", safe(&human(m)));
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -1,5 +1,16 @@
 //! One file per command group; each turns its arguments into library calls.
 
+/// `println!` that returns the error instead of panicking when stdout is
+/// closed (`sandoff … | head`): `main` ends quietly on a broken pipe, as
+/// for every other write. Needs a function returning an
+/// `io::Error`-convertible error.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 pub mod build;
 pub mod builtin;
 pub mod coordinator;

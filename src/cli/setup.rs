@@ -37,14 +37,14 @@ pub fn run(args: SetupArgs, loc: &StoreLocation) -> anyhow::Result<ExitCode> {
     std::fs::write(&group_file, format!("{}\n", report.group))
         .with_context(|| format!("writing '{}'", group_file.display()))?;
     for name in &report.created {
-        println!("created {name}");
+        outln!("created {name}");
     }
     let (key, created) = Keyring::new(&loc.state).ensure_key_pair(&default_key_name())?;
     if created {
-        println!("created signing key {}", key.name());
+        outln!("created signing key {}", key.name());
     }
-    println!("public key: {key}");
-    println!(
+    outln!("public key: {key}");
+    outln!(
         "build users: group {} (gid {}), {} members; state in {}",
         report.group,
         report.gid,

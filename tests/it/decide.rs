@@ -60,6 +60,35 @@ fn nix_fixture_reads_the_manual_examples() {
     );
 }
 
+/// A command whose reader went away (`sandoff … | head`) ends quietly with
+/// success, as for any other write: no panic of `println!`.
+#[test]
+fn a_closed_stdout_ends_a_listing_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let machines = dir.path().join("machines");
+    let lines: String = (0..2000).map(|i| format!("b{i} x86_64-linux\n")).collect();
+    std::fs::write(&machines, lines).unwrap();
+    for json in [false, true] {
+        // The read end is closed before the command starts: every write
+        // fails with EPIPE.
+        let (r, w) = nix::unistd::pipe().unwrap();
+        drop(r);
+        let mut cmd = support::sandoff();
+        cmd.args(["machines", "list", "--machines"]).arg(&machines);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .stdout(std::process::Stdio::from(w))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "json {json}: {:?} {err}", out.status);
+        assert!(!err.contains("panicked"), "json {json}: {err}");
+    }
+}
+
 #[test]
 fn nix_includes_are_relative_to_the_working_directory() {
     let dir = tempfile::tempdir().unwrap();
