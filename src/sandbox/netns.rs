@@ -43,11 +43,9 @@ pub fn take() -> Option<OwnedFd> {
     let pool = POOL.get_or_init(|| {
         let spawned = std::thread::Builder::new()
             .name("sandoff-netns".to_owned())
-            .spawn(|| {
-                if let Some(pool) = POOL.get() {
-                    make_ahead(pool);
-                }
-            });
+            // `wait`, not `get`: this closure returns (and POOL is set)
+            // only after the thread was spawned.
+            .spawn(|| make_ahead(POOL.wait()));
         let state = State {
             failed: spawned.is_err(),
             ..State::default()
@@ -58,6 +56,9 @@ pub fn take() -> Option<OwnedFd> {
         }
     });
     let mut state = pool.state.lock().ok()?;
+    if state.failed {
+        return None;
+    }
     let fd = state.ready.pop_front();
     pool.wanted.notify_one();
     fd
