@@ -5,9 +5,8 @@
 //! entered, nor are its inputs), then runs them in dependency order, up to
 //! `jobs` builders at once, one thread each; a worker whose builder exited
 //! ([`Event::BuilderExited`]) frees its job slot while it registers the
-//! outputs, and at most `jobs` more workers are in that phase. The caller's
-//! thread schedules and gets
-//! every [`Event`]. As Nix: after a failure no new build starts and the
+//! outputs, and at most `2 * jobs` workers run in all. The caller's thread
+//! schedules and gets every [`Event`]. As Nix: after a failure no new build starts and the
 //! running ones finish, unless `keep_going`, which builds everything that
 //! does not depend on a failure and reports the rest as
 //! [`Event::DependencyFailed`].
