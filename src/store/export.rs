@@ -296,8 +296,13 @@ impl<W: Write> Write for HashingWriter<'_, W> {
         self.hash.write_all(&buf[..n])?;
         Ok(n)
     }
+    /// Nothing: a NAR is not a message boundary of the export stream, which
+    /// [`ExportWriter::finish`] flushes once. `nar::dump` flushes its sink
+    /// after each path; passed on through a compressing SSH transport, that
+    /// ended a zstd frame and sent a small SSH packet per path (2,000 small
+    /// paths: 2,000 frames, each a separate write down the host's pipe).
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        Ok(())
     }
 }
 
@@ -807,6 +812,43 @@ mod tests {
         baz.deriver =
             Some(StorePath::from_base_name("4l9f4nj9kcc5vs3rd6n6dpavm0faid7m-hello.drv").unwrap());
         (nar_foo, nar_baz, foo, baz)
+    }
+
+    /// A sink that counts its flushes.
+    #[derive(Default)]
+    struct FlushCounter {
+        bytes: Vec<u8>,
+        flushes: usize,
+    }
+
+    impl Write for FlushCounter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.bytes.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.flushes += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_export_stream_is_flushed_once_at_its_end_not_after_each_nar() {
+        // `nar::dump` flushes its sink after each path, as the closures
+        // below do: a flush through a compressing transport ends a frame
+        // and sends a packet, so each NAR must not reach the stream's sink.
+        let (nar_foo, nar_baz, foo, baz) = sample();
+        let mut w = ExportWriter::new(FlushCounter::default(), StoreDir::default());
+        for (info, nar) in [(&foo, &nar_foo), (&baz, &nar_baz)] {
+            w.write_entry_with(info, |s| {
+                s.write_all(nar).map_err(ExportError::Write)?;
+                s.flush().map_err(ExportError::Write)
+            })
+            .unwrap();
+        }
+        let sink = w.finish().unwrap();
+        assert_eq!(sink.flushes, 1);
+        assert_eq!(sink.bytes, encode(&[(&foo, &nar_foo), (&baz, &nar_baz)]));
     }
 
     #[test]
