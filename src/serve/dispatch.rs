@@ -155,12 +155,7 @@ impl Server<'_, '_> {
                 let _lock = wire("QueryValidPaths", wire::read_bool(self.input))?;
                 let _substitute = wire("QueryValidPaths", wire::read_bool(self.input))?;
                 let paths = self.read_paths("QueryValidPaths")?;
-                let mut valid = BTreeSet::new();
-                for p in paths {
-                    if self.store.is_valid(&p)? {
-                        valid.insert(p);
-                    }
-                }
+                let valid = self.store.valid_among(&paths)?;
                 self.write_paths("QueryValidPaths", &valid)
             }
             cmd::QUERY_PATH_INFOS => {

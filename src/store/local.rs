@@ -429,6 +429,14 @@ impl LocalStore {
         Ok(self.registry.is_valid(path)?)
     }
 
+    /// Which of `paths` are valid, asked in one database read.
+    pub fn valid_among<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a StorePath>,
+    ) -> Result<BTreeSet<StorePath>, StoreError> {
+        Ok(self.registry.valid_among(paths)?)
+    }
+
     /// Every valid path.
     pub fn query_valid_paths(&self) -> Result<BTreeSet<StorePath>, StoreError> {
         Ok(self.registry.query_valid_paths()?)
@@ -465,63 +473,24 @@ impl LocalStore {
     /// `paths` ordered so that every path comes after its references (among
     /// `paths`). Self-references are fine; any other cycle is an error.
     pub fn topo_sort(&self, paths: &BTreeSet<StorePath>) -> Result<Vec<StorePath>, StoreError> {
-        #[derive(PartialEq)]
-        enum Mark {
-            Visiting,
-            Done,
-        }
-        let mut marks: BTreeMap<StorePath, Mark> = BTreeMap::new();
-        let mut sorted = Vec::with_capacity(paths.len());
-        for start in paths {
-            if marks.contains_key(start) {
-                continue;
-            }
-            // Iterative DFS: (path, its remaining references).
-            let mut stack: Vec<(StorePath, Vec<StorePath>)> = Vec::new();
-            marks.insert(start.clone(), Mark::Visiting);
-            stack.push((start.clone(), self.sort_refs(start, paths)?));
-            while let Some((node, pending)) = stack.last_mut() {
-                match pending.pop() {
-                    Some(next) => match marks.get(&next) {
-                        Some(Mark::Done) => {}
-                        Some(Mark::Visiting) => {
-                            return Err(StoreError::Cycle {
-                                path: self.loc.logical(&next),
-                                from: self.loc.logical(node),
-                            })
-                        }
-                        None => {
-                            let refs = self.sort_refs(&next, paths)?;
-                            marks.insert(next.clone(), Mark::Visiting);
-                            stack.push((next, refs));
-                        }
-                    },
-                    None => {
-                        let node = node.clone();
-                        stack.pop();
-                        marks.insert(node.clone(), Mark::Done);
-                        sorted.push(node);
-                    }
-                }
-            }
-        }
-        Ok(sorted)
+        topo_order(paths, |p| self.references(p), &self.loc)
     }
 
-    /// The references of `path` within `among`, without itself, in reverse
-    /// order (they are popped, so the smallest is visited first).
-    fn sort_refs(
+    /// The records of `paths`, every one valid, in [`LocalStore::topo_sort`]'s
+    /// order, read in one database transaction: what a stream of them needs,
+    /// without a read per path for the order and another for the record.
+    pub fn path_infos_in_order(
         &self,
-        path: &StorePath,
-        among: &BTreeSet<StorePath>,
-    ) -> Result<Vec<StorePath>, StoreError> {
-        let mut refs: Vec<StorePath> = self
-            .references(path)?
-            .into_iter()
-            .filter(|r| r != path && among.contains(r))
-            .collect();
-        refs.reverse();
-        Ok(refs)
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<Vec<ValidPathInfo>, StoreError> {
+        let mut infos = self.registry.query_path_infos(paths)?;
+        if let Some(p) = paths.iter().find(|p| !infos.contains_key(*p)) {
+            return Err(StoreError::NotValid {
+                path: self.loc.logical(p),
+            });
+        }
+        let order = topo_order(paths, |p| Ok(infos[p].references.clone()), &self.loc)?;
+        Ok(order.iter().filter_map(|p| infos.remove(p)).collect())
     }
 
     /// Adds a file or tree as a content-addressed path named after its file
@@ -1173,6 +1142,68 @@ impl LocalStore {
 }
 
 /// The `algo` hash of the contents of the regular file at `path`.
+/// `paths` ordered so that every path comes after its references among
+/// them (`refs_of` gives a path's references); self-references are fine, any
+/// other cycle is an error. Depth first, smallest reference first, so the
+/// order depends only on the graph.
+fn topo_order(
+    paths: &BTreeSet<StorePath>,
+    mut refs_of: impl FnMut(&StorePath) -> Result<BTreeSet<StorePath>, StoreError>,
+    loc: &StoreLocation,
+) -> Result<Vec<StorePath>, StoreError> {
+    #[derive(PartialEq)]
+    enum Mark {
+        Visiting,
+        Done,
+    }
+    // The references of `path` within `paths`, without itself, in reverse
+    // order (they are popped, so the smallest is visited first).
+    let mut sort_refs = |path: &StorePath| -> Result<Vec<StorePath>, StoreError> {
+        let mut refs: Vec<StorePath> = refs_of(path)?
+            .into_iter()
+            .filter(|r| r != path && paths.contains(r))
+            .collect();
+        refs.reverse();
+        Ok(refs)
+    };
+    let mut marks: BTreeMap<StorePath, Mark> = BTreeMap::new();
+    let mut sorted = Vec::with_capacity(paths.len());
+    for start in paths {
+        if marks.contains_key(start) {
+            continue;
+        }
+        // Iterative DFS: (path, its remaining references).
+        let mut stack: Vec<(StorePath, Vec<StorePath>)> = Vec::new();
+        marks.insert(start.clone(), Mark::Visiting);
+        stack.push((start.clone(), sort_refs(start)?));
+        while let Some((node, pending)) = stack.last_mut() {
+            match pending.pop() {
+                Some(next) => match marks.get(&next) {
+                    Some(Mark::Done) => {}
+                    Some(Mark::Visiting) => {
+                        return Err(StoreError::Cycle {
+                            path: loc.logical(&next),
+                            from: loc.logical(node),
+                        })
+                    }
+                    None => {
+                        let refs = sort_refs(&next)?;
+                        marks.insert(next.clone(), Mark::Visiting);
+                        stack.push((next, refs));
+                    }
+                },
+                None => {
+                    let node = node.clone();
+                    stack.pop();
+                    marks.insert(node.clone(), Mark::Done);
+                    sorted.push(node);
+                }
+            }
+        }
+    }
+    Ok(sorted)
+}
+
 fn flat_hash(path: &Path, algo: HashAlgo) -> Result<Hash, StoreError> {
     let meta = fs::symlink_metadata(path).map_err(io_err("reading", path))?;
     if !meta.is_file() {
@@ -1958,6 +1989,28 @@ mod tests {
             s.topo_sort(&both).unwrap(),
             vec![a.path.clone(), b.path.clone()]
         );
+        // c sorts first by name but refers to b: it comes last, with the
+        // same order and records from the one-read variant.
+        let c = mk("03bgd045z0d4icpbc2yyz4gx48ak44la-c", &[&b.path]);
+        reg.register(&c, &BTreeMap::new()).unwrap();
+        let three: BTreeSet<StorePath> = [a.path.clone(), b.path.clone(), c.path.clone()].into();
+        let order = s.topo_sort(&three).unwrap();
+        assert_eq!(order, vec![a.path.clone(), b.path.clone(), c.path.clone()]);
+        let infos = s.path_infos_in_order(&three).unwrap();
+        assert_eq!(
+            infos.iter().map(|i| i.path.clone()).collect::<Vec<_>>(),
+            order
+        );
+        assert_eq!(infos[1], s.query_path_info(&b.path).unwrap().unwrap());
+        let unknown: BTreeSet<StorePath> = [
+            a.path.clone(),
+            mk("2qgfy89v28340cr9d9z471zfi5iczv5l-x", &[]).path,
+        ]
+        .into();
+        assert!(matches!(
+            s.path_infos_in_order(&unknown),
+            Err(StoreError::NotValid { .. })
+        ));
         // A cycle can only be made behind the registry's back (Nix forbids it too).
         let conn = rusqlite::Connection::open(reg.db_path()).unwrap();
         conn.execute(
@@ -1966,6 +2019,10 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(s.topo_sort(&both), Err(StoreError::Cycle { .. })));
+        assert!(matches!(
+            s.path_infos_in_order(&both),
+            Err(StoreError::Cycle { .. })
+        ));
     }
 
     #[test]

@@ -364,13 +364,67 @@ impl Registry {
             .is_some())
     }
 
+    /// Which of `paths` are registered, read in one transaction: a serve
+    /// client asks about a whole closure at once (2,000 paths), and a
+    /// statement outside a transaction takes and drops the database's read
+    /// lock each time.
+    pub fn valid_among<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a StorePath>,
+    ) -> Result<BTreeSet<StorePath>, RegistryError> {
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(self.sql("starting a read"))?;
+        let mut valid = BTreeSet::new();
+        for p in paths {
+            if path_id(&tx, &self.dir.display(p))
+                .map_err(self.sql("querying path"))?
+                .is_some()
+            {
+                valid.insert(p.clone());
+            }
+        }
+        // Nothing was written: ending it either way only drops the lock.
+        tx.commit().map_err(self.sql("ending a read"))?;
+        Ok(valid)
+    }
+
     /// The record of `path`, or `None` when it is not valid.
     pub fn query_path_info(
         &self,
         path: &StorePath,
     ) -> Result<Option<ValidPathInfo>, RegistryError> {
-        let full = self.dir.display(path);
         let conn = self.lock();
+        self.info_on(&conn, path)
+    }
+
+    /// The records of those of `paths` that are valid, read in one
+    /// transaction (a closure sent to a build machine: 2,000 paths).
+    pub fn query_path_infos<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a StorePath>,
+    ) -> Result<BTreeMap<StorePath, ValidPathInfo>, RegistryError> {
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(self.sql("starting a read"))?;
+        let mut infos = BTreeMap::new();
+        for p in paths {
+            if let Some(info) = self.info_on(&tx, p)? {
+                infos.insert(p.clone(), info);
+            }
+        }
+        tx.commit().map_err(self.sql("ending a read"))?;
+        Ok(infos)
+    }
+
+    fn info_on(
+        &self,
+        conn: &Connection,
+        path: &StorePath,
+    ) -> Result<Option<ValidPathInfo>, RegistryError> {
+        let full = self.dir.display(path);
         type Row = (
             i64,
             String,
@@ -984,6 +1038,22 @@ mod tests {
             )
             .unwrap();
         assert_eq!(cols, 6);
+    }
+
+    #[test]
+    fn valid_among_answers_for_each_path_in_one_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&tmp.path().join("db"), StoreDir::default()).unwrap();
+        reg.register(&info(A, &[]), &BTreeMap::new()).unwrap();
+        let asked = [sp(A), sp(B), sp(OUT)];
+        assert_eq!(reg.valid_among(&asked).unwrap(), BTreeSet::from([sp(A)]));
+        assert!(reg.valid_among(&[]).unwrap().is_empty());
+        // The read ended: a write goes through afterwards.
+        reg.register(&info(B, &[A]), &BTreeMap::new()).unwrap();
+        assert_eq!(
+            reg.valid_among(&asked).unwrap(),
+            BTreeSet::from([sp(A), sp(B)])
+        );
     }
 
     #[test]

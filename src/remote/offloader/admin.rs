@@ -237,15 +237,11 @@ impl Offloader {
         let mut conn = self.connect(machine)?;
         let missing = query_missing(&mut conn, &closure, false)
             .map_err(lost(machine, "asking for missing paths"))?;
-        let mut bytes = 0;
-        for p in &missing {
-            if let Some(info) = store.query_path_info(p)? {
-                bytes += info.nar_size;
-            }
-        }
-        if !missing.is_empty() {
-            self.send_paths(store, machine, &mut conn.client, &missing)?;
-        }
+        let bytes = if missing.is_empty() {
+            0
+        } else {
+            self.send_paths(store, machine, &mut conn.client, &missing)?
+        };
         let (sent, received) = conn.client.transport().counts();
         Ok(CopyReport {
             paths: missing.len(),
