@@ -493,7 +493,7 @@ impl Registry {
                     .map_err(|_| self.corrupt(&full, "ca", c))?,
             ),
         };
-        let references = query_references_by_id(&conn, id)
+        let references = query_references_by_id(conn, id)
             .map_err(self.sql("querying references"))?
             .iter()
             .map(|r| self.parse(&full, "reference", r))
