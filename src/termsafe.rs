@@ -63,7 +63,7 @@ pub fn filter(bytes: &[u8]) -> String {
             '\t' => {
                 out.push(' ');
                 column += 1;
-                while column % 8 != 0 {
+                while !column.is_multiple_of(8) {
                     out.push(' ');
                     column += 1;
                 }

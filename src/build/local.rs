@@ -600,7 +600,7 @@ pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, StaleDirsError> {
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
-            .map_or(true, |age| age < STALE_AFTER);
+            .is_none_or(|age| age < STALE_AFTER);
         if young {
             continue;
         }

@@ -81,7 +81,7 @@ pub fn check_host(host: &str) -> Result<(), MachineError> {
             None => (host, None),
         };
         addr.parse::<std::net::Ipv6Addr>().is_ok()
-            && zone.map_or(true, |z| !z.is_empty() && z.bytes().all(name_char))
+            && zone.is_none_or(|z| !z.is_empty() && z.bytes().all(name_char))
     } else {
         !host.is_empty()
             && host.len() <= 253

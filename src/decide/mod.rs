@@ -523,7 +523,7 @@ pub fn decide(
             Quick::Busy => eligible += 1,
             Quick::Available => {
                 eligible += 1;
-                if best.map_or(true, |b| better(state, b)) {
+                if best.is_none_or(|b| better(state, b)) {
                     best = Some(state);
                 }
             }

@@ -477,7 +477,7 @@ fn add_nix_derivations(s: &Store, shown: &Value) -> Vec<String> {
             .filter(|(_, d)| {
                 d["inputDrvs"]
                     .as_object()
-                    .map_or(true, |m| m.keys().all(|k| added.contains(k)))
+                    .is_none_or(|m| m.keys().all(|k| added.contains(k)))
             })
             .map(|(k, _)| *k)
             .collect();

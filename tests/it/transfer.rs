@@ -221,7 +221,7 @@ fn nix_imports_signed_sandoff_archive() {
     assert_eq!(j["references"], serde_json::json!([FOO]));
     assert!(
         j.get("signatures")
-            .map_or(true, |v| v.as_array().is_some_and(|a| a.is_empty())),
+            .is_none_or(|v| v.as_array().is_some_and(|a| a.is_empty())),
         "{j}"
     );
 }

@@ -548,7 +548,7 @@ pub fn find_kept(loc: &StoreLocation, drv: &str) -> Option<PathBuf> {
             let Ok(modified) = fs::symlink_metadata(&file).and_then(|m| m.modified()) else {
                 continue;
             };
-            if saved.drv == drv && newest.as_ref().map_or(true, |(t, _)| modified > *t) {
+            if saved.drv == drv && newest.as_ref().is_none_or(|(t, _)| modified > *t) {
                 newest = Some((modified, top.path()));
             }
         }

@@ -309,7 +309,7 @@ async fn reap_leases(app: App) {
             Err(e) => tracing::error!("expiring leases: {}", e.message),
         }
         round += 1;
-        if round % sweep_every == 0 {
+        if round.is_multiple_of(sweep_every) {
             match blocking(&app, |a| Ok(a.cache.remove_stale_uploads(STALE_UPLOAD)?)).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!("removed {n} abandoned uploads"),

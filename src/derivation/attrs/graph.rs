@@ -69,7 +69,7 @@ pub fn env_requests(value: &[u8], dir: &StoreDir) -> Result<Vec<GraphRequest>, A
         .split(|c| " \t\n\r".contains(c))
         .filter(|t| !t.is_empty())
         .collect();
-    if tokens.len() % 2 != 0 {
+    if !tokens.len().is_multiple_of(2) {
         return Err(AttrsError::OddGraphTokens {
             value: text.into_owned(),
         });

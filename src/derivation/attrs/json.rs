@@ -115,7 +115,7 @@ pub fn float(x: f64) -> String {
     const MAX_EXP: i32 = 15;
     if k <= n && n <= MAX_EXP {
         out.push_str(&digits);
-        out.extend(std::iter::repeat('0').take((n - k) as usize));
+        out.extend(std::iter::repeat_n('0', (n - k) as usize));
         out.push_str(".0");
     } else if 0 < n && n <= MAX_EXP {
         out.push_str(&digits[..n as usize]);
@@ -123,7 +123,7 @@ pub fn float(x: f64) -> String {
         out.push_str(&digits[n as usize..]);
     } else if MIN_EXP < n && n <= 0 {
         out.push_str("0.");
-        out.extend(std::iter::repeat('0').take((-n) as usize));
+        out.extend(std::iter::repeat_n('0', (-n) as usize));
         out.push_str(&digits);
     } else {
         out.push_str(&digits[..1]);

@@ -105,7 +105,7 @@ pub fn remote_command_with(machine: &Machine, dir: &StoreDir, zstd: Option<i32>)
 /// program is sandoff (unless its entry turns compression off), SSH zlib
 /// when it is a stock Nix program and its entry asks for compression.
 pub fn wire_compression(machine: &Machine) -> WireCompression {
-    let sandoff_peer = remote_program(&machine.store_uri).map_or(true, |w| is_sandoff(&w));
+    let sandoff_peer = remote_program(&machine.store_uri).is_none_or(|w| is_sandoff(&w));
     WireCompression::choose(machine.compression, sandoff_peer)
 }
 

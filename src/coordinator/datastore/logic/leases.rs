@@ -181,7 +181,7 @@ fn choose(
         let mut best: Option<(usize, Rank)> = None;
         for (i, s) in streams.iter_mut().enumerate() {
             if let Some(c) = s.head(conn, &kinds)? {
-                if best.as_ref().map_or(true, |(_, rank)| c.rank() > *rank) {
+                if best.as_ref().is_none_or(|(_, rank)| c.rank() > *rank) {
                     best = Some((i, c.rank()));
                 }
             }
