@@ -37,7 +37,7 @@ use std::path::PathBuf;
 use super::BuildErrorKind;
 use crate::decide::{Decision, Placement, Policy};
 use crate::derivation::Derivation;
-use crate::store::local::{canonicalise_path, LocalStore, StagedPath};
+use crate::store::local::{LocalStore, StagedPath};
 use crate::store::{StorePath, ValidPathInfo};
 
 /// Whether a build registers its outputs or compares them with the valid
@@ -132,7 +132,7 @@ fn keep_copy(new: &mut StagedPath, dst: &PathBuf) -> Result<(), BuildErrorKind> 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("read")(e)),
     }
-    canonicalise_path(&new.tmp)?;
+    new.canonicalise()?;
     fs::rename(&new.tmp, dst).map_err(io_err("move the new build to"))?;
     // Moved: dropping the staged copy must not remove it.
     new.tmp = PathBuf::new();

@@ -58,7 +58,7 @@ use rand_core::{OsRng, RngCore};
 use thiserror::Error;
 
 use super::hash::{Hasher, HashingReader};
-use super::nar::{self, NarError};
+use super::nar::{self, remove_tree, NarError};
 use super::registry::{Registry, RegistryError};
 use super::signature::Signature;
 use super::{
@@ -262,6 +262,9 @@ pub struct StagedPath {
     /// Held while the staged copy exists, so that
     /// [`LocalStore::remove_stale_stages`] can tell it from a dead one.
     _lock: Option<Arc<Stager>>,
+    /// Whether the files were made with a store path's metadata already
+    /// ([`nar::restore_canonical`]), so that no walk has to set it.
+    canonical: bool,
 }
 
 impl Drop for StagedPath {
@@ -276,6 +279,15 @@ impl Drop for StagedPath {
 }
 
 impl StagedPath {
+    /// Gives the staged files a store path's metadata (read-only, mtime 1,
+    /// this user's), unless they were made with it.
+    pub fn canonicalise(&self) -> Result<(), StoreError> {
+        if self.canonical {
+            return Ok(());
+        }
+        canonicalise_path(&self.tmp)
+    }
+
     /// The content hash of the staged files as `method` and `algo` define it:
     /// the NAR's hash (already known for sha256) or, flat, the hash of a
     /// regular file's contents.
@@ -618,6 +630,7 @@ impl LocalStore {
             nar_hash: HashAlgo::Sha256.digest(b""),
             nar_size: 0,
             _lock: Some(stager),
+            canonical: false,
         })
     }
 
@@ -666,7 +679,8 @@ impl LocalStore {
     pub fn stage_nar(&self, nar: &mut dyn Read) -> Result<StagedPath, StoreError> {
         let mut staged = self.new_staged()?;
         let mut reader = HashingReader::new(nar, HashAlgo::Sha256);
-        nar::restore(&mut reader, &staged.tmp).map_err(nar_err(&staged.tmp))?;
+        staged.canonical = nar::restore_canonical(&mut reader, &staged.tmp, STORE_MTIME)
+            .map_err(nar_err(&staged.tmp))?;
         let (hash, size, _) = reader.finish();
         staged.nar_hash = hash;
         staged.nar_size = size;
@@ -778,9 +792,12 @@ impl LocalStore {
         self.check_derivations(&items)?;
         // Sorted (a set), so two batches cannot deadlock on each other.
         let locks = self.lock_paths(&paths)?;
+        // One read for the batch; only a path someone made valid meanwhile
+        // is read again, to merge the signatures.
+        let valid = self.registry.valid_among(&paths)?;
         let mut todo = Vec::with_capacity(batch.len());
         for (staged, info) in batch {
-            if !self.merge_if_valid(&info)? {
+            if !valid.contains(&info.path) || !self.merge_if_valid(&info)? {
                 todo.push((staged, info));
             }
         }
@@ -813,7 +830,7 @@ impl LocalStore {
         if self.merge_if_valid(info)? {
             return Ok(());
         }
-        canonicalise_path(&staged.tmp)?;
+        staged.canonicalise()?;
         // Under the lock, anything at the target is a leftover of an
         // interrupted add (or of garbage): it was never valid.
         remove_tree(&real).map_err(io_err("removing stale", &real))?;
@@ -1052,6 +1069,16 @@ impl LocalStore {
         outputs: Vec<(StagedPath, ValidPathInfo)>,
     ) -> Result<(), StoreError> {
         let batch: BTreeSet<&StorePath> = outputs.iter().map(|(_, i)| &i.path).collect();
+        // What is asked of the database, in one read: the references from
+        // outside the batch, and the outputs themselves.
+        let outside: BTreeSet<&StorePath> = outputs
+            .iter()
+            .flat_map(|(_, i)| &i.references)
+            .filter(|r| !batch.contains(r))
+            .collect();
+        let valid = self
+            .registry
+            .valid_among(outside.iter().copied().chain(batch.iter().copied()))?;
         for (_, info) in &outputs {
             if !locks.paths.contains(&info.path) {
                 return Err(StoreError::NotLocked {
@@ -1059,7 +1086,7 @@ impl LocalStore {
                 });
             }
             for r in &info.references {
-                if !batch.contains(r) && !self.registry.is_valid(r)? {
+                if !batch.contains(r) && !valid.contains(r) {
                     return Err(StoreError::InvalidReference {
                         path: self.loc.logical(&info.path),
                         reference: self.loc.logical(r),
@@ -1069,7 +1096,7 @@ impl LocalStore {
         }
         let mut todo = Vec::new();
         for (staged, info) in outputs {
-            if !self.registry.is_valid(&info.path)? {
+            if !valid.contains(&info.path) {
                 todo.push((staged, info));
             }
         }
@@ -1089,7 +1116,7 @@ impl LocalStore {
             let now = now();
             let mut infos = Vec::new();
             for (staged, info) in &mut todo {
-                canonicalise_path(&staged.tmp)?;
+                staged.canonicalise()?;
                 let real = self.loc.real_path(&info.path);
                 remove_tree(&real).map_err(io_err("removing stale", &real))?;
                 fs::rename(&staged.tmp, &real).map_err(io_err("moving staged path to", &real))?;
@@ -1466,25 +1493,6 @@ fn collect_entries(
 
 /// Removes a file or tree, making read-only directories writable first;
 /// a missing path is fine.
-fn remove_tree(path: &Path) -> io::Result<()> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if meta.is_dir() {
-        if meta.permissions().mode() & 0o700 != 0o700 {
-            fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
-        }
-        for entry in fs::read_dir(path)? {
-            remove_tree(&entry?.path())?;
-        }
-        fs::remove_dir(path)
-    } else {
-        fs::remove_file(path)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1653,6 +1661,79 @@ mod tests {
         let mut v = Vec::new();
         nar::dump(path, &mut v).unwrap();
         v
+    }
+
+    /// (relative path, file type, mode, mtime, uid, gid) of every node
+    /// under `root`, in name order.
+    fn metadata_of(root: &Path) -> Vec<(PathBuf, String, u32, i64, u32, u32)> {
+        fn walk(root: &Path, p: &Path, out: &mut Vec<(PathBuf, String, u32, i64, u32, u32)>) {
+            let m = fs::symlink_metadata(p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_owned();
+            let mode = if m.file_type().is_symlink() { 0 } else { m.mode() & 0o7777 };
+            out.push((rel, format!("{:?}", m.file_type()), mode, m.mtime(), m.uid(), m.gid()));
+            if m.is_dir() {
+                let mut names: Vec<PathBuf> =
+                    fs::read_dir(p).unwrap().map(|e| e.unwrap().path()).collect();
+                names.sort();
+                for n in names {
+                    walk(root, &n, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(root, root, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_staged_nar_has_the_metadata_a_canonicalising_walk_would_give_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let src = tmp.path().join("src");
+        fs::create_dir_all(src.join("sub/deeper")).unwrap();
+        fs::create_dir(src.join("empty")).unwrap();
+        fs::write(src.join("plain"), b"plain").unwrap();
+        fs::write(src.join("sub/tool"), b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(src.join("sub/tool"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::write(src.join("sub/deeper/empty-file"), b"").unwrap();
+        std::os::unix::fs::symlink("../plain", src.join("sub/link")).unwrap();
+        let nar = nar_of(&src);
+        // The old way: restored as `nix-store --restore` would, then walked.
+        let walked = tmp.path().join("walked");
+        nar::restore(&mut nar.as_slice(), &walked).unwrap();
+        canonicalise_path(&walked).unwrap();
+        let staged = s.stage_nar(&mut nar.as_slice()).unwrap();
+        assert!(staged.canonical);
+        let want = metadata_of(&walked);
+        assert_eq!(metadata_of(&staged.tmp), want);
+        // What that is: read-only, executables r-x, mtime 1 everywhere.
+        let modes: Vec<(String, u32, i64)> = want
+            .iter()
+            .map(|(p, _, mode, mtime, _, _)| (p.display().to_string(), *mode, *mtime))
+            .collect();
+        assert!(modes.contains(&("sub/tool".to_owned(), 0o555, 1)), "{modes:?}");
+        assert!(modes.contains(&("plain".to_owned(), 0o444, 1)), "{modes:?}");
+        assert!(modes.contains(&("empty".to_owned(), 0o555, 1)), "{modes:?}");
+        assert!(modes.contains(&("sub/link".to_owned(), 0, 1)), "{modes:?}");
+        // Staged copies with read-only directories still go away.
+        let path = staged.tmp.clone();
+        drop(staged);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_nar_cut_short_leaves_no_read_only_remains() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let src = tmp.path().join("src");
+        fs::create_dir_all(src.join("a/b")).unwrap();
+        fs::write(src.join("a/b/f"), b"x").unwrap();
+        fs::write(src.join("z"), vec![7u8; 4096]).unwrap();
+        let nar = nar_of(&src);
+        // Cut inside "z": "a" and "a/b" are finished (read-only) by then.
+        let err = s.stage_nar(&mut &nar[..nar.len() - 2048]).unwrap_err();
+        assert!(err.to_string().contains("NAR"), "{err}");
+        assert!(stage_dirs(&s).is_empty(), "{:?}", stage_dirs(&s));
     }
 
     fn stage_dirs(s: &LocalStore) -> Vec<PathBuf> {

@@ -40,7 +40,7 @@ mod restore;
 
 pub use dump::{dump, hash_path};
 pub use parse::{parse, NarVisitor, NullVisitor};
-pub use restore::{restore, restore_whole};
+pub use restore::{remove_tree, restore, restore_canonical, restore_whole};
 
 /// Deepest nesting allowed: a node at depth `MAX_DEPTH` (the root is at 0)
 /// is refused when writing and when reading, as Nix's `narMaxDepth`.
