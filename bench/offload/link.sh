@@ -16,6 +16,10 @@
 # each data set, into fresh destination stores, once each:
 #   - raw `ssh host 'cat > /dev/null' < export` of the same bytes (the export
 #     stream of the paths, uncompressed: the single-stream floor);
+#   - two floors that also write the files on the host, one stream each:
+#     `ssh host 'tar -x'` of a tar of the same files, and `ssh host
+#     'nix-store --import'` of the export stream into a Nix 2.8 host's store
+#     (what Nix itself does with the same paths when it gets them at once);
 #   - `nix-copy-closure --to` a Nix 2.8 host, plain and `--gzip`;
 #   - `nix copy --to ssh://` the same Nix host;
 #   - `sandoff copy --to` a sandoff host.
@@ -154,6 +158,7 @@ mapfile -t small < <(add_all "$work/data/small")
 for set in big small; do
     declare -n paths=$set
     "$sandoff" "${S[@]}" store export "${paths[@]}" >"$work/$set.export"
+    tar -cf "$work/$set.tar" -C "$work/data" "$set"
     nix-store --import <"$work/$set.export" >/dev/null
     # NAR bytes: what every tool moves, uncompressed.
     "$sandoff" "${S[@]}" store info --json "${paths[@]}" 2>/dev/null |
@@ -193,6 +198,8 @@ run_case() { # LINK SET
     read -ra opts <<<"$(ssh_opts "$dir")"
     t0=$(now); ssh "${opts[@]}" "root@$addr" 'cat > /dev/null' <"$work/$set.export"; t1=$(now)
     T[$link,$set,raw]=$(secs "$t0" "$t1")
+    t0=$(now); ssh "${opts[@]}" "root@$addr" "mkdir $h/tarx && tar -x -C $h/tarx" <"$work/$set.tar"; t1=$(now)
+    T[$link,$set,tarx]=$(secs "$t0" "$t1")
     t0=$(now)
     "$sandoff" "${S[@]}" copy --machines "$dir/machines" --to "$(awk '{print $1}' "$h/machine")" "${paths[@]}" \
         >"$work/sandoff-copy.log" 2>&1 || { echo "sandoff copy failed: $(tail -1 "$work/sandoff-copy.log")" >&2; exit 1; }
@@ -201,12 +208,13 @@ run_case() { # LINK SET
     "$sandoff" --store-root "$h/root" store verify "${paths[@]}" >/dev/null 2>&1 ||
         { echo "sandoff copy left paths invalid on the host" >&2; exit 1; }
     local tool
-    for tool in ncc ncc-gzip nixcopy; do
+    for tool in nix-import ncc ncc-gzip nixcopy; do
         fresh_host nix "$link"
         local sshopts
         sshopts=$(ssh_opts "$dir")
         t0=$(now)
         case $tool in
+        nix-import) read -ra opts <<<"$sshopts"; ssh "${opts[@]}" "root@$addr" "$h/serve --import >/dev/null" <"$work/$set.export" 2>"$work/$tool.log" ;;
         ncc) NIX_SSHOPTS=$sshopts nix-copy-closure --to "root@$addr" "${paths[@]}" 2>"$work/$tool.log" ;;
         ncc-gzip) NIX_SSHOPTS=$sshopts nix-copy-closure --gzip --to "root@$addr" "${paths[@]}" 2>"$work/$tool.log" ;;
         nixcopy) NIX_SSHOPTS=$sshopts nix copy --to "ssh://root@$addr" "${paths[@]}" 2>"$work/$tool.log" ;;
@@ -232,9 +240,11 @@ for link in "${links[@]}"; do
     for set in "${sets[@]}"; do
         printf '%s, %s (%s paths, %d MiB of NAR; the link carries %.1f MiB/s)\n' "$link" "$set" \
             "$([[ $set == big ]] && echo "${#big[@]}" || echo "${#small[@]}")" "$(($(cat "$work/$set.bytes") / 1048576))" "$link_mibps"
-        for tool in raw ncc ncc-gzip nixcopy sandoff; do
+        for tool in raw tarx nix-import ncc ncc-gzip nixcopy sandoff; do
             case $tool in
             raw) label="ssh cat > /dev/null (export stream)" ;;
+            tarx) label="ssh tar -x (the files, one stream)" ;;
+            nix-import) label="ssh nix-store --import (one stream)" ;;
             ncc) label="nix-copy-closure --to" ;;
             ncc-gzip) label="nix-copy-closure --gzip --to" ;;
             nixcopy) label="nix copy --to ssh://" ;;
@@ -249,5 +259,7 @@ for link in "${links[@]}"; do
             "$(echo "${T[$link,$set,nixcopy]} / $s" | bc -l)"
         printf '  sandoff effective / link rate: %.2f; sandoff / raw ssh time: %.2f\n' \
             "$(echo "$(mibps "$s" "$set") / $link_mibps" | bc -l)" "$(echo "$s / ${T[$link,$set,raw]}" | bc -l)"
+        printf '  sandoff / ssh tar -x: %.2f; sandoff / ssh nix-store --import: %.2f\n' \
+            "$(echo "$s / ${T[$link,$set,tarx]}" | bc -l)" "$(echo "$s / ${T[$link,$set,nix-import]}" | bc -l)"
     done
 done
