@@ -28,8 +28,14 @@
 # links; on 100 Mbit/s an effective throughput above the link's rate; the
 # 2,000 small paths within 1.2x of raw ssh's time for the same bytes.
 #
+# Before each case and before the Nix import floor it waits BENCH_SETTLE
+# seconds (65) after a sync: on ext4 without a journal (this VM's root)
+# every new inode skips each inode freed in the last minute, so a tool run
+# right after another's deletions (lock files, the data's preparation) pays
+# for them; the wait lets them age out, so that no tool pays for another.
+#
 # Usage: bench/offload/link.sh [--quick]   (--quick: 60 paths / 100 MiB,
-#   400 small paths; a smoke test)
+#   400 small paths, no settling; a smoke test)
 # Environment: BENCH_LINKS ("1gbit:10ms 100mbit:40ms"), BENCH_SETS ("big
 #   small"), BENCH_PATHS, BENCH_MB, BENCH_SMALL, BENCH_FS (tmp, the
 #   default; ext4: the stores on a journaled ext4 image of BENCH_FS_GB (12)
@@ -41,7 +47,8 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 npaths=${BENCH_PATHS:-300}
 total_mb=${BENCH_MB:-500}
 nsmall=${BENCH_SMALL:-2000}
-if [[ ${1:-} == --quick ]]; then npaths=60; total_mb=100; nsmall=400; fi
+settle_s=${BENCH_SETTLE:-65}
+if [[ ${1:-} == --quick ]]; then npaths=60; total_mb=100; nsmall=400; settle_s=0; fi
 read -ra links <<<"${BENCH_LINKS:-1gbit:10ms 100mbit:40ms}"
 [[ $(id -u) == 0 ]] || { echo "needs root (network namespaces, sshd)" >&2; exit 1; }
 for p in nix-store nix-copy-closure nix ip sshd ssh python3 bc; do
@@ -188,6 +195,13 @@ ssh_opts() { # DIR
     echo "-i $1/client_ed25519 -o UserKnownHostsFile=$1/known_hosts -o StrictHostKeyChecking=yes -o BatchMode=yes -F /dev/null"
 }
 
+# Lets the inodes freed so far age out of ext4's "recently deleted" window.
+settle() {
+    ((settle_s > 0)) || return 0
+    sync
+    sleep "$settle_s"
+}
+
 declare -A T
 run_case() { # LINK SET
     local link=$1 set=$2
@@ -196,6 +210,7 @@ run_case() { # LINK SET
     echo "== $set over $link"
     fresh_host sandoff "$link"
     read -ra opts <<<"$(ssh_opts "$dir")"
+    settle
     t0=$(now); ssh "${opts[@]}" "root@$addr" 'cat > /dev/null' <"$work/$set.export"; t1=$(now)
     T[$link,$set,raw]=$(secs "$t0" "$t1")
     t0=$(now); ssh "${opts[@]}" "root@$addr" "mkdir $h/tarx && tar -x -C $h/tarx" <"$work/$set.tar"; t1=$(now)
@@ -212,6 +227,8 @@ run_case() { # LINK SET
         fresh_host nix "$link"
         local sshopts
         sshopts=$(ssh_opts "$dir")
+        # After sandoff's import, which freed its lock files.
+        [[ $tool != nix-import ]] || settle
         t0=$(now)
         case $tool in
         nix-import) read -ra opts <<<"$sshopts"; ssh "${opts[@]}" "root@$addr" "$h/serve --import >/dev/null" <"$work/$set.export" 2>"$work/$tool.log" ;;
