@@ -1669,11 +1669,24 @@ mod tests {
         fn walk(root: &Path, p: &Path, out: &mut Vec<(PathBuf, String, u32, i64, u32, u32)>) {
             let m = fs::symlink_metadata(p).unwrap();
             let rel = p.strip_prefix(root).unwrap().to_owned();
-            let mode = if m.file_type().is_symlink() { 0 } else { m.mode() & 0o7777 };
-            out.push((rel, format!("{:?}", m.file_type()), mode, m.mtime(), m.uid(), m.gid()));
+            let mode = if m.file_type().is_symlink() {
+                0
+            } else {
+                m.mode() & 0o7777
+            };
+            out.push((
+                rel,
+                format!("{:?}", m.file_type()),
+                mode,
+                m.mtime(),
+                m.uid(),
+                m.gid(),
+            ));
             if m.is_dir() {
-                let mut names: Vec<PathBuf> =
-                    fs::read_dir(p).unwrap().map(|e| e.unwrap().path()).collect();
+                let mut names: Vec<PathBuf> = fs::read_dir(p)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .collect();
                 names.sort();
                 for n in names {
                     walk(root, &n, out);
@@ -1711,7 +1724,10 @@ mod tests {
             .iter()
             .map(|(p, _, mode, mtime, _, _)| (p.display().to_string(), *mode, *mtime))
             .collect();
-        assert!(modes.contains(&("sub/tool".to_owned(), 0o555, 1)), "{modes:?}");
+        assert!(
+            modes.contains(&("sub/tool".to_owned(), 0o555, 1)),
+            "{modes:?}"
+        );
         assert!(modes.contains(&("plain".to_owned(), 0o444, 1)), "{modes:?}");
         assert!(modes.contains(&("empty".to_owned(), 0o555, 1)), "{modes:?}");
         assert!(modes.contains(&("sub/link".to_owned(), 0, 1)), "{modes:?}");

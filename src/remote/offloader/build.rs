@@ -123,9 +123,51 @@ impl Offloader {
         client: &mut ServeClient<Stream>,
         missing: &BTreeSet<StorePath>,
     ) -> Result<u64, OffloadError> {
+        let entries = store
+            .path_infos_in_order(missing)?
+            .into_iter()
+            .map(|info| Outgoing {
+                info,
+                signed: false,
+            })
+            .collect();
+        self.send_entries(store, machine, client, entries)
+    }
+
+    /// The records of `paths` in the order they are sent, each signed with
+    /// this machine's key (when it has one): what [`Offloader::send_entries`]
+    /// takes, made ahead (while connecting) when the paths are known early.
+    pub(super) fn prepare_sending(
+        &self,
+        store: &LocalStore,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<Vec<Outgoing>, OffloadError> {
+        let dir = &store.location().dir;
+        Ok(store
+            .path_infos_in_order(paths)?
+            .into_iter()
+            .map(|mut info| {
+                if let Some(key) = &self.signing_key {
+                    if let Ok(sig) = key.sign_path(&info, dir) {
+                        info.signatures.insert(sig);
+                    }
+                }
+                Outgoing { info, signed: true }
+            })
+            .collect())
+    }
+
+    /// Sends `entries` (in order, valid here) in one export stream, signing
+    /// those not signed yet; returns the NAR bytes sent.
+    pub(super) fn send_entries(
+        &self,
+        store: &LocalStore,
+        machine: &Machine,
+        client: &mut ServeClient<Stream>,
+        entries: Vec<Outgoing>,
+    ) -> Result<u64, OffloadError> {
         let loc = store.location();
-        let entries = store.path_infos_in_order(missing)?;
-        let total: u64 = entries.iter().map(|i| i.nar_size).sum();
+        let total: u64 = entries.iter().map(|e| e.info.nar_size).sum();
         tracing::info!(
             machine = %machine.name,
             "sending {} store items ({:.1} MiB)",
@@ -138,11 +180,11 @@ impl Offloader {
                 // thread only competed with the encryption (measured).
                 let sink = BufWriter::with_capacity(1 << 20, w);
                 let mut export = ExportWriter::new(sink, loc.dir.clone());
-                for mut info in entries {
+                for Outgoing { mut info, signed } in entries {
                     // Signed as it goes out, not all before the first byte:
-                    // 2,000 small paths took 40 ms of signing, which now
+                    // 2,000 small paths took 40 ms of signing, which then
                     // overlaps with the machine's import.
-                    if let Some(key) = &self.signing_key {
+                    if let (false, Some(key)) = (signed, &self.signing_key) {
                         // A path of unknown NAR size cannot be signed; send
                         // it as is.
                         if let Ok(sig) = key.sign_path(&info, &loc.dir) {
@@ -250,6 +292,13 @@ impl Offloader {
         store.register_built_outputs(locks, staged)?;
         Ok(())
     }
+}
+
+/// A path to send: its record, and whether this machine's signature was
+/// added to it already.
+pub(super) struct Outgoing {
+    pub(super) info: ValidPathInfo,
+    pub(super) signed: bool,
 }
 
 /// The paths of `closure` the machine lacks, after it substituted what it
