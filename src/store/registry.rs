@@ -372,22 +372,33 @@ impl Registry {
         &self,
         paths: impl IntoIterator<Item = &'a StorePath>,
     ) -> Result<BTreeSet<StorePath>, RegistryError> {
+        self.in_one_read(|conn| {
+            let mut valid = BTreeSet::new();
+            for p in paths {
+                if path_id(conn, &self.dir.display(p))
+                    .map_err(self.sql("querying path"))?
+                    .is_some()
+                {
+                    valid.insert(p.clone());
+                }
+            }
+            Ok(valid)
+        })
+    }
+
+    /// Runs `f` in one read transaction.
+    fn in_one_read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
         let mut conn = self.lock();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Deferred)
             .map_err(self.sql("starting a read"))?;
-        let mut valid = BTreeSet::new();
-        for p in paths {
-            if path_id(&tx, &self.dir.display(p))
-                .map_err(self.sql("querying path"))?
-                .is_some()
-            {
-                valid.insert(p.clone());
-            }
-        }
+        let value = f(&tx)?;
         // Nothing was written: ending it either way only drops the lock.
         tx.commit().map_err(self.sql("ending a read"))?;
-        Ok(valid)
+        Ok(value)
     }
 
     /// The record of `path`, or `None` when it is not valid.
@@ -405,18 +416,15 @@ impl Registry {
         &self,
         paths: impl IntoIterator<Item = &'a StorePath>,
     ) -> Result<BTreeMap<StorePath, ValidPathInfo>, RegistryError> {
-        let mut conn = self.lock();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Deferred)
-            .map_err(self.sql("starting a read"))?;
-        let mut infos = BTreeMap::new();
-        for p in paths {
-            if let Some(info) = self.info_on(&tx, p)? {
-                infos.insert(p.clone(), info);
+        self.in_one_read(|conn| {
+            let mut infos = BTreeMap::new();
+            for p in paths {
+                if let Some(info) = self.info_on(conn, p)? {
+                    infos.insert(p.clone(), info);
+                }
             }
-        }
-        tx.commit().map_err(self.sql("ending a read"))?;
-        Ok(infos)
+            Ok(infos)
+        })
     }
 
     fn info_on(
