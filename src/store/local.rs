@@ -1168,7 +1168,6 @@ impl LocalStore {
     }
 }
 
-/// The `algo` hash of the contents of the regular file at `path`.
 /// `paths` ordered so that every path comes after its references among
 /// them (`refs_of` gives a path's references); self-references are fine, any
 /// other cycle is an error. Depth first, smallest reference first, so the
@@ -1231,6 +1230,7 @@ fn topo_order(
     Ok(sorted)
 }
 
+/// The `algo` hash of the contents of the regular file at `path`.
 fn flat_hash(path: &Path, algo: HashAlgo) -> Result<Hash, StoreError> {
     let meta = fs::symlink_metadata(path).map_err(io_err("reading", path))?;
     if !meta.is_file() {
@@ -1491,8 +1491,6 @@ fn collect_entries(
     Ok(true)
 }
 
-/// Removes a file or tree, making read-only directories writable first;
-/// a missing path is fine.
 #[cfg(test)]
 mod tests {
     use super::*;
