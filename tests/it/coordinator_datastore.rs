@@ -400,9 +400,20 @@ fn new_build(name: &str, priority: i64) -> NewBuild {
 }
 
 fn submit(ds: &Ds, name: &str, priority: i64, now: i64) -> Submitted {
-    let mut s = ds
-        .submit(&[new_build(name, priority)], now)
-        .expect("submit");
+    submit_one(ds, new_build(name, priority), now)
+}
+
+/// `name` at priority 0, asking for a new build after a failure.
+fn submit_retry(ds: &Ds, name: &str, now: i64) -> Submitted {
+    let build = NewBuild {
+        retry: true,
+        ..new_build(name, 0)
+    };
+    submit_one(ds, build, now)
+}
+
+fn submit_one(ds: &Ds, build: NewBuild, now: i64) -> Submitted {
+    let mut s = ds.submit(&[build], now).expect("submit");
     s.pop().expect("one answer per build")
 }
 
@@ -696,16 +707,7 @@ fn a_failed_dependency_fails_the_submission_unless_retry(db: &Db) {
         (app.id, false, BuildState::Failed)
     );
 
-    let retried = ds
-        .submit(
-            &[NewBuild {
-                retry: true,
-                ..new_build("app", 0)
-            }],
-            5,
-        )
-        .unwrap()
-        .remove(0);
+    let retried = submit_retry(&ds, "app", 5);
     assert_eq!((retried.created, retried.state), (true, BuildState::Queued));
     let new_base = active(&ds, "base");
     assert_ne!(new_base.id, base.id);
@@ -735,16 +737,7 @@ fn a_failure_by_dependency_is_not_the_dependents_own(db: &Db) {
     );
 
     // Once base is retried, app and lib need no `retry` of their own.
-    let retried = ds
-        .submit(
-            &[NewBuild {
-                retry: true,
-                ..new_build("base", 0)
-            }],
-            4,
-        )
-        .unwrap()
-        .remove(0);
+    let retried = submit_retry(&ds, "base", 4);
     assert!(retried.created);
     let app2 = submit(&ds, "app", 0, 5);
     assert_eq!((app2.created, app2.state), (true, BuildState::Queued));
