@@ -5,7 +5,10 @@
 //! entered, nor are its inputs), then runs them in dependency order, up to
 //! `jobs` builders at once, one thread each; a worker whose builder exited
 //! ([`Event::BuilderExited`]) frees its job slot while it registers the
-//! outputs, and at most `2 * jobs` workers run in all. The caller's thread
+//! outputs, and at most `2 * jobs` workers run in all. Without machines, up
+//! to `jobs` more workers prepare their builds while the builders run and
+//! wait for a slot ([`super::slots`]), when the pool has build users for
+//! them. The caller's thread
 //! schedules and gets every [`Event`]. As Nix: after a failure no new build starts and the
 //! running ones finish, unless `keep_going`, which builds everything that
 //! does not depend on a failure and reports the rest as
@@ -15,7 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::local::{check_one, realise_one, remove_stale_build_dirs, BuildContext, StepOutcome};
+use super::local::{
+    check_one, realise_one, realise_step, remove_stale_build_dirs, BuildContext, StepOutcome,
+};
+use super::slots::JobSlots;
 use super::{builds_dir, BuildError, BuildErrorKind, Event, GraphError};
 use crate::derivation::check::{self, ReadError};
 use crate::derivation::{Derivation, DrvHasher};
@@ -208,25 +214,45 @@ fn walk(
     Ok((nodes, read))
 }
 
+/// What the scheduler hears: a worker's event, or that a worker ended.
 enum Msg {
     Event(Event),
-    Done(StorePath, Result<StepOutcome, BuildError>, Duration),
+    Done(StorePath, Result<StepOutcome, BuildError>),
     /// The worker of this derivation panicked (its builder was killed by
     /// the sandbox's guards while unwinding).
     Panicked(StorePath),
 }
 
+/// How a worker tells the scheduler that it ended. Its events go straight
+/// to the scheduler's event channel (no thread in between); the end goes
+/// to a channel of its own, followed by an [`Event::Tick`] on the event
+/// channel that wakes the scheduler to take it. The scheduler's own ticks
+/// are not sent on that channel, so a received tick is always a worker's
+/// wake-up; the end it announces was sent after all of that worker's
+/// events, so the scheduler has seen them when it takes the end.
+struct Ending {
+    events: mpsc::Sender<Event>,
+    done: mpsc::Sender<Msg>,
+}
+
+impl Ending {
+    fn send(&self, msg: Msg) {
+        let _ = self.done.send(msg);
+        let _ = self.events.send(Event::Tick);
+    }
+}
+
 /// Tells the scheduler that its worker panicked, when dropped armed: without
 /// it the scheduler would wait for that worker's `Done` forever.
 struct ReportPanic {
-    tx: mpsc::Sender<Msg>,
+    ending: Ending,
     path: Option<StorePath>,
 }
 
 impl Drop for ReportPanic {
     fn drop(&mut self) {
         if let Some(path) = self.path.take() {
-            let _ = self.tx.send(Msg::Panicked(path));
+            self.ending.send(Msg::Panicked(path));
         }
     }
 }
@@ -253,23 +279,70 @@ pub fn realise(
     } else {
         BTreeSet::new()
     };
+    if let Some(off) = ctx.offload {
+        return schedule(
+            ctx.store,
+            roots,
+            &check,
+            // With machines, workers beyond `jobs` wait for remote slots;
+            // the offloader keeps local builds to `jobs`.
+            Workers::free(ctx.options.jobs + off.remote_capacity()),
+            ctx.options.keep_going,
+            on_event,
+            &|path, drv, events| {
+                if check.contains(path) {
+                    check_one(ctx, path, drv, events)
+                } else {
+                    realise_one(ctx, path, drv, events)
+                }
+            },
+        );
+    }
+    let jobs = ctx.options.jobs.max(1);
+    let slots = JobSlots::new(jobs);
+    // Builds prepared ahead each hold a build user while they wait: only
+    // when the pool has one for them beside the running and finishing
+    // builds' (else they would wait for users instead, polling).
+    let users = ctx.pool.as_ref().map_or(0, |p| p.users().len());
+    let ahead = if users >= 3 * jobs { jobs } else { 0 };
     schedule(
         ctx.store,
         roots,
         &check,
-        // With machines, workers beyond `jobs` wait for remote slots; the
-        // offloader keeps local builds to `jobs`.
-        ctx.options.jobs + ctx.offload.map_or(0, |o| o.remote_capacity()),
+        Workers {
+            jobs,
+            ahead,
+            slots: Some(&slots),
+        },
         ctx.options.keep_going,
         on_event,
-        &|path, drv, events| {
-            if check.contains(path) {
-                check_one(ctx, path, drv, events)
-            } else {
-                realise_one(ctx, path, drv, events)
-            }
-        },
+        &|path, drv, events| realise_step(ctx, path, drv, check.contains(path), &slots, events),
     )
+}
+
+/// How many workers a [`schedule`] runs.
+struct Workers<'s> {
+    /// Builders at once.
+    jobs: usize,
+    /// Workers started beyond `jobs` that prepare their build while the
+    /// running builders run, and wait for one of `slots` (see
+    /// [`super::slots`]).
+    ahead: usize,
+    /// The job slots the workers take themselves (and report
+    /// [`Event::Started`] once they have one), closed when the graph
+    /// stops; without them a worker's slot is taken for it when it starts.
+    slots: Option<&'s JobSlots>,
+}
+
+impl Workers<'_> {
+    /// `jobs` workers, each counted as a builder from its start.
+    fn free(jobs: usize) -> Workers<'static> {
+        Workers {
+            jobs,
+            ahead: 0,
+            slots: None,
+        }
+    }
 }
 
 /// One step of the schedule: realise one derivation whose inputs are valid.
@@ -283,7 +356,7 @@ fn schedule(
     store: &LocalStore,
     roots: &[StorePath],
     check: &BTreeSet<StorePath>,
-    jobs: usize,
+    workers: Workers<'_>,
     keep_going: bool,
     on_event: &mut dyn FnMut(&Event),
     step: &Step<'_>,
@@ -298,73 +371,90 @@ fn schedule(
         .filter(|(_, n)| n.waiting_for.is_empty())
         .map(|(p, _)| p.clone())
         .collect();
-    let jobs = jobs.max(1);
-    let (tx, rx) = mpsc::channel::<Msg>();
-    // Events from workers come through their own channel, forwarded below.
+    let jobs = workers.jobs.max(1);
+    let ahead = workers.ahead;
+    let (etx, erx) = mpsc::channel::<Event>();
+    let (dtx, drx) = mpsc::channel::<Msg>();
     let mut stopping = false;
+    // When each build started, for the time [`Event::Built`] reports.
+    let mut started: BTreeMap<StorePath, Instant> = BTreeMap::new();
+    // No new build starts, prepared ones included.
+    let stop = |stopping: &mut bool| {
+        *stopping = true;
+        if let Some(slots) = workers.slots {
+            slots.close();
+        }
+    };
     std::thread::scope(|scope| {
-        // Workers whose builder may still run (each holds a job slot), and
-        // workers past their builder ([`Event::BuilderExited`]: checking,
-        // registering, cleaning up): at most `jobs` of the first kind, and
-        // `2 * jobs` together.
+        // Workers whose builder may still run (each holds or waits for a
+        // job slot), and workers past their builder
+        // ([`Event::BuilderExited`]: checking, registering, cleaning up): at
+        // most `jobs + ahead` of the first kind, and `2 * jobs + ahead`
+        // together.
         let mut running = 0usize;
         let mut finishing: BTreeSet<StorePath> = BTreeSet::new();
         loop {
-            while running < jobs && running + finishing.len() < 2 * jobs && !stopping {
+            while running < jobs + ahead
+                && running + finishing.len() < 2 * jobs + ahead
+                && !stopping
+            {
                 let Some(path) = ready.pop_first() else { break };
                 let Some(node) = nodes.get(&path) else {
                     continue;
                 };
                 let drv = node.drv.clone();
-                let tx = tx.clone();
-                on_event(&Event::Started { drv: path.clone() });
+                let ending = Ending {
+                    events: etx.clone(),
+                    done: dtx.clone(),
+                };
+                if workers.slots.is_none() {
+                    started.insert(path.clone(), Instant::now());
+                    on_event(&Event::Started { drv: path.clone() });
+                }
                 running += 1;
                 scope.spawn(move || {
                     let mut report = ReportPanic {
-                        tx: tx.clone(),
+                        ending,
                         path: Some(path.clone()),
                     };
-                    let start = Instant::now();
-                    let (etx, erx) = mpsc::channel::<Event>();
-                    // Forward worker events in order, before its Done.
-                    let fwd_tx = tx.clone();
-                    let r = std::thread::scope(|inner| {
-                        inner.spawn(move || {
-                            for e in erx {
-                                let _ = fwd_tx.send(Msg::Event(e));
-                            }
-                        });
-                        // Moved in, so it is dropped before the scope joins
-                        // the forwarder (which ends when all senders are gone).
-                        let etx = etx;
-                        step(&path, &drv, &etx)
-                    });
+                    let r = step(&path, &drv, &report.ending.events);
                     report.path = None;
-                    let _ = tx.send(Msg::Done(path, r, start.elapsed()));
+                    report.ending.send(Msg::Done(path, r));
                 });
             }
             if running == 0 && finishing.is_empty() {
                 break;
             }
-            let msg = match rx.recv_timeout(TICK) {
-                Ok(m) => m,
+            let msg = match erx.recv_timeout(TICK) {
+                // A worker ended (see [`Ending`]).
+                Ok(Event::Tick) => match drx.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => continue,
+                },
+                Ok(e) => Msg::Event(e),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     on_event(&Event::Tick);
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
-            let (path, r, elapsed) = match msg {
+            let (path, r) = match msg {
                 Msg::Event(e) => {
-                    if let Event::BuilderExited { drv } = &e {
-                        if nodes.contains_key(drv) && finishing.insert(drv.clone()) {
+                    match &e {
+                        Event::BuilderExited { drv }
+                            if nodes.contains_key(drv) && finishing.insert(drv.clone()) =>
+                        {
                             running -= 1;
                         }
+                        Event::Started { drv } => {
+                            started.insert(drv.clone(), Instant::now());
+                        }
+                        _ => {}
                     }
                     on_event(&e);
                     continue;
                 }
-                Msg::Done(path, r, elapsed) => (path, r, elapsed),
+                Msg::Done(path, r) => (path, r),
                 Msg::Panicked(path) => {
                     // A bug: start nothing more and let the running builds
                     // end; the scope then re-raises the panic, so the
@@ -373,12 +463,19 @@ fn schedule(
                     if !finishing.remove(&path) {
                         running -= 1;
                     }
-                    stopping = true;
+                    stop(&mut stopping);
                     continue;
                 }
             };
             if !finishing.remove(&path) {
                 running -= 1;
+            }
+            let elapsed = started
+                .remove(&path)
+                .map_or(Duration::ZERO, |t| t.elapsed());
+            // Prepared, never started (the graph stopped): not started.
+            if matches!(r, Ok(StepOutcome::NotStarted)) {
+                continue;
             }
             let Some(node) = nodes.remove(&path) else {
                 continue;
@@ -393,6 +490,7 @@ fn schedule(
                                 elapsed,
                             });
                         }
+                        StepOutcome::NotStarted => {}
                         StepOutcome::Reused => {
                             result.reused += 1;
                             on_event(&Event::Reused { drv: path.clone() });
@@ -415,7 +513,7 @@ fn schedule(
                     });
                     result.failed.push((path.clone(), error));
                     if !keep_going {
-                        stopping = true;
+                        stop(&mut stopping);
                     }
                     // Everything above the failure can never be built.
                     let mut stack: Vec<StorePath> = node.dependents.into_iter().collect();
@@ -527,7 +625,7 @@ mod tests {
             store,
             roots,
             &BTreeSet::new(),
-            jobs,
+            Workers::free(jobs),
             keep_going,
             &mut |e| {
                 if *e != Event::Tick {
@@ -591,7 +689,7 @@ mod tests {
             &s,
             &roots,
             &BTreeSet::new(),
-            1,
+            Workers::free(1),
             false,
             &mut |e| {
                 exited += usize::from(matches!(e, Event::BuilderExited { .. }));
@@ -614,6 +712,124 @@ mod tests {
         );
     }
 
+    /// A step as [`realise_step`] takes it: prepares, waits for a slot,
+    /// reports `Started`, builds (failing if its name is in `fail`),
+    /// reports `BuilderExited`, registers.
+    #[allow(clippy::too_many_arguments)]
+    fn slotted_step(
+        slots: &JobSlots,
+        p: &StorePath,
+        events: &mpsc::Sender<Event>,
+        fail: &[&str],
+        alive: &AtomicUsize,
+        most_alive: &AtomicUsize,
+        building: &AtomicUsize,
+        most_building: &AtomicUsize,
+    ) -> Result<StepOutcome, BuildError> {
+        most_alive.fetch_max(alive.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(5)); // preparing
+        let Some(slot) = slots.acquire() else {
+            alive.fetch_sub(1, Ordering::SeqCst);
+            return Ok(StepOutcome::NotStarted);
+        };
+        events
+            .send(Event::Started { drv: p.clone() })
+            .expect("send");
+        most_building.fetch_max(
+            building.fetch_add(1, Ordering::SeqCst) + 1,
+            Ordering::SeqCst,
+        );
+        std::thread::sleep(Duration::from_millis(30));
+        building.fetch_sub(1, Ordering::SeqCst);
+        drop(slot);
+        // Before the graph hears of it and starts the next worker.
+        alive.fetch_sub(1, Ordering::SeqCst);
+        events
+            .send(Event::BuilderExited { drv: p.clone() })
+            .expect("send");
+        if fail.iter().any(|f| p.name().starts_with(f)) {
+            return Err(BuildError::new(
+                &StoreDir::default(),
+                p,
+                BuildErrorKind::Unsupported {
+                    reason: "told to fail".to_owned(),
+                },
+            ));
+        }
+        Ok(StepOutcome::Built)
+    }
+
+    #[test]
+    fn builds_prepared_ahead_wait_for_a_job_slot_and_are_not_started_after_a_failure() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = store(tmp.path());
+        let roots: Vec<StorePath> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| add(&s, n, &[]))
+            .collect();
+        let run = |fail: &[&str]| {
+            let slots = JobSlots::new(1);
+            let (alive, most_alive) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            let (building, most_building) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            let step = |p: &StorePath, _: &Derivation, events: &mpsc::Sender<Event>| {
+                slotted_step(
+                    &slots,
+                    p,
+                    events,
+                    fail,
+                    &alive,
+                    &most_alive,
+                    &building,
+                    &most_building,
+                )
+            };
+            let mut events = Vec::new();
+            let workers = Workers {
+                jobs: 1,
+                ahead: 1,
+                slots: Some(&slots),
+            };
+            let r = schedule(
+                &s,
+                &roots,
+                &BTreeSet::new(),
+                workers,
+                false,
+                &mut |e| {
+                    if *e != Event::Tick {
+                        events.push(e.clone());
+                    }
+                },
+                &step,
+            )
+            .expect("schedule");
+            (
+                r,
+                events,
+                most_alive.load(Ordering::SeqCst),
+                most_building.load(Ordering::SeqCst),
+            )
+        };
+        let (r, events, most_alive, most_building) = run(&[]);
+        assert!(r.success());
+        assert_eq!(r.built, 4);
+        assert_eq!(most_building, 1, "one builder at a time (-j 1)");
+        assert_eq!(most_alive, 2, "the next build prepares while one builds");
+        let started = events
+            .iter()
+            .filter(|e| matches!(e, Event::Started { .. }))
+            .count();
+        assert_eq!(started, 4, "each build reports its start once, itself");
+
+        // Every build fails: the first one to start stops the graph, which
+        // closes the slots, so the builds prepared meanwhile never start
+        // (but one that took the freed slot before the failure was known).
+        let (r, events, _, _) = run(&["a", "b", "c", "d"]);
+        assert_eq!(r.built, 0);
+        assert_eq!(r.failed.len() + r.not_started.len(), 4, "{r:?}");
+        assert!(r.not_started.len() >= 2, "{events:?}");
+    }
+
     #[test]
     fn a_panicking_worker_is_not_swallowed_and_the_scheduler_ends() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -632,7 +848,7 @@ mod tests {
                 &s,
                 &[bad.clone(), good],
                 &BTreeSet::new(),
-                1,
+                Workers::free(1),
                 true,
                 &mut |e| events.push(e.clone()),
                 &step,

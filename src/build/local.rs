@@ -14,6 +14,7 @@ use super::attrs;
 use super::check::{compare_outputs, decide_here, Mode};
 use super::fetchurl::{self, FetchRequest, FetchurlError};
 pub use super::log::LogSink;
+use super::slots::JobSlots;
 use super::somewhere::{build_somewhere, Progress, Somewhere, SomewhereError};
 use super::timings::{Step, Timings};
 use super::{builds_dir, log_path, BuildError, BuildErrorKind, Event, Options};
@@ -58,6 +59,9 @@ pub enum StepOutcome {
     Built,
     /// Built by another process while this one waited for the locks.
     Reused,
+    /// Prepared, but not started: the graph stopped while it waited for a
+    /// job slot ([`JobSlots::close`]).
+    NotStarted,
 }
 
 /// Realises `drv` (at `drv_path`), whose inputs are valid: takes the locks of
@@ -70,7 +74,23 @@ pub fn realise_one(
     drv: &Derivation,
     events: &Sender<Event>,
 ) -> Result<StepOutcome, BuildError> {
-    realise_one_here(ctx, drv_path, drv, Mode::Build, events)
+    realise_one_here(ctx, drv_path, drv, Mode::Build, None, events)
+        .map_err(|kind| BuildError::new(&ctx.store.location().dir, drv_path, kind))
+}
+
+/// [`realise_one`] (or [`check_one`] when `check`) for a graph without
+/// machines: the build is prepared, then waits for one of `slots` before
+/// its builder starts, and reports [`Event::Started`] once it has it.
+pub(super) fn realise_step(
+    ctx: &BuildContext<'_>,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    check: bool,
+    slots: &JobSlots,
+    events: &Sender<Event>,
+) -> Result<StepOutcome, BuildError> {
+    let mode = if check { Mode::Check } else { Mode::Build };
+    realise_one_here(ctx, drv_path, drv, mode, Some(slots), events)
         .map_err(|kind| BuildError::new(&ctx.store.location().dir, drv_path, kind))
 }
 
@@ -84,7 +104,7 @@ pub fn check_one(
     drv: &Derivation,
     events: &Sender<Event>,
 ) -> Result<StepOutcome, BuildError> {
-    realise_one_here(ctx, drv_path, drv, Mode::Check, events)
+    realise_one_here(ctx, drv_path, drv, Mode::Check, None, events)
         .map_err(|kind| BuildError::new(&ctx.store.location().dir, drv_path, kind))
 }
 
@@ -95,6 +115,7 @@ fn realise_one_here(
     drv_path: &StorePath,
     drv: &Derivation,
     mode: Mode,
+    slots: Option<&JobSlots>,
     events: &Sender<Event>,
 ) -> Result<StepOutcome, BuildErrorKind> {
     let store = ctx.store;
@@ -127,21 +148,26 @@ fn realise_one_here(
             .then(|| (events.clone(), drv_path.clone())),
     )?;
     t.lap(Step::Log);
-    let r = build_somewhere_locked(ctx, drv_path, drv, &locks, mode, &mut log, events, &mut t);
+    let r = build_somewhere_locked(
+        ctx, drv_path, drv, &locks, mode, slots, &mut log, events, &mut t,
+    );
     log.finish();
     t.lap(Step::Cleanup);
-    let _ = events.send(Event::Timings {
-        drv: drv_path.clone(),
-        times: t.times().clone(),
-    });
-    r.map(|()| StepOutcome::Built)
+    if !matches!(r, Ok(StepOutcome::NotStarted)) {
+        let _ = events.send(Event::Timings {
+            drv: drv_path.clone(),
+            times: t.times().clone(),
+        });
+    }
+    r
 }
 
 /// Builds `drv` under `locks` (which must cover its outputs), here or on a
 /// machine, and registers its outputs; see the module docs of
 /// [`crate::build`]. Warnings about machines go to `events`. The failure
 /// leaves out the derivation it is about: [`realise_one`] adds it. Each
-/// step's time is charged to `t`.
+/// step's time is charged to `t`. A local build takes one of `slots`, if
+/// given, once it is ready to run its builder.
 #[allow(clippy::too_many_arguments)]
 fn build_somewhere_locked(
     ctx: &BuildContext<'_>,
@@ -149,10 +175,11 @@ fn build_somewhere_locked(
     drv: &Derivation,
     locks: &PathLocks,
     mode: Mode,
+    slots: Option<&JobSlots>,
     log: &mut LogSink,
     events: &Sender<Event>,
     t: &mut Timings,
-) -> Result<(), BuildErrorKind> {
+) -> Result<StepOutcome, BuildErrorKind> {
     let store = ctx.store;
     let loc = store.location();
     let drv_name = loc.logical(drv_path);
@@ -198,7 +225,7 @@ fn build_somewhere_locked(
         Some(off) => {
             match place_or_offload(ctx, off, drv_path, drv, &inputs, locks, log, events)? {
                 Some(permit) => Some(permit),
-                None => return Ok(()),
+                None => return Ok(StepOutcome::Built),
             }
         }
     };
@@ -259,6 +286,22 @@ fn build_somewhere_locked(
         cores: ctx.options.cores,
         timeouts,
     };
+    // Prepared: in a graph without machines, the builder waits for a job
+    // slot here (see [`super::slots`]); with machines the permit is it.
+    let job_slot = match slots {
+        Some(slots) if permit.is_none() => match slots.acquire() {
+            Some(slot) => {
+                let _ = events.send(Event::Started {
+                    drv: drv_path.clone(),
+                });
+                Some(slot)
+            }
+            // The graph stopped: the drops remove what was prepared.
+            None => return Ok(StepOutcome::NotStarted),
+        },
+        _ => None,
+    };
+    t.lap(Step::Place);
     log.set_limit(ctx.options.max_log_size);
     let ran = match &builtin {
         Some(request) => run_fetchurl(request, &lease, &dirs, drv, &impure, timeouts, log),
@@ -282,6 +325,7 @@ fn build_somewhere_locked(
     // this one's outputs are checked, registered and its directories
     // removed (Nix frees the slot at the same point, in `buildDone`).
     drop(permit);
+    drop(job_slot);
     let _ = events.send(Event::BuilderExited {
         drv: drv_path.clone(),
     });
@@ -355,7 +399,7 @@ fn build_somewhere_locked(
         }
     };
     drop(lease);
-    result
+    result.map(|()| StepOutcome::Built)
 }
 
 /// The build directory's path inside the sandbox (see

@@ -74,6 +74,7 @@ pub mod fetchurl;
 pub mod graph;
 pub mod local;
 pub mod log;
+pub mod slots;
 pub mod somewhere;
 pub mod timings;
 

@@ -18,7 +18,8 @@ pub enum Step {
     Log,
     /// Finding the inputs and their closure.
     Inputs,
-    /// Deciding where to build (and, remotely, the whole remote build).
+    /// Deciding where to build and waiting for a job slot (and, remotely,
+    /// the whole remote build).
     Place,
     /// Leasing a build user.
     User,

@@ -130,6 +130,11 @@ impl Server<'_, '_> {
                 result.status = BuildStatus::AlreadyValid;
                 result.built_outputs = outputs;
             }
+            // Only a graph's builds wait for a job slot that may never come.
+            Ok(StepOutcome::NotStarted) => {
+                result.status = BuildStatus::MiscFailure;
+                result.error_msg = "the build was not started".to_owned();
+            }
             Err(e) => {
                 result.status = failure_status(&e.kind, drv.is_fixed_output());
                 result.error_msg = e.to_string();
