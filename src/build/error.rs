@@ -212,6 +212,27 @@ impl std::error::Error for BuildError {
 }
 
 impl BuildErrorKind {
+    /// This failure, its build directory kept at `dir` (`--keep-failed`):
+    /// a builder's failure or a log over its limit names it, any other
+    /// failure is wrapped in [`BuildErrorKind::Kept`].
+    pub fn kept_at(self, dir: PathBuf) -> BuildErrorKind {
+        match self {
+            BuildErrorKind::Failed { outcome, tail, .. } => BuildErrorKind::Failed {
+                outcome,
+                kept: Some(dir),
+                tail,
+            },
+            BuildErrorKind::LogLimit { limit, .. } => BuildErrorKind::LogLimit {
+                limit,
+                kept: Some(dir),
+            },
+            error => BuildErrorKind::Kept {
+                error: Box::new(error),
+                dir,
+            },
+        }
+    }
+
     /// The message for this failure of `drv` (in full), in the words Nix
     /// uses where it has them.
     fn describe(&self, drv: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {

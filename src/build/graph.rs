@@ -19,7 +19,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::local::{
-    check_one, realise_one, realise_step, remove_stale_build_dirs, BuildContext, StepOutcome,
+    check_one, clear_free_user_dirs, realise_one, realise_step, remove_stale_build_dirs,
+    BuildContext, StepOutcome,
 };
 use super::slots::JobSlots;
 use super::{builds_dir, BuildError, BuildErrorKind, Event, GraphError};
@@ -267,8 +268,12 @@ pub fn realise(
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Realisation, GraphError> {
     // Leftovers of killed runs; failing to clean them is no reason not to build.
-    if let Err(e) = remove_stale_build_dirs(&builds_dir(ctx.store.location())) {
+    let builds = builds_dir(ctx.store.location());
+    if let Err(e) = remove_stale_build_dirs(&builds) {
         tracing::warn!("cannot remove stale build directories: {e}");
+    }
+    if let Ok(pool) = &ctx.pool {
+        clear_free_user_dirs(&builds, pool);
     }
     if let Err(e) = ctx.store.remove_stale_stages() {
         tracing::warn!("cannot remove stale staging directories: {e}");

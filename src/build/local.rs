@@ -247,8 +247,8 @@ fn build_somewhere_locked(
         .map_err(|e| BuildErrorKind::NoUsers(Arc::clone(e)))?;
     let lease = pool.acquire(USER_POLL).map_err(BuildErrorKind::Users)?;
     t.lap(Step::User);
-    let slot = BuildSlot::create(&builds_dir(loc))?;
-    let dirs = HostDirs::create(&slot.dir, lease.user()).map_err(BuildErrorKind::Sandbox)?;
+    let dirs =
+        HostDirs::for_user(&builds_dir(loc), lease.user()).map_err(BuildErrorKind::Sandbox)?;
     let user = lease.user();
     attrs::write_files(&dirs.dirs().build, &prepared.files, user.uid(), user.gid())?;
     t.lap(Step::Dirs);
@@ -330,15 +330,16 @@ fn build_somewhere_locked(
         drv: drv_path.clone(),
     });
 
+    // Where a kept directory is is known once it has moved (below).
     let result = match ran {
         Err(_) if log.exceeded().is_some() => Err(BuildErrorKind::LogLimit {
             limit: log.exceeded().unwrap_or_default(),
-            kept: ctx.options.keep_failed.then(|| dirs.top().to_path_buf()),
+            kept: None,
         }),
         Err(e) => Err(e),
         Ok(outcome) if !outcome.success() => Err(BuildErrorKind::Failed {
             outcome,
-            kept: ctx.options.keep_failed.then(|| dirs.top().to_path_buf()),
+            kept: None,
             tail: log.tail(),
         }),
         Ok(_) => collect_outputs(
@@ -371,30 +372,32 @@ fn build_somewhere_locked(
         }),
     };
     // The lease is still held: no other build can run as this user until the
-    // directories are gone (or chmod'ed out of its reach).
+    // directories are emptied (or moved and chmod'ed out of its reach).
     let result = match result {
-        Err(e) if ctx.options.keep_failed => {
-            let top = dirs.top().to_path_buf();
-            // Root-only until now; 0755 as Nix, for inspection.
-            let _ = fs::set_permissions(&top, fs::Permissions::from_mode(0o755));
-            // A built-in builder ran no sandbox to enter.
-            if builtin.is_none() {
-                super::enter::save_or_warn(&top, drv_path, loc, pool, &spec);
+        Err(e) if ctx.options.keep_failed => match dirs.keep() {
+            Ok(kept) => {
+                let top = kept.top().to_path_buf();
+                // Root-only until now; 0755 as Nix, for inspection.
+                let _ = fs::set_permissions(&top, fs::Permissions::from_mode(0o755));
+                // A built-in builder ran no sandbox to enter.
+                if builtin.is_none() {
+                    let spec = SandboxSpec {
+                        dirs: kept.dirs().clone(),
+                        ..spec
+                    };
+                    super::enter::save_or_warn(&top, drv_path, loc, pool, &spec);
+                }
+                Err(e.kept_at(top))
             }
-            slot.keep();
-            match e {
-                e @ (BuildErrorKind::Failed { .. } | BuildErrorKind::LogLimit { .. }) => Err(e),
-                e => Err(BuildErrorKind::Kept {
-                    error: Box::new(e),
-                    dir: top,
-                }),
+            Err(keep) => {
+                tracing::warn!(drv = %drv_name, "cannot keep the build directory: {keep}");
+                Err(e)
             }
-        }
+        },
         r => {
-            if let Err(e) = dirs.remove() {
-                tracing::warn!(drv = %drv_name, "cannot remove build directory: {e}");
+            if let Err(e) = dirs.clear() {
+                tracing::warn!(drv = %drv_name, "cannot empty the build directory: {e}");
             }
-            drop(slot);
             r
         }
     };
@@ -543,60 +546,6 @@ fn place_or_offload<'o>(
     }
 }
 
-/// A directory for one build's [`HostDirs`], `<builds>/<random>`, with a lock
-/// file `<builds>/<random>.lock` held while the build runs: after a crash the
-/// lock is free and [`remove_stale_build_dirs`] removes both. A kept build
-/// directory (`--keep-failed`) loses its lock file, so it stays.
-struct BuildSlot {
-    dir: PathBuf,
-    lock_path: PathBuf,
-    lock: Option<nix::fcntl::Flock<File>>,
-}
-
-impl BuildSlot {
-    fn create(parent: &Path) -> Result<BuildSlot, BuildErrorKind> {
-        fs::create_dir_all(parent).map_err(io_err("create", parent))?;
-        let (file, lock_path) = tempfile::Builder::new()
-            .suffix(".lock")
-            .tempfile_in(parent)
-            .map_err(io_err("create a lock file in", parent))?
-            .keep()
-            .map_err(|e| io_err("create a lock file in", parent)(e.error))?;
-        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| io_err("lock", &lock_path)(e.into()))?;
-        let dir = lock_path.with_extension("");
-        fs::create_dir(&dir).map_err(io_err("create", &dir))?;
-        Ok(BuildSlot {
-            dir,
-            lock_path,
-            lock: Some(lock),
-        })
-    }
-
-    /// Leaves the directory in place for good.
-    fn keep(mut self) {
-        if let Err(e) = fs::remove_file(&self.lock_path) {
-            tracing::warn!(path = %self.lock_path.display(), "cannot remove lock file: {e}");
-        }
-        self.lock = None;
-        self.lock_path = PathBuf::new();
-    }
-}
-
-impl Drop for BuildSlot {
-    fn drop(&mut self) {
-        if self.lock_path.as_os_str().is_empty() {
-            return;
-        }
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            tracing::warn!(path = %self.dir.display(), "cannot remove build directory: {e}");
-        }
-        // Unlinked while still locked, so nobody else takes it for stale.
-        let _ = fs::remove_file(&self.lock_path);
-        self.lock = None;
-    }
-}
-
 /// Why leftover build directories could not be removed.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {action} '{}': {source}", path.display())]
@@ -625,7 +574,10 @@ const STALE_AFTER: Duration = Duration::from_secs(60);
 /// Removes the build directories under `builds` left by sandoff processes
 /// that died (their lock files are free and older than a minute); returns
 /// how many. Running builds and kept directories (`--keep-failed`, which
-/// have no lock file) are left alone.
+/// have no lock file) are left alone. Builds no longer make such
+/// directories (`<random>` with `<random>.lock`: each now uses its build
+/// user's, [`HostDirs::for_user`], which the user's next build empties
+/// after a crash), but earlier versions of sandoff did.
 pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, StaleDirsError> {
     let entries = match fs::read_dir(builds) {
         Ok(e) => e,
@@ -666,6 +618,45 @@ pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, StaleDirsError> {
         removed += 1;
     }
     Ok(removed)
+}
+
+/// Empties the reusable build directories (`uid-<uid>`, see
+/// [`HostDirs::for_user`]) under `builds` that a build killed mid-way left
+/// with something in them, for each of `pool`'s users that is free now:
+/// so that a crash's files do not wait for the next build of that very
+/// user. A user in use is skipped (its build empties its directories);
+/// returns how many were emptied.
+pub fn clear_free_user_dirs(builds: &Path, pool: &UserPool) -> usize {
+    let Ok(entries) = fs::read_dir(builds) else {
+        return 0;
+    };
+    let has_files = |d: PathBuf| fs::read_dir(d).is_ok_and(|mut e| e.next().is_some());
+    let mut cleared = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(uid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("uid-"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let top = entry.path().join("sandoff-build");
+        if !has_files(top.join("build")) && !has_files(top.join("store")) {
+            continue;
+        }
+        let Ok(Some(lease)) = pool.try_acquire_uid(uid) else {
+            continue;
+        };
+        match HostDirs::for_user(builds, lease.user()) {
+            Ok(_) => {
+                tracing::info!(dir = %top.display(), "emptied the build directory of a dead build");
+                cleared += 1;
+            }
+            Err(e) => tracing::warn!("cannot empty the build directory of a dead build: {e}"),
+        }
+    }
+    cleared
 }
 
 /// Checks each output the builder made, copies it into a staging path of the
@@ -874,35 +865,43 @@ mod tests {
         .expect("utimensat");
     }
 
+    /// A build directory as earlier versions made it: `<random>/` with a
+    /// lock file `<random>.lock`, locked while `Some`.
+    fn old_slot(
+        builds: &Path,
+        name: &str,
+        locked: bool,
+    ) -> (PathBuf, PathBuf, Option<nix::fcntl::Flock<File>>) {
+        fs::create_dir_all(builds.join(name).join("sandoff-build-x/build")).expect("mkdir");
+        let lock_path = builds.join(format!("{name}.lock"));
+        let file = File::create(&lock_path).expect("lock file");
+        let lock = locked.then(|| {
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| e)
+                .expect("lock")
+        });
+        (builds.join(name), lock_path, lock)
+    }
+
     #[test]
     fn removes_build_dirs_of_dead_builds_only() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let builds = tmp.path().join("builds");
-        let live = BuildSlot::create(&builds).expect("slot");
-        fs::write(live.dir.join("f"), "x").expect("write");
-        age(&live.lock_path);
-        let mut dead = BuildSlot::create(&builds).expect("slot");
-        let (dead_dir, dead_lock) = (dead.dir.clone(), dead.lock_path.clone());
-        fs::create_dir(dead_dir.join("sub")).expect("mkdir");
-        // As if killed: the lock is released, the files stay.
-        dead.lock = None;
-        std::mem::forget(dead);
+        let (live_dir, live_lock, _held) = old_slot(&builds, ".tmplive", true);
+        age(&live_lock);
+        let (dead_dir, dead_lock, _) = old_slot(&builds, ".tmpdead", false);
         age(&dead_lock);
-        let mut young = BuildSlot::create(&builds).expect("slot");
-        young.lock = None;
-        let young_dir = young.dir.clone();
-        std::mem::forget(young);
-        let kept = BuildSlot::create(&builds).expect("slot");
-        let kept_dir = kept.dir.clone();
-        kept.keep();
+        let (young_dir, _, _) = old_slot(&builds, ".tmpyoung", false);
+        // Kept (no lock file), and a build user's reusable set.
+        let kept_dir = builds.join("kept-x");
+        fs::create_dir_all(kept_dir.join("sandoff-build")).expect("mkdir");
+        let user_dir = builds.join("uid-1000");
+        fs::create_dir_all(user_dir.join("sandoff-build")).expect("mkdir");
 
         assert_eq!(remove_stale_build_dirs(&builds).expect("clean"), 1);
         assert!(!dead_dir.exists() && !dead_lock.exists());
-        assert!(live.dir.join("f").exists());
+        assert!(live_dir.join("sandoff-build-x/build").exists());
         assert!(young_dir.exists(), "too young to be judged");
-        assert!(kept_dir.exists());
-        let live_dir = live.dir.clone();
-        drop(live);
-        assert!(!live_dir.exists());
+        assert!(kept_dir.exists() && user_dir.exists());
     }
 }

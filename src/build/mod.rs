@@ -41,17 +41,20 @@
 //!   streams; on a Nix or Guix daemon's store, the daemon's own
 //!   `<log dir>/drvs/<2 chars>/<rest>.bz2`, so that `nix-store -l` reads
 //!   it ([`log`]). `--max-log-size` kills a build whose log passes it.
-//! - Build directories: `<state>/builds/<random>/sandoff-build-XXXXXX`
-//!   ([`crate::sandbox::HostDirs`]), with `<state>/builds/<random>.lock`
-//!   held while the build runs. `--keep-failed` keeps the directory (and
-//!   drops its lock file, so it is never taken for a leftover), with the
-//!   build's sandbox saved in it for `sandoff enter` ([`enter`]).
+//! - Build directories: one set per build user,
+//!   `<state>/builds/uid-<uid>/sandoff-build` ([`crate::sandbox::HostDirs`]),
+//!   used under the user's lease and emptied after each build rather than
+//!   made and removed (six directories and a lock file a build, which on
+//!   ext4 without a journal slowed every later file creation for a
+//!   minute). `--keep-failed` moves the set to `<state>/builds/kept-XXXXXX`,
+//!   with the build's sandbox saved in it for `sandoff enter` ([`enter`]).
 //! - A crash (`kill -9`) leaves no valid output. At worst it leaves an
 //!   unregistered path at an output's place, which the next build replaces
-//!   under the lock; a staging copy and a build directory whose lock is
-//!   free, both removed when the next [`realise`] starts (build directories
-//!   once their lock file is a minute old, so that one being created is
-//!   never taken for a leftover).
+//!   under the lock; a staging copy, removed when the next [`realise`]
+//!   starts; and files in its user's build directories, emptied then if the
+//!   user is free, else by the user's next build. (Directories of earlier
+//!   versions, `<state>/builds/<random>` with a free `<random>.lock` a minute
+//!   old, are removed then too.)
 //! - Where a derivation is built is asked of [`crate::decide`] for each one
 //!   that has to be built (the local system and extra platforms, features,
 //!   local-build, machines), through the offloader when there are machines

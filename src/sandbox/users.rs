@@ -210,41 +210,55 @@ impl UserPool {
     /// Takes the first free user, or `None` if all are in use.
     pub fn try_acquire(&self) -> Result<Option<UserLease>, UserError> {
         for user in &self.users {
-            let path = self.lock_dir.join(user.uid().to_string());
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|source| UserError::Lock {
-                    path: path.clone(),
-                    source,
-                })?;
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => {
-                    tracing::debug!(
-                        user = user.user_name(),
-                        uid = user.uid(),
-                        "acquired build user"
-                    );
-                    return Ok(Some(UserLease {
-                        user: user.clone(),
-                        lock: Some(lock),
-                    }));
-                }
-                Err((_, nix::Error::EWOULDBLOCK)) => continue,
-                Err((_, e)) => {
-                    return Err(UserError::Lock {
-                        path,
-                        source: e.into(),
-                    })
-                }
+            if let Some(lease) = self.try_lock(user)? {
+                return Ok(Some(lease));
             }
         }
         Ok(None)
+    }
+
+    /// Takes the user of the pool with this uid if it is free; `None` if it
+    /// is in use or not in the pool.
+    pub fn try_acquire_uid(&self, uid: u32) -> Result<Option<UserLease>, UserError> {
+        match self.users.iter().find(|u| u.uid() == uid) {
+            Some(user) => self.try_lock(user),
+            None => Ok(None),
+        }
+    }
+
+    /// Leases `user` (of the pool) if no one holds it.
+    fn try_lock(&self, user: &BuildUser) -> Result<Option<UserLease>, UserError> {
+        let path = self.lock_dir.join(user.uid().to_string());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|source| UserError::Lock {
+                path: path.clone(),
+                source,
+            })?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => {
+                tracing::debug!(
+                    user = user.user_name(),
+                    uid = user.uid(),
+                    "acquired build user"
+                );
+                Ok(Some(UserLease {
+                    user: user.clone(),
+                    lock: Some(lock),
+                }))
+            }
+            Err((_, nix::Error::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(UserError::Lock {
+                path,
+                source: e.into(),
+            }),
+        }
     }
 
     /// Takes a free user, waiting while all are in use: until this process

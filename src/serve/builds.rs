@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::build::local::{realise_one, remove_stale_build_dirs, StepOutcome};
+use crate::build::local::{
+    clear_free_user_dirs, realise_one, remove_stale_build_dirs, StepOutcome,
+};
 use crate::build::{self, builds_dir, BuildContext, BuildErrorKind, Event, Options};
 use crate::decide::Placement;
 use crate::derivation::DrvHasher;
@@ -96,6 +98,9 @@ impl Server<'_, '_> {
         }
         if let Err(e) = remove_stale_build_dirs(&builds_dir(loc)) {
             tracing::warn!("cannot remove stale build directories: {e}");
+        }
+        if let Ok(pool) = &self.setup.pool {
+            clear_free_user_dirs(&builds_dir(loc), pool);
         }
         let placement = placement_for(&mut self.placement, drv.required_system_features());
         let ctx = local_context(self.store, &self.setup, options, placement);
@@ -355,7 +360,6 @@ fn check_basic(
     Ok(())
 }
 
-/// The build options of one serve build.
 /// What a build of this session needs: builds here never go on to other
 /// machines (the client chose this one).
 fn local_context<'c, 's: 'c>(

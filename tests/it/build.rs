@@ -224,10 +224,23 @@ impl Store {
         self.loc().real_path(p)
     }
 
-    /// Build directories left under `<state>/builds`.
+    /// Build directories left under `<state>/builds`: all but the build
+    /// users' reusable ones with nothing in them.
     pub(crate) fn build_dirs(&self) -> Vec<PathBuf> {
+        support::leftover_build_dirs(&self.loc().state)
+    }
+
+    /// The reusable build directory set of each build user that built here.
+    pub(crate) fn user_build_dirs(&self) -> Vec<PathBuf> {
         match std::fs::read_dir(self.loc().state.join("builds")) {
-            Ok(d) => d.map(|e| e.expect("entry").path()).collect(),
+            Ok(d) => d
+                .map(|e| e.expect("entry").path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("uid-"))
+                })
+                .map(|p| p.join("sandoff-build"))
+                .collect(),
             Err(_) => Vec::new(),
         }
     }
@@ -836,17 +849,10 @@ fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
     let p = s.out(&d);
     assert!(s.info(&p).is_none());
     assert!(!s.real(&p).exists());
-    // The killed run's build directory and its free lock file stay behind;
-    // once old enough they are removed by the next run.
+    // The killed run's build directory stays behind, not empty; the next
+    // build of its build user empties it.
     let left: Vec<PathBuf> = s.build_dirs();
-    assert_eq!(left.len(), 2, "{left:?}");
-    for l in &left {
-        support::run_ok(
-            Command::new("touch")
-                .args(["-h", "-d", "2 minutes ago"])
-                .arg(l),
-        );
-    }
+    assert_eq!(left.len(), 1, "{left:?}");
     // As if a crash had struck between moving the output and registering it.
     std::fs::create_dir_all(s.real(&p)).expect("mkdir");
     std::fs::write(s.real(&p).join("junk"), "stale").expect("write");
@@ -859,6 +865,61 @@ fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
         "done\n"
     );
     assert!(s.build_dirs().is_empty(), "{:?}", s.build_dirs());
+}
+
+#[test]
+fn build_users_directories_are_emptied_for_reuse_and_a_crashs_leftovers_go() {
+    let Some(s) = Store::ready(this_test!()) else {
+        return;
+    };
+    let a = s.script_drv("reuse-a", "echo left > $TMPDIR/left; echo a > $out");
+    let out = s.build(&[&a]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(s.build_dirs().is_empty(), "{:?}", s.build_dirs());
+    let users = s.user_build_dirs();
+    assert!(
+        !users.is_empty(),
+        "a build user's directories are kept for reuse"
+    );
+    // What a build killed mid-way could leave, and worse: files, symbolic
+    // links to a directory elsewhere, its build directory open to all.
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::fs::write(outside.path().join("precious"), "x").expect("write");
+    for top in &users {
+        std::fs::write(top.join("build/junk"), "x").expect("write");
+        std::fs::create_dir(top.join("store/half-an-output")).expect("mkdir");
+        std::os::unix::fs::symlink(outside.path(), top.join("store/link")).expect("symlink");
+        std::os::unix::fs::symlink(outside.path(), top.join("build/link")).expect("symlink");
+        std::fs::set_permissions(top.join("build"), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+    }
+    // Whichever user it gets, the builder finds its directories as new.
+    let b = s.script_drv(
+        "reuse-b",
+        r#"test "$(ls -A $TMPDIR)" = bin
+test "$(stat -c %a:%u $TMPDIR)" = "700:$(id -u)"
+test ! -e /nix/store/half-an-output
+test ! -e /nix/store/link
+echo b > $out"#,
+    );
+    let out = s.build(&[&b]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // A leftover of a user that another test's build held meanwhile goes
+    // at a later start, once that user is free.
+    let empty = |d: PathBuf| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_none());
+    support::wait_for("the leftovers to be removed", || {
+        let out = s.build(&[&a]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        users
+            .iter()
+            .all(|t| empty(t.join("build")) && empty(t.join("store")))
+            .then_some(())
+    });
+    assert!(s.build_dirs().is_empty(), "{:?}", s.build_dirs());
+    assert!(
+        outside.path().join("precious").exists(),
+        "no symbolic link was followed"
+    );
 }
 
 #[test]

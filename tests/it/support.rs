@@ -300,3 +300,24 @@ pub fn wait_for<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// The build directories left under `<state>/builds`: all but the build
+/// users' reusable ones (`uid-<uid>/sandoff-build`) with nothing in them.
+pub fn leftover_build_dirs(state: &Path) -> Vec<PathBuf> {
+    let empty = |p: PathBuf| std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none());
+    let clean_user_dir = |p: &PathBuf| {
+        let top = p.join("sandoff-build");
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("uid-"))
+            && ["build", "store", "root"]
+                .iter()
+                .all(|d| empty(top.join(d)))
+    };
+    match std::fs::read_dir(state.join("builds")) {
+        Ok(d) => d
+            .map(|e| e.expect("entry").path())
+            .filter(|p| !clean_user_dir(p))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
