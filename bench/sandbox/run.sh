@@ -71,7 +71,9 @@ printf '%-34s %8.3f s  (%.1f ms per build)\n' "nix-store --realise (sandbox)" "$
 printf '%-34s %8.3f s  (%.1f ms per build)\n' "sandoff build --local-only" "$sandoff_s" "$(echo "$sandoff_s * 1000 / $n" | bc -l)"
 printf 'ratio sandoff/nix: %.2fx (targets: issue 3 <= 0.5x, issue 14 <= 0.3x)\n' "$(echo "$sandoff_s / $nix_s" | bc -l)"
 
-if command -v bwrap >/dev/null; then
+if [ "$runs" -eq 0 ]; then
+    echo "== no sandbox setup comparison (0 runs asked)"
+elif command -v bwrap >/dev/null; then
     echo "== sandbox setup against bwrap ($runs runs each)"
     bash "$repo/bench/sandbox/setup/run.sh" "$runs"
 else

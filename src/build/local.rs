@@ -23,7 +23,8 @@ use crate::derivation::{Derivation, DerivationKind, DerivationOutput};
 use crate::remote::offloader::{LocalPermit, Offloader, RemoteJob};
 use crate::sandbox::plan::{impure_env_allowed, DEFAULT_BUILD_DIR_NAME};
 use crate::sandbox::{
-    run_build_measured, HostDirs, InputPath, SandboxSpec, Timeouts, UserError, UserLease, UserPool,
+    run_build_measured_killed, HostDirs, InputPath, SandboxSpec, Timeouts, UserError, UserLease,
+    UserPool,
 };
 use crate::serve_protocol::BuildOptions;
 use crate::store::local::{LocalStore, PathLocks, StagedPath};
@@ -246,6 +247,10 @@ fn build_somewhere_locked(
         .as_ref()
         .map_err(|e| BuildErrorKind::NoUsers(Arc::clone(e)))?;
     let lease = pool.acquire(USER_POLL).map_err(BuildErrorKind::Users)?;
+    // Nothing of the user may run while its directories are emptied for
+    // this build, nor once it starts: killed now, not after the wait for a
+    // job slot (see `run_build_measured_killed`).
+    lease.kill_processes().map_err(BuildErrorKind::Users)?;
     t.lap(Step::User);
     let dirs =
         HostDirs::for_user(&builds_dir(loc), lease.user()).map_err(BuildErrorKind::Sandbox)?;
@@ -307,7 +312,7 @@ fn build_somewhere_locked(
         Some(request) => run_fetchurl(request, &lease, &dirs, drv, &impure, timeouts, log),
         None => {
             tracing::debug!(drv = %drv_name, user = lease.user().user_name(), "building");
-            run_build_measured(&lease, &spec, log)
+            run_build_measured_killed(&lease, &spec, log)
                 .map(|(outcome, usage)| {
                     if let Some(usage) = usage {
                         let _ = events.send(Event::Usage {

@@ -373,6 +373,13 @@ pub fn run_measured(
     // The child joined it or failed (it has exec'd or exited, or holds a
     // copy of our descriptors): ours only kept it alive until then.
     drop(netns);
+    // Held, so that the sandbox's mounts are taken down on another thread
+    // after the builder is reaped rather than in its exit (see
+    // `super::netns`). The child has exec'd, or failed and exited (then
+    // there is nothing to hold).
+    let mount_ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
+        .ok()
+        .map(OwnedFd::from);
     let pid = Pid::from_raw(pid);
     // From here until the child is waited for, a panic (a bug, or a log
     // sink that panics) must not leave the builder running unsupervised:
@@ -385,6 +392,9 @@ pub fn run_measured(
     // Every return of `supervise` has waited for the child: its pid may be
     // reused now, so it must not be signalled again.
     guard.disarm();
+    if let Some(ns) = mount_ns {
+        super::netns::release_later(ns);
+    }
     result
 }
 

@@ -52,7 +52,7 @@ pub fn run_interactive(
     run: &Interactive,
 ) -> Result<BuildOutcome, SandboxError> {
     let mut plan = plan_interactive(spec, run)?;
-    with_user(lease, spec, &mut plan, |plan| {
+    with_user(lease, spec, &mut plan, true, |plan| {
         match run.stdio {
             InteractiveStdio::Terminal => with_terminal(plan),
             InteractiveStdio::Inherit => {

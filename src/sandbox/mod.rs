@@ -191,18 +191,38 @@ pub fn run_build_measured(
     log: &mut dyn Write,
 ) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError> {
     let mut plan = plan::plan(spec)?;
-    with_user(lease, spec, &mut plan, |plan| exec::run_measured(plan, log))
+    with_user(lease, spec, &mut plan, true, |plan| {
+        exec::run_measured(plan, log)
+    })
+}
+
+/// [`run_build_measured`] for a caller that killed the user's processes
+/// itself ([`UserLease::kill_processes`]) after taking the lease, as a
+/// build does before it waits for a job slot: only root can start a
+/// process as a build user meanwhile, so they are not killed again here,
+/// where the next builder waits for it.
+pub fn run_build_measured_killed(
+    lease: &UserLease,
+    spec: &SandboxSpec,
+    log: &mut dyn Write,
+) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError> {
+    let mut plan = plan::plan(spec)?;
+    with_user(lease, spec, &mut plan, false, |plan| {
+        exec::run_measured(plan, log)
+    })
 }
 
 /// Runs `run` (which runs `plan`, a planned sandbox, to its end, and may
 /// report what the builder used) as `lease`'s user, the spec's, in a
 /// cgroup of its own when cgroup v2 is usable, killing that user's
-/// processes before, and after unless the cgroup was killed and removed;
-/// returns what the build used as far as the cgroup or `run` measured it.
+/// processes before (if `kill_first`), and after unless the cgroup was
+/// killed and removed; returns what the build used as far as the cgroup or
+/// `run` measured it.
 fn with_user(
     lease: &UserLease,
     spec: &SandboxSpec,
     plan: &mut SandboxPlan,
+    kill_first: bool,
     run: impl FnOnce(&SandboxPlan) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError>,
 ) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError> {
     if &spec.user != lease.user() {
@@ -220,7 +240,9 @@ fn with_user(
     if let Some(cg) = &cgroup {
         plan.cgroup = Some(cg.dir().to_path_buf());
     }
-    lease.kill_processes()?;
+    if kill_first {
+        lease.kill_processes()?;
+    }
     // A panic while the build runs must not leave the user's processes
     // behind either (exec::run kills the builder's PID namespace itself).
     let guard = KillUserOnUnwind(Some(lease));

@@ -10,6 +10,13 @@
 //! `setns` (at its loopback step) instead of cloning into a new one. When
 //! none is ready, or they cannot be made (not root), the child makes its
 //! own as before.
+//!
+//! The same thread also ends what a finished build leaves: the build's
+//! runner holds the builder's mount namespace by a descriptor and hands it
+//! over here once the builder is reaped ([`release_later`]), so that
+//! unmounting the sandbox's tree (its tmpfs file systems, `/proc`, the
+//! binds) happens on this thread, not in the builder's exit that the next
+//! build waits for.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -31,6 +38,8 @@ struct Pool {
 #[derive(Default)]
 struct State {
     ready: VecDeque<OwnedFd>,
+    /// Namespaces of finished builds, to be closed on the thread.
+    released: Vec<OwnedFd>,
     /// Making one failed: no more attempts in this process.
     failed: bool,
 }
@@ -40,7 +49,35 @@ static POOL: OnceLock<Pool> = OnceLock::new();
 /// A fresh network namespace (`lo` up), if one is ready; it starts the
 /// thread that makes them on first use. `None`: the caller makes its own.
 pub fn take() -> Option<OwnedFd> {
-    let pool = POOL.get_or_init(|| {
+    let pool = pool();
+    let mut state = pool.state.lock().ok()?;
+    if state.failed {
+        return None;
+    }
+    let fd = state.ready.pop_front();
+    pool.wanted.notify_one();
+    fd
+}
+
+/// Closes `fd`, a namespace of a finished build, on the thread of this
+/// module (at once here when that thread is not running).
+pub fn release_later(fd: OwnedFd) {
+    let pool = pool();
+    let Ok(mut state) = pool.state.lock() else {
+        return;
+    };
+    if state.failed {
+        drop(state);
+        drop(fd);
+        return;
+    }
+    state.released.push(fd);
+    pool.wanted.notify_one();
+}
+
+/// The pool, its thread started on first use.
+fn pool() -> &'static Pool {
+    POOL.get_or_init(|| {
         let spawned = std::thread::Builder::new()
             .name("sandoff-netns".to_owned())
             // `wait`, not `get`: this closure returns (and POOL is set)
@@ -54,25 +91,28 @@ pub fn take() -> Option<OwnedFd> {
             state: Mutex::new(state),
             wanted: Condvar::new(),
         }
-    });
-    let mut state = pool.state.lock().ok()?;
-    if state.failed {
-        return None;
-    }
-    let fd = state.ready.pop_front();
-    pool.wanted.notify_one();
-    fd
+    })
 }
 
-/// The making thread: keeps [`READY`] namespaces until making one fails.
+/// The making thread: keeps [`READY`] namespaces until making one fails,
+/// and closes the released ones.
 fn make_ahead(pool: &Pool) {
     loop {
-        {
+        let (released, more) = {
             let Ok(state) = pool.state.lock() else { return };
-            let Ok(state) = pool.wanted.wait_while(state, |s| s.ready.len() >= READY) else {
+            let Ok(mut state) = pool
+                .wanted
+                .wait_while(state, |s| s.ready.len() >= READY && s.released.is_empty())
+            else {
                 return;
             };
-            drop(state);
+            let more = state.ready.len() < READY;
+            (std::mem::take(&mut state.released), more)
+        };
+        // Outside the lock: this is the unmounting.
+        drop(released);
+        if !more {
+            continue;
         }
         let made = make();
         let Ok(mut state) = pool.state.lock() else {

@@ -612,6 +612,37 @@ fn leftover_processes_of_the_build_user_are_killed_before_the_build() {
     );
 }
 
+/// The runner holds each builder's mount namespace and hands it to another
+/// thread to be taken down once the builder is reaped: none is kept.
+#[test]
+fn no_mount_namespace_of_a_finished_build_is_kept() {
+    let Some(f) = Fixture::ready(this_test!()) else {
+        return;
+    };
+    let own = std::fs::read_link("/proc/self/ns/mnt").expect("own namespace");
+    for _ in 0..5 {
+        // Directories of its own each: a build leaves its inputs' mount
+        // points in its scratch store.
+        let dirs = HostDirs::create(f._tmp.path(), f.lease.user()).expect("dirs");
+        let mut spec = f.spec("echo built");
+        spec.dirs = dirs.dirs().clone();
+        let (r, log) = f.run(&spec);
+        assert_eq!(r.expect("runs"), BuildOutcome::Exited(0), "{log}");
+        dirs.remove().expect("remove");
+    }
+    let held = || {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("fds")
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|l| l.to_string_lossy().starts_with("mnt:[") && *l != own)
+            .count()
+    };
+    support::wait_for("the builds' mount namespaces to be closed", || {
+        (held() == 0).then_some(())
+    });
+}
+
 #[test]
 fn host_dirs_are_removed_whatever_the_build_left() {
     let Some(f) = Fixture::ready(this_test!()) else {

@@ -49,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(200);
+    anyhow::ensure!(n > 0, "the number of runs must be at least 1");
     let tmp = tempfile::tempdir()?;
     let bb_dir = tmp.path().join("root/nix/store").join(BUSYBOX);
     std::fs::create_dir_all(bb_dir.join("bin"))?;
