@@ -833,8 +833,7 @@ impl LocalStore {
         staged.canonicalise()?;
         // Under the lock, anything at the target is a leftover of an
         // interrupted add (or of garbage): it was never valid.
-        remove_tree(&real).map_err(io_err("removing stale", &real))?;
-        fs::rename(&staged.tmp, &real).map_err(io_err("moving staged path to", &real))?;
+        move_into_place(&staged.tmp, &real)?;
         staged.tmp = PathBuf::new();
         self.register_in_place(info, derivation_outputs, &real, true)
     }
@@ -1118,8 +1117,7 @@ impl LocalStore {
             for (staged, info) in &mut todo {
                 staged.canonicalise()?;
                 let real = self.loc.real_path(&info.path);
-                remove_tree(&real).map_err(io_err("removing stale", &real))?;
-                fs::rename(&staged.tmp, &real).map_err(io_err("moving staged path to", &real))?;
+                move_into_place(&staged.tmp, &real)?;
                 staged.tmp = PathBuf::new();
                 moved.push(real);
                 let mut info = info.clone();
@@ -1357,6 +1355,26 @@ impl Drop for PathLock {
             tracing::warn!(path = %self.path.display(), "cannot mark lock file stale: {e}");
         }
     }
+}
+
+/// Renames the staged copy `tmp` to `real`, replacing whatever is there (a
+/// leftover that was never valid: the caller holds the path's lock). The
+/// rename is tried first, as there is nothing at `real` but after a crash:
+/// looking first cost a lookup in the store directory for every path.
+fn move_into_place(tmp: &Path, real: &Path) -> Result<(), StoreError> {
+    match fs::rename(tmp, real) {
+        Ok(()) => return Ok(()),
+        // A directory is there (or a file where a directory goes, or the
+        // other way round); a file over a file was replaced already.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EEXIST | libc::ENOTEMPTY | libc::ENOTDIR | libc::EISDIR)
+            ) => {}
+        Err(e) => return Err(io_err("moving staged path to", real)(e)),
+    }
+    remove_tree(real).map_err(io_err("removing stale", real))?;
+    fs::rename(tmp, real).map_err(io_err("moving staged path to", real))
 }
 
 /// Gives a tree the metadata of a store path, as Nix's
@@ -2118,6 +2136,48 @@ mod tests {
             s.path_infos_in_order(&both),
             Err(StoreError::Cycle { .. })
         ));
+    }
+
+    #[test]
+    fn a_staged_copy_replaces_whatever_leftover_is_at_its_place() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let staged_dir = |name: &str| {
+            let p = tmp.path().join(name);
+            fs::create_dir(&p).expect("mkdir");
+            fs::write(p.join("new"), "new").expect("write");
+            p
+        };
+        let real = tmp.path().join("real");
+        // Nothing there.
+        move_into_place(&staged_dir("a"), &real).expect("move");
+        assert!(real.join("new").exists());
+        // A read-only tree there, as a store path's.
+        fs::write(real.join("old"), "old").expect("write");
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o555)).expect("chmod");
+        move_into_place(&staged_dir("b"), &real).expect("move over a tree");
+        assert!(real.join("new").exists() && !real.join("old").exists());
+        // A file, and a symbolic link to a directory elsewhere.
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).expect("mkdir");
+        fs::write(outside.join("keep"), "x").expect("write");
+        for leftover in ["file", "link"] {
+            remove_tree(&real).expect("clean");
+            match leftover {
+                "file" => fs::write(&real, "old").expect("write"),
+                _ => symlink(&outside, &real).expect("symlink"),
+            }
+            move_into_place(&staged_dir(leftover), &real).expect("move over a leftover");
+            assert!(real.join("new").exists(), "{leftover}");
+        }
+        assert!(outside.join("keep").exists(), "the link was not followed");
+        // A file over a file.
+        let file = tmp.path().join("f");
+        fs::write(&file, "new").expect("write");
+        let real_file = tmp.path().join("real-file");
+        fs::write(&real_file, "old").expect("write");
+        move_into_place(&file, &real_file).expect("move");
+        assert_eq!(fs::read_to_string(&real_file).expect("read"), "new");
     }
 
     #[test]
