@@ -625,21 +625,7 @@ mod tests {
                 Ok(StepOutcome::Built)
             }
         };
-        let mut events = Vec::new();
-        let r = schedule(
-            store,
-            roots,
-            &BTreeSet::new(),
-            Workers::free(jobs),
-            keep_going,
-            &mut |e| {
-                if *e != Event::Tick {
-                    events.push(e.clone());
-                }
-            },
-            &step,
-        )
-        .expect("schedule");
+        let (r, events) = schedule_collecting(store, roots, Workers::free(jobs), keep_going, &step);
         let order = order.into_inner().expect("lock");
         (r, events, order, most.load(Ordering::SeqCst))
     }
@@ -717,6 +703,33 @@ mod tests {
         );
     }
 
+    /// [`schedule`] of `roots` with `step`, and the events it reported
+    /// but ticks.
+    fn schedule_collecting(
+        store: &LocalStore,
+        roots: &[StorePath],
+        workers: Workers<'_>,
+        keep_going: bool,
+        step: &Step<'_>,
+    ) -> (Realisation, Vec<Event>) {
+        let mut events = Vec::new();
+        let r = schedule(
+            store,
+            roots,
+            &BTreeSet::new(),
+            workers,
+            keep_going,
+            &mut |e| {
+                if *e != Event::Tick {
+                    events.push(e.clone());
+                }
+            },
+            step,
+        )
+        .expect("schedule");
+        (r, events)
+    }
+
     /// A step as [`realise_step`] takes it: prepares, waits for a slot,
     /// reports `Started`, builds (failing if its name is in `fail`),
     /// reports `BuilderExited`, registers.
@@ -788,26 +801,12 @@ mod tests {
                     &most_building,
                 )
             };
-            let mut events = Vec::new();
             let workers = Workers {
                 jobs: 1,
                 ahead: 1,
                 slots: Some(&slots),
             };
-            let r = schedule(
-                &s,
-                &roots,
-                &BTreeSet::new(),
-                workers,
-                false,
-                &mut |e| {
-                    if *e != Event::Tick {
-                        events.push(e.clone());
-                    }
-                },
-                &step,
-            )
-            .expect("schedule");
+            let (r, events) = schedule_collecting(&s, &roots, workers, false, &step);
             (
                 r,
                 events,

@@ -190,10 +190,7 @@ pub fn run_build_measured(
     spec: &SandboxSpec,
     log: &mut dyn Write,
 ) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError> {
-    let mut plan = plan::plan(spec)?;
-    with_user(lease, spec, &mut plan, true, |plan| {
-        exec::run_measured(plan, log)
-    })
+    plan_and_run(lease, spec, log, true)
 }
 
 /// [`run_build_measured`] for a caller that killed the user's processes
@@ -206,8 +203,18 @@ pub fn run_build_measured_killed(
     spec: &SandboxSpec,
     log: &mut dyn Write,
 ) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError> {
+    plan_and_run(lease, spec, log, false)
+}
+
+/// Plans `spec` and runs it with [`with_user`].
+fn plan_and_run(
+    lease: &UserLease,
+    spec: &SandboxSpec,
+    log: &mut dyn Write,
+    kill_first: bool,
+) -> Result<(BuildOutcome, Option<ResourceUsage>), SandboxError> {
     let mut plan = plan::plan(spec)?;
-    with_user(lease, spec, &mut plan, false, |plan| {
+    with_user(lease, spec, &mut plan, kill_first, |plan| {
         exec::run_measured(plan, log)
     })
 }
