@@ -215,9 +215,8 @@ fn walk(
     Ok((nodes, read))
 }
 
-/// What the scheduler hears: a worker's event, or that a worker ended.
-enum Msg {
-    Event(Event),
+/// How a worker ended.
+enum Ended {
     Done(StorePath, Result<StepOutcome, BuildError>),
     /// The worker of this derivation panicked (its builder was killed by
     /// the sandbox's guards while unwinding).
@@ -233,12 +232,12 @@ enum Msg {
 /// events, so the scheduler has seen them when it takes the end.
 struct Ending {
     events: mpsc::Sender<Event>,
-    done: mpsc::Sender<Msg>,
+    done: mpsc::Sender<Ended>,
 }
 
 impl Ending {
-    fn send(&self, msg: Msg) {
-        let _ = self.done.send(msg);
+    fn send(&self, ended: Ended) {
+        let _ = self.done.send(ended);
         let _ = self.events.send(Event::Tick);
     }
 }
@@ -253,7 +252,7 @@ struct ReportPanic {
 impl Drop for ReportPanic {
     fn drop(&mut self) {
         if let Some(path) = self.path.take() {
-            self.ending.send(Msg::Panicked(path));
+            self.ending.send(Ended::Panicked(path));
         }
     }
 }
@@ -379,7 +378,7 @@ fn schedule(
     let jobs = workers.jobs.max(1);
     let ahead = workers.ahead;
     let (etx, erx) = mpsc::channel::<Event>();
-    let (dtx, drx) = mpsc::channel::<Msg>();
+    let (dtx, drx) = mpsc::channel::<Ended>();
     let mut stopping = false;
     // When each build started, for the time [`Event::Built`] reports.
     let mut started: BTreeMap<StorePath, Instant> = BTreeMap::new();
@@ -424,27 +423,19 @@ fn schedule(
                     };
                     let r = step(&path, &drv, &report.ending.events);
                     report.path = None;
-                    report.ending.send(Msg::Done(path, r));
+                    report.ending.send(Ended::Done(path, r));
                 });
             }
             if running == 0 && finishing.is_empty() {
                 break;
             }
-            let msg = match erx.recv_timeout(TICK) {
+            let ended = match erx.recv_timeout(TICK) {
                 // A worker ended (see [`Ending`]).
                 Ok(Event::Tick) => match drx.try_recv() {
-                    Ok(m) => m,
+                    Ok(ended) => ended,
                     Err(_) => continue,
                 },
-                Ok(e) => Msg::Event(e),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    on_event(&Event::Tick);
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            let (path, r) = match msg {
-                Msg::Event(e) => {
+                Ok(e) => {
                     match &e {
                         Event::BuilderExited { drv }
                             if nodes.contains_key(drv) && finishing.insert(drv.clone()) =>
@@ -459,8 +450,15 @@ fn schedule(
                     on_event(&e);
                     continue;
                 }
-                Msg::Done(path, r) => (path, r),
-                Msg::Panicked(path) => {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    on_event(&Event::Tick);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let (path, r) = match ended {
+                Ended::Done(path, r) => (path, r),
+                Ended::Panicked(path) => {
                     // A bug: start nothing more and let the running builds
                     // end; the scope then re-raises the panic, so the
                     // process exits non-zero instead of reporting success.
