@@ -632,30 +632,14 @@ pub fn remove_stale_build_dirs(builds: &Path) -> Result<usize, StaleDirsError> {
 /// user. A user in use is skipped (its build empties its directories);
 /// returns how many were emptied.
 pub fn clear_free_user_dirs(builds: &Path, pool: &UserPool) -> usize {
-    let Ok(entries) = fs::read_dir(builds) else {
-        return 0;
-    };
-    let has_files = |d: PathBuf| fs::read_dir(d).is_ok_and(|mut e| e.next().is_some());
     let mut cleared = 0;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(uid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("uid-"))
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let top = entry.path().join("sandoff-build");
-        if !has_files(top.join("build")) && !has_files(top.join("store")) {
-            continue;
-        }
+    for uid in HostDirs::users_with_leftovers(builds) {
         let Ok(Some(lease)) = pool.try_acquire_uid(uid) else {
             continue;
         };
         match HostDirs::for_user(builds, lease.user()) {
-            Ok(_) => {
-                tracing::info!(dir = %top.display(), "emptied the build directory of a dead build");
+            Ok(dirs) => {
+                tracing::info!(dir = %dirs.top().display(), "emptied the build directory of a dead build");
                 cleared += 1;
             }
             Err(e) => tracing::warn!("cannot empty the build directory of a dead build: {e}"),

@@ -57,28 +57,18 @@ impl HostDirs {
             .tempdir_in(parent)
             .map_err(host_err("create build directory in", parent))?
             .keep();
-        let mkdir = |name: &str, mode: u32| -> Result<PathBuf, SandboxError> {
-            let p = top.join(name);
-            std::fs::DirBuilder::new()
-                .mode(mode)
-                .create(&p)
-                .map_err(host_err("create", &p))?;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
-                .map_err(host_err("chmod", &p))?;
-            Ok(p)
-        };
-        let build = mkdir("build", 0o700)?;
-        chown(&build, Some(user.uid()), Some(user.gid())).map_err(host_err("chown", &build))?;
-        let store = mkdir("store", 0o1775)?;
-        chown(&store, Some(0), Some(user.gid())).map_err(host_err("chown", &store))?;
-        // chown may clear the sticky bit on some filesystems; set the mode last.
-        std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o1775))
-            .map_err(host_err("chmod", &store))?;
-        let root = mkdir("root", 0o700)?;
-        Ok(HostDirs {
-            top,
-            dirs: SandboxDirs { root, build, store },
-        })
+        HostDirs::make(top, user)
+    }
+
+    /// Makes `build`, `store` and `root` in `top` (which exists) for
+    /// `user`.
+    fn make(top: PathBuf, user: &BuildUser) -> Result<HostDirs, SandboxError> {
+        let dirs = HostDirs::at(top);
+        make_dir(&dirs.dirs.build, 0o700)?;
+        make_dir(&dirs.dirs.store, 0o1775)?;
+        make_dir(&dirs.dirs.root, 0o700)?;
+        dirs.set_owners(user)?;
+        Ok(dirs)
     }
 
     /// The set of `user` under `parent`, `<parent>/uid-<uid>/sandoff-build`,
@@ -90,16 +80,8 @@ impl HostDirs {
     /// caller must hold `user`'s lease: nothing else may use the set
     /// meanwhile.
     pub fn for_user(parent: &Path, user: &BuildUser) -> Result<HostDirs, SandboxError> {
-        let slot = parent.join(format!("uid-{}", user.uid()));
-        let top = slot.join("sandoff-build");
-        let dirs = HostDirs {
-            dirs: SandboxDirs {
-                root: top.join("root"),
-                build: top.join("build"),
-                store: top.join("store"),
-            },
-            top,
-        };
+        let slot = user_slot(parent, user.uid());
+        let dirs = HostDirs::at(slot.join(USER_TOP));
         match dirs.reusable(&slot) {
             Ok(true) => {
                 dirs.clear()?;
@@ -119,11 +101,7 @@ impl HostDirs {
         std::fs::create_dir_all(parent).map_err(host_err("create", parent))?;
         make_dir(&slot, 0o755)?;
         make_dir(&dirs.top, 0o700)?;
-        make_dir(&dirs.dirs.build, 0o700)?;
-        make_dir(&dirs.dirs.store, 0o1775)?;
-        make_dir(&dirs.dirs.root, 0o700)?;
-        dirs.set_owners(user)?;
-        Ok(dirs)
+        HostDirs::make(dirs.top, user)
     }
 
     /// Whether the set at `slot` is as [`HostDirs::for_user`] leaves it:
@@ -199,15 +177,42 @@ impl HostDirs {
             let _ = std::fs::remove_dir(&kept);
             return Err(host_err("move", slot)(e));
         }
-        let top = kept.join("sandoff-build");
-        Ok(HostDirs {
+        Ok(HostDirs::at(kept.join(USER_TOP)))
+    }
+
+    /// The set whose top directory is `top` (nothing is checked).
+    fn at(top: PathBuf) -> HostDirs {
+        HostDirs {
             dirs: SandboxDirs {
                 root: top.join("root"),
                 build: top.join("build"),
                 store: top.join("store"),
             },
             top,
-        })
+        }
+    }
+
+    /// The uids whose set under `parent` ([`HostDirs::for_user`]) has
+    /// anything in `build` or `store`: what a build killed mid-way left
+    /// (or one that runs now).
+    pub fn users_with_leftovers(parent: &Path) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            return Vec::new();
+        };
+        let has_files = |d: &Path| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some());
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let uid = entry
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix(USER_SLOT_PREFIX)?
+                    .parse::<u32>()
+                    .ok()?;
+                let set = HostDirs::at(entry.path().join(USER_TOP));
+                (has_files(&set.dirs.build) || has_files(&set.dirs.store)).then_some(uid)
+            })
+            .collect()
     }
 
     /// The directories to put in a [`super::SandboxSpec`].
@@ -233,6 +238,15 @@ impl HostDirs {
             .map_err(host_err("chmod", &self.top))?;
         std::fs::remove_dir_all(&self.top).map_err(host_err("remove", &self.top))
     }
+}
+
+/// A build user's set is `<parent>/uid-<uid>/sandoff-build`.
+const USER_SLOT_PREFIX: &str = "uid-";
+const USER_TOP: &str = "sandoff-build";
+
+/// Where `uid`'s set is under `parent` (its top's parent).
+fn user_slot(parent: &Path, uid: u32) -> PathBuf {
+    parent.join(format!("{USER_SLOT_PREFIX}{uid}"))
 }
 
 /// Creates the directory `path` with exactly `mode`.
