@@ -173,6 +173,9 @@ pub fn import(
     };
     let store = sandoff::derivation::check::open_store(loc.clone())?;
     let mut out = io::stdout().lock();
+    // Every path's lock file goes at the end rather than after its batch:
+    // see `sandoff::store::local::LockKeeper`.
+    let _keeper = store.keep_batch_locks();
     let mut printed = Ok(());
     // Paths are printed as they become valid, so that after a failure the
     // output still says which ones were imported.

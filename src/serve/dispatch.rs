@@ -9,7 +9,7 @@ use crate::remote::compress::{ZstdReader, ZstdWriter};
 use crate::sandbox::{Limits, UserError};
 use crate::serve_protocol::{self, MAX_ITEMS, MAX_STRING};
 use crate::store::export::{import_paths, write_export, SignaturePolicy};
-use crate::store::local::LocalStore;
+use crate::store::local::{KeptLocks, LocalStore};
 use crate::store::nar::{self};
 use crate::store::signature::Signature;
 use crate::store::wire::{self, WireError};
@@ -128,13 +128,28 @@ fn session(
         client_minor: serve_protocol::minor(client_version),
         setup,
         placement: None,
+        kept: KeptLocks::default(),
     };
-    while let Some(command) = read_command(server.input)? {
-        tracing::debug!(command, "serve command");
-        server.command(command)?;
-        wire("flushing", server.output.flush().map_err(WireError::Io))?;
-    }
-    Ok(())
+    std::thread::scope(|scope| {
+        while let Some(command) = read_command(server.input)? {
+            tracing::debug!(command, "serve command");
+            server.command(command)?;
+            wire("flushing", server.output.flush().map_err(WireError::Io))?;
+            // An import's path locks go once the client has its answer: their
+            // files are removed while it goes on (see `LockKeeper`).
+            let kept = std::mem::take(&mut server.kept);
+            if !kept.is_empty() {
+                let release = move || drop(kept);
+                if let Err(e) = std::thread::Builder::new()
+                    .name("release-locks".into())
+                    .spawn_scoped(scope, release)
+                {
+                    tracing::warn!("cannot start a thread to release locks: {e}");
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 pub(super) struct Server<'a, 's> {
@@ -146,6 +161,8 @@ pub(super) struct Server<'a, 's> {
     pub(super) setup: BuildSetup<'s>,
     /// Made at the first build (it probes the host).
     pub(super) placement: Option<Placement>,
+    /// The path locks of the last import, released after its answer.
+    kept: KeptLocks,
 }
 
 impl Server<'_, '_> {
@@ -179,12 +196,14 @@ impl Server<'_, '_> {
             }
             cmd::IMPORT_PATHS => {
                 self.require_write("ImportPaths")?;
+                let keeper = self.store.keep_batch_locks();
                 import_paths(
                     self.store,
                     self.input,
                     SignaturePolicy::AcceptUnchecked,
                     &mut |_| {},
                 )?;
+                self.kept = keeper.finish();
                 wire("ImportPaths", wire::write_u64(self.output, 1))
             }
             cmd::EXPORT_PATHS => {

@@ -8,7 +8,9 @@
 //! - `<state>/db/{db.sqlite,schema,big-lock}`: the registry ([`Registry`]).
 //! - `<store>/<hash>-<name>.lock`: per-path locks, the same files and the
 //!   same `flock` protocol as Nix's `PathLocks`, so sandoff and Nix adding
-//!   the same path at once exclude each other.
+//!   the same path at once exclude each other. An import keeps its batches'
+//!   locks until it has answered ([`LockKeeper`]), so that removing their
+//!   files does not slow down its own later files.
 //! - `<store>/.sandoff-stage-<random>`: NARs being restored. They live in the
 //!   store directory so that moving them into place is one `rename(2)`.
 //!
@@ -56,6 +58,11 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, Gid, Uid};
 use rand_core::{OsRng, RngCore};
 use thiserror::Error;
+
+mod locks;
+
+use locks::{Keeping, PathLock};
+pub use locks::{KeptLocks, LockKeeper, PathLocks};
 
 use super::hash::{Hasher, HashingReader};
 use super::nar::{self, remove_tree, NarError};
@@ -237,6 +244,8 @@ pub struct LocalStore {
     drv_check: Option<Box<dyn DrvCheck>>,
     /// The owner of the staged copies alive now, if any.
     stager: Mutex<Weak<Stager>>,
+    /// Batch locks kept for a [`LockKeeper`].
+    keeping: Keeping,
 }
 
 /// The lock that marks staged copies as alive, one for all those alive at
@@ -367,6 +376,7 @@ impl LocalStore {
             _big_lock: big_lock,
             drv_check: None,
             stager: Mutex::new(Weak::new()),
+            keeping: Keeping::default(),
         })
     }
 
@@ -790,8 +800,7 @@ impl LocalStore {
         let items: Vec<(&ValidPathInfo, &Path)> =
             batch.iter().map(|(s, i)| (i, s.tmp.as_path())).collect();
         self.check_derivations(&items)?;
-        // Sorted (a set), so two batches cannot deadlock on each other.
-        let locks = self.lock_paths(&paths)?;
+        let locks = self.lock_batch(&paths)?;
         // One read for the batch; only a path someone made valid meanwhile
         // is read again, to merge the signatures.
         let valid = self.registry.valid_among(&paths)?;
@@ -801,7 +810,31 @@ impl LocalStore {
                 todo.push((staged, info));
             }
         }
-        self.register_built_outputs(&locks, todo)
+        let result = self.register_built_outputs(&locks, todo);
+        self.keeping.keep_or_release(locks);
+        result
+    }
+
+    /// Keeps the path locks of the batches [`LocalStore::commit_staged_batch`]
+    /// commits until the keeper is finished or dropped, so that their lock
+    /// files are removed after the caller answered (see [`LockKeeper`]). A
+    /// keeper made while another is active does nothing.
+    pub fn keep_batch_locks(&self) -> LockKeeper<'_> {
+        LockKeeper::new(&self.keeping)
+    }
+
+    /// A batch's locks. Sorted (a set), so two batches cannot deadlock on
+    /// each other; but while locks of earlier batches are kept, taken out of
+    /// order, waiting could: then only tried, and if one is taken the kept
+    /// locks are let go before waiting.
+    fn lock_batch(&self, paths: &BTreeSet<StorePath>) -> Result<PathLocks, StoreError> {
+        if self.keeping.holding() {
+            if let Some(locks) = self.try_lock_paths(paths)? {
+                return Ok(locks);
+            }
+            self.keeping.release_now();
+        }
+        self.lock_paths(paths)
     }
 
     /// `commit_staged`, also recording a derivation's outputs.
@@ -1010,7 +1043,7 @@ impl LocalStore {
             locks.push(PathLock::acquire(&self.loc.real_path(p))?);
         }
         Ok(PathLocks {
-            _locks: locks,
+            locks,
             paths: paths.clone(),
         })
     }
@@ -1029,7 +1062,7 @@ impl LocalStore {
             }
         }
         Ok(Some(PathLocks {
-            _locks: locks,
+            locks,
             paths: paths.clone(),
         }))
     }
@@ -1040,7 +1073,7 @@ impl LocalStore {
     /// for that case: nothing is locked here.
     pub fn held_by_parent(&self, paths: &BTreeSet<StorePath>) -> PathLocks {
         PathLocks {
-            _locks: Vec::new(),
+            locks: Vec::new(),
             paths: paths.clone(),
         }
     }
@@ -1266,95 +1299,6 @@ fn now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-/// Exclusive locks on a set of store paths, from [`LocalStore::lock_paths`];
-/// released when dropped.
-pub struct PathLocks {
-    _locks: Vec<PathLock>,
-    paths: BTreeSet<StorePath>,
-}
-
-impl PathLocks {
-    /// The locked paths.
-    pub fn paths(&self) -> &BTreeSet<StorePath> {
-        &self.paths
-    }
-}
-
-impl std::fmt::Debug for PathLocks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PathLocks")
-            .field("paths", &self.paths)
-            .finish()
-    }
-}
-
-/// An exclusive lock on `<path>.lock`, with Nix's protocol for lock files
-/// that a previous holder deleted: the holder unlinks the file and writes one
-/// byte to it before unlocking, so a waiter that wakes up on a non-empty file
-/// knows it locked a dead inode and retries.
-struct PathLock {
-    path: PathBuf,
-    file: Flock<File>,
-}
-
-impl PathLock {
-    fn acquire(path: &Path) -> Result<PathLock, StoreError> {
-        PathLock::lock(path, FlockArg::LockExclusive)?
-            .ok_or_else(|| sys_err("locking", path)(Errno::EWOULDBLOCK))
-    }
-
-    /// `None` when someone else holds the lock.
-    fn try_acquire(path: &Path) -> Result<Option<PathLock>, StoreError> {
-        PathLock::lock(path, FlockArg::LockExclusiveNonblock)
-    }
-
-    fn lock(path: &Path, how: FlockArg) -> Result<Option<PathLock>, StoreError> {
-        let mut lock_path = path.as_os_str().to_owned();
-        lock_path.push(".lock");
-        let lock_path = PathBuf::from(lock_path);
-        loop {
-            let file = fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&lock_path)
-                .map_err(io_err("opening lock", &lock_path))?;
-            let file = match Flock::lock(file, how) {
-                Ok(f) => f,
-                Err((_, Errno::EWOULDBLOCK)) if how == FlockArg::LockExclusiveNonblock => {
-                    return Ok(None)
-                }
-                Err((_, e)) => return Err(sys_err("locking", &lock_path)(e)),
-            };
-            if file
-                .metadata()
-                .map_err(io_err("reading lock", &lock_path))?
-                .len()
-                == 0
-            {
-                return Ok(Some(PathLock {
-                    path: lock_path,
-                    file,
-                }));
-            }
-            tracing::debug!(path = %lock_path.display(), "lock file was deleted by its holder; retrying");
-        }
-    }
-}
-
-impl Drop for PathLock {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_file(&self.path) {
-            tracing::warn!(path = %self.path.display(), "cannot remove lock file: {e}");
-        }
-        if let Err(e) = (&*self.file).write_all(b"d") {
-            tracing::warn!(path = %self.path.display(), "cannot mark lock file stale: {e}");
-        }
-    }
 }
 
 /// Renames the staged copy `tmp` to `real`, replacing whatever is there (a
@@ -1860,6 +1804,110 @@ mod tests {
         assert!(!s.is_valid(&victim).unwrap());
         assert!(!s.loc.real_path(&victim).exists());
         assert!(stage_dirs(&s).is_empty());
+    }
+
+    /// A staged file with no references, ready for `commit_staged_batch`.
+    fn staged_leaf(s: &LocalStore, dir: &Path, name: &str) -> (StagedPath, ValidPathInfo) {
+        let src = dir.join(name);
+        fs::write(&src, name).unwrap();
+        let staged = s.stage_path(&src).unwrap();
+        let info = ValidPathInfo {
+            path: StorePath::from_base_name(&format!("{}-{name}", "1".repeat(32))).unwrap(),
+            deriver: None,
+            nar_hash: staged.nar_hash.clone(),
+            nar_size: staged.nar_size,
+            references: BTreeSet::new(),
+            registration_time: 0,
+            ultimate: false,
+            signatures: BTreeSet::new(),
+            ca: None,
+        };
+        (staged, info)
+    }
+
+    fn lock_files(s: &LocalStore) -> BTreeSet<String> {
+        fs::read_dir(s.location().real_store_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".lock") && !n.starts_with(".sandoff-stage"))
+            .collect()
+    }
+
+    #[test]
+    fn a_keeper_holds_batch_locks_until_it_is_done_and_no_longer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let a = staged_leaf(&s, tmp.path(), "a");
+        let b = staged_leaf(&s, tmp.path(), "b");
+        let (pa, pb) = (a.1.path.clone(), b.1.path.clone());
+        // Without a keeper a batch's lock files go with the batch.
+        s.commit_staged_batch(vec![a]).unwrap();
+        assert!(lock_files(&s).is_empty());
+        let keeper = s.keep_batch_locks();
+        // A second keeper leaves the keeping to the first.
+        assert!(s.keep_batch_locks().finish().is_empty());
+        s.commit_staged_batch(vec![b]).unwrap();
+        assert!(s.is_valid(&pb).unwrap(), "valid before the locks go");
+        assert_eq!(
+            lock_files(&s),
+            BTreeSet::from([format!("{}.lock", pb.base_name())])
+        );
+        let both = BTreeSet::from([pa.clone(), pb.clone()]);
+        assert!(s.try_lock_paths(&both).unwrap().is_none(), "still held");
+        let kept = keeper.finish();
+        assert_eq!(kept.len(), 1);
+        // Nothing more is kept once the keeper is done.
+        let c = staged_leaf(&s, tmp.path(), "c");
+        s.commit_staged_batch(vec![c]).unwrap();
+        assert_eq!(lock_files(&s).len(), 1);
+        drop(kept);
+        assert!(lock_files(&s).is_empty());
+        assert!(s.try_lock_paths(&both).unwrap().is_some());
+        // Dropped rather than finished (an error on the way), it lets go too.
+        let keeper = s.keep_batch_locks();
+        let d = staged_leaf(&s, tmp.path(), "d");
+        s.commit_staged_batch(vec![d]).unwrap();
+        assert_eq!(lock_files(&s).len(), 1);
+        drop(keeper);
+        assert!(lock_files(&s).is_empty());
+    }
+
+    #[test]
+    fn kept_locks_are_let_go_before_waiting_for_another_holder() {
+        // Another holder takes `b` and then waits for `a`, in sorted order;
+        // a keeper holding `a` from an earlier batch must not then wait for
+        // `b`, or neither would ever go on.
+        let tmp = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(store(tmp.path()));
+        let a = staged_leaf(&s, tmp.path(), "a");
+        let b = staged_leaf(&s, tmp.path(), "b");
+        let (pa, pb) = (a.1.path.clone(), b.1.path.clone());
+        let keeper = s.keep_batch_locks();
+        s.commit_staged_batch(vec![a]).unwrap();
+        let held_b = s.lock_paths(&BTreeSet::from([pb.clone()])).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let other = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let held_a = s.lock_paths(&BTreeSet::from([pa])).unwrap();
+                drop(held_b);
+                drop(held_a);
+            })
+        };
+        let committer = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                tx.send(s.commit_staged_batch(vec![b]).is_ok()).unwrap();
+            })
+        };
+        let done = rx.recv_timeout(std::time::Duration::from_secs(60));
+        assert_eq!(done, Ok(true), "the second batch did not get its lock");
+        committer.join().unwrap();
+        other.join().unwrap();
+        assert!(s.is_valid(&pb).unwrap());
+        // The first batch's lock went before the wait, the second's is kept.
+        assert_eq!(keeper.finish().len(), 1);
+        assert!(lock_files(&s).is_empty());
     }
 
     #[test]

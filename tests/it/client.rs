@@ -129,8 +129,20 @@ fn client_against_sandoff_serve() {
         src.location().logical(&leaf).as_bytes()
     );
 
+    // Importing again what is valid works while the first import's locks
+    // may still be going (they go after its answer, on another thread).
+    upload(&mut client, &src, &both);
+
     let status = client.into_transport().close().expect("close");
     assert!(status.success(), "sandoff serve exited with {status}");
+    // Once the server is gone, so are the lock files it kept.
+    let store_dir = tmp.path().join("root").join("nix/store");
+    let locks: Vec<_> = std::fs::read_dir(&store_dir)
+        .expect("store dir")
+        .map(|e| e.expect("entry").file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".lock"))
+        .collect();
+    assert!(locks.is_empty(), "left behind: {locks:?}");
 }
 
 #[test]
