@@ -29,10 +29,13 @@
 # 2,000 small paths within 1.2x of raw ssh's time for the same bytes.
 #
 # Before each case and before the Nix import floor it waits BENCH_SETTLE
-# seconds (65) after a sync: on ext4 without a journal (this VM's root)
-# every new inode skips each inode freed in the last minute, so a tool run
-# right after another's deletions (lock files, the data's preparation) pays
-# for them; the wait lets them age out, so that no tool pays for another.
+# seconds (370) after a sync: on ext4 without a journal (this VM's root)
+# every new inode skips each inode freed in the last minute, or in the last
+# six minutes once its inode table block is dirty again (which creating
+# files next to it does), so a tool run after another's deletions (lock
+# files, the data's preparation, the last case's hosts) pays for them. 4,000
+# files took 1.85 s to create 65 s after 4,000 were deleted, 0.39 s after
+# 400 s. The wait lets them age out, so that no tool pays for another.
 #
 # Usage: bench/offload/link.sh [--quick]   (--quick: 60 paths / 100 MiB,
 #   400 small paths, no settling; a smoke test)
@@ -47,7 +50,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 npaths=${BENCH_PATHS:-300}
 total_mb=${BENCH_MB:-500}
 nsmall=${BENCH_SMALL:-2000}
-settle_s=${BENCH_SETTLE:-65}
+settle_s=${BENCH_SETTLE:-370}
 if [[ ${1:-} == --quick ]]; then npaths=60; total_mb=100; nsmall=400; settle_s=0; fi
 read -ra links <<<"${BENCH_LINKS:-1gbit:10ms 100mbit:40ms}"
 [[ $(id -u) == 0 ]] || { echo "needs root (network namespaces, sshd)" >&2; exit 1; }
