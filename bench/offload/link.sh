@@ -42,7 +42,9 @@
 # Environment: BENCH_LINKS ("1gbit:10ms 100mbit:40ms"), BENCH_SETS ("big
 #   small"), BENCH_PATHS, BENCH_MB, BENCH_SMALL, BENCH_FS (tmp, the
 #   default; ext4: the stores on a journaled ext4 image of BENCH_FS_GB (12)
-#   GiB on a loop device),
+#   GiB on a loop device), BENCH_SETTLE (370 s, waited twice per case:
+#   about 50 minutes of a full run's time; 0 skips it, at the cost of
+#   figures that depend on what ran before),
 #   SANDOFF (default: a release build of this tree), BENCH_KEEP=1 keeps the
 #   work directory.
 set -euo pipefail
