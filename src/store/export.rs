@@ -60,6 +60,9 @@ use super::signature::{Signature, SignatureError, TrustedKeys};
 use super::wire::padding;
 use super::{Hash, PathError, StoreDir, StorePath, ValidPathInfo};
 
+mod checks;
+use checks::SignatureChecks;
+
 /// `exportMagic`: "NIXE" in little-endian.
 pub const EXPORT_MAGIC: u64 = 0x4558_494e;
 
@@ -142,6 +145,8 @@ pub enum ExportError {
     },
     #[error("path '{path}' lacks a signature by a trusted key ({detail})")]
     Untrusted { path: String, detail: String },
+    #[error("cannot check the signatures of entry {entry} of the export archive")]
+    SignatureChecker { entry: usize },
     #[error(
         "path '{path}' references '{reference}', which is neither valid nor earlier in the archive"
     )]
@@ -620,20 +625,41 @@ const BATCH_BYTES: u64 = 256 << 20;
 /// Imports an archive into `store`, in stream order, each path atomically;
 /// `on_imported` is told of each path as it becomes valid. On error, the
 /// paths already imported stay valid and nothing of the failing one remains.
+/// Signatures are checked on another thread while the next paths are
+/// staged (see [`checks`]); a batch is committed only once all of its paths
+/// passed.
 pub fn import_paths<S: ImportTarget>(
     store: &S,
     src: &mut dyn Read,
     policy: SignaturePolicy<'_>,
     on_imported: &mut dyn FnMut(&StorePath),
 ) -> Result<Vec<StorePath>, ExportError> {
+    match policy {
+        SignaturePolicy::AcceptUnchecked => import_checked(store, src, None, on_imported),
+        SignaturePolicy::RequireTrusted(keys) => std::thread::scope(|scope| {
+            let checks = SignatureChecks::new(scope, keys, store.store_dir().clone());
+            import_checked(store, src, Some(checks), on_imported)
+        }),
+    }
+}
+
+fn import_checked<'s, 'k: 's, S: ImportTarget>(
+    store: &S,
+    src: &mut dyn Read,
+    mut checks: Option<SignatureChecks<'s, 'k>>,
+    on_imported: &mut dyn FnMut(&StorePath),
+) -> Result<Vec<StorePath>, ExportError> {
     let dir = store.store_dir().clone();
     let mut reader = ExportReader::new(src, dir.clone());
     let mut imported = Vec::new();
     let mut batch = Batch::default();
+    let mut entries = 0;
     let result = (|| {
         while let Some(((staged, nar_hash, nar_size), meta)) =
             reader.next_entry(|nar, entry| store.stage(nar, entry))?
         {
+            let index = entries;
+            entries += 1;
             let info = ValidPathInfo {
                 path: meta.path,
                 deriver: meta.deriver,
@@ -645,41 +671,52 @@ pub fn import_paths<S: ImportTarget>(
                 signatures: meta.signatures,
                 ca: None,
             };
-            let full = dir.display(&info.path);
-            if let SignaturePolicy::RequireTrusted(keys) = policy {
-                if keys.count_valid(&info, &dir) == 0 {
-                    return Err(ExportError::Untrusted {
-                        detail: untrusted_detail(keys, &info, &dir),
-                        path: full,
-                    });
+            if let Some(checks) = &mut checks {
+                checks.submit(index, &info);
+                if checks.refused().is_some() {
+                    // Reported after the loop, which cuts the batch there.
+                    return Ok(());
                 }
             }
             for r in &info.references {
                 // Earlier entries are valid or in the batch by now.
                 if *r != info.path && !batch.paths.contains(r) && !store.is_valid(r)? {
                     return Err(ExportError::MissingReference {
-                        path: full,
+                        path: dir.display(&info.path),
                         reference: dir.display(r),
                     });
                 }
             }
-            batch.bytes += info.nar_size;
-            batch.paths.insert(info.path.clone());
-            batch.entries.push((staged, info));
+            batch.push(index, staged, info);
             if batch.entries.len() >= BATCH_PATHS || batch.bytes >= BATCH_BYTES {
+                if checks.as_mut().is_some_and(|c| c.settle().is_some()) {
+                    return Ok(());
+                }
                 batch.commit(store, &dir, on_imported, &mut imported)?;
             }
         }
         Ok(())
     })();
+    // A refused path comes before anything the loop failed on later in the
+    // stream: the batch stops short of it, and its refusal is the error.
+    let refusal = checks.and_then(SignatureChecks::into_refusal);
+    if let Some(refusal) = &refusal {
+        batch.cut_at(refusal.index);
+    }
+    let result = match refusal {
+        Some(refusal) => Err(refusal.error),
+        None => result,
+    };
     // What was staged and checked before an error is committed too, so that
     // the paths before the failing one stay valid, as if one at a time.
     let committed = batch.commit(store, &dir, on_imported, &mut imported);
     result.and(committed).map(|()| imported)
 }
 
-/// Paths staged and checked, not yet valid.
+/// Paths staged and checked, not yet valid: entries `first..` of the
+/// archive, in order.
 struct Batch<S> {
+    first: usize,
     entries: Vec<(S, ValidPathInfo)>,
     paths: BTreeSet<StorePath>,
     bytes: u64,
@@ -688,6 +725,7 @@ struct Batch<S> {
 impl<S> Default for Batch<S> {
     fn default() -> Self {
         Batch {
+            first: 0,
             entries: Vec::new(),
             paths: BTreeSet::new(),
             bytes: 0,
@@ -696,6 +734,23 @@ impl<S> Default for Batch<S> {
 }
 
 impl<S> Batch<S> {
+    fn push(&mut self, index: usize, staged: S, info: ValidPathInfo) {
+        if self.entries.is_empty() {
+            self.first = index;
+        }
+        self.bytes += info.nar_size;
+        self.paths.insert(info.path.clone());
+        self.entries.push((staged, info));
+    }
+
+    /// Drops entry `index` and those after it (discarding what they staged).
+    fn cut_at(&mut self, index: usize) {
+        let keep = index.saturating_sub(self.first);
+        for (_, info) in self.entries.drain(keep.min(self.entries.len())..) {
+            self.paths.remove(&info.path);
+        }
+    }
+
     fn commit<T: ImportTarget<Staged = S>>(
         &mut self,
         store: &T,
@@ -1350,6 +1405,88 @@ mod tests {
         );
         assert_eq!(seen, [FOO]);
         assert_eq!(store.valid.borrow().len(), 1);
+    }
+
+    /// `n` independent paths of one file each, signed by `key`, except
+    /// those in `unsigned`; their archive.
+    fn many_signed(n: usize, key: &SecretKey, unsigned: &[usize]) -> (Vec<u8>, Vec<ValidPathInfo>) {
+        let dir = StoreDir::default();
+        let mut nars = Vec::new();
+        let mut infos = Vec::new();
+        for i in 0..n {
+            let nar = file_nar(format!("file {i}").as_bytes(), false);
+            let digits = i.to_string();
+            let base = format!("{}{digits}-p{i}", "0".repeat(32 - digits.len()));
+            let mut info = info_for(&nar, &base, &[]);
+            if !unsigned.contains(&i) {
+                info.signatures.insert(key.sign_path(&info, &dir).unwrap());
+            }
+            nars.push(nar);
+            infos.push(info);
+        }
+        let entries: Vec<(&ValidPathInfo, &[u8])> = infos
+            .iter()
+            .zip(&nars)
+            .map(|(i, n)| (i, n.as_slice()))
+            .collect();
+        (encode(&entries), infos)
+    }
+
+    #[test]
+    fn a_refused_path_after_a_full_batch_keeps_everything_before_it_and_nothing_after() {
+        // Checks run on another thread: the batch of the first BATCH_PATHS
+        // paths is committed, then the paths up to the refused one, none
+        // after, and the refusal is the error even though the archive is
+        // also cut short after it.
+        let key = SecretKey::generate("k").unwrap();
+        let mut keys = TrustedKeys::new();
+        keys.insert(key.to_public(), "test").unwrap();
+        // In the first batch (found when it is full), and after it.
+        for bad in [100, BATCH_PATHS + 14] {
+            let (archive, infos) = many_signed(BATCH_PATHS + 40, &key, &[bad, bad + 3]);
+            let cut = &archive[..archive.len() - 30];
+            let store = FakeStore::default();
+            let (seen, res) = import(&store, cut, SignaturePolicy::RequireTrusted(&keys));
+            assert_eq!(
+                res.unwrap_err(),
+                format!(
+                    "path '/nix/store/{}' lacks a signature by a trusted key (it has no signatures)",
+                    infos[bad].path.base_name()
+                )
+            );
+            let expected: Vec<String> = infos[..bad]
+                .iter()
+                .map(|i| i.path.base_name().to_owned())
+                .collect();
+            assert_eq!(seen, expected);
+            assert_eq!(store.valid.borrow().len(), bad);
+        }
+        // And the whole archive, all signed, imports in order.
+        let (archive, infos) = many_signed(BATCH_PATHS + 40, &key, &[]);
+        let store = FakeStore::default();
+        let (seen, res) = import(&store, &archive, SignaturePolicy::RequireTrusted(&keys));
+        res.unwrap();
+        assert_eq!(seen.len(), infos.len());
+        assert_eq!(
+            seen.last().map(String::as_str),
+            infos.last().map(|i| i.path.base_name())
+        );
+    }
+
+    #[test]
+    fn a_refusal_comes_before_a_missing_reference_of_the_same_entry() {
+        // baz references foo, which is not in the archive, and is unsigned:
+        // the signature is what is checked first, as before the checks had
+        // a thread of their own.
+        let (_, nar_baz, _, baz) = sample();
+        let archive = encode(&[(&baz, &nar_baz)]);
+        let mut keys = TrustedKeys::new();
+        keys.insert(SecretKey::generate("k").unwrap().to_public(), "test")
+            .unwrap();
+        let store = FakeStore::default();
+        let (_, res) = import(&store, &archive, SignaturePolicy::RequireTrusted(&keys));
+        assert!(res.unwrap_err().contains("lacks a signature"));
+        assert!(store.valid.borrow().is_empty());
     }
 
     #[test]
