@@ -205,18 +205,17 @@ impl<'scope> Checker<'scope> {
             return;
         }
         let records = std::mem::replace(&mut self.pending, Vec::with_capacity(CHUNK));
-        let first = records[0].0;
-        let sent = self.to.as_ref().is_some_and(|to| {
-            let n = records.len();
-            to.send(records).is_ok() && {
-                self.unanswered.extend(first..first + n);
-                true
-            }
-        });
-        if !sent {
+        let indexes: Vec<usize> = records.iter().map(|(index, _)| *index).collect();
+        let sent = match &self.to {
+            Some(to) => to.send(records).is_ok(),
+            None => false,
+        };
+        if sent {
+            self.unanswered.extend(indexes);
+        } else {
             // The thread is gone (it cannot be, short of a bug): nothing of
             // this message is checked, so its first entry is refused.
-            self.unanswered.push_back(first);
+            self.unanswered.extend(indexes.first());
             self.to = None;
         }
     }
