@@ -369,7 +369,7 @@ pub fn run_measured(
     let ops = plan.ops.as_slice();
     let mut child = || child_main(ops, &mut LinuxSyscalls, fds, &exec);
     let started = Instant::now();
-    let pid = clone_into_cgroup(plan, fds, &mut child)?;
+    let pid = clone_into_cgroup(plan, fds.netns.is_some(), &mut child)?;
     // The child joined it or failed (it has exec'd or exited, or holds a
     // copy of our descriptors): ours only kept it alive until then.
     drop(netns);
@@ -399,12 +399,14 @@ pub fn run_measured(
 }
 
 /// Clones the plan's child (running `child`) into its namespaces and, if
-/// the plan has one, its cgroup v2 directory. A kernel without `clone3`
+/// the plan has one, its cgroup v2 directory. With `joins_netns` (the child
+/// joins a network namespace made ahead, [`ChildFds::netns`]) no new one is
+/// cloned for it. A kernel without `clone3`
 /// (before 5.3) or `CLONE_INTO_CGROUP` (before 5.7) gets the child outside
 /// the cgroup, as on a machine without cgroup2: never a failed build.
 pub(super) fn clone_into_cgroup(
     plan: &SandboxPlan,
-    fds: ChildFds,
+    joins_netns: bool,
     child: &mut dyn FnMut() -> i32,
 ) -> Result<libc::pid_t, SandboxError> {
     let spawn = |e: Errno| SandboxError::Spawn {
@@ -423,7 +425,7 @@ pub(super) fn clone_into_cgroup(
             .ok()
     });
     let mut flags = namespaces(plan);
-    if fds.netns.is_some() {
+    if joins_netns {
         flags &= !libc::CLONE_NEWNET;
     }
     match clone_child(flags, dir.as_ref().map(|d| d.as_fd()), child) {

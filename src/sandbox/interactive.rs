@@ -80,7 +80,7 @@ fn spawn(plan: &SandboxPlan, tty: i32) -> Result<(Pid, KillOnDrop), SandboxError
     };
     let ops = plan.ops.as_slice();
     let mut child = || child_main(ops, &mut LinuxSyscalls, fds, &exec);
-    let pid = clone_into_cgroup(plan, fds, &mut child)?;
+    let pid = clone_into_cgroup(plan, fds.netns.is_some(), &mut child)?;
     let pid = Pid::from_raw(pid);
     let guard = KillOnDrop::new(pid);
     drop(err_w);
