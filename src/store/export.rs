@@ -653,13 +653,11 @@ fn import_checked<'s, 'k: 's, S: ImportTarget>(
     let mut reader = ExportReader::new(src, dir.clone());
     let mut imported = Vec::new();
     let mut batch = Batch::default();
-    let mut entries = 0;
     let result = (|| {
-        while let Some(((staged, nar_hash, nar_size), meta)) =
-            reader.next_entry(|nar, entry| store.stage(nar, entry))?
+        // The reader numbers the entries; the checks and the batch go by it.
+        while let Some(((index, (staged, nar_hash, nar_size)), meta)) =
+            reader.next_entry(|nar, entry| Ok((entry, store.stage(nar, entry)?)))?
         {
-            let index = entries;
-            entries += 1;
             let info = ValidPathInfo {
                 path: meta.path,
                 deriver: meta.deriver,

@@ -65,7 +65,7 @@ struct Checker<'scope> {
 /// first of them refused.
 struct Verdicts {
     checked: usize,
-    refused: Option<(usize, String, String)>,
+    refused: Option<Refusal>,
 }
 
 impl<'scope, 'k: 'scope> SignatureChecks<'scope, 'k> {
@@ -106,11 +106,7 @@ impl<'scope, 'k: 'scope> SignatureChecks<'scope, 'k> {
         }
         match &mut self.thread {
             Some(checker) => checker.submit(index, info),
-            None => {
-                if self.keys.count_valid(info, &self.dir) == 0 {
-                    self.refusal = Some(refusal(index, self.keys, info, &self.dir));
-                }
-            }
+            None => self.refusal = check(index, self.keys, info, &self.dir),
         }
     }
 
@@ -136,14 +132,21 @@ impl<'scope, 'k: 'scope> SignatureChecks<'scope, 'k> {
     }
 }
 
-fn refusal(index: usize, keys: &TrustedKeys, info: &ValidPathInfo, dir: &StoreDir) -> Refusal {
-    Refusal {
+/// The check itself, on either thread: entry `index` refused when no
+/// trusted key has validly signed it.
+fn check(
+    index: usize,
+    keys: &TrustedKeys,
+    info: &ValidPathInfo,
+    dir: &StoreDir,
+) -> Option<Refusal> {
+    (keys.count_valid(info, dir) == 0).then(|| Refusal {
         index,
         error: ExportError::Untrusted {
             path: dir.display(&info.path),
             detail: untrusted_detail(keys, info, dir),
         },
-    }
+    })
 }
 
 impl<'scope> Checker<'scope> {
@@ -163,15 +166,16 @@ impl<'scope> Checker<'scope> {
                     let refused = records.iter().find_map(|(index, info)| {
                         // A panic here would be a bug; refusing is the side
                         // that loses nothing.
-                        let valid = catch_unwind(AssertUnwindSafe(|| keys.count_valid(info, &dir)))
-                            .unwrap_or(0);
-                        (valid == 0).then(|| {
-                            let detail = catch_unwind(AssertUnwindSafe(|| {
-                                untrusted_detail(keys, info, &dir)
-                            }))
-                            .unwrap_or_else(|_| "its signatures could not be checked".into());
-                            (*index, dir.display(&info.path), detail)
-                        })
+                        catch_unwind(AssertUnwindSafe(|| check(*index, keys, info, &dir)))
+                            .unwrap_or_else(|_| {
+                                Some(Refusal {
+                                    index: *index,
+                                    error: ExportError::Untrusted {
+                                        path: dir.display(&info.path),
+                                        detail: "its signatures could not be checked".into(),
+                                    },
+                                })
+                            })
                     });
                     if outbox.send(Verdicts { checked, refused }).is_err() {
                         return;
@@ -229,11 +233,8 @@ impl<'scope> Checker<'scope> {
                     error: ExportError::SignatureChecker { entry: next },
                 });
             };
-            if let Some((index, path, detail)) = verdicts.refused {
-                return Some(Refusal {
-                    index,
-                    error: ExportError::Untrusted { path, detail },
-                });
+            if verdicts.refused.is_some() {
+                return verdicts.refused;
             }
             let answered = verdicts.checked.min(self.unanswered.len());
             self.unanswered.drain(..answered);
