@@ -288,7 +288,7 @@ pub(super) fn retry_keepalive_timeouts<T>(
 }
 
 /// libssh2's `LIBSSH2_ERROR_TIMEOUT`.
-const LIBSSH2_ERROR_TIMEOUT: i32 = -9;
+pub(super) const LIBSSH2_ERROR_TIMEOUT: i32 = -9;
 
 impl Drop for SshChannel {
     fn drop(&mut self) {
