@@ -44,6 +44,22 @@ fn each_flush_makes_a_frame_the_reader_decodes_whole() {
 }
 
 #[test]
+fn a_long_message_reaches_the_wire_block_by_block_before_its_flush() {
+    let data = text(1 << 20);
+    let mut wire = Vec::new();
+    let mut d = Deflater::new(1).expect("encoder");
+    for piece in data.chunks(64 << 10) {
+        d.write_to(&mut wire, piece).unwrap();
+    }
+    // Not flushed: what is on the wire already decodes to the message's
+    // beginning (each finished block went out as it was made).
+    let mut r = ZstdReader::new(&wire[..]).expect("decoder");
+    let mut start = vec![0u8; 512 << 10];
+    r.read_exact(&mut start).unwrap();
+    assert!(start[..] == data[..start.len()]);
+}
+
+#[test]
 fn a_stream_cut_inside_a_frame_is_an_error_not_an_end() {
     let mut wire = Vec::new();
     let mut w = ZstdWriter::new(&mut wire, 3).expect("encoder");

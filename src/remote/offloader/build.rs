@@ -178,7 +178,9 @@ impl Offloader {
             .import_paths(|w| {
                 // One thread: on a loaded machine a separate serialising
                 // thread only competed with the encryption (measured).
-                let sink = BufWriter::with_capacity(1 << 20, w);
+                // A zstd block's worth at a time: the machine gets its first
+                // NARs after 128 KiB are read here, not after a MiB.
+                let sink = BufWriter::with_capacity(128 << 10, w);
                 let mut export = ExportWriter::new(sink, loc.dir.clone());
                 for Outgoing { mut info, signed } in entries {
                     // Signed as it goes out, not all before the first byte:
