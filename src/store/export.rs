@@ -54,7 +54,7 @@ use std::path::Path;
 use thiserror::Error;
 
 use super::hash::{HashAlgo, HashSink, HashingReader};
-use super::local::{LocalStore, StagedPath, StoreError};
+use super::local::{LocalStore, PendingCommit, StagedPath, StoreError};
 use super::nar::{self, NarError};
 use super::signature::{Signature, SignatureError, TrustedKeys};
 use super::wire::padding;
@@ -556,16 +556,19 @@ pub trait ImportTarget {
     ) -> Result<(Self::Staged, Hash, u64), ExportError>;
     /// Whether `path` is valid.
     fn is_valid(&self, path: &StorePath) -> Result<bool, ExportError>;
-    /// Makes a staged NAR valid as `info`, atomically.
-    fn commit(&self, staged: Self::Staged, info: &ValidPathInfo) -> Result<(), ExportError>;
-    /// Makes staged NARs valid, in order (references first); each path
-    /// atomically. A store may do it at once, paying for durability once.
-    fn commit_batch(&self, batch: Vec<(Self::Staged, ValidPathInfo)>) -> Result<(), ExportError> {
-        for (staged, info) in batch {
-            self.commit(staged, &info)?;
-        }
-        Ok(())
-    }
+    /// A batch on its way to being valid (see [`ImportTarget::start_commit`]).
+    type Pending;
+    /// Starts making staged NARs valid, in order (references first); each
+    /// path atomically. A store may do it at once, paying for durability
+    /// once, and in the background: the paths become valid in
+    /// [`ImportTarget::finish_commit`], and not at all if `Pending` is
+    /// dropped.
+    fn start_commit(
+        &self,
+        batch: Vec<(Self::Staged, ValidPathInfo)>,
+    ) -> Result<Self::Pending, ExportError>;
+    /// Makes the batch of `pending` valid.
+    fn finish_commit(&self, pending: Self::Pending) -> Result<(), ExportError>;
 }
 
 impl ImportTarget for LocalStore {
@@ -595,20 +598,27 @@ impl ImportTarget for LocalStore {
         })
     }
 
-    fn commit(&self, staged: StagedPath, info: &ValidPathInfo) -> Result<(), ExportError> {
-        self.commit_staged(staged, info)
-            .map_err(|source| ExportError::Commit {
-                path: self.location().logical(&info.path),
-                source: Box::new(source),
-            })
-    }
+    type Pending = (PendingCommit, String);
 
-    fn commit_batch(&self, batch: Vec<(StagedPath, ValidPathInfo)>) -> Result<(), ExportError> {
+    fn start_commit(
+        &self,
+        batch: Vec<(StagedPath, ValidPathInfo)>,
+    ) -> Result<(PendingCommit, String), ExportError> {
         let first = match batch.first() {
             Some((_, info)) => self.location().logical(&info.path),
-            None => return Ok(()),
+            None => String::new(),
         };
-        self.commit_staged_batch(batch)
+        match self.start_commit_batch(batch) {
+            Ok(pending) => Ok((pending, first)),
+            Err(source) => Err(ExportError::Commit {
+                path: first,
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    fn finish_commit(&self, (pending, first): (PendingCommit, String)) -> Result<(), ExportError> {
+        self.finish_commit_batch(pending)
             .map_err(|source| ExportError::Commit {
                 path: first,
                 source: Box::new(source),
@@ -651,8 +661,14 @@ fn import_checked<'s, 'k: 's, S: ImportTarget>(
 ) -> Result<Vec<StorePath>, ExportError> {
     let dir = store.store_dir().clone();
     let mut reader = ExportReader::new(src, dir.clone());
-    let mut imported = Vec::new();
+    let mut done = Done {
+        dir: &dir,
+        on_imported,
+        imported: Vec::new(),
+    };
     let mut batch = Batch::default();
+    // The batch before, being flushed while this one is staged.
+    let mut pending: Option<Started<S::Pending>> = None;
     let result = (|| {
         // The reader numbers the entries; the checks and the batch go by it.
         while let Some(((index, (staged, nar_hash, nar_size)), meta)) =
@@ -677,8 +693,12 @@ fn import_checked<'s, 'k: 's, S: ImportTarget>(
                 }
             }
             for r in &info.references {
-                // Earlier entries are valid or in the batch by now.
-                if *r != info.path && !batch.paths.contains(r) && !store.is_valid(r)? {
+                // Earlier entries are valid, pending or in the batch by now.
+                if *r != info.path
+                    && !batch.paths.contains(r)
+                    && !pending.as_ref().is_some_and(|p| p.paths.contains(r))
+                    && !store.is_valid(r)?
+                {
                     return Err(ExportError::MissingReference {
                         path: dir.display(&info.path),
                         reference: dir.display(r),
@@ -690,7 +710,12 @@ fn import_checked<'s, 'k: 's, S: ImportTarget>(
                 if checks.as_mut().is_some_and(|c| c.settle().is_some()) {
                     return Ok(());
                 }
-                batch.commit(store, &dir, on_imported, &mut imported)?;
+                if let Err(e) = done.finish(store, pending.take()) {
+                    // Nothing after a batch that failed becomes valid.
+                    batch.cut_at(batch.first);
+                    return Err(e);
+                }
+                pending = batch.start(store)?;
             }
         }
         Ok(())
@@ -705,10 +730,51 @@ fn import_checked<'s, 'k: 's, S: ImportTarget>(
         Some(refusal) => Err(refusal.error),
         None => result,
     };
-    // What was staged and checked before an error is committed too, so that
-    // the paths before the failing one stay valid, as if one at a time.
-    let committed = batch.commit(store, &dir, on_imported, &mut imported);
-    result.and(committed).map(|()| imported)
+    // The batch before comes first; then what was staged and checked
+    // before an error is committed too, so that the paths before the
+    // failing one stay valid, as if one at a time.
+    let finished = done.finish(store, pending.take());
+    let committed = match &finished {
+        Ok(()) => batch
+            .start(store)
+            .and_then(|started| done.finish(store, started)),
+        Err(_) => Ok(()),
+    };
+    finished.and(result).and(committed).map(|()| done.imported)
+}
+
+/// A batch whose commit has started: its paths, in order.
+struct Started<P> {
+    pending: P,
+    order: Vec<StorePath>,
+    paths: BTreeSet<StorePath>,
+}
+
+/// The paths an import made valid, told as they become so.
+struct Done<'a, 'f> {
+    dir: &'a StoreDir,
+    on_imported: &'f mut dyn FnMut(&StorePath),
+    imported: Vec<StorePath>,
+}
+
+impl Done<'_, '_> {
+    /// Makes a started batch valid, if there is one.
+    fn finish<S: ImportTarget>(
+        &mut self,
+        store: &S,
+        started: Option<Started<S::Pending>>,
+    ) -> Result<(), ExportError> {
+        let Some(started) = started else {
+            return Ok(());
+        };
+        store.finish_commit(started.pending)?;
+        for p in started.order {
+            tracing::info!(path = %self.dir.display(&p), "imported");
+            (self.on_imported)(&p);
+            self.imported.push(p);
+        }
+        Ok(())
+    }
 }
 
 /// Paths staged and checked, not yet valid: entries `first..` of the
@@ -749,24 +815,25 @@ impl<S> Batch<S> {
         }
     }
 
-    fn commit<T: ImportTarget<Staged = S>>(
+    /// Starts committing every entry, emptying the batch (`None` if it was
+    /// empty).
+    fn start<T: ImportTarget<Staged = S>>(
         &mut self,
         store: &T,
-        dir: &StoreDir,
-        on_imported: &mut dyn FnMut(&StorePath),
-        imported: &mut Vec<StorePath>,
-    ) -> Result<(), ExportError> {
-        let entries = std::mem::take(&mut self.entries);
-        self.paths.clear();
-        self.bytes = 0;
-        let paths: Vec<StorePath> = entries.iter().map(|(_, i)| i.path.clone()).collect();
-        store.commit_batch(entries)?;
-        for p in paths {
-            tracing::info!(path = %dir.display(&p), "imported");
-            on_imported(&p);
-            imported.push(p);
+    ) -> Result<Option<Started<T::Pending>>, ExportError> {
+        if self.entries.is_empty() {
+            return Ok(None);
         }
-        Ok(())
+        let entries = std::mem::take(&mut self.entries);
+        let paths = std::mem::take(&mut self.paths);
+        self.bytes = 0;
+        let order: Vec<StorePath> = entries.iter().map(|(_, i)| i.path.clone()).collect();
+        let pending = store.start_commit(entries)?;
+        Ok(Some(Started {
+            pending,
+            order,
+            paths,
+        }))
     }
 }
 
@@ -1250,6 +1317,8 @@ mod tests {
         dir: StoreDir,
         valid: RefCell<BTreeMap<StorePath, ValidPathInfo>>,
         live_staged: Rc<Cell<usize>>,
+        /// A batch holding this path fails to become valid (a failed flush).
+        fail_finish: Option<StorePath>,
     }
 
     struct FakeStaged {
@@ -1287,11 +1356,31 @@ mod tests {
         fn is_valid(&self, path: &StorePath) -> Result<bool, ExportError> {
             Ok(self.valid.borrow().contains_key(path))
         }
-        fn commit(&self, staged: FakeStaged, info: &ValidPathInfo) -> Result<(), ExportError> {
-            drop(staged);
-            self.valid
-                .borrow_mut()
-                .insert(info.path.clone(), info.clone());
+        type Pending = Vec<ValidPathInfo>;
+        fn start_commit(
+            &self,
+            batch: Vec<(FakeStaged, ValidPathInfo)>,
+        ) -> Result<Vec<ValidPathInfo>, ExportError> {
+            Ok(batch.into_iter().map(|(_, info)| info).collect())
+        }
+        fn finish_commit(&self, infos: Vec<ValidPathInfo>) -> Result<(), ExportError> {
+            if let Some(bad) = infos
+                .iter()
+                .find(|i| Some(&i.path) == self.fail_finish.as_ref())
+            {
+                return Err(ExportError::Commit {
+                    path: self.dir.display(&bad.path),
+                    source: Box::new(StoreError::Io {
+                        action: "flushing",
+                        path: "/fake".into(),
+                        source: io::Error::from_raw_os_error(libc::EIO),
+                    }),
+                });
+            }
+            let mut valid = self.valid.borrow_mut();
+            for info in infos {
+                valid.insert(info.path.clone(), info);
+            }
             Ok(())
         }
     }
@@ -1469,6 +1558,73 @@ mod tests {
             seen.last().map(String::as_str),
             infos.last().map(|i| i.path.base_name())
         );
+    }
+
+    #[test]
+    fn a_batch_that_cannot_become_valid_stops_the_import_at_its_start() {
+        // Each batch is flushed while the next is staged. One that fails to
+        // become valid (its flush failed) leaves the batches before it
+        // valid and nothing of it or after it, whether it failed while the
+        // next was staged, or at the end.
+        let key = SecretKey::generate("k").unwrap();
+        let n = 2 * BATCH_PATHS + 40;
+        for (bad, valid) in [
+            (10, 0),
+            (BATCH_PATHS + 10, BATCH_PATHS),
+            (2 * BATCH_PATHS + 5, 2 * BATCH_PATHS),
+        ] {
+            let (archive, infos) = many_signed(n, &key, &[]);
+            let store = FakeStore {
+                fail_finish: Some(infos[bad].path.clone()),
+                ..FakeStore::default()
+            };
+            let (seen, res) = import(&store, &archive, SignaturePolicy::AcceptUnchecked);
+            let err = res.unwrap_err();
+            assert!(
+                err.contains(&format!(
+                    "cannot import path '/nix/store/{}'",
+                    infos[bad].path.base_name()
+                )),
+                "{err}"
+            );
+            assert_eq!(seen.len(), valid, "failing at {bad}");
+            assert_eq!(store.valid.borrow().len(), valid);
+        }
+    }
+
+    #[test]
+    fn a_path_may_refer_to_one_of_the_batch_still_being_flushed() {
+        // Entry BATCH_PATHS + 5 refers to entry 3, whose batch has started
+        // becoming valid but is not yet when the reference is checked.
+        let n = BATCH_PATHS + 10;
+        let bases: Vec<String> = (0..n)
+            .map(|i| {
+                let digits = i.to_string();
+                format!("{}{digits}-p{i}", "0".repeat(32 - digits.len()))
+            })
+            .collect();
+        let nars: Vec<Vec<u8>> = (0..n)
+            .map(|i| file_nar(format!("file {i}").as_bytes(), false))
+            .collect();
+        let infos: Vec<ValidPathInfo> = (0..n)
+            .map(|i| {
+                let refs: &[&str] = if i == BATCH_PATHS + 5 {
+                    &[&bases[3]]
+                } else {
+                    &[]
+                };
+                info_for(&nars[i], &bases[i], refs)
+            })
+            .collect();
+        let entries: Vec<(&ValidPathInfo, &[u8])> = infos
+            .iter()
+            .zip(&nars)
+            .map(|(i, n)| (i, n.as_slice()))
+            .collect();
+        let store = FakeStore::default();
+        let (seen, res) = import(&store, &encode(&entries), SignaturePolicy::AcceptUnchecked);
+        res.unwrap();
+        assert_eq!(seen.len(), n);
     }
 
     #[test]

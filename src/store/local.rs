@@ -328,6 +328,82 @@ fn content_hash(
     }
 }
 
+/// Outputs moved into place under their locks and not registered yet.
+/// Dropped before [`LocalStore::register_placed`] made them valid (an
+/// error, or a flush that failed), their files are removed: nothing
+/// unregistered of ours stays at a store path.
+struct Placed {
+    moved: Vec<PathBuf>,
+    infos: Vec<ValidPathInfo>,
+    derivation_outputs: BTreeMap<StorePath, DrvOutputs>,
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        for real in &self.moved {
+            if let Err(rm) = remove_tree(real) {
+                tracing::warn!(path = %real.display(), "cannot remove unregistered output: {rm}");
+            }
+        }
+    }
+}
+
+/// A batch moved into place and being flushed, not valid yet (see
+/// [`LocalStore::start_commit_batch`]).
+pub struct PendingCommit {
+    // Fields drop in this order: the flush is waited for before the files
+    // are removed and before the locks go.
+    flush: Option<Flush>,
+    placed: Option<Placed>,
+    locks: Option<PathLocks>,
+}
+
+impl Drop for PendingCommit {
+    fn drop(&mut self) {
+        if let Some(flush) = self.flush.take() {
+            let _ = flush.wait();
+        }
+    }
+}
+
+/// A flush of paths, on a thread of its own when one can be started.
+enum Flush {
+    Running(std::thread::JoinHandle<Result<(), StoreError>>),
+    Done(Result<(), StoreError>),
+}
+
+impl Flush {
+    fn start(paths: Vec<PathBuf>) -> Flush {
+        if paths.is_empty() {
+            return Flush::Done(Ok(()));
+        }
+        let mine = paths.clone();
+        let thread = std::thread::Builder::new()
+            .name("flush".into())
+            .spawn(move || sync_paths(&paths));
+        match thread {
+            Ok(handle) => Flush::Running(handle),
+            Err(e) => {
+                tracing::debug!("flushing on the committing thread: {e}");
+                Flush::Done(sync_paths(&mine))
+            }
+        }
+    }
+
+    fn wait(self) -> Result<(), StoreError> {
+        match self {
+            Flush::Done(result) => result,
+            Flush::Running(handle) => handle.join().unwrap_or_else(|_| {
+                Err(StoreError::Io {
+                    action: "flushing",
+                    path: PathBuf::new(),
+                    source: io::Error::other("the flushing thread panicked"),
+                })
+            }),
+        }
+    }
+}
+
 impl std::fmt::Debug for StagedPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StagedPath")
@@ -793,6 +869,20 @@ impl LocalStore {
         &self,
         batch: Vec<(StagedPath, ValidPathInfo)>,
     ) -> Result<(), StoreError> {
+        let pending = self.start_commit_batch(batch)?;
+        self.finish_commit_batch(pending)
+    }
+
+    /// [`LocalStore::commit_staged_batch`] in two halves, so that the caller
+    /// can work while the filesystem flushes: this one checks the batch and
+    /// moves it into place under its locks, and starts the flush on a
+    /// thread; [`LocalStore::finish_commit_batch`] waits for the flush and
+    /// registers the batch. Until then its paths are not valid. A pending
+    /// commit dropped unfinished removes its paths again.
+    pub fn start_commit_batch(
+        &self,
+        batch: Vec<(StagedPath, ValidPathInfo)>,
+    ) -> Result<PendingCommit, StoreError> {
         let paths: BTreeSet<StorePath> = batch.iter().map(|(_, i)| i.path.clone()).collect();
         for (staged, info) in &batch {
             self.check_staged(staged, info, true)?;
@@ -810,8 +900,31 @@ impl LocalStore {
                 todo.push((staged, info));
             }
         }
-        let result = self.register_built_outputs(&locks, todo);
-        self.keeping.keep_or_release(locks);
+        match self.prepare_outputs(&locks, todo) {
+            Ok(placed) => Ok(PendingCommit {
+                flush: Some(Flush::start(placed.moved.clone())),
+                placed: Some(placed),
+                locks: Some(locks),
+            }),
+            Err(e) => {
+                self.keeping.keep_or_release(locks);
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for the flush of a commit [`LocalStore::start_commit_batch`]
+    /// started, and registers its paths in one transaction; on failure
+    /// removes them.
+    pub fn finish_commit_batch(&self, mut pending: PendingCommit) -> Result<(), StoreError> {
+        let synced = pending.flush.take().map_or(Ok(()), Flush::wait);
+        let result = match pending.placed.take() {
+            Some(placed) => self.register_placed(placed, synced),
+            None => synced,
+        };
+        if let Some(locks) = pending.locks.take() {
+            self.keeping.keep_or_release(locks);
+        }
         result
     }
 
@@ -1100,6 +1213,18 @@ impl LocalStore {
         locks: &PathLocks,
         outputs: Vec<(StagedPath, ValidPathInfo)>,
     ) -> Result<(), StoreError> {
+        let placed = self.prepare_outputs(locks, outputs)?;
+        let synced = sync_paths(&placed.moved);
+        self.register_placed(placed, synced)
+    }
+
+    /// What [`LocalStore::register_built_outputs`] does before the flush:
+    /// the checks, then the outputs not valid yet moved into place.
+    fn prepare_outputs(
+        &self,
+        locks: &PathLocks,
+        outputs: Vec<(StagedPath, ValidPathInfo)>,
+    ) -> Result<Placed, StoreError> {
         let batch: BTreeSet<&StorePath> = outputs.iter().map(|(_, i)| &i.path).collect();
         // What is asked of the database, in one read: the references from
         // outside the batch, and the outputs themselves.
@@ -1143,48 +1268,63 @@ impl LocalStore {
         let items: Vec<(&ValidPathInfo, &Path)> =
             todo.iter().map(|(s, i)| (i, s.tmp.as_path())).collect();
         let checked = self.check_derivations(&items)?;
-        let mut moved: Vec<PathBuf> = Vec::new();
-        let result = (|| {
-            let now = now();
-            let mut infos = Vec::new();
-            for (staged, info) in &mut todo {
-                staged.canonicalise()?;
-                let real = self.loc.real_path(&info.path);
-                move_into_place(&staged.tmp, &real)?;
-                staged.tmp = PathBuf::new();
-                moved.push(real);
-                let mut info = info.clone();
-                if info.registration_time == 0 {
-                    info.registration_time = now;
-                }
-                infos.push(info);
+        self.place(todo, checked)
+    }
+
+    /// Canonicalises staged copies and moves them into place (their paths
+    /// locked by the caller); on failure removes what it moved.
+    fn place(
+        &self,
+        todo: Vec<(StagedPath, ValidPathInfo)>,
+        derivation_outputs: BTreeMap<StorePath, DrvOutputs>,
+    ) -> Result<Placed, StoreError> {
+        let mut placed = Placed {
+            moved: Vec::with_capacity(todo.len()),
+            infos: Vec::with_capacity(todo.len()),
+            derivation_outputs,
+        };
+        let now = now();
+        for (mut staged, mut info) in todo {
+            staged.canonicalise()?;
+            let real = self.loc.real_path(&info.path);
+            move_into_place(&staged.tmp, &real)?;
+            staged.tmp = PathBuf::new();
+            placed.moved.push(real);
+            if info.registration_time == 0 {
+                info.registration_time = now;
             }
-            sync_paths(&moved)?;
-            self.registry.register_many(&infos).map_err(|e| match e {
+            placed.infos.push(info);
+        }
+        Ok(placed)
+    }
+
+    /// Registers placed outputs in one transaction once their flush
+    /// (`synced`) succeeded; on any failure removes them.
+    fn register_placed(
+        &self,
+        mut placed: Placed,
+        synced: Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        synced?;
+        self.registry
+            .register_many(&placed.infos)
+            .map_err(|e| match e {
                 RegistryError::InvalidReference { path, reference } => {
                     StoreError::InvalidReference { path, reference }
                 }
                 e => e.into(),
             })?;
-            // The paths are valid now, so a failure here must not undo
-            // them (the files would go): a `.drv` then lacks its outputs,
-            // as after a crash between the two, and builds of it find none
-            // until it is imported again.
-            for (drv, outputs) in &checked {
-                if let Err(e) = self.registry.set_derivation_outputs(drv, outputs) {
-                    tracing::warn!(drv = %self.loc.logical(drv), "cannot record the outputs of a derivation: {e}");
-                }
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            for real in &moved {
-                if let Err(rm) = remove_tree(real) {
-                    tracing::warn!(path = %real.display(), "cannot remove unregistered output: {rm}");
-                }
+        // The paths are valid now, so nothing below may undo them.
+        placed.moved.clear();
+        // A failure here must not undo them either (the files would go): a
+        // `.drv` then lacks its outputs, as after a crash between the two,
+        // and builds of it find none until it is imported again.
+        for (drv, outputs) in &placed.derivation_outputs {
+            if let Err(e) = self.registry.set_derivation_outputs(drv, outputs) {
+                tracing::warn!(drv = %self.loc.logical(drv), "cannot record the outputs of a derivation: {e}");
             }
         }
-        result.map(|_| ())
+        Ok(())
     }
 
     /// The outputs a valid derivation file declares (`DerivationOutputs`).
@@ -1831,6 +1971,36 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .filter(|n| n.ends_with(".lock") && !n.starts_with(".sandoff-stage"))
             .collect()
+    }
+
+    #[test]
+    fn a_started_commit_is_in_place_but_not_valid_until_finished() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let a = staged_leaf(&s, tmp.path(), "a");
+        let b = staged_leaf(&s, tmp.path(), "b");
+        let (pa, pb) = (a.1.path.clone(), b.1.path.clone());
+        let pending = s.start_commit_batch(vec![a]).unwrap();
+        assert!(s.loc.real_path(&pa).exists(), "moved into place");
+        assert!(!s.is_valid(&pa).unwrap(), "valid only once flushed");
+        let held = BTreeSet::from([pa.clone()]);
+        assert!(
+            s.try_lock_paths(&held).unwrap().is_none(),
+            "locked meanwhile"
+        );
+        s.finish_commit_batch(pending).unwrap();
+        assert!(s.is_valid(&pa).unwrap());
+        assert!(s.try_lock_paths(&held).unwrap().is_some(), "released");
+        // Dropped unfinished (the import failed before it got there): its
+        // files go, nothing is registered, the lock is let go.
+        let pending = s.start_commit_batch(vec![b]).unwrap();
+        assert!(s.loc.real_path(&pb).exists());
+        drop(pending);
+        assert!(!s.loc.real_path(&pb).exists(), "no unregistered copy left");
+        assert!(!s.is_valid(&pb).unwrap());
+        assert!(s.try_lock_paths(&BTreeSet::from([pb])).unwrap().is_some());
+        assert!(stage_dirs(&s).is_empty());
+        assert!(s.is_valid(&pa).unwrap(), "the finished one stays");
     }
 
     #[test]
