@@ -28,7 +28,8 @@
 # links; on 100 Mbit/s an effective throughput above the link's rate; the
 # 2,000 small paths within 1.2x of raw ssh's time for the same bytes.
 #
-# Before each case and before the Nix import floor it waits BENCH_SETTLE
+# Each timed run starts with nothing left to write back (a `sync`). Before
+# each case and before the Nix import floor it waits BENCH_SETTLE
 # seconds (370) after a sync: on ext4 without a journal (this VM's root)
 # every new inode skips each inode freed in the last minute, or in the last
 # six minutes once its inode table block is dirty again (which creating
@@ -218,9 +219,11 @@ run_case() { # LINK SET
     settle
     t0=$(now); ssh "${opts[@]}" "root@$addr" 'cat > /dev/null' <"$work/$set.export"; t1=$(now)
     T[$link,$set,raw]=$(secs "$t0" "$t1")
-    t0=$(now); ssh "${opts[@]}" "root@$addr" "mkdir $h/tarx && tar -x -C $h/tarx" <"$work/$set.tar"; t1=$(now)
+    sync; t0=$(now); ssh "${opts[@]}" "root@$addr" "mkdir $h/tarx && tar -x -C $h/tarx" <"$work/$set.tar"; t1=$(now)
     T[$link,$set,tarx]=$(secs "$t0" "$t1")
-    t0=$(now)
+    # Nothing of tar's left to write back: sandoff flushes the file system
+    # before registering, and would otherwise write tar's files too.
+    sync; t0=$(now)
     "$sandoff" "${S[@]}" copy --machines "$dir/machines" --to "$(awk '{print $1}' "$h/machine")" "${paths[@]}" \
         >"$work/sandoff-copy.log" 2>&1 || { echo "sandoff copy failed: $(tail -1 "$work/sandoff-copy.log")" >&2; exit 1; }
     t1=$(now)
@@ -234,7 +237,7 @@ run_case() { # LINK SET
         sshopts=$(ssh_opts "$dir")
         # After sandoff's import, which freed its lock files.
         [[ $tool != nix-import ]] || settle
-        t0=$(now)
+        sync; t0=$(now)
         case $tool in
         nix-import) read -ra opts <<<"$sshopts"; ssh "${opts[@]}" "root@$addr" "$h/serve --import >/dev/null" <"$work/$set.export" 2>"$work/$tool.log" ;;
         ncc) NIX_SSHOPTS=$sshopts nix-copy-closure --to "root@$addr" "${paths[@]}" 2>"$work/$tool.log" ;;
