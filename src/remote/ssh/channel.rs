@@ -196,7 +196,7 @@ impl SshChannel {
     /// next keepalive is due or `deadline`. Fails when the socket died.
     fn wait_socket(&mut self, deadline: Option<Instant>) -> io::Result<()> {
         let mut wait = if self.keepalive.is_zero() {
-            Duration::from_secs(15)
+            IDLE_WAIT
         } else {
             match self.session.keepalive_send() {
                 Ok(secs) => Duration::from_secs(u64::from(secs.max(1))),
@@ -212,21 +212,10 @@ impl SshChannel {
         if let Some(deadline) = deadline {
             wait = wait.min(deadline.saturating_duration_since(Instant::now()));
         }
-        let mut flags = PollFlags::POLLIN;
-        if matches!(
-            self.session.block_directions(),
-            BlockDirections::Outbound | BlockDirections::Both
-        ) {
-            flags |= PollFlags::POLLOUT;
-        }
-        let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
-        let revents = {
-            let mut fds = [PollFd::new(self.socket.as_fd(), flags)];
-            match nix::poll::poll(&mut fds, timeout) {
-                Ok(_) => fds[0].revents().unwrap_or(PollFlags::empty()),
-                Err(nix::errno::Errno::EINTR) => PollFlags::empty(),
-                Err(e) => return Err(self.io_err(e.into())),
-            }
+        let revents = match poll_session(&self.session, &self.socket, wait) {
+            Ok(revents) => revents,
+            Err(nix::errno::Errno::EINTR) => PollFlags::empty(),
+            Err(e) => return Err(self.io_err(e.into())),
         };
         if revents.intersects(PollFlags::POLLERR | PollFlags::POLLNVAL) {
             let cause = match self.socket.take_error() {
@@ -251,6 +240,29 @@ impl SshChannel {
         }
         io::Error::new(e.kind(), format!("SSH connection to {}: {e}", self.host))
     }
+}
+
+/// How long a wait for the server lasts when no keepalive interval is set.
+pub(super) const IDLE_WAIT: Duration = Duration::from_secs(15);
+
+/// Waits at most `wait` until `socket`, the socket of `session`, can be
+/// read, or written if libssh2 is stuck sending; what poll(2) reported.
+pub(super) fn poll_session(
+    session: &ssh2::Session,
+    socket: &TcpStream,
+    wait: Duration,
+) -> nix::Result<PollFlags> {
+    let mut flags = PollFlags::POLLIN;
+    if matches!(
+        session.block_directions(),
+        BlockDirections::Outbound | BlockDirections::Both
+    ) {
+        flags |= PollFlags::POLLOUT;
+    }
+    let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(socket.as_fd(), flags)];
+    nix::poll::poll(&mut fds, timeout)?;
+    Ok(fds[0].revents().unwrap_or(PollFlags::empty()))
 }
 
 /// What broke the socket, if it is broken: a pending error, or the peer

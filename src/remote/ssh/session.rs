@@ -4,15 +4,13 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout};
-use ssh2::{BlockDirections, CheckResult, KnownHostFileKind, MethodType};
+use ssh2::{CheckResult, KnownHostFileKind, MethodType};
 use zeroize::Zeroizing;
 
-use super::channel::{SshChannel, LIBSSH2_ERROR_TIMEOUT};
+use super::channel::{poll_session, SshChannel, IDLE_WAIT, LIBSSH2_ERROR_TIMEOUT};
 use super::command::wire_compression;
 use super::host_key::{self, host_port, hostkey_algorithms, PublicKey};
 use super::{SshError, SshOptions, RUN_OUTPUT_LIMIT};
@@ -207,7 +205,7 @@ impl SshSession {
     /// libssh2's timeout error.
     fn step<T>(&self, mut op: impl FnMut() -> Result<T, ssh2::Error>) -> Result<T, ssh2::Error> {
         let interval = if self.keepalive.is_zero() {
-            Duration::from_secs(15)
+            IDLE_WAIT
         } else {
             self.keepalive
         };
@@ -230,20 +228,9 @@ impl SshSession {
                 // Due or not, libssh2 decides; it cannot block here.
                 let _ = self.session.keepalive_send();
             }
-            let mut flags = PollFlags::POLLIN;
-            if matches!(
-                self.session.block_directions(),
-                BlockDirections::Outbound | BlockDirections::Both
-            ) {
-                flags |= PollFlags::POLLOUT;
-            }
-            let timeout = PollTimeout::try_from(left.min(interval)).unwrap_or(PollTimeout::MAX);
-            let mut fds = [PollFd::new(self.socket.as_fd(), flags)];
-            match nix::poll::poll(&mut fds, timeout) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                // The next try reports what is wrong with the socket.
-                Err(_) => {}
-            }
+            // Whatever poll says, the next try reports what is wrong with
+            // the socket, if anything is.
+            let _ = poll_session(&self.session, &self.socket, left.min(interval));
         }
     }
 
