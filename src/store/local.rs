@@ -373,19 +373,19 @@ enum Flush {
 }
 
 impl Flush {
-    fn start(paths: Vec<PathBuf>) -> Flush {
+    fn start(paths: &[PathBuf]) -> Flush {
         if paths.is_empty() {
             return Flush::Done(Ok(()));
         }
-        let mine = paths.clone();
+        let theirs = paths.to_vec();
         let thread = std::thread::Builder::new()
             .name("flush".into())
-            .spawn(move || sync_paths(&paths));
+            .spawn(move || sync_paths(&theirs));
         match thread {
             Ok(handle) => Flush::Running(handle),
             Err(e) => {
                 tracing::debug!("flushing on the committing thread: {e}");
-                Flush::Done(sync_paths(&mine))
+                Flush::Done(sync_paths(paths))
             }
         }
     }
@@ -902,7 +902,7 @@ impl LocalStore {
         }
         match self.prepare_outputs(&locks, todo) {
             Ok(placed) => Ok(PendingCommit {
-                flush: Some(Flush::start(placed.moved.clone())),
+                flush: Some(Flush::start(&placed.moved)),
                 placed: Some(placed),
                 locks: Some(locks),
             }),
