@@ -34,12 +34,7 @@ fi
 for p in jq bc sshd ssh; do
     command -v "$p" >/dev/null || { echo "needs $p (apt-get install jq bc openssh-server)" >&2; exit 1; }
 done
-if [[ -z ${SANDOFF:-} ]]; then
-    cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
-    SANDOFF=$repo/target/release/sandoff
-fi
-sandoff=$SANDOFF
-export SANDOFF
+. "$repo/bench/offload/lib.sh"
 work=$(mktemp -d /tmp/sandoff-bench-compress.XXXXXX)
 hostdir=
 cleanup() {

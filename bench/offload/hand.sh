@@ -21,16 +21,9 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 work=${HAND_WORK:-/var/tmp/sandoff-hand}
 if [[ ${1:-} == --clean ]]; then rm -rf "$work"; exit 0; fi
 link=${1:-1gbit:10ms}
-if [[ -z ${SANDOFF:-} ]]; then
-    cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
-    SANDOFF=$repo/target/release/sandoff
-fi
-sandoff=$SANDOFF
-export SANDOFF
+. "$repo/bench/offload/lib.sh"
 export SANDOFF_USER_POOL_DIR=${SANDOFF_USER_POOL_DIR:-/nix/var/sandoff/userpool}
 S=(--store-root "$work/s")
-now() { date +%s.%N; }
-secs() { echo "$2 - $1" | bc -l; }
 
 if [[ ! -f $work/paths ]]; then
     echo "== making 2,000 small paths in $work (once)"

@@ -63,12 +63,7 @@ for p in nix-store nix-copy-closure nix ip sshd ssh python3 bc; do
         exit 1
     }
 done
-if [[ -z ${SANDOFF:-} ]]; then
-    cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
-    SANDOFF=$repo/target/release/sandoff
-fi
-sandoff=$SANDOFF
-export SANDOFF
+. "$repo/bench/offload/lib.sh"
 export SANDOFF_USER_POOL_DIR=${SANDOFF_USER_POOL_DIR:-/nix/var/sandoff/userpool}
 work=$(mktemp -d /tmp/sandoff-bench-link.XXXXXX)
 hostdirs=()
@@ -115,8 +110,6 @@ S=(--store-root "$work/s")
 "$sandoff" "${S[@]}" setup --build-users-group sandoffbld >/dev/null
 "$sandoff" "${S[@]}" key show >"$work/client-key.pub"
 
-now() { date +%s.%N; }
-secs() { echo "$2 - $1" | bc -l; }
 
 echo "== making the data: $npaths paths of /usr/lib and /usr/bin files (~$total_mb MiB), $nsmall small paths"
 python3 - "$work/data" "$npaths" "$total_mb" "$nsmall" <<'PY'

@@ -36,12 +36,7 @@ for p in nix-store nix-instantiate nix-copy-closure busybox jq bc sshd ssh; do
         exit 1
     }
 done
-if [[ -z ${SANDOFF:-} ]]; then
-    cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
-    SANDOFF=$repo/target/release/sandoff
-fi
-sandoff=$SANDOFF
-export SANDOFF
+. "$repo/bench/offload/lib.sh"
 # Build users are system-wide: the local store and every host lock them in
 # one directory (testhosts.sh passes this on to the hosts).
 export SANDOFF_USER_POOL_DIR=${SANDOFF_USER_POOL_DIR:-/nix/var/sandoff/userpool}
@@ -71,8 +66,6 @@ S=(--store-root "$work/s")
 bbpath=$("$sandoff" "${S[@]}" store add "$work/bb")
 "$sandoff" "${S[@]}" key show >"$work/client-key.pub"
 
-now() { date +%s.%N; }
-secs() { echo "$2 - $1" | bc -l; }
 
 # Starts N hosts of KIND numbered from FIRST in DIR with MAX_JOBS slots;
 # sandoff hosts trust this store's key, this store trusts every host's key.
