@@ -22,17 +22,26 @@ use crate::this_test;
 
 /// Root, busybox, namespaces (what [`crate::sandbox::ready`] checks) and
 /// the build users.
+/// A group of one build user that only tests naming it use: a test that
+/// must know which user its next build gets (the pool's other users may be
+/// held by builds of tests running at the same time).
+pub(crate) const SOLO_GROUP: &str = "sandoffsolo";
+
 pub(crate) fn ready(test: &str) -> bool {
     if !crate::sandbox::ready(test) {
         return false;
     }
     static USERS: OnceLock<bool> = OnceLock::new();
     let met = *USERS.get_or_init(|| {
-        ensure_build_users(&BuildUsers::Create {
-            group: "sandoffbld".to_owned(),
-            count: 10,
-        })
-        .is_ok()
+        [("sandoffbld", 10), (SOLO_GROUP, 1)]
+            .iter()
+            .all(|(group, count)| {
+                ensure_build_users(&BuildUsers::Create {
+                    group: (*group).to_owned(),
+                    count: *count,
+                })
+                .is_ok()
+            })
     });
     support::require(
         test,
@@ -836,7 +845,15 @@ fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
         "slow",
         "mkdir $out; echo started; sleep 2; echo done > $out/f",
     );
-    let mut child = s.spawn_build(&mut s.cmd(), &d);
+    // One build user for both runs, so that the next build is the one of
+    // the killed run's user (it waits while the killed run's processes still
+    // hold that user).
+    let solo = || {
+        let mut c = s.cmd();
+        c.env("SANDOFF_BUILD_USERS_GROUP", SOLO_GROUP);
+        c
+    };
+    let mut child = s.spawn_build(&mut solo(), &d);
     // Wait until the builder has started (its log says so).
     let log = sandoff::build::log_path(&s.loc(), &s.path(&d));
     support::wait_for("the build to start", || {
@@ -856,7 +873,7 @@ fn kill_9_mid_build_leaves_no_valid_output_and_the_next_run_succeeds() {
     // As if a crash had struck between moving the output and registering it.
     std::fs::create_dir_all(s.real(&p)).expect("mkdir");
     std::fs::write(s.real(&p).join("junk"), "stale").expect("write");
-    let out = s.build(&[&d]);
+    let out = solo().args(["build", &d]).output().expect("run");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(s.info(&p).is_some());
     assert!(!s.real(&p).join("junk").exists());
