@@ -20,13 +20,13 @@ use serde_json::json;
 use crate::support::{self, Need};
 use crate::this_test;
 
-/// Root, busybox, namespaces (what [`crate::sandbox::ready`] checks) and
-/// the build users.
 /// A group of one build user that only tests naming it use: a test that
 /// must know which user its next build gets (the pool's other users may be
 /// held by builds of tests running at the same time).
 pub(crate) const SOLO_GROUP: &str = "sandoffsolo";
 
+/// Root, busybox, namespaces (what [`crate::sandbox::ready`] checks) and
+/// the build users (the pool, and [`SOLO_GROUP`]).
 pub(crate) fn ready(test: &str) -> bool {
     if !crate::sandbox::ready(test) {
         return false;
