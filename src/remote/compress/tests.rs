@@ -60,6 +60,40 @@ fn a_long_message_reaches_the_wire_block_by_block_before_its_flush() {
 }
 
 #[test]
+fn a_frame_begins_with_small_blocks_the_peer_decodes_at_once() {
+    let data = text(200 << 10);
+    let mut wire = Vec::new();
+    let mut d = Deflater::new(1).expect("encoder");
+    // Written in one piece, not flushed: the first 16, 32 and 64 KiB each
+    // ended a block of their own and are on the wire, well under 16 KiB
+    // compressed for the first.
+    d.write_to(&mut wire, &data[..(16 << 10) + 1]).unwrap();
+    let first = wire.len();
+    assert!(first > 0 && first < 16 << 10, "{first} bytes for the first block");
+    let mut r = ZstdReader::new(&wire[..]).expect("decoder");
+    let mut start = vec![0u8; 16 << 10];
+    r.read_exact(&mut start).unwrap();
+    assert!(start[..] == data[..16 << 10]);
+    d.write_to(&mut wire, &data[(16 << 10) + 1..]).unwrap();
+    let mut r = ZstdReader::new(&wire[..]).expect("decoder");
+    let mut start = vec![0u8; 64 << 10];
+    r.read_exact(&mut start).unwrap();
+    assert!(start[..] == data[..64 << 10]);
+    // The next frame ramps again, and everything decodes whole.
+    d.finish_frame(&mut wire).unwrap();
+    let frame_end = wire.len();
+    d.write_to(&mut wire, &data[..20 << 10]).unwrap();
+    assert!(wire.len() > frame_end, "the second frame's first block went out");
+    d.finish_frame(&mut wire).unwrap();
+    let mut got = Vec::new();
+    ZstdReader::new(&wire[..])
+        .expect("decoder")
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(got[..data.len()] == data[..] && got[data.len()..] == data[..20 << 10]);
+}
+
+#[test]
 fn a_stream_cut_inside_a_frame_is_an_error_not_an_end() {
     let mut wire = Vec::new();
     let mut w = ZstdWriter::new(&mut wire, 3).expect("encoder");
