@@ -80,6 +80,94 @@ pub struct ServeClient<T: Transport> {
     tail: Vec<u8>,
 }
 
+/// A session whose client greeting is sent and whose server greeting is
+/// not read yet ([`ServeClient::hello`]).
+///
+/// A request written here goes out right behind the greeting, so that the
+/// server finds it waiting once it has greeted: one round trip less than
+/// greeting, waiting, then asking (10 ms on a 1 Gbit/s, 10 ms link, 40 ms on
+/// a 100 Mbit/s, 40 ms one). Only requests that read the same in every
+/// protocol version the client accepts (2.4 on) may go before the version
+/// is known. A stock `nix-store --serve` reads its stdin in order, so it
+/// sees nothing different. The server's answer is read after its greeting
+/// ([`Hello::greeted`]), with the method that reads that answer.
+pub struct Hello<T: Transport> {
+    client: ServeClient<T>,
+    /// The first write that failed. A program that exits at once (not
+    /// found, refused) makes the writes fail with a broken pipe; what it
+    /// printed explains more, so the error waits until the greeting has
+    /// been read.
+    sent: Result<(), WireError>,
+}
+
+impl<T: Transport> Hello<T> {
+    /// The transport, e.g. to start compressing what is sent next.
+    pub fn transport(&mut self) -> &mut T {
+        &mut self.client.transport
+    }
+
+    /// Sends `QueryValidPaths` (the same in every version from 2.4); read
+    /// its answer with [`ServeClient::valid_paths_answer`] once greeted.
+    pub fn query_valid_paths(&mut self, paths: &BTreeSet<StorePath>, lock: bool, substitute: bool) {
+        if self.sent.is_ok() {
+            self.sent = self.client.write_query_valid_paths(paths, lock, substitute);
+        }
+    }
+
+    /// Reads the server's greeting: the session, once it is the serve
+    /// protocol in a version this client speaks.
+    pub fn greeted(self, deadline: Option<Instant>) -> Result<ServeClient<T>, ClientError> {
+        const WHAT: &str = "handshake";
+        let Hello {
+            client: mut c,
+            sent,
+        } = self;
+        // Read the magic bytewise by hand: if it is not there, what came
+        // instead (a shell banner, an error) is the diagnosis.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8];
+        while got.len() < 8 {
+            let waited = c.transport.wait_reply(
+                &mut Tee {
+                    log: &mut io::sink(),
+                    tail: &mut c.tail,
+                },
+                deadline,
+            );
+            match waited {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(ClientError::TimedOut { what: WHAT });
+                }
+                Err(_) => break,
+            }
+            match c.transport.read(&mut buf[..8 - got.len()]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        if got.len() < 8 || got[..8] != SERVE_MAGIC_2.to_le_bytes() {
+            return Err(c.handshake_failed(got));
+        }
+        sent.map_err(wire_err(WHAT))?;
+        let version = wire::read_u64(&mut c.transport).map_err(wire_err(WHAT))?;
+        let (major, minor) = (
+            serve_protocol::major(version),
+            serve_protocol::minor(version),
+        );
+        if major != 2 || minor < 4 {
+            return Err(ClientError::Version { major, minor });
+        }
+        c.minor = minor.min(serve_protocol::minor(SERVE_PROTOCOL_VERSION));
+        tracing::debug!(
+            server_version = version,
+            minor = c.minor,
+            "serve session opened"
+        );
+        Ok(c)
+    }
+}
+
 /// Copies the server's stderr to the caller's log and keeps its tail.
 struct Tee<'a> {
     log: &'a mut dyn Write,
@@ -131,63 +219,23 @@ impl<T: Transport> ServeClient<T> {
         dir: StoreDir,
         deadline: Option<Instant>,
     ) -> Result<ServeClient<T>, ClientError> {
-        const WHAT: &str = "handshake";
-        let mut c = ServeClient {
+        ServeClient::hello(transport, dir).greeted(deadline)
+    }
+
+    /// Sends the client's greeting and returns without waiting for the
+    /// server's: requests written now (see [`Hello`]) travel with it.
+    pub fn hello(transport: T, dir: StoreDir) -> Hello<T> {
+        let mut client = ServeClient {
             transport,
             minor: 0,
             dir,
             tail: Vec::new(),
         };
-        let t = &mut c.transport;
-        // A program that exits at once (not found, refused) makes these
-        // fail with a broken pipe; what it printed explains more, so the
-        // error waits until the greeting has been read.
+        let t = &mut client.transport;
         let sent = wire::write_u64(t, SERVE_MAGIC_1)
             .and_then(|()| wire::write_u64(t, SERVE_PROTOCOL_VERSION))
             .and_then(|()| t.flush().map_err(WireError::from));
-        // Read the magic bytewise by hand: if it is not there, what came
-        // instead (a shell banner, an error) is the diagnosis.
-        let mut got = Vec::new();
-        let mut buf = [0u8; 8];
-        while got.len() < 8 {
-            let waited = c.transport.wait_reply(
-                &mut Tee {
-                    log: &mut io::sink(),
-                    tail: &mut c.tail,
-                },
-                deadline,
-            );
-            match waited {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    return Err(ClientError::TimedOut { what: WHAT });
-                }
-                Err(_) => break,
-            }
-            match c.transport.read(&mut buf[..8 - got.len()]) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-        if got.len() < 8 || got[..8] != SERVE_MAGIC_2.to_le_bytes() {
-            return Err(c.handshake_failed(got));
-        }
-        sent.map_err(wire_err(WHAT))?;
-        let version = wire::read_u64(&mut c.transport).map_err(wire_err(WHAT))?;
-        let (major, minor) = (
-            serve_protocol::major(version),
-            serve_protocol::minor(version),
-        );
-        if major != 2 || minor < 4 {
-            return Err(ClientError::Version { major, minor });
-        }
-        c.minor = minor.min(serve_protocol::minor(SERVE_PROTOCOL_VERSION));
-        tracing::debug!(
-            server_version = version,
-            minor = c.minor,
-            "serve session opened"
-        );
-        Ok(c)
+        Hello { client, sent }
     }
 
     /// The greeting was not `SERVE_MAGIC_2`: gather a little more of it
@@ -251,14 +299,34 @@ impl<T: Transport> ServeClient<T> {
         lock: bool,
         substitute: bool,
     ) -> Result<BTreeSet<StorePath>, ClientError> {
+        self.write_query_valid_paths(paths, lock, substitute)
+            .map_err(|e| self.failed("QueryValidPaths", e))?;
+        self.valid_paths_answer()
+    }
+
+    /// The answer to a `QueryValidPaths` sent before (by
+    /// [`Hello::query_valid_paths`]).
+    pub fn valid_paths_answer(&mut self) -> Result<BTreeSet<StorePath>, ClientError> {
         const WHAT: &str = "QueryValidPaths";
-        self.command(WHAT, cmd::QUERY_VALID_PATHS)?;
-        self.put_bool(WHAT, lock)?;
-        self.put_bool(WHAT, substitute)?;
-        self.put_paths(WHAT, paths)?;
-        self.send(WHAT)?;
         self.quick_reply(WHAT)?;
         self.get_paths(WHAT)
+    }
+
+    fn write_query_valid_paths(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        lock: bool,
+        substitute: bool,
+    ) -> Result<(), WireError> {
+        tracing::debug!(command = "QueryValidPaths", "serve request");
+        self.tail.clear();
+        let t = &mut self.transport;
+        wire::write_u64(t, cmd::QUERY_VALID_PATHS)?;
+        wire::write_bool(t, lock)?;
+        wire::write_bool(t, substitute)?;
+        let dir = &self.dir;
+        wire::write_strings(t, paths.iter().map(|p| dir.display(p)))?;
+        t.flush().map_err(WireError::from)
     }
 
     /// `QueryPathInfos`: what the server knows of `paths` (unknown ones are

@@ -18,6 +18,11 @@
 //! that a remote program that is not a serve server (a shell banner, an
 //! error) is still diagnosed from what it printed; the client's first
 //! command and the server's first reply are the first compressed bytes.
+//! The client may send that first command right behind its greeting,
+//! before it has read the server's ([`crate::remote::client::Hello`]):
+//! it compresses from there on ([`ZstdTransport::start_sending`]) and
+//! decompresses once the server's greeting is read
+//! ([`ZstdTransport::start_receiving`]).
 //! Neither side reads ahead across that point: the server's decoder reads
 //! from the same buffered stdin the handshake was read from, and the
 //! client's server never sends anything it was not asked for. Stderr (the
@@ -165,7 +170,7 @@ impl Deflater {
     /// export stream) a block after it began, not a buffer after (measured:
     /// 2,000 small paths began importing 20-25 ms earlier on a 1 Gbit/s
     /// link). Small messages make no block before the flush. The first
-    /// blocks of a frame are smaller ([`RAMP`]), so that the first of them
+    /// blocks of a frame are smaller (`RAMP`), so that the first of them
     /// fits in what the connection sends before its first round trip.
     pub fn write_to(&mut self, wire: &mut dyn Write, data: &[u8]) -> io::Result<()> {
         let mut rest = data;
@@ -436,11 +441,16 @@ impl<W: Write> Write for ZstdWriter<W> {
 }
 
 /// A client [`Transport`] that is plain until [`ZstdTransport::start`],
-/// then zstd both ways (see the module docs for where that is). It counts
-/// the bytes either way, so that callers can say what crossed the wire.
+/// then zstd both ways (see the module docs for where that is). Each
+/// direction may also switch on its own ([`ZstdTransport::start_sending`],
+/// [`ZstdTransport::start_receiving`]): a client that sends its first
+/// request right behind its greeting compresses it before it has read the
+/// server's plain greeting. It counts the bytes either way, so that callers
+/// can say what crossed the wire.
 pub struct ZstdTransport<T: Transport> {
     inner: T,
-    codec: Option<(Deflater, Inflater)>,
+    deflater: Option<Deflater>,
+    inflater: Option<Inflater>,
     level: Option<i32>,
     /// Counted while plain.
     plain_sent: u64,
@@ -452,7 +462,8 @@ impl<T: Transport> ZstdTransport<T> {
     pub fn new(inner: T) -> ZstdTransport<T> {
         ZstdTransport {
             inner,
-            codec: None,
+            deflater: None,
+            inflater: None,
             level: None,
             plain_sent: 0,
             plain_received: 0,
@@ -463,8 +474,23 @@ impl<T: Transport> ZstdTransport<T> {
     /// compressing at `level`. Call it right after the handshake (nothing
     /// written since the last flush).
     pub fn start(&mut self, level: i32) -> io::Result<()> {
-        self.codec = Some((Deflater::new(level)?, Inflater::new()?));
+        self.start_sending(level)?;
+        self.start_receiving()
+    }
+
+    /// From the next byte written on, this side compresses at `level`.
+    /// Call it after a flush (the client's greeting).
+    pub fn start_sending(&mut self, level: i32) -> io::Result<()> {
+        self.deflater = Some(Deflater::new(level)?);
         self.level = Some(level);
+        Ok(())
+    }
+
+    /// From the next byte read on, what the server sends is zstd. Call it
+    /// once the server's greeting has been read, and nothing after it:
+    /// the greeting is read exactly, so nothing compressed was read plain.
+    pub fn start_receiving(&mut self) -> io::Result<()> {
+        self.inflater = Some(Inflater::new()?);
         Ok(())
     }
 
@@ -477,10 +503,13 @@ impl<T: Transport> ZstdTransport<T> {
     pub fn counts(&self) -> (ByteCount, ByteCount) {
         let plain = |n| ByteCount { plain: n, wire: n };
         let (mut sent, mut received) = (plain(self.plain_sent), plain(self.plain_received));
-        if let Some((d, i)) = &self.codec {
-            let (s, r) = (d.count(), i.count());
+        if let Some(d) = &self.deflater {
+            let s = d.count();
             sent.plain += s.plain;
             sent.wire += s.wire;
+        }
+        if let Some(i) = &self.inflater {
+            let r = i.count();
             received.plain += r.plain;
             received.wire += r.wire;
         }
@@ -500,8 +529,8 @@ impl<T: Transport> ZstdTransport<T> {
 
 impl<T: Transport> Read for ZstdTransport<T> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match &mut self.codec {
-            Some((_, inflater)) => inflater.read_from(&mut self.inner, buf),
+        match &mut self.inflater {
+            Some(inflater) => inflater.read_from(&mut self.inner, buf),
             None => {
                 let n = self.inner.read(buf)?;
                 self.plain_received += n as u64;
@@ -513,8 +542,8 @@ impl<T: Transport> Read for ZstdTransport<T> {
 
 impl<T: Transport> Write for ZstdTransport<T> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &mut self.codec {
-            Some((deflater, _)) => {
+        match &mut self.deflater {
+            Some(deflater) => {
                 deflater.write_to(&mut self.inner, buf)?;
                 Ok(buf.len())
             }
@@ -527,7 +556,7 @@ impl<T: Transport> Write for ZstdTransport<T> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if let Some((deflater, _)) = &mut self.codec {
+        if let Some(deflater) = &mut self.deflater {
             deflater.finish_frame(&mut self.inner)?;
         }
         self.inner.flush()
@@ -536,7 +565,7 @@ impl<T: Transport> Write for ZstdTransport<T> {
 
 impl<T: Transport> Transport for ZstdTransport<T> {
     fn wait_reply(&mut self, log: &mut dyn Write, deadline: Option<Instant>) -> io::Result<()> {
-        let Some((_, inflater)) = &mut self.codec else {
+        let Some(inflater) = &mut self.inflater else {
             return self.inner.wait_reply(log, deadline);
         };
         // Decoded bytes are a reply; compressed ones only once they decode

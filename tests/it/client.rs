@@ -750,3 +750,92 @@ fn basic_derivation_bytes_match_nix() {
     options.write(&mut ours, minor).unwrap();
     assert_eq!(ours, nix_bytes);
 }
+
+/// A server that never answers: keeps what the client sent.
+#[derive(Default)]
+struct Silent {
+    sent: Vec<u8>,
+}
+
+impl std::io::Read for Silent {
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        Ok(0)
+    }
+}
+
+impl std::io::Write for Silent {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sent.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Transport for Silent {
+    fn wait_reply(
+        &mut self,
+        _: &mut dyn std::io::Write,
+        _: Option<Instant>,
+    ) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::UnexpectedEof.into())
+    }
+    fn drain_log(&mut self, _: &mut dyn std::io::Write) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_query_goes_out_with_the_greeting_before_any_reply() {
+    let paths = BTreeSet::from([
+        StorePath::from_base_name("00000000000000000000000000000000-a").unwrap(),
+        StorePath::from_base_name("11111111111111111111111111111111-b").unwrap(),
+    ]);
+    let mut hello = ServeClient::hello(Silent::default(), StoreDir::default());
+    hello.query_valid_paths(&paths, true, false);
+    // Greeting (magic, version 2.7), then QueryValidPaths (1), lock,
+    // substitute and the paths: all sent, nothing read yet.
+    let mut want = Vec::new();
+    for n in [0x390c_9deb_u64, 0x207, 1, 1, 0] {
+        wire::write_u64(&mut want, n).unwrap();
+    }
+    wire::write_strings(
+        &mut want,
+        paths.iter().map(|p| StoreDir::default().display(p)),
+    )
+    .unwrap();
+    assert_eq!(hello.transport().sent, want);
+    // The server said nothing: the greeting's failure is the error.
+    let err = hello.greeted(None).err().expect("no greeting");
+    assert!(matches!(err, ClientError::Handshake { .. }), "{err}");
+}
+
+/// A query sent with the greeting, then the session used as usual: the
+/// answers arrive in order and the session stays in step.
+fn query_with_greeting(server: ChildTransport, tmp: &Path) {
+    let (src, leaf, top) = foo_baz(&tmp.join("src"));
+    let both = BTreeSet::from([leaf.clone(), top.clone()]);
+    let mut hello = ServeClient::hello(server, StoreDir::default());
+    hello.query_valid_paths(&both, false, false);
+    let mut client = hello.greeted(Some(far_deadline())).expect("handshake");
+    assert!(client.minor() >= 6);
+    assert!(client.valid_paths_answer().expect("answer").is_empty());
+    upload(&mut client, &src, &both);
+    assert_eq!(client.query_valid_paths(&both, false, false).unwrap(), both);
+}
+
+#[test]
+fn a_query_sent_with_the_greeting_is_answered_by_sandoff_serve() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    query_with_greeting(sandoff_serve(&tmp.path().join("root")), tmp.path());
+}
+
+#[test]
+fn a_query_sent_with_the_greeting_is_answered_by_nix_serve() {
+    if !support::require_programs(this_test!(), &["nix-store"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    query_with_greeting(nix_serve(tmp.path()), tmp.path());
+}

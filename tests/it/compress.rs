@@ -390,6 +390,42 @@ fn zstd_serve(root: &Path) -> ZstdTransport<ChildTransport> {
 }
 
 #[test]
+fn a_query_sent_with_the_greeting_travels_compressed_and_the_session_stays_in_step() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, leaf, top) = foo_baz(&tmp.path().join("src"));
+    let both = BTreeSet::from([leaf.clone(), top.clone()]);
+    let mut hello = ServeClient::hello(zstd_serve(&tmp.path().join("root")), StoreDir::default());
+    // The server switches after reading the client's greeting: the query
+    // behind it is compressed before the server's greeting is read.
+    hello.transport().start_sending(3).expect("zstd");
+    hello.query_valid_paths(&both, true, false);
+    let (sent, _) = hello.transport().counts();
+    assert!(sent.wire > 16, "the query went out with the greeting");
+    let mut client = hello.greeted(None).expect("handshake (plain)");
+    client.transport().start_receiving().expect("zstd");
+    assert!(client.valid_paths_answer().expect("answer").is_empty());
+    let loc = src.location();
+    client
+        .import_paths(|w| {
+            let entries: Vec<_> = src
+                .topo_sort(&both)
+                .expect("topo sort")
+                .into_iter()
+                .map(|p| {
+                    (
+                        src.query_path_info(&p).unwrap().expect("valid"),
+                        loc.real_path(&p),
+                    )
+                })
+                .collect();
+            write_export(w, &loc.dir, entries.iter().map(|(i, p)| (i, p.as_path())))
+        })
+        .expect("ImportPaths")
+        .expect("export");
+    assert_eq!(client.query_valid_paths(&both, false, false).unwrap(), both);
+}
+
+#[test]
 fn the_client_and_a_local_server_speak_zstd_after_the_handshake() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, leaf, top) = foo_baz(&tmp.path().join("src"));

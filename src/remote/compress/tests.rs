@@ -69,7 +69,10 @@ fn a_frame_begins_with_small_blocks_the_peer_decodes_at_once() {
     // compressed for the first.
     d.write_to(&mut wire, &data[..(16 << 10) + 1]).unwrap();
     let first = wire.len();
-    assert!(first > 0 && first < 16 << 10, "{first} bytes for the first block");
+    assert!(
+        first > 0 && first < 16 << 10,
+        "{first} bytes for the first block"
+    );
     let mut r = ZstdReader::new(&wire[..]).expect("decoder");
     let mut start = vec![0u8; 16 << 10];
     r.read_exact(&mut start).unwrap();
@@ -83,7 +86,10 @@ fn a_frame_begins_with_small_blocks_the_peer_decodes_at_once() {
     d.finish_frame(&mut wire).unwrap();
     let frame_end = wire.len();
     d.write_to(&mut wire, &data[..20 << 10]).unwrap();
-    assert!(wire.len() > frame_end, "the second frame's first block went out");
+    assert!(
+        wire.len() > frame_end,
+        "the second frame's first block went out"
+    );
     d.finish_frame(&mut wire).unwrap();
     let mut got = Vec::new();
     ZstdReader::new(&wire[..])

@@ -11,7 +11,7 @@ use crate::store::{HashAlgo, StorePath};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
-use super::build::{lost, query_missing, Outgoing};
+use super::build::{lost, Outgoing};
 use super::*;
 
 /// What `sandoff machines status` shows of one machine.
@@ -240,11 +240,8 @@ impl Offloader {
         // would otherwise wait for. Some may turn out not to be needed.
         let (mut conn, missing, prepared) = std::thread::scope(|scope| {
             let prepared = scope.spawn(|| self.prepare_sending(store, &closure));
-            let connected = self.connect(machine).and_then(|mut conn| {
-                query_missing(&mut conn, &closure, false)
-                    .map(|missing| (conn, missing))
-                    .map_err(lost(machine, "asking for missing paths"))
-            });
+            let connected =
+                self.connect_asking(machine, &closure, false, "asking for missing paths");
             let prepared = prepared
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));

@@ -56,10 +56,7 @@ impl Offloader {
         let (mut conn, lacking) = match pooled {
             Some(found) => found,
             None => {
-                let mut conn = self.connect(machine)?;
-                let missing = query_missing(&mut conn, &asked, *substitute)
-                    .map_err(lost(machine, "asking for missing inputs"))?;
-                (conn, missing)
+                self.connect_asking(machine, &asked, *substitute, "asking for missing inputs")?
             }
         };
         self.learn(machine, asked.difference(&lacking));

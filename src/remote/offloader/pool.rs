@@ -42,10 +42,26 @@ pub enum StoreDirCheck {
     Probed { command: String },
 }
 
+/// A `QueryValidPaths` to send with the session's greeting (see
+/// [`crate::remote::client::Hello`]).
+#[derive(Clone, Copy)]
+pub(super) struct Ask<'a> {
+    pub(super) paths: &'a BTreeSet<StorePath>,
+    pub(super) substitute: bool,
+}
+
 /// Connects to `machine` and opens a serve session with its serve program,
 /// for paths in the store directory `dir`, once the machine's store
-/// directory is known to be `dir`.
-fn connect(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Conn, OffloadError> {
+/// directory is known to be `dir`. With `ask`, the session's first request
+/// goes out with its greeting (locking the paths, as
+/// [`super::build::query_missing`] does); the caller reads the answer with
+/// [`crate::remote::client::ServeClient::valid_paths_answer`].
+fn connect(
+    machine: &Machine,
+    ssh: &SshOptions,
+    dir: &StoreDir,
+    ask: Option<Ask<'_>>,
+) -> Result<Conn, OffloadError> {
     let session = SshSession::connect(machine, ssh)?;
     let store_dir_check = match store_dir_probe(machine) {
         Some(probe) => {
@@ -66,8 +82,20 @@ fn connect(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Conn, 
     let mut wire = wire_compression(machine);
     let mut command = remote_command(machine, dir);
     let mut client = loop {
-        let channel = ZstdTransport::new(session.exec(&command)?);
-        match ServeClient::open(channel, dir.clone()) {
+        let mut hello =
+            ServeClient::hello(ZstdTransport::new(session.exec(&command)?), dir.clone());
+        if let WireCompression::Zstd { level } = wire {
+            // The server (told with `--compress`) switches after reading
+            // the client's version, which `hello` has sent.
+            hello
+                .transport()
+                .start_sending(level)
+                .map_err(|e| zstd_failed(machine, &command, e))?;
+        }
+        if let Some(ask) = ask {
+            hello.query_valid_paths(ask.paths, true, ask.substitute);
+        }
+        match hello.greeted(None) {
             Ok(client) => break client,
             // A sandoff older than `--compress` refuses it before the
             // handshake (clap: "unexpected argument '--compress'"): ask
@@ -100,19 +128,11 @@ fn connect(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Conn, 
     };
     let compression = match wire {
         WireCompression::Zstd { level } => {
-            // The server (told with `--compress`) switches after reading
-            // the client's version, which `open` has sent.
+            // And its replies, after its greeting.
             client
                 .transport()
-                .start(level)
-                .map_err(|e| OffloadError::Session {
-                    machine: machine.name.clone(),
-                    command: command.clone(),
-                    source: ClientError::Wire {
-                        what: "starting zstd",
-                        source: e.into(),
-                    },
-                })?;
+                .start_receiving()
+                .map_err(|e| zstd_failed(machine, &command, e))?;
             WireCompression::Zstd { level }
         }
         // What the server agreed to: it may compress nothing.
@@ -127,6 +147,17 @@ fn connect(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Conn, 
         compression,
         command,
     })
+}
+
+fn zstd_failed(machine: &Machine, command: &str, e: std::io::Error) -> OffloadError {
+    OffloadError::Session {
+        machine: machine.name.clone(),
+        command: command.to_owned(),
+        source: ClientError::Wire {
+            what: "starting zstd",
+            source: e.into(),
+        },
+    }
 }
 
 /// The store directory of `machine`'s serve program, from what `probe`
@@ -155,7 +186,31 @@ fn probe_store_dir(
 
 impl Offloader {
     pub(super) fn connect(&self, machine: &Machine) -> Result<Conn, OffloadError> {
-        connect(machine, &self.ssh, &self.dir)
+        connect(machine, &self.ssh, &self.dir, None)
+    }
+
+    /// Connects to `machine` and learns which of `asked` it lacks (after
+    /// it substituted what it could, with `substitute`), the question sent
+    /// along with the session's greeting; `during` names the question in
+    /// errors.
+    pub(super) fn connect_asking(
+        &self,
+        machine: &Machine,
+        asked: &BTreeSet<StorePath>,
+        substitute: bool,
+        during: &'static str,
+    ) -> Result<(Conn, BTreeSet<StorePath>), OffloadError> {
+        let ask = Ask {
+            paths: asked,
+            substitute,
+        };
+        let mut conn = connect(machine, &self.ssh, &self.dir, Some(ask))?;
+        let valid = conn
+            .client
+            .valid_paths_answer()
+            .map_err(super::build::lost(machine, during))?;
+        let missing = asked.difference(&valid).cloned().collect();
+        Ok((conn, missing))
     }
 
     /// Connects to `machine` now and keeps the session for its next build,
