@@ -50,6 +50,14 @@ pub(super) struct Ask<'a> {
     pub(super) substitute: bool,
 }
 
+/// An SSH session with a machine whose store directory is known to be the
+/// client's (or will be checked by its serve program): the first half of
+/// a connection, which needs nothing of what is asked later.
+pub(super) struct Reached {
+    session: SshSession,
+    store_dir_check: StoreDirCheck,
+}
+
 /// Connects to `machine` and opens a serve session with its serve program,
 /// for paths in the store directory `dir`, once the machine's store
 /// directory is known to be `dir`. With `ask`, the session's first request
@@ -62,6 +70,12 @@ fn connect(
     dir: &StoreDir,
     ask: Option<Ask<'_>>,
 ) -> Result<Conn, OffloadError> {
+    open_serve(machine, dir, reach(machine, ssh, dir)?, ask)
+}
+
+/// Connects to `machine` over SSH and makes sure its store directory is
+/// `dir` (see [`Reached`]).
+fn reach(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Reached, OffloadError> {
     let session = SshSession::connect(machine, ssh)?;
     let store_dir_check = match store_dir_probe(machine) {
         Some(probe) => {
@@ -79,6 +93,24 @@ fn connect(
         }
         None => StoreDirCheck::ByServer,
     };
+    Ok(Reached {
+        session,
+        store_dir_check,
+    })
+}
+
+/// Starts the serve program on a reached machine and opens the session
+/// (see [`connect`]).
+fn open_serve(
+    machine: &Machine,
+    dir: &StoreDir,
+    reached: Reached,
+    ask: Option<Ask<'_>>,
+) -> Result<Conn, OffloadError> {
+    let Reached {
+        session,
+        store_dir_check,
+    } = reached;
     let mut wire = wire_compression(machine);
     let mut command = remote_command(machine, dir);
     let mut client = loop {
@@ -200,11 +232,30 @@ impl Offloader {
         substitute: bool,
         during: &'static str,
     ) -> Result<(Conn, BTreeSet<StorePath>), OffloadError> {
+        self.open_asking(machine, self.reach(machine)?, asked, substitute, during)
+    }
+
+    /// The first half of [`Offloader::connect`]: an SSH session with
+    /// `machine`, its store directory checked.
+    pub(super) fn reach(&self, machine: &Machine) -> Result<Reached, OffloadError> {
+        reach(machine, &self.ssh, &self.dir)
+    }
+
+    /// The second half of [`Offloader::connect_asking`], on a machine
+    /// [`Offloader::reach`] reached.
+    pub(super) fn open_asking(
+        &self,
+        machine: &Machine,
+        reached: Reached,
+        asked: &BTreeSet<StorePath>,
+        substitute: bool,
+        during: &'static str,
+    ) -> Result<(Conn, BTreeSet<StorePath>), OffloadError> {
         let ask = Ask {
             paths: asked,
             substitute,
         };
-        let mut conn = connect(machine, &self.ssh, &self.dir, Some(ask))?;
+        let mut conn = open_serve(machine, &self.dir, reached, Some(ask))?;
         let valid = conn
             .client
             .valid_paths_answer()
