@@ -435,6 +435,16 @@ impl<T: Transport> ServeClient<T> {
         &mut self,
         write_export: impl FnOnce(&mut dyn Write) -> Result<(), E>,
     ) -> Result<Result<(), E>, ClientError> {
+        self.import_paths_to(|t| write_export(t))
+    }
+
+    /// [`ServeClient::import_paths`] with the transport itself to write
+    /// the export stream to (e.g. compressed elsewhere, see
+    /// [`crate::remote::compress::ZstdTransport::write_compressed`]).
+    pub fn import_paths_to<E>(
+        &mut self,
+        write_export: impl FnOnce(&mut T) -> Result<(), E>,
+    ) -> Result<Result<(), E>, ClientError> {
         const WHAT: &str = "ImportPaths";
         self.command(WHAT, cmd::IMPORT_PATHS)?;
         if let Err(e) = write_export(&mut self.transport) {

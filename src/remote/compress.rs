@@ -499,6 +499,23 @@ impl<T: Transport> ZstdTransport<T> {
         self.level
     }
 
+    /// Writes `compressed`, zstd made elsewhere from `plain` bytes (by a
+    /// [`Deflater`] on another thread), as if they had been written here.
+    /// Only at a frame boundary (after a flush): the chunks of that other
+    /// encoder's frames follow this side's whole frames.
+    pub fn write_compressed(&mut self, compressed: &[u8], plain: u64) -> io::Result<()> {
+        let Some(deflater) = &mut self.deflater else {
+            return Err(io::Error::other("this side does not compress"));
+        };
+        if deflater.in_frame {
+            return Err(io::Error::other("inside a frame of this side's"));
+        }
+        self.inner.write_all(compressed)?;
+        deflater.count.plain += plain;
+        deflater.count.wire += compressed.len() as u64;
+        Ok(())
+    }
+
     /// Bytes sent and received so far (the handshake included).
     pub fn counts(&self) -> (ByteCount, ByteCount) {
         let plain = |n| ByteCount { plain: n, wire: n };
@@ -585,6 +602,99 @@ impl<T: Transport> Transport for ZstdTransport<T> {
 
     fn drain_log(&mut self, log: &mut dyn Write) -> io::Result<()> {
         self.inner.drain_log(log)
+    }
+}
+
+/// Writes what `write` produces (one long message, an export stream) to
+/// `t`, compressed at `level` on a thread of its own while this thread
+/// encrypts and sends what it made: one thread doing both in turn was the
+/// limit of large copies (~200 MB/s at level 1, `bench/offload`). A send
+/// that fails stops the thread at its next chunk and is the error
+/// (`io_err` of it); otherwise `write`'s own result is. Call it after a
+/// flush: the thread's frames follow `t`'s whole frames.
+pub fn write_compressing<T: Transport, E: Send>(
+    t: &mut ZstdTransport<T>,
+    level: i32,
+    write: impl FnOnce(&mut dyn Write) -> Result<(), E> + Send,
+    io_err: impl Fn(io::Error) -> E + Sync,
+) -> Result<(), E> {
+    // The frame of what was written before (the command word) ends here.
+    t.flush().map_err(&io_err)?;
+    std::thread::scope(|scope| {
+        // A few blocks in flight: enough to keep both threads busy.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, u64)>(8);
+        let io_err = &io_err;
+        let compressor = scope.spawn(move || {
+            let mut shipper = Shipper {
+                deflater: Deflater::new(level).map_err(io_err)?,
+                out: Vec::new(),
+                plain: 0,
+                tx,
+            };
+            write(&mut shipper)?;
+            shipper.finish().map_err(io_err)
+        });
+        let mut sent = Ok(());
+        for (chunk, plain) in rx.iter() {
+            if let Err(e) = t.write_compressed(&chunk, plain) {
+                sent = Err(e);
+                break;
+            }
+        }
+        // The thread's next send fails now, if it was not done.
+        drop(rx);
+        let produced = compressor
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        match sent {
+            Err(e) => Err(io_err(e)),
+            Ok(()) => produced,
+        }
+    })
+}
+
+/// The compressing end of [`write_compressing`]: plain bytes in, chunks
+/// of zstd frames out to the sending thread, each as the encoder finishes
+/// a block.
+struct Shipper {
+    deflater: Deflater,
+    out: Vec<u8>,
+    /// Plain bytes given since the last chunk went.
+    plain: u64,
+    tx: std::sync::mpsc::SyncSender<(Vec<u8>, u64)>,
+}
+
+impl Shipper {
+    fn ship(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let chunk = (
+            std::mem::take(&mut self.out),
+            std::mem::take(&mut self.plain),
+        );
+        self.tx
+            .send(chunk)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the sending thread stopped"))
+    }
+
+    fn finish(mut self) -> io::Result<()> {
+        self.deflater.finish_frame(&mut self.out)?;
+        self.ship()
+    }
+}
+
+impl Write for Shipper {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.deflater.write_to(&mut self.out, buf)?;
+        self.plain += buf.len() as u64;
+        self.ship()?;
+        Ok(buf.len())
+    }
+
+    /// Blocks go as they are made; the frame ends with the stream.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

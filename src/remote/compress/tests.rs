@@ -289,3 +289,116 @@ mod props {
         }
     }
 }
+
+/// A transport into memory that may refuse writes after `limit` bytes.
+struct Memory {
+    wire: Vec<u8>,
+    limit: usize,
+}
+
+impl Read for Memory {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Ok(0)
+    }
+}
+
+impl Write for Memory {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.wire.len() + buf.len() > self.limit {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        self.wire.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Transport for Memory {
+    fn wait_reply(&mut self, _: &mut dyn Write, _: Option<Instant>) -> io::Result<()> {
+        Ok(())
+    }
+    fn drain_log(&mut self, _: &mut dyn Write) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn memory(limit: usize) -> ZstdTransport<Memory> {
+    let mut t = ZstdTransport::new(Memory {
+        wire: Vec::new(),
+        limit,
+    });
+    t.start(1).expect("zstd");
+    t
+}
+
+#[test]
+fn a_message_compressed_on_another_thread_follows_this_sides_frames() {
+    let data = text(3 << 20);
+    let mut t = memory(usize::MAX);
+    // A command word of this side's, not flushed yet, then the message.
+    t.write_all(b"command!").unwrap();
+    let res = write_compressing(
+        &mut t,
+        1,
+        |w| {
+            for piece in data.chunks(100_000) {
+                w.write_all(piece)?;
+            }
+            Ok(())
+        },
+        |e: io::Error| e,
+    );
+    res.expect("sent");
+    let (sent, _) = t.counts();
+    assert_eq!(sent.plain, 8 + data.len() as u64);
+    let wire = t.into_inner().wire;
+    assert_eq!(sent.wire, wire.len() as u64);
+    let mut got = Vec::new();
+    ZstdReader::new(&wire[..])
+        .expect("decoder")
+        .read_to_end(&mut got)
+        .expect("whole frames");
+    assert_eq!(&got[..8], b"command!");
+    assert!(got[8..] == data[..]);
+}
+
+#[test]
+fn a_failed_send_stops_the_compressing_thread_and_is_the_error() {
+    let data = text(8 << 20);
+    let mut t = memory(64 << 10);
+    let mut written = 0usize;
+    let res = write_compressing(
+        &mut t,
+        1,
+        |w| {
+            for piece in data.chunks(64 << 10) {
+                w.write_all(piece)?;
+                written += piece.len();
+            }
+            Ok(())
+        },
+        |e: io::Error| e,
+    );
+    assert_eq!(res.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+    assert!(
+        written < data.len(),
+        "the thread stopped early ({written} bytes)"
+    );
+}
+
+#[test]
+fn the_writers_own_error_comes_through() {
+    let mut t = memory(usize::MAX);
+    let res: Result<(), String> = write_compressing(
+        &mut t,
+        1,
+        |w| {
+            w.write_all(&text(300_000)).map_err(|e| e.to_string())?;
+            Err("a file changed while it was read".to_owned())
+        },
+        |e: io::Error| e.to_string(),
+    );
+    assert_eq!(res.unwrap_err(), "a file changed while it was read");
+}
