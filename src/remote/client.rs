@@ -97,7 +97,7 @@ pub struct Hello<T: Transport> {
     /// found, refused) makes the writes fail with a broken pipe; what it
     /// printed explains more, so the error waits until the greeting has
     /// been read.
-    sent: Result<(), WireError>,
+    sent: Result<(), ClientError>,
 }
 
 impl<T: Transport> Hello<T> {
@@ -110,7 +110,7 @@ impl<T: Transport> Hello<T> {
     /// its answer with [`ServeClient::valid_paths_answer`] once greeted.
     pub fn query_valid_paths(&mut self, paths: &BTreeSet<StorePath>, lock: bool, substitute: bool) {
         if self.sent.is_ok() {
-            self.sent = self.client.write_query_valid_paths(paths, lock, substitute);
+            self.sent = self.client.send_query_valid_paths(paths, lock, substitute);
         }
     }
 
@@ -149,7 +149,7 @@ impl<T: Transport> Hello<T> {
         if got.len() < 8 || got[..8] != SERVE_MAGIC_2.to_le_bytes() {
             return Err(c.handshake_failed(got));
         }
-        sent.map_err(wire_err(WHAT))?;
+        sent?;
         let version = wire::read_u64(&mut c.transport).map_err(wire_err(WHAT))?;
         let (major, minor) = (
             serve_protocol::major(version),
@@ -234,7 +234,8 @@ impl<T: Transport> ServeClient<T> {
         let t = &mut client.transport;
         let sent = wire::write_u64(t, SERVE_MAGIC_1)
             .and_then(|()| wire::write_u64(t, SERVE_PROTOCOL_VERSION))
-            .and_then(|()| t.flush().map_err(WireError::from));
+            .and_then(|()| t.flush().map_err(WireError::from))
+            .map_err(wire_err("handshake"));
         Hello { client, sent }
     }
 
@@ -299,8 +300,7 @@ impl<T: Transport> ServeClient<T> {
         lock: bool,
         substitute: bool,
     ) -> Result<BTreeSet<StorePath>, ClientError> {
-        self.write_query_valid_paths(paths, lock, substitute)
-            .map_err(|e| self.failed("QueryValidPaths", e))?;
+        self.send_query_valid_paths(paths, lock, substitute)?;
         self.valid_paths_answer()
     }
 
@@ -312,21 +312,18 @@ impl<T: Transport> ServeClient<T> {
         self.get_paths(WHAT)
     }
 
-    fn write_query_valid_paths(
+    fn send_query_valid_paths(
         &mut self,
         paths: &BTreeSet<StorePath>,
         lock: bool,
         substitute: bool,
-    ) -> Result<(), WireError> {
-        tracing::debug!(command = "QueryValidPaths", "serve request");
-        self.tail.clear();
-        let t = &mut self.transport;
-        wire::write_u64(t, cmd::QUERY_VALID_PATHS)?;
-        wire::write_bool(t, lock)?;
-        wire::write_bool(t, substitute)?;
-        let dir = &self.dir;
-        wire::write_strings(t, paths.iter().map(|p| dir.display(p)))?;
-        t.flush().map_err(WireError::from)
+    ) -> Result<(), ClientError> {
+        const WHAT: &str = "QueryValidPaths";
+        self.command(WHAT, cmd::QUERY_VALID_PATHS)?;
+        self.put_bool(WHAT, lock)?;
+        self.put_bool(WHAT, substitute)?;
+        self.put_paths(WHAT, paths)?;
+        self.send(WHAT)
     }
 
     /// `QueryPathInfos`: what the server knows of `paths` (unknown ones are

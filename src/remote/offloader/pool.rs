@@ -60,17 +60,9 @@ pub(super) struct Reached {
 
 /// Connects to `machine` and opens a serve session with its serve program,
 /// for paths in the store directory `dir`, once the machine's store
-/// directory is known to be `dir`. With `ask`, the session's first request
-/// goes out with its greeting (locking the paths, as
-/// [`super::build::query_missing`] does); the caller reads the answer with
-/// [`crate::remote::client::ServeClient::valid_paths_answer`].
-fn connect(
-    machine: &Machine,
-    ssh: &SshOptions,
-    dir: &StoreDir,
-    ask: Option<Ask<'_>>,
-) -> Result<Conn, OffloadError> {
-    open_serve(machine, dir, reach(machine, ssh, dir)?, ask)
+/// directory is known to be `dir`.
+fn connect(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Conn, OffloadError> {
+    open_serve(machine, dir, reach(machine, ssh, dir)?, None)
 }
 
 /// Connects to `machine` over SSH and makes sure its store directory is
@@ -100,7 +92,10 @@ fn reach(machine: &Machine, ssh: &SshOptions, dir: &StoreDir) -> Result<Reached,
 }
 
 /// Starts the serve program on a reached machine and opens the session
-/// (see [`connect`]).
+/// (see [`connect`]). With `ask`, the session's first request goes out
+/// with its greeting (locking the paths, as [`super::build::query_missing`]
+/// does); the caller reads the answer with
+/// [`crate::remote::client::ServeClient::valid_paths_answer`].
 fn open_serve(
     machine: &Machine,
     dir: &StoreDir,
@@ -218,7 +213,7 @@ fn probe_store_dir(
 
 impl Offloader {
     pub(super) fn connect(&self, machine: &Machine) -> Result<Conn, OffloadError> {
-        connect(machine, &self.ssh, &self.dir, None)
+        connect(machine, &self.ssh, &self.dir)
     }
 
     /// Connects to `machine` and learns which of `asked` it lacks (after
