@@ -62,7 +62,11 @@ fn download(
 }
 
 /// Uploads `paths` (and nothing of their closure) from `src` with `ImportPaths`.
-fn upload(client: &mut ServeClient<ChildTransport>, src: &LocalStore, paths: &BTreeSet<StorePath>) {
+pub(crate) fn upload<T: Transport>(
+    client: &mut ServeClient<T>,
+    src: &LocalStore,
+    paths: &BTreeSet<StorePath>,
+) {
     client
         .import_paths(|w| {
             export(src, paths, w);

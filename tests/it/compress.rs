@@ -17,6 +17,7 @@ use sandoff::store::{HashAlgo, StoreDir, StorePath};
 use serde_json::Value;
 
 use crate::build::{text, Store};
+use crate::client::upload;
 use crate::hosts::{self, TestHost};
 use crate::serve::foo_baz;
 use crate::support;
@@ -404,24 +405,7 @@ fn a_query_sent_with_the_greeting_travels_compressed_and_the_session_stays_in_st
     let mut client = hello.greeted(None).expect("handshake (plain)");
     client.transport().start_receiving().expect("zstd");
     assert!(client.valid_paths_answer().expect("answer").is_empty());
-    let loc = src.location();
-    client
-        .import_paths(|w| {
-            let entries: Vec<_> = src
-                .topo_sort(&both)
-                .expect("topo sort")
-                .into_iter()
-                .map(|p| {
-                    (
-                        src.query_path_info(&p).unwrap().expect("valid"),
-                        loc.real_path(&p),
-                    )
-                })
-                .collect();
-            write_export(w, &loc.dir, entries.iter().map(|(i, p)| (i, p.as_path())))
-        })
-        .expect("ImportPaths")
-        .expect("export");
+    upload(&mut client, &src, &both);
     assert_eq!(client.query_valid_paths(&both, false, false).unwrap(), both);
 }
 
@@ -437,24 +421,7 @@ fn the_client_and_a_local_server_speak_zstd_after_the_handshake() {
         .query_valid_paths(&both, false, false)
         .expect("QueryValidPaths")
         .is_empty());
-    let loc = src.location();
-    client
-        .import_paths(|w| {
-            let entries: Vec<_> = src
-                .topo_sort(&both)
-                .expect("topo sort")
-                .into_iter()
-                .map(|p| {
-                    (
-                        src.query_path_info(&p).unwrap().expect("valid"),
-                        loc.real_path(&p),
-                    )
-                })
-                .collect();
-            write_export(w, &loc.dir, entries.iter().map(|(i, p)| (i, p.as_path())))
-        })
-        .expect("ImportPaths")
-        .expect("export");
+    upload(&mut client, &src, &both);
     assert_eq!(client.query_valid_paths(&both, false, false).unwrap(), both);
     // Exactly one NAR is read, checked against the hash it had here.
     let (hash, size) = client
